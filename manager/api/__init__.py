@@ -1,0 +1,1 @@
+"""The admin REST API (FastAPI): thin routes over ``control.service.TenantService``."""

@@ -1,0 +1,71 @@
+"""The manager's FastAPI application: wiring, error handling, health and metrics."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from manager import __version__
+from manager.api.deps import Admin, Components, load_admin_token
+from manager.api.metrics import Metrics
+from manager.api.routes import router
+from manager.control.reconciler import Reconciler
+from manager.control.service import TenantService
+from manager.control.store import Store
+from manager.errors import AdmissionRefused, GtmError
+from manager.gpu import Inventory, open_inventory
+from manager.runtime.docker import DockerRuntime
+from manager.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def build_components(settings: Settings, *, runtime: DockerRuntime | None = None,
+                     inventory: Inventory | None = None) -> Components:
+    inventory = inventory or open_inventory(settings.gpu_mode)
+    runtime = runtime or DockerRuntime()
+    store = Store(settings.database_path)
+    reconciler = Reconciler(settings, store, runtime, inventory)
+    service = TenantService(settings, store, runtime, inventory, reconciler)
+    return Components(settings, service, load_admin_token(settings))
+
+
+def create_app(settings: Settings, **overrides: Any) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        components = build_components(settings, **overrides)
+        app.state.components = components
+        app.state.metrics = Metrics(components.service)
+        components.service.reconciler.start()
+        try:
+            yield
+        finally:
+            components.service.reconciler.stop()
+            components.service.store.close()
+            components.service.inventory.close()
+
+    app = FastAPI(title="gpu-tenant-manager", version=__version__, lifespan=lifespan,
+                  description="Admin API: tenants, API keys, capacity, admission what-if, audit trail.")
+    app.include_router(router)
+
+    @app.exception_handler(GtmError)
+    async def gtm_error(request: Request, exc: GtmError) -> JSONResponse:
+        if isinstance(exc, AdmissionRefused):
+            for check in exc.details.get("failed_checks", []):
+                request.app.state.metrics.refusals.labels(check).inc()
+        return JSONResponse({"error": exc.to_dict()}, status_code=exc.http_status)
+
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/metrics", tags=["health"])
+    def metrics(request: Request, _: Admin) -> Response:
+        return Response(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app

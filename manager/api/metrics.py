@@ -1,0 +1,56 @@
+"""Prometheus metrics of the manager, computed from state at scrape time."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from manager.control.service import TenantService
+from manager.domain import TenantStatus
+
+
+class StateCollector(Collector):
+    def __init__(self, service: TenantService) -> None:
+        self.service = service
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        rows = self.service.store.tenants()
+        by_status = GaugeMetricFamily("gtm_tenants", "Tenants by status", labels=["status"])
+        counts = {s.value: 0 for s in TenantStatus}
+        for r in rows:
+            counts[r.status.value] += 1
+        for s, n in counts.items():
+            by_status.add_metric([s], n)
+        yield by_status
+        reserved = GaugeMetricFamily("gtm_tenant_reserved_bytes", "Reserved memory per tenant", labels=["tenant"])
+        for r in rows:
+            reserved.add_metric([r.spec.name], r.spec.gpu_memory)
+        yield reserved
+        measured = GaugeMetricFamily("gtm_tenant_measured_bytes", "Measured memory per tenant", labels=["tenant"])
+        over = GaugeMetricFamily("gtm_tenant_over_reservation", "1 when measured use exceeds the reservation",
+                                 labels=["tenant"])
+        use = self.service.measured_use()
+        for r in rows:
+            value = use.get(r.spec.name)
+            if value is not None:
+                measured.add_metric([r.spec.name], value)
+                over.add_metric([r.spec.name], 1 if value > r.spec.gpu_memory else 0)
+        yield measured
+        yield over
+        device = self.service.inventory.devices()[0]
+        dev = GaugeMetricFamily("gtm_device_memory_bytes", "Device memory", labels=["device", "kind"])
+        for kind, value in (("total", device.total), ("free", device.free), ("used", device.used)):
+            dev.add_metric([str(device.index), kind], value)
+        yield dev
+
+
+class Metrics:
+    def __init__(self, service: TenantService) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(StateCollector(service))
+        self.refusals = Counter("gtm_admission_refusals", "Admission refusals by failed check", ["check"],
+                                registry=self.registry)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,112 @@
+"""Admin API routes: tenants, keys, capacity, what-if, audit."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Query, Response, status
+
+from manager.api.deps import Admin, Service
+from manager.api.schemas import (
+    AuditEntry,
+    CapacityPublic,
+    DecisionPublic,
+    IssuedKeyPublic,
+    KeyPublic,
+    RotateKey,
+    TenantCreate,
+    TenantCreated,
+    TenantPublic,
+    TenantUpdate,
+    WhatIf,
+)
+from manager.domain import Quotas
+
+router = APIRouter(prefix="/api/v1")
+QUOTA_FIELDS = ("rpm_limit", "tokens_per_day", "requests_per_month", "max_in_flight")
+
+
+@router.get("/tenants", tags=["tenants"])
+def list_tenants(svc: Service, _: Admin) -> list[TenantPublic]:
+    measured = svc.measured_use()
+    return [TenantPublic.of(r, measured.get(r.spec.name)) for r in svc.store.tenants()]
+
+
+@router.post("/tenants", status_code=status.HTTP_201_CREATED, tags=["tenants"])
+def create_tenant(body: TenantCreate, svc: Service, actor: Admin) -> TenantCreated:
+    """Admit and create a tenant. 409 with every number when it does not fit. The key is shown once."""
+    spec = svc.new_spec(
+        name=body.name, port=body.port, gpu_memory=body.gpu_memory, model=body.model,
+        max_model_len=body.max_model_len, quantization=body.quantization, shm_size=body.shm_size,
+        quotas=Quotas(**{f: getattr(body, f) for f in QUOTA_FIELDS}),
+    )
+    created = svc.create(spec, actor)
+    return TenantCreated(
+        tenant=TenantPublic.of(created.tenant),
+        key=IssuedKeyPublic(key_id=created.key.id, api_key=created.key.secret_key),
+        admission=DecisionPublic.of(created.decision),
+    )
+
+
+@router.get("/tenants/{name}", tags=["tenants"])
+def get_tenant(name: str, svc: Service, _: Admin) -> TenantPublic:
+    return TenantPublic.of(svc.store.tenant(name), svc.measured_use().get(name))
+
+
+@router.patch("/tenants/{name}", tags=["tenants"])
+def update_tenant(name: str, body: TenantUpdate, svc: Service, actor: Admin) -> TenantPublic:
+    """Resize or change options (engine recreated) or quotas (engine untouched)."""
+    sent = body.model_dump(exclude_unset=True)
+    quotas = {f: sent.pop(f) for f in QUOTA_FIELDS if f in sent}
+    row = svc.update(name, actor, quotas=quotas or None, **sent)
+    return TenantPublic.of(row)
+
+
+@router.delete("/tenants/{name}", status_code=status.HTTP_202_ACCEPTED, tags=["tenants"])
+def remove_tenant(name: str, svc: Service, actor: Admin) -> dict[str, str]:
+    """Removes the tenant's containers, network and volume (asynchronously, by the reconciler)."""
+    svc.remove(name, actor)
+    return {"status": "removing"}
+
+
+@router.get("/tenants/{name}/keys", tags=["keys"])
+def list_keys(name: str, svc: Service, _: Admin) -> list[KeyPublic]:
+    svc.store.tenant(name)
+    now = time.time()
+    return [KeyPublic.of(k, now) for k in svc.store.keys(name)]
+
+
+@router.post("/tenants/{name}/keys", status_code=status.HTTP_201_CREATED, tags=["keys"])
+def rotate_key(name: str, body: RotateKey, svc: Service, actor: Admin) -> IssuedKeyPublic:
+    """Issue a new key; older keys stay valid for ``grace_s`` seconds (0: revoked at once)."""
+    issued = svc.rotate_key(name, actor, body.grace_s)
+    return IssuedKeyPublic(key_id=issued.id, api_key=issued.secret_key)
+
+
+@router.delete("/tenants/{name}/keys/{key_id}", status_code=status.HTTP_204_NO_CONTENT, tags=["keys"])
+def revoke_key(name: str, key_id: str, svc: Service, actor: Admin) -> Response:
+    svc.revoke_key(name, key_id, actor)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.get("/capacity", tags=["capacity"])
+def capacity(svc: Service, _: Admin) -> CapacityPublic:
+    return CapacityPublic.of(svc.capacity())
+
+
+@router.post("/what-if", tags=["capacity"])
+def what_if(body: WhatIf, svc: Service, _: Admin) -> DecisionPublic:
+    """Would this reservation fit? Creates nothing."""
+    if body.tenant:
+        svc.store.tenant(body.tenant)
+    decision = svc.assess(
+        body.gpu_memory, body.model or svc.settings.default_model,
+        body.max_model_len or svc.settings.default_max_model_len, bool(body.quantization), tenant=body.tenant,
+    )
+    return DecisionPublic.of(decision)
+
+
+@router.get("/audit", tags=["audit"])
+def audit(svc: Service, _: Admin, tenant: str | None = None, action: str | None = None,
+          limit: int = Query(200, ge=1, le=5000)) -> list[AuditEntry]:
+    return [AuditEntry.of(r) for r in svc.store.audit_log(tenant, action, limit)]

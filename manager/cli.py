@@ -1,0 +1,264 @@
+"""Admin commands, run inside the manager container (``docker exec manager add-tenant ...``).
+
+Each command is also ``manager <command>``. The CLI talks to the manager's own API,
+so the API stays the one writer. ``manager serve`` runs the manager itself.
+The CLI reference in docs/cli.md is generated from this parser's --help.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import httpx
+
+from manager.errors import GtmError, InvalidInput, exit_code_for
+from manager.settings import Settings
+from manager.sizes import format_size, parse_size
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except InvalidInput as exc:
+        raise argparse.ArgumentTypeError(exc.message) from exc
+
+
+def _quota_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rpm-limit", type=int, help="requests per minute")
+    p.add_argument("--tokens-per-day", type=int, help="prompt + completion tokens per UTC day")
+    p.add_argument("--requests-per-month", type=int, help="requests per calendar month")
+    p.add_argument("--max-in-flight", type=int, help="requests in flight at once")
+
+
+def _engine_options(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--gpu-memory", type=_size, required=required,
+                   help="reserved memory, e.g. 10G, 10GiB, 512M (binary units)")
+    p.add_argument("--port", type=int, required=required, help="the tenant's API port on the host")
+    p.add_argument("--model", help="model directory under the models volume (default: the demo model)")
+    p.add_argument("--max-model-len", type=int, help="longest context in tokens")
+    p.add_argument("--quant", dest="quantization", help="vLLM quantization method, e.g. awq, gptq, fp8")
+    p.add_argument("--shm-size", type=_size, help="shared memory of the engine, e.g. 5G (default 1G)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="manager", description="gpu-tenant-manager admin commands.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("serve", help="run the manager (API, reconciler)")
+
+    p = sub.add_parser("add-tenant", help="admit and create a tenant; prints its API key once")
+    p.add_argument("--name", required=True, help="DNS-safe tenant name, e.g. companya")
+    _engine_options(p, required=True)
+    _quota_options(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("list-tenants", help="tenants with status, reservation and measured use")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("update-tenant", help="resize, change engine options (engine recreated) or quotas")
+    p.add_argument("--name", required=True)
+    _engine_options(p, required=False)
+    _quota_options(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("remove-tenant", help="remove a tenant's containers, network and volume")
+    p.add_argument("--name", required=True)
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("rotate-key", help="issue a new API key; old keys stay valid for --grace")
+    p.add_argument("--name", required=True)
+    p.add_argument("--grace", type=float, default=3600.0,
+                   help="seconds the old keys stay valid (default 3600; 0 revokes them at once)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("capacity", help="device memory: total, reserved and measured per tenant, free")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("what-if", help="would this reservation fit? creates nothing")
+    p.add_argument("--gpu-memory", type=_size, required=True)
+    p.add_argument("--model")
+    p.add_argument("--max-model-len", type=int)
+    p.add_argument("--name", help="an existing tenant to resize")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("audit", help="the audit trail, newest first")
+    p.add_argument("--name", help="only this tenant")
+    p.add_argument("--action", help="only this action, e.g. add-tenant")
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+class Api:
+    def __init__(self, settings: Settings, transport: httpx.BaseTransport | None = None) -> None:
+        from manager.api.deps import admin_token_file
+
+        token = settings.admin_token.get_secret_value() if settings.admin_token else None
+        if token is None:
+            path = admin_token_file(settings)
+            if not path.exists():
+                raise GtmError(f"no admin token: set GTM_ADMIN_TOKEN or run inside the manager container "
+                               f"(expected {path})")
+            token = path.read_text().strip()
+        self.client = httpx.Client(base_url=settings.api_url, headers={"Authorization": f"Bearer {token}"},
+                                   timeout=120, transport=transport)
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None,
+             params: dict[str, Any] | None = None) -> Any:
+        try:
+            response = self.client.request(method, path, json=body, params=params)
+        except httpx.HTTPError as exc:
+            raise GtmError(f"the manager API at {self.client.base_url} did not answer ({exc}); "
+                           "is the manager running?") from exc
+        if response.status_code >= 400:
+            try:
+                error = response.json()["error"]
+            except (ValueError, KeyError, TypeError):
+                error = {"code": "http_error", "message": f"HTTP {response.status_code}: {response.text[:500]}"}
+            err = GtmError(error["message"], details=error.get("details"))
+            err.exit_code = exit_code_for(error.get("code", ""))
+            raise err
+        return response.json() if response.content else None
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
+    lines = ["  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=False)).rstrip() for r in [header, *rows]]
+    return "\n".join(lines)
+
+
+def _opt_size(v: int | None) -> str:
+    return "-" if v is None else format_size(v)
+
+
+def _print_tenants(tenants: list[dict[str, Any]]) -> None:
+    rows = [[t["name"], str(t["port"]), t["model"], format_size(t["gpu_memory"]), _opt_size(t.get("measured")),
+             t["status"], t["reason"][:60]] for t in tenants]
+    print(_table(rows, ["NAME", "PORT", "MODEL", "RESERVED", "MEASURED", "STATUS", "REASON"]))
+
+
+def _print_decision(d: dict[str, Any]) -> None:
+    print("fits" if d["admitted"] else "does not fit: " + ", ".join(d["failed_checks"]))
+    for m in d["messages"]:
+        print("  " + m)
+
+
+def _engine_body(args: argparse.Namespace) -> dict[str, Any]:
+    keys = ("gpu_memory", "port", "model", "max_model_len", "quantization", "shm_size",
+            "rpm_limit", "tokens_per_day", "requests_per_month", "max_in_flight")
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
+
+def run(args: argparse.Namespace, api: Api) -> int:
+    out: Any
+    if args.command == "add-tenant":
+        out = api.call("POST", "/api/v1/tenants", {"name": args.name, **_engine_body(args)})
+        if not args.json:
+            t = out["tenant"]
+            print(f"tenant {t['name']} admitted: {t['gpu_memory_human']} on port {t['port']} "
+                  f"(status {t['status']}; the engine starts in the background)")
+            print(f"API key (shown once, store it now): {out['key']['api_key']}")
+            return 0
+    elif args.command == "list-tenants":
+        out = api.call("GET", "/api/v1/tenants")
+        if not args.json:
+            _print_tenants(out)
+            return 0
+    elif args.command == "update-tenant":
+        body = _engine_body(args)
+        if not body:
+            raise InvalidInput("nothing to change: pass --gpu-memory, --port, a quota or another option")
+        out = api.call("PATCH", f"/api/v1/tenants/{args.name}", body)
+        if not args.json:
+            _print_tenants([out])
+            return 0
+    elif args.command == "remove-tenant":
+        out = api.call("DELETE", f"/api/v1/tenants/{args.name}")
+        if not args.json:
+            print(f"tenant {args.name} is being removed (containers, network and volume)")
+            return 0
+    elif args.command == "rotate-key":
+        out = api.call("POST", f"/api/v1/tenants/{args.name}/keys", {"grace_s": args.grace})
+        if not args.json:
+            print(f"new API key for {args.name} (shown once, store it now): {out['api_key']}")
+            print(f"older keys stay valid for {args.grace:.0f} s" if args.grace else "older keys are revoked")
+            return 0
+    elif args.command == "capacity":
+        out = api.call("GET", "/api/v1/capacity")
+        if not args.json:
+            d = out["device"]
+            print(f"{d['name']} ({out['mode']}): total {format_size(d['total'])}, free {format_size(d['free'])}, "
+                  f"reserved {format_size(out['reserved'])}, headroom {format_size(out['headroom'])}, "
+                  f"unreserved {format_size(out['unreserved'])}")
+            rows = [[t["name"], format_size(t["reserved"]), _opt_size(t["measured"])] for t in out["tenants"]]
+            print(_table(rows, ["TENANT", "RESERVED", "MEASURED"]))
+            return 0
+    elif args.command == "what-if":
+        body = {"gpu_memory": args.gpu_memory, "model": args.model, "max_model_len": args.max_model_len,
+                "tenant": args.name}
+        out = api.call("POST", "/api/v1/what-if", {k: v for k, v in body.items() if v is not None})
+        if not args.json:
+            _print_decision(out)
+            return 0 if out["admitted"] else 5
+    elif args.command == "audit":
+        out = api.call("GET", "/api/v1/audit", params={"tenant": args.name, "action": args.action,
+                                                         "limit": args.limit})
+        if not args.json:
+            rows = [[time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e["at"])), e["actor"], e["action"],
+                     e["tenant"] or "-", e["result"]] for e in out]
+            print(_table(rows, ["TIME (UTC)", "ACTOR", "ACTION", "TENANT", "RESULT"]))
+            return 0
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def serve(settings: Settings) -> int:
+    import logging
+
+    import uvicorn
+
+    from manager.api.app import create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port, log_level="info")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings()
+        if args.command == "serve":
+            return serve(settings)
+        return run(args, Api(settings))
+    except GtmError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        details = exc.details.get("numbers") if exc.details else None
+        if details and not getattr(args, "json", False):
+            print("numbers: " + ", ".join(f"{k}={_opt_size(v) if isinstance(v, int) else v}"
+                                          for k, v in details.items()), file=sys.stderr)
+        return exc.exit_code
+    except ValueError as exc:  # settings that do not validate
+        print(f"error: invalid settings: {exc}", file=sys.stderr)
+        return 2
+
+
+def _command(name: str) -> Callable[[], int]:
+    def entry() -> int:
+        return main([name, *sys.argv[1:]])
+    entry.__name__ = name.replace("-", "_")
+    return entry
+
+
+add_tenant = _command("add-tenant")
+list_tenants = _command("list-tenants")
+update_tenant = _command("update-tenant")
+remove_tenant = _command("remove-tenant")
+rotate_key = _command("rotate-key")
+capacity = _command("capacity")
+what_if = _command("what-if")

@@ -1,0 +1,1 @@
+"""The control plane: desired state, admission, plans and the reconciler."""

@@ -1,0 +1,152 @@
+"""Plain, declarative plans of what Docker should run for a tenant.
+
+Built by pure functions from the tenant's spec and the settings; the runtime
+adapter (``manager.runtime.docker``) turns them into SDK calls. Unit tests read
+these plans directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from manager import names
+from manager.domain import TenantSpec
+from manager.errors import InvalidInput
+from manager.names import Role
+from manager.settings import Settings
+
+MIB = 1024**2
+ENGINE_PORT = 8000
+MIN_KV_CACHE = 32 * MIB
+
+
+@dataclass(frozen=True)
+class Mount:
+    source: str
+    target: str
+    read_only: bool = False
+
+    @property
+    def kind(self) -> Literal["bind", "volume"]:
+        return "bind" if self.source.startswith("/") else "volume"
+
+
+@dataclass(frozen=True)
+class NetworkPlan:
+    name: str
+    labels: dict[str, str]
+    internal: bool = True
+
+
+@dataclass(frozen=True)
+class VolumePlan:
+    name: str
+    labels: dict[str, str]
+
+
+@dataclass(frozen=True)
+class ContainerPlan:
+    name: str
+    image: str
+    command: list[str]
+    labels: dict[str, str]
+    network: str
+    aliases: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    mounts: list[Mount] = field(default_factory=list)
+    tmpfs: dict[str, str] = field(default_factory=dict)
+    user: str = "1000:1000"
+    read_only: bool = True
+    cap_drop: list[str] = field(default_factory=lambda: ["ALL"])
+    security_opt: list[str] = field(default_factory=lambda: ["no-new-privileges:true"])
+    pids_limit: int | None = 512
+    mem_limit: int | None = None
+    shm_size: int | None = None
+    nano_cpus: int | None = None
+    gpu_device_ids: list[str] | None = None
+    ports: dict[int, tuple[str, int]] = field(default_factory=dict)
+    restart_policy: str = "no"
+
+
+@dataclass(frozen=True)
+class TenantPlan:
+    network: NetworkPlan
+    volume: VolumePlan
+    engine: ContainerPlan
+
+
+def kv_cache_bytes(spec: TenantSpec, settings: Settings) -> int:
+    """cpu mode: what is left of the reservation after the engine's own overhead."""
+    kv = spec.gpu_memory - settings.effective_engine_overhead
+    if kv < MIN_KV_CACHE:
+        raise InvalidInput(
+            f"--gpu-memory {spec.gpu_memory // MIB} MiB leaves no KV cache after the engine's "
+            f"{settings.effective_engine_overhead // MIB} MiB overhead; reserve at least "
+            f"{(settings.effective_engine_overhead + MIN_KV_CACHE) // MIB} MiB"
+        )
+    return kv
+
+
+def gpu_memory_utilization(reserved: int, device_total: int) -> float:
+    """vLLM's fraction of the whole device, rounded down so it never exceeds the slice."""
+    if device_total <= 0 or reserved > device_total:
+        raise InvalidInput(f"reservation {reserved} does not fit a device of {device_total} bytes")
+    return int(reserved / device_total * 10_000) / 10_000
+
+
+def engine_args(spec: TenantSpec, settings: Settings, device_total: int) -> list[str]:
+    args = [
+        "--model", f"/models/{spec.model}",
+        "--served-model-name", spec.model,
+        "--host", "0.0.0.0",
+        "--port", str(ENGINE_PORT),
+        "--max-model-len", str(spec.max_model_len),
+    ]  # fmt: skip
+    if settings.gpu_mode == "cpu":
+        args += [
+            "--dtype", "bfloat16",
+            "--enforce-eager",
+            "--distributed-executor-backend", "uni",
+            "--kv-cache-memory-bytes", str(kv_cache_bytes(spec, settings)),
+        ]  # fmt: skip
+    else:
+        args += ["--gpu-memory-utilization", f"{gpu_memory_utilization(spec.gpu_memory, device_total):.4f}"]
+    if spec.quantization:
+        args += ["--quantization", spec.quantization]
+    return args
+
+
+def tenant_plan(spec: TenantSpec, settings: Settings, device_total: int, gpu_uuid: str | None = None) -> TenantPlan:
+    inst = settings.instance
+    net = names.network(inst, spec.name)
+    vol = names.volume(inst, spec.name)
+    cpu = settings.gpu_mode == "cpu"
+    engine = ContainerPlan(
+        name=names.engine(inst, spec.name),
+        image=settings.engine_image,
+        command=engine_args(spec, settings, device_total),
+        labels=names.labels(inst, Role.ENGINE, spec.name, spec_hash=spec.engine_hash()),
+        network=net,
+        aliases=[names.ENGINE_ALIAS],
+        env={
+            "HOME": "/data",
+            "HF_HOME": "/data/hf",
+            "VLLM_CACHE_ROOT": "/data/vllm-cache",
+            "HF_HUB_OFFLINE": "1",
+            "VLLM_NO_USAGE_STATS": "1",
+            "DO_NOT_TRACK": "1",
+        },
+        mounts=[Mount(vol, "/data"), Mount(settings.models_source, "/models", read_only=True)],
+        tmpfs={"/tmp": "rw,nosuid,nodev,size=1g"},  # noqa: S108 - a private tmpfs, not a shared /tmp
+        pids_limit=settings.engine_pids_limit,
+        mem_limit=spec.gpu_memory if cpu else None,
+        shm_size=spec.shm_size,
+        nano_cpus=int(settings.engine_cpus * 1e9) if settings.engine_cpus else None,
+        gpu_device_ids=None if cpu else [gpu_uuid or "0"],
+    )
+    return TenantPlan(
+        network=NetworkPlan(net, names.labels(inst, Role.NETWORK, spec.name), internal=True),
+        volume=VolumePlan(vol, names.labels(inst, Role.VOLUME, spec.name)),
+        engine=engine,
+    )

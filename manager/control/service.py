@@ -1,0 +1,235 @@
+"""Tenant operations: the one place where admin actions are validated, admitted,
+stored, audited and handed to the reconciler. The API and (through it) the CLI
+and console all call this."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+from manager import names
+from manager.control import keys
+from manager.control.admission import AdmissionInput, Decision, decide
+from manager.control.modelfit import read_footprint
+from manager.control.plan import MIN_KV_CACHE
+from manager.control.reconciler import Reconciler
+from manager.control.store import KeyRow, Store, TenantRow
+from manager.domain import Quotas, TenantSpec, TenantStatus
+from manager.errors import AdmissionRefused, Conflict, InvalidInput, NotFound
+from manager.gpu import DeviceMemory, Inventory
+from manager.runtime.docker import DockerRuntime
+from manager.settings import Settings
+
+MIN_PORT, MAX_PORT = 1024, 65535
+
+
+@dataclass(frozen=True)
+class TenantUsage:
+    name: str
+    reserved: int
+    measured: int | None
+
+
+@dataclass(frozen=True)
+class Capacity:
+    mode: str
+    device: DeviceMemory
+    headroom: int
+    reserved: int
+    tenants: list[TenantUsage] = field(default_factory=list)
+
+    @property
+    def unreserved(self) -> int:
+        return self.device.total - self.headroom - self.reserved
+
+
+@dataclass(frozen=True)
+class Created:
+    tenant: TenantRow
+    key: keys.IssuedKey
+    decision: Decision
+
+
+class TenantService:
+    def __init__(self, settings: Settings, store: Store, runtime: DockerRuntime, inventory: Inventory,
+                 reconciler: Reconciler) -> None:
+        self.settings = settings
+        self.store = store
+        self.runtime = runtime
+        self.inventory = inventory
+        self.reconciler = reconciler
+        self._admission = threading.Lock()  # one admission decision at a time
+
+    # ---------------------------------------------------------------- measuring
+    def measured_use(self) -> dict[str, int | None]:
+        """Each tenant's measured use: NVML per-process memory mapped to its engine
+        container (nvml), or its engine's cgroup memory (cpu)."""
+        inst = self.settings.instance
+        engines = {c.tenant: c for c in self.runtime.containers(names.selector(inst, role=names.Role.ENGINE))
+                   if c.tenant and c.status == "running"}
+        out: dict[str, int | None] = {}
+        if self.inventory.mode == "cpu":
+            for tenant, c in engines.items():
+                out[tenant] = self.runtime.memory_usage(c.name)
+            return out
+        procs = self.inventory.processes()
+        for tenant, c in engines.items():
+            pids = self.runtime.container_pids(c.name)
+            out[tenant] = sum(p.used for p in procs if p.pid in pids)
+        return out
+
+    def capacity(self) -> Capacity:
+        device = self.inventory.devices()[0]
+        rows = self.store.tenants()
+        measured = self.measured_use()
+        usage = [TenantUsage(r.spec.name, r.spec.gpu_memory, measured.get(r.spec.name)) for r in rows]
+        return Capacity(self.inventory.mode, device, self.settings.headroom,
+                        sum(r.spec.gpu_memory for r in rows), usage)
+
+    # ---------------------------------------------------------------- admission
+    def model_minimum(self, model: str, max_model_len: int, quantized: bool) -> int:
+        footprint = read_footprint(self.settings.models_dir, model, quantized=quantized)
+        minimum = footprint.minimum(max(max_model_len, self.settings.min_kv_tokens),
+                                    self.settings.effective_engine_overhead)
+        if self.inventory.mode == "cpu":
+            minimum = max(minimum, self.settings.effective_engine_overhead + MIN_KV_CACHE)
+        return minimum
+
+    def assess(self, requested: int, model: str, max_model_len: int, quantized: bool = False,
+               tenant: str | None = None) -> Decision:
+        """The admission decision for a new (or resized, ``tenant``) reservation; creates nothing."""
+        device = self.inventory.devices()[0]
+        rows = [r for r in self.store.tenants() if r.spec.name != tenant]
+        measured = self.measured_use()
+        not_taken = sum(max(0, r.spec.gpu_memory - (measured.get(r.spec.name) or 0)) for r in rows)
+        data = AdmissionInput(
+            requested=requested,
+            total=device.total,
+            headroom=self.settings.headroom,
+            reserved_by_others=sum(r.spec.gpu_memory for r in rows),
+            measured_free=device.free,
+            measured_used=device.used,
+            not_yet_taken_by_others=not_taken,
+            reclaimable=(measured.get(tenant) or 0) if tenant else 0,
+            process_overhead=self.settings.process_overhead if self.inventory.mode == "nvml" else 0,
+            model_minimum=self.model_minimum(model, max_model_len, quantized),
+        )
+        return decide(data)
+
+    def _refuse(self, actor: str, action: str, tenant: str, decision: Decision) -> AdmissionRefused:
+        self.store.audit(actor, action, tenant, "refused",
+                         {"failed_checks": list(decision.failed_checks), **decision.numbers})
+        return AdmissionRefused(
+            f"tenant {tenant!r} does not fit: " + " ".join(decision.messages),
+            details={"failed_checks": list(decision.failed_checks), "numbers": decision.numbers},
+        )
+
+    # ---------------------------------------------------------------- validation
+    def _check_port(self, port: int, tenant: str | None = None) -> None:
+        if not MIN_PORT <= port <= MAX_PORT:
+            raise InvalidInput(f"port {port} is out of range: use {MIN_PORT}-{MAX_PORT}")
+        if port == self.settings.api_port:
+            raise InvalidInput(f"port {port} is the manager's own API port; pick another")
+        for row in self.store.tenants():
+            if row.spec.port == port and row.spec.name != tenant:
+                raise Conflict(f"port {port} is already used by tenant {row.spec.name!r}; pick another")
+        owner = self.runtime.published_ports().get(port)
+        if owner and owner != names.gateway(self.settings.instance, tenant or ""):
+            raise Conflict(f"port {port} is already published by container {owner!r}; pick another")
+
+    # ---------------------------------------------------------------- actions
+    def create(self, spec: TenantSpec, actor: str) -> Created:
+        names.validate_tenant_name(spec.name)
+        with self._admission:
+            if self.store.find_tenant(spec.name):
+                raise Conflict(f"tenant {spec.name!r} already exists; use update-tenant to change it")
+            self._check_port(spec.port)
+            decision = self.assess(spec.gpu_memory, spec.model, spec.max_model_len, bool(spec.quantization))
+            if not decision.admitted:
+                raise self._refuse(actor, "add-tenant", spec.name, decision)
+            issued = keys.issue()
+            now = time.time()
+            with self.store.transaction() as db:
+                self.store.insert_tenant(db, spec)
+                self.store.insert_key(db, KeyRow(issued.id, spec.name, keys.PREFIX, issued.hash, now, None, None))
+                self.store.audit(actor, "add-tenant", spec.name, "ok",
+                                 {"gpu_memory": spec.gpu_memory, "port": spec.port, "model": spec.model,
+                                  "key_id": issued.id, **decision.numbers}, db=db)
+        self.reconciler.enqueue(spec.name)
+        return Created(self.store.tenant(spec.name), issued, decision)
+
+    def update(self, name: str, actor: str, *, gpu_memory: int | None = None, port: int | None = None,
+               model: str | None = None, max_model_len: int | None = None, quantization: str | None = None,
+               shm_size: int | None = None, quotas: dict[str, int | None] | None = None) -> TenantRow:
+        with self._admission:
+            row = self.store.tenant(name)
+            if row.status == TenantStatus.REMOVING:
+                raise Conflict(f"tenant {name!r} is being removed")
+            changes: dict[str, object] = {}
+            for key, value in (("gpu_memory", gpu_memory), ("port", port), ("model", model),
+                               ("max_model_len", max_model_len), ("quantization", quantization),
+                               ("shm_size", shm_size)):
+                if value is not None:
+                    changes[key] = value
+            if quotas:
+                current = row.spec.quotas
+                changes["quotas"] = Quotas(**{**current.__dict__, **quotas})
+            new = row.spec.with_changes(**changes)
+            if new == row.spec:
+                raise InvalidInput("nothing to change: pass at least one option that differs from the current spec")
+            if new.port != row.spec.port:
+                self._check_port(new.port, tenant=name)
+            if new.engine_hash() != row.spec.engine_hash():
+                decision = self.assess(new.gpu_memory, new.model, new.max_model_len, bool(new.quantization),
+                                       tenant=name)
+                if not decision.admitted:
+                    raise self._refuse(actor, "update-tenant", name, decision)
+            with self.store.transaction() as db:
+                self.store.update_spec(db, new)
+                self.store.audit(actor, "update-tenant", name, "ok",
+                                 {k: (v.__dict__ if isinstance(v, Quotas) else v) for k, v in changes.items()},
+                                 db=db)
+        self.reconciler.enqueue(name)
+        return self.store.tenant(name)
+
+    def remove(self, name: str, actor: str) -> None:
+        self.store.tenant(name)
+        self.store.set_status(name, TenantStatus.REMOVING)
+        self.store.audit(actor, "remove-tenant", name, "ok")
+        self.reconciler.enqueue(name)
+
+    def rotate_key(self, name: str, actor: str, grace_s: float) -> keys.IssuedKey:
+        if grace_s < 0:
+            raise InvalidInput("grace period must be 0 (revoke the old keys at once) or more seconds")
+        self.store.tenant(name)
+        issued = keys.issue()
+        now = time.time()
+        with self.store.transaction() as db:
+            self.store.expire_keys(db, name, now + grace_s)
+            self.store.insert_key(db, KeyRow(issued.id, name, keys.PREFIX, issued.hash, now, None, None))
+            self.store.audit(actor, "rotate-key", name, "ok", {"key_id": issued.id, "grace_s": grace_s}, db=db)
+        self.reconciler.enqueue(name)
+        return issued
+
+    def revoke_key(self, name: str, key_id: str, actor: str) -> None:
+        if not any(k.id == key_id for k in self.store.keys(name)):
+            raise NotFound(f"tenant {name!r} has no key {key_id!r}")
+        now = time.time()
+        with self.store.transaction() as db:
+            db.execute("UPDATE api_keys SET expires_at=? WHERE id=? AND tenant=?", (now, key_id, name))
+            self.store.audit(actor, "revoke-key", name, "ok", {"key_id": key_id}, db=db)
+        self.reconciler.enqueue(name)
+
+    def new_spec(self, *, name: str, port: int, gpu_memory: int, model: str | None, max_model_len: int | None,
+                 quantization: str | None, shm_size: int | None, quotas: Quotas) -> TenantSpec:
+        return TenantSpec(
+            name=names.validate_tenant_name(name),
+            port=port,
+            gpu_memory=gpu_memory,
+            model=model or self.settings.default_model,
+            max_model_len=max_model_len or self.settings.default_max_model_len,
+            quantization=quantization,
+            shm_size=shm_size or 1024**3,
+            quotas=quotas,
+        )

@@ -1,0 +1,233 @@
+"""Desired state in SQLite: tenants, API keys (SHA-256 hashes only), the audit trail.
+
+WAL with ``synchronous=FULL``: a committed change survives a crash. The
+interface is narrow (plain methods returning domain objects) so a PostgreSQL
+implementation can replace it for a multi-host deployment.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from manager.domain import Quotas, TenantSpec, TenantStatus
+from manager.errors import Conflict, NotFound
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS tenants (
+    name TEXT PRIMARY KEY,
+    port INTEGER NOT NULL UNIQUE,
+    gpu_memory INTEGER NOT NULL,
+    model TEXT NOT NULL,
+    max_model_len INTEGER NOT NULL,
+    quantization TEXT,
+    shm_size INTEGER NOT NULL,
+    rpm_limit INTEGER,
+    tokens_per_day INTEGER,
+    requests_per_month INTEGER,
+    max_in_flight INTEGER,
+    status TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    status_since REAL NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS api_keys (
+    id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
+    prefix TEXT NOT NULL,
+    hash TEXT NOT NULL UNIQUE,
+    created_at REAL NOT NULL,
+    expires_at REAL,
+    last_used_at REAL
+);
+CREATE INDEX IF NOT EXISTS api_keys_tenant ON api_keys(tenant);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    tenant TEXT,
+    result TEXT NOT NULL,
+    detail TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS audit_tenant ON audit(tenant, id);
+"""
+
+
+@dataclass(frozen=True)
+class TenantRow:
+    spec: TenantSpec
+    status: TenantStatus
+    reason: str
+    status_since: float
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class KeyRow:
+    id: str
+    tenant: str
+    prefix: str
+    hash: str
+    created_at: float
+    expires_at: float | None
+    last_used_at: float | None
+
+    def active(self, now: float) -> bool:
+        return self.expires_at is None or self.expires_at > now
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    id: int
+    at: float
+    actor: str
+    action: str
+    tenant: str | None
+    result: str
+    detail: dict[str, Any]
+
+
+def _tenant(row: sqlite3.Row) -> TenantRow:
+    spec = TenantSpec(
+        name=row["name"], port=row["port"], gpu_memory=row["gpu_memory"], model=row["model"],
+        max_model_len=row["max_model_len"], quantization=row["quantization"], shm_size=row["shm_size"],
+        quotas=Quotas(row["rpm_limit"], row["tokens_per_day"], row["requests_per_month"], row["max_in_flight"]),
+    )
+    return TenantRow(spec, TenantStatus(row["status"]), row["reason"], row["status_since"],
+                     row["created_at"], row["updated_at"])
+
+
+class Store:
+    """One connection guarded by a lock: the manager is the only writer."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.row_factory = sqlite3.Row
+        self._lock = threading.RLock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # ---------------------------------------------------------------- tenants
+    def tenants(self) -> list[TenantRow]:
+        with self._lock:
+            return [_tenant(r) for r in self._db.execute("SELECT * FROM tenants ORDER BY name")]
+
+    def tenant(self, name: str) -> TenantRow:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM tenants WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise NotFound(f"no tenant named {name!r}; list-tenants shows the existing ones")
+        return _tenant(row)
+
+    def find_tenant(self, name: str) -> TenantRow | None:
+        try:
+            return self.tenant(name)
+        except NotFound:
+            return None
+
+    def insert_tenant(self, db: sqlite3.Connection, spec: TenantSpec) -> None:
+        now = time.time()
+        q = spec.quotas
+        try:
+            db.execute(
+                "INSERT INTO tenants VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (spec.name, spec.port, spec.gpu_memory, spec.model, spec.max_model_len, spec.quantization,
+                 spec.shm_size, q.rpm_limit, q.tokens_per_day, q.requests_per_month, q.max_in_flight,
+                 TenantStatus.PENDING.value, "", now, now, now),
+            )
+        except sqlite3.IntegrityError as exc:
+            raise Conflict(f"tenant {spec.name!r} or port {spec.port} is already taken: {exc}") from exc
+
+    def update_spec(self, db: sqlite3.Connection, spec: TenantSpec) -> None:
+        q = spec.quotas
+        try:
+            db.execute(
+                "UPDATE tenants SET port=?, gpu_memory=?, model=?, max_model_len=?, quantization=?, shm_size=?,"
+                " rpm_limit=?, tokens_per_day=?, requests_per_month=?, max_in_flight=?, updated_at=?"
+                " WHERE name=?",
+                (spec.port, spec.gpu_memory, spec.model, spec.max_model_len, spec.quantization, spec.shm_size,
+                 q.rpm_limit, q.tokens_per_day, q.requests_per_month, q.max_in_flight, time.time(), spec.name),
+            )
+        except sqlite3.IntegrityError as exc:
+            raise Conflict(f"port {spec.port} is already taken by another tenant") from exc
+
+    def set_status(self, name: str, status: TenantStatus, reason: str = "") -> None:
+        """Status writes never enqueue reconcile work: they only describe what was seen."""
+        with self._lock:
+            self._db.execute(
+                "UPDATE tenants SET status=?, reason=?, status_since=CASE WHEN status=? THEN status_since ELSE ? END"
+                " WHERE name=?",
+                (status.value, reason, status.value, time.time(), name),
+            )
+
+    def delete_tenant(self, name: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM tenants WHERE name=?", (name,))
+
+    # ---------------------------------------------------------------- keys
+    def insert_key(self, db: sqlite3.Connection, key: KeyRow) -> None:
+        db.execute("INSERT INTO api_keys VALUES (?,?,?,?,?,?,?)",
+                   (key.id, key.tenant, key.prefix, key.hash, key.created_at, key.expires_at, key.last_used_at))
+
+    def expire_keys(self, db: sqlite3.Connection, tenant: str, at: float, except_id: str | None = None) -> None:
+        db.execute("UPDATE api_keys SET expires_at=? WHERE tenant=? AND id IS NOT ? AND"
+                   " (expires_at IS NULL OR expires_at > ?)", (at, tenant, except_id, at))
+
+    def keys(self, tenant: str) -> list[KeyRow]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM api_keys WHERE tenant=? ORDER BY created_at", (tenant,))
+            return [KeyRow(**dict(r)) for r in rows]
+
+    # ---------------------------------------------------------------- audit
+    def audit(self, actor: str, action: str, tenant: str | None, result: str,
+              detail: dict[str, Any] | None = None, db: sqlite3.Connection | None = None) -> None:
+        args = (time.time(), actor, action, tenant, result, json.dumps(detail or {}, default=str))
+        sql = "INSERT INTO audit (at, actor, action, tenant, result, detail) VALUES (?,?,?,?,?,?)"
+        if db is not None:
+            db.execute(sql, args)
+        else:
+            with self._lock:
+                self._db.execute(sql, args)
+
+    def audit_log(self, tenant: str | None = None, action: str | None = None, limit: int = 200) -> list[AuditRow]:
+        sql = "SELECT * FROM audit WHERE 1=1"
+        args: list[object] = []
+        if tenant:
+            sql += " AND tenant=?"
+            args.append(tenant)
+        if action:
+            sql += " AND action=?"
+            args.append(action)
+        with self._lock:
+            rows = self._db.execute(sql + " ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
+        return [AuditRow(r["id"], r["at"], r["actor"], r["action"], r["tenant"], r["result"],
+                         json.loads(r["detail"])) for r in rows]

@@ -1,0 +1,80 @@
+"""Domain objects shared by the control plane: a tenant's spec and its status.
+
+Tenant status, one of::
+
+    pending --(engine created)--> starting --(healthy)--> running
+       ^                             |                      |
+       |                             +--(exited/unhealthy)--+--> failed
+       +---(spec changed: recreate)--------------------------+       |
+                                                                      |
+    failed --(backoff elapsed, engine started again)--> starting <----+
+    any --(remove-tenant)--> removing --(resources gone)--> (row deleted)
+
+``reason`` explains ``failed`` in the engine's own words where it gave any
+(for example vLLM's "Free memory on device ... is less than desired").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, replace
+from enum import StrEnum
+
+
+class TenantStatus(StrEnum):
+    PENDING = "pending"
+    STARTING = "starting"
+    RUNNING = "running"
+    FAILED = "failed"
+    REMOVING = "removing"
+
+
+ALLOWED_TRANSITIONS: dict[TenantStatus, frozenset[TenantStatus]] = {
+    TenantStatus.PENDING: frozenset({TenantStatus.STARTING, TenantStatus.FAILED, TenantStatus.REMOVING}),
+    TenantStatus.STARTING: frozenset(
+        {TenantStatus.RUNNING, TenantStatus.FAILED, TenantStatus.PENDING, TenantStatus.REMOVING}
+    ),
+    TenantStatus.RUNNING: frozenset(
+        {TenantStatus.FAILED, TenantStatus.PENDING, TenantStatus.STARTING, TenantStatus.REMOVING}
+    ),
+    TenantStatus.FAILED: frozenset({TenantStatus.STARTING, TenantStatus.PENDING, TenantStatus.REMOVING}),
+    TenantStatus.REMOVING: frozenset(),
+}
+
+
+def can_transition(current: TenantStatus, new: TenantStatus) -> bool:
+    return current == new or new in ALLOWED_TRANSITIONS[current]
+
+
+@dataclass(frozen=True)
+class Quotas:
+    rpm_limit: int | None = None
+    tokens_per_day: int | None = None
+    requests_per_month: int | None = None
+    max_in_flight: int | None = None
+
+
+@dataclass(frozen=True)
+class TenantSpec:
+    """What the admin asked for. The engine's identity is ``engine_hash()``: a change
+    to any engine-relevant field recreates the engine; quota changes do not."""
+
+    name: str
+    port: int
+    gpu_memory: int
+    model: str
+    max_model_len: int
+    quantization: str | None = None
+    shm_size: int = 1024**3
+    quotas: Quotas = field(default_factory=Quotas)
+
+    def engine_hash(self) -> str:
+        engine_fields = asdict(self)
+        engine_fields.pop("quotas")
+        engine_fields.pop("port")
+        raw = json.dumps(engine_fields, sort_keys=True).encode()
+        return hashlib.sha256(raw).hexdigest()[:16]
+
+    def with_changes(self, **changes: object) -> TenantSpec:
+        return replace(self, **changes)  # type: ignore[arg-type]

@@ -1,0 +1,73 @@
+"""Every name and label of every Docker resource the product creates.
+
+Actual state is found by these labels, never by guessing names. ``instance``
+namespaces one installation (and each test session) from another.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+
+from manager.errors import InvalidInput
+
+LABEL_PREFIX = "org.gtm."
+MANAGED = LABEL_PREFIX + "managed"
+INSTANCE = LABEL_PREFIX + "instance"
+TENANT = LABEL_PREFIX + "tenant"
+ROLE = LABEL_PREFIX + "role"
+SPEC_HASH = LABEL_PREFIX + "spec-hash"
+
+TENANT_NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}[a-z0-9]$")
+
+
+class Role(StrEnum):
+    ENGINE = "engine"
+    GATEWAY = "gateway"
+    NETWORK = "network"
+    VOLUME = "volume"
+    PROBE = "probe"
+
+
+def validate_tenant_name(name: str) -> str:
+    if not TENANT_NAME.match(name):
+        raise InvalidInput(
+            f"invalid tenant name {name!r}: use 2-32 lowercase letters, digits and '-', "
+            "starting with a letter and not ending with '-' (it becomes part of DNS and Docker names)"
+        )
+    return name
+
+
+def labels(instance: str, role: Role, tenant: str | None = None, **extra: str) -> dict[str, str]:
+    out = {MANAGED: "true", INSTANCE: instance, ROLE: role.value}
+    if tenant is not None:
+        out[TENANT] = tenant
+    out.update({LABEL_PREFIX + key.replace("_", "-"): value for key, value in extra.items()})
+    return out
+
+
+def selector(instance: str, **match: str) -> list[str]:
+    """Docker ``label=`` filters that select this instance's resources."""
+    out = [f"{MANAGED}=true", f"{INSTANCE}={instance}"]
+    out += [f"{LABEL_PREFIX}{key}={value}" for key, value in match.items()]
+    return out
+
+
+def network(instance: str, tenant: str) -> str:
+    return f"{instance}-t-{tenant}"
+
+
+def volume(instance: str, tenant: str) -> str:
+    return f"{instance}-t-{tenant}-data"
+
+
+def engine(instance: str, tenant: str) -> str:
+    return f"{instance}-t-{tenant}-engine"
+
+
+def gateway(instance: str, tenant: str) -> str:
+    return f"{instance}-t-{tenant}-gateway"
+
+
+ENGINE_ALIAS = "engine"
+"""DNS name of a tenant's engine on the tenant's own network."""

@@ -1,0 +1,72 @@
+"""The one settings class. Built once at start (``Settings()`` reads ``GTM_*`` from
+the environment) and passed in; nothing else reads the environment.
+
+Every field is documented in docs/settings.md; a test fails when one is not."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BeforeValidator, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from manager.sizes import parse_size
+
+Size = Annotated[int, BeforeValidator(parse_size)]
+GIB = 1024**3
+MIB = 1024**2
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GTM_", extra="ignore")
+
+    environment: Literal["production", "development"] = "production"
+    gpu_mode: Literal["nvml", "cpu"] | None = None
+    instance: str = Field("gtm", pattern=r"^[a-z][a-z0-9-]{0,19}$")
+
+    state_dir: Path = Path("/var/lib/gtm")
+    api_host: str = "0.0.0.0"
+    api_port: int = 8080
+    api_url: str = "http://127.0.0.1:8080"
+    admin_token: SecretStr | None = None
+
+    engine_image: str = "gtm-engine-cpu:0.32.0"
+    models_source: str = "gtm-models"
+    models_dir: Path = Path("/models")
+    default_model: str = "demo"
+    default_max_model_len: int = 512
+    tenant_bind_address: str = "0.0.0.0"
+
+    headroom: Size = GIB
+    process_overhead: Size = 512 * MIB
+    engine_overhead: Size | None = None
+    min_kv_tokens: int = 256
+    engine_pids_limit: int = 512
+    engine_cpus: float | None = None
+
+    reconcile_interval_s: float = 30.0
+    orphan_grace_s: float = 300.0
+    engine_start_timeout_s: float = 900.0
+
+    @model_validator(mode="after")
+    def _refuse_insecure(self) -> Settings:
+        token = self.admin_token
+        if self.environment == "production" and token is not None and len(token.get_secret_value()) < 24:
+            raise ValueError("GTM_ADMIN_TOKEN must be at least 24 characters outside development")
+        return self
+
+    @property
+    def database_path(self) -> Path:
+        return self.state_dir / "manager.db"
+
+    @property
+    def effective_engine_overhead(self) -> int:
+        """Memory an engine needs beyond weights and KV cache.
+
+        cpu: the vLLM process itself (measured ~1.0-1.2 GiB RSS with a tiny model);
+        nvml: CUDA graphs, activations and the allocator's slack inside the slice.
+        """
+        if self.engine_overhead is not None:
+            return self.engine_overhead
+        return 1152 * MIB if self.gpu_mode == "cpu" else GIB
