@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = None
 
     engine_image: str = "gtm-engine-cpu:0.32.0"
+    manager_image: str = "gtm-manager:dev"
+    control_network: str | None = None
     models_source: str = "gtm-models"
     models_dir: Path = Path("/models")
     default_model: str = "demo"

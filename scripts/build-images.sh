@@ -66,7 +66,7 @@ build_manager() {
   local wdir=$WHEELS/manager-$h
   rm -rf "$WHEELS"/manager-*; mkdir -p "$wdir"
   cp -al "$WHEELS/manager"/*.whl "$wdir"/
-  pip wheel -q --no-deps --no-build-isolation "$GTM_ROOT" -w "$wdir" 2>&1 | { grep -v 'is ignored' || true; }
+  pip wheel -q --no-deps "$GTM_ROOT" -w "$wdir" 2>&1 | { grep -v 'is ignored' || true; }
   docker_build "$GTM_MANAGER_IMAGE" "$dir" "$wdir" "$h"
 }
 

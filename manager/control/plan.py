@@ -19,6 +19,20 @@ from manager.settings import Settings
 MIB = 1024**2
 ENGINE_PORT = 8000
 MIN_KV_CACHE = 32 * MIB
+SECOND_NS = 1_000_000_000
+
+
+def http_healthcheck(port: int, path: str, start_period_s: int) -> dict[str, object]:
+    """A Docker health check that works in any image with python3 (ours and upstream vLLM's):
+    the manager reads health through the Docker API and never needs a route to the tenant network."""
+    probe = f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{port}{path}', timeout=3)"
+    return {
+        "test": ["CMD", "python3", "-c", probe],
+        "interval": 5 * SECOND_NS,
+        "timeout": 4 * SECOND_NS,
+        "retries": 3,
+        "start_period": start_period_s * SECOND_NS,
+    }
 
 
 @dataclass(frozen=True)
@@ -32,11 +46,17 @@ class Mount:
         return "bind" if self.source.startswith("/") else "volume"
 
 
+# An internal network still lets containers reach the host's own addresses through
+# the bridge's IP; with no IPv4 on the bridge, nothing outside the network answers.
+ISOLATED_BRIDGE = {"com.docker.network.bridge.inhibit_ipv4": "true"}
+
+
 @dataclass(frozen=True)
 class NetworkPlan:
     name: str
     labels: dict[str, str]
     internal: bool = True
+    options: dict[str, str] = field(default_factory=lambda: dict(ISOLATED_BRIDGE))
 
 
 @dataclass(frozen=True)
@@ -67,6 +87,7 @@ class ContainerPlan:
     gpu_device_ids: list[str] | None = None
     ports: dict[int, tuple[str, int]] = field(default_factory=dict)
     restart_policy: str = "no"
+    healthcheck: dict[str, object] | None = None
 
 
 @dataclass(frozen=True)
@@ -144,6 +165,7 @@ def tenant_plan(spec: TenantSpec, settings: Settings, device_total: int, gpu_uui
         shm_size=spec.shm_size,
         nano_cpus=int(settings.engine_cpus * 1e9) if settings.engine_cpus else None,
         gpu_device_ids=None if cpu else [gpu_uuid or "0"],
+        healthcheck=http_healthcheck(ENGINE_PORT, "/health", int(settings.engine_start_timeout_s)),
     )
     return TenantPlan(
         network=NetworkPlan(net, names.labels(inst, Role.NETWORK, spec.name), internal=True),

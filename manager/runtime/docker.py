@@ -117,7 +117,7 @@ class DockerRuntime:
         def run() -> None:
             if not self._client.networks.list(names=[plan.name]):
                 self._client.networks.create(plan.name, driver="bridge", internal=plan.internal,
-                                             labels=plan.labels, check_duplicate=True)
+                                             options=plan.options, labels=plan.labels, check_duplicate=True)
         self._call(f"creating network {plan.name}", run)
 
     def ensure_volume(self, plan: VolumePlan) -> None:
@@ -269,6 +269,8 @@ def container_kwargs(plan: ContainerPlan) -> dict[str, Any]:
         kwargs["nano_cpus"] = plan.nano_cpus
     if plan.gpu_device_ids is not None:
         kwargs["device_requests"] = [DeviceRequest(device_ids=plan.gpu_device_ids, capabilities=[["gpu"]])]
+    if plan.healthcheck is not None:
+        kwargs["healthcheck"] = plan.healthcheck
     if plan.ports:
         kwargs["ports"] = {f"{cport}/tcp": (ip, hport) for cport, (ip, hport) in plan.ports.items()}
     return {k: v for k, v in kwargs.items() if v is not None}

@@ -1,0 +1,115 @@
+"""Foundation: the CPU engine image serves real vLLM on an internal network, hardened,
+reachable only from its own network."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import docker
+import pytest
+
+from manager.control.plan import tenant_plan
+from manager.domain import TenantSpec
+from manager.names import Role, labels
+from manager.runtime.docker import DockerRuntime
+
+from .conftest import MANAGER_IMAGE, run_probe, wait_for
+from .probes import CHAT, CONNECT
+
+G = 1024**3
+
+
+@pytest.mark.slow
+def test_engine_serves_chat_on_its_internal_network_only(
+    docker_client: docker.DockerClient, instance: str, models_dir: Path, manager_settings
+) -> None:
+    settings = manager_settings()
+    runtime = DockerRuntime(docker_client)
+    plan = tenant_plan(TenantSpec(name="solo", port=30001, gpu_memory=1536 * 1024**2, model="demo",
+                                  max_model_len=512), settings, device_total=24 * G)
+    runtime.ensure_network(plan.network)
+    runtime.ensure_volume(plan.volume)
+    runtime.run(plan.engine)
+
+    def healthy() -> bool:
+        state = runtime.container(plan.engine.name)
+        assert state is not None and state.status == "running", runtime.logs_tail(plan.engine.name)
+        return state.health == "healthy"
+    wait_for(healthy, 300, "the engine to be healthy", interval=2)
+
+    attrs = docker_client.containers.get(plan.engine.name).attrs
+    host = attrs["HostConfig"]
+    assert host["ReadonlyRootfs"] and host["CapDrop"] == ["ALL"] and host["Memory"] == 1536 * 1024**2
+    assert attrs["Config"]["User"] == "1000:1000"
+    assert not attrs["NetworkSettings"]["Ports"], "nothing is published"
+    assert docker_client.networks.get(plan.network.name).attrs["Internal"] is True
+
+    out = json.loads(run_probe(docker_client, instance, plan.network.name,
+                               CHAT.format(host="engine", port=8000, model="demo")).strip().splitlines()[-1])
+    assert out["models"] == ["demo"]
+    assert out["chat_status"] == 200
+    usage = out["chat"]["usage"]
+    assert usage["completion_tokens"] > 0 and usage["total_tokens"] == usage["prompt_tokens"] + usage[
+        "completion_tokens"]
+    assert out["stream_chunks"] > 1 and out["stream_usage"]["completion_tokens"] > 0
+
+    # the engine reaches neither a listener on another network nor the host itself
+    assert_isolated(docker_client, instance, plan.engine.name)
+
+
+def assert_isolated(client: docker.DockerClient, instance: str, container: str, *extra: str) -> None:
+    """``container`` cannot connect to a listener on another Docker network, nor to a
+    listener on this host (through the default bridge's address), nor to ``extra``;
+    containers on those networks reach them, so the check can tell."""
+    other = client.networks.create(f"{instance}-other", labels=labels(instance, Role.NETWORK))
+    client.containers.run(
+        MANAGER_IMAGE, entrypoint=["python3", "-m", "http.server", "9000"], network=other.name, detach=True,
+        labels=labels(instance, Role.PROBE), name=f"{instance}-listener",
+    )
+    listener = client.containers.get(f"{instance}-listener")
+    listener_ip = listener.attrs["NetworkSettings"]["Networks"][other.name]["IPAddress"]
+    ipam = client.networks.get("bridge").attrs["IPAM"]["Config"][0]
+    host_ip = ipam.get("Gateway") or str(next(ipaddress.ip_network(ipam["Subnet"]).hosts()))
+    with host_listener() as port:
+        targets = [f"{listener_ip}:9000", f"{host_ip}:{port}", *extra]
+        code = CONNECT.format(targets=targets)
+        from_engine = json.loads(client.containers.get(container).exec_run(["python3", "-c", code])
+                                 .output.decode().strip().splitlines()[-1])
+        control = {
+            **json.loads(run_probe(client, instance, other.name, CONNECT.format(targets=targets[:1]))
+                         .strip().splitlines()[-1]),
+            **json.loads(run_probe(client, instance, "bridge", CONNECT.format(targets=targets[1:2]))
+                         .strip().splitlines()[-1]),
+        }
+    assert control == {t: "connected" for t in targets[:2]}, control
+    for target in targets:
+        assert from_engine[target] != "connected", f"{container} reached {target}"
+
+
+@contextmanager
+def host_listener() -> Iterator[int]:
+    server = socket.create_server(("0.0.0.0", 0))
+    server.settimeout(0.5)
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+                conn.close()
+            except OSError:
+                pass
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield int(server.getsockname()[1])
+    finally:
+        stop.set()
+        thread.join(timeout=2)
+        server.close()

@@ -1,0 +1,47 @@
+import pytest
+
+from manager.control.reconciler import backoff, failure_reason
+from manager.domain import TenantStatus, can_transition
+from manager.runtime.docker import ContainerState
+
+S = TenantStatus
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "ok"),
+    [(S.PENDING, S.STARTING, True), (S.STARTING, S.RUNNING, True), (S.RUNNING, S.FAILED, True),
+     (S.FAILED, S.STARTING, True), (S.RUNNING, S.PENDING, True), (S.REMOVING, S.RUNNING, False),
+     (S.PENDING, S.RUNNING, False), (S.RUNNING, S.RUNNING, True)],
+)
+def test_transitions(a: TenantStatus, b: TenantStatus, ok: bool) -> None:
+    assert can_transition(a, b) is ok
+
+
+def exited(**over: object) -> ContainerState:
+    base = dict(id="x", name="e", labels={}, status="exited", health=None, exit_code=1, oom_killed=False,
+                error="", started_at="", finished_at="t")
+    base.update(over)
+    return ContainerState(**base)  # type: ignore[arg-type]
+
+
+def test_vllm_free_memory_error_surfaces_as_such() -> None:
+    logs = ("INFO loading\nValueError: Free memory on device cuda:0 (3.2/79.1 GiB) on startup is less than "
+            "desired GPU memory utilization (0.5, 39.6 GiB).\nTraceback...\n")
+    assert failure_reason(exited(), logs).startswith("Free memory on device cuda:0 (3.2/79.1 GiB)")
+
+
+def test_last_error_line_when_nothing_specific() -> None:
+    logs = "x\nRuntimeError: first\nValueError: max_model_len (4096) is too large\n"
+    assert failure_reason(exited(), logs) == "ValueError: max_model_len (4096) is too large"
+
+
+def test_oom_kill_says_what_to_do() -> None:
+    assert "raise --gpu-memory" in failure_reason(exited(oom_killed=True, exit_code=137), "")
+
+
+def test_exit_code_as_last_resort() -> None:
+    assert failure_reason(exited(exit_code=3), "nothing useful") == "engine exited with code 3"
+
+
+def test_backoff_doubles_to_a_cap() -> None:
+    assert [backoff(n, 10, 300) for n in (1, 2, 3, 6, 10)] == [10, 20, 40, 300, 300]

@@ -1,0 +1,81 @@
+import pytest
+
+from manager.control.plan import gpu_memory_utilization, kv_cache_bytes, tenant_plan
+from manager.domain import TenantSpec
+from manager.errors import InvalidInput
+from manager.runtime.docker import container_kwargs
+from manager.settings import Settings
+
+G = 1024**3
+M = 1024**2
+
+
+def spec(**over: object) -> TenantSpec:
+    base = TenantSpec(name="companya", port=30001, gpu_memory=2 * G, model="demo", max_model_len=512)
+    return base.with_changes(**over)
+
+
+def test_cpu_engine_is_hardened_and_limited(settings: Settings) -> None:
+    plan = tenant_plan(spec(), settings, device_total=24 * G)
+    e = plan.engine
+    assert plan.network.internal is True
+    assert e.network == "gtm-t-companya" and e.aliases == ["engine"]
+    assert e.user == "1000:1000" and e.read_only and e.cap_drop == ["ALL"]
+    assert e.security_opt == ["no-new-privileges:true"]
+    assert e.mem_limit == 2 * G and e.pids_limit == 512 and e.gpu_device_ids is None
+    assert not e.ports, "an engine is never published on the host"
+    mounts = {m.target: (m.source, m.read_only, m.kind) for m in e.mounts}
+    assert mounts == {"/data": ("gtm-t-companya-data", False, "volume"), "/models": ("gtm-models", True, "volume")}
+    assert "/var/run/docker.sock" not in str(e)
+    args = e.command
+    assert args[args.index("--kv-cache-memory-bytes") + 1] == str(2 * G - settings.effective_engine_overhead)
+    assert args[args.index("--max-model-len") + 1] == "512"
+    assert "--gpu-memory-utilization" not in args
+
+
+def test_nvml_engine_gets_its_fraction_of_the_gpu(settings: Settings) -> None:
+    gpu = settings.model_copy(update={"gpu_mode": "nvml"})
+    e = tenant_plan(spec(gpu_memory=10 * G, quantization="awq"), gpu, device_total=80 * G, gpu_uuid="GPU-1").engine
+    assert e.command[e.command.index("--gpu-memory-utilization") + 1] == "0.1250"
+    assert e.command[e.command.index("--quantization") + 1] == "awq"
+    assert e.gpu_device_ids == ["GPU-1"] and e.mem_limit is None
+    assert "--kv-cache-memory-bytes" not in e.command
+
+
+def test_utilization_rounds_down_never_over_the_slice() -> None:
+    assert gpu_memory_utilization(1, 3) == 0.3333
+    with pytest.raises(InvalidInput):
+        gpu_memory_utilization(81 * G, 80 * G)
+
+
+def test_reservation_below_engine_overhead_is_refused_with_the_minimum(settings: Settings) -> None:
+    with pytest.raises(InvalidInput, match="reserve at least"):
+        kv_cache_bytes(spec(gpu_memory=512 * M), settings)
+
+
+def test_engine_hash_ignores_port_and_quotas_but_not_size() -> None:
+    from manager.domain import Quotas
+
+    a = spec()
+    assert a.engine_hash() == spec(port=30009, quotas=Quotas(rpm_limit=5)).engine_hash()
+    assert a.engine_hash() != spec(gpu_memory=3 * G).engine_hash()
+
+
+def test_sdk_arguments_of_a_plan(settings: Settings) -> None:
+    kw = container_kwargs(tenant_plan(spec(shm_size=5 * G), settings, device_total=24 * G).engine)
+    assert kw["mem_limit"] == kw["memswap_limit"] == 2 * G
+    assert kw["shm_size"] == 5 * G
+    assert kw["read_only"] is True and kw["cap_drop"] == ["ALL"]
+    assert kw["networking_config"] == {"gtm-t-companya": {"Aliases": ["engine"]}}
+    assert kw["restart_policy"] == {"Name": "no"}
+    assert kw["healthcheck"]["test"][0] == "CMD"
+    assert kw["labels"]["org.gtm.tenant"] == "companya"
+    assert "device_requests" not in kw and "ports" not in kw
+    assert [(m["Target"], m["ReadOnly"]) for m in kw["mounts"]] == [("/data", False), ("/models", True)]
+
+
+def test_sdk_arguments_request_the_gpu(settings: Settings) -> None:
+    gpu = settings.model_copy(update={"gpu_mode": "nvml"})
+    kw = container_kwargs(tenant_plan(spec(), gpu, device_total=80 * G, gpu_uuid="GPU-abc").engine)
+    (req,) = kw["device_requests"]
+    assert req["DeviceIDs"] == ["GPU-abc"] and req["Capabilities"] == [["gpu"]]
