@@ -49,10 +49,13 @@ def failure_reason(state: ContainerState, logs: str) -> str:
                 "model and options; raise --gpu-memory or lower --max-model-len")
     lines = [ln.strip() for ln in logs.splitlines() if ln.strip()]
     for pattern in FAILURE_PATTERNS:
-        for line in reversed(lines):
-            found = pattern.search(line)
+        for i in range(len(lines) - 1, -1, -1):
+            found = pattern.search(lines[i])
             if found:
-                return found.group(0)[:500]
+                text = found.group(0)
+                if "validation error" in text and i + 1 < len(lines):  # pydantic: the detail is below
+                    text += ": " + lines[i + 1].split(" [type=")[0]
+                return text[:500]
     if state.error:
         return f"Docker could not run the engine: {state.error}"[:500]
     return f"engine exited with code {state.exit_code}"

@@ -35,6 +35,15 @@ def test_last_error_line_when_nothing_specific() -> None:
     assert failure_reason(exited(), logs) == "ValueError: max_model_len (4096) is too large"
 
 
+def test_pydantic_validation_detail_is_kept() -> None:
+    logs = ("pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig\n"
+            "  Value error, User-specified max_model_len (4096) is greater than the derived max_model_len "
+            "[type=value_error, input_value=ArgsKwargs((), {}), input_type=ArgsKwargs]\n")
+    reason = failure_reason(exited(), logs)
+    assert reason == ("ValidationError: 1 validation error for ModelConfig: Value error, User-specified "
+                      "max_model_len (4096) is greater than the derived max_model_len")
+
+
 def test_oom_kill_says_what_to_do() -> None:
     assert "raise --gpu-memory" in failure_reason(exited(oom_killed=True, exit_code=137), "")
 
