@@ -14,6 +14,7 @@ fi
 log "generating the demo model into $target"
 docker run --rm --network none --user 0:0 -v "$target":/models \
   -v "$GTM_ROOT/scripts/make-demo-model.py":/gen.py:ro -e HOME=/tmp \
-  --entrypoint python3 "$GTM_ENGINE_IMAGE" /gen.py /models/demo >/dev/null
+  --entrypoint python3 "$GTM_ENGINE_IMAGE" /gen.py /models/demo >/dev/null 2>&1 \
+  || die "generating the demo model failed"
 docker run --rm --network none --user 0:0 -v "$target":/models --entrypoint chmod "$GTM_ENGINE_IMAGE" -R a+rX /models
 log "demo model ready in $target"

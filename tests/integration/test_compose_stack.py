@@ -1,0 +1,91 @@
+"""The product as admins run it: the compose stack, and `docker exec <manager> add-tenant ...`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import docker
+import pytest
+
+from manager import names
+
+from .conftest import free_port, wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def compose(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["bash", "-c", 'source scripts/lib.sh; compose "$@"', "compose",
+         "-f", "compose/docker-compose.yml", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )
+
+
+@pytest.fixture
+def stack(docker_client: docker.DockerClient, instance: str) -> Iterator[tuple[str, dict[str, str]]]:
+    models = docker_client.volumes.create(f"{instance}-models", labels=names.labels(instance, names.Role.VOLUME))
+    subprocess.run(["bash", "scripts/make-demo-model.sh", models.name], cwd=ROOT, check=True, capture_output=True)
+    env = {
+        **os.environ,
+        "GTM_MANAGER_NAME": f"{instance}-manager",
+        "GTM_INSTANCE": instance,
+        "GTM_MODELS_VOLUME": models.name,
+        "GTM_STATE_VOLUME": f"{instance}-state",
+        "GTM_CONTROL_NETWORK": f"{instance}-control",
+        "GTM_CONSOLE_PORT": str(free_port()),
+        "GTM_TENANT_BIND_ADDRESS": "127.0.0.1",
+    }
+    project = ["-p", instance]
+    try:
+        up = compose(env, *project, "up", "-d")
+        assert up.returncode == 0, up.stderr
+        yield env["GTM_MANAGER_NAME"], env
+    finally:
+        compose(env, *project, "down", "-v", "--remove-orphans")
+        for c in docker_client.containers.list(all=True, filters={"label": f"com.docker.compose.project={instance}"}):
+            c.remove(force=True)
+
+
+def dexec(name: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["docker", "exec", name, *args], capture_output=True, text=True, timeout=120, check=False)
+
+
+@pytest.mark.slow
+def test_docker_exec_add_tenant_in_the_compose_stack(stack: tuple[str, dict[str, str]],
+                                                     docker_client: docker.DockerClient, instance: str) -> None:
+    manager, _ = stack
+
+    def healthy() -> bool:
+        return docker_client.containers.get(manager).attrs["State"].get("Health", {}).get("Status") == "healthy"
+    wait_for(healthy, 90, "the manager container to be healthy")
+
+    bad = dexec(manager, "add-tenant", "--name", "companya", "--gpu-memory", "10", "--port", "30301")
+    assert bad.returncode == 2
+    assert "expected a number with a unit" in bad.stderr
+
+    added = dexec(manager, "add-tenant", "--name", "companya", "--gpu-memory", "1536M", "--port", "30301")
+    assert added.returncode == 0, added.stderr
+    assert "API key (shown once" in added.stdout
+
+    def running() -> bool:
+        out = dexec(manager, "list-tenants", "--json")
+        tenant = json.loads(out.stdout)[0]
+        assert tenant["status"] != "failed", tenant["reason"]
+        return tenant["status"] == "running"
+    wait_for(running, 300, "companya to run", interval=3)
+    assert docker_client.containers.get(names.engine(instance, "companya")).status == "running"
+
+    table = dexec(manager, "manager", "list-tenants")
+    assert table.stdout.splitlines()[0].split()[:3] == ["NAME", "PORT", "MODEL"]
+    assert "running" in table.stdout
+
+    removed = dexec(manager, "remove-tenant", "--name", "companya")
+    assert removed.returncode == 0, removed.stderr
+    sel = names.selector(instance, tenant="companya")
+    wait_for(lambda: not docker_client.containers.list(all=True, filters={"label": sel}), 60,
+             "companya's engine to be removed")
