@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sub.add_parser("serve", help="run the manager (API, reconciler)")
+    sub.add_parser("gateway", help="run a tenant gateway (started by the manager; settings GTM_GATEWAY_*)")
 
     p = sub.add_parser("add-tenant", help="admit and create a tenant; prints its API key once")
     p.add_argument("--name", required=True, help="DNS-safe tenant name, e.g. companya")
@@ -232,6 +233,10 @@ def serve(settings: Settings) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "gateway":
+            from manager.gateway.server import main as gateway_main
+
+            return gateway_main()
         settings = Settings()
         if args.command == "serve":
             return serve(settings)

@@ -69,5 +69,14 @@ def gateway(instance: str, tenant: str) -> str:
     return f"{instance}-t-{tenant}-gateway"
 
 
+def gateway_volume(instance: str, tenant: str) -> str:
+    return f"{instance}-t-{tenant}-gw"
+
+
+def control_network(instance: str) -> str:
+    return f"{instance}-control"
+
+
 ENGINE_ALIAS = "engine"
 """DNS name of a tenant's engine on the tenant's own network."""
+GATEWAY_ALIAS = "gateway"

@@ -48,6 +48,7 @@ class Settings(BaseSettings):
     engine_cpus: float | None = None
 
     reconcile_interval_s: float = 30.0
+    usage_interval_s: float = 15.0
     orphan_grace_s: float = 300.0
     engine_start_timeout_s: float = 900.0
 

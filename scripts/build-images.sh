@@ -60,7 +60,7 @@ build_engine() {
 build_manager() {
   local dir=$GTM_ROOT/images/manager h
   h=$(cd "$GTM_ROOT" && content_hash images/manager/Dockerfile images/manager/requirements.lock pyproject.toml \
-        $(git ls-files manager 2>/dev/null || find manager -name '*.py' | sort))
+        $(find manager -type f -name '*.py' | sort))
   if [ "$(image_hash "$GTM_MANAGER_IMAGE")" = "$h" ]; then log "$GTM_MANAGER_IMAGE up to date"; return; fi
   fetch_wheels manager "$dir/requirements.lock"
   local wdir=$WHEELS/manager-$h

@@ -7,6 +7,7 @@ these plans directly.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -18,6 +19,8 @@ from manager.settings import Settings
 
 MIB = 1024**2
 ENGINE_PORT = 8000
+GATEWAY_PUBLIC_PORT = 8000
+GATEWAY_ADMIN_PORT = 8001
 MIN_KV_CACHE = 32 * MIB
 SECOND_NS = 1_000_000_000
 
@@ -73,6 +76,7 @@ class ContainerPlan:
     labels: dict[str, str]
     network: str
     aliases: list[str] = field(default_factory=list)
+    extra_networks: dict[str, list[str]] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
     mounts: list[Mount] = field(default_factory=list)
     tmpfs: dict[str, str] = field(default_factory=dict)
@@ -95,6 +99,8 @@ class TenantPlan:
     network: NetworkPlan
     volume: VolumePlan
     engine: ContainerPlan
+    gateway_volume: VolumePlan
+    gateway: ContainerPlan
 
 
 def kv_cache_bytes(spec: TenantSpec, settings: Settings) -> int:
@@ -138,7 +144,47 @@ def engine_args(spec: TenantSpec, settings: Settings, device_total: int) -> list
     return args
 
 
-def tenant_plan(spec: TenantSpec, settings: Settings, device_total: int, gpu_uuid: str | None = None) -> TenantPlan:
+def control_network_name(settings: Settings) -> str:
+    return settings.control_network or names.control_network(settings.instance)
+
+
+def control_network_plan(settings: Settings) -> NetworkPlan:
+    """The plain bridge the manager and every gateway are on; gateways publish tenant ports through it."""
+    return NetworkPlan(control_network_name(settings), names.labels(settings.instance, Role.NETWORK),
+                       internal=False, options={})
+
+
+def gateway_plan(spec: TenantSpec, settings: Settings, gateway_token: str) -> ContainerPlan:
+    inst = settings.instance
+    identity = hashlib.sha256(f"{spec.port}|{settings.manager_image}|{gateway_token}".encode()).hexdigest()[:16]
+    return ContainerPlan(
+        name=names.gateway(inst, spec.name),
+        image=settings.manager_image,
+        command=["gateway"],
+        labels=names.labels(inst, Role.GATEWAY, spec.name, spec_hash=identity),
+        network=control_network_name(settings),
+        extra_networks={names.network(inst, spec.name): [names.GATEWAY_ALIAS]},
+        env={
+            "GTM_GATEWAY_TENANT": spec.name,
+            "GTM_GATEWAY_UPSTREAM": f"http://{names.ENGINE_ALIAS}:{ENGINE_PORT}",
+            "GTM_GATEWAY_PUBLIC_PORT": str(GATEWAY_PUBLIC_PORT),
+            "GTM_GATEWAY_ADMIN_PORT": str(GATEWAY_ADMIN_PORT),
+            "GTM_GATEWAY_ADMIN_TOKEN": gateway_token,
+            "GTM_GATEWAY_DATA_DIR": "/data",
+        },
+        mounts=[Mount(names.gateway_volume(inst, spec.name), "/data")],
+        tmpfs={"/tmp": "rw,nosuid,nodev,size=64m"},  # noqa: S108 - a private tmpfs
+        pids_limit=256,
+        mem_limit=512 * MIB,
+        ports={GATEWAY_PUBLIC_PORT: (settings.tenant_bind_address, spec.port)},
+        # the data plane outlives the manager: Docker restarts gateways, even after dockerd restarts
+        restart_policy="unless-stopped",
+        healthcheck=http_healthcheck(GATEWAY_ADMIN_PORT, "/healthz", 30),
+    )
+
+
+def tenant_plan(spec: TenantSpec, settings: Settings, device_total: int, gpu_uuid: str | None = None,
+                gateway_token: str = "") -> TenantPlan:
     inst = settings.instance
     net = names.network(inst, spec.name)
     vol = names.volume(inst, spec.name)
@@ -171,4 +217,7 @@ def tenant_plan(spec: TenantSpec, settings: Settings, device_total: int, gpu_uui
         network=NetworkPlan(net, names.labels(inst, Role.NETWORK, spec.name), internal=True),
         volume=VolumePlan(vol, names.labels(inst, Role.VOLUME, spec.name)),
         engine=engine,
+        gateway_volume=VolumePlan(names.gateway_volume(inst, spec.name),
+                                  names.labels(inst, Role.VOLUME, spec.name)),
+        gateway=gateway_plan(spec, settings, gateway_token),
     )

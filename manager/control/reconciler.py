@@ -23,11 +23,12 @@ import time
 from dataclasses import dataclass
 
 from manager import names
-from manager.control.plan import ContainerPlan, tenant_plan
+from manager.control.gateway_client import sync_gateway
+from manager.control.plan import ContainerPlan, control_network_name, control_network_plan, tenant_plan
 from manager.control.store import Store, TenantRow
 from manager.control.workqueue import WorkQueue
 from manager.domain import TenantStatus, can_transition
-from manager.errors import GtmError
+from manager.errors import GtmError, RuntimeUnavailable
 from manager.gpu import Inventory
 from manager.names import Role
 from manager.runtime.docker import ContainerState, DockerRuntime
@@ -150,39 +151,77 @@ class Reconciler:
         if row is None:
             return None  # not ours (any more): the orphan sweep removes it after the grace period
         if row.status == TenantStatus.REMOVING:
+            # collect the last usage records before the gateway and its volume go
+            if any(c.role == Role.GATEWAY and c.status == "running" for c in containers):
+                self._sync_gateway(name, row.gateway_token)
             self._teardown(name, containers)
             self.store.delete_tenant(name)
             return None
         device = self.inventory.devices()[0]
-        plan = tenant_plan(row.spec, self.settings, device.total, device.uuid if device.kind != "host-memory" else None)
+        plan = tenant_plan(row.spec, self.settings, device.total,
+                           device.uuid if device.kind != "host-memory" else None, gateway_token=row.gateway_token)
+        self.runtime.ensure_network(control_network_plan(self.settings))
         self.runtime.ensure_network(plan.network)
         self.runtime.ensure_volume(plan.volume)
+        self.runtime.ensure_volume(plan.gateway_volume)
 
         engine: ContainerState | None = None
+        gateway: ContainerState | None = None
         for c in containers:
-            if c.role != Role.ENGINE:
-                continue
-            if c.name == plan.engine.name and c.spec_hash == row.spec.engine_hash() and engine is None:
-                engine = c
-            else:  # an older spec, or a stray duplicate: replace it
+            if c.role == Role.ENGINE and c.name == plan.engine.name and c.spec_hash == row.spec.engine_hash():
+                engine = engine or c
+                if engine is c:
+                    continue
+            elif c.role == Role.GATEWAY and c.name == plan.gateway.name and c.spec_hash == plan.gateway.labels[
+                    names.SPEC_HASH]:
+                gateway = gateway or c
+                if gateway is c:
+                    continue
+            if c.role in (Role.ENGINE, Role.GATEWAY):  # an older spec, or a stray duplicate: replace it
                 self.runtime.remove_container(c.name)
-                self._release_gate(name)
-                self._failures.pop(name, None)
+                if c.role == Role.ENGINE:
+                    self._release_gate(name)
+                    self._failures.pop(name, None)
 
+        gateway_ready = self._ensure_gateway(row, plan.gateway, gateway)
         if engine is None:
             return self._start_engine(row, plan.engine)
         if engine.status == "running":
             if engine.health == "healthy":
                 self._release_gate(name)
                 self._failures.pop(name, None)
+                if not gateway_ready:
+                    self._set_status(row, TenantStatus.STARTING, "engine ready; gateway starting")
+                    return POLL_STARTING_S
                 self._set_status(row, TenantStatus.RUNNING)
-                return None
+                return self.settings.usage_interval_s
             if engine.health == "unhealthy":
                 return self._engine_failed(row, engine, "engine stopped answering its health check")
             return self._engine_starting(row, engine)
         if engine.status in ("exited", "dead"):
             return self._engine_failed(row, engine, None)
         return POLL_STARTING_S  # created, restarting, paused, removing: look again soon
+
+    def _ensure_gateway(self, row: TenantRow, plan: ContainerPlan, gateway: ContainerState | None) -> bool:
+        """Runs the tenant's gateway (it serves 503 until the engine is up) and, once healthy,
+        pushes its config and collects its usage. True when it is serving with the current config."""
+        if gateway is None or gateway.status in ("exited", "dead"):
+            self.runtime.run(plan)
+            return False
+        if gateway.status != "running" or gateway.health != "healthy":
+            return False
+        return self._sync_gateway(row.spec.name, row.gateway_token)
+
+    def _sync_gateway(self, name: str, token: str) -> bool:
+        ip = self.runtime.container_ip(names.gateway(self.settings.instance, name), control_network_name(self.settings))
+        if ip is None:
+            return False
+        try:
+            sync_gateway(self.store, name, ip, token)
+        except RuntimeUnavailable as exc:
+            log.warning("gateway of %s: %s", name, exc.message)
+            return False
+        return True
 
     def _start_engine(self, row: TenantRow, plan: ContainerPlan) -> float | None:
         name = row.spec.name

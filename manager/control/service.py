@@ -4,6 +4,7 @@ and console all call this."""
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -151,7 +152,7 @@ class TenantService:
             issued = keys.issue()
             now = time.time()
             with self.store.transaction() as db:
-                self.store.insert_tenant(db, spec)
+                self.store.insert_tenant(db, spec, gateway_token=secrets.token_urlsafe(32))
                 self.store.insert_key(db, KeyRow(issued.id, spec.name, keys.PREFIX, issued.hash, now, None, None))
                 self.store.audit(actor, "add-tenant", spec.name, "ok",
                                  {"gpu_memory": spec.gpu_memory, "port": spec.port, "model": spec.model,

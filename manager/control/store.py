@@ -37,7 +37,8 @@ CREATE TABLE IF NOT EXISTS tenants (
     reason TEXT NOT NULL DEFAULT '',
     status_since REAL NOT NULL,
     created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    gateway_token TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS api_keys (
     id TEXT PRIMARY KEY,
@@ -59,7 +60,25 @@ CREATE TABLE IF NOT EXISTS audit (
     detail TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS audit_tenant ON audit(tenant, id);
+CREATE TABLE IF NOT EXISTS usage (
+    tenant TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    model TEXT NOT NULL,
+    path TEXT NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    status INTEGER NOT NULL,
+    outcome TEXT NOT NULL,
+    latency_ms REAL NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (tenant, request_id)
+);
+CREATE INDEX IF NOT EXISTS usage_tenant_at ON usage(tenant, at);
+CREATE TABLE IF NOT EXISTS usage_cursors (tenant TEXT PRIMARY KEY, cursor INTEGER NOT NULL);
 """
+USAGE_FIELDS = ("request_id", "key_id", "model", "path", "prompt_tokens", "completion_tokens", "status", "outcome",
+                "latency_ms", "at")
 
 
 @dataclass(frozen=True)
@@ -70,6 +89,18 @@ class TenantRow:
     status_since: float
     created_at: float
     updated_at: float
+    gateway_token: str = ""
+
+
+@dataclass(frozen=True)
+class UsageTotals:
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
 
 
 @dataclass(frozen=True)
@@ -104,7 +135,7 @@ def _tenant(row: sqlite3.Row) -> TenantRow:
         quotas=Quotas(row["rpm_limit"], row["tokens_per_day"], row["requests_per_month"], row["max_in_flight"]),
     )
     return TenantRow(spec, TenantStatus(row["status"]), row["reason"], row["status_since"],
-                     row["created_at"], row["updated_at"])
+                     row["created_at"], row["updated_at"], row["gateway_token"])
 
 
 class Store:
@@ -154,15 +185,15 @@ class Store:
         except NotFound:
             return None
 
-    def insert_tenant(self, db: sqlite3.Connection, spec: TenantSpec) -> None:
+    def insert_tenant(self, db: sqlite3.Connection, spec: TenantSpec, gateway_token: str = "") -> None:
         now = time.time()
         q = spec.quotas
         try:
             db.execute(
-                "INSERT INTO tenants VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO tenants VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (spec.name, spec.port, spec.gpu_memory, spec.model, spec.max_model_len, spec.quantization,
                  spec.shm_size, q.rpm_limit, q.tokens_per_day, q.requests_per_month, q.max_in_flight,
-                 TenantStatus.PENDING.value, "", now, now, now),
+                 TenantStatus.PENDING.value, "", now, now, now, gateway_token),
             )
         except sqlite3.IntegrityError as exc:
             raise Conflict(f"tenant {spec.name!r} or port {spec.port} is already taken: {exc}") from exc
@@ -190,8 +221,46 @@ class Store:
             )
 
     def delete_tenant(self, name: str) -> None:
+        """Removes the tenant and its keys; its usage records stay for cost sharing."""
         with self._lock:
             self._db.execute("DELETE FROM tenants WHERE name=?", (name,))
+            self._db.execute("DELETE FROM usage_cursors WHERE tenant=?", (name,))
+
+    # ---------------------------------------------------------------- usage
+    def usage_cursor(self, tenant: str) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT cursor FROM usage_cursors WHERE tenant=?", (tenant,)).fetchone()
+        return int(row["cursor"]) if row else 0
+
+    def add_usage(self, tenant: str, records: list[dict[str, Any]], cursor: int) -> int:
+        """Stores records collected from a gateway and advances the cursor, in one transaction.
+        A record seen twice (same request id) is stored once. Returns how many were new."""
+        with self.transaction() as db:
+            before = db.total_changes
+            db.executemany(
+                "INSERT OR IGNORE INTO usage (tenant, request_id, key_id, model, path, prompt_tokens,"
+                " completion_tokens, status, outcome, latency_ms, at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                [(tenant, *(r[f] for f in USAGE_FIELDS)) for r in records],
+            )
+            added = db.total_changes - before
+            for key_id, at in {r["key_id"]: r["at"] for r in sorted(records, key=lambda r: r["at"])}.items():
+                db.execute("UPDATE api_keys SET last_used_at=MAX(COALESCE(last_used_at, 0), ?) WHERE id=? AND tenant=?",
+                           (at, key_id, tenant))
+            db.execute("INSERT INTO usage_cursors (tenant, cursor) VALUES (?, ?) ON CONFLICT(tenant) DO UPDATE"
+                       " SET cursor=MAX(cursor, excluded.cursor)", (tenant, cursor))
+        return added
+
+    def usage_totals(self, tenant: str, since: float, until: float | None = None) -> UsageTotals:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COUNT(*) AS n, COALESCE(SUM(prompt_tokens), 0) AS p, COALESCE(SUM(completion_tokens), 0) AS c"
+                " FROM usage WHERE tenant=? AND at >= ? AND at < ?", (tenant, since, until or 1e18)).fetchone()
+        return UsageTotals(int(row["n"]), int(row["p"]), int(row["c"]))
+
+    def usage_records(self, tenant: str, limit: int = 1000) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM usage WHERE tenant=? ORDER BY at DESC LIMIT ?", (tenant, limit))
+            return [dict(r) for r in rows]
 
     # ---------------------------------------------------------------- keys
     def insert_key(self, db: sqlite3.Connection, key: KeyRow) -> None:

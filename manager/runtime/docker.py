@@ -172,6 +172,8 @@ class DockerRuntime:
                 self._client.containers.get(plan.name).remove(force=True)
             container = self._client.containers.create(**kwargs)
             try:
+                for network, aliases in plan.extra_networks.items():
+                    self._client.networks.get(network).connect(container, aliases=aliases)
                 container.start()
             except docker.errors.APIError:
                 container.remove(force=True)
@@ -179,6 +181,16 @@ class DockerRuntime:
             container.reload()
             return _state(container)
         return self._call(f"starting {plan.name}", run)
+
+    def container_ip(self, name: str, network: str) -> str | None:
+        def run() -> str | None:
+            try:
+                attrs = self._client.containers.get(name).attrs
+            except docker.errors.NotFound:
+                return None
+            ip = (attrs["NetworkSettings"]["Networks"].get(network) or {}).get("IPAddress")
+            return str(ip) if ip else None
+        return self._call(f"inspecting {name}", run)
 
     def stop_container(self, name: str, timeout: int = 5) -> None:
         def run() -> None:

@@ -1,0 +1,72 @@
+"""The admin side of a gateway, reachable only on the control network (never
+published on the host): config push from the manager, usage by cursor, metrics."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi.responses import Response
+from prometheus_client import generate_latest
+from pydantic import BaseModel
+
+from manager.gateway.state import GatewayState
+
+
+class KeyIn(BaseModel):
+    id: str
+    hash: str
+    expires_at: float | None = None
+
+
+class LimitsIn(BaseModel):
+    rpm_limit: int | None = None
+    tokens_per_day: int | None = None
+    requests_per_month: int | None = None
+    max_in_flight: int | None = None
+
+
+class ConfigIn(BaseModel):
+    version: str
+    keys: list[KeyIn]
+    limits: LimitsIn
+
+
+def auth(request: Request, authorization: Annotated[str, Header()] = "") -> None:
+    token: str = request.app.state.admin_token
+    presented = authorization.removeprefix("Bearer ").strip()
+    if not token or not hmac.compare_digest(presented.encode(), token.encode()):
+        raise HTTPException(401, "wrong gateway admin token")
+
+
+Auth = Annotated[None, Depends(auth)]
+
+
+def create_admin_app(state: GatewayState, token: str) -> FastAPI:
+    app = FastAPI(title="gpu-tenant-manager gateway admin", docs_url=None, redoc_url=None)
+    app.state.admin_token = token
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok", "config_version": state.version}
+
+    @app.get("/admin/config")
+    def get_config(_: Auth) -> dict[str, Any]:
+        return {"version": state.version, "key_ids": sorted(state.keys), "limits": state.quotas.limits.__dict__}
+
+    @app.put("/admin/config")
+    def put_config(body: ConfigIn, _: Auth) -> dict[str, str]:
+        state.apply(body.model_dump())
+        return {"version": state.version}
+
+    @app.get("/admin/usage")
+    def usage(_: Auth, after: int = Query(0, ge=0), limit: int = Query(1000, ge=1, le=10000)) -> dict[str, Any]:
+        records = state.store.after(after, limit)
+        return {"records": records, "cursor": records[-1]["seq"] if records else after}
+
+    @app.get("/metrics")
+    def metrics(_: Auth) -> Response:
+        return Response(generate_latest(state.metrics.registry), media_type="text/plain; version=0.0.4")
+
+    return app

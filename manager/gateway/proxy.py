@@ -1,0 +1,308 @@
+"""The public side of a gateway: a small raw ASGI app (the hot path, kept lean).
+
+Flow of one request: allowlist -> key -> body (size-limited) -> quota decision
+-> forward to the engine (streaming passes through event by event) -> usage
+record committed -> quota settled. Errors use OpenAI's shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import httpx
+
+from manager.gateway.settings import GatewaySettings
+from manager.gateway.state import GatewayState, KeyEntry
+from manager.gateway.store import UsageRecord
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+POST_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings"}
+GET_PATHS = {"/v1/models"}
+HEALTH_PATHS = {"/health", "/healthz"}
+
+
+def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:
+    return json.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}}).encode()
+
+
+def allowed(method: str, path: str) -> bool:
+    if method == "POST":
+        return path in POST_PATHS
+    if method == "GET":
+        return path in GET_PATHS or path.startswith("/v1/models/")
+    return False
+
+
+def usage_of(payload: dict[str, Any]) -> tuple[int, int] | None:
+    usage = payload.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+
+
+class Proxy:
+    def __init__(self, settings: GatewaySettings, state: GatewayState,
+                 client: httpx.AsyncClient | None = None) -> None:
+        self.settings = settings
+        self.state = state
+        self.client = client or httpx.AsyncClient(
+            base_url=settings.upstream, timeout=httpx.Timeout(settings.upstream_timeout_s, connect=5.0),
+            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100),
+        )
+        self.background: set[asyncio.Task[None]] = set()
+
+    # ---------------------------------------------------------------- ASGI entry
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        method, path = scope["method"], scope["path"]
+        if path in HEALTH_PATHS:
+            await self._send(send, 200, b'{"status":"ok"}')
+            return
+        if not allowed(method, path):
+            await self._send(send, 404, error_body(f"{method} {path} is not served on this port; the tenant API "
+                                                   "offers /v1/models, /v1/chat/completions, /v1/completions "
+                                                   "and /v1/embeddings", "invalid_request_error", "not_found"))
+            self.state.metrics.requests.labels("other", "404").inc()
+            return
+        key = self._authenticate(scope)
+        if key is None:
+            await self._send(send, 401, error_body(
+                "Incorrect API key provided. Send 'Authorization: Bearer <key>' with a key from your "
+                "administrator.", "invalid_request_error", "invalid_api_key"))
+            self.state.metrics.requests.labels(path, "401").inc()
+            return
+        body = await self._read_body(receive)
+        if body is None:
+            await self._send(send, 413, error_body(
+                f"Request body larger than {self.settings.max_body_bytes} bytes.", "invalid_request_error",
+                "request_too_large"))
+            return
+        await self._forward(scope, receive, send, key, body)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.client.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    # ---------------------------------------------------------------- helpers
+    def _authenticate(self, scope: Scope) -> KeyEntry | None:
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                scheme, _, token = value.decode("latin-1").partition(" ")
+                if scheme.lower() == "bearer" and token:
+                    return self.state.authenticate(token.strip())
+        return None
+
+    async def _read_body(self, receive: Receive) -> bytes | None:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return b""
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.settings.max_body_bytes:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                return b"".join(chunks)
+
+    @staticmethod
+    async def _send(send: Send, status: int, body: bytes, headers: dict[str, str] | None = None,
+                    content_type: bytes = b"application/json") -> None:
+        raw = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+        raw += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+        await send({"type": "http.response.start", "status": status, "headers": raw})
+        await send({"type": "http.response.body", "body": body})
+
+    # ---------------------------------------------------------------- forwarding
+    async def _forward(self, scope: Scope, receive: Receive, send: Send, key: KeyEntry, body: bytes) -> None:
+        method, path = scope["method"], scope["path"]
+        payload: dict[str, Any] = {}
+        if method == "POST":
+            try:
+                payload = json.loads(body or b"{}")
+                if not isinstance(payload, dict):
+                    raise ValueError("not an object")
+            except ValueError:
+                await self._send(send, 400, error_body("The request body is not a JSON object.",
+                                                       "invalid_request_error", "invalid_json"))
+                return
+        max_tokens = payload.get("max_completion_tokens") or payload.get("max_tokens")
+        if path == "/v1/embeddings":
+            max_tokens = 0
+        reserve = (int(max_tokens) if isinstance(max_tokens, int) else self.settings.default_max_tokens) + len(body)
+        verdict = self.state.quotas.admit(reserve if method == "POST" else 0)
+        if verdict.refusal is not None:
+            r = verdict.refusal
+            self.state.metrics.limited.labels(r.reason).inc()
+            self.state.metrics.requests.labels(path, "429").inc()
+            await self._send(send, 429, error_body(r.message, r.type, r.code), verdict.headers)
+            return
+        assert verdict.ticket is not None
+        ticket = verdict.ticket
+        request_id = "req_" + uuid.uuid4().hex
+        started = time.time()
+        record = dict(request_id=request_id, key_id=key.id, model=str(payload.get("model", "")), path=path,
+                      prompt_tokens=0, completion_tokens=0, status=0, outcome="ok", at=started)
+        headers = {**verdict.headers, "x-request-id": request_id}
+        try:
+            if payload.get("stream") is True:
+                await self._stream(receive, send, payload, headers, record)
+            else:
+                await self._plain(method, path, body, send, headers, record)
+        finally:
+            used = int(record["prompt_tokens"]) + int(record["completion_tokens"])
+            self._finish(record, started)
+            self.state.quotas.settle(ticket, used)
+
+    def _finish(self, record: dict[str, Any], started: float) -> None:
+        elapsed = time.time() - started
+        rec = UsageRecord(latency_ms=round(elapsed * 1000, 3), **record)
+        self.state.store.record(rec)
+        m = self.state.metrics
+        m.requests.labels(rec.path, str(rec.status)).inc()
+        m.latency.observe(elapsed)
+        if rec.prompt_tokens:
+            m.tokens.labels("prompt").inc(rec.prompt_tokens)
+        if rec.completion_tokens:
+            m.tokens.labels("completion").inc(rec.completion_tokens)
+
+    async def _unavailable(self, send: Send, headers: dict[str, str], record: dict[str, Any],
+                           exc: Exception) -> None:
+        self.state.metrics.upstream_errors.inc()
+        record.update(status=503, outcome="upstream_unavailable")
+        await self._send(send, 503, error_body(
+            "The model engine is starting or unavailable; retry shortly.", "server_error",
+            "engine_unavailable"), {**headers, "retry-after": "5"})
+
+    async def _plain(self, method: str, path: str, body: bytes, send: Send, headers: dict[str, str],
+                     record: dict[str, Any]) -> None:
+        try:
+            upstream = await self.client.request(
+                method, path, content=body if method == "POST" else None,
+                headers={"content-type": "application/json", "x-request-id": record["request_id"]})
+        except httpx.TransportError as exc:
+            await self._unavailable(send, headers, record, exc)
+            return
+        record["status"] = upstream.status_code
+        if upstream.status_code >= 500:
+            self.state.metrics.upstream_errors.inc()
+        if upstream.status_code == 200 and method == "POST":
+            with contextlib.suppress(ValueError):
+                tokens = usage_of(upstream.json())
+                if tokens:
+                    record["prompt_tokens"], record["completion_tokens"] = tokens
+        else:
+            record["outcome"] = "ok" if upstream.status_code < 400 else "error"
+        ctype = upstream.headers.get("content-type", "application/json").encode()
+        await self._send(send, upstream.status_code, upstream.content, headers, ctype)
+
+    async def _stream(self, receive: Receive, send: Send, payload: dict[str, Any], headers: dict[str, str],
+                      record: dict[str, Any]) -> None:
+        options = payload.get("stream_options") or {}
+        client_wants_usage = bool(isinstance(options, dict) and options.get("include_usage"))
+        upstream_body = {**payload, "stream_options": {**(options if isinstance(options, dict) else {}),
+                                                       "include_usage": True}}
+        request = self.client.build_request(
+            "POST", record["path"], json=upstream_body,
+            headers={"x-request-id": record["request_id"], "accept": "text/event-stream"})
+        try:
+            upstream = await self.client.send(request, stream=True)
+        except httpx.TransportError as exc:
+            await self._unavailable(send, headers, record, exc)
+            return
+        record["status"] = upstream.status_code
+        if upstream.status_code != 200:
+            content = await upstream.aread()
+            await upstream.aclose()
+            record["outcome"] = "error"
+            await self._send(send, upstream.status_code, content, headers,
+                             upstream.headers.get("content-type", "application/json").encode())
+            return
+
+        disconnected = asyncio.Event()
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            disconnected.set()
+        watcher = asyncio.create_task(watch())
+        raw_headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+        raw_headers += [(k.encode(), v.encode()) for k, v in headers.items()]
+        delivered = 0
+        buffer = b""
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": raw_headers})
+            async for chunk in upstream.aiter_bytes():
+                buffer += chunk
+                out: list[bytes] = []
+                while b"\n\n" in buffer:
+                    event, buffer = buffer.split(b"\n\n", 1)
+                    if self._take_usage(event, record) and not client_wants_usage:
+                        continue  # the usage-only event the client did not ask for
+                    out.append(event + b"\n\n")
+                    delivered += 1
+                if out and not disconnected.is_set():
+                    try:
+                        await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
+                    except OSError:
+                        disconnected.set()
+                if disconnected.is_set():
+                    record["outcome"] = "client_disconnected"
+                    # keep reading (bounded) so the engine's usage chunk is still metered
+                    await asyncio.wait_for(self._drain(upstream, buffer, record), self.settings.drain_timeout_s)
+                    return
+            if not disconnected.is_set():
+                await send({"type": "http.response.body", "body": buffer, "more_body": False})
+        except (TimeoutError, httpx.TransportError):
+            record["outcome"] = "client_disconnected" if disconnected.is_set() else "error"
+            if not record["completion_tokens"]:
+                record["completion_tokens"] = delivered  # what was delivered, one token per event
+        finally:
+            watcher.cancel()
+            await upstream.aclose()
+
+    async def _drain(self, upstream: httpx.Response, buffer: bytes, record: dict[str, Any]) -> None:
+        async for chunk in upstream.aiter_bytes():
+            buffer += chunk
+            while b"\n\n" in buffer:
+                event, buffer = buffer.split(b"\n\n", 1)
+                self._take_usage(event, record)
+
+    @staticmethod
+    def _take_usage(event: bytes, record: dict[str, Any]) -> bool:
+        """Reads usage from an SSE event; True for the usage-only final event."""
+        if b'"usage"' not in event:
+            return False
+        for line in event.split(b"\n"):
+            if line.startswith(b"data: ") and line != b"data: [DONE]":
+                try:
+                    data = json.loads(line[6:])
+                except ValueError:
+                    return False
+                tokens = usage_of(data)
+                if tokens:
+                    record["prompt_tokens"], record["completion_tokens"] = tokens
+                    return not data.get("choices")
+        return False

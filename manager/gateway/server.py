@@ -1,0 +1,38 @@
+"""Runs a gateway: the public proxy and the admin app on one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import uvicorn
+
+from manager.gateway.admin import create_admin_app
+from manager.gateway.proxy import Proxy
+from manager.gateway.settings import GatewaySettings
+from manager.gateway.state import GatewayState
+from manager.gateway.store import GatewayStore
+
+
+async def serve(settings: GatewaySettings) -> None:
+    state = GatewayState(GatewayStore(settings.data_dir / "gateway.db"))
+    proxy = Proxy(settings, state)
+    admin = create_admin_app(state, settings.admin_token.get_secret_value())
+    public = uvicorn.Server(uvicorn.Config(proxy, host=settings.host, port=settings.public_port,
+                                           log_level="warning", access_log=False, loop="uvloop",
+                                           http="httptools"))
+    private = uvicorn.Server(uvicorn.Config(admin, host=settings.host, port=settings.admin_port,
+                                            log_level="warning", access_log=False, loop="uvloop"))
+    try:
+        await asyncio.gather(public.serve(), private.serve())
+    finally:
+        state.store.close()
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = GatewaySettings()
+    import uvloop
+
+    uvloop.run(serve(settings))
+    return 0

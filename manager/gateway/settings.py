@@ -1,0 +1,24 @@
+"""Settings of a gateway process (``GTM_GATEWAY_*``), set by the manager on the container."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class GatewaySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GTM_GATEWAY_", extra="ignore")
+
+    tenant: str = "tenant"
+    upstream: str = "http://engine:8000"
+    host: str = "0.0.0.0"
+    public_port: int = 8000
+    admin_port: int = 8001
+    admin_token: SecretStr = SecretStr("")
+    data_dir: Path = Path("/data")
+    max_body_bytes: int = 1024 * 1024
+    default_max_tokens: int = 512
+    upstream_timeout_s: float = 600.0
+    drain_timeout_s: float = 120.0

@@ -1,0 +1,78 @@
+"""What a gateway knows: the keys and limits the manager pushed, its quota state,
+its store and its metrics. Shared by the public proxy and the admin app."""
+
+from __future__ import annotations
+
+import hmac
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from manager.control.keys import hash_key, key_id
+from manager.gateway.quotas import Limits, QuotaState
+from manager.gateway.store import GatewayStore
+
+
+@dataclass(frozen=True)
+class KeyEntry:
+    id: str
+    hash: str
+    expires_at: float | None
+
+
+@dataclass
+class GatewayMetrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.requests = Counter("gtm_gateway_requests", "Requests by path and status", ["path", "status"], registry=r)
+        self.tokens = Counter("gtm_gateway_tokens", "Tokens metered", ["kind"], registry=r)
+        self.limited = Counter("gtm_gateway_rate_limited", "429s by reason", ["reason"], registry=r)
+        self.upstream_errors = Counter("gtm_gateway_upstream_errors", "Engine unreachable or failing", registry=r)
+        self.latency = Histogram("gtm_gateway_request_seconds", "Request latency through the gateway",
+                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+                                 registry=r)
+
+
+class GatewayState:
+    def __init__(self, store: GatewayStore) -> None:
+        self.store = store
+        self.keys: dict[str, KeyEntry] = {}
+        self.version = ""
+        self.quotas = QuotaState()
+        self.metrics = GatewayMetrics()
+        saved = store.config()
+        if saved:
+            self.apply(saved, persist=False)
+        now = time.time()
+        day_start = datetime.fromtimestamp(now, UTC).replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
+        month_start = datetime.fromtimestamp(now, UTC).replace(day=1, hour=0, minute=0, second=0,
+                                                               microsecond=0).timestamp()
+        _, day_tokens = store.totals_since(day_start)
+        month_requests, _ = store.totals_since(month_start)
+        self.quotas.load(day_tokens=day_tokens, month_requests=month_requests, recent=store.recent_times(60))
+
+    def apply(self, body: dict[str, Any], persist: bool = True) -> None:
+        """Install a config pushed by the manager; limits change without a restart."""
+        keys = {k["id"]: KeyEntry(k["id"], k["hash"], k.get("expires_at")) for k in body.get("keys", [])}
+        limits = Limits(**{k: body.get("limits", {}).get(k) for k in Limits.__dataclass_fields__})
+        if persist:
+            self.store.save_config(body)
+        self.keys = keys
+        self.quotas.limits = limits
+        self.version = str(body.get("version", ""))
+
+    def authenticate(self, presented: str) -> KeyEntry | None:
+        kid = key_id(presented)
+        entry = self.keys.get(kid) if kid else None
+        if entry is None:
+            return None
+        if not hmac.compare_digest(hash_key(presented), entry.hash):
+            return None
+        if entry.expires_at is not None and entry.expires_at <= time.time():
+            return None
+        return entry

@@ -1,0 +1,167 @@
+"""The gateway's request path against a scripted upstream (httpx.MockTransport): the
+real proxy code, its real SQLite store, no Docker. The real engine path is in
+tests/integration/test_gateway.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from manager.control import keys
+from manager.gateway.proxy import Proxy
+from manager.gateway.settings import GatewaySettings
+from manager.gateway.state import GatewayState
+from manager.gateway.store import GatewayStore
+
+pytestmark = pytest.mark.anyio
+USAGE = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+
+
+def upstream(request: httpx.Request) -> httpx.Response:
+    if request.url.path == "/v1/models":
+        return httpx.Response(200, json={"data": [{"id": "demo"}]})
+    body = json.loads(request.content)
+    if body.get("stream"):
+        assert body["stream_options"]["include_usage"] is True
+        events = [
+            {"choices": [{"delta": {"content": "a"}}]},
+            {"choices": [{"delta": {"content": "b"}}]},
+            {"choices": [], "usage": USAGE},
+        ]
+        raw = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+        return httpx.Response(200, content=raw, headers={"content-type": "text/event-stream"})
+    return httpx.Response(200, json={"choices": [{"message": {"content": "hi"}}], "usage": USAGE})
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> tuple[httpx.AsyncClient, GatewayState, str]:
+    state = GatewayState(GatewayStore(tmp_path / "gw.db"))
+    issued = keys.issue()
+    state.apply({"version": "v1", "keys": [{"id": issued.id, "hash": issued.hash, "expires_at": None}],
+                 "limits": {"rpm_limit": 3}})
+    up = httpx.AsyncClient(transport=httpx.MockTransport(upstream), base_url="http://engine:8000")
+    proxy = Proxy(GatewaySettings(max_body_bytes=2048), state, client=up)
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=proxy), base_url="http://gw",
+                               headers={"Authorization": f"Bearer {issued.secret_key}"})
+    return client, state, issued.secret_key
+
+
+CHAT: dict[str, Any] = {"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+
+async def test_chat_is_forwarded_metered_and_rate_limited(gateway: tuple[httpx.AsyncClient, GatewayState, str]):
+    client, state, key = gateway
+    r = await client.post("/v1/chat/completions", json=CHAT)
+    assert r.status_code == 200
+    assert r.json()["usage"] == USAGE
+    assert r.headers["x-ratelimit-remaining-requests"] == "2"
+    (rec,) = state.store.after(0)
+    assert (rec["prompt_tokens"], rec["completion_tokens"], rec["status"], rec["outcome"]) == (5, 3, 200, "ok")
+    assert rec["request_id"] == r.headers["x-request-id"]
+    assert key not in json.dumps(rec)
+    await client.post("/v1/chat/completions", json=CHAT)
+    await client.get("/v1/models")
+    limited = await client.post("/v1/chat/completions", json=CHAT)
+    assert limited.status_code == 429
+    assert limited.json()["error"]["code"] == "rate_limit_exceeded"
+    assert int(limited.headers["retry-after"]) >= 1
+    assert limited.headers["x-ratelimit-remaining-requests"] == "0"
+
+
+async def test_stream_strips_the_usage_chunk_the_client_did_not_ask_for(gateway):
+    client, state, _ = gateway
+    r = await client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    events = [e for e in r.text.split("\n\n") if e]
+    assert events[-1] == "data: [DONE]"
+    assert not any('"usage"' in e for e in events)
+    (rec,) = state.store.after(0)
+    assert (rec["prompt_tokens"], rec["completion_tokens"]) == (5, 3)
+
+
+async def test_stream_keeps_usage_when_asked(gateway):
+    client, _, _ = gateway
+    r = await client.post("/v1/chat/completions",
+                          json={**CHAT, "stream": True, "stream_options": {"include_usage": True}})
+    assert any('"usage"' in e for e in r.text.split("\n\n"))
+
+
+@pytest.mark.parametrize(("method", "path"), [("POST", "/sleep"), ("POST", "/wake_up"), ("POST", "/collective_rpc"),
+                                              ("POST", "/reset_prefix_cache"), ("GET", "/metrics"),
+                                              ("DELETE", "/v1/models"), ("POST", "/v1/load_lora_adapter")])
+async def test_admin_paths_are_refused(gateway, method: str, path: str):
+    client, state, _ = gateway
+    r = await client.request(method, path)
+    assert r.status_code == 404
+    assert r.json()["error"]["type"] == "invalid_request_error"
+    assert state.store.after(0) == []
+
+
+async def test_wrong_or_missing_key_is_401_in_openai_shape(gateway):
+    client, _, key = gateway
+    for headers in ({"Authorization": "Bearer " + key[:-1] + "x"}, {"Authorization": ""},
+                    {"Authorization": "Bearer sk-not-ours"}):
+        r = await client.post("/v1/chat/completions", json=CHAT, headers=headers)
+        assert r.status_code == 401
+        assert r.json()["error"]["code"] == "invalid_api_key"
+        assert key not in r.text
+
+
+async def test_oversized_body_is_413(gateway):
+    client, _, _ = gateway
+    r = await client.post("/v1/chat/completions", json={**CHAT, "pad": "x" * 4096})
+    assert r.status_code == 413
+
+
+async def test_engine_down_is_503_with_retry_after(tmp_path: Path):
+    state = GatewayState(GatewayStore(tmp_path / "gw.db"))
+    issued = keys.issue()
+    state.apply({"version": "v", "keys": [{"id": issued.id, "hash": issued.hash}], "limits": {}})
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+    up = httpx.AsyncClient(transport=httpx.MockTransport(refuse), base_url="http://engine:8000")
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=Proxy(GatewaySettings(), state, client=up)),
+                               base_url="http://gw", headers={"Authorization": f"Bearer {issued.secret_key}"})
+    for body in (CHAT, {**CHAT, "stream": True}):
+        r = await client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 503
+        assert r.headers["retry-after"] == "5"
+        assert r.json()["error"]["code"] == "engine_unavailable"
+
+
+async def test_expired_key_is_refused(tmp_path: Path):
+    state = GatewayState(GatewayStore(tmp_path / "gw.db"))
+    old, new = keys.issue(), keys.issue()
+    state.apply({"version": "v", "keys": [{"id": old.id, "hash": old.hash, "expires_at": 1.0},
+                                          {"id": new.id, "hash": new.hash}], "limits": {}})
+    assert state.authenticate(old.secret_key) is None
+    assert state.authenticate(new.secret_key) is not None
+    # the config survives a restart of the gateway
+    again = GatewayState(state.store)
+    assert again.authenticate(new.secret_key) is not None and again.version == "v"
+
+
+def test_admin_side_needs_its_token_and_pages_usage_by_cursor(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from manager.gateway.admin import create_admin_app
+    from manager.gateway.store import UsageRecord
+
+    state = GatewayState(GatewayStore(tmp_path / "gw.db"))
+    for i in range(3):
+        state.store.record(UsageRecord(f"r{i}", "k", "demo", "/v1/completions", 1, 2, 200, "ok", 1.0, 1.0))
+    client = TestClient(create_admin_app(state, "admin-secret"))
+    assert client.get("/admin/usage").status_code == 401
+    auth = {"Authorization": "Bearer admin-secret"}
+    page = client.get("/admin/usage", params={"after": 0, "limit": 2}, headers=auth).json()
+    assert [r["request_id"] for r in page["records"]] == ["r0", "r1"]
+    rest = client.get("/admin/usage", params={"after": page["cursor"]}, headers=auth).json()
+    assert [r["request_id"] for r in rest["records"]] == ["r2"]
+    config = {"version": "v9", "keys": [], "limits": {"rpm_limit": 7}}
+    assert client.put("/admin/config", json=config, headers=auth).json() == {"version": "v9"}
+    assert client.get("/admin/config", headers=auth).json()["limits"]["rpm_limit"] == 7
+    assert state.quotas.limits.rpm_limit == 7
