@@ -29,10 +29,10 @@ def _size(text: str) -> int:
 
 
 def _quota_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--rpm-limit", type=int, help="requests per minute")
-    p.add_argument("--tokens-per-day", type=int, help="prompt + completion tokens per UTC day")
-    p.add_argument("--requests-per-month", type=int, help="requests per calendar month")
-    p.add_argument("--max-in-flight", type=int, help="requests in flight at once")
+    p.add_argument("--rpm-limit", type=int, help="requests per minute (0: no limit)")
+    p.add_argument("--tokens-per-day", type=int, help="prompt + completion tokens per UTC day (0: no limit)")
+    p.add_argument("--requests-per-month", type=int, help="requests per calendar month (0: no limit)")
+    p.add_argument("--max-in-flight", type=int, help="requests in flight at once (0: no limit)")
 
 
 def _engine_options(p: argparse.ArgumentParser, required: bool) -> None:
@@ -139,8 +139,10 @@ def _opt_size(v: int | None) -> str:
 
 def _print_tenants(tenants: list[dict[str, Any]]) -> None:
     rows = [[t["name"], str(t["port"]), t["model"], format_size(t["gpu_memory"]), _opt_size(t.get("measured")),
-             t["status"], t["reason"][:60]] for t in tenants]
-    print(_table(rows, ["NAME", "PORT", "MODEL", "RESERVED", "MEASURED", "STATUS", "REASON"]))
+             str(t.get("requests_today", 0)), str(t.get("tokens_today", 0)), t["status"], t["reason"][:60]]
+            for t in tenants]
+    print(_table(rows, ["NAME", "PORT", "MODEL", "RESERVED", "MEASURED", "REQ TODAY", "TOKENS TODAY", "STATUS",
+                        "REASON"]))
 
 
 def _print_decision(d: dict[str, Any]) -> None:
@@ -149,10 +151,16 @@ def _print_decision(d: dict[str, Any]) -> None:
         print("  " + m)
 
 
+QUOTAS = ("rpm_limit", "tokens_per_day", "requests_per_month", "max_in_flight")
+
+
 def _engine_body(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("gpu_memory", "port", "model", "max_model_len", "quantization", "shm_size",
-            "rpm_limit", "tokens_per_day", "requests_per_month", "max_in_flight")
-    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    keys = ("gpu_memory", "port", "model", "max_model_len", "quantization", "shm_size", *QUOTAS)
+    body = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    for k in QUOTAS:
+        if body.get(k) == 0:
+            body[k] = None  # 0 lifts the limit
+    return body
 
 
 def run(args: argparse.Namespace, api: Api) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 
 from fastapi import APIRouter, Query, Response, status
 
@@ -18,6 +19,7 @@ from manager.api.schemas import (
     TenantCreated,
     TenantPublic,
     TenantUpdate,
+    UsageSummary,
     WhatIf,
 )
 from manager.domain import Quotas
@@ -26,10 +28,16 @@ router = APIRouter(prefix="/api/v1")
 QUOTA_FIELDS = ("rpm_limit", "tokens_per_day", "requests_per_month", "max_in_flight")
 
 
+def start_of_day(now: float) -> float:
+    return datetime.fromtimestamp(now, UTC).replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
+
+
 @router.get("/tenants", tags=["tenants"])
 def list_tenants(svc: Service, _: Admin) -> list[TenantPublic]:
     measured = svc.measured_use()
-    return [TenantPublic.of(r, measured.get(r.spec.name)) for r in svc.store.tenants()]
+    day = start_of_day(time.time())
+    return [TenantPublic.of(r, measured.get(r.spec.name), svc.store.usage_totals(r.spec.name, day))
+            for r in svc.store.tenants()]
 
 
 @router.post("/tenants", status_code=status.HTTP_201_CREATED, tags=["tenants"])
@@ -50,7 +58,22 @@ def create_tenant(body: TenantCreate, svc: Service, actor: Admin) -> TenantCreat
 
 @router.get("/tenants/{name}", tags=["tenants"])
 def get_tenant(name: str, svc: Service, _: Admin) -> TenantPublic:
-    return TenantPublic.of(svc.store.tenant(name), svc.measured_use().get(name))
+    today = svc.store.usage_totals(name, start_of_day(time.time()))
+    return TenantPublic.of(svc.store.tenant(name), svc.measured_use().get(name), today)
+
+
+@router.get("/usage", tags=["usage"])
+def usage(svc: Service, _: Admin, since: float = 0.0, until: float | None = None) -> list[UsageSummary]:
+    """Requests and tokens per tenant between ``since`` and ``until`` (UNIX seconds), as collected
+    from the gateways (every ``GTM_USAGE_INTERVAL_S``)."""
+    end = until or time.time() + 1
+    out = []
+    for row in svc.store.tenants():
+        t = svc.store.usage_totals(row.spec.name, since, end)
+        out.append(UsageSummary(tenant=row.spec.name, since=since, until=end, requests=t.requests,
+                                prompt_tokens=t.prompt_tokens, completion_tokens=t.completion_tokens,
+                                total_tokens=t.tokens))
+    return out
 
 
 @router.patch("/tenants/{name}", tags=["tenants"])

@@ -8,7 +8,7 @@ from pydantic import BaseModel, BeforeValidator, Field
 
 from manager.control.admission import Decision
 from manager.control.service import Capacity
-from manager.control.store import AuditRow, KeyRow, TenantRow
+from manager.control.store import AuditRow, KeyRow, TenantRow, UsageTotals
 from manager.sizes import format_size, parse_size
 
 Size = Annotated[int, BeforeValidator(parse_size)]
@@ -62,15 +62,18 @@ class TenantPublic(BaseModel):
     status_since: float
     created_at: float
     measured: int | None = None
+    requests_today: int = 0
+    tokens_today: int = 0
 
     @classmethod
-    def of(cls, row: TenantRow, measured: int | None = None) -> TenantPublic:
+    def of(cls, row: TenantRow, measured: int | None = None, today: UsageTotals | None = None) -> TenantPublic:
         s = row.spec
         return cls(name=s.name, port=s.port, gpu_memory=s.gpu_memory, gpu_memory_human=format_size(s.gpu_memory),
                    model=s.model, max_model_len=s.max_model_len, quantization=s.quantization,
                    shm_size=s.shm_size, quotas=Quotas(**s.quotas.__dict__), status=row.status.value,
                    reason=row.reason, status_since=row.status_since, created_at=row.created_at,
-                   measured=measured)
+                   measured=measured, requests_today=today.requests if today else 0,
+                   tokens_today=today.tokens if today else 0)
 
 
 class DecisionPublic(BaseModel):
@@ -164,3 +167,13 @@ class AuditEntry(BaseModel):
     @classmethod
     def of(cls, row: AuditRow) -> AuditEntry:
         return cls(**row.__dict__)
+
+
+class UsageSummary(BaseModel):
+    tenant: str
+    since: float
+    until: float
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int

@@ -252,6 +252,7 @@ class Proxy:
         raw_headers += [(k.encode(), v.encode()) for k, v in headers.items()]
         delivered = 0
         buffer = b""
+        drain_deadline: float | None = None
         try:
             await send({"type": "http.response.start", "status": 200, "headers": raw_headers})
             async for chunk in upstream.aiter_bytes():
@@ -262,33 +263,28 @@ class Proxy:
                     if self._take_usage(event, record) and not client_wants_usage:
                         continue  # the usage-only event the client did not ask for
                     out.append(event + b"\n\n")
-                    delivered += 1
-                if out and not disconnected.is_set():
+                if disconnected.is_set():
+                    # the client left: keep reading (bounded) so the engine's usage is still metered
+                    record["outcome"] = "client_disconnected"
+                    drain_deadline = drain_deadline or time.monotonic() + self.settings.drain_timeout_s
+                    if time.monotonic() > drain_deadline:
+                        break
+                    continue
+                if out:
                     try:
                         await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
+                        delivered += len(out)
                     except OSError:
                         disconnected.set()
-                if disconnected.is_set():
-                    record["outcome"] = "client_disconnected"
-                    # keep reading (bounded) so the engine's usage chunk is still metered
-                    await asyncio.wait_for(self._drain(upstream, buffer, record), self.settings.drain_timeout_s)
-                    return
             if not disconnected.is_set():
                 await send({"type": "http.response.body", "body": buffer, "more_body": False})
-        except (TimeoutError, httpx.TransportError):
+        except httpx.TransportError:
             record["outcome"] = "client_disconnected" if disconnected.is_set() else "error"
-            if not record["completion_tokens"]:
-                record["completion_tokens"] = delivered  # what was delivered, one token per event
         finally:
             watcher.cancel()
             await upstream.aclose()
-
-    async def _drain(self, upstream: httpx.Response, buffer: bytes, record: dict[str, Any]) -> None:
-        async for chunk in upstream.aiter_bytes():
-            buffer += chunk
-            while b"\n\n" in buffer:
-                event, buffer = buffer.split(b"\n\n", 1)
-                self._take_usage(event, record)
+            if not record["completion_tokens"]:
+                record["completion_tokens"] = delivered  # no usage from the engine: what was delivered
 
     @staticmethod
     def _take_usage(event: bytes, record: dict[str, Any]) -> bool:
