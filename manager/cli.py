@@ -276,3 +276,7 @@ rotate_key = _command("rotate-key")
 capacity = _command("capacity")
 what_if = _command("what-if")
 audit = _command("audit")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -31,6 +31,8 @@ async def serve(settings: GatewaySettings) -> None:
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpcore"):  # a line per forwarded request would cost more than the proxying
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     settings = GatewaySettings()
     import uvloop
 

@@ -1,0 +1,42 @@
+"""A fast OpenAI-compatible upstream for benchmarks: fixed answers with usage, streaming
+included, so what a benchmark measures is the proxy in front of it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import uvicorn
+
+USAGE = {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}
+ANSWER = json.dumps({"id": "cmpl-bench", "object": "chat.completion", "model": "demo",
+                     "choices": [{"index": 0, "message": {"role": "assistant", "content": "one two three four"},
+                                  "finish_reason": "length"}], "usage": USAGE}).encode()
+CHUNKS = [json.dumps({"choices": [{"index": 0, "delta": {"content": w}}]}).encode() for w in ("a", "b", "c", "d")]
+LAST = json.dumps({"choices": [], "usage": USAGE}).encode()
+
+
+async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] != "http":
+        return
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    stream = b'"stream": true' in body or b'"stream":true' in body
+    if not stream:
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(ANSWER)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": ANSWER})
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+    for chunk in CHUNKS:
+        await send({"type": "http.response.body", "body": b"data: " + chunk + b"\n\n", "more_body": True})
+    await send({"type": "http.response.body", "body": b"data: " + LAST + b"\n\ndata: [DONE]\n\n"})
+
+
+if __name__ == "__main__":
+    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", loop="uvloop", http="httptools")

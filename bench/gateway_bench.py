@@ -1,0 +1,191 @@
+"""Gateway vs direct: the proxy's added latency, throughput ratio, streaming time to
+first byte and memory, measured in one run on this machine.
+
+    .venv/bin/python -m bench.gateway_bench               # fast upstream (the proxy's own cost)
+    .venv/bin/python -m bench.gateway_bench --upstream http://127.0.0.1:18000 --requests 200   # a real engine
+
+Both paths (direct and through the gateway) use the same client and the same
+upstream in the same run, so the figures are ratios and differences against that
+baseline. Targets: <= 1 ms p50 and <= 5 ms p99 added, >= 0.9 of direct throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.client
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+from manager.control import keys
+
+ROOT = Path(__file__).resolve().parents[1]
+BODY = json.dumps({"model": "demo", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}).encode()
+STREAM_BODY = json.dumps({"model": "demo", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4,
+                          "stream": True}).encode()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 30) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+@contextmanager
+def process(args: list[str], env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(args, env={**os.environ, **(env or {})}, cwd=ROOT)
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def sequential(port: int, headers: dict[str, str], n: int, body: bytes) -> list[float]:
+    """Latency of n sequential requests on one kept-alive connection, in ms."""
+    conn = http.client.HTTPConnection("127.0.0.1", port)
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        conn.request("POST", "/v1/chat/completions", body=body,
+                     headers={"content-type": "application/json", **headers})
+        resp = conn.getresponse()
+        resp.read()
+        out.append((time.perf_counter() - t0) * 1000)
+        assert resp.status == 200, resp.status
+    conn.close()
+    return out
+
+
+def ttfb(port: int, headers: dict[str, str], n: int) -> list[float]:
+    conn = http.client.HTTPConnection("127.0.0.1", port)
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        conn.request("POST", "/v1/chat/completions", body=STREAM_BODY,
+                     headers={"content-type": "application/json", **headers})
+        resp = conn.getresponse()
+        resp.read1(1)
+        out.append((time.perf_counter() - t0) * 1000)
+        resp.read()
+    conn.close()
+    return out
+
+
+async def throughput(port: int, headers: dict[str, str], seconds: float, concurrency: int) -> float:
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=headers,
+                                 limits=httpx.Limits(max_connections=concurrency)) as client:
+        done = 0
+        deadline = time.perf_counter() + seconds
+
+        async def worker() -> None:
+            nonlocal done
+            while time.perf_counter() < deadline:
+                r = await client.post("/v1/chat/completions", content=BODY,
+                                      headers={"content-type": "application/json"})
+                assert r.status_code == 200
+                done += 1
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return done / (time.perf_counter() - t0)
+
+
+def pct(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--upstream", help="an OpenAI-compatible server (default: start bench/fast_upstream.py)")
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--concurrency", type=int, default=16)
+    args = parser.parse_args()
+
+    issued = keys.issue()
+    gw_port, admin_port = free_port(), free_port()
+    admin_token = keys.issue().secret_key
+    with tempfile.TemporaryDirectory() as data:
+        up_proc = None
+        if args.upstream:
+            upstream = args.upstream
+        else:
+            up_port = free_port()
+            upstream = f"http://127.0.0.1:{up_port}"
+            up_proc = subprocess.Popen([sys.executable, "-m", "bench.fast_upstream", str(up_port)], cwd=ROOT)
+            wait_port(up_port)
+        direct_port = int(upstream.rsplit(":", 1)[1])
+        env = {"GTM_GATEWAY_UPSTREAM": upstream, "GTM_GATEWAY_HOST": "127.0.0.1",
+               "GTM_GATEWAY_PUBLIC_PORT": str(gw_port), "GTM_GATEWAY_ADMIN_PORT": str(admin_port),
+               "GTM_GATEWAY_ADMIN_TOKEN": admin_token, "GTM_GATEWAY_DATA_DIR": data}
+        try:
+            with process([sys.executable, "-m", "manager.cli", "gateway"], env) as gw:
+                wait_port(gw_port)
+                wait_port(admin_port)
+                httpx.put(f"http://127.0.0.1:{admin_port}/admin/config",
+                          headers={"Authorization": f"Bearer {admin_token}"},
+                          json={"version": "bench", "keys": [{"id": issued.id, "hash": issued.hash}],
+                                "limits": {}}).raise_for_status()
+                auth = {"Authorization": f"Bearer {issued.secret_key}"}
+                n = args.requests
+                sequential(direct_port, {}, min(50, n), BODY)  # warm-up both paths
+                sequential(gw_port, auth, min(50, n), BODY)
+                direct = sequential(direct_port, {}, n, BODY)
+                via = sequential(gw_port, auth, n, BODY)
+                direct_ttfb = ttfb(direct_port, {}, min(n, 500))
+                via_ttfb = ttfb(gw_port, auth, min(n, 500))
+                rps_direct = asyncio.run(throughput(direct_port, {}, args.seconds, args.concurrency))
+                rps_via = asyncio.run(throughput(gw_port, auth, args.seconds, args.concurrency))
+                rss = rss_mib(gw.pid)
+        finally:
+            if up_proc:
+                up_proc.terminate()
+                up_proc.wait(timeout=10)
+    result = {
+        "upstream": "fast (bench/fast_upstream.py)" if not args.upstream else args.upstream,
+        "requests": n,
+        "direct_p50_ms": round(pct(direct, 50), 3), "gateway_p50_ms": round(pct(via, 50), 3),
+        "added_p50_ms": round(pct(via, 50) - pct(direct, 50), 3),
+        "direct_p99_ms": round(pct(direct, 99), 3), "gateway_p99_ms": round(pct(via, 99), 3),
+        "added_p99_ms": round(pct(via, 99) - pct(direct, 99), 3),
+        "stream_ttfb_added_p50_ms": round(pct(via_ttfb, 50) - pct(direct_ttfb, 50), 3),
+        "direct_rps": round(rps_direct, 1), "gateway_rps": round(rps_via, 1),
+        "throughput_ratio": round(rps_via / rps_direct, 3),
+        "gateway_rss_mib": round(rss, 1),
+    }
+    targets = {"added_p50_ms <= 1": result["added_p50_ms"] <= 1, "added_p99_ms <= 5": result["added_p99_ms"] <= 5,
+               "throughput_ratio >= 0.9": result["throughput_ratio"] >= 0.9}
+    print(json.dumps({**result, "targets_met": targets}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

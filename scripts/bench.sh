@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Benchmarks, each printing figures against a baseline measured in the same run.
+#   scripts/bench.sh               gateway vs direct with a fast upstream (the proxy's own cost)
+#   scripts/bench.sh --real-engine also gateway vs direct in front of a real vLLM CPU engine
+source "$(dirname "$0")/lib.sh"
+cd "$GTM_ROOT"
+bash scripts/dev-env.sh >/dev/null
+log "gateway vs direct, fast upstream"
+.venv/bin/python -m bench.gateway_bench
+if [ "${1:-}" = "--real-engine" ]; then
+  bash scripts/build-images.sh engine >/dev/null
+  bash scripts/make-demo-model.sh "$GTM_CACHE/models" >/dev/null
+  name=gtmbench-engine-$$
+  port=$(.venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  trap 'docker rm -f "$name" >/dev/null 2>&1 || true' EXIT
+  docker run -d --name "$name" --label org.gtm.managed=true --label org.gtm.instance=gtmbench \
+    -p "127.0.0.1:$port:8000" -v "$GTM_CACHE/models":/models:ro --memory 1536m "$GTM_ENGINE_IMAGE" \
+    --model /models/demo --served-model-name demo --host 0.0.0.0 --port 8000 --dtype bfloat16 --enforce-eager \
+    --max-model-len 512 --kv-cache-memory-bytes 268435456 --distributed-executor-backend uni >/dev/null
+  for _ in $(seq 120); do
+    [ "$(docker inspect -f '{{.State.Health.Status}}' "$name")" = healthy ] && break; sleep 2
+  done
+  log "gateway vs direct, real vLLM CPU engine"
+  .venv/bin/python -m bench.gateway_bench --upstream "http://127.0.0.1:$port" --requests 200 --seconds 10 --concurrency 4
+fi
