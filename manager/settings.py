@@ -31,6 +31,10 @@ class Settings(BaseSettings):
     api_url: str = "http://127.0.0.1:8080"
     admin_token: SecretStr | None = None
 
+    console_user: str = "admin"
+    console_password: SecretStr | None = None
+    templates_dir: Path | None = None
+
     engine_image: str = "gtm-engine-cpu:0.32.0"
     manager_image: str = "gtm-manager:dev"
     control_network: str | None = None
@@ -58,6 +62,14 @@ class Settings(BaseSettings):
         if self.environment == "production" and token is not None and len(token.get_secret_value()) < 24:
             raise ValueError("GTM_ADMIN_TOKEN must be at least 24 characters outside development")
         return self
+
+    @property
+    def effective_templates_dir(self) -> Path:
+        """The console's templates: the repository's templates/ in a checkout, /opt/gtm/templates in the image."""
+        if self.templates_dir is not None:
+            return self.templates_dir
+        checkout = Path(__file__).resolve().parents[1] / "templates"
+        return checkout if checkout.is_dir() else Path("/opt/gtm/templates")
 
     @property
     def database_path(self) -> Path:

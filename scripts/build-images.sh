@@ -37,10 +37,11 @@ fetch_wheels() {
   touch "$dir/.done-$stamp"
 }
 
-# $1 image, $2 Dockerfile dir, $3 wheel dir, $4 hash: builds from a context of hard links.
+# $1 image, $2 Dockerfile dir, $3 wheel dir, $4 hash, [$5 extra dir to copy into the context]
 docker_build() {
   local ctx; ctx=$(mktemp -d "$GTM_CACHE/ctx.XXXXXX")
   cp "$2"/Dockerfile "$2"/requirements.lock "$ctx"/
+  [ -z "${5:-}" ] || cp -r "$5" "$ctx"/
   cp -al "$3" "$ctx/wheels" 2>/dev/null || cp -r "$3" "$ctx/wheels"
   log "building $1"
   docker build --network host --build-arg BASE="$GTM_BASE_IMAGE" --label "org.gtm.content-hash=$4" \
@@ -60,14 +61,14 @@ build_engine() {
 build_manager() {
   local dir=$GTM_ROOT/images/manager h
   h=$(cd "$GTM_ROOT" && content_hash images/manager/Dockerfile images/manager/requirements.lock pyproject.toml \
-        $(find manager -type f -name '*.py' | sort))
+        $(find manager templates -type f | grep -v __pycache__ | sort))
   if [ "$(image_hash "$GTM_MANAGER_IMAGE")" = "$h" ]; then log "$GTM_MANAGER_IMAGE up to date"; return; fi
   fetch_wheels manager "$dir/requirements.lock"
   local wdir=$WHEELS/manager-$h
   rm -rf "$WHEELS"/manager-*; mkdir -p "$wdir"
   cp -al "$WHEELS/manager"/*.whl "$wdir"/
   pip wheel -q --no-deps "$GTM_ROOT" -w "$wdir" 2>&1 | { grep -v 'is ignored' || true; }
-  docker_build "$GTM_MANAGER_IMAGE" "$dir" "$wdir" "$h"
+  docker_build "$GTM_MANAGER_IMAGE" "$dir" "$wdir" "$h" "$GTM_ROOT/templates"
 }
 
 mkdir -p "$GTM_CACHE"

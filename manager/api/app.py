@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
 
 from manager import __version__
 from manager.api.deps import Admin, Components, load_admin_token
 from manager.api.metrics import Metrics
 from manager.api.routes import router
+from manager.console.routes import LoginRequired
+from manager.console.routes import router as console_router
+from manager.console.session import LoginLimiter, Sessions
 from manager.control.reconciler import Reconciler
 from manager.control.service import TenantService
 from manager.control.store import Store
@@ -41,6 +47,10 @@ def create_app(settings: Settings, **overrides: Any) -> FastAPI:
         components = build_components(settings, **overrides)
         app.state.components = components
         app.state.metrics = Metrics(components.service)
+        app.state.sessions = Sessions(components.admin_token)
+        password = settings.console_password.get_secret_value() if settings.console_password else None
+        # without GTM_CONSOLE_PASSWORD the admin token is the console password: never a default one
+        app.state.console_credentials = (settings.console_user, password or components.admin_token)
         components.service.reconciler.start()
         try:
             yield
@@ -52,13 +62,28 @@ def create_app(settings: Settings, **overrides: Any) -> FastAPI:
     app = FastAPI(title="gpu-tenant-manager", version=__version__, lifespan=lifespan,
                   description="Admin API: tenants, API keys, capacity, admission what-if, audit trail.")
     app.include_router(router)
+    app.include_router(console_router)
+    templates_dir = settings.effective_templates_dir
+    app.state.templates = Jinja2Templates(directory=templates_dir)
+    app.state.templates.env.filters["timestamp"] = lambda ts: time.strftime("%Y-%m-%d %H:%M", time.gmtime(ts))
+    app.state.login_limiter = LoginLimiter()
+    app.mount("/static", StaticFiles(directory=templates_dir / "static"), name="static")
 
     @app.exception_handler(GtmError)
-    async def gtm_error(request: Request, exc: GtmError) -> JSONResponse:
+    async def gtm_error(request: Request, exc: GtmError) -> Response:
+        """One handler: JSON for the API, a readable page for the console."""
         if isinstance(exc, AdmissionRefused):
             for check in exc.details.get("failed_checks", []):
                 request.app.state.metrics.refusals.labels(check).inc()
-        return JSONResponse({"error": exc.to_dict()}, status_code=exc.http_status)
+        if request.url.path.startswith(("/api/", "/metrics", "/healthz", "/console/")):
+            return JSONResponse({"error": exc.to_dict()}, status_code=exc.http_status)
+        page: Response = request.app.state.templates.TemplateResponse(
+            request, "error.html", {"session": None, "error": exc, "now": 0}, status_code=exc.http_status)
+        return page
+
+    @app.exception_handler(LoginRequired)
+    async def login_required(request: Request, exc: LoginRequired) -> Response:
+        return RedirectResponse("/login", status_code=303)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:

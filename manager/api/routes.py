@@ -22,6 +22,7 @@ from manager.api.schemas import (
     UsageSummary,
     WhatIf,
 )
+from manager.control.costs import split
 from manager.domain import Quotas
 
 router = APIRouter(prefix="/api/v1")
@@ -133,3 +134,10 @@ def what_if(body: WhatIf, svc: Service, _: Admin) -> DecisionPublic:
 def audit(svc: Service, _: Admin, tenant: str | None = None, action: str | None = None,
           limit: int = Query(200, ge=1, le=5000)) -> list[AuditEntry]:
     return [AuditEntry.of(r) for r in svc.store.audit_log(tenant, action, limit)]
+
+
+@router.get("/cost", tags=["usage"])
+def cost(svc: Service, _: Admin, month: str, total: float = Query(ge=0, description="the month's host cost")
+         ) -> list[dict[str, object]]:
+    """The month's cost split by reserved memory-hours and by tokens (the console's CSV, as JSON)."""
+    return [dict(s.__dict__) for s in split(month, total, svc.store, time.time())]

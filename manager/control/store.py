@@ -257,6 +257,19 @@ class Store:
                 " FROM usage WHERE tenant=? AND at >= ? AND at < ?", (tenant, since, until or 1e18)).fetchone()
         return UsageTotals(int(row["n"]), int(row["p"]), int(row["c"]))
 
+    def usage_tenants(self, since: float, until: float) -> list[str]:
+        with self._lock:
+            rows = self._db.execute("SELECT DISTINCT tenant FROM usage WHERE at >= ? AND at < ?", (since, until))
+            return [r["tenant"] for r in rows]
+
+    def usage_daily(self, tenant: str, since: float) -> list[tuple[str, int, int]]:
+        """(UTC day, requests, tokens) per day since ``since``."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT date(at, 'unixepoch') AS day, COUNT(*) AS n, SUM(prompt_tokens + completion_tokens) AS t"
+                " FROM usage WHERE tenant=? AND at >= ? GROUP BY day ORDER BY day", (tenant, since))
+            return [(r["day"], int(r["n"]), int(r["t"] or 0)) for r in rows]
+
     def usage_records(self, tenant: str, limit: int = 1000) -> list[dict[str, Any]]:
         with self._lock:
             rows = self._db.execute("SELECT * FROM usage WHERE tenant=? ORDER BY at DESC LIMIT ?", (tenant, limit))

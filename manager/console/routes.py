@@ -1,0 +1,308 @@
+"""Console pages. Thin: every action goes through ``TenantService`` like the API does."""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+
+from manager.api.deps import Components
+from manager.console.session import COOKIE, LIFETIME_S, LoginLimiter, Session, Sessions
+from manager.console.views import capacity_segments, day_bars
+from manager.control.costs import split
+from manager.domain import Quotas
+from manager.errors import GtmError, InvalidInput
+from manager.sizes import format_size, parse_size
+
+router = APIRouter(include_in_schema=False)
+QUOTA_FIELDS = ("rpm_limit", "tokens_per_day", "requests_per_month", "max_in_flight")
+
+
+class LoginRequired(Exception):
+    """Raised by pages without a valid session; answered with a redirect to /login."""
+
+
+class CsrfFailed(GtmError):
+    http_status = 403
+    code = "csrf_failed"
+
+
+def templates(request: Request) -> Jinja2Templates:
+    t: Jinja2Templates = request.app.state.templates
+    return t
+
+
+def comps(request: Request) -> Components:
+    c: Components = request.app.state.components
+    return c
+
+
+def current(request: Request) -> Session:
+    sessions: Sessions = request.app.state.sessions
+    session = sessions.read(request.cookies.get(COOKIE))
+    if session is None:
+        raise LoginRequired()
+    return session
+
+
+async def form_with_csrf(request: Request, session: Session) -> dict[str, str]:
+    form = await request.form()
+    if form.get("csrf") != session.csrf:
+        raise CsrfFailed("the form is missing a valid CSRF token: reload the page and submit it again")
+    return {k: str(v) for k, v in form.items()}
+
+
+def page(request: Request, name: str, session: Session | None, **context: Any) -> HTMLResponse:
+    return templates(request).TemplateResponse(request, name, {
+        "session": session, "format_size": format_size, "now": time.time(), **context})
+
+
+def _opt_int(form: dict[str, str], key: str) -> int | None:
+    value = form.get(key, "").strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise InvalidInput(f"{key.replace('_', ' ')} must be a whole number, got {value!r}") from exc
+
+
+def _opt_size(form: dict[str, str], key: str) -> int | None:
+    value = form.get(key, "").strip()
+    return parse_size(value) if value else None
+
+
+# ---------------------------------------------------------------- login
+@router.get("/login")
+def login_page(request: Request) -> HTMLResponse:
+    return page(request, "login.html", None, error=None)
+
+
+@router.post("/login")
+async def login(request: Request) -> Response:
+    c = comps(request)
+    limiter: LoginLimiter = request.app.state.login_limiter
+    client = request.client.host if request.client else "unknown"
+    form = await request.form()
+    user, password = str(form.get("username", "")), str(form.get("password", ""))
+    wait = limiter.blocked(client)
+    if wait:
+        c.service.store.audit(user or "?", "console-login", None, "rate-limited", {"client": client})
+        return page(request, "login.html", None, error=f"Too many failed logins; try again in {wait:.0f} s.")
+    expected_user, expected_password = request.app.state.console_credentials
+    import hmac
+
+    if not (hmac.compare_digest(user.encode(), expected_user.encode())
+            and hmac.compare_digest(password.encode(), expected_password.encode())):
+        limiter.failed(client)
+        c.service.store.audit(user or "?", "console-login", None, "failed", {"client": client})
+        return page(request, "login.html", None, error="Wrong user name or password.")
+    cookie, _ = request.app.state.sessions.issue(user)
+    c.service.store.audit(user, "console-login", None, "ok", {"client": client})
+    response = RedirectResponse("/", status_code=303)
+    response.set_cookie(COOKIE, cookie, max_age=LIFETIME_S, httponly=True, samesite="strict",
+                        secure=request.url.scheme == "https")
+    return response
+
+
+@router.post("/logout")
+async def logout(request: Request) -> Response:
+    session = current(request)
+    await form_with_csrf(request, session)
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(COOKIE)
+    return response
+
+
+# ---------------------------------------------------------------- overview
+def _today() -> float:
+    return datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
+
+
+@router.get("/")
+def overview(request: Request) -> HTMLResponse:
+    session = current(request)
+    svc = comps(request).service
+    cap = svc.capacity()
+    measured = {t.name: t.measured for t in cap.tenants}
+    rows = []
+    day = _today()
+    for r in svc.store.tenants():
+        today = svc.store.usage_totals(r.spec.name, day)
+        q = r.spec.quotas
+        left = []
+        if q.rpm_limit:
+            left.append(f"{q.rpm_limit}/min")
+        if q.tokens_per_day:
+            left.append(f"{max(q.tokens_per_day - today.tokens, 0)} tokens left today")
+        rows.append({"row": r, "measured": measured.get(r.spec.name), "today": today,
+                     "quota": ", ".join(left) or "no limits"})
+    return page(request, "overview.html", session, cap=cap, segments=capacity_segments(cap), rows=rows)
+
+
+# ---------------------------------------------------------------- tenants
+@router.get("/tenants/new")
+def new_tenant_page(request: Request) -> HTMLResponse:
+    session = current(request)
+    return page(request, "tenant_new.html", session, error=None, form={}, created=None)
+
+
+@router.post("/tenants/new")
+async def new_tenant(request: Request) -> HTMLResponse:
+    session = current(request)
+    form = await form_with_csrf(request, session)
+    svc = comps(request).service
+    try:
+        gpu_memory = _opt_size(form, "gpu_memory")
+        port = _opt_int(form, "port")
+        if gpu_memory is None or port is None:
+            raise InvalidInput("name, GPU memory and port are required")
+        spec = svc.new_spec(
+            name=form.get("name", "").strip(), port=port, gpu_memory=gpu_memory,
+            model=form.get("model") or None, max_model_len=_opt_int(form, "max_model_len"),
+            quantization=form.get("quantization") or None, shm_size=_opt_size(form, "shm_size"),
+            quotas=Quotas(**{f: _opt_int(form, f) for f in QUOTA_FIELDS}),
+        )
+        created = svc.create(spec, session.user)
+    except GtmError as exc:
+        return page(request, "tenant_new.html", session, error=exc.message, form=form, created=None)
+    return page(request, "tenant_new.html", session, error=None, form={}, created=created)
+
+
+def _tenant_context(request: Request, name: str) -> dict[str, Any]:
+    svc = comps(request).service
+    row = svc.store.tenant(name)
+    now = time.time()
+    start = datetime.now(UTC).date() - timedelta(days=29)
+    days = [(start + timedelta(days=i)).isoformat() for i in range(30)]
+    since = datetime.combine(start, datetime.min.time(), UTC).timestamp()
+    logs = ""
+    if row.status.value == "failed":
+        from manager import names
+
+        logs = svc.runtime.logs_tail(names.engine(svc.settings.instance, name), 40)
+    return {"row": row, "keys": svc.store.keys(name), "key_now": now,
+            "measured": svc.measured_use().get(name), "bars": day_bars(svc.store.usage_daily(name, since), days),
+            "today": svc.store.usage_totals(name, _today()), "logs": logs}
+
+
+@router.get("/tenants/{name}")
+def tenant_page(request: Request, name: str) -> HTMLResponse:
+    session = current(request)
+    return page(request, "tenant.html", session, new_key=None, message=None, error=None,
+                **_tenant_context(request, name))
+
+
+@router.post("/tenants/{name}/rotate")
+async def rotate(request: Request, name: str) -> HTMLResponse:
+    session = current(request)
+    form = await form_with_csrf(request, session)
+    grace = float(form.get("grace_s") or 3600)
+    issued = comps(request).service.rotate_key(name, session.user, grace)
+    # the new key is in this response only; it is never stored or shown again
+    return page(request, "tenant.html", session, new_key=issued, message=None, error=None,
+                **_tenant_context(request, name))
+
+
+@router.post("/tenants/{name}/keys/{key_id}/revoke")
+async def revoke(request: Request, name: str, key_id: str) -> Response:
+    session = current(request)
+    await form_with_csrf(request, session)
+    comps(request).service.revoke_key(name, key_id, session.user)
+    return RedirectResponse(f"/tenants/{name}", status_code=303)
+
+
+@router.post("/tenants/{name}/update")
+async def update(request: Request, name: str) -> HTMLResponse:
+    session = current(request)
+    form = await form_with_csrf(request, session)
+    svc = comps(request).service
+    message, error = None, None
+    try:
+        quotas = {f: _opt_int(form, f) for f in QUOTA_FIELDS if f in form}
+        svc.update(name, session.user, gpu_memory=_opt_size(form, "gpu_memory"), port=_opt_int(form, "port"),
+                   max_model_len=_opt_int(form, "max_model_len"), quotas=quotas or None)
+        message = "Saved. A new size recreates the engine; quotas apply at once."
+    except GtmError as exc:
+        error = exc.message
+    return page(request, "tenant.html", session, new_key=None, message=message, error=error,
+                **_tenant_context(request, name))
+
+
+@router.post("/tenants/{name}/remove")
+async def remove(request: Request, name: str) -> Response:
+    session = current(request)
+    form = await form_with_csrf(request, session)
+    if form.get("confirm") != name:
+        return page(request, "tenant.html", session, new_key=None, message=None,
+                    error=f"Type the tenant's name ({name}) to confirm the removal.",
+                    **_tenant_context(request, name))
+    comps(request).service.remove(name, session.user)
+    return RedirectResponse("/", status_code=303)
+
+
+@router.get("/console/what-if")
+def what_if(request: Request, gpu_memory: str, model: str = "", max_model_len: str = "",
+            tenant: str = "") -> JSONResponse:
+    current(request)
+    svc = comps(request).service
+    try:
+        decision = svc.assess(parse_size(gpu_memory), model or svc.settings.default_model,
+                              int(max_model_len) if max_model_len else svc.settings.default_max_model_len,
+                              tenant=tenant or None)
+    except (GtmError, ValueError) as exc:
+        message = exc.message if isinstance(exc, GtmError) else str(exc)
+        return JSONResponse({"admitted": False, "messages": [message]})
+    return JSONResponse({"admitted": decision.admitted, "messages": list(decision.messages)})
+
+
+# ---------------------------------------------------------------- usage, cost, audit
+def _month_and_cost(month: str | None, cost: str | None) -> tuple[str, float]:
+    month = month or datetime.now(UTC).strftime("%Y-%m")
+    try:
+        total = float(cost) if cost else 0.0
+    except ValueError as exc:
+        raise InvalidInput(f"cost must be a number, got {cost!r}") from exc
+    return month, total
+
+
+@router.get("/usage")
+def usage_page(request: Request, month: str | None = None, cost: str | None = None) -> HTMLResponse:
+    session = current(request)
+    month, total = _month_and_cost(month, cost)
+    shares = split(month, total, comps(request).service.store, time.time())
+    return page(request, "usage.html", session, month=month, cost=total, shares=shares)
+
+
+@router.get("/usage.csv")
+def usage_csv(request: Request, month: str | None = None, cost: str | None = None) -> Response:
+    current(request)
+    month, total = _month_and_cost(month, cost)
+    shares = split(month, total, comps(request).service.store, time.time())
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["tenant", "gib_hours", "requests", "tokens", "share_by_memory", "cost_by_memory",
+                     "share_by_tokens", "cost_by_tokens"])
+    for s in shares:
+        writer.writerow([s.tenant, s.gib_hours, s.requests, s.tokens, s.share_by_memory, s.cost_by_memory,
+                         s.share_by_tokens, s.cost_by_tokens])
+    return Response(out.getvalue(), media_type="text/csv",
+                    headers={"content-disposition": f'attachment; filename="cost-{month}.csv"'})
+
+
+@router.get("/audit")
+def audit_page(request: Request, tenant: str = "", action: str = "") -> HTMLResponse:
+    session = current(request)
+    rows = comps(request).service.store.audit_log(tenant or None, action or None, 500)
+    return page(request, "audit.html", session, rows=rows, tenant=tenant, action=action)
+
+
+def static_dir(templates_dir: Path) -> Path:
+    return templates_dir / "static"

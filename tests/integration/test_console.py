@@ -1,0 +1,139 @@
+"""The web console in a real browser (Debian's headless Chromium driven by Playwright),
+against the real manager with its real database and the real Docker engine."""
+
+from __future__ import annotations
+
+import csv
+import re
+import io
+import shutil
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .conftest import RunningManager, start_manager
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts" / "screenshots"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+               "--disable-sync", "--no-first-run", "--disable-quic"]
+
+
+@pytest.fixture
+def manager(manager_settings) -> Iterator[RunningManager]:
+    mgr = start_manager(manager_settings(usage_interval_s=2.0))
+    yield mgr
+    mgr.stop()
+
+
+@pytest.mark.slow
+def test_console_in_a_real_browser(manager: RunningManager) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    base = manager.url
+    seen: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
+        context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+        page = context.new_page()
+        page.on("request", lambda request: seen.append(request.url))
+
+        # without a session every page leads to the login
+        page.goto(base + "/tenants/new")
+        assert page.url == base + "/login"
+        page.fill("input[name=password]", "wrong")
+        page.click("button[type=submit]")
+        expect(page.locator(".error")).to_contain_text("Wrong user name or password")
+        page.fill("input[name=password]", manager.token)
+        page.click("button[type=submit]")
+        assert page.url == base + "/"
+
+        # three tenants of different sizes, through the form (what-if answered live)
+        keys = {}
+        for name, size, port in (("small", "1536M", 30501), ("medium", "1792M", 30502), ("large", "2G", 30503)):
+            page.goto(base + "/tenants/new")
+            page.fill("input[name=name]", name)
+            page.fill("input[name=gpu_memory]", size)
+            expect(page.locator("[data-whatif-answer]")).to_contain_text("Fits:")
+            page.fill("input[name=port]", str(port))
+            page.click("form[data-whatif] button[type=submit]")
+            keys[name] = page.locator("[data-testid=new-key]").inner_text().strip()
+            assert keys[name].startswith("gtm_")
+        page.goto(base + "/tenants/new")
+        page.fill("input[name=gpu_memory]", "900G")
+        expect(page.locator("[data-whatif-answer]")).to_contain_text("Does not fit: ledger")
+
+        page.goto(base + "/")
+        rows = page.locator("tbody tr")
+        expect(rows).to_have_count(3)
+        for name in ("small", "medium", "large"):
+            expect(page.locator(f"tbody tr:has(a:text-is('{name}')) .status")).to_have_text(
+                re.compile("pending|starting|running"))
+        widths = {name: page.locator(f".seg[title^='{name}:']").bounding_box()["width"]  # type: ignore[index]
+                  for name in ("small", "medium", "large")}
+        assert widths["small"] < widths["medium"] < widths["large"], widths
+        page.screenshot(path=str(ARTIFACTS / "overview.png"), full_page=True)
+        page.set_viewport_size({"width": 390, "height": 844})
+        page.screenshot(path=str(ARTIFACTS / "overview-phone.png"), full_page=True)
+        page.set_viewport_size({"width": 1280, "height": 900})
+
+        # rotate a key: the new key is shown once and never again
+        page.goto(base + "/tenants/small")
+        page.click("form[action$='/rotate'] button")
+        new_key = page.locator("[data-testid=new-key]").inner_text().strip()
+        assert new_key.startswith("gtm_") and new_key != keys["small"]
+        page.screenshot(path=str(ARTIFACTS / "tenant.png"), full_page=True)
+        page.goto(base + "/tenants/small")
+        assert new_key not in page.content()
+        assert keys["small"] not in page.content()
+        expect(page.locator("tbody tr")).to_have_count(2)
+
+        # a form post without a valid CSRF token is refused, even with the session cookie
+        refused = page.request.post(base + "/tenants/small/rotate", form={"grace_s": "0"})
+        assert refused.status == 403
+        refused = page.request.post(base + "/tenants/small/rotate", form={"grace_s": "0", "csrf": "forged"})
+        assert refused.status == 403
+
+        # the cost CSV matches the API (tenants removed first, so the memory-hours stop growing)
+        admin = {"Authorization": f"Bearer {manager.token}"}
+        for name in keys:
+            assert httpx.delete(f"{base}/api/v1/tenants/{name}", headers=admin).status_code == 202
+        month = datetime.now(UTC).strftime("%Y-%m")
+        page.goto(f"{base}/usage?month={month}&cost=1000")
+        with page.expect_download() as download_info:
+            page.click("a[download]")
+        text = Path(download_info.value.path()).read_text()
+        from_csv = {r["tenant"]: r for r in csv.DictReader(io.StringIO(text))}
+        api = httpx.get(f"{base}/api/v1/cost", params={"month": month, "total": 1000},
+                        headers=admin).json()
+        assert set(from_csv) == {"small", "medium", "large"}
+        for share in api:
+            row = from_csv[share["tenant"]]
+            assert float(row["cost_by_memory"]) == pytest.approx(share["cost_by_memory"])
+            assert float(row["share_by_memory"]) == pytest.approx(share["share_by_memory"])
+        assert sum(float(r["cost_by_memory"]) for r in from_csv.values()) == pytest.approx(1000, abs=0.05)
+        total_hours = sum(float(r["gib_hours"]) for r in from_csv.values())
+        for row in from_csv.values():
+            assert float(row["share_by_memory"]) == pytest.approx(float(row["gib_hours"]) / total_hours, rel=0.05)
+
+        # the audit page filters, and the failed login is on it
+        page.goto(base + "/audit?action=console-login")
+        expect(page.locator("tbody")).to_contain_text("failed")
+        page.goto(base + "/audit?tenant=small")
+        expect(page.locator("tbody")).to_contain_text("rotate-key")
+
+        # errors render as a page; logging out ends the session
+        page.goto(base + "/tenants/nobody")
+        expect(page.locator(".error")).to_contain_text("no tenant named 'nobody'")
+        page.goto(base + "/")
+        page.click("button.link")
+        page.goto(base + "/")
+        assert page.url == base + "/login"
+        browser.close()
+
+    foreign = [u for u in seen if not u.startswith(base + "/") and not u.startswith("data:")]
+    assert foreign == [], f"pages contacted other hosts: {foreign}"
