@@ -4,8 +4,8 @@ against the real manager with its real database and the real Docker engine."""
 from __future__ import annotations
 
 import csv
-import re
 import io
+import re
 import shutil
 from collections.abc import Iterator
 from datetime import UTC, datetime

@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 from manager.control.costs import month_bounds, reservation_intervals, split
@@ -24,9 +25,9 @@ def test_split_by_memory_hours_and_by_tokens(tmp_path: Path) -> None:
     # a holds 30 GiB all month; b holds 10 GiB for the second half
     with store.transaction() as db:
         db.execute("INSERT INTO audit (at, actor, action, tenant, result, detail) VALUES (?,?,?,?,?,?)",
-                   (start - 10, "admin", "add-tenant", "a", "ok", '{"gpu_memory": %d}' % (30 * G)))
+                   (start - 10, "admin", "add-tenant", "a", "ok", json.dumps({"gpu_memory": 30 * G})))
         db.execute("INSERT INTO audit (at, actor, action, tenant, result, detail) VALUES (?,?,?,?,?,?)",
-                   (start + (end - start) / 2, "admin", "add-tenant", "b", "ok", '{"gpu_memory": %d}' % (10 * G)))
+                   (start + (end - start) / 2, "admin", "add-tenant", "b", "ok", json.dumps({"gpu_memory": 10 * G})))
     rec = {"key_id": "k", "model": "m", "path": "/v1/chat/completions", "status": 200, "outcome": "ok",
            "latency_ms": 1.0}
     store.add_usage("a", [{**rec, "request_id": "1", "prompt_tokens": 100, "completion_tokens": 0, "at": start + 5}],
