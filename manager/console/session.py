@@ -34,7 +34,7 @@ class Sessions:
         return hmac.new(self._key, payload.encode(), hashlib.sha256).hexdigest()
 
     def issue(self, user: str, now: float | None = None) -> tuple[str, Session]:
-        session = Session(user, (now or time.time()) + LIFETIME_S, secrets.token_urlsafe(24))
+        session = Session(user, (time.time() if now is None else now) + LIFETIME_S, secrets.token_urlsafe(24))
         payload = f"{session.user}|{session.expires:.0f}|{session.csrf}"
         raw = base64.urlsafe_b64encode(payload.encode()).decode()
         return f"{raw}.{self._sign(payload)}", session
@@ -50,7 +50,7 @@ class Sessions:
             return None
         if not hmac.compare_digest(signature, self._sign(payload)):
             return None
-        if float(expires) < (now or time.time()):
+        if float(expires) < (time.time() if now is None else now):
             return None
         return Session(user, float(expires), csrf)
 
@@ -64,7 +64,7 @@ class LoginLimiter:
 
     def blocked(self, client: str, now: float | None = None) -> float:
         """Seconds until the client may try again (0: now)."""
-        now = now or time.time()
+        now = time.time() if now is None else now
         q = self._failures.get(client)
         while q and q[0] <= now - self.window_s:
             q.popleft()
@@ -73,4 +73,4 @@ class LoginLimiter:
         return 0.0
 
     def failed(self, client: str, now: float | None = None) -> None:
-        self._failures.setdefault(client, deque()).append(now or time.time())
+        self._failures.setdefault(client, deque()).append(time.time() if now is None else now)

@@ -1,0 +1,42 @@
+from manager.console.session import LoginLimiter, Sessions
+from manager.console.views import capacity_segments, day_bars
+from manager.control.service import Capacity, TenantUsage
+from manager.gpu import DeviceMemory
+
+G = 1024**3
+
+
+def test_session_cookie_round_trip_and_tamper() -> None:
+    sessions = Sessions("secret")
+    cookie, session = sessions.issue("admin", now=1000.0)
+    assert sessions.read(cookie, now=1001.0) == session
+    assert sessions.read(cookie, now=1000.0 + 13 * 3600) is None  # expired
+    raw, sig = cookie.rsplit(".", 1)
+    assert sessions.read(raw + "." + "0" * len(sig), now=1001.0) is None
+    assert Sessions("other").read(cookie, now=1001.0) is None
+    assert sessions.read("garbage", now=1001.0) is None
+
+
+def test_login_limiter() -> None:
+    limiter = LoginLimiter(attempts=2, window_s=60)
+    limiter.failed("a", now=0)
+    assert limiter.blocked("a", now=1) == 0
+    limiter.failed("a", now=1)
+    assert limiter.blocked("a", now=2) == 58
+    assert limiter.blocked("b", now=2) == 0
+    assert limiter.blocked("a", now=61) == 0
+
+
+def test_capacity_segments_add_up_to_the_device() -> None:
+    device = DeviceMemory(0, "GPU-0", "A100", "gpu", 80 * G, 50 * G, 30 * G)
+    cap = Capacity("nvml", device, 4 * G, 30 * G, [TenantUsage("a", 10 * G, 5 * G), TenantUsage("b", 20 * G, None)])
+    segs = capacity_segments(cap)
+    assert [s.label for s in segs] == ["b", "a", "free", "headroom"]
+    assert sum(s.percent for s in segs) == 100.0
+    assert segs[1].measured_percent == 50.0 and segs[0].measured_percent == 0.0
+
+
+def test_day_bars_scale_to_the_busiest_day() -> None:
+    bars = day_bars([("2026-11-01", 10, 100), ("2026-11-03", 5, 400)], ["2026-11-01", "2026-11-02", "2026-11-03"])
+    assert [(b["requests"], b["req_pct"], b["tok_pct"]) for b in bars] == [(10, 100.0, 25.0), (0, 0.0, 0.0),
+                                                                            (5, 50.0, 100.0)]
