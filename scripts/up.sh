@@ -22,6 +22,8 @@ fi
 docker exec "$MANAGER" list-tenants
 cat <<TXT
 
-manager API and console: http://127.0.0.1:${GTM_CONSOLE_PORT:-8080}/  (admin token: docker exec $MANAGER cat /var/lib/gtm/admin-token)
-admin commands:          docker exec $MANAGER add-tenant --name companya --gpu-memory 1536M --port 30002
+console:         http://127.0.0.1:${GTM_CONSOLE_PORT:-8080}/  (user admin; password = the admin token below)
+admin token:     docker exec $MANAGER cat /var/lib/gtm/admin-token   (REST API: /docs)
+admin commands:  docker exec $MANAGER add-tenant --name companya --gpu-memory 1536M --port 30002
+demo tenant:     http://127.0.0.1:${GTM_DEMO_PORT:-30001}/v1 with the API key printed above (OpenAI SDK, LangChain, curl)
 TXT

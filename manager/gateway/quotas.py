@@ -20,15 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+from manager.domain import Quotas
+
+Limits = Quotas  # the gateway enforces exactly the quotas the manager stores
+
 WINDOW_S = 60.0
-
-
-@dataclass(frozen=True)
-class Limits:
-    rpm_limit: int | None = None
-    tokens_per_day: int | None = None
-    requests_per_month: int | None = None
-    max_in_flight: int | None = None
 
 
 @dataclass
