@@ -144,7 +144,9 @@ def overview(request: Request) -> HTMLResponse:
             left.append(f"{max(q.tokens_per_day - today.tokens, 0)} tokens left today")
         rows.append({"row": r, "measured": measured.get(r.spec.name), "today": today,
                      "quota": ", ".join(left) or "no limits"})
-    return page(request, "overview.html", session, cap=cap, segments=capacity_segments(cap), rows=rows)
+    segments = capacity_segments(cap)
+    colors = {seg.label: seg.color for seg in segments if seg.kind == "tenant"}
+    return page(request, "overview.html", session, cap=cap, segments=segments, rows=rows, colors=colors)
 
 
 # ---------------------------------------------------------------- tenants

@@ -46,6 +46,9 @@ def stack(docker_client: docker.DockerClient, instance: str) -> Iterator[tuple[s
         assert up.returncode == 0, up.stderr
         yield env["GTM_MANAGER_NAME"], env
     finally:
+        # tenants' containers first: a gateway still on the control network would keep it alive
+        for c in docker_client.containers.list(all=True, filters={"label": names.selector(instance)}):
+            c.remove(force=True)
         compose(env, *project, "down", "-v", "--remove-orphans")
         for c in docker_client.containers.list(all=True, filters={"label": f"com.docker.compose.project={instance}"}):
             c.remove(force=True)
