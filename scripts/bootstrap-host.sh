@@ -26,7 +26,11 @@ start_dockerd() {
   [ "$(id -u)" = 0 ] || die "dockerd is installed but not running, and starting it needs root"
   log "starting dockerd (log: /var/log/dockerd.log)"
   (setsid dockerd >/var/log/dockerd.log 2>&1 &)
-  for _ in $(seq 60); do docker info >/dev/null 2>&1 && return 0; sleep 1; done
+  for _ in $(seq 60); do
+    # the marker lets the test suite know it may restart this dockerd (never a systemd-managed one)
+    docker info >/dev/null 2>&1 && { touch /run/gtm-started-dockerd; return 0; }
+    sleep 1
+  done
   tail -20 /var/log/dockerd.log >&2
   die "dockerd did not answer within 60 s (see /var/log/dockerd.log)"
 }

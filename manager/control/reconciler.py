@@ -199,7 +199,8 @@ class Reconciler:
                 return self._engine_failed(row, engine, "engine stopped answering its health check")
             return self._engine_starting(row, engine)
         if engine.status in ("exited", "dead"):
-            return self._engine_failed(row, engine, None)
+            self._engine_failed(row, engine, None)  # records the failure once, sets when to retry
+            return self._start_engine(row, plan.engine)  # waits out the backoff, then replaces it
         return POLL_STARTING_S  # created, restarting, paused, removing: look again soon
 
     def _ensure_gateway(self, row: TenantRow, plan: ContainerPlan, gateway: ContainerState | None) -> bool:

@@ -159,12 +159,19 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
 
 
 def wait_status(api: httpx.Client, tenant: str, status: str, timeout: float = 300) -> dict[str, Any]:
+    """Waits for a status; a failure on the way is retried by the reconciler (with backoff), so only
+    the timeout fails the test, with the last reason seen."""
+    reasons: list[str] = []
+
     def check() -> dict[str, Any] | None:
         t = api.get(f"/api/v1/tenants/{tenant}").json()
-        if t["status"] == "failed" and status != "failed":
-            raise AssertionError(f"tenant {tenant} failed: {t['reason']}")
+        if t["status"] == "failed" and status != "failed" and t["reason"] not in reasons:
+            reasons.append(t["reason"])
         return t if t["status"] == status else None
-    result: dict[str, Any] = wait_for(check, timeout, f"{tenant} to be {status}", interval=2.0)
+    try:
+        result: dict[str, Any] = wait_for(check, timeout, f"{tenant} to be {status}", interval=2.0)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; failures seen on the way: {reasons}") from None
     return result
 
 

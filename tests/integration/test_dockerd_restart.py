@@ -1,0 +1,59 @@
+"""A restart of dockerd: gateways come back by themselves (the data plane), engines come
+back through the reconciler one at a time, and nothing is duplicated.
+
+Runs only where the suite's own bootstrap started dockerd (never against a
+systemd-managed daemon that other work may depend on)."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+import docker
+import pytest
+
+from manager import names
+
+from .conftest import start_manager, wait_for, wait_status
+
+ROOT = Path(__file__).resolve().parents[2]
+MARKER = Path("/run/gtm-started-dockerd")
+
+
+def restart_dockerd(client: docker.DockerClient) -> None:
+    subprocess.run(["pkill", "-TERM", "-x", "dockerd"], check=True)
+    wait_for(lambda: subprocess.run(["pgrep", "-x", "dockerd"], check=False).returncode != 0, 60,
+             "dockerd to stop", interval=0.5)
+    subprocess.run(["bash", "scripts/bootstrap-host.sh"], cwd=ROOT, check=True, capture_output=True)
+    wait_for(client.ping, 60, "dockerd to answer")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not MARKER.exists(), reason="dockerd was not started by scripts/bootstrap-host.sh")
+def test_dockerd_restart_brings_tenants_back_without_duplicates(manager_settings, docker_client: docker.DockerClient,
+                                                                 instance: str) -> None:
+    mgr = start_manager(manager_settings(reconcile_interval_s=2.0))
+    try:
+        api = mgr.client()
+        for i, name in enumerate(("one", "two")):
+            r = api.post("/api/v1/tenants", json={"name": name, "gpu_memory": "1536M", "port": 30601 + i})
+            assert r.status_code == 201, r.text
+        for name in ("one", "two"):
+            wait_status(api, name, "running")
+
+        restart_dockerd(docker_client)
+        started = time.time()
+        for name in ("one", "two"):
+            wait_status(api, name, "running", timeout=300)
+        roles = Counter((c.labels[names.TENANT], c.labels[names.ROLE]) for c in docker_client.containers.list(
+            all=True, filters={"label": names.selector(instance)}) if names.TENANT in c.labels)
+        assert roles == {("one", "engine"): 1, ("one", "gateway"): 1, ("two", "engine"): 1, ("two", "gateway"): 1}
+        # engines started one at a time: their start times are apart by at least one engine's start-up
+        starts = sorted(docker_client.containers.get(names.engine(instance, n)).attrs["State"]["StartedAt"]
+                        for n in ("one", "two"))
+        assert starts[0] != starts[1]
+        assert time.time() - started < 300
+    finally:
+        mgr.stop()
