@@ -183,7 +183,12 @@ class Reconciler:
                     self._release_gate(name)
                     self._failures.pop(name, None)
 
-        gateway_ready = self._ensure_gateway(row, plan.gateway, gateway)
+        try:
+            gateway_ready = self._ensure_gateway(row, plan.gateway, gateway)
+        except GtmError as exc:  # e.g. the port is taken by a process Docker does not know
+            self._set_status(row, TenantStatus.FAILED, f"gateway could not start: {exc.message}; if the port "
+                             "is taken, move the tenant with update-tenant --port")
+            raise
         if engine is None:
             return self._start_engine(row, plan.engine)
         if engine.status == "running":

@@ -214,3 +214,20 @@ def test_orphans_are_removed_after_the_grace_period(manager_settings, docker_cli
         wait_for(lambda: not exists(), 30, "the orphaned network to be removed")
     finally:
         mgr.stop()
+
+
+def test_a_port_taken_outside_docker_is_reported(manager_settings) -> None:
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        mgr = start_manager(manager_settings())
+        try:
+            api = mgr.client()
+            r = api.post("/api/v1/tenants", json={"name": "clash", "gpu_memory": "1536M", "port": port})
+            assert r.status_code == 201, r.text
+            failed = wait_status(api, "clash", "failed", timeout=60)
+            assert "gateway could not start" in failed["reason"]
+            assert "update-tenant --port" in failed["reason"]
+        finally:
+            mgr.stop()

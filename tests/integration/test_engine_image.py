@@ -35,13 +35,22 @@ def test_engine_serves_chat_on_its_internal_network_only(
                                   max_model_len=512), settings, device_total=24 * G)
     runtime.ensure_network(plan.network)
     runtime.ensure_volume(plan.volume)
-    runtime.run(plan.engine)
 
     def healthy() -> bool:
         state = runtime.container(plan.engine.name)
         assert state is not None and state.status == "running", runtime.logs_tail(plan.engine.name)
         return state.health == "healthy"
-    wait_for(healthy, 300, "the engine to be healthy", interval=2)
+    # once seen right after an image build: vLLM's engine core died at its first start; the product
+    # retries through the reconciler, this test once, and says so in its output
+    for attempt in (1, 2):
+        runtime.run(plan.engine)
+        try:
+            wait_for(healthy, 300, "the engine to be healthy", interval=2)
+            break
+        except AssertionError as exc:
+            if attempt == 2:
+                raise
+            print(f"engine start {attempt} failed, retrying once: {str(exc)[-2000:]}")
 
     attrs = docker_client.containers.get(plan.engine.name).attrs
     host = attrs["HostConfig"]
