@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 
+from manager.domain import QUOTA_FIELDS
 from manager.errors import GtmError, InvalidInput, exit_code_for
 from manager.settings import Settings
 from manager.sizes import format_size, parse_size
@@ -151,13 +152,12 @@ def _print_decision(d: dict[str, Any]) -> None:
         print("  " + m)
 
 
-QUOTAS = ("rpm_limit", "tokens_per_day", "requests_per_month", "max_in_flight")
 
 
 def _engine_body(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("gpu_memory", "port", "model", "max_model_len", "quantization", "shm_size", *QUOTAS)
+    keys = ("gpu_memory", "port", "model", "max_model_len", "quantization", "shm_size", *QUOTA_FIELDS)
     body = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
-    for k in QUOTAS:
+    for k in QUOTA_FIELDS:
         if body.get(k) == 0:
             body[k] = None  # 0 lifts the limit
     return body

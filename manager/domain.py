@@ -55,6 +55,10 @@ class Quotas:
     max_in_flight: int | None = None
 
 
+QUOTA_FIELDS: tuple[str, ...] = tuple(Quotas.__dataclass_fields__)
+"""The quota names, as the API, the CLI, the console and the gateway spell them."""
+
+
 @dataclass(frozen=True)
 class TenantSpec:
     """What the admin asked for. The engine's identity is ``engine_hash()``: a change

@@ -23,10 +23,9 @@ from manager.api.schemas import (
     WhatIf,
 )
 from manager.control.costs import split
-from manager.domain import Quotas
+from manager.domain import QUOTA_FIELDS, Quotas
 
 router = APIRouter(prefix="/api/v1")
-QUOTA_FIELDS = ("rpm_limit", "tokens_per_day", "requests_per_month", "max_in_flight")
 
 
 def start_of_day(now: float) -> float:

@@ -17,12 +17,11 @@ from manager.api.deps import Components
 from manager.console.session import COOKIE, LIFETIME_S, LoginLimiter, Session, Sessions
 from manager.console.views import capacity_segments, day_bars
 from manager.control.costs import split
-from manager.domain import Quotas
+from manager.domain import QUOTA_FIELDS, Quotas
 from manager.errors import GtmError, InvalidInput
 from manager.sizes import format_size, parse_size
 
 router = APIRouter(include_in_schema=False)
-QUOTA_FIELDS = ("rpm_limit", "tokens_per_day", "requests_per_month", "max_in_flight")
 
 
 class LoginRequired(Exception):
