@@ -6,7 +6,6 @@ import csv
 import io
 import time
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -304,6 +303,3 @@ def audit_page(request: Request, tenant: str = "", action: str = "") -> HTMLResp
     rows = comps(request).service.store.audit_log(tenant or None, action or None, 500)
     return page(request, "audit.html", session, rows=rows, tenant=tenant, action=action)
 
-
-def static_dir(templates_dir: Path) -> Path:
-    return templates_dir / "static"

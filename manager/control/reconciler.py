@@ -320,6 +320,3 @@ class Reconciler:
                 sel = names.selector(self.settings.instance, tenant=name)
                 self._teardown(name, self.runtime.containers(sel))
                 del self._orphans_seen[name]
-
-    def gate_holder(self) -> str | None:
-        return self._gate[0] if self._gate else None
