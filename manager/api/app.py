@@ -9,9 +9,11 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from manager import __version__
 from manager.api.deps import Admin, Components, load_admin_token
@@ -29,6 +31,7 @@ from manager.runtime.docker import DockerRuntime
 from manager.settings import Settings
 
 log = logging.getLogger(__name__)
+API_PATHS = ("/api/", "/metrics", "/healthz", "/console/", "/docs", "/openapi.json", "/static/")
 
 
 def build_components(settings: Settings, *, runtime: DockerRuntime | None = None,
@@ -75,10 +78,20 @@ def create_app(settings: Settings, **overrides: Any) -> FastAPI:
         if isinstance(exc, AdmissionRefused):
             for check in exc.details.get("failed_checks", []):
                 request.app.state.metrics.refusals.labels(check).inc()
-        if request.url.path.startswith(("/api/", "/metrics", "/healthz", "/console/")):
+        if request.url.path.startswith(API_PATHS):
             return JSONResponse({"error": exc.to_dict()}, status_code=exc.http_status)
         page: Response = request.app.state.templates.TemplateResponse(
             request, "error.html", {"session": None, "error": exc, "now": 0}, status_code=exc.http_status)
+        return page
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        """FastAPI's own errors (unknown path, wrong method): the same JSON/page split."""
+        if request.url.path.startswith(API_PATHS):
+            return await http_exception_handler(request, exc)
+        error = GtmError(f"{exc.detail} ({request.method} {request.url.path})")
+        page: Response = request.app.state.templates.TemplateResponse(
+            request, "error.html", {"session": None, "error": error, "now": 0}, status_code=exc.status_code)
         return page
 
     @app.exception_handler(LoginRequired)

@@ -129,6 +129,8 @@ def test_console_in_a_real_browser(manager: RunningManager) -> None:
         # errors render as a page; logging out ends the session
         page.goto(base + "/tenants/nobody")
         expect(page.locator(".error")).to_contain_text("no tenant named 'nobody'")
+        page.goto(base + "/no-such-page")
+        expect(page.locator(".error")).to_contain_text("Not Found")
         page.goto(base + "/")
         page.click("button.link")
         page.goto(base + "/")
