@@ -51,15 +51,26 @@ def usage_of(payload: dict[str, Any]) -> tuple[int, int] | None:
 
 
 class Proxy:
+    """Speaks to the engine through an httpx *transport* directly: the client layers above it
+    (URL merging, auth, redirects, cookies) cost most of the gateway's CPU per request and
+    none of them is needed here. Tests pass an ``httpx.MockTransport``."""
+
     def __init__(self, settings: GatewaySettings, state: GatewayState,
-                 client: httpx.AsyncClient | None = None) -> None:
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.settings = settings
         self.state = state
-        self.client = client or httpx.AsyncClient(
-            base_url=settings.upstream, timeout=httpx.Timeout(settings.upstream_timeout_s, connect=5.0),
-            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100),
-        )
-        self.background: set[asyncio.Task[None]] = set()
+        self.transport = transport or httpx.AsyncHTTPTransport(
+            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100))
+        self.upstream = settings.upstream.rstrip("/")
+        t = settings.upstream_timeout_s
+        self.timeouts = {"connect": 5.0, "read": t, "write": t, "pool": t}
+
+    def _request(self, method: str, path: str, request_id: str, content: bytes | None = None,
+                 accept: str = "application/json") -> httpx.Request:
+        headers = {"content-type": "application/json", "accept": accept, "x-request-id": request_id}
+        request = httpx.Request(method, self.upstream + path, headers=headers, content=content)
+        request.extensions["timeout"] = self.timeouts
+        return request
 
     # ---------------------------------------------------------------- ASGI entry
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -99,7 +110,7 @@ class Proxy:
             if message["type"] == "lifespan.startup":
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                await self.client.aclose()
+                await self.transport.aclose()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
@@ -199,9 +210,12 @@ class Proxy:
     async def _plain(self, method: str, path: str, body: bytes, send: Send, headers: dict[str, str],
                      record: dict[str, Any]) -> None:
         try:
-            upstream = await self.client.request(
-                method, path, content=body if method == "POST" else None,
-                headers={"content-type": "application/json", "x-request-id": record["request_id"]})
+            upstream = await self.transport.handle_async_request(
+                self._request(method, path, record["request_id"], body if method == "POST" else None))
+            try:
+                content = await upstream.aread()
+            finally:
+                await upstream.aclose()
         except httpx.TransportError as exc:
             await self._unavailable(send, headers, record, exc)
             return
@@ -210,13 +224,13 @@ class Proxy:
             self.state.metrics.upstream_errors.inc()
         if upstream.status_code == 200 and method == "POST":
             with contextlib.suppress(ValueError):
-                tokens = usage_of(upstream.json())
+                tokens = usage_of(json.loads(content))
                 if tokens:
                     record["prompt_tokens"], record["completion_tokens"] = tokens
         else:
             record["outcome"] = "ok" if upstream.status_code < 400 else "error"
         ctype = upstream.headers.get("content-type", "application/json").encode()
-        await self._send(send, upstream.status_code, upstream.content, headers, ctype)
+        await self._send(send, upstream.status_code, content, headers, ctype)
 
     async def _stream(self, receive: Receive, send: Send, payload: dict[str, Any], headers: dict[str, str],
                       record: dict[str, Any]) -> None:
@@ -224,11 +238,10 @@ class Proxy:
         client_wants_usage = bool(isinstance(options, dict) and options.get("include_usage"))
         upstream_body = {**payload, "stream_options": {**(options if isinstance(options, dict) else {}),
                                                        "include_usage": True}}
-        request = self.client.build_request(
-            "POST", record["path"], json=upstream_body,
-            headers={"x-request-id": record["request_id"], "accept": "text/event-stream"})
+        request = self._request("POST", record["path"], record["request_id"], json.dumps(upstream_body).encode(),
+                                accept="text/event-stream")
         try:
-            upstream = await self.client.send(request, stream=True)
+            upstream = await self.transport.handle_async_request(request)
         except httpx.TransportError as exc:
             await self._unavailable(send, headers, record, exc)
             return

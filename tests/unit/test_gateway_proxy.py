@@ -43,8 +43,7 @@ def gateway(tmp_path: Path) -> tuple[httpx.AsyncClient, GatewayState, str]:
     issued = keys.issue()
     state.apply({"version": "v1", "keys": [{"id": issued.id, "hash": issued.hash, "expires_at": None}],
                  "limits": {"rpm_limit": 3}})
-    up = httpx.AsyncClient(transport=httpx.MockTransport(upstream), base_url="http://engine:8000")
-    proxy = Proxy(GatewaySettings(max_body_bytes=2048), state, client=up)
+    proxy = Proxy(GatewaySettings(max_body_bytes=2048), state, transport=httpx.MockTransport(upstream))
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=proxy), base_url="http://gw",
                                headers={"Authorization": f"Bearer {issued.secret_key}"})
     return client, state, issued.secret_key
@@ -123,8 +122,8 @@ async def test_engine_down_is_503_with_retry_after(tmp_path: Path):
 
     def refuse(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("connection refused", request=request)
-    up = httpx.AsyncClient(transport=httpx.MockTransport(refuse), base_url="http://engine:8000")
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=Proxy(GatewaySettings(), state, client=up)),
+    proxy = Proxy(GatewaySettings(), state, transport=httpx.MockTransport(refuse))
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=proxy),
                                base_url="http://gw", headers={"Authorization": f"Bearer {issued.secret_key}"})
     for body in (CHAT, {**CHAT, "stream": True}):
         r = await client.post("/v1/chat/completions", json=body)
