@@ -20,7 +20,7 @@ async def serve(settings: GatewaySettings) -> None:
     admin = create_admin_app(state, settings.admin_token.get_secret_value())
     public = uvicorn.Server(uvicorn.Config(proxy, host=settings.host, port=settings.public_port,
                                            log_level="warning", access_log=False, loop="uvloop",
-                                           http="httptools"))
+                                           http="httptools", proxy_headers=False))
     private = uvicorn.Server(uvicorn.Config(admin, host=settings.host, port=settings.admin_port,
                                             log_level="warning", access_log=False, loop="uvloop"))
     try:
