@@ -9,6 +9,7 @@ from __future__ import annotations
 import subprocess
 import time
 from collections import Counter
+from datetime import datetime
 from pathlib import Path
 
 import docker
@@ -50,10 +51,10 @@ def test_dockerd_restart_brings_tenants_back_without_duplicates(manager_settings
         roles = Counter((c.labels[names.TENANT], c.labels[names.ROLE]) for c in docker_client.containers.list(
             all=True, filters={"label": names.selector(instance)}) if names.TENANT in c.labels)
         assert roles == {("one", "engine"): 1, ("one", "gateway"): 1, ("two", "engine"): 1, ("two", "gateway"): 1}
-        # engines started one at a time: their start times are apart by at least one engine's start-up
-        starts = sorted(docker_client.containers.get(names.engine(instance, n)).attrs["State"]["StartedAt"]
-                        for n in ("one", "two"))
-        assert starts[0] != starts[1]
+        # engines started one at a time: the second only after the first was healthy (25 s and more)
+        starts = sorted(datetime.fromisoformat(docker_client.containers.get(names.engine(instance, n))
+                                               .attrs["State"]["StartedAt"][:26]).timestamp() for n in ("one", "two"))
+        assert starts[1] - starts[0] >= 10, starts
         assert time.time() - started < 300
     finally:
         mgr.stop()
