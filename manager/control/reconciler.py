@@ -168,16 +168,15 @@ class Reconciler:
         engine: ContainerState | None = None
         gateway: ContainerState | None = None
         for c in containers:
-            if c.role == Role.ENGINE and c.name == plan.engine.name and c.spec_hash == row.spec.engine_hash():
-                engine = engine or c
-                if engine is c:
-                    continue
-            elif c.role == Role.GATEWAY and c.name == plan.gateway.name and c.spec_hash == plan.gateway.labels[
-                    names.SPEC_HASH]:
-                gateway = gateway or c
-                if gateway is c:
-                    continue
-            if c.role in (Role.ENGINE, Role.GATEWAY):  # an older spec, or a stray duplicate: replace it
+            if c.role not in (Role.ENGINE, Role.GATEWAY):
+                continue
+            wanted = plan.engine if c.role == Role.ENGINE else plan.gateway
+            current = c.name == wanted.name and c.spec_hash == wanted.labels[names.SPEC_HASH]
+            if current and c.role == Role.ENGINE and engine is None:
+                engine = c
+            elif current and c.role == Role.GATEWAY and gateway is None:
+                gateway = c
+            else:  # an older spec, or a stray duplicate: replace it
                 self.runtime.remove_container(c.name)
                 if c.role == Role.ENGINE:
                     self._release_gate(name)

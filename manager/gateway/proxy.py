@@ -199,8 +199,7 @@ class Proxy:
         if rec.completion_tokens:
             m.tokens.labels("completion").inc(rec.completion_tokens)
 
-    async def _unavailable(self, send: Send, headers: dict[str, str], record: dict[str, Any],
-                           exc: Exception) -> None:
+    async def _unavailable(self, send: Send, headers: dict[str, str], record: dict[str, Any]) -> None:
         self.state.metrics.upstream_errors.inc()
         record.update(status=503, outcome="upstream_unavailable")
         await self._send(send, 503, error_body(
@@ -216,8 +215,8 @@ class Proxy:
                 content = await upstream.aread()
             finally:
                 await upstream.aclose()
-        except httpx.TransportError as exc:
-            await self._unavailable(send, headers, record, exc)
+        except httpx.TransportError:
+            await self._unavailable(send, headers, record)
             return
         record["status"] = upstream.status_code
         if upstream.status_code >= 500:
@@ -242,8 +241,8 @@ class Proxy:
                                 accept="text/event-stream")
         try:
             upstream = await self.transport.handle_async_request(request)
-        except httpx.TransportError as exc:
-            await self._unavailable(send, headers, record, exc)
+        except httpx.TransportError:
+            await self._unavailable(send, headers, record)
             return
         record["status"] = upstream.status_code
         if upstream.status_code != 200:
