@@ -58,6 +58,37 @@ class Quotas:
 QUOTA_FIELDS: tuple[str, ...] = tuple(Quotas.__dataclass_fields__)
 """The quota names, as the API, the CLI, the console and the gateway spell them."""
 
+QUOTA_MAX: dict[str, int] = {
+    "rpm_limit": 10**9,
+    "tokens_per_day": 10**15,
+    "requests_per_month": 10**12,
+    "max_in_flight": 10**6,
+}
+"""The largest value each quota takes (far beyond any real host; well inside SQLite's 64-bit integers)."""
+MIN_PORT, MAX_PORT = 1024, 65535
+MIN_MODEL_LEN, MAX_MODEL_LEN = 16, 10**7
+MAX_GRACE_S = 366 * 86400.0
+
+
+def check_bounds(spec: TenantSpec) -> None:
+    """Every number of a spec within its documented range; the API's schema states the same bounds."""
+    from manager.errors import InvalidInput
+    from manager.sizes import MAX_SIZE, format_size
+
+    for name in QUOTA_FIELDS:
+        value = getattr(spec.quotas, name)
+        if value is not None and not 1 <= value <= QUOTA_MAX[name]:
+            raise InvalidInput(f"{name.replace('_', ' ')} must be between 1 and {QUOTA_MAX[name]} "
+                               f"(or unset for no limit), got {value}")
+    if not MIN_PORT <= spec.port <= MAX_PORT:
+        raise InvalidInput(f"port {spec.port} is out of range: use {MIN_PORT}-{MAX_PORT}")
+    if not MIN_MODEL_LEN <= spec.max_model_len <= MAX_MODEL_LEN:
+        raise InvalidInput(f"max model len must be between {MIN_MODEL_LEN} and {MAX_MODEL_LEN} tokens, "
+                           f"got {spec.max_model_len}")
+    for label, size in (("gpu memory", spec.gpu_memory), ("shm size", spec.shm_size)):
+        if not 1 <= size <= MAX_SIZE:
+            raise InvalidInput(f"{label} must be between 1 byte and {format_size(MAX_SIZE)}, got {size}")
+
 
 @dataclass(frozen=True)
 class TenantSpec:

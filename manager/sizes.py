@@ -22,8 +22,11 @@ _UNITS = {
     "TB": 1024**4,
     "TIB": 1024**4,
 }
-_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+PATTERN = r"^\s*(\d{1,15}(?:\.\d{1,9})?)\s*([a-zA-Z]*)\s*$"
+_PATTERN = re.compile(PATTERN)
 ACCEPTED = "a number with a unit: 512M, 1.5G, 10G, 10GiB, 1T (binary units: 1G = 1024^3 bytes)"
+MAX_SIZE = 1024**5
+"""1 PiB: far beyond any device, well inside SQLite's 64-bit integers."""
 
 
 def parse_size(text: str | int) -> int:
@@ -33,9 +36,7 @@ def parse_size(text: str | int) -> int:
     that "10" is never silently taken as ten bytes.
     """
     if isinstance(text, int) and not isinstance(text, bool):
-        if text <= 0:
-            raise InvalidInput(f"size must be positive, got {text}")
-        return text
+        return _bounded(text, str(text))
     match = _PATTERN.match(str(text))
     if not match or not match.group(2):
         raise InvalidInput(f"invalid size {text!r}: expected {ACCEPTED}")
@@ -43,9 +44,14 @@ def parse_size(text: str | int) -> int:
     factor = _UNITS.get(unit.upper())
     if factor is None:
         raise InvalidInput(f"invalid size unit {unit!r} in {text!r}: expected {ACCEPTED}")
-    value = int(float(number) * factor)
+    return _bounded(int(float(number) * factor), repr(text))
+
+
+def _bounded(value: int, shown: str) -> int:
     if value <= 0:
-        raise InvalidInput(f"size must be positive, got {text!r}")
+        raise InvalidInput(f"size must be positive, got {shown}")
+    if value > MAX_SIZE:
+        raise InvalidInput(f"size {shown} is too large: at most {MAX_SIZE // 1024**4}T")
     return value
 
 

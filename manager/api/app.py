@@ -9,8 +9,9 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exception_handlers import http_exception_handler
-from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -18,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from manager import __version__
 from manager.api.deps import Admin, Components, load_admin_token
 from manager.api.metrics import Metrics
-from manager.api.routes import router
+from manager.api.routes import error_responses, router
 from manager.console.routes import LoginRequired
 from manager.console.routes import router as console_router
 from manager.console.session import LoginLimiter, Sessions
@@ -28,13 +29,31 @@ from manager.control.store import Store
 from manager.errors import AdmissionRefused, GtmError
 from manager.gpu import Inventory, open_inventory
 from manager.runtime.docker import DockerRuntime
+from manager.runtime.protocol import Runtime
 from manager.settings import Settings
 
 log = logging.getLogger(__name__)
 API_PATHS = ("/api/", "/metrics", "/healthz", "/console/", "/docs", "/openapi.json", "/static/")
+CONSOLE_HEADERS = {
+    # every asset is served by the manager itself; inline style attributes carry the capacity bars' widths
+    "content-security-policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+                               "style-src-attr 'unsafe-inline'; img-src 'self' data:; connect-src 'self'; "
+                               "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    "x-frame-options": "DENY",
+    "referrer-policy": "same-origin",
+    "x-content-type-options": "nosniff",
+}
 
 
-def build_components(settings: Settings, *, runtime: DockerRuntime | None = None,
+def _validation_message(errors: list[dict[str, Any]]) -> str:
+    parts = []
+    for e in errors[:5]:
+        where = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body"
+        parts.append(f"{where}: {e.get('msg', 'invalid')}")
+    return "; ".join(parts) + " (see the API's schema at /docs)"
+
+
+def build_components(settings: Settings, *, runtime: Runtime | None = None,
                      inventory: Inventory | None = None) -> Components:
     inventory = inventory or open_inventory(settings.gpu_mode)
     runtime = runtime or DockerRuntime()
@@ -73,22 +92,44 @@ def create_app(settings: Settings, **overrides: Any) -> FastAPI:
     app.mount("/static", StaticFiles(directory=templates_dir / "static"), name="static")
 
     @app.exception_handler(GtmError)
-    async def gtm_error(request: Request, exc: GtmError) -> Response:
+    async def gtm_error(request: Request, exc: GtmError, status: int | None = None) -> Response:
         """One handler: JSON for the API, a readable page for the console."""
         if isinstance(exc, AdmissionRefused):
             for check in exc.details.get("failed_checks", []):
                 request.app.state.metrics.refusals.labels(check).inc()
         if request.url.path.startswith(API_PATHS):
-            return JSONResponse({"error": exc.to_dict()}, status_code=exc.http_status)
+            return JSONResponse({"error": exc.to_dict()}, status_code=status or exc.http_status)
         page: Response = request.app.state.templates.TemplateResponse(
-            request, "error.html", {"session": None, "error": exc, "now": 0}, status_code=exc.http_status)
+            request, "error.html", {"session": None, "error": exc, "now": 0},
+            status_code=status or exc.http_status)
         return page
+
+    @app.middleware("http")
+    async def console_headers(request: Request, call_next: Any) -> Response:
+        response: Response = await call_next(request)
+        if not request.url.path.startswith(("/api/", "/docs", "/openapi.json", "/metrics", "/healthz")):
+            response.headers.update(CONSOLE_HEADERS)
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
+        """Bodies and parameters that do not validate: the API's one error shape, 400 for a body
+        that is not JSON at all, 422 otherwise."""
+        errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
+        not_json = any(e.get("type") == "json_invalid" for e in errors)
+        error = GtmError(("the request body is not valid JSON: " if not_json else "invalid input: ")
+                         + _validation_message(errors), details={"errors": jsonable_encoder(errors)})
+        error.code = "invalid_json" if not_json else "invalid_input"
+        return await gtm_error(request, error, status=400 if not_json else 422)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        """FastAPI's own errors (unknown path, wrong method): the same JSON/page split."""
+        """FastAPI's own errors (unknown path, wrong method, unparseable body): the same JSON/page split."""
         if request.url.path.startswith(API_PATHS):
-            return await http_exception_handler(request, exc)
+            error = GtmError(f"{exc.detail} ({request.method} {request.url.path})")
+            error.code = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed"}.get(
+                exc.status_code, f"http_{exc.status_code}")
+            return JSONResponse({"error": error.to_dict()}, status_code=exc.status_code, headers=exc.headers)
         error = GtmError(f"{exc.detail} ({request.method} {request.url.path})")
         page: Response = request.app.state.templates.TemplateResponse(
             request, "error.html", {"session": None, "error": error, "now": 0}, status_code=exc.status_code)
@@ -102,8 +143,10 @@ def create_app(settings: Settings, **overrides: Any) -> FastAPI:
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/metrics", tags=["health"])
+    @app.get("/metrics", tags=["health"], response_class=PlainTextResponse, responses={
+        200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+              "description": "Prometheus text format"}, **error_responses(401, 503)})
     def metrics(request: Request, _: Admin) -> Response:
-        return Response(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4")
 
     return app

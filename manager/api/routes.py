@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Response, status
+from fastapi import APIRouter, Path, Query, Response, status
 
 from manager.api.deps import Admin, Service
 from manager.api.schemas import (
     AuditEntry,
     CapacityPublic,
+    CostShare,
     DecisionPublic,
+    ErrorResponse,
     IssuedKeyPublic,
     KeyPublic,
+    Removal,
     RotateKey,
     TenantCreate,
     TenantCreated,
@@ -25,7 +29,23 @@ from manager.api.schemas import (
 from manager.control.costs import split
 from manager.domain import QUOTA_FIELDS, Quotas
 
-router = APIRouter(prefix="/api/v1")
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    text = {
+        400: "the body is not JSON",
+        401: "missing or wrong admin token",
+        404: "no such tenant or key",
+        409: "conflict: the name or port is taken, the tenant is being removed, or it does not fit "
+             "(admission_refused, with every number in details)",
+        422: "invalid input: the message says which field and what it accepts",
+        503: "the container runtime (Docker) or the GPU did not answer",
+    }
+    return {code: {"model": ErrorResponse, "description": text[code]} for code in codes}
+
+
+router = APIRouter(prefix="/api/v1", responses=error_responses(401, 422, 503))
+TenantName = Annotated[str, Path(max_length=64, description="the tenant's name")]
+UnixTime = Annotated[float, Query(ge=0, le=1e11, allow_inf_nan=False, description="UNIX seconds")]
 
 
 def start_of_day(now: float) -> float:
@@ -40,7 +60,7 @@ def list_tenants(svc: Service, _: Admin) -> list[TenantPublic]:
             for r in svc.store.tenants()]
 
 
-@router.post("/tenants", status_code=status.HTTP_201_CREATED, tags=["tenants"])
+@router.post("/tenants", status_code=status.HTTP_201_CREATED, tags=["tenants"], responses=error_responses(400, 409))
 def create_tenant(body: TenantCreate, svc: Service, actor: Admin) -> TenantCreated:
     """Admit and create a tenant. 409 with every number when it does not fit. The key is shown once."""
     spec = svc.new_spec(
@@ -56,14 +76,14 @@ def create_tenant(body: TenantCreate, svc: Service, actor: Admin) -> TenantCreat
     )
 
 
-@router.get("/tenants/{name}", tags=["tenants"])
-def get_tenant(name: str, svc: Service, _: Admin) -> TenantPublic:
+@router.get("/tenants/{name}", tags=["tenants"], responses=error_responses(404))
+def get_tenant(name: TenantName, svc: Service, _: Admin) -> TenantPublic:
     today = svc.store.usage_totals(name, start_of_day(time.time()))
     return TenantPublic.of(svc.store.tenant(name), svc.measured_use().get(name), today)
 
 
 @router.get("/usage", tags=["usage"])
-def usage(svc: Service, _: Admin, since: float = 0.0, until: float | None = None) -> list[UsageSummary]:
+def usage(svc: Service, _: Admin, since: UnixTime = 0.0, until: UnixTime | None = None) -> list[UsageSummary]:
     """Requests and tokens per tenant between ``since`` and ``until`` (UNIX seconds), as collected
     from the gateways (every ``GTM_USAGE_INTERVAL_S``)."""
     end = until or time.time() + 1
@@ -76,8 +96,8 @@ def usage(svc: Service, _: Admin, since: float = 0.0, until: float | None = None
     return out
 
 
-@router.patch("/tenants/{name}", tags=["tenants"])
-def update_tenant(name: str, body: TenantUpdate, svc: Service, actor: Admin) -> TenantPublic:
+@router.patch("/tenants/{name}", tags=["tenants"], responses=error_responses(400, 404, 409))
+def update_tenant(name: TenantName, body: TenantUpdate, svc: Service, actor: Admin) -> TenantPublic:
     """Resize or change options (engine recreated) or quotas (engine untouched)."""
     sent = body.model_dump(exclude_unset=True)
     quotas = {f: sent.pop(f) for f in QUOTA_FIELDS if f in sent}
@@ -85,29 +105,32 @@ def update_tenant(name: str, body: TenantUpdate, svc: Service, actor: Admin) -> 
     return TenantPublic.of(row)
 
 
-@router.delete("/tenants/{name}", status_code=status.HTTP_202_ACCEPTED, tags=["tenants"])
-def remove_tenant(name: str, svc: Service, actor: Admin) -> dict[str, str]:
+@router.delete("/tenants/{name}", status_code=status.HTTP_202_ACCEPTED, tags=["tenants"],
+               responses=error_responses(404))
+def remove_tenant(name: TenantName, svc: Service, actor: Admin) -> Removal:
     """Removes the tenant's containers, network and volume (asynchronously, by the reconciler)."""
     svc.remove(name, actor)
-    return {"status": "removing"}
+    return Removal(status="removing")
 
 
-@router.get("/tenants/{name}/keys", tags=["keys"])
-def list_keys(name: str, svc: Service, _: Admin) -> list[KeyPublic]:
+@router.get("/tenants/{name}/keys", tags=["keys"], responses=error_responses(404))
+def list_keys(name: TenantName, svc: Service, _: Admin) -> list[KeyPublic]:
     svc.store.tenant(name)
     now = time.time()
     return [KeyPublic.of(k, now) for k in svc.store.keys(name)]
 
 
-@router.post("/tenants/{name}/keys", status_code=status.HTTP_201_CREATED, tags=["keys"])
-def rotate_key(name: str, body: RotateKey, svc: Service, actor: Admin) -> IssuedKeyPublic:
+@router.post("/tenants/{name}/keys", status_code=status.HTTP_201_CREATED, tags=["keys"],
+             responses=error_responses(400, 404))
+def rotate_key(name: TenantName, body: RotateKey, svc: Service, actor: Admin) -> IssuedKeyPublic:
     """Issue a new key; older keys stay valid for ``grace_s`` seconds (0: revoked at once)."""
     issued = svc.rotate_key(name, actor, body.grace_s)
     return IssuedKeyPublic(key_id=issued.id, api_key=issued.secret_key)
 
 
-@router.delete("/tenants/{name}/keys/{key_id}", status_code=status.HTTP_204_NO_CONTENT, tags=["keys"])
-def revoke_key(name: str, key_id: str, svc: Service, actor: Admin) -> Response:
+@router.delete("/tenants/{name}/keys/{key_id}", status_code=status.HTTP_204_NO_CONTENT, tags=["keys"],
+               responses=error_responses(404))
+def revoke_key(name: TenantName, key_id: Annotated[str, Path(max_length=64)], svc: Service, actor: Admin) -> Response:
     svc.revoke_key(name, key_id, actor)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
@@ -117,7 +140,7 @@ def capacity(svc: Service, _: Admin) -> CapacityPublic:
     return CapacityPublic.of(svc.capacity())
 
 
-@router.post("/what-if", tags=["capacity"])
+@router.post("/what-if", tags=["capacity"], responses=error_responses(400, 404))
 def what_if(body: WhatIf, svc: Service, _: Admin) -> DecisionPublic:
     """Would this reservation fit? Creates nothing."""
     if body.tenant:
@@ -136,7 +159,9 @@ def audit(svc: Service, _: Admin, tenant: str | None = None, action: str | None 
 
 
 @router.get("/cost", tags=["usage"])
-def cost(svc: Service, _: Admin, month: str, total: float = Query(ge=0, description="the month's host cost")
-         ) -> list[dict[str, object]]:
+def cost(svc: Service, _: Admin,
+         month: Annotated[str, Query(pattern=r"^\d{4}-(0[1-9]|1[0-2])$", description="YYYY-MM")],
+         total: Annotated[float, Query(ge=0, le=1e12, allow_inf_nan=False, description="the month's host cost")],
+         ) -> list[CostShare]:
     """The month's cost split by reserved memory-hours and by tokens (the console's CSV, as JSON)."""
-    return [dict(s.__dict__) for s in split(month, total, svc.store, time.time())]
+    return [CostShare.of(s) for s in split(month, total, svc.store, time.time())]

@@ -4,40 +4,78 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from pydantic.config import JsonDict
 
 from manager.control.admission import Decision
+from manager.control.costs import Share
 from manager.control.service import Capacity
 from manager.control.store import AuditRow, KeyRow, TenantRow, UsageTotals
-from manager.sizes import format_size, parse_size
+from manager.domain import MAX_GRACE_S, MAX_MODEL_LEN, MAX_PORT, MIN_MODEL_LEN, MIN_PORT, QUOTA_MAX
+from manager.names import TENANT_NAME
+from manager.sizes import MAX_SIZE, format_size, parse_size
 
-Size = Annotated[int, BeforeValidator(parse_size)]
+SIZE_SCHEMA = {
+    "anyOf": [
+        {"type": "integer", "minimum": 1, "maximum": MAX_SIZE},
+        {"type": "string", "pattern": r"^\s*\d{1,15}(\.\d{1,9})?\s*([bB]|[kKmMgGtT]([iI]?[bB])?)\s*$"},
+    ],
+    "description": "bytes, or a size with a binary unit: 512M, 1.5G, 10G, 10GiB (1G = 1024^3 bytes); "
+                   "at most 1024T",
+}
+Size = Annotated[int, BeforeValidator(parse_size), WithJsonSchema(SIZE_SCHEMA)]
+Port = Annotated[int, Field(ge=MIN_PORT, le=MAX_PORT, description="the tenant's OpenAI API port on the host")]
+ModelLen = Annotated[int, Field(ge=MIN_MODEL_LEN, le=MAX_MODEL_LEN, description="longest context in tokens")]
+NAME_SCHEMA: JsonDict = {"pattern": TENANT_NAME.pattern, "minLength": 2, "maxLength": 32}
 
 
-class QuotaFields(BaseModel):
-    rpm_limit: int | None = Field(None, ge=1, description="requests per minute")
-    tokens_per_day: int | None = Field(None, ge=1)
-    requests_per_month: int | None = Field(None, ge=1)
-    max_in_flight: int | None = Field(None, ge=1, description="requests in flight at once")
+class Strict(BaseModel):
+    """Request bodies: unknown fields are refused, so a typo is an error, not a silent no-op."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def _quota(name: str, description: str) -> Any:
+    return Field(None, ge=1, le=QUOTA_MAX[name], description=description + " (null: no limit)")
+
+
+class QuotaFields(Strict):
+    rpm_limit: int | None = _quota("rpm_limit", "requests per minute")
+    tokens_per_day: int | None = _quota("tokens_per_day", "prompt + completion tokens per UTC day")
+    requests_per_month: int | None = _quota("requests_per_month", "requests per calendar month")
+    max_in_flight: int | None = _quota("max_in_flight", "requests in flight at once")
 
 
 class TenantCreate(QuotaFields):
-    name: str = Field(description="DNS-safe: lowercase letters, digits, '-'")
-    port: int = Field(description="the tenant's OpenAI API port on the host")
-    gpu_memory: Size = Field(description="reservation, e.g. '10G' or bytes")
-    model: str | None = Field(None, description="directory name under the models volume")
-    max_model_len: int | None = Field(None, ge=16)
-    quantization: str | None = None
+    name: str = Field(description="2-32 lowercase letters, digits and '-', starting with a letter",
+                      json_schema_extra=NAME_SCHEMA)
+    port: Port
+    gpu_memory: Size = Field(description="the reservation: " + str(SIZE_SCHEMA["description"]))
+    model: str | None = Field(None, description="directory name under the models volume", max_length=200)
+    max_model_len: ModelLen | None = None
+    quantization: str | None = Field(None, max_length=64)
     shm_size: Size | None = None
 
 
 class TenantUpdate(QuotaFields):
     gpu_memory: Size | None = None
-    port: int | None = None
-    model: str | None = None
-    max_model_len: int | None = Field(None, ge=16)
-    quantization: str | None = None
+    port: Port | None = None
+    model: str | None = Field(None, max_length=200)
+    max_model_len: ModelLen | None = None
+    quantization: str | None = Field(None, max_length=64)
     shm_size: Size | None = None
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="machine-readable: invalid_input, not_found, conflict, admission_refused, ...")
+    message: str = Field(description="what went wrong and what to do next")
+    details: dict[str, Any] | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error of the admin API has this shape."""
+
+    error: ErrorDetail
 
 
 class Quotas(BaseModel):
@@ -101,7 +139,7 @@ class TenantCreated(BaseModel):
 
 class KeyPublic(BaseModel):
     id: str
-    prefix: str
+    prefix: str = Field(description="how the key starts, e.g. gtm_1a2b3c4d_ (the rest is never stored)")
     created_at: float
     expires_at: float | None
     last_used_at: float | None
@@ -109,20 +147,42 @@ class KeyPublic(BaseModel):
 
     @classmethod
     def of(cls, k: KeyRow, now: float) -> KeyPublic:
-        return cls(id=k.id, prefix=k.prefix, created_at=k.created_at, expires_at=k.expires_at,
+        # the visible start of the key (the id is part of it), to match a key against this list
+        return cls(id=k.id, prefix=f"{k.prefix}_{k.id}_", created_at=k.created_at, expires_at=k.expires_at,
                    last_used_at=k.last_used_at, active=k.active(now))
 
 
-class RotateKey(BaseModel):
-    grace_s: float = Field(3600.0, ge=0, description="how long older keys stay valid; 0 revokes them at once")
+class RotateKey(Strict):
+    grace_s: float = Field(3600.0, ge=0, le=MAX_GRACE_S, allow_inf_nan=False,
+                           description="how long older keys stay valid; 0 revokes them at once")
 
 
-class WhatIf(BaseModel):
+class WhatIf(Strict):
     gpu_memory: Size
-    model: str | None = None
-    max_model_len: int | None = Field(None, ge=16)
-    quantization: str | None = None
-    tenant: str | None = Field(None, description="an existing tenant to resize; its own reservation is freed")
+    model: str | None = Field(None, max_length=200)
+    max_model_len: ModelLen | None = None
+    quantization: str | None = Field(None, max_length=64)
+    tenant: str | None = Field(None, description="an existing tenant to resize; its own reservation is freed",
+                               max_length=32)
+
+
+class Removal(BaseModel):
+    status: str = Field(description="'removing': the reconciler tears the tenant down in the background")
+
+
+class CostShare(BaseModel):
+    tenant: str
+    gib_hours: float
+    tokens: int
+    requests: int
+    share_by_memory: float
+    cost_by_memory: float
+    share_by_tokens: float
+    cost_by_tokens: float
+
+    @classmethod
+    def of(cls, share: Share) -> CostShare:
+        return cls(**share.__dict__)
 
 
 class DevicePublic(BaseModel):

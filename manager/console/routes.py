@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hmac
 import io
 import time
 from datetime import UTC, datetime, timedelta
@@ -13,7 +14,16 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from fastapi.templating import Jinja2Templates
 
 from manager.api.deps import Components
-from manager.console.session import COOKIE, LIFETIME_S, LoginLimiter, Session, Sessions
+from manager.console.session import (
+    COOKIE,
+    DEVICE_COOKIE,
+    DEVICE_LIFETIME_S,
+    LIFETIME_S,
+    LoginLimiter,
+    Session,
+    Sessions,
+    login_bucket,
+)
 from manager.console.views import capacity_segments, day_bars
 from manager.control.costs import split
 from manager.domain import QUOTA_FIELDS, Quotas
@@ -57,9 +67,11 @@ async def form_with_csrf(request: Request, session: Session) -> dict[str, str]:
     return {k: str(v) for k, v in form.items()}
 
 
-def page(request: Request, name: str, session: Session | None, **context: Any) -> HTMLResponse:
+def page(request: Request, name: str, session: Session | None, *, status_code: int = 200,
+         headers: dict[str, str] | None = None, **context: Any) -> HTMLResponse:
     return templates(request).TemplateResponse(request, name, {
-        "session": session, "format_size": format_size, "now": time.time(), **context})
+        "session": session, "format_size": format_size, "now": time.time(), **context},
+        status_code=status_code, headers=headers)
 
 
 def _opt_int(form: dict[str, str], key: str) -> int | None:
@@ -87,26 +99,34 @@ def login_page(request: Request) -> HTMLResponse:
 async def login(request: Request) -> Response:
     c = comps(request)
     limiter: LoginLimiter = request.app.state.login_limiter
+    sessions: Sessions = request.app.state.sessions
     client = request.client.host if request.client else "unknown"
+    device = sessions.device(request.cookies.get(DEVICE_COOKIE))
+    bucket = login_bucket(device, client)
     form = await request.form()
     user, password = str(form.get("username", "")), str(form.get("password", ""))
-    wait = limiter.blocked(client)
+    wait = limiter.blocked(bucket)
     if wait:
-        c.service.store.audit(user or "?", "console-login", None, "rate-limited", {"client": client})
-        return page(request, "login.html", None, error=f"Too many failed logins; try again in {wait:.0f} s.")
+        c.service.store.audit(user or "?", "console-login", None, "rate-limited",
+                              {"client": client, "known_device": device is not None})
+        return page(request, "login.html", None, status_code=429, headers={"retry-after": str(int(wait) + 1)},
+                    error=f"Too many failed logins from this browser; try again in {wait:.0f} s.")
     expected_user, expected_password = request.app.state.console_credentials
-    import hmac
-
     if not (hmac.compare_digest(user.encode(), expected_user.encode())
             and hmac.compare_digest(password.encode(), expected_password.encode())):
-        limiter.failed(client)
-        c.service.store.audit(user or "?", "console-login", None, "failed", {"client": client})
-        return page(request, "login.html", None, error="Wrong user name or password.")
-    cookie, _ = request.app.state.sessions.issue(user)
-    c.service.store.audit(user, "console-login", None, "ok", {"client": client})
+        limiter.failed(bucket)
+        c.service.store.audit(user or "?", "console-login", None, "failed",
+                              {"client": client, "known_device": device is not None})
+        return page(request, "login.html", None, status_code=401, error="Wrong user name or password.")
+    limiter.succeeded(bucket)
+    cookie, _ = sessions.issue(user)
+    c.service.store.audit(user, "console-login", None, "ok", {"client": client, "known_device": device is not None})
     response = RedirectResponse("/", status_code=303)
-    response.set_cookie(COOKIE, cookie, max_age=LIFETIME_S, httponly=True, samesite="strict",
-                        secure=request.url.scheme == "https")
+    secure = request.url.scheme == "https"
+    response.set_cookie(COOKIE, cookie, max_age=LIFETIME_S, httponly=True, samesite="strict", secure=secure)
+    if device is None:  # this browser has now proven itself: its own bucket from here on
+        response.set_cookie(DEVICE_COOKIE, sessions.issue_device(), max_age=DEVICE_LIFETIME_S, httponly=True,
+                            samesite="strict", secure=secure)
     return response
 
 

@@ -1,8 +1,13 @@
 """Signed session cookies and CSRF tokens, with nothing stored server-side.
 
 The cookie holds ``user|expires|csrf`` and an HMAC-SHA256 over it; the CSRF token
-of a session must come back in every form post. Failed logins are limited per
-client address.
+of a session must come back in every form post.
+
+Failed logins are limited per *bucket*, so that an attacker slows only themself
+(OWASP's "device cookie" pattern): a browser that has logged in before carries a
+signed device cookie and has a bucket of its own; every other client shares the
+bucket of its address. Locally every client arrives from the Docker bridge's
+address, so without device cookies one person guessing would lock everyone out.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from dataclasses import dataclass
 
 COOKIE = "gtm_session"
 LIFETIME_S = 12 * 3600
+DEVICE_COOKIE = "gtm_device"
+DEVICE_LIFETIME_S = 365 * 86400
 
 
 @dataclass(frozen=True)
@@ -54,23 +61,51 @@ class Sessions:
             return None
         return Session(user, float(expires), csrf)
 
+    def issue_device(self) -> str:
+        """A new device cookie for a browser that just logged in."""
+        device = secrets.token_urlsafe(12)
+        return f"{device}.{self._sign('device|' + device)}"
+
+    def device(self, cookie: str | None) -> str | None:
+        """The device id of a genuine device cookie, else None."""
+        if not cookie or "." not in cookie:
+            return None
+        device, signature = cookie.rsplit(".", 1)
+        return device if hmac.compare_digest(signature, self._sign("device|" + device)) else None
+
+
+def login_bucket(device: str | None, client: str) -> str:
+    return f"device:{device}" if device else f"client:{client}"
+
 
 class LoginLimiter:
-    """At most ``attempts`` failed logins per client per ``window_s``."""
+    """At most ``attempts`` failed logins per bucket per ``window_s``; while a bucket is
+    blocked its attempts are not even checked. A success clears the bucket."""
+
+    MAX_BUCKETS = 10_000
 
     def __init__(self, attempts: int = 5, window_s: float = 60.0) -> None:
         self.attempts, self.window_s = attempts, window_s
         self._failures: dict[str, deque[float]] = {}
 
-    def blocked(self, client: str, now: float | None = None) -> float:
-        """Seconds until the client may try again (0: now)."""
+    def blocked(self, bucket: str, now: float | None = None) -> float:
+        """Seconds until the bucket may try again (0: now)."""
         now = time.time() if now is None else now
-        q = self._failures.get(client)
+        q = self._failures.get(bucket)
         while q and q[0] <= now - self.window_s:
             q.popleft()
         if q and len(q) >= self.attempts:
             return q[0] + self.window_s - now
+        if q is not None and not q:
+            del self._failures[bucket]
         return 0.0
 
-    def failed(self, client: str, now: float | None = None) -> None:
-        self._failures.setdefault(client, deque()).append(time.time() if now is None else now)
+    def failed(self, bucket: str, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        if len(self._failures) >= self.MAX_BUCKETS and bucket not in self._failures:
+            for key in [k for k, q in self._failures.items() if not q or q[-1] <= now - self.window_s]:
+                del self._failures[key]
+        self._failures.setdefault(bucket, deque()).append(now)
+
+    def succeeded(self, bucket: str) -> None:
+        self._failures.pop(bucket, None)

@@ -8,13 +8,13 @@ these plans directly.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
 
 from manager import names
 from manager.domain import TenantSpec
 from manager.errors import InvalidInput
 from manager.names import Role
+from manager.runtime.types import ContainerPlan, Mount, NetworkPlan, VolumePlan
 from manager.settings import Settings
 
 MIB = 1024**2
@@ -39,68 +39,17 @@ def http_healthcheck(port: int, path: str, start_period_s: int) -> dict[str, obj
 
 
 @dataclass(frozen=True)
-class Mount:
-    source: str
-    target: str
-    read_only: bool = False
-
-    @property
-    def kind(self) -> Literal["bind", "volume"]:
-        return "bind" if self.source.startswith("/") else "volume"
-
-
-# An internal network still lets containers reach the host's own addresses through
-# the bridge's IP; with no IPv4 on the bridge, nothing outside the network answers.
-ISOLATED_BRIDGE = {"com.docker.network.bridge.inhibit_ipv4": "true"}
-
-
-@dataclass(frozen=True)
-class NetworkPlan:
-    name: str
-    labels: dict[str, str]
-    internal: bool = True
-    options: dict[str, str] = field(default_factory=lambda: dict(ISOLATED_BRIDGE))
-
-
-@dataclass(frozen=True)
-class VolumePlan:
-    name: str
-    labels: dict[str, str]
-
-
-@dataclass(frozen=True)
-class ContainerPlan:
-    name: str
-    image: str
-    command: list[str]
-    labels: dict[str, str]
-    network: str
-    aliases: list[str] = field(default_factory=list)
-    extra_networks: dict[str, list[str]] = field(default_factory=dict)
-    env: dict[str, str] = field(default_factory=dict)
-    mounts: list[Mount] = field(default_factory=list)
-    tmpfs: dict[str, str] = field(default_factory=dict)
-    user: str = "1000:1000"
-    read_only: bool = True
-    cap_drop: list[str] = field(default_factory=lambda: ["ALL"])
-    security_opt: list[str] = field(default_factory=lambda: ["no-new-privileges:true"])
-    pids_limit: int | None = 512
-    mem_limit: int | None = None
-    shm_size: int | None = None
-    nano_cpus: int | None = None
-    gpu_device_ids: list[str] | None = None
-    ports: dict[int, tuple[str, int]] = field(default_factory=dict)
-    restart_policy: str = "no"
-    healthcheck: dict[str, object] | None = None
-
-
-@dataclass(frozen=True)
 class TenantPlan:
     network: NetworkPlan
     volume: VolumePlan
     engine: ContainerPlan
     gateway_volume: VolumePlan
     gateway: ContainerPlan
+
+
+# An internal network still lets containers reach the host's own addresses through
+# the bridge's IP; with no IPv4 on the bridge, nothing outside the network answers.
+ISOLATED_BRIDGE = {"com.docker.network.bridge.inhibit_ipv4": "true"}
 
 
 def kv_cache_bytes(spec: TenantSpec, settings: Settings) -> int:
@@ -214,7 +163,8 @@ def tenant_plan(spec: TenantSpec, settings: Settings, device_total: int, gpu_uui
         healthcheck=http_healthcheck(ENGINE_PORT, "/health", int(settings.engine_start_timeout_s)),
     )
     return TenantPlan(
-        network=NetworkPlan(net, names.labels(inst, Role.NETWORK, spec.name), internal=True),
+        network=NetworkPlan(net, names.labels(inst, Role.NETWORK, spec.name), internal=True,
+                            options=dict(ISOLATED_BRIDGE)),
         volume=VolumePlan(vol, names.labels(inst, Role.VOLUME, spec.name)),
         engine=engine,
         gateway_volume=VolumePlan(names.gateway_volume(inst, spec.name),

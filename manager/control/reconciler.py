@@ -24,14 +24,15 @@ from dataclasses import dataclass
 
 from manager import names
 from manager.control.gateway_client import sync_gateway
-from manager.control.plan import ContainerPlan, control_network_name, control_network_plan, tenant_plan
+from manager.control.plan import control_network_name, control_network_plan, tenant_plan
 from manager.control.store import Store, TenantRow
 from manager.control.workqueue import WorkQueue
 from manager.domain import TenantStatus, can_transition
 from manager.errors import GtmError, RuntimeUnavailable
 from manager.gpu import Inventory
 from manager.names import Role
-from manager.runtime.docker import ContainerState, DockerRuntime
+from manager.runtime.protocol import Runtime
+from manager.runtime.types import ContainerPlan, ContainerState
 from manager.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ class _Failures:
 
 
 class Reconciler:
-    def __init__(self, settings: Settings, store: Store, runtime: DockerRuntime, inventory: Inventory) -> None:
+    def __init__(self, settings: Settings, store: Store, runtime: Runtime, inventory: Inventory) -> None:
         self.settings = settings
         self.store = store
         self.runtime = runtime

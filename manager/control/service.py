@@ -16,13 +16,11 @@ from manager.control.modelfit import read_footprint
 from manager.control.plan import MIN_KV_CACHE
 from manager.control.reconciler import Reconciler
 from manager.control.store import KeyRow, Store, TenantRow
-from manager.domain import Quotas, TenantSpec, TenantStatus
+from manager.domain import MAX_GRACE_S, MAX_PORT, MIN_PORT, Quotas, TenantSpec, TenantStatus, check_bounds
 from manager.errors import AdmissionRefused, Conflict, InvalidInput, NotFound
 from manager.gpu import DeviceMemory, Inventory
-from manager.runtime.docker import DockerRuntime
+from manager.runtime.protocol import Runtime
 from manager.settings import Settings
-
-MIN_PORT, MAX_PORT = 1024, 65535
 
 
 @dataclass(frozen=True)
@@ -53,7 +51,7 @@ class Created:
 
 
 class TenantService:
-    def __init__(self, settings: Settings, store: Store, runtime: DockerRuntime, inventory: Inventory,
+    def __init__(self, settings: Settings, store: Store, runtime: Runtime, inventory: Inventory,
                  reconciler: Reconciler) -> None:
         self.settings = settings
         self.store = store
@@ -177,6 +175,7 @@ class TenantService:
                 current = row.spec.quotas
                 changes["quotas"] = Quotas(**{**current.__dict__, **quotas})
             new = row.spec.with_changes(**changes)
+            check_bounds(new)
             if new == row.spec:
                 raise InvalidInput("nothing to change: pass at least one option that differs from the current spec")
             if new.port != row.spec.port:
@@ -201,8 +200,9 @@ class TenantService:
         self.reconciler.enqueue(name)
 
     def rotate_key(self, name: str, actor: str, grace_s: float) -> keys.IssuedKey:
-        if grace_s < 0:
-            raise InvalidInput("grace period must be 0 (revoke the old keys at once) or more seconds")
+        if not 0 <= grace_s <= MAX_GRACE_S:  # also refuses NaN
+            raise InvalidInput(f"grace period must be 0 (revoke the old keys at once) to {MAX_GRACE_S:.0f} "
+                               f"seconds, got {grace_s}")
         self.store.tenant(name)
         issued = keys.issue()
         now = time.time()
@@ -224,7 +224,7 @@ class TenantService:
 
     def new_spec(self, *, name: str, port: int, gpu_memory: int, model: str | None, max_model_len: int | None,
                  quantization: str | None, shm_size: int | None, quotas: Quotas) -> TenantSpec:
-        return TenantSpec(
+        spec = TenantSpec(
             name=names.validate_tenant_name(name),
             port=port,
             gpu_memory=gpu_memory,
@@ -234,3 +234,5 @@ class TenantService:
             shm_size=shm_size or 1024**3,
             quotas=quotas,
         )
+        check_bounds(spec)
+        return spec

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -29,17 +30,54 @@ Send = Callable[[Message], Awaitable[None]]
 POST_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings"}
 GET_PATHS = {"/v1/models"}
 HEALTH_PATHS = {"/health", "/healthz"}
+MODEL_PATH = re.compile(r"^/v1/models/[A-Za-z0-9_][A-Za-z0-9._:-]{0,127}$")
+PLAIN_PATH = re.compile(rb"^(?:/[A-Za-z0-9_:-][A-Za-z0-9._:-]*)+$")
+"""A path as clients of the OpenAI API send it: no percent-escapes, no empty, ``.`` or
+``..`` segments, nothing an upstream would normalise into another path."""
+MAX_JSON_DEPTH = 64
 
 
 def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:
     return json.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}}).encode()
 
 
+def canonical_path(raw_path: bytes) -> str | None:
+    """The path exactly as it will be forwarded, or None when the raw path is not plain
+    (escapes, dot segments, ``//``): the engine would normalise those into another path
+    than the one the allowlist saw, so they are refused before the allowlist."""
+    if not PLAIN_PATH.match(raw_path) or any(seg in (b".", b"..") for seg in raw_path.split(b"/")):
+        return None
+    return raw_path.decode("ascii")
+
+
 def allowed(method: str, path: str) -> bool:
+    """Exact matches only: three POST paths, the model list and one model by its id."""
     if method == "POST":
         return path in POST_PATHS
     if method == "GET":
-        return path in GET_PATHS or path.startswith("/v1/models/")
+        return path in GET_PATHS or MODEL_PATH.match(path) is not None
+    return False
+
+
+def route_of(path: str) -> str:
+    """The metrics label of an allowed path: model ids are folded so the label set stays bounded."""
+    return "/v1/models/{id}" if path.startswith("/v1/models/") else path
+
+
+def json_depth_exceeds(value: Any, limit: int) -> bool:
+    """True when ``value`` nests containers deeper than ``limit`` (iterative: no recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
     return False
 
 
@@ -79,11 +117,13 @@ class Proxy:
             return
         if scope["type"] != "http":
             return
-        method, path = scope["method"], scope["path"]
+        method = scope["method"]
+        path = canonical_path(scope.get("raw_path") or scope["path"].encode())
         if path in HEALTH_PATHS:
             await self._send(send, 200, b'{"status":"ok"}')
             return
-        if not allowed(method, path):
+        if path is None or not allowed(method, path):
+            path = scope["path"]
             await self._send(send, 404, error_body(f"{method} {path} is not served on this port; the tenant API "
                                                    "offers /v1/models, /v1/chat/completions, /v1/completions "
                                                    "and /v1/embeddings", "invalid_request_error", "not_found"))
@@ -94,15 +134,23 @@ class Proxy:
             await self._send(send, 401, error_body(
                 "Incorrect API key provided. Send 'Authorization: Bearer <key>' with a key from your "
                 "administrator.", "invalid_request_error", "invalid_api_key"))
-            self.state.metrics.requests.labels(path, "401").inc()
+            self.state.metrics.requests.labels(route_of(path), "401").inc()
             return
-        body = await self._read_body(receive)
+        try:
+            body = await self._read_body(receive)
+        except TimeoutError:
+            await self._send(send, 408, error_body(
+                f"The request body stopped arriving for {self.settings.body_idle_timeout_s:.0f} s; send the "
+                "whole body (Content-Length bytes) without pausing.", "invalid_request_error", "request_timeout"),
+                {"connection": "close"})
+            self.state.metrics.requests.labels(route_of(path), "408").inc()
+            return
         if body is None:
             await self._send(send, 413, error_body(
                 f"Request body larger than {self.settings.max_body_bytes} bytes.", "invalid_request_error",
                 "request_too_large"))
             return
-        await self._forward(scope, receive, send, key, body)
+        await self._forward(method, path, receive, send, key, body)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -124,10 +172,12 @@ class Proxy:
         return None
 
     async def _read_body(self, receive: Receive) -> bytes | None:
+        """The whole body; None when it exceeds the limit. A client that stops sending for
+        ``body_idle_timeout_s`` (a body shorter than its Content-Length) gets TimeoutError."""
         chunks: list[bytes] = []
         size = 0
         while True:
-            message = await receive()
+            message = await asyncio.wait_for(receive(), self.settings.body_idle_timeout_s)
             if message["type"] == "http.disconnect":
                 return b""
             chunk = message.get("body", b"")
@@ -147,17 +197,22 @@ class Proxy:
         await send({"type": "http.response.body", "body": body})
 
     # ---------------------------------------------------------------- forwarding
-    async def _forward(self, scope: Scope, receive: Receive, send: Send, key: KeyEntry, body: bytes) -> None:
-        method, path = scope["method"], scope["path"]
+    async def _forward(self, method: str, path: str, receive: Receive, send: Send, key: KeyEntry,
+                       body: bytes) -> None:
         payload: dict[str, Any] = {}
         if method == "POST":
             try:
                 payload = json.loads(body or b"{}")
                 if not isinstance(payload, dict):
                     raise ValueError("not an object")
-            except ValueError:
+            except (ValueError, RecursionError):
                 await self._send(send, 400, error_body("The request body is not a JSON object.",
                                                        "invalid_request_error", "invalid_json"))
+                return
+            if json_depth_exceeds(payload, MAX_JSON_DEPTH):
+                await self._send(send, 400, error_body(
+                    f"The request body nests objects or arrays deeper than {MAX_JSON_DEPTH} levels.",
+                    "invalid_request_error", "invalid_json"))
                 return
         max_tokens = payload.get("max_completion_tokens") or payload.get("max_tokens")
         if path == "/v1/embeddings":
@@ -167,15 +222,16 @@ class Proxy:
         if verdict.refusal is not None:
             r = verdict.refusal
             self.state.metrics.limited.labels(r.reason).inc()
-            self.state.metrics.requests.labels(path, "429").inc()
+            self.state.metrics.requests.labels(route_of(path), "429").inc()
             await self._send(send, 429, error_body(r.message, r.type, r.code), verdict.headers)
             return
         assert verdict.ticket is not None
         ticket = verdict.ticket
         request_id = "req_" + uuid.uuid4().hex
         started = time.time()
-        record = dict(request_id=request_id, key_id=key.id, model=str(payload.get("model", "")), path=path,
-                      prompt_tokens=0, completion_tokens=0, status=0, outcome="ok", at=started)
+        record: dict[str, Any] = dict(request_id=request_id, key_id=key.id, model=str(payload.get("model", "")),
+                                      path=path, prompt_tokens=0, completion_tokens=0, status=0, outcome="ok",
+                                      at=started)
         headers = {**verdict.headers, "x-request-id": request_id}
         try:
             if payload.get("stream") is True:
@@ -184,15 +240,17 @@ class Proxy:
                 await self._plain(method, path, body, send, headers, record)
         finally:
             used = int(record["prompt_tokens"]) + int(record["completion_tokens"])
-            self._finish(record, started)
-            self.state.quotas.settle(ticket, used)
+            try:
+                self._finish(record, started)
+            finally:  # a failed record write must not leak the in-flight slot
+                self.state.quotas.settle(ticket, used)
 
     def _finish(self, record: dict[str, Any], started: float) -> None:
         elapsed = time.time() - started
         rec = UsageRecord(latency_ms=round(elapsed * 1000, 3), **record)
         self.state.store.record(rec)
         m = self.state.metrics
-        m.requests.labels(rec.path, str(rec.status)).inc()
+        m.requests.labels(route_of(rec.path), str(rec.status)).inc()
         m.latency.observe(elapsed)
         if rec.prompt_tokens:
             m.tokens.labels("prompt").inc(rec.prompt_tokens)

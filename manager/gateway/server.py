@@ -8,6 +8,7 @@ import logging
 import uvicorn
 
 from manager.gateway.admin import create_admin_app
+from manager.gateway.http import protocol_for
 from manager.gateway.proxy import Proxy
 from manager.gateway.settings import GatewaySettings
 from manager.gateway.state import GatewayState
@@ -20,7 +21,8 @@ async def serve(settings: GatewaySettings) -> None:
     admin = create_admin_app(state, settings.admin_token.get_secret_value())
     public = uvicorn.Server(uvicorn.Config(proxy, host=settings.host, port=settings.public_port,
                                            log_level="warning", access_log=False, loop="uvloop",
-                                           http="httptools", proxy_headers=False))
+                                           http=protocol_for(settings), proxy_headers=False,
+                                           limit_concurrency=settings.max_connections))
     private = uvicorn.Server(uvicorn.Config(admin, host=settings.host, port=settings.admin_port,
                                             log_level="warning", access_log=False, loop="uvloop"))
     try:

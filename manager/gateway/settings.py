@@ -22,3 +22,12 @@ class GatewaySettings(BaseSettings):
     default_max_tokens: int = 512
     upstream_timeout_s: float = 600.0
     drain_timeout_s: float = 120.0
+    header_timeout_s: float = 10.0
+    """A client must send a request's whole header within this time (408 and closed otherwise)."""
+    body_idle_timeout_s: float = 30.0
+    """A body that stops arriving for this long is answered 408 (a short Content-Length)."""
+    max_headers: int = 100
+    max_header_bytes: int = 32 * 1024
+    """Request line plus headers; more is answered 431."""
+    max_connections: int = 2048
+    """Open connections and requests at once on the public port; more are answered 503."""

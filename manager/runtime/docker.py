@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import docker
@@ -18,48 +17,10 @@ import requests.exceptions
 from docker.models.containers import Container
 from docker.types import DeviceRequest, Mount
 
-from manager.control.plan import ContainerPlan, NetworkPlan, VolumePlan
 from manager.errors import Conflict, RuntimeUnavailable
-from manager.names import ROLE, SPEC_HASH, TENANT
+from manager.runtime.types import ContainerPlan, ContainerState, NetworkPlan, Resource, VolumePlan
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class ContainerState:
-    id: str
-    name: str
-    labels: dict[str, str]
-    status: str  # created, running, restarting, exited, dead, paused, removing
-    health: str | None  # starting, healthy, unhealthy, or None without a health check
-    exit_code: int | None
-    oom_killed: bool
-    error: str
-    started_at: str
-    finished_at: str
-    ports: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def tenant(self) -> str | None:
-        return self.labels.get(TENANT)
-
-    @property
-    def role(self) -> str | None:
-        return self.labels.get(ROLE)
-
-    @property
-    def spec_hash(self) -> str | None:
-        return self.labels.get(SPEC_HASH)
-
-
-@dataclass(frozen=True)
-class Resource:
-    name: str
-    labels: dict[str, str]
-
-    @property
-    def tenant(self) -> str | None:
-        return self.labels.get(TENANT)
 
 
 @contextmanager
@@ -218,8 +179,8 @@ class DockerRuntime:
         def run() -> int | None:
             try:
                 stats = self._client.api.stats(name, stream=False, one_shot=True)
-            except docker.errors.NotFound:
-                return None
+            except docker.errors.APIError:
+                return None  # gone or going away while we asked: no figure, the runtime itself is fine
             mem = stats.get("memory_stats") or {}
             usage = mem.get("usage")
             if usage is None:
@@ -233,8 +194,8 @@ class DockerRuntime:
         def run() -> set[int]:
             try:
                 top = self._client.api.top(name, ps_args="-eo pid")
-            except docker.errors.NotFound:
-                return set()
+            except docker.errors.APIError:
+                return set()  # gone, stopping or not running: no processes to count
             titles = [t.upper() for t in top.get("Titles", [])]
             col = titles.index("PID") if "PID" in titles else 0
             return {int(row[col]) for row in top.get("Processes") or []}

@@ -2,7 +2,7 @@ import pytest
 
 from manager.control.reconciler import backoff, failure_reason
 from manager.domain import TenantStatus, can_transition
-from manager.runtime.docker import ContainerState
+from manager.runtime.types import ContainerState
 
 S = TenantStatus
 

@@ -164,3 +164,56 @@ def test_admin_side_needs_its_token_and_pages_usage_by_cursor(tmp_path: Path) ->
     assert client.put("/admin/config", json=config, headers=auth).json() == {"version": "v9"}
     assert client.get("/admin/config", headers=auth).json()["limits"]["rpm_limit"] == 7
     assert state.quotas.limits.rpm_limit == 7
+
+
+@pytest.mark.parametrize("raw", [
+    b"/v1/models/../../metrics", b"/v1/models/%2e%2e/%2e%2e/metrics", b"/v1/models/..%2f..%2fmetrics",
+    b"/v1/models/%2E%2E/openapi.json", b"/v1/models/./../version", b"//v1/models", b"/v1//models",
+    b"/v1/models/", b"/v1/chat/completions/", b"/v1/chat/completions/..", b"/v1/models/..\\..\\load",
+    b"/v1/models/demo/../../docs", b"/v1/%6dodels",
+])
+def test_paths_an_upstream_would_normalise_are_refused(raw: bytes) -> None:
+    from manager.gateway.proxy import allowed, canonical_path
+
+    path = canonical_path(raw)
+    assert path is None or (not allowed("GET", path) and not allowed("POST", path))
+
+
+@pytest.mark.parametrize(("method", "raw"), [("GET", b"/v1/models"), ("GET", b"/v1/models/demo"),
+                                             ("GET", b"/v1/models/qwen2.5-7b:int4"),
+                                             ("POST", b"/v1/chat/completions"), ("POST", b"/v1/embeddings")])
+def test_the_openai_paths_pass_exactly(method: str, raw: bytes) -> None:
+    from manager.gateway.proxy import allowed, canonical_path
+
+    assert canonical_path(raw) == raw.decode()
+    assert allowed(method, raw.decode())
+
+
+async def test_a_dot_segment_path_is_not_forwarded(gateway):
+    """The ASGI scope as uvicorn builds it for ``curl --path-as-is .../v1/models/../../metrics``."""
+    client, _state, key = gateway
+    proxy = client._transport.app  # type: ignore[attr-defined]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+    scope = {"type": "http", "method": "GET", "path": "/v1/models/../../metrics",
+             "raw_path": b"/v1/models/../../metrics", "headers": [(b"authorization", f"Bearer {key}".encode())]}
+    await proxy(scope, receive, send)
+    assert sent[0]["status"] == 404
+    assert b"not served on this port" in sent[1]["body"]
+
+
+async def test_deeply_nested_json_is_400(gateway):
+    client, state, _ = gateway
+    for depth in (65, 1000, 100_000):
+        body = b'{"model": "demo", "x": ' + b"[" * depth + b"]" * depth + b"}"
+        r = await client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+        assert r.status_code in (400, 413), depth
+        assert r.json()["error"]["code"] in ("invalid_json", "request_too_large")
+    ok = {**CHAT, "x": [[[[{"a": [1]}]]]]}
+    assert (await client.post("/v1/chat/completions", json=ok)).status_code == 200
+    assert state.store.after(0)[-1]["status"] == 200

@@ -1,0 +1,190 @@
+"""An in-memory ``Runtime``: containers, networks and volumes as plain records.
+
+For fast tests of the control plane (reconciler, service, API). It keeps the
+promises of the ``Runtime`` protocol, checked by the same conformance test as the
+Docker adapter. Tests drive what Docker would do on its own through the ``exit``,
+``set_health`` and ``fail_next`` hooks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from dataclasses import dataclass, field, replace
+
+from manager.errors import Conflict, RuntimeUnavailable
+from manager.runtime.types import ContainerPlan, ContainerState, NetworkPlan, Resource, VolumePlan
+
+
+def _matches(labels: dict[str, str], selector: list[str]) -> bool:
+    for item in selector:
+        key, _, value = item.partition("=")
+        if labels.get(key) != value:
+            return False
+    return True
+
+
+@dataclass
+class _Container:
+    plan: ContainerPlan
+    state: ContainerState
+    networks: dict[str, str] = field(default_factory=dict)  # network -> IP
+    logs: str = ""
+
+
+class MemoryRuntime:
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._containers: dict[str, _Container] = {}
+        self._networks: dict[str, NetworkPlan] = {}
+        self._volumes: dict[str, VolumePlan] = {}
+        self._ids = itertools.count(1)
+        self._clock = itertools.count(1)
+        self.available = True
+        self.started: list[str] = []  # names, in the order they were started
+        self._fail_next: dict[str, str] = {}
+
+    # ---------------------------------------------------------------- test hooks
+    def exit(self, name: str, code: int = 1, logs: str = "", oom_killed: bool = False) -> None:
+        """The container's process ends, as if it crashed (or was OOM-killed)."""
+        with self._lock:
+            c = self._containers[name]
+            c.logs += logs
+            c.state = replace(c.state, status="exited", health=None, exit_code=code, oom_killed=oom_killed,
+                              finished_at=self._stamp())
+
+    def set_health(self, name: str, health: str) -> None:
+        with self._lock:
+            c = self._containers[name]
+            c.state = replace(c.state, health=health)
+
+    def fail_next(self, name: str, error: str) -> None:
+        """The next ``run`` of ``name`` fails as Docker would (for example a port already taken)."""
+        self._fail_next[name] = error
+
+    # ---------------------------------------------------------------- protocol
+    def _check(self) -> None:
+        if not self.available:
+            raise RuntimeUnavailable("the container runtime did not answer")
+
+    def _stamp(self) -> str:
+        return f"t{next(self._clock):08d}"
+
+    def ping(self) -> bool:
+        self._check()
+        return True
+
+    def ensure_network(self, plan: NetworkPlan) -> None:
+        with self._lock:
+            self._check()
+            self._networks.setdefault(plan.name, plan)
+
+    def ensure_volume(self, plan: VolumePlan) -> None:
+        with self._lock:
+            self._check()
+            self._volumes.setdefault(plan.name, plan)
+
+    def networks(self, selector: list[str]) -> list[Resource]:
+        with self._lock:
+            self._check()
+            return [Resource(n.name, dict(n.labels)) for n in self._networks.values() if _matches(n.labels, selector)]
+
+    def volumes(self, selector: list[str]) -> list[Resource]:
+        with self._lock:
+            self._check()
+            return [Resource(v.name, dict(v.labels)) for v in self._volumes.values() if _matches(v.labels, selector)]
+
+    def remove_network(self, name: str) -> None:
+        with self._lock:
+            self._check()
+            if any(name in c.networks for c in self._containers.values()):
+                raise Conflict(f"removing network {name}: it has active endpoints")
+            self._networks.pop(name, None)
+
+    def remove_volume(self, name: str) -> None:
+        with self._lock:
+            self._check()
+            if any(m.source == name for c in self._containers.values() for m in c.plan.mounts):
+                raise Conflict(f"removing volume {name}: it is in use")
+            self._volumes.pop(name, None)
+
+    def containers(self, selector: list[str]) -> list[ContainerState]:
+        with self._lock:
+            self._check()
+            return [c.state for c in self._containers.values() if _matches(c.state.labels, selector)]
+
+    def container(self, name: str) -> ContainerState | None:
+        with self._lock:
+            self._check()
+            c = self._containers.get(name)
+            return c.state if c else None
+
+    def run(self, plan: ContainerPlan) -> ContainerState:
+        with self._lock:
+            self._check()
+            self._containers.pop(plan.name, None)
+            error = self._fail_next.pop(plan.name, None)
+            if error is not None:
+                raise RuntimeUnavailable(f"starting {plan.name}: {error}")
+            running = {hp: c.plan.name for c in self._containers.values() if c.state.status == "running"
+                       for _, hp in c.plan.ports.values()}
+            for host_ip, host_port in plan.ports.values():
+                owner = running.get(host_port)
+                if owner is not None:
+                    raise RuntimeUnavailable(f"starting {plan.name}: port {host_ip}:{host_port} is already "
+                                             f"allocated by {owner}")
+            for network in [plan.network, *plan.extra_networks]:
+                if network not in self._networks:
+                    raise RuntimeUnavailable(f"starting {plan.name}: network {network} not found")
+            n = next(self._ids)
+            state = ContainerState(
+                id=f"{n:012x}", name=plan.name, labels=dict(plan.labels), status="running",
+                health="starting" if plan.healthcheck else None, exit_code=None, oom_killed=False, error="",
+                started_at=self._stamp(), finished_at="",
+                ports={f"{p}/tcp": [{"HostIp": ip, "HostPort": str(hp)}] for p, (ip, hp) in plan.ports.items()},
+            )
+            nets = {net: f"10.{n // 250 % 250}.{n % 250}.{i + 2}"
+                    for i, net in enumerate([plan.network, *plan.extra_networks])}
+            self._containers[plan.name] = _Container(plan, state, nets)
+            self.started.append(plan.name)
+            return state
+
+    def container_ip(self, name: str, network: str) -> str | None:
+        with self._lock:
+            self._check()
+            c = self._containers.get(name)
+            return c.networks.get(network) if c and c.state.status == "running" else None
+
+    def stop_container(self, name: str, timeout: int = 5) -> None:
+        with self._lock:
+            self._check()
+            c = self._containers.get(name)
+            if c and c.state.status == "running":
+                c.state = replace(c.state, status="exited", health=None, exit_code=137, finished_at=self._stamp())
+
+    def remove_container(self, name: str) -> None:
+        with self._lock:
+            self._check()
+            self._containers.pop(name, None)
+
+    def logs_tail(self, name: str, lines: int = 40) -> str:
+        with self._lock:
+            self._check()
+            c = self._containers.get(name)
+            return "\n".join(c.logs.splitlines()[-lines:]) if c else ""
+
+    def memory_usage(self, name: str) -> int | None:
+        with self._lock:
+            self._check()
+            return None  # an in-memory container uses no memory to measure
+
+    def container_pids(self, name: str) -> set[int]:
+        with self._lock:
+            self._check()
+            return set()
+
+    def published_ports(self) -> dict[int, str]:
+        with self._lock:
+            self._check()
+            return {hp: c.plan.name for c in self._containers.values()
+                    for _, hp in c.plan.ports.values()}

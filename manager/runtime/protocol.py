@@ -1,0 +1,64 @@
+"""What the control plane needs from a container runtime.
+
+``DockerRuntime`` is the implementation on a real host; ``MemoryRuntime`` keeps the
+same state in memory for fast tests of the code above it. Both pass the same
+conformance test (``tests/conformance/runtime_contract.py``), so a test that passes
+on one means the same on the other. Every method raises ``RuntimeUnavailable`` when
+the runtime does not answer; ``ensure_*`` and ``remove_*`` are idempotent; a
+container that disappears while it is being read reads as absent, never as an
+unavailable runtime.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from manager.runtime.types import ContainerPlan, ContainerState, NetworkPlan, Resource, VolumePlan
+
+
+class Runtime(Protocol):
+    def ping(self) -> bool: ...
+
+    def ensure_network(self, plan: NetworkPlan) -> None: ...
+
+    def ensure_volume(self, plan: VolumePlan) -> None: ...
+
+    def networks(self, selector: list[str]) -> list[Resource]:
+        """Networks carrying every ``key=value`` label of ``selector``."""
+        ...
+
+    def volumes(self, selector: list[str]) -> list[Resource]: ...
+
+    def remove_network(self, name: str) -> None: ...
+
+    def remove_volume(self, name: str) -> None: ...
+
+    def containers(self, selector: list[str]) -> list[ContainerState]:
+        """Containers in any state carrying every ``key=value`` label of ``selector``."""
+        ...
+
+    def container(self, name: str) -> ContainerState | None: ...
+
+    def run(self, plan: ContainerPlan) -> ContainerState:
+        """Creates and starts a container; a leftover of the same name is replaced."""
+        ...
+
+    def container_ip(self, name: str, network: str) -> str | None: ...
+
+    def stop_container(self, name: str, timeout: int = 5) -> None: ...
+
+    def remove_container(self, name: str) -> None: ...
+
+    def logs_tail(self, name: str, lines: int = 40) -> str: ...
+
+    def memory_usage(self, name: str) -> int | None:
+        """Memory in use by a running container (bytes); None when it has no figure (gone, stopping)."""
+        ...
+
+    def container_pids(self, name: str) -> set[int]:
+        """Host PIDs of a container's processes; empty when it is not running."""
+        ...
+
+    def published_ports(self) -> dict[int, str]:
+        """Host ports published by any container of the runtime, with the container's name."""
+        ...

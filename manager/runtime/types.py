@@ -1,0 +1,102 @@
+"""What the control plane hands a runtime (plans) and what it reads back (states).
+
+Plain data, no SDK: the control plane builds plans with pure code, any ``Runtime``
+implementation turns them into containers, networks and volumes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from manager.names import ROLE, SPEC_HASH, TENANT
+
+
+@dataclass(frozen=True)
+class Mount:
+    source: str
+    target: str
+    read_only: bool = False
+
+    @property
+    def kind(self) -> Literal["bind", "volume"]:
+        return "bind" if self.source.startswith("/") else "volume"
+
+
+@dataclass(frozen=True)
+class NetworkPlan:
+    name: str
+    labels: dict[str, str]
+    internal: bool = True
+    options: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class VolumePlan:
+    name: str
+    labels: dict[str, str]
+
+
+@dataclass(frozen=True)
+class ContainerPlan:
+    name: str
+    image: str
+    command: list[str]
+    labels: dict[str, str]
+    network: str
+    aliases: list[str] = field(default_factory=list)
+    extra_networks: dict[str, list[str]] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+    mounts: list[Mount] = field(default_factory=list)
+    tmpfs: dict[str, str] = field(default_factory=dict)
+    user: str = "1000:1000"
+    read_only: bool = True
+    cap_drop: list[str] = field(default_factory=lambda: ["ALL"])
+    security_opt: list[str] = field(default_factory=lambda: ["no-new-privileges:true"])
+    pids_limit: int | None = 512
+    mem_limit: int | None = None
+    shm_size: int | None = None
+    nano_cpus: int | None = None
+    gpu_device_ids: list[str] | None = None
+    ports: dict[int, tuple[str, int]] = field(default_factory=dict)
+    restart_policy: str = "no"
+    healthcheck: dict[str, object] | None = None
+
+
+@dataclass(frozen=True)
+class ContainerState:
+    id: str
+    name: str
+    labels: dict[str, str]
+    status: str  # created, running, restarting, exited, dead, paused, removing
+    health: str | None  # starting, healthy, unhealthy, or None without a health check
+    exit_code: int | None
+    oom_killed: bool
+    error: str
+    started_at: str
+    finished_at: str
+    ports: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tenant(self) -> str | None:
+        return self.labels.get(TENANT)
+
+    @property
+    def role(self) -> str | None:
+        return self.labels.get(ROLE)
+
+    @property
+    def spec_hash(self) -> str | None:
+        return self.labels.get(SPEC_HASH)
+
+
+@dataclass(frozen=True)
+class Resource:
+    """A network or a volume, as found by label."""
+
+    name: str
+    labels: dict[str, str]
+
+    @property
+    def tenant(self) -> str | None:
+        return self.labels.get(TENANT)

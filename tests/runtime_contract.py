@@ -1,0 +1,91 @@
+"""The promises of the ``Runtime`` protocol, as one set of tests.
+
+``tests/unit/test_runtime_memory.py`` runs them against ``MemoryRuntime`` and
+``tests/integration/test_runtime_docker.py`` against ``DockerRuntime`` on a real
+engine: a subclass provides the ``runtime``, ``instance`` and ``image`` fixtures.
+"""
+
+from __future__ import annotations
+
+from manager import names
+from manager.names import Role
+from manager.runtime.protocol import Runtime
+from manager.runtime.types import ContainerPlan, Mount, NetworkPlan, VolumePlan
+
+
+def plans(instance: str, tenant: str, image: str, host_port: int) -> tuple[NetworkPlan, VolumePlan, ContainerPlan]:
+    net = NetworkPlan(names.network(instance, tenant), names.labels(instance, Role.NETWORK, tenant), internal=True)
+    vol = VolumePlan(names.gateway_volume(instance, tenant), names.labels(instance, Role.VOLUME, tenant))
+    container = ContainerPlan(
+        name=names.gateway(instance, tenant), image=image, command=["gateway"],
+        labels=names.labels(instance, Role.GATEWAY, tenant, spec_hash="h1"), network=net.name,
+        mounts=[Mount(vol.name, "/data")], tmpfs={"/tmp": "rw,size=16m"},
+        ports={8000: ("127.0.0.1", host_port)}, mem_limit=256 * 1024**2,
+    )
+    return net, vol, container
+
+
+class RuntimeContract:
+    """Subclasses provide fixtures ``runtime: Runtime``, ``instance: str``, ``image: str``, ``host_port: int``."""
+
+    def test_networks_and_volumes_are_idempotent_and_found_by_label(self, runtime: Runtime, instance: str,
+                                                                     image: str, host_port: int) -> None:
+        net, vol, _ = plans(instance, "alpha", image, host_port)
+        for _ in range(2):
+            runtime.ensure_network(net)
+            runtime.ensure_volume(vol)
+        sel = names.selector(instance, tenant="alpha")
+        assert [n.name for n in runtime.networks(sel)] == [net.name]
+        assert [v.name for v in runtime.volumes(sel)] == [vol.name]
+        assert runtime.networks(sel)[0].tenant == "alpha"
+        assert runtime.networks(names.selector(instance, tenant="other")) == []
+        for _ in range(2):
+            runtime.remove_network(net.name)
+            runtime.remove_volume(vol.name)
+        assert runtime.networks(sel) == [] and runtime.volumes(sel) == []
+
+    def test_container_lifecycle(self, runtime: Runtime, instance: str, image: str, host_port: int) -> None:
+        net, vol, plan = plans(instance, "beta", image, host_port)
+        runtime.ensure_network(net)
+        runtime.ensure_volume(vol)
+        first = runtime.run(plan)
+        assert first.status == "running" and first.name == plan.name
+        assert first.tenant == "beta" and first.role == Role.GATEWAY and first.spec_hash == "h1"
+
+        found = runtime.containers(names.selector(instance, tenant="beta"))
+        assert [c.name for c in found] == [plan.name]
+        assert runtime.containers(names.selector(instance, role=Role.ENGINE)) == []
+        assert runtime.container(plan.name) is not None
+        assert runtime.published_ports().get(host_port) == plan.name
+        ip = runtime.container_ip(plan.name, net.name)
+        assert ip is not None and ip.count(".") == 3
+        assert runtime.container_ip(plan.name, "no-such-network") is None
+
+        second = runtime.run(plan)  # a leftover of the same name is replaced, never duplicated
+        assert second.id != first.id
+        assert [c.id for c in runtime.containers(names.selector(instance, tenant="beta"))] == [second.id]
+
+        runtime.stop_container(plan.name, timeout=1)
+        stopped = runtime.container(plan.name)
+        assert stopped is not None and stopped.status == "exited" and stopped.exit_code is not None
+        assert runtime.memory_usage(plan.name) is None
+        assert runtime.container_pids(plan.name) == set()
+        assert isinstance(runtime.logs_tail(plan.name), str)
+
+        for _ in range(2):
+            runtime.remove_container(plan.name)
+        assert runtime.container(plan.name) is None
+        assert runtime.published_ports().get(host_port) is None
+        runtime.remove_network(net.name)
+        runtime.remove_volume(vol.name)
+
+    def test_reading_a_missing_container_is_not_a_runtime_error(self, runtime: Runtime, instance: str) -> None:
+        missing = f"{instance}-no-such-container"
+        assert runtime.container(missing) is None
+        assert runtime.memory_usage(missing) is None
+        assert runtime.container_pids(missing) == set()
+        assert runtime.logs_tail(missing) == ""
+        assert runtime.container_ip(missing, "any") is None
+        runtime.stop_container(missing)
+        runtime.remove_container(missing)
+        assert runtime.ping() is True

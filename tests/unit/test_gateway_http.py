@@ -1,0 +1,105 @@
+"""The public port's limits on a real socket: the gateway's protocol in an in-process
+uvicorn server, the proxy in front of a scripted upstream (no Docker). The same cases
+run against a gateway container in tests/integration/test_gateway_hardening.py."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from manager.control import keys
+from manager.gateway.http import protocol_for
+from manager.gateway.proxy import Proxy
+from manager.gateway.settings import GatewaySettings
+from manager.gateway.state import GatewayState
+from manager.gateway.store import GatewayStore
+
+
+def upstream(request: httpx.Request) -> httpx.Response:
+    return httpx.Response(200, json={"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}})
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[int, str]]:
+    settings = GatewaySettings(header_timeout_s=0.5, body_idle_timeout_s=0.5, max_headers=20,
+                               max_header_bytes=4096)
+    state = GatewayState(GatewayStore(tmp_path / "gw.db"))
+    issued = keys.issue()
+    state.apply({"version": "v", "keys": [{"id": issued.id, "hash": issued.hash}], "limits": {}})
+    proxy = Proxy(settings, state, transport=httpx.MockTransport(upstream))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    server = uvicorn.Server(uvicorn.Config(proxy, host="127.0.0.1", port=port, log_level="warning",
+                                           http=protocol_for(settings), lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.02)
+    yield port, issued.secret_key
+    server.should_exit = True
+    thread.join(5)
+
+
+def exchange(port: int, data: bytes, wait_s: float = 5.0) -> tuple[bytes, float]:
+    """Sends ``data``, then reads until the server closes; returns what came back and when."""
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=wait_s) as conn:
+        conn.sendall(data)
+        out = b""
+        while chunk := conn.recv(65536):
+            out += chunk
+    return out, time.monotonic() - started
+
+
+def test_half_sent_headers_get_408_and_the_connection_closes(served: tuple[int, str]) -> None:
+    port, _ = served
+    out, elapsed = exchange(port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+    assert out.startswith(b"HTTP/1.1 408"), out
+    assert elapsed < 3
+
+
+def test_a_silent_connection_is_closed(served: tuple[int, str]) -> None:
+    port, _ = served
+    out, elapsed = exchange(port, b"")
+    assert out.startswith(b"HTTP/1.1 408") and elapsed < 3
+
+
+def test_body_shorter_than_its_content_length_gets_408(served: tuple[int, str]) -> None:
+    port, key = served
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n").encode()
+    out, elapsed = exchange(port, head + b'{"model": "demo"')
+    assert b" 408 " in out.split(b"\r\n")[0], out
+    assert b"request_timeout" in out and elapsed < 3
+
+
+def test_too_many_headers_get_431(served: tuple[int, str]) -> None:
+    port, _ = served
+    flood = b"".join(b"X-H%d: v\r\n" % i for i in range(50))
+    out, _ = exchange(port, b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + flood + b"\r\n")
+    assert out.startswith(b"HTTP/1.1 431"), out
+
+
+def test_oversized_headers_get_431(served: tuple[int, str]) -> None:
+    port, _ = served
+    out, _ = exchange(port, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 8000 + b"\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 431"), out
+
+
+def test_ordinary_keep_alive_requests_still_work(served: tuple[int, str]) -> None:
+    port, key = served
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"}) as c:
+        for _ in range(3):
+            r = c.post("/v1/chat/completions", json={"model": "demo", "messages": [], "max_tokens": 1})
+            assert r.status_code == 200
+            time.sleep(0.3)  # idle between requests is not a header timeout
