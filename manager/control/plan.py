@@ -52,6 +52,12 @@ class TenantPlan:
 ISOLATED_BRIDGE = {"com.docker.network.bridge.inhibit_ipv4": "true"}
 
 
+# The control network (manager and gateways) is a plain bridge so that gateways can publish
+# tenant ports, but without masquerading nothing on it reaches beyond the host: gateways
+# need no outbound traffic. compose/docker-compose.yml creates it with the same option.
+CONTROL_BRIDGE = {"com.docker.network.bridge.enable_ip_masquerade": "false"}
+
+
 def kv_cache_bytes(spec: TenantSpec, settings: Settings) -> int:
     """cpu mode: what is left of the reservation after the engine's own overhead."""
     kv = spec.gpu_memory - settings.effective_engine_overhead
@@ -98,9 +104,9 @@ def control_network_name(settings: Settings) -> str:
 
 
 def control_network_plan(settings: Settings) -> NetworkPlan:
-    """The plain bridge the manager and every gateway are on; gateways publish tenant ports through it."""
+    """The bridge the manager and every gateway are on; gateways publish tenant ports through it."""
     return NetworkPlan(control_network_name(settings), names.labels(settings.instance, Role.NETWORK),
-                       internal=False, options={})
+                       internal=False, options=dict(CONTROL_BRIDGE))
 
 
 def gateway_plan(spec: TenantSpec, settings: Settings, gateway_token: str) -> ContainerPlan:

@@ -179,8 +179,10 @@ class DockerRuntime:
         def run() -> int | None:
             try:
                 stats = self._client.api.stats(name, stream=False, one_shot=True)
-            except docker.errors.APIError:
-                return None  # gone or going away while we asked: no figure, the runtime itself is fine
+            except (docker.errors.APIError, ValueError):
+                # gone or going away while we asked: dockerd answers 404/409, or (20.10, during a
+                # removal) 200 with an empty body. No figure; the runtime itself is fine.
+                return None
             mem = stats.get("memory_stats") or {}
             usage = mem.get("usage")
             if usage is None:

@@ -79,3 +79,15 @@ def test_sdk_arguments_request_the_gpu(settings: Settings) -> None:
     kw = container_kwargs(tenant_plan(spec(), gpu, device_total=80 * G, gpu_uuid="GPU-abc").engine)
     (req,) = kw["device_requests"]
     assert req["DeviceIDs"] == ["GPU-abc"] and req["Capabilities"] == [["gpu"]]
+
+
+def test_control_network_has_no_outbound_route_in_the_plan_and_in_compose(settings) -> None:
+    from pathlib import Path
+
+    from manager.control.plan import CONTROL_BRIDGE, control_network_plan
+
+    plan = control_network_plan(settings)
+    assert plan.options == CONTROL_BRIDGE and not plan.internal  # published ports need a non-internal bridge
+    compose = (Path(__file__).parents[2] / "compose" / "docker-compose.yml").read_text()
+    (key, value), = CONTROL_BRIDGE.items()
+    assert f'{key}: "{value}"' in compose

@@ -1,0 +1,152 @@
+"""The public port of a real gateway container under abuse: path tricks, deep JSON,
+slow clients, header floods, and no outbound network. The gateway runs alone (no
+engine behind it): anything it forwarded would come back 503 'engine unavailable', so a
+404/400/408/431 of its own proves the request never left it."""
+
+from __future__ import annotations
+
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import docker
+import httpx
+import pytest
+
+from manager.control import keys
+from manager.control.gateway_client import GatewayClient
+from manager.control.plan import control_network_name, control_network_plan, tenant_plan
+from manager.domain import TenantSpec
+from manager.runtime.docker import DockerRuntime
+
+from .conftest import free_port, run_probe, wait_for
+
+MIB, GIB = 1024**2, 1024**3
+
+
+@dataclass
+class LoneGateway:
+    port: int
+    key: str
+    container: str
+
+
+@pytest.fixture
+def gateway(docker_client: docker.DockerClient, manager_settings) -> Iterator[LoneGateway]:
+    settings = manager_settings()
+    runtime = DockerRuntime(docker_client)
+    spec = TenantSpec(name="hard", port=free_port(), gpu_memory=1536 * MIB, model="demo", max_model_len=512)
+    token = secrets.token_urlsafe(32)
+    plan = tenant_plan(spec, settings, 24 * GIB, gateway_token=token)
+    runtime.ensure_network(control_network_plan(settings))
+    runtime.ensure_network(plan.network)
+    runtime.ensure_volume(plan.gateway_volume)
+    runtime.run(plan.gateway)
+    ip = wait_for(lambda: runtime.container_ip(plan.gateway.name, control_network_name(settings)), 30,
+                  "the gateway's address")
+    issued = keys.issue()
+
+    def pushed() -> bool:
+        try:
+            with GatewayClient(ip, token, timeout=2) as gw:
+                gw.push({"version": "v1", "keys": [{"id": issued.id, "hash": issued.hash, "expires_at": None}],
+                         "limits": {}})
+            return True
+        except Exception:  # noqa: BLE001 - not listening yet
+            return False
+    wait_for(pushed, 60, "the gateway's admin port", interval=0.5)
+    yield LoneGateway(spec.port, issued.secret_key, plan.gateway.name)
+
+
+def raw_request(port: int, data: bytes, timeout: float = 30) -> tuple[bytes, float]:
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
+        conn.sendall(data)
+        out = b""
+        while chunk := conn.recv(65536):
+            out += chunk
+    return out, time.monotonic() - started
+
+
+@pytest.mark.parametrize("path", ["/v1/models/../../metrics", "/v1/models/%2e%2e/%2e%2e/metrics",
+                                  "/v1/models/..%2f..%2fmetrics", "/v1/models/../../openapi.json",
+                                  "/v1/models/../../load", "/v1/models/%2E%2E/%2E%2E/version"])
+def test_dot_segments_never_reach_the_engine(gateway: LoneGateway, path: str) -> None:
+    """What ``curl --path-as-is`` sends: before the fix these were forwarded (and answered 503 here)."""
+    request = (f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {gateway.key}\r\n"
+               "Connection: close\r\n\r\n").encode()
+    out, _ = raw_request(gateway.port, request)
+    assert out.startswith(b"HTTP/1.1 404"), out[:200]
+    assert b"is not served on this port" in out
+
+
+def test_deeply_nested_json_is_400(gateway: LoneGateway) -> None:
+    body = b'{"model": "demo", "messages": ' + b"[" * 1000 + b"]" * 1000 + b"}"
+    r = httpx.post(f"http://127.0.0.1:{gateway.port}/v1/chat/completions", content=body,
+                   headers={"Authorization": f"Bearer {gateway.key}", "content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "invalid_json"
+
+
+def test_header_floods_get_431(gateway: LoneGateway) -> None:
+    many = b"".join(b"X-Flood-%d: 1\r\n" % i for i in range(500))
+    out, _ = raw_request(gateway.port, b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + many + b"\r\n")
+    assert out.startswith(b"HTTP/1.1 431"), out[:200]
+    big = b"X-Big: " + b"a" * 100_000 + b"\r\n"
+    out, _ = raw_request(gateway.port, b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + big + b"\r\n")
+    assert out.startswith(b"HTTP/1.1 431"), out[:200]
+
+
+def test_slow_clients_are_cut_off(gateway: LoneGateway) -> None:
+    """100 connections that never finish their headers and one body shorter than its
+    Content-Length: every one is answered 408 and closed (10 s and 30 s by default)."""
+    results: list[tuple[bytes, float]] = []
+    lock = threading.Lock()
+
+    def slow(data: bytes) -> None:
+        out = raw_request(gateway.port, data, timeout=60)
+        with lock:
+            results.append(out)
+    half = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Slow: "
+    short = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {gateway.key}\r\n"
+             "Content-Type: application/json\r\nContent-Length: 5000\r\n\r\n{\"model\"").encode()
+    threads = [threading.Thread(target=slow, args=(half,)) for _ in range(100)]
+    threads.append(threading.Thread(target=slow, args=(short,)))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    assert len(results) == 101
+    statuses = sorted(out.split(b"\r\n", 1)[0] for out, _ in results)
+    assert statuses == [b"HTTP/1.1 408 Request Timeout"] * 101, set(statuses)
+    header_waits = sorted(elapsed for out, elapsed in results if b"headers did not arrive" in out)
+    assert len(header_waits) == 100 and header_waits[-1] < 20
+    # the port still serves
+    r = httpx.get(f"http://127.0.0.1:{gateway.port}/v1/models", headers={"Authorization": f"Bearer {gateway.key}"})
+    assert r.status_code == 503  # no engine behind this gateway: forwarded, and said so
+
+
+def test_gateways_have_no_outbound_network(gateway: LoneGateway, docker_client: docker.DockerClient,
+                                           instance: str) -> None:
+    code = """
+import socket
+try:
+    socket.create_connection(("1.1.1.1", 53), timeout=5).close()
+    print("reachable")
+except OSError as exc:
+    print("blocked", exc)
+"""
+    # the same probe on a plain bridge shows whether this host has an outside route at all
+    net = docker_client.networks.create(f"{instance}-plain", labels={"org.gtm.managed": "true",
+                                                                       "org.gtm.instance": instance})
+    try:
+        baseline = run_probe(docker_client, instance, net.name, code)
+    finally:
+        net.remove()
+    if "reachable" not in baseline:
+        pytest.skip(f"no outbound route from containers on this host at all ({baseline.strip()})")
+    result = docker_client.containers.get(gateway.container).exec_run(["python3", "-c", code])
+    assert b"blocked" in result.output, result.output
