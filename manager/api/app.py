@@ -143,7 +143,7 @@ def create_app(settings: Settings, **overrides: Any) -> FastAPI:
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/metrics", tags=["health"], response_class=PlainTextResponse, responses={
+    @app.get("/metrics", tags=["health"], responses={
         200: {"content": {"text/plain": {"schema": {"type": "string"}}},
               "description": "Prometheus text format"}, **error_responses(401, 503)})
     def metrics(request: Request, _: Admin) -> Response:

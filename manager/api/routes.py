@@ -34,7 +34,7 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     text = {
         400: "the body is not JSON",
         401: "missing or wrong admin token",
-        404: "no such tenant or key",
+        404: "no such tenant, key or model (the message lists the models there are)",
         409: "conflict: the name or port is taken, the tenant is being removed, or it does not fit "
              "(admission_refused, with every number in details)",
         422: "invalid input: the message says which field and what it accepts",
@@ -60,7 +60,8 @@ def list_tenants(svc: Service, _: Admin) -> list[TenantPublic]:
             for r in svc.store.tenants()]
 
 
-@router.post("/tenants", status_code=status.HTTP_201_CREATED, tags=["tenants"], responses=error_responses(400, 409))
+@router.post("/tenants", status_code=status.HTTP_201_CREATED, tags=["tenants"],
+             responses=error_responses(400, 404, 409))
 def create_tenant(body: TenantCreate, svc: Service, actor: Admin) -> TenantCreated:
     """Admit and create a tenant. 409 with every number when it does not fit. The key is shown once."""
     spec = svc.new_spec(

@@ -9,7 +9,6 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import docker
@@ -35,7 +34,8 @@ class LoneGateway:
 
 
 @pytest.fixture
-def gateway(docker_client: docker.DockerClient, manager_settings) -> Iterator[LoneGateway]:
+def gateway(docker_client: docker.DockerClient, manager_settings) -> LoneGateway:
+    """A gateway container with one key and no engine (removed with the test's instance label)."""
     settings = manager_settings()
     runtime = DockerRuntime(docker_client)
     spec = TenantSpec(name="hard", port=free_port(), gpu_memory=1536 * MIB, model="demo", max_model_len=512)
@@ -55,10 +55,10 @@ def gateway(docker_client: docker.DockerClient, manager_settings) -> Iterator[Lo
                 gw.push({"version": "v1", "keys": [{"id": issued.id, "hash": issued.hash, "expires_at": None}],
                          "limits": {}})
             return True
-        except Exception:  # noqa: BLE001 - not listening yet
+        except Exception:
             return False
     wait_for(pushed, 60, "the gateway's admin port", interval=0.5)
-    yield LoneGateway(spec.port, issued.secret_key, plan.gateway.name)
+    return LoneGateway(spec.port, issued.secret_key, plan.gateway.name)
 
 
 def raw_request(port: int, data: bytes, timeout: float = 30) -> tuple[bytes, float]:

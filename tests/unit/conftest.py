@@ -1,12 +1,21 @@
 from __future__ import annotations
 
 import json
+import socket
 import struct
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import uvicorn
 
+from manager.api.app import create_app
+from manager.runtime.memory import MemoryRuntime
 from manager.settings import Settings
+
+TOKEN = "unit-test-admin-token-0123456789abcdef"
 
 
 @pytest.fixture
@@ -32,3 +41,29 @@ def write_model(models: Path, name: str, tensors: dict[str, tuple[str, list[int]
     (directory / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * offset)
     (directory / "config.json").write_text(json.dumps(config))
     return directory
+
+
+@pytest.fixture(scope="module")
+def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The manager's app on a real socket with the in-memory runtime behind it (no Docker)."""
+    root = tmp_path_factory.mktemp("api")
+    write_model(root / "models", "demo", {"w": ("BF16", [1000, 256])},
+                {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 256})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    config = Settings(gpu_mode="cpu", instance="gtmu", state_dir=root / "state", models_dir=root / "models",
+                      api_host="127.0.0.1", api_port=port, admin_token=TOKEN, reconcile_interval_s=3600)
+    server = uvicorn.Server(uvicorn.Config(create_app(config, runtime=MemoryRuntime()), host="127.0.0.1",
+                                           port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the API did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+
+
