@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from manager.control.service import TenantService
@@ -38,6 +38,11 @@ class StateCollector(Collector):
                 over.add_metric([r.spec.name], 1 if value > r.spec.gpu_memory else 0)
         yield measured
         yield over
+        errors = CounterMetricFamily("gtm_reconciler_loop_errors", "Exceptions survived by the reconciler's loops",
+                                     labels=["loop"])
+        for loop in ("worker", "resync", "usage"):
+            errors.add_metric([loop], self.service.reconciler.loop_errors[loop])
+        yield errors
         device = self.service.inventory.devices()[0]
         dev = GaugeMetricFamily("gtm_device_memory_bytes", "Device memory", labels=["device", "kind"])
         for kind, value in (("total", device.total), ("free", device.free), ("used", device.used)):

@@ -203,11 +203,7 @@ def _tenant_context(request: Request, name: str) -> dict[str, Any]:
     start = datetime.now(UTC).date() - timedelta(days=29)
     days = [(start + timedelta(days=i)).isoformat() for i in range(30)]
     since = datetime.combine(start, datetime.min.time(), UTC).timestamp()
-    logs = ""
-    if row.status.value == "failed":
-        from manager import names
-
-        logs = svc.runtime.logs_tail(names.engine(svc.settings.instance, name), 40)
+    logs = svc.failure_log(name)
     return {"row": row, "keys": svc.store.keys(name), "key_now": now,
             "measured": svc.measured_use().get(name), "bars": day_bars(svc.store.usage_daily(name, since), days),
             "today": svc.store.usage_totals(name, _today()), "logs": logs}

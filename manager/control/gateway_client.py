@@ -7,7 +7,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import httpx
 
@@ -25,6 +26,24 @@ def desired_config(store: Store, tenant: str) -> dict[str, Any]:
     body = {"keys": keys, "limits": limits}
     version = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
     return {"version": version, **body}
+
+
+class GatewayAdmin(Protocol):
+    """The manager's view of one gateway's admin port (``GatewayClient`` over HTTP; tests use a fake)."""
+
+    def __enter__(self) -> GatewayAdmin: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+    def version(self) -> str: ...
+
+    def push(self, config: dict[str, Any]) -> None: ...
+
+    def usage(self, after: int, limit: int = 1000) -> tuple[list[dict[str, Any]], int]: ...
+
+
+Connect = Callable[[str, str], GatewayAdmin]
+"""Opens a gateway's admin port from its address and token."""
 
 
 class GatewayClient:
@@ -57,18 +76,30 @@ class GatewayClient:
         return list(body["records"]), int(body["cursor"])
 
 
-def sync_gateway(store: Store, tenant: str, ip: str, token: str) -> int:
-    """Level-triggered: push the config if the gateway's differs, then collect every new usage
-    record. Returns how many records were new."""
+def push_config(store: Store, tenant: str, gw: GatewayAdmin) -> bool:
+    """Level-triggered: pushes the desired config when the gateway's version differs. True if pushed."""
     config = desired_config(store, tenant)
+    if gw.version() == config["version"]:
+        return False
+    gw.push(config)
+    return True
+
+
+def collect_usage(store: Store, tenant: str, gw: GatewayAdmin) -> int:
+    """Collects every usage record after the stored cursor; returns how many were new.
+    Idempotent: a record seen twice is stored once, and the cursor only moves forward."""
     added = 0
-    with GatewayClient(ip, token) as gw:
-        if gw.version() != config["version"]:
-            gw.push(config)
-        cursor = store.usage_cursor(tenant)
-        while True:
-            records, next_cursor = gw.usage(cursor)
-            if not records:
-                return added
-            added += store.add_usage(tenant, records, next_cursor)
-            cursor = next_cursor
+    cursor = store.usage_cursor(tenant)
+    while True:
+        records, next_cursor = gw.usage(cursor)
+        if not records:
+            return added
+        added += store.add_usage(tenant, records, next_cursor)
+        cursor = next_cursor
+
+
+def sync_gateway(store: Store, tenant: str, ip: str, token: str, connect: Connect = GatewayClient) -> int:
+    """Push the config if it differs, then collect every new usage record. Returns how many were new."""
+    with connect(ip, token) as gw:
+        push_config(store, tenant, gw)
+        return collect_usage(store, tenant, gw)

@@ -2,16 +2,24 @@
 
 For a tenant key it reads the desired state (the tenant's row) and the actual
 state (containers, network, volume found by label), diffs and acts. It runs on
-start-up, after every change (``enqueue``) and on a periodic resync, which also
-removes labelled orphans once they have been seen for ``orphan_grace_s``.
+start-up, after every change (``enqueue``) and on a periodic resync. Every change
+to a tenant's containers happens in that tenant's turn on the queue: labelled
+resources of no known tenant (orphans) are queued too, and removed in their turn
+once they have been seen for ``orphan_grace_s``.
+
+Three threads: the worker (the queue), the resync loop (queues every tenant that
+is desired or present), and the usage loop (collects usage from running gateways
+every ``usage_interval_s``, so a slow gateway never delays an engine start). The
+loops survive any exception; each one is logged and counted (``loop_errors``).
 
 Engines start one at a time (the *start gate*): vLLM measures free memory when
 it starts, and two engines profiling at once can both fail. The next engine
 waits until the previous one is healthy, has failed, or timed out.
 
 Status writes never enqueue work, so the reconciler never re-triggers itself.
-A failing engine is restarted with exponential backoff (10 s doubling to 5 min);
-an error talking to Docker backs the key off (1 s doubling to 60 s).
+A failing engine is restarted with exponential backoff (10 s doubling to 5 min),
+kept in the database so that a restart of the manager does not reset it; an
+error talking to Docker backs the key off (1 s doubling to 60 s).
 """
 
 from __future__ import annotations
@@ -20,12 +28,13 @@ import logging
 import re
 import threading
 import time
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable
 
 from manager import names
-from manager.control.gateway_client import sync_gateway
+from manager.control.gateway_client import Connect, GatewayClient, collect_usage, push_config
 from manager.control.plan import control_network_name, control_network_plan, tenant_plan
-from manager.control.store import Store, TenantRow
+from manager.control.store import EngineFailure, Store, TenantRow
 from manager.control.workqueue import WorkQueue
 from manager.domain import TenantStatus, can_transition
 from manager.errors import GtmError, RuntimeUnavailable
@@ -37,22 +46,33 @@ from manager.settings import Settings
 
 log = logging.getLogger(__name__)
 POLL_STARTING_S = 2.0
+LOG_TAIL_LINES = 400
+LOG_KEEP_CHARS = 32_000
 FAILURE_PATTERNS = [
     re.compile(r"Free memory on device.*", re.IGNORECASE),
     re.compile(r"(?:CUDA )?out of memory.*", re.IGNORECASE),
     re.compile(r"\b\w*(?:Error|Exception): .*"),
 ]
+WRAPPER_LINES = re.compile(r"Engine core initialization failed|See root cause above|EngineCore failed to start",
+                           re.IGNORECASE)
+"""Lines that only point at an error printed earlier: never the reason."""
+NOT_AN_ERROR = re.compile(r"\b(?:DEBUG|INFO|WARNING)\b \d\d-\d\d \d\d:\d\d:\d\d|Warning: ")
+"""vLLM's own log lines below ERROR, and Python warnings: they may quote an error's name
+("... can cause fd limit errors like `OSError: ...`") without anything having failed."""
 
 
 def failure_reason(state: ContainerState, logs: str) -> str:
-    """The engine's own words for why it stopped, or the best description Docker gives."""
+    """The engine's own words for why it stopped: the *first* error it printed (the root
+    cause; vLLM ends with a generic "Engine core initialization failed" line), or the
+    best description Docker gives."""
     if state.oom_killed:
         return ("engine killed by the out-of-memory killer: the reservation is too small for this "
                 "model and options; raise --gpu-memory or lower --max-model-len")
-    lines = [ln.strip() for ln in logs.splitlines() if ln.strip()]
+    lines = [ln.strip() for ln in logs.splitlines()
+             if ln.strip() and not WRAPPER_LINES.search(ln) and not NOT_AN_ERROR.search(ln)]
     for pattern in FAILURE_PATTERNS:
-        for i in range(len(lines) - 1, -1, -1):
-            found = pattern.search(lines[i])
+        for i, line in enumerate(lines):
+            found = pattern.search(line)
             if found:
                 text = found.group(0)
                 if "validation error" in text and i + 1 < len(lines):  # pydantic: the detail is below
@@ -67,22 +87,19 @@ def backoff(failures: int, base: float, cap: float) -> float:
     return float(min(cap, base * 2 ** max(0, failures - 1)))
 
 
-@dataclass
-class _Failures:
-    count: int = 0
-    last_finished_at: str = ""
-    retry_at: float = 0.0
-
-
 class Reconciler:
-    def __init__(self, settings: Settings, store: Store, runtime: Runtime, inventory: Inventory) -> None:
+    def __init__(self, settings: Settings, store: Store, runtime: Runtime, inventory: Inventory, *,
+                 connect: Connect = GatewayClient, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.store = store
         self.runtime = runtime
         self.inventory = inventory
+        self.connect = connect
+        self.clock = clock
         self.queue = WorkQueue()
+        self.loop_errors: Counter[str] = Counter()
+        """Exceptions per loop (worker, resync, usage), exported as a metric."""
         self._gate: tuple[str, float] | None = None
-        self._failures: dict[str, _Failures] = {}
         self._errors: dict[str, int] = {}
         self._orphans_seen: dict[str, float] = {}
         self._threads: list[threading.Thread] = []
@@ -93,7 +110,10 @@ class Reconciler:
         self._stop.clear()
         self._threads = [
             threading.Thread(target=self._work, name="reconcile-worker", daemon=True),
-            threading.Thread(target=self._resync_loop, name="reconcile-resync", daemon=True),
+            threading.Thread(target=self._every, args=("resync", self.settings.reconcile_interval_s, self.resync),
+                             name="reconcile-resync", daemon=True),
+            threading.Thread(target=self._every, args=("usage", self.settings.usage_interval_s, self.collect_all),
+                             name="usage-collector", daemon=True),
         ]
         for t in self._threads:
             t.start()
@@ -108,12 +128,29 @@ class Reconciler:
         self.queue.add(tenant, delay)
 
     def resync(self) -> None:
-        """Queue every tenant that is desired or actually present; sweep orphans."""
+        """Queue every tenant that is desired or actually present (orphans are removed in their turn)."""
         desired = {row.spec.name for row in self.store.tenants()}
-        actual = self._actual_tenants()
-        for name in desired | actual:
+        for name in desired | self._actual_tenants():
             self.queue.add(name)
-        self._sweep_orphans(actual - desired)
+
+    def collect_all(self) -> None:
+        """Usage from every running gateway; one gateway's failure does not stop the others."""
+        for row in self.store.tenants():
+            if row.status == TenantStatus.RUNNING:
+                self.collect(row.spec.name, row.gateway_token)
+
+    def collect(self, name: str, token: str) -> bool:
+        ip = self.runtime.container_ip(names.gateway(self.settings.instance, name),
+                                       control_network_name(self.settings))
+        if ip is None:
+            return False
+        try:
+            with self.connect(ip, token) as gw:
+                collect_usage(self.store, name, gw)
+        except RuntimeUnavailable as exc:
+            log.warning("usage of %s not collected: %s", name, exc.message)
+            return False
+        return True
 
     def _work(self) -> None:
         while not self._stop.is_set():
@@ -127,6 +164,7 @@ class Reconciler:
                 delay = self._error_backoff(key, exc.message)
             except Exception as exc:  # a bug must not stop the worker; it is logged with its traceback
                 log.exception("reconcile of %s failed unexpectedly", key)
+                self.loop_errors["worker"] += 1
                 delay = self._error_backoff(key, f"internal error: {exc!r}")
             if delay is not None:
                 self.queue.add(key, delay)
@@ -136,13 +174,18 @@ class Reconciler:
         log.warning("reconcile of %s failed (%d): %s", key, n, message)
         return backoff(n, 1.0, 60.0)
 
-    def _resync_loop(self) -> None:
+    def _every(self, loop: str, interval: float, step: Callable[[], None]) -> None:
+        """Runs ``step`` every ``interval`` seconds until stopped; no exception ends the loop."""
         while not self._stop.is_set():
             try:
-                self.resync()
+                step()
             except GtmError as exc:
-                log.warning("resync failed: %s", exc.message)
-            self._stop.wait(self.settings.reconcile_interval_s)
+                self.loop_errors[loop] += 1
+                log.warning("%s failed: %s", loop, exc.message)
+            except Exception:
+                self.loop_errors[loop] += 1
+                log.exception("%s failed unexpectedly", loop)
+            self._stop.wait(interval)
 
     # ---------------------------------------------------------------- one tenant
     def reconcile(self, name: str) -> float | None:
@@ -150,11 +193,12 @@ class Reconciler:
         row = self.store.find_tenant(name)
         containers = self.runtime.containers(names.selector(self.settings.instance, tenant=name))
         if row is None:
-            return None  # not ours (any more): the orphan sweep removes it after the grace period
+            return self._orphan(name, containers)
+        self._orphans_seen.pop(name, None)
         if row.status == TenantStatus.REMOVING:
             # collect the last usage records before the gateway and its volume go
             if any(c.role == Role.GATEWAY and c.status == "running" for c in containers):
-                self._sync_gateway(name, row.gateway_token)
+                self.collect(name, row.gateway_token)
             self._teardown(name, containers)
             self.store.delete_tenant(name)
             return None
@@ -181,7 +225,7 @@ class Reconciler:
                 self.runtime.remove_container(c.name)
                 if c.role == Role.ENGINE:
                     self._release_gate(name)
-                    self._failures.pop(name, None)
+                    self.store.clear_engine_failure(name)
 
         try:
             gateway_ready = self._ensure_gateway(row, plan.gateway, gateway)
@@ -194,12 +238,12 @@ class Reconciler:
         if engine.status == "running":
             if engine.health == "healthy":
                 self._release_gate(name)
-                self._failures.pop(name, None)
+                self.store.clear_engine_failure(name)
                 if not gateway_ready:
                     self._set_status(row, TenantStatus.STARTING, "engine ready; gateway starting")
                     return POLL_STARTING_S
                 self._set_status(row, TenantStatus.RUNNING)
-                return self.settings.usage_interval_s
+                return None  # the resync looks again; usage has its own loop
             if engine.health == "unhealthy":
                 return self._engine_failed(row, engine, "engine stopped answering its health check")
             return self._engine_starting(row, engine)
@@ -210,30 +254,29 @@ class Reconciler:
 
     def _ensure_gateway(self, row: TenantRow, plan: ContainerPlan, gateway: ContainerState | None) -> bool:
         """Runs the tenant's gateway (it serves 503 until the engine is up) and, once healthy,
-        pushes its config and collects its usage. True when it is serving with the current config."""
+        pushes its config. True when it is serving with the current config."""
         if gateway is None or gateway.status in ("exited", "dead"):
             self.runtime.run(plan)
             return False
         if gateway.status != "running" or gateway.health != "healthy":
             return False
-        return self._sync_gateway(row.spec.name, row.gateway_token)
-
-    def _sync_gateway(self, name: str, token: str) -> bool:
-        ip = self.runtime.container_ip(names.gateway(self.settings.instance, name), control_network_name(self.settings))
+        ip = self.runtime.container_ip(plan.name, control_network_name(self.settings))
         if ip is None:
             return False
         try:
-            sync_gateway(self.store, name, ip, token)
+            with self.connect(ip, row.gateway_token) as gw:
+                push_config(self.store, row.spec.name, gw)
         except RuntimeUnavailable as exc:
-            log.warning("gateway of %s: %s", name, exc.message)
+            log.warning("gateway of %s: %s", row.spec.name, exc.message)
             return False
         return True
 
     def _start_engine(self, row: TenantRow, plan: ContainerPlan) -> float | None:
         name = row.spec.name
-        fail = self._failures.get(name)
-        if fail and fail.retry_at > time.time():
-            return fail.retry_at - time.time()
+        fail = self.store.engine_failure(name)
+        now = self.clock()
+        if fail and fail.retry_at > now:
+            return fail.retry_at - now
         if self._gate and self._gate[0] != name:
             holder = self._gate[0]
             if self.store.find_tenant(holder) is None:
@@ -242,15 +285,15 @@ class Reconciler:
                 self._set_status(row, TenantStatus.PENDING, f"waiting for {holder}'s engine to finish starting")
                 return POLL_STARTING_S
         self.runtime.run(plan)
-        self._gate = (name, time.time())
+        self._gate = (name, self.clock())
         self._set_status(row, TenantStatus.STARTING)
         return POLL_STARTING_S
 
     def _engine_starting(self, row: TenantRow, engine: ContainerState) -> float | None:
         name = row.spec.name
         if self._gate is None:
-            self._gate = (name, time.time())  # after a manager restart: it holds the gate again
-        if self._gate[0] == name and time.time() - self._gate[1] > self.settings.engine_start_timeout_s:
+            self._gate = (name, self.clock())  # after a manager restart: it holds the gate again
+        if self._gate[0] == name and self.clock() - self._gate[1] > self.settings.engine_start_timeout_s:
             return self._engine_failed(
                 row, engine, f"engine not healthy after {self.settings.engine_start_timeout_s:.0f} s"
             )
@@ -258,20 +301,22 @@ class Reconciler:
         return POLL_STARTING_S
 
     def _engine_failed(self, row: TenantRow, engine: ContainerState, reason: str | None) -> float:
+        """Counts a failure once (by the container's finish time) and sets when to retry."""
         name = row.spec.name
-        fail = self._failures.setdefault(name, _Failures())
+        fail = self.store.engine_failure(name) or EngineFailure(0, "", 0.0)
         marker = engine.finished_at if engine.status in ("exited", "dead") else f"unhealthy@{engine.started_at}"
-        if fail.last_finished_at != marker:
-            fail.count += 1
-            fail.last_finished_at = marker
-            fail.retry_at = time.time() + backoff(fail.count, 10.0, 300.0)
-            text = reason or failure_reason(engine, self.runtime.logs_tail(engine.name, 80))
+        if fail.marker != marker:
+            count = fail.count + 1
+            logs = self.runtime.logs_tail(engine.name, LOG_TAIL_LINES)
+            fail = EngineFailure(count, marker, self.clock() + backoff(count, 10.0, 300.0), logs[-LOG_KEEP_CHARS:])
+            self.store.save_engine_failure(name, fail)
+            text = reason or failure_reason(engine, logs)
             if engine.status == "running":  # unhealthy or timed out: stop it, keep its logs until restart
                 self.runtime.stop_container(engine.name)
             self._release_gate(name)
-            log.warning("engine of %s failed (%d): %s", name, fail.count, text)
+            log.warning("engine of %s failed (%d): %s", name, count, text)
             self._set_status(row, TenantStatus.FAILED, text)
-        return max(fail.retry_at - time.time(), 0.5)
+        return max(fail.retry_at - self.clock(), 0.5)
 
     def _teardown(self, name: str, containers: list[ContainerState]) -> None:
         for c in containers:
@@ -282,7 +327,7 @@ class Reconciler:
         for vol in self.runtime.volumes(sel):
             self.runtime.remove_volume(vol.name)
         self._release_gate(name)
-        self._failures.pop(name, None)
+        self.store.clear_engine_failure(name)
 
     def _release_gate(self, name: str) -> None:
         if self._gate and self._gate[0] == name:
@@ -293,6 +338,9 @@ class Reconciler:
         if current is None or (current.status == status and current.reason == reason):
             return
         if current.status == TenantStatus.REMOVING or not can_transition(current.status, status):
+            if current.status != status:
+                log.warning("tenant %s: status %s -> %s refused (not in the diagram)", row.spec.name,
+                            current.status.value, status.value)
             return
         self.store.set_status(row.spec.name, status, reason)
 
@@ -308,15 +356,18 @@ class Reconciler:
                 found.add(res.tenant)
         return found
 
-    def _sweep_orphans(self, orphans: set[str]) -> None:
-        now = time.time()
-        for name in list(self._orphans_seen):
-            if name not in orphans:
-                del self._orphans_seen[name]
-        for name in orphans:
-            first = self._orphans_seen.setdefault(name, now)
-            if now - first >= self.settings.orphan_grace_s:
-                log.warning("removing orphaned resources of %s (no such tenant for %.0f s)", name, now - first)
-                sel = names.selector(self.settings.instance, tenant=name)
-                self._teardown(name, self.runtime.containers(sel))
-                del self._orphans_seen[name]
+    def _orphan(self, name: str, containers: list[ContainerState]) -> float | None:
+        """Resources labelled with a tenant that does not exist: removed once seen for the grace
+        period (a tenant created by another manager of this instance may just not be visible yet)."""
+        sel = names.selector(self.settings.instance, tenant=name)
+        if not (containers or self.runtime.networks(sel) or self.runtime.volumes(sel)):
+            self._orphans_seen.pop(name, None)
+            return None
+        now = self.clock()
+        first = self._orphans_seen.setdefault(name, now)
+        if now - first < self.settings.orphan_grace_s:
+            return first + self.settings.orphan_grace_s - now
+        log.warning("removing orphaned resources of %s (no such tenant for %.0f s)", name, now - first)
+        self._teardown(name, containers)
+        self._orphans_seen.pop(name, None)
+        return None

@@ -78,6 +78,12 @@ class TenantService:
             out[tenant] = sum(p.used for p in procs if p.pid in pids)
         return out
 
+    def failure_log(self, name: str, lines: int = 60) -> str:
+        """The engine's log tail from its last failure (kept after the container is replaced); ''
+        once the engine has come up healthy again."""
+        failure = self.store.engine_failure(name)
+        return "\n".join(failure.log.splitlines()[-lines:]) if failure else ""
+
     def capacity(self) -> Capacity:
         device = self.inventory.devices()[0]
         rows = self.store.tenants()
@@ -187,6 +193,10 @@ class TenantService:
                     raise self._refuse(actor, "update-tenant", name, decision)
             with self.store.transaction() as db:
                 self.store.update_spec(db, new)
+                if new.engine_hash() != row.spec.engine_hash():
+                    # the desired engine changed: the tenant is pending until the new one serves
+                    # (so `update-tenant --wait` never mistakes the old engine for the new one)
+                    self.store.set_status(name, TenantStatus.PENDING, "engine to be recreated with the new spec")
                 self.store.audit(actor, "update-tenant", name, "ok",
                                  {k: (v.__dict__ if isinstance(v, Quotas) else v) for k, v in changes.items()},
                                  db=db)

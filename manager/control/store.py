@@ -76,6 +76,13 @@ CREATE TABLE IF NOT EXISTS usage (
 );
 CREATE INDEX IF NOT EXISTS usage_tenant_at ON usage(tenant, at);
 CREATE TABLE IF NOT EXISTS usage_cursors (tenant TEXT PRIMARY KEY, cursor INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS engine_failures (
+    tenant TEXT PRIMARY KEY,
+    count INTEGER NOT NULL,
+    marker TEXT NOT NULL,
+    retry_at REAL NOT NULL,
+    log TEXT NOT NULL DEFAULT ''
+);
 """
 USAGE_FIELDS = ("request_id", "key_id", "model", "path", "prompt_tokens", "completion_tokens", "status", "outcome",
                 "latency_ms", "at")
@@ -90,6 +97,18 @@ class TenantRow:
     created_at: float
     updated_at: float
     gateway_token: str = ""
+
+
+@dataclass(frozen=True)
+class EngineFailure:
+    """A tenant's engine failures in a row: ``marker`` identifies the last one counted (the
+    container's finish time), ``retry_at`` is when the backoff lets it start again."""
+
+    count: int
+    marker: str
+    retry_at: float
+    log: str = ""
+    """The engine's log tail at the last failure: kept after the container is replaced."""
 
 
 @dataclass(frozen=True)
@@ -225,6 +244,25 @@ class Store:
         with self._lock:
             self._db.execute("DELETE FROM tenants WHERE name=?", (name,))
             self._db.execute("DELETE FROM usage_cursors WHERE tenant=?", (name,))
+            self._db.execute("DELETE FROM engine_failures WHERE tenant=?", (name,))
+
+    # ---------------------------------------------------------------- engine failures (backoff)
+    def engine_failure(self, tenant: str) -> EngineFailure | None:
+        with self._lock:
+            row = self._db.execute("SELECT count, marker, retry_at, log FROM engine_failures WHERE tenant=?",
+                                   (tenant,)).fetchone()
+        return EngineFailure(row["count"], row["marker"], row["retry_at"], row["log"]) if row else None
+
+    def save_engine_failure(self, tenant: str, failure: EngineFailure) -> None:
+        with self._lock:
+            self._db.execute("INSERT INTO engine_failures (tenant, count, marker, retry_at, log) VALUES (?,?,?,?,?)"
+                             " ON CONFLICT(tenant) DO UPDATE SET count=excluded.count, marker=excluded.marker,"
+                             " retry_at=excluded.retry_at, log=excluded.log",
+                             (tenant, failure.count, failure.marker, failure.retry_at, failure.log))
+
+    def clear_engine_failure(self, tenant: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM engine_failures WHERE tenant=?", (tenant,))
 
     # ---------------------------------------------------------------- usage
     def usage_cursor(self, tenant: str) -> int:

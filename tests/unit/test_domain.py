@@ -30,9 +30,28 @@ def test_vllm_free_memory_error_surfaces_as_such() -> None:
     assert failure_reason(exited(), logs).startswith("Free memory on device cuda:0 (3.2/79.1 GiB)")
 
 
-def test_last_error_line_when_nothing_specific() -> None:
-    logs = "x\nRuntimeError: first\nValueError: max_model_len (4096) is too large\n"
+def test_first_error_line_is_the_root_cause() -> None:
+    logs = "x\nValueError: max_model_len (4096) is too large\nRuntimeError: raised while handling it\n"
     assert failure_reason(exited(), logs) == "ValueError: max_model_len (4096) is too large"
+
+
+def test_a_warning_that_names_an_error_is_not_the_reason() -> None:
+    logs = ("(APIServer pid=1) WARNING 11-23 11:35:47 [system_utils.py:255] Found ulimit of 20000 and failed to "
+            "automatically increase with error current limit exceeds maximum limit. This can cause fd limit "
+            "errors like `OSError: [Errno 24] Too many open files`. Consider increasing with ulimit -n\n"
+            "(EngineCore_DP0 pid=50) ERROR 11-23 11:35:59 [core.py:708] KeyError: 'model.layers.0.weight'\n")
+    assert failure_reason(exited(), logs) == "KeyError: 'model.layers.0.weight'"
+
+
+def test_vllm_engine_core_wrapper_line_is_never_the_reason() -> None:
+    """vLLM's API server ends with a generic line; the engine core printed the cause above it."""
+    logs = ("(EngineCore_DP0 pid=77) ERROR 11-23 11:30:01 [core.py:708] EngineCore failed to start.\n"
+            "(EngineCore_DP0 pid=77) ERROR 11-23 11:30:01 [core.py:708] Traceback (most recent call last):\n"
+            "(EngineCore_DP0 pid=77) ERROR 11-23 11:30:01 [core.py:708] OSError: [Errno 28] No space left on "
+            "device: '/tmp/torch'\n"
+            "Traceback (most recent call last):\n"
+            "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}\n")
+    assert failure_reason(exited(), logs) == "OSError: [Errno 28] No space left on device: '/tmp/torch'"
 
 
 def test_pydantic_validation_detail_is_kept() -> None:

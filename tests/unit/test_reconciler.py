@@ -1,0 +1,290 @@
+"""The reconciler against the in-memory runtime (the same promises as Docker, checked by
+the runtime contract), a fake gateway admin port and a clock the test moves: every case
+runs in milliseconds. The same behaviour on real Docker and real engines is covered by
+tests/integration/test_control_plane.py and test_dockerd_restart.py."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from manager import names
+from manager.control import keys
+from manager.control.reconciler import Reconciler
+from manager.control.store import KeyRow, Store
+from manager.domain import TenantSpec, TenantStatus, can_transition
+from manager.gpu.cpu import HostMemoryInventory
+from manager.names import Role
+from manager.runtime.memory import MemoryRuntime
+from manager.runtime.types import NetworkPlan
+from manager.settings import Settings
+
+MIB = 1024**2
+INSTANCE = "gtmu"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeGateway:
+    """Every gateway's admin port: the config each one holds, and usage records to hand out."""
+
+    def __init__(self) -> None:
+        self.configs: dict[str, dict[str, Any]] = {}
+        self.records: dict[str, list[dict[str, Any]]] = {}
+        self.connected: list[str] = []
+
+    def __call__(self, ip: str, token: str) -> FakeGateway._Session:
+        self.connected.append(token)
+        return FakeGateway._Session(self, token)
+
+    class _Session:
+        def __init__(self, owner: FakeGateway, token: str) -> None:
+            self.owner, self.token = owner, token
+
+        def __enter__(self) -> FakeGateway._Session:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def version(self) -> str:
+            return str(self.owner.configs.get(self.token, {}).get("version", ""))
+
+        def push(self, config: dict[str, Any]) -> None:
+            self.owner.configs[self.token] = config
+
+        def usage(self, after: int, limit: int = 1000) -> tuple[list[dict[str, Any]], int]:
+            records = [r for r in self.owner.records.get(self.token, []) if r["seq"] > after][:limit]
+            return records, records[-1]["seq"] if records else after
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[tuple[Reconciler, Store, MemoryRuntime, Clock, FakeGateway]]:
+    settings = Settings(gpu_mode="cpu", instance=INSTANCE, state_dir=tmp_path, models_dir=tmp_path,
+                        orphan_grace_s=300.0, engine_start_timeout_s=600.0)
+    store = Store(tmp_path / "manager.db")
+    runtime, clock, gateways = MemoryRuntime(), Clock(), FakeGateway()
+    rec = Reconciler(settings, store, runtime, HostMemoryInventory(), connect=gateways, clock=clock)
+    yield rec, store, runtime, clock, gateways
+    store.close()
+
+
+def add(store: Store, name: str, port: int, gpu_memory: int = 1536 * MIB) -> None:
+    spec = TenantSpec(name=name, port=port, gpu_memory=gpu_memory, model="demo", max_model_len=512)
+    issued = keys.issue()
+    with store.transaction() as db:
+        store.insert_tenant(db, spec, gateway_token=f"token-{name}")
+        store.insert_key(db, KeyRow(issued.id, name, keys.PREFIX, issued.hash, 0.0, None, None))
+
+
+def engine(name: str) -> str:
+    return names.engine(INSTANCE, name)
+
+
+def gateway(name: str) -> str:
+    return names.gateway(INSTANCE, name)
+
+
+def bring_up(rec: Reconciler, runtime: MemoryRuntime, name: str) -> None:
+    """What Docker does on its own while an engine starts: both health checks pass."""
+    rec.reconcile(name)
+    runtime.set_health(engine(name), "healthy")
+    runtime.set_health(gateway(name), "healthy")
+    rec.reconcile(name)
+
+
+def status(store: Store, name: str) -> TenantStatus:
+    return store.tenant(name).status
+
+
+def test_a_new_tenant_gets_its_containers_and_runs(world) -> None:
+    rec, store, runtime, _, gateways = world
+    add(store, "acme", 30001)
+    rec.reconcile("acme")
+    assert status(store, "acme") == TenantStatus.STARTING
+    assert {c.role for c in runtime.containers(names.selector(INSTANCE, tenant="acme"))} == {"engine", "gateway"}
+    runtime.set_health(engine("acme"), "healthy")
+    runtime.set_health(gateway("acme"), "healthy")
+    assert rec.reconcile("acme") is None
+    assert status(store, "acme") == TenantStatus.RUNNING
+    assert len(gateways.configs["token-acme"]["keys"]) == 1  # the key hash reached the gateway
+
+
+def test_a_spec_change_replaces_the_engine_and_keeps_the_gateway(world) -> None:
+    rec, store, runtime, _, _ = world
+    add(store, "acme", 30001)
+    bring_up(rec, runtime, "acme")
+    before_engine, before_gw = runtime.container(engine("acme")), runtime.container(gateway("acme"))
+    with store.transaction() as db:
+        store.update_spec(db, store.tenant("acme").spec.with_changes(gpu_memory=2048 * MIB))
+    rec.reconcile("acme")
+    after_engine, after_gw = runtime.container(engine("acme")), runtime.container(gateway("acme"))
+    assert after_engine is not None and before_engine is not None and after_gw is not None
+    assert after_engine.id != before_engine.id and after_engine.spec_hash != before_engine.spec_hash
+    assert before_gw is not None and after_gw.id == before_gw.id
+    assert status(store, "acme") == TenantStatus.STARTING
+
+
+def test_an_exit_backs_off_then_restarts_with_the_engines_own_reason(world) -> None:
+    rec, store, runtime, clock, _ = world
+    add(store, "acme", 30001)
+    bring_up(rec, runtime, "acme")
+    runtime.exit(engine("acme"), 1, logs="INFO loading\nValueError: bad config.json\n")
+    first_id = runtime.container(engine("acme")).id  # type: ignore[union-attr]
+    delay = rec.reconcile("acme")
+    row = store.tenant("acme")
+    assert row.status == TenantStatus.FAILED and row.reason == "ValueError: bad config.json"
+    assert delay == pytest.approx(10.0)
+    assert runtime.container(engine("acme")).id == first_id  # type: ignore[union-attr]  # kept for its logs
+    clock.now += 5
+    rec.reconcile("acme")
+    assert runtime.container(engine("acme")).id == first_id  # type: ignore[union-attr]  # still backing off
+    clock.now += 5
+    rec.reconcile("acme")
+    assert runtime.container(engine("acme")).id != first_id  # type: ignore[union-attr]
+    assert status(store, "acme") == TenantStatus.STARTING
+    runtime.exit(engine("acme"), 1, logs="ValueError: bad config.json\n")
+    assert rec.reconcile("acme") == pytest.approx(20.0)  # doubled
+    assert "ValueError" in store.engine_failure("acme").log  # type: ignore[union-attr]
+
+
+def test_engines_start_one_at_a_time(world) -> None:
+    rec, store, runtime, _, _ = world
+    add(store, "a", 30001)
+    add(store, "b", 30002)
+    rec.reconcile("a")
+    rec.reconcile("b")
+    assert runtime.container(engine("b")) is None
+    assert store.tenant("b").status == TenantStatus.PENDING and "waiting for a" in store.tenant("b").reason
+    runtime.set_health(engine("a"), "healthy")
+    rec.reconcile("a")
+    rec.reconcile("b")
+    assert runtime.container(engine("b")) is not None
+    assert [n for n in runtime.started if n.endswith("-engine")] == [engine("a"), engine("b")]
+
+
+def test_orphans_survive_their_grace_period_then_go(world) -> None:
+    rec, store, runtime, clock, _ = world
+    add(store, "ghost", 30001)
+    bring_up(rec, runtime, "ghost")
+    store.delete_tenant("ghost")  # as if another manager's database forgot it
+    delay = rec.reconcile("ghost")
+    assert delay == pytest.approx(300.0)
+    assert runtime.container(engine("ghost")) is not None
+    clock.now += 299
+    rec.reconcile("ghost")
+    assert runtime.container(engine("ghost")) is not None
+    clock.now += 1
+    assert rec.reconcile("ghost") is None
+    assert runtime.containers(names.selector(INSTANCE, tenant="ghost")) == []
+    assert runtime.networks(names.selector(INSTANCE, tenant="ghost")) == []
+    assert runtime.volumes(names.selector(INSTANCE, tenant="ghost")) == []
+
+
+def test_resync_queues_orphans_instead_of_removing_them_itself(world) -> None:
+    rec, _, runtime, _, _ = world
+    runtime.ensure_network(NetworkPlan(names.network(INSTANCE, "stray"),
+                                       names.labels(INSTANCE, Role.NETWORK, "stray")))
+    rec.resync()
+    assert "stray" in rec.queue.pending()
+    assert runtime.networks(names.selector(INSTANCE, tenant="stray")) != []
+
+
+def test_removal_collects_the_last_usage_and_tears_everything_down(world) -> None:
+    rec, store, runtime, _, gateways = world
+    add(store, "acme", 30001)
+    bring_up(rec, runtime, "acme")
+    gateways.records["token-acme"] = [dict(seq=1, request_id="r1", key_id="k", model="demo", path="/v1/completions",
+                                           prompt_tokens=3, completion_tokens=4, status=200, outcome="ok",
+                                           latency_ms=1.0, at=1.0)]
+    store.set_status("acme", TenantStatus.REMOVING)
+    assert rec.reconcile("acme") is None
+    assert store.find_tenant("acme") is None
+    assert store.usage_totals("acme", 0).tokens == 7
+    sel = names.selector(INSTANCE, tenant="acme")
+    assert runtime.containers(sel) == [] and runtime.networks(sel) == [] and runtime.volumes(sel) == []
+
+
+def test_a_manager_restart_in_the_middle_of_a_start_converges(world, tmp_path: Path) -> None:
+    rec, store, runtime, clock, gateways = world
+    add(store, "a", 30001)
+    add(store, "b", 30002)
+    rec.reconcile("a")  # a's engine is starting when the manager goes away
+    again = Reconciler(rec.settings, store, runtime, rec.inventory, connect=gateways, clock=clock)
+    again.reconcile("a")  # takes the start gate back: no second engine for a, none for b yet
+    again.reconcile("b")
+    assert [n for n in runtime.started if n.endswith("-engine")] == [engine("a")]
+    runtime.set_health(engine("a"), "healthy")
+    runtime.set_health(gateway("a"), "healthy")
+    again.reconcile("a")
+    again.reconcile("b")
+    assert status(store, "a") == TenantStatus.RUNNING
+    assert [n for n in runtime.started if n.endswith("-engine")] == [engine("a"), engine("b")]
+
+
+def test_backoff_survives_a_manager_restart(world) -> None:
+    rec, store, runtime, clock, gateways = world
+    add(store, "acme", 30001)
+    bring_up(rec, runtime, "acme")
+    for _ in range(3):  # three failures in a row: the next retry is 40 s away
+        runtime.exit(engine("acme"), 1, logs="RuntimeError: boom\n")
+        rec.reconcile("acme")
+        clock.now += 100
+        rec.reconcile("acme")
+    runtime.exit(engine("acme"), 1, logs="RuntimeError: boom\n")
+    rec.reconcile("acme")
+    again = Reconciler(rec.settings, store, runtime, rec.inventory, connect=gateways, clock=clock)
+    assert again.reconcile("acme") == pytest.approx(80.0)
+
+
+def test_status_transitions_follow_the_diagram(world) -> None:
+    rec, store, runtime, clock, _ = world
+    seen: list[TenantStatus] = []
+    original = store.set_status
+
+    def record(name: str, new: TenantStatus, reason: str = "") -> None:
+        seen.append(new)
+        original(name, new, reason)
+    store.set_status = record  # type: ignore[method-assign]
+    add(store, "acme", 30001)
+    bring_up(rec, runtime, "acme")
+    runtime.exit(engine("acme"), 1, logs="RuntimeError: boom\n")
+    rec.reconcile("acme")
+    clock.now += 10
+    bring_up(rec, runtime, "acme")
+    with store.transaction() as db:
+        store.update_spec(db, store.tenant("acme").spec.with_changes(gpu_memory=2048 * MIB))
+    bring_up(rec, runtime, "acme")
+    path = [TenantStatus.PENDING, *seen]
+    assert all(can_transition(a, b) for a, b in itertools.pairwise(path)), path
+    assert seen[-1] == TenantStatus.RUNNING and TenantStatus.FAILED in seen
+
+
+def test_the_loops_survive_any_exception(world) -> None:
+    rec, _, _, _, _ = world
+    calls = 0
+    done = threading.Event()
+
+    def step() -> None:
+        nonlocal calls
+        calls += 1
+        if calls >= 3:
+            done.set()
+        raise ValueError("a bug")
+    thread = threading.Thread(target=rec._every, args=("resync", 0.01, step), daemon=True)
+    thread.start()
+    assert done.wait(5)
+    rec._stop.set()
+    thread.join(5)
+    assert rec.loop_errors["resync"] >= 3

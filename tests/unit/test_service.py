@@ -1,0 +1,77 @@
+"""Tenant operations through the service with the in-memory runtime and a real SQLite
+store: what each admin action leaves in the desired state and, after the reconciler's
+turn, in the runtime."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from manager import names
+from manager.control.reconciler import Reconciler
+from manager.control.service import TenantService
+from manager.control.store import Store
+from manager.domain import Quotas, TenantStatus
+from manager.errors import Conflict, InvalidInput
+from manager.gpu.cpu import HostMemoryInventory
+from manager.runtime.memory import MemoryRuntime
+from manager.settings import Settings
+
+from .conftest import write_model
+from .test_reconciler import FakeGateway
+
+MIB = 1024**2
+
+
+@pytest.fixture
+def svc(tmp_path: Path) -> Iterator[TenantService]:
+    write_model(tmp_path / "models", "demo", {"w": ("BF16", [1000, 256])},
+                {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 256})
+    settings = Settings(gpu_mode="cpu", instance="gtmu", state_dir=tmp_path, models_dir=tmp_path / "models")
+    store, runtime, inventory = Store(tmp_path / "m.db"), MemoryRuntime(), HostMemoryInventory()
+    reconciler = Reconciler(settings, store, runtime, inventory, connect=FakeGateway())
+    yield TenantService(settings, store, runtime, inventory, reconciler)
+    store.close()
+
+
+def create(svc: TenantService, name: str = "acme", port: int = 30001) -> None:
+    svc.create(svc.new_spec(name=name, port=port, gpu_memory=1536 * MIB, model=None, max_model_len=None,
+                            quantization=None, shm_size=None, quotas=Quotas()), "admin")
+
+
+def test_an_engine_change_makes_the_tenant_pending_a_quota_change_does_not(svc: TenantService) -> None:
+    create(svc)
+    svc.store.set_status("acme", TenantStatus.RUNNING)
+    svc.update("acme", "admin", quotas={"rpm_limit": 10})
+    assert svc.store.tenant("acme").status == TenantStatus.RUNNING
+    svc.update("acme", "admin", gpu_memory=2048 * MIB)
+    row = svc.store.tenant("acme")
+    assert row.status == TenantStatus.PENDING and "recreated" in row.reason
+
+
+def test_a_removed_name_can_be_added_again_once_it_is_gone(svc: TenantService) -> None:
+    create(svc)
+    svc.reconciler.reconcile("acme")
+    svc.remove("acme", "admin")
+    with pytest.raises(Conflict, match="already exists"):
+        create(svc)  # still being removed
+    svc.reconciler.reconcile("acme")
+    assert svc.runtime.containers(names.selector("gtmu", tenant="acme")) == []
+    create(svc)
+    assert svc.store.tenant("acme").status == TenantStatus.PENDING
+
+
+@pytest.mark.parametrize("quotas", [{"rpm_limit": 2**63}, {"tokens_per_day": 10**16}, {"max_in_flight": 0}])
+def test_out_of_range_quotas_are_refused_with_the_range(svc: TenantService, quotas: dict[str, int]) -> None:
+    create(svc)
+    with pytest.raises(InvalidInput, match="must be between 1 and"):
+        svc.update("acme", "admin", quotas=quotas)
+
+
+def test_grace_periods_are_bounded(svc: TenantService) -> None:
+    create(svc)
+    for grace in (-1.0, float("nan"), float("inf"), 10.0**12):
+        with pytest.raises(InvalidInput, match="grace period"):
+            svc.rotate_key("acme", "admin", grace)
