@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 
 from manager.domain import QUOTA_FIELDS
-from manager.errors import GtmError, InvalidInput, exit_code_for
+from manager.errors import EngineFailed, GtmError, InvalidInput, NotFound, WaitTimedOut, exit_code_for
 from manager.settings import Settings
 from manager.sizes import format_size, parse_size
 
@@ -46,6 +46,11 @@ def _engine_options(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--shm-size", type=_size, help="shared memory of the engine, e.g. 5G (default 1G)")
 
 
+def _wait_options(p: argparse.ArgumentParser, text: str) -> None:
+    p.add_argument("--wait", action="store_true", help=text)
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds --wait waits at most (default 900)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="manager", description="gpu-tenant-manager admin commands.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -57,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", required=True, help="DNS-safe tenant name, e.g. companya")
     _engine_options(p, required=True)
     _quota_options(p)
+    _wait_options(p, "wait until the engine serves or has failed (exit 9, with the reason)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("list-tenants", help="tenants with status, reservation and measured use")
@@ -66,10 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", required=True)
     _engine_options(p, required=False)
     _quota_options(p)
+    _wait_options(p, "wait until the (recreated) engine serves or has failed (exit 9, with the reason)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
-    p = sub.add_parser("remove-tenant", help="remove a tenant's containers, network and volume")
+    p = sub.add_parser("remove-tenant", help="remove a tenant's containers, network and volume; waits until "
+                                             "they are gone")
     p.add_argument("--name", required=True)
+    p.add_argument("--no-wait", dest="wait", action="store_false",
+                   help="return at once; the removal goes on in the background")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait at most (default 300)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("rotate-key", help="issue a new API key; old keys stay valid for --grace")
@@ -163,6 +174,43 @@ def _engine_body(args: argparse.Namespace) -> dict[str, Any]:
     return body
 
 
+POLL_S = 1.0
+"""How often a waiting command asks the API again."""
+
+
+def wait_for_engine(api: Api, name: str, timeout: float) -> dict[str, Any]:
+    """Polls the tenant until its engine serves (running) or has failed; EngineFailed with the
+    engine's own reason when it failed, WaitTimedOut when neither happened in time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        tenant: dict[str, Any] = api.call("GET", f"/api/v1/tenants/{name}")
+        if tenant["status"] == "running":
+            return tenant
+        if tenant["status"] == "failed":
+            raise EngineFailed(f"the engine of {name} failed: {tenant['reason']} (the reconciler retries with "
+                               "backoff; list-tenants shows the status, the console the engine's log)")
+        if time.monotonic() > deadline:
+            raise WaitTimedOut(f"{name} is still {tenant['status']} after {timeout:.0f} s"
+                               + (f" ({tenant['reason']})" if tenant["reason"] else "")
+                               + "; list-tenants shows how it goes on")
+        time.sleep(POLL_S)
+
+
+def wait_until_removed(api: Api, name: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            api.call("GET", f"/api/v1/tenants/{name}")
+        except GtmError as exc:
+            if exc.exit_code == NotFound.exit_code:
+                return
+            raise
+        if time.monotonic() > deadline:
+            raise WaitTimedOut(f"{name} is still being removed after {timeout:.0f} s; list-tenants shows it "
+                               "until its containers, network and volumes are gone")
+        time.sleep(POLL_S / 2)
+
+
 def run(args: argparse.Namespace, api: Api) -> int:
     out: Any
     if args.command == "add-tenant":
@@ -170,8 +218,14 @@ def run(args: argparse.Namespace, api: Api) -> int:
         if not args.json:
             t = out["tenant"]
             print(f"tenant {t['name']} admitted: {t['gpu_memory_human']} on port {t['port']} "
-                  f"(status {t['status']}; the engine starts in the background)")
-            print(f"API key (shown once, store it now): {out['key']['api_key']}")
+                  + ("(waiting for its engine)" if args.wait
+                     else f"(status {t['status']}; the engine starts in the background)"))
+            print(f"API key (shown once, store it now): {out['key']['api_key']}", flush=True)
+        if args.wait:
+            out["tenant"] = wait_for_engine(api, args.name, args.timeout)
+            if not args.json:
+                print(f"tenant {args.name} is running: its API serves on port {out['tenant']['port']}")
+        if not args.json:
             return 0
     elif args.command == "list-tenants":
         out = api.call("GET", "/api/v1/tenants")
@@ -183,13 +237,19 @@ def run(args: argparse.Namespace, api: Api) -> int:
         if not body:
             raise InvalidInput("nothing to change: pass --gpu-memory, --port, a quota or another option")
         out = api.call("PATCH", f"/api/v1/tenants/{args.name}", body)
+        if args.wait:
+            out = wait_for_engine(api, args.name, args.timeout)
         if not args.json:
             _print_tenants([out])
             return 0
     elif args.command == "remove-tenant":
         out = api.call("DELETE", f"/api/v1/tenants/{args.name}")
+        if args.wait:
+            wait_until_removed(api, args.name, args.timeout)
+            out = {"status": "removed"}
         if not args.json:
-            print(f"tenant {args.name} is being removed (containers, network and volume)")
+            print(f"tenant {args.name} is removed (containers, network and volumes)" if args.wait
+                  else f"tenant {args.name} is being removed (containers, network and volumes)")
             return 0
     elif args.command == "rotate-key":
         out = api.call("POST", f"/api/v1/tenants/{args.name}/keys", {"grace_s": args.grace})

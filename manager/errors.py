@@ -72,6 +72,22 @@ class GpuUnavailable(GtmError):
     code = "gpu_unavailable"
 
 
+class EngineFailed(GtmError):
+    """A command waited for an engine (``--wait``) and the engine failed; the reason is its own."""
+
+    http_status = 502
+    exit_code = 9
+    code = "engine_failed"
+
+
+class WaitTimedOut(GtmError):
+    """A command waited (``--wait``, ``remove-tenant``) longer than its ``--timeout``."""
+
+    http_status = 504
+    exit_code = 10
+    code = "wait_timed_out"
+
+
 def exit_code_for(code: str) -> int:
     """The CLI exit code for an API error code (the API and the CLI share one table)."""
     stack: list[type[GtmError]] = [GtmError]
