@@ -14,7 +14,10 @@ for _ in $(seq 60); do
   [ "$(docker inspect -f '{{.State.Health.Status}}' "$MANAGER" 2>/dev/null)" = healthy ] && break; sleep 1
 done
 [ "$(docker inspect -f '{{.State.Health.Status}}' "$MANAGER")" = healthy ] || { docker logs --tail 30 "$MANAGER"; die "manager not healthy"; }
-if docker exec "$MANAGER" list-tenants --json | grep -q '"name": "demo"'; then
+# read the whole listing first: `grep -q` in a pipe exits at the first match, and under
+# pipefail the writer's SIGPIPE would make an existing tenant look absent
+tenants=$(docker exec "$MANAGER" list-tenants --json) || die "list-tenants failed"
+if grep -q '"name": "demo"' <<<"$tenants"; then
   log "demo tenant exists (rotate-key --name demo issues a new key)"
 else
   docker exec "$MANAGER" add-tenant --name demo --gpu-memory 1536M --port "${GTM_DEMO_PORT:-30001}"
