@@ -214,6 +214,14 @@ class Proxy:
                     f"The request body nests objects or arrays deeper than {MAX_JSON_DEPTH} levels.",
                     "invalid_request_error", "invalid_json"))
                 return
+        if self.state.unwritten and not self.state.flush():
+            # never serve what cannot be metered: the spool's volume is full (or failing)
+            self.state.metrics.requests.labels(route_of(path), "503").inc()
+            await self._send(send, 503, error_body(
+                "The gateway cannot record usage right now (its storage is full); the request was not served. "
+                "Retry later.", "server_error", "usage_spool_full"),
+                {"retry-after": "30"})
+            return
         max_tokens = payload.get("max_completion_tokens") or payload.get("max_tokens")
         if path == "/v1/embeddings":
             max_tokens = 0
@@ -248,7 +256,7 @@ class Proxy:
     def _finish(self, record: dict[str, Any], started: float) -> None:
         elapsed = time.time() - started
         rec = UsageRecord(latency_ms=round(elapsed * 1000, 3), **record)
-        self.state.store.record(rec)
+        self.state.record(rec)
         m = self.state.metrics
         m.requests.labels(route_of(rec.path), str(rec.status)).inc()
         m.latency.observe(elapsed)
@@ -350,6 +358,14 @@ class Proxy:
                 await send({"type": "http.response.body", "body": buffer, "more_body": False})
         except httpx.TransportError:
             record["outcome"] = "client_disconnected" if disconnected.is_set() else "error"
+            if not disconnected.is_set():
+                # the engine went away mid-answer: end the stream with an error event (the OpenAI SDK
+                # raises it as an APIError) instead of a cut connection
+                self.state.metrics.upstream_errors.inc()
+                event = b"data: " + error_body("The model engine stopped in the middle of the answer; retry "
+                                               "shortly.", "server_error", "engine_unavailable") + b"\n\n"
+                with contextlib.suppress(OSError):
+                    await send({"type": "http.response.body", "body": event, "more_body": False})
         finally:
             watcher.cancel()
             await upstream.aclose()

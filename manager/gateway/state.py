@@ -4,6 +4,8 @@ its store and its metrics. Shared by the public proxy and the admin app."""
 from __future__ import annotations
 
 import hmac
+import logging
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -13,7 +15,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from manager.control.keys import hash_key, key_id
 from manager.gateway.quotas import Limits, QuotaState
-from manager.gateway.store import GatewayStore
+from manager.gateway.store import GatewayStore, UsageRecord
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,8 @@ class GatewayMetrics:
         self.tokens = Counter("gtm_gateway_tokens", "Tokens metered", ["kind"], registry=r)
         self.limited = Counter("gtm_gateway_rate_limited", "429s by reason", ["reason"], registry=r)
         self.upstream_errors = Counter("gtm_gateway_upstream_errors", "Engine unreachable or failing", registry=r)
+        self.spool_errors = Counter("gtm_gateway_spool_errors", "Usage records the spool could not take at once "
+                                    "(kept in memory and written first once it can)", registry=r)
         self.latency = Histogram("gtm_gateway_request_seconds", "Request latency through the gateway",
                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
                                  registry=r)
@@ -45,6 +51,9 @@ class GatewayState:
         self.version = ""
         self.quotas = QuotaState()
         self.metrics = GatewayMetrics()
+        self.unwritten: list[UsageRecord] = []
+        """Records the spool could not take (its volume full): written first, in order, once it can."""
+        self.spool_error: str | None = None
         saved = store.config()
         if saved:
             self.apply(saved, persist=False)
@@ -65,6 +74,29 @@ class GatewayState:
         self.keys = keys
         self.quotas.limits = limits
         self.version = str(body.get("version", ""))
+
+    def record(self, rec: UsageRecord) -> bool:
+        """Commits a usage record; when the spool cannot take it, keeps it in memory (never lost
+        while the gateway lives) and returns False."""
+        self.unwritten.append(rec)
+        return self.flush()
+
+    def flush(self) -> bool:
+        """Writes the records kept in memory; True when the spool takes records again."""
+        while self.unwritten:
+            try:
+                self.store.record(self.unwritten[0])
+            except (sqlite3.Error, OSError) as exc:
+                if self.spool_error is None:
+                    log.error("usage spool cannot be written (%s): refusing requests until it can", exc)
+                self.spool_error = str(exc)
+                self.metrics.spool_errors.inc()
+                return False
+            self.unwritten.pop(0)
+        if self.spool_error is not None:
+            log.warning("usage spool writable again; every record kept in memory is written")
+            self.spool_error = None
+        return True
 
     def authenticate(self, presented: str) -> KeyEntry | None:
         kid = key_id(presented)

@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import docker
 import httpx
@@ -31,18 +32,23 @@ class LoneGateway:
     port: int
     key: str
     container: str
+    admin_ip: str
+    admin_token: str
 
 
-@pytest.fixture
-def gateway(docker_client: docker.DockerClient, manager_settings) -> LoneGateway:
-    """A gateway container with one key and no engine (removed with the test's instance label)."""
-    settings = manager_settings()
+def start_lone_gateway(docker_client: docker.DockerClient, settings: Any, volume_opts: dict[str, str] | None = None,
+                       ) -> LoneGateway:
+    """A gateway container with one key and no engine (removed with the test's instance label).
+    ``volume_opts``: driver options of its data volume (e.g. a small tmpfs)."""
     runtime = DockerRuntime(docker_client)
     spec = TenantSpec(name="hard", port=free_port(), gpu_memory=1536 * MIB, model="demo", max_model_len=512)
     token = secrets.token_urlsafe(32)
     plan = tenant_plan(spec, settings, 24 * GIB, gateway_token=token)
     runtime.ensure_network(control_network_plan(settings))
     runtime.ensure_network(plan.network)
+    if volume_opts:
+        docker_client.volumes.create(plan.gateway_volume.name, driver="local", driver_opts=volume_opts,
+                                     labels=plan.gateway_volume.labels)
     runtime.ensure_volume(plan.gateway_volume)
     runtime.run(plan.gateway)
     ip = wait_for(lambda: runtime.container_ip(plan.gateway.name, control_network_name(settings)), 30,
@@ -58,7 +64,12 @@ def gateway(docker_client: docker.DockerClient, manager_settings) -> LoneGateway
         except Exception:
             return False
     wait_for(pushed, 60, "the gateway's admin port", interval=0.5)
-    return LoneGateway(spec.port, issued.secret_key, plan.gateway.name)
+    return LoneGateway(spec.port, issued.secret_key, plan.gateway.name, ip, token)
+
+
+@pytest.fixture
+def gateway(docker_client: docker.DockerClient, manager_settings) -> LoneGateway:
+    return start_lone_gateway(docker_client, manager_settings())
 
 
 def raw_request(port: int, data: bytes, timeout: float = 30) -> tuple[bytes, float]:
@@ -150,3 +161,34 @@ except OSError as exc:
         pytest.skip(f"no outbound route from containers on this host at all ({baseline.strip()})")
     result = docker_client.containers.get(gateway.container).exec_run(["python3", "-c", code])
     assert b"blocked" in result.output, result.output
+
+
+def test_a_full_usage_volume_refuses_requests_and_loses_no_record(docker_client: docker.DockerClient,
+                                                                   manager_settings) -> None:
+    """The gateway's volume fills up (here a 4 MiB tmpfs): requests are refused with 503
+    rather than served unmetered; once space is back, every record is there, none twice."""
+    gw = start_lone_gateway(docker_client, manager_settings(),
+                            {"type": "tmpfs", "device": "tmpfs", "o": "size=4m,uid=1000,gid=1000"})
+    container = docker_client.containers.get(gw.container)
+    url = f"http://127.0.0.1:{gw.port}/v1/chat/completions"
+    headers = {"Authorization": f"Bearer {gw.key}"}
+    body = {"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+    def send() -> str:
+        return str(httpx.post(url, json=body, headers=headers, timeout=30).json()["error"]["code"])
+    forwarded = [send() for _ in range(3)]  # no engine: forwarded, answered 503 engine_unavailable, recorded
+    assert forwarded == ["engine_unavailable"] * 3
+    container.exec_run(["sh", "-c", "cat /dev/zero > /data/filler"])
+    codes = []
+    for _ in range(50):
+        codes.append(send())
+        if codes[-1] == "usage_spool_full":
+            break
+    assert codes[-1] == "usage_spool_full", codes
+    served_while_full = codes.count("engine_unavailable")
+    container.exec_run(["rm", "-f", "/data/filler"])
+    assert send() == "engine_unavailable"  # writable again: served, and the kept record written first
+    with GatewayClient(gw.admin_ip, gw.admin_token) as admin:
+        records, _ = admin.usage(0)
+    ids = [r["request_id"] for r in records]
+    assert len(ids) == len(set(ids)) == 3 + served_while_full + 1

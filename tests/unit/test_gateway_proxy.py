@@ -217,3 +217,68 @@ async def test_deeply_nested_json_is_400(gateway):
     ok = {**CHAT, "x": [[[[{"a": [1]}]]]]}
     assert (await client.post("/v1/chat/completions", json=ok)).status_code == 200
     assert state.store.after(0)[-1]["status"] == 200
+
+
+class FillableStore(GatewayStore):
+    """The gateway's real store, whose volume the test can make full."""
+
+    full = False
+
+    def record(self, rec: Any) -> None:
+        import sqlite3
+
+        if self.full:
+            raise sqlite3.OperationalError("database or disk is full")
+        super().record(rec)
+
+
+async def test_a_full_spool_refuses_requests_and_loses_no_record(tmp_path: Path) -> None:
+    store = FillableStore(tmp_path / "gw.db")
+    state = GatewayState(store)
+    issued = keys.issue()
+    state.apply({"version": "v", "keys": [{"id": issued.id, "hash": issued.hash}], "limits": {"max_in_flight": 5}})
+    forwarded: list[str] = []
+
+    def counting(request: httpx.Request) -> httpx.Response:
+        forwarded.append(request.url.path)
+        return upstream(request)
+    proxy = Proxy(GatewaySettings(), state, transport=httpx.MockTransport(counting))
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=proxy), base_url="http://gw",
+                               headers={"Authorization": f"Bearer {issued.secret_key}"})
+    store.full = True
+    first = await client.post("/v1/chat/completions", json=CHAT)  # served; its record waits in memory
+    assert first.status_code == 200
+    refused = await client.post("/v1/chat/completions", json=CHAT)
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "usage_spool_full"
+    assert refused.headers["retry-after"] == "30"
+    assert len(forwarded) == 1, "nothing is served unmetered"
+    assert state.quotas.in_flight == 0, "a failed write leaks no in-flight slot"
+    store.full = False
+    again = await client.post("/v1/chat/completions", json=CHAT)
+    assert again.status_code == 200
+    assert [r["request_id"] for r in store.after(0)] == [first.headers["x-request-id"], again.headers["x-request-id"]]
+
+
+async def test_an_engine_lost_mid_stream_ends_with_an_error_event_and_meters_what_was_served(tmp_path: Path):
+    state = GatewayState(GatewayStore(tmp_path / "gw.db"))
+    issued = keys.issue()
+    state.apply({"version": "v", "keys": [{"id": issued.id, "hash": issued.hash}], "limits": {}})
+
+    class Dying(httpx.AsyncByteStream):
+        async def __aiter__(self):  # type: ignore[no-untyped-def]
+            for token in ("a", "b", "c"):
+                yield b"data: " + json.dumps({"choices": [{"delta": {"content": token}}]}).encode() + b"\n\n"
+            raise httpx.RemoteProtocolError("peer closed connection without sending complete message body")
+
+    def dying(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, stream=Dying(), headers={"content-type": "text/event-stream"})
+    proxy = Proxy(GatewaySettings(), state, transport=httpx.MockTransport(dying))
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=proxy), base_url="http://gw",
+                               headers={"Authorization": f"Bearer {issued.secret_key}"})
+    r = await client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    events = [e for e in r.text.split("\n\n") if e]
+    assert len(events) == 4
+    assert json.loads(events[-1].removeprefix("data: "))["error"]["code"] == "engine_unavailable"
+    (rec,) = state.store.after(0)
+    assert (rec["outcome"], rec["completion_tokens"]) == ("error", 3)
+    assert state.quotas.in_flight == 0
