@@ -292,7 +292,9 @@ def serve(settings: Settings) -> int:
     import uvicorn
 
     from manager.api.app import create_app
+    from manager.control.store import preflight
 
+    preflight(settings.database_path)  # a clear error before anything starts, never a half-started manager
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port, log_level="info")
     return 0

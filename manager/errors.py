@@ -72,6 +72,14 @@ class GpuUnavailable(GtmError):
     code = "gpu_unavailable"
 
 
+class StateUnavailable(GtmError):
+    """Start-up error: the state directory or database cannot be written. Nothing is started."""
+
+    http_status = 503
+    exit_code = 11
+    code = "state_unavailable"
+
+
 class EngineFailed(GtmError):
     """A command waited for an engine (``--wait``) and the engine failed; the reason is its own."""
 

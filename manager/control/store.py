@@ -8,6 +8,7 @@ implementation can replace it for a multi-host deployment.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from manager.domain import Quotas, TenantSpec, TenantStatus
-from manager.errors import Conflict, NotFound
+from manager.errors import Conflict, NotFound, StateUnavailable
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tenants (
@@ -155,6 +156,33 @@ def _tenant(row: sqlite3.Row) -> TenantRow:
     )
     return TenantRow(spec, TenantStatus(row["status"]), row["reason"], row["status_since"],
                      row["created_at"], row["updated_at"], row["gateway_token"])
+
+
+def preflight(path: Path, lock_timeout_s: float = 5.0) -> None:
+    """Before anything starts: the state directory must be writable and the database not held
+    by another writer (another manager on the same state). StateUnavailable says which."""
+    directory = path.parent
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise StateUnavailable(
+            f"the state directory {directory} is not writable ({exc.strerror or exc}): mount a writable "
+            "volume there (GTM_STATE_DIR); nothing was started") from exc
+    try:
+        db = sqlite3.connect(path, timeout=lock_timeout_s, isolation_level=None)
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("ROLLBACK")
+        finally:
+            db.close()
+    except sqlite3.OperationalError as exc:
+        hint = ("another process holds it: is another manager running on the same state? stop it first"
+                if "locked" in str(exc) else "check the file and its directory")
+        raise StateUnavailable(f"the database {path} cannot be written ({exc}): {hint}; nothing was started"
+                               ) from exc
 
 
 class Store:

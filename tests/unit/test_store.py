@@ -60,3 +60,29 @@ def test_concurrent_writers_do_not_collide(tmp_path: Path) -> None:
     for t in threads:
         t.join()
     assert len(store.audit_log(limit=1000)) == 160
+
+
+def test_preflight_refuses_a_state_dir_it_cannot_write(tmp_path: Path) -> None:
+    from manager.control.store import preflight
+    from manager.errors import StateUnavailable
+
+    (tmp_path / "not-a-dir").write_text("")
+    with pytest.raises(StateUnavailable, match="not writable"):
+        preflight(tmp_path / "not-a-dir" / "manager.db")
+
+
+def test_preflight_refuses_a_database_another_process_holds(tmp_path: Path) -> None:
+    import sqlite3
+
+    from manager.control.store import preflight
+    from manager.errors import StateUnavailable
+
+    holder = sqlite3.connect(tmp_path / "manager.db", isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(StateUnavailable, match="another manager"):
+            preflight(tmp_path / "manager.db", lock_timeout_s=0.2)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    preflight(tmp_path / "manager.db")
