@@ -30,11 +30,12 @@ def _docker_errors(action: str) -> Iterator[None]:
     except docker.errors.APIError as exc:
         if exc.status_code == 409:
             raise Conflict(f"{action}: {exc.explanation}") from exc
-        raise RuntimeUnavailable(f"{action}: Docker said {exc.explanation or exc}") from exc
+        raise RuntimeUnavailable(f"container runtime unavailable: {action}: Docker said "
+                                 f"{exc.explanation or exc}") from exc
     except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
         raise RuntimeUnavailable(
-            f"{action}: the Docker engine did not answer ({exc}); check that dockerd runs and "
-            "that /var/run/docker.sock is mounted into the manager"
+            f"container runtime unavailable: {action}: the Docker engine did not answer ({exc}); check that "
+            "dockerd runs and that /var/run/docker.sock is mounted into the manager"
         ) from exc
 
 
@@ -143,6 +144,27 @@ class DockerRuntime:
             return _state(container)
         return self._call(f"starting {plan.name}", run)
 
+    def run_to_completion(self, plan: ContainerPlan, timeout_s: float) -> tuple[int, str]:
+        """Runs a one-off container to its end; returns its exit code and log tail. It is removed
+        afterwards, also when it runs past ``timeout_s`` (then the exit code is -1)."""
+        kwargs = container_kwargs(plan)
+
+        def run() -> tuple[int, str]:
+            with suppress(docker.errors.NotFound):
+                self._client.containers.get(plan.name).remove(force=True)
+            container = self._client.containers.create(**kwargs)
+            try:
+                container.start()
+                try:
+                    code = int(container.wait(timeout=timeout_s)["StatusCode"])
+                except requests.exceptions.RequestException:
+                    code = -1
+                raw = container.logs(tail=20)
+                return code, raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+            finally:
+                container.remove(force=True)
+        return self._call(f"running {plan.name}", run)
+
     def container_ip(self, name: str, network: str) -> str | None:
         def run() -> str | None:
             try:
@@ -248,4 +270,6 @@ def container_kwargs(plan: ContainerPlan) -> dict[str, Any]:
         kwargs["healthcheck"] = plan.healthcheck
     if plan.ports:
         kwargs["ports"] = {f"{cport}/tcp": (ip, hport) for cport, (ip, hport) in plan.ports.items()}
+    if plan.entrypoint is not None:
+        kwargs["entrypoint"] = plan.entrypoint
     return {k: v for k, v in kwargs.items() if v is not None}

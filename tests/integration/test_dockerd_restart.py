@@ -1,4 +1,5 @@
-"""A restart of dockerd: gateways come back by themselves (the data plane), engines come
+"""dockerd stopped for 20 s while the manager runs, then started: the API says the container
+runtime is unavailable meanwhile, gateways come back by themselves (the data plane), engines come
 back through the reconciler one at a time, and nothing is duplicated.
 
 Runs only where the suite's own bootstrap started dockerd (never against a
@@ -9,6 +10,7 @@ from __future__ import annotations
 import subprocess
 import time
 from collections import Counter
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -23,10 +25,16 @@ ROOT = Path(__file__).resolve().parents[2]
 MARKER = Path("/run/gtm-started-dockerd")
 
 
-def restart_dockerd(client: docker.DockerClient) -> None:
+def restart_dockerd(client: docker.DockerClient, down_s: float = 0.0,
+                    while_down: Callable[[], None] | None = None) -> None:
+    """Stops dockerd, keeps it down for ``down_s`` (calling ``while_down`` meanwhile), starts it again."""
     subprocess.run(["pkill", "-TERM", "-x", "dockerd"], check=True)
     wait_for(lambda: subprocess.run(["pgrep", "-x", "dockerd"], check=False).returncode != 0, 60,
              "dockerd to stop", interval=0.5)
+    until = time.monotonic() + down_s
+    if while_down is not None:
+        while_down()
+    time.sleep(max(0.0, until - time.monotonic()))
     subprocess.run(["bash", "scripts/bootstrap-host.sh"], cwd=ROOT, check=True, capture_output=True)
     wait_for(client.ping, 60, "dockerd to answer")
 
@@ -44,7 +52,16 @@ def test_dockerd_restart_brings_tenants_back_without_duplicates(manager_settings
         for name in ("one", "two"):
             wait_status(api, name, "running")
 
-        restart_dockerd(docker_client)
+        def api_says_runtime_unavailable() -> None:
+            for path in ("/api/v1/tenants", "/api/v1/capacity"):
+                r = api.get(path)
+                assert r.status_code == 503, (path, r.text)
+                error = r.json()["error"]
+                assert error["code"] == "runtime_unavailable"
+                assert error["message"].startswith("container runtime unavailable"), error
+            assert api.get("/healthz").status_code == 200  # the manager itself lives on
+
+        restart_dockerd(docker_client, down_s=20.0, while_down=api_says_runtime_unavailable)
         started = time.time()
         for name in ("one", "two"):
             wait_status(api, name, "running", timeout=300)
