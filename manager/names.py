@@ -27,6 +27,7 @@ class Role(StrEnum):
     NETWORK = "network"
     VOLUME = "volume"
     PROBE = "probe"
+    WARMUP = "warmup"
 
 
 def validate_tenant_name(name: str) -> str:
@@ -71,6 +72,10 @@ def gateway(instance: str, tenant: str) -> str:
 
 def gateway_volume(instance: str, tenant: str) -> str:
     return f"{instance}-t-{tenant}-gw"
+
+
+def warmup(instance: str) -> str:
+    return f"{instance}-engine-warmup"
 
 
 def control_network(instance: str) -> str:

@@ -89,3 +89,11 @@ class RuntimeContract:
         runtime.stop_container(missing)
         runtime.remove_container(missing)
         assert runtime.ping() is True
+
+    def test_a_one_off_container_runs_to_its_end_and_is_gone(self, runtime: Runtime, instance: str,
+                                                             image: str) -> None:
+        plan = ContainerPlan(name=f"{instance}-oneoff", image=image, entrypoint=["python3", "-c", "print('done')"],
+                             command=[], labels=names.labels(instance, Role.WARMUP), network="none")
+        code, _ = runtime.run_to_completion(plan, timeout_s=60)
+        assert code == 0
+        assert runtime.container(plan.name) is None

@@ -33,7 +33,7 @@ from collections.abc import Callable
 
 from manager import names
 from manager.control.gateway_client import Connect, GatewayClient, collect_usage, push_config
-from manager.control.plan import control_network_name, control_network_plan, tenant_plan
+from manager.control.plan import control_network_name, control_network_plan, tenant_plan, warmup_plan
 from manager.control.store import EngineFailure, Store, TenantRow
 from manager.control.workqueue import WorkQueue
 from manager.domain import TenantStatus, can_transition
@@ -46,6 +46,9 @@ from manager.settings import Settings
 
 log = logging.getLogger(__name__)
 POLL_STARTING_S = 2.0
+WARMUP_TIMEOUT_S = 300.0
+COLD_CACHE = re.compile(r"Available memory on node .* on kv cache allocation is less than", re.IGNORECASE)
+"""vLLM's CPU backend refusing its KV cache because the page cache it just read counts as used."""
 LOG_TAIL_LINES = 400
 LOG_KEEP_CHARS = 32_000
 FAILURE_PATTERNS = [
@@ -80,6 +83,8 @@ def failure_reason(state: ContainerState, logs: str) -> str:
                 return text[:500]
     if state.error:
         return f"Docker could not run the engine: {state.error}"[:500]
+    if state.exit_code == 137:
+        return "engine was killed (SIGKILL, exit code 137) without an error of its own"
     return f"engine exited with code {state.exit_code}"
 
 
@@ -102,6 +107,7 @@ class Reconciler:
         self._gate: tuple[str, float] | None = None
         self._errors: dict[str, int] = {}
         self._orphans_seen: dict[str, float] = {}
+        self._warmed: set[tuple[str, str]] = set()
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
 
@@ -284,10 +290,26 @@ class Reconciler:
             else:
                 self._set_status(row, TenantStatus.PENDING, f"waiting for {holder}'s engine to finish starting")
                 return POLL_STARTING_S
+        if self.settings.gpu_mode == "cpu":
+            self._warm(row.spec.model)
         self.runtime.run(plan)
         self._gate = (name, self.clock())
         self._set_status(row, TenantStatus.STARTING)
         return POLL_STARTING_S
+
+    def _warm(self, model: str) -> None:
+        """Reads the engine image's packages and the model into the page cache once per manager
+        process (and again after a start failed for a cold cache); see ``plan.warmup_plan``."""
+        key = (self.settings.engine_image, model)
+        if key in self._warmed:
+            return
+        started = self.clock()
+        code, out = self.runtime.run_to_completion(warmup_plan(self.settings, model), WARMUP_TIMEOUT_S)
+        if code == 0:
+            log.info("page cache warmed for %s in %.1f s: %s", model, self.clock() - started, out.strip())
+        else:  # never blocks a start: at worst the engine meets a cold cache, fails once and is retried
+            log.warning("page-cache warm-up for %s failed (exit %d): %s", model, code, out.strip()[-300:])
+        self._warmed.add(key)
 
     def _engine_starting(self, row: TenantRow, engine: ContainerState) -> float | None:
         name = row.spec.name
@@ -314,6 +336,8 @@ class Reconciler:
             if engine.status == "running":  # unhealthy or timed out: stop it, keep its logs until restart
                 self.runtime.stop_container(engine.name)
             self._release_gate(name)
+            if COLD_CACHE.search(text):
+                self._warmed.discard((self.settings.engine_image, row.spec.model))  # warm again first
             log.warning("engine of %s failed (%d): %s", name, count, text)
             self._set_status(row, TenantStatus.FAILED, text)
         return max(fail.retry_at - self.clock(), 0.5)

@@ -42,6 +42,7 @@ class MemoryRuntime:
         self._clock = itertools.count(1)
         self.available = True
         self.started: list[str] = []  # names, in the order they were started
+        self.completed: list[str] = []  # one-off containers run to completion, in order
         self._fail_next: dict[str, str] = {}
 
     # ---------------------------------------------------------------- test hooks
@@ -148,6 +149,13 @@ class MemoryRuntime:
             self._containers[plan.name] = _Container(plan, state, nets)
             self.started.append(plan.name)
             return state
+
+    def run_to_completion(self, plan: ContainerPlan, timeout_s: float) -> tuple[int, str]:
+        with self._lock:
+            self._check()
+            error = self._fail_next.pop(plan.name, None)
+            self.completed.append(plan.name)
+            return (1, error) if error is not None else (0, "")
 
     def container_ip(self, name: str, network: str) -> str | None:
         with self._lock:

@@ -61,6 +61,7 @@ class ContainerPlan:
     ports: dict[int, tuple[str, int]] = field(default_factory=dict)
     restart_policy: str = "no"
     healthcheck: dict[str, object] | None = None
+    entrypoint: list[str] | None = None
 
 
 @dataclass(frozen=True)

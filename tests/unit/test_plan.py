@@ -91,3 +91,17 @@ def test_control_network_has_no_outbound_route_in_the_plan_and_in_compose(settin
     compose = (Path(__file__).parents[2] / "compose" / "docker-compose.yml").read_text()
     (key, value), = CONTROL_BRIDGE.items()
     assert f'{key}: "{value}"' in compose
+
+
+def test_the_warm_up_reads_the_engine_image_and_model_without_a_memory_limit(settings) -> None:
+    from manager.control.plan import warmup_plan
+    from manager.runtime.docker import container_kwargs
+
+    plan = warmup_plan(settings, "demo")
+    kwargs = container_kwargs(plan)
+    assert kwargs["image"] == settings.engine_image and kwargs["network"] == "none"
+    assert "mem_limit" not in kwargs  # a limit would evict what it reads
+    assert kwargs["command"] == ["/models/demo"] and kwargs["entrypoint"][:2] == ["python3", "-c"]
+    (mount,) = kwargs["mounts"]
+    assert mount["Target"] == "/models" and mount["ReadOnly"] is True
+    assert kwargs["read_only"] is True and kwargs["cap_drop"] == ["ALL"] and kwargs["user"] == "1000:1000"

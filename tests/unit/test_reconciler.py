@@ -288,3 +288,28 @@ def test_the_loops_survive_any_exception(world) -> None:
     rec._stop.set()
     thread.join(5)
     assert rec.loop_errors["resync"] >= 3
+
+
+def test_the_page_cache_is_warmed_once_before_the_first_engine_and_after_a_cold_start(world) -> None:
+    rec, store, runtime, clock, _ = world
+    add(store, "a", 30001)
+    add(store, "b", 30002)
+    bring_up(rec, runtime, "a")
+    bring_up(rec, runtime, "b")
+    warmup = names.warmup(INSTANCE)
+    assert runtime.completed == [warmup]  # once for the image and model, before a's engine
+    assert runtime.started.index(engine("a")) >= 0
+    runtime.exit(engine("b"), 1, logs="ValueError: Available memory on node 0 (0.1/1.5 GiB) on kv cache "
+                                       "allocation is less than requested memory for kv (0.38 GiB).\n")
+    rec.reconcile("b")
+    clock.now += 10
+    rec.reconcile("b")
+    assert runtime.completed == [warmup, warmup]  # warmed again before the retry
+
+
+def test_a_failing_warm_up_never_blocks_a_start(world) -> None:
+    rec, store, runtime, _, _ = world
+    runtime.fail_next(names.warmup(INSTANCE), "no such image")
+    add(store, "a", 30001)
+    rec.reconcile("a")
+    assert runtime.container(engine("a")) is not None
