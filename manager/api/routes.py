@@ -12,7 +12,6 @@ from manager.api.deps import Admin, Service
 from manager.api.schemas import (
     AuditEntry,
     CapacityPublic,
-    CostShare,
     DecisionPublic,
     ErrorResponse,
     IssuedKeyPublic,
@@ -26,7 +25,7 @@ from manager.api.schemas import (
     UsageSummary,
     WhatIf,
 )
-from manager.control.costs import split
+from manager.control.costs import Share, split
 from manager.domain import QUOTA_FIELDS, Quotas
 
 
@@ -163,6 +162,6 @@ def audit(svc: Service, _: Admin, tenant: str | None = None, action: str | None 
 def cost(svc: Service, _: Admin,
          month: Annotated[str, Query(pattern=r"^\d{4}-(0[1-9]|1[0-2])$", description="YYYY-MM")],
          total: Annotated[float, Query(ge=0, le=1e12, allow_inf_nan=False, description="the month's host cost")],
-         ) -> list[CostShare]:
+         ) -> list[Share]:
     """The month's cost split by reserved memory-hours and by tokens (the console's CSV, as JSON)."""
-    return [CostShare.of(s) for s in split(month, total, svc.store, time.time())]
+    return split(month, total, svc.store, time.time())

@@ -8,7 +8,6 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSche
 from pydantic.config import JsonDict
 
 from manager.control.admission import Decision
-from manager.control.costs import Share
 from manager.control.service import Capacity
 from manager.control.store import AuditRow, KeyRow, TenantRow, UsageTotals
 from manager.domain import MAX_GRACE_S, MAX_MODEL_LEN, MAX_PORT, MIN_MODEL_LEN, MIN_PORT, QUOTA_MAX
@@ -168,21 +167,6 @@ class WhatIf(Strict):
 
 class Removal(BaseModel):
     status: str = Field(description="'removing': the reconciler tears the tenant down in the background")
-
-
-class CostShare(BaseModel):
-    tenant: str
-    gib_hours: float
-    tokens: int
-    requests: int
-    share_by_memory: float
-    cost_by_memory: float
-    share_by_tokens: float
-    cost_by_tokens: float
-
-    @classmethod
-    def of(cls, share: Share) -> CostShare:
-        return cls(**share.__dict__)
 
 
 class DevicePublic(BaseModel):

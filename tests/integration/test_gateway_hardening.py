@@ -6,9 +6,7 @@ engine behind it): anything it forwarded would come back 503 'engine unavailable
 from __future__ import annotations
 
 import secrets
-import socket
 import threading
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +19,7 @@ from manager.control.gateway_client import GatewayClient
 from manager.control.plan import control_network_name, control_network_plan, tenant_plan
 from manager.domain import TenantSpec
 from manager.runtime.docker import DockerRuntime
+from tests.rawhttp import exchange
 
 from .conftest import free_port, run_probe, wait_for
 
@@ -72,16 +71,6 @@ def gateway(docker_client: docker.DockerClient, manager_settings) -> LoneGateway
     return start_lone_gateway(docker_client, manager_settings())
 
 
-def raw_request(port: int, data: bytes, timeout: float = 30) -> tuple[bytes, float]:
-    started = time.monotonic()
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
-        conn.sendall(data)
-        out = b""
-        while chunk := conn.recv(65536):
-            out += chunk
-    return out, time.monotonic() - started
-
-
 @pytest.mark.parametrize("path", ["/v1/models/../../metrics", "/v1/models/%2e%2e/%2e%2e/metrics",
                                   "/v1/models/..%2f..%2fmetrics", "/v1/models/../../openapi.json",
                                   "/v1/models/../../load", "/v1/models/%2E%2E/%2E%2E/version"])
@@ -89,7 +78,7 @@ def test_dot_segments_never_reach_the_engine(gateway: LoneGateway, path: str) ->
     """What ``curl --path-as-is`` sends: before the fix these were forwarded (and answered 503 here)."""
     request = (f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {gateway.key}\r\n"
                "Connection: close\r\n\r\n").encode()
-    out, _ = raw_request(gateway.port, request)
+    out, _ = exchange(gateway.port, request)
     assert out.startswith(b"HTTP/1.1 404"), out[:200]
     assert b"is not served on this port" in out
 
@@ -104,10 +93,10 @@ def test_deeply_nested_json_is_400(gateway: LoneGateway) -> None:
 
 def test_header_floods_get_431(gateway: LoneGateway) -> None:
     many = b"".join(b"X-Flood-%d: 1\r\n" % i for i in range(500))
-    out, _ = raw_request(gateway.port, b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + many + b"\r\n")
+    out, _ = exchange(gateway.port, b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + many + b"\r\n")
     assert out.startswith(b"HTTP/1.1 431"), out[:200]
     big = b"X-Big: " + b"a" * 100_000 + b"\r\n"
-    out, _ = raw_request(gateway.port, b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + big + b"\r\n")
+    out, _ = exchange(gateway.port, b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + big + b"\r\n")
     assert out.startswith(b"HTTP/1.1 431"), out[:200]
 
 
@@ -118,7 +107,7 @@ def test_slow_clients_are_cut_off(gateway: LoneGateway) -> None:
     lock = threading.Lock()
 
     def slow(data: bytes) -> None:
-        out = raw_request(gateway.port, data, timeout=60)
+        out = exchange(gateway.port, data, timeout=60)
         with lock:
             results.append(out)
     half = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Slow: "

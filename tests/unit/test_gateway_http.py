@@ -20,6 +20,7 @@ from manager.gateway.proxy import Proxy
 from manager.gateway.settings import GatewaySettings
 from manager.gateway.state import GatewayState
 from manager.gateway.store import GatewayStore
+from tests.rawhttp import exchange
 
 
 def upstream(request: httpx.Request) -> httpx.Response:
@@ -48,17 +49,6 @@ def served(tmp_path: Path) -> Iterator[tuple[int, str]]:
     yield port, issued.secret_key
     server.should_exit = True
     thread.join(5)
-
-
-def exchange(port: int, data: bytes, wait_s: float = 5.0) -> tuple[bytes, float]:
-    """Sends ``data``, then reads until the server closes; returns what came back and when."""
-    started = time.monotonic()
-    with socket.create_connection(("127.0.0.1", port), timeout=wait_s) as conn:
-        conn.sendall(data)
-        out = b""
-        while chunk := conn.recv(65536):
-            out += chunk
-    return out, time.monotonic() - started
 
 
 def test_half_sent_headers_get_408_and_the_connection_closes(served: tuple[int, str]) -> None:
