@@ -11,9 +11,9 @@ ids=$(docker ps -aq "${sel[@]}"); [ -z "$ids" ] || docker rm -f $ids >/dev/null
 ids=$(docker network ls -q "${sel[@]}"); [ -z "$ids" ] || docker network rm $ids >/dev/null
 if [ "${1:-}" = "--purge" ]; then
   ids=$(docker volume ls -q "${sel[@]}"); [ -z "$ids" ] || docker volume rm $ids >/dev/null
-  compose -p gtm -f compose/docker-compose.yml down -v >/dev/null 2>&1
+  compose -p "$GTM_COMPOSE_PROJECT" -f compose/docker-compose.yml down -v >/dev/null 2>&1
   docker volume rm "${GTM_MODELS_VOLUME:-gtm-models}" >/dev/null 2>&1 || true
 else
-  compose -p gtm -f compose/docker-compose.yml down >/dev/null 2>&1
+  compose -p "$GTM_COMPOSE_PROJECT" -f compose/docker-compose.yml down >/dev/null 2>&1
 fi
 log "stack stopped${1:+ and purged}"

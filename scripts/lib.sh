@@ -6,6 +6,7 @@ GTM_CACHE=${GTM_CACHE:-/var/cache/gpu-tenant-manager}
 GTM_BASE_IMAGE=${GTM_BASE_IMAGE:-debian:bookworm-slim}
 GTM_ENGINE_IMAGE=${GTM_ENGINE_IMAGE:-gtm-engine-cpu:0.32.0}
 GTM_MANAGER_IMAGE=${GTM_MANAGER_IMAGE:-gtm-manager:dev}
+GTM_COMPOSE_PROJECT=${GTM_COMPOSE_PROJECT:-gtm}
 
 log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }

@@ -9,7 +9,7 @@ timed bootstrap bash scripts/bootstrap-host.sh
 timed images bash scripts/build-images.sh all
 timed demo-model bash scripts/make-demo-model.sh "$GTM_MODELS_VOLUME"
 log "starting the manager"
-compose -p gtm -f compose/docker-compose.yml up -d >/dev/null
+compose -p "$GTM_COMPOSE_PROJECT" -f compose/docker-compose.yml up -d >/dev/null
 for _ in $(seq 60); do
   [ "$(docker inspect -f '{{.State.Health.Status}}' "$MANAGER" 2>/dev/null)" = healthy ] && break; sleep 1
 done
