@@ -1,0 +1,117 @@
+"""Faults on the real path: an engine killed in the middle of a stream, and an engine that
+crashes every time it starts. (dockerd stopped for 20 s: test_dockerd_restart.py; the
+gateway's volume full: test_gateway_hardening.py; a state the manager cannot own:
+test_manager_start.py.)"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import docker
+import httpx
+import openai
+import pytest
+
+from manager import names
+
+from .conftest import RunningManager, start_manager, wait_for, wait_status
+from .test_control_plane import cli
+
+
+@pytest.fixture
+def manager(manager_settings) -> Iterator[RunningManager]:
+    mgr = start_manager(manager_settings(usage_interval_s=1.0, reconcile_interval_s=2.0))
+    yield mgr
+    mgr.stop()
+
+
+def engine_starts(client: docker.DockerClient, instance: str, tenant: str) -> str:
+    c = client.containers.get(names.engine(instance, tenant))
+    return str(c.attrs["State"]["StartedAt"])
+
+
+@pytest.mark.slow
+def test_engine_killed_mid_stream(manager: RunningManager, docker_client: docker.DockerClient, instance: str) -> None:
+    api = manager.client()
+    r = api.post("/api/v1/tenants", json={"name": "victim", "gpu_memory": "1536M", "port": 30701})
+    assert r.status_code == 201, r.text
+    key = r.json()["key"]["api_key"]
+    wait_status(api, "victim", "running")
+    client = openai.OpenAI(base_url="http://127.0.0.1:30701/v1", api_key=key, max_retries=0)
+    stream = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "tell me"}],
+                                            max_tokens=400, stream=True,
+                                            extra_body={"min_tokens": 400, "ignore_eos": True})
+    received = 0
+    with pytest.raises(openai.APIError, match="stopped in the middle of the answer"):
+        for _ in stream:
+            received += 1
+            if received == 5:
+                docker_client.containers.get(names.engine(instance, "victim")).kill("SIGKILL")
+    assert received >= 5
+
+    # what was served is metered (the engine's usage never came: the events delivered count)
+    def metered() -> dict[str, object] | None:
+        store_usage = api.get("/api/v1/usage").json()
+        row = next(u for u in store_usage if u["tenant"] == "victim")
+        return row if row["requests"] >= 1 else None
+    usage = wait_for(metered, 30, "the cut stream's usage to be collected", interval=1)
+    assert usage["completion_tokens"] >= 5  # type: ignore[operator]
+
+    failed = wait_status(api, "victim", "failed", timeout=60)
+    assert "SIGKILL" in failed["reason"]
+    killed_at = time.monotonic()
+    running = wait_status(api, "victim", "running", timeout=240)
+    assert time.monotonic() - killed_at >= 5  # not restarted at once: after its backoff
+    assert running["reason"] == ""
+    chat = httpx.post("http://127.0.0.1:30701/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                      json={"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+                      timeout=60)
+    assert chat.status_code == 200
+
+
+@pytest.mark.slow
+def test_a_crash_looping_engine_backs_off_and_says_why(manager_settings, models_dir: Path, tmp_path: Path,
+                                                       docker_client: docker.DockerClient, instance: str) -> None:
+    models = tmp_path / "models"
+    shutil.copytree(models_dir / "demo", models / "demo")
+    shutil.copytree(models_dir / "demo", models / "corrupt")
+    weights = models / "corrupt" / "model.safetensors"
+    raw = weights.read_bytes()
+    header = 8 + int.from_bytes(raw[:8], "little")
+    weights.write_bytes(raw[: header + (len(raw) - header) // 3])  # header intact, tensors cut short
+    mgr = start_manager(manager_settings(models_source=str(models), models_dir=models, reconcile_interval_s=2.0))
+    try:
+        api = mgr.client()
+        r = api.post("/api/v1/tenants", json={"name": "loop", "gpu_memory": "1536M", "port": 30711,
+                                              "model": "corrupt"})
+        assert r.status_code == 201, r.text
+        failures: list[tuple[float, str]] = []
+
+        def failed_again() -> bool:
+            t = api.get("/api/v1/tenants/loop").json()
+            started = engine_starts(docker_client, instance, "loop")
+            if t["status"] == "failed" and (not failures or failures[-1][1] != started):
+                failures.append((time.monotonic(), started))
+            return len(failures) >= 3
+        wait_for(failed_again, 240, "three failed starts", interval=0.5)
+        gaps = [b[0] - a[0] for a, b in itertools.pairwise(failures)]
+        assert gaps[0] >= 10 and gaps[1] >= 20, gaps  # 10 s, then 20 s: no busy loop
+        tenant = api.get("/api/v1/tenants/loop").json()
+        assert tenant["status"] == "failed"
+        assert "Error" in tenant["reason"] and "Engine core initialization failed" not in tenant["reason"]
+
+        listing = cli(mgr, "list-tenants", "--json")
+        assert json.loads(listing.stdout)[0]["reason"] == tenant["reason"]
+
+        with httpx.Client(base_url=mgr.url, follow_redirects=False) as browser:
+            browser.post("/login", data={"username": "admin", "password": mgr.token})
+            page = browser.get("/tenants/loop")
+        assert page.status_code == 200
+        assert "Engine log at its last failure" in page.text
+    finally:
+        mgr.stop()
