@@ -2,9 +2,19 @@
 # Benchmarks, each printing figures against a baseline measured in the same run.
 #   scripts/bench.sh               gateway vs direct with a fast upstream (the proxy's own cost)
 #   scripts/bench.sh --real-engine also gateway vs direct in front of a real vLLM CPU engine
+#   scripts/bench.sh --engine-starts [N]
+#                                  N engine starts through the manager (default 10): first-start
+#                                  success rate and add-tenant -> first answer vs docker run; as
+#                                  root it empties the page cache first (the hard case)
 source "$(dirname "$0")/lib.sh"
 cd "$GTM_ROOT"
 bash scripts/dev-env.sh >/dev/null
+if [ "${1:-}" = "--engine-starts" ]; then
+  bash scripts/build-images.sh all >/dev/null
+  bash scripts/make-demo-model.sh "$GTM_CACHE/models" >/dev/null
+  cold=(); [ "$(id -u)" = 0 ] && cold=(--cold)
+  exec .venv/bin/python -m bench.engine_starts --starts "${2:-10}" --baseline 3 --models "$GTM_CACHE/models" "${cold[@]}"
+fi
 log "gateway vs direct, fast upstream"
 .venv/bin/python -m bench.gateway_bench
 if [ "${1:-}" = "--real-engine" ]; then

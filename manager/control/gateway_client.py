@@ -97,9 +97,3 @@ def collect_usage(store: Store, tenant: str, gw: GatewayAdmin) -> int:
         added += store.add_usage(tenant, records, next_cursor)
         cursor = next_cursor
 
-
-def sync_gateway(store: Store, tenant: str, ip: str, token: str, connect: Connect = GatewayClient) -> int:
-    """Push the config if it differs, then collect every new usage record. Returns how many were new."""
-    with connect(ip, token) as gw:
-        push_config(store, tenant, gw)
-        return collect_usage(store, tenant, gw)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -115,3 +116,25 @@ def test_a_crash_looping_engine_backs_off_and_says_why(manager_settings, models_
         assert "Engine log at its last failure" in page.text
     finally:
         mgr.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="emptying the host's page cache needs root")
+def test_the_first_engine_starts_on_a_cold_page_cache(manager: RunningManager) -> None:
+    """After an image build or a host boot nothing of the engine image is in the page cache;
+    vLLM's CPU backend then counted what it read as used memory and refused its KV cache.
+    The manager warms the cache first: the first start must succeed, not a retry."""
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    api = manager.client()
+    r = api.post("/api/v1/tenants", json={"name": "cold", "gpu_memory": "1536M", "port": 30721})
+    assert r.status_code == 201, r.text
+    seen: set[str] = set()
+
+    def running() -> bool:
+        t = api.get("/api/v1/tenants/cold").json()
+        seen.add(t["status"])
+        assert t["status"] != "failed", t["reason"]
+        return bool(t["status"] == "running")
+    wait_for(running, 300, "the first engine to run", interval=0.5)
+    assert "failed" not in seen
