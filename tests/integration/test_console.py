@@ -41,6 +41,8 @@ def test_console_in_a_real_browser(manager: RunningManager) -> None:
         context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
         page = context.new_page()
         page.on("request", lambda request: seen.append(request.url))
+        blocked: list[str] = []  # the Content-Security-Policy must not break any page
+        page.on("console", lambda msg: blocked.append(msg.text) if "Content Security Policy" in msg.text else None)
 
         # without a session every page leads to the login
         page.goto(base + "/tenants/new")
@@ -139,3 +141,4 @@ def test_console_in_a_real_browser(manager: RunningManager) -> None:
 
     foreign = [u for u in seen if not u.startswith(base + "/") and not u.startswith("data:")]
     assert foreign == [], f"pages contacted other hosts: {foreign}"
+    assert blocked == [], f"the console's own CSP blocked: {blocked}"
