@@ -63,8 +63,15 @@ def first_answer(url: str, headers: dict[str, str], deadline: float) -> float:
     raise TimeoutError(f"no answer from {url}")
 
 
-def watch(api: httpx.Client, client: docker.DockerClient, instance: str, name: str, logs: Path,
-          done: threading.Event, failures: list[str]) -> None:
+def watch(
+    api: httpx.Client,
+    client: docker.DockerClient,
+    instance: str,
+    name: str,
+    logs: Path,
+    done: threading.Event,
+    failures: list[str],
+) -> None:
     """Records the tenant's first failure (reason, and the engine's whole log) until ``done``."""
     while not done.is_set() and not failures:
         tenant = api.get(f"/api/v1/tenants/{name}").json()
@@ -99,8 +106,12 @@ def baseline(client: docker.DockerClient, settings: Settings, instance: str) -> 
     plan = tenant_plan(spec, settings, 0).engine
     kwargs = container_kwargs(plan)
     kwargs.pop("networking_config", None)
-    kwargs.update(network="bridge", ports={"8000/tcp": ("127.0.0.1", spec.port)},
-                  labels=names.labels(instance, names.Role.PROBE), name=f"{instance}-direct")
+    kwargs.update(
+        network="bridge",
+        ports={"8000/tcp": ("127.0.0.1", spec.port)},
+        labels=names.labels(instance, names.Role.PROBE),
+        name=f"{instance}-direct",
+    )
     client.volumes.create(plan.mounts[0].source, labels=names.labels(instance, names.Role.VOLUME))
     t0 = time.monotonic()
     container = client.containers.run(**kwargs)
@@ -134,26 +145,40 @@ def main() -> int:
     instance = "gtmbench" + secrets.token_hex(3)
     cold_direct: float | None = None
     state = Path("/tmp") / instance  # noqa: S108 - a throwaway state dir for this run
-    settings = Settings(gpu_mode="cpu", instance=instance, state_dir=state, models_source=str(args.models),
-                        models_dir=args.models, api_host="127.0.0.1", api_port=free_port(), admin_token=TOKEN,
-                        tenant_bind_address="127.0.0.1", reconcile_interval_s=3.0, usage_interval_s=2.0)
+    settings = Settings(
+        gpu_mode="cpu",
+        instance=instance,
+        state_dir=state,
+        models_source=str(args.models),
+        models_dir=args.models,
+        api_host="127.0.0.1",
+        api_port=free_port(),
+        admin_token=TOKEN,
+        tenant_bind_address="127.0.0.1",
+        reconcile_interval_s=3.0,
+        usage_interval_s=2.0,
+    )
     if args.cold:
         drop_page_cache()
         try:
             cold_direct = baseline(client, settings, instance)
         finally:
             cleanup(client, instance)
-        print("docker run of the engine alone on a cold page cache: "
-              + ("exited without answering" if cold_direct != cold_direct else f"answered after {cold_direct:.1f} s"),
-              flush=True)
+        print(
+            "docker run of the engine alone on a cold page cache: "
+            + ("exited without answering" if cold_direct != cold_direct else f"answered after {cold_direct:.1f} s"),
+            flush=True,
+        )
         drop_page_cache()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=settings.api_port,
-                                           log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host="127.0.0.1", port=settings.api_port, log_level="warning")
+    )
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:
         time.sleep(0.05)
-    api = httpx.Client(base_url=f"http://127.0.0.1:{settings.api_port}", timeout=120,
-                       headers={"Authorization": f"Bearer {TOKEN}"})
+    api = httpx.Client(
+        base_url=f"http://127.0.0.1:{settings.api_port}", timeout=120, headers={"Authorization": f"Bearer {TOKEN}"}
+    )
     stop = threading.Event()
     results: list[dict[str, Any]] = []
     try:
@@ -164,25 +189,42 @@ def main() -> int:
         bg_key = bg.json()["key"]["api_key"]
         bg_failures: list[str] = []
         bg_up = threading.Event()
-        bg_watch = threading.Thread(target=watch, args=(api, client, instance, "background", args.logs, bg_up,
-                                                        bg_failures))
+        bg_watch = threading.Thread(
+            target=watch, args=(api, client, instance, "background", args.logs, bg_up, bg_failures)
+        )
         bg_watch.start()
-        first_answer(f"http://127.0.0.1:{bg_port}/v1/chat/completions", {"Authorization": f"Bearer {bg_key}"},
-                     time.monotonic() + 300)
+        first_answer(
+            f"http://127.0.0.1:{bg_port}/v1/chat/completions",
+            {"Authorization": f"Bearer {bg_key}"},
+            time.monotonic() + 300,
+        )
         bg_up.set()
         bg_watch.join()
-        results.append({"name": "background", "seconds": float("nan"), "first_start_ok": not bg_failures,
-                        "reason": bg_failures[0] if bg_failures else None})
-        print("background tenant (the first engine of this manager): "
-              + (f"first start FAILED: {bg_failures[0]}" if bg_failures else "first start ok"), flush=True)
+        results.append(
+            {
+                "name": "background",
+                "seconds": float("nan"),
+                "first_start_ok": not bg_failures,
+                "reason": bg_failures[0] if bg_failures else None,
+            }
+        )
+        print(
+            "background tenant (the first engine of this manager): "
+            + (f"first start FAILED: {bg_failures[0]}" if bg_failures else "first start ok"),
+            flush=True,
+        )
 
         def load() -> None:
             with httpx.Client(timeout=30) as c:
                 while not stop.is_set():
                     with contextlib.suppress(httpx.HTTPError):
-                        c.post(f"http://127.0.0.1:{bg_port}/v1/chat/completions", json=CHAT,
-                               headers={"Authorization": f"Bearer {bg_key}"})
+                        c.post(
+                            f"http://127.0.0.1:{bg_port}/v1/chat/completions",
+                            json=CHAT,
+                            headers={"Authorization": f"Bearer {bg_key}"},
+                        )
                     stop.wait(0.5)
+
         threading.Thread(target=load, daemon=True).start()
 
         baselines = [baseline(client, settings, instance) for _ in range(args.baseline)]
@@ -194,18 +236,20 @@ def main() -> int:
             key = r.json()["key"]["api_key"]
             failures: list[str] = []
             answering = threading.Event()
-            watcher = threading.Thread(target=watch, args=(api, client, instance, name, args.logs, answering,
-                                                           failures))
+            watcher = threading.Thread(target=watch, args=(api, client, instance, name, args.logs, answering, failures))
             watcher.start()
-            answered = first_answer(f"http://127.0.0.1:{port}/v1/chat/completions",
-                                    {"Authorization": f"Bearer {key}"}, t0 + 600)
+            answered = first_answer(
+                f"http://127.0.0.1:{port}/v1/chat/completions", {"Authorization": f"Bearer {key}"}, t0 + 600
+            )
             answering.set()
             watcher.join()
             failed = failures[0] if failures else None
-            results.append({"name": name, "seconds": answered - t0, "first_start_ok": failed is None,
-                            "reason": failed})
-            print(f"{name}: first answer after {answered - t0:.1f} s"
-                  + (f"; first start FAILED: {failed}" if failed else ""), flush=True)
+            results.append({"name": name, "seconds": answered - t0, "first_start_ok": failed is None, "reason": failed})
+            print(
+                f"{name}: first answer after {answered - t0:.1f} s"
+                + (f"; first start FAILED: {failed}" if failed else ""),
+                flush=True,
+            )
             api.delete(f"/api/v1/tenants/{name}").raise_for_status()
             while api.get(f"/api/v1/tenants/{name}").status_code != 404:
                 time.sleep(0.5)

@@ -10,9 +10,17 @@ from typing import Any
 import uvicorn
 
 USAGE = {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}
-ANSWER = json.dumps({"id": "cmpl-bench", "object": "chat.completion", "model": "demo",
-                     "choices": [{"index": 0, "message": {"role": "assistant", "content": "one two three four"},
-                                  "finish_reason": "length"}], "usage": USAGE}).encode()
+ANSWER = json.dumps(
+    {
+        "id": "cmpl-bench",
+        "object": "chat.completion",
+        "model": "demo",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "one two three four"}, "finish_reason": "length"}
+        ],
+        "usage": USAGE,
+    }
+).encode()
 CHUNKS = [json.dumps({"choices": [{"index": 0, "delta": {"content": w}}]}).encode() for w in ("a", "b", "c", "d")]
 LAST = json.dumps({"choices": [], "usage": USAGE}).encode()
 

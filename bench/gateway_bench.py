@@ -32,8 +32,9 @@ from manager.control import keys
 
 ROOT = Path(__file__).resolve().parents[1]
 BODY = json.dumps({"model": "demo", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}).encode()
-STREAM_BODY = json.dumps({"model": "demo", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4,
-                          "stream": True}).encode()
+STREAM_BODY = json.dumps(
+    {"model": "demo", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4, "stream": True}
+).encode()
 
 
 def free_port() -> int:
@@ -76,8 +77,7 @@ def sequential(port: int, headers: dict[str, str], n: int, body: bytes, first_by
     out = []
     for _ in range(n):
         t0 = time.perf_counter()
-        conn.request("POST", "/v1/chat/completions", body=body,
-                     headers={"content-type": "application/json", **headers})
+        conn.request("POST", "/v1/chat/completions", body=body, headers={"content-type": "application/json", **headers})
         resp = conn.getresponse()
         assert resp.status == 200, resp.status
         if first_byte:
@@ -91,18 +91,21 @@ def sequential(port: int, headers: dict[str, str], n: int, body: bytes, first_by
 
 
 async def throughput(port: int, headers: dict[str, str], seconds: float, concurrency: int) -> float:
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=headers,
-                                 limits=httpx.Limits(max_connections=concurrency)) as client:
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{port}", headers=headers, limits=httpx.Limits(max_connections=concurrency)
+    ) as client:
         done = 0
         deadline = time.perf_counter() + seconds
 
         async def worker() -> None:
             nonlocal done
             while time.perf_counter() < deadline:
-                r = await client.post("/v1/chat/completions", content=BODY,
-                                      headers={"content-type": "application/json"})
+                r = await client.post(
+                    "/v1/chat/completions", content=BODY, headers={"content-type": "application/json"}
+                )
                 assert r.status_code == 200
                 done += 1
+
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         return done / (time.perf_counter() - t0)
@@ -134,17 +137,23 @@ def main() -> int:
             up_proc = subprocess.Popen([sys.executable, "-m", "bench.fast_upstream", str(up_port)], cwd=ROOT)
             wait_port(up_port)
         direct_port = int(upstream.rsplit(":", 1)[1])
-        env = {"GTM_GATEWAY_UPSTREAM": upstream, "GTM_GATEWAY_HOST": "127.0.0.1",
-               "GTM_GATEWAY_PUBLIC_PORT": str(gw_port), "GTM_GATEWAY_ADMIN_PORT": str(admin_port),
-               "GTM_GATEWAY_ADMIN_TOKEN": admin_token, "GTM_GATEWAY_DATA_DIR": data}
+        env = {
+            "GTM_GATEWAY_UPSTREAM": upstream,
+            "GTM_GATEWAY_HOST": "127.0.0.1",
+            "GTM_GATEWAY_PUBLIC_PORT": str(gw_port),
+            "GTM_GATEWAY_ADMIN_PORT": str(admin_port),
+            "GTM_GATEWAY_ADMIN_TOKEN": admin_token,
+            "GTM_GATEWAY_DATA_DIR": data,
+        }
         try:
             with process([sys.executable, "-m", "manager.cli", "gateway"], env) as gw:
                 wait_port(gw_port)
                 wait_port(admin_port)
-                httpx.put(f"http://127.0.0.1:{admin_port}/admin/config",
-                          headers={"Authorization": f"Bearer {admin_token}"},
-                          json={"version": "bench", "keys": [{"id": issued.id, "hash": issued.hash}],
-                                "limits": {}}).raise_for_status()
+                httpx.put(
+                    f"http://127.0.0.1:{admin_port}/admin/config",
+                    headers={"Authorization": f"Bearer {admin_token}"},
+                    json={"version": "bench", "keys": [{"id": issued.id, "hash": issued.hash}], "limits": {}},
+                ).raise_for_status()
                 auth = {"Authorization": f"Bearer {issued.secret_key}"}
                 n = args.requests
                 sequential(direct_port, {}, min(50, n), BODY)  # warm-up both paths
@@ -168,18 +177,24 @@ def main() -> int:
     result = {
         "upstream": "fast (bench/fast_upstream.py)" if not args.upstream else args.upstream,
         "requests": n,
-        "direct_p50_ms": round(pct(direct, 50), 3), "gateway_p50_ms": round(pct(via, 50), 3),
+        "direct_p50_ms": round(pct(direct, 50), 3),
+        "gateway_p50_ms": round(pct(via, 50), 3),
         "added_p50_ms": round(pct(via, 50) - pct(direct, 50), 3),
-        "direct_p99_ms": round(pct(direct, 99), 3), "gateway_p99_ms": round(pct(via, 99), 3),
+        "direct_p99_ms": round(pct(direct, 99), 3),
+        "gateway_p99_ms": round(pct(via, 99), 3),
         "added_p99_ms": round(pct(via, 99) - pct(direct, 99), 3),
         "stream_ttfb_added_p50_ms": round(pct(via_ttfb, 50) - pct(direct_ttfb, 50), 3),
-        "direct_rps": round(rps_direct, 1), "gateway_rps": round(rps_via, 1),
+        "direct_rps": round(rps_direct, 1),
+        "gateway_rps": round(rps_via, 1),
         "throughput_ratio": round(statistics.median(ratios), 3),
         "throughput_ratio_range": [round(min(ratios), 3), round(max(ratios), 3)],
         "gateway_rss_mib": round(rss, 1),
     }
-    targets = {"added_p50_ms <= 1": result["added_p50_ms"] <= 1, "added_p99_ms <= 5": result["added_p99_ms"] <= 5,
-               "throughput_ratio >= 0.9": result["throughput_ratio"] >= 0.9}
+    targets = {
+        "added_p50_ms <= 1": result["added_p50_ms"] <= 1,
+        "added_p99_ms <= 5": result["added_p99_ms"] <= 5,
+        "throughput_ratio >= 0.9": result["throughput_ratio"] >= 0.9,
+    }
     print(json.dumps({**result, "targets_met": targets}, indent=2))
     return 0
 

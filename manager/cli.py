@@ -37,8 +37,9 @@ def _quota_options(p: argparse.ArgumentParser) -> None:
 
 
 def _engine_options(p: argparse.ArgumentParser, required: bool) -> None:
-    p.add_argument("--gpu-memory", type=_size, required=required,
-                   help="reserved memory, e.g. 10G, 10GiB, 512M (binary units)")
+    p.add_argument(
+        "--gpu-memory", type=_size, required=required, help="reserved memory, e.g. 10G, 10GiB, 512M (binary units)"
+    )
     p.add_argument("--port", type=int, required=required, help="the tenant's API port on the host")
     p.add_argument("--model", help="model directory under the models volume (default: the demo model)")
     p.add_argument("--max-model-len", type=int, help="longest context in tokens")
@@ -75,18 +76,24 @@ def build_parser() -> argparse.ArgumentParser:
     _wait_options(p, "wait until the (recreated) engine serves or has failed (exit 9, with the reason)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
-    p = sub.add_parser("remove-tenant", help="remove a tenant's containers, network and volume; waits until "
-                                             "they are gone")
+    p = sub.add_parser(
+        "remove-tenant", help="remove a tenant's containers, network and volume; waits until they are gone"
+    )
     p.add_argument("--name", required=True)
-    p.add_argument("--no-wait", dest="wait", action="store_false",
-                   help="return at once; the removal goes on in the background")
+    p.add_argument(
+        "--no-wait", dest="wait", action="store_false", help="return at once; the removal goes on in the background"
+    )
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait at most (default 300)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("rotate-key", help="issue a new API key; old keys stay valid for --grace")
     p.add_argument("--name", required=True)
-    p.add_argument("--grace", type=float, default=3600.0,
-                   help="seconds the old keys stay valid (default 3600; 0 revokes them at once)")
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=3600.0,
+        help="seconds the old keys stay valid (default 3600; 0 revokes them at once)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("capacity", help="device memory: total, reserved and measured per tenant, free")
@@ -115,19 +122,23 @@ class Api:
         if token is None:
             path = admin_token_file(settings)
             if not path.exists():
-                raise GtmError(f"no admin token: set GTM_ADMIN_TOKEN or run inside the manager container "
-                               f"(expected {path})")
+                raise GtmError(
+                    f"no admin token: set GTM_ADMIN_TOKEN or run inside the manager container (expected {path})"
+                )
             token = path.read_text().strip()
-        self.client = httpx.Client(base_url=settings.api_url, headers={"Authorization": f"Bearer {token}"},
-                                   timeout=120, transport=transport)
+        self.client = httpx.Client(
+            base_url=settings.api_url, headers={"Authorization": f"Bearer {token}"}, timeout=120, transport=transport
+        )
 
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None,
-             params: dict[str, Any] | None = None) -> Any:
+    def call(
+        self, method: str, path: str, body: dict[str, Any] | None = None, params: dict[str, Any] | None = None
+    ) -> Any:
         try:
             response = self.client.request(method, path, json=body, params=params)
         except httpx.HTTPError as exc:
-            raise GtmError(f"the manager API at {self.client.base_url} did not answer ({exc}); "
-                           "is the manager running?") from exc
+            raise GtmError(
+                f"the manager API at {self.client.base_url} did not answer ({exc}); is the manager running?"
+            ) from exc
         if response.status_code >= 400:
             try:
                 error = response.json()["error"]
@@ -150,19 +161,29 @@ def _opt_size(v: int | None) -> str:
 
 
 def _print_tenants(tenants: list[dict[str, Any]]) -> None:
-    rows = [[t["name"], str(t["port"]), t["model"], format_size(t["gpu_memory"]), _opt_size(t.get("measured")),
-             str(t.get("requests_today", 0)), str(t.get("tokens_today", 0)), t["status"], t["reason"][:60]]
-            for t in tenants]
-    print(_table(rows, ["NAME", "PORT", "MODEL", "RESERVED", "MEASURED", "REQ TODAY", "TOKENS TODAY", "STATUS",
-                        "REASON"]))
+    rows = [
+        [
+            t["name"],
+            str(t["port"]),
+            t["model"],
+            format_size(t["gpu_memory"]),
+            _opt_size(t.get("measured")),
+            str(t.get("requests_today", 0)),
+            str(t.get("tokens_today", 0)),
+            t["status"],
+            t["reason"][:60],
+        ]
+        for t in tenants
+    ]
+    print(
+        _table(rows, ["NAME", "PORT", "MODEL", "RESERVED", "MEASURED", "REQ TODAY", "TOKENS TODAY", "STATUS", "REASON"])
+    )
 
 
 def _print_decision(d: dict[str, Any]) -> None:
     print("fits" if d["admitted"] else "does not fit: " + ", ".join(d["failed_checks"]))
     for m in d["messages"]:
         print("  " + m)
-
-
 
 
 def _engine_body(args: argparse.Namespace) -> dict[str, Any]:
@@ -187,12 +208,16 @@ def wait_for_engine(api: Api, name: str, timeout: float) -> dict[str, Any]:
         if tenant["status"] == "running":
             return tenant
         if tenant["status"] == "failed":
-            raise EngineFailed(f"the engine of {name} failed: {tenant['reason']} (the reconciler retries with "
-                               "backoff; list-tenants shows the status, the console the engine's log)")
+            raise EngineFailed(
+                f"the engine of {name} failed: {tenant['reason']} (the reconciler retries with "
+                "backoff; list-tenants shows the status, the console the engine's log)"
+            )
         if time.monotonic() > deadline:
-            raise WaitTimedOut(f"{name} is still {tenant['status']} after {timeout:.0f} s"
-                               + (f" ({tenant['reason']})" if tenant["reason"] else "")
-                               + "; list-tenants shows how it goes on")
+            raise WaitTimedOut(
+                f"{name} is still {tenant['status']} after {timeout:.0f} s"
+                + (f" ({tenant['reason']})" if tenant["reason"] else "")
+                + "; list-tenants shows how it goes on"
+            )
         time.sleep(POLL_S)
 
 
@@ -206,8 +231,10 @@ def wait_until_removed(api: Api, name: str, timeout: float) -> None:
                 return
             raise
         if time.monotonic() > deadline:
-            raise WaitTimedOut(f"{name} is still being removed after {timeout:.0f} s; list-tenants shows it "
-                               "until its containers, network and volumes are gone")
+            raise WaitTimedOut(
+                f"{name} is still being removed after {timeout:.0f} s; list-tenants shows it "
+                "until its containers, network and volumes are gone"
+            )
         time.sleep(POLL_S / 2)
 
 
@@ -217,9 +244,14 @@ def run(args: argparse.Namespace, api: Api) -> int:
         out = api.call("POST", "/api/v1/tenants", {"name": args.name, **_engine_body(args)})
         if not args.json:
             t = out["tenant"]
-            print(f"tenant {t['name']} admitted: {t['gpu_memory_human']} on port {t['port']} "
-                  + ("(waiting for its engine)" if args.wait
-                     else f"(status {t['status']}; the engine starts in the background)"))
+            print(
+                f"tenant {t['name']} admitted: {t['gpu_memory_human']} on port {t['port']} "
+                + (
+                    "(waiting for its engine)"
+                    if args.wait
+                    else f"(status {t['status']}; the engine starts in the background)"
+                )
+            )
             print(f"API key (shown once, store it now): {out['key']['api_key']}", flush=True)
         if args.wait:
             out["tenant"] = wait_for_engine(api, args.name, args.timeout)
@@ -248,8 +280,11 @@ def run(args: argparse.Namespace, api: Api) -> int:
             wait_until_removed(api, args.name, args.timeout)
             out = {"status": "removed"}
         if not args.json:
-            print(f"tenant {args.name} is removed (containers, network and volumes)" if args.wait
-                  else f"tenant {args.name} is being removed (containers, network and volumes)")
+            print(
+                f"tenant {args.name} is removed (containers, network and volumes)"
+                if args.wait
+                else f"tenant {args.name} is being removed (containers, network and volumes)"
+            )
             return 0
     elif args.command == "rotate-key":
         out = api.call("POST", f"/api/v1/tenants/{args.name}/keys", {"grace_s": args.grace})
@@ -261,25 +296,38 @@ def run(args: argparse.Namespace, api: Api) -> int:
         out = api.call("GET", "/api/v1/capacity")
         if not args.json:
             d = out["device"]
-            print(f"{d['name']} ({out['mode']}): total {format_size(d['total'])}, free {format_size(d['free'])}, "
-                  f"reserved {format_size(out['reserved'])}, headroom {format_size(out['headroom'])}, "
-                  f"unreserved {format_size(out['unreserved'])}")
+            print(
+                f"{d['name']} ({out['mode']}): total {format_size(d['total'])}, free {format_size(d['free'])}, "
+                f"reserved {format_size(out['reserved'])}, headroom {format_size(out['headroom'])}, "
+                f"unreserved {format_size(out['unreserved'])}"
+            )
             rows = [[t["name"], format_size(t["reserved"]), _opt_size(t["measured"])] for t in out["tenants"]]
             print(_table(rows, ["TENANT", "RESERVED", "MEASURED"]))
             return 0
     elif args.command == "what-if":
-        body = {"gpu_memory": args.gpu_memory, "model": args.model, "max_model_len": args.max_model_len,
-                "tenant": args.name}
+        body = {
+            "gpu_memory": args.gpu_memory,
+            "model": args.model,
+            "max_model_len": args.max_model_len,
+            "tenant": args.name,
+        }
         out = api.call("POST", "/api/v1/what-if", {k: v for k, v in body.items() if v is not None})
         if not args.json:
             _print_decision(out)
             return 0 if out["admitted"] else 5
     elif args.command == "audit":
-        out = api.call("GET", "/api/v1/audit", params={"tenant": args.name, "action": args.action,
-                                                         "limit": args.limit})
+        out = api.call("GET", "/api/v1/audit", params={"tenant": args.name, "action": args.action, "limit": args.limit})
         if not args.json:
-            rows = [[time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e["at"])), e["actor"], e["action"],
-                     e["tenant"] or "-", e["result"]] for e in out]
+            rows = [
+                [
+                    time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e["at"])),
+                    e["actor"],
+                    e["action"],
+                    e["tenant"] or "-",
+                    e["result"],
+                ]
+                for e in out
+            ]
             print(_table(rows, ["TIME (UTC)", "ACTOR", "ACTION", "TENANT", "RESULT"]))
             return 0
     print(json.dumps(out, indent=2))
@@ -315,8 +363,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc.message}", file=sys.stderr)
         details = exc.details.get("numbers") if exc.details else None
         if details and not getattr(args, "json", False):
-            print("numbers: " + ", ".join(f"{k}={_opt_size(v) if isinstance(v, int) else v}"
-                                          for k, v in details.items()), file=sys.stderr)
+            print(
+                "numbers: " + ", ".join(f"{k}={_opt_size(v) if isinstance(v, int) else v}" for k, v in details.items()),
+                file=sys.stderr,
+            )
         return exc.exit_code
     except ValueError as exc:  # settings that do not validate
         print(f"error: invalid settings: {exc}", file=sys.stderr)
@@ -326,6 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _command(name: str) -> Callable[[], int]:
     def entry() -> int:
         return main([name, *sys.argv[1:]])
+
     entry.__name__ = name.replace("-", "_")
     return entry
 

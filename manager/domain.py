@@ -78,13 +78,15 @@ def check_bounds(spec: TenantSpec) -> None:
     for name in QUOTA_FIELDS:
         value = getattr(spec.quotas, name)
         if value is not None and not 1 <= value <= QUOTA_MAX[name]:
-            raise InvalidInput(f"{name.replace('_', ' ')} must be between 1 and {QUOTA_MAX[name]} "
-                               f"(or unset for no limit), got {value}")
+            raise InvalidInput(
+                f"{name.replace('_', ' ')} must be between 1 and {QUOTA_MAX[name]} (or unset for no limit), got {value}"
+            )
     if not MIN_PORT <= spec.port <= MAX_PORT:
         raise InvalidInput(f"port {spec.port} is out of range: use {MIN_PORT}-{MAX_PORT}")
     if not MIN_MODEL_LEN <= spec.max_model_len <= MAX_MODEL_LEN:
-        raise InvalidInput(f"max model len must be between {MIN_MODEL_LEN} and {MAX_MODEL_LEN} tokens, "
-                           f"got {spec.max_model_len}")
+        raise InvalidInput(
+            f"max model len must be between {MIN_MODEL_LEN} and {MAX_MODEL_LEN} tokens, got {spec.max_model_len}"
+        )
     for label, size in (("gpu memory", spec.gpu_memory), ("shm size", spec.shm_size)):
         if not 1 <= size <= MAX_SIZE:
             raise InvalidInput(f"{label} must be between 1 byte and {format_size(MAX_SIZE)}, got {size}")

@@ -54,17 +54,30 @@ def main(out: str) -> None:
     )
     tok.train_from_iterator(corpus(), trainer=trainer)
     hf = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>",
-        pad_token="<|endoftext|>", model_max_length=2048,
+        tokenizer_object=tok,
+        bos_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        model_max_length=2048,
     )
     hf.chat_template = CHAT_TEMPLATE
     hf.save_pretrained(out)
     torch.manual_seed(0)
     eos = hf.convert_tokens_to_ids("<|im_end|>")
     cfg = LlamaConfig(
-        vocab_size=len(hf), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=2048,
-        tie_word_embeddings=True, bos_token_id=0, eos_token_id=eos, pad_token_id=0, torch_dtype="float32",
+        vocab_size=len(hf),
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=eos,
+        pad_token_id=0,
+        torch_dtype="float32",
     )
     LlamaForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
     GenerationConfig(bos_token_id=0, eos_token_id=eos, pad_token_id=0).save_pretrained(out)

@@ -17,10 +17,15 @@ def plans(instance: str, tenant: str, image: str, host_port: int) -> tuple[Netwo
     net = NetworkPlan(names.network(instance, tenant), names.labels(instance, Role.NETWORK, tenant), internal=True)
     vol = VolumePlan(names.gateway_volume(instance, tenant), names.labels(instance, Role.VOLUME, tenant))
     container = ContainerPlan(
-        name=names.gateway(instance, tenant), image=image, command=["gateway"],
-        labels=names.labels(instance, Role.GATEWAY, tenant, spec_hash="h1"), network=net.name,
-        mounts=[Mount(vol.name, "/data")], tmpfs={"/tmp": "rw,size=16m"},
-        ports={8000: ("127.0.0.1", host_port)}, mem_limit=256 * 1024**2,
+        name=names.gateway(instance, tenant),
+        image=image,
+        command=["gateway"],
+        labels=names.labels(instance, Role.GATEWAY, tenant, spec_hash="h1"),
+        network=net.name,
+        mounts=[Mount(vol.name, "/data")],
+        tmpfs={"/tmp": "rw,size=16m"},
+        ports={8000: ("127.0.0.1", host_port)},
+        mem_limit=256 * 1024**2,
     )
     return net, vol, container
 
@@ -28,8 +33,9 @@ def plans(instance: str, tenant: str, image: str, host_port: int) -> tuple[Netwo
 class RuntimeContract:
     """Subclasses provide fixtures ``runtime: Runtime``, ``instance: str``, ``image: str``, ``host_port: int``."""
 
-    def test_networks_and_volumes_are_idempotent_and_found_by_label(self, runtime: Runtime, instance: str,
-                                                                     image: str, host_port: int) -> None:
+    def test_networks_and_volumes_are_idempotent_and_found_by_label(
+        self, runtime: Runtime, instance: str, image: str, host_port: int
+    ) -> None:
         net, vol, _ = plans(instance, "alpha", image, host_port)
         for _ in range(2):
             runtime.ensure_network(net)
@@ -90,10 +96,15 @@ class RuntimeContract:
         runtime.remove_container(missing)
         assert runtime.ping() is True
 
-    def test_a_one_off_container_runs_to_its_end_and_is_gone(self, runtime: Runtime, instance: str,
-                                                             image: str) -> None:
-        plan = ContainerPlan(name=f"{instance}-oneoff", image=image, entrypoint=["python3", "-c", "print('done')"],
-                             command=[], labels=names.labels(instance, Role.WARMUP), network="none")
+    def test_a_one_off_container_runs_to_its_end_and_is_gone(self, runtime: Runtime, instance: str, image: str) -> None:
+        plan = ContainerPlan(
+            name=f"{instance}-oneoff",
+            image=image,
+            entrypoint=["python3", "-c", "print('done')"],
+            command=[],
+            labels=names.labels(instance, Role.WARMUP),
+            network="none",
+        )
         code, _ = runtime.run_to_completion(plan, timeout_s=60)
         assert code == 0
         assert runtime.container(plan.name) is None

@@ -37,8 +37,8 @@ API_PATHS = ("/api/", "/metrics", "/healthz", "/console/", "/docs", "/openapi.js
 CONSOLE_HEADERS = {
     # every asset is served by the manager itself; inline style attributes carry the capacity bars' widths
     "content-security-policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
-                               "style-src-attr 'unsafe-inline'; img-src 'self' data:; connect-src 'self'; "
-                               "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    "style-src-attr 'unsafe-inline'; img-src 'self' data:; connect-src 'self'; "
+    "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
     "x-frame-options": "DENY",
     "referrer-policy": "same-origin",
     "x-content-type-options": "nosniff",
@@ -53,8 +53,9 @@ def _validation_message(errors: list[dict[str, Any]]) -> str:
     return "; ".join(parts) + " (see the API's schema at /docs)"
 
 
-def build_components(settings: Settings, *, runtime: Runtime | None = None,
-                     inventory: Inventory | None = None) -> Components:
+def build_components(
+    settings: Settings, *, runtime: Runtime | None = None, inventory: Inventory | None = None
+) -> Components:
     inventory = inventory or open_inventory(settings.gpu_mode)
     runtime = runtime or DockerRuntime()
     store = Store(settings.database_path)
@@ -81,8 +82,12 @@ def create_app(settings: Settings, **overrides: Any) -> FastAPI:
             components.service.store.close()
             components.service.inventory.close()
 
-    app = FastAPI(title="gpu-tenant-manager", version=__version__, lifespan=lifespan,
-                  description="Admin API: tenants, API keys, capacity, admission what-if, audit trail.")
+    app = FastAPI(
+        title="gpu-tenant-manager",
+        version=__version__,
+        lifespan=lifespan,
+        description="Admin API: tenants, API keys, capacity, admission what-if, audit trail.",
+    )
     app.include_router(router)
     app.include_router(console_router)
     templates_dir = settings.effective_templates_dir
@@ -100,8 +105,8 @@ def create_app(settings: Settings, **overrides: Any) -> FastAPI:
         if request.url.path.startswith(API_PATHS):
             return JSONResponse({"error": exc.to_dict()}, status_code=status or exc.http_status)
         page: Response = request.app.state.templates.TemplateResponse(
-            request, "error.html", {"session": None, "error": exc, "now": 0},
-            status_code=status or exc.http_status)
+            request, "error.html", {"session": None, "error": exc, "now": 0}, status_code=status or exc.http_status
+        )
         return page
 
     @app.middleware("http")
@@ -117,8 +122,10 @@ def create_app(settings: Settings, **overrides: Any) -> FastAPI:
         that is not JSON at all, 422 otherwise."""
         errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
         not_json = any(e.get("type") == "json_invalid" for e in errors)
-        error = GtmError(("the request body is not valid JSON: " if not_json else "invalid input: ")
-                         + _validation_message(errors), details={"errors": jsonable_encoder(errors)})
+        error = GtmError(
+            ("the request body is not valid JSON: " if not_json else "invalid input: ") + _validation_message(errors),
+            details={"errors": jsonable_encoder(errors)},
+        )
         error.code = "invalid_json" if not_json else "invalid_input"
         return await gtm_error(request, error, status=400 if not_json else 422)
 
@@ -128,11 +135,13 @@ def create_app(settings: Settings, **overrides: Any) -> FastAPI:
         if request.url.path.startswith(API_PATHS):
             error = GtmError(f"{exc.detail} ({request.method} {request.url.path})")
             error.code = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed"}.get(
-                exc.status_code, f"http_{exc.status_code}")
+                exc.status_code, f"http_{exc.status_code}"
+            )
             return JSONResponse({"error": error.to_dict()}, status_code=exc.status_code, headers=exc.headers)
         error = GtmError(f"{exc.detail} ({request.method} {request.url.path})")
         page: Response = request.app.state.templates.TemplateResponse(
-            request, "error.html", {"session": None, "error": error, "now": 0}, status_code=exc.status_code)
+            request, "error.html", {"session": None, "error": error, "now": 0}, status_code=exc.status_code
+        )
         return page
 
     @app.exception_handler(LoginRequired)
@@ -143,9 +152,14 @@ def create_app(settings: Settings, **overrides: Any) -> FastAPI:
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/metrics", tags=["health"], responses={
-        200: {"content": {"text/plain": {"schema": {"type": "string"}}},
-              "description": "Prometheus text format"}, **error_responses(401, 503)})
+    @app.get(
+        "/metrics",
+        tags=["health"],
+        responses={
+            200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text format"},
+            **error_responses(401, 503),
+        },
+    )
     def metrics(request: Request, _: Admin) -> Response:
         return PlainTextResponse(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4")
 

@@ -59,8 +59,10 @@ def require_admin(
 ) -> str:
     """The actor name for the audit trail; 401 without the admin token."""
     if creds is None or not hmac.compare_digest(creds.credentials.encode(), c.admin_token.encode()):
-        raise Unauthorized("missing or wrong admin token: send 'Authorization: Bearer <token>' "
-                           "(the token is GTM_ADMIN_TOKEN or the file admin-token in the state dir)")
+        raise Unauthorized(
+            "missing or wrong admin token: send 'Authorization: Bearer <token>' "
+            "(the token is GTM_ADMIN_TOKEN or the file admin-token in the state dir)"
+        )
     return "admin"
 
 

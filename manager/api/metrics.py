@@ -28,8 +28,9 @@ class StateCollector(Collector):
             reserved.add_metric([r.spec.name], r.spec.gpu_memory)
         yield reserved
         measured = GaugeMetricFamily("gtm_tenant_measured_bytes", "Measured memory per tenant", labels=["tenant"])
-        over = GaugeMetricFamily("gtm_tenant_over_reservation", "1 when measured use exceeds the reservation",
-                                 labels=["tenant"])
+        over = GaugeMetricFamily(
+            "gtm_tenant_over_reservation", "1 when measured use exceeds the reservation", labels=["tenant"]
+        )
         use = self.service.measured_use()
         for r in rows:
             value = use.get(r.spec.name)
@@ -38,8 +39,9 @@ class StateCollector(Collector):
                 over.add_metric([r.spec.name], 1 if value > r.spec.gpu_memory else 0)
         yield measured
         yield over
-        errors = CounterMetricFamily("gtm_reconciler_loop_errors", "Exceptions survived by the reconciler's loops",
-                                     labels=["loop"])
+        errors = CounterMetricFamily(
+            "gtm_reconciler_loop_errors", "Exceptions survived by the reconciler's loops", labels=["loop"]
+        )
         for loop in ("worker", "resync", "usage"):
             errors.add_metric([loop], self.service.reconciler.loop_errors[loop])
         yield errors
@@ -54,8 +56,9 @@ class Metrics:
     def __init__(self, service: TenantService) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(StateCollector(service))
-        self.refusals = Counter("gtm_admission_refusals", "Admission refusals by failed check", ["check"],
-                                registry=self.registry)
+        self.refusals = Counter(
+            "gtm_admission_refusals", "Admission refusals by failed check", ["check"], registry=self.registry
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

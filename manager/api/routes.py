@@ -35,7 +35,7 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
         401: "missing or wrong admin token",
         404: "no such tenant, key or model (the message lists the models there are)",
         409: "conflict: the name or port is taken, the tenant is being removed, or it does not fit "
-             "(admission_refused, with every number in details)",
+        "(admission_refused, with every number in details)",
         422: "invalid input: the message says which field and what it accepts",
         503: "the container runtime (Docker) or the GPU did not answer",
     }
@@ -55,17 +55,25 @@ def start_of_day(now: float) -> float:
 def list_tenants(svc: Service, _: Admin) -> list[TenantPublic]:
     measured = svc.measured_use()
     day = start_of_day(time.time())
-    return [TenantPublic.of(r, measured.get(r.spec.name), svc.store.usage_totals(r.spec.name, day))
-            for r in svc.store.tenants()]
+    return [
+        TenantPublic.of(r, measured.get(r.spec.name), svc.store.usage_totals(r.spec.name, day))
+        for r in svc.store.tenants()
+    ]
 
 
-@router.post("/tenants", status_code=status.HTTP_201_CREATED, tags=["tenants"],
-             responses=error_responses(400, 404, 409))
+@router.post(
+    "/tenants", status_code=status.HTTP_201_CREATED, tags=["tenants"], responses=error_responses(400, 404, 409)
+)
 def create_tenant(body: TenantCreate, svc: Service, actor: Admin) -> TenantCreated:
     """Admit and create a tenant. 409 with every number when it does not fit. The key is shown once."""
     spec = svc.new_spec(
-        name=body.name, port=body.port, gpu_memory=body.gpu_memory, model=body.model,
-        max_model_len=body.max_model_len, quantization=body.quantization, shm_size=body.shm_size,
+        name=body.name,
+        port=body.port,
+        gpu_memory=body.gpu_memory,
+        model=body.model,
+        max_model_len=body.max_model_len,
+        quantization=body.quantization,
+        shm_size=body.shm_size,
         quotas=Quotas(**{f: getattr(body, f) for f in QUOTA_FIELDS}),
     )
     created = svc.create(spec, actor)
@@ -90,9 +98,17 @@ def usage(svc: Service, _: Admin, since: UnixTime = 0.0, until: UnixTime | None 
     out = []
     for row in svc.store.tenants():
         t = svc.store.usage_totals(row.spec.name, since, end)
-        out.append(UsageSummary(tenant=row.spec.name, since=since, until=end, requests=t.requests,
-                                prompt_tokens=t.prompt_tokens, completion_tokens=t.completion_tokens,
-                                total_tokens=t.tokens))
+        out.append(
+            UsageSummary(
+                tenant=row.spec.name,
+                since=since,
+                until=end,
+                requests=t.requests,
+                prompt_tokens=t.prompt_tokens,
+                completion_tokens=t.completion_tokens,
+                total_tokens=t.tokens,
+            )
+        )
     return out
 
 
@@ -105,8 +121,9 @@ def update_tenant(name: TenantName, body: TenantUpdate, svc: Service, actor: Adm
     return TenantPublic.of(row)
 
 
-@router.delete("/tenants/{name}", status_code=status.HTTP_202_ACCEPTED, tags=["tenants"],
-               responses=error_responses(404))
+@router.delete(
+    "/tenants/{name}", status_code=status.HTTP_202_ACCEPTED, tags=["tenants"], responses=error_responses(404)
+)
 def remove_tenant(name: TenantName, svc: Service, actor: Admin) -> Removal:
     """Removes the tenant's containers, network and volume (asynchronously, by the reconciler)."""
     svc.remove(name, actor)
@@ -120,16 +137,21 @@ def list_keys(name: TenantName, svc: Service, _: Admin) -> list[KeyPublic]:
     return [KeyPublic.of(k, now) for k in svc.store.keys(name)]
 
 
-@router.post("/tenants/{name}/keys", status_code=status.HTTP_201_CREATED, tags=["keys"],
-             responses=error_responses(400, 404))
+@router.post(
+    "/tenants/{name}/keys", status_code=status.HTTP_201_CREATED, tags=["keys"], responses=error_responses(400, 404)
+)
 def rotate_key(name: TenantName, body: RotateKey, svc: Service, actor: Admin) -> IssuedKeyPublic:
     """Issue a new key; older keys stay valid for ``grace_s`` seconds (0: revoked at once)."""
     issued = svc.rotate_key(name, actor, body.grace_s)
     return IssuedKeyPublic(key_id=issued.id, api_key=issued.secret_key)
 
 
-@router.delete("/tenants/{name}/keys/{key_id}", status_code=status.HTTP_204_NO_CONTENT, tags=["keys"],
-               responses=error_responses(404))
+@router.delete(
+    "/tenants/{name}/keys/{key_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    tags=["keys"],
+    responses=error_responses(404),
+)
 def revoke_key(name: TenantName, key_id: Annotated[str, Path(max_length=64)], svc: Service, actor: Admin) -> Response:
     svc.revoke_key(name, key_id, actor)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
@@ -146,22 +168,28 @@ def what_if(body: WhatIf, svc: Service, _: Admin) -> DecisionPublic:
     if body.tenant:
         svc.store.tenant(body.tenant)
     decision = svc.assess(
-        body.gpu_memory, body.model or svc.settings.default_model,
-        body.max_model_len or svc.settings.default_max_model_len, bool(body.quantization), tenant=body.tenant,
+        body.gpu_memory,
+        body.model or svc.settings.default_model,
+        body.max_model_len or svc.settings.default_max_model_len,
+        bool(body.quantization),
+        tenant=body.tenant,
     )
     return DecisionPublic.of(decision)
 
 
 @router.get("/audit", tags=["audit"])
-def audit(svc: Service, _: Admin, tenant: str | None = None, action: str | None = None,
-          limit: int = Query(200, ge=1, le=5000)) -> list[AuditEntry]:
+def audit(
+    svc: Service, _: Admin, tenant: str | None = None, action: str | None = None, limit: int = Query(200, ge=1, le=5000)
+) -> list[AuditEntry]:
     return [AuditEntry.of(r) for r in svc.store.audit_log(tenant, action, limit)]
 
 
 @router.get("/cost", tags=["usage"])
-def cost(svc: Service, _: Admin,
-         month: Annotated[str, Query(pattern=r"^\d{4}-(0[1-9]|1[0-2])$", description="YYYY-MM")],
-         total: Annotated[float, Query(ge=0, le=1e12, allow_inf_nan=False, description="the month's host cost")],
-         ) -> list[Share]:
+def cost(
+    svc: Service,
+    _: Admin,
+    month: Annotated[str, Query(pattern=r"^\d{4}-(0[1-9]|1[0-2])$", description="YYYY-MM")],
+    total: Annotated[float, Query(ge=0, le=1e12, allow_inf_nan=False, description="the month's host cost")],
+) -> list[Share]:
     """The month's cost split by reserved memory-hours and by tokens (the console's CSV, as JSON)."""
     return split(month, total, svc.store, time.time())

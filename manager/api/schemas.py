@@ -19,8 +19,7 @@ SIZE_SCHEMA = {
         {"type": "integer", "minimum": 1, "maximum": MAX_SIZE},
         {"type": "string", "pattern": r"^\s*\d{1,15}(\.\d{1,9})?\s*([bB]|[kKmMgGtT]([iI]?[bB])?)\s*$"},
     ],
-    "description": "bytes, or a size with a binary unit: 512M, 1.5G, 10G, 10GiB (1G = 1024^3 bytes); "
-                   "at most 1024T",
+    "description": "bytes, or a size with a binary unit: 512M, 1.5G, 10G, 10GiB (1G = 1024^3 bytes); at most 1024T",
 }
 Size = Annotated[int, BeforeValidator(parse_size), WithJsonSchema(SIZE_SCHEMA)]
 Port = Annotated[int, Field(ge=MIN_PORT, le=MAX_PORT, description="the tenant's OpenAI API port on the host")]
@@ -46,8 +45,9 @@ class QuotaFields(Strict):
 
 
 class TenantCreate(QuotaFields):
-    name: str = Field(description="2-32 lowercase letters, digits and '-', starting with a letter",
-                      json_schema_extra=NAME_SCHEMA)
+    name: str = Field(
+        description="2-32 lowercase letters, digits and '-', starting with a letter", json_schema_extra=NAME_SCHEMA
+    )
     port: Port
     gpu_memory: Size = Field(description="the reservation: " + str(SIZE_SCHEMA["description"]))
     model: str | None = Field(None, description="directory name under the models volume", max_length=200)
@@ -105,12 +105,24 @@ class TenantPublic(BaseModel):
     @classmethod
     def of(cls, row: TenantRow, measured: int | None = None, today: UsageTotals | None = None) -> TenantPublic:
         s = row.spec
-        return cls(name=s.name, port=s.port, gpu_memory=s.gpu_memory, gpu_memory_human=format_size(s.gpu_memory),
-                   model=s.model, max_model_len=s.max_model_len, quantization=s.quantization,
-                   shm_size=s.shm_size, quotas=Quotas(**s.quotas.__dict__), status=row.status.value,
-                   reason=row.reason, status_since=row.status_since, created_at=row.created_at,
-                   measured=measured, requests_today=today.requests if today else 0,
-                   tokens_today=today.tokens if today else 0)
+        return cls(
+            name=s.name,
+            port=s.port,
+            gpu_memory=s.gpu_memory,
+            gpu_memory_human=format_size(s.gpu_memory),
+            model=s.model,
+            max_model_len=s.max_model_len,
+            quantization=s.quantization,
+            shm_size=s.shm_size,
+            quotas=Quotas(**s.quotas.__dict__),
+            status=row.status.value,
+            reason=row.reason,
+            status_since=row.status_since,
+            created_at=row.created_at,
+            measured=measured,
+            requests_today=today.requests if today else 0,
+            tokens_today=today.tokens if today else 0,
+        )
 
 
 class DecisionPublic(BaseModel):
@@ -121,8 +133,9 @@ class DecisionPublic(BaseModel):
 
     @classmethod
     def of(cls, d: Decision) -> DecisionPublic:
-        return cls(admitted=d.admitted, failed_checks=list(d.failed_checks), messages=list(d.messages),
-                   numbers=d.numbers)
+        return cls(
+            admitted=d.admitted, failed_checks=list(d.failed_checks), messages=list(d.messages), numbers=d.numbers
+        )
 
 
 class IssuedKeyPublic(BaseModel):
@@ -147,13 +160,24 @@ class KeyPublic(BaseModel):
     @classmethod
     def of(cls, k: KeyRow, now: float) -> KeyPublic:
         # the visible start of the key (the id is part of it), to match a key against this list
-        return cls(id=k.id, prefix=f"{k.prefix}_{k.id}_", created_at=k.created_at, expires_at=k.expires_at,
-                   last_used_at=k.last_used_at, active=k.active(now))
+        return cls(
+            id=k.id,
+            prefix=f"{k.prefix}_{k.id}_",
+            created_at=k.created_at,
+            expires_at=k.expires_at,
+            last_used_at=k.last_used_at,
+            active=k.active(now),
+        )
 
 
 class RotateKey(Strict):
-    grace_s: float = Field(3600.0, ge=0, le=MAX_GRACE_S, allow_inf_nan=False,
-                           description="how long older keys stay valid; 0 revokes them at once")
+    grace_s: float = Field(
+        3600.0,
+        ge=0,
+        le=MAX_GRACE_S,
+        allow_inf_nan=False,
+        description="how long older keys stay valid; 0 revokes them at once",
+    )
 
 
 class WhatIf(Strict):
@@ -161,8 +185,9 @@ class WhatIf(Strict):
     model: str | None = Field(None, max_length=200)
     max_model_len: ModelLen | None = None
     quantization: str | None = Field(None, max_length=64)
-    tenant: str | None = Field(None, description="an existing tenant to resize; its own reservation is freed",
-                               max_length=32)
+    tenant: str | None = Field(
+        None, description="an existing tenant to resize; its own reservation is freed", max_length=32
+    )
 
 
 class Removal(BaseModel):
@@ -195,8 +220,14 @@ class CapacityPublic(BaseModel):
 
     @classmethod
     def of(cls, c: Capacity) -> CapacityPublic:
-        return cls(mode=c.mode, device=DevicePublic(**c.device.__dict__), headroom=c.headroom, reserved=c.reserved,
-                   unreserved=c.unreserved, tenants=[TenantCapacity(**t.__dict__) for t in c.tenants])
+        return cls(
+            mode=c.mode,
+            device=DevicePublic(**c.device.__dict__),
+            headroom=c.headroom,
+            reserved=c.reserved,
+            unreserved=c.unreserved,
+            tenants=[TenantCapacity(**t.__dict__) for t in c.tenants],
+        )
 
 
 class AuditEntry(BaseModel):

@@ -67,11 +67,22 @@ async def form_with_csrf(request: Request, session: Session) -> dict[str, str]:
     return {k: str(v) for k, v in form.items()}
 
 
-def page(request: Request, name: str, session: Session | None, *, status_code: int = 200,
-         headers: dict[str, str] | None = None, **context: Any) -> HTMLResponse:
-    return templates(request).TemplateResponse(request, name, {
-        "session": session, "format_size": format_size, "now": time.time(), **context},
-        status_code=status_code, headers=headers)
+def page(
+    request: Request,
+    name: str,
+    session: Session | None,
+    *,
+    status_code: int = 200,
+    headers: dict[str, str] | None = None,
+    **context: Any,
+) -> HTMLResponse:
+    return templates(request).TemplateResponse(
+        request,
+        name,
+        {"session": session, "format_size": format_size, "now": time.time(), **context},
+        status_code=status_code,
+        headers=headers,
+    )
 
 
 def _opt_int(form: dict[str, str], key: str) -> int | None:
@@ -107,16 +118,26 @@ async def login(request: Request) -> Response:
     user, password = str(form.get("username", "")), str(form.get("password", ""))
     wait = limiter.blocked(bucket)
     if wait:
-        c.service.store.audit(user or "?", "console-login", None, "rate-limited",
-                              {"client": client, "known_device": device is not None})
-        return page(request, "login.html", None, status_code=429, headers={"retry-after": str(int(wait) + 1)},
-                    error=f"Too many failed logins from this browser; try again in {wait:.0f} s.")
+        c.service.store.audit(
+            user or "?", "console-login", None, "rate-limited", {"client": client, "known_device": device is not None}
+        )
+        return page(
+            request,
+            "login.html",
+            None,
+            status_code=429,
+            headers={"retry-after": str(int(wait) + 1)},
+            error=f"Too many failed logins from this browser; try again in {wait:.0f} s.",
+        )
     expected_user, expected_password = request.app.state.console_credentials
-    if not (hmac.compare_digest(user.encode(), expected_user.encode())
-            and hmac.compare_digest(password.encode(), expected_password.encode())):
+    if not (
+        hmac.compare_digest(user.encode(), expected_user.encode())
+        and hmac.compare_digest(password.encode(), expected_password.encode())
+    ):
         limiter.failed(bucket)
-        c.service.store.audit(user or "?", "console-login", None, "failed",
-                              {"client": client, "known_device": device is not None})
+        c.service.store.audit(
+            user or "?", "console-login", None, "failed", {"client": client, "known_device": device is not None}
+        )
         return page(request, "login.html", None, status_code=401, error="Wrong user name or password.")
     limiter.succeeded(bucket)
     cookie, _ = sessions.issue(user)
@@ -125,8 +146,14 @@ async def login(request: Request) -> Response:
     secure = request.url.scheme == "https"
     response.set_cookie(COOKIE, cookie, max_age=LIFETIME_S, httponly=True, samesite="strict", secure=secure)
     if device is None:  # this browser has now proven itself: its own bucket from here on
-        response.set_cookie(DEVICE_COOKIE, sessions.issue_device(), max_age=DEVICE_LIFETIME_S, httponly=True,
-                            samesite="strict", secure=secure)
+        response.set_cookie(
+            DEVICE_COOKIE,
+            sessions.issue_device(),
+            max_age=DEVICE_LIFETIME_S,
+            httponly=True,
+            samesite="strict",
+            secure=secure,
+        )
     return response
 
 
@@ -160,8 +187,9 @@ def overview(request: Request) -> HTMLResponse:
             left.append(f"{q.rpm_limit}/min")
         if q.tokens_per_day:
             left.append(f"{max(q.tokens_per_day - today.tokens, 0)} tokens left today")
-        rows.append({"row": r, "measured": measured.get(r.spec.name), "today": today,
-                     "quota": ", ".join(left) or "no limits"})
+        rows.append(
+            {"row": r, "measured": measured.get(r.spec.name), "today": today, "quota": ", ".join(left) or "no limits"}
+        )
     segments = capacity_segments(cap)
     colors = {seg.label: seg.color for seg in segments if seg.kind == "tenant"}
     return page(request, "overview.html", session, cap=cap, segments=segments, rows=rows, colors=colors)
@@ -185,9 +213,13 @@ async def new_tenant(request: Request) -> HTMLResponse:
         if gpu_memory is None or port is None:
             raise InvalidInput("name, GPU memory and port are required")
         spec = svc.new_spec(
-            name=form.get("name", "").strip(), port=port, gpu_memory=gpu_memory,
-            model=form.get("model") or None, max_model_len=_opt_int(form, "max_model_len"),
-            quantization=form.get("quantization") or None, shm_size=_opt_size(form, "shm_size"),
+            name=form.get("name", "").strip(),
+            port=port,
+            gpu_memory=gpu_memory,
+            model=form.get("model") or None,
+            max_model_len=_opt_int(form, "max_model_len"),
+            quantization=form.get("quantization") or None,
+            shm_size=_opt_size(form, "shm_size"),
             quotas=Quotas(**{f: _opt_int(form, f) for f in QUOTA_FIELDS}),
         )
         created = svc.create(spec, session.user)
@@ -204,16 +236,23 @@ def _tenant_context(request: Request, name: str) -> dict[str, Any]:
     days = [(start + timedelta(days=i)).isoformat() for i in range(30)]
     since = datetime.combine(start, datetime.min.time(), UTC).timestamp()
     logs = svc.failure_log(name)
-    return {"row": row, "keys": svc.store.keys(name), "key_now": now,
-            "measured": svc.measured_use().get(name), "bars": day_bars(svc.store.usage_daily(name, since), days),
-            "today": svc.store.usage_totals(name, _today()), "logs": logs}
+    return {
+        "row": row,
+        "keys": svc.store.keys(name),
+        "key_now": now,
+        "measured": svc.measured_use().get(name),
+        "bars": day_bars(svc.store.usage_daily(name, since), days),
+        "today": svc.store.usage_totals(name, _today()),
+        "logs": logs,
+    }
 
 
 @router.get("/tenants/{name}")
 def tenant_page(request: Request, name: str) -> HTMLResponse:
     session = current(request)
-    return page(request, "tenant.html", session, new_key=None, message=None, error=None,
-                **_tenant_context(request, name))
+    return page(
+        request, "tenant.html", session, new_key=None, message=None, error=None, **_tenant_context(request, name)
+    )
 
 
 @router.post("/tenants/{name}/rotate")
@@ -223,8 +262,9 @@ async def rotate(request: Request, name: str) -> HTMLResponse:
     grace = float(form.get("grace_s") or 3600)
     issued = comps(request).service.rotate_key(name, session.user, grace)
     # the new key is in this response only; it is never stored or shown again
-    return page(request, "tenant.html", session, new_key=issued, message=None, error=None,
-                **_tenant_context(request, name))
+    return page(
+        request, "tenant.html", session, new_key=issued, message=None, error=None, **_tenant_context(request, name)
+    )
 
 
 @router.post("/tenants/{name}/keys/{key_id}/revoke")
@@ -243,13 +283,20 @@ async def update(request: Request, name: str) -> HTMLResponse:
     message, error = None, None
     try:
         quotas = {f: _opt_int(form, f) for f in QUOTA_FIELDS if f in form}
-        svc.update(name, session.user, gpu_memory=_opt_size(form, "gpu_memory"), port=_opt_int(form, "port"),
-                   max_model_len=_opt_int(form, "max_model_len"), quotas=quotas or None)
+        svc.update(
+            name,
+            session.user,
+            gpu_memory=_opt_size(form, "gpu_memory"),
+            port=_opt_int(form, "port"),
+            max_model_len=_opt_int(form, "max_model_len"),
+            quotas=quotas or None,
+        )
         message = "Saved. A new size recreates the engine; quotas apply at once."
     except GtmError as exc:
         error = exc.message
-    return page(request, "tenant.html", session, new_key=None, message=message, error=error,
-                **_tenant_context(request, name))
+    return page(
+        request, "tenant.html", session, new_key=None, message=message, error=error, **_tenant_context(request, name)
+    )
 
 
 @router.post("/tenants/{name}/remove")
@@ -257,22 +304,32 @@ async def remove(request: Request, name: str) -> Response:
     session = current(request)
     form = await form_with_csrf(request, session)
     if form.get("confirm") != name:
-        return page(request, "tenant.html", session, new_key=None, message=None,
-                    error=f"Type the tenant's name ({name}) to confirm the removal.",
-                    **_tenant_context(request, name))
+        return page(
+            request,
+            "tenant.html",
+            session,
+            new_key=None,
+            message=None,
+            error=f"Type the tenant's name ({name}) to confirm the removal.",
+            **_tenant_context(request, name),
+        )
     comps(request).service.remove(name, session.user)
     return RedirectResponse("/", status_code=303)
 
 
 @router.get("/console/what-if")
-def what_if(request: Request, gpu_memory: str, model: str = "", max_model_len: str = "",
-            tenant: str = "") -> JSONResponse:
+def what_if(
+    request: Request, gpu_memory: str, model: str = "", max_model_len: str = "", tenant: str = ""
+) -> JSONResponse:
     current(request)
     svc = comps(request).service
     try:
-        decision = svc.assess(parse_size(gpu_memory), model or svc.settings.default_model,
-                              int(max_model_len) if max_model_len else svc.settings.default_max_model_len,
-                              tenant=tenant or None)
+        decision = svc.assess(
+            parse_size(gpu_memory),
+            model or svc.settings.default_model,
+            int(max_model_len) if max_model_len else svc.settings.default_max_model_len,
+            tenant=tenant or None,
+        )
     except (GtmError, ValueError) as exc:
         message = exc.message if isinstance(exc, GtmError) else str(exc)
         return JSONResponse({"admitted": False, "messages": [message]})
@@ -304,13 +361,36 @@ def usage_csv(request: Request, month: str | None = None, cost: str | None = Non
     shares = split(month, total, comps(request).service.store, time.time())
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["tenant", "gib_hours", "requests", "tokens", "share_by_memory", "cost_by_memory",
-                     "share_by_tokens", "cost_by_tokens"])
+    writer.writerow(
+        [
+            "tenant",
+            "gib_hours",
+            "requests",
+            "tokens",
+            "share_by_memory",
+            "cost_by_memory",
+            "share_by_tokens",
+            "cost_by_tokens",
+        ]
+    )
     for s in shares:
-        writer.writerow([s.tenant, s.gib_hours, s.requests, s.tokens, s.share_by_memory, s.cost_by_memory,
-                         s.share_by_tokens, s.cost_by_tokens])
-    return Response(out.getvalue(), media_type="text/csv",
-                    headers={"content-disposition": f'attachment; filename="cost-{month}.csv"'})
+        writer.writerow(
+            [
+                s.tenant,
+                s.gib_hours,
+                s.requests,
+                s.tokens,
+                s.share_by_memory,
+                s.cost_by_memory,
+                s.share_by_tokens,
+                s.cost_by_tokens,
+            ]
+        )
+    return Response(
+        out.getvalue(),
+        media_type="text/csv",
+        headers={"content-disposition": f'attachment; filename="cost-{month}.csv"'},
+    )
 
 
 @router.get("/audit")
@@ -318,4 +398,3 @@ def audit_page(request: Request, tenant: str = "", action: str = "") -> HTMLResp
     session = current(request)
     rows = comps(request).service.store.audit_log(tenant or None, action or None, 500)
     return page(request, "audit.html", session, rows=rows, tenant=tenant, action=action)
-

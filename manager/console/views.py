@@ -27,15 +27,24 @@ def capacity_segments(cap: Capacity) -> list[Segment]:
     out = []
     for i, t in enumerate(sorted(cap.tenants, key=lambda t: -t.reserved)):
         measured = t.measured or 0
-        out.append(Segment(
-            t.name, f"{t.name}: reserved {format_size(t.reserved)}, measured "
-                    f"{format_size(measured) if t.measured is not None else 'n/a'}",
-            100 * t.reserved / total, PALETTE[i % len(PALETTE)],
-            min(100.0, 100 * measured / t.reserved) if t.reserved else 0.0, "tenant"))
+        out.append(
+            Segment(
+                t.name,
+                f"{t.name}: reserved {format_size(t.reserved)}, measured "
+                f"{format_size(measured) if t.measured is not None else 'n/a'}",
+                100 * t.reserved / total,
+                PALETTE[i % len(PALETTE)],
+                min(100.0, 100 * measured / t.reserved) if t.reserved else 0.0,
+                "tenant",
+            )
+        )
     free = max(cap.unreserved, 0)
     out.append(Segment("free", f"unreserved: {format_size(free)}", 100 * free / total, "#e5e7eb", 0, "free"))
-    out.append(Segment("headroom", f"headroom: {format_size(cap.headroom)}", 100 * cap.headroom / total,
-                       "#9ca3af", 0, "headroom"))
+    out.append(
+        Segment(
+            "headroom", f"headroom: {format_size(cap.headroom)}", 100 * cap.headroom / total, "#9ca3af", 0, "headroom"
+        )
+    )
     return out
 
 
@@ -44,6 +53,13 @@ def day_bars(daily: list[tuple[str, int, int]], days: list[str]) -> list[dict[st
     by_day = {d: (n, t) for d, n, t in daily}
     top_n = max((n for _, n, _ in daily), default=0) or 1
     top_t = max((t for _, _, t in daily), default=0) or 1
-    return [{"day": d, "requests": by_day.get(d, (0, 0))[0], "tokens": by_day.get(d, (0, 0))[1],
-             "req_pct": 100 * by_day.get(d, (0, 0))[0] / top_n, "tok_pct": 100 * by_day.get(d, (0, 0))[1] / top_t}
-            for d in days]
+    return [
+        {
+            "day": d,
+            "requests": by_day.get(d, (0, 0))[0],
+            "tokens": by_day.get(d, (0, 0))[1],
+            "req_pct": 100 * by_day.get(d, (0, 0))[0] / top_n,
+            "tok_pct": 100 * by_day.get(d, (0, 0))[1] / top_t,
+        }
+        for d in days
+    ]

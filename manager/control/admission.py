@@ -82,9 +82,7 @@ def decide(data: AdmissionInput) -> Decision:
         )
 
     if not failed:
-        messages.append(
-            f"{f(data.requested)} of {f(ledger_free)} unreserved; {f(usable - needed)} measured slack left"
-        )
+        messages.append(f"{f(data.requested)} of {f(ledger_free)} unreserved; {f(usable - needed)} measured slack left")
     numbers: dict[str, int | None] = {
         "requested": data.requested,
         "total": data.total,

@@ -80,6 +80,16 @@ def split(month: str, total_cost: float, store: Store, now: float) -> list[Share
     for t in tenants:
         mem = hours.get(t, 0.0) / total_hours if total_hours else 0.0
         tok = usage[t].tokens / total_tokens if total_tokens else 0.0
-        shares.append(Share(t, round(hours.get(t, 0.0), 4), usage[t].tokens, usage[t].requests, round(mem, 6),
-                            round(mem * total_cost, 2), round(tok, 6), round(tok * total_cost, 2)))
+        shares.append(
+            Share(
+                t,
+                round(hours.get(t, 0.0), 4),
+                usage[t].tokens,
+                usage[t].requests,
+                round(mem, 6),
+                round(mem * total_cost, 2),
+                round(tok, 6),
+                round(tok * total_cost, 2),
+            )
+        )
     return shares

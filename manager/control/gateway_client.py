@@ -48,8 +48,9 @@ Connect = Callable[[str, str], GatewayAdmin]
 
 class GatewayClient:
     def __init__(self, ip: str, token: str, timeout: float = 10.0) -> None:
-        self._client = httpx.Client(base_url=f"http://{ip}:{GATEWAY_ADMIN_PORT}", timeout=timeout,
-                                    headers={"Authorization": f"Bearer {token}"})
+        self._client = httpx.Client(
+            base_url=f"http://{ip}:{GATEWAY_ADMIN_PORT}", timeout=timeout, headers={"Authorization": f"Bearer {token}"}
+        )
 
     def __enter__(self) -> GatewayClient:
         return self
@@ -96,4 +97,3 @@ def collect_usage(store: Store, tenant: str, gw: GatewayAdmin) -> int:
             return added
         added += store.add_usage(tenant, records, next_cursor)
         cursor = next_cursor
-

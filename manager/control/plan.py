@@ -145,8 +145,12 @@ def control_network_name(settings: Settings) -> str:
 
 def control_network_plan(settings: Settings) -> NetworkPlan:
     """The bridge the manager and every gateway are on; gateways publish tenant ports through it."""
-    return NetworkPlan(control_network_name(settings), names.labels(settings.instance, Role.NETWORK),
-                       internal=False, options=dict(CONTROL_BRIDGE))
+    return NetworkPlan(
+        control_network_name(settings),
+        names.labels(settings.instance, Role.NETWORK),
+        internal=False,
+        options=dict(CONTROL_BRIDGE),
+    )
 
 
 def gateway_plan(spec: TenantSpec, settings: Settings, gateway_token: str) -> ContainerPlan:
@@ -178,8 +182,9 @@ def gateway_plan(spec: TenantSpec, settings: Settings, gateway_token: str) -> Co
     )
 
 
-def tenant_plan(spec: TenantSpec, settings: Settings, device_total: int, gpu_uuid: str | None = None,
-                gateway_token: str = "") -> TenantPlan:
+def tenant_plan(
+    spec: TenantSpec, settings: Settings, device_total: int, gpu_uuid: str | None = None, gateway_token: str = ""
+) -> TenantPlan:
     inst = settings.instance
     net = names.network(inst, spec.name)
     vol = names.volume(inst, spec.name)
@@ -209,11 +214,11 @@ def tenant_plan(spec: TenantSpec, settings: Settings, device_total: int, gpu_uui
         healthcheck=http_healthcheck(ENGINE_PORT, "/health", int(settings.engine_start_timeout_s)),
     )
     return TenantPlan(
-        network=NetworkPlan(net, names.labels(inst, Role.NETWORK, spec.name), internal=True,
-                            options=dict(ISOLATED_BRIDGE)),
+        network=NetworkPlan(
+            net, names.labels(inst, Role.NETWORK, spec.name), internal=True, options=dict(ISOLATED_BRIDGE)
+        ),
         volume=VolumePlan(vol, names.labels(inst, Role.VOLUME, spec.name)),
         engine=engine,
-        gateway_volume=VolumePlan(names.gateway_volume(inst, spec.name),
-                                  names.labels(inst, Role.VOLUME, spec.name)),
+        gateway_volume=VolumePlan(names.gateway_volume(inst, spec.name), names.labels(inst, Role.VOLUME, spec.name)),
         gateway=gateway_plan(spec, settings, gateway_token),
     )

@@ -56,8 +56,9 @@ FAILURE_PATTERNS = [
     re.compile(r"(?:CUDA )?out of memory.*", re.IGNORECASE),
     re.compile(r"\b\w*(?:Error|Exception): .*"),
 ]
-WRAPPER_LINES = re.compile(r"Engine core initialization failed|See root cause above|EngineCore failed to start",
-                           re.IGNORECASE)
+WRAPPER_LINES = re.compile(
+    r"Engine core initialization failed|See root cause above|EngineCore failed to start", re.IGNORECASE
+)
 """Lines that only point at an error printed earlier: never the reason."""
 NOT_AN_ERROR = re.compile(r"\b(?:DEBUG|INFO|WARNING)\b \d\d-\d\d \d\d:\d\d:\d\d|Warning: ")
 """vLLM's own log lines below ERROR, and Python warnings: they may quote an error's name
@@ -69,10 +70,15 @@ def failure_reason(state: ContainerState, logs: str) -> str:
     cause; vLLM ends with a generic "Engine core initialization failed" line), or the
     best description Docker gives."""
     if state.oom_killed:
-        return ("engine killed by the out-of-memory killer: the reservation is too small for this "
-                "model and options; raise --gpu-memory or lower --max-model-len")
-    lines = [ln.strip() for ln in logs.splitlines()
-             if ln.strip() and not WRAPPER_LINES.search(ln) and not NOT_AN_ERROR.search(ln)]
+        return (
+            "engine killed by the out-of-memory killer: the reservation is too small for this "
+            "model and options; raise --gpu-memory or lower --max-model-len"
+        )
+    lines = [
+        ln.strip()
+        for ln in logs.splitlines()
+        if ln.strip() and not WRAPPER_LINES.search(ln) and not NOT_AN_ERROR.search(ln)
+    ]
     for pattern in FAILURE_PATTERNS:
         for i, line in enumerate(lines):
             found = pattern.search(line)
@@ -93,8 +99,16 @@ def backoff(failures: int, base: float, cap: float) -> float:
 
 
 class Reconciler:
-    def __init__(self, settings: Settings, store: Store, runtime: Runtime, inventory: Inventory, *,
-                 connect: Connect = GatewayClient, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        runtime: Runtime,
+        inventory: Inventory,
+        *,
+        connect: Connect = GatewayClient,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.runtime = runtime
@@ -116,10 +130,18 @@ class Reconciler:
         self._stop.clear()
         self._threads = [
             threading.Thread(target=self._work, name="reconcile-worker", daemon=True),
-            threading.Thread(target=self._every, args=("resync", self.settings.reconcile_interval_s, self.resync),
-                             name="reconcile-resync", daemon=True),
-            threading.Thread(target=self._every, args=("usage", self.settings.usage_interval_s, self.collect_all),
-                             name="usage-collector", daemon=True),
+            threading.Thread(
+                target=self._every,
+                args=("resync", self.settings.reconcile_interval_s, self.resync),
+                name="reconcile-resync",
+                daemon=True,
+            ),
+            threading.Thread(
+                target=self._every,
+                args=("usage", self.settings.usage_interval_s, self.collect_all),
+                name="usage-collector",
+                daemon=True,
+            ),
         ]
         for t in self._threads:
             t.start()
@@ -146,8 +168,7 @@ class Reconciler:
                 self.collect(row.spec.name, row.gateway_token)
 
     def collect(self, name: str, token: str) -> bool:
-        ip = self.runtime.container_ip(names.gateway(self.settings.instance, name),
-                                       control_network_name(self.settings))
+        ip = self.runtime.container_ip(names.gateway(self.settings.instance, name), control_network_name(self.settings))
         if ip is None:
             return False
         try:
@@ -209,8 +230,13 @@ class Reconciler:
             self.store.delete_tenant(name)
             return None
         device = self.inventory.devices()[0]
-        plan = tenant_plan(row.spec, self.settings, device.total,
-                           device.uuid if device.kind != "host-memory" else None, gateway_token=row.gateway_token)
+        plan = tenant_plan(
+            row.spec,
+            self.settings,
+            device.total,
+            device.uuid if device.kind != "host-memory" else None,
+            gateway_token=row.gateway_token,
+        )
         self.runtime.ensure_network(control_network_plan(self.settings))
         self.runtime.ensure_network(plan.network)
         self.runtime.ensure_volume(plan.volume)
@@ -236,8 +262,12 @@ class Reconciler:
         try:
             gateway_ready = self._ensure_gateway(row, plan.gateway, gateway)
         except GtmError as exc:  # e.g. the port is taken by a process Docker does not know
-            self._set_status(row, TenantStatus.FAILED, f"gateway could not start: {exc.message}; if the port "
-                             "is taken, move the tenant with update-tenant --port")
+            self._set_status(
+                row,
+                TenantStatus.FAILED,
+                f"gateway could not start: {exc.message}; if the port "
+                "is taken, move the tenant with update-tenant --port",
+            )
             raise
         if engine is None:
             return self._start_engine(row, plan.engine)
@@ -363,8 +393,12 @@ class Reconciler:
             return
         if current.status == TenantStatus.REMOVING or not can_transition(current.status, status):
             if current.status != status:
-                log.warning("tenant %s: status %s -> %s refused (not in the diagram)", row.spec.name,
-                            current.status.value, status.value)
+                log.warning(
+                    "tenant %s: status %s -> %s refused (not in the diagram)",
+                    row.spec.name,
+                    current.status.value,
+                    status.value,
+                )
             return
         self.store.set_status(row.spec.name, status, reason)
 

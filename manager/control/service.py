@@ -51,8 +51,9 @@ class Created:
 
 
 class TenantService:
-    def __init__(self, settings: Settings, store: Store, runtime: Runtime, inventory: Inventory,
-                 reconciler: Reconciler) -> None:
+    def __init__(
+        self, settings: Settings, store: Store, runtime: Runtime, inventory: Inventory, reconciler: Reconciler
+    ) -> None:
         self.settings = settings
         self.store = store
         self.runtime = runtime
@@ -65,8 +66,11 @@ class TenantService:
         """Each tenant's measured use: NVML per-process memory mapped to its engine
         container (nvml), or its engine's cgroup memory (cpu)."""
         inst = self.settings.instance
-        engines = {c.tenant: c for c in self.runtime.containers(names.selector(inst, role=names.Role.ENGINE))
-                   if c.tenant and c.status == "running"}
+        engines = {
+            c.tenant: c
+            for c in self.runtime.containers(names.selector(inst, role=names.Role.ENGINE))
+            if c.tenant and c.status == "running"
+        }
         out: dict[str, int | None] = {}
         if self.inventory.mode == "cpu":
             for tenant, c in engines.items():
@@ -89,20 +93,23 @@ class TenantService:
         rows = self.store.tenants()
         measured = self.measured_use()
         usage = [TenantUsage(r.spec.name, r.spec.gpu_memory, measured.get(r.spec.name)) for r in rows]
-        return Capacity(self.inventory.mode, device, self.settings.headroom,
-                        sum(r.spec.gpu_memory for r in rows), usage)
+        return Capacity(
+            self.inventory.mode, device, self.settings.headroom, sum(r.spec.gpu_memory for r in rows), usage
+        )
 
     # ---------------------------------------------------------------- admission
     def model_minimum(self, model: str, max_model_len: int, quantized: bool) -> int:
         footprint = read_footprint(self.settings.models_dir, model, quantized=quantized)
-        minimum = footprint.minimum(max(max_model_len, self.settings.min_kv_tokens),
-                                    self.settings.effective_engine_overhead)
+        minimum = footprint.minimum(
+            max(max_model_len, self.settings.min_kv_tokens), self.settings.effective_engine_overhead
+        )
         if self.inventory.mode == "cpu":
             minimum = max(minimum, self.settings.effective_engine_overhead + MIN_KV_CACHE)
         return minimum
 
-    def assess(self, requested: int, model: str, max_model_len: int, quantized: bool = False,
-               tenant: str | None = None) -> Decision:
+    def assess(
+        self, requested: int, model: str, max_model_len: int, quantized: bool = False, tenant: str | None = None
+    ) -> Decision:
         """The admission decision for a new (or resized, ``tenant``) reservation; creates nothing."""
         device = self.inventory.devices()[0]
         rows = [r for r in self.store.tenants() if r.spec.name != tenant]
@@ -123,8 +130,9 @@ class TenantService:
         return decide(data)
 
     def _refuse(self, actor: str, action: str, tenant: str, decision: Decision) -> AdmissionRefused:
-        self.store.audit(actor, action, tenant, "refused",
-                         {"failed_checks": list(decision.failed_checks), **decision.numbers})
+        self.store.audit(
+            actor, action, tenant, "refused", {"failed_checks": list(decision.failed_checks), **decision.numbers}
+        )
         return AdmissionRefused(
             f"tenant {tenant!r} does not fit: " + " ".join(decision.messages),
             details={"failed_checks": list(decision.failed_checks), "numbers": decision.numbers},
@@ -158,23 +166,49 @@ class TenantService:
             with self.store.transaction() as db:
                 self.store.insert_tenant(db, spec, gateway_token=secrets.token_urlsafe(32))
                 self.store.insert_key(db, KeyRow(issued.id, spec.name, keys.PREFIX, issued.hash, now, None, None))
-                self.store.audit(actor, "add-tenant", spec.name, "ok",
-                                 {"gpu_memory": spec.gpu_memory, "port": spec.port, "model": spec.model,
-                                  "key_id": issued.id, **decision.numbers}, db=db)
+                self.store.audit(
+                    actor,
+                    "add-tenant",
+                    spec.name,
+                    "ok",
+                    {
+                        "gpu_memory": spec.gpu_memory,
+                        "port": spec.port,
+                        "model": spec.model,
+                        "key_id": issued.id,
+                        **decision.numbers,
+                    },
+                    db=db,
+                )
         self.reconciler.enqueue(spec.name)
         return Created(self.store.tenant(spec.name), issued, decision)
 
-    def update(self, name: str, actor: str, *, gpu_memory: int | None = None, port: int | None = None,
-               model: str | None = None, max_model_len: int | None = None, quantization: str | None = None,
-               shm_size: int | None = None, quotas: dict[str, int | None] | None = None) -> TenantRow:
+    def update(
+        self,
+        name: str,
+        actor: str,
+        *,
+        gpu_memory: int | None = None,
+        port: int | None = None,
+        model: str | None = None,
+        max_model_len: int | None = None,
+        quantization: str | None = None,
+        shm_size: int | None = None,
+        quotas: dict[str, int | None] | None = None,
+    ) -> TenantRow:
         with self._admission:
             row = self.store.tenant(name)
             if row.status == TenantStatus.REMOVING:
                 raise Conflict(f"tenant {name!r} is being removed")
             changes: dict[str, object] = {}
-            for key, value in (("gpu_memory", gpu_memory), ("port", port), ("model", model),
-                               ("max_model_len", max_model_len), ("quantization", quantization),
-                               ("shm_size", shm_size)):
+            for key, value in (
+                ("gpu_memory", gpu_memory),
+                ("port", port),
+                ("model", model),
+                ("max_model_len", max_model_len),
+                ("quantization", quantization),
+                ("shm_size", shm_size),
+            ):
                 if value is not None:
                     changes[key] = value
             if quotas:
@@ -187,8 +221,9 @@ class TenantService:
             if new.port != row.spec.port:
                 self._check_port(new.port, tenant=name)
             if new.engine_hash() != row.spec.engine_hash():
-                decision = self.assess(new.gpu_memory, new.model, new.max_model_len, bool(new.quantization),
-                                       tenant=name)
+                decision = self.assess(
+                    new.gpu_memory, new.model, new.max_model_len, bool(new.quantization), tenant=name
+                )
                 if not decision.admitted:
                     raise self._refuse(actor, "update-tenant", name, decision)
             with self.store.transaction() as db:
@@ -197,9 +232,14 @@ class TenantService:
                     # the desired engine changed: the tenant is pending until the new one serves
                     # (so `update-tenant --wait` never mistakes the old engine for the new one)
                     self.store.set_status(name, TenantStatus.PENDING, "engine to be recreated with the new spec")
-                self.store.audit(actor, "update-tenant", name, "ok",
-                                 {k: (v.__dict__ if isinstance(v, Quotas) else v) for k, v in changes.items()},
-                                 db=db)
+                self.store.audit(
+                    actor,
+                    "update-tenant",
+                    name,
+                    "ok",
+                    {k: (v.__dict__ if isinstance(v, Quotas) else v) for k, v in changes.items()},
+                    db=db,
+                )
         self.reconciler.enqueue(name)
         return self.store.tenant(name)
 
@@ -211,8 +251,9 @@ class TenantService:
 
     def rotate_key(self, name: str, actor: str, grace_s: float) -> keys.IssuedKey:
         if not 0 <= grace_s <= MAX_GRACE_S:  # also refuses NaN
-            raise InvalidInput(f"grace period must be 0 (revoke the old keys at once) to {MAX_GRACE_S:.0f} "
-                               f"seconds, got {grace_s}")
+            raise InvalidInput(
+                f"grace period must be 0 (revoke the old keys at once) to {MAX_GRACE_S:.0f} seconds, got {grace_s}"
+            )
         self.store.tenant(name)
         issued = keys.issue()
         now = time.time()
@@ -232,8 +273,18 @@ class TenantService:
             self.store.audit(actor, "revoke-key", name, "ok", {"key_id": key_id}, db=db)
         self.reconciler.enqueue(name)
 
-    def new_spec(self, *, name: str, port: int, gpu_memory: int, model: str | None, max_model_len: int | None,
-                 quantization: str | None, shm_size: int | None, quotas: Quotas) -> TenantSpec:
+    def new_spec(
+        self,
+        *,
+        name: str,
+        port: int,
+        gpu_memory: int,
+        model: str | None,
+        max_model_len: int | None,
+        quantization: str | None,
+        shm_size: int | None,
+        quotas: Quotas,
+    ) -> TenantSpec:
         spec = TenantSpec(
             name=names.validate_tenant_name(name),
             port=port,

@@ -85,8 +85,18 @@ CREATE TABLE IF NOT EXISTS engine_failures (
     log TEXT NOT NULL DEFAULT ''
 );
 """
-USAGE_FIELDS = ("request_id", "key_id", "model", "path", "prompt_tokens", "completion_tokens", "status", "outcome",
-                "latency_ms", "at")
+USAGE_FIELDS = (
+    "request_id",
+    "key_id",
+    "model",
+    "path",
+    "prompt_tokens",
+    "completion_tokens",
+    "status",
+    "outcome",
+    "latency_ms",
+    "at",
+)
 
 
 @dataclass(frozen=True)
@@ -150,12 +160,24 @@ class AuditRow:
 
 def _tenant(row: sqlite3.Row) -> TenantRow:
     spec = TenantSpec(
-        name=row["name"], port=row["port"], gpu_memory=row["gpu_memory"], model=row["model"],
-        max_model_len=row["max_model_len"], quantization=row["quantization"], shm_size=row["shm_size"],
+        name=row["name"],
+        port=row["port"],
+        gpu_memory=row["gpu_memory"],
+        model=row["model"],
+        max_model_len=row["max_model_len"],
+        quantization=row["quantization"],
+        shm_size=row["shm_size"],
         quotas=Quotas(row["rpm_limit"], row["tokens_per_day"], row["requests_per_month"], row["max_in_flight"]),
     )
-    return TenantRow(spec, TenantStatus(row["status"]), row["reason"], row["status_since"],
-                     row["created_at"], row["updated_at"], row["gateway_token"])
+    return TenantRow(
+        spec,
+        TenantStatus(row["status"]),
+        row["reason"],
+        row["status_since"],
+        row["created_at"],
+        row["updated_at"],
+        row["gateway_token"],
+    )
 
 
 def preflight(path: Path, lock_timeout_s: float = 5.0) -> None:
@@ -170,7 +192,8 @@ def preflight(path: Path, lock_timeout_s: float = 5.0) -> None:
     except OSError as exc:
         raise StateUnavailable(
             f"the state directory {directory} is not writable ({exc.strerror or exc}): mount a writable "
-            "volume there (GTM_STATE_DIR); nothing was started") from exc
+            "volume there (GTM_STATE_DIR); nothing was started"
+        ) from exc
     try:
         db = sqlite3.connect(path, timeout=lock_timeout_s, isolation_level=None)
         try:
@@ -179,10 +202,12 @@ def preflight(path: Path, lock_timeout_s: float = 5.0) -> None:
         finally:
             db.close()
     except sqlite3.OperationalError as exc:
-        hint = ("another process holds it: is another manager running on the same state? stop it first"
-                if "locked" in str(exc) else "check the file and its directory")
-        raise StateUnavailable(f"the database {path} cannot be written ({exc}): {hint}; nothing was started"
-                               ) from exc
+        hint = (
+            "another process holds it: is another manager running on the same state? stop it first"
+            if "locked" in str(exc)
+            else "check the file and its directory"
+        )
+        raise StateUnavailable(f"the database {path} cannot be written ({exc}): {hint}; nothing was started") from exc
 
 
 class Store:
@@ -238,9 +263,25 @@ class Store:
         try:
             db.execute(
                 "INSERT INTO tenants VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (spec.name, spec.port, spec.gpu_memory, spec.model, spec.max_model_len, spec.quantization,
-                 spec.shm_size, q.rpm_limit, q.tokens_per_day, q.requests_per_month, q.max_in_flight,
-                 TenantStatus.PENDING.value, "", now, now, now, gateway_token),
+                (
+                    spec.name,
+                    spec.port,
+                    spec.gpu_memory,
+                    spec.model,
+                    spec.max_model_len,
+                    spec.quantization,
+                    spec.shm_size,
+                    q.rpm_limit,
+                    q.tokens_per_day,
+                    q.requests_per_month,
+                    q.max_in_flight,
+                    TenantStatus.PENDING.value,
+                    "",
+                    now,
+                    now,
+                    now,
+                    gateway_token,
+                ),
             )
         except sqlite3.IntegrityError as exc:
             raise Conflict(f"tenant {spec.name!r} or port {spec.port} is already taken: {exc}") from exc
@@ -252,8 +293,20 @@ class Store:
                 "UPDATE tenants SET port=?, gpu_memory=?, model=?, max_model_len=?, quantization=?, shm_size=?,"
                 " rpm_limit=?, tokens_per_day=?, requests_per_month=?, max_in_flight=?, updated_at=?"
                 " WHERE name=?",
-                (spec.port, spec.gpu_memory, spec.model, spec.max_model_len, spec.quantization, spec.shm_size,
-                 q.rpm_limit, q.tokens_per_day, q.requests_per_month, q.max_in_flight, time.time(), spec.name),
+                (
+                    spec.port,
+                    spec.gpu_memory,
+                    spec.model,
+                    spec.max_model_len,
+                    spec.quantization,
+                    spec.shm_size,
+                    q.rpm_limit,
+                    q.tokens_per_day,
+                    q.requests_per_month,
+                    q.max_in_flight,
+                    time.time(),
+                    spec.name,
+                ),
             )
         except sqlite3.IntegrityError as exc:
             raise Conflict(f"port {spec.port} is already taken by another tenant") from exc
@@ -277,16 +330,19 @@ class Store:
     # ---------------------------------------------------------------- engine failures (backoff)
     def engine_failure(self, tenant: str) -> EngineFailure | None:
         with self._lock:
-            row = self._db.execute("SELECT count, marker, retry_at, log FROM engine_failures WHERE tenant=?",
-                                   (tenant,)).fetchone()
+            row = self._db.execute(
+                "SELECT count, marker, retry_at, log FROM engine_failures WHERE tenant=?", (tenant,)
+            ).fetchone()
         return EngineFailure(row["count"], row["marker"], row["retry_at"], row["log"]) if row else None
 
     def save_engine_failure(self, tenant: str, failure: EngineFailure) -> None:
         with self._lock:
-            self._db.execute("INSERT INTO engine_failures (tenant, count, marker, retry_at, log) VALUES (?,?,?,?,?)"
-                             " ON CONFLICT(tenant) DO UPDATE SET count=excluded.count, marker=excluded.marker,"
-                             " retry_at=excluded.retry_at, log=excluded.log",
-                             (tenant, failure.count, failure.marker, failure.retry_at, failure.log))
+            self._db.execute(
+                "INSERT INTO engine_failures (tenant, count, marker, retry_at, log) VALUES (?,?,?,?,?)"
+                " ON CONFLICT(tenant) DO UPDATE SET count=excluded.count, marker=excluded.marker,"
+                " retry_at=excluded.retry_at, log=excluded.log",
+                (tenant, failure.count, failure.marker, failure.retry_at, failure.log),
+            )
 
     def clear_engine_failure(self, tenant: str) -> None:
         with self._lock:
@@ -310,17 +366,24 @@ class Store:
             )
             added = db.total_changes - before
             for key_id, at in {r["key_id"]: r["at"] for r in sorted(records, key=lambda r: r["at"])}.items():
-                db.execute("UPDATE api_keys SET last_used_at=MAX(COALESCE(last_used_at, 0), ?) WHERE id=? AND tenant=?",
-                           (at, key_id, tenant))
-            db.execute("INSERT INTO usage_cursors (tenant, cursor) VALUES (?, ?) ON CONFLICT(tenant) DO UPDATE"
-                       " SET cursor=MAX(cursor, excluded.cursor)", (tenant, cursor))
+                db.execute(
+                    "UPDATE api_keys SET last_used_at=MAX(COALESCE(last_used_at, 0), ?) WHERE id=? AND tenant=?",
+                    (at, key_id, tenant),
+                )
+            db.execute(
+                "INSERT INTO usage_cursors (tenant, cursor) VALUES (?, ?) ON CONFLICT(tenant) DO UPDATE"
+                " SET cursor=MAX(cursor, excluded.cursor)",
+                (tenant, cursor),
+            )
         return added
 
     def usage_totals(self, tenant: str, since: float, until: float | None = None) -> UsageTotals:
         with self._lock:
             row = self._db.execute(
                 "SELECT COUNT(*) AS n, COALESCE(SUM(prompt_tokens), 0) AS p, COALESCE(SUM(completion_tokens), 0) AS c"
-                " FROM usage WHERE tenant=? AND at >= ? AND at < ?", (tenant, since, until or 1e18)).fetchone()
+                " FROM usage WHERE tenant=? AND at >= ? AND at < ?",
+                (tenant, since, until or 1e18),
+            ).fetchone()
         return UsageTotals(int(row["n"]), int(row["p"]), int(row["c"]))
 
     def usage_tenants(self, since: float, until: float) -> list[str]:
@@ -333,7 +396,9 @@ class Store:
         with self._lock:
             rows = self._db.execute(
                 "SELECT date(at, 'unixepoch') AS day, COUNT(*) AS n, SUM(prompt_tokens + completion_tokens) AS t"
-                " FROM usage WHERE tenant=? AND at >= ? GROUP BY day ORDER BY day", (tenant, since))
+                " FROM usage WHERE tenant=? AND at >= ? GROUP BY day ORDER BY day",
+                (tenant, since),
+            )
             return [(r["day"], int(r["n"]), int(r["t"] or 0)) for r in rows]
 
     def usage_records(self, tenant: str, limit: int = 1000) -> list[dict[str, Any]]:
@@ -343,12 +408,17 @@ class Store:
 
     # ---------------------------------------------------------------- keys
     def insert_key(self, db: sqlite3.Connection, key: KeyRow) -> None:
-        db.execute("INSERT INTO api_keys VALUES (?,?,?,?,?,?,?)",
-                   (key.id, key.tenant, key.prefix, key.hash, key.created_at, key.expires_at, key.last_used_at))
+        db.execute(
+            "INSERT INTO api_keys VALUES (?,?,?,?,?,?,?)",
+            (key.id, key.tenant, key.prefix, key.hash, key.created_at, key.expires_at, key.last_used_at),
+        )
 
     def expire_keys(self, db: sqlite3.Connection, tenant: str, at: float, except_id: str | None = None) -> None:
-        db.execute("UPDATE api_keys SET expires_at=? WHERE tenant=? AND id IS NOT ? AND"
-                   " (expires_at IS NULL OR expires_at > ?)", (at, tenant, except_id, at))
+        db.execute(
+            "UPDATE api_keys SET expires_at=? WHERE tenant=? AND id IS NOT ? AND"
+            " (expires_at IS NULL OR expires_at > ?)",
+            (at, tenant, except_id, at),
+        )
 
     def keys(self, tenant: str) -> list[KeyRow]:
         with self._lock:
@@ -356,8 +426,15 @@ class Store:
             return [KeyRow(**dict(r)) for r in rows]
 
     # ---------------------------------------------------------------- audit
-    def audit(self, actor: str, action: str, tenant: str | None, result: str,
-              detail: dict[str, Any] | None = None, db: sqlite3.Connection | None = None) -> None:
+    def audit(
+        self,
+        actor: str,
+        action: str,
+        tenant: str | None,
+        result: str,
+        detail: dict[str, Any] | None = None,
+        db: sqlite3.Connection | None = None,
+    ) -> None:
         args = (time.time(), actor, action, tenant, result, json.dumps(detail or {}, default=str))
         sql = "INSERT INTO audit (at, actor, action, tenant, result, detail) VALUES (?,?,?,?,?,?)"
         if db is not None:
@@ -377,5 +454,7 @@ class Store:
             args.append(action)
         with self._lock:
             rows = self._db.execute(sql + " ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
-        return [AuditRow(r["id"], r["at"], r["actor"], r["action"], r["tenant"], r["result"],
-                         json.loads(r["detail"])) for r in rows]
+        return [
+            AuditRow(r["id"], r["at"], r["actor"], r["action"], r["tenant"], r["result"], json.loads(r["detail"]))
+            for r in rows
+        ]

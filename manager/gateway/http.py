@@ -60,8 +60,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         code = "request_timeout" if status == 408 else "headers_too_large"
-        body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                     "code": code}}).encode()
+        body = json.dumps(
+            {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
+        ).encode()
         head = b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
         self.transport.write(head % (status, REASONS[status], len(body)) + body)
         self.transport.close()
@@ -114,8 +115,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
 def protocol_for(settings: GatewaySettings) -> type[GuardedHttpToolsProtocol]:
     """The protocol class with this gateway's limits (uvicorn instantiates it per connection)."""
-    return type("GatewayHttpProtocol", (GuardedHttpToolsProtocol,), {
-        "header_timeout_s": settings.header_timeout_s,
-        "max_headers": settings.max_headers,
-        "max_header_bytes": settings.max_header_bytes,
-    })
+    return type(
+        "GatewayHttpProtocol",
+        (GuardedHttpToolsProtocol,),
+        {
+            "header_timeout_s": settings.header_timeout_s,
+            "max_headers": settings.max_headers,
+            "max_header_bytes": settings.max_header_bytes,
+        },
+    )

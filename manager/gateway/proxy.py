@@ -93,18 +93,21 @@ class Proxy:
     (URL merging, auth, redirects, cookies) cost most of the gateway's CPU per request and
     none of them is needed here. Tests pass an ``httpx.MockTransport``."""
 
-    def __init__(self, settings: GatewaySettings, state: GatewayState,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(
+        self, settings: GatewaySettings, state: GatewayState, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
         self.settings = settings
         self.state = state
         self.transport = transport or httpx.AsyncHTTPTransport(
-            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100))
+            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100)
+        )
         self.upstream = settings.upstream.rstrip("/")
         t = settings.upstream_timeout_s
         self.timeouts = {"connect": 5.0, "read": t, "write": t, "pool": t}
 
-    def _request(self, method: str, path: str, request_id: str, content: bytes | None = None,
-                 accept: str = "application/json") -> httpx.Request:
+    def _request(
+        self, method: str, path: str, request_id: str, content: bytes | None = None, accept: str = "application/json"
+    ) -> httpx.Request:
         headers = {"content-type": "application/json", "accept": accept, "x-request-id": request_id}
         request = httpx.Request(method, self.upstream + path, headers=headers, content=content)
         request.extensions["timeout"] = self.timeouts
@@ -124,31 +127,59 @@ class Proxy:
             return
         if path is None or not allowed(method, path):
             path = scope["path"]
-            await self._send(send, 404, error_body(f"{method} {path} is not served on this port; the tenant API "
-                                                   "offers /v1/models, /v1/chat/completions, /v1/completions "
-                                                   "and /v1/embeddings", "invalid_request_error", "not_found"))
+            await self._send(
+                send,
+                404,
+                error_body(
+                    f"{method} {path} is not served on this port; the tenant API "
+                    "offers /v1/models, /v1/chat/completions, /v1/completions "
+                    "and /v1/embeddings",
+                    "invalid_request_error",
+                    "not_found",
+                ),
+            )
             self.state.metrics.requests.labels("other", "404").inc()
             return
         key = self._authenticate(scope)
         if key is None:
-            await self._send(send, 401, error_body(
-                "Incorrect API key provided. Send 'Authorization: Bearer <key>' with a key from your "
-                "administrator.", "invalid_request_error", "invalid_api_key"))
+            await self._send(
+                send,
+                401,
+                error_body(
+                    "Incorrect API key provided. Send 'Authorization: Bearer <key>' with a key from your "
+                    "administrator.",
+                    "invalid_request_error",
+                    "invalid_api_key",
+                ),
+            )
             self.state.metrics.requests.labels(route_of(path), "401").inc()
             return
         try:
             body = await self._read_body(receive)
         except TimeoutError:
-            await self._send(send, 408, error_body(
-                f"The request body stopped arriving for {self.settings.body_idle_timeout_s:.0f} s; send the "
-                "whole body (Content-Length bytes) without pausing.", "invalid_request_error", "request_timeout"),
-                {"connection": "close"})
+            await self._send(
+                send,
+                408,
+                error_body(
+                    f"The request body stopped arriving for {self.settings.body_idle_timeout_s:.0f} s; send the "
+                    "whole body (Content-Length bytes) without pausing.",
+                    "invalid_request_error",
+                    "request_timeout",
+                ),
+                {"connection": "close"},
+            )
             self.state.metrics.requests.labels(route_of(path), "408").inc()
             return
         if body is None:
-            await self._send(send, 413, error_body(
-                f"Request body larger than {self.settings.max_body_bytes} bytes.", "invalid_request_error",
-                "request_too_large"))
+            await self._send(
+                send,
+                413,
+                error_body(
+                    f"Request body larger than {self.settings.max_body_bytes} bytes.",
+                    "invalid_request_error",
+                    "request_too_large",
+                ),
+            )
             return
         await self._forward(method, path, receive, send, key, body)
 
@@ -189,16 +220,20 @@ class Proxy:
                 return b"".join(chunks)
 
     @staticmethod
-    async def _send(send: Send, status: int, body: bytes, headers: dict[str, str] | None = None,
-                    content_type: bytes = b"application/json") -> None:
+    async def _send(
+        send: Send,
+        status: int,
+        body: bytes,
+        headers: dict[str, str] | None = None,
+        content_type: bytes = b"application/json",
+    ) -> None:
         raw = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
         raw += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
         await send({"type": "http.response.start", "status": status, "headers": raw})
         await send({"type": "http.response.body", "body": body})
 
     # ---------------------------------------------------------------- forwarding
-    async def _forward(self, method: str, path: str, receive: Receive, send: Send, key: KeyEntry,
-                       body: bytes) -> None:
+    async def _forward(self, method: str, path: str, receive: Receive, send: Send, key: KeyEntry, body: bytes) -> None:
         payload: dict[str, Any] = {}
         if method == "POST":
             try:
@@ -206,21 +241,37 @@ class Proxy:
                 if not isinstance(payload, dict):
                     raise ValueError("not an object")
             except (ValueError, RecursionError):
-                await self._send(send, 400, error_body("The request body is not a JSON object.",
-                                                       "invalid_request_error", "invalid_json"))
+                await self._send(
+                    send,
+                    400,
+                    error_body("The request body is not a JSON object.", "invalid_request_error", "invalid_json"),
+                )
                 return
             if json_depth_exceeds(payload, MAX_JSON_DEPTH):
-                await self._send(send, 400, error_body(
-                    f"The request body nests objects or arrays deeper than {MAX_JSON_DEPTH} levels.",
-                    "invalid_request_error", "invalid_json"))
+                await self._send(
+                    send,
+                    400,
+                    error_body(
+                        f"The request body nests objects or arrays deeper than {MAX_JSON_DEPTH} levels.",
+                        "invalid_request_error",
+                        "invalid_json",
+                    ),
+                )
                 return
         if self.state.unwritten and not self.state.flush():
             # never serve what cannot be metered: the spool's volume is full (or failing)
             self.state.metrics.requests.labels(route_of(path), "503").inc()
-            await self._send(send, 503, error_body(
-                "The gateway cannot record usage right now (its storage is full); the request was not served. "
-                "Retry later.", "server_error", "usage_spool_full"),
-                {"retry-after": "30"})
+            await self._send(
+                send,
+                503,
+                error_body(
+                    "The gateway cannot record usage right now (its storage is full); the request was not served. "
+                    "Retry later.",
+                    "server_error",
+                    "usage_spool_full",
+                ),
+                {"retry-after": "30"},
+            )
             return
         max_tokens = payload.get("max_completion_tokens") or payload.get("max_tokens")
         if path == "/v1/embeddings":
@@ -237,9 +288,17 @@ class Proxy:
         ticket = verdict.ticket
         request_id = "req_" + uuid.uuid4().hex
         started = time.time()
-        record: dict[str, Any] = dict(request_id=request_id, key_id=key.id, model=str(payload.get("model", "")),
-                                      path=path, prompt_tokens=0, completion_tokens=0, status=0, outcome="ok",
-                                      at=started)
+        record: dict[str, Any] = dict(
+            request_id=request_id,
+            key_id=key.id,
+            model=str(payload.get("model", "")),
+            path=path,
+            prompt_tokens=0,
+            completion_tokens=0,
+            status=0,
+            outcome="ok",
+            at=started,
+        )
         headers = {**verdict.headers, "x-request-id": request_id}
         try:
             if payload.get("stream") is True:
@@ -268,15 +327,22 @@ class Proxy:
     async def _unavailable(self, send: Send, headers: dict[str, str], record: dict[str, Any]) -> None:
         self.state.metrics.upstream_errors.inc()
         record.update(status=503, outcome="upstream_unavailable")
-        await self._send(send, 503, error_body(
-            "The model engine is starting or unavailable; retry shortly.", "server_error",
-            "engine_unavailable"), {**headers, "retry-after": "5"})
+        await self._send(
+            send,
+            503,
+            error_body(
+                "The model engine is starting or unavailable; retry shortly.", "server_error", "engine_unavailable"
+            ),
+            {**headers, "retry-after": "5"},
+        )
 
-    async def _plain(self, method: str, path: str, body: bytes, send: Send, headers: dict[str, str],
-                     record: dict[str, Any]) -> None:
+    async def _plain(
+        self, method: str, path: str, body: bytes, send: Send, headers: dict[str, str], record: dict[str, Any]
+    ) -> None:
         try:
             upstream = await self.transport.handle_async_request(
-                self._request(method, path, record["request_id"], body if method == "POST" else None))
+                self._request(method, path, record["request_id"], body if method == "POST" else None)
+            )
             try:
                 content = await upstream.aread()
             finally:
@@ -297,14 +363,18 @@ class Proxy:
         ctype = upstream.headers.get("content-type", "application/json").encode()
         await self._send(send, upstream.status_code, content, headers, ctype)
 
-    async def _stream(self, receive: Receive, send: Send, payload: dict[str, Any], headers: dict[str, str],
-                      record: dict[str, Any]) -> None:
+    async def _stream(
+        self, receive: Receive, send: Send, payload: dict[str, Any], headers: dict[str, str], record: dict[str, Any]
+    ) -> None:
         options = payload.get("stream_options") or {}
         client_wants_usage = bool(isinstance(options, dict) and options.get("include_usage"))
-        upstream_body = {**payload, "stream_options": {**(options if isinstance(options, dict) else {}),
-                                                       "include_usage": True}}
-        request = self._request("POST", record["path"], record["request_id"], json.dumps(upstream_body).encode(),
-                                accept="text/event-stream")
+        upstream_body = {
+            **payload,
+            "stream_options": {**(options if isinstance(options, dict) else {}), "include_usage": True},
+        }
+        request = self._request(
+            "POST", record["path"], record["request_id"], json.dumps(upstream_body).encode(), accept="text/event-stream"
+        )
         try:
             upstream = await self.transport.handle_async_request(request)
         except httpx.TransportError:
@@ -315,8 +385,13 @@ class Proxy:
             content = await upstream.aread()
             await upstream.aclose()
             record["outcome"] = "error"
-            await self._send(send, upstream.status_code, content, headers,
-                             upstream.headers.get("content-type", "application/json").encode())
+            await self._send(
+                send,
+                upstream.status_code,
+                content,
+                headers,
+                upstream.headers.get("content-type", "application/json").encode(),
+            )
             return
 
         disconnected = asyncio.Event()
@@ -325,6 +400,7 @@ class Proxy:
             while (await receive())["type"] != "http.disconnect":
                 pass
             disconnected.set()
+
         watcher = asyncio.create_task(watch())
         raw_headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
         raw_headers += [(k.encode(), v.encode()) for k, v in headers.items()]
@@ -362,8 +438,15 @@ class Proxy:
                 # the engine went away mid-answer: end the stream with an error event (the OpenAI SDK
                 # raises it as an APIError) instead of a cut connection
                 self.state.metrics.upstream_errors.inc()
-                event = b"data: " + error_body("The model engine stopped in the middle of the answer; retry "
-                                               "shortly.", "server_error", "engine_unavailable") + b"\n\n"
+                event = (
+                    b"data: "
+                    + error_body(
+                        "The model engine stopped in the middle of the answer; retry shortly.",
+                        "server_error",
+                        "engine_unavailable",
+                    )
+                    + b"\n\n"
+                )
                 with contextlib.suppress(OSError):
                     await send({"type": "http.response.body", "body": event, "more_body": False})
         finally:

@@ -123,29 +123,45 @@ class QuotaState:
         lim = self.limits
         refusal: Refusal | None = None
         if lim.max_in_flight is not None and self.in_flight >= lim.max_in_flight:
-            refusal = Refusal("requests", "rate_limit_exceeded",
-                              f"Rate limit reached: {lim.max_in_flight} requests in flight at once. "
-                              "Retry when one finishes.", 1, "in_flight")
+            refusal = Refusal(
+                "requests",
+                "rate_limit_exceeded",
+                f"Rate limit reached: {lim.max_in_flight} requests in flight at once. Retry when one finishes.",
+                1,
+                "in_flight",
+            )
         elif lim.rpm_limit is not None and len(self.window) >= lim.rpm_limit:
             wait = self.window[0] + WINDOW_S - now
-            refusal = Refusal("requests", "rate_limit_exceeded",
-                              f"Rate limit reached for requests per minute (RPM): limit {lim.rpm_limit}, "
-                              f"used {len(self.window)}. Please try again in {_dur(wait)}.",
-                              max(1, math.ceil(wait)), "rpm")
+            refusal = Refusal(
+                "requests",
+                "rate_limit_exceeded",
+                f"Rate limit reached for requests per minute (RPM): limit {lim.rpm_limit}, "
+                f"used {len(self.window)}. Please try again in {_dur(wait)}.",
+                max(1, math.ceil(wait)),
+                "rpm",
+            )
         elif lim.requests_per_month is not None and self.month_requests >= lim.requests_per_month:
-            refusal = Refusal("insufficient_quota", "insufficient_quota",
-                              f"You exceeded your monthly quota of {lim.requests_per_month} requests; "
-                              "ask the administrator to raise it.",
-                              max(1, math.ceil(seconds_to_next_month(now))), "requests_per_month")
+            refusal = Refusal(
+                "insufficient_quota",
+                "insufficient_quota",
+                f"You exceeded your monthly quota of {lim.requests_per_month} requests; "
+                "ask the administrator to raise it.",
+                max(1, math.ceil(seconds_to_next_month(now))),
+                "requests_per_month",
+            )
         elif lim.tokens_per_day is not None and (
             self.day_tokens + self.day_reserved + reserve_tokens > lim.tokens_per_day
         ):
             left = max(lim.tokens_per_day - self.day_tokens - self.day_reserved, 0)
-            refusal = Refusal("tokens", "rate_limit_exceeded",
-                              f"Rate limit reached for tokens per day (TPD): limit {lim.tokens_per_day}, "
-                              f"remaining {left}, this request may use up to {reserve_tokens}. "
-                              "Lower max_tokens or wait for the next UTC day.",
-                              max(1, math.ceil(seconds_to_next_day(now))), "tokens_per_day")
+            refusal = Refusal(
+                "tokens",
+                "rate_limit_exceeded",
+                f"Rate limit reached for tokens per day (TPD): limit {lim.tokens_per_day}, "
+                f"remaining {left}, this request may use up to {reserve_tokens}. "
+                "Lower max_tokens or wait for the next UTC day.",
+                max(1, math.ceil(seconds_to_next_day(now))),
+                "tokens_per_day",
+            )
         if refusal is not None:
             return Verdict(None, refusal, {**self.headers(now), "retry-after": str(refusal.retry_after)})
         self.window.append(now)

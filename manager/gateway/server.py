@@ -19,12 +19,24 @@ async def serve(settings: GatewaySettings) -> None:
     state = GatewayState(GatewayStore(settings.data_dir / "gateway.db"))
     proxy = Proxy(settings, state)
     admin = create_admin_app(state, settings.admin_token.get_secret_value())
-    public = uvicorn.Server(uvicorn.Config(proxy, host=settings.host, port=settings.public_port,
-                                           log_level="warning", access_log=False, loop="uvloop",
-                                           http=protocol_for(settings), proxy_headers=False,
-                                           limit_concurrency=settings.max_connections))
-    private = uvicorn.Server(uvicorn.Config(admin, host=settings.host, port=settings.admin_port,
-                                            log_level="warning", access_log=False, loop="uvloop"))
+    public = uvicorn.Server(
+        uvicorn.Config(
+            proxy,
+            host=settings.host,
+            port=settings.public_port,
+            log_level="warning",
+            access_log=False,
+            loop="uvloop",
+            http=protocol_for(settings),
+            proxy_headers=False,
+            limit_concurrency=settings.max_connections,
+        )
+    )
+    private = uvicorn.Server(
+        uvicorn.Config(
+            admin, host=settings.host, port=settings.admin_port, log_level="warning", access_log=False, loop="uvloop"
+        )
+    )
     try:
         await asyncio.gather(public.serve(), private.serve())
     finally:

@@ -37,11 +37,17 @@ class GatewayMetrics:
         self.tokens = Counter("gtm_gateway_tokens", "Tokens metered", ["kind"], registry=r)
         self.limited = Counter("gtm_gateway_rate_limited", "429s by reason", ["reason"], registry=r)
         self.upstream_errors = Counter("gtm_gateway_upstream_errors", "Engine unreachable or failing", registry=r)
-        self.spool_errors = Counter("gtm_gateway_spool_errors", "Usage records the spool could not take at once "
-                                    "(kept in memory and written first once it can)", registry=r)
-        self.latency = Histogram("gtm_gateway_request_seconds", "Request latency through the gateway",
-                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
-                                 registry=r)
+        self.spool_errors = Counter(
+            "gtm_gateway_spool_errors",
+            "Usage records the spool could not take at once (kept in memory and written first once it can)",
+            registry=r,
+        )
+        self.latency = Histogram(
+            "gtm_gateway_request_seconds",
+            "Request latency through the gateway",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=r,
+        )
 
 
 class GatewayState:
@@ -59,8 +65,9 @@ class GatewayState:
             self.apply(saved, persist=False)
         now = time.time()
         day_start = datetime.fromtimestamp(now, UTC).replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
-        month_start = datetime.fromtimestamp(now, UTC).replace(day=1, hour=0, minute=0, second=0,
-                                                               microsecond=0).timestamp()
+        month_start = (
+            datetime.fromtimestamp(now, UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0).timestamp()
+        )
         _, day_tokens = store.totals_since(day_start)
         month_requests, _ = store.totals_since(month_start)
         self.quotas.load(day_tokens=day_tokens, month_requests=month_requests, recent=store.recent_times(60))

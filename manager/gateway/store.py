@@ -70,15 +70,19 @@ class GatewayStore:
         return json.loads(row["body"]) if row else None
 
     def save_config(self, body: dict[str, Any]) -> None:
-        self._db.execute("INSERT INTO config (id, body) VALUES (1, ?) ON CONFLICT(id) DO UPDATE SET body=excluded.body",
-                         (json.dumps(body),))
+        self._db.execute(
+            "INSERT INTO config (id, body) VALUES (1, ?) ON CONFLICT(id) DO UPDATE SET body=excluded.body",
+            (json.dumps(body),),
+        )
 
     def record(self, rec: UsageRecord) -> None:
         d = asdict(rec)
         self._db.execute(
             "INSERT OR IGNORE INTO usage (request_id, key_id, model, path, prompt_tokens, completion_tokens,"
             " status, outcome, latency_ms, at) VALUES (:request_id, :key_id, :model, :path, :prompt_tokens,"
-            " :completion_tokens, :status, :outcome, :latency_ms, :at)", d)
+            " :completion_tokens, :status, :outcome, :latency_ms, :at)",
+            d,
+        )
 
     def after(self, cursor: int, limit: int = 1000) -> list[dict[str, Any]]:
         rows = self._db.execute("SELECT * FROM usage WHERE seq > ? ORDER BY seq LIMIT ?", (cursor, limit))
@@ -86,8 +90,10 @@ class GatewayStore:
 
     def totals_since(self, since: float) -> tuple[int, int]:
         """(requests, tokens) recorded since ``since``: to rebuild quota state after a restart."""
-        row = self._db.execute("SELECT COUNT(*) AS n, COALESCE(SUM(prompt_tokens + completion_tokens), 0) AS t"
-                               " FROM usage WHERE at >= ?", (since,)).fetchone()
+        row = self._db.execute(
+            "SELECT COUNT(*) AS n, COALESCE(SUM(prompt_tokens + completion_tokens), 0) AS t FROM usage WHERE at >= ?",
+            (since,),
+        ).fetchone()
         return int(row["n"]), int(row["t"])
 
     def recent_times(self, seconds: float) -> list[float]:

@@ -27,8 +27,15 @@ class HostMemoryInventory:
         info = read_meminfo(self._meminfo)
         total, free = info["MemTotal"], info["MemAvailable"]
         return [
-            DeviceMemory(index=0, uuid="host-memory", name="host memory", kind="host-memory",
-                         total=total, free=free, used=total - free)
+            DeviceMemory(
+                index=0,
+                uuid="host-memory",
+                name="host memory",
+                kind="host-memory",
+                total=total,
+                free=free,
+                used=total - free,
+            )
         ]
 
     def processes(self) -> list[ProcessMemory]:

@@ -30,8 +30,9 @@ def _docker_errors(action: str) -> Iterator[None]:
     except docker.errors.APIError as exc:
         if exc.status_code == 409:
             raise Conflict(f"{action}: {exc.explanation}") from exc
-        raise RuntimeUnavailable(f"container runtime unavailable: {action}: Docker said "
-                                 f"{exc.explanation or exc}") from exc
+        raise RuntimeUnavailable(
+            f"container runtime unavailable: {action}: Docker said {exc.explanation or exc}"
+        ) from exc
     except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
         raise RuntimeUnavailable(
             f"container runtime unavailable: {action}: the Docker engine did not answer ({exc}); check that "
@@ -78,8 +79,15 @@ class DockerRuntime:
     def ensure_network(self, plan: NetworkPlan) -> None:
         def run() -> None:
             if not self._client.networks.list(names=[plan.name]):
-                self._client.networks.create(plan.name, driver="bridge", internal=plan.internal,
-                                             options=plan.options, labels=plan.labels, check_duplicate=True)
+                self._client.networks.create(
+                    plan.name,
+                    driver="bridge",
+                    internal=plan.internal,
+                    options=plan.options,
+                    labels=plan.labels,
+                    check_duplicate=True,
+                )
+
         self._call(f"creating network {plan.name}", run)
 
     def ensure_volume(self, plan: VolumePlan) -> None:
@@ -88,6 +96,7 @@ class DockerRuntime:
                 self._client.volumes.get(plan.name)
             except docker.errors.NotFound:
                 self._client.volumes.create(plan.name, labels=plan.labels)
+
         self._call(f"creating volume {plan.name}", run)
 
     def networks(self, selector: list[str]) -> list[Resource]:
@@ -102,12 +111,14 @@ class DockerRuntime:
         def run() -> None:
             with suppress(docker.errors.NotFound):
                 self._client.networks.get(name).remove()
+
         self._call(f"removing network {name}", run)
 
     def remove_volume(self, name: str) -> None:
         def run() -> None:
             with suppress(docker.errors.NotFound):
                 self._client.volumes.get(name).remove(force=True)
+
         self._call(f"removing volume {name}", run)
 
     # ---------------------------------------------------------------- containers
@@ -123,6 +134,7 @@ class DockerRuntime:
                 return _state(self._client.containers.get(name))
             except docker.errors.NotFound:
                 return None
+
         return self._call(f"inspecting {name}", run)
 
     def run(self, plan: ContainerPlan) -> ContainerState:
@@ -142,6 +154,7 @@ class DockerRuntime:
                 raise
             container.reload()
             return _state(container)
+
         return self._call(f"starting {plan.name}", run)
 
     def run_to_completion(self, plan: ContainerPlan, timeout_s: float) -> tuple[int, str]:
@@ -163,6 +176,7 @@ class DockerRuntime:
                 return code, raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
             finally:
                 container.remove(force=True)
+
         return self._call(f"running {plan.name}", run)
 
     def container_ip(self, name: str, network: str) -> str | None:
@@ -173,18 +187,21 @@ class DockerRuntime:
                 return None
             ip = (attrs["NetworkSettings"]["Networks"].get(network) or {}).get("IPAddress")
             return str(ip) if ip else None
+
         return self._call(f"inspecting {name}", run)
 
     def stop_container(self, name: str, timeout: int = 5) -> None:
         def run() -> None:
             with suppress(docker.errors.NotFound):
                 self._client.containers.get(name).stop(timeout=timeout)
+
         self._call(f"stopping container {name}", run)
 
     def remove_container(self, name: str) -> None:
         def run() -> None:
             with suppress(docker.errors.NotFound):
                 self._client.containers.get(name).remove(force=True)
+
         self._call(f"removing container {name}", run)
 
     def logs_tail(self, name: str, lines: int = 40) -> str:
@@ -194,10 +211,12 @@ class DockerRuntime:
             except docker.errors.NotFound:
                 return ""
             return raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+
         return self._call(f"reading logs of {name}", run)
 
     def memory_usage(self, name: str) -> int | None:
         """Current cgroup memory use of a running container, in bytes (cpu mode's 'measured')."""
+
         def run() -> int | None:
             try:
                 stats = self._client.api.stats(name, stream=False, one_shot=True)
@@ -211,10 +230,12 @@ class DockerRuntime:
                 return None
             cache = (mem.get("stats") or {}).get("inactive_file", 0)
             return int(usage) - int(cache)
+
         return self._call(f"reading memory of {name}", run)
 
     def container_pids(self, name: str) -> set[int]:
         """Host PIDs of the processes in a container (to map NVML processes to tenants)."""
+
         def run() -> set[int]:
             try:
                 top = self._client.api.top(name, ps_args="-eo pid")
@@ -223,6 +244,7 @@ class DockerRuntime:
             titles = [t.upper() for t in top.get("Titles", [])]
             col = titles.index("PID") if "PID" in titles else 0
             return {int(row[col]) for row in top.get("Processes") or []}
+
         return self._call(f"listing processes of {name}", run)
 
     def published_ports(self) -> dict[int, str]:

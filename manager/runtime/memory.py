@@ -51,8 +51,9 @@ class MemoryRuntime:
         with self._lock:
             c = self._containers[name]
             c.logs += logs
-            c.state = replace(c.state, status="exited", health=None, exit_code=code, oom_killed=oom_killed,
-                              finished_at=self._stamp())
+            c.state = replace(
+                c.state, status="exited", health=None, exit_code=code, oom_killed=oom_killed, finished_at=self._stamp()
+            )
 
     def set_health(self, name: str, health: str) -> None:
         with self._lock:
@@ -127,25 +128,39 @@ class MemoryRuntime:
             error = self._fail_next.pop(plan.name, None)
             if error is not None:
                 raise RuntimeUnavailable(f"starting {plan.name}: {error}")
-            running = {hp: c.plan.name for c in self._containers.values() if c.state.status == "running"
-                       for _, hp in c.plan.ports.values()}
+            running = {
+                hp: c.plan.name
+                for c in self._containers.values()
+                if c.state.status == "running"
+                for _, hp in c.plan.ports.values()
+            }
             for host_ip, host_port in plan.ports.values():
                 owner = running.get(host_port)
                 if owner is not None:
-                    raise RuntimeUnavailable(f"starting {plan.name}: port {host_ip}:{host_port} is already "
-                                             f"allocated by {owner}")
+                    raise RuntimeUnavailable(
+                        f"starting {plan.name}: port {host_ip}:{host_port} is already allocated by {owner}"
+                    )
             for network in [plan.network, *plan.extra_networks]:
                 if network not in self._networks:
                     raise RuntimeUnavailable(f"starting {plan.name}: network {network} not found")
             n = next(self._ids)
             state = ContainerState(
-                id=f"{n:012x}", name=plan.name, labels=dict(plan.labels), status="running",
-                health="starting" if plan.healthcheck else None, exit_code=None, oom_killed=False, error="",
-                started_at=self._stamp(), finished_at="",
+                id=f"{n:012x}",
+                name=plan.name,
+                labels=dict(plan.labels),
+                status="running",
+                health="starting" if plan.healthcheck else None,
+                exit_code=None,
+                oom_killed=False,
+                error="",
+                started_at=self._stamp(),
+                finished_at="",
                 ports={f"{p}/tcp": [{"HostIp": ip, "HostPort": str(hp)}] for p, (ip, hp) in plan.ports.items()},
             )
-            nets = {net: f"10.{n // 250 % 250}.{n % 250}.{i + 2}"
-                    for i, net in enumerate([plan.network, *plan.extra_networks])}
+            nets = {
+                net: f"10.{n // 250 % 250}.{n % 250}.{i + 2}"
+                for i, net in enumerate([plan.network, *plan.extra_networks])
+            }
             self._containers[plan.name] = _Container(plan, state, nets)
             self.started.append(plan.name)
             return state
@@ -194,5 +209,4 @@ class MemoryRuntime:
     def published_ports(self) -> dict[int, str]:
         with self._lock:
             self._check()
-            return {hp: c.plan.name for c in self._containers.values()
-                    for _, hp in c.plan.ports.values()}
+            return {hp: c.plan.name for c in self._containers.values() for _, hp in c.plan.ports.values()}

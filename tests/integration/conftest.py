@@ -119,8 +119,9 @@ class RunningManager:
 
 
 def start_manager(settings: Settings) -> RunningManager:
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=settings.api_port,
-                                           log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host="127.0.0.1", port=settings.api_port, log_level="warning")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
@@ -136,14 +137,24 @@ def start_manager(settings: Settings) -> RunningManager:
 def manager_settings(instance: str, models_dir: Path, tmp_path: Path) -> Callable[..., Settings]:
     def make(**over: Any) -> Settings:
         values: dict[str, Any] = dict(
-            gpu_mode="cpu", instance=instance, state_dir=tmp_path / "state", models_source=str(models_dir),
-            models_dir=models_dir, api_host="127.0.0.1", api_port=free_port(), engine_image=ENGINE_IMAGE,
-            manager_image=MANAGER_IMAGE, admin_token="test-admin-token-0123456789abcdef",
-            tenant_bind_address="127.0.0.1", reconcile_interval_s=3.0, orphan_grace_s=5.0,
+            gpu_mode="cpu",
+            instance=instance,
+            state_dir=tmp_path / "state",
+            models_source=str(models_dir),
+            models_dir=models_dir,
+            api_host="127.0.0.1",
+            api_port=free_port(),
+            engine_image=ENGINE_IMAGE,
+            manager_image=MANAGER_IMAGE,
+            admin_token="test-admin-token-0123456789abcdef",
+            tenant_bind_address="127.0.0.1",
+            reconcile_interval_s=3.0,
+            orphan_grace_s=5.0,
             engine_start_timeout_s=300.0,
         )
         values.update(over)
         return Settings(**values)
+
     return make
 
 
@@ -168,6 +179,7 @@ def wait_status(api: httpx.Client, tenant: str, status: str, timeout: float = 30
         if t["status"] == "failed" and status != "failed" and t["reason"] not in reasons:
             reasons.append(t["reason"])
         return t if t["status"] == status else None
+
     try:
         result: dict[str, Any] = wait_for(check, timeout, f"{tenant} to be {status}", interval=2.0)
     except AssertionError as exc:
@@ -178,7 +190,10 @@ def wait_status(api: httpx.Client, tenant: str, status: str, timeout: float = 30
 def run_probe(client: docker.DockerClient, instance: str, network: str, code: str, timeout: int = 120) -> str:
     """Runs python code in a throwaway container on ``network`` and returns its output."""
     container = client.containers.run(
-        MANAGER_IMAGE, entrypoint=["python3", "-c", code], network=network, detach=True,
+        MANAGER_IMAGE,
+        entrypoint=["python3", "-c", code],
+        network=network,
+        detach=True,
         labels=names.labels(instance, names.Role.PROBE),
     )
     try:

@@ -20,9 +20,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def compose(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["bash", "-c", 'source scripts/lib.sh; compose "$@"', "compose",
-         "-f", "compose/docker-compose.yml", *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
+        ["bash", "-c", 'source scripts/lib.sh; compose "$@"', "compose", "-f", "compose/docker-compose.yml", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
 
 
@@ -59,12 +63,14 @@ def dexec(name: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.slow
-def test_docker_exec_add_tenant_in_the_compose_stack(stack: tuple[str, dict[str, str]],
-                                                     docker_client: docker.DockerClient, instance: str) -> None:
+def test_docker_exec_add_tenant_in_the_compose_stack(
+    stack: tuple[str, dict[str, str]], docker_client: docker.DockerClient, instance: str
+) -> None:
     manager, _ = stack
 
     def healthy() -> bool:
         return docker_client.containers.get(manager).attrs["State"].get("Health", {}).get("Status") == "healthy"
+
     wait_for(healthy, 90, "the manager container to be healthy")
 
     bad = dexec(manager, "add-tenant", "--name", "companya", "--gpu-memory", "10", "--port", "30301")
@@ -80,6 +86,7 @@ def test_docker_exec_add_tenant_in_the_compose_stack(stack: tuple[str, dict[str,
         tenant = json.loads(out.stdout)[0]
         assert tenant["status"] != "failed", tenant["reason"]
         return tenant["status"] == "running"
+
     wait_for(running, 300, "companya to run", interval=3)
     assert docker_client.containers.get(names.engine(instance, "companya")).status == "running"
 
@@ -90,5 +97,8 @@ def test_docker_exec_add_tenant_in_the_compose_stack(stack: tuple[str, dict[str,
     removed = dexec(manager, "remove-tenant", "--name", "companya")
     assert removed.returncode == 0, removed.stderr
     sel = names.selector(instance, tenant="companya")
-    wait_for(lambda: not docker_client.containers.list(all=True, filters={"label": sel}), 60,
-             "companya's engine to be removed")
+    wait_for(
+        lambda: not docker_client.containers.list(all=True, filters={"label": sel}),
+        60,
+        "companya's engine to be removed",
+    )

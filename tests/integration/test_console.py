@@ -18,8 +18,15 @@ from .conftest import RunningManager, start_manager
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts" / "screenshots"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-               "--disable-sync", "--no-first-run", "--disable-quic"]
+LAUNCH_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
 
 
 @pytest.fixture
@@ -74,9 +81,12 @@ def test_console_in_a_real_browser(manager: RunningManager) -> None:
         expect(rows).to_have_count(3)
         for name in ("small", "medium", "large"):
             expect(page.locator(f"tbody tr:has(a:text-is('{name}')) .status")).to_have_text(
-                re.compile("pending|starting|running"))
-        widths = {name: page.locator(f".seg[title^='{name}:']").bounding_box()["width"]  # type: ignore[index]
-                  for name in ("small", "medium", "large")}
+                re.compile("pending|starting|running")
+            )
+        widths = {
+            name: page.locator(f".seg[title^='{name}:']").bounding_box()["width"]  # type: ignore[index]
+            for name in ("small", "medium", "large")
+        }
         assert widths["small"] < widths["medium"] < widths["large"], widths
         page.screenshot(path=str(ARTIFACTS / "overview.png"), full_page=True)
         page.set_viewport_size({"width": 390, "height": 844})
@@ -110,8 +120,7 @@ def test_console_in_a_real_browser(manager: RunningManager) -> None:
             page.click("a[download]")
         text = Path(download_info.value.path()).read_text()
         from_csv = {r["tenant"]: r for r in csv.DictReader(io.StringIO(text))}
-        api = httpx.get(f"{base}/api/v1/cost", params={"month": month, "total": 1000},
-                        headers=admin).json()
+        api = httpx.get(f"{base}/api/v1/cost", params={"month": month, "total": 1000}, headers=admin).json()
         assert set(from_csv) == {"small", "medium", "large"}
         for share in api:
             row = from_csv[share["tenant"]]

@@ -44,16 +44,19 @@ def engines(client: docker.DockerClient, instance: str) -> dict[str, str]:
 
 
 def cli(mgr: RunningManager, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(BIN / args[0]), *args[1:]], env=mgr.cli_env(), capture_output=True, text=True,
-                          timeout=120, check=False)
+    return subprocess.run(
+        [str(BIN / args[0]), *args[1:]], env=mgr.cli_env(), capture_output=True, text=True, timeout=120, check=False
+    )
 
 
 @pytest.mark.slow
-def test_tenant_lifecycle_on_real_engines(manager: RunningManager, docker_client: docker.DockerClient,
-                                          instance: str, manager_settings) -> None:
+def test_tenant_lifecycle_on_real_engines(
+    manager: RunningManager, docker_client: docker.DockerClient, instance: str, manager_settings
+) -> None:
     api = manager.client()
-    added = cli(manager, "add-tenant", "--name", "alpha", "--gpu-memory", "1536M", "--port", "30101",
-                "--rpm-limit", "30")
+    added = cli(
+        manager, "add-tenant", "--name", "alpha", "--gpu-memory", "1536M", "--port", "30101", "--rpm-limit", "30"
+    )
     assert added.returncode == 0, added.stderr
     assert "API key (shown once" in added.stdout
     key = added.stdout.split("store it now): ")[1].strip()
@@ -69,8 +72,9 @@ def test_tenant_lifecycle_on_real_engines(manager: RunningManager, docker_client
     for name in ("alpha", "beta"):
         wait_status(api, name, "running")
     for name in ("alpha", "beta"):
-        out = run_probe(docker_client, instance, names.network(instance, name),
-                        CHAT.format(host="engine", port=8000, model="demo"))
+        out = run_probe(
+            docker_client, instance, names.network(instance, name), CHAT.format(host="engine", port=8000, model="demo")
+        )
         result = json.loads(out.strip().splitlines()[-1])
         assert result["chat_status"] == 200
         assert result["chat"]["usage"]["completion_tokens"] > 0
@@ -94,10 +98,16 @@ def test_tenant_lifecycle_on_real_engines(manager: RunningManager, docker_client
     assert "model_fit" in what_if.stdout
 
     # each engine is isolated: not the other tenant's engine, the manager, the host or another network
-    beta_ip = docker_client.containers.get(names.engine(instance, "beta")).attrs[
-        "NetworkSettings"]["Networks"][names.network(instance, "beta")]["IPAddress"]
-    assert_isolated(docker_client, instance, names.engine(instance, "alpha"), f"{beta_ip}:8000",
-                    f"127.0.0.1:{manager.settings.api_port}")
+    beta_ip = docker_client.containers.get(names.engine(instance, "beta")).attrs["NetworkSettings"]["Networks"][
+        names.network(instance, "beta")
+    ]["IPAddress"]
+    assert_isolated(
+        docker_client,
+        instance,
+        names.engine(instance, "alpha"),
+        f"{beta_ip}:8000",
+        f"127.0.0.1:{manager.settings.api_port}",
+    )
 
     # restart the manager process: same containers, no duplicates, still running
     before = engines(docker_client, instance)
@@ -117,6 +127,7 @@ def test_tenant_lifecycle_on_real_engines(manager: RunningManager, docker_client
         def recreated() -> bool:
             ids = engines(docker_client, instance)
             return ids.get("alpha") not in (None, before["alpha"])
+
         wait_for(recreated, 60, "alpha's engine to be recreated")
         wait_status(api, "alpha", "running")
         engine = docker_client.containers.get(names.engine(instance, "alpha"))
@@ -127,8 +138,9 @@ def test_tenant_lifecycle_on_real_engines(manager: RunningManager, docker_client
         cap = api.get("/api/v1/capacity").json()
         assert cap["reserved"] == 1792 * M + TENANT
         assert all(t["measured"] and t["measured"] > 100 * M for t in cap["tenants"])
-        metrics = dict(line.rsplit(" ", 1) for line in api.get("/metrics").text.splitlines()
-                       if line and not line.startswith("#"))
+        metrics = dict(
+            line.rsplit(" ", 1) for line in api.get("/metrics").text.splitlines() if line and not line.startswith("#")
+        )
         assert float(metrics['gtm_tenant_reserved_bytes{tenant="alpha"}']) == 1792 * M
         assert float(metrics['gtm_tenant_measured_bytes{tenant="beta"}']) > 100 * M
         assert float(metrics['gtm_tenants{status="running"}']) == 2
@@ -139,15 +151,22 @@ def test_tenant_lifecycle_on_real_engines(manager: RunningManager, docker_client
         sel = names.selector(instance, tenant="beta")
 
         def gone() -> bool:
-            return not (docker_client.containers.list(all=True, filters={"label": sel})
-                        or docker_client.networks.list(filters={"label": sel})
-                        or docker_client.volumes.list(filters={"label": sel}))
+            return not (
+                docker_client.containers.list(all=True, filters={"label": sel})
+                or docker_client.networks.list(filters={"label": sel})
+                or docker_client.volumes.list(filters={"label": sel})
+            )
+
         wait_for(gone, 60, "beta's resources to be removed")
         wait_for(lambda: api.get("/api/v1/tenants/beta").status_code == 404, 30, "beta's row to go")
 
         actions = [(e["action"], e["tenant"], e["result"]) for e in api.get("/api/v1/audit").json()]
-        for entry in [("add-tenant", "alpha", "ok"), ("add-tenant", "gamma", "refused"),
-                      ("update-tenant", "alpha", "ok"), ("remove-tenant", "beta", "ok")]:
+        for entry in [
+            ("add-tenant", "alpha", "ok"),
+            ("add-tenant", "gamma", "refused"),
+            ("update-tenant", "alpha", "ok"),
+            ("remove-tenant", "beta", "ok"),
+        ]:
             assert entry in actions
         listing = cli(restarted, "list-tenants", "--json")
         assert [t["name"] for t in json.loads(listing.stdout)] == ["alpha"]
@@ -162,8 +181,9 @@ def test_engine_failure_reason_surfaces(manager_settings) -> None:
     try:
         api = mgr.client()
         # the demo model knows 2048 positions; vLLM refuses a longer context at start-up
-        r = api.post("/api/v1/tenants", json={"name": "broken", "gpu_memory": "1536M", "port": 30111,
-                                              "max_model_len": 4096})
+        r = api.post(
+            "/api/v1/tenants", json={"name": "broken", "gpu_memory": "1536M", "port": 30111, "max_model_len": 4096}
+        )
         assert r.status_code == 201, r.text
         failed = wait_status(api, "broken", "failed", timeout=240)
         assert "max_model_len" in failed["reason"]
@@ -171,8 +191,7 @@ def test_engine_failure_reason_surfaces(manager_settings) -> None:
         mgr.stop()
 
 
-def test_parallel_creates_never_overcommit(manager_settings, docker_client: docker.DockerClient,
-                                           instance: str) -> None:
+def test_parallel_creates_never_overcommit(manager_settings, docker_client: docker.DockerClient, instance: str) -> None:
     fits = 5
     mgr = start_manager(manager_settings(headroom=total_memory() - fits * TENANT))
     try:
@@ -185,6 +204,7 @@ def test_parallel_creates_never_overcommit(manager_settings, docker_client: dock
                 r = c.post("/api/v1/tenants", json={"name": f"p{i}", "gpu_memory": "1536M", "port": 30200 + i})
             with lock:
                 results.append(r.status_code)
+
         threads = [threading.Thread(target=create, args=(i,)) for i in range(20)]
         for t in threads:
             t.start()
@@ -202,14 +222,18 @@ def test_parallel_creates_never_overcommit(manager_settings, docker_client: dock
         mgr.stop()
 
 
-def test_orphans_are_removed_after_the_grace_period(manager_settings, docker_client: docker.DockerClient,
-                                                    instance: str) -> None:
-    ghost = docker_client.networks.create(names.network(instance, "ghost"), internal=True,
-                                          labels=names.labels(instance, names.Role.NETWORK, "ghost"))
+def test_orphans_are_removed_after_the_grace_period(
+    manager_settings, docker_client: docker.DockerClient, instance: str
+) -> None:
+    ghost = docker_client.networks.create(
+        names.network(instance, "ghost"), internal=True, labels=names.labels(instance, names.Role.NETWORK, "ghost")
+    )
     mgr = start_manager(manager_settings(orphan_grace_s=4.0, reconcile_interval_s=1.0))
     try:
+
         def exists() -> bool:
             return bool(docker_client.networks.list(names=[ghost.name]))
+
         assert exists()  # not removed at first sight
         wait_for(lambda: not exists(), 30, "the orphaned network to be removed")
     finally:

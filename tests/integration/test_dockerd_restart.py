@@ -25,12 +25,17 @@ ROOT = Path(__file__).resolve().parents[2]
 MARKER = Path("/run/gtm-started-dockerd")
 
 
-def restart_dockerd(client: docker.DockerClient, down_s: float = 0.0,
-                    while_down: Callable[[], None] | None = None) -> None:
+def restart_dockerd(
+    client: docker.DockerClient, down_s: float = 0.0, while_down: Callable[[], None] | None = None
+) -> None:
     """Stops dockerd, keeps it down for ``down_s`` (calling ``while_down`` meanwhile), starts it again."""
     subprocess.run(["pkill", "-TERM", "-x", "dockerd"], check=True)
-    wait_for(lambda: subprocess.run(["pgrep", "-x", "dockerd"], check=False).returncode != 0, 60,
-             "dockerd to stop", interval=0.5)
+    wait_for(
+        lambda: subprocess.run(["pgrep", "-x", "dockerd"], check=False).returncode != 0,
+        60,
+        "dockerd to stop",
+        interval=0.5,
+    )
     until = time.monotonic() + down_s
     if while_down is not None:
         while_down()
@@ -41,8 +46,9 @@ def restart_dockerd(client: docker.DockerClient, down_s: float = 0.0,
 
 @pytest.mark.slow
 @pytest.mark.skipif(not MARKER.exists(), reason="dockerd was not started by scripts/bootstrap-host.sh")
-def test_dockerd_restart_brings_tenants_back_without_duplicates(manager_settings, docker_client: docker.DockerClient,
-                                                                 instance: str) -> None:
+def test_dockerd_restart_brings_tenants_back_without_duplicates(
+    manager_settings, docker_client: docker.DockerClient, instance: str
+) -> None:
     mgr = start_manager(manager_settings(reconcile_interval_s=2.0))
     try:
         api = mgr.client()
@@ -65,12 +71,19 @@ def test_dockerd_restart_brings_tenants_back_without_duplicates(manager_settings
         started = time.time()
         for name in ("one", "two"):
             wait_status(api, name, "running", timeout=300)
-        roles = Counter((c.labels[names.TENANT], c.labels[names.ROLE]) for c in docker_client.containers.list(
-            all=True, filters={"label": names.selector(instance)}) if names.TENANT in c.labels)
+        roles = Counter(
+            (c.labels[names.TENANT], c.labels[names.ROLE])
+            for c in docker_client.containers.list(all=True, filters={"label": names.selector(instance)})
+            if names.TENANT in c.labels
+        )
         assert roles == {("one", "engine"): 1, ("one", "gateway"): 1, ("two", "engine"): 1, ("two", "gateway"): 1}
         # engines started one at a time: the second only after the first was healthy (25 s and more)
-        starts = sorted(datetime.fromisoformat(docker_client.containers.get(names.engine(instance, n))
-                                               .attrs["State"]["StartedAt"][:26]).timestamp() for n in ("one", "two"))
+        starts = sorted(
+            datetime.fromisoformat(
+                docker_client.containers.get(names.engine(instance, n)).attrs["State"]["StartedAt"][:26]
+            ).timestamp()
+            for n in ("one", "two")
+        )
         assert starts[1] - starts[0] >= 10, starts
         assert time.time() - started < 300
     finally:

@@ -31,8 +31,11 @@ def test_engine_serves_chat_on_its_internal_network_only(
 ) -> None:
     settings = manager_settings()
     runtime = DockerRuntime(docker_client)
-    plan = tenant_plan(TenantSpec(name="solo", port=30001, gpu_memory=1536 * 1024**2, model="demo",
-                                  max_model_len=512), settings, device_total=24 * G)
+    plan = tenant_plan(
+        TenantSpec(name="solo", port=30001, gpu_memory=1536 * 1024**2, model="demo", max_model_len=512),
+        settings,
+        device_total=24 * G,
+    )
     runtime.ensure_network(plan.network)
     runtime.ensure_volume(plan.volume)
 
@@ -40,6 +43,7 @@ def test_engine_serves_chat_on_its_internal_network_only(
         state = runtime.container(plan.engine.name)
         assert state is not None and state.status == "running", runtime.logs_tail(plan.engine.name)
         return state.health == "healthy"
+
     # once seen right after an image build: vLLM's engine core died at its first start; the product
     # retries through the reconciler, this test once, and says so in its output
     for attempt in (1, 2):
@@ -59,13 +63,17 @@ def test_engine_serves_chat_on_its_internal_network_only(
     assert not attrs["NetworkSettings"]["Ports"], "nothing is published"
     assert docker_client.networks.get(plan.network.name).attrs["Internal"] is True
 
-    out = json.loads(run_probe(docker_client, instance, plan.network.name,
-                               CHAT.format(host="engine", port=8000, model="demo")).strip().splitlines()[-1])
+    out = json.loads(
+        run_probe(docker_client, instance, plan.network.name, CHAT.format(host="engine", port=8000, model="demo"))
+        .strip()
+        .splitlines()[-1]
+    )
     assert out["models"] == ["demo"]
     assert out["chat_status"] == 200
     usage = out["chat"]["usage"]
-    assert usage["completion_tokens"] > 0 and usage["total_tokens"] == usage["prompt_tokens"] + usage[
-        "completion_tokens"]
+    assert (
+        usage["completion_tokens"] > 0 and usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    )
     assert out["stream_chunks"] > 1 and out["stream_usage"]["completion_tokens"] > 0
 
     # the engine reaches neither a listener on another network nor the host itself
@@ -78,8 +86,12 @@ def assert_isolated(client: docker.DockerClient, instance: str, container: str, 
     containers on those networks reach them, so the check can tell."""
     other = client.networks.create(f"{instance}-other", labels=labels(instance, Role.NETWORK))
     client.containers.run(
-        MANAGER_IMAGE, entrypoint=["python3", "-m", "http.server", "9000"], network=other.name, detach=True,
-        labels=labels(instance, Role.PROBE), name=f"{instance}-listener",
+        MANAGER_IMAGE,
+        entrypoint=["python3", "-m", "http.server", "9000"],
+        network=other.name,
+        detach=True,
+        labels=labels(instance, Role.PROBE),
+        name=f"{instance}-listener",
     )
     listener = client.containers.get(f"{instance}-listener")
     listener_ip = listener.attrs["NetworkSettings"]["Networks"][other.name]["IPAddress"]
@@ -88,13 +100,16 @@ def assert_isolated(client: docker.DockerClient, instance: str, container: str, 
     with host_listener() as port:
         targets = [f"{listener_ip}:9000", f"{host_ip}:{port}", *extra]
         code = CONNECT.format(targets=targets)
-        from_engine = json.loads(client.containers.get(container).exec_run(["python3", "-c", code])
-                                 .output.decode().strip().splitlines()[-1])
+        from_engine = json.loads(
+            client.containers.get(container).exec_run(["python3", "-c", code]).output.decode().strip().splitlines()[-1]
+        )
         control = {
-            **json.loads(run_probe(client, instance, other.name, CONNECT.format(targets=targets[:1]))
-                         .strip().splitlines()[-1]),
-            **json.loads(run_probe(client, instance, "bridge", CONNECT.format(targets=targets[1:2]))
-                         .strip().splitlines()[-1]),
+            **json.loads(
+                run_probe(client, instance, other.name, CONNECT.format(targets=targets[:1])).strip().splitlines()[-1]
+            ),
+            **json.loads(
+                run_probe(client, instance, "bridge", CONNECT.format(targets=targets[1:2])).strip().splitlines()[-1]
+            ),
         }
     assert control == {t: "connected" for t in targets[:2]}, control
     for target in targets:
@@ -114,6 +129,7 @@ def host_listener() -> Iterator[int]:
                 conn.close()
             except OSError:
                 pass
+
     thread = threading.Thread(target=accept, daemon=True)
     thread.start()
     try:

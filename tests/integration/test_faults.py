@@ -50,9 +50,13 @@ def test_engine_killed_mid_stream(manager: RunningManager, docker_client: docker
     key = r.json()["key"]["api_key"]
     wait_status(api, "victim", "running")
     client = openai.OpenAI(base_url="http://127.0.0.1:30701/v1", api_key=key, max_retries=0)
-    stream = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "tell me"}],
-                                            max_tokens=400, stream=True,
-                                            extra_body={"min_tokens": 400, "ignore_eos": True})
+    stream = client.chat.completions.create(
+        model="demo",
+        messages=[{"role": "user", "content": "tell me"}],
+        max_tokens=400,
+        stream=True,
+        extra_body={"min_tokens": 400, "ignore_eos": True},
+    )
     received = 0
     with pytest.raises(openai.APIError, match="stopped in the middle of the answer"):
         for _ in stream:
@@ -66,6 +70,7 @@ def test_engine_killed_mid_stream(manager: RunningManager, docker_client: docker
         store_usage = api.get("/api/v1/usage").json()
         row = next(u for u in store_usage if u["tenant"] == "victim")
         return row if row["requests"] >= 1 else None
+
     usage = wait_for(metered, 30, "the cut stream's usage to be collected", interval=1)
     assert usage["completion_tokens"] >= 5  # type: ignore[operator]
 
@@ -75,15 +80,19 @@ def test_engine_killed_mid_stream(manager: RunningManager, docker_client: docker
     running = wait_status(api, "victim", "running", timeout=240)
     assert time.monotonic() - killed_at >= 5  # not restarted at once: after its backoff
     assert running["reason"] == ""
-    chat = httpx.post("http://127.0.0.1:30701/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
-                      json={"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
-                      timeout=60)
+    chat = httpx.post(
+        "http://127.0.0.1:30701/v1/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json={"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+        timeout=60,
+    )
     assert chat.status_code == 200
 
 
 @pytest.mark.slow
-def test_a_crash_looping_engine_backs_off_and_says_why(manager_settings, models_dir: Path, tmp_path: Path,
-                                                       docker_client: docker.DockerClient, instance: str) -> None:
+def test_a_crash_looping_engine_backs_off_and_says_why(
+    manager_settings, models_dir: Path, tmp_path: Path, docker_client: docker.DockerClient, instance: str
+) -> None:
     models = tmp_path / "models"
     shutil.copytree(models_dir / "demo", models / "demo")
     shutil.copytree(models_dir / "demo", models / "corrupt")
@@ -94,8 +103,7 @@ def test_a_crash_looping_engine_backs_off_and_says_why(manager_settings, models_
     mgr = start_manager(manager_settings(models_source=str(models), models_dir=models, reconcile_interval_s=2.0))
     try:
         api = mgr.client()
-        r = api.post("/api/v1/tenants", json={"name": "loop", "gpu_memory": "1536M", "port": 30711,
-                                              "model": "corrupt"})
+        r = api.post("/api/v1/tenants", json={"name": "loop", "gpu_memory": "1536M", "port": 30711, "model": "corrupt"})
         assert r.status_code == 201, r.text
         starts: list[str] = []  # Docker's StartedAt of each engine that exited
 
@@ -104,6 +112,7 @@ def test_a_crash_looping_engine_backs_off_and_says_why(manager_settings, models_
             if started and started not in starts:
                 starts.append(started)
             return len(starts) >= 3
+
         wait_for(failed_again, 240, "three failed starts", interval=0.5)
         at = [datetime.fromisoformat(s[:26]).timestamp() for s in starts]
         gaps = [b - a for a, b in itertools.pairwise(at)]
@@ -141,5 +150,6 @@ def test_the_first_engine_starts_on_a_cold_page_cache(manager: RunningManager) -
         seen.add(t["status"])
         assert t["status"] != "failed", t["reason"]
         return bool(t["status"] == "running")
+
     wait_for(running, 300, "the first engine to run", interval=0.5)
     assert "failed" not in seen

@@ -51,6 +51,7 @@ def wait_synced(mgr: RunningManager, client: docker.DockerClient, tenant: str) -
             store.close()
         with gateway_admin(mgr, client, tenant) as gw:
             return gw.version() == want
+
     wait_for(synced, 30, f"{tenant}'s gateway to get its config", interval=0.5)
 
 
@@ -60,8 +61,12 @@ def collected(api: httpx.Client, tenant: str) -> dict[str, Any]:
 
 
 def chat(key: str, **body: Any) -> httpx.Response:
-    return httpx.post(f"http://127.0.0.1:{PORT}/v1/chat/completions", json={**SMALL, **body},
-                      headers={"Authorization": f"Bearer {key}"}, timeout=120)
+    return httpx.post(
+        f"http://127.0.0.1:{PORT}/v1/chat/completions",
+        json={**SMALL, **body},
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=120,
+    )
 
 
 @pytest.mark.slow
@@ -94,16 +99,23 @@ def test_gateway_end_to_end(manager: RunningManager, docker_client: docker.Docke
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{PORT}/v1", api_key=key, max_retries=0)
     models = client.models.list()
     assert [m.id for m in models.data] == ["demo"]
-    completion = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hello"}],
-                                                max_tokens=8)
+    completion = client.chat.completions.create(
+        model="demo", messages=[{"role": "user", "content": "hello"}], max_tokens=8
+    )
     assert completion.usage is not None and completion.usage.completion_tokens > 0
     engine_tokens += completion.usage.total_tokens
     text = client.completions.create(model="demo", prompt="Hello", max_tokens=6)
     assert text.usage is not None
     engine_tokens += text.usage.total_tokens
-    chunks = list(client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "x"}],
-                                                 max_tokens=6, stream=True,
-                                                 stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="demo",
+            messages=[{"role": "user", "content": "x"}],
+            max_tokens=6,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[-1].usage is not None
     engine_tokens += chunks[-1].usage.total_tokens
     plain_stream = list(client.completions.create(model="demo", prompt="Hi", max_tokens=5, stream=True))
@@ -112,8 +124,7 @@ def test_gateway_end_to_end(manager: RunningManager, docker_client: docker.Docke
 
     from langchain_openai import ChatOpenAI
 
-    llm = ChatOpenAI(base_url=f"http://127.0.0.1:{PORT}/v1", api_key=key, model="demo", max_tokens=5,
-                     max_retries=0)
+    llm = ChatOpenAI(base_url=f"http://127.0.0.1:{PORT}/v1", api_key=key, model="demo", max_tokens=5, max_retries=0)
     reply = llm.invoke("hello there")
     assert reply.usage_metadata is not None and reply.usage_metadata["output_tokens"] > 0
     engine_tokens += reply.usage_metadata["total_tokens"]
@@ -128,8 +139,9 @@ def test_gateway_end_to_end(manager: RunningManager, docker_client: docker.Docke
 
     # ---- usage collected by the manager equals what the engine reported (plain stream: metered too)
     successful = L + 5  # RPM phase + chat, completion, chat stream, completion stream, langchain
-    usage = wait_for(lambda: (u := collected(api, "acme"))["requests"] >= successful + 1 and u, 30,
-                     "the usage to be collected")
+    usage = wait_for(
+        lambda: (u := collected(api, "acme"))["requests"] >= successful + 1 and u, 30, "the usage to be collected"
+    )
     assert usage["requests"] == successful + 1  # + models.list
     with gateway_admin(manager, docker_client, "acme") as gw:
         records, _ = gw.usage(0)
@@ -148,8 +160,9 @@ def test_gateway_end_to_end(manager: RunningManager, docker_client: docker.Docke
     assert refused.json()["error"]["type"] == "tokens"
     assert "x-ratelimit-remaining-tokens" in refused.headers
     ok = sum(1 for r in burst if r.status_code == 200)
-    after = wait_for(lambda: (u := collected(api, "acme"))["requests"] == usage["requests"] + ok and u, 30,
-                     "the burst's usage")
+    after = wait_for(
+        lambda: (u := collected(api, "acme"))["requests"] == usage["requests"] + ok and u, 30, "the burst's usage"
+    )
     assert after["total_tokens"] <= day_limit
     assert api.patch("/api/v1/tenants/acme", json={"tokens_per_day": None}).status_code == 200
 
@@ -166,14 +179,22 @@ def test_gateway_end_to_end(manager: RunningManager, docker_client: docker.Docke
     key = new_key
 
     # ---- a client that disconnects mid-stream is still metered
-    with httpx.stream("POST", f"http://127.0.0.1:{PORT}/v1/chat/completions",
-                      json={**SMALL, "max_tokens": 64, "stream": True, "min_tokens": 64},
-                      headers={"Authorization": f"Bearer {key}"}, timeout=60) as s:
+    with httpx.stream(
+        "POST",
+        f"http://127.0.0.1:{PORT}/v1/chat/completions",
+        json={**SMALL, "max_tokens": 64, "stream": True, "min_tokens": 64},
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=60,
+    ) as s:
         for _ in s.iter_lines():
             break  # read the first event, then hang up
-    disconnect = wait_for(lambda: next((r for r in GatewayUsage(manager, docker_client).records()
-                                        if r["outcome"] == "client_disconnected"), None), 60,
-                          "the disconnected stream's record")
+    disconnect = wait_for(
+        lambda: next(
+            (r for r in GatewayUsage(manager, docker_client).records() if r["outcome"] == "client_disconnected"), None
+        ),
+        60,
+        "the disconnected stream's record",
+    )
     assert disconnect["completion_tokens"] > 0
     assert disconnect["prompt_tokens"] > 0, "usage was read from the engine after the client left"
     gateway_usage = GatewayUsage(manager, docker_client)
@@ -201,6 +222,7 @@ def test_gateway_end_to_end(manager: RunningManager, docker_client: docker.Docke
                     continue
                 if resp.status_code == 200:
                     done.append(resp.headers["x-request-id"])
+
         workers = [threading.Thread(target=load) for _ in range(3)]
         for w in workers:
             w.start()
@@ -211,8 +233,17 @@ def test_gateway_end_to_end(manager: RunningManager, docker_client: docker.Docke
         for w in workers:
             w.join(timeout=120)
         assert done, "some requests completed before the kill"
-        wait_for(lambda: docker_client.containers.get(names.gateway(restarted.settings.instance, "acme"))
-                 .attrs["State"].get("Health", {}).get("Status") == "healthy", 60, "Docker to restart the gateway")
+        wait_for(
+            lambda: (
+                docker_client.containers.get(names.gateway(restarted.settings.instance, "acme"))
+                .attrs["State"]
+                .get("Health", {})
+                .get("Status")
+                == "healthy"
+            ),
+            60,
+            "Docker to restart the gateway",
+        )
 
         def all_there() -> bool:
             store = Store(restarted.settings.database_path)
@@ -221,6 +252,7 @@ def test_gateway_end_to_end(manager: RunningManager, docker_client: docker.Docke
             finally:
                 store.close()
             return set(done) <= ids
+
         wait_for(all_there, 60, "every answered request to be collected")
         store = Store(restarted.settings.database_path)
         records = store.usage_records("acme", limit=100_000)

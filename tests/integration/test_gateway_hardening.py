@@ -35,8 +35,11 @@ class LoneGateway:
     admin_token: str
 
 
-def start_lone_gateway(docker_client: docker.DockerClient, settings: Any, volume_opts: dict[str, str] | None = None,
-                       ) -> LoneGateway:
+def start_lone_gateway(
+    docker_client: docker.DockerClient,
+    settings: Any,
+    volume_opts: dict[str, str] | None = None,
+) -> LoneGateway:
     """A gateway container with one key and no engine (removed with the test's instance label).
     ``volume_opts``: driver options of its data volume (e.g. a small tmpfs)."""
     runtime = DockerRuntime(docker_client)
@@ -46,22 +49,30 @@ def start_lone_gateway(docker_client: docker.DockerClient, settings: Any, volume
     runtime.ensure_network(control_network_plan(settings))
     runtime.ensure_network(plan.network)
     if volume_opts:
-        docker_client.volumes.create(plan.gateway_volume.name, driver="local", driver_opts=volume_opts,
-                                     labels=plan.gateway_volume.labels)
+        docker_client.volumes.create(
+            plan.gateway_volume.name, driver="local", driver_opts=volume_opts, labels=plan.gateway_volume.labels
+        )
     runtime.ensure_volume(plan.gateway_volume)
     runtime.run(plan.gateway)
-    ip = wait_for(lambda: runtime.container_ip(plan.gateway.name, control_network_name(settings)), 30,
-                  "the gateway's address")
+    ip = wait_for(
+        lambda: runtime.container_ip(plan.gateway.name, control_network_name(settings)), 30, "the gateway's address"
+    )
     issued = keys.issue()
 
     def pushed() -> bool:
         try:
             with GatewayClient(ip, token, timeout=2) as gw:
-                gw.push({"version": "v1", "keys": [{"id": issued.id, "hash": issued.hash, "expires_at": None}],
-                         "limits": {}})
+                gw.push(
+                    {
+                        "version": "v1",
+                        "keys": [{"id": issued.id, "hash": issued.hash, "expires_at": None}],
+                        "limits": {},
+                    }
+                )
             return True
         except Exception:
             return False
+
     wait_for(pushed, 60, "the gateway's admin port", interval=0.5)
     return LoneGateway(spec.port, issued.secret_key, plan.gateway.name, ip, token)
 
@@ -71,13 +82,22 @@ def gateway(docker_client: docker.DockerClient, manager_settings) -> LoneGateway
     return start_lone_gateway(docker_client, manager_settings())
 
 
-@pytest.mark.parametrize("path", ["/v1/models/../../metrics", "/v1/models/%2e%2e/%2e%2e/metrics",
-                                  "/v1/models/..%2f..%2fmetrics", "/v1/models/../../openapi.json",
-                                  "/v1/models/../../load", "/v1/models/%2E%2E/%2E%2E/version"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/models/../../metrics",
+        "/v1/models/%2e%2e/%2e%2e/metrics",
+        "/v1/models/..%2f..%2fmetrics",
+        "/v1/models/../../openapi.json",
+        "/v1/models/../../load",
+        "/v1/models/%2E%2E/%2E%2E/version",
+    ],
+)
 def test_dot_segments_never_reach_the_engine(gateway: LoneGateway, path: str) -> None:
     """What ``curl --path-as-is`` sends: before the fix these were forwarded (and answered 503 here)."""
-    request = (f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {gateway.key}\r\n"
-               "Connection: close\r\n\r\n").encode()
+    request = (
+        f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {gateway.key}\r\nConnection: close\r\n\r\n"
+    ).encode()
     out, _ = exchange(gateway.port, request)
     assert out.startswith(b"HTTP/1.1 404"), out[:200]
     assert b"is not served on this port" in out
@@ -85,8 +105,11 @@ def test_dot_segments_never_reach_the_engine(gateway: LoneGateway, path: str) ->
 
 def test_deeply_nested_json_is_400(gateway: LoneGateway) -> None:
     body = b'{"model": "demo", "messages": ' + b"[" * 1000 + b"]" * 1000 + b"}"
-    r = httpx.post(f"http://127.0.0.1:{gateway.port}/v1/chat/completions", content=body,
-                   headers={"Authorization": f"Bearer {gateway.key}", "content-type": "application/json"})
+    r = httpx.post(
+        f"http://127.0.0.1:{gateway.port}/v1/chat/completions",
+        content=body,
+        headers={"Authorization": f"Bearer {gateway.key}", "content-type": "application/json"},
+    )
     assert r.status_code == 400, r.text
     assert r.json()["error"]["code"] == "invalid_json"
 
@@ -110,9 +133,12 @@ def test_slow_clients_are_cut_off(gateway: LoneGateway) -> None:
         out = exchange(gateway.port, data, timeout=60)
         with lock:
             results.append(out)
+
     half = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Slow: "
-    short = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {gateway.key}\r\n"
-             "Content-Type: application/json\r\nContent-Length: 5000\r\n\r\n{\"model\"").encode()
+    short = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {gateway.key}\r\n"
+        'Content-Type: application/json\r\nContent-Length: 5000\r\n\r\n{"model"'
+    ).encode()
     threads = [threading.Thread(target=slow, args=(half,)) for _ in range(100)]
     threads.append(threading.Thread(target=slow, args=(short,)))
     for t in threads:
@@ -129,8 +155,9 @@ def test_slow_clients_are_cut_off(gateway: LoneGateway) -> None:
     assert r.status_code == 503  # no engine behind this gateway: forwarded, and said so
 
 
-def test_gateways_have_no_outbound_network(gateway: LoneGateway, docker_client: docker.DockerClient,
-                                           instance: str) -> None:
+def test_gateways_have_no_outbound_network(
+    gateway: LoneGateway, docker_client: docker.DockerClient, instance: str
+) -> None:
     code = """
 import socket
 try:
@@ -140,8 +167,9 @@ except OSError as exc:
     print("blocked", exc)
 """
     # the same probe on a plain bridge shows whether this host has an outside route at all
-    net = docker_client.networks.create(f"{instance}-plain", labels={"org.gtm.managed": "true",
-                                                                       "org.gtm.instance": instance})
+    net = docker_client.networks.create(
+        f"{instance}-plain", labels={"org.gtm.managed": "true", "org.gtm.instance": instance}
+    )
     try:
         baseline = run_probe(docker_client, instance, net.name, code)
     finally:
@@ -152,12 +180,14 @@ except OSError as exc:
     assert b"blocked" in result.output, result.output
 
 
-def test_a_full_usage_volume_refuses_requests_and_loses_no_record(docker_client: docker.DockerClient,
-                                                                   manager_settings) -> None:
+def test_a_full_usage_volume_refuses_requests_and_loses_no_record(
+    docker_client: docker.DockerClient, manager_settings
+) -> None:
     """The gateway's volume fills up (here a 4 MiB tmpfs): requests are refused with 503
     rather than served unmetered; once space is back, every record is there, none twice."""
-    gw = start_lone_gateway(docker_client, manager_settings(),
-                            {"type": "tmpfs", "device": "tmpfs", "o": "size=4m,uid=1000,gid=1000"})
+    gw = start_lone_gateway(
+        docker_client, manager_settings(), {"type": "tmpfs", "device": "tmpfs", "o": "size=4m,uid=1000,gid=1000"}
+    )
     container = docker_client.containers.get(gw.container)
     url = f"http://127.0.0.1:{gw.port}/v1/chat/completions"
     headers = {"Authorization": f"Bearer {gw.key}"}
@@ -165,6 +195,7 @@ def test_a_full_usage_volume_refuses_requests_and_loses_no_record(docker_client:
 
     def send() -> str:
         return str(httpx.post(url, json=body, headers=headers, timeout=30).json()["error"]["code"])
+
     forwarded = [send() for _ in range(3)]  # no engine: forwarded, answered 503 engine_unavailable, recorded
     assert forwarded == ["engine_unavailable"] * 3
     container.exec_run(["sh", "-c", "cat /dev/zero > /data/filler"])

@@ -36,10 +36,19 @@ def test_own_allocation_is_measured_per_process_and_refuses_what_no_longer_fits(
         mine = [p for p in inv.processes() if p.pid == os.getpid()]
         assert mine and mine[0].used >= 2 * 1024**3
         # a request for everything that was free before no longer fits the measured check
-        decision = decide(AdmissionInput(
-            requested=before.free - 256 * 1024**2, total=after.total, headroom=0, reserved_by_others=0,
-            measured_free=after.free, measured_used=after.used, not_yet_taken_by_others=0, reclaimable=0,
-            process_overhead=512 * 1024**2))
+        decision = decide(
+            AdmissionInput(
+                requested=before.free - 256 * 1024**2,
+                total=after.total,
+                headroom=0,
+                reserved_by_others=0,
+                measured_free=after.free,
+                measured_used=after.used,
+                not_yet_taken_by_others=0,
+                reclaimable=0,
+                process_overhead=512 * 1024**2,
+            )
+        )
         assert decision.failed_checks == ("measured",)
         del block
     finally:

@@ -18,13 +18,16 @@ from .conftest import MANAGER_IMAGE
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_a_read_only_state_volume_is_a_clear_start_up_error(docker_client: docker.DockerClient,
-                                                             instance: str) -> None:
+def test_a_read_only_state_volume_is_a_clear_start_up_error(docker_client: docker.DockerClient, instance: str) -> None:
     volume = docker_client.volumes.create(f"{instance}-state", labels=names.labels(instance, names.Role.VOLUME))
     container = docker_client.containers.run(
-        MANAGER_IMAGE, ["serve"], detach=True, environment={"GTM_GPU_MODE": "cpu"},
+        MANAGER_IMAGE,
+        ["serve"],
+        detach=True,
+        environment={"GTM_GPU_MODE": "cpu"},
         volumes={volume.name: {"bind": "/var/lib/gtm", "mode": "ro"}},
-        labels=names.labels(instance, names.Role.PROBE))
+        labels=names.labels(instance, names.Role.PROBE),
+    )
     try:
         result = container.wait(timeout=60)
         logs = container.logs().decode()
@@ -41,8 +44,9 @@ def test_a_database_held_by_another_process_is_a_clear_start_up_error(tmp_path: 
     holder.execute("BEGIN EXCLUSIVE")
     try:
         env = {**os.environ, "GTM_GPU_MODE": "cpu", "GTM_STATE_DIR": str(state), "GTM_API_PORT": "0"}
-        done = subprocess.run([str(ROOT / ".venv/bin/manager"), "serve"], env=env, capture_output=True, text=True,
-                              timeout=60, check=False)
+        done = subprocess.run(
+            [str(ROOT / ".venv/bin/manager"), "serve"], env=env, capture_output=True, text=True, timeout=60, check=False
+        )
     finally:
         holder.execute("ROLLBACK")
         holder.close()

@@ -38,27 +38,34 @@ def quick_start_env(docker_client: docker.DockerClient, instance: str) -> Iterat
     try:
         yield env
     finally:
-        subprocess.run(["bash", "scripts/down.sh", "--purge"], cwd=ROOT, env=env, capture_output=True, check=False,
-                       timeout=300)
+        subprocess.run(
+            ["bash", "scripts/down.sh", "--purge"], cwd=ROOT, env=env, capture_output=True, check=False, timeout=300
+        )
         for c in docker_client.containers.list(all=True, filters={"label": f"com.docker.compose.project={instance}"}):
             c.remove(force=True)
 
 
 def up(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["bash", "scripts/up.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
-                          check=False)
+    return subprocess.run(
+        ["bash", "scripts/up.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False
+    )
 
 
 def demo_tenants(env: dict[str, str]) -> list[dict[str, object]]:
-    out = subprocess.run(["docker", "exec", env["GTM_MANAGER_NAME"], "list-tenants", "--json"], capture_output=True,
-                         text=True, timeout=60, check=True).stdout
+    out = subprocess.run(
+        ["docker", "exec", env["GTM_MANAGER_NAME"], "list-tenants", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
     return [t for t in json.loads(out) if t["name"] == "demo"]
 
 
 @pytest.mark.slow
-def test_up_runs_again_and_after_down_without_changing_anything(quick_start_env: dict[str, str],
-                                                                docker_client: docker.DockerClient,
-                                                                instance: str) -> None:
+def test_up_runs_again_and_after_down_without_changing_anything(
+    quick_start_env: dict[str, str], docker_client: docker.DockerClient, instance: str
+) -> None:
     env = quick_start_env
     first = up(env)
     assert first.returncode == 0, first.stderr[-2000:]
@@ -72,8 +79,9 @@ def test_up_runs_again_and_after_down_without_changing_anything(quick_start_env:
     assert docker_client.containers.get(env["GTM_MANAGER_NAME"]).id == manager_id  # nothing recreated
     assert len(demo_tenants(env)) == 1
 
-    down = subprocess.run(["bash", "scripts/down.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300, check=False)
+    down = subprocess.run(
+        ["bash", "scripts/down.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
     assert down.returncode == 0, down.stderr
     assert docker_client.containers.list(all=True, filters={"label": names.selector(instance)}) == []
     after_down = up(env)

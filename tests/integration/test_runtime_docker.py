@@ -28,8 +28,9 @@ class TestDockerRuntime(RuntimeContract):
         return free_port()
 
 
-def test_reads_racing_a_removal_never_report_the_runtime_down(docker_client: docker.DockerClient,
-                                                                instance: str) -> None:
+def test_reads_racing_a_removal_never_report_the_runtime_down(
+    docker_client: docker.DockerClient, instance: str
+) -> None:
     """list-tenants measures every running engine; one being removed at that moment must read as
     'no figure', not as 'the Docker engine did not answer' (which failed the whole listing)."""
     runtime = DockerRuntime(docker_client)

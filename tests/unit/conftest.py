@@ -20,8 +20,13 @@ TOKEN = "unit-test-admin-token-0123456789abcdef"
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return Settings(gpu_mode="cpu", state_dir=tmp_path / "state", models_dir=tmp_path / "models",
-                    models_source="gtm-models", instance="gtm")
+    return Settings(
+        gpu_mode="cpu",
+        state_dir=tmp_path / "state",
+        models_dir=tmp_path / "models",
+        models_source="gtm-models",
+        instance="gtm",
+    )
 
 
 def write_model(models: Path, name: str, tensors: dict[str, tuple[str, list[int]]], config: dict[str, int]) -> Path:
@@ -47,15 +52,28 @@ def write_model(models: Path, name: str, tensors: dict[str, tuple[str, list[int]
 def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The manager's app on a real socket with the in-memory runtime behind it (no Docker)."""
     root = tmp_path_factory.mktemp("api")
-    write_model(root / "models", "demo", {"w": ("BF16", [1000, 256])},
-                {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 256})
+    write_model(
+        root / "models",
+        "demo",
+        {"w": ("BF16", [1000, 256])},
+        {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 256},
+    )
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])
-    config = Settings(gpu_mode="cpu", instance="gtmu", state_dir=root / "state", models_dir=root / "models",
-                      api_host="127.0.0.1", api_port=port, admin_token=TOKEN, reconcile_interval_s=3600)
-    server = uvicorn.Server(uvicorn.Config(create_app(config, runtime=MemoryRuntime()), host="127.0.0.1",
-                                           port=port, log_level="warning"))
+    config = Settings(
+        gpu_mode="cpu",
+        instance="gtmu",
+        state_dir=root / "state",
+        models_dir=root / "models",
+        api_host="127.0.0.1",
+        api_port=port,
+        admin_token=TOKEN,
+        reconcile_interval_s=3600,
+    )
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(config, runtime=MemoryRuntime()), host="127.0.0.1", port=port, log_level="warning")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -65,5 +83,3 @@ def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True
     thread.join(10)
-
-

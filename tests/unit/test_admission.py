@@ -6,8 +6,15 @@ M = 1024**2
 
 def base(**over: int | None) -> AdmissionInput:
     values: dict[str, int | None] = dict(
-        requested=10 * G, total=80 * G, headroom=4 * G, reserved_by_others=40 * G, measured_free=39 * G,
-        measured_used=41 * G, not_yet_taken_by_others=0, reclaimable=0, process_overhead=512 * M,
+        requested=10 * G,
+        total=80 * G,
+        headroom=4 * G,
+        reserved_by_others=40 * G,
+        measured_free=39 * G,
+        measured_used=41 * G,
+        not_yet_taken_by_others=0,
+        reclaimable=0,
+        process_overhead=512 * M,
         model_minimum=6 * G,
     )
     values.update(over)

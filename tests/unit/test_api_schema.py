@@ -28,9 +28,12 @@ schema = schemathesis.openapi.from_dict(create_app(Settings(gpu_mode="cpu", admi
 
 
 @schema.parametrize()
-@settings(max_examples=40, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
-                                 HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.function_scoped_fixture],
+)
 def test_admin_api_keeps_its_contract(case: schemathesis.Case, base_url: str) -> None:
     case.call_and_validate(base_url=base_url, headers=AUTH, checks=CHECKS)
 
@@ -54,11 +57,11 @@ def test_errors_have_one_shape(base_url: str) -> None:
     with httpx.Client(base_url=base_url, headers=AUTH) as api:
         not_json = api.post("/api/v1/tenants", content=b"{not json", headers={"content-type": "application/json"})
         assert not_json.status_code == 400 and not_json.json()["error"]["code"] == "invalid_json"
-        huge = api.post("/api/v1/tenants", json={"name": "big", "port": 30001, "gpu_memory": "1G",
-                                                 "rpm_limit": 2**63})
+        huge = api.post("/api/v1/tenants", json={"name": "big", "port": 30001, "gpu_memory": "1G", "rpm_limit": 2**63})
         assert huge.status_code == 422 and "rpm_limit" in huge.json()["error"]["message"]
-        shm = api.post("/api/v1/tenants", json={"name": "big", "port": 30001, "gpu_memory": "1G",
-                                                "shm_size": "99999999T"})
+        shm = api.post(
+            "/api/v1/tenants", json={"name": "big", "port": 30001, "gpu_memory": "1G", "shm_size": "99999999T"}
+        )
         assert shm.status_code == 422 and "too large" in shm.json()["error"]["message"]
         assert api.get("/api/v1/usage", params={"since": "nan"}).status_code == 422
         assert api.get("/api/v1/cost", params={"month": "2026-11", "total": "inf"}).status_code == 422

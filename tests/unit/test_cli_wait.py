@@ -14,10 +14,24 @@ from manager import cli
 from manager.errors import EngineFailed, WaitTimedOut
 from manager.settings import Settings
 
-TENANT = {"name": "acme", "port": 30001, "gpu_memory": 1610612736, "gpu_memory_human": "1.5 GiB", "model": "demo",
-          "max_model_len": 512, "quantization": None, "shm_size": 1 << 30, "quotas": {}, "status": "pending",
-          "reason": "", "status_since": 0.0, "created_at": 0.0, "measured": None, "requests_today": 0,
-          "tokens_today": 0}
+TENANT = {
+    "name": "acme",
+    "port": 30001,
+    "gpu_memory": 1610612736,
+    "gpu_memory_human": "1.5 GiB",
+    "model": "demo",
+    "max_model_len": 512,
+    "quantization": None,
+    "shm_size": 1 << 30,
+    "quotas": {},
+    "status": "pending",
+    "reason": "",
+    "status_since": 0.0,
+    "created_at": 0.0,
+    "measured": None,
+    "requests_today": 0,
+    "tokens_today": 0,
+}
 
 
 def scripted(statuses: list[tuple[int, str, str]]) -> tuple[cli.Api, list[str]]:
@@ -28,8 +42,9 @@ def scripted(statuses: list[tuple[int, str, str]]) -> tuple[cli.Api, list[str]]:
     def handle(request: httpx.Request) -> httpx.Response:
         calls.append(f"{request.method} {request.url.path}")
         if request.method == "POST":
-            return httpx.Response(201, json={"tenant": TENANT, "key": {"key_id": "k", "api_key": "gtm_k_s"},
-                                             "admission": {}})
+            return httpx.Response(
+                201, json={"tenant": TENANT, "key": {"key_id": "k", "api_key": "gtm_k_s"}, "admission": {}}
+            )
         if request.method == "DELETE":
             return httpx.Response(202, json={"status": "removing"})
         if request.method == "PATCH":
@@ -38,6 +53,7 @@ def scripted(statuses: list[tuple[int, str, str]]) -> tuple[cli.Api, list[str]]:
         if code == 404:
             return httpx.Response(404, json={"error": {"code": "not_found", "message": "no tenant named 'acme'"}})
         return httpx.Response(200, json={**TENANT, "status": status, "reason": reason})
+
     settings = Settings(admin_token="cli-test-token-0123456789abcdef", api_url="http://manager")
     return cli.Api(settings, transport=httpx.MockTransport(handle)), calls
 

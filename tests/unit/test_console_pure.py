@@ -38,5 +38,8 @@ def test_capacity_segments_add_up_to_the_device() -> None:
 
 def test_day_bars_scale_to_the_busiest_day() -> None:
     bars = day_bars([("2026-11-01", 10, 100), ("2026-11-03", 5, 400)], ["2026-11-01", "2026-11-02", "2026-11-03"])
-    assert [(b["requests"], b["req_pct"], b["tok_pct"]) for b in bars] == [(10, 100.0, 25.0), (0, 0.0, 0.0),
-                                                                            (5, 50.0, 100.0)]
+    assert [(b["requests"], b["req_pct"], b["tok_pct"]) for b in bars] == [
+        (10, 100.0, 25.0),
+        (0, 0.0, 0.0),
+        (5, 50.0, 100.0),
+    ]

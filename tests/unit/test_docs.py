@@ -12,8 +12,9 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_every_setting_is_documented() -> None:
     text = (ROOT / "docs" / "settings.md").read_text()
     missing = [name for name in Settings.model_fields if f"`GTM_{name.upper()}`" not in text]
-    missing += [f"GATEWAY_{name}" for name in GatewaySettings.model_fields
-                if f"`GTM_GATEWAY_{name.upper()}`" not in text]
+    missing += [
+        f"GATEWAY_{name}" for name in GatewaySettings.model_fields if f"`GTM_GATEWAY_{name.upper()}`" not in text
+    ]
     assert not missing, f"document these in docs/settings.md: {missing}"
 
 

@@ -9,24 +9,43 @@ S = TenantStatus
 
 @pytest.mark.parametrize(
     ("a", "b", "ok"),
-    [(S.PENDING, S.STARTING, True), (S.STARTING, S.RUNNING, True), (S.RUNNING, S.FAILED, True),
-     (S.FAILED, S.STARTING, True), (S.RUNNING, S.PENDING, True), (S.REMOVING, S.RUNNING, False),
-     (S.PENDING, S.RUNNING, False), (S.RUNNING, S.RUNNING, True)],
+    [
+        (S.PENDING, S.STARTING, True),
+        (S.STARTING, S.RUNNING, True),
+        (S.RUNNING, S.FAILED, True),
+        (S.FAILED, S.STARTING, True),
+        (S.RUNNING, S.PENDING, True),
+        (S.REMOVING, S.RUNNING, False),
+        (S.PENDING, S.RUNNING, False),
+        (S.RUNNING, S.RUNNING, True),
+    ],
 )
 def test_transitions(a: TenantStatus, b: TenantStatus, ok: bool) -> None:
     assert can_transition(a, b) is ok
 
 
 def exited(**over: object) -> ContainerState:
-    base = dict(id="x", name="e", labels={}, status="exited", health=None, exit_code=1, oom_killed=False,
-                error="", started_at="", finished_at="t")
+    base = dict(
+        id="x",
+        name="e",
+        labels={},
+        status="exited",
+        health=None,
+        exit_code=1,
+        oom_killed=False,
+        error="",
+        started_at="",
+        finished_at="t",
+    )
     base.update(over)
     return ContainerState(**base)  # type: ignore[arg-type]
 
 
 def test_vllm_free_memory_error_surfaces_as_such() -> None:
-    logs = ("INFO loading\nValueError: Free memory on device cuda:0 (3.2/79.1 GiB) on startup is less than "
-            "desired GPU memory utilization (0.5, 39.6 GiB).\nTraceback...\n")
+    logs = (
+        "INFO loading\nValueError: Free memory on device cuda:0 (3.2/79.1 GiB) on startup is less than "
+        "desired GPU memory utilization (0.5, 39.6 GiB).\nTraceback...\n"
+    )
     assert failure_reason(exited(), logs).startswith("Free memory on device cuda:0 (3.2/79.1 GiB)")
 
 
@@ -36,31 +55,39 @@ def test_first_error_line_is_the_root_cause() -> None:
 
 
 def test_a_warning_that_names_an_error_is_not_the_reason() -> None:
-    logs = ("(APIServer pid=1) WARNING 11-23 11:35:47 [system_utils.py:255] Found ulimit of 20000 and failed to "
-            "automatically increase with error current limit exceeds maximum limit. This can cause fd limit "
-            "errors like `OSError: [Errno 24] Too many open files`. Consider increasing with ulimit -n\n"
-            "(EngineCore_DP0 pid=50) ERROR 11-23 11:35:59 [core.py:708] KeyError: 'model.layers.0.weight'\n")
+    logs = (
+        "(APIServer pid=1) WARNING 11-23 11:35:47 [system_utils.py:255] Found ulimit of 20000 and failed to "
+        "automatically increase with error current limit exceeds maximum limit. This can cause fd limit "
+        "errors like `OSError: [Errno 24] Too many open files`. Consider increasing with ulimit -n\n"
+        "(EngineCore_DP0 pid=50) ERROR 11-23 11:35:59 [core.py:708] KeyError: 'model.layers.0.weight'\n"
+    )
     assert failure_reason(exited(), logs) == "KeyError: 'model.layers.0.weight'"
 
 
 def test_vllm_engine_core_wrapper_line_is_never_the_reason() -> None:
     """vLLM's API server ends with a generic line; the engine core printed the cause above it."""
-    logs = ("(EngineCore_DP0 pid=77) ERROR 11-23 11:30:01 [core.py:708] EngineCore failed to start.\n"
-            "(EngineCore_DP0 pid=77) ERROR 11-23 11:30:01 [core.py:708] Traceback (most recent call last):\n"
-            "(EngineCore_DP0 pid=77) ERROR 11-23 11:30:01 [core.py:708] OSError: [Errno 28] No space left on "
-            "device: '/tmp/torch'\n"
-            "Traceback (most recent call last):\n"
-            "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}\n")
+    logs = (
+        "(EngineCore_DP0 pid=77) ERROR 11-23 11:30:01 [core.py:708] EngineCore failed to start.\n"
+        "(EngineCore_DP0 pid=77) ERROR 11-23 11:30:01 [core.py:708] Traceback (most recent call last):\n"
+        "(EngineCore_DP0 pid=77) ERROR 11-23 11:30:01 [core.py:708] OSError: [Errno 28] No space left on "
+        "device: '/tmp/torch'\n"
+        "Traceback (most recent call last):\n"
+        "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}\n"
+    )
     assert failure_reason(exited(), logs) == "OSError: [Errno 28] No space left on device: '/tmp/torch'"
 
 
 def test_pydantic_validation_detail_is_kept() -> None:
-    logs = ("pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig\n"
-            "  Value error, User-specified max_model_len (4096) is greater than the derived max_model_len "
-            "[type=value_error, input_value=ArgsKwargs((), {}), input_type=ArgsKwargs]\n")
+    logs = (
+        "pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig\n"
+        "  Value error, User-specified max_model_len (4096) is greater than the derived max_model_len "
+        "[type=value_error, input_value=ArgsKwargs((), {}), input_type=ArgsKwargs]\n"
+    )
     reason = failure_reason(exited(), logs)
-    assert reason == ("ValidationError: 1 validation error for ModelConfig: Value error, User-specified "
-                      "max_model_len (4096) is greater than the derived max_model_len")
+    assert reason == (
+        "ValidationError: 1 validation error for ModelConfig: Value error, User-specified "
+        "max_model_len (4096) is greater than the derived max_model_len"
+    )
 
 
 def test_oom_kill_says_what_to_do() -> None:

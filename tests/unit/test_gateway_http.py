@@ -29,8 +29,7 @@ def upstream(request: httpx.Request) -> httpx.Response:
 
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[tuple[int, str]]:
-    settings = GatewaySettings(header_timeout_s=0.5, body_idle_timeout_s=0.5, max_headers=20,
-                               max_header_bytes=4096)
+    settings = GatewaySettings(header_timeout_s=0.5, body_idle_timeout_s=0.5, max_headers=20, max_header_bytes=4096)
     state = GatewayState(GatewayStore(tmp_path / "gw.db"))
     issued = keys.issue()
     state.apply({"version": "v", "keys": [{"id": issued.id, "hash": issued.hash}], "limits": {}})
@@ -38,8 +37,11 @@ def served(tmp_path: Path) -> Iterator[tuple[int, str]]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])
-    server = uvicorn.Server(uvicorn.Config(proxy, host="127.0.0.1", port=port, log_level="warning",
-                                           http=protocol_for(settings), lifespan="off"))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            proxy, host="127.0.0.1", port=port, log_level="warning", http=protocol_for(settings), lifespan="off"
+        )
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
@@ -66,8 +68,10 @@ def test_a_silent_connection_is_closed(served: tuple[int, str]) -> None:
 
 def test_body_shorter_than_its_content_length_gets_408(served: tuple[int, str]) -> None:
     port, key = served
-    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
-            "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n").encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+    ).encode()
     out, elapsed = exchange(port, head + b'{"model": "demo"')
     assert b" 408 " in out.split(b"\r\n")[0], out
     assert b"request_timeout" in out and elapsed < 3

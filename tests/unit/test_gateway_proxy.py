@@ -41,11 +41,19 @@ def upstream(request: httpx.Request) -> httpx.Response:
 def gateway(tmp_path: Path) -> tuple[httpx.AsyncClient, GatewayState, str]:
     state = GatewayState(GatewayStore(tmp_path / "gw.db"))
     issued = keys.issue()
-    state.apply({"version": "v1", "keys": [{"id": issued.id, "hash": issued.hash, "expires_at": None}],
-                 "limits": {"rpm_limit": 3}})
+    state.apply(
+        {
+            "version": "v1",
+            "keys": [{"id": issued.id, "hash": issued.hash, "expires_at": None}],
+            "limits": {"rpm_limit": 3},
+        }
+    )
     proxy = Proxy(GatewaySettings(max_body_bytes=2048), state, transport=httpx.MockTransport(upstream))
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=proxy), base_url="http://gw",
-                               headers={"Authorization": f"Bearer {issued.secret_key}"})
+    client = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=proxy),
+        base_url="http://gw",
+        headers={"Authorization": f"Bearer {issued.secret_key}"},
+    )
     return client, state, issued.secret_key
 
 
@@ -83,14 +91,24 @@ async def test_stream_strips_the_usage_chunk_the_client_did_not_ask_for(gateway)
 
 async def test_stream_keeps_usage_when_asked(gateway):
     client, _, _ = gateway
-    r = await client.post("/v1/chat/completions",
-                          json={**CHAT, "stream": True, "stream_options": {"include_usage": True}})
+    r = await client.post(
+        "/v1/chat/completions", json={**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+    )
     assert any('"usage"' in e for e in r.text.split("\n\n"))
 
 
-@pytest.mark.parametrize(("method", "path"), [("POST", "/sleep"), ("POST", "/wake_up"), ("POST", "/collective_rpc"),
-                                              ("POST", "/reset_prefix_cache"), ("GET", "/metrics"),
-                                              ("DELETE", "/v1/models"), ("POST", "/v1/load_lora_adapter")])
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/sleep"),
+        ("POST", "/wake_up"),
+        ("POST", "/collective_rpc"),
+        ("POST", "/reset_prefix_cache"),
+        ("GET", "/metrics"),
+        ("DELETE", "/v1/models"),
+        ("POST", "/v1/load_lora_adapter"),
+    ],
+)
 async def test_admin_paths_are_refused(gateway, method: str, path: str):
     client, state, _ = gateway
     r = await client.request(method, path)
@@ -101,8 +119,11 @@ async def test_admin_paths_are_refused(gateway, method: str, path: str):
 
 async def test_wrong_or_missing_key_is_401_in_openai_shape(gateway):
     client, _, key = gateway
-    for headers in ({"Authorization": "Bearer " + key[:-1] + "x"}, {"Authorization": ""},
-                    {"Authorization": "Bearer sk-not-ours"}):
+    for headers in (
+        {"Authorization": "Bearer " + key[:-1] + "x"},
+        {"Authorization": ""},
+        {"Authorization": "Bearer sk-not-ours"},
+    ):
         r = await client.post("/v1/chat/completions", json=CHAT, headers=headers)
         assert r.status_code == 401
         assert r.json()["error"]["code"] == "invalid_api_key"
@@ -122,9 +143,13 @@ async def test_engine_down_is_503_with_retry_after(tmp_path: Path):
 
     def refuse(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("connection refused", request=request)
+
     proxy = Proxy(GatewaySettings(), state, transport=httpx.MockTransport(refuse))
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=proxy),
-                               base_url="http://gw", headers={"Authorization": f"Bearer {issued.secret_key}"})
+    client = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=proxy),
+        base_url="http://gw",
+        headers={"Authorization": f"Bearer {issued.secret_key}"},
+    )
     for body in (CHAT, {**CHAT, "stream": True}):
         r = await client.post("/v1/chat/completions", json=body)
         assert r.status_code == 503
@@ -135,8 +160,13 @@ async def test_engine_down_is_503_with_retry_after(tmp_path: Path):
 async def test_expired_key_is_refused(tmp_path: Path):
     state = GatewayState(GatewayStore(tmp_path / "gw.db"))
     old, new = keys.issue(), keys.issue()
-    state.apply({"version": "v", "keys": [{"id": old.id, "hash": old.hash, "expires_at": 1.0},
-                                          {"id": new.id, "hash": new.hash}], "limits": {}})
+    state.apply(
+        {
+            "version": "v",
+            "keys": [{"id": old.id, "hash": old.hash, "expires_at": 1.0}, {"id": new.id, "hash": new.hash}],
+            "limits": {},
+        }
+    )
     assert state.authenticate(old.secret_key) is None
     assert state.authenticate(new.secret_key) is not None
     # the config survives a restart of the gateway
@@ -166,12 +196,24 @@ def test_admin_side_needs_its_token_and_pages_usage_by_cursor(tmp_path: Path) ->
     assert state.quotas.limits.rpm_limit == 7
 
 
-@pytest.mark.parametrize("raw", [
-    b"/v1/models/../../metrics", b"/v1/models/%2e%2e/%2e%2e/metrics", b"/v1/models/..%2f..%2fmetrics",
-    b"/v1/models/%2E%2E/openapi.json", b"/v1/models/./../version", b"//v1/models", b"/v1//models",
-    b"/v1/models/", b"/v1/chat/completions/", b"/v1/chat/completions/..", b"/v1/models/..\\..\\load",
-    b"/v1/models/demo/../../docs", b"/v1/%6dodels",
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"/v1/models/../../metrics",
+        b"/v1/models/%2e%2e/%2e%2e/metrics",
+        b"/v1/models/..%2f..%2fmetrics",
+        b"/v1/models/%2E%2E/openapi.json",
+        b"/v1/models/./../version",
+        b"//v1/models",
+        b"/v1//models",
+        b"/v1/models/",
+        b"/v1/chat/completions/",
+        b"/v1/chat/completions/..",
+        b"/v1/models/..\\..\\load",
+        b"/v1/models/demo/../../docs",
+        b"/v1/%6dodels",
+    ],
+)
 def test_paths_an_upstream_would_normalise_are_refused(raw: bytes) -> None:
     from manager.gateway.proxy import allowed, canonical_path
 
@@ -179,9 +221,16 @@ def test_paths_an_upstream_would_normalise_are_refused(raw: bytes) -> None:
     assert path is None or (not allowed("GET", path) and not allowed("POST", path))
 
 
-@pytest.mark.parametrize(("method", "raw"), [("GET", b"/v1/models"), ("GET", b"/v1/models/demo"),
-                                             ("GET", b"/v1/models/qwen2.5-7b:int4"),
-                                             ("POST", b"/v1/chat/completions"), ("POST", b"/v1/embeddings")])
+@pytest.mark.parametrize(
+    ("method", "raw"),
+    [
+        ("GET", b"/v1/models"),
+        ("GET", b"/v1/models/demo"),
+        ("GET", b"/v1/models/qwen2.5-7b:int4"),
+        ("POST", b"/v1/chat/completions"),
+        ("POST", b"/v1/embeddings"),
+    ],
+)
 def test_the_openai_paths_pass_exactly(method: str, raw: bytes) -> None:
     from manager.gateway.proxy import allowed, canonical_path
 
@@ -200,8 +249,14 @@ async def test_a_dot_segment_path_is_not_forwarded(gateway):
 
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
-    scope = {"type": "http", "method": "GET", "path": "/v1/models/../../metrics",
-             "raw_path": b"/v1/models/../../metrics", "headers": [(b"authorization", f"Bearer {key}".encode())]}
+
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/v1/models/../../metrics",
+        "raw_path": b"/v1/models/../../metrics",
+        "headers": [(b"authorization", f"Bearer {key}".encode())],
+    }
     await proxy(scope, receive, send)
     assert sent[0]["status"] == 404
     assert b"not served on this port" in sent[1]["body"]
@@ -242,9 +297,13 @@ async def test_a_full_spool_refuses_requests_and_loses_no_record(tmp_path: Path)
     def counting(request: httpx.Request) -> httpx.Response:
         forwarded.append(request.url.path)
         return upstream(request)
+
     proxy = Proxy(GatewaySettings(), state, transport=httpx.MockTransport(counting))
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=proxy), base_url="http://gw",
-                               headers={"Authorization": f"Bearer {issued.secret_key}"})
+    client = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=proxy),
+        base_url="http://gw",
+        headers={"Authorization": f"Bearer {issued.secret_key}"},
+    )
     store.full = True
     first = await client.post("/v1/chat/completions", json=CHAT)  # served; its record waits in memory
     assert first.status_code == 200
@@ -272,9 +331,13 @@ async def test_an_engine_lost_mid_stream_ends_with_an_error_event_and_meters_wha
 
     def dying(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, stream=Dying(), headers={"content-type": "text/event-stream"})
+
     proxy = Proxy(GatewaySettings(), state, transport=httpx.MockTransport(dying))
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=proxy), base_url="http://gw",
-                               headers={"Authorization": f"Bearer {issued.secret_key}"})
+    client = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=proxy),
+        base_url="http://gw",
+        headers={"Authorization": f"Bearer {issued.secret_key}"},
+    )
     r = await client.post("/v1/chat/completions", json={**CHAT, "stream": True})
     events = [e for e in r.text.split("\n\n") if e]
     assert len(events) == 4

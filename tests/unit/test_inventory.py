@@ -20,8 +20,12 @@ def test_host_memory(tmp_path: Path) -> None:
     meminfo.write_text("MemTotal:       24000000 kB\nMemFree:  1 kB\nMemAvailable:   20000000 kB\n")
     inv = HostMemoryInventory(meminfo)
     (dev,) = inv.devices()
-    assert (dev.kind, dev.total, dev.free, dev.used) == ("host-memory", 24000000 * 1024, 20000000 * 1024,
-                                                          4000000 * 1024)
+    assert (dev.kind, dev.total, dev.free, dev.used) == (
+        "host-memory",
+        24000000 * 1024,
+        20000000 * 1024,
+        4000000 * 1024,
+    )
     assert isinstance(inv, Inventory)
 
 

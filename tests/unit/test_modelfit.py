@@ -7,8 +7,13 @@ from manager.errors import InvalidInput, NotFound
 
 from .conftest import write_model
 
-CONFIG = {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
-          "hidden_size": 256}
+CONFIG = {
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "hidden_size": 256,
+}
 
 
 def test_weights_from_headers_counted_as_served_bf16(tmp_path: Path) -> None:

@@ -15,8 +15,11 @@ def test_names_are_namespaced_by_instance_and_tenant() -> None:
 def test_labels_and_selector_agree() -> None:
     labels = names.labels("gtm", Role.ENGINE, "companya", spec_hash="abc")
     assert labels == {
-        "org.gtm.managed": "true", "org.gtm.instance": "gtm", "org.gtm.role": "engine",
-        "org.gtm.tenant": "companya", "org.gtm.spec-hash": "abc",
+        "org.gtm.managed": "true",
+        "org.gtm.instance": "gtm",
+        "org.gtm.role": "engine",
+        "org.gtm.tenant": "companya",
+        "org.gtm.spec-hash": "abc",
     }
     for item in names.selector("gtm", tenant="companya"):
         key, value = item.split("=")

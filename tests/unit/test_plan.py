@@ -89,7 +89,7 @@ def test_control_network_has_no_outbound_route_in_the_plan_and_in_compose(settin
     plan = control_network_plan(settings)
     assert plan.options == CONTROL_BRIDGE and not plan.internal  # published ports need a non-internal bridge
     compose = (Path(__file__).parents[2] / "compose" / "docker-compose.yml").read_text()
-    (key, value), = CONTROL_BRIDGE.items()
+    ((key, value),) = CONTROL_BRIDGE.items()
     assert f'{key}: "{value}"' in compose
 
 

@@ -71,8 +71,14 @@ class FakeGateway:
 
 @pytest.fixture
 def world(tmp_path: Path) -> Iterator[tuple[Reconciler, Store, MemoryRuntime, Clock, FakeGateway]]:
-    settings = Settings(gpu_mode="cpu", instance=INSTANCE, state_dir=tmp_path, models_dir=tmp_path,
-                        orphan_grace_s=300.0, engine_start_timeout_s=600.0)
+    settings = Settings(
+        gpu_mode="cpu",
+        instance=INSTANCE,
+        state_dir=tmp_path,
+        models_dir=tmp_path,
+        orphan_grace_s=300.0,
+        engine_start_timeout_s=600.0,
+    )
     store = Store(tmp_path / "manager.db")
     runtime, clock, gateways = MemoryRuntime(), Clock(), FakeGateway()
     rec = Reconciler(settings, store, runtime, HostMemoryInventory(), connect=gateways, clock=clock)
@@ -194,8 +200,7 @@ def test_orphans_survive_their_grace_period_then_go(world) -> None:
 
 def test_resync_queues_orphans_instead_of_removing_them_itself(world) -> None:
     rec, _, runtime, _, _ = world
-    runtime.ensure_network(NetworkPlan(names.network(INSTANCE, "stray"),
-                                       names.labels(INSTANCE, Role.NETWORK, "stray")))
+    runtime.ensure_network(NetworkPlan(names.network(INSTANCE, "stray"), names.labels(INSTANCE, Role.NETWORK, "stray")))
     rec.resync()
     assert "stray" in rec.queue.pending()
     assert runtime.networks(names.selector(INSTANCE, tenant="stray")) != []
@@ -205,9 +210,21 @@ def test_removal_collects_the_last_usage_and_tears_everything_down(world) -> Non
     rec, store, runtime, _, gateways = world
     add(store, "acme", 30001)
     bring_up(rec, runtime, "acme")
-    gateways.records["token-acme"] = [dict(seq=1, request_id="r1", key_id="k", model="demo", path="/v1/completions",
-                                           prompt_tokens=3, completion_tokens=4, status=200, outcome="ok",
-                                           latency_ms=1.0, at=1.0)]
+    gateways.records["token-acme"] = [
+        dict(
+            seq=1,
+            request_id="r1",
+            key_id="k",
+            model="demo",
+            path="/v1/completions",
+            prompt_tokens=3,
+            completion_tokens=4,
+            status=200,
+            outcome="ok",
+            latency_ms=1.0,
+            at=1.0,
+        )
+    ]
     store.set_status("acme", TenantStatus.REMOVING)
     assert rec.reconcile("acme") is None
     assert store.find_tenant("acme") is None
@@ -256,6 +273,7 @@ def test_status_transitions_follow_the_diagram(world) -> None:
     def record(name: str, new: TenantStatus, reason: str = "") -> None:
         seen.append(new)
         original(name, new, reason)
+
     store.set_status = record  # type: ignore[method-assign]
     add(store, "acme", 30001)
     bring_up(rec, runtime, "acme")
@@ -282,6 +300,7 @@ def test_the_loops_survive_any_exception(world) -> None:
         if calls >= 3:
             done.set()
         raise ValueError("a bug")
+
     thread = threading.Thread(target=rec._every, args=("resync", 0.01, step), daemon=True)
     thread.start()
     assert done.wait(5)
@@ -299,8 +318,12 @@ def test_the_page_cache_is_warmed_once_before_the_first_engine_and_after_a_cold_
     warmup = names.warmup(INSTANCE)
     assert runtime.completed == [warmup]  # once for the image and model, before a's engine
     assert runtime.started.index(engine("a")) >= 0
-    runtime.exit(engine("b"), 1, logs="ValueError: Available memory on node 0 (0.1/1.5 GiB) on kv cache "
-                                       "allocation is less than requested memory for kv (0.38 GiB).\n")
+    runtime.exit(
+        engine("b"),
+        1,
+        logs="ValueError: Available memory on node 0 (0.1/1.5 GiB) on kv cache "
+        "allocation is less than requested memory for kv (0.38 GiB).\n",
+    )
     rec.reconcile("b")
     clock.now += 10
     rec.reconcile("b")

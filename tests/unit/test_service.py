@@ -27,8 +27,12 @@ MIB = 1024**2
 
 @pytest.fixture
 def svc(tmp_path: Path) -> Iterator[TenantService]:
-    write_model(tmp_path / "models", "demo", {"w": ("BF16", [1000, 256])},
-                {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 256})
+    write_model(
+        tmp_path / "models",
+        "demo",
+        {"w": ("BF16", [1000, 256])},
+        {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 256},
+    )
     settings = Settings(gpu_mode="cpu", instance="gtmu", state_dir=tmp_path, models_dir=tmp_path / "models")
     store, runtime, inventory = Store(tmp_path / "m.db"), MemoryRuntime(), HostMemoryInventory()
     reconciler = Reconciler(settings, store, runtime, inventory, connect=FakeGateway())
@@ -37,8 +41,19 @@ def svc(tmp_path: Path) -> Iterator[TenantService]:
 
 
 def create(svc: TenantService, name: str = "acme", port: int = 30001) -> None:
-    svc.create(svc.new_spec(name=name, port=port, gpu_memory=1536 * MIB, model=None, max_model_len=None,
-                            quantization=None, shm_size=None, quotas=Quotas()), "admin")
+    svc.create(
+        svc.new_spec(
+            name=name,
+            port=port,
+            gpu_memory=1536 * MIB,
+            model=None,
+            max_model_len=None,
+            quantization=None,
+            shm_size=None,
+            quotas=Quotas(),
+        ),
+        "admin",
+    )
 
 
 def test_an_engine_change_makes_the_tenant_pending_a_quota_change_does_not(svc: TenantService) -> None:

@@ -6,8 +6,16 @@ from manager.sizes import format_size, parse_size
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("10G", 10 * 1024**3), ("10GiB", 10 * 1024**3), ("10gb", 10 * 1024**3), ("512M", 512 * 1024**2),
-     ("1.5G", int(1.5 * 1024**3)), (" 2T ", 2 * 1024**4), ("64KiB", 65536), (4096, 4096)],
+    [
+        ("10G", 10 * 1024**3),
+        ("10GiB", 10 * 1024**3),
+        ("10gb", 10 * 1024**3),
+        ("512M", 512 * 1024**2),
+        ("1.5G", int(1.5 * 1024**3)),
+        (" 2T ", 2 * 1024**4),
+        ("64KiB", 65536),
+        (4096, 4096),
+    ],
 )
 def test_parses_what_admins_write(text: str | int, expected: int) -> None:
     assert parse_size(text) == expected

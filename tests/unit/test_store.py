@@ -9,8 +9,9 @@ from manager.errors import Conflict, NotFound
 
 
 def spec(name: str = "a", port: int = 30001) -> TenantSpec:
-    return TenantSpec(name=name, port=port, gpu_memory=2**30, model="demo", max_model_len=512,
-                      quotas=Quotas(rpm_limit=30))
+    return TenantSpec(
+        name=name, port=port, gpu_memory=2**30, model="demo", max_model_len=512, quotas=Quotas(rpm_limit=30)
+    )
 
 
 def test_round_trip_and_uniqueness(tmp_path: Path) -> None:
@@ -51,9 +52,11 @@ def test_state_survives_reopen_and_keys_cascade(tmp_path: Path) -> None:
 
 def test_concurrent_writers_do_not_collide(tmp_path: Path) -> None:
     store = Store(tmp_path / "m.db")
+
     def work(i: int) -> None:
         for j in range(20):
             store.audit("admin", "x", f"t{i}", "ok", {"j": j})
+
     threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
