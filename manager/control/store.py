@@ -20,9 +20,11 @@ from typing import Any
 
 from manager.domain import Quotas, TenantSpec, TenantStatus
 from manager.errors import Conflict, NotFound, StateUnavailable
+from manager.migrations import Step, migrate
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS tenants (
+MIGRATIONS: list[Step] = [
+    [  # 1: the first release
+        """CREATE TABLE IF NOT EXISTS tenants (
     name TEXT PRIMARY KEY,
     port INTEGER NOT NULL UNIQUE,
     gpu_memory INTEGER NOT NULL,
@@ -40,8 +42,8 @@ CREATE TABLE IF NOT EXISTS tenants (
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
     gateway_token TEXT NOT NULL DEFAULT ''
-);
-CREATE TABLE IF NOT EXISTS api_keys (
+)""",
+        """CREATE TABLE IF NOT EXISTS api_keys (
     id TEXT PRIMARY KEY,
     tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
     prefix TEXT NOT NULL,
@@ -49,9 +51,9 @@ CREATE TABLE IF NOT EXISTS api_keys (
     created_at REAL NOT NULL,
     expires_at REAL,
     last_used_at REAL
-);
-CREATE INDEX IF NOT EXISTS api_keys_tenant ON api_keys(tenant);
-CREATE TABLE IF NOT EXISTS audit (
+)""",
+        "CREATE INDEX IF NOT EXISTS api_keys_tenant ON api_keys(tenant)",
+        """CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     at REAL NOT NULL,
     actor TEXT NOT NULL,
@@ -59,9 +61,9 @@ CREATE TABLE IF NOT EXISTS audit (
     tenant TEXT,
     result TEXT NOT NULL,
     detail TEXT NOT NULL DEFAULT '{}'
-);
-CREATE INDEX IF NOT EXISTS audit_tenant ON audit(tenant, id);
-CREATE TABLE IF NOT EXISTS usage (
+)""",
+        "CREATE INDEX IF NOT EXISTS audit_tenant ON audit(tenant, id)",
+        """CREATE TABLE IF NOT EXISTS usage (
     tenant TEXT NOT NULL,
     request_id TEXT NOT NULL,
     key_id TEXT NOT NULL,
@@ -74,17 +76,22 @@ CREATE TABLE IF NOT EXISTS usage (
     latency_ms REAL NOT NULL,
     at REAL NOT NULL,
     PRIMARY KEY (tenant, request_id)
-);
-CREATE INDEX IF NOT EXISTS usage_tenant_at ON usage(tenant, at);
-CREATE TABLE IF NOT EXISTS usage_cursors (tenant TEXT PRIMARY KEY, cursor INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS engine_failures (
+)""",
+        "CREATE INDEX IF NOT EXISTS usage_tenant_at ON usage(tenant, at)",
+        "CREATE TABLE IF NOT EXISTS usage_cursors (tenant TEXT PRIMARY KEY, cursor INTEGER NOT NULL)",
+    ],
+    [  # 2: engine failures (backoff and the log of the last failure) survive a manager restart
+        """CREATE TABLE IF NOT EXISTS engine_failures (
     tenant TEXT PRIMARY KEY,
     count INTEGER NOT NULL,
     marker TEXT NOT NULL,
     retry_at REAL NOT NULL,
     log TEXT NOT NULL DEFAULT ''
-);
-"""
+)""",
+    ],
+]
+"""The manager database's schema, step by step (see manager.migrations); append only."""
+
 USAGE_FIELDS = (
     "request_id",
     "key_id",
@@ -222,7 +229,7 @@ class Store:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.executescript(SCHEMA)
+            migrate(self._db, MIGRATIONS, f"the manager database {path}")
 
     def close(self) -> None:
         with self._lock:

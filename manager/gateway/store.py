@@ -16,9 +16,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS config (id INTEGER PRIMARY KEY CHECK (id = 1), body TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS usage (
+from manager.migrations import Step, migrate
+
+MIGRATIONS: list[Step] = [
+    [  # 1: the first release
+        "CREATE TABLE IF NOT EXISTS config (id INTEGER PRIMARY KEY CHECK (id = 1), body TEXT NOT NULL)",
+        """CREATE TABLE IF NOT EXISTS usage (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     request_id TEXT NOT NULL UNIQUE,
     key_id TEXT NOT NULL,
@@ -30,9 +33,11 @@ CREATE TABLE IF NOT EXISTS usage (
     outcome TEXT NOT NULL,
     latency_ms REAL NOT NULL,
     at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS usage_at ON usage(at);
-"""
+)""",
+        "CREATE INDEX IF NOT EXISTS usage_at ON usage(at)",
+    ],
+]
+"""The spool's schema, step by step (see manager.migrations); append only."""
 
 
 @dataclass(frozen=True)
@@ -60,7 +65,7 @@ class GatewayStore:
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA)
+        migrate(self._db, MIGRATIONS, f"the gateway's spool {path}")
 
     def close(self) -> None:
         self._db.close()
