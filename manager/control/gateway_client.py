@@ -18,12 +18,14 @@ from manager.errors import RuntimeUnavailable
 
 
 def desired_config(store: Store, tenant: str) -> dict[str, Any]:
-    """Key hashes (active or in their grace period) and limits; ``version`` is their hash."""
+    """Key hashes (active or in their grace period), limits, and the engine's context length (a
+    request's prompt plus completion never exceeds it: the token reservation's upper bound);
+    ``version`` is their hash."""
     row = store.tenant(tenant)
     now = time.time()
     keys = [{"id": k.id, "hash": k.hash, "expires_at": k.expires_at} for k in store.keys(tenant) if k.active(now)]
     limits = dict(row.spec.quotas.__dict__)
-    body = {"keys": keys, "limits": limits}
+    body = {"keys": keys, "limits": limits, "max_model_len": row.spec.max_model_len}
     version = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
     return {"version": version, **body}
 

@@ -31,6 +31,7 @@ class ConfigIn(BaseModel):
     version: str
     keys: list[KeyIn]
     limits: LimitsIn
+    max_model_len: int | None = None
 
 
 def auth(request: Request, authorization: Annotated[str, Header()] = "") -> None:

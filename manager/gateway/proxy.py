@@ -276,7 +276,12 @@ class Proxy:
         max_tokens = payload.get("max_completion_tokens") or payload.get("max_tokens")
         if path == "/v1/embeddings":
             max_tokens = 0
+        # a byte-level token is at least one byte: prompt tokens <= body bytes; and prompt plus
+        # completion never exceed the engine's context, so an image in a data: URL (megabytes of
+        # base64, a few hundred tokens) reserves at most max_model_len, never its size in bytes
         reserve = (int(max_tokens) if isinstance(max_tokens, int) else self.settings.default_max_tokens) + len(body)
+        if self.state.max_model_len is not None:
+            reserve = min(reserve, self.state.max_model_len)
         verdict = self.state.quotas.admit(reserve if method == "POST" else 0)
         if verdict.refusal is not None:
             r = verdict.refusal

@@ -57,6 +57,8 @@ class GatewayState:
         self.version = ""
         self.quotas = QuotaState()
         self.metrics = GatewayMetrics()
+        self.max_model_len: int | None = None
+        """The engine's context length: no request uses more tokens (prompt plus completion)."""
         self.unwritten: list[UsageRecord] = []
         """Records the spool could not take (its volume full): written first, in order, once it can."""
         self.spool_error: str | None = None
@@ -80,6 +82,8 @@ class GatewayState:
             self.store.save_config(body)
         self.keys = keys
         self.quotas.limits = limits
+        length = body.get("max_model_len")
+        self.max_model_len = int(length) if isinstance(length, int) and length > 0 else None
         self.version = str(body.get("version", ""))
 
     def record(self, rec: UsageRecord) -> bool:

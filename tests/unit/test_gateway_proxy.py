@@ -345,3 +345,43 @@ async def test_an_engine_lost_mid_stream_ends_with_an_error_event_and_meters_wha
     (rec,) = state.store.after(0)
     assert (rec["outcome"], rec["completion_tokens"]) == ("error", 3)
     assert state.quotas.in_flight == 0
+
+
+async def test_the_token_reservation_is_bounded_by_the_engines_context(tmp_path: Path) -> None:
+    """A big body (an image as a data: URL) reserves at most max_model_len tokens, so a daily
+    quota far smaller than the body's size in bytes still admits it, and settles to real usage."""
+    state = GatewayState(GatewayStore(tmp_path / "gw.db"))
+    issued = keys.issue()
+    state.apply(
+        {
+            "version": "v",
+            "keys": [{"id": issued.id, "hash": issued.hash}],
+            "limits": {"tokens_per_day": 2000},
+            "max_model_len": 512,
+        }
+    )
+    proxy = Proxy(GatewaySettings(max_body_bytes=8 << 20), state, transport=httpx.MockTransport(upstream))
+    client = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=proxy),
+        base_url="http://gw",
+        headers={"Authorization": f"Bearer {issued.secret_key}"},
+    )
+    image = "data:image/png;base64," + "A" * 700_000
+    body = {
+        **CHAT,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "what is this?"},
+                    {"type": "image_url", "image_url": {"url": image}},
+                ],
+            }
+        ],
+    }
+    for _ in range(3):
+        r = await client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+    # while the third was in flight it held 512 tokens, not 700,000; settled, each used its real 8
+    assert int(r.headers["x-ratelimit-remaining-tokens"]) == 2000 - 2 * USAGE["total_tokens"] - 512
+    assert int(state.quotas.headers()["x-ratelimit-remaining-tokens"]) == 2000 - 3 * USAGE["total_tokens"]
