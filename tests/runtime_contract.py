@@ -108,3 +108,7 @@ class RuntimeContract:
         code, _ = runtime.run_to_completion(plan, timeout_s=60)
         assert code == 0
         assert runtime.container(plan.name) is None
+
+    def test_an_image_name_resolves_to_its_id(self, runtime: Runtime, image: str) -> None:
+        found = runtime.image_id(image)
+        assert found is not None and found.startswith("sha256:")

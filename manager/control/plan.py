@@ -153,14 +153,21 @@ def control_network_plan(settings: Settings) -> NetworkPlan:
     )
 
 
-def gateway_plan(spec: TenantSpec, settings: Settings, gateway_token: str) -> ContainerPlan:
+def identity(*parts: str) -> str:
+    """The ``spec-hash`` label: a container is replaced when any of its parts changes."""
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def gateway_plan(spec: TenantSpec, settings: Settings, gateway_token: str, image_id: str = "") -> ContainerPlan:
+    """``image_id``: what the image tag points at now, so that a rebuilt image (new gateway code,
+    security fixes included) replaces running gateways, not only new ones."""
     inst = settings.instance
-    identity = hashlib.sha256(f"{spec.port}|{settings.manager_image}|{gateway_token}".encode()).hexdigest()[:16]
+    ident = identity(str(spec.port), settings.manager_image, gateway_token, *([image_id] if image_id else []))
     return ContainerPlan(
         name=names.gateway(inst, spec.name),
         image=settings.manager_image,
         command=["gateway"],
-        labels=names.labels(inst, Role.GATEWAY, spec.name, spec_hash=identity),
+        labels=names.labels(inst, Role.GATEWAY, spec.name, spec_hash=ident),
         network=control_network_name(settings),
         extra_networks={names.network(inst, spec.name): [names.GATEWAY_ALIAS]},
         env={
@@ -183,9 +190,18 @@ def gateway_plan(spec: TenantSpec, settings: Settings, gateway_token: str) -> Co
 
 
 def tenant_plan(
-    spec: TenantSpec, settings: Settings, device_total: int, gpu_uuid: str | None = None, gateway_token: str = ""
+    spec: TenantSpec,
+    settings: Settings,
+    device_total: int,
+    gpu_uuid: str | None = None,
+    gateway_token: str = "",
+    image_ids: dict[str, str] | None = None,
 ) -> TenantPlan:
+    """``image_ids``: image name -> the ID it points at now (from the runtime); part of each
+    container's identity, so a rebuilt image under the same tag replaces the containers."""
     inst = settings.instance
+    ids = image_ids or {}
+    engine_image_id = ids.get(settings.engine_image, "")
     net = names.network(inst, spec.name)
     vol = names.volume(inst, spec.name)
     cpu = settings.gpu_mode == "cpu"
@@ -193,7 +209,12 @@ def tenant_plan(
         name=names.engine(inst, spec.name),
         image=settings.engine_image,
         command=engine_args(spec, settings, device_total),
-        labels=names.labels(inst, Role.ENGINE, spec.name, spec_hash=spec.engine_hash()),
+        labels=names.labels(
+            inst,
+            Role.ENGINE,
+            spec.name,
+            spec_hash=identity(spec.engine_hash(), engine_image_id) if engine_image_id else spec.engine_hash(),
+        ),
         network=net,
         aliases=[names.ENGINE_ALIAS],
         env={
@@ -220,5 +241,5 @@ def tenant_plan(
         volume=VolumePlan(vol, names.labels(inst, Role.VOLUME, spec.name)),
         engine=engine,
         gateway_volume=VolumePlan(names.gateway_volume(inst, spec.name), names.labels(inst, Role.VOLUME, spec.name)),
-        gateway=gateway_plan(spec, settings, gateway_token),
+        gateway=gateway_plan(spec, settings, gateway_token, ids.get(settings.manager_image, "")),
     )

@@ -230,12 +230,14 @@ class Reconciler:
             self.store.delete_tenant(name)
             return None
         device = self.inventory.devices()[0]
+        images = (self.settings.engine_image, self.settings.manager_image)
         plan = tenant_plan(
             row.spec,
             self.settings,
             device.total,
             device.uuid if device.kind != "host-memory" else None,
             gateway_token=row.gateway_token,
+            image_ids={image: self.runtime.image_id(image) or "" for image in images},
         )
         self.runtime.ensure_network(control_network_plan(self.settings))
         self.runtime.ensure_network(plan.network)

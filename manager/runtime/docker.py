@@ -137,6 +137,15 @@ class DockerRuntime:
 
         return self._call(f"inspecting {name}", run)
 
+    def image_id(self, name: str) -> str | None:
+        def run() -> str | None:
+            try:
+                return self._client.images.get(name).id
+            except docker.errors.ImageNotFound:
+                return None
+
+        return self._call(f"inspecting image {name}", run)
+
     def run(self, plan: ContainerPlan) -> ContainerState:
         """Creates and starts the container; a leftover of the same name is replaced."""
         kwargs = container_kwargs(plan)

@@ -44,6 +44,7 @@ class MemoryRuntime:
         self.started: list[str] = []  # names, in the order they were started
         self.completed: list[str] = []  # one-off containers run to completion, in order
         self._fail_next: dict[str, str] = {}
+        self.images: dict[str, str] = {}  # name -> ID; a name not set here exists as "sha256:<name>"
 
     # ---------------------------------------------------------------- test hooks
     def exit(self, name: str, code: int = 1, logs: str = "", oom_killed: bool = False) -> None:
@@ -54,6 +55,10 @@ class MemoryRuntime:
             c.state = replace(
                 c.state, status="exited", health=None, exit_code=code, oom_killed=oom_killed, finished_at=self._stamp()
             )
+
+    def set_image(self, name: str, image_id: str) -> None:
+        """The image name now points at another build (a rebuilt image under the same tag)."""
+        self.images[name] = image_id
 
     def set_health(self, name: str, health: str) -> None:
         with self._lock:
@@ -120,6 +125,11 @@ class MemoryRuntime:
             self._check()
             c = self._containers.get(name)
             return c.state if c else None
+
+    def image_id(self, name: str) -> str | None:
+        with self._lock:
+            self._check()
+            return self.images.get(name, f"sha256:{name}")
 
     def run(self, plan: ContainerPlan) -> ContainerState:
         with self._lock:

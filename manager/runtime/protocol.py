@@ -39,6 +39,10 @@ class Runtime(Protocol):
 
     def container(self, name: str) -> ContainerState | None: ...
 
+    def image_id(self, name: str) -> str | None:
+        """The ID an image name (tag) points at now; None when there is no such image."""
+        ...
+
     def run(self, plan: ContainerPlan) -> ContainerState:
         """Creates and starts a container; a leftover of the same name is replaced."""
         ...

@@ -336,3 +336,24 @@ def test_a_failing_warm_up_never_blocks_a_start(world) -> None:
     add(store, "a", 30001)
     rec.reconcile("a")
     assert runtime.container(engine("a")) is not None
+
+
+def test_a_rebuilt_image_replaces_the_containers_made_from_it(world) -> None:
+    """A rebuilt manager image (new gateway code, security fixes) under the same tag must reach
+    running gateways; a rebuilt engine image, running engines. Nothing else is touched."""
+    rec, store, runtime, _, _ = world
+    add(store, "acme", 30001)
+    bring_up(rec, runtime, "acme")
+    engine_id = runtime.container(engine("acme")).id  # type: ignore[union-attr]
+    gateway_id = runtime.container(gateway("acme")).id  # type: ignore[union-attr]
+    rec.reconcile("acme")
+    assert runtime.container(gateway("acme")).id == gateway_id  # type: ignore[union-attr]  # same image: kept
+
+    runtime.set_image(rec.settings.manager_image, "sha256:rebuilt-manager")
+    rec.reconcile("acme")
+    assert runtime.container(gateway("acme")).id != gateway_id  # type: ignore[union-attr]
+    assert runtime.container(engine("acme")).id == engine_id  # type: ignore[union-attr]
+
+    runtime.set_image(rec.settings.engine_image, "sha256:rebuilt-engine")
+    rec.reconcile("acme")
+    assert runtime.container(engine("acme")).id != engine_id  # type: ignore[union-attr]
