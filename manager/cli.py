@@ -45,6 +45,11 @@ def _engine_options(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--max-model-len", type=int, help="longest context in tokens")
     p.add_argument("--quant", dest="quantization", help="vLLM quantization method, e.g. awq, gptq, fp8")
     p.add_argument("--shm-size", type=_size, help="shared memory of the engine, e.g. 5G (default 1G)")
+    p.add_argument(
+        "--max-body",
+        type=_size,
+        help="largest request body on the tenant's port, 64K to 64M (default 32M: a 20 MB image as a base64 data: URL)",
+    )
 
 
 def _wait_options(p: argparse.ArgumentParser, text: str) -> None:
@@ -187,7 +192,7 @@ def _print_decision(d: dict[str, Any]) -> None:
 
 
 def _engine_body(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("gpu_memory", "port", "model", "max_model_len", "quantization", "shm_size", *QUOTA_FIELDS)
+    keys = ("gpu_memory", "port", "model", "max_model_len", "quantization", "shm_size", "max_body", *QUOTA_FIELDS)
     body = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     for k in QUOTA_FIELDS:
         if body.get(k) == 0:

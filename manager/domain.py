@@ -67,6 +67,8 @@ QUOTA_MAX: dict[str, int] = {
 """The largest value each quota takes (far beyond any real host; well inside SQLite's 64-bit integers)."""
 MIN_PORT, MAX_PORT = 1024, 65535
 MIN_MODEL_LEN, MAX_MODEL_LEN = 16, 10**7
+MIN_BODY, MAX_BODY = 64 * 1024, 64 * 1024**2
+"""Bounds of a tenant's request body limit; the gateway's memory limit is sized for the largest."""
 MAX_GRACE_S = 366 * 86400.0
 
 
@@ -87,6 +89,11 @@ def check_bounds(spec: TenantSpec) -> None:
         raise InvalidInput(
             f"max model len must be between {MIN_MODEL_LEN} and {MAX_MODEL_LEN} tokens, got {spec.max_model_len}"
         )
+    if not MIN_BODY <= spec.max_body <= MAX_BODY:
+        raise InvalidInput(
+            f"max body must be between {format_size(MIN_BODY)} and {format_size(MAX_BODY)}, "
+            f"got {format_size(spec.max_body)}"
+        )
     for label, size in (("gpu memory", spec.gpu_memory), ("shm size", spec.shm_size)):
         if not 1 <= size <= MAX_SIZE:
             raise InvalidInput(f"{label} must be between 1 byte and {format_size(MAX_SIZE)}, got {size}")
@@ -105,11 +112,13 @@ class TenantSpec:
     quantization: str | None = None
     shm_size: int = 1024**3
     quotas: Quotas = field(default_factory=Quotas)
+    max_body: int = 32 * 1024**2
+    """Largest request body the tenant's port takes (a 20 MB image as a base64 data: URL fits)."""
 
     def engine_hash(self) -> str:
         engine_fields = asdict(self)
-        engine_fields.pop("quotas")
-        engine_fields.pop("port")
+        for gateway_only in ("quotas", "port", "max_body"):
+            engine_fields.pop(gateway_only)
         raw = json.dumps(engine_fields, sort_keys=True).encode()
         return hashlib.sha256(raw).hexdigest()[:16]
 

@@ -74,6 +74,7 @@ def create_tenant(body: TenantCreate, svc: Service, actor: Admin) -> TenantCreat
         max_model_len=body.max_model_len,
         quantization=body.quantization,
         shm_size=body.shm_size,
+        max_body=body.max_body,
         quotas=Quotas(**{f: getattr(body, f) for f in QUOTA_FIELDS}),
     )
     created = svc.create(spec, actor)

@@ -24,6 +24,9 @@ SIZE_SCHEMA = {
 Size = Annotated[int, BeforeValidator(parse_size), WithJsonSchema(SIZE_SCHEMA)]
 Port = Annotated[int, Field(ge=MIN_PORT, le=MAX_PORT, description="the tenant's OpenAI API port on the host")]
 ModelLen = Annotated[int, Field(ge=MIN_MODEL_LEN, le=MAX_MODEL_LEN, description="longest context in tokens")]
+MAX_BODY_TEXT = (
+    "largest request body on the tenant's port (64K to 64M; default 32M: a 20 MB image as a base64 data: URL)"
+)
 NAME_SCHEMA: JsonDict = {"pattern": TENANT_NAME.pattern, "minLength": 2, "maxLength": 32}
 
 
@@ -54,6 +57,7 @@ class TenantCreate(QuotaFields):
     max_model_len: ModelLen | None = None
     quantization: str | None = Field(None, max_length=64)
     shm_size: Size | None = None
+    max_body: Size | None = Field(None, description=MAX_BODY_TEXT)
 
 
 class TenantUpdate(QuotaFields):
@@ -63,6 +67,7 @@ class TenantUpdate(QuotaFields):
     max_model_len: ModelLen | None = None
     quantization: str | None = Field(None, max_length=64)
     shm_size: Size | None = None
+    max_body: Size | None = Field(None, description=MAX_BODY_TEXT)
 
 
 class ErrorDetail(BaseModel):
@@ -93,6 +98,7 @@ class TenantPublic(BaseModel):
     max_model_len: int
     quantization: str | None
     shm_size: int
+    max_body: int
     quotas: Quotas
     status: str
     reason: str
@@ -114,6 +120,7 @@ class TenantPublic(BaseModel):
             max_model_len=s.max_model_len,
             quantization=s.quantization,
             shm_size=s.shm_size,
+            max_body=s.max_body,
             quotas=Quotas(**s.quotas.__dict__),
             status=row.status.value,
             reason=row.reason,

@@ -25,7 +25,7 @@ def desired_config(store: Store, tenant: str) -> dict[str, Any]:
     now = time.time()
     keys = [{"id": k.id, "hash": k.hash, "expires_at": k.expires_at} for k in store.keys(tenant) if k.active(now)]
     limits = dict(row.spec.quotas.__dict__)
-    body = {"keys": keys, "limits": limits, "max_model_len": row.spec.max_model_len}
+    body = {"keys": keys, "limits": limits, "max_model_len": row.spec.max_model_len, "max_body": row.spec.max_body}
     version = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
     return {"version": version, **body}
 

@@ -8,7 +8,8 @@ these plans directly.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass, replace
 
 from manager import names
 from manager.domain import TenantSpec
@@ -23,6 +24,7 @@ GATEWAY_PUBLIC_PORT = 8000
 GATEWAY_ADMIN_PORT = 8001
 MIN_KV_CACHE = 32 * MIB
 SECOND_NS = 1_000_000_000
+GATEWAY_MEMORY = 1024 * MIB
 
 
 def http_healthcheck(port: int, path: str, start_period_s: int) -> dict[str, object]:
@@ -159,15 +161,15 @@ def identity(*parts: str) -> str:
 
 
 def gateway_plan(spec: TenantSpec, settings: Settings, gateway_token: str, image_id: str = "") -> ContainerPlan:
-    """``image_id``: what the image tag points at now, so that a rebuilt image (new gateway code,
-    security fixes included) replaces running gateways, not only new ones."""
+    """The gateway's identity is the whole plan plus ``image_id`` (what the image tag points at
+    now): any change to how it runs, or a rebuilt image (new gateway code, security fixes
+    included), replaces the running gateway, not only new ones."""
     inst = settings.instance
-    ident = identity(str(spec.port), settings.manager_image, gateway_token, *([image_id] if image_id else []))
-    return ContainerPlan(
+    plan = ContainerPlan(
         name=names.gateway(inst, spec.name),
         image=settings.manager_image,
         command=["gateway"],
-        labels=names.labels(inst, Role.GATEWAY, spec.name, spec_hash=ident),
+        labels=names.labels(inst, Role.GATEWAY, spec.name),
         network=control_network_name(settings),
         extra_networks={names.network(inst, spec.name): [names.GATEWAY_ALIAS]},
         env={
@@ -181,12 +183,15 @@ def gateway_plan(spec: TenantSpec, settings: Settings, gateway_token: str, image
         mounts=[Mount(names.gateway_volume(inst, spec.name), "/data")],
         tmpfs={"/tmp": "rw,nosuid,nodev,size=64m"},  # noqa: S108 - a private tmpfs
         pids_limit=256,
-        mem_limit=512 * MIB,
+        # large bodies (images) are bounded by the gateway: 4 at once, 64 MiB each at most
+        mem_limit=GATEWAY_MEMORY,
         ports={GATEWAY_PUBLIC_PORT: (settings.tenant_bind_address, spec.port)},
         # the data plane outlives the manager: Docker restarts gateways, even after dockerd restarts
         restart_policy="unless-stopped",
         healthcheck=http_healthcheck(GATEWAY_ADMIN_PORT, "/healthz", 30),
     )
+    ident = identity(json.dumps(asdict(plan), sort_keys=True, default=str), image_id)
+    return replace(plan, labels={**plan.labels, names.SPEC_HASH: ident})
 
 
 def tenant_plan(

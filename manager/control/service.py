@@ -194,6 +194,7 @@ class TenantService:
         max_model_len: int | None = None,
         quantization: str | None = None,
         shm_size: int | None = None,
+        max_body: int | None = None,
         quotas: dict[str, int | None] | None = None,
     ) -> TenantRow:
         with self._admission:
@@ -208,6 +209,7 @@ class TenantService:
                 ("max_model_len", max_model_len),
                 ("quantization", quantization),
                 ("shm_size", shm_size),
+                ("max_body", max_body),
             ):
                 if value is not None:
                     changes[key] = value
@@ -284,6 +286,7 @@ class TenantService:
         quantization: str | None,
         shm_size: int | None,
         quotas: Quotas,
+        max_body: int | None = None,
     ) -> TenantSpec:
         spec = TenantSpec(
             name=names.validate_tenant_name(name),
@@ -294,6 +297,7 @@ class TenantService:
             quantization=quantization,
             shm_size=shm_size or 1024**3,
             quotas=quotas,
+            **({"max_body": max_body} if max_body is not None else {}),
         )
         check_bounds(spec)
         return spec

@@ -89,6 +89,9 @@ MIGRATIONS: list[Step] = [
     log TEXT NOT NULL DEFAULT ''
 )""",
     ],
+    [  # 3: a request body limit per tenant (32 MiB: a 20 MB image as a base64 data: URL fits)
+        "ALTER TABLE tenants ADD COLUMN max_body INTEGER NOT NULL DEFAULT 33554432",
+    ],
 ]
 """The manager database's schema, step by step (see manager.migrations); append only."""
 
@@ -175,6 +178,7 @@ def _tenant(row: sqlite3.Row) -> TenantRow:
         quantization=row["quantization"],
         shm_size=row["shm_size"],
         quotas=Quotas(row["rpm_limit"], row["tokens_per_day"], row["requests_per_month"], row["max_in_flight"]),
+        max_body=row["max_body"],
     )
     return TenantRow(
         spec,
@@ -269,7 +273,9 @@ class Store:
         q = spec.quotas
         try:
             db.execute(
-                "INSERT INTO tenants VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO tenants (name, port, gpu_memory, model, max_model_len, quantization, shm_size,"
+                " rpm_limit, tokens_per_day, requests_per_month, max_in_flight, status, reason, status_since,"
+                " created_at, updated_at, gateway_token, max_body) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     spec.name,
                     spec.port,
@@ -288,6 +294,7 @@ class Store:
                     now,
                     now,
                     gateway_token,
+                    spec.max_body,
                 ),
             )
         except sqlite3.IntegrityError as exc:
@@ -298,7 +305,7 @@ class Store:
         try:
             db.execute(
                 "UPDATE tenants SET port=?, gpu_memory=?, model=?, max_model_len=?, quantization=?, shm_size=?,"
-                " rpm_limit=?, tokens_per_day=?, requests_per_month=?, max_in_flight=?, updated_at=?"
+                " rpm_limit=?, tokens_per_day=?, requests_per_month=?, max_in_flight=?, max_body=?, updated_at=?"
                 " WHERE name=?",
                 (
                     spec.port,
@@ -311,6 +318,7 @@ class Store:
                     q.tokens_per_day,
                     q.requests_per_month,
                     q.max_in_flight,
+                    spec.max_body,
                     time.time(),
                     spec.name,
                 ),

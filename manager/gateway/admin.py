@@ -32,6 +32,7 @@ class ConfigIn(BaseModel):
     keys: list[KeyIn]
     limits: LimitsIn
     max_model_len: int | None = None
+    max_body: int | None = None
 
 
 def auth(request: Request, authorization: Annotated[str, Header()] = "") -> None:

@@ -35,6 +35,8 @@ PLAIN_PATH = re.compile(rb"^(?:/[A-Za-z0-9_:-][A-Za-z0-9._:-]*)+$")
 """A path as clients of the OpenAI API send it: no percent-escapes, no empty, ``.`` or
 ``..`` segments, nothing an upstream would normalise into another path."""
 MAX_JSON_DEPTH = 64
+LARGE_BODY = 1024 * 1024
+"""Bodies above this (images as data: URLs) take one of the gateway's few large-body slots."""
 
 
 def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:
@@ -57,6 +59,16 @@ def allowed(method: str, path: str) -> bool:
     if method == "GET":
         return path in GET_PATHS or MODEL_PATH.match(path) is not None
     return False
+
+
+def content_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
 
 
 def route_of(path: str) -> str:
@@ -102,6 +114,7 @@ class Proxy:
             limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100)
         )
         self.upstream = settings.upstream.rstrip("/")
+        self.large_slots = asyncio.Semaphore(settings.large_bodies)
         t = settings.upstream_timeout_s
         self.timeouts = {"connect": 5.0, "read": t, "write": t, "pool": t}
 
@@ -154,8 +167,55 @@ class Proxy:
             )
             self.state.metrics.requests.labels(route_of(path), "401").inc()
             return
+        limit = self.state.max_body or self.settings.max_body_bytes
+        length = content_length(scope)
+        if length is not None and length > limit:
+            await self._too_large(send, path, limit)
+            return
+        if length is not None and length <= LARGE_BODY:
+            await self._read_and_forward(method, path, receive, send, key, limit)
+            return
+        try:  # an image, or a body of unknown length: wait for one of the few large-body slots
+            await asyncio.wait_for(self.large_slots.acquire(), self.settings.body_idle_timeout_s)
+        except TimeoutError:
+            self.state.metrics.requests.labels(route_of(path), "503").inc()
+            await self._send(
+                send,
+                503,
+                error_body(
+                    f"Too many large requests (over {LARGE_BODY // 1024 // 1024} MiB) on this port at once; retry "
+                    "shortly.",
+                    "server_error",
+                    "too_many_large_requests",
+                ),
+                {"retry-after": "5"},
+            )
+            return
         try:
-            body = await self._read_body(receive)
+            await self._read_and_forward(method, path, receive, send, key, limit)
+        finally:
+            self.large_slots.release()
+
+    async def _too_large(self, send: Send, path: str, limit: int) -> None:
+        self.state.metrics.requests.labels(route_of(path), "413").inc()
+        await self._send(
+            send,
+            413,
+            error_body(
+                f"Request body larger than this API's limit of {limit / 1024 / 1024:.1f} MiB ({limit} bytes); "
+                "send a smaller request (for example a smaller image) or ask your administrator to raise it "
+                "(update-tenant --max-body).",
+                "invalid_request_error",
+                "request_too_large",
+            ),
+            {"connection": "close"},
+        )
+
+    async def _read_and_forward(
+        self, method: str, path: str, receive: Receive, send: Send, key: KeyEntry, limit: int
+    ) -> None:
+        try:
+            body = await self._read_body(receive, limit)
         except TimeoutError:
             await self._send(
                 send,
@@ -171,15 +231,7 @@ class Proxy:
             self.state.metrics.requests.labels(route_of(path), "408").inc()
             return
         if body is None:
-            await self._send(
-                send,
-                413,
-                error_body(
-                    f"Request body larger than {self.settings.max_body_bytes} bytes.",
-                    "invalid_request_error",
-                    "request_too_large",
-                ),
-            )
+            await self._too_large(send, path, limit)
             return
         await self._forward(method, path, receive, send, key, body)
 
@@ -202,7 +254,7 @@ class Proxy:
                     return self.state.authenticate(token.strip())
         return None
 
-    async def _read_body(self, receive: Receive) -> bytes | None:
+    async def _read_body(self, receive: Receive, limit: int) -> bytes | None:
         """The whole body; None when it exceeds the limit. A client that stops sending for
         ``body_idle_timeout_s`` (a body shorter than its Content-Length) gets TimeoutError."""
         chunks: list[bytes] = []
@@ -213,7 +265,7 @@ class Proxy:
                 return b""
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.settings.max_body_bytes:
+            if size > limit:
                 return None
             chunks.append(chunk)
             if not message.get("more_body"):

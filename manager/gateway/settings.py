@@ -18,7 +18,11 @@ class GatewaySettings(BaseSettings):
     admin_port: int = 8001
     admin_token: SecretStr = SecretStr("")
     data_dir: Path = Path("/data")
-    max_body_bytes: int = 1024 * 1024
+    max_body_bytes: int = 32 * 1024 * 1024
+    """Request body limit until the manager pushes the tenant's own (``--max-body``)."""
+    large_bodies: int = 4
+    """Requests with a body over 1 MiB (images) in flight at once; more wait for a slot, and get 503
+    after ``body_idle_timeout_s``. With bodies of at most 64 MiB this bounds the gateway's memory."""
     default_max_tokens: int = 512
     upstream_timeout_s: float = 600.0
     drain_timeout_s: float = 120.0

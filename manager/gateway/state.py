@@ -59,6 +59,8 @@ class GatewayState:
         self.metrics = GatewayMetrics()
         self.max_model_len: int | None = None
         """The engine's context length: no request uses more tokens (prompt plus completion)."""
+        self.max_body: int | None = None
+        """The tenant's request body limit (bytes); the gateway's setting when the manager sent none."""
         self.unwritten: list[UsageRecord] = []
         """Records the spool could not take (its volume full): written first, in order, once it can."""
         self.spool_error: str | None = None
@@ -84,6 +86,8 @@ class GatewayState:
         self.quotas.limits = limits
         length = body.get("max_model_len")
         self.max_model_len = int(length) if isinstance(length, int) and length > 0 else None
+        limit = body.get("max_body")
+        self.max_body = int(limit) if isinstance(limit, int) and limit > 0 else None
         self.version = str(body.get("version", ""))
 
     def record(self, rec: UsageRecord) -> bool:

@@ -39,9 +39,11 @@ def start_lone_gateway(
     docker_client: docker.DockerClient,
     settings: Any,
     volume_opts: dict[str, str] | None = None,
+    config: dict[str, Any] | None = None,
 ) -> LoneGateway:
     """A gateway container with one key and no engine (removed with the test's instance label).
-    ``volume_opts``: driver options of its data volume (e.g. a small tmpfs)."""
+    ``volume_opts``: driver options of its data volume (e.g. a small tmpfs); ``config``: more of
+    the config the manager would push (e.g. the tenant's body limit)."""
     runtime = DockerRuntime(docker_client)
     spec = TenantSpec(name="hard", port=free_port(), gpu_memory=1536 * MIB, model="demo", max_model_len=512)
     token = secrets.token_urlsafe(32)
@@ -67,6 +69,7 @@ def start_lone_gateway(
                         "version": "v1",
                         "keys": [{"id": issued.id, "hash": issued.hash, "expires_at": None}],
                         "limits": {},
+                        **(config or {}),
                     }
                 )
             return True
@@ -212,3 +215,28 @@ def test_a_full_usage_volume_refuses_requests_and_loses_no_record(
         records, _ = admin.usage(0)
     ids = [r["request_id"] for r in records]
     assert len(ids) == len(set(ids)) == 3 + served_while_full + 1
+
+
+def test_an_image_sized_body_passes_up_to_the_tenants_limit(
+    docker_client: docker.DockerClient, manager_settings
+) -> None:
+    """A 15 MB image as a data: URL reaches the engine (here: none, so 503 engine_unavailable);
+    over the tenant's 20 MiB limit the gateway answers 413 and names the limit."""
+    gw = start_lone_gateway(docker_client, manager_settings(), config={"max_body": 20 * 1024 * 1024})
+    url = f"http://127.0.0.1:{gw.port}/v1/chat/completions"
+    headers = {"Authorization": f"Bearer {gw.key}"}
+
+    def ask(image_bytes: int) -> httpx.Response:
+        image = "data:image/jpeg;base64," + "A" * (image_bytes * 4 // 3)
+        content = [
+            {"type": "text", "text": "what is on this photo?"},
+            {"type": "image_url", "image_url": {"url": image}},
+        ]
+        body = {"model": "demo", "messages": [{"role": "user", "content": content}], "max_tokens": 16}
+        return httpx.post(url, json=body, headers=headers, timeout=60)
+
+    forwarded = ask(11_000_000)  # about 15 MB as base64
+    assert forwarded.status_code == 503 and forwarded.json()["error"]["code"] == "engine_unavailable"
+    refused = ask(19_000_000)  # about 25 MB as base64
+    assert refused.status_code == 413
+    assert "20.0 MiB" in refused.json()["error"]["message"]

@@ -385,3 +385,58 @@ async def test_the_token_reservation_is_bounded_by_the_engines_context(tmp_path:
     # while the third was in flight it held 512 tokens, not 700,000; settled, each used its real 8
     assert int(r.headers["x-ratelimit-remaining-tokens"]) == 2000 - 2 * USAGE["total_tokens"] - 512
     assert int(state.quotas.headers()["x-ratelimit-remaining-tokens"]) == 2000 - 3 * USAGE["total_tokens"]
+
+
+async def test_the_tenants_body_limit_applies_and_a_413_names_it(tmp_path: Path) -> None:
+    state = GatewayState(GatewayStore(tmp_path / "gw.db"))
+    issued = keys.issue()
+    state.apply(
+        {"version": "v", "keys": [{"id": issued.id, "hash": issued.hash}], "limits": {}, "max_body": 4 * 1024 * 1024}
+    )
+    proxy = Proxy(GatewaySettings(max_body_bytes=1024), state, transport=httpx.MockTransport(upstream))
+    client = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=proxy),
+        base_url="http://gw",
+        headers={"Authorization": f"Bearer {issued.secret_key}"},
+    )
+    image = "data:image/png;base64," + "A" * 3_000_000  # over the gateway's own default, within the tenant's
+    ok = await client.post("/v1/chat/completions", json={**CHAT, "x": image})
+    assert ok.status_code == 200
+    too_big = await client.post("/v1/chat/completions", json={**CHAT, "x": image + "A" * 2_000_000})
+    assert too_big.status_code == 413
+    assert "4.0 MiB (4194304 bytes)" in too_big.json()["error"]["message"]
+    assert "--max-body" in too_big.json()["error"]["message"]
+
+
+async def test_large_bodies_take_a_slot_and_wait_for_one(tmp_path: Path) -> None:
+    import asyncio
+
+    state = GatewayState(GatewayStore(tmp_path / "gw.db"))
+    issued = keys.issue()
+    state.apply({"version": "v", "keys": [{"id": issued.id, "hash": issued.hash}], "limits": {}})
+    release = asyncio.Event()
+    inside = 0
+    most = 0
+
+    class Slow(httpx.AsyncBaseTransport):
+        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            nonlocal inside, most
+            inside += 1
+            most = max(most, inside)
+            await release.wait()
+            inside -= 1
+            return upstream(request)
+
+    proxy = Proxy(GatewaySettings(large_bodies=2, body_idle_timeout_s=5), state, transport=Slow())
+    client = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=proxy),
+        base_url="http://gw",
+        headers={"Authorization": f"Bearer {issued.secret_key}"},
+    )
+    big = {**CHAT, "x": "A" * 2_000_000}
+    tasks = [asyncio.create_task(client.post("/v1/chat/completions", json=big)) for _ in range(5)]
+    await asyncio.sleep(0.3)
+    assert inside == 2  # two large requests at the engine, three waiting for a slot
+    release.set()
+    assert [r.status_code for r in await asyncio.gather(*tasks)] == [200] * 5
+    assert most == 2

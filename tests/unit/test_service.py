@@ -60,7 +60,9 @@ def test_an_engine_change_makes_the_tenant_pending_a_quota_change_does_not(svc: 
     create(svc)
     svc.store.set_status("acme", TenantStatus.RUNNING)
     svc.update("acme", "admin", quotas={"rpm_limit": 10})
+    svc.update("acme", "admin", max_body=8 * MIB)  # the gateway's business: no new engine either
     assert svc.store.tenant("acme").status == TenantStatus.RUNNING
+    assert svc.store.tenant("acme").spec.max_body == 8 * MIB
     svc.update("acme", "admin", gpu_memory=2048 * MIB)
     row = svc.store.tenant("acme")
     assert row.status == TenantStatus.PENDING and "recreated" in row.reason
@@ -90,3 +92,9 @@ def test_grace_periods_are_bounded(svc: TenantService) -> None:
     for grace in (-1.0, float("nan"), float("inf"), 10.0**12):
         with pytest.raises(InvalidInput, match="grace period"):
             svc.rotate_key("acme", "admin", grace)
+
+
+def test_a_body_limit_out_of_range_is_refused(svc: TenantService) -> None:
+    create(svc)
+    with pytest.raises(InvalidInput, match="max body must be between"):
+        svc.update("acme", "admin", max_body=1024**3)

@@ -43,6 +43,7 @@ def test_the_manager_database_upgrades_in_place(release: Path) -> None:
         )
         assert (row.spec.quotas.rpm_limit, row.spec.quotas.tokens_per_day) == (30, 100_000)
         assert row.gateway_token == "fixture-gateway-token"
+        assert row.spec.max_body == 32 * 1024**2  # the column a later release added, at its default
         assert len(store.keys("lab")) == 2
         assert store.usage_totals("lab", 0).requests == 3
         assert store.usage_cursor("lab") == 3
