@@ -43,7 +43,12 @@ def _engine_options(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--port", type=int, required=required, help="the tenant's API port on the host")
     p.add_argument("--model", help="model directory under the models volume (default: the demo model)")
     p.add_argument("--max-model-len", type=int, help="longest context in tokens")
-    p.add_argument("--quant", dest="quantization", help="vLLM quantization method, e.g. awq, gptq, fp8")
+    p.add_argument(
+        "--quant",
+        dest="quantization",
+        help="int4 (served from a 4-bit AWQ/GPTQ checkpoint) or an engine method such as awq, gptq, fp8; "
+        "checked against the engine and the model before anything is created",
+    )
     p.add_argument("--shm-size", type=_size, help="shared memory of the engine, e.g. 5G (default 1G)")
     p.add_argument(
         "--max-body",

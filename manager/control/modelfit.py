@@ -43,14 +43,31 @@ def _safetensors_header(path: Path) -> dict[str, Any]:
     return header
 
 
-def read_footprint(models_dir: Path, model: str, *, quantized: bool = False) -> ModelFootprint:
+def _model_dir(models_dir: Path, model: str) -> Path:
     directory = models_dir / model
-    if not directory.is_dir():
+    if "/" in model or model.startswith(".") or not directory.is_dir():
         available = sorted(p.name for p in models_dir.iterdir() if p.is_dir()) if models_dir.is_dir() else []
         raise NotFound(
             f"model {model!r} not found under {models_dir}; available: {', '.join(available) or 'none'}. "
             "Put the model's directory (config.json + *.safetensors) into the models volume"
         )
+    return directory
+
+
+def read_config(models_dir: Path, model: str) -> dict[str, Any]:
+    """The model's config.json (NotFound for a model that is not there)."""
+    path = _model_dir(models_dir, model) / "config.json"
+    try:
+        config: dict[str, Any] = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise InvalidInput(f"model {model!r} has no config.json") from exc
+    except ValueError as exc:
+        raise InvalidInput(f"model {model!r}: config.json is not valid JSON ({exc})") from exc
+    return config
+
+
+def read_footprint(models_dir: Path, model: str, *, quantized: bool = False) -> ModelFootprint:
+    directory = _model_dir(models_dir, model)
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise InvalidInput(f"model {model!r} has no *.safetensors files; only safetensors checkpoints are served")

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from manager import names
 from manager.control import keys
 from manager.control.admission import AdmissionInput, Decision, decide
-from manager.control.modelfit import read_footprint
+from manager.control.modelfit import read_config, read_footprint
 from manager.control.plan import MIN_KV_CACHE
+from manager.control.quant import checkpoint_method, resolve
 from manager.control.reconciler import Reconciler
 from manager.control.store import KeyRow, Store, TenantRow
 from manager.domain import MAX_GRACE_S, MAX_PORT, MIN_PORT, Quotas, TenantSpec, TenantStatus, check_bounds
@@ -99,7 +100,9 @@ class TenantService:
 
     # ---------------------------------------------------------------- admission
     def model_minimum(self, model: str, max_model_len: int, quantized: bool) -> int:
-        footprint = read_footprint(self.settings.models_dir, model, quantized=quantized)
+        # a pre-quantized checkpoint is served as stored, with or without --quant
+        stored = quantized or checkpoint_method(read_config(self.settings.models_dir, model)) is not None
+        footprint = read_footprint(self.settings.models_dir, model, quantized=stored)
         minimum = footprint.minimum(
             max(max_model_len, self.settings.min_kv_tokens), self.settings.effective_engine_overhead
         )
@@ -216,6 +219,11 @@ class TenantService:
             if quotas:
                 current = row.spec.quotas
                 changes["quotas"] = Quotas(**{**current.__dict__, **quotas})
+            if "quantization" in changes or "model" in changes:
+                model_after = str(changes.get("model", row.spec.model))
+                changes["quantization"] = self._quantization(
+                    model_after, changes.get("quantization", row.spec.quantization)
+                )
             new = row.spec.with_changes(**changes)
             check_bounds(new)
             if new == row.spec:
@@ -275,6 +283,11 @@ class TenantService:
             self.store.audit(actor, "revoke-key", name, "ok", {"key_id": key_id}, db=db)
         self.reconciler.enqueue(name)
 
+    def _quantization(self, model: str, requested: object) -> str | None:
+        """``--quant`` checked against the engine and the model; int4 mapped by the rule in control.quant."""
+        text = requested if isinstance(requested, str) else None
+        return resolve(text, model, read_config(self.settings.models_dir, model), self.settings.gpu_mode)
+
     def new_spec(
         self,
         *,
@@ -294,7 +307,7 @@ class TenantService:
             gpu_memory=gpu_memory,
             model=model or self.settings.default_model,
             max_model_len=max_model_len or self.settings.default_max_model_len,
-            quantization=quantization,
+            quantization=self._quantization(model or self.settings.default_model, quantization),
             shm_size=shm_size or 1024**3,
             quotas=quotas,
             **({"max_body": max_body} if max_body is not None else {}),

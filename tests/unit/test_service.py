@@ -98,3 +98,19 @@ def test_a_body_limit_out_of_range_is_refused(svc: TenantService) -> None:
     create(svc)
     with pytest.raises(InvalidInput, match="max body must be between"):
         svc.update("acme", "admin", max_body=1024**3)
+
+
+def test_quant_is_checked_before_anything_is_created(svc: TenantService) -> None:
+    for quant, says in (("int9", "unknown --quant"), ("int4", "is not quantized"), ("fp8", "needs a GPU")):
+        with pytest.raises(InvalidInput, match=says):
+            svc.new_spec(
+                name="qq",
+                port=30002,
+                gpu_memory=1536 * MIB,
+                model=None,
+                max_model_len=None,
+                quantization=quant,
+                shm_size=None,
+                quotas=Quotas(),
+            )
+    assert svc.store.tenants() == []
