@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print JSON")
 
+    p = sub.add_parser("list-models", help="models in the models volume and the smallest --gpu-memory for each")
+    p.add_argument("--max-model-len", type=int, help="also the smallest --gpu-memory at this context length")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
     p = sub.add_parser("capacity", help="device memory: total, reserved and measured per tenant, free")
     p.add_argument("--json", action="store_true", help="print JSON")
 
@@ -302,6 +306,20 @@ def run(args: argparse.Namespace, api: Api) -> int:
             print(f"new API key for {args.name} (shown once, store it now): {out['api_key']}")
             print(f"older keys stay valid for {args.grace:.0f} s" if args.grace else "older keys are revoked")
             return 0
+    elif args.command == "list-models":
+        params = {"max_model_len": args.max_model_len} if args.max_model_len else None
+        out = api.call("GET", "/api/v1/models", params=params)
+        if not args.json:
+            rows = [
+                [m["name"], m["architecture"], f"{m['parameters'] / 1e6:.1f}M", m["dtype"],
+                 format_size(m["weight_bytes"]), "yes" if m["takes_images"] else "no", m["quantization"] or "-",
+                 format_size(m["minimum_gpu_memory"]), _opt_size(m["minimum_gpu_memory_at"]), m["problem"][:60]]
+                for m in out
+            ]  # fmt: skip
+            at = f"MIN AT {args.max_model_len}" if args.max_model_len else "MIN AT -"
+            print(_table(rows, ["NAME", "ARCHITECTURE", "PARAMS", "DTYPE", "WEIGHTS", "IMAGES", "QUANT",
+                                "MIN GPU-MEMORY", at, "PROBLEM"]))  # fmt: skip
+            return 0
     elif args.command == "capacity":
         out = api.call("GET", "/api/v1/capacity")
         if not args.json:
@@ -397,6 +415,7 @@ update_tenant = _command("update-tenant")
 remove_tenant = _command("remove-tenant")
 rotate_key = _command("rotate-key")
 capacity = _command("capacity")
+list_models = _command("list-models")
 what_if = _command("what-if")
 audit = _command("audit")
 

@@ -16,6 +16,7 @@ from manager.api.schemas import (
     ErrorResponse,
     IssuedKeyPublic,
     KeyPublic,
+    ModelPublic,
     Removal,
     RotateKey,
     TenantCreate,
@@ -26,7 +27,7 @@ from manager.api.schemas import (
     WhatIf,
 )
 from manager.control.costs import Share, split
-from manager.domain import QUOTA_FIELDS, Quotas
+from manager.domain import MAX_MODEL_LEN, MIN_MODEL_LEN, QUOTA_FIELDS, Quotas
 
 
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -44,6 +45,7 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 router = APIRouter(prefix="/api/v1", responses=error_responses(401, 422, 503))
 TenantName = Annotated[str, Path(max_length=64, description="the tenant's name")]
+ModelLenQuery = Annotated[int | None, Query(ge=MIN_MODEL_LEN, le=MAX_MODEL_LEN, description="context length")]
 UnixTime = Annotated[float, Query(ge=0, le=1e11, allow_inf_nan=False, description="UNIX seconds")]
 
 
@@ -156,6 +158,13 @@ def rotate_key(name: TenantName, body: RotateKey, svc: Service, actor: Admin) ->
 def revoke_key(name: TenantName, key_id: Annotated[str, Path(max_length=64)], svc: Service, actor: Admin) -> Response:
     svc.revoke_key(name, key_id, actor)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.get("/models", tags=["models"])
+def list_models(svc: Service, _: Admin, max_model_len: ModelLenQuery = None) -> list[ModelPublic]:
+    """The models in the models volume and the smallest reservation that fits each (the same
+    computation as admission's model-fit check), at the default and at ``max_model_len``."""
+    return [ModelPublic.of(e) for e in svc.catalog(max_model_len)]
 
 
 @router.get("/capacity", tags=["capacity"])

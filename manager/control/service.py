@@ -18,7 +18,7 @@ from manager.control.quant import checkpoint_method, resolve
 from manager.control.reconciler import Reconciler
 from manager.control.store import KeyRow, Store, TenantRow
 from manager.domain import MAX_GRACE_S, MAX_PORT, MIN_PORT, Quotas, TenantSpec, TenantStatus, check_bounds
-from manager.errors import AdmissionRefused, Conflict, InvalidInput, NotFound
+from manager.errors import AdmissionRefused, Conflict, GtmError, InvalidInput, NotFound
 from manager.gpu import DeviceMemory, Inventory
 from manager.runtime.protocol import Runtime
 from manager.settings import Settings
@@ -42,6 +42,25 @@ class Capacity:
     @property
     def unreserved(self) -> int:
         return self.device.total - self.headroom - self.reserved
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """A model in the models volume, with the smallest reservation admission accepts for it."""
+
+    name: str
+    architecture: str
+    parameters: int
+    dtype: str
+    weight_bytes: int
+    takes_images: bool
+    quantization: str | None
+    minimum_default: int
+    """Smallest --gpu-memory at the default --max-model-len (admission's own model-fit figure)."""
+    minimum_at: int | None
+    """... at the --max-model-len asked for, if any."""
+    problem: str = ""
+    """Why the model cannot be served as it is ('' when it can)."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +128,38 @@ class TenantService:
         if self.inventory.mode == "cpu":
             minimum = max(minimum, self.settings.effective_engine_overhead + MIN_KV_CACHE)
         return minimum
+
+    def catalog(self, max_model_len: int | None = None) -> list[CatalogEntry]:
+        """Every model directory in the models volume; the minimums come from ``model_minimum``,
+        the function admission's model-fit check uses, so the two never disagree."""
+        root = self.settings.models_dir
+        names_ = (
+            sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
+        )
+        out = []
+        for name in names_:
+            try:
+                config = read_config(root, name)
+                footprint = read_footprint(root, name, quantized=checkpoint_method(config) is not None)
+                method = checkpoint_method(config)
+                default = self.model_minimum(name, self.settings.default_max_model_len, False)
+                at = self.model_minimum(name, max_model_len, False) if max_model_len else None
+            except GtmError as exc:
+                out.append(CatalogEntry(name, "", 0, "", 0, False, None, 0, None, exc.message))
+                continue
+            text = config.get("text_config", config)
+            out.append(CatalogEntry(
+                name=name,
+                architecture=str((config.get("architectures") or ["unknown"])[0]),
+                parameters=footprint.parameters,
+                dtype=str(text.get("torch_dtype") or text.get("dtype") or config.get("torch_dtype") or "unknown"),
+                weight_bytes=footprint.weight_bytes,
+                takes_images="vision_config" in config,
+                quantization=method[0] if method else None,
+                minimum_default=default,
+                minimum_at=at,
+            ))  # fmt: skip
+        return out
 
     def assess(
         self, requested: int, model: str, max_model_len: int, quantized: bool = False, tenant: str | None = None

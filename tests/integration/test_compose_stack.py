@@ -76,6 +76,20 @@ def test_docker_exec_add_tenant_in_the_compose_stack(
     bad = dexec(manager, "add-tenant", "--name", "companya", "--gpu-memory", "10", "--port", "30301")
     assert bad.returncode == 2
     assert "expected a number with a unit" in bad.stderr
+    for wrong, says in (
+        (["--quant", "int9"], "unknown --quant 'int9'"),
+        (["--quant", "int4"], "is not quantized"),
+        (["--model", "llama-70b"], "available: demo"),
+    ):
+        refused = dexec(manager, "add-tenant", "--name", "companya", "--gpu-memory", "1536M", "--port", "30301", *wrong)
+        assert refused.returncode != 0 and says in refused.stderr, refused.stderr
+    assert json.loads(dexec(manager, "list-tenants", "--json").stdout) == []  # nothing was created
+
+    models = json.loads(dexec(manager, "list-models", "--max-model-len", "1024", "--json").stdout)
+    (demo,) = models
+    assert demo["name"] == "demo" and demo["architecture"] == "LlamaForCausalLM" and not demo["takes_images"]
+    assert demo["minimum_gpu_memory"] <= 1536 * 1024**2 and demo["minimum_gpu_memory_at"] >= demo["minimum_gpu_memory"]
+    assert "MIN GPU-MEMORY" in dexec(manager, "list-models").stdout
 
     added = dexec(manager, "add-tenant", "--name", "companya", "--gpu-memory", "1536M", "--port", "30301")
     assert added.returncode == 0, added.stderr

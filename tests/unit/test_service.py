@@ -4,6 +4,7 @@ turn, in the runtime."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -114,3 +115,23 @@ def test_quant_is_checked_before_anything_is_created(svc: TenantService) -> None
                 quotas=Quotas(),
             )
     assert svc.store.tenants() == []
+
+
+def test_the_catalog_lists_every_model_with_admissions_own_minimum(svc: TenantService, tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    vision = {"num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 256}
+    write_model(models, "tinyvl", {"w": ("BF16", [2000, 256])}, vision)
+    cfg = json.loads((models / "tinyvl" / "config.json").read_text())
+    cfg.update(architectures=["Qwen2VLForConditionalGeneration"], vision_config={"depth": 2})
+    (models / "tinyvl" / "config.json").write_text(json.dumps(cfg))
+    (models / "empty").mkdir()
+    entries = {e.name: e for e in svc.catalog(max_model_len=2048)}
+    assert set(entries) == {"demo", "empty", "tinyvl"}
+    assert entries["tinyvl"].takes_images and not entries["demo"].takes_images
+    assert "has no config.json" in entries["empty"].problem
+    demo = entries["demo"]
+    assert demo.minimum_default == svc.model_minimum("demo", svc.settings.default_max_model_len, False)
+    assert demo.minimum_at is not None and demo.minimum_at >= demo.minimum_default
+    fits = svc.assess(demo.minimum_default, "demo", svc.settings.default_max_model_len)
+    short = svc.assess(demo.minimum_default - 1, "demo", svc.settings.default_max_model_len)
+    assert "model_fit" not in fits.failed_checks and "model_fit" in short.failed_checks
