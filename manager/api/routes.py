@@ -16,7 +16,6 @@ from manager.api.schemas import (
     ErrorResponse,
     IssuedKeyPublic,
     KeyPublic,
-    ModelPublic,
     Removal,
     RotateKey,
     TenantCreate,
@@ -27,6 +26,7 @@ from manager.api.schemas import (
     WhatIf,
 )
 from manager.control.costs import Share, split
+from manager.control.service import CatalogEntry
 from manager.domain import MAX_MODEL_LEN, MIN_MODEL_LEN, QUOTA_FIELDS, Quotas
 
 
@@ -161,10 +161,10 @@ def revoke_key(name: TenantName, key_id: Annotated[str, Path(max_length=64)], sv
 
 
 @router.get("/models", tags=["models"])
-def list_models(svc: Service, _: Admin, max_model_len: ModelLenQuery = None) -> list[ModelPublic]:
+def list_models(svc: Service, _: Admin, max_model_len: ModelLenQuery = None) -> list[CatalogEntry]:
     """The models in the models volume and the smallest reservation that fits each (the same
     computation as admission's model-fit check), at the default and at ``max_model_len``."""
-    return [ModelPublic.of(e) for e in svc.catalog(max_model_len)]
+    return svc.catalog(max_model_len)
 
 
 @router.get("/capacity", tags=["capacity"])

@@ -8,7 +8,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSche
 from pydantic.config import JsonDict
 
 from manager.control.admission import Decision
-from manager.control.service import Capacity, CatalogEntry
+from manager.control.service import Capacity
 from manager.control.store import AuditRow, KeyRow, TenantRow, UsageTotals
 from manager.domain import MAX_GRACE_S, MAX_MODEL_LEN, MAX_PORT, MIN_MODEL_LEN, MIN_PORT, QUOTA_MAX
 from manager.names import TENANT_NAME
@@ -199,36 +199,6 @@ class WhatIf(Strict):
 
 class Removal(BaseModel):
     status: str = Field(description="'removing': the reconciler tears the tenant down in the background")
-
-
-class ModelPublic(BaseModel):
-    name: str
-    architecture: str
-    parameters: int
-    dtype: str
-    weight_bytes: int
-    takes_images: bool
-    quantization: str | None
-    minimum_gpu_memory: int = Field(
-        description="smallest --gpu-memory admission accepts at the default --max-model-len"
-    )
-    minimum_gpu_memory_at: int | None = Field(description="... at the max_model_len asked for")
-    problem: str = Field(description="why the model cannot be served as it is ('' when it can)")
-
-    @classmethod
-    def of(cls, e: CatalogEntry) -> ModelPublic:
-        return cls(
-            name=e.name,
-            architecture=e.architecture,
-            parameters=e.parameters,
-            dtype=e.dtype,
-            weight_bytes=e.weight_bytes,
-            takes_images=e.takes_images,
-            quantization=e.quantization,
-            minimum_gpu_memory=e.minimum_default,
-            minimum_gpu_memory_at=e.minimum_at,
-            problem=e.problem,
-        )
 
 
 class DevicePublic(BaseModel):

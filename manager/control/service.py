@@ -55,9 +55,9 @@ class CatalogEntry:
     weight_bytes: int
     takes_images: bool
     quantization: str | None
-    minimum_default: int
+    minimum_gpu_memory: int
     """Smallest --gpu-memory at the default --max-model-len (admission's own model-fit figure)."""
-    minimum_at: int | None
+    minimum_gpu_memory_at: int | None
     """... at the --max-model-len asked for, if any."""
     problem: str = ""
     """Why the model cannot be served as it is ('' when it can)."""
@@ -156,8 +156,8 @@ class TenantService:
                 weight_bytes=footprint.weight_bytes,
                 takes_images="vision_config" in config,
                 quantization=method[0] if method else None,
-                minimum_default=default,
-                minimum_at=at,
+                minimum_gpu_memory=default,
+                minimum_gpu_memory_at=at,
             ))  # fmt: skip
         return out
 

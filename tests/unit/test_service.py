@@ -130,8 +130,8 @@ def test_the_catalog_lists_every_model_with_admissions_own_minimum(svc: TenantSe
     assert entries["tinyvl"].takes_images and not entries["demo"].takes_images
     assert "has no config.json" in entries["empty"].problem
     demo = entries["demo"]
-    assert demo.minimum_default == svc.model_minimum("demo", svc.settings.default_max_model_len, False)
-    assert demo.minimum_at is not None and demo.minimum_at >= demo.minimum_default
-    fits = svc.assess(demo.minimum_default, "demo", svc.settings.default_max_model_len)
-    short = svc.assess(demo.minimum_default - 1, "demo", svc.settings.default_max_model_len)
+    assert demo.minimum_gpu_memory == svc.model_minimum("demo", svc.settings.default_max_model_len, False)
+    assert demo.minimum_gpu_memory_at is not None and demo.minimum_gpu_memory_at >= demo.minimum_gpu_memory
+    fits = svc.assess(demo.minimum_gpu_memory, "demo", svc.settings.default_max_model_len)
+    short = svc.assess(demo.minimum_gpu_memory - 1, "demo", svc.settings.default_max_model_len)
     assert "model_fit" not in fits.failed_checks and "model_fit" in short.failed_checks
