@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -108,6 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list-models", help="models in the models volume and the smallest --gpu-memory for each")
     p.add_argument("--max-model-len", type=int, help="also the smallest --gpu-memory at this context length")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("import-model", help="check a model directory and copy it into the models volume")
+    p.add_argument(
+        "source",
+        help="a directory in the manager container (docker cp it there first), or a "
+        "Hugging Face cache entry (models--org--name)",
+    )
+    p.add_argument("--name", help="the model's name for --model (default: the directory's name)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("capacity", help="device memory: total, reserved and measured per tenant, free")
@@ -320,6 +330,16 @@ def run(args: argparse.Namespace, api: Api) -> int:
             print(_table(rows, ["NAME", "ARCHITECTURE", "PARAMS", "DTYPE", "WEIGHTS", "IMAGES", "QUANT",
                                 "MIN GPU-MEMORY", at, "PROBLEM"]))  # fmt: skip
             return 0
+    elif args.command == "import-model":
+        source = os.path.abspath(args.source)  # the API runs in the same container: one filesystem
+        out = api.call("POST", "/api/v1/models", {"source": source, **({"name": args.name} if args.name else {})})
+        if not args.json:
+            print(
+                f"model {out['name']} imported ({out['architecture']}, {out['parameters'] / 1e6:.1f}M parameters, "
+                f"images: {'yes' if out['takes_images'] else 'no'}); smallest --gpu-memory "
+                f"{format_size(out['minimum_gpu_memory'])}; use it with add-tenant --model {out['name']}"
+            )
+            return 0
     elif args.command == "capacity":
         out = api.call("GET", "/api/v1/capacity")
         if not args.json:
@@ -416,6 +436,7 @@ remove_tenant = _command("remove-tenant")
 rotate_key = _command("rotate-key")
 capacity = _command("capacity")
 list_models = _command("list-models")
+import_model = _command("import-model")
 what_if = _command("what-if")
 audit = _command("audit")
 

@@ -16,6 +16,7 @@ from manager.api.schemas import (
     ErrorResponse,
     IssuedKeyPublic,
     KeyPublic,
+    ModelImport,
     Removal,
     RotateKey,
     TenantCreate,
@@ -165,6 +166,13 @@ def list_models(svc: Service, _: Admin, max_model_len: ModelLenQuery = None) -> 
     """The models in the models volume and the smallest reservation that fits each (the same
     computation as admission's model-fit check), at the default and at ``max_model_len``."""
     return svc.catalog(max_model_len)
+
+
+@router.post("/models", status_code=status.HTTP_201_CREATED, tags=["models"], responses=error_responses(400, 404, 409))
+def import_model(body: ModelImport, svc: Service, actor: Admin) -> CatalogEntry:
+    """Checks a model directory on the manager (config, tokenizer, safetensors headers) and copies it
+    into the models volume; an incomplete one is refused and nothing is written."""
+    return svc.import_model(body.source, body.name, actor)
 
 
 @router.get("/capacity", tags=["capacity"])

@@ -197,6 +197,15 @@ class WhatIf(Strict):
     )
 
 
+class ModelImport(Strict):
+    source: str = Field(
+        max_length=4096,
+        description="a directory on the manager (config.json, tokenizer, *.safetensors), or a Hugging Face "
+        "cache entry (models--org--name)",
+    )
+    name: str | None = Field(None, max_length=100, description="the model's name (default: the directory's)")
+
+
 class Removal(BaseModel):
     status: str = Field(description="'removing': the reconciler tears the tenant down in the background")
 

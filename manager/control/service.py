@@ -8,9 +8,10 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from manager import names
-from manager.control import keys
+from manager.control import keys, models
 from manager.control.admission import AdmissionInput, Decision, decide
 from manager.control.modelfit import read_config, read_footprint
 from manager.control.plan import MIN_KV_CACHE
@@ -128,6 +129,17 @@ class TenantService:
         if self.inventory.mode == "cpu":
             minimum = max(minimum, self.settings.effective_engine_overhead + MIN_KV_CACHE)
         return minimum
+
+    def import_model(self, source: str, name: str | None, actor: str) -> CatalogEntry:
+        """Checks a model directory and copies it into the models volume; audited."""
+        try:
+            imported = models.import_model(self.settings.models_dir, Path(source), name)
+        except GtmError as exc:
+            self.store.audit(actor, "import-model", None, "refused", {"source": source, "error": exc.message})
+            raise
+        self.store.audit(actor, "import-model", None, "ok", {"source": source, "model": imported})
+        (entry,) = [e for e in self.catalog() if e.name == imported]
+        return entry
 
     def catalog(self, max_model_len: int | None = None) -> list[CatalogEntry]:
         """Every model directory in the models volume; the minimums come from ``model_minimum``,

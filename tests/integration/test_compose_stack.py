@@ -91,7 +91,19 @@ def test_docker_exec_add_tenant_in_the_compose_stack(
     assert demo["minimum_gpu_memory"] <= 1536 * 1024**2 and demo["minimum_gpu_memory_at"] >= demo["minimum_gpu_memory"]
     assert "MIN GPU-MEMORY" in dexec(manager, "list-models").stdout
 
-    added = dexec(manager, "add-tenant", "--name", "companya", "--gpu-memory", "1536M", "--port", "30301")
+    # import-model: a copy of the demo model under a new name becomes usable; an incomplete one does not
+    assert dexec(manager, "cp", "-r", "/models/demo", "/tmp/upload").returncode == 0
+    imported = dexec(manager, "import-model", "/tmp/upload", "--name", "democopy")
+    assert imported.returncode == 0 and "use it with add-tenant --model democopy" in imported.stdout, imported.stderr
+    assert dexec(manager, "rm", "/tmp/upload/tokenizer.json").returncode == 0
+    incomplete = dexec(manager, "import-model", "/tmp/upload", "--name", "broken")
+    assert incomplete.returncode == 2 and "no tokenizer" in incomplete.stderr
+    listed = {m["name"] for m in json.loads(dexec(manager, "list-models", "--json").stdout)}
+    assert listed == {"demo", "democopy"}
+
+    added = dexec(
+        manager, "add-tenant", "--name", "companya", "--gpu-memory", "1536M", "--port", "30301", "--model", "democopy"
+    )
     assert added.returncode == 0, added.stderr
     assert "API key (shown once" in added.stdout
 
