@@ -168,6 +168,24 @@ class AuditRow:
     detail: dict[str, Any]
 
 
+def _spec_columns(spec: TenantSpec) -> dict[str, object]:
+    """A spec as the tenants table's columns (the column names are this module's own, never input)."""
+    q = spec.quotas
+    return {
+        "port": spec.port,
+        "gpu_memory": spec.gpu_memory,
+        "model": spec.model,
+        "max_model_len": spec.max_model_len,
+        "quantization": spec.quantization,
+        "shm_size": spec.shm_size,
+        "rpm_limit": q.rpm_limit,
+        "tokens_per_day": q.tokens_per_day,
+        "requests_per_month": q.requests_per_month,
+        "max_in_flight": q.max_in_flight,
+        "max_body": spec.max_body,
+    }
+
+
 def _tenant(row: sqlite3.Row) -> TenantRow:
     spec = TenantSpec(
         name=row["name"],
@@ -270,58 +288,30 @@ class Store:
 
     def insert_tenant(self, db: sqlite3.Connection, spec: TenantSpec, gateway_token: str = "") -> None:
         now = time.time()
-        q = spec.quotas
+        row = {
+            "name": spec.name,
+            **_spec_columns(spec),
+            "status": TenantStatus.PENDING.value,
+            "reason": "",
+            "status_since": now,
+            "created_at": now,
+            "updated_at": now,
+            "gateway_token": gateway_token,
+        }
         try:
             db.execute(
-                "INSERT INTO tenants (name, port, gpu_memory, model, max_model_len, quantization, shm_size,"
-                " rpm_limit, tokens_per_day, requests_per_month, max_in_flight, status, reason, status_since,"
-                " created_at, updated_at, gateway_token, max_body) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    spec.name,
-                    spec.port,
-                    spec.gpu_memory,
-                    spec.model,
-                    spec.max_model_len,
-                    spec.quantization,
-                    spec.shm_size,
-                    q.rpm_limit,
-                    q.tokens_per_day,
-                    q.requests_per_month,
-                    q.max_in_flight,
-                    TenantStatus.PENDING.value,
-                    "",
-                    now,
-                    now,
-                    now,
-                    gateway_token,
-                    spec.max_body,
-                ),
+                f"INSERT INTO tenants ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",  # noqa: S608
+                tuple(row.values()),
             )
         except sqlite3.IntegrityError as exc:
             raise Conflict(f"tenant {spec.name!r} or port {spec.port} is already taken: {exc}") from exc
 
     def update_spec(self, db: sqlite3.Connection, spec: TenantSpec) -> None:
-        q = spec.quotas
+        columns = {**_spec_columns(spec), "updated_at": time.time()}
         try:
             db.execute(
-                "UPDATE tenants SET port=?, gpu_memory=?, model=?, max_model_len=?, quantization=?, shm_size=?,"
-                " rpm_limit=?, tokens_per_day=?, requests_per_month=?, max_in_flight=?, max_body=?, updated_at=?"
-                " WHERE name=?",
-                (
-                    spec.port,
-                    spec.gpu_memory,
-                    spec.model,
-                    spec.max_model_len,
-                    spec.quantization,
-                    spec.shm_size,
-                    q.rpm_limit,
-                    q.tokens_per_day,
-                    q.requests_per_month,
-                    q.max_in_flight,
-                    spec.max_body,
-                    time.time(),
-                    spec.name,
-                ),
+                f"UPDATE tenants SET {', '.join(f'{c}=?' for c in columns)} WHERE name=?",  # noqa: S608
+                (*columns.values(), spec.name),
             )
         except sqlite3.IntegrityError as exc:
             raise Conflict(f"port {spec.port} is already taken by another tenant") from exc
