@@ -21,6 +21,9 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 
+from manager.errors import InvalidInput
+from manager.sizes import MAX_SIZE, format_size
+
 
 class TenantStatus(StrEnum):
     PENDING = "pending"
@@ -74,9 +77,6 @@ MAX_GRACE_S = 366 * 86400.0
 
 def check_bounds(spec: TenantSpec) -> None:
     """Every number of a spec within its documented range; the API's schema states the same bounds."""
-    from manager.errors import InvalidInput
-    from manager.sizes import MAX_SIZE, format_size
-
     for name in QUOTA_FIELDS:
         value = getattr(spec.quotas, name)
         if value is not None and not 1 <= value <= QUOTA_MAX[name]:

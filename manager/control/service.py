@@ -13,12 +13,12 @@ from pathlib import Path
 from manager import names
 from manager.control import keys, models
 from manager.control.admission import AdmissionInput, Decision, decide
-from manager.control.modelfit import read_config, read_footprint
+from manager.control.modelfit import ModelFootprint, read_config, read_footprint
 from manager.control.plan import MIN_KV_CACHE
 from manager.control.quant import checkpoint_method, resolve
 from manager.control.reconciler import Reconciler
 from manager.control.store import KeyRow, Store, TenantRow
-from manager.domain import MAX_GRACE_S, MAX_PORT, MIN_PORT, Quotas, TenantSpec, TenantStatus, check_bounds
+from manager.domain import MAX_GRACE_S, Quotas, TenantSpec, TenantStatus, check_bounds
 from manager.errors import AdmissionRefused, Conflict, GtmError, InvalidInput, NotFound
 from manager.gpu import DeviceMemory, Inventory
 from manager.runtime.protocol import Runtime
@@ -122,7 +122,10 @@ class TenantService:
     def model_minimum(self, model: str, max_model_len: int, quantized: bool) -> int:
         # a pre-quantized checkpoint is served as stored, with or without --quant
         stored = quantized or checkpoint_method(read_config(self.settings.models_dir, model)) is not None
-        footprint = read_footprint(self.settings.models_dir, model, quantized=stored)
+        return self._minimum(read_footprint(self.settings.models_dir, model, quantized=stored), max_model_len)
+
+    def _minimum(self, footprint: ModelFootprint, max_model_len: int) -> int:
+        """Admission's model-fit figure: weights, KV cache for the context, the engine's overhead."""
         minimum = footprint.minimum(
             max(max_model_len, self.settings.min_kv_tokens), self.settings.effective_engine_overhead
         )
@@ -138,40 +141,37 @@ class TenantService:
             self.store.audit(actor, "import-model", None, "refused", {"source": source, "error": exc.message})
             raise
         self.store.audit(actor, "import-model", None, "ok", {"source": source, "model": imported})
-        (entry,) = [e for e in self.catalog() if e.name == imported]
-        return entry
+        return self._catalog_entry(imported, None)
 
     def catalog(self, max_model_len: int | None = None) -> list[CatalogEntry]:
-        """Every model directory in the models volume; the minimums come from ``model_minimum``,
-        the function admission's model-fit check uses, so the two never disagree."""
+        """Every model directory in the models volume; the minimums come from ``_minimum``, the
+        function admission's model-fit check uses, so the two never disagree."""
         root = self.settings.models_dir
-        names_ = (
+        found = (
             sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
         )
-        out = []
-        for name in names_:
-            try:
-                config = read_config(root, name)
-                footprint = read_footprint(root, name, quantized=checkpoint_method(config) is not None)
-                method = checkpoint_method(config)
-                default = self.model_minimum(name, self.settings.default_max_model_len, False)
-                at = self.model_minimum(name, max_model_len, False) if max_model_len else None
-            except GtmError as exc:
-                out.append(CatalogEntry(name, "", 0, "", 0, False, None, 0, None, exc.message))
-                continue
-            text = config.get("text_config", config)
-            out.append(CatalogEntry(
-                name=name,
-                architecture=str((config.get("architectures") or ["unknown"])[0]),
-                parameters=footprint.parameters,
-                dtype=str(text.get("torch_dtype") or text.get("dtype") or config.get("torch_dtype") or "unknown"),
-                weight_bytes=footprint.weight_bytes,
-                takes_images="vision_config" in config,
-                quantization=method[0] if method else None,
-                minimum_gpu_memory=default,
-                minimum_gpu_memory_at=at,
-            ))  # fmt: skip
-        return out
+        return [self._catalog_entry(name, max_model_len) for name in found]
+
+    def _catalog_entry(self, name: str, max_model_len: int | None) -> CatalogEntry:
+        root = self.settings.models_dir
+        try:
+            config = read_config(root, name)
+            method = checkpoint_method(config)
+            footprint = read_footprint(root, name, quantized=method is not None)
+        except GtmError as exc:
+            return CatalogEntry(name, "", 0, "", 0, False, None, 0, None, exc.message)
+        text = config.get("text_config", config)
+        return CatalogEntry(
+            name=name,
+            architecture=str((config.get("architectures") or ["unknown"])[0]),
+            parameters=footprint.parameters,
+            dtype=str(text.get("torch_dtype") or text.get("dtype") or config.get("torch_dtype") or "unknown"),
+            weight_bytes=footprint.weight_bytes,
+            takes_images="vision_config" in config,
+            quantization=method[0] if method else None,
+            minimum_gpu_memory=self._minimum(footprint, self.settings.default_max_model_len),
+            minimum_gpu_memory_at=self._minimum(footprint, max_model_len) if max_model_len else None,
+        )
 
     def assess(
         self, requested: int, model: str, max_model_len: int, quantized: bool = False, tenant: str | None = None
@@ -206,8 +206,6 @@ class TenantService:
 
     # ---------------------------------------------------------------- validation
     def _check_port(self, port: int, tenant: str | None = None) -> None:
-        if not MIN_PORT <= port <= MAX_PORT:
-            raise InvalidInput(f"port {port} is out of range: use {MIN_PORT}-{MAX_PORT}")
         if port == self.settings.api_port:
             raise InvalidInput(f"port {port} is the manager's own API port; pick another")
         for row in self.store.tenants():
@@ -220,6 +218,7 @@ class TenantService:
     # ---------------------------------------------------------------- actions
     def create(self, spec: TenantSpec, actor: str) -> Created:
         names.validate_tenant_name(spec.name)
+        check_bounds(spec)
         with self._admission:
             if self.store.find_tenant(spec.name):
                 raise Conflict(f"tenant {spec.name!r} already exists; use update-tenant to change it")

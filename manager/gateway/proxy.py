@@ -155,17 +155,13 @@ class Proxy:
             return
         key = self._authenticate(scope)
         if key is None:
-            await self._send(
+            await self._refuse(
                 send,
+                path,
                 401,
-                error_body(
-                    "Incorrect API key provided. Send 'Authorization: Bearer <key>' with a key from your "
-                    "administrator.",
-                    "invalid_request_error",
-                    "invalid_api_key",
-                ),
+                "Incorrect API key provided. Send 'Authorization: Bearer <key>' with a key from your administrator.",
+                "invalid_api_key",
             )
-            self.state.metrics.requests.labels(route_of(path), "401").inc()
             return
         limit = self.state.max_body or self.settings.max_body_bytes
         length = content_length(scope)
@@ -178,16 +174,12 @@ class Proxy:
         try:  # an image, or a body of unknown length: wait for one of the few large-body slots
             await asyncio.wait_for(self.large_slots.acquire(), self.settings.body_idle_timeout_s)
         except TimeoutError:
-            self.state.metrics.requests.labels(route_of(path), "503").inc()
-            await self._send(
+            await self._refuse(
                 send,
+                path,
                 503,
-                error_body(
-                    f"Too many large requests (over {LARGE_BODY // 1024 // 1024} MiB) on this port at once; retry "
-                    "shortly.",
-                    "server_error",
-                    "too_many_large_requests",
-                ),
+                f"Too many large requests (over {LARGE_BODY // 1024 // 1024} MiB) on this port at once; retry shortly.",
+                "too_many_large_requests",
                 {"retry-after": "5"},
             )
             return
@@ -196,18 +188,23 @@ class Proxy:
         finally:
             self.large_slots.release()
 
+    async def _refuse(
+        self, send: Send, path: str, status: int, message: str, code: str, headers: dict[str, str] | None = None
+    ) -> None:
+        """An error in OpenAI's shape, counted in the request metrics; 5xx are server errors."""
+        self.state.metrics.requests.labels(route_of(path), str(status)).inc()
+        type_ = "server_error" if status >= 500 else "invalid_request_error"
+        await self._send(send, status, error_body(message, type_, code), headers)
+
     async def _too_large(self, send: Send, path: str, limit: int) -> None:
-        self.state.metrics.requests.labels(route_of(path), "413").inc()
-        await self._send(
+        await self._refuse(
             send,
+            path,
             413,
-            error_body(
-                f"Request body larger than this API's limit of {limit / 1024 / 1024:.1f} MiB ({limit} bytes); "
-                "send a smaller request (for example a smaller image) or ask your administrator to raise it "
-                "(update-tenant --max-body).",
-                "invalid_request_error",
-                "request_too_large",
-            ),
+            f"Request body larger than this API's limit of {limit / 1024 / 1024:.1f} MiB ({limit} bytes); "
+            "send a smaller request (for example a smaller image) or ask your administrator to raise it "
+            "(update-tenant --max-body).",
+            "request_too_large",
             {"connection": "close"},
         )
 
@@ -217,18 +214,15 @@ class Proxy:
         try:
             body = await self._read_body(receive, limit)
         except TimeoutError:
-            await self._send(
+            await self._refuse(
                 send,
+                path,
                 408,
-                error_body(
-                    f"The request body stopped arriving for {self.settings.body_idle_timeout_s:.0f} s; send the "
-                    "whole body (Content-Length bytes) without pausing.",
-                    "invalid_request_error",
-                    "request_timeout",
-                ),
+                f"The request body stopped arriving for {self.settings.body_idle_timeout_s:.0f} s; send the "
+                "whole body (Content-Length bytes) without pausing.",
+                "request_timeout",
                 {"connection": "close"},
             )
-            self.state.metrics.requests.labels(route_of(path), "408").inc()
             return
         if body is None:
             await self._too_large(send, path, limit)
@@ -312,16 +306,13 @@ class Proxy:
                 return
         if self.state.unwritten and not self.state.flush():
             # never serve what cannot be metered: the spool's volume is full (or failing)
-            self.state.metrics.requests.labels(route_of(path), "503").inc()
-            await self._send(
+            await self._refuse(
                 send,
+                path,
                 503,
-                error_body(
-                    "The gateway cannot record usage right now (its storage is full); the request was not served. "
-                    "Retry later.",
-                    "server_error",
-                    "usage_spool_full",
-                ),
+                "The gateway cannot record usage right now (its storage is full); the request was not served. "
+                "Retry later.",
+                "usage_spool_full",
                 {"retry-after": "30"},
             )
             return
