@@ -28,7 +28,7 @@ from pathlib import Path
 
 import httpx
 
-from manager.control import keys
+from manager import keys
 
 ROOT = Path(__file__).resolve().parents[1]
 BODY = json.dumps({"model": "demo", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}).encode()

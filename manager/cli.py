@@ -30,11 +30,11 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(exc.message) from exc
 
 
-def _quota_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--rpm-limit", type=int, help="requests per minute (0: no limit)")
-    p.add_argument("--tokens-per-day", type=int, help="prompt + completion tokens per UTC day (0: no limit)")
-    p.add_argument("--requests-per-month", type=int, help="requests per calendar month (0: no limit)")
-    p.add_argument("--max-in-flight", type=int, help="requests in flight at once (0: no limit)")
+def _quota_options(p: argparse.ArgumentParser, scope: str = "0: no limit") -> None:
+    p.add_argument("--rpm-limit", type=int, help=f"requests per minute ({scope})")
+    p.add_argument("--tokens-per-day", type=int, help=f"prompt + completion tokens per UTC day ({scope})")
+    p.add_argument("--requests-per-month", type=int, help=f"requests per calendar month ({scope})")
+    p.add_argument("--max-in-flight", type=int, help=f"requests in flight at once ({scope})")
 
 
 def _engine_options(p: argparse.ArgumentParser, required: bool) -> None:
@@ -97,14 +97,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait at most (default 300)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
-    p = sub.add_parser("rotate-key", help="issue a new API key; old keys stay valid for --grace")
-    p.add_argument("--name", required=True)
+    p = sub.add_parser(
+        "rotate-key",
+        help="issue a new API key for a member (default: the first one); its old keys stay valid for --grace",
+    )
+    p.add_argument("--name", "--tenant", dest="name", required=True, help="the tenant")
+    p.add_argument(
+        "--member", help="the member whose key to rotate (default: the tenant's first member, named like the tenant)"
+    )
     p.add_argument(
         "--grace",
         type=float,
         default=3600.0,
         help="seconds the old keys stay valid (default 3600; 0 revokes them at once)",
     )
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("add-member", help="add a member to a tenant; prints the member's API key once")
+    p.add_argument("--tenant", required=True, help="the tenant")
+    p.add_argument("--name", required=True, help="the member's name (the tenant name rule), e.g. alice")
+    _quota_options(p, "the member's own limit, inside the tenant's; 0 or unset: bounded by the tenant's only")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser(
+        "list-members", help="a tenant's members: keys, quotas, requests and tokens today and this month, last use"
+    )
+    p.add_argument("--tenant", required=True, help="the tenant")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("update-member", help="change a member's quotas (applied live)")
+    p.add_argument("--tenant", required=True, help="the tenant")
+    p.add_argument("--name", required=True, help="the member")
+    _quota_options(p, "the member's own limit, inside the tenant's; 0 lifts it")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser(
+        "remove-member", help="remove a member: its keys stop working within seconds; its usage stays for cost sharing"
+    )
+    p.add_argument("--tenant", required=True, help="the tenant")
+    p.add_argument("--name", required=True, help="the member")
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("list-models", help="models in the models volume and the smallest --gpu-memory for each")
@@ -210,13 +241,41 @@ def _print_decision(d: dict[str, Any]) -> None:
         print("  " + m)
 
 
+def _limit(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
+def _print_members(members: list[dict[str, Any]], now: float) -> None:
+    rows = []
+    for m in members:
+        q = m["quotas"]
+        active = [k for k in m["keys"] if k["active"]]
+        rows.append(
+            [
+                m["name"],
+                " ".join(k["prefix"] + "…" for k in active) or "-",
+                f"{_limit(q['rpm_limit'])}/min {_limit(q['tokens_per_day'])}/day "
+                f"{_limit(q['requests_per_month'])}/month {_limit(q['max_in_flight'])} in flight",
+                str(m["today"]["requests"]),
+                str(m["today"]["total_tokens"]),
+                str(m["month"]["requests"]),
+                str(m["month"]["total_tokens"]),
+                time.strftime("%Y-%m-%d %H:%M", time.gmtime(m["last_used_at"])) if m["last_used_at"] else "never",
+            ]
+        )
+    header = ["MEMBER", "KEYS", "QUOTAS (- none)", "REQ TODAY", "TOKENS TODAY", "REQ MONTH", "TOKENS MONTH"]
+    print(_table(rows, [*header, "LAST USED (UTC)"]))
+
+
+def _quota_body(args: argparse.Namespace) -> dict[str, Any]:
+    body = {k: getattr(args, k) for k in QUOTA_FIELDS if getattr(args, k, None) is not None}
+    return {k: (None if v == 0 else v) for k, v in body.items()}  # 0 lifts the limit
+
+
 def _engine_body(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("gpu_memory", "port", "model", "max_model_len", "quantization", "shm_size", "max_body", *QUOTA_FIELDS)
+    keys = ("gpu_memory", "port", "model", "max_model_len", "quantization", "shm_size", "max_body")
     body = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
-    for k in QUOTA_FIELDS:
-        if body.get(k) == 0:
-            body[k] = None  # 0 lifts the limit
-    return body
+    return {**body, **_quota_body(args)}
 
 
 POLL_S = 1.0
@@ -311,10 +370,39 @@ def run(args: argparse.Namespace, api: Api) -> int:
             )
             return 0
     elif args.command == "rotate-key":
-        out = api.call("POST", f"/api/v1/tenants/{args.name}/keys", {"grace_s": args.grace})
+        path = f"/api/v1/tenants/{args.name}" + (f"/members/{args.member}/keys" if args.member else "/keys")
+        out = api.call("POST", path, {"grace_s": args.grace})
         if not args.json:
-            print(f"new API key for {args.name} (shown once, store it now): {out['api_key']}")
+            who = f"member {args.member} of {args.name}" if args.member else args.name
+            print(f"new API key for {who} (shown once, store it now): {out['api_key']}")
             print(f"older keys stay valid for {args.grace:.0f} s" if args.grace else "older keys are revoked")
+            return 0
+    elif args.command == "add-member":
+        out = api.call("POST", f"/api/v1/tenants/{args.tenant}/members", {"name": args.name, **_quota_body(args)})
+        if not args.json:
+            print(f"member {args.name} added to {args.tenant}")
+            print(f"API key (shown once, store it now): {out['key']['api_key']}", flush=True)
+            return 0
+    elif args.command == "list-members":
+        out = api.call("GET", f"/api/v1/tenants/{args.tenant}/members")
+        if not args.json:
+            _print_members(out, time.time())
+            return 0
+    elif args.command == "update-member":
+        body = _quota_body(args)
+        if not body:
+            raise InvalidInput(
+                "nothing to change: pass --rpm-limit, --tokens-per-day, --requests-per-month or --max-in-flight"
+            )
+        out = api.call("PATCH", f"/api/v1/tenants/{args.tenant}/members/{args.name}", body)
+        if not args.json:
+            _print_members([out], time.time())
+            return 0
+    elif args.command == "remove-member":
+        api.call("DELETE", f"/api/v1/tenants/{args.tenant}/members/{args.name}")
+        out = {"tenant": args.tenant, "member": args.name, "status": "removed"}
+        if not args.json:
+            print(f"member {args.name} removed from {args.tenant}: its keys stop working; its usage stays")
             return 0
     elif args.command == "list-models":
         params = {"max_model_len": args.max_model_len} if args.max_model_len else None
@@ -434,6 +522,10 @@ list_tenants = _command("list-tenants")
 update_tenant = _command("update-tenant")
 remove_tenant = _command("remove-tenant")
 rotate_key = _command("rotate-key")
+add_member = _command("add-member")
+list_members = _command("list-members")
+update_member = _command("update-member")
+remove_member = _command("remove-member")
 capacity = _command("capacity")
 list_models = _command("list-models")
 import_model = _command("import-model")

@@ -75,14 +75,19 @@ MIN_BODY, MAX_BODY = 64 * 1024, 64 * 1024**2
 MAX_GRACE_S = 366 * 86400.0
 
 
-def check_bounds(spec: TenantSpec) -> None:
-    """Every number of a spec within its documented range; the API's schema states the same bounds."""
+def check_quotas(quotas: Quotas) -> None:
+    """Every quota unset or within its documented range (a tenant's and a member's alike)."""
     for name in QUOTA_FIELDS:
-        value = getattr(spec.quotas, name)
+        value = getattr(quotas, name)
         if value is not None and not 1 <= value <= QUOTA_MAX[name]:
             raise InvalidInput(
                 f"{name.replace('_', ' ')} must be between 1 and {QUOTA_MAX[name]} (or unset for no limit), got {value}"
             )
+
+
+def check_bounds(spec: TenantSpec) -> None:
+    """Every number of a spec within its documented range; the API's schema states the same bounds."""
+    check_quotas(spec.quotas)
     if not MIN_PORT <= spec.port <= MAX_PORT:
         raise InvalidInput(f"port {spec.port} is out of range: use {MIN_PORT}-{MAX_PORT}")
     if not MIN_MODEL_LEN <= spec.max_model_len <= MAX_MODEL_LEN:

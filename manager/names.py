@@ -39,6 +39,17 @@ def validate_tenant_name(name: str) -> str:
     return name
 
 
+def validate_member_name(name: str) -> str:
+    """Members follow the tenant rule (they appear in metrics labels, CSV files and URLs). A tenant's
+    first member, made by add-tenant, is named like the tenant."""
+    if not TENANT_NAME.match(name):
+        raise InvalidInput(
+            f"invalid member name {name!r}: use 2-32 lowercase letters, digits and '-', "
+            "starting with a letter and not ending with '-' (the same rule as tenant names)"
+        )
+    return name
+
+
 def labels(instance: str, role: Role, tenant: str | None = None, **extra: str) -> dict[str, str]:
     out = {MANAGED: "true", INSTANCE: instance, ROLE: role.value}
     if tenant is not None:

@@ -16,6 +16,10 @@ from manager.api.schemas import (
     ErrorResponse,
     IssuedKeyPublic,
     KeyPublic,
+    MemberCreate,
+    MemberCreated,
+    MemberPublic,
+    MemberUpdate,
     ModelImport,
     Removal,
     RotateKey,
@@ -35,8 +39,8 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     text = {
         400: "the body is not JSON",
         401: "missing or wrong admin token",
-        404: "no such tenant, key or model (the message lists the models there are)",
-        409: "conflict: the name or port is taken, the tenant is being removed, or it does not fit "
+        404: "no such tenant, member, key or model (the message lists the models there are)",
+        409: "conflict: the name or port (or member name) is taken, the tenant is being removed, or it does not fit "
         "(admission_refused, with every number in details)",
         422: "invalid input: the message says which field and what it accepts",
         503: "the container runtime (Docker) or the GPU did not answer",
@@ -46,6 +50,7 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 router = APIRouter(prefix="/api/v1", responses=error_responses(401, 422, 503))
 TenantName = Annotated[str, Path(max_length=64, description="the tenant's name")]
+MemberName = Annotated[str, Path(max_length=64, description="the member's name")]
 ModelLenQuery = Annotated[int | None, Query(ge=MIN_MODEL_LEN, le=MAX_MODEL_LEN, description="context length")]
 UnixTime = Annotated[float, Query(ge=0, le=1e11, allow_inf_nan=False, description="UNIX seconds")]
 
@@ -145,7 +150,8 @@ def list_keys(name: TenantName, svc: Service, _: Admin) -> list[KeyPublic]:
     "/tenants/{name}/keys", status_code=status.HTTP_201_CREATED, tags=["keys"], responses=error_responses(400, 404)
 )
 def rotate_key(name: TenantName, body: RotateKey, svc: Service, actor: Admin) -> IssuedKeyPublic:
-    """Issue a new key; older keys stay valid for ``grace_s`` seconds (0: revoked at once)."""
+    """Issue a new key for the tenant's first member (named like the tenant); its older keys stay
+    valid for ``grace_s`` seconds (0: revoked at once). Other members: ``/members/{member}/keys``."""
     issued = svc.rotate_key(name, actor, body.grace_s)
     return IssuedKeyPublic(key_id=issued.id, api_key=issued.secret_key)
 
@@ -159,6 +165,66 @@ def rotate_key(name: TenantName, body: RotateKey, svc: Service, actor: Admin) ->
 def revoke_key(name: TenantName, key_id: Annotated[str, Path(max_length=64)], svc: Service, actor: Admin) -> Response:
     svc.revoke_key(name, key_id, actor)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.get("/tenants/{name}/members", tags=["members"], responses=error_responses(404))
+def list_members(name: TenantName, svc: Service, _: Admin) -> list[MemberPublic]:
+    """The tenant's members: keys (by id and prefix), quotas, requests and tokens today and this
+    month (UTC), last use."""
+    now = time.time()
+    return [MemberPublic.of(v, now) for v in svc.members.views(name, now)]
+
+
+@router.post(
+    "/tenants/{name}/members",
+    status_code=status.HTTP_201_CREATED,
+    tags=["members"],
+    responses=error_responses(400, 404, 409),
+)
+def add_member(name: TenantName, body: MemberCreate, svc: Service, actor: Admin) -> MemberCreated:
+    """Add a member with its own key (shown once) and quotas nested in the tenant's."""
+    quotas = Quotas(**{f: getattr(body, f) for f in QUOTA_FIELDS})
+    row, issued = svc.members.add(name, body.name, quotas, actor)
+    now = time.time()
+    (view,) = [v for v in svc.members.views(name, now) if v.row.name == row.name]
+    return MemberCreated(
+        member=MemberPublic.of(view, now), key=IssuedKeyPublic(key_id=issued.id, api_key=issued.secret_key)
+    )
+
+
+@router.patch("/tenants/{name}/members/{member}", tags=["members"], responses=error_responses(400, 404, 409))
+def update_member(name: TenantName, member: MemberName, body: MemberUpdate, svc: Service, actor: Admin) -> MemberPublic:
+    """Change a member's quotas (applied live by the gateway); only the fields sent change."""
+    svc.members.update(name, member, body.model_dump(exclude_unset=True), actor)
+    now = time.time()
+    (view,) = [v for v in svc.members.views(name, now) if v.row.name == member]
+    return MemberPublic.of(view, now)
+
+
+@router.delete(
+    "/tenants/{name}/members/{member}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    tags=["members"],
+    responses=error_responses(404, 409),
+)
+def remove_member(name: TenantName, member: MemberName, svc: Service, actor: Admin) -> Response:
+    """Remove a member: its keys stop working on the tenant's port within seconds; its usage stays."""
+    svc.members.remove(name, member, actor)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post(
+    "/tenants/{name}/members/{member}/keys",
+    status_code=status.HTTP_201_CREATED,
+    tags=["members"],
+    responses=error_responses(400, 404),
+)
+def rotate_member_key(
+    name: TenantName, member: MemberName, body: RotateKey, svc: Service, actor: Admin
+) -> IssuedKeyPublic:
+    """Issue a new key for the member; its older keys stay valid for ``grace_s`` seconds (0: revoked at once)."""
+    issued = svc.members.rotate_key(name, actor, body.grace_s, member)
+    return IssuedKeyPublic(key_id=issued.id, api_key=issued.secret_key)
 
 
 @router.get("/models", tags=["models"])

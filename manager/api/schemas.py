@@ -8,6 +8,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSche
 from pydantic.config import JsonDict
 
 from manager.control.admission import Decision
+from manager.control.members import MemberView
 from manager.control.service import Capacity
 from manager.control.store import AuditRow, KeyRow, TenantRow, UsageTotals
 from manager.domain import MAX_GRACE_S, MAX_MODEL_LEN, MAX_PORT, MIN_MODEL_LEN, MIN_PORT, QUOTA_MAX
@@ -158,6 +159,7 @@ class TenantCreated(BaseModel):
 
 class KeyPublic(BaseModel):
     id: str
+    member: str = Field(description="the member holding the key")
     prefix: str = Field(description="how the key starts, e.g. gtm_1a2b3c4d_ (the rest is never stored)")
     created_at: float
     expires_at: float | None
@@ -169,6 +171,7 @@ class KeyPublic(BaseModel):
         # the visible start of the key (the id is part of it), to match a key against this list
         return cls(
             id=k.id,
+            member=k.member,
             prefix=f"{k.prefix}_{k.id}_",
             created_at=k.created_at,
             expires_at=k.expires_at,
@@ -185,6 +188,65 @@ class RotateKey(Strict):
         allow_inf_nan=False,
         description="how long older keys stay valid; 0 revokes them at once",
     )
+
+
+class MemberCreate(QuotaFields):
+    """A member: its own key and quotas nested in the tenant's (null: bounded only by the tenant's)."""
+
+    name: str = Field(
+        description="2-32 lowercase letters, digits and '-', starting with a letter (the tenant name rule)",
+        json_schema_extra=NAME_SCHEMA,
+    )
+
+
+class MemberUpdate(QuotaFields):
+    """Only the quotas sent change; null lifts one."""
+
+
+class UsageCount(BaseModel):
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, t: UsageTotals) -> UsageCount:
+        return cls(
+            requests=t.requests,
+            prompt_tokens=t.prompt_tokens,
+            completion_tokens=t.completion_tokens,
+            total_tokens=t.tokens,
+        )
+
+
+class MemberPublic(BaseModel):
+    tenant: str
+    name: str
+    quotas: Quotas = Field(description="the member's own limits, nested in the tenant's (null: no own limit)")
+    created_at: float
+    keys: list[KeyPublic]
+    today: UsageCount = Field(description="since 00:00 UTC")
+    month: UsageCount = Field(description="since the first of the month, 00:00 UTC")
+    last_used_at: float | None = Field(description="the member's last metered request")
+
+    @classmethod
+    def of(cls, view: MemberView, now: float) -> MemberPublic:
+        m = view.row
+        return cls(
+            tenant=m.tenant,
+            name=m.name,
+            quotas=Quotas(**m.quotas.__dict__),
+            created_at=m.created_at,
+            keys=[KeyPublic.of(k, now) for k in view.keys],
+            today=UsageCount.of(view.usage.today),
+            month=UsageCount.of(view.usage.month),
+            last_used_at=view.usage.last_used_at,
+        )
+
+
+class MemberCreated(BaseModel):
+    member: MemberPublic
+    key: IssuedKeyPublic
 
 
 class WhatIf(Strict):

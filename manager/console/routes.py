@@ -239,6 +239,7 @@ def _tenant_context(request: Request, name: str) -> dict[str, Any]:
     return {
         "row": row,
         "keys": svc.store.keys(name),
+        "members": svc.members.views(name, now),
         "key_now": now,
         "measured": svc.measured_use().get(name),
         "bars": day_bars(svc.store.usage_daily(name, since), days),
@@ -265,6 +266,67 @@ async def rotate(request: Request, name: str) -> HTMLResponse:
     return page(
         request, "tenant.html", session, new_key=issued, message=None, error=None, **_tenant_context(request, name)
     )
+
+
+@router.post("/tenants/{name}/members")
+async def add_member(request: Request, name: str) -> HTMLResponse:
+    session = current(request)
+    form = await form_with_csrf(request, session)
+    svc = comps(request).service
+    try:
+        quotas = Quotas(**{f: _opt_int(form, f) for f in QUOTA_FIELDS})
+        row, issued = svc.members.add(name, form.get("member", "").strip(), quotas, session.user)
+    except GtmError as exc:
+        return page(
+            request,
+            "tenant.html",
+            session,
+            new_key=None,
+            message=None,
+            error=exc.message,
+            member_form=form,
+            **_tenant_context(request, name),
+        )
+    # the new key is in this response only; it is never stored or shown again
+    return page(
+        request,
+        "tenant.html",
+        session,
+        new_key=issued,
+        new_key_member=row.name,
+        message=f"Member {row.name} added.",
+        error=None,
+        **_tenant_context(request, name),
+    )
+
+
+@router.post("/tenants/{name}/members/{member}/rotate")
+async def rotate_member(request: Request, name: str, member: str) -> HTMLResponse:
+    session = current(request)
+    form = await form_with_csrf(request, session)
+    try:
+        grace = float(form.get("grace_s") or 3600)
+    except ValueError:
+        grace = -1.0  # refused below with the accepted range
+    issued = comps(request).service.members.rotate_key(name, session.user, grace, member)
+    return page(
+        request,
+        "tenant.html",
+        session,
+        new_key=issued,
+        new_key_member=member,
+        message=None,
+        error=None,
+        **_tenant_context(request, name),
+    )
+
+
+@router.post("/tenants/{name}/members/{member}/remove")
+async def remove_member(request: Request, name: str, member: str) -> Response:
+    session = current(request)
+    await form_with_csrf(request, session)
+    comps(request).service.members.remove(name, member, session.user)
+    return RedirectResponse(f"/tenants/{name}", status_code=303)
 
 
 @router.post("/tenants/{name}/keys/{key_id}/revoke")
@@ -361,9 +423,12 @@ def usage_csv(request: Request, month: str | None = None, cost: str | None = Non
     shares = split(month, total, comps(request).service.store, time.time())
     out = io.StringIO()
     writer = csv.writer(out)
+    # one row per tenant (member empty), then one per member of it: the member's part of the
+    # tenant's cost by memory, by its tokens and by its requests
     writer.writerow(
         [
             "tenant",
+            "member",
             "gib_hours",
             "requests",
             "tokens",
@@ -371,12 +436,17 @@ def usage_csv(request: Request, month: str | None = None, cost: str | None = Non
             "cost_by_memory",
             "share_by_tokens",
             "cost_by_tokens",
+            "member_share_by_tokens",
+            "member_cost_by_tokens",
+            "member_share_by_requests",
+            "member_cost_by_requests",
         ]
     )
     for s in shares:
         writer.writerow(
             [
                 s.tenant,
+                "",
                 s.gib_hours,
                 s.requests,
                 s.tokens,
@@ -384,8 +454,30 @@ def usage_csv(request: Request, month: str | None = None, cost: str | None = Non
                 s.cost_by_memory,
                 s.share_by_tokens,
                 s.cost_by_tokens,
+                "",
+                "",
+                "",
+                "",
             ]
         )
+        for m in s.members:
+            writer.writerow(
+                [
+                    s.tenant,
+                    m.member,
+                    "",
+                    m.requests,
+                    m.tokens,
+                    "",
+                    "",
+                    "",
+                    "",
+                    m.share_by_tokens,
+                    m.cost_by_tokens,
+                    m.share_by_requests,
+                    m.cost_by_requests,
+                ]
+            )
     return Response(
         out.getvalue(),
         media_type="text/csv",

@@ -1,4 +1,6 @@
-"""Cost sharing: a month's host cost split by reserved memory-hours and, side by side, by tokens.
+"""Cost sharing: a month's host cost split by reserved memory-hours and, side by side, by tokens;
+then, inside each tenant, the tenant's cost (by memory: what its reservation costs) split between
+its members by their tokens and, side by side, by their requests.
 
 Reservations over time come from the audit trail (add-tenant, successful
 update-tenant with a new size, remove-tenant), so a tenant that was resized or
@@ -8,13 +10,27 @@ removed mid-month pays for what it held, when it held it.
 from __future__ import annotations
 
 import calendar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from manager.control.store import AuditRow, Store
+from manager.control.store import AuditRow, Store, UsageTotals
 from manager.errors import InvalidInput
 
 GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class MemberShare:
+    """A member's part of its tenant: shares are of the tenant's tokens and requests; costs are
+    those shares of the tenant's cost by memory."""
+
+    member: str
+    tokens: int
+    requests: int
+    share_by_tokens: float
+    cost_by_tokens: float
+    share_by_requests: float
+    cost_by_requests: float
 
 
 @dataclass(frozen=True)
@@ -27,6 +43,28 @@ class Share:
     cost_by_memory: float
     share_by_tokens: float
     cost_by_tokens: float
+    members: list[MemberShare] = field(default_factory=list)
+
+
+def member_shares(usage: dict[str, UsageTotals], tenant_cost: float) -> list[MemberShare]:
+    tokens = sum(u.tokens for u in usage.values())
+    requests = sum(u.requests for u in usage.values())
+    out = []
+    for member, u in sorted(usage.items()):
+        by_tokens = u.tokens / tokens if tokens else 0.0
+        by_requests = u.requests / requests if requests else 0.0
+        out.append(
+            MemberShare(
+                member or "(unattributed)",
+                u.tokens,
+                u.requests,
+                round(by_tokens, 6),
+                round(by_tokens * tenant_cost, 2),
+                round(by_requests, 6),
+                round(by_requests * tenant_cost, 2),
+            )
+        )
+    return out
 
 
 def month_bounds(month: str) -> tuple[float, float]:
@@ -80,6 +118,7 @@ def split(month: str, total_cost: float, store: Store, now: float) -> list[Share
     for t in tenants:
         mem = hours.get(t, 0.0) / total_hours if total_hours else 0.0
         tok = usage[t].tokens / total_tokens if total_tokens else 0.0
+        members = member_shares(store.usage_by_member(t, start, end), round(mem * total_cost, 2))
         shares.append(
             Share(
                 t,
@@ -90,6 +129,7 @@ def split(month: str, total_cost: float, store: Store, now: float) -> list[Share
                 round(mem * total_cost, 2),
                 round(tok, 6),
                 round(tok * total_cost, 2),
+                members,
             )
         )
     return shares

@@ -5,29 +5,39 @@ The manager calls the gateways; the gateways never need the manager."""
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import httpx
+from pydantic import ValidationError
 
+from manager.contract import GatewayConfig, KeyConfig, Limits, MemberConfig, UsagePage
 from manager.control.plan import GATEWAY_ADMIN_PORT
 from manager.control.store import Store
 from manager.errors import RuntimeUnavailable
 
 
-def desired_config(store: Store, tenant: str) -> dict[str, Any]:
-    """Key hashes (active or in their grace period), limits, and the engine's context length (a
-    request's prompt plus completion never exceeds it: the token reservation's upper bound);
-    ``version`` is their hash."""
+def desired_config(store: Store, tenant: str) -> GatewayConfig:
+    """Key hashes (active or in their grace period) with their members, the tenant's and each
+    member's limits, and the engine's context length (a request's prompt plus completion never
+    exceeds it: the token reservation's upper bound); ``version`` is their hash."""
     row = store.tenant(tenant)
     now = time.time()
-    keys = [{"id": k.id, "hash": k.hash, "expires_at": k.expires_at} for k in store.keys(tenant) if k.active(now)]
-    limits = dict(row.spec.quotas.__dict__)
-    body = {"keys": keys, "limits": limits, "max_model_len": row.spec.max_model_len, "max_body": row.spec.max_body}
-    version = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
-    return {"version": version, **body}
+    body = GatewayConfig(
+        version="",
+        keys=[
+            KeyConfig(id=k.id, hash=k.hash, member=k.member, expires_at=k.expires_at)
+            for k in store.keys(tenant)
+            if k.active(now)
+        ],
+        limits=Limits.of(row.spec.quotas),
+        members=[MemberConfig(name=m.name, limits=Limits.of(m.quotas)) for m in store.members(tenant)],
+        max_model_len=row.spec.max_model_len,
+        max_body=row.spec.max_body,
+    )
+    version = hashlib.sha256(body.model_dump_json(exclude={"version"}).encode()).hexdigest()[:16]
+    return body.model_copy(update={"version": version})
 
 
 class GatewayAdmin(Protocol):
@@ -39,9 +49,9 @@ class GatewayAdmin(Protocol):
 
     def version(self) -> str: ...
 
-    def push(self, config: dict[str, Any]) -> None: ...
+    def push(self, config: GatewayConfig) -> None: ...
 
-    def usage(self, after: int, limit: int = 1000) -> tuple[list[dict[str, Any]], int]: ...
+    def usage(self, after: int, limit: int = 1000) -> UsagePage: ...
 
 
 Connect = Callable[[str, str], GatewayAdmin]
@@ -71,18 +81,23 @@ class GatewayClient:
     def version(self) -> str:
         return str(self._call("GET", "/admin/config")["version"])
 
-    def push(self, config: dict[str, Any]) -> None:
-        self._call("PUT", "/admin/config", json=config)
+    def push(self, config: GatewayConfig) -> None:
+        self._call(
+            "PUT", "/admin/config", content=config.model_dump_json(), headers={"content-type": "application/json"}
+        )
 
-    def usage(self, after: int, limit: int = 1000) -> tuple[list[dict[str, Any]], int]:
+    def usage(self, after: int, limit: int = 1000) -> UsagePage:
         body = self._call("GET", "/admin/usage", params={"after": after, "limit": limit})
-        return list(body["records"]), int(body["cursor"])
+        try:
+            return UsagePage.model_validate(body)
+        except ValidationError as exc:
+            raise RuntimeUnavailable(f"gateway admin GET /admin/usage answered an unexpected page: {exc}") from exc
 
 
 def push_config(store: Store, tenant: str, gw: GatewayAdmin) -> bool:
     """Level-triggered: pushes the desired config when the gateway's version differs. True if pushed."""
     config = desired_config(store, tenant)
-    if gw.version() == config["version"]:
+    if gw.version() == config.version:
         return False
     gw.push(config)
     return True
@@ -94,8 +109,8 @@ def collect_usage(store: Store, tenant: str, gw: GatewayAdmin) -> int:
     added = 0
     cursor = store.usage_cursor(tenant)
     while True:
-        records, next_cursor = gw.usage(cursor)
-        if not records:
+        page = gw.usage(cursor)
+        if not page.records:
             return added
-        added += store.add_usage(tenant, records, next_cursor)
-        cursor = next_cursor
+        added += store.add_usage(tenant, page.records, page.cursor)
+        cursor = page.cursor

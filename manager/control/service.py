@@ -10,15 +10,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from manager import names
-from manager.control import keys, models
+from manager import keys, names
+from manager.control import models
 from manager.control.admission import AdmissionInput, Decision, decide
+from manager.control.members import MemberService
 from manager.control.modelfit import ModelFootprint, read_config, read_footprint
 from manager.control.plan import MIN_KV_CACHE
 from manager.control.quant import checkpoint_method, resolve
 from manager.control.reconciler import Reconciler
 from manager.control.store import KeyRow, Store, TenantRow
-from manager.domain import MAX_GRACE_S, Quotas, TenantSpec, TenantStatus, check_bounds
+from manager.domain import Quotas, TenantSpec, TenantStatus, check_bounds
 from manager.errors import AdmissionRefused, Conflict, GtmError, InvalidInput, NotFound
 from manager.gpu import DeviceMemory, Inventory
 from manager.runtime.protocol import Runtime
@@ -80,7 +81,8 @@ class TenantService:
         self.runtime = runtime
         self.inventory = inventory
         self.reconciler = reconciler
-        self._admission = threading.Lock()  # one admission decision at a time
+        self._admission = threading.Lock()  # one admission decision (or member change) at a time
+        self.members = MemberService(store, reconciler, self._admission)
 
     # ---------------------------------------------------------------- measuring
     def measured_use(self) -> dict[str, int | None]:
@@ -230,7 +232,11 @@ class TenantService:
             now = time.time()
             with self.store.transaction() as db:
                 self.store.insert_tenant(db, spec, gateway_token=secrets.token_urlsafe(32))
-                self.store.insert_key(db, KeyRow(issued.id, spec.name, keys.PREFIX, issued.hash, now, None, None))
+                # the first member, named like the tenant, holds the key add-tenant prints
+                self.store.insert_member(db, spec.name, spec.name, Quotas(), now)
+                self.store.insert_key(
+                    db, KeyRow(issued.id, spec.name, keys.PREFIX, issued.hash, now, None, None, member=spec.name)
+                )
                 self.store.audit(
                     actor,
                     "add-tenant",
@@ -240,6 +246,7 @@ class TenantService:
                         "gpu_memory": spec.gpu_memory,
                         "port": spec.port,
                         "model": spec.model,
+                        "member": spec.name,
                         "key_id": issued.id,
                         **decision.numbers,
                     },
@@ -321,20 +328,9 @@ class TenantService:
         self.store.audit(actor, "remove-tenant", name, "ok")
         self.reconciler.enqueue(name)
 
-    def rotate_key(self, name: str, actor: str, grace_s: float) -> keys.IssuedKey:
-        if not 0 <= grace_s <= MAX_GRACE_S:  # also refuses NaN
-            raise InvalidInput(
-                f"grace period must be 0 (revoke the old keys at once) to {MAX_GRACE_S:.0f} seconds, got {grace_s}"
-            )
-        self.store.tenant(name)
-        issued = keys.issue()
-        now = time.time()
-        with self.store.transaction() as db:
-            self.store.expire_keys(db, name, now + grace_s)
-            self.store.insert_key(db, KeyRow(issued.id, name, keys.PREFIX, issued.hash, now, None, None))
-            self.store.audit(actor, "rotate-key", name, "ok", {"key_id": issued.id, "grace_s": grace_s}, db=db)
-        self.reconciler.enqueue(name)
-        return issued
+    def rotate_key(self, name: str, actor: str, grace_s: float, member: str | None = None) -> keys.IssuedKey:
+        """A new key for a member, by default the tenant's first member (see ``MemberService``)."""
+        return self.members.rotate_key(name, actor, grace_s, member)
 
     def revoke_key(self, name: str, key_id: str, actor: str) -> None:
         if not any(k.id == key_id for k in self.store.keys(name)):

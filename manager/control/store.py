@@ -1,4 +1,4 @@
-"""Desired state in SQLite: tenants, API keys (SHA-256 hashes only), the audit trail.
+"""Desired state in SQLite: tenants, their members, API keys (SHA-256 hashes only), the audit trail.
 
 WAL with ``synchronous=FULL``: a committed change survives a crash. The
 interface is narrow (plain methods returning domain objects) so a PostgreSQL
@@ -12,13 +12,14 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from manager.domain import Quotas, TenantSpec, TenantStatus
+from manager.contract import UsageRecord
+from manager.domain import QUOTA_FIELDS, Quotas, TenantSpec, TenantStatus
 from manager.errors import Conflict, NotFound, StateUnavailable
 from manager.migrations import Step, migrate
 
@@ -92,12 +93,32 @@ MIGRATIONS: list[Step] = [
     [  # 3: a request body limit per tenant (32 MiB: a 20 MB image as a base64 data: URL fits)
         "ALTER TABLE tenants ADD COLUMN max_body INTEGER NOT NULL DEFAULT 33554432",
     ],
+    [  # 4: members inside a tenant; existing keys and usage belong to its first member, named like the tenant
+        """CREATE TABLE IF NOT EXISTS members (
+    tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    rpm_limit INTEGER,
+    tokens_per_day INTEGER,
+    requests_per_month INTEGER,
+    max_in_flight INTEGER,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (tenant, name)
+)""",
+        "INSERT OR IGNORE INTO members (tenant, name, created_at) SELECT name, name, created_at FROM tenants",
+        "ALTER TABLE api_keys ADD COLUMN member TEXT NOT NULL DEFAULT ''",
+        "UPDATE api_keys SET member = tenant WHERE member = ''",
+        "CREATE INDEX IF NOT EXISTS api_keys_member ON api_keys(tenant, member)",
+        "ALTER TABLE usage ADD COLUMN member TEXT NOT NULL DEFAULT ''",
+        "UPDATE usage SET member = tenant WHERE member = ''",
+        "CREATE INDEX IF NOT EXISTS usage_member_at ON usage(tenant, member, at)",
+    ],
 ]
 """The manager database's schema, step by step (see manager.migrations); append only."""
 
 USAGE_FIELDS = (
     "request_id",
     "key_id",
+    "member",
     "model",
     "path",
     "prompt_tokens",
@@ -144,6 +165,25 @@ class UsageTotals:
 
 
 @dataclass(frozen=True)
+class MemberRow:
+    """A member of a tenant: an accounting boundary with its own keys, quotas and usage."""
+
+    tenant: str
+    name: str
+    quotas: Quotas
+    created_at: float
+
+
+@dataclass(frozen=True)
+class MemberUsage:
+    """A member's metered use: today, this month, and its last request."""
+
+    today: UsageTotals
+    month: UsageTotals
+    last_used_at: float | None
+
+
+@dataclass(frozen=True)
 class KeyRow:
     id: str
     tenant: str
@@ -152,6 +192,7 @@ class KeyRow:
     created_at: float
     expires_at: float | None
     last_used_at: float | None
+    member: str = ""
 
     def active(self, now: float) -> bool:
         return self.expires_at is None or self.expires_at > now
@@ -206,6 +247,15 @@ def _tenant(row: sqlite3.Row) -> TenantRow:
         row["created_at"],
         row["updated_at"],
         row["gateway_token"],
+    )
+
+
+def _member(row: sqlite3.Row) -> MemberRow:
+    return MemberRow(
+        row["tenant"],
+        row["name"],
+        Quotas(row["rpm_limit"], row["tokens_per_day"], row["requests_per_month"], row["max_in_flight"]),
+        row["created_at"],
     )
 
 
@@ -359,18 +409,40 @@ class Store:
             row = self._db.execute("SELECT cursor FROM usage_cursors WHERE tenant=?", (tenant,)).fetchone()
         return int(row["cursor"]) if row else 0
 
-    def add_usage(self, tenant: str, records: list[dict[str, Any]], cursor: int) -> int:
+    def add_usage(self, tenant: str, records: Sequence[UsageRecord], cursor: int) -> int:
         """Stores records collected from a gateway and advances the cursor, in one transaction.
-        A record seen twice (same request id) is stored once. Returns how many were new."""
+        A record seen twice (same request id) is stored once; one written before members (no member)
+        is the key's member's. Returns how many were new."""
         with self.transaction() as db:
             before = db.total_changes
             db.executemany(
-                "INSERT OR IGNORE INTO usage (tenant, request_id, key_id, model, path, prompt_tokens,"
-                " completion_tokens, status, outcome, latency_ms, at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                [(tenant, *(r[f] for f in USAGE_FIELDS)) for r in records],
+                "INSERT OR IGNORE INTO usage (tenant, request_id, key_id, member, model, path, prompt_tokens,"
+                " completion_tokens, status, outcome, latency_ms, at) VALUES (?,?,?,"
+                " CASE WHEN ? != '' THEN ? ELSE COALESCE((SELECT member FROM api_keys WHERE id=? AND tenant=?), '')"
+                " END,?,?,?,?,?,?,?,?)",
+                [
+                    (
+                        tenant,
+                        r.request_id,
+                        r.key_id,
+                        r.member,
+                        r.member,
+                        r.key_id,
+                        tenant,
+                        r.model,
+                        r.path,
+                        r.prompt_tokens,
+                        r.completion_tokens,
+                        r.status,
+                        r.outcome,
+                        r.latency_ms,
+                        r.at,
+                    )
+                    for r in records
+                ],
             )
             added = db.total_changes - before
-            for key_id, at in {r["key_id"]: r["at"] for r in sorted(records, key=lambda r: r["at"])}.items():
+            for key_id, at in {r.key_id: r.at for r in sorted(records, key=lambda r: r.at)}.items():
                 db.execute(
                     "UPDATE api_keys SET last_used_at=MAX(COALESCE(last_used_at, 0), ?) WHERE id=? AND tenant=?",
                     (at, key_id, tenant),
@@ -390,6 +462,33 @@ class Store:
                 (tenant, since, until or 1e18),
             ).fetchone()
         return UsageTotals(int(row["n"]), int(row["p"]), int(row["c"]))
+
+    def usage_by_member(self, tenant: str, since: float, until: float | None = None) -> dict[str, UsageTotals]:
+        """Each member's totals (also members removed since: their usage stays for cost sharing)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT member, COUNT(*) AS n, COALESCE(SUM(prompt_tokens), 0) AS p,"
+                " COALESCE(SUM(completion_tokens), 0) AS c FROM usage WHERE tenant=? AND at >= ? AND at < ?"
+                " GROUP BY member ORDER BY member",
+                (tenant, since, until or 1e18),
+            ).fetchall()
+        return {r["member"]: UsageTotals(int(r["n"]), int(r["p"]), int(r["c"])) for r in rows}
+
+    def member_usage(self, tenant: str, day_start: float, month_start: float) -> dict[str, MemberUsage]:
+        today = self.usage_by_member(tenant, day_start)
+        month = self.usage_by_member(tenant, month_start)
+        with self._lock:
+            last = {
+                r["member"]: float(r["at"])
+                for r in self._db.execute(
+                    "SELECT member, MAX(at) AS at FROM usage WHERE tenant=? GROUP BY member", (tenant,)
+                )
+            }
+        empty = UsageTotals(0, 0, 0)
+        return {
+            m: MemberUsage(today.get(m, empty), month.get(m, empty), last.get(m))
+            for m in sorted(set(today) | set(month) | set(last))
+        }
 
     def usage_tenants(self, since: float, until: float) -> list[str]:
         with self._lock:
@@ -411,23 +510,64 @@ class Store:
             rows = self._db.execute("SELECT * FROM usage WHERE tenant=? ORDER BY at DESC LIMIT ?", (tenant, limit))
             return [dict(r) for r in rows]
 
+    # ---------------------------------------------------------------- members
+    def insert_member(self, db: sqlite3.Connection, tenant: str, name: str, quotas: Quotas, now: float) -> None:
+        try:
+            db.execute(
+                "INSERT INTO members (tenant, name, rpm_limit, tokens_per_day, requests_per_month, max_in_flight,"
+                " created_at) VALUES (?,?,?,?,?,?,?)",
+                (tenant, name, *(getattr(quotas, f) for f in QUOTA_FIELDS), now),
+            )
+        except sqlite3.IntegrityError as exc:
+            raise Conflict(
+                f"tenant {tenant!r} already has a member named {name!r}; use update-member to change it"
+            ) from exc
+
+    def members(self, tenant: str) -> list[MemberRow]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM members WHERE tenant=? ORDER BY created_at, name", (tenant,))
+            return [_member(r) for r in rows]
+
+    def member(self, tenant: str, name: str) -> MemberRow:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM members WHERE tenant=? AND name=?", (tenant, name)).fetchone()
+        if row is None:
+            raise NotFound(f"tenant {tenant!r} has no member named {name!r}; list-members --tenant {tenant} shows them")
+        return _member(row)
+
+    def update_member(self, db: sqlite3.Connection, tenant: str, name: str, quotas: Quotas) -> None:
+        db.execute(
+            f"UPDATE members SET {', '.join(f'{f}=?' for f in QUOTA_FIELDS)} WHERE tenant=? AND name=?",  # noqa: S608
+            (*(getattr(quotas, f) for f in QUOTA_FIELDS), tenant, name),
+        )
+
+    def delete_member(self, db: sqlite3.Connection, tenant: str, name: str) -> None:
+        """Removes the member and its keys; its usage records stay for cost sharing."""
+        db.execute("DELETE FROM api_keys WHERE tenant=? AND member=?", (tenant, name))
+        db.execute("DELETE FROM members WHERE tenant=? AND name=?", (tenant, name))
+
     # ---------------------------------------------------------------- keys
     def insert_key(self, db: sqlite3.Connection, key: KeyRow) -> None:
         db.execute(
-            "INSERT INTO api_keys VALUES (?,?,?,?,?,?,?)",
-            (key.id, key.tenant, key.prefix, key.hash, key.created_at, key.expires_at, key.last_used_at),
+            "INSERT INTO api_keys (id, tenant, prefix, hash, created_at, expires_at, last_used_at, member)"
+            " VALUES (?,?,?,?,?,?,?,?)",
+            (key.id, key.tenant, key.prefix, key.hash, key.created_at, key.expires_at, key.last_used_at, key.member),
         )
 
-    def expire_keys(self, db: sqlite3.Connection, tenant: str, at: float, except_id: str | None = None) -> None:
+    def expire_keys(self, db: sqlite3.Connection, tenant: str, member: str, at: float) -> None:
+        """Ends a member's keys at ``at`` (those that would last longer)."""
         db.execute(
-            "UPDATE api_keys SET expires_at=? WHERE tenant=? AND id IS NOT ? AND"
-            " (expires_at IS NULL OR expires_at > ?)",
-            (at, tenant, except_id, at),
+            "UPDATE api_keys SET expires_at=? WHERE tenant=? AND member=? AND (expires_at IS NULL OR expires_at > ?)",
+            (at, tenant, member, at),
         )
 
-    def keys(self, tenant: str) -> list[KeyRow]:
+    def keys(self, tenant: str, member: str | None = None) -> list[KeyRow]:
+        """The tenant's keys (or one member's), oldest first."""
+        sql, args = "SELECT * FROM api_keys WHERE tenant=?", [tenant]
+        if member is not None:
+            sql, args = sql + " AND member=?", [tenant, member]
         with self._lock:
-            rows = self._db.execute("SELECT * FROM api_keys WHERE tenant=? ORDER BY created_at", (tenant,))
+            rows = self._db.execute(sql + " ORDER BY created_at", args)
             return [KeyRow(**dict(r)) for r in rows]
 
     # ---------------------------------------------------------------- audit

@@ -9,30 +9,9 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.responses import Response
 from prometheus_client import generate_latest
-from pydantic import BaseModel
 
+from manager.contract import GatewayConfig, UsagePage
 from manager.gateway.state import GatewayState
-
-
-class KeyIn(BaseModel):
-    id: str
-    hash: str
-    expires_at: float | None = None
-
-
-class LimitsIn(BaseModel):
-    rpm_limit: int | None = None
-    tokens_per_day: int | None = None
-    requests_per_month: int | None = None
-    max_in_flight: int | None = None
-
-
-class ConfigIn(BaseModel):
-    version: str
-    keys: list[KeyIn]
-    limits: LimitsIn
-    max_model_len: int | None = None
-    max_body: int | None = None
 
 
 def auth(request: Request, authorization: Annotated[str, Header()] = "") -> None:
@@ -55,17 +34,21 @@ def create_admin_app(state: GatewayState, token: str) -> FastAPI:
 
     @app.get("/admin/config")
     def get_config(_: Auth) -> dict[str, Any]:
-        return {"version": state.version, "key_ids": sorted(state.keys), "limits": state.quotas.limits.__dict__}
+        return {
+            "version": state.version,
+            "key_ids": sorted(state.keys),
+            "limits": state.quotas.limits.__dict__,
+            "members": {name: m.limits.__dict__ for name, m in sorted(state.members.items())},
+        }
 
     @app.put("/admin/config")
-    def put_config(body: ConfigIn, _: Auth) -> dict[str, str]:
-        state.apply(body.model_dump())
+    def put_config(body: GatewayConfig, _: Auth) -> dict[str, str]:
+        state.apply(body)
         return {"version": state.version}
 
     @app.get("/admin/usage")
-    def usage(_: Auth, after: int = Query(0, ge=0), limit: int = Query(1000, ge=1, le=10000)) -> dict[str, Any]:
-        records = state.store.after(after, limit)
-        return {"records": records, "cursor": records[-1]["seq"] if records else after}
+    def usage(_: Auth, after: int = Query(0, ge=0), limit: int = Query(1000, ge=1, le=10000)) -> UsagePage:
+        return state.store.after(after, limit)
 
     @app.get("/metrics")
     def metrics(_: Auth) -> Response:

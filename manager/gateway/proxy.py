@@ -18,9 +18,10 @@ from typing import Any
 
 import httpx
 
+from manager.contract import UsageRecord
+from manager.gateway.quotas import admit
 from manager.gateway.settings import GatewaySettings
 from manager.gateway.state import GatewayState, KeyEntry
-from manager.gateway.store import UsageRecord
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -325,11 +326,14 @@ class Proxy:
         reserve = (int(max_tokens) if isinstance(max_tokens, int) else self.settings.default_max_tokens) + len(body)
         if self.state.max_model_len is not None:
             reserve = min(reserve, self.state.max_model_len)
-        verdict = self.state.quotas.admit(reserve if method == "POST" else 0)
+        verdict = admit(self.state.quota_states(key), reserve if method == "POST" else 0)
         if verdict.refusal is not None:
             r = verdict.refusal
-            self.state.metrics.limited.labels(r.reason).inc()
-            self.state.metrics.requests.labels(route_of(path), "429").inc()
+            m = self.state.metrics
+            m.limited.labels(r.reason, r.scope).inc()
+            m.requests.labels(route_of(path), "429").inc()
+            if key.member:
+                m.member_requests.labels(key.member, "429").inc()
             await self._send(send, 429, error_body(r.message, r.type, r.code), verdict.headers)
             return
         assert verdict.ticket is not None
@@ -339,6 +343,7 @@ class Proxy:
         record: dict[str, Any] = dict(
             request_id=request_id,
             key_id=key.id,
+            member=key.member,
             model=str(payload.get("model", "")),
             path=path,
             prompt_tokens=0,
@@ -358,7 +363,7 @@ class Proxy:
             try:
                 self._finish(record, started)
             finally:  # a failed record write must not leak the in-flight slot
-                self.state.quotas.settle(ticket, used)
+                ticket.settle(used)
 
     def _finish(self, record: dict[str, Any], started: float) -> None:
         elapsed = time.time() - started
@@ -371,6 +376,10 @@ class Proxy:
             m.tokens.labels("prompt").inc(rec.prompt_tokens)
         if rec.completion_tokens:
             m.tokens.labels("completion").inc(rec.completion_tokens)
+        if rec.member:
+            m.member_requests.labels(rec.member, str(rec.status)).inc()
+            m.member_tokens.labels(rec.member, "prompt").inc(rec.prompt_tokens)
+            m.member_tokens.labels(rec.member, "completion").inc(rec.completion_tokens)
 
     async def _unavailable(self, send: Send, headers: dict[str, str], record: dict[str, Any]) -> None:
         self.state.metrics.upstream_errors.inc()

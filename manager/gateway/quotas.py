@@ -6,6 +6,9 @@ request can use when it is admitted (``max_tokens`` plus the prompt's size in
 bytes, since a byte-level token is at least one byte) and settle to the real
 usage afterwards, so concurrency cannot overrun them.
 
+A member's limits nest inside its tenant's (``admit`` with both states): a request must
+pass both, and is counted in both or in neither.
+
 Errors follow OpenAI: ``rate_limit_exceeded`` (type ``requests`` or ``tokens``)
 for per-minute, per-day and in-flight limits; ``insufficient_quota`` for the
 monthly request quota.
@@ -29,9 +32,23 @@ WINDOW_S = 60.0
 
 @dataclass
 class Ticket:
-    reserved: int
-    day: str
+    """What one admitted request holds in each quota it passed (the member's and the tenant's)."""
+
+    parts: list[tuple[QuotaState, int, str]]
+    """(state, tokens reserved in it, the UTC day of the reservation)"""
     settled: bool = False
+
+    @property
+    def reserved(self) -> int:
+        return max((reserved for _, reserved, _ in self.parts), default=0)
+
+    def settle(self, used_tokens: int) -> None:
+        """Replace the reservations by what the request really used (once)."""
+        if self.settled:
+            return
+        self.settled = True
+        for state, reserved, day in self.parts:
+            state.release(reserved, day, used_tokens)
 
 
 @dataclass(frozen=True)
@@ -41,6 +58,7 @@ class Refusal:
     message: str
     retry_after: int
     reason: str  # metrics label: rpm, tokens_per_day, requests_per_month, in_flight
+    scope: str = "tenant"  # metrics label and x-ratelimit-scope: member or tenant
 
 
 @dataclass
@@ -76,9 +94,17 @@ def _dur(seconds: float) -> str:
 
 
 class QuotaState:
-    def __init__(self, limits: Limits | None = None, clock: Callable[[], float] = time.time) -> None:
+    """The counters of one set of limits: a tenant's, or one member's inside it.
+
+    ``who`` names the owner in refusals ("member alice", "tenant lab")."""
+
+    def __init__(
+        self, limits: Limits | None = None, clock: Callable[[], float] = time.time, scope: str = "tenant", who: str = ""
+    ) -> None:
         self.limits = limits or Limits()
         self.clock = clock
+        self.scope = scope
+        self.who = who or f"this {scope}"
         self.window: deque[float] = deque()
         self.day = day_of(clock())
         self.day_tokens = 0  # settled
@@ -100,84 +126,128 @@ class QuotaState:
         if month_of(now) != self.month:
             self.month, self.month_requests = month_of(now), 0
 
+    def remaining_requests(self) -> int | None:
+        lim = self.limits.rpm_limit
+        return None if lim is None else max(lim - len(self.window), 0)
+
+    def remaining_tokens(self) -> int | None:
+        lim = self.limits.tokens_per_day
+        return None if lim is None else max(lim - self.day_tokens - self.day_reserved, 0)
+
     def headers(self, now: float | None = None) -> dict[str, str]:
         now = self.clock() if now is None else now
         self._roll(now)
         out: dict[str, str] = {}
         lim = self.limits
-        if lim.rpm_limit is not None:
+        requests_left, tokens_left = self.remaining_requests(), self.remaining_tokens()
+        if lim.rpm_limit is not None and requests_left is not None:
             reset = self.window[0] + WINDOW_S - now if self.window else 0.0
             out["x-ratelimit-limit-requests"] = str(lim.rpm_limit)
-            out["x-ratelimit-remaining-requests"] = str(max(lim.rpm_limit - len(self.window), 0))
+            out["x-ratelimit-remaining-requests"] = str(requests_left)
             out["x-ratelimit-reset-requests"] = _dur(reset)
-        if lim.tokens_per_day is not None:
+        if lim.tokens_per_day is not None and tokens_left is not None:
             out["x-ratelimit-limit-tokens"] = str(lim.tokens_per_day)
-            used = self.day_tokens + self.day_reserved
-            out["x-ratelimit-remaining-tokens"] = str(max(lim.tokens_per_day - used, 0))
+            out["x-ratelimit-remaining-tokens"] = str(tokens_left)
             out["x-ratelimit-reset-tokens"] = _dur(seconds_to_next_day(now))
         return out
 
-    def admit(self, reserve_tokens: int) -> Verdict:
-        now = self.clock()
+    def refusal(self, reserve_tokens: int, now: float) -> Refusal | None:
+        """Why a request reserving ``reserve_tokens`` cannot pass these limits now; None if it can."""
         self._roll(now)
-        lim = self.limits
-        refusal: Refusal | None = None
+        lim, who = self.limits, self.who
         if lim.max_in_flight is not None and self.in_flight >= lim.max_in_flight:
-            refusal = Refusal(
+            return Refusal(
                 "requests",
                 "rate_limit_exceeded",
-                f"Rate limit reached: {lim.max_in_flight} requests in flight at once. Retry when one finishes.",
+                f"Rate limit reached for {who}: {lim.max_in_flight} requests in flight at once. "
+                "Retry when one finishes.",
                 1,
                 "in_flight",
+                self.scope,
             )
-        elif lim.rpm_limit is not None and len(self.window) >= lim.rpm_limit:
+        if lim.rpm_limit is not None and len(self.window) >= lim.rpm_limit:
             wait = self.window[0] + WINDOW_S - now
-            refusal = Refusal(
+            return Refusal(
                 "requests",
                 "rate_limit_exceeded",
-                f"Rate limit reached for requests per minute (RPM): limit {lim.rpm_limit}, "
+                f"Rate limit reached for requests per minute (RPM) of {who}: limit {lim.rpm_limit}, "
                 f"used {len(self.window)}. Please try again in {_dur(wait)}.",
                 max(1, math.ceil(wait)),
                 "rpm",
+                self.scope,
             )
-        elif lim.requests_per_month is not None and self.month_requests >= lim.requests_per_month:
-            refusal = Refusal(
+        if lim.requests_per_month is not None and self.month_requests >= lim.requests_per_month:
+            return Refusal(
                 "insufficient_quota",
                 "insufficient_quota",
-                f"You exceeded your monthly quota of {lim.requests_per_month} requests; "
+                f"You exceeded the monthly quota of {who} of {lim.requests_per_month} requests; "
                 "ask the administrator to raise it.",
                 max(1, math.ceil(seconds_to_next_month(now))),
                 "requests_per_month",
+                self.scope,
             )
-        elif lim.tokens_per_day is not None and (
+        if lim.tokens_per_day is not None and (
             self.day_tokens + self.day_reserved + reserve_tokens > lim.tokens_per_day
         ):
             left = max(lim.tokens_per_day - self.day_tokens - self.day_reserved, 0)
-            refusal = Refusal(
+            return Refusal(
                 "tokens",
                 "rate_limit_exceeded",
-                f"Rate limit reached for tokens per day (TPD): limit {lim.tokens_per_day}, "
+                f"Rate limit reached for tokens per day (TPD) of {who}: limit {lim.tokens_per_day}, "
                 f"remaining {left}, this request may use up to {reserve_tokens}. "
                 "Lower max_tokens or wait for the next UTC day.",
                 max(1, math.ceil(seconds_to_next_day(now))),
                 "tokens_per_day",
+                self.scope,
             )
-        if refusal is not None:
-            return Verdict(None, refusal, {**self.headers(now), "retry-after": str(refusal.retry_after)})
+        return None
+
+    def take(self, reserve_tokens: int, now: float) -> tuple[QuotaState, int, str]:
+        """Counts an admitted request (after ``refusal`` said None, with no await between)."""
         self.window.append(now)
         self.month_requests += 1
         self.in_flight += 1
-        reserved = reserve_tokens if lim.tokens_per_day is not None else 0
+        reserved = reserve_tokens if self.limits.tokens_per_day is not None else 0
         self.day_reserved += reserved
-        return Verdict(Ticket(reserved, self.day), None, self.headers(now))
+        return (self, reserved, self.day)
 
-    def settle(self, ticket: Ticket, used_tokens: int) -> None:
-        """Replace the reservation by what the request really used (once)."""
-        if ticket.settled:
-            return
-        ticket.settled = True
+    def release(self, reserved: int, day: str, used_tokens: int) -> None:
         self.in_flight -= 1
         self._roll(self.clock())
-        if ticket.day == self.day:
-            self.day_reserved -= ticket.reserved
+        if day == self.day:
+            self.day_reserved -= reserved
             self.day_tokens += used_tokens
+
+    def admit(self, reserve_tokens: int) -> Verdict:
+        """One decision against these limits alone (see ``admit`` for a member inside a tenant)."""
+        return admit([self], reserve_tokens)
+
+    def settle(self, ticket: Ticket, used_tokens: int) -> None:
+        ticket.settle(used_tokens)
+
+
+def tightest_headers(states: list[QuotaState], now: float) -> dict[str, str]:
+    """OpenAI's ``x-ratelimit-*`` headers of the tighter of nested limits: the requests headers of
+    the state with the fewest requests left this minute, the tokens headers of the one with the
+    fewest tokens left today."""
+    out: dict[str, str] = {}
+    for kind, left in (("requests", QuotaState.remaining_requests), ("tokens", QuotaState.remaining_tokens)):
+        limited = [(r, s) for s in states if (r := left(s)) is not None]
+        if limited:
+            tightest = min(limited, key=lambda pair: pair[0])[1]
+            out.update({k: v for k, v in tightest.headers(now).items() if k.endswith(kind)})
+    return out
+
+
+def admit(states: list[QuotaState], reserve_tokens: int) -> Verdict:
+    """One synchronous decision across nested limits (a member's, then its tenant's): the request
+    passes all of them or is counted in none. The refusal names which one was hit."""
+    now = states[0].clock()
+    for state in states:
+        refusal = state.refusal(reserve_tokens, now)
+        if refusal is not None:
+            headers = {**tightest_headers(states, now), "retry-after": str(refusal.retry_after)}
+            headers["x-ratelimit-scope"] = refusal.scope
+            return Verdict(None, refusal, headers)
+    ticket = Ticket([state.take(reserve_tokens, now) for state in states])
+    return Verdict(ticket, None, tightest_headers(states, now))

@@ -7,15 +7,16 @@ import hmac
 import logging
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from manager.control.keys import hash_key, key_id
-from manager.gateway.quotas import Limits, QuotaState
-from manager.gateway.store import GatewayStore, UsageRecord
+from manager.contract import GatewayConfig, UsageRecord
+from manager.gateway.quotas import WINDOW_S, QuotaState
+from manager.gateway.store import GatewayStore
+from manager.keys import hash_key, key_id
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,8 @@ class KeyEntry:
     id: str
     hash: str
     expires_at: float | None
+    member: str = ""
+    """The member holding the key ('' for a key pushed before members: only the tenant's limits)."""
 
 
 @dataclass
@@ -35,7 +38,14 @@ class GatewayMetrics:
         r = self.registry
         self.requests = Counter("gtm_gateway_requests", "Requests by path and status", ["path", "status"], registry=r)
         self.tokens = Counter("gtm_gateway_tokens", "Tokens metered", ["kind"], registry=r)
-        self.limited = Counter("gtm_gateway_rate_limited", "429s by reason", ["reason"], registry=r)
+        self.limited = Counter("gtm_gateway_rate_limited", "429s by reason and scope", ["reason", "scope"], registry=r)
+        # members are created by admins, so these label sets stay bounded
+        self.member_requests = Counter(
+            "gtm_gateway_member_requests", "Requests by member and status", ["member", "status"], registry=r
+        )
+        self.member_tokens = Counter(
+            "gtm_gateway_member_tokens", "Tokens metered by member", ["member", "kind"], registry=r
+        )
         self.upstream_errors = Counter("gtm_gateway_upstream_errors", "Engine unreachable or failing", registry=r)
         self.spool_errors = Counter(
             "gtm_gateway_spool_errors",
@@ -50,12 +60,24 @@ class GatewayMetrics:
         )
 
 
+def _day_start(now: float) -> float:
+    return datetime.fromtimestamp(now, UTC).replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
+
+
+def _month_start(now: float) -> float:
+    return datetime.fromtimestamp(now, UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0).timestamp()
+
+
 class GatewayState:
-    def __init__(self, store: GatewayStore) -> None:
+    """The tenant's quota state and one per member; a request is admitted against both."""
+
+    def __init__(self, store: GatewayStore, clock: Callable[[], float] = time.time) -> None:
         self.store = store
+        self.clock = clock
         self.keys: dict[str, KeyEntry] = {}
         self.version = ""
-        self.quotas = QuotaState()
+        self.quotas = QuotaState(clock=clock, scope="tenant", who="this tenant")
+        self.members: dict[str, QuotaState] = {}
         self.metrics = GatewayMetrics()
         self.max_model_len: int | None = None
         """The engine's context length: no request uses more tokens (prompt plus completion)."""
@@ -67,28 +89,54 @@ class GatewayState:
         saved = store.config()
         if saved:
             self.apply(saved, persist=False)
-        now = time.time()
-        day_start = datetime.fromtimestamp(now, UTC).replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
-        month_start = (
-            datetime.fromtimestamp(now, UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0).timestamp()
-        )
-        _, day_tokens = store.totals_since(day_start)
-        month_requests, _ = store.totals_since(month_start)
-        self.quotas.load(day_tokens=day_tokens, month_requests=month_requests, recent=store.recent_times(60))
+        self._load_totals(None)
 
-    def apply(self, body: dict[str, Any], persist: bool = True) -> None:
-        """Install a config pushed by the manager; limits change without a restart."""
-        keys = {k["id"]: KeyEntry(k["id"], k["hash"], k.get("expires_at")) for k in body.get("keys", [])}
-        limits = Limits(**{k: body.get("limits", {}).get(k) for k in Limits.__dataclass_fields__})
+    def _load_totals(self, only: set[str] | None) -> None:
+        """Rebuilds quota counters from the spool: the tenant's (``only`` None) and its members'
+        (those in ``only``, or all). A record from before members counts for its key's member."""
+        now = self.clock()
+        totals = self.store.totals_by_key(_day_start(now), _month_start(now), WINDOW_S)
+        per: dict[str, tuple[int, int, list[float]]] = {}
+        for t in totals:
+            key = self.keys.get(t.key_id)
+            member = t.member or (key.member if key else "")
+            tokens, requests, recent = per.get(member, (0, 0, []))
+            per[member] = (tokens + t.day_tokens, requests + t.month_requests, recent + t.recent)
+        if only is None:
+            self.quotas.load(
+                day_tokens=sum(v[0] for v in per.values()),
+                month_requests=sum(v[1] for v in per.values()),
+                recent=[at for v in per.values() for at in v[2]],
+            )
+        for name, state in self.members.items():
+            if only is None or name in only:
+                tokens, requests, recent = per.get(name, (0, 0, []))
+                state.load(day_tokens=tokens, month_requests=requests, recent=recent)
+
+    def apply(self, config: GatewayConfig, persist: bool = True) -> None:
+        """Install a config pushed by the manager; keys and limits change without a restart, and a
+        member's counters carry over (a removed member's go with its keys)."""
         if persist:
-            self.store.save_config(body)
-        self.keys = keys
-        self.quotas.limits = limits
-        length = body.get("max_model_len")
-        self.max_model_len = int(length) if isinstance(length, int) and length > 0 else None
-        limit = body.get("max_body")
-        self.max_body = int(limit) if isinstance(limit, int) and limit > 0 else None
-        self.version = str(body.get("version", ""))
+            self.store.save_config(config)
+        self.keys = {k.id: KeyEntry(k.id, k.hash, k.expires_at, k.member) for k in config.keys}
+        self.quotas.limits = config.limits.quotas()
+        members: dict[str, QuotaState] = {}
+        for m in config.members:
+            state = self.members.get(m.name) or QuotaState(clock=self.clock, scope="member", who=f"member {m.name}")
+            state.limits = m.limits.quotas()
+            members[m.name] = state
+        new = set(members) - set(self.members)
+        self.members = members
+        if new and persist:  # a member added (or added again) while the gateway runs
+            self._load_totals(new)
+        self.max_model_len = config.max_model_len if config.max_model_len and config.max_model_len > 0 else None
+        self.max_body = config.max_body if config.max_body and config.max_body > 0 else None
+        self.version = config.version
+
+    def quota_states(self, key: KeyEntry) -> list[QuotaState]:
+        """The limits a request with this key must pass: its member's (when it has one), then the tenant's."""
+        member = self.members.get(key.member)
+        return [member, self.quotas] if member is not None else [self.quotas]
 
     def record(self, rec: UsageRecord) -> bool:
         """Commits a usage record; when the spool cannot take it, keeps it in memory (never lost

@@ -9,13 +9,12 @@ Records are read by cursor (``seq``), so the manager's collection is idempotent.
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from manager.contract import GatewayConfig, UsagePage, UsageRecord
 from manager.migrations import Step, migrate
 
 MIGRATIONS: list[Step] = [
@@ -36,26 +35,22 @@ MIGRATIONS: list[Step] = [
 )""",
         "CREATE INDEX IF NOT EXISTS usage_at ON usage(at)",
     ],
+    [  # 2: members: a record carries the member whose key was used ('' in older records: the key's member)
+        "ALTER TABLE usage ADD COLUMN member TEXT NOT NULL DEFAULT ''",
+    ],
 ]
 """The spool's schema, step by step (see manager.migrations); append only."""
 
 
 @dataclass(frozen=True)
-class UsageRecord:
-    request_id: str
-    key_id: str
-    model: str
-    path: str
-    prompt_tokens: int
-    completion_tokens: int
-    status: int
-    outcome: str  # ok, error, client_disconnected, upstream_unavailable
-    latency_ms: float
-    at: float
+class Totals:
+    """What one key used, rebuilt from the spool after a restart (quota state)."""
 
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
+    key_id: str
+    member: str
+    day_tokens: int
+    month_requests: int
+    recent: list[float]
 
 
 class GatewayStore:
@@ -70,37 +65,48 @@ class GatewayStore:
     def close(self) -> None:
         self._db.close()
 
-    def config(self) -> dict[str, Any] | None:
+    def config(self) -> GatewayConfig | None:
+        """The last config the manager pushed (also one written by an older release)."""
         row = self._db.execute("SELECT body FROM config WHERE id = 1").fetchone()
-        return json.loads(row["body"]) if row else None
+        return GatewayConfig.model_validate_json(row["body"]) if row else None
 
-    def save_config(self, body: dict[str, Any]) -> None:
+    def save_config(self, config: GatewayConfig) -> None:
         self._db.execute(
             "INSERT INTO config (id, body) VALUES (1, ?) ON CONFLICT(id) DO UPDATE SET body=excluded.body",
-            (json.dumps(body),),
+            (config.model_dump_json(),),
         )
 
     def record(self, rec: UsageRecord) -> None:
-        d = asdict(rec)
         self._db.execute(
-            "INSERT OR IGNORE INTO usage (request_id, key_id, model, path, prompt_tokens, completion_tokens,"
-            " status, outcome, latency_ms, at) VALUES (:request_id, :key_id, :model, :path, :prompt_tokens,"
+            "INSERT OR IGNORE INTO usage (request_id, key_id, member, model, path, prompt_tokens, completion_tokens,"
+            " status, outcome, latency_ms, at) VALUES (:request_id, :key_id, :member, :model, :path, :prompt_tokens,"
             " :completion_tokens, :status, :outcome, :latency_ms, :at)",
-            d,
+            rec.model_dump(),
         )
 
-    def after(self, cursor: int, limit: int = 1000) -> list[dict[str, Any]]:
-        rows = self._db.execute("SELECT * FROM usage WHERE seq > ? ORDER BY seq LIMIT ?", (cursor, limit))
-        return [dict(r) for r in rows]
+    def after(self, cursor: int, limit: int = 1000) -> UsagePage:
+        rows = self._db.execute("SELECT * FROM usage WHERE seq > ? ORDER BY seq LIMIT ?", (cursor, limit)).fetchall()
+        records = [UsageRecord.model_validate(dict(r)) for r in rows]
+        return UsagePage(records=records, cursor=int(rows[-1]["seq"]) if rows else cursor)
 
-    def totals_since(self, since: float) -> tuple[int, int]:
-        """(requests, tokens) recorded since ``since``: to rebuild quota state after a restart."""
-        row = self._db.execute(
-            "SELECT COUNT(*) AS n, COALESCE(SUM(prompt_tokens + completion_tokens), 0) AS t FROM usage WHERE at >= ?",
-            (since,),
-        ).fetchone()
-        return int(row["n"]), int(row["t"])
-
-    def recent_times(self, seconds: float) -> list[float]:
-        rows = self._db.execute("SELECT at FROM usage WHERE at >= ?", (time.time() - seconds,))
-        return [float(r["at"]) for r in rows]
+    def totals_by_key(self, day_start: float, month_start: float, window_s: float) -> list[Totals]:
+        """Per key (and member): tokens since ``day_start``, requests since ``month_start`` and the
+        times of the last ``window_s`` seconds, to rebuild the quota state after a restart."""
+        since = time.time() - window_s
+        rows = self._db.execute(
+            "SELECT key_id, member,"
+            " COALESCE(SUM(CASE WHEN at >= ? THEN prompt_tokens + completion_tokens END), 0) AS t,"
+            " COUNT(*) AS n, GROUP_CONCAT(CASE WHEN at >= ? THEN at END) AS recent"
+            " FROM usage WHERE at >= ? GROUP BY key_id, member",
+            (day_start, since, min(month_start, day_start)),
+        ).fetchall()
+        return [
+            Totals(
+                r["key_id"],
+                r["member"],
+                int(r["t"]),
+                int(r["n"]),
+                [float(x) for x in (r["recent"] or "").split(",") if x],
+            )
+            for r in rows
+        ]

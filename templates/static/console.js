@@ -7,6 +7,9 @@ document.addEventListener("DOMContentLoaded", () => {
       catch { button.textContent = "Select and copy by hand"; }
     });
   });
+  document.querySelectorAll("form[data-confirm]").forEach((form) => {
+    form.addEventListener("submit", (event) => { if (!window.confirm(form.dataset.confirm)) event.preventDefault(); });
+  });
   document.querySelectorAll("form[data-whatif]").forEach((form) => {
     const size = form.querySelector("[data-whatif-size]");
     const model = form.querySelector("[data-whatif-model]");

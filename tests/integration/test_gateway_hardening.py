@@ -14,7 +14,7 @@ import docker
 import httpx
 import pytest
 
-from manager.control import keys
+from manager import keys
 from manager.control.gateway_client import GatewayClient
 from manager.control.plan import control_network_name, control_network_plan, tenant_plan
 from manager.domain import TenantSpec

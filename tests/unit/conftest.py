@@ -12,8 +12,14 @@ import pytest
 import uvicorn
 
 from manager.api.app import create_app
+from manager.control.reconciler import Reconciler
+from manager.control.service import TenantService
+from manager.control.store import Store
+from manager.gpu.cpu import HostMemoryInventory
 from manager.runtime.memory import MemoryRuntime
 from manager.settings import Settings
+
+from .fakes import FakeGateway
 
 TOKEN = "unit-test-admin-token-0123456789abcdef"
 
@@ -83,3 +89,18 @@ def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True
     thread.join(10)
+
+
+@pytest.fixture
+def svc(tmp_path: Path) -> Iterator[TenantService]:
+    write_model(
+        tmp_path / "models",
+        "demo",
+        {"w": ("BF16", [1000, 256])},
+        {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 256},
+    )
+    settings = Settings(gpu_mode="cpu", instance="gtmu", state_dir=tmp_path, models_dir=tmp_path / "models")
+    store, runtime, inventory = Store(tmp_path / "m.db"), MemoryRuntime(), HostMemoryInventory()
+    reconciler = Reconciler(settings, store, runtime, inventory, connect=FakeGateway())
+    yield TenantService(settings, store, runtime, inventory, reconciler)
+    store.close()

@@ -1,6 +1,8 @@
 import json
 from pathlib import Path
+from typing import Any
 
+from manager.contract import UsageRecord
 from manager.control.costs import month_bounds, reservation_intervals, split
 from manager.control.store import AuditRow, Store
 
@@ -38,19 +40,42 @@ def test_split_by_memory_hours_and_by_tokens(tmp_path: Path) -> None:
             "INSERT INTO audit (at, actor, action, tenant, result, detail) VALUES (?,?,?,?,?,?)",
             (start + (end - start) / 2, "admin", "add-tenant", "b", "ok", json.dumps({"gpu_memory": 10 * G})),
         )
-    rec = {
-        "key_id": "k",
-        "model": "m",
-        "path": "/v1/chat/completions",
-        "status": 200,
-        "outcome": "ok",
-        "latency_ms": 1.0,
-    }
-    store.add_usage("a", [{**rec, "request_id": "1", "prompt_tokens": 100, "completion_tokens": 0, "at": start + 5}], 1)
-    store.add_usage("b", [{**rec, "request_id": "2", "prompt_tokens": 200, "completion_tokens": 100, "at": end - 5}], 1)
+
+    def rec(request_id: str, member: str, prompt: int, completion: int, at: float) -> UsageRecord:
+        fields: dict[str, Any] = dict(model="m", path="/v1/chat/completions", status=200, outcome="ok", latency_ms=1.0)
+        return UsageRecord(
+            request_id=request_id,
+            key_id="k-" + member,
+            member=member,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            at=at,
+            **fields,
+        )
+
+    # tenant a: alice used 75 tokens in 1 request, bob 25 tokens in 3 requests
+    store.add_usage(
+        "a",
+        [
+            rec("1", "alice", 70, 5, start + 5),
+            rec("2", "bob", 10, 5, start + 6),
+            rec("3", "bob", 5, 0, start + 7),
+            rec("4", "bob", 5, 0, start + 8),
+        ],
+        4,
+    )
+    store.add_usage("b", [rec("5", "b", 200, 100, end - 5)], 1)
     shares = {s.tenant: s for s in split("2026-11", 700.0, store, now=end + 100)}
     assert shares["a"].share_by_memory == round(30 / 35, 6)
     assert shares["a"].cost_by_memory == 600.0
     assert shares["b"].cost_by_memory == 100.0
     assert shares["a"].cost_by_tokens == 175.0 and shares["b"].cost_by_tokens == 525.0
     assert abs(shares["a"].gib_hours - 30 * (end - start) / 3600) < 1e-3
+    # inside a: its 600 split by each member's share of a's tokens, and of a's requests
+    alice, bob = shares["a"].members
+    assert (alice.member, alice.tokens, alice.requests) == ("alice", 75, 1)
+    assert (alice.share_by_tokens, alice.cost_by_tokens) == (0.75, 450.0)
+    assert (alice.share_by_requests, alice.cost_by_requests) == (0.25, 150.0)
+    assert (bob.cost_by_tokens, bob.cost_by_requests) == (150.0, 450.0)
+    assert [m.member for m in shares["b"].members] == ["b"]
+    assert shares["b"].members[0].cost_by_tokens == 100.0

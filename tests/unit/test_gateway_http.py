@@ -14,7 +14,8 @@ import httpx
 import pytest
 import uvicorn
 
-from manager.control import keys
+from manager import keys
+from manager.contract import GatewayConfig
 from manager.gateway.http import protocol_for
 from manager.gateway.proxy import Proxy
 from manager.gateway.settings import GatewaySettings
@@ -32,7 +33,9 @@ def served(tmp_path: Path) -> Iterator[tuple[int, str]]:
     settings = GatewaySettings(header_timeout_s=0.5, body_idle_timeout_s=0.5, max_headers=20, max_header_bytes=4096)
     state = GatewayState(GatewayStore(tmp_path / "gw.db"))
     issued = keys.issue()
-    state.apply({"version": "v", "keys": [{"id": issued.id, "hash": issued.hash}], "limits": {}})
+    state.apply(
+        GatewayConfig.model_validate({"version": "v", "keys": [{"id": issued.id, "hash": issued.hash}], "limits": {}})
+    )
     proxy = Proxy(settings, state, transport=httpx.MockTransport(upstream))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

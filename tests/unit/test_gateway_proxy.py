@@ -11,7 +11,8 @@ from typing import Any
 import httpx
 import pytest
 
-from manager.control import keys
+from manager import keys
+from manager.contract import GatewayConfig, UsageRecord
 from manager.gateway.proxy import Proxy
 from manager.gateway.settings import GatewaySettings
 from manager.gateway.state import GatewayState
@@ -42,11 +43,13 @@ def gateway(tmp_path: Path) -> tuple[httpx.AsyncClient, GatewayState, str]:
     state = GatewayState(GatewayStore(tmp_path / "gw.db"))
     issued = keys.issue()
     state.apply(
-        {
-            "version": "v1",
-            "keys": [{"id": issued.id, "hash": issued.hash, "expires_at": None}],
-            "limits": {"rpm_limit": 3},
-        }
+        GatewayConfig.model_validate(
+            {
+                "version": "v1",
+                "keys": [{"id": issued.id, "hash": issued.hash, "expires_at": None}],
+                "limits": {"rpm_limit": 3},
+            }
+        )
     )
     proxy = Proxy(GatewaySettings(max_body_bytes=2048), state, transport=httpx.MockTransport(upstream))
     client = httpx.AsyncClient(
@@ -66,10 +69,10 @@ async def test_chat_is_forwarded_metered_and_rate_limited(gateway: tuple[httpx.A
     assert r.status_code == 200
     assert r.json()["usage"] == USAGE
     assert r.headers["x-ratelimit-remaining-requests"] == "2"
-    (rec,) = state.store.after(0)
-    assert (rec["prompt_tokens"], rec["completion_tokens"], rec["status"], rec["outcome"]) == (5, 3, 200, "ok")
-    assert rec["request_id"] == r.headers["x-request-id"]
-    assert key not in json.dumps(rec)
+    (rec,) = state.store.after(0).records
+    assert (rec.prompt_tokens, rec.completion_tokens, rec.status, rec.outcome) == (5, 3, 200, "ok")
+    assert rec.request_id == r.headers["x-request-id"]
+    assert key not in rec.model_dump_json()
     await client.post("/v1/chat/completions", json=CHAT)
     await client.get("/v1/models")
     limited = await client.post("/v1/chat/completions", json=CHAT)
@@ -85,8 +88,8 @@ async def test_stream_strips_the_usage_chunk_the_client_did_not_ask_for(gateway)
     events = [e for e in r.text.split("\n\n") if e]
     assert events[-1] == "data: [DONE]"
     assert not any('"usage"' in e for e in events)
-    (rec,) = state.store.after(0)
-    assert (rec["prompt_tokens"], rec["completion_tokens"]) == (5, 3)
+    (rec,) = state.store.after(0).records
+    assert (rec.prompt_tokens, rec.completion_tokens) == (5, 3)
 
 
 async def test_stream_keeps_usage_when_asked(gateway):
@@ -114,7 +117,7 @@ async def test_admin_paths_are_refused(gateway, method: str, path: str):
     r = await client.request(method, path)
     assert r.status_code == 404
     assert r.json()["error"]["type"] == "invalid_request_error"
-    assert state.store.after(0) == []
+    assert state.store.after(0).records == []
 
 
 async def test_wrong_or_missing_key_is_401_in_openai_shape(gateway):
@@ -139,7 +142,9 @@ async def test_oversized_body_is_413(gateway):
 async def test_engine_down_is_503_with_retry_after(tmp_path: Path):
     state = GatewayState(GatewayStore(tmp_path / "gw.db"))
     issued = keys.issue()
-    state.apply({"version": "v", "keys": [{"id": issued.id, "hash": issued.hash}], "limits": {}})
+    state.apply(
+        GatewayConfig.model_validate({"version": "v", "keys": [{"id": issued.id, "hash": issued.hash}], "limits": {}})
+    )
 
     def refuse(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("connection refused", request=request)
@@ -161,11 +166,13 @@ async def test_expired_key_is_refused(tmp_path: Path):
     state = GatewayState(GatewayStore(tmp_path / "gw.db"))
     old, new = keys.issue(), keys.issue()
     state.apply(
-        {
-            "version": "v",
-            "keys": [{"id": old.id, "hash": old.hash, "expires_at": 1.0}, {"id": new.id, "hash": new.hash}],
-            "limits": {},
-        }
+        GatewayConfig.model_validate(
+            {
+                "version": "v",
+                "keys": [{"id": old.id, "hash": old.hash, "expires_at": 1.0}, {"id": new.id, "hash": new.hash}],
+                "limits": {},
+            }
+        )
     )
     assert state.authenticate(old.secret_key) is None
     assert state.authenticate(new.secret_key) is not None
@@ -178,16 +185,30 @@ def test_admin_side_needs_its_token_and_pages_usage_by_cursor(tmp_path: Path) ->
     from fastapi.testclient import TestClient
 
     from manager.gateway.admin import create_admin_app
-    from manager.gateway.store import UsageRecord
 
     state = GatewayState(GatewayStore(tmp_path / "gw.db"))
     for i in range(3):
-        state.store.record(UsageRecord(f"r{i}", "k", "demo", "/v1/completions", 1, 2, 200, "ok", 1.0, 1.0))
+        state.store.record(
+            UsageRecord(
+                request_id=f"r{i}",
+                key_id="k",
+                member="alice",
+                model="demo",
+                path="/v1/completions",
+                prompt_tokens=1,
+                completion_tokens=2,
+                status=200,
+                outcome="ok",
+                latency_ms=1.0,
+                at=1.0,
+            )
+        )
     client = TestClient(create_admin_app(state, "admin-secret"))
     assert client.get("/admin/usage").status_code == 401
     auth = {"Authorization": "Bearer admin-secret"}
     page = client.get("/admin/usage", params={"after": 0, "limit": 2}, headers=auth).json()
     assert [r["request_id"] for r in page["records"]] == ["r0", "r1"]
+    assert page["records"][0]["member"] == "alice"
     rest = client.get("/admin/usage", params={"after": page["cursor"]}, headers=auth).json()
     assert [r["request_id"] for r in rest["records"]] == ["r2"]
     config = {"version": "v9", "keys": [], "limits": {"rpm_limit": 7}}
@@ -271,7 +292,7 @@ async def test_deeply_nested_json_is_400(gateway):
         assert r.json()["error"]["code"] in ("invalid_json", "request_too_large")
     ok = {**CHAT, "x": [[[[{"a": [1]}]]]]}
     assert (await client.post("/v1/chat/completions", json=ok)).status_code == 200
-    assert state.store.after(0)[-1]["status"] == 200
+    assert state.store.after(0).records[-1].status == 200
 
 
 class FillableStore(GatewayStore):
@@ -291,7 +312,11 @@ async def test_a_full_spool_refuses_requests_and_loses_no_record(tmp_path: Path)
     store = FillableStore(tmp_path / "gw.db")
     state = GatewayState(store)
     issued = keys.issue()
-    state.apply({"version": "v", "keys": [{"id": issued.id, "hash": issued.hash}], "limits": {"max_in_flight": 5}})
+    state.apply(
+        GatewayConfig.model_validate(
+            {"version": "v", "keys": [{"id": issued.id, "hash": issued.hash}], "limits": {"max_in_flight": 5}}
+        )
+    )
     forwarded: list[str] = []
 
     def counting(request: httpx.Request) -> httpx.Response:
@@ -315,13 +340,18 @@ async def test_a_full_spool_refuses_requests_and_loses_no_record(tmp_path: Path)
     store.full = False
     again = await client.post("/v1/chat/completions", json=CHAT)
     assert again.status_code == 200
-    assert [r["request_id"] for r in store.after(0)] == [first.headers["x-request-id"], again.headers["x-request-id"]]
+    assert [r.request_id for r in store.after(0).records] == [
+        first.headers["x-request-id"],
+        again.headers["x-request-id"],
+    ]
 
 
 async def test_an_engine_lost_mid_stream_ends_with_an_error_event_and_meters_what_was_served(tmp_path: Path):
     state = GatewayState(GatewayStore(tmp_path / "gw.db"))
     issued = keys.issue()
-    state.apply({"version": "v", "keys": [{"id": issued.id, "hash": issued.hash}], "limits": {}})
+    state.apply(
+        GatewayConfig.model_validate({"version": "v", "keys": [{"id": issued.id, "hash": issued.hash}], "limits": {}})
+    )
 
     class Dying(httpx.AsyncByteStream):
         async def __aiter__(self):  # type: ignore[no-untyped-def]
@@ -342,8 +372,8 @@ async def test_an_engine_lost_mid_stream_ends_with_an_error_event_and_meters_wha
     events = [e for e in r.text.split("\n\n") if e]
     assert len(events) == 4
     assert json.loads(events[-1].removeprefix("data: "))["error"]["code"] == "engine_unavailable"
-    (rec,) = state.store.after(0)
-    assert (rec["outcome"], rec["completion_tokens"]) == ("error", 3)
+    (rec,) = state.store.after(0).records
+    assert (rec.outcome, rec.completion_tokens) == ("error", 3)
     assert state.quotas.in_flight == 0
 
 
@@ -353,12 +383,14 @@ async def test_the_token_reservation_is_bounded_by_the_engines_context(tmp_path:
     state = GatewayState(GatewayStore(tmp_path / "gw.db"))
     issued = keys.issue()
     state.apply(
-        {
-            "version": "v",
-            "keys": [{"id": issued.id, "hash": issued.hash}],
-            "limits": {"tokens_per_day": 2000},
-            "max_model_len": 512,
-        }
+        GatewayConfig.model_validate(
+            {
+                "version": "v",
+                "keys": [{"id": issued.id, "hash": issued.hash}],
+                "limits": {"tokens_per_day": 2000},
+                "max_model_len": 512,
+            }
+        )
     )
     proxy = Proxy(GatewaySettings(max_body_bytes=8 << 20), state, transport=httpx.MockTransport(upstream))
     client = httpx.AsyncClient(
@@ -391,7 +423,14 @@ async def test_the_tenants_body_limit_applies_and_a_413_names_it(tmp_path: Path)
     state = GatewayState(GatewayStore(tmp_path / "gw.db"))
     issued = keys.issue()
     state.apply(
-        {"version": "v", "keys": [{"id": issued.id, "hash": issued.hash}], "limits": {}, "max_body": 4 * 1024 * 1024}
+        GatewayConfig.model_validate(
+            {
+                "version": "v",
+                "keys": [{"id": issued.id, "hash": issued.hash}],
+                "limits": {},
+                "max_body": 4 * 1024 * 1024,
+            }
+        )
     )
     proxy = Proxy(GatewaySettings(max_body_bytes=1024), state, transport=httpx.MockTransport(upstream))
     client = httpx.AsyncClient(
@@ -413,7 +452,9 @@ async def test_large_bodies_take_a_slot_and_wait_for_one(tmp_path: Path) -> None
 
     state = GatewayState(GatewayStore(tmp_path / "gw.db"))
     issued = keys.issue()
-    state.apply({"version": "v", "keys": [{"id": issued.id, "hash": issued.hash}], "limits": {}})
+    state.apply(
+        GatewayConfig.model_validate({"version": "v", "keys": [{"id": issued.id, "hash": issued.hash}], "limits": {}})
+    )
     release = asyncio.Event()
     inside = 0
     most = 0
@@ -440,3 +481,54 @@ async def test_large_bodies_take_a_slot_and_wait_for_one(tmp_path: Path) -> None
     release.set()
     assert [r.status_code for r in await asyncio.gather(*tasks)] == [200] * 5
     assert most == 2
+
+
+# ---------------------------------------------------------------- members
+def member_config(version: str, alice: keys.IssuedKey, bob: keys.IssuedKey | None) -> GatewayConfig:
+    members = [{"name": "alice", "limits": {"rpm_limit": 2}}]
+    key_list = [{"id": alice.id, "hash": alice.hash, "member": "alice"}]
+    if bob is not None:
+        members.append({"name": "bob", "limits": {}})
+        key_list.append({"id": bob.id, "hash": bob.hash, "member": "bob"})
+    return GatewayConfig.model_validate(
+        {"version": version, "keys": key_list, "limits": {"rpm_limit": 3}, "members": members}
+    )
+
+
+async def test_members_have_nested_limits_their_own_records_and_metrics(tmp_path: Path) -> None:
+    from prometheus_client import generate_latest
+
+    state = GatewayState(GatewayStore(tmp_path / "gw.db"))
+    alice, bob = keys.issue(), keys.issue()
+    state.apply(member_config("v1", alice, bob))
+    proxy = Proxy(GatewaySettings(), state, transport=httpx.MockTransport(upstream))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=proxy), base_url="http://gw") as client:
+
+        async def chat(key: keys.IssuedKey) -> httpx.Response:
+            return await client.post(
+                "/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {key.secret_key}"}
+            )
+
+        assert [(await chat(alice)).status_code for _ in range(3)] == [200, 200, 429]
+        limited = await chat(alice)
+        assert "member alice" in limited.json()["error"]["message"]
+        assert limited.headers["x-ratelimit-scope"] == "member"
+        assert [(await chat(bob)).status_code for _ in range(2)] == [200, 429]  # the tenant's 3 are used
+        tenant_limited = await chat(bob)
+        assert tenant_limited.headers["x-ratelimit-scope"] == "tenant"
+        assert "this tenant" in tenant_limited.json()["error"]["message"]
+        records = state.store.after(0).records
+        assert [r.member for r in records] == ["alice", "alice", "bob"]
+        metrics = generate_latest(state.metrics.registry).decode()
+        assert 'gtm_gateway_member_requests_total{member="alice",status="200"} 2.0' in metrics
+        assert 'gtm_gateway_member_requests_total{member="alice",status="429"} 2.0' in metrics
+        assert 'gtm_gateway_rate_limited_total{reason="rpm",scope="tenant"} 2.0' in metrics
+
+        # bob removed: his key is refused at once; alice's limits and counters carry over
+        state.apply(member_config("v2", alice, None))
+        assert (await chat(bob)).status_code == 401
+        assert len(state.members["alice"].window) == 2
+
+    # a restart rebuilds each member's counters from the spool
+    again = GatewayState(state.store)
+    assert len(again.members["alice"].window) == 2 and len(again.quotas.window) == 3

@@ -1,4 +1,4 @@
-from manager.control import keys
+from manager import keys
 
 
 def test_issued_key_shape_and_hash() -> None:

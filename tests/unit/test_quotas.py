@@ -1,4 +1,4 @@
-from manager.gateway.quotas import Limits, QuotaState
+from manager.gateway.quotas import Limits, QuotaState, admit
 
 
 class Clock:
@@ -84,3 +84,80 @@ def test_restart_state_is_rebuilt_from_records() -> None:
     assert q.admit(20).refusal is not None  # 90 + 20 > 100
     assert q.admit(5).refusal is None
     assert q.admit(5).refusal is not None  # rpm: one from before the restart + this one
+
+
+# ---------------------------------------------------------------- members nested in the tenant
+def nested(tenant: Limits, **members: Limits) -> tuple[QuotaState, dict[str, QuotaState], Clock]:
+    clock = Clock()
+    t = QuotaState(tenant, clock, scope="tenant", who="tenant lab")
+    return t, {n: QuotaState(lim, clock, scope="member", who=f"member {n}") for n, lim in members.items()}, clock
+
+
+def test_each_members_rpm_is_exact_and_the_tenant_caps_their_sum() -> None:
+    tenant, m, _ = nested(Limits(rpm_limit=5), alice=Limits(rpm_limit=2), bob=Limits(rpm_limit=4))
+    alice = [admit([m["alice"], tenant], 0) for _ in range(4)]
+    assert [v.refusal is None for v in alice] == [True, True, False, False]
+    refused = alice[2].refusal
+    assert refused is not None and refused.scope == "member" and "member alice" in refused.message
+    assert alice[2].headers["x-ratelimit-scope"] == "member"
+    bob = [admit([m["bob"], tenant], 0) for _ in range(4)]
+    # the tenant has 3 left of its 5: bob's own limit (4) is not reached, the tenant's is
+    assert [v.refusal is None for v in bob] == [True, True, True, False]
+    last = bob[3].refusal
+    assert last is not None and last.scope == "tenant" and "tenant lab" in last.message
+    assert tenant.window.__len__() == 5 and len(m["alice"].window) == 2 and len(m["bob"].window) == 3
+
+
+def test_a_refused_request_is_counted_in_neither_limit() -> None:
+    tenant, m, _ = nested(Limits(tokens_per_day=1000), alice=Limits(tokens_per_day=300))
+    assert admit([m["alice"], tenant], 400).refusal is not None  # alice's own day: refused
+    assert (tenant.day_reserved, tenant.in_flight, tenant.month_requests) == (0, 0, 0)
+    ok = admit([m["alice"], tenant], 300)
+    assert ok.ticket is not None
+    assert (tenant.day_reserved, m["alice"].day_reserved) == (300, 300)
+    ok.ticket.settle(120)
+    ok.ticket.settle(120)  # once only
+    assert (tenant.day_tokens, m["alice"].day_tokens, tenant.in_flight, m["alice"].in_flight) == (120, 120, 0, 0)
+
+
+def test_tokens_per_day_is_never_exceeded_by_a_burst_from_every_member() -> None:
+    tenant, m, _ = nested(
+        Limits(tokens_per_day=10_000), a=Limits(tokens_per_day=4_000), b=Limits(tokens_per_day=4_000), c=Limits()
+    )
+    tickets = []
+    for i in range(90):
+        who = m["abc"[i % 3]]
+        v = admit([who, tenant], 500)
+        if v.ticket:
+            tickets.append((who, v.ticket))
+    for _, t in tickets:
+        t.settle(500)
+    assert tenant.day_tokens <= 10_000
+    assert m["a"].day_tokens <= 4_000 and m["b"].day_tokens <= 4_000
+    assert tenant.day_tokens == sum(s.day_tokens for s in m.values())
+
+
+def test_the_headers_describe_the_tighter_of_the_two() -> None:
+    tenant, m, _ = nested(Limits(rpm_limit=100, tokens_per_day=1_000), alice=Limits(rpm_limit=3, tokens_per_day=50_000))
+    v = admit([m["alice"], tenant], 10)
+    assert v.ticket is not None
+    # requests: alice has 2 of 3 left (the tenant 99 of 100); tokens: the tenant has 990 left (alice 49,990)
+    assert v.headers["x-ratelimit-limit-requests"] == "3"
+    assert v.headers["x-ratelimit-remaining-requests"] == "2"
+    assert v.headers["x-ratelimit-limit-tokens"] == "1000"
+    assert v.headers["x-ratelimit-remaining-tokens"] == "990"
+
+
+def test_in_flight_and_monthly_limits_of_a_member() -> None:
+    tenant, m, _ = nested(Limits(), alice=Limits(max_in_flight=1, requests_per_month=2))
+    first = admit([m["alice"], tenant], 0)
+    busy = admit([m["alice"], tenant], 0)
+    assert busy.refusal is not None and busy.refusal.reason == "in_flight" and busy.refusal.scope == "member"
+    assert first.ticket is not None
+    first.ticket.settle(0)
+    second = admit([m["alice"], tenant], 0)
+    assert second.ticket is not None
+    second.ticket.settle(0)
+    over = admit([m["alice"], tenant], 0)
+    assert over.refusal is not None and over.refusal.code == "insufficient_quota"
+    assert admit([tenant], 0).refusal is None  # a key without a member: the tenant's limits only

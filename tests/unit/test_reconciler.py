@@ -9,12 +9,11 @@ import itertools
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from manager import names
-from manager.control import keys
+from manager import keys, names
+from manager.contract import UsageRecord
 from manager.control.reconciler import Reconciler
 from manager.control.store import KeyRow, Store
 from manager.domain import TenantSpec, TenantStatus, can_transition
@@ -23,6 +22,8 @@ from manager.names import Role
 from manager.runtime.memory import MemoryRuntime
 from manager.runtime.types import NetworkPlan
 from manager.settings import Settings
+
+from .fakes import FakeGateway
 
 MIB = 1024**2
 INSTANCE = "gtmu"
@@ -34,39 +35,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-class FakeGateway:
-    """Every gateway's admin port: the config each one holds, and usage records to hand out."""
-
-    def __init__(self) -> None:
-        self.configs: dict[str, dict[str, Any]] = {}
-        self.records: dict[str, list[dict[str, Any]]] = {}
-        self.connected: list[str] = []
-
-    def __call__(self, ip: str, token: str) -> FakeGateway._Session:
-        self.connected.append(token)
-        return FakeGateway._Session(self, token)
-
-    class _Session:
-        def __init__(self, owner: FakeGateway, token: str) -> None:
-            self.owner, self.token = owner, token
-
-        def __enter__(self) -> FakeGateway._Session:
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            pass
-
-        def version(self) -> str:
-            return str(self.owner.configs.get(self.token, {}).get("version", ""))
-
-        def push(self, config: dict[str, Any]) -> None:
-            self.owner.configs[self.token] = config
-
-        def usage(self, after: int, limit: int = 1000) -> tuple[list[dict[str, Any]], int]:
-            records = [r for r in self.owner.records.get(self.token, []) if r["seq"] > after][:limit]
-            return records, records[-1]["seq"] if records else after
 
 
 @pytest.fixture
@@ -124,7 +92,7 @@ def test_a_new_tenant_gets_its_containers_and_runs(world) -> None:
     runtime.set_health(gateway("acme"), "healthy")
     assert rec.reconcile("acme") is None
     assert status(store, "acme") == TenantStatus.RUNNING
-    assert len(gateways.configs["token-acme"]["keys"]) == 1  # the key hash reached the gateway
+    assert len(gateways.configs["token-acme"].keys) == 1  # the key hash reached the gateway
 
 
 def test_a_spec_change_replaces_the_engine_and_keeps_the_gateway(world) -> None:
@@ -211,18 +179,20 @@ def test_removal_collects_the_last_usage_and_tears_everything_down(world) -> Non
     add(store, "acme", 30001)
     bring_up(rec, runtime, "acme")
     gateways.records["token-acme"] = [
-        dict(
-            seq=1,
-            request_id="r1",
-            key_id="k",
-            model="demo",
-            path="/v1/completions",
-            prompt_tokens=3,
-            completion_tokens=4,
-            status=200,
-            outcome="ok",
-            latency_ms=1.0,
-            at=1.0,
+        (
+            1,
+            UsageRecord(
+                request_id="r1",
+                key_id="k",
+                model="demo",
+                path="/v1/completions",
+                prompt_tokens=3,
+                completion_tokens=4,
+                status=200,
+                outcome="ok",
+                latency_ms=1.0,
+                at=1.0,
+            ),
         )
     ]
     store.set_status("acme", TenantStatus.REMOVING)

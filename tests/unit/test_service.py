@@ -5,40 +5,18 @@ turn, in the runtime."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from manager import names
-from manager.control.reconciler import Reconciler
 from manager.control.service import TenantService
-from manager.control.store import Store
 from manager.domain import Quotas, TenantStatus
 from manager.errors import Conflict, InvalidInput
-from manager.gpu.cpu import HostMemoryInventory
-from manager.runtime.memory import MemoryRuntime
-from manager.settings import Settings
 
 from .conftest import write_model
-from .test_reconciler import FakeGateway
 
 MIB = 1024**2
-
-
-@pytest.fixture
-def svc(tmp_path: Path) -> Iterator[TenantService]:
-    write_model(
-        tmp_path / "models",
-        "demo",
-        {"w": ("BF16", [1000, 256])},
-        {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 256},
-    )
-    settings = Settings(gpu_mode="cpu", instance="gtmu", state_dir=tmp_path, models_dir=tmp_path / "models")
-    store, runtime, inventory = Store(tmp_path / "m.db"), MemoryRuntime(), HostMemoryInventory()
-    reconciler = Reconciler(settings, store, runtime, inventory, connect=FakeGateway())
-    yield TenantService(settings, store, runtime, inventory, reconciler)
-    store.close()
 
 
 def create(svc: TenantService, name: str = "acme", port: int = 30001) -> None:

@@ -49,11 +49,16 @@ def test_the_manager_database_upgrades_in_place(release: Path) -> None:
         assert store.usage_cursor("lab") == 3
         assert [a.action for a in store.audit_log("lab")] == ["rotate-key", "add-tenant"]
         assert store.engine_failure("lab") is None  # the table the new release added is there
+        # members: the tenant's keys and usage belong to its first member, named like the tenant
+        assert [m.name for m in store.members("lab")] == ["lab"]
+        assert {k.member for k in store.keys("lab")} == {"lab"}
+        assert store.usage_by_member("lab", 0)["lab"].requests == 3
         # the key the tenant's users hold still works once this release pushes its config
         fresh = GatewayState(GatewayStore(release / "fresh-gateway.db"))
         fresh.apply(desired_config(store, "lab"))
         keys = json.loads((release / "keys.json").read_text())
-        assert fresh.authenticate(keys["current"]) is not None
+        current = fresh.authenticate(keys["current"])
+        assert current is not None and current.member == "lab"
         assert fresh.authenticate(keys["expired"]) is None  # its rotation grace ended long ago
     finally:
         store.close()
@@ -70,7 +75,11 @@ def test_the_gateway_spool_upgrades_in_place_and_old_keys_authenticate(release: 
     state = GatewayState(spool)
     assert state.version == "v-fixture"
     assert state.authenticate(keys["current"]) is not None
-    assert [r["request_id"] for r in spool.after(0)] == ["req_0", "req_1", "req_2"]
+    page = spool.after(0)
+    assert [r.request_id for r in page.records] == ["req_0", "req_1", "req_2"]
+    assert {r.member for r in page.records} == {""}  # written before members: the manager maps the key
+    # the quota state counts the records of before the upgrade (keys pushed then have no member)
+    assert state.quotas.month_requests == 0  # the fixture's records are from 2023
     spool.close()
     with sqlite3.connect(release / "gateway.db") as db:
         assert version(db) == len(SPOOL_MIGRATIONS)

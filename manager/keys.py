@@ -1,4 +1,4 @@
-"""Tenant API keys: ``<prefix>_<id>_<secret>``, stored as SHA-256 only, compared in constant time.
+"""API keys: ``<prefix>_<id>_<secret>``, stored as SHA-256 only, compared in constant time.
 
 The id is public (logs, audit, console show it); the secret is shown once.
 """

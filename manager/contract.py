@@ -1,0 +1,90 @@
+"""The one typed contract between the manager and the tenant gateways.
+
+The manager pushes a ``GatewayConfig`` (``PUT /admin/config`` on the gateway's admin
+port) and collects ``UsagePage``s of ``UsageRecord``s by cursor (``GET /admin/usage``).
+Both sides import these models and nothing else of each other: the gateway imports no
+control-plane module.
+
+Compatibility: a gateway keeps the last config on its volume and the manager may be a
+release older or newer than the gateway for a moment during an upgrade, so every field
+added after the first release has a default, and unknown fields are ignored.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from manager.domain import Quotas
+
+
+class Contract(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class Limits(Contract):
+    """The four quotas; None is no limit. A member's limits nest inside its tenant's."""
+
+    rpm_limit: int | None = None
+    tokens_per_day: int | None = None
+    requests_per_month: int | None = None
+    max_in_flight: int | None = None
+
+    @classmethod
+    def of(cls, quotas: Quotas) -> Limits:
+        return cls(**quotas.__dict__)
+
+    def quotas(self) -> Quotas:
+        return Quotas(self.rpm_limit, self.tokens_per_day, self.requests_per_month, self.max_in_flight)
+
+
+class KeyConfig(Contract):
+    id: str
+    hash: str = Field(description="SHA-256 of the whole key (manager.keys.hash_key)")
+    member: str = Field("", description="the member holding the key; '' in configs written before members")
+    expires_at: float | None = None
+
+
+class MemberConfig(Contract):
+    name: str
+    limits: Limits = Limits()
+
+
+class GatewayConfig(Contract):
+    """Everything a gateway needs to serve a tenant; ``version`` is a hash of the rest."""
+
+    version: str
+    keys: list[KeyConfig] = []
+    limits: Limits = Limits()
+    """The tenant's limits: every member's requests together."""
+    members: list[MemberConfig] = []
+    max_model_len: int | None = None
+    """The engine's context length: no request uses more tokens (prompt plus completion)."""
+    max_body: int | None = None
+    """The tenant's request body limit in bytes."""
+
+
+class UsageRecord(Contract):
+    """One forwarded request, written by the gateway before the response's last byte."""
+
+    request_id: str
+    key_id: str
+    member: str = Field("", description="'' in records written before members: the key's member is meant")
+    model: str
+    path: str
+    prompt_tokens: int
+    completion_tokens: int
+    status: int
+    outcome: str = Field(description="ok, error, client_disconnected, upstream_unavailable")
+    latency_ms: float
+    at: float
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class UsagePage(Contract):
+    """Records after a cursor, in order; ``cursor`` is where the next page starts."""
+
+    records: list[UsageRecord]
+    cursor: int

@@ -1,0 +1,140 @@
+"""Members: the accounting boundary inside a tenant. One engine, many members, each with
+their own keys (shown once, rotated with a grace period), their own quotas nested in the
+tenant's (the gateway admits a request only if both allow it) and their own usage.
+
+``add-tenant`` makes a tenant's first member, named like the tenant; it holds the key
+add-tenant prints, and ``rotate-key --name T`` without ``--member`` rotates its key.
+Every change is audited and handed to the reconciler, which pushes the gateway's config.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from manager import keys, names
+from manager.control.reconciler import Reconciler
+from manager.control.store import KeyRow, MemberRow, MemberUsage, Store, TenantRow, UsageTotals
+from manager.domain import MAX_GRACE_S, Quotas, TenantStatus, check_quotas
+from manager.errors import Conflict, InvalidInput, NotFound
+
+
+@dataclass(frozen=True)
+class MemberView:
+    """A member with its keys and its metered use (today, this month, last request)."""
+
+    row: MemberRow
+    keys: list[KeyRow]
+    usage: MemberUsage
+
+
+def start_of_day(now: float) -> float:
+    return datetime.fromtimestamp(now, UTC).replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
+
+
+def start_of_month(now: float) -> float:
+    return datetime.fromtimestamp(now, UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0).timestamp()
+
+
+def check_grace(grace_s: float) -> None:
+    if not 0 <= grace_s <= MAX_GRACE_S:  # also refuses NaN
+        raise InvalidInput(
+            f"grace period must be 0 (revoke the old keys at once) to {MAX_GRACE_S:.0f} seconds, got {grace_s}"
+        )
+
+
+class MemberService:
+    def __init__(self, store: Store, reconciler: Reconciler, lock: threading.Lock) -> None:
+        self.store = store
+        self.reconciler = reconciler
+        self._lock = lock  # the tenant service's: no member change races a tenant's removal
+
+    def rotate_key(self, name: str, actor: str, grace_s: float, member: str | None = None) -> keys.IssuedKey:
+        """A new key for one member (by default the tenant's first member, named like the tenant);
+        the member's older keys stay valid for ``grace_s`` seconds."""
+        check_grace(grace_s)
+        self.store.tenant(name)
+        if member is None:
+            if not any(m.name == name for m in self.store.members(name)):
+                raise NotFound(
+                    f"tenant {name!r} has no first member named {name!r} any more (it was removed): "
+                    f"pass --member (list-members --tenant {name} shows them)"
+                )
+            member = name
+        self.store.member(name, member)
+        issued = keys.issue()
+        now = time.time()
+        with self.store.transaction() as db:
+            self.store.expire_keys(db, name, member, now + grace_s)
+            self.store.insert_key(db, KeyRow(issued.id, name, keys.PREFIX, issued.hash, now, None, None, member))
+            self.store.audit(
+                actor,
+                "rotate-key",
+                name,
+                "ok",
+                {"member": member, "key_id": issued.id, "grace_s": grace_s},
+                db=db,
+            )
+        self.reconciler.enqueue(name)
+        return issued
+
+    def _changeable(self, tenant: str) -> TenantRow:
+        row = self.store.tenant(tenant)
+        if row.status == TenantStatus.REMOVING:
+            raise Conflict(f"tenant {tenant!r} is being removed")
+        return row
+
+    def add(self, tenant: str, name: str, quotas: Quotas, actor: str) -> tuple[MemberRow, keys.IssuedKey]:
+        """A member with its own key (returned once) and quotas nested in the tenant's."""
+        names.validate_member_name(name)
+        check_quotas(quotas)
+        issued = keys.issue()
+        now = time.time()
+        with self._lock:
+            self._changeable(tenant)
+            with self.store.transaction() as db:
+                self.store.insert_member(db, tenant, name, quotas, now)
+                self.store.insert_key(db, KeyRow(issued.id, tenant, keys.PREFIX, issued.hash, now, None, None, name))
+                self.store.audit(
+                    actor, "add-member", tenant, "ok", {"member": name, "key_id": issued.id, **quotas.__dict__}, db=db
+                )
+        self.reconciler.enqueue(tenant)
+        return self.store.member(tenant, name), issued
+
+    def update(self, tenant: str, name: str, quotas: dict[str, int | None], actor: str) -> MemberRow:
+        """Changes a member's quotas (given ones only; None lifts a limit); applied live."""
+        with self._lock:
+            self._changeable(tenant)
+            row = self.store.member(tenant, name)
+            new = Quotas(**{**row.quotas.__dict__, **quotas})
+            check_quotas(new)
+            if new == row.quotas:
+                raise InvalidInput("nothing to change: pass at least one quota that differs from the current one")
+            with self.store.transaction() as db:
+                self.store.update_member(db, tenant, name, new)
+                self.store.audit(actor, "update-member", tenant, "ok", {"member": name, **quotas}, db=db)
+        self.reconciler.enqueue(tenant)
+        return self.store.member(tenant, name)
+
+    def remove(self, tenant: str, name: str, actor: str) -> None:
+        """Removes the member and its keys (refused on the tenant port once the gateway has the new
+        config, within seconds); its usage stays for cost sharing."""
+        with self._lock:
+            self._changeable(tenant)
+            self.store.member(tenant, name)
+            with self.store.transaction() as db:
+                self.store.delete_member(db, tenant, name)
+                self.store.audit(actor, "remove-member", tenant, "ok", {"member": name}, db=db)
+        self.reconciler.enqueue(tenant)
+
+    def views(self, tenant: str, now: float | None = None) -> list[MemberView]:
+        """Every member with its keys and usage today and this month (UTC)."""
+        self.store.tenant(tenant)
+        now = time.time() if now is None else now
+        usage = self.store.member_usage(tenant, start_of_day(now), start_of_month(now))
+        empty = MemberUsage(UsageTotals(0, 0, 0), UsageTotals(0, 0, 0), None)
+        return [
+            MemberView(m, self.store.keys(tenant, m.name), usage.get(m.name, empty)) for m in self.store.members(tenant)
+        ]

@@ -1,0 +1,39 @@
+"""Fakes for the unit tests' seams (the runtime's fake is ``manager.runtime.memory``)."""
+
+from __future__ import annotations
+
+from manager.contract import GatewayConfig, UsagePage, UsageRecord
+
+
+class FakeGateway:
+    """Every gateway's admin port: the config each one holds, and usage records to hand out."""
+
+    def __init__(self) -> None:
+        self.configs: dict[str, GatewayConfig] = {}
+        self.records: dict[str, list[tuple[int, UsageRecord]]] = {}
+        self.connected: list[str] = []
+
+    def __call__(self, ip: str, token: str) -> FakeGateway._Session:
+        self.connected.append(token)
+        return FakeGateway._Session(self, token)
+
+    class _Session:
+        def __init__(self, owner: FakeGateway, token: str) -> None:
+            self.owner, self.token = owner, token
+
+        def __enter__(self) -> FakeGateway._Session:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def version(self) -> str:
+            config = self.owner.configs.get(self.token)
+            return config.version if config else ""
+
+        def push(self, config: GatewayConfig) -> None:
+            self.owner.configs[self.token] = config
+
+        def usage(self, after: int, limit: int = 1000) -> UsagePage:
+            page = [(seq, r) for seq, r in self.owner.records.get(self.token, []) if seq > after][:limit]
+            return UsagePage(records=[r for _, r in page], cursor=page[-1][0] if page else after)
