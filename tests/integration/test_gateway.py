@@ -15,6 +15,7 @@ import openai
 import pytest
 
 from manager import names
+from manager.contract import UsageRecord
 from manager.control.gateway_client import GatewayClient, desired_config
 from manager.control.plan import control_network_name
 from manager.control.store import Store
@@ -46,7 +47,7 @@ def wait_synced(mgr: RunningManager, client: docker.DockerClient, tenant: str) -
     def synced() -> bool:
         store = Store(mgr.settings.database_path)
         try:
-            want = desired_config(store, tenant)["version"]
+            want = desired_config(store, tenant).version
         finally:
             store.close()
         with gateway_admin(mgr, client, tenant) as gw:
@@ -144,9 +145,9 @@ def test_gateway_end_to_end(manager: RunningManager, docker_client: docker.Docke
     )
     assert usage["requests"] == successful + 1  # + models.list
     with gateway_admin(manager, docker_client, "acme") as gw:
-        records, _ = gw.usage(0)
-    stream_record = next(r for r in records if r["path"] == "/v1/completions" and r["completion_tokens"] == 5)
-    assert usage["total_tokens"] == engine_tokens + stream_record["prompt_tokens"] + 5
+        records = gw.usage(0).records
+    stream_record = next(r for r in records if r.path == "/v1/completions" and r.completion_tokens == 5)
+    assert usage["total_tokens"] == engine_tokens + stream_record.prompt_tokens + 5
 
     # ---- tokens per day: never exceeded under concurrent load
     day_limit = usage["total_tokens"] + 600
@@ -190,13 +191,13 @@ def test_gateway_end_to_end(manager: RunningManager, docker_client: docker.Docke
             break  # read the first event, then hang up
     disconnect = wait_for(
         lambda: next(
-            (r for r in GatewayUsage(manager, docker_client).records() if r["outcome"] == "client_disconnected"), None
+            (r for r in GatewayUsage(manager, docker_client).records() if r.outcome == "client_disconnected"), None
         ),
         60,
         "the disconnected stream's record",
     )
-    assert disconnect["completion_tokens"] > 0
-    assert disconnect["prompt_tokens"] > 0, "usage was read from the engine after the client left"
+    assert disconnect.completion_tokens > 0
+    assert disconnect.prompt_tokens > 0, "usage was read from the engine after the client left"
     gateway_usage = GatewayUsage(manager, docker_client)
     wait_for(lambda: collected(api, "acme")["requests"] == len(gateway_usage.records()), 30, "its collection")
 
@@ -268,7 +269,7 @@ class GatewayUsage:
     def __init__(self, mgr: RunningManager, client: docker.DockerClient) -> None:
         self.mgr, self.client = mgr, client
 
-    def records(self) -> list[dict[str, Any]]:
+    def records(self) -> list[UsageRecord]:
         """Every usage record the gateway holds (from its own admin API, not the manager's copy)."""
         with gateway_admin(self.mgr, self.client, "acme") as gw:
-            return gw.usage(0, limit=10_000)[0]
+            return gw.usage(0, limit=10_000).records

@@ -212,8 +212,8 @@ def test_a_full_usage_volume_refuses_requests_and_loses_no_record(
     container.exec_run(["rm", "-f", "/data/filler"])
     assert send() == "engine_unavailable"  # writable again: served, and the kept record written first
     with GatewayClient(gw.admin_ip, gw.admin_token) as admin:
-        records, _ = admin.usage(0)
-    ids = [r["request_id"] for r in records]
+        records = admin.usage(0).records
+    ids = [r.request_id for r in records]
     assert len(ids) == len(set(ids)) == 3 + served_while_full + 1
 
 
