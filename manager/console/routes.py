@@ -264,7 +264,14 @@ async def rotate(request: Request, name: str) -> HTMLResponse:
     issued = comps(request).service.rotate_key(name, session.user, grace)
     # the new key is in this response only; it is never stored or shown again
     return page(
-        request, "tenant.html", session, new_key=issued, message=None, error=None, **_tenant_context(request, name)
+        request,
+        "tenant.html",
+        session,
+        new_key=issued,
+        new_key_member=name,  # the first member's key
+        message=None,
+        error=None,
+        **_tenant_context(request, name),
     )
 
 

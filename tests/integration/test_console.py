@@ -12,9 +12,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
-from .conftest import RunningManager, start_manager
+from .conftest import RunningManager, start_manager, wait_for, wait_status
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts" / "screenshots"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -102,7 +103,59 @@ def test_console_in_a_real_browser(manager: RunningManager) -> None:
         page.goto(base + "/tenants/small")
         assert new_key not in page.content()
         assert keys["small"] not in page.content()
-        expect(page.locator("tbody tr")).to_have_count(2)
+        expect(page.locator("[data-testid=keys] tbody tr")).to_have_count(2)
+
+        # members: added on the tenant page, the member's key shown exactly once
+        page.fill("[data-testid=add-member] input[name=member]", "Bob!")
+        page.click("[data-testid=add-member] button[type=submit]")
+        expect(page.locator(".error")).to_contain_text("invalid member name")
+        expect(page.locator("[data-testid=members] tbody tr")).to_have_count(1)  # nothing half-created
+        page.fill("[data-testid=add-member] input[name=member]", "alice")
+        page.fill("[data-testid=add-member] input[name=tokens_per_day]", "5000")
+        page.click("[data-testid=add-member] button[type=submit]")
+        expect(page.locator("[data-testid=new-key-member]")).to_have_text("alice")
+        alice_key = page.locator("[data-testid=new-key]").inner_text().strip()
+        assert alice_key.startswith("gtm_")
+        expect(page.locator("[data-testid=members] tr[data-member=alice]")).to_contain_text("5000 tokens/day")
+        page.screenshot(path=str(ARTIFACTS / "members.png"), full_page=True)
+        page.goto(base + "/tenants/small")
+        assert alice_key not in page.content()
+        expect(page.locator("[data-testid=members] tbody tr")).to_have_count(2)
+
+        # real usage by alice and by the first member, through the OpenAI SDK on the tenant's port
+        api_client = manager.client()
+        wait_status(api_client, "small", "running")
+        for key, n in ((alice_key, 2), (new_key, 1)):
+            client = openai.OpenAI(base_url="http://127.0.0.1:30501/v1", api_key=key, max_retries=0)
+            for _ in range(n):
+                client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+
+        def member_today() -> dict[str, dict[str, int]]:
+            listing = api_client.get("/api/v1/tenants/small/members").json()
+            return {m["name"]: m["today"] for m in listing}
+
+        today = wait_for(
+            lambda: (t := member_today())["alice"]["requests"] == 2 and t["small"]["requests"] == 1 and t,
+            60,
+            "the members' usage to be collected",
+        )
+        page.goto(base + "/tenants/small")
+        alice_row = page.locator("[data-testid=members] tr[data-member=alice]")
+        expect(alice_row).to_contain_text(f"2 req, {today['alice']['total_tokens']} tok")
+
+        # rotate alice's key from the members table: the new key once, for alice
+        alice_row.locator("form[action$='/rotate'] button").click()
+        expect(page.locator("[data-testid=new-key-member]")).to_have_text("alice")
+        rotated = page.locator("[data-testid=new-key]").inner_text().strip()
+        assert rotated.startswith("gtm_") and rotated != alice_key
+        page.goto(base + "/tenants/small")
+        assert rotated not in page.content()
+
+        # remove alice (the browser asks first): her row goes, her usage stays for the cost split below
+        page.once("dialog", lambda dialog: dialog.accept())
+        page.locator("[data-testid=members] tr[data-member=alice] form[action$='/remove'] button").click()
+        expect(page.locator("[data-testid=members] tr[data-member=alice]")).to_have_count(0)
+        expect(page.locator("[data-testid=members] tbody tr")).to_have_count(1)
 
         # a form post without a valid CSRF token is refused, even with the session cookie
         refused = page.request.post(base + "/tenants/small/rotate", form={"grace_s": "0"})
@@ -119,8 +172,26 @@ def test_console_in_a_real_browser(manager: RunningManager) -> None:
         with page.expect_download() as download_info:
             page.click("a[download]")
         text = Path(download_info.value.path()).read_text()
-        from_csv = {r["tenant"]: r for r in csv.DictReader(io.StringIO(text))}
+        rows_csv = list(csv.DictReader(io.StringIO(text)))
+        from_csv = {r["tenant"]: r for r in rows_csv if not r["member"]}
         api = httpx.get(f"{base}/api/v1/cost", params={"month": month, "total": 1000}, headers=admin).json()
+
+        # the members' split of small's cost: in the page, the CSV and the API alike
+        (small,) = [s for s in api if s["tenant"] == "small"]
+        split = {m["member"]: m for m in small["members"]}
+        assert set(split) == {"small", "alice"}
+        assert split["alice"]["tokens"] == today["alice"]["total_tokens"]
+        assert split["alice"]["cost_by_tokens"] + split["small"]["cost_by_tokens"] == pytest.approx(
+            small["cost_by_memory"], abs=0.02
+        )
+        assert split["alice"]["share_by_requests"] == pytest.approx(2 / 3, abs=1e-5)
+        cell = page.locator("[data-testid=member-shares] tr[data-member='small/alice']")
+        expect(cell).to_contain_text(f"{split['alice']['cost_by_tokens']:.2f}")
+        expect(cell).to_contain_text("66.7%")
+        member_rows = {r["member"]: r for r in rows_csv if r["tenant"] == "small" and r["member"]}
+        assert float(member_rows["alice"]["member_cost_by_tokens"]) == pytest.approx(split["alice"]["cost_by_tokens"])
+        assert int(member_rows["alice"]["tokens"]) == today["alice"]["total_tokens"]
+        page.screenshot(path=str(ARTIFACTS / "usage.png"), full_page=True)
         assert set(from_csv) == {"small", "medium", "large"}
         for share in api:
             row = from_csv[share["tenant"]]
@@ -136,6 +207,7 @@ def test_console_in_a_real_browser(manager: RunningManager) -> None:
         expect(page.locator("tbody")).to_contain_text("failed")
         page.goto(base + "/audit?tenant=small")
         expect(page.locator("tbody")).to_contain_text("rotate-key")
+        expect(page.locator("tbody")).to_contain_text("add-member")
 
         # errors render as a page; logging out ends the session
         page.goto(base + "/tenants/nobody")
