@@ -39,6 +39,22 @@ class StateCollector(Collector):
                 over.add_metric([r.spec.name], 1 if value > r.spec.gpu_memory else 0)
         yield measured
         yield over
+        requests = CounterMetricFamily(
+            "gtm_usage_requests",
+            "Requests metered, by tenant and member (collected from the gateways)",
+            labels=["tenant", "member"],
+        )
+        tokens = CounterMetricFamily(
+            "gtm_usage_tokens",
+            "Tokens metered, by tenant, member and kind (collected from the gateways)",
+            labels=["tenant", "member", "kind"],
+        )
+        for tenant, member, totals in self.service.store.usage_counters():
+            requests.add_metric([tenant, member], totals.requests)
+            tokens.add_metric([tenant, member, "prompt"], totals.prompt_tokens)
+            tokens.add_metric([tenant, member, "completion"], totals.completion_tokens)
+        yield requests
+        yield tokens
         errors = CounterMetricFamily(
             "gtm_reconciler_loop_errors", "Exceptions survived by the reconciler's loops", labels=["loop"]
         )

@@ -474,6 +474,15 @@ class Store:
             ).fetchall()
         return {r["member"]: UsageTotals(int(r["n"]), int(r["p"]), int(r["c"])) for r in rows}
 
+    def usage_counters(self) -> list[tuple[str, str, UsageTotals]]:
+        """(tenant, member, totals) over all time: the manager's Prometheus counters."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT tenant, member, COUNT(*) AS n, COALESCE(SUM(prompt_tokens), 0) AS p,"
+                " COALESCE(SUM(completion_tokens), 0) AS c FROM usage GROUP BY tenant, member ORDER BY tenant, member"
+            ).fetchall()
+        return [(r["tenant"], r["member"], UsageTotals(int(r["n"]), int(r["p"]), int(r["c"]))) for r in rows]
+
     def member_usage(self, tenant: str, day_start: float, month_start: float) -> dict[str, MemberUsage]:
         today = self.usage_by_member(tenant, day_start)
         month = self.usage_by_member(tenant, month_start)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -119,6 +120,25 @@ def test_docker_exec_add_tenant_in_the_compose_stack(
     table = dexec(manager, "manager", "list-tenants")
     assert table.stdout.splitlines()[0].split()[:3] == ["NAME", "PORT", "MODEL"]
     assert "running" in table.stdout
+
+    # members, as an admin types them: each command in the container, also as `manager <command>`
+    alice = dexec(manager, "add-member", "--tenant", "companya", "--name", "alice", "--tokens-per-day", "5000")
+    assert alice.returncode == 0, alice.stderr
+    (alice_key,) = re.findall(r"^API key \(shown once, store it now\): (gtm_\S+)$", alice.stdout, re.M)
+    assert dexec(manager, "add-member", "--tenant", "companya", "--name", "alice").returncode == 4  # conflict
+    assert dexec(manager, "add-member", "--tenant", "companya", "--name", "Al!ce").returncode == 2
+    listed = json.loads(dexec(manager, "list-members", "--tenant", "companya", "--json").stdout)
+    assert [m["name"] for m in listed] == ["companya", "alice"]
+    assert listed[1]["quotas"]["tokens_per_day"] == 5000 and alice_key.startswith(listed[1]["keys"][0]["prefix"])
+    updated = dexec(manager, "manager", "update-member", "--tenant", "companya", "--name", "alice", "--rpm-limit", "9")
+    assert updated.returncode == 0 and "9/min 5000/day" in updated.stdout, updated.stderr
+    rotated = dexec(manager, "rotate-key", "--tenant", "companya", "--member", "alice", "--grace", "0")
+    assert rotated.returncode == 0 and "new API key for member alice of companya" in rotated.stdout
+    assert dexec(manager, "rotate-key", "--name", "companya").returncode == 0  # today's form: the first member
+    table = dexec(manager, "list-members", "--tenant", "companya").stdout
+    assert table.splitlines()[0].split()[:2] == ["MEMBER", "KEYS"] and "alice" in table
+    assert dexec(manager, "remove-member", "--tenant", "companya", "--name", "alice").returncode == 0
+    assert dexec(manager, "remove-member", "--tenant", "companya", "--name", "alice").returncode == 3  # not found
 
     removed = dexec(manager, "remove-tenant", "--name", "companya")
     assert removed.returncode == 0, removed.stderr

@@ -213,5 +213,18 @@ def test_members_share_one_engine_with_their_own_keys_limits_and_usage(
         assert set(split) == {TENANT, "alice", "bob", "carol", "dave"}
         assert sum(m["tokens"] for m in split.values()) == lab["tokens"]
         assert abs(sum(m["share_by_tokens"] for m in split.values()) - 1) < 1e-4
+        # Prometheus: the manager's counters per tenant and member
+        from prometheus_client.parser import text_string_to_metric_families
+
+        samples = {
+            (sample.name, sample.labels.get("member"), sample.labels.get("kind")): sample.value
+            for family in text_string_to_metric_families(api.get("/metrics").text)
+            for sample in family.samples
+            if sample.labels.get("tenant") == TENANT
+        }
+        for member in ("alice", "bob", "carol", "dave", TENANT):
+            assert samples[("gtm_usage_requests_total", member, None)] == len(who.received[member])
+            tokens = sum(samples[("gtm_usage_tokens_total", member, kind)] for kind in ("prompt", "completion"))
+            assert tokens == sum(who.received[member])
     finally:
         restarted.stop()
