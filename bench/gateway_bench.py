@@ -37,6 +37,20 @@ STREAM_BODY = json.dumps(
 ).encode()
 
 
+def bench_config(issued: keys.IssuedKey, members: bool) -> dict[str, object]:
+    """The config pushed to the gateway: a plain key, or a member's key with limits high enough
+    never to refuse, so every request takes the nested decision (member, then tenant)."""
+    if not members:
+        return {"version": "bench", "keys": [{"id": issued.id, "hash": issued.hash}], "limits": {}}
+    high = {"rpm_limit": 10**9, "tokens_per_day": 10**15, "requests_per_month": 10**12, "max_in_flight": 10**6}
+    return {
+        "version": "bench-members",
+        "keys": [{"id": issued.id, "hash": issued.hash, "member": "alice"}],
+        "limits": high,
+        "members": [{"name": "alice", "limits": high}, {"name": "bob", "limits": high}],
+    }
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -122,6 +136,11 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=3.0, help="per round and path")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument(
+        "--members",
+        action="store_true",
+        help="the key belongs to a member with limits of its own inside the tenant's (the nested quota path)",
+    )
     args = parser.parse_args()
 
     issued = keys.issue()
@@ -152,7 +171,7 @@ def main() -> int:
                 httpx.put(
                     f"http://127.0.0.1:{admin_port}/admin/config",
                     headers={"Authorization": f"Bearer {admin_token}"},
-                    json={"version": "bench", "keys": [{"id": issued.id, "hash": issued.hash}], "limits": {}},
+                    json=bench_config(issued, args.members),
                 ).raise_for_status()
                 auth = {"Authorization": f"Bearer {issued.secret_key}"}
                 n = args.requests
@@ -176,6 +195,7 @@ def main() -> int:
                 up_proc.wait(timeout=10)
     result = {
         "upstream": "fast (bench/fast_upstream.py)" if not args.upstream else args.upstream,
+        "quotas": "member inside tenant (nested)" if args.members else "tenant only, no limits",
         "requests": n,
         "direct_p50_ms": round(pct(direct, 50), 3),
         "gateway_p50_ms": round(pct(via, 50), 3),

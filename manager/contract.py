@@ -1,7 +1,8 @@
 """The one typed contract between the manager and the tenant gateways.
 
 The manager pushes a ``GatewayConfig`` (``PUT /admin/config`` on the gateway's admin
-port) and collects ``UsagePage``s of ``UsageRecord``s by cursor (``GET /admin/usage``).
+port) when the gateway's ``GatewayStatus`` (``GET /admin/config``) shows another version,
+and collects ``UsagePage``s of ``UsageRecord``s by cursor (``GET /admin/usage``).
 Both sides import these models and nothing else of each other: the gateway imports no
 control-plane module.
 
@@ -61,6 +62,15 @@ class GatewayConfig(Contract):
     """The engine's context length: no request uses more tokens (prompt plus completion)."""
     max_body: int | None = None
     """The tenant's request body limit in bytes."""
+
+
+class GatewayStatus(Contract):
+    """What a gateway holds now (``GET /admin/config``): the manager pushes when ``version`` differs."""
+
+    version: str
+    key_ids: list[str] = []
+    limits: Limits = Limits()
+    members: list[MemberConfig] = []
 
 
 class UsageRecord(Contract):

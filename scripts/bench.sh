@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks, each printing figures against a baseline measured in the same run.
-#   scripts/bench.sh               gateway vs direct with a fast upstream (the proxy's own cost)
+#   scripts/bench.sh               gateway vs direct with a fast upstream (the proxy's own cost),
+#                                  with a plain key and with a member's key (nested quotas)
 #   scripts/bench.sh --real-engine also gateway vs direct in front of a real vLLM CPU engine
 #   scripts/bench.sh --engine-starts [N]
 #                                  N engine starts through the manager (default 10): first-start
@@ -17,6 +18,8 @@ if [ "${1:-}" = "--engine-starts" ]; then
 fi
 log "gateway vs direct, fast upstream"
 .venv/bin/python -m bench.gateway_bench
+log "gateway vs direct, fast upstream, a member's key (nested member and tenant quotas)"
+.venv/bin/python -m bench.gateway_bench --members
 if [ "${1:-}" = "--real-engine" ]; then
   bash scripts/build-images.sh engine >/dev/null
   bash scripts/make-demo-model.sh "$GTM_CACHE/models" >/dev/null

@@ -15,7 +15,7 @@ class StateCollector(Collector):
         self.service = service
 
     def collect(self):  # type: ignore[no-untyped-def]
-        rows = self.service.store.tenants()
+        rows = self.service.tenants()
         by_status = GaugeMetricFamily("gtm_tenants", "Tenants by status", labels=["status"])
         counts = {s.value: 0 for s in TenantStatus}
         for r in rows:
@@ -49,7 +49,7 @@ class StateCollector(Collector):
             "Tokens metered, by tenant, member and kind (collected from the gateways)",
             labels=["tenant", "member", "kind"],
         )
-        for tenant, member, totals in self.service.store.usage_counters():
+        for tenant, member, totals in self.service.usage_counters():
             requests.add_metric([tenant, member], totals.requests)
             tokens.add_metric([tenant, member, "prompt"], totals.prompt_tokens)
             tokens.add_metric([tenant, member, "completion"], totals.completion_tokens)

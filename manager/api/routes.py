@@ -30,7 +30,7 @@ from manager.api.schemas import (
     UsageSummary,
     WhatIf,
 )
-from manager.control.costs import Share, split
+from manager.control.costs import Share
 from manager.control.service import CatalogEntry
 from manager.domain import MAX_MODEL_LEN, MIN_MODEL_LEN, QUOTA_FIELDS, Quotas
 
@@ -63,10 +63,7 @@ def start_of_day(now: float) -> float:
 def list_tenants(svc: Service, _: Admin) -> list[TenantPublic]:
     measured = svc.measured_use()
     day = start_of_day(time.time())
-    return [
-        TenantPublic.of(r, measured.get(r.spec.name), svc.store.usage_totals(r.spec.name, day))
-        for r in svc.store.tenants()
-    ]
+    return [TenantPublic.of(r, measured.get(r.spec.name), svc.usage(r.spec.name, day)) for r in svc.tenants()]
 
 
 @router.post(
@@ -95,8 +92,8 @@ def create_tenant(body: TenantCreate, svc: Service, actor: Admin) -> TenantCreat
 
 @router.get("/tenants/{name}", tags=["tenants"], responses=error_responses(404))
 def get_tenant(name: TenantName, svc: Service, _: Admin) -> TenantPublic:
-    today = svc.store.usage_totals(name, start_of_day(time.time()))
-    return TenantPublic.of(svc.store.tenant(name), svc.measured_use().get(name), today)
+    today = svc.usage(name, start_of_day(time.time()))
+    return TenantPublic.of(svc.tenant(name), svc.measured_use().get(name), today)
 
 
 @router.get("/usage", tags=["usage"])
@@ -105,8 +102,8 @@ def usage(svc: Service, _: Admin, since: UnixTime = 0.0, until: UnixTime | None 
     from the gateways (every ``GTM_USAGE_INTERVAL_S``)."""
     end = until or time.time() + 1
     out = []
-    for row in svc.store.tenants():
-        t = svc.store.usage_totals(row.spec.name, since, end)
+    for row in svc.tenants():
+        t = svc.usage(row.spec.name, since, end)
         out.append(
             UsageSummary(
                 tenant=row.spec.name,
@@ -141,9 +138,8 @@ def remove_tenant(name: TenantName, svc: Service, actor: Admin) -> Removal:
 
 @router.get("/tenants/{name}/keys", tags=["keys"], responses=error_responses(404))
 def list_keys(name: TenantName, svc: Service, _: Admin) -> list[KeyPublic]:
-    svc.store.tenant(name)
     now = time.time()
-    return [KeyPublic.of(k, now) for k in svc.store.keys(name)]
+    return [KeyPublic.of(k, now) for k in svc.api_keys(name)]
 
 
 @router.post(
@@ -250,7 +246,7 @@ def capacity(svc: Service, _: Admin) -> CapacityPublic:
 def what_if(body: WhatIf, svc: Service, _: Admin) -> DecisionPublic:
     """Would this reservation fit? Creates nothing."""
     if body.tenant:
-        svc.store.tenant(body.tenant)
+        svc.tenant(body.tenant)
     decision = svc.assess(
         body.gpu_memory,
         body.model or svc.settings.default_model,
@@ -265,7 +261,7 @@ def what_if(body: WhatIf, svc: Service, _: Admin) -> DecisionPublic:
 def audit(
     svc: Service, _: Admin, tenant: str | None = None, action: str | None = None, limit: int = Query(200, ge=1, le=5000)
 ) -> list[AuditEntry]:
-    return [AuditEntry.of(r) for r in svc.store.audit_log(tenant, action, limit)]
+    return [AuditEntry.of(r) for r in svc.audit_log(tenant, action, limit)]
 
 
 @router.get("/cost", tags=["usage"])
@@ -276,4 +272,4 @@ def cost(
     total: Annotated[float, Query(ge=0, le=1e12, allow_inf_nan=False, description="the month's host cost")],
 ) -> list[Share]:
     """The month's cost split by reserved memory-hours and by tokens (the console's CSV, as JSON)."""
-    return split(month, total, svc.store, time.time())
+    return svc.cost(month, total)

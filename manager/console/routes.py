@@ -25,7 +25,6 @@ from manager.console.session import (
     login_bucket,
 )
 from manager.console.views import capacity_segments, day_bars
-from manager.control.costs import split
 from manager.domain import QUOTA_FIELDS, Quotas
 from manager.errors import GtmError, InvalidInput
 from manager.sizes import format_size, parse_size
@@ -118,8 +117,8 @@ async def login(request: Request) -> Response:
     user, password = str(form.get("username", "")), str(form.get("password", ""))
     wait = limiter.blocked(bucket)
     if wait:
-        c.service.store.audit(
-            user or "?", "console-login", None, "rate-limited", {"client": client, "known_device": device is not None}
+        c.service.record(
+            user or "?", "console-login", "rate-limited", {"client": client, "known_device": device is not None}
         )
         return page(
             request,
@@ -135,13 +134,11 @@ async def login(request: Request) -> Response:
         and hmac.compare_digest(password.encode(), expected_password.encode())
     ):
         limiter.failed(bucket)
-        c.service.store.audit(
-            user or "?", "console-login", None, "failed", {"client": client, "known_device": device is not None}
-        )
+        c.service.record(user or "?", "console-login", "failed", {"client": client, "known_device": device is not None})
         return page(request, "login.html", None, status_code=401, error="Wrong user name or password.")
     limiter.succeeded(bucket)
     cookie, _ = sessions.issue(user)
-    c.service.store.audit(user, "console-login", None, "ok", {"client": client, "known_device": device is not None})
+    c.service.record(user, "console-login", "ok", {"client": client, "known_device": device is not None})
     response = RedirectResponse("/", status_code=303)
     secure = request.url.scheme == "https"
     response.set_cookie(COOKIE, cookie, max_age=LIFETIME_S, httponly=True, samesite="strict", secure=secure)
@@ -179,8 +176,8 @@ def overview(request: Request) -> HTMLResponse:
     measured = {t.name: t.measured for t in cap.tenants}
     rows = []
     day = _today()
-    for r in svc.store.tenants():
-        today = svc.store.usage_totals(r.spec.name, day)
+    for r in svc.tenants():
+        today = svc.usage(r.spec.name, day)
         q = r.spec.quotas
         left = []
         if q.rpm_limit:
@@ -230,7 +227,7 @@ async def new_tenant(request: Request) -> HTMLResponse:
 
 def _tenant_context(request: Request, name: str) -> dict[str, Any]:
     svc = comps(request).service
-    row = svc.store.tenant(name)
+    row = svc.tenant(name)
     now = time.time()
     start = datetime.now(UTC).date() - timedelta(days=29)
     days = [(start + timedelta(days=i)).isoformat() for i in range(30)]
@@ -238,12 +235,12 @@ def _tenant_context(request: Request, name: str) -> dict[str, Any]:
     logs = svc.failure_log(name)
     return {
         "row": row,
-        "keys": svc.store.keys(name),
+        "keys": svc.api_keys(name),
         "members": svc.members.views(name, now),
         "key_now": now,
         "measured": svc.measured_use().get(name),
-        "bars": day_bars(svc.store.usage_daily(name, since), days),
-        "today": svc.store.usage_totals(name, _today()),
+        "bars": day_bars(svc.usage_daily(name, since), days),
+        "today": svc.usage(name, _today()),
         "logs": logs,
     }
 
@@ -419,7 +416,7 @@ def _month_and_cost(month: str | None, cost: str | None) -> tuple[str, float]:
 def usage_page(request: Request, month: str | None = None, cost: str | None = None) -> HTMLResponse:
     session = current(request)
     month, total = _month_and_cost(month, cost)
-    shares = split(month, total, comps(request).service.store, time.time())
+    shares = comps(request).service.cost(month, total)
     return page(request, "usage.html", session, month=month, cost=total, shares=shares)
 
 
@@ -427,7 +424,7 @@ def usage_page(request: Request, month: str | None = None, cost: str | None = No
 def usage_csv(request: Request, month: str | None = None, cost: str | None = None) -> Response:
     current(request)
     month, total = _month_and_cost(month, cost)
-    shares = split(month, total, comps(request).service.store, time.time())
+    shares = comps(request).service.cost(month, total)
     out = io.StringIO()
     writer = csv.writer(out)
     # one row per tenant (member empty), then one per member of it: the member's part of the
@@ -495,5 +492,5 @@ def usage_csv(request: Request, month: str | None = None, cost: str | None = Non
 @router.get("/audit")
 def audit_page(request: Request, tenant: str = "", action: str = "") -> HTMLResponse:
     session = current(request)
-    rows = comps(request).service.store.audit_log(tenant or None, action or None, 500)
+    rows = comps(request).service.audit_log(tenant or None, action or None, 500)
     return page(request, "audit.html", session, rows=rows, tenant=tenant, action=action)

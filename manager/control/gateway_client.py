@@ -7,15 +7,17 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import httpx
 from pydantic import ValidationError
 
-from manager.contract import GatewayConfig, KeyConfig, Limits, MemberConfig, UsagePage
+from manager.contract import Contract, GatewayConfig, GatewayStatus, KeyConfig, Limits, MemberConfig, UsagePage
 from manager.control.plan import GATEWAY_ADMIN_PORT
 from manager.control.store import Store
 from manager.errors import RuntimeUnavailable
+
+Answer = TypeVar("Answer", bound=Contract)
 
 
 def desired_config(store: Store, tenant: str) -> GatewayConfig:
@@ -79,7 +81,7 @@ class GatewayClient:
         return response.json()
 
     def version(self) -> str:
-        return str(self._call("GET", "/admin/config")["version"])
+        return self._page(GatewayStatus, self._call("GET", "/admin/config")).version
 
     def push(self, config: GatewayConfig) -> None:
         self._call(
@@ -87,11 +89,14 @@ class GatewayClient:
         )
 
     def usage(self, after: int, limit: int = 1000) -> UsagePage:
-        body = self._call("GET", "/admin/usage", params={"after": after, "limit": limit})
+        return self._page(UsagePage, self._call("GET", "/admin/usage", params={"after": after, "limit": limit}))
+
+    @staticmethod
+    def _page(model: type[Answer], body: object) -> Answer:
         try:
-            return UsagePage.model_validate(body)
+            return model.model_validate(body)
         except ValidationError as exc:
-            raise RuntimeUnavailable(f"gateway admin GET /admin/usage answered an unexpected page: {exc}") from exc
+            raise RuntimeUnavailable(f"a gateway's admin port answered outside the contract: {exc}") from exc
 
 
 def push_config(store: Store, tenant: str, gw: GatewayAdmin) -> bool:

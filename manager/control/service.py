@@ -9,16 +9,18 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from manager import keys, names
 from manager.control import models
 from manager.control.admission import AdmissionInput, Decision, decide
+from manager.control.costs import Share, split
 from manager.control.members import MemberService
 from manager.control.modelfit import ModelFootprint, read_config, read_footprint
 from manager.control.plan import MIN_KV_CACHE
 from manager.control.quant import checkpoint_method, resolve
 from manager.control.reconciler import Reconciler
-from manager.control.store import KeyRow, Store, TenantRow
+from manager.control.store import AuditRow, KeyRow, Store, TenantRow, UsageTotals
 from manager.domain import Quotas, TenantSpec, TenantStatus, check_bounds
 from manager.errors import AdmissionRefused, Conflict, GtmError, InvalidInput, NotFound
 from manager.gpu import DeviceMemory, Inventory
@@ -83,6 +85,40 @@ class TenantService:
         self.reconciler = reconciler
         self._admission = threading.Lock()  # one admission decision (or member change) at a time
         self.members = MemberService(store, reconciler, self._admission)
+
+    # ---------------------------------------------------------------- reading (routes and pages: here, not the store)
+    def tenants(self) -> list[TenantRow]:
+        return self.store.tenants()
+
+    def tenant(self, name: str) -> TenantRow:
+        return self.store.tenant(name)
+
+    def usage(self, name: str, since: float, until: float | None = None) -> UsageTotals:
+        """The tenant's requests and tokens between ``since`` and ``until`` (UNIX seconds)."""
+        return self.store.usage_totals(name, since, until)
+
+    def usage_counters(self) -> list[tuple[str, str, UsageTotals]]:
+        """(tenant, member, totals) over all time, removed tenants and members included."""
+        return self.store.usage_counters()
+
+    def usage_daily(self, name: str, since: float) -> list[tuple[str, int, int]]:
+        return self.store.usage_daily(name, since)
+
+    def api_keys(self, name: str) -> list[KeyRow]:
+        """Every key of the tenant's members, oldest first (NotFound for an unknown tenant)."""
+        self.store.tenant(name)
+        return self.store.keys(name)
+
+    def audit_log(self, tenant: str | None = None, action: str | None = None, limit: int = 200) -> list[AuditRow]:
+        return self.store.audit_log(tenant, action, limit)
+
+    def record(self, actor: str, action: str, result: str, detail: dict[str, Any]) -> None:
+        """An audit row for an event that changes no state (a console login)."""
+        self.store.audit(actor, action, None, result, detail)
+
+    def cost(self, month: str, total: float) -> list[Share]:
+        """The month's cost split between tenants, and inside each between its members."""
+        return split(month, total, self.store, time.time())
 
     # ---------------------------------------------------------------- measuring
     def measured_use(self) -> dict[str, int | None]:

@@ -4,13 +4,13 @@ published on the host): config push from the manager, usage by cursor, metrics."
 from __future__ import annotations
 
 import hmac
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.responses import Response
 from prometheus_client import generate_latest
 
-from manager.contract import GatewayConfig, UsagePage
+from manager.contract import GatewayConfig, GatewayStatus, Limits, MemberConfig, UsagePage
 from manager.gateway.state import GatewayState
 
 
@@ -33,13 +33,13 @@ def create_admin_app(state: GatewayState, token: str) -> FastAPI:
         return {"status": "ok", "config_version": state.version}
 
     @app.get("/admin/config")
-    def get_config(_: Auth) -> dict[str, Any]:
-        return {
-            "version": state.version,
-            "key_ids": sorted(state.keys),
-            "limits": state.quotas.limits.__dict__,
-            "members": {name: m.limits.__dict__ for name, m in sorted(state.members.items())},
-        }
+    def get_config(_: Auth) -> GatewayStatus:
+        return GatewayStatus(
+            version=state.version,
+            key_ids=sorted(state.keys),
+            limits=Limits.of(state.quotas.limits),
+            members=[MemberConfig(name=n, limits=Limits.of(m.limits)) for n, m in sorted(state.members.items())],
+        )
 
     @app.put("/admin/config")
     def put_config(body: GatewayConfig, _: Auth) -> dict[str, str]:

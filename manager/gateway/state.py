@@ -89,48 +89,59 @@ class GatewayState:
         saved = store.config()
         if saved:
             self.apply(saved, persist=False)
-        self._load_totals(None)
+        self._load_totals()
 
-    def _load_totals(self, only: set[str] | None) -> None:
-        """Rebuilds quota counters from the spool: the tenant's (``only`` None) and its members'
-        (those in ``only``, or all). A record from before members counts for its key's member."""
+    def _spooled(self, keys: dict[str, KeyEntry]) -> dict[str, tuple[int, int, list[float]]]:
+        """Per member: tokens today, requests this month and the times of the last minute, from the
+        spool (a record from before members counts for its key's member; '' when there is none)."""
         now = self.clock()
-        totals = self.store.totals_by_key(_day_start(now), _month_start(now), WINDOW_S)
         per: dict[str, tuple[int, int, list[float]]] = {}
-        for t in totals:
-            key = self.keys.get(t.key_id)
+        for t in self.store.totals_by_key(_day_start(now), _month_start(now), WINDOW_S):
+            key = keys.get(t.key_id)
             member = t.member or (key.member if key else "")
             tokens, requests, recent = per.get(member, (0, 0, []))
             per[member] = (tokens + t.day_tokens, requests + t.month_requests, recent + t.recent)
-        if only is None:
-            self.quotas.load(
-                day_tokens=sum(v[0] for v in per.values()),
-                month_requests=sum(v[1] for v in per.values()),
-                recent=[at for v in per.values() for at in v[2]],
-            )
+        return per
+
+    def _load_totals(self) -> None:
+        """Rebuilds every counter from the spool (at start)."""
+        per = self._spooled(self.keys)
+        self.quotas.load(
+            day_tokens=sum(v[0] for v in per.values()),
+            month_requests=sum(v[1] for v in per.values()),
+            recent=[at for v in per.values() for at in v[2]],
+        )
         for name, state in self.members.items():
-            if only is None or name in only:
-                tokens, requests, recent = per.get(name, (0, 0, []))
-                state.load(day_tokens=tokens, month_requests=requests, recent=recent)
+            tokens, requests, recent = per.get(name, (0, 0, []))
+            state.load(day_tokens=tokens, month_requests=requests, recent=recent)
 
     def apply(self, config: GatewayConfig, persist: bool = True) -> None:
         """Install a config pushed by the manager; keys and limits change without a restart, and a
-        member's counters carry over (a removed member's go with its keys)."""
+        member's counters carry over (a removed member's go with its keys). Runs on the admin app's
+        thread: everything new is built first and then published by plain assignments, so a request
+        decided meanwhile sees either the old config or the new one."""
         if persist:
             self.store.save_config(config)
-        self.keys = {k.id: KeyEntry(k.id, k.hash, k.expires_at, k.member) for k in config.keys}
-        self.quotas.limits = config.limits.quotas()
+        keys = {k.id: KeyEntry(k.id, k.hash, k.expires_at, k.member) for k in config.keys}
         members: dict[str, QuotaState] = {}
+        new: list[str] = []
         for m in config.members:
-            state = self.members.get(m.name) or QuotaState(clock=self.clock, scope="member", who=f"member {m.name}")
+            state = self.members.get(m.name)
+            if state is None:
+                state = QuotaState(clock=self.clock, scope="member", who=f"member {m.name}")
+                new.append(m.name)
             state.limits = m.limits.quotas()
             members[m.name] = state
-        new = set(members) - set(self.members)
-        self.members = members
-        if new and persist:  # a member added (or added again) while the gateway runs
-            self._load_totals(new)
+        if new and persist:  # a member added (or added again) while the gateway runs: today's use counts
+            per = self._spooled(keys)
+            for name in new:
+                tokens, requests, recent = per.get(name, (0, 0, []))
+                members[name].load(day_tokens=tokens, month_requests=requests, recent=recent)
+        self.quotas.limits = config.limits.quotas()
         self.max_model_len = config.max_model_len if config.max_model_len and config.max_model_len > 0 else None
         self.max_body = config.max_body if config.max_body and config.max_body > 0 else None
+        self.members = members
+        self.keys = keys
         self.version = config.version
 
     def quota_states(self, key: KeyEntry) -> list[QuotaState]:

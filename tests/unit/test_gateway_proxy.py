@@ -528,6 +528,9 @@ async def test_members_have_nested_limits_their_own_records_and_metrics(tmp_path
         state.apply(member_config("v2", alice, None))
         assert (await chat(bob)).status_code == 401
         assert len(state.members["alice"].window) == 2
+        # bob added again the same day: his use of today still counts against his limits
+        state.apply(member_config("v3", alice, bob))
+        assert len(state.members["bob"].window) == 1 and state.members["bob"].month_requests == 1
 
     # a restart rebuilds each member's counters from the spool
     again = GatewayState(state.store)
