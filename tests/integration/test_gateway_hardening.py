@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from manager import keys
+from manager.contract import GatewayConfig
 from manager.control.gateway_client import GatewayClient
 from manager.control.plan import control_network_name, control_network_plan, tenant_plan
 from manager.domain import TenantSpec
@@ -65,12 +66,14 @@ def start_lone_gateway(
         try:
             with GatewayClient(ip, token, timeout=2) as gw:
                 gw.push(
-                    {
-                        "version": "v1",
-                        "keys": [{"id": issued.id, "hash": issued.hash, "expires_at": None}],
-                        "limits": {},
-                        **(config or {}),
-                    }
+                    GatewayConfig.model_validate(
+                        {
+                            "version": "v1",
+                            "keys": [{"id": issued.id, "hash": issued.hash, "expires_at": None}],
+                            "limits": {},
+                            **(config or {}),
+                        }
+                    )
                 )
             return True
         except Exception:

@@ -90,3 +90,27 @@ def test_a_database_from_a_newer_release_is_refused(tmp_path: Path) -> None:
         db.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
     with pytest.raises(StateUnavailable, match="newer release"):
         Store(tmp_path / "manager.db")
+
+
+def test_the_contract_reads_what_a_gateway_of_the_previous_release_answers() -> None:
+    """During an upgrade the new manager talks to gateways of the previous release until they are
+    recreated: their status and usage pages (no members yet) still parse."""
+    from manager.contract import GatewayStatus, UsagePage
+
+    status = GatewayStatus.model_validate({"version": "v1", "key_ids": ["a1b2c3d4"], "limits": {"rpm_limit": 30}})
+    assert status.version == "v1" and status.members == []
+    old_record = {
+        "seq": 7,
+        "request_id": "req_0",
+        "key_id": "a1b2c3d4",
+        "model": "demo",
+        "path": "/v1/chat/completions",
+        "prompt_tokens": 10,
+        "completion_tokens": 5,
+        "status": 200,
+        "outcome": "ok",
+        "latency_ms": 12.5,
+        "at": 1_700_000_200.0,
+    }
+    page = UsagePage.model_validate({"records": [old_record], "cursor": 7})
+    assert page.records[0].member == "" and page.cursor == 7
