@@ -58,6 +58,19 @@ def _engine_options(p: argparse.ArgumentParser, required: bool) -> None:
     )
 
 
+def _member_parser(
+    sub: Any, command: str, text: str, name_help: str | None = None, quota_help: str | None = None
+) -> None:
+    """A member command: --tenant, then --name (the member) and quota options where it takes them."""
+    p = sub.add_parser(command, help=text)
+    p.add_argument("--tenant", required=True, help="the tenant")
+    if name_help:
+        p.add_argument("--name", required=True, help=name_help)
+    if quota_help:
+        _quota_options(p, quota_help)
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
 def _wait_options(p: argparse.ArgumentParser, text: str) -> None:
     p.add_argument("--wait", action="store_true", help=text)
     p.add_argument("--timeout", type=float, default=900.0, help="seconds --wait waits at most (default 900)")
@@ -113,31 +126,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print JSON")
 
-    p = sub.add_parser("add-member", help="add a member to a tenant; prints the member's API key once")
-    p.add_argument("--tenant", required=True, help="the tenant")
-    p.add_argument("--name", required=True, help="the member's name (the tenant name rule), e.g. alice")
-    _quota_options(p, "the member's own limit, inside the tenant's; 0 or unset: bounded by the tenant's only")
-    p.add_argument("--json", action="store_true", help="print JSON")
-
-    p = sub.add_parser(
-        "list-members", help="a tenant's members: keys, quotas, requests and tokens today and this month, last use"
+    own = "the member's own limit, inside the tenant's"
+    _member_parser(
+        sub,
+        "add-member",
+        "add a member to a tenant; prints the member's API key once",
+        "the member's name (the tenant name rule), e.g. alice",
+        own + "; 0 or unset: bounded by the tenant's only",
     )
-    p.add_argument("--tenant", required=True, help="the tenant")
-    p.add_argument("--json", action="store_true", help="print JSON")
-
-    p = sub.add_parser("update-member", help="change a member's quotas (applied live)")
-    p.add_argument("--tenant", required=True, help="the tenant")
-    p.add_argument("--name", required=True, help="the member")
-    _quota_options(p, "the member's own limit, inside the tenant's; 0 lifts it")
-    p.add_argument("--json", action="store_true", help="print JSON")
-
-    p = sub.add_parser(
-        "remove-member", help="remove a member: its keys stop working within seconds; its usage stays for cost sharing"
+    _member_parser(
+        sub, "list-members", "a tenant's members: keys, quotas, requests and tokens today and this month, last use"
     )
-    p.add_argument("--tenant", required=True, help="the tenant")
-    p.add_argument("--name", required=True, help="the member")
-    p.add_argument("--json", action="store_true", help="print JSON")
-
+    _member_parser(sub, "update-member", "change a member's quotas (applied live)", "the member", own + "; 0 lifts it")
+    _member_parser(
+        sub,
+        "remove-member",
+        "remove a member: its keys stop working within seconds; its usage stays for cost sharing",
+        "the member",
+    )
     p = sub.add_parser("list-models", help="models in the models volume and the smallest --gpu-memory for each")
     p.add_argument("--max-model-len", type=int, help="also the smallest --gpu-memory at this context length")
     p.add_argument("--json", action="store_true", help="print JSON")

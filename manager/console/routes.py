@@ -94,6 +94,14 @@ def _opt_int(form: dict[str, str], key: str) -> int | None:
         raise InvalidInput(f"{key.replace('_', ' ')} must be a whole number, got {value!r}") from exc
 
 
+def _grace(form: dict[str, str]) -> float:
+    value = form.get("grace_s", "").strip() or "3600"
+    try:
+        return float(value)
+    except ValueError as exc:
+        raise InvalidInput(f"the grace period must be a number of seconds, got {value!r}") from exc
+
+
 def _opt_size(form: dict[str, str], key: str) -> int | None:
     value = form.get(key, "").strip()
     return parse_size(value) if value else None
@@ -245,31 +253,25 @@ def _tenant_context(request: Request, name: str) -> dict[str, Any]:
     }
 
 
+def _tenant_page(request: Request, session: Session, name: str, **context: Any) -> HTMLResponse:
+    """The tenant page; ``new_key`` (shown this once), ``new_key_member``, ``message``, ``error``."""
+    defaults: dict[str, Any] = {"new_key": None, "new_key_member": None, "message": None, "error": None}
+    return page(request, "tenant.html", session, **{**defaults, **context}, **_tenant_context(request, name))
+
+
 @router.get("/tenants/{name}")
 def tenant_page(request: Request, name: str) -> HTMLResponse:
     session = current(request)
-    return page(
-        request, "tenant.html", session, new_key=None, message=None, error=None, **_tenant_context(request, name)
-    )
+    return _tenant_page(request, session, name)
 
 
 @router.post("/tenants/{name}/rotate")
 async def rotate(request: Request, name: str) -> HTMLResponse:
     session = current(request)
     form = await form_with_csrf(request, session)
-    grace = float(form.get("grace_s") or 3600)
-    issued = comps(request).service.rotate_key(name, session.user, grace)
-    # the new key is in this response only; it is never stored or shown again
-    return page(
-        request,
-        "tenant.html",
-        session,
-        new_key=issued,
-        new_key_member=name,  # the first member's key
-        message=None,
-        error=None,
-        **_tenant_context(request, name),
-    )
+    issued = comps(request).service.rotate_key(name, session.user, _grace(form))
+    # the new key (the first member's) is in this response only; it is never stored or shown again
+    return _tenant_page(request, session, name, new_key=issued, new_key_member=name)
 
 
 @router.post("/tenants/{name}/members")
@@ -281,26 +283,10 @@ async def add_member(request: Request, name: str) -> HTMLResponse:
         quotas = Quotas(**{f: _opt_int(form, f) for f in QUOTA_FIELDS})
         row, issued = svc.members.add(name, form.get("member", "").strip(), quotas, session.user)
     except GtmError as exc:
-        return page(
-            request,
-            "tenant.html",
-            session,
-            new_key=None,
-            message=None,
-            error=exc.message,
-            member_form=form,
-            **_tenant_context(request, name),
-        )
+        return _tenant_page(request, session, name, error=exc.message, member_form=form)
     # the new key is in this response only; it is never stored or shown again
-    return page(
-        request,
-        "tenant.html",
-        session,
-        new_key=issued,
-        new_key_member=row.name,
-        message=f"Member {row.name} added.",
-        error=None,
-        **_tenant_context(request, name),
+    return _tenant_page(
+        request, session, name, new_key=issued, new_key_member=row.name, message=f"Member {row.name} added."
     )
 
 
@@ -308,21 +294,8 @@ async def add_member(request: Request, name: str) -> HTMLResponse:
 async def rotate_member(request: Request, name: str, member: str) -> HTMLResponse:
     session = current(request)
     form = await form_with_csrf(request, session)
-    try:
-        grace = float(form.get("grace_s") or 3600)
-    except ValueError:
-        grace = -1.0  # refused below with the accepted range
-    issued = comps(request).service.members.rotate_key(name, session.user, grace, member)
-    return page(
-        request,
-        "tenant.html",
-        session,
-        new_key=issued,
-        new_key_member=member,
-        message=None,
-        error=None,
-        **_tenant_context(request, name),
-    )
+    issued = comps(request).service.members.rotate_key(name, session.user, _grace(form), member)
+    return _tenant_page(request, session, name, new_key=issued, new_key_member=member)
 
 
 @router.post("/tenants/{name}/members/{member}/remove")
@@ -360,9 +333,7 @@ async def update(request: Request, name: str) -> HTMLResponse:
         message = "Saved. A new size recreates the engine; quotas apply at once."
     except GtmError as exc:
         error = exc.message
-    return page(
-        request, "tenant.html", session, new_key=None, message=message, error=error, **_tenant_context(request, name)
-    )
+    return _tenant_page(request, session, name, message=message, error=error)
 
 
 @router.post("/tenants/{name}/remove")
@@ -370,15 +341,7 @@ async def remove(request: Request, name: str) -> Response:
     session = current(request)
     form = await form_with_csrf(request, session)
     if form.get("confirm") != name:
-        return page(
-            request,
-            "tenant.html",
-            session,
-            new_key=None,
-            message=None,
-            error=f"Type the tenant's name ({name}) to confirm the removal.",
-            **_tenant_context(request, name),
-        )
+        return _tenant_page(request, session, name, error=f"Type the tenant's name ({name}) to confirm the removal.")
     comps(request).service.remove(name, session.user)
     return RedirectResponse("/", status_code=303)
 

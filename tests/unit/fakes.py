@@ -37,3 +37,20 @@ class FakeGateway:
         def usage(self, after: int, limit: int = 1000) -> UsagePage:
             page = [(seq, r) for seq, r in self.owner.records.get(self.token, []) if seq > after][:limit]
             return UsagePage(records=[r for _, r in page], cursor=page[-1][0] if page else after)
+
+
+def usage_record(request_id: str, key_id: str = "k", member: str = "", **fields: object) -> UsageRecord:
+    """A usage record as a gateway writes it: a 200 for /v1/completions unless ``fields`` say otherwise."""
+    values: dict[str, object] = dict(
+        model="demo",
+        path="/v1/completions",
+        prompt_tokens=1,
+        completion_tokens=2,
+        status=200,
+        outcome="ok",
+        latency_ms=1.0,
+        at=1.0,
+    )
+    return UsageRecord.model_validate(
+        {**values, **fields, "request_id": request_id, "key_id": key_id, "member": member}
+    )

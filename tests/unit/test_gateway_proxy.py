@@ -12,11 +12,13 @@ import httpx
 import pytest
 
 from manager import keys
-from manager.contract import GatewayConfig, UsageRecord
+from manager.contract import GatewayConfig
 from manager.gateway.proxy import Proxy
 from manager.gateway.settings import GatewaySettings
 from manager.gateway.state import GatewayState
 from manager.gateway.store import GatewayStore
+
+from .fakes import usage_record
 
 pytestmark = pytest.mark.anyio
 USAGE = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
@@ -188,21 +190,7 @@ def test_admin_side_needs_its_token_and_pages_usage_by_cursor(tmp_path: Path) ->
 
     state = GatewayState(GatewayStore(tmp_path / "gw.db"))
     for i in range(3):
-        state.store.record(
-            UsageRecord(
-                request_id=f"r{i}",
-                key_id="k",
-                member="alice",
-                model="demo",
-                path="/v1/completions",
-                prompt_tokens=1,
-                completion_tokens=2,
-                status=200,
-                outcome="ok",
-                latency_ms=1.0,
-                at=1.0,
-            )
-        )
+        state.store.record(usage_record(f"r{i}", member="alice"))
     client = TestClient(create_admin_app(state, "admin-secret"))
     assert client.get("/admin/usage").status_code == 401
     auth = {"Authorization": "Bearer admin-secret"}

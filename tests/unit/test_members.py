@@ -15,6 +15,7 @@ from manager.errors import Conflict, InvalidInput, NotFound
 from manager.gateway.state import GatewayState
 from manager.gateway.store import GatewayStore
 
+from .fakes import usage_record
 from .test_service import create
 
 
@@ -78,23 +79,9 @@ def test_update_member_changes_only_the_quotas_given(svc: TenantService) -> None
 
 
 def test_remove_member_drops_its_keys_and_keeps_its_usage(svc: TenantService) -> None:
-    from manager.contract import UsageRecord
-
     create(svc, "lab")
     _, key = svc.members.add("lab", "alice", Quotas(), "admin")
-    record = UsageRecord(
-        request_id="r1",
-        key_id=key.id,
-        member="alice",
-        model="demo",
-        path="/v1/chat/completions",
-        prompt_tokens=3,
-        completion_tokens=4,
-        status=200,
-        outcome="ok",
-        latency_ms=1.0,
-        at=time.time(),
-    )
+    record = usage_record("r1", key.id, "alice", prompt_tokens=3, completion_tokens=4, at=time.time())
     svc.store.add_usage("lab", [record], 1)
     svc.members.remove("lab", "alice", "admin")
     assert [v.row.name for v in svc.members.views("lab")] == ["lab"]
@@ -122,19 +109,14 @@ def test_rotate_key_of_a_member_keeps_the_old_one_for_the_grace_period(svc: Tena
 
 
 def test_member_usage_is_split_by_member_with_today_and_month(svc: TenantService) -> None:
-    from manager.contract import UsageRecord
-
     create(svc, "lab")
     _, key = svc.members.add("lab", "alice", Quotas(), "admin")
     now = time.time()
-    fields = dict(model="demo", path="/v1/completions", status=200, outcome="ok", latency_ms=1.0)
     records = [
-        UsageRecord(
-            request_id="a", key_id=key.id, member="alice", prompt_tokens=1, completion_tokens=2, at=now, **fields
-        ),
+        usage_record("a", key.id, "alice", at=now),
         # a record written before members (no member): the key's member is meant
-        UsageRecord(request_id="b", key_id=key.id, prompt_tokens=1, completion_tokens=1, at=now, **fields),
-        UsageRecord(request_id="c", key_id="gone", prompt_tokens=5, completion_tokens=5, at=now, **fields),
+        usage_record("b", key.id, completion_tokens=1, at=now),
+        usage_record("c", "gone", prompt_tokens=5, completion_tokens=5, at=now),
     ]
     svc.store.add_usage("lab", records, 3)
     svc.store.add_usage("lab", records, 3)  # collected twice: stored once

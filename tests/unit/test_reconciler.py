@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from manager import keys, names
-from manager.contract import UsageRecord
 from manager.control.reconciler import Reconciler
 from manager.control.store import KeyRow, Store
 from manager.domain import TenantSpec, TenantStatus, can_transition
@@ -23,7 +22,7 @@ from manager.runtime.memory import MemoryRuntime
 from manager.runtime.types import NetworkPlan
 from manager.settings import Settings
 
-from .fakes import FakeGateway
+from .fakes import FakeGateway, usage_record
 
 MIB = 1024**2
 INSTANCE = "gtmu"
@@ -181,18 +180,7 @@ def test_removal_collects_the_last_usage_and_tears_everything_down(world) -> Non
     gateways.records["token-acme"] = [
         (
             1,
-            UsageRecord(
-                request_id="r1",
-                key_id="k",
-                model="demo",
-                path="/v1/completions",
-                prompt_tokens=3,
-                completion_tokens=4,
-                status=200,
-                outcome="ok",
-                latency_ms=1.0,
-                at=1.0,
-            ),
+            usage_record("r1", prompt_tokens=3, completion_tokens=4),
         )
     ]
     store.set_status("acme", TenantStatus.REMOVING)
