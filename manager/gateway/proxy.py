@@ -353,17 +353,26 @@ class Proxy:
             at=started,
         )
         headers = {**verdict.headers, "x-request-id": request_id}
-        try:
-            if payload.get("stream") is True:
-                await self._stream(receive, send, payload, headers, record)
-            else:
-                await self._plain(method, path, body, send, headers, record)
-        finally:
+
+        def commit() -> None:
+            """Writes the usage record and settles the quota, once. Called before the response's
+            last byte, so a client that got a whole answer is always metered (a SIGKILL of the
+            gateway included); on errors and disconnects, when the request ends."""
+            if ticket.settled:
+                return
             used = int(record["prompt_tokens"]) + int(record["completion_tokens"])
             try:
                 self._finish(record, started)
             finally:  # a failed record write must not leak the in-flight slot
                 ticket.settle(used)
+
+        try:
+            if payload.get("stream") is True:
+                await self._stream(receive, send, payload, headers, record, commit)
+            else:
+                await self._plain(method, path, body, send, headers, record, commit)
+        finally:
+            commit()
 
     def _finish(self, record: dict[str, Any], started: float) -> None:
         elapsed = time.time() - started
@@ -381,9 +390,12 @@ class Proxy:
             m.member_tokens.labels(rec.member, "prompt").inc(rec.prompt_tokens)
             m.member_tokens.labels(rec.member, "completion").inc(rec.completion_tokens)
 
-    async def _unavailable(self, send: Send, headers: dict[str, str], record: dict[str, Any]) -> None:
+    async def _unavailable(
+        self, send: Send, headers: dict[str, str], record: dict[str, Any], commit: Callable[[], None]
+    ) -> None:
         self.state.metrics.upstream_errors.inc()
         record.update(status=503, outcome="upstream_unavailable")
+        commit()
         await self._send(
             send,
             503,
@@ -394,7 +406,14 @@ class Proxy:
         )
 
     async def _plain(
-        self, method: str, path: str, body: bytes, send: Send, headers: dict[str, str], record: dict[str, Any]
+        self,
+        method: str,
+        path: str,
+        body: bytes,
+        send: Send,
+        headers: dict[str, str],
+        record: dict[str, Any],
+        commit: Callable[[], None],
     ) -> None:
         try:
             upstream = await self.transport.handle_async_request(
@@ -405,7 +424,7 @@ class Proxy:
             finally:
                 await upstream.aclose()
         except httpx.TransportError:
-            await self._unavailable(send, headers, record)
+            await self._unavailable(send, headers, record, commit)
             return
         record["status"] = upstream.status_code
         if upstream.status_code >= 500:
@@ -418,11 +437,20 @@ class Proxy:
         else:
             record["outcome"] = "ok" if upstream.status_code < 400 else "error"
         ctype = upstream.headers.get("content-type", "application/json").encode()
+        commit()
         await self._send(send, upstream.status_code, content, headers, ctype)
 
     async def _stream(
-        self, receive: Receive, send: Send, payload: dict[str, Any], headers: dict[str, str], record: dict[str, Any]
+        self,
+        receive: Receive,
+        send: Send,
+        payload: dict[str, Any],
+        headers: dict[str, str],
+        record: dict[str, Any],
+        commit: Callable[[], None],
     ) -> None:
+        """Events pass through as they come; the closing ``data: [DONE]`` is held back until the
+        usage record is written, so a client that saw the whole stream is always metered."""
         options = payload.get("stream_options") or {}
         client_wants_usage = bool(isinstance(options, dict) and options.get("include_usage"))
         upstream_body = {
@@ -435,13 +463,14 @@ class Proxy:
         try:
             upstream = await self.transport.handle_async_request(request)
         except httpx.TransportError:
-            await self._unavailable(send, headers, record)
+            await self._unavailable(send, headers, record, commit)
             return
         record["status"] = upstream.status_code
         if upstream.status_code != 200:
             content = await upstream.aread()
             await upstream.aclose()
             record["outcome"] = "error"
+            commit()
             await self._send(
                 send,
                 upstream.status_code,
@@ -463,7 +492,14 @@ class Proxy:
         raw_headers += [(k.encode(), v.encode()) for k, v in headers.items()]
         delivered = 0
         buffer = b""
+        closing = b""  # the [DONE] event, sent with the last byte once the record is written
         drain_deadline: float | None = None
+
+        def metered() -> None:
+            if not record["completion_tokens"]:
+                record["completion_tokens"] = delivered  # no usage from the engine: what was delivered
+            commit()
+
         try:
             await send({"type": "http.response.start", "status": 200, "headers": raw_headers})
             async for chunk in upstream.aiter_bytes():
@@ -473,6 +509,9 @@ class Proxy:
                     event, buffer = buffer.split(b"\n\n", 1)
                     if self._take_usage(event, record) and not client_wants_usage:
                         continue  # the usage-only event the client did not ask for
+                    if event.strip() == b"data: [DONE]":
+                        closing += event + b"\n\n"
+                        continue
                     out.append(event + b"\n\n")
                 if disconnected.is_set():
                     # the client left: keep reading (bounded) so the engine's usage is still metered
@@ -488,10 +527,12 @@ class Proxy:
                     except OSError:
                         disconnected.set()
             if not disconnected.is_set():
-                await send({"type": "http.response.body", "body": buffer, "more_body": False})
+                metered()
+                await send({"type": "http.response.body", "body": closing + buffer, "more_body": False})
         except httpx.TransportError:
             record["outcome"] = "client_disconnected" if disconnected.is_set() else "error"
             if not disconnected.is_set():
+                metered()
                 # the engine went away mid-answer: end the stream with an error event (the OpenAI SDK
                 # raises it as an APIError) instead of a cut connection
                 self.state.metrics.upstream_errors.inc()
@@ -509,8 +550,7 @@ class Proxy:
         finally:
             watcher.cancel()
             await upstream.aclose()
-            if not record["completion_tokens"]:
-                record["completion_tokens"] = delivered  # no usage from the engine: what was delivered
+            metered()  # once: a no-op when the record was written before the last byte
 
     @staticmethod
     def _take_usage(event: bytes, record: dict[str, Any]) -> bool:

@@ -4,6 +4,7 @@ tests/integration/test_gateway.py."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -523,3 +524,39 @@ async def test_members_have_nested_limits_their_own_records_and_metrics(tmp_path
     # a restart rebuilds each member's counters from the spool
     again = GatewayState(state.store)
     assert len(again.members["alice"].window) == 2 and len(again.quotas.window) == 3
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_the_record_is_written_before_the_last_byte(gateway, stream: bool) -> None:
+    """A client that got the whole answer is metered even if the gateway dies right after (SIGKILL):
+    when the last body message goes out, the record is already in the spool and the quota settled."""
+    client, state, key = gateway
+    proxy = client._transport.app  # type: ignore[attr-defined]
+    body = json.dumps({**CHAT, "stream": stream}).encode()
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    seen_at_last_byte: list[int] = []
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop()
+        await asyncio.sleep(3600)  # the client stays connected
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            seen_at_last_byte.append(len(state.store.after(0).records))
+            assert state.quotas.in_flight == 0
+            if stream:
+                assert message["body"].endswith(b"data: [DONE]\n\n"), "[DONE] goes with the last byte"
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "raw_path": b"/v1/chat/completions",
+        "headers": [(b"authorization", f"Bearer {key}".encode()), (b"content-length", str(len(body)).encode())],
+    }
+    await proxy(scope, receive, send)
+    assert seen_at_last_byte == [1]
+    (rec,) = state.store.after(0).records
+    assert (rec.prompt_tokens, rec.completion_tokens) == (5, 3)
