@@ -171,11 +171,17 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
 
 def wait_status(api: httpx.Client, tenant: str, status: str, timeout: float = 300) -> dict[str, Any]:
     """Waits for a status; a failure on the way is retried by the reconciler (with backoff), so only
-    the timeout fails the test, with the last reason seen."""
+    the timeout fails the test, with the last reason seen. An API error on the way (a 503 while a
+    restarted dockerd still settles) is remembered and asked again, like an admin would."""
     reasons: list[str] = []
 
     def check() -> dict[str, Any] | None:
-        t = api.get(f"/api/v1/tenants/{tenant}").json()
+        r = api.get(f"/api/v1/tenants/{tenant}")
+        if r.status_code != 200:
+            if r.text not in reasons:
+                reasons.append(f"HTTP {r.status_code}: {r.text[:300]}")
+            return None
+        t = r.json()
         if t["status"] == "failed" and status != "failed" and t["reason"] not in reasons:
             reasons.append(t["reason"])
         return t if t["status"] == status else None
