@@ -178,8 +178,9 @@ def wait_status(api: httpx.Client, tenant: str, status: str, timeout: float = 30
     def check() -> dict[str, Any] | None:
         r = api.get(f"/api/v1/tenants/{tenant}")
         if r.status_code != 200:
-            if r.text not in reasons:
-                reasons.append(f"HTTP {r.status_code}: {r.text[:300]}")
+            error = f"HTTP {r.status_code}: {r.text[:300]}"
+            if error not in reasons:
+                reasons.append(error)
             return None
         t = r.json()
         if t["status"] == "failed" and status != "failed" and t["reason"] not in reasons:
