@@ -251,7 +251,7 @@ def _limit(value: int | None) -> str:
     return "-" if value is None else str(value)
 
 
-def _print_members(members: list[dict[str, Any]], now: float) -> None:
+def _print_members(members: list[dict[str, Any]]) -> None:
     rows = []
     for m in members:
         q = m["quotas"]
@@ -392,7 +392,7 @@ def run(args: argparse.Namespace, api: Api) -> int:
     elif args.command == "list-members":
         out = api.call("GET", f"/api/v1/tenants/{args.tenant}/members")
         if not args.json:
-            _print_members(out, time.time())
+            _print_members(out)
             return 0
     elif args.command == "update-member":
         body = _quota_body(args)
@@ -402,7 +402,7 @@ def run(args: argparse.Namespace, api: Api) -> int:
             )
         out = api.call("PATCH", f"/api/v1/tenants/{args.tenant}/members/{args.name}", body)
         if not args.json:
-            _print_members([out], time.time())
+            _print_members([out])
             return 0
     elif args.command == "remove-member":
         api.call("DELETE", f"/api/v1/tenants/{args.tenant}/members/{args.name}")

@@ -30,24 +30,23 @@ class Role(StrEnum):
     WARMUP = "warmup"
 
 
-def validate_tenant_name(name: str) -> str:
+def _validate(name: str, what: str, why: str) -> str:
     if not TENANT_NAME.match(name):
         raise InvalidInput(
-            f"invalid tenant name {name!r}: use 2-32 lowercase letters, digits and '-', "
-            "starting with a letter and not ending with '-' (it becomes part of DNS and Docker names)"
+            f"invalid {what} name {name!r}: use 2-32 lowercase letters, digits and '-', "
+            f"starting with a letter and not ending with '-' ({why})"
         )
     return name
+
+
+def validate_tenant_name(name: str) -> str:
+    return _validate(name, "tenant", "it becomes part of DNS and Docker names")
 
 
 def validate_member_name(name: str) -> str:
     """Members follow the tenant rule (they appear in metrics labels, CSV files and URLs). A tenant's
     first member, made by add-tenant, is named like the tenant."""
-    if not TENANT_NAME.match(name):
-        raise InvalidInput(
-            f"invalid member name {name!r}: use 2-32 lowercase letters, digits and '-', "
-            "starting with a letter and not ending with '-' (the same rule as tenant names)"
-        )
-    return name
+    return _validate(name, "member", "the same rule as tenant names")
 
 
 def labels(instance: str, role: Role, tenant: str | None = None, **extra: str) -> dict[str, str]:

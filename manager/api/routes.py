@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Response, status
@@ -33,6 +32,7 @@ from manager.api.schemas import (
 from manager.control.costs import Share
 from manager.control.service import CatalogEntry
 from manager.domain import MAX_MODEL_LEN, MIN_MODEL_LEN, QUOTA_FIELDS, Quotas
+from manager.utc import start_of_day
 
 
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -53,10 +53,6 @@ TenantName = Annotated[str, Path(max_length=64, description="the tenant's name")
 MemberName = Annotated[str, Path(max_length=64, description="the member's name")]
 ModelLenQuery = Annotated[int | None, Query(ge=MIN_MODEL_LEN, le=MAX_MODEL_LEN, description="context length")]
 UnixTime = Annotated[float, Query(ge=0, le=1e11, allow_inf_nan=False, description="UNIX seconds")]
-
-
-def start_of_day(now: float) -> float:
-    return datetime.fromtimestamp(now, UTC).replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
 
 
 @router.get("/tenants", tags=["tenants"])
@@ -182,9 +178,9 @@ def add_member(name: TenantName, body: MemberCreate, svc: Service, actor: Admin)
     quotas = Quotas(**{f: getattr(body, f) for f in QUOTA_FIELDS})
     row, issued = svc.members.add(name, body.name, quotas, actor)
     now = time.time()
-    (view,) = [v for v in svc.members.views(name, now) if v.row.name == row.name]
     return MemberCreated(
-        member=MemberPublic.of(view, now), key=IssuedKeyPublic(key_id=issued.id, api_key=issued.secret_key)
+        member=MemberPublic.of(svc.members.view(name, row.name, now), now),
+        key=IssuedKeyPublic(key_id=issued.id, api_key=issued.secret_key),
     )
 
 
@@ -193,8 +189,7 @@ def update_member(name: TenantName, member: MemberName, body: MemberUpdate, svc:
     """Change a member's quotas (applied live by the gateway); only the fields sent change."""
     svc.members.update(name, member, body.model_dump(exclude_unset=True), actor)
     now = time.time()
-    (view,) = [v for v in svc.members.views(name, now) if v.row.name == member]
-    return MemberPublic.of(view, now)
+    return MemberPublic.of(svc.members.view(name, member, now), now)
 
 
 @router.delete(

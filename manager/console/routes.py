@@ -28,6 +28,7 @@ from manager.console.views import capacity_segments, day_bars
 from manager.domain import QUOTA_FIELDS, Quotas
 from manager.errors import GtmError, InvalidInput
 from manager.sizes import format_size, parse_size
+from manager.utc import start_of_day
 
 router = APIRouter(include_in_schema=False)
 
@@ -173,7 +174,7 @@ async def logout(request: Request) -> Response:
 
 # ---------------------------------------------------------------- overview
 def _today() -> float:
-    return datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
+    return start_of_day(time.time())
 
 
 @router.get("/")

@@ -111,14 +111,22 @@ def split(month: str, total_cost: float, store: Store, now: float) -> list[Share
             if overlap > 0:
                 hours[tenant] = hours.get(tenant, 0.0) + overlap / 3600 * size / GIB
     tenants = sorted(set(hours) | {t for t in store.usage_tenants(start, end)})
-    usage = {t: store.usage_totals(t, start, end) for t in tenants}
+    by_member = {t: store.usage_by_member(t, start, end) for t in tenants}
+    usage = {
+        t: UsageTotals(
+            sum(u.requests for u in m.values()),
+            sum(u.prompt_tokens for u in m.values()),
+            sum(u.completion_tokens for u in m.values()),
+        )
+        for t, m in by_member.items()
+    }
     total_hours = sum(hours.values())
     total_tokens = sum(u.tokens for u in usage.values())
     shares = []
     for t in tenants:
         mem = hours.get(t, 0.0) / total_hours if total_hours else 0.0
         tok = usage[t].tokens / total_tokens if total_tokens else 0.0
-        members = member_shares(store.usage_by_member(t, start, end), round(mem * total_cost, 2))
+        members = member_shares(by_member[t], round(mem * total_cost, 2))
         shares.append(
             Share(
                 t,

@@ -12,13 +12,13 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from manager import keys, names
 from manager.control.reconciler import Reconciler
 from manager.control.store import KeyRow, MemberRow, MemberUsage, Store, TenantRow, UsageTotals
 from manager.domain import MAX_GRACE_S, Quotas, TenantStatus, check_quotas
 from manager.errors import Conflict, InvalidInput, NotFound
+from manager.utc import start_of_day, start_of_month
 
 
 @dataclass(frozen=True)
@@ -28,14 +28,6 @@ class MemberView:
     row: MemberRow
     keys: list[KeyRow]
     usage: MemberUsage
-
-
-def start_of_day(now: float) -> float:
-    return datetime.fromtimestamp(now, UTC).replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
-
-
-def start_of_month(now: float) -> float:
-    return datetime.fromtimestamp(now, UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0).timestamp()
 
 
 def check_grace(grace_s: float) -> None:
@@ -132,9 +124,15 @@ class MemberService:
     def views(self, tenant: str, now: float | None = None) -> list[MemberView]:
         """Every member with its keys and usage today and this month (UTC)."""
         self.store.tenant(tenant)
+        return self._views(tenant, self.store.members(tenant), now)
+
+    def view(self, tenant: str, name: str, now: float | None = None) -> MemberView:
+        """One member with its keys and usage (NotFound for an unknown tenant or member)."""
+        (view,) = self._views(tenant, [self.store.member(tenant, name)], now)
+        return view
+
+    def _views(self, tenant: str, members: list[MemberRow], now: float | None) -> list[MemberView]:
         now = time.time() if now is None else now
         usage = self.store.member_usage(tenant, start_of_day(now), start_of_month(now))
         empty = MemberUsage(UsageTotals(0, 0, 0), UsageTotals(0, 0, 0), None)
-        return [
-            MemberView(m, self.store.keys(tenant, m.name), usage.get(m.name, empty)) for m in self.store.members(tenant)
-        ]
+        return [MemberView(m, self.store.keys(tenant, m.name), usage.get(m.name, empty)) for m in members]

@@ -115,20 +115,6 @@ MIGRATIONS: list[Step] = [
 ]
 """The manager database's schema, step by step (see manager.migrations); append only."""
 
-USAGE_FIELDS = (
-    "request_id",
-    "key_id",
-    "member",
-    "model",
-    "path",
-    "prompt_tokens",
-    "completion_tokens",
-    "status",
-    "outcome",
-    "latency_ms",
-    "at",
-)
-
 
 @dataclass(frozen=True)
 class TenantRow:
@@ -236,7 +222,7 @@ def _tenant(row: sqlite3.Row) -> TenantRow:
         max_model_len=row["max_model_len"],
         quantization=row["quantization"],
         shm_size=row["shm_size"],
-        quotas=Quotas(row["rpm_limit"], row["tokens_per_day"], row["requests_per_month"], row["max_in_flight"]),
+        quotas=_quotas(row),
         max_body=row["max_body"],
     )
     return TenantRow(
@@ -250,13 +236,13 @@ def _tenant(row: sqlite3.Row) -> TenantRow:
     )
 
 
+def _quotas(row: sqlite3.Row) -> Quotas:
+    """The four quota columns (the same names in the tenants and the members table)."""
+    return Quotas(*(row[f] for f in QUOTA_FIELDS))
+
+
 def _member(row: sqlite3.Row) -> MemberRow:
-    return MemberRow(
-        row["tenant"],
-        row["name"],
-        Quotas(row["rpm_limit"], row["tokens_per_day"], row["requests_per_month"], row["max_in_flight"]),
-        row["created_at"],
-    )
+    return MemberRow(row["tenant"], row["name"], _quotas(row), row["created_at"])
 
 
 def preflight(path: Path, lock_timeout_s: float = 5.0) -> None:

@@ -38,10 +38,6 @@ class Ticket:
     """(state, tokens reserved in it, the UTC day of the reservation)"""
     settled: bool = False
 
-    @property
-    def reserved(self) -> int:
-        return max((reserved for _, reserved, _ in self.parts), default=0)
-
     def settle(self, used_tokens: int) -> None:
         """Replace the reservations by what the request really used (once)."""
         if self.settled:

@@ -9,14 +9,14 @@ import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from manager.contract import GatewayConfig, UsageRecord
 from manager.gateway.quotas import WINDOW_S, QuotaState
-from manager.gateway.store import GatewayStore
+from manager.gateway.store import GatewayStore, Totals
 from manager.keys import hash_key, key_id
+from manager.utc import start_of_day, start_of_month
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +60,6 @@ class GatewayMetrics:
         )
 
 
-def _day_start(now: float) -> float:
-    return datetime.fromtimestamp(now, UTC).replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
-
-
-def _month_start(now: float) -> float:
-    return datetime.fromtimestamp(now, UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0).timestamp()
-
-
 class GatewayState:
     """The tenant's quota state and one per member; a request is admitted against both."""
 
@@ -91,29 +83,30 @@ class GatewayState:
             self.apply(saved, persist=False)
         self._load_totals()
 
-    def _spooled(self, keys: dict[str, KeyEntry]) -> dict[str, tuple[int, int, list[float]]]:
-        """Per member: tokens today, requests this month and the times of the last minute, from the
-        spool (a record from before members counts for its key's member; '' when there is none)."""
+    def _spooled(self, keys: dict[str, KeyEntry]) -> dict[str, list[Totals]]:
+        """Per member, what each of its keys used (tokens today, requests this month, times in the rate
+        window), from the spool; a record from before members counts for its key's member."""
         now = self.clock()
-        per: dict[str, tuple[int, int, list[float]]] = {}
-        for t in self.store.totals_by_key(_day_start(now), _month_start(now), WINDOW_S):
+        per: dict[str, list[Totals]] = {}
+        for t in self.store.totals_by_key(start_of_day(now), start_of_month(now), now - WINDOW_S):
             key = keys.get(t.key_id)
-            member = t.member or (key.member if key else "")
-            tokens, requests, recent = per.get(member, (0, 0, []))
-            per[member] = (tokens + t.day_tokens, requests + t.month_requests, recent + t.recent)
+            per.setdefault(t.member or (key.member if key else ""), []).append(t)
         return per
+
+    @staticmethod
+    def _load(state: QuotaState, totals: list[Totals]) -> None:
+        state.load(
+            day_tokens=sum(t.day_tokens for t in totals),
+            month_requests=sum(t.month_requests for t in totals),
+            recent=[at for t in totals for at in t.recent],
+        )
 
     def _load_totals(self) -> None:
         """Rebuilds every counter from the spool (at start)."""
         per = self._spooled(self.keys)
-        self.quotas.load(
-            day_tokens=sum(v[0] for v in per.values()),
-            month_requests=sum(v[1] for v in per.values()),
-            recent=[at for v in per.values() for at in v[2]],
-        )
+        self._load(self.quotas, [t for totals in per.values() for t in totals])
         for name, state in self.members.items():
-            tokens, requests, recent = per.get(name, (0, 0, []))
-            state.load(day_tokens=tokens, month_requests=requests, recent=recent)
+            self._load(state, per.get(name, []))
 
     def apply(self, config: GatewayConfig, persist: bool = True) -> None:
         """Install a config pushed by the manager; keys and limits change without a restart, and a
@@ -135,8 +128,7 @@ class GatewayState:
         if new and persist:  # a member added (or added again) while the gateway runs: today's use counts
             per = self._spooled(keys)
             for name in new:
-                tokens, requests, recent = per.get(name, (0, 0, []))
-                members[name].load(day_tokens=tokens, month_requests=requests, recent=recent)
+                self._load(members[name], per.get(name, []))
         self.quotas.limits = config.limits.quotas()
         self.max_model_len = config.max_model_len if config.max_model_len and config.max_model_len > 0 else None
         self.max_body = config.max_body if config.max_body and config.max_body > 0 else None

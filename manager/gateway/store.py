@@ -10,7 +10,6 @@ Records are read by cursor (``seq``), so the manager's collection is idempotent.
 from __future__ import annotations
 
 import sqlite3
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +43,8 @@ MIGRATIONS: list[Step] = [
 
 @dataclass(frozen=True)
 class Totals:
-    """What one key used, rebuilt from the spool after a restart (quota state)."""
+    """What one key used, to rebuild the quota state after a restart: tokens today, requests this
+    month and the times of its requests in the current rate window."""
 
     key_id: str
     member: str
@@ -89,24 +89,19 @@ class GatewayStore:
         records = [UsageRecord.model_validate(dict(r)) for r in rows]
         return UsagePage(records=records, cursor=int(rows[-1]["seq"]) if rows else cursor)
 
-    def totals_by_key(self, day_start: float, month_start: float, window_s: float) -> list[Totals]:
+    def totals_by_key(self, day_start: float, month_start: float, window_start: float) -> list[Totals]:
         """Per key (and member): tokens since ``day_start``, requests since ``month_start`` and the
-        times of the last ``window_s`` seconds, to rebuild the quota state after a restart."""
-        since = time.time() - window_s
+        request times since ``window_start``."""
+        recent: dict[tuple[str, str], list[float]] = {}
+        for r in self._db.execute("SELECT key_id, member, at FROM usage WHERE at >= ?", (window_start,)):
+            recent.setdefault((r["key_id"], r["member"]), []).append(float(r["at"]))
         rows = self._db.execute(
-            "SELECT key_id, member,"
-            " COALESCE(SUM(CASE WHEN at >= ? THEN prompt_tokens + completion_tokens END), 0) AS t,"
-            " COUNT(*) AS n, GROUP_CONCAT(CASE WHEN at >= ? THEN at END) AS recent"
+            "SELECT key_id, member, COUNT(*) AS n,"
+            " COALESCE(SUM(CASE WHEN at >= ? THEN prompt_tokens + completion_tokens END), 0) AS t"
             " FROM usage WHERE at >= ? GROUP BY key_id, member",
-            (day_start, since, min(month_start, day_start)),
-        ).fetchall()
+            (day_start, month_start),
+        )
         return [
-            Totals(
-                r["key_id"],
-                r["member"],
-                int(r["t"]),
-                int(r["n"]),
-                [float(x) for x in (r["recent"] or "").split(",") if x],
-            )
+            Totals(r["key_id"], r["member"], int(r["t"]), int(r["n"]), recent.get((r["key_id"], r["member"]), []))
             for r in rows
         ]
