@@ -326,7 +326,11 @@ class Proxy:
         reserve = (int(max_tokens) if isinstance(max_tokens, int) else self.settings.default_max_tokens) + len(body)
         if self.state.max_model_len is not None:
             reserve = min(reserve, self.state.max_model_len)
-        verdict = admit(self.state.quota_states(key), reserve if method == "POST" else 0)
+        states = self.state.quota_states(key)
+        if states is None:  # the key's member was removed while this request was read
+            await self._refuse(send, path, 401, "This API key's member was removed.", "invalid_api_key")
+            return
+        verdict = admit(states, reserve if method == "POST" else 0)
         if verdict.refusal is not None:
             r = verdict.refusal
             m = self.state.metrics

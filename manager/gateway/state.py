@@ -136,10 +136,14 @@ class GatewayState:
         self.keys = keys
         self.version = config.version
 
-    def quota_states(self, key: KeyEntry) -> list[QuotaState]:
-        """The limits a request with this key must pass: its member's (when it has one), then the tenant's."""
+    def quota_states(self, key: KeyEntry) -> list[QuotaState] | None:
+        """The limits a request with this key must pass: its member's (when it has one), then the
+        tenant's. None when the key's member is gone (removed since the key was authenticated): the
+        key is no longer valid, rather than bounded by the tenant's limits alone."""
+        if not key.member:
+            return [self.quotas]  # a key pushed before members
         member = self.members.get(key.member)
-        return [member, self.quotas] if member is not None else [self.quotas]
+        return [member, self.quotas] if member is not None else None
 
     def record(self, rec: UsageRecord) -> bool:
         """Commits a usage record; when the spool cannot take it, keeps it in memory (never lost
@@ -173,4 +177,6 @@ class GatewayState:
             return None
         if entry.expires_at is not None and entry.expires_at <= time.time():
             return None
+        if entry.member and entry.member not in self.members:
+            return None  # its member was removed: ``apply`` publishes the members before the keys
         return entry

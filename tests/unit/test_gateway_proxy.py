@@ -526,6 +526,32 @@ async def test_members_have_nested_limits_their_own_records_and_metrics(tmp_path
     assert len(again.members["alice"].window) == 2 and len(again.quotas.window) == 3
 
 
+async def test_a_key_whose_member_is_gone_is_refused_even_while_the_config_is_swapped(tmp_path: Path) -> None:
+    """``apply`` publishes the members, then the keys: in between, a removed member's key is
+    still among the keys. It must be refused, not served under the tenant's limits alone."""
+    state = GatewayState(GatewayStore(tmp_path / "gw.db"))
+    alice, bob = keys.issue(), keys.issue()
+    state.apply(member_config("v1", alice, bob))
+    bob_entry = state.authenticate(bob.secret_key)
+    assert bob_entry is not None and state.quota_states(bob_entry) is not None
+    del state.members["bob"]  # the moment between the two assignments of a removal
+    assert state.authenticate(bob.secret_key) is None
+    assert state.quota_states(bob_entry) is None  # authenticated just before: refused at admission
+    proxy = Proxy(GatewaySettings(), state, transport=httpx.MockTransport(upstream))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=proxy), base_url="http://gw") as client:
+        r = await client.post("/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {bob.secret_key}"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        ok = await client.post(
+            "/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {alice.secret_key}"}
+        )
+        assert ok.status_code == 200
+    # a key pushed before members (member '') is bounded by the tenant's limits only
+    legacy = keys.issue()
+    state.apply(GatewayConfig.model_validate({"version": "old", "keys": [{"id": legacy.id, "hash": legacy.hash}]}))
+    entry = state.authenticate(legacy.secret_key)
+    assert entry is not None and state.quota_states(entry) == [state.quotas]
+
+
 @pytest.mark.parametrize("stream", [False, True])
 async def test_the_record_is_written_before_the_last_byte(gateway, stream: bool) -> None:
     """A client that got the whole answer is metered even if the gateway dies right after (SIGKILL):
