@@ -11,6 +11,8 @@ Three threads: the worker (the queue), the resync loop (queues every tenant that
 is desired or present), and the usage loop (collects usage from running gateways
 every ``usage_interval_s``, so a slow gateway never delays an engine start). The
 loops survive any exception; each one is logged and counted (``loop_errors``).
+The page-cache warm-up before an engine's first start runs on a short-lived thread
+of its own, so a long read never holds up another tenant's key changes.
 
 Engines start one at a time (the *start gate*): vLLM measures free memory when
 it starts, and two engines profiling at once can both fail. The next engine
@@ -47,6 +49,8 @@ from manager.settings import Settings
 log = logging.getLogger(__name__)
 POLL_STARTING_S = 2.0
 WARMUP_TIMEOUT_S = 300.0
+WARMUP_WAIT_S = 1.0
+"""How long the worker waits for a warm-up before it moves on to other tenants' turns."""
 COLD_CACHE = re.compile(r"Available memory on node .* on kv cache allocation is less than", re.IGNORECASE)
 """vLLM's CPU backend refusing its KV cache because the page cache it just read counts as used."""
 LOG_TAIL_LINES = 400
@@ -122,6 +126,7 @@ class Reconciler:
         self._errors: dict[str, int] = {}
         self._orphans_seen: dict[str, float] = {}
         self._warmed: set[tuple[str, str]] = set()
+        self._warming: dict[tuple[str, str], threading.Thread] = {}
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
 
@@ -322,26 +327,47 @@ class Reconciler:
             else:
                 self._set_status(row, TenantStatus.PENDING, f"waiting for {holder}'s engine to finish starting")
                 return POLL_STARTING_S
-        if self.settings.gpu_mode == "cpu":
-            self._warm(row.spec.model)
+        if self.settings.gpu_mode == "cpu" and not self._warm(row.spec.model):
+            self._gate = (name, self.clock())  # no other engine starts while this cache warms
+            self._set_status(row, TenantStatus.STARTING, "reading the engine image and model into the page cache")
+            return POLL_STARTING_S
         self.runtime.run(plan)
         self._gate = (name, self.clock())
         self._set_status(row, TenantStatus.STARTING)
         return POLL_STARTING_S
 
-    def _warm(self, model: str) -> None:
+    def _warm(self, model: str) -> bool:
         """Reads the engine image's packages and the model into the page cache once per manager
-        process (and again after a start failed for a cold cache); see ``plan.warmup_plan``."""
+        process (and again after a start failed for a cold cache); see ``plan.warmup_plan``. The
+        read runs on a thread of its own (a cold 7B model takes tens of seconds), so that the worker
+        keeps pushing keys and limits to every gateway meanwhile. True once it has ended (also when
+        it failed: that never blocks a start); False while it runs."""
         key = (self.settings.engine_image, model)
         if key in self._warmed:
-            return
-        started = self.clock()
-        code, out = self.runtime.run_to_completion(warmup_plan(self.settings, model), WARMUP_TIMEOUT_S)
-        if code == 0:
-            log.info("page cache warmed for %s in %.1f s: %s", model, self.clock() - started, out.strip())
-        else:  # never blocks a start: at worst the engine meets a cold cache, fails once and is retried
-            log.warning("page-cache warm-up for %s failed (exit %d): %s", model, code, out.strip()[-300:])
+            return True
+        thread = self._warming.get(key)
+        if thread is None:
+            thread = threading.Thread(target=self._warm_up, args=(model,), name=f"warm-up-{model}", daemon=True)
+            self._warming[key] = thread
+            thread.start()
+        thread.join(WARMUP_WAIT_S)  # an already warm cache ends within this: no extra round on the queue
+        if thread.is_alive():
+            return False
+        del self._warming[key]
         self._warmed.add(key)
+        return True
+
+    def _warm_up(self, model: str) -> None:
+        started = time.monotonic()
+        try:
+            code, out = self.runtime.run_to_completion(warmup_plan(self.settings, model), WARMUP_TIMEOUT_S)
+        except Exception as exc:  # never blocks a start: at worst the engine meets a cold cache once
+            log.warning("page-cache warm-up for %s failed: %r", model, exc)
+            return
+        if code == 0:
+            log.info("page cache warmed for %s in %.1f s: %s", model, time.monotonic() - started, out.strip())
+        else:  # at worst the engine meets a cold cache, fails once and is retried
+            log.warning("page-cache warm-up for %s failed (exit %d): %s", model, code, out.strip()[-300:])
 
     def _engine_starting(self, row: TenantRow, engine: ContainerState) -> float | None:
         name = row.spec.name

@@ -288,6 +288,43 @@ def test_the_page_cache_is_warmed_once_before_the_first_engine_and_after_a_cold_
     assert runtime.completed == [warmup, warmup]  # warmed again before the retry
 
 
+def test_a_long_warm_up_never_holds_up_other_tenants_key_changes(world, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cold 7B model takes tens of seconds to read: meanwhile a revoked key must still reach its
+    gateway within seconds, so the read runs off the worker's thread."""
+    import manager.control.reconciler as reconciler_module
+
+    rec, store, runtime, _, gateways = world
+    add(store, "a", 30001)
+    bring_up(rec, runtime, "a")  # its model is warm
+    spec = TenantSpec(name="b", port=30002, gpu_memory=1536 * MIB, model="other", max_model_len=512)
+    with store.transaction() as db:
+        store.insert_tenant(db, spec, gateway_token="token-b")
+    monkeypatch.setattr(reconciler_module, "WARMUP_WAIT_S", 0.05)
+    release = threading.Event()
+    finish = runtime.run_to_completion
+
+    def slow_read(plan, timeout_s):  # type: ignore[no-untyped-def]
+        assert release.wait(10)
+        return finish(plan, timeout_s)
+
+    monkeypatch.setattr(runtime, "run_to_completion", slow_read)
+    rec.reconcile("b")
+    assert runtime.container(engine("b")) is None
+    assert store.tenant("b").reason == "reading the engine image and model into the page cache"
+
+    issued = keys.issue()  # a's new key, pushed while b's warm-up still reads
+    with store.transaction() as db:
+        store.insert_key(db, KeyRow(issued.id, "a", keys.PREFIX, issued.hash, 0.0, None, None))
+    rec.reconcile("a")
+    assert len(gateways.configs["token-a"].keys) == 2
+
+    release.set()
+    rec._warming[(rec.settings.engine_image, "other")].join(5)
+    rec.reconcile("b")
+    assert runtime.container(engine("b")) is not None
+    assert runtime.completed.count(names.warmup(INSTANCE)) == 2  # a's model once, b's once
+
+
 def test_a_failing_warm_up_never_blocks_a_start(world) -> None:
     rec, store, runtime, _, _ = world
     runtime.fail_next(names.warmup(INSTANCE), "no such image")
