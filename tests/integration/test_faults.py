@@ -141,22 +141,55 @@ def test_a_crash_looping_engine_backs_off_and_says_why(
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="emptying the host's page cache needs root")
-def test_the_first_engine_starts_on_a_cold_page_cache(manager: RunningManager) -> None:
+def test_an_engine_starts_on_a_cold_page_cache_while_others_keys_still_change(
+    manager_settings, models_dir: Path, tmp_path: Path
+) -> None:
     """After an image build or a host boot nothing of the engine image is in the page cache;
     vLLM's CPU backend then counted what it read as used memory and refused its KV cache.
-    The manager warms the cache first: the first start must succeed, not a retry."""
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    api = manager.client()
-    r = api.post("/api/v1/tenants", json={"name": "cold", "gpu_memory": "1536M", "port": 30721})
-    assert r.status_code == 201, r.text
-    seen: set[str] = set()
+    The manager warms the cache first: the start must succeed, not a retry. The read takes
+    seconds, and meanwhile another tenant's revoked key must stop working within seconds."""
+    models = tmp_path / "models"
+    shutil.copytree(models_dir / "demo", models / "demo")
+    mgr = start_manager(manager_settings(models_source=str(models), models_dir=models, reconcile_interval_s=2.0))
+    try:
+        api = mgr.client()
+        r = api.post("/api/v1/tenants", json={"name": "side", "gpu_memory": "1536M", "port": 30722})
+        assert r.status_code == 201, r.text
+        old_key = r.json()["key"]["api_key"]
+        wait_status(api, "side", "running")
 
-    def running() -> bool:
-        t = api.get("/api/v1/tenants/cold").json()
-        seen.add(t["status"])
-        assert t["status"] != "failed", t["reason"]
-        return bool(t["status"] == "running")
+        shutil.copytree(models / "demo", models / "fresh")  # a model no engine has read yet
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        r = api.post("/api/v1/tenants", json={"name": "cold", "gpu_memory": "1536M", "port": 30721, "model": "fresh"})
+        assert r.status_code == 201, r.text
 
-    wait_for(running, 300, "the first engine to run", interval=0.5)
-    assert "failed" not in seen
+        def warming() -> bool:
+            return "page cache" in api.get("/api/v1/tenants/cold").json()["reason"]
+
+        wait_for(warming, 60, "cold's warm-up to start", interval=0.1)
+        rotated_at = time.monotonic()
+        rotated = api.post("/api/v1/tenants/side/keys", json={"grace_s": 0})
+        assert rotated.status_code == 201, rotated.text
+
+        def refused() -> bool:
+            r = httpx.get(
+                "http://127.0.0.1:30722/v1/models", headers={"Authorization": f"Bearer {old_key}"}, timeout=10
+            )
+            return r.status_code == 401
+
+        wait_for(refused, 5, "side's old key to be refused while cold's cache warms", interval=0.2)
+        assert time.monotonic() - rotated_at <= 5.0
+
+        seen: set[str] = set()
+
+        def running() -> bool:
+            t = api.get("/api/v1/tenants/cold").json()
+            seen.add(t["status"])
+            assert t["status"] != "failed", t["reason"]
+            return bool(t["status"] == "running")
+
+        wait_for(running, 300, "the engine on a cold cache to run", interval=0.5)
+        assert "failed" not in seen
+    finally:
+        mgr.stop()
