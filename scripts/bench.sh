@@ -3,6 +3,9 @@
 #   scripts/bench.sh               gateway vs direct with a fast upstream (the proxy's own cost),
 #                                  with a plain key and with a member's key (nested quotas)
 #   scripts/bench.sh --real-engine also gateway vs direct in front of a real vLLM CPU engine
+#   scripts/bench.sh --usage [N]   the manager's usage reads (/metrics, list-members, daily bars,
+#                                  cost split) from the daily rollup vs every record, N records
+#                                  (default 1,000,000), and what the rollup costs the collection
 #   scripts/bench.sh --engine-starts [N]
 #                                  N engine starts through the manager (default 10): first-start
 #                                  success rate and add-tenant -> first answer vs docker run; as
@@ -15,6 +18,9 @@ if [ "${1:-}" = "--engine-starts" ]; then
   bash scripts/make-demo-model.sh "$GTM_CACHE/models" >/dev/null
   cold=(); [ "$(id -u)" = 0 ] && cold=(--cold)
   exec .venv/bin/python -m bench.engine_starts --starts "${2:-10}" --baseline 3 --models "$GTM_CACHE/models" "${cold[@]}"
+fi
+if [ "${1:-}" = "--usage" ]; then
+  exec .venv/bin/python -m bench.usage_queries --records "${2:-1000000}"
 fi
 log "gateway vs direct, fast upstream"
 .venv/bin/python -m bench.gateway_bench

@@ -22,6 +22,7 @@ from manager.contract import UsageRecord
 from manager.domain import QUOTA_FIELDS, Quotas, TenantSpec, TenantStatus
 from manager.errors import Conflict, NotFound, StateUnavailable
 from manager.migrations import Step, migrate
+from manager.utc import DAY_S, start_of_day
 
 MIGRATIONS: list[Step] = [
     [  # 1: the first release
@@ -111,6 +112,32 @@ MIGRATIONS: list[Step] = [
         "ALTER TABLE usage ADD COLUMN member TEXT NOT NULL DEFAULT ''",
         "UPDATE usage SET member = tenant WHERE member = ''",
         "CREATE INDEX IF NOT EXISTS usage_member_at ON usage(tenant, member, at)",
+    ],
+    [  # 5: a rollup per tenant, member and UTC day, kept by a trigger: /metrics, list-members, the daily
+        # bars and the cost split read days, not every request (1.8 s a scrape at a million records)
+        """CREATE TABLE IF NOT EXISTS usage_days (
+    tenant TEXT NOT NULL,
+    member TEXT NOT NULL,
+    day REAL NOT NULL,
+    requests INTEGER NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    last_at REAL NOT NULL,
+    PRIMARY KEY (tenant, member, day)
+)""",
+        # day: the UTC day start of ``at`` (manager.utc.start_of_day)
+        """INSERT INTO usage_days (tenant, member, day, requests, prompt_tokens, completion_tokens, last_at)
+SELECT tenant, member, CAST(at / 86400 AS INTEGER) * 86400 AS day, COUNT(*), SUM(prompt_tokens),
+SUM(completion_tokens), MAX(at) FROM usage GROUP BY tenant, member, day""",
+        """CREATE TRIGGER IF NOT EXISTS usage_days_add AFTER INSERT ON usage BEGIN
+INSERT INTO usage_days (tenant, member, day, requests, prompt_tokens, completion_tokens, last_at)
+VALUES (NEW.tenant, NEW.member, CAST(NEW.at / 86400 AS INTEGER) * 86400, 1, NEW.prompt_tokens, NEW.completion_tokens,
+NEW.at)
+ON CONFLICT (tenant, member, day) DO UPDATE SET requests = requests + 1,
+prompt_tokens = prompt_tokens + excluded.prompt_tokens,
+completion_tokens = completion_tokens + excluded.completion_tokens, last_at = MAX(last_at, excluded.last_at);
+END""",
+        "CREATE INDEX IF NOT EXISTS usage_days_day ON usage_days(day)",
     ],
 ]
 """The manager database's schema, step by step (see manager.migrations); append only."""
@@ -450,12 +477,14 @@ class Store:
         return UsageTotals(int(row["n"]), int(row["p"]), int(row["c"]))
 
     def usage_by_member(self, tenant: str, since: float, until: float | None = None) -> dict[str, UsageTotals]:
-        """Each member's totals (also members removed since: their usage stays for cost sharing)."""
+        """Each member's totals between two UTC day starts (also members removed since: their usage
+        stays for cost sharing), from the daily rollup."""
+        if since % DAY_S or (until is not None and until % DAY_S):
+            raise ValueError("usage_by_member counts whole UTC days: since and until must be day starts")
         with self._lock:
             rows = self._db.execute(
-                "SELECT member, COUNT(*) AS n, COALESCE(SUM(prompt_tokens), 0) AS p,"
-                " COALESCE(SUM(completion_tokens), 0) AS c FROM usage WHERE tenant=? AND at >= ? AND at < ?"
-                " GROUP BY member ORDER BY member",
+                "SELECT member, SUM(requests) AS n, SUM(prompt_tokens) AS p, SUM(completion_tokens) AS c"
+                " FROM usage_days WHERE tenant=? AND day >= ? AND day < ? GROUP BY member ORDER BY member",
                 (tenant, since, until or 1e18),
             ).fetchall()
         return {r["member"]: UsageTotals(int(r["n"]), int(r["p"]), int(r["c"])) for r in rows}
@@ -464,8 +493,8 @@ class Store:
         """(tenant, member, totals) over all time: the manager's Prometheus counters."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT tenant, member, COUNT(*) AS n, COALESCE(SUM(prompt_tokens), 0) AS p,"
-                " COALESCE(SUM(completion_tokens), 0) AS c FROM usage GROUP BY tenant, member ORDER BY tenant, member"
+                "SELECT tenant, member, SUM(requests) AS n, SUM(prompt_tokens) AS p, SUM(completion_tokens) AS c"
+                " FROM usage_days GROUP BY tenant, member ORDER BY tenant, member"
             ).fetchall()
         return [(r["tenant"], r["member"], UsageTotals(int(r["n"]), int(r["p"]), int(r["c"]))) for r in rows]
 
@@ -476,7 +505,7 @@ class Store:
             last = {
                 r["member"]: float(r["at"])
                 for r in self._db.execute(
-                    "SELECT member, MAX(at) AS at FROM usage WHERE tenant=? GROUP BY member", (tenant,)
+                    "SELECT member, MAX(last_at) AS at FROM usage_days WHERE tenant=? GROUP BY member", (tenant,)
                 )
             }
         empty = UsageTotals(0, 0, 0)
@@ -486,19 +515,22 @@ class Store:
         }
 
     def usage_tenants(self, since: float, until: float) -> list[str]:
+        """The tenants with usage on the UTC days from ``since`` up to ``until``."""
         with self._lock:
-            rows = self._db.execute("SELECT DISTINCT tenant FROM usage WHERE at >= ? AND at < ?", (since, until))
+            rows = self._db.execute(
+                "SELECT DISTINCT tenant FROM usage_days WHERE day >= ? AND day < ?", (start_of_day(since), until)
+            )
             return [r["tenant"] for r in rows]
 
     def usage_daily(self, tenant: str, since: float) -> list[tuple[str, int, int]]:
-        """(UTC day, requests, tokens) per day since ``since``."""
+        """(UTC day, requests, tokens) per day from the day of ``since``."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT date(at, 'unixepoch') AS day, COUNT(*) AS n, SUM(prompt_tokens + completion_tokens) AS t"
-                " FROM usage WHERE tenant=? AND at >= ? GROUP BY day ORDER BY day",
-                (tenant, since),
+                "SELECT date(day, 'unixepoch') AS d, SUM(requests) AS n, SUM(prompt_tokens + completion_tokens) AS t"
+                " FROM usage_days WHERE tenant=? AND day >= ? GROUP BY day ORDER BY day",
+                (tenant, start_of_day(since)),
             )
-            return [(r["day"], int(r["n"]), int(r["t"] or 0)) for r in rows]
+            return [(r["d"], int(r["n"]), int(r["t"] or 0)) for r in rows]
 
     def usage_records(self, tenant: str, limit: int = 1000) -> list[dict[str, Any]]:
         with self._lock:

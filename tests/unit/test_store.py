@@ -89,3 +89,58 @@ def test_preflight_refuses_a_database_another_process_holds(tmp_path: Path) -> N
         holder.execute("ROLLBACK")
         holder.close()
     preflight(tmp_path / "manager.db")
+
+
+def test_the_daily_rollup_counts_each_record_once_on_its_utc_day(tmp_path: Path) -> None:
+    """/metrics, list-members, the daily bars and the cost split read ``usage_days``, kept by a
+    trigger; it must equal what the records themselves add up to, a record collected twice once."""
+    import random
+
+    from manager.utc import DAY_S, start_of_day
+
+    from .fakes import usage_record
+
+    store = Store(tmp_path / "m.db")
+    with store.transaction() as db:
+        store.insert_tenant(db, spec("a", 30001))
+        store.insert_tenant(db, spec("b", 30002))
+    rng = random.Random(7)
+    day0 = 1_796_083_200.0  # a UTC midnight
+    records = {
+        t: [
+            usage_record(
+                f"{t}-{i}",
+                member=rng.choice(["alice", "bob", t]),
+                prompt_tokens=rng.randint(0, 50),
+                completion_tokens=rng.randint(0, 50),
+                at=day0 + rng.uniform(-2 * DAY_S, 3 * DAY_S) if i % 10 else day0 + (i // 10 % 3) * DAY_S,  # midnights
+            )
+            for i in range(300)
+        ]
+        for t in ("a", "b")
+    }
+    for t, recs in records.items():
+        store.add_usage(t, recs[:200], cursor=200)
+        store.add_usage(t, recs[150:], cursor=300)  # 50 collected twice
+
+    for t, recs in records.items():
+        for since in (day0 - 2 * DAY_S, day0, day0 + DAY_S):
+            want: dict[str, list[int]] = {}
+            for r in recs:
+                if r.at >= since:
+                    n = want.setdefault(r.member, [0, 0, 0])
+                    n[0], n[1], n[2] = n[0] + 1, n[1] + r.prompt_tokens, n[2] + r.completion_tokens
+            got = store.usage_by_member(t, since)
+            assert {m: [u.requests, u.prompt_tokens, u.completion_tokens] for m, u in got.items()} == want
+        daily = {d: (n, tok) for d, n, tok in store.usage_daily(t, day0 - 2 * DAY_S)}
+        assert sum(n for n, _ in daily.values()) == 300
+        assert len(daily) == len({start_of_day(r.at) for r in recs})
+        last = store.member_usage(t, day0, day0)
+        assert {m: u.last_used_at for m, u in last.items()} == {
+            m: max(r.at for r in recs if r.member == m) for m in {r.member for r in recs}
+        }
+    counters = {(t, m): u.requests for t, m, u in store.usage_counters()}
+    assert sum(counters.values()) == 600 and sorted(store.usage_tenants(day0, day0 + DAY_S)) == ["a", "b"]
+    with pytest.raises(ValueError, match="whole UTC days"):
+        store.usage_by_member("a", day0 + 1)
+    store.close()
