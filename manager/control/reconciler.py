@@ -50,7 +50,8 @@ log = logging.getLogger(__name__)
 POLL_STARTING_S = 2.0
 WARMUP_TIMEOUT_S = 300.0
 WARMUP_WAIT_S = 1.0
-"""How long the worker waits for a warm-up before it moves on to other tenants' turns."""
+"""How long the worker waits for a warm-up it has just begun before it moves on to other tenants'
+turns (later turns only look whether it has ended)."""
 COLD_CACHE = re.compile(r"Available memory on node .* on kv cache allocation is less than", re.IGNORECASE)
 """vLLM's CPU backend refusing its KV cache because the page cache it just read counts as used."""
 LOG_TAIL_LINES = 400
@@ -350,7 +351,7 @@ class Reconciler:
             thread = threading.Thread(target=self._warm_up, args=(model,), name=f"warm-up-{model}", daemon=True)
             self._warming[key] = thread
             thread.start()
-        thread.join(WARMUP_WAIT_S)  # an already warm cache ends within this: no extra round on the queue
+            thread.join(WARMUP_WAIT_S)  # an already warm cache ends within this: no extra round on the queue
         if thread.is_alive():
             return False
         del self._warming[key]
