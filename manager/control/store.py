@@ -1,6 +1,7 @@
 """Desired state in SQLite: tenants, their members, API keys (SHA-256 hashes only), the audit trail.
 
-WAL with ``synchronous=FULL``: a committed change survives a crash. The
+WAL with ``synchronous=FULL``: a committed change survives a crash. Usage records are
+append-only: the daily rollup ``usage_days`` (schema step 5) is kept by a trigger on insert. The
 interface is narrow (plain methods returning domain objects) so a PostgreSQL
 implementation can replace it for a multi-host deployment.
 """
@@ -114,7 +115,8 @@ MIGRATIONS: list[Step] = [
         "CREATE INDEX IF NOT EXISTS usage_member_at ON usage(tenant, member, at)",
     ],
     [  # 5: a rollup per tenant, member and UTC day, kept by a trigger: /metrics, list-members, the daily
-        # bars and the cost split read days, not every request (1.8 s a scrape at a million records)
+        # bars and the cost split read days, not every request (1.8 s a scrape at a million records).
+        # Usage rows are append-only (never updated or deleted): the rollup counts each one once.
         """CREATE TABLE IF NOT EXISTS usage_days (
     tenant TEXT NOT NULL,
     member TEXT NOT NULL,
