@@ -25,6 +25,14 @@ from manager.errors import Conflict, NotFound, StateUnavailable
 from manager.migrations import Step, migrate
 from manager.utc import DAY_S, start_of_day
 
+
+def whole_days(since: float, until: float | None) -> tuple[float, float]:
+    """The bounds of a read of the daily rollup, which counts whole UTC days only."""
+    if since % DAY_S or (until is not None and until % DAY_S):
+        raise ValueError("the usage rollup counts whole UTC days: since and until must be day starts")
+    return since, until if until is not None else 1e18
+
+
 MIGRATIONS: list[Step] = [
     [  # 1: the first release
         """CREATE TABLE IF NOT EXISTS tenants (
@@ -481,13 +489,11 @@ class Store:
     def usage_by_member(self, tenant: str, since: float, until: float | None = None) -> dict[str, UsageTotals]:
         """Each member's totals between two UTC day starts (also members removed since: their usage
         stays for cost sharing), from the daily rollup."""
-        if since % DAY_S or (until is not None and until % DAY_S):
-            raise ValueError("usage_by_member counts whole UTC days: since and until must be day starts")
         with self._lock:
             rows = self._db.execute(
                 "SELECT member, SUM(requests) AS n, SUM(prompt_tokens) AS p, SUM(completion_tokens) AS c"
                 " FROM usage_days WHERE tenant=? AND day >= ? AND day < ? GROUP BY member ORDER BY member",
-                (tenant, since, until or 1e18),
+                (tenant, *whole_days(since, until)),
             ).fetchall()
         return {r["member"]: UsageTotals(int(r["n"]), int(r["p"]), int(r["c"])) for r in rows}
 
@@ -517,10 +523,10 @@ class Store:
         }
 
     def usage_tenants(self, since: float, until: float) -> list[str]:
-        """The tenants with usage on the UTC days from ``since`` up to ``until``."""
+        """The tenants with usage between two UTC day starts."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT DISTINCT tenant FROM usage_days WHERE day >= ? AND day < ?", (start_of_day(since), until)
+                "SELECT DISTINCT tenant FROM usage_days WHERE day >= ? AND day < ?", whole_days(since, until)
             )
             return [r["tenant"] for r in rows]
 

@@ -177,6 +177,6 @@ class GatewayState:
             return None
         if entry.expires_at is not None and entry.expires_at <= time.time():
             return None
-        if entry.member and entry.member not in self.members:
+        if self.quota_states(entry) is None:
             return None  # its member was removed: ``apply`` publishes the members before the keys
         return entry
