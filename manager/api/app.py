@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from manager import __version__
 from manager.api.deps import Admin, Components, load_admin_token
+from manager.api.docs import DOCS_PATHS, add_docs
 from manager.api.metrics import Metrics
 from manager.api.routes import error_responses, router
 from manager.console.routes import LoginRequired
@@ -33,7 +34,7 @@ from manager.runtime.protocol import Runtime
 from manager.settings import Settings
 
 log = logging.getLogger(__name__)
-API_PATHS = ("/api/", "/metrics", "/healthz", "/console/", "/docs", "/openapi.json", "/static/")
+API_PATHS = ("/api/", "/metrics", "/healthz", "/console/", *DOCS_PATHS, "/openapi.json", "/static/")
 CONSOLE_HEADERS = {
     # every asset is served by the manager itself; inline style attributes carry the capacity bars' widths
     "content-security-policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
@@ -87,7 +88,10 @@ def create_app(settings: Settings, **overrides: Any) -> FastAPI:
         version=__version__,
         lifespan=lifespan,
         description="Admin API: tenants, API keys, capacity, admission what-if, audit trail.",
+        docs_url=None,
+        redoc_url=None,
     )
+    add_docs(app)
     app.include_router(router)
     app.include_router(console_router)
     templates_dir = settings.effective_templates_dir
@@ -112,7 +116,7 @@ def create_app(settings: Settings, **overrides: Any) -> FastAPI:
     @app.middleware("http")
     async def console_headers(request: Request, call_next: Any) -> Response:
         response: Response = await call_next(request)
-        if not request.url.path.startswith(("/api/", "/docs", "/openapi.json", "/metrics", "/healthz")):
+        if not request.url.path.startswith(("/api/", *DOCS_PATHS, "/openapi.json", "/metrics", "/healthz")):
             response.headers.update(CONSOLE_HEADERS)
         return response
 
