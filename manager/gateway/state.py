@@ -175,7 +175,7 @@ class GatewayState:
             return None
         if not hmac.compare_digest(hash_key(presented), entry.hash):
             return None
-        if entry.expires_at is not None and entry.expires_at <= time.time():
+        if entry.expires_at is not None and entry.expires_at <= self.clock():
             return None
         if self.quota_states(entry) is None:
             return None  # its member was removed: ``apply`` publishes the members before the keys

@@ -586,3 +586,21 @@ async def test_the_record_is_written_before_the_last_byte(gateway, stream: bool)
     assert seen_at_last_byte == [1]
     (rec,) = state.store.after(0).records
     assert (rec.prompt_tokens, rec.completion_tokens) == (5, 3)
+
+
+def test_a_rotated_key_expires_on_the_gateways_clock(tmp_path: Path) -> None:
+    now = [1000.0]
+    state = GatewayState(GatewayStore(tmp_path / "gw.db"), clock=lambda: now[0])
+    old, new = keys.issue(), keys.issue()
+    state.apply(
+        GatewayConfig.model_validate(
+            {
+                "version": "v2",
+                "keys": [{"id": old.id, "hash": old.hash, "expires_at": 1010.0}, {"id": new.id, "hash": new.hash}],
+            }
+        )
+    )
+    assert state.authenticate(old.secret_key) is not None  # inside its grace period
+    now[0] = 1010.0
+    assert state.authenticate(old.secret_key) is None
+    assert state.authenticate(new.secret_key) is not None
