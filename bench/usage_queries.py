@@ -9,7 +9,8 @@ The database is filled the way the collector fills it (``Store.add_usage``, page
 so the first figure is what the rollup's trigger costs the collection: records stored per
 second with the trigger against the same pages without it. Each read is then timed both
 ways (the median of 5): /metrics (every tenant and member, all time), list-members (today,
-this month, last used), the console's 30 daily bars and the month's cost split. Targets:
+this month, last used), the console's 30 daily bars, the month's cost split and the API's
+/api/v1/usage (every tenant, all time: whole days from the rollup, today from the records). Targets:
 collection at >= 0.5 of its speed without the rollup; every read under 50 ms at a million
 records (Prometheus scrapes every 15 s and the store's lock is held while a read runs).
 """
@@ -38,6 +39,11 @@ PAGE = 1000
 BY_MEMBER = (
     "SELECT member, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens) FROM usage"
     " WHERE tenant=:t AND at >= :since AND at < :end GROUP BY member"
+)
+
+TOTALS = (
+    "SELECT COUNT(*), SUM(prompt_tokens), SUM(completion_tokens) FROM usage"
+    " WHERE tenant=:t AND at >= :since AND at < :end"
 )
 
 
@@ -69,6 +75,7 @@ def raw_reads(day: float, month: float, since: float, end: float) -> dict[str, l
             ("SELECT DISTINCT tenant FROM usage WHERE at >= :since AND at < :end", {"since": month, "end": end})
         ]
         + [(BY_MEMBER, {"t": f"t{i}", "since": month, "end": end}) for i in range(TENANTS)],
+        "/api/v1/usage": [(TOTALS, {"t": f"t{i}", "since": 0.0, "end": end}) for i in range(TENANTS)],
     }
 
 
@@ -160,6 +167,7 @@ def main() -> None:
             "list-members": lambda: store.member_usage("t0", day, month),
             "daily bars": lambda: store.usage_daily("t0", since),
             "cost split": lambda: split(time.strftime("%Y-%m", time.gmtime(now)), 1000.0, store, now),
+            "/api/v1/usage": lambda: [store.usage_totals(f"t{i}", 0.0, end) for i in range(TENANTS)],
         }
         slow_reads = raw_reads(day, month, since, end)
         print(f"{'read':<14} {'rollup ms':>10} {'every record ms':>16} {'ratio':>8}")

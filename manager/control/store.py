@@ -478,12 +478,36 @@ class Store:
         return added
 
     def usage_totals(self, tenant: str, since: float, until: float | None = None) -> UsageTotals:
+        """The tenant's totals over any bounds: the whole UTC days between them from the daily
+        rollup, only the partial days at either end from the records themselves."""
+        end = until if until is not None else 1e18
+        first = -(-since // DAY_S) * DAY_S  # the first day start at or after ``since``
+        last = end // DAY_S * DAY_S if until is not None else None  # the last at or before ``until``
         with self._lock:
+            if last is not None and last <= first:  # no whole day between them
+                return self._record_totals(tenant, since, end)
             row = self._db.execute(
-                "SELECT COUNT(*) AS n, COALESCE(SUM(prompt_tokens), 0) AS p, COALESCE(SUM(completion_tokens), 0) AS c"
-                " FROM usage WHERE tenant=? AND at >= ? AND at < ?",
-                (tenant, since, until or 1e18),
+                "SELECT COALESCE(SUM(requests), 0) AS n, COALESCE(SUM(prompt_tokens), 0) AS p,"
+                " COALESCE(SUM(completion_tokens), 0) AS c FROM usage_days WHERE tenant=? AND day >= ? AND day < ?",
+                (tenant, *whole_days(first, last)),
             ).fetchone()
+            days = UsageTotals(int(row["n"]), int(row["p"]), int(row["c"]))
+            head = self._record_totals(tenant, since, first)
+            tail = self._record_totals(tenant, last, end) if last is not None else UsageTotals(0, 0, 0)
+        return UsageTotals(
+            days.requests + head.requests + tail.requests,
+            days.prompt_tokens + head.prompt_tokens + tail.prompt_tokens,
+            days.completion_tokens + head.completion_tokens + tail.completion_tokens,
+        )
+
+    def _record_totals(self, tenant: str, since: float, until: float) -> UsageTotals:
+        if until <= since:
+            return UsageTotals(0, 0, 0)
+        row = self._db.execute(
+            "SELECT COUNT(*) AS n, COALESCE(SUM(prompt_tokens), 0) AS p, COALESCE(SUM(completion_tokens), 0) AS c"
+            " FROM usage WHERE tenant=? AND at >= ? AND at < ?",
+            (tenant, since, until),
+        ).fetchone()
         return UsageTotals(int(row["n"]), int(row["p"]), int(row["c"]))
 
     def usage_by_member(self, tenant: str, since: float, until: float | None = None) -> dict[str, UsageTotals]:

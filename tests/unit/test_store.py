@@ -139,6 +139,22 @@ def test_the_daily_rollup_counts_each_record_once_on_its_utc_day(tmp_path: Path)
         assert {m: u.last_used_at for m, u in last.items()} == {
             m: max(r.at for r in recs if r.member == m) for m in {r.member for r in recs}
         }
+    for t, recs in records.items():  # any bounds: whole days from the rollup, partial days from the records
+        bounds = [
+            (0.0, None),
+            (day0, None),
+            (day0 + 0.5, day0 + DAY_S - 0.5),
+            (day0 - 1.5 * DAY_S, day0 + 2.25 * DAY_S),
+        ]
+        bounds += [(day0 + rng.uniform(-3, 3) * DAY_S, day0 + rng.uniform(-1, 4) * DAY_S) for _ in range(40)]
+        for since, until in bounds:
+            inside = [r for r in recs if r.at >= since and (until is None or r.at < until)]
+            got = store.usage_totals(t, since, until)
+            assert (got.requests, got.prompt_tokens, got.completion_tokens) == (
+                len(inside),
+                sum(r.prompt_tokens for r in inside),
+                sum(r.completion_tokens for r in inside),
+            ), (since, until)
     counters = {(t, m): u.requests for t, m, u in store.usage_counters()}
     assert sum(counters.values()) == 600 and sorted(store.usage_tenants(day0, day0 + DAY_S)) == ["a", "b"]
     with pytest.raises(ValueError, match="whole UTC days"):
