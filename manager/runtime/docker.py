@@ -124,7 +124,8 @@ class DockerRuntime:
     # ---------------------------------------------------------------- containers
     def containers(self, selector: list[str]) -> list[ContainerState]:
         found = self._call(
-            "listing containers", lambda: self._client.containers.list(all=True, filters={"label": selector})
+            "listing containers",
+            lambda: self._client.containers.list(all=True, filters={"label": selector}, ignore_removed=True),
         )
         return [_state(c) for c in found]
 
@@ -259,7 +260,7 @@ class DockerRuntime:
     def published_ports(self) -> dict[int, str]:
         """Host ports published by any container on this engine, with the container's name."""
         out: dict[int, str] = {}
-        for c in self._call("listing containers", lambda: self._client.containers.list(all=True)):
+        for c in self._call("listing containers", lambda: self._client.containers.list(all=True, ignore_removed=True)):
             bindings = c.attrs.get("HostConfig", {}).get("PortBindings") or {}
             for entries in bindings.values():
                 for entry in entries or []:

@@ -8,6 +8,7 @@ import threading
 import docker
 import pytest
 
+from manager import names
 from manager.runtime.docker import DockerRuntime
 from tests.runtime_contract import RuntimeContract, plans
 
@@ -31,8 +32,9 @@ class TestDockerRuntime(RuntimeContract):
 def test_reads_racing_a_removal_never_report_the_runtime_down(
     docker_client: docker.DockerClient, instance: str
 ) -> None:
-    """list-tenants measures every running engine; one being removed at that moment must read as
-    'no figure', not as 'the Docker engine did not answer' (which failed the whole listing)."""
+    """list-tenants lists and measures every tenant's containers; one being removed at that moment
+    (an engine replaced, a tenant removed) must read as gone or as 'no figure', not as 'the Docker
+    engine did not answer' (which failed the whole listing with 503)."""
     runtime = DockerRuntime(docker_client)
     net, vol, plan = plans(instance, "racer", MANAGER_IMAGE, free_port())
     runtime.ensure_network(net)
@@ -46,6 +48,7 @@ def test_reads_racing_a_removal_never_report_the_runtime_down(
             try:
                 runtime.memory_usage(plan.name)
                 runtime.container_pids(plan.name)
+                runtime.containers(names.selector(instance))
             except Exception as exc:
                 errors.append(exc)
         remover.join()
