@@ -1,7 +1,8 @@
-"""The API's documentation pages (/docs with Swagger UI, /redoc with ReDoc), served with their
-scripts and styles from the manager itself: a GPU host's admin network often reaches no CDN,
-and FastAPI's own pages load theirs from one. The files come from the ``fastapi-offline``
-package (Swagger UI 5, which renders the OpenAPI 3.1 schema FastAPI writes)."""
+"""The API's documentation page (/docs, Swagger UI), served with its scripts and styles from the
+manager itself: a GPU host's admin network often reaches no CDN, and FastAPI's own page loads
+them from one. The files come from the ``fastapi-offline`` package (Swagger UI 5, which renders
+the OpenAPI 3.1 schema FastAPI writes). There is no /redoc: ReDoc's page always loads its logo
+from Redocly's CDN."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ from importlib.resources import files
 from pathlib import Path
 
 from fastapi import FastAPI
-from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
-DOCS_PATHS = ("/docs", "/redoc")
+DOCS_PATHS = ("/docs",)
 ASSETS = "/docs/assets"
 
 
@@ -22,7 +23,7 @@ def assets_dir() -> Path:
 
 
 def add_docs(app: FastAPI) -> None:
-    """Adds /docs, /redoc and their assets to an app created with ``docs_url=None, redoc_url=None``."""
+    """Adds /docs and its assets to an app created with ``docs_url=None, redoc_url=None``."""
     assert app.docs_url is None and app.redoc_url is None, "FastAPI's CDN pages would shadow these"
     openapi_url = app.openapi_url or "/openapi.json"
     redirect_url = app.swagger_ui_oauth2_redirect_url or "/docs/oauth2-redirect"
@@ -44,13 +45,3 @@ def add_docs(app: FastAPI) -> None:
     @app.get(redirect_url, include_in_schema=False)
     def swagger_ui_redirect() -> HTMLResponse:
         return get_swagger_ui_oauth2_redirect_html()
-
-    @app.get("/redoc", include_in_schema=False)
-    def redoc() -> HTMLResponse:
-        return get_redoc_html(
-            openapi_url=openapi_url,
-            title=f"{app.title} - ReDoc",
-            redoc_js_url=f"{ASSETS}/redoc.standalone.js",
-            redoc_favicon_url=f"{ASSETS}/favicon.png",
-            with_google_fonts=False,
-        )
