@@ -6,6 +6,8 @@
 #   scripts/bench.sh --usage [N]   the manager's usage reads (/metrics, list-members, daily bars,
 #                                  cost split) from the daily rollup vs every record, N records
 #                                  (default 1,000,000), and what the rollup costs the collection
+#   scripts/bench.sh --measure [N] measuring N engines' memory (default 8; what list-tenants, the
+#                                  console, /metrics and admission do) at once vs one after another
 #   scripts/bench.sh --engine-starts [N]
 #                                  N engine starts through the manager (default 10): first-start
 #                                  success rate and add-tenant -> first answer vs docker run; as
@@ -18,6 +20,10 @@ if [ "${1:-}" = "--engine-starts" ]; then
   bash scripts/make-demo-model.sh "$GTM_CACHE/models" >/dev/null
   cold=(); [ "$(id -u)" = 0 ] && cold=(--cold)
   exec .venv/bin/python -m bench.engine_starts --starts "${2:-10}" --baseline 3 --models "$GTM_CACHE/models" "${cold[@]}"
+fi
+if [ "${1:-}" = "--measure" ]; then
+  bash scripts/build-images.sh base >/dev/null
+  exec .venv/bin/python -m bench.measure_engines --engines "${2:-8}"
 fi
 if [ "${1:-}" = "--usage" ]; then
   exec .venv/bin/python -m bench.usage_queries --records "${2:-1000000}"

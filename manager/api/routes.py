@@ -89,7 +89,7 @@ def create_tenant(body: TenantCreate, svc: Service, actor: Admin) -> TenantCreat
 @router.get("/tenants/{name}", tags=["tenants"], responses=error_responses(404))
 def get_tenant(name: TenantName, svc: Service, _: Admin) -> TenantPublic:
     today = svc.usage(name, start_of_day(time.time()))
-    return TenantPublic.of(svc.tenant(name), svc.measured_use().get(name), today)
+    return TenantPublic.of(svc.tenant(name), svc.measured_use(name).get(name), today)
 
 
 @router.get("/usage", tags=["usage"])

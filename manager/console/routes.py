@@ -247,7 +247,7 @@ def _tenant_context(request: Request, name: str) -> dict[str, Any]:
         "keys": svc.api_keys(name),
         "members": svc.members.views(name, now),
         "key_now": now,
-        "measured": svc.measured_use().get(name),
+        "measured": svc.measured_use(name).get(name),
         "bars": day_bars(svc.usage_daily(name, since), days),
         "today": svc.usage(name, _today()),
         "logs": logs,

@@ -113,3 +113,32 @@ def test_the_catalog_lists_every_model_with_admissions_own_minimum(svc: TenantSe
     fits = svc.assess(demo.minimum_gpu_memory, "demo", svc.settings.default_max_model_len)
     short = svc.assess(demo.minimum_gpu_memory - 1, "demo", svc.settings.default_max_model_len)
     assert "model_fit" not in fits.failed_checks and "model_fit" in short.failed_checks
+
+
+def test_engines_are_measured_at_once_and_one_tenant_alone(svc: TenantService, monkeypatch) -> None:
+    """Docker answers a memory read in about a second, so list-tenants, the console, /metrics and
+    admission read every engine concurrently: here each read waits until all three are in flight
+    (read one after another, the first would wait alone and time out). A tenant's own page reads
+    only its engine."""
+    import threading
+
+    for i, name in enumerate(("aa", "bb", "cc")):
+        create(svc, name, 30001 + i)
+        svc.reconciler.reconcile(name)
+        svc.runtime.set_health(names.engine("gtmu", name), "healthy")  # type: ignore[attr-defined]
+        svc.reconciler.reconcile(name)  # up: the next engine may start
+    all_in_flight = threading.Barrier(3, timeout=10)
+    read: list[str] = []
+
+    def memory_usage(container: str) -> int:
+        read.append(container)
+        if all_in_flight is not None:
+            all_in_flight.wait()
+        return 100 + len(container)
+
+    monkeypatch.setattr(svc.runtime, "memory_usage", memory_usage)
+    expected = {t: 100 + len(names.engine("gtmu", t)) for t in ("aa", "bb", "cc")}
+    assert svc.measured_use() == expected
+    all_in_flight, read[:] = None, []
+    assert svc.measured_use("bb") == {"bb": expected["bb"]}
+    assert read == [names.engine("gtmu", "bb")]
