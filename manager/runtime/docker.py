@@ -62,7 +62,8 @@ def _state(container: Container) -> ContainerState:
 class DockerRuntime:
     def __init__(self, client: docker.DockerClient | None = None) -> None:
         with _docker_errors("connecting to Docker"):
-            self._client = client or docker.from_env(timeout=60)
+            # room for the service's concurrent engine reads next to the reconciler's calls
+            self._client = client or docker.from_env(timeout=60, max_pool_size=32)
 
     @property
     def client(self) -> docker.DockerClient:
