@@ -49,8 +49,10 @@ def remove_instance(client: docker.DockerClient, match: Callable[[str], bool]) -
     for n in client.networks.list(filters={"label": names.MANAGED}):
         if ours(n.attrs.get("Labels")):
             n.remove()
-    for v in client.volumes.list(filters={"label": names.MANAGED}):
-        if ours(v.attrs.get("Labels")):
+    for v in client.volumes.list():
+        # Docker creates a missing named volume, unlabelled, for a container that mounts it (one
+        # removed by a cleanup while a container started): found by its instance's name prefix
+        if ours(v.attrs.get("Labels")) or (not v.attrs.get("Labels") and match((v.name or "").split("-")[0])):
             v.remove(force=True)
 
 
