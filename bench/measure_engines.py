@@ -14,14 +14,12 @@ label, also on failure. Target: measuring N engines takes about as long as measu
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import docker
 
+from bench.timing import timed
 from manager import names
 from manager.control.reconciler import Reconciler
 from manager.control.service import TenantService
@@ -32,15 +30,6 @@ from manager.settings import Settings
 
 INSTANCE = "gtmbench-measure"
 IMAGE = "debian:bookworm-slim"
-
-
-def timed(fn: Callable[[], object], rounds: int) -> float:
-    times = []
-    for _ in range(rounds):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def remove_all(client: docker.DockerClient) -> None:

@@ -20,12 +20,12 @@ from __future__ import annotations
 import argparse
 import random
 import sqlite3
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bench.timing import timed
 from manager.contract import UsageRecord
 from manager.control.costs import split
 from manager.control.store import Store
@@ -116,15 +116,6 @@ def fill(store: Store, data: list[tuple[str, UsageRecord]]) -> float:
         for at in range(0, len(recs), PAGE):
             store.add_usage(tenant, recs[at : at + PAGE], cursor=at + PAGE)
     return len(data) / (time.perf_counter() - started)
-
-
-def timed(fn: Callable[[], object], rounds: int = 5) -> float:
-    times = []
-    for _ in range(rounds):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def raw(db: sqlite3.Connection, statements: list[tuple[str, dict[str, object]]]) -> Callable[[], object]:

@@ -186,6 +186,13 @@ class UsageTotals:
     def tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
+    def __add__(self, other: UsageTotals) -> UsageTotals:
+        return UsageTotals(
+            self.requests + other.requests,
+            self.prompt_tokens + other.prompt_tokens,
+            self.completion_tokens + other.completion_tokens,
+        )
+
 
 @dataclass(frozen=True)
 class MemberRow:
@@ -494,11 +501,7 @@ class Store:
             days = UsageTotals(int(row["n"]), int(row["p"]), int(row["c"]))
             head = self._record_totals(tenant, since, first)
             tail = self._record_totals(tenant, last, end) if last is not None else UsageTotals(0, 0, 0)
-        return UsageTotals(
-            days.requests + head.requests + tail.requests,
-            days.prompt_tokens + head.prompt_tokens + tail.prompt_tokens,
-            days.completion_tokens + head.completion_tokens + tail.completion_tokens,
-        )
+        return days + head + tail
 
     def _record_totals(self, tenant: str, since: float, until: float) -> UsageTotals:
         if until <= since:
