@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from manager.domain import QUOTA_FIELDS
+from manager.domain import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_IMAGES, ENGINE_OPTIONS, QUOTA_FIELDS
 from manager.errors import EngineFailed, GtmError, InvalidInput, NotFound, WaitTimedOut, exit_code_for
 from manager.settings import Settings
 from manager.sizes import format_size, parse_size
@@ -56,6 +56,29 @@ def _engine_options(p: argparse.ArgumentParser, required: bool) -> None:
         type=_size,
         help="largest request body on the tenant's port, 64K to 64M (default 32M: a 20 MB image as a base64 data: URL)",
     )
+    p.add_argument(
+        "--max-images",
+        type=int,
+        help=f"images in one chat request (default {DEFAULT_MAX_IMAGES}; 0: none); the gateway refuses more "
+        "and the engine gets the same per-prompt limit",
+    )
+    p.add_argument(
+        "--max-image-pixels",
+        type=int,
+        help=f"width x height of the largest image, read from its header by the gateway (default "
+        f"{DEFAULT_MAX_IMAGE_PIXELS}: 4096 x 4096; a 4000 x 3000 photo passes)",
+    )
+    p.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        help="the engine's prefix cache, with a cache salt per member (default: on)",
+    )
+    p.add_argument(
+        "--trust-remote-code",
+        action=argparse.BooleanOptionalAction,
+        help="let the engine run Python code that ships with the model (default: off; only for models you trust)",
+    )
+    p.add_argument("--max-num-seqs", type=int, help="sequences the engine batches at once (0: vLLM's default)")
 
 
 def _member_parser(
@@ -231,14 +254,33 @@ def _print_tenants(tenants: list[dict[str, Any]]) -> None:
             _opt_size(t.get("measured")),
             str(t.get("requests_today", 0)),
             str(t.get("tokens_today", 0)),
+            engine_options(t),
             t["status"],
             t["reason"][:60],
         ]
         for t in tenants
     ]
-    print(
-        _table(rows, ["NAME", "PORT", "MODEL", "RESERVED", "MEASURED", "REQ TODAY", "TOKENS TODAY", "STATUS", "REASON"])
-    )
+    header = ["NAME", "PORT", "MODEL", "RESERVED", "MEASURED", "REQ TODAY", "TOKENS TODAY", "OPTIONS", "STATUS"]
+    print(_table(rows, [*header, "REASON"]))
+
+
+def engine_options(t: dict[str, Any]) -> str:
+    """A tenant's image limits and engine options, as the flags that set them (list-tenants); a
+    field an older manager does not send is left out."""
+    parts = [f"max-model-len={t['max_model_len']}"] if t.get("max_model_len") else []
+    if t.get("max_images"):
+        parts.append(f"images={t['max_images']}x{t.get('max_image_pixels', 0) / 1e6:.1f}MP")
+    elif "max_images" in t:
+        parts.append("no-images")
+    if "enable_prefix_caching" in t:
+        parts.append("prefix-caching" if t["enable_prefix_caching"] else "no-prefix-caching")
+    if t.get("trust_remote_code"):
+        parts.append("trust-remote-code")
+    if t.get("max_num_seqs"):
+        parts.append(f"max-num-seqs={t['max_num_seqs']}")
+    if t.get("quantization"):
+        parts.append(f"quant={t['quantization']}")
+    return ",".join(parts) or "-"
 
 
 def _print_decision(d: dict[str, Any]) -> None:
@@ -279,7 +321,7 @@ def _quota_body(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _engine_body(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("gpu_memory", "port", "model", "max_model_len", "quantization", "shm_size", "max_body")
+    keys = ("gpu_memory", "port", "model", "max_model_len", "quantization", "shm_size", "max_body", *ENGINE_OPTIONS)
     body = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     return {**body, **_quota_body(args)}
 

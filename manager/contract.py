@@ -62,6 +62,10 @@ class GatewayConfig(Contract):
     """The engine's context length: no request uses more tokens (prompt plus completion)."""
     max_body: int | None = None
     """The tenant's request body limit in bytes."""
+    max_images: int | None = None
+    """Images one chat request may carry; None: the gateway's own default."""
+    max_image_pixels: int | None = None
+    """Width x height of the largest image taken, read from its header; None: the gateway's default."""
 
 
 class GatewayStatus(Contract):

@@ -73,6 +73,17 @@ MIN_MODEL_LEN, MAX_MODEL_LEN = 16, 10**7
 MIN_BODY, MAX_BODY = 64 * 1024, 64 * 1024**2
 """Bounds of a tenant's request body limit; the gateway's memory limit is sized for the largest."""
 MAX_GRACE_S = 366 * 86400.0
+DEFAULT_MAX_IMAGES, MAX_IMAGES = 4, 64
+"""Images in one chat request for a model that takes images (a text model's tenant takes none):
+the gateway refuses more, and the engine is started with the same per-prompt limit."""
+DEFAULT_MAX_IMAGE_PIXELS = 4096 * 3072
+"""Width x height of the largest image the gateway passes: 12.6 megapixels, so a 4000 x 3000
+phone photo passes and a 12000 x 12000 image does not. What an image costs the engine to decode
+is measured (README, "Vision tenants"; control.modelfit.IMAGE_DECODE_BYTES_PER_PIXEL) and
+reserved for a vision tenant in cpu mode, so its engine survives every image it is sent."""
+MIN_IMAGE_PIXELS, MAX_IMAGE_PIXELS = 64 * 64, 178_956_970
+"""The top is Pillow's own refusal (twice its decompression-bomb warning), which engines answer with a 500."""
+MAX_NUM_SEQS = 4096
 
 
 def check_quotas(quotas: Quotas) -> None:
@@ -99,6 +110,18 @@ def check_bounds(spec: TenantSpec) -> None:
             f"max body must be between {format_size(MIN_BODY)} and {format_size(MAX_BODY)}, "
             f"got {format_size(spec.max_body)}"
         )
+    if not 0 <= spec.max_images <= MAX_IMAGES:
+        raise InvalidInput(f"max images must be between 0 and {MAX_IMAGES}, got {spec.max_images}")
+    if not MIN_IMAGE_PIXELS <= spec.max_image_pixels <= MAX_IMAGE_PIXELS:
+        raise InvalidInput(
+            f"max image pixels must be between {MIN_IMAGE_PIXELS} and {MAX_IMAGE_PIXELS} (width x height), "
+            f"got {spec.max_image_pixels}"
+        )
+    if spec.max_num_seqs is not None and not 1 <= spec.max_num_seqs <= MAX_NUM_SEQS:
+        raise InvalidInput(
+            f"max num seqs must be between 1 and {MAX_NUM_SEQS} (or unset for the engine's default), "
+            f"got {spec.max_num_seqs}"
+        )
     for label, size in (("gpu memory", spec.gpu_memory), ("shm size", spec.shm_size)):
         if not 1 <= size <= MAX_SIZE:
             raise InvalidInput(f"{label} must be between 1 byte and {format_size(MAX_SIZE)}, got {size}")
@@ -119,9 +142,25 @@ class TenantSpec:
     quotas: Quotas = field(default_factory=Quotas)
     max_body: int = 32 * 1024**2
     """Largest request body the tenant's port takes (a 20 MB image as a base64 data: URL fits)."""
+    max_images: int = 0
+    """Images a chat request may carry: checked by the gateway and the engine's per-prompt limit.
+    New tenants of a model that takes images get ``DEFAULT_MAX_IMAGES`` (the service decides)."""
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    """Width x height of the largest image, read by the gateway from the image's header."""
+    enable_prefix_caching: bool = True
+    """vLLM's automatic prefix caching; members' caches are kept apart by a per-member cache salt."""
+    trust_remote_code: bool = False
+    """Lets the engine run Python code shipped with the model: only when the admin asks."""
+    max_num_seqs: int | None = None
+    """Sequences the engine batches at once; None is vLLM's default."""
+
+    def options(self) -> dict[str, object]:
+        """The image limits and engine options (``ENGINE_OPTIONS``) with their values."""
+        return {name: getattr(self, name) for name in ENGINE_OPTIONS}
 
     def engine_hash(self) -> str:
         engine_fields = asdict(self)
+        # max_image_pixels stays: in cpu mode the engine's memory holds the decode of its images
         for gateway_only in ("quotas", "port", "max_body"):
             engine_fields.pop(gateway_only)
         raw = json.dumps(engine_fields, sort_keys=True).encode()
@@ -129,3 +168,13 @@ class TenantSpec:
 
     def with_changes(self, **changes: object) -> TenantSpec:
         return replace(self, **changes)  # type: ignore[arg-type]
+
+
+ENGINE_OPTIONS: tuple[str, ...] = (
+    "max_images",
+    "max_image_pixels",
+    "enable_prefix_caching",
+    "trust_remote_code",
+    "max_num_seqs",
+)
+"""The spec's image limits and engine options, as the API, the CLI and the console spell them."""

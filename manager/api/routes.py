@@ -31,7 +31,7 @@ from manager.api.schemas import (
 )
 from manager.control.costs import Share
 from manager.control.service import CatalogEntry
-from manager.domain import MAX_MODEL_LEN, MIN_MODEL_LEN, QUOTA_FIELDS, Quotas
+from manager.domain import ENGINE_OPTIONS, MAX_MODEL_LEN, MIN_MODEL_LEN, QUOTA_FIELDS, Quotas
 from manager.utc import start_of_day
 
 
@@ -77,6 +77,7 @@ def create_tenant(body: TenantCreate, svc: Service, actor: Admin) -> TenantCreat
         shm_size=body.shm_size,
         max_body=body.max_body,
         quotas=Quotas(**{f: getattr(body, f) for f in QUOTA_FIELDS}),
+        **{f: getattr(body, f) for f in ENGINE_OPTIONS},
     )
     created = svc.create(spec, actor)
     return TenantCreated(

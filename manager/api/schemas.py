@@ -11,7 +11,20 @@ from manager.control.admission import Decision
 from manager.control.members import MemberView
 from manager.control.service import Capacity
 from manager.control.store import AuditRow, KeyRow, TenantRow, UsageTotals
-from manager.domain import MAX_GRACE_S, MAX_MODEL_LEN, MAX_PORT, MIN_MODEL_LEN, MIN_PORT, QUOTA_MAX
+from manager.domain import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    DEFAULT_MAX_IMAGES,
+    MAX_GRACE_S,
+    MAX_IMAGE_PIXELS,
+    MAX_IMAGES,
+    MAX_MODEL_LEN,
+    MAX_NUM_SEQS,
+    MAX_PORT,
+    MIN_IMAGE_PIXELS,
+    MIN_MODEL_LEN,
+    MIN_PORT,
+    QUOTA_MAX,
+)
 from manager.names import TENANT_NAME
 from manager.sizes import MAX_SIZE, format_size, parse_size
 
@@ -48,7 +61,35 @@ class QuotaFields(Strict):
     max_in_flight: int | None = _quota("max_in_flight", "requests in flight at once")
 
 
-class TenantCreate(QuotaFields):
+class EngineOptionFields(Strict):
+    """Image limits and engine options (manager.domain.ENGINE_OPTIONS); null: the default (create)
+    or unchanged (update)."""
+
+    max_images: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_IMAGES,
+        description=f"images in one chat request, checked by the gateway and the engine's per-prompt limit "
+        f"(default {DEFAULT_MAX_IMAGES}; 0: no images)",
+    )
+    max_image_pixels: int | None = Field(
+        None,
+        ge=MIN_IMAGE_PIXELS,
+        le=MAX_IMAGE_PIXELS,
+        description=f"width x height of the largest image, read from its header (default {DEFAULT_MAX_IMAGE_PIXELS})",
+    )
+    enable_prefix_caching: bool | None = Field(
+        None, description="the engine's prefix cache, salted per member (default on)"
+    )
+    trust_remote_code: bool | None = Field(
+        None, description="let the engine run Python code shipped with the model (default off)"
+    )
+    max_num_seqs: int | None = Field(
+        None, ge=0, le=MAX_NUM_SEQS, description="sequences the engine batches at once (0 or null: vLLM's default)"
+    )
+
+
+class TenantCreate(QuotaFields, EngineOptionFields):
     name: str = Field(
         description="2-32 lowercase letters, digits and '-', starting with a letter", json_schema_extra=NAME_SCHEMA
     )
@@ -61,7 +102,7 @@ class TenantCreate(QuotaFields):
     max_body: Size | None = Field(None, description=MAX_BODY_TEXT)
 
 
-class TenantUpdate(QuotaFields):
+class TenantUpdate(QuotaFields, EngineOptionFields):
     gpu_memory: Size | None = None
     port: Port | None = None
     model: str | None = Field(None, max_length=200)
@@ -100,6 +141,11 @@ class TenantPublic(BaseModel):
     quantization: str | None
     shm_size: int
     max_body: int
+    max_images: int
+    max_image_pixels: int
+    enable_prefix_caching: bool
+    trust_remote_code: bool
+    max_num_seqs: int | None
     quotas: Quotas
     status: str
     reason: str
@@ -122,6 +168,7 @@ class TenantPublic(BaseModel):
             quantization=s.quantization,
             shm_size=s.shm_size,
             max_body=s.max_body,
+            **s.options(),
             quotas=Quotas(**s.quotas.__dict__),
             status=row.status.value,
             reason=row.reason,

@@ -37,6 +37,8 @@ def desired_config(store: Store, tenant: str) -> GatewayConfig:
         members=[MemberConfig(name=m.name, limits=Limits.of(m.quotas)) for m in store.members(tenant)],
         max_model_len=row.spec.max_model_len,
         max_body=row.spec.max_body,
+        max_images=row.spec.max_images,
+        max_image_pixels=row.spec.max_image_pixels,
     )
     version = hashlib.sha256(body.model_dump_json(exclude={"version"}).encode()).hexdigest()[:16]
     return body.model_copy(update={"version": version})

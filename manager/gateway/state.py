@@ -46,6 +46,12 @@ class GatewayMetrics:
         self.member_tokens = Counter(
             "gtm_gateway_member_tokens", "Tokens metered by member", ["member", "kind"], registry=r
         )
+        self.images_refused = Counter(
+            "gtm_gateway_images_refused",
+            "Requests refused at the door for their images, by reason",
+            ["code"],
+            registry=r,
+        )
         self.upstream_errors = Counter("gtm_gateway_upstream_errors", "Engine unreachable or failing", registry=r)
         self.spool_errors = Counter(
             "gtm_gateway_spool_errors",
@@ -75,6 +81,9 @@ class GatewayState:
         """The engine's context length: no request uses more tokens (prompt plus completion)."""
         self.max_body: int | None = None
         """The tenant's request body limit (bytes); the gateway's setting when the manager sent none."""
+        self.max_images: int | None = None
+        self.max_image_pixels: int | None = None
+        """The tenant's image limits; the gateway's settings when the manager sent none."""
         self.unwritten: list[UsageRecord] = []
         """Records the spool could not take (its volume full): written first, in order, once it can."""
         self.spool_error: str | None = None
@@ -132,6 +141,8 @@ class GatewayState:
         self.quotas.limits = config.limits.quotas()
         self.max_model_len = config.max_model_len if config.max_model_len and config.max_model_len > 0 else None
         self.max_body = config.max_body if config.max_body and config.max_body > 0 else None
+        self.max_images = config.max_images if config.max_images is not None and config.max_images >= 0 else None
+        self.max_image_pixels = config.max_image_pixels if config.max_image_pixels else None
         self.members = members
         self.keys = keys
         self.version = config.version

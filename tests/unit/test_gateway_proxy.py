@@ -5,7 +5,9 @@ tests/integration/test_gateway.py."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -387,7 +389,10 @@ async def test_the_token_reservation_is_bounded_by_the_engines_context(tmp_path:
         base_url="http://gw",
         headers={"Authorization": f"Bearer {issued.secret_key}"},
     )
-    image = "data:image/png;base64," + "A" * 700_000
+    # a real PNG header: the gateway reads every image's size at the door
+    png = b"\x89PNG\r\n\x1a\n" + struct.pack(">I4sII", 13, b"IHDR", 640, 480) + bytes(525_000 - 24)
+    image = "data:image/png;base64," + base64.b64encode(png).decode()
+    assert len(image) > 700_000
     body = {
         **CHAT,
         "messages": [
@@ -604,3 +609,108 @@ def test_a_rotated_key_expires_on_the_gateways_clock(tmp_path: Path) -> None:
     now[0] = 1010.0
     assert state.authenticate(old.secret_key) is None
     assert state.authenticate(new.secret_key) is not None
+
+
+def two_members(tmp_path: Path, **config: object) -> tuple[GatewayState, dict[str, str]]:
+    state = GatewayState(GatewayStore(tmp_path / "gw.db"))
+    issued = {m: keys.issue() for m in ("alice", "bob")}
+    state.apply(
+        GatewayConfig.model_validate(
+            {
+                "version": "v1",
+                "keys": [{"id": k.id, "hash": k.hash, "member": m} for m, k in issued.items()],
+                "members": [{"name": m} for m in issued],
+                **config,
+            }
+        )
+    )
+    return state, {m: k.secret_key for m, k in issued.items()}
+
+
+async def test_each_member_gets_its_own_cache_salt_and_a_clients_own_is_replaced(tmp_path: Path) -> None:
+    state, secret = two_members(tmp_path)
+    seen: list[dict[str, Any]] = []
+
+    def capture(request: httpx.Request) -> httpx.Response:
+        seen.append(json.loads(request.content))
+        return upstream(request)
+
+    proxy = Proxy(GatewaySettings(tenant="lab"), state, transport=httpx.MockTransport(capture))
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=proxy), base_url="http://gw")
+
+    async def send(member: str, path: str, body: dict[str, Any]) -> None:
+        headers = {"Authorization": f"Bearer {secret[member]}"}
+        r = await client.post(path, json=body, headers=headers)
+        assert r.status_code == 200, r.text
+
+    await send("alice", "/v1/chat/completions", CHAT)
+    await send("bob", "/v1/chat/completions", CHAT)
+    await send("alice", "/v1/chat/completions", {**CHAT, "cache_salt": "bobs-guess"})
+    await send("alice", "/v1/chat/completions", {**CHAT, "stream": True})
+    await send("alice", "/v1/completions", {"model": "demo", "prompt": "hi", "max_tokens": 2})
+    await send("alice", "/v1/embeddings", {"model": "demo", "input": "hi"})
+    salts = [body.get("cache_salt") for body in seen]
+    alice, bob = salts[0], salts[1]
+    assert alice and bob and alice != bob
+    assert salts[2:5] == [alice, alice, alice], "a client's own salt does not survive; streams and completions too"
+    assert salts[5] is None, "embeddings use no prefix cache"
+    assert all(b["messages"] == CHAT["messages"] for b in seen[:4]), "the rest of the body is forwarded as sent"
+
+
+def test_the_salt_is_put_in_front_without_writing_the_body_again() -> None:
+    from manager.gateway.proxy import with_field
+
+    body = b'  {"model": "m", "x": [1, 2]}'
+    payload = json.loads(body)
+    assert with_field(body, payload, "cache_salt", "s") == b'  {"cache_salt": "s","model": "m", "x": [1, 2]}'
+    assert with_field(b"{}", {}, "cache_salt", "s") == b'{"cache_salt": "s"}'
+    sent = {"cache_salt": "theirs", "model": "m"}
+    assert json.loads(with_field(json.dumps(sent).encode(), sent, "cache_salt", "ours")) == {
+        "cache_salt": "ours",
+        "model": "m",
+    }
+    utf16 = json.dumps({"model": "m"}).encode("utf-16")
+    assert json.loads(with_field(utf16, {"model": "m"}, "cache_salt", "s")) == {"model": "m", "cache_salt": "s"}
+
+
+async def test_images_are_checked_at_the_door_before_the_engine_or_the_quota_sees_them(tmp_path: Path) -> None:
+    state, secret = two_members(tmp_path, max_images=2, max_image_pixels=1_000_000, limits={"rpm_limit": 100})
+    forwarded: list[httpx.Request] = []
+
+    def counting(request: httpx.Request) -> httpx.Response:
+        forwarded.append(request)
+        return upstream(request)
+
+    proxy = Proxy(GatewaySettings(), state, transport=httpx.MockTransport(counting))
+    client = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=proxy),
+        base_url="http://gw",
+        headers={"Authorization": f"Bearer {secret['alice']}"},
+    )
+
+    def png(width: int, height: int) -> str:
+        raw = b"\x89PNG\r\n\x1a\n" + struct.pack(">I4sII", 13, b"IHDR", width, height) + bytes(20)
+        return "data:image/png;base64," + base64.b64encode(raw).decode()
+
+    def chat(*urls: str) -> dict[str, Any]:
+        parts = [{"type": "image_url", "image_url": {"url": u}} for u in urls]
+        return {**CHAT, "messages": [{"role": "user", "content": [*parts, {"type": "text", "text": "what?"}]}]}
+
+    refused = {
+        "image_too_large": chat(png(2000, 1000)),
+        "too_many_images": chat(png(10, 10), png(10, 10), png(10, 10)),
+        "image_url_not_supported": chat("https://example.com/cat.png"),
+        "invalid_image": chat("data:image/png;base64,AAAA"),
+    }
+    for code, body in refused.items():
+        r = await client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert (error["code"], error["type"]) == (code, "invalid_request_error")
+        assert error["param"].startswith("messages[0].content[") and error["message"].endswith(".")
+    assert not forwarded and state.store.after(0).records == [], "nothing reached the engine or was metered"
+    assert state.quotas.headers()["x-ratelimit-remaining-requests"] == "100"
+    r = await client.post("/v1/chat/completions", json=chat(png(1000, 1000), png(640, 480)))
+    assert r.status_code == 200 and len(forwarded) == 1
+    metrics = state.metrics.registry.get_sample_value
+    assert metrics("gtm_gateway_images_refused_total", {"code": "too_many_images"}) == 1

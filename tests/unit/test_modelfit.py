@@ -1,8 +1,17 @@
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from manager.control.modelfit import read_footprint
+from manager.control.modelfit import (
+    IMAGE_DECODE_BYTES_PER_PIXEL,
+    image_allowance,
+    kv_bytes_per_token,
+    read_footprint,
+    takes_images,
+    vision_parameters,
+)
 from manager.errors import InvalidInput, NotFound
 
 from .conftest import write_model
@@ -46,3 +55,50 @@ def test_model_without_safetensors(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(InvalidInput, match="safetensors"):
         read_footprint(tmp_path, "empty")
+
+
+# ---------------------------------------------------------------- vision families, on published configs
+VISION_CONFIGS = Path(__file__).parent.parent / "fixtures" / "vision-configs"
+
+
+def vision_config(name: str) -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads((VISION_CONFIGS / f"{name}.json").read_text())
+    return loaded
+
+
+@pytest.mark.parametrize(
+    ("name", "tower_millions", "kv_kib_per_token"),
+    [
+        # published vision tower sizes: Qwen2.5-VL's 675M ViT and merger; Qwen3-VL-8B's SigLIP-2 400M
+        # tower with its merger and three deepstack mergers; Idefics3's SigLIP so400m without its
+        # pooling head plus the connector; LLaVA-1.5's CLIP ViT-L/14-336 (304M) plus its projector
+        ("qwen2.5-vl-7b", 676, 56),
+        ("qwen3-vl-8b", 576, 144),
+        ("idefics3-8b", 430, 128),
+        ("llava-1.5-7b", 324, 512),
+    ],
+)
+def test_the_catalog_knows_the_vision_families_from_their_configs(
+    name: str, tower_millions: int, kv_kib_per_token: int
+) -> None:
+    config = vision_config(name)
+    assert takes_images(config)
+    assert vision_parameters(config) == pytest.approx(tower_millions * 1e6, rel=0.03)
+    # llava's text_config names no layers or heads: LlamaConfig's defaults (32 x 32, hidden 4096)
+    assert kv_bytes_per_token(config) == kv_kib_per_token * 1024
+
+
+def test_a_vision_tenants_image_allowance_follows_the_mode_and_its_limits() -> None:
+    qwen = vision_config("qwen2.5-vl-7b")
+    # nvml: the profiling run's vision activations, of the order of the tower's bf16 weights
+    assert image_allowance(qwen, "nvml", 4, 12_582_912) == vision_parameters(qwen) * 2
+    small = vision_config("llava-1.5-7b")
+    assert image_allowance(small, "nvml", 4, 12_582_912) == vision_parameters(small) * 2 > 256 * 1024**2
+    # cpu: decoding every image of one request, inside the engine's memory limit
+    assert image_allowance(qwen, "cpu", 4, 12_582_912) == 4 * 12_582_912 * IMAGE_DECODE_BYTES_PER_PIXEL
+    assert image_allowance(qwen, "cpu", 1, 1_000_000) == 21_000_000
+    # no images taken, or a text model: nothing
+    assert image_allowance(qwen, "cpu", 0, 12_582_912) == 0
+    text = {"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 256}
+    assert not takes_images(text) and vision_parameters(text) == 0
+    assert image_allowance(text, "nvml", 4, 12_582_912) == 0

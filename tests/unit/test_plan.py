@@ -105,3 +105,43 @@ def test_the_warm_up_reads_the_engine_image_and_model_without_a_memory_limit(set
     (mount,) = kwargs["mounts"]
     assert mount["Target"] == "/models" and mount["ReadOnly"] is True
     assert kwargs["read_only"] is True and kwargs["cap_drop"] == ["ALL"] and kwargs["user"] == "1000:1000"
+
+
+def test_engine_options_as_vllm_spells_them(settings: Settings) -> None:
+    default = tenant_plan(spec(), settings, device_total=24 * G).engine.command
+    assert default[default.index("--limit-mm-per-prompt") + 1] == '{"image": 0}', "a text model's tenant takes none"
+    assert "--enable-prefix-caching" in default and "--no-enable-prefix-caching" not in default
+    assert "--trust-remote-code" not in default and "--max-num-seqs" not in default
+
+    chosen = spec(max_images=1, enable_prefix_caching=False, trust_remote_code=True, max_num_seqs=8, gpu_memory=3 * G)
+    args = tenant_plan(chosen, settings, device_total=24 * G).engine.command
+    assert args[args.index("--limit-mm-per-prompt") + 1] == '{"image": 1}'
+    assert "--no-enable-prefix-caching" in args and "--enable-prefix-caching" not in args
+    assert "--trust-remote-code" in args
+    assert args[args.index("--max-num-seqs") + 1] == "8"
+
+
+def test_engine_options_and_image_limits_recreate_the_engine() -> None:
+    base = spec().engine_hash()
+    changes: list[dict[str, object]] = [
+        {"max_images": 2},
+        {"max_image_pixels": 1_000_000},  # cpu mode: the engine's memory holds the decode
+        {"enable_prefix_caching": False},
+        {"trust_remote_code": True},
+        {"max_num_seqs": 16},
+    ]
+    for change in changes:
+        assert spec(**change).engine_hash() != base, change
+    assert spec(max_body=1024**2).engine_hash() == base, "checked by the gateway only"
+
+
+def test_a_cpu_vision_engine_keeps_room_to_decode_its_images(settings: Settings) -> None:
+    text = tenant_plan(spec(gpu_memory=3 * G), settings, device_total=24 * G).engine.command
+    vision = tenant_plan(
+        spec(gpu_memory=3 * G, max_images=4, max_image_pixels=4096 * 3072), settings, device_total=24 * G
+    ).engine.command
+    decode = 4 * 4096 * 3072 * 21
+    kv = int(text[text.index("--kv-cache-memory-bytes") + 1])
+    assert int(vision[vision.index("--kv-cache-memory-bytes") + 1]) == kv - decode
+    with pytest.raises(InvalidInput, match=r"decoding 4 images .* lower --max-images"):
+        kv_cache_bytes(spec(gpu_memory=2 * G, max_images=4, max_image_pixels=4096 * 3072), settings)
