@@ -87,8 +87,10 @@ def test_docker_exec_add_tenant_in_the_compose_stack(
     assert json.loads(dexec(manager, "list-tenants", "--json").stdout) == []  # nothing was created
 
     models = json.loads(dexec(manager, "list-models", "--max-model-len", "1024", "--json").stdout)
-    (demo,) = models
+    demo, vision = models
     assert demo["name"] == "demo" and demo["architecture"] == "LlamaForCausalLM" and not demo["takes_images"]
+    assert vision["name"] == "demo-vl" and vision["architecture"] == "Idefics3ForConditionalGeneration"
+    assert vision["takes_images"] and vision["minimum_gpu_memory"] > demo["minimum_gpu_memory"]
     assert demo["minimum_gpu_memory"] <= 1536 * 1024**2 and demo["minimum_gpu_memory_at"] >= demo["minimum_gpu_memory"]
     assert "MIN GPU-MEMORY" in dexec(manager, "list-models").stdout
 
@@ -100,7 +102,7 @@ def test_docker_exec_add_tenant_in_the_compose_stack(
     incomplete = dexec(manager, "import-model", "/tmp/upload", "--name", "broken")
     assert incomplete.returncode == 2 and "no tokenizer" in incomplete.stderr
     listed = {m["name"] for m in json.loads(dexec(manager, "list-models", "--json").stdout)}
-    assert listed == {"demo", "democopy"}
+    assert listed == {"demo", "demo-vl", "democopy"}
 
     added = dexec(
         manager, "add-tenant", "--name", "companya", "--gpu-memory", "1536M", "--port", "30301", "--model", "democopy"

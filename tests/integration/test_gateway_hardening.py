@@ -5,7 +5,9 @@ engine behind it): anything it forwarded would come back 503 'engine unavailable
 
 from __future__ import annotations
 
+import base64
 import secrets
+import struct
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -233,7 +235,9 @@ def test_an_image_sized_body_passes_up_to_the_tenants_limit(
     headers = {"Authorization": f"Bearer {gw.key}"}
 
     def ask(image_bytes: int) -> httpx.Response:
-        image = "data:image/jpeg;base64," + "A" * (image_bytes * 4 // 3)
+        # a PNG header the door reads (640 x 480), then the bulk of a large image
+        raw = b"\x89PNG\r\n\x1a\n" + struct.pack(">I4sII", 13, b"IHDR", 640, 480) + bytes(image_bytes - 24)
+        image = "data:image/png;base64," + base64.b64encode(raw).decode()
         content = [
             {"type": "text", "text": "what is on this photo?"},
             {"type": "image_url", "image_url": {"url": image}},
