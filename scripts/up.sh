@@ -17,16 +17,22 @@ done
 # read the whole listing first: `grep -q` in a pipe exits at the first match, and under
 # pipefail the writer's SIGPIPE would make an existing tenant look absent
 tenants=$(docker exec "$MANAGER" list-tenants --json) || die "list-tenants failed"
-if grep -q '"name": "demo"' <<<"$tenants"; then
-  log "demo tenant exists (rotate-key --name demo issues a new key)"
-else
-  docker exec "$MANAGER" add-tenant --name demo --gpu-memory 1536M --port "${GTM_DEMO_PORT:-30001}"
-fi
+# demo: the text model; demo-vl: the vision model, whose reservation also holds the decode of
+# four 12.6-megapixel images (list-models shows each model's smallest --gpu-memory)
+for demo in "demo 1536M ${GTM_DEMO_PORT:-30001}" "demo-vl 2560M ${GTM_DEMO_VL_PORT:-30002}"; do
+  read -r name memory port <<<"$demo"
+  if grep -q "\"name\": \"$name\"" <<<"$tenants"; then
+    log "$name tenant exists (rotate-key --name $name issues a new key)"
+  else
+    docker exec "$MANAGER" add-tenant --name "$name" --gpu-memory "$memory" --port "$port" --model "$name"
+  fi
+done
 docker exec "$MANAGER" list-tenants
 cat <<TXT
 
 console:         http://127.0.0.1:${GTM_CONSOLE_PORT:-8080}/  (user admin; password = the admin token below)
 admin token:     docker exec $MANAGER cat /var/lib/gtm/admin-token   (REST API: /docs)
-admin commands:  docker exec $MANAGER add-tenant --name companya --gpu-memory 1536M --port 30002
-demo tenant:     http://127.0.0.1:${GTM_DEMO_PORT:-30001}/v1 with the API key printed above (OpenAI SDK, LangChain, curl)
+admin commands:  docker exec $MANAGER add-tenant --name companya --gpu-memory 1536M --port 30003
+demo tenants:    http://127.0.0.1:${GTM_DEMO_PORT:-30001}/v1 (text) and http://127.0.0.1:${GTM_DEMO_VL_PORT:-30002}/v1
+                 (images: data: URLs) with the API keys printed above (OpenAI SDK, LangChain, curl)
 TXT

@@ -227,6 +227,12 @@ async def new_tenant(request: Request) -> HTMLResponse:
             quantization=form.get("quantization") or None,
             shm_size=_opt_size(form, "shm_size"),
             quotas=Quotas(**{f: _opt_int(form, f) for f in QUOTA_FIELDS}),
+            max_body=_opt_size(form, "max_body"),
+            max_images=_opt_int(form, "max_images"),
+            max_image_pixels=_opt_int(form, "max_image_pixels"),
+            enable_prefix_caching=form.get("enable_prefix_caching", "on") != "off",
+            trust_remote_code=form.get("trust_remote_code") == "on",
+            max_num_seqs=_opt_int(form, "max_num_seqs"),
         )
         created = svc.create(spec, session.user)
     except GtmError as exc:

@@ -33,6 +33,7 @@ def quick_start_env(docker_client: docker.DockerClient, instance: str) -> Iterat
         "GTM_CONTROL_NETWORK": f"{instance}-control",
         "GTM_CONSOLE_PORT": str(free_port()),
         "GTM_DEMO_PORT": str(free_port()),
+        "GTM_DEMO_VL_PORT": str(free_port()),
         "GTM_TENANT_BIND_ADDRESS": "127.0.0.1",
     }
     try:
@@ -59,7 +60,7 @@ def demo_tenants(env: dict[str, str]) -> list[dict[str, object]]:
         timeout=60,
         check=True,
     ).stdout
-    return [t for t in json.loads(out) if t["name"] == "demo"]
+    return [t for t in json.loads(out) if t["name"] in ("demo", "demo-vl")]
 
 
 @pytest.mark.slow
@@ -71,13 +72,13 @@ def test_up_runs_again_and_after_down_without_changing_anything(
     assert first.returncode == 0, first.stderr[-2000:]
     assert "API key (shown once" in first.stdout
     manager_id = docker_client.containers.get(env["GTM_MANAGER_NAME"]).id
-    assert len(demo_tenants(env)) == 1
+    assert len(demo_tenants(env)) == 2
 
     again = up(env)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "demo tenant exists" in again.stderr and "API key (shown once" not in again.stdout
     assert docker_client.containers.get(env["GTM_MANAGER_NAME"]).id == manager_id  # nothing recreated
-    assert len(demo_tenants(env)) == 1
+    assert len(demo_tenants(env)) == 2
 
     down = subprocess.run(
         ["bash", "scripts/down.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False
@@ -87,4 +88,4 @@ def test_up_runs_again_and_after_down_without_changing_anything(
     after_down = up(env)
     assert after_down.returncode == 0, after_down.stderr[-2000:]
     assert "demo tenant exists" in after_down.stderr  # the state volume kept it, and its key
-    assert len(demo_tenants(env)) == 1
+    assert len(demo_tenants(env)) == 2

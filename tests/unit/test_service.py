@@ -11,7 +11,7 @@ import pytest
 
 from manager import names
 from manager.control.service import TenantService
-from manager.domain import Quotas, TenantStatus
+from manager.domain import Quotas, TenantSpec, TenantStatus
 from manager.errors import Conflict, InvalidInput
 
 from .conftest import write_model
@@ -142,3 +142,36 @@ def test_engines_are_measured_at_once_and_one_tenant_alone(svc: TenantService, m
     all_in_flight, read[:] = None, []
     assert svc.measured_use("bb") == {"bb": expected["bb"]}
     assert read == [names.engine("gtmu", "bb")]
+
+
+def test_a_vision_model_takes_four_images_by_default_and_its_minimum_holds_their_decode(
+    svc: TenantService, tmp_path: Path
+) -> None:
+    models = tmp_path / "models"
+    text = {"num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 256}
+    write_model(models, "tinyvl", {"w": ("BF16", [2000, 256])}, text)
+    cfg = json.loads((models / "tinyvl" / "config.json").read_text())
+    cfg.update(architectures=["Idefics3ForConditionalGeneration"], vision_config={"num_hidden_layers": 2})
+    (models / "tinyvl" / "config.json").write_text(json.dumps(cfg))
+
+    def spec(model: str | None, **options: object) -> TenantSpec:
+        return svc.new_spec(
+            name="vv", port=30002, gpu_memory=3 * 1024 * MIB, model=model, max_model_len=None,
+            quantization=None, shm_size=None, quotas=Quotas(), **options,
+        )  # fmt: skip
+
+    assert spec("tinyvl").max_images == 4 and spec(None).max_images == 0, "a text model's tenant takes none"
+    assert spec("tinyvl", max_images=1, max_num_seqs=0).max_num_seqs is None
+    decode = 4 * 4096 * 3072 * 21  # cpu mode: four images of the default size, decoded in the reservation
+    (entry,) = [e for e in svc.catalog() if e.name == "tinyvl"]
+    assert entry.minimum_gpu_memory == svc.model_minimum("tinyvl", svc.settings.default_max_model_len, False) + decode
+    assert svc.model_minimum("tinyvl", 512, False, max_images=4, max_image_pixels=4096 * 3072) == (
+        entry.minimum_gpu_memory
+    )
+    with pytest.raises(InvalidInput, match="max images must be between 0 and 64"):
+        spec("tinyvl", max_images=65)
+    with pytest.raises(InvalidInput, match="unknown tenant options"):
+        spec("tinyvl", max_imagez=1)
+    created = svc.create(spec("tinyvl"), "test")
+    updated = svc.update("vv", "test", model="demo")  # to a text model: it takes no images any more
+    assert created.tenant.spec.max_images == 4 and updated.spec.max_images == 0

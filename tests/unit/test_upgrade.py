@@ -44,6 +44,9 @@ def test_the_manager_database_upgrades_in_place(release: Path) -> None:
         assert (row.spec.quotas.rpm_limit, row.spec.quotas.tokens_per_day) == (30, 100_000)
         assert row.gateway_token == "fixture-gateway-token"
         assert row.spec.max_body == 32 * 1024**2  # the column a later release added, at its default
+        # step 6: a tenant from before takes no images until its admin says so; prefix caching is on
+        assert (row.spec.max_images, row.spec.max_image_pixels) == (0, 4096 * 3072)
+        assert row.spec.enable_prefix_caching and not row.spec.trust_remote_code and row.spec.max_num_seqs is None
         assert len(store.keys("lab")) == 2
         assert store.usage_totals("lab", 0).requests == 3
         assert store.usage_cursor("lab") == 3
