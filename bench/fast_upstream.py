@@ -28,12 +28,13 @@ LAST = json.dumps({"choices": [], "usage": USAGE}).encode()
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] != "http":
         return
-    body = b""
+    chunks = []  # joined once: a body of megabytes (an image) read in pieces costs no more than it must
     while True:
         message = await receive()
-        body += message.get("body", b"")
+        chunks.append(message.get("body", b""))
         if not message.get("more_body"):
             break
+    body = b"".join(chunks)
     stream = b'"stream": true' in body or b'"stream":true' in body
     if not stream:
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(ANSWER)).encode())]

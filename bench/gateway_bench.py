@@ -3,6 +3,7 @@ first byte and memory, measured in one run on this machine.
 
     .venv/bin/python -m bench.gateway_bench               # fast upstream (the proxy's own cost)
     .venv/bin/python -m bench.gateway_bench --upstream http://127.0.0.1:18000 --requests 200   # a real engine
+    .venv/bin/python -m bench.gateway_bench --image 15     # a chat request carrying a 15 MB PNG (door check)
 
 Both paths (direct and through the gateway) use the same client and the same
 upstream in the same run, so the figures are ratios and differences against that
@@ -35,6 +36,19 @@ BODY = json.dumps({"model": "demo", "messages": [{"role": "user", "content": "he
 STREAM_BODY = json.dumps(
     {"model": "demo", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4, "stream": True}
 ).encode()
+
+
+def image_body(megabytes: float) -> bytes:
+    """A chat request with one PNG of ``megabytes`` as a data: URL: a real header the gateway's door
+    reads (4000 x 3000) and incompressible bytes after it, as a photo's would be."""
+    import base64
+    import struct
+
+    header = b"\x89PNG\r\n\x1a\n" + struct.pack(">I4sII", 13, b"IHDR", 4000, 3000)
+    raw = header + os.urandom(int(megabytes * 1e6) - len(header))
+    url = "data:image/png;base64," + base64.b64encode(raw).decode()
+    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is on this photo?"}]
+    return json.dumps({"model": "demo", "messages": [{"role": "user", "content": content}], "max_tokens": 4}).encode()
 
 
 def bench_config(issued: keys.IssuedKey, members: bool) -> dict[str, object]:
@@ -141,6 +155,9 @@ def main() -> int:
         action="store_true",
         help="the key belongs to a member with limits of its own inside the tenant's (the nested quota path)",
     )
+    parser.add_argument(
+        "--image", type=float, metavar="MB", help="requests carry one PNG of MB megabytes (sequential latency only)"
+    )
     args = parser.parse_args()
 
     issued = keys.issue()
@@ -175,6 +192,8 @@ def main() -> int:
                 ).raise_for_status()
                 auth = {"Authorization": f"Bearer {issued.secret_key}"}
                 n = args.requests
+                if args.image:
+                    return image_report(direct_port, gw_port, auth, args.image, min(n, 30))
                 sequential(direct_port, {}, min(50, n), BODY)  # warm-up both paths
                 sequential(gw_port, auth, min(50, n), BODY)
                 direct = sequential(direct_port, {}, n, BODY)
@@ -216,6 +235,27 @@ def main() -> int:
         "throughput_ratio >= 0.9": result["throughput_ratio"] >= 0.9,
     }
     print(json.dumps({**result, "targets_met": targets}, indent=2))
+    return 0
+
+
+def image_report(direct_port: int, gw_port: int, auth: dict[str, str], megabytes: float, n: int) -> int:
+    """The gateway's added latency for a request carrying one image: reading a body of megabytes, the
+    door's header check and the cache salt, against the same request sent straight to the upstream."""
+    body = image_body(megabytes)
+    sequential(direct_port, {}, 3, body)
+    sequential(gw_port, auth, 3, body)
+    direct = sequential(direct_port, {}, n, body)
+    via = sequential(gw_port, auth, n, body)
+    result = {
+        "image_mb": megabytes,
+        "body_mb": round(len(body) / 1e6, 1),
+        "requests": n,
+        "direct_p50_ms": round(statistics.median(direct), 2),
+        "gateway_p50_ms": round(statistics.median(via), 2),
+        "added_p50_ms": round(statistics.median(via) - statistics.median(direct), 2),
+        "ratio_p50": round(statistics.median(via) / statistics.median(direct), 2),
+    }
+    print(json.dumps(result, indent=2))
     return 0
 
 

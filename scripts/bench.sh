@@ -3,6 +3,8 @@
 #   scripts/bench.sh               gateway vs direct with a fast upstream (the proxy's own cost),
 #                                  with a plain key and with a member's key (nested quotas)
 #   scripts/bench.sh --real-engine also gateway vs direct in front of a real vLLM CPU engine
+#   scripts/bench.sh --image [MB]  gateway vs direct for a chat request carrying one PNG of MB
+#                                  megabytes (default 15): body, door check and cache salt
 #   scripts/bench.sh --usage [N]   the manager's usage reads (/metrics, list-members, daily bars,
 #                                  cost split) from the daily rollup vs every record, N records
 #                                  (default 1,000,000), and what the rollup costs the collection
@@ -24,6 +26,9 @@ fi
 if [ "${1:-}" = "--measure" ]; then
   bash scripts/build-images.sh base >/dev/null
   exec .venv/bin/python -m bench.measure_engines --engines "${2:-8}"
+fi
+if [ "${1:-}" = "--image" ]; then
+  exec .venv/bin/python -m bench.gateway_bench --image "${2:-15}"
 fi
 if [ "${1:-}" = "--usage" ]; then
   exec .venv/bin/python -m bench.usage_queries --records "${2:-1000000}"
