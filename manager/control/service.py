@@ -256,11 +256,18 @@ class TenantService:
         max_model_len: int,
         quantized: bool = False,
         tenant: str | None = None,
-        max_images: int = 0,
-        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        max_images: int | None = None,
+        max_image_pixels: int | None = None,
     ) -> Decision:
-        """The admission decision for a new (or resized, ``tenant``) reservation; creates nothing."""
+        """The admission decision for a new (or resized, ``tenant``) reservation; creates nothing.
+        Image limits left out are the tenant's own (a resize), else the model's defaults (what-if)."""
         device = self.inventory.devices()[0]
+        if max_images is None or max_image_pixels is None:
+            own = self.store.find_tenant(tenant) if tenant else None
+            if max_images is None:
+                max_images = own.spec.max_images if own else self._default_max_images(model)
+            if max_image_pixels is None:
+                max_image_pixels = own.spec.max_image_pixels if own else DEFAULT_MAX_IMAGE_PIXELS
         rows = [r for r in self.store.tenants() if r.spec.name != tenant]
         measured = self.measured_use()
         not_taken = sum(max(0, r.spec.gpu_memory - (measured.get(r.spec.name) or 0)) for r in rows)

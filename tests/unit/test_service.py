@@ -168,6 +168,9 @@ def test_a_vision_model_takes_four_images_by_default_and_its_minimum_holds_their
     assert svc.model_minimum("tinyvl", 512, False, max_images=4, max_image_pixels=4096 * 3072) == (
         entry.minimum_gpu_memory
     )
+    # what-if without image limits: the model's defaults, so it answers what add-tenant would
+    assert "model_fit" in svc.assess(entry.minimum_gpu_memory - 1, "tinyvl", 512).failed_checks
+    assert "model_fit" not in svc.assess(entry.minimum_gpu_memory, "tinyvl", 512).failed_checks
     with pytest.raises(InvalidInput, match="max images must be between 0 and 64"):
         spec("tinyvl", max_images=65)
     with pytest.raises(InvalidInput, match="unknown tenant options"):
