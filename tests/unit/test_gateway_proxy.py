@@ -43,6 +43,25 @@ def upstream(request: httpx.Request) -> httpx.Response:
     return httpx.Response(200, json={"choices": [{"message": {"content": "hi"}}], "usage": USAGE})
 
 
+def recording(
+    state: GatewayState, key: str | None = None, settings: GatewaySettings | None = None
+) -> tuple[httpx.AsyncClient, list[httpx.Request]]:
+    """A client of a gateway in front of ``upstream``, and every request the gateway forwarded."""
+    forwarded: list[httpx.Request] = []
+
+    def record(request: httpx.Request) -> httpx.Response:
+        forwarded.append(request)
+        return upstream(request)
+
+    proxy = Proxy(settings or GatewaySettings(), state, transport=httpx.MockTransport(record))
+    client = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=proxy),
+        base_url="http://gw",
+        headers={"Authorization": f"Bearer {key}"} if key else {},
+    )
+    return client, forwarded
+
+
 @pytest.fixture
 def gateway(tmp_path: Path) -> tuple[httpx.AsyncClient, GatewayState, str]:
     state = GatewayState(GatewayStore(tmp_path / "gw.db"))
@@ -308,18 +327,7 @@ async def test_a_full_spool_refuses_requests_and_loses_no_record(tmp_path: Path)
             {"version": "v", "keys": [{"id": issued.id, "hash": issued.hash}], "limits": {"max_in_flight": 5}}
         )
     )
-    forwarded: list[str] = []
-
-    def counting(request: httpx.Request) -> httpx.Response:
-        forwarded.append(request.url.path)
-        return upstream(request)
-
-    proxy = Proxy(GatewaySettings(), state, transport=httpx.MockTransport(counting))
-    client = httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=proxy),
-        base_url="http://gw",
-        headers={"Authorization": f"Bearer {issued.secret_key}"},
-    )
+    client, forwarded = recording(state, issued.secret_key)
     store.full = True
     first = await client.post("/v1/chat/completions", json=CHAT)  # served; its record waits in memory
     assert first.status_code == 200
@@ -629,14 +637,7 @@ def two_members(tmp_path: Path, **config: object) -> tuple[GatewayState, dict[st
 
 async def test_each_member_gets_its_own_cache_salt_and_a_clients_own_is_replaced(tmp_path: Path) -> None:
     state, secret = two_members(tmp_path)
-    seen: list[dict[str, Any]] = []
-
-    def capture(request: httpx.Request) -> httpx.Response:
-        seen.append(json.loads(request.content))
-        return upstream(request)
-
-    proxy = Proxy(GatewaySettings(tenant="lab"), state, transport=httpx.MockTransport(capture))
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=proxy), base_url="http://gw")
+    client, forwarded = recording(state, settings=GatewaySettings(tenant="lab"))
 
     async def send(member: str, path: str, body: dict[str, Any]) -> None:
         headers = {"Authorization": f"Bearer {secret[member]}"}
@@ -649,6 +650,7 @@ async def test_each_member_gets_its_own_cache_salt_and_a_clients_own_is_replaced
     await send("alice", "/v1/chat/completions", {**CHAT, "stream": True})
     await send("alice", "/v1/completions", {"model": "demo", "prompt": "hi", "max_tokens": 2})
     await send("alice", "/v1/embeddings", {"model": "demo", "input": "hi"})
+    seen = [json.loads(request.content) for request in forwarded]
     salts = [body.get("cache_salt") for body in seen]
     alice, bob = salts[0], salts[1]
     assert alice and bob and alice != bob
@@ -675,18 +677,7 @@ def test_the_salt_is_put_in_front_without_writing_the_body_again() -> None:
 
 async def test_images_are_checked_at_the_door_before_the_engine_or_the_quota_sees_them(tmp_path: Path) -> None:
     state, secret = two_members(tmp_path, max_images=2, max_image_pixels=1_000_000, limits={"rpm_limit": 100})
-    forwarded: list[httpx.Request] = []
-
-    def counting(request: httpx.Request) -> httpx.Response:
-        forwarded.append(request)
-        return upstream(request)
-
-    proxy = Proxy(GatewaySettings(), state, transport=httpx.MockTransport(counting))
-    client = httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=proxy),
-        base_url="http://gw",
-        headers={"Authorization": f"Bearer {secret['alice']}"},
-    )
+    client, forwarded = recording(state, secret["alice"])
 
     def png(width: int, height: int) -> str:
         raw = b"\x89PNG\r\n\x1a\n" + struct.pack(">I4sII", 13, b"IHDR", width, height) + bytes(20)

@@ -95,13 +95,18 @@ def test_quant_is_checked_before_anything_is_created(svc: TenantService) -> None
     assert svc.store.tenants() == []
 
 
+def write_vision_model(models: Path, architecture: str, vision_config: dict[str, object]) -> None:
+    """``tinyvl``: a small text model's weights under a vision architecture's config."""
+    text = {"num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 256}
+    write_model(models, "tinyvl", {"w": ("BF16", [2000, 256])}, text)
+    cfg = json.loads((models / "tinyvl" / "config.json").read_text())
+    cfg.update(architectures=[architecture], vision_config=vision_config)
+    (models / "tinyvl" / "config.json").write_text(json.dumps(cfg))
+
+
 def test_the_catalog_lists_every_model_with_admissions_own_minimum(svc: TenantService, tmp_path: Path) -> None:
     models = tmp_path / "models"
-    vision = {"num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 256}
-    write_model(models, "tinyvl", {"w": ("BF16", [2000, 256])}, vision)
-    cfg = json.loads((models / "tinyvl" / "config.json").read_text())
-    cfg.update(architectures=["Qwen2VLForConditionalGeneration"], vision_config={"depth": 2})
-    (models / "tinyvl" / "config.json").write_text(json.dumps(cfg))
+    write_vision_model(models, "Qwen2VLForConditionalGeneration", {"depth": 2})
     (models / "empty").mkdir()
     entries = {e.name: e for e in svc.catalog(max_model_len=2048)}
     assert set(entries) == {"demo", "empty", "tinyvl"}
@@ -147,12 +152,7 @@ def test_engines_are_measured_at_once_and_one_tenant_alone(svc: TenantService, m
 def test_a_vision_model_takes_four_images_by_default_and_its_minimum_holds_their_decode(
     svc: TenantService, tmp_path: Path
 ) -> None:
-    models = tmp_path / "models"
-    text = {"num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 256}
-    write_model(models, "tinyvl", {"w": ("BF16", [2000, 256])}, text)
-    cfg = json.loads((models / "tinyvl" / "config.json").read_text())
-    cfg.update(architectures=["Idefics3ForConditionalGeneration"], vision_config={"num_hidden_layers": 2})
-    (models / "tinyvl" / "config.json").write_text(json.dumps(cfg))
+    write_vision_model(tmp_path / "models", "Idefics3ForConditionalGeneration", {"num_hidden_layers": 2})
 
     def spec(model: str | None, **options: object) -> TenantSpec:
         return svc.new_spec(
