@@ -195,6 +195,8 @@ def gateway_plan(spec: TenantSpec, settings: Settings, gateway_token: str, image
             "GTM_GATEWAY_ADMIN_PORT": str(GATEWAY_ADMIN_PORT),
             "GTM_GATEWAY_ADMIN_TOKEN": gateway_token,
             "GTM_GATEWAY_DATA_DIR": "/data",
+            # cpu mode: the engine's memory holds one request's image decode (kv_cache_bytes)
+            "GTM_GATEWAY_IMAGE_REQUESTS": "1" if settings.gpu_mode == "cpu" else "0",
         },
         mounts=[Mount(names.gateway_volume(inst, spec.name), "/data")],
         tmpfs={"/tmp": "rw,nosuid,nodev,size=64m"},  # noqa: S108 - a private tmpfs

@@ -202,6 +202,11 @@ def _url_of(value: object) -> str | None:
     return None
 
 
+def count_images(payload: dict[str, Any]) -> int:
+    """The ``image_url`` parts of a chat request."""
+    return sum(1 for _, part in _parts(payload) if "image_url" in part)
+
+
 def check_images(payload: dict[str, Any], max_images: int, max_pixels: int) -> ImageProblem | None:
     """The first reason to refuse a chat request's images, or None when the engine may see them.
     Every URL-bearing part is looked at (``image_url``, and ``video_url``/``audio_url``, which the

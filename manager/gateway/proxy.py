@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 
 from manager.contract import UsageRecord
-from manager.gateway.images import check_images
+from manager.gateway.images import check_images, count_images
 from manager.gateway.quotas import admit
 from manager.gateway.settings import GatewaySettings
 from manager.gateway.state import GatewayState, KeyEntry
@@ -147,6 +147,7 @@ class Proxy:
         )
         self.upstream = settings.upstream.rstrip("/")
         self.large_slots = asyncio.Semaphore(settings.large_bodies)
+        self.image_slots = asyncio.Semaphore(settings.image_requests) if settings.image_requests > 0 else None
         t = settings.upstream_timeout_s
         self.timeouts = {"connect": 5.0, "read": t, "write": t, "pool": t}
 
@@ -354,6 +355,37 @@ class Proxy:
                 return
             if path in SALTED_PATHS:
                 body = with_field(body, payload, "cache_salt", cache_salt(self.settings.tenant, key))
+            if self.image_slots is not None and count_images(payload):
+                await self._with_image_slot(method, path, receive, send, key, body, payload)
+                return
+        await self._admit_and_forward(method, path, receive, send, key, body, payload)
+
+    async def _with_image_slot(
+        self, method: str, path: str, receive: Receive, send: Send, key: KeyEntry, body: bytes, payload: dict[str, Any]
+    ) -> None:
+        """A request carrying images waits for one of the tenant's image slots (cpu mode: one; the
+        engine's reservation holds the decode of one request's images, not of several at once)."""
+        try:
+            await asyncio.wait_for(self.image_slots.acquire(), self.settings.body_idle_timeout_s)  # type: ignore[union-attr]
+        except TimeoutError:
+            await self._refuse(
+                send,
+                path,
+                503,
+                "Too many requests with images on this API at once (its engine decodes one request's images "
+                "at a time); retry shortly.",
+                "too_many_image_requests",
+                {"retry-after": "5"},
+            )
+            return
+        try:
+            await self._admit_and_forward(method, path, receive, send, key, body, payload)
+        finally:
+            self.image_slots.release()  # type: ignore[union-attr]
+
+    async def _admit_and_forward(
+        self, method: str, path: str, receive: Receive, send: Send, key: KeyEntry, body: bytes, payload: dict[str, Any]
+    ) -> None:
         if self.state.unwritten and not self.state.flush():
             # never serve what cannot be metered: the spool's volume is full (or failing)
             await self._refuse(

@@ -25,6 +25,10 @@ class GatewaySettings(BaseSettings):
     max_images: int = DEFAULT_MAX_IMAGES
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     """Image limits until the manager pushes the tenant's own (``--max-images``, ``--max-image-pixels``)."""
+    image_requests: int = 0
+    """Requests carrying images served at once (0: no limit); more wait for a slot, and get 503 after
+    ``body_idle_timeout_s``. The manager sets 1 in cpu mode: a CPU engine's reservation holds the
+    decode of one request's images (manager.control.modelfit.image_decode_bytes)."""
     large_bodies: int = 4
     """Requests with a body over 1 MiB (images) in flight at once; more wait for a slot, and get 503
     after ``body_idle_timeout_s``. With bodies of at most 64 MiB this bounds the gateway's memory."""

@@ -705,3 +705,44 @@ async def test_images_are_checked_at_the_door_before_the_engine_or_the_quota_see
     assert r.status_code == 200 and len(forwarded) == 1
     metrics = state.metrics.registry.get_sample_value
     assert metrics("gtm_gateway_images_refused_total", {"code": "too_many_images"}) == 1
+
+
+async def test_requests_with_images_take_the_tenants_image_slot_in_turn(tmp_path: Path) -> None:
+    """cpu mode: one request's images at a time (the engine's reservation holds one decode); a text
+    request is never held, and an image request that waits too long gets a 503 to retry."""
+    state, secret = two_members(tmp_path, max_images=4)
+    release, inside = asyncio.Event(), asyncio.Event()
+    entered: list[str] = []
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        entered.append("image" if isinstance(body["messages"][0]["content"], list) else "text")
+        if entered[-1] == "image":
+            inside.set()
+            await release.wait()
+        return upstream(request)
+
+    settings = GatewaySettings(image_requests=1, body_idle_timeout_s=0.5)
+    proxy = Proxy(settings, state, transport=httpx.MockTransport(slow))
+    client = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=proxy),
+        base_url="http://gw",
+        headers={"Authorization": f"Bearer {secret['bob']}"},
+    )
+    png = b"\x89PNG\r\n\x1a\n" + struct.pack(">I4sII", 13, b"IHDR", 64, 64) + bytes(20)
+    parts = [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()}}]
+    image = {**CHAT, "messages": [{"role": "user", "content": parts}]}
+
+    first = asyncio.create_task(client.post("/v1/chat/completions", json=image))
+    await asyncio.wait_for(inside.wait(), 5)
+    text = await client.post("/v1/chat/completions", json=CHAT)
+    assert text.status_code == 200, "a text request does not wait for the image slot"
+    waited = await client.post("/v1/chat/completions", json=image)
+    assert waited.status_code == 503 and waited.json()["error"]["code"] == "too_many_image_requests"
+    assert waited.headers["retry-after"] == "5" and entered == ["image", "text"]
+    second = asyncio.create_task(client.post("/v1/chat/completions", json=image))
+    await asyncio.sleep(0.1)
+    assert entered == ["image", "text"], "the second image request waits for the first"
+    release.set()
+    assert (await first).status_code == 200 and (await second).status_code == 200
+    assert entered == ["image", "text", "image"]

@@ -145,3 +145,9 @@ def test_a_cpu_vision_engine_keeps_room_to_decode_its_images(settings: Settings)
     assert int(vision[vision.index("--kv-cache-memory-bytes") + 1]) == kv - decode
     with pytest.raises(InvalidInput, match=r"decoding 4 images .* lower --max-images"):
         kv_cache_bytes(spec(gpu_memory=2 * G, max_images=4, max_image_pixels=4096 * 3072), settings)
+
+
+def test_a_cpu_gateway_serves_one_image_request_at_a_time(settings: Settings) -> None:
+    cpu = tenant_plan(spec(), settings, device_total=24 * G).gateway
+    gpu = tenant_plan(spec(), settings.model_copy(update={"gpu_mode": "nvml"}), device_total=80 * G).gateway
+    assert cpu.env["GTM_GATEWAY_IMAGE_REQUESTS"] == "1" and gpu.env["GTM_GATEWAY_IMAGE_REQUESTS"] == "0"
