@@ -66,7 +66,7 @@ def _engine_options(p: argparse.ArgumentParser, required: bool) -> None:
         "--max-image-pixels",
         type=int,
         help=f"width x height of the largest image, read from its header by the gateway (default "
-        f"{DEFAULT_MAX_IMAGE_PIXELS}: 4096 x 4096; a 4000 x 3000 photo passes)",
+        f"{DEFAULT_MAX_IMAGE_PIXELS}: 4096 x 3072; a 4000 x 3000 photo passes)",
     )
     p.add_argument(
         "--enable-prefix-caching",

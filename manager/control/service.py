@@ -88,6 +88,14 @@ class Created:
     decision: Decision
 
 
+def chosen_options(options: dict[str, object]) -> dict[str, object]:
+    """The image limits and engine options given (None: not given); ``max_num_seqs`` 0 is vLLM's default."""
+    unknown = set(options) - set(ENGINE_OPTIONS)
+    if unknown:
+        raise InvalidInput(f"unknown tenant options {sorted(unknown)}")
+    return {k: (None if (k, v) == ("max_num_seqs", 0) else v) for k, v in options.items() if v is not None}
+
+
 class TenantService:
     def __init__(
         self, settings: Settings, store: Store, runtime: Runtime, inventory: Inventory, reconciler: Reconciler
@@ -383,11 +391,7 @@ class TenantService:
             ):
                 if value is not None:
                     changes[key] = value
-            for name, option in options.items():
-                if name not in ENGINE_OPTIONS:
-                    raise InvalidInput(f"unknown tenant option {name!r}")
-                if option is not None:
-                    changes[name] = None if name == "max_num_seqs" and option == 0 else option
+            changes.update(chosen_options(options))
             if quotas:
                 current = row.spec.quotas
                 changes["quotas"] = Quotas(**{**current.__dict__, **quotas})
@@ -476,11 +480,9 @@ class TenantService:
         **options: object,
     ) -> TenantSpec:
         """``options``: the image limits and engine options of ``ENGINE_OPTIONS``; None is the default."""
-        unknown = set(options) - set(ENGINE_OPTIONS)
-        if unknown:
-            raise InvalidInput(f"unknown tenant options {sorted(unknown)}")
-        if options.get("max_images") is None:
-            options["max_images"] = self._default_max_images(model or self.settings.default_model)
+        chosen = chosen_options(options)
+        if "max_images" not in chosen:
+            chosen["max_images"] = self._default_max_images(model or self.settings.default_model)
         spec = TenantSpec(
             name=names.validate_tenant_name(name),
             port=port,
@@ -493,7 +495,6 @@ class TenantService:
         )
         if max_body is not None:
             spec = spec.with_changes(max_body=max_body)
-        chosen = {k: v for k, v in options.items() if v is not None and (k, v) != ("max_num_seqs", 0)}
         spec = spec.with_changes(**chosen)
         check_bounds(spec)
         return spec
