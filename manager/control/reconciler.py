@@ -168,9 +168,12 @@ class Reconciler:
             self.queue.add(name)
 
     def collect_all(self) -> None:
-        """Usage from every running gateway; one gateway's failure does not stop the others."""
+        """Usage from every tenant's gateway, whatever its engine is doing: a gateway keeps the
+        records of what it served before its engine failed or was replaced, and they are
+        collected now, not once the engine is back (a tenant being removed is collected by its
+        removal). One gateway's failure does not stop the others."""
         for row in self.store.tenants():
-            if row.status == TenantStatus.RUNNING:
+            if row.status != TenantStatus.REMOVING:
                 self.collect(row.spec.name, row.gateway_token)
 
     def collect(self, name: str, token: str) -> bool:

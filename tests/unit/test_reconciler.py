@@ -132,6 +132,18 @@ def test_an_exit_backs_off_then_restarts_with_the_engines_own_reason(world) -> N
     assert "ValueError" in store.engine_failure("acme").log  # type: ignore[union-attr]
 
 
+def test_usage_served_before_an_engine_failed_is_collected_while_it_is_down(world) -> None:
+    rec, store, runtime, _, gateways = world
+    add(store, "acme", 30001)
+    bring_up(rec, runtime, "acme")
+    gateways.records["token-acme"] = [(1, usage_record("cut", completion_tokens=5, status=200, outcome="cut"))]
+    runtime.exit(engine("acme"), 137)
+    rec.reconcile("acme")
+    assert status(store, "acme") == TenantStatus.FAILED  # noticed before the collector's next round
+    rec.collect_all()
+    assert store.usage_totals("acme", 0).tokens == 6
+
+
 def test_engines_start_one_at_a_time(world) -> None:
     rec, store, runtime, _, _ = world
     add(store, "a", 30001)
