@@ -42,6 +42,11 @@ def _engine_options(p: argparse.ArgumentParser, required: bool) -> None:
         "--gpu-memory", type=_size, required=required, help="reserved memory, e.g. 10G, 10GiB, 512M (binary units)"
     )
     p.add_argument("--port", type=int, required=required, help="the tenant's API port on the host")
+    p.add_argument(
+        "--gpu",
+        help="the device, by its index in capacity or its UUID (GPU-... or MIG-...); add-tenant: default the "
+        "device where it fits tightest; update-tenant: moves the tenant there (its engine restarts)",
+    )
     p.add_argument("--model", help="model directory under the models volume (default: the demo model)")
     p.add_argument("--max-model-len", type=int, help="longest context in tokens")
     p.add_argument(
@@ -188,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model")
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--name", help="an existing tenant to resize")
+    p.add_argument("--gpu", help="only this device (index or UUID); default: every device")
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("audit", help="the audit trail, newest first")
@@ -261,7 +267,33 @@ def _print_tenants(tenants: list[dict[str, Any]]) -> None:
         for t in tenants
     ]
     header = ["NAME", "PORT", "MODEL", "RESERVED", "MEASURED", "REQ TODAY", "TOKENS TODAY", "OPTIONS", "STATUS"]
+    if any(t.get("device", "") not in ("", "host-memory") for t in tenants):  # GPU mode: where each one runs
+        header.insert(3, "DEVICE")
+        for row, t in zip(rows, tenants, strict=True):
+            row.insert(3, t.get("device") or "first")
     print(_table(rows, [*header, "REASON"]))
+
+
+def _print_capacity(out: dict[str, Any]) -> None:
+    """One block per device: its totals, then its tenants."""
+    for ledger in out.get("devices") or [{**out, "process_overhead": 0}]:
+        d = ledger["device"]
+        where = f"{d['kind'].upper()} {d['index']} {d['uuid']}: " if d["kind"] != "host-memory" else ""
+        driver = f", kept by the driver {format_size(d['reserved'])}" if d.get("reserved") else ""
+        contexts = (
+            f", {format_size(ledger['process_overhead'])} context per engine" if ledger["process_overhead"] else ""
+        )
+        room = format_size(max(ledger["unreserved"], 0))
+        print(
+            f"{where}{d['name']} ({out['mode']}): total {format_size(d['total'])}{driver}, free "
+            f"{format_size(d['free'])}, reserved {format_size(ledger['reserved'])}{contexts}, headroom "
+            f"{format_size(out['headroom'])}; a new tenant can reserve up to {room}"
+        )
+        rows = [
+            [t["name"], format_size(t["reserved"]), "unknown" if t.get("unknown") else _opt_size(t["measured"])]
+            for t in ledger["tenants"]
+        ]
+        print(_table(rows, ["TENANT", "RESERVED", "MEASURED"]))
 
 
 def engine_options(t: dict[str, Any]) -> str:
@@ -321,7 +353,17 @@ def _quota_body(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _engine_body(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("gpu_memory", "port", "model", "max_model_len", "quantization", "shm_size", "max_body", *ENGINE_OPTIONS)
+    keys = (
+        "gpu_memory",
+        "port",
+        "gpu",
+        "model",
+        "max_model_len",
+        "quantization",
+        "shm_size",
+        "max_body",
+        *ENGINE_OPTIONS,
+    )
     body = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     return {**body, **_quota_body(args)}
 
@@ -479,14 +521,7 @@ def run(args: argparse.Namespace, api: Api) -> int:
     elif args.command == "capacity":
         out = api.call("GET", "/api/v1/capacity")
         if not args.json:
-            d = out["device"]
-            print(
-                f"{d['name']} ({out['mode']}): total {format_size(d['total'])}, free {format_size(d['free'])}, "
-                f"reserved {format_size(out['reserved'])}, headroom {format_size(out['headroom'])}, "
-                f"unreserved {format_size(out['unreserved'])}"
-            )
-            rows = [[t["name"], format_size(t["reserved"]), _opt_size(t["measured"])] for t in out["tenants"]]
-            print(_table(rows, ["TENANT", "RESERVED", "MEASURED"]))
+            _print_capacity(out)
             return 0
     elif args.command == "what-if":
         body = {
@@ -494,6 +529,7 @@ def run(args: argparse.Namespace, api: Api) -> int:
             "model": args.model,
             "max_model_len": args.max_model_len,
             "tenant": args.name,
+            "gpu": args.gpu,
         }
         out = api.call("POST", "/api/v1/what-if", {k: v for k, v in body.items() if v is not None})
         if not args.json:

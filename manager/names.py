@@ -28,6 +28,7 @@ class Role(StrEnum):
     VOLUME = "volume"
     PROBE = "probe"
     WARMUP = "warmup"
+    PREPARE = "prepare"
 
 
 def _validate(name: str, what: str, why: str) -> str:
@@ -82,6 +83,10 @@ def gateway(instance: str, tenant: str) -> str:
 
 def gateway_volume(instance: str, tenant: str) -> str:
     return f"{instance}-t-{tenant}-gw"
+
+
+def prepare(instance: str, tenant: str) -> str:
+    return f"{instance}-t-{tenant}-prepare"
 
 
 def warmup(instance: str) -> str:

@@ -16,6 +16,11 @@ from manager.sizes import parse_size
 Size = Annotated[int, BeforeValidator(parse_size)]
 GIB = 1024**3
 MIB = 1024**2
+GPU_PIDS_LIMIT = 4096
+GPU_ENGINE_OVERHEAD = 3 * GIB
+"""nvml: vLLM's budget beyond weights and KV cache, from its own start-up logs (docs/gpu.md): the
+activation peak of a profile run (1.26-2.38 GiB for 7-8B models at 2048 batched tokens), memory
+outside torch (0.03-0.30 GiB, 1.79 once), CUDA graphs (about 0.2-0.5 GiB)."""
 
 
 class Settings(BaseSettings):
@@ -57,6 +62,13 @@ class Settings(BaseSettings):
     engine_start_timeout_s: float = 900.0
 
     @model_validator(mode="after")
+    def _mode_defaults(self) -> Settings:
+        # nvml: torch, triton and NCCL start threads per core; 512 tasks can kill an engine on a big host
+        if self.gpu_mode == "nvml" and "engine_pids_limit" not in self.model_fields_set:
+            self.engine_pids_limit = GPU_PIDS_LIMIT
+        return self
+
+    @model_validator(mode="after")
     def _refuse_insecure(self) -> Settings:
         token = self.admin_token
         if self.environment == "production" and token is not None and len(token.get_secret_value()) < 24:
@@ -80,8 +92,9 @@ class Settings(BaseSettings):
         """Memory an engine needs beyond weights and KV cache.
 
         cpu: the vLLM process itself (measured ~1.0-1.2 GiB RSS with a tiny model);
-        nvml: CUDA graphs, activations and the allocator's slack inside the slice.
+        nvml: inside vLLM's budget, the activation peak of its profile run, memory outside torch and
+        CUDA graphs (``GPU_ENGINE_OVERHEAD``); the CUDA context is outside it (``process_overhead``).
         """
         if self.engine_overhead is not None:
             return self.engine_overhead
-        return 1152 * MIB if self.gpu_mode == "cpu" else GIB
+        return 1152 * MIB if self.gpu_mode == "cpu" else GPU_ENGINE_OVERHEAD

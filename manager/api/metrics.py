@@ -61,10 +61,11 @@ class StateCollector(Collector):
         for loop in ("worker", "resync", "usage"):
             errors.add_metric([loop], self.service.reconciler.loop_errors[loop])
         yield errors
-        device = self.service.inventory.devices()[0]
-        dev = GaugeMetricFamily("gtm_device_memory_bytes", "Device memory", labels=["device", "kind"])
-        for kind, value in (("total", device.total), ("free", device.free), ("used", device.used)):
-            dev.add_metric([str(device.index), kind], value)
+        dev = GaugeMetricFamily("gtm_device_memory_bytes", "Device memory", labels=["device", "uuid", "kind"])
+        for device in self.service.inventory.devices():
+            figures = (("total", device.total), ("free", device.free), ("used", device.used))
+            for kind, value in (*figures, ("driver_reserved", device.reserved)):
+                dev.add_metric([str(device.index), device.uuid, kind], value)
         yield dev
 
 

@@ -79,7 +79,7 @@ def create_tenant(body: TenantCreate, svc: Service, actor: Admin) -> TenantCreat
         quotas=Quotas(**{f: getattr(body, f) for f in QUOTA_FIELDS}),
         **{f: getattr(body, f) for f in ENGINE_OPTIONS},
     )
-    created = svc.create(spec, actor)
+    created = svc.create(spec, actor, gpu=body.gpu)
     return TenantCreated(
         tenant=TenantPublic.of(created.tenant),
         key=IssuedKeyPublic(key_id=created.key.id, api_key=created.key.secret_key),
@@ -249,6 +249,7 @@ def what_if(body: WhatIf, svc: Service, _: Admin) -> DecisionPublic:
         body.max_model_len or svc.settings.default_max_model_len,
         bool(body.quantization),
         tenant=body.tenant,
+        gpu=body.gpu,
     )
     return DecisionPublic.of(decision)
 

@@ -25,6 +25,7 @@ from manager.domain import (
     MIN_PORT,
     QUOTA_MAX,
 )
+from manager.gpu import DeviceMemory
 from manager.names import TENANT_NAME
 from manager.sizes import MAX_SIZE, format_size, parse_size
 
@@ -100,6 +101,12 @@ class TenantCreate(QuotaFields, EngineOptionFields):
     quantization: str | None = Field(None, max_length=64)
     shm_size: Size | None = None
     max_body: Size | None = Field(None, description=MAX_BODY_TEXT)
+    gpu: str | None = Field(
+        None,
+        max_length=64,
+        description="the device to place the tenant on: its index in /capacity or its UUID (GPU-... or MIG-...); "
+        "default: the device where it fits tightest",
+    )
 
 
 class TenantUpdate(QuotaFields, EngineOptionFields):
@@ -110,6 +117,12 @@ class TenantUpdate(QuotaFields, EngineOptionFields):
     quantization: str | None = Field(None, max_length=64)
     shm_size: Size | None = None
     max_body: Size | None = Field(None, description=MAX_BODY_TEXT)
+    gpu: str | None = Field(
+        None,
+        max_length=64,
+        description="the device to place the tenant on: its index in /capacity or its UUID (GPU-... or MIG-...); "
+        "moves the tenant (its engine restarts there); default: it stays on its own",
+    )
 
 
 class ErrorDetail(BaseModel):
@@ -152,6 +165,7 @@ class TenantPublic(BaseModel):
     status_since: float
     created_at: float
     measured: int | None = None
+    device: str = Field("", description="the UUID of the device its engine runs on ('' for the host's first)")
     requests_today: int = 0
     tokens_today: int = 0
 
@@ -175,6 +189,7 @@ class TenantPublic(BaseModel):
             status_since=row.status_since,
             created_at=row.created_at,
             measured=measured,
+            device=row.device,
             requests_today=today.requests if today else 0,
             tokens_today=today.tokens if today else 0,
         )
@@ -185,11 +200,16 @@ class DecisionPublic(BaseModel):
     failed_checks: list[str]
     messages: list[str]
     numbers: dict[str, int | None]
+    device: str = Field("", description="the device the numbers are of (on a host with several, or --gpu)")
 
     @classmethod
     def of(cls, d: Decision) -> DecisionPublic:
         return cls(
-            admitted=d.admitted, failed_checks=list(d.failed_checks), messages=list(d.messages), numbers=d.numbers
+            admitted=d.admitted,
+            failed_checks=list(d.failed_checks),
+            messages=list(d.messages),
+            numbers=d.numbers,
+            device=d.device,
         )
 
 
@@ -304,6 +324,12 @@ class WhatIf(Strict):
     tenant: str | None = Field(
         None, description="an existing tenant to resize; its own reservation is freed", max_length=32
     )
+    gpu: str | None = Field(
+        None,
+        max_length=64,
+        description="the device to place the tenant on: its index in /capacity or its UUID (GPU-... or MIG-...); "
+        "default: every device (a resized tenant: its own)",
+    )
 
 
 class ModelImport(Strict):
@@ -320,38 +346,62 @@ class Removal(BaseModel):
 
 
 class DevicePublic(BaseModel):
-    index: int
-    uuid: str
+    index: int = Field(description="what --gpu N names")
+    uuid: str = Field(description="GPU-... or MIG-...; host-memory in cpu mode")
     name: str
-    kind: str
+    kind: str = Field(description="gpu, mig or host-memory")
     total: int
     free: int
     used: int
+    reserved: int = Field(0, description="kept by the driver (NVML v2); never usable")
 
 
 class TenantCapacity(BaseModel):
     name: str
     reserved: int
     measured: int | None
+    unknown: bool = Field(False, description="its engine runs but the driver hides its use (MIG, vGPU)")
+
+
+class DeviceCapacityPublic(BaseModel):
+    device: DevicePublic
+    reserved: int
+    process_overhead: int = Field(description="each engine's CUDA context, held beside its reservation")
+    unreserved: int = Field(description="the largest reservation a new tenant can get on this device")
+    tenants: list[TenantCapacity]
 
 
 class CapacityPublic(BaseModel):
     mode: str
-    device: DevicePublic
+    device: DevicePublic = Field(description="the first device (the only one in cpu mode); see devices")
     headroom: int
-    reserved: int
-    unreserved: int
+    reserved: int = Field(description="reserved on all devices")
+    unreserved: int = Field(description="the largest reservation one new tenant can get on any device")
     tenants: list[TenantCapacity]
+    devices: list[DeviceCapacityPublic]
 
     @classmethod
     def of(cls, c: Capacity) -> CapacityPublic:
+        def device(d: DeviceMemory) -> DevicePublic:
+            return DevicePublic(**d.__dict__)
+
         return cls(
             mode=c.mode,
-            device=DevicePublic(**c.device.__dict__),
+            device=device(c.device),
             headroom=c.headroom,
             reserved=c.reserved,
             unreserved=c.unreserved,
             tenants=[TenantCapacity(**t.__dict__) for t in c.tenants],
+            devices=[
+                DeviceCapacityPublic(
+                    device=device(d.device),
+                    reserved=d.reserved,
+                    process_overhead=d.process_overhead,
+                    unreserved=d.unreserved,
+                    tenants=[TenantCapacity(**t.__dict__) for t in d.tenants],
+                )
+                for d in c.devices
+            ],
         )
 
 

@@ -24,7 +24,7 @@ from manager.console.session import (
     Sessions,
     login_bucket,
 )
-from manager.console.views import capacity_segments, day_bars
+from manager.console.views import capacity_segments, day_bars, label_of
 from manager.domain import QUOTA_FIELDS, Quotas
 from manager.errors import GtmError, InvalidInput
 from manager.sizes import format_size, parse_size
@@ -183,6 +183,7 @@ def overview(request: Request) -> HTMLResponse:
     svc = comps(request).service
     cap = svc.capacity()
     measured = {t.name: t.measured for t in cap.tenants}
+    unknown = {t.name for t in cap.tenants if t.unknown}  # the driver hides its use (MIG, vGPU)
     rows = []
     day = _today()
     for r in svc.tenants():
@@ -194,11 +195,28 @@ def overview(request: Request) -> HTMLResponse:
         if q.tokens_per_day:
             left.append(f"{max(q.tokens_per_day - today.tokens, 0)} tokens left today")
         rows.append(
-            {"row": r, "measured": measured.get(r.spec.name), "today": today, "quota": ", ".join(left) or "no limits"}
+            {
+                "row": r,
+                "measured": measured.get(r.spec.name),
+                "unknown": r.spec.name in unknown,
+                "today": today,
+                "quota": ", ".join(left) or "no limits",
+            }
         )
-    segments = capacity_segments(cap)
-    colors = {seg.label: seg.color for seg in segments if seg.kind == "tenant"}
-    return page(request, "overview.html", session, cap=cap, segments=segments, rows=rows, colors=colors)
+    bars = [(ledger, capacity_segments(ledger)) for ledger in cap.devices]
+    colors = {seg.label: seg.color for _, segments in bars for seg in segments if seg.kind == "tenant"}
+    device_of = {t.name: label_of(ledger.device) for ledger in cap.devices for t in ledger.tenants}
+    return page(
+        request,
+        "overview.html",
+        session,
+        cap=cap,
+        bars=bars,
+        rows=rows,
+        colors=colors,
+        device_of=device_of,
+        label_of=label_of,
+    )
 
 
 # ---------------------------------------------------------------- tenants

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from manager.control.service import Capacity
+from manager.control.service import DeviceCapacity
+from manager.gpu import DeviceMemory
 from manager.sizes import format_size
 
 PALETTE = ["#3b82f6", "#10b981", "#f59e0b", "#8b5cf6", "#ef4444", "#14b8a6", "#ec4899", "#84cc16"]
@@ -20,9 +21,18 @@ class Segment:
     kind: str  # tenant, headroom, free
 
 
-def capacity_segments(cap: Capacity) -> list[Segment]:
-    """The capacity bar, left to right: each tenant's reservation (with its measured use inside),
-    the unreserved rest, then the headroom that is never reserved."""
+def label_of(device: DeviceMemory) -> str:
+    """A device as the pages name it: ``GPU 0``, ``MIG 2``, or ``host memory``."""
+    if device.kind == "host-memory":
+        return "host memory"
+    return f"{'MIG' if device.kind == 'mig' else 'GPU'} {device.index}"
+
+
+def capacity_segments(cap: DeviceCapacity) -> list[Segment]:
+    """One device's capacity bar, left to right: each tenant's reservation (with its measured use
+    inside), the engines' CUDA contexts beside their reservations (nvml), the unreserved rest,
+    the headroom that is never reserved, and what the driver keeps. The parts add up to the
+    device's total."""
     total = cap.device.total or 1
     out = []
     for i, t in enumerate(sorted(cap.tenants, key=lambda t: -t.reserved)):
@@ -31,20 +41,27 @@ def capacity_segments(cap: Capacity) -> list[Segment]:
             Segment(
                 t.name,
                 f"{t.name}: reserved {format_size(t.reserved)}, measured "
-                f"{format_size(measured) if t.measured is not None else 'n/a'}",
+                f"{format_size(measured) if t.measured is not None else 'unknown'}",
                 100 * t.reserved / total,
                 PALETTE[i % len(PALETTE)],
                 min(100.0, 100 * measured / t.reserved) if t.reserved else 0.0,
                 "tenant",
             )
         )
-    free = max(cap.unreserved, 0)
+    contexts = len(cap.tenants) * cap.process_overhead
+    if contexts:
+        title = f"engines' CUDA contexts: {len(cap.tenants)} x {format_size(cap.process_overhead)}"
+        out.append(Segment("contexts", title, 100 * contexts / total, "#cbd5e1", 0, "overhead"))
+    free = max(cap.device.usable - cap.headroom - cap.reserved - contexts, 0)
     out.append(Segment("free", f"unreserved: {format_size(free)}", 100 * free / total, "#e5e7eb", 0, "free"))
     out.append(
         Segment(
             "headroom", f"headroom: {format_size(cap.headroom)}", 100 * cap.headroom / total, "#9ca3af", 0, "headroom"
         )
     )
+    if cap.device.reserved:
+        title = f"kept by the driver: {format_size(cap.device.reserved)}"
+        out.append(Segment("driver", title, 100 * cap.device.reserved / total, "#6b7280", 0, "driver"))
     return out
 
 

@@ -1,14 +1,20 @@
 """Admission: does a reservation fit? One pure decision, with every number that decided it.
 
-Three checks, all evaluated so a refusal can name each one that failed:
+Three checks per device, all evaluated so a refusal can name each one that failed:
 
-1. ``ledger``: reservations of the others plus the request fit the device total
-   minus the headroom.
+1. ``ledger``: reservations of the others plus the request fit what the device can give
+   processes (NVML's total less the driver's own reservation) minus the headroom, each
+   reservation with one process's CUDA-context overhead beside it: vLLM's budget
+   (``--gpu-memory-utilization``) holds weights, activations and KV cache, and its context
+   lives outside it.
 2. ``measured``: the memory the inventory reports free, less what the other tenants
    have reserved but not yet taken, covers the request plus one process's
    CUDA-context overhead (the GPU may hold processes that are not ours).
 3. ``model_fit``: the request covers the model's weights, a minimal KV cache and
    the engine's overhead.
+
+``place`` decides on every device of the host and picks the tightest one that fits (best
+fit), so large reservations still find a device later.
 
 Serialising decisions (so that two requests cannot both take the last gigabyte)
 is the caller's job: see ``service.TenantService``.
@@ -16,7 +22,8 @@ is the caller's job: see ``service.TenantService``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 from manager.sizes import format_size
 
@@ -33,6 +40,12 @@ class AdmissionInput:
     reclaimable: int
     process_overhead: int
     model_minimum: int | None = None
+    system_reserved: int = 0
+    """What the driver keeps of the device (NVML v2 ``reserved``)."""
+    others: int = 0
+    """Tenants already on the device: each holds a process overhead beyond its reservation."""
+    device: str = ""
+    """The device, as a refusal names it (``GPU 1 (GPU-...)``); '' on a host with one."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +54,7 @@ class Decision:
     failed_checks: tuple[str, ...]
     messages: tuple[str, ...]
     numbers: dict[str, int | None] = field(default_factory=dict)
+    device: str = ""
 
     @property
     def summary(self) -> str:
@@ -54,14 +68,20 @@ def decide(data: AdmissionInput) -> Decision:
     failed: list[str] = []
     messages: list[str] = []
 
-    ledger_free = data.total - data.headroom - data.reserved_by_others
-    if data.requested > ledger_free:
+    others_overhead = data.others * data.process_overhead
+    ledger_free = data.total - data.system_reserved - data.headroom - data.reserved_by_others - others_overhead
+    if data.requested + data.process_overhead > ledger_free:
         failed.append("ledger")
-        messages.append(
-            f"ledger: {f(data.requested)} requested but only {f(max(ledger_free, 0))} is unreserved "
-            f"(total {f(data.total)} - headroom {f(data.headroom)} - reserved by others "
-            f"{f(data.reserved_by_others)})."
-        )
+        taken = f"total {f(data.total)}"
+        if data.system_reserved:
+            taken += f" - driver reserved {f(data.system_reserved)}"
+        taken += f" - headroom {f(data.headroom)} - reserved by others {f(data.reserved_by_others)}"
+        if others_overhead:
+            taken += f" - their {data.others} x {f(data.process_overhead)} per-process overhead"
+        asked = f"{f(data.requested)} requested"
+        if data.process_overhead:
+            asked += f" (+ {f(data.process_overhead)} per-process overhead)"
+        messages.append(f"ledger: {asked} but only {f(max(ledger_free, 0))} is unreserved ({taken}).")
 
     usable = data.measured_free + data.reclaimable - data.not_yet_taken_by_others
     needed = data.requested + data.process_overhead
@@ -82,7 +102,10 @@ def decide(data: AdmissionInput) -> Decision:
         )
 
     if not failed:
-        messages.append(f"{f(data.requested)} of {f(ledger_free)} unreserved; {f(usable - needed)} measured slack left")
+        messages.append(
+            f"{f(data.requested + data.process_overhead)} of {f(ledger_free)} unreserved; "
+            f"{f(usable - needed)} measured slack left"
+        )
     numbers: dict[str, int | None] = {
         "requested": data.requested,
         "total": data.total,
@@ -95,5 +118,32 @@ def decide(data: AdmissionInput) -> Decision:
         "reclaimable": data.reclaimable,
         "process_overhead": data.process_overhead,
         "model_minimum": data.model_minimum,
+        "system_reserved": data.system_reserved,
+        "others_overhead": others_overhead,
     }
-    return Decision(not failed, tuple(failed), tuple(messages), numbers)
+    return Decision(not failed, tuple(failed), tuple(messages), numbers, data.device)
+
+
+def place(candidates: Sequence[AdmissionInput]) -> tuple[int | None, Decision]:
+    """The device a reservation goes to: of those where it fits, the one with the least left
+    unreserved afterwards (best fit). Returns (its index in ``candidates``, its decision), or
+    (None, a refusal naming every device's numbers)."""
+    if not candidates:
+        raise ValueError("no device to place a reservation on")
+    decisions = [decide(c) for c in candidates]
+    fits = [i for i, d in enumerate(decisions) if d.admitted]
+    if fits:
+        best = min(fits, key=lambda i: decisions[i].numbers["unreserved"] or 0)
+        chosen = decisions[best]
+        if chosen.device:
+            chosen = replace(chosen, messages=(f"on {chosen.device}", *chosen.messages))
+        return best, chosen
+    if len(decisions) == 1:
+        only = decisions[0]
+        return None, replace(
+            only, messages=(f"{only.device}: {only.messages[0]}", *only.messages[1:])
+        ) if only.device else only
+    failed = tuple(dict.fromkeys(check for d in decisions for check in d.failed_checks))
+    messages = tuple(f"{d.device}: " + " ".join(d.messages) for d in decisions)
+    numbers = min(decisions, key=lambda d: len(d.failed_checks)).numbers
+    return None, Decision(False, failed, messages, numbers)

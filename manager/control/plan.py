@@ -80,10 +80,27 @@ def kv_cache_bytes(spec: TenantSpec, settings: Settings) -> int:
 
 
 def gpu_memory_utilization(reserved: int, device_total: int) -> float:
-    """vLLM's fraction of the whole device, rounded down so it never exceeds the slice."""
+    """vLLM's fraction of the device, rounded down so that its budget never exceeds the reservation.
+
+    ``device_total`` must be CUDA's total (``DeviceMemory.usable``: NVML's total less the driver's
+    reservation): vLLM multiplies the fraction by ``torch.cuda.mem_get_info()[1]`` (its
+    ``MemorySnapshot.total_memory``, vllm/v1/worker/gpu_worker.py), so a fraction of NVML's larger
+    total gave every engine about 1% less than its reservation (860 MiB at 79 GiB)."""
     if device_total <= 0 or reserved > device_total:
         raise InvalidInput(f"reservation {reserved} does not fit a device of {device_total} bytes")
     return int(reserved / device_total * 10_000) / 10_000
+
+
+GPU_MAX_NUM_BATCHED_TOKENS = 2048
+"""nvml: tokens in one forward pass. vLLM's activation peak (profiled at start, inside the budget)
+grows with it; passed explicitly so that the peak ``GPU_ENGINE_OVERHEAD`` holds stays bounded
+whatever vLLM's default for the GPU is (it differs between releases and GPU classes)."""
+GPU_MAX_NUM_SEQS = 128
+"""nvml: sequences batched at once unless the tenant sets --max-num-seqs (the sampler's buffers
+and CUDA graphs scale with it)."""
+ENGINE_THREADS = "4"
+"""nvml: threads of each pool (OpenMP, MKL, tokenizers, torch.compile workers) in an engine; left
+alone, each sizes itself to every core of the host."""
 
 
 def engine_args(spec: TenantSpec, settings: Settings, device_total: int) -> list[str]:
@@ -102,7 +119,13 @@ def engine_args(spec: TenantSpec, settings: Settings, device_total: int) -> list
             "--kv-cache-memory-bytes", str(kv_cache_bytes(spec, settings)),
         ]  # fmt: skip
     else:
-        args += ["--gpu-memory-utilization", f"{gpu_memory_utilization(spec.gpu_memory, device_total):.4f}"]
+        seqs = spec.max_num_seqs or GPU_MAX_NUM_SEQS
+        args += [
+            "--gpu-memory-utilization", f"{gpu_memory_utilization(spec.gpu_memory, device_total):.4f}",
+            "--max-num-batched-tokens", str(max(GPU_MAX_NUM_BATCHED_TOKENS, seqs)),
+        ]  # fmt: skip
+        if spec.max_num_seqs is None:
+            args += ["--max-num-seqs", str(seqs)]
     if spec.quantization:
         args += ["--quantization", spec.quantization]
     # the gateway refuses requests with more images; a text model ignores the limit. Prefix caching is
@@ -131,6 +154,56 @@ for root in paths:
                         read += len(chunk)
 print(f"read {read} bytes")
 """
+
+
+ENGINE_ENTRYPOINT = ("python3", "-m", "vllm.entrypoints.openai.api_server")
+ENGINE_UID = 1000
+PREPARE_CODE = f"import os; os.chown('/data', {ENGINE_UID}, {ENGINE_UID}); os.chmod('/data', 0o700)"
+
+
+def prepare_plan(spec: TenantSpec, settings: Settings) -> ContainerPlan:
+    """A one-off container that gives the tenant's volume to the engine's user before its engine
+    starts. A new named volume is root's (0755) unless the image has the mount point with other
+    owners, and the upstream vLLM image has no /data: its engine, running as uid 1000, could not
+    write its caches. It runs from the engine image as root with CHOWN alone, no network."""
+    return ContainerPlan(
+        name=names.prepare(settings.instance, spec.name),
+        image=settings.engine_image,
+        entrypoint=["python3", "-c", PREPARE_CODE],
+        command=[],
+        labels=names.labels(settings.instance, Role.PREPARE, spec.name),
+        network="none",
+        mounts=[Mount(names.volume(settings.instance, spec.name), "/data")],
+        user="0:0",
+        cap_add=["CHOWN"],
+        pids_limit=16,
+    )
+
+
+def engine_env(settings: Settings) -> dict[str, str]:
+    """The engine's environment. Its user (uid 1000) has no passwd entry in the upstream vLLM image:
+    ``getpass.getuser()`` (torch inductor's cache path) reads USER/LOGNAME before it asks passwd,
+    and every cache lives in the tenant's volume."""
+    env = {
+        "HOME": "/data",
+        "USER": "vllm",
+        "LOGNAME": "vllm",
+        "HF_HOME": "/data/hf",
+        "VLLM_CACHE_ROOT": "/data/vllm-cache",
+        "TORCHINDUCTOR_CACHE_DIR": "/data/inductor-cache",
+        "TRITON_CACHE_DIR": "/data/triton-cache",
+        "HF_HUB_OFFLINE": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+    }
+    if settings.gpu_mode == "nvml":
+        env |= {
+            "OMP_NUM_THREADS": ENGINE_THREADS,
+            "MKL_NUM_THREADS": ENGINE_THREADS,
+            "RAYON_NUM_THREADS": ENGINE_THREADS,
+            "TORCHINDUCTOR_COMPILE_THREADS": ENGINE_THREADS,
+        }
+    return env
 
 
 def warmup_plan(settings: Settings, model: str) -> ContainerPlan:
@@ -174,6 +247,13 @@ def control_network_plan(settings: Settings) -> NetworkPlan:
 def identity(*parts: str) -> str:
     """The ``spec-hash`` label: a container is replaced when any of its parts changes."""
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def engine_identity(spec: TenantSpec, image_id: str, gpu_uuid: str | None) -> str:
+    """The engine's ``spec-hash``: its spec, the image the tag points at, and the GPU it runs on (a
+    tenant moved with --gpu gets a new engine there). cpu mode has no GPU, so its hash is what it was."""
+    parts = [spec.engine_hash()] + ([image_id] if image_id else []) + ([gpu_uuid] if gpu_uuid else [])
+    return identity(*parts) if len(parts) > 1 else parts[0]
 
 
 def gateway_plan(spec: TenantSpec, settings: Settings, gateway_token: str, image_id: str = "") -> ContainerPlan:
@@ -220,7 +300,8 @@ def tenant_plan(
     gateway_token: str = "",
     image_ids: dict[str, str] | None = None,
 ) -> TenantPlan:
-    """``image_ids``: image name -> the ID it points at now (from the runtime); part of each
+    """``device_total``: the device's CUDA total (``DeviceMemory.usable``); ``gpu_uuid``: its UUID
+    (nvml). ``image_ids``: image name -> the ID it points at now (from the runtime); part of each
     container's identity, so a rebuilt image under the same tag replaces the containers."""
     inst = settings.instance
     ids = image_ids or {}
@@ -231,30 +312,26 @@ def tenant_plan(
     engine = ContainerPlan(
         name=names.engine(inst, spec.name),
         image=settings.engine_image,
+        # the OpenAI server by module: the same in this project's CPU image and upstream vllm/vllm-openai
+        # (whose entrypoint has changed between releases)
+        entrypoint=list(ENGINE_ENTRYPOINT),
         command=engine_args(spec, settings, device_total),
         labels=names.labels(
             inst,
             Role.ENGINE,
             spec.name,
-            spec_hash=identity(spec.engine_hash(), engine_image_id) if engine_image_id else spec.engine_hash(),
+            spec_hash=engine_identity(spec, engine_image_id, gpu_uuid),
         ),
         network=net,
         aliases=[names.ENGINE_ALIAS],
-        env={
-            "HOME": "/data",
-            "HF_HOME": "/data/hf",
-            "VLLM_CACHE_ROOT": "/data/vllm-cache",
-            "HF_HUB_OFFLINE": "1",
-            "VLLM_NO_USAGE_STATS": "1",
-            "DO_NOT_TRACK": "1",
-        },
+        env=engine_env(settings),
         mounts=[Mount(vol, "/data"), Mount(settings.models_source, "/models", read_only=True)],
         tmpfs={"/tmp": "rw,nosuid,nodev,size=1g"},  # noqa: S108 - a private tmpfs, not a shared /tmp
         pids_limit=settings.engine_pids_limit,
         mem_limit=spec.gpu_memory if cpu else None,
         shm_size=spec.shm_size,
         nano_cpus=int(settings.engine_cpus * 1e9) if settings.engine_cpus else None,
-        gpu_device_ids=None if cpu else [gpu_uuid or "0"],
+        gpu_device_ids=None if cpu else [gpu_uuid or "0"],  # a GPU's or a MIG instance's UUID
         healthcheck=http_healthcheck(ENGINE_PORT, "/health", int(settings.engine_start_timeout_s)),
     )
     return TenantPlan(

@@ -16,7 +16,13 @@ of its own, so a long read never holds up another tenant's key changes.
 
 Engines start one at a time (the *start gate*): vLLM measures free memory when
 it starts, and two engines profiling at once can both fail. The next engine
-waits until the previous one is healthy, has failed, or timed out.
+waits until the previous one is healthy, has failed, or timed out. On a GPU,
+removing or replacing an engine waits for the gate too: vLLM asserts that free
+memory did not grow while it profiled, so memory freed meanwhile fails that start.
+
+Each tenant's engine runs on the device admission placed it on (its row's
+``device``); a tenant whose device is gone from the host fails with that reason
+until the admin moves it (``update-tenant --gpu``).
 
 Status writes never enqueue work, so the reconciler never re-triggers itself.
 A failing engine is restarted with exponential backoff (10 s doubling to 5 min),
@@ -35,12 +41,18 @@ from collections.abc import Callable
 
 from manager import names
 from manager.control.gateway_client import Connect, GatewayClient, collect_usage, push_config
-from manager.control.plan import control_network_name, control_network_plan, tenant_plan, warmup_plan
+from manager.control.plan import (
+    control_network_name,
+    control_network_plan,
+    prepare_plan,
+    tenant_plan,
+    warmup_plan,
+)
 from manager.control.store import EngineFailure, Store, TenantRow
 from manager.control.workqueue import WorkQueue
 from manager.domain import TenantStatus, can_transition
 from manager.errors import GtmError, RuntimeUnavailable
-from manager.gpu import Inventory
+from manager.gpu import Inventory, placed_on
 from manager.names import Role
 from manager.runtime.protocol import Runtime
 from manager.runtime.types import ContainerPlan, ContainerState
@@ -49,6 +61,7 @@ from manager.settings import Settings
 log = logging.getLogger(__name__)
 POLL_STARTING_S = 2.0
 WARMUP_TIMEOUT_S = 300.0
+PREPARE_TIMEOUT_S = 60.0
 WARMUP_WAIT_S = 1.0
 """How long the worker waits for a warm-up it has just begun before it moves on to other tenants'
 turns (later turns only look whether it has ended)."""
@@ -128,6 +141,8 @@ class Reconciler:
         self._orphans_seen: dict[str, float] = {}
         self._warmed: set[tuple[str, str]] = set()
         self._warming: dict[tuple[str, str], threading.Thread] = {}
+        self._prepared: set[str] = set()
+        """Tenants whose volume this manager process gave to the engine's user (``plan.prepare_plan``)."""
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
 
@@ -232,18 +247,28 @@ class Reconciler:
             return self._orphan(name, containers)
         self._orphans_seen.pop(name, None)
         if row.status == TenantStatus.REMOVING:
+            if self._profiling_elsewhere(name, containers):
+                return POLL_STARTING_S
             # collect the last usage records before the gateway and its volume go
             if any(c.role == Role.GATEWAY and c.status == "running" for c in containers):
                 self.collect(name, row.gateway_token)
             self._teardown(name, containers)
             self.store.delete_tenant(name)
             return None
-        device = self.inventory.devices()[0]
+        device = placed_on(row.device, self.inventory.devices())
+        if device is None:
+            self._set_status(
+                row,
+                TenantStatus.FAILED,
+                f"its device {row.device} is not on this host any more (a GPU removed, or MIG reconfigured); "
+                "move the tenant with update-tenant --gpu N (capacity lists the devices)",
+            )
+            return None
         images = (self.settings.engine_image, self.settings.manager_image)
         plan = tenant_plan(
             row.spec,
             self.settings,
-            device.total,
+            device.usable,
             device.uuid if device.kind != "host-memory" else None,
             gateway_token=row.gateway_token,
             image_ids={image: self.runtime.image_id(image) or "" for image in images},
@@ -255,6 +280,11 @@ class Reconciler:
 
         engine: ContainerState | None = None
         gateway: ContainerState | None = None
+        stale = [c for c in containers if c.role == Role.ENGINE and c.spec_hash != plan.engine.labels[names.SPEC_HASH]]
+        if stale and self._profiling_elsewhere(name, stale):
+            holder = self._gate[0] if self._gate else ""
+            self._set_status(row, TenantStatus.PENDING, f"waiting for {holder}'s engine to finish starting")
+            return POLL_STARTING_S
         for c in containers:
             if c.role not in (Role.ENGINE, Role.GATEWAY):
                 continue
@@ -335,10 +365,37 @@ class Reconciler:
             self._gate = (name, self.clock())  # no other engine starts while this cache warms
             self._set_status(row, TenantStatus.STARTING, "reading the engine image and model into the page cache")
             return POLL_STARTING_S
+        self._prepare(row)
         self.runtime.run(plan)
         self._gate = (name, self.clock())
         self._set_status(row, TenantStatus.STARTING)
         return POLL_STARTING_S
+
+    def _prepare(self, row: TenantRow) -> None:
+        """Gives the tenant's volume to the engine's user, once per manager process (it is idempotent;
+        a volume created by Docker on its own, or an older release's, is fixed too)."""
+        name = row.spec.name
+        if name in self._prepared:
+            return
+        code, out = self.runtime.run_to_completion(prepare_plan(row.spec, self.settings), PREPARE_TIMEOUT_S)
+        if code != 0:
+            raise RuntimeUnavailable(
+                f"could not give the volume of {name} to the engine's user (exit {code}): {out.strip()[-300:]}"
+            )
+        self._prepared.add(name)
+
+    def _profiling_elsewhere(self, name: str, containers: list[ContainerState]) -> bool:
+        """nvml: another tenant's engine holds the start gate (it is profiling free memory) and this
+        turn would remove a running engine, which frees memory under it. vLLM then fails that start
+        ("Error in memory profiling ... other processes sharing the same container release GPU
+        memory while vLLM is profiling", vllm/v1/worker/gpu_worker.py). cpu engines size against
+        their own cgroup, so nothing waits there."""
+        if self.settings.gpu_mode != "nvml" or not self._gate or self._gate[0] == name:
+            return False
+        if self.store.find_tenant(self._gate[0]) is None:
+            self._gate = None
+            return False
+        return any(c.role == Role.ENGINE and c.status == "running" for c in containers)
 
     def _warm(self, model: str) -> bool:
         """Reads the engine image's packages and the model into the page cache once per manager
@@ -413,6 +470,7 @@ class Reconciler:
         for vol in self.runtime.volumes(sel):
             self.runtime.remove_volume(vol.name)
         self._release_gate(name)
+        self._prepared.discard(name)
         self.store.clear_engine_failure(name)
 
     def _release_gate(self, name: str) -> None:
@@ -457,6 +515,8 @@ class Reconciler:
         first = self._orphans_seen.setdefault(name, now)
         if now - first < self.settings.orphan_grace_s:
             return first + self.settings.orphan_grace_s - now
+        if self._profiling_elsewhere(name, containers):
+            return POLL_STARTING_S
         log.warning("removing orphaned resources of %s (no such tenant for %.0f s)", name, now - first)
         self._teardown(name, containers)
         self._orphans_seen.pop(name, None)

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from manager import keys, names
 from manager.control import models
-from manager.control.admission import AdmissionInput, Decision, decide
+from manager.control.admission import AdmissionInput, Decision, place
 from manager.control.costs import Share, split
 from manager.control.members import MemberService
 from manager.control.modelfit import ModelFootprint, image_allowance, read_config, read_footprint, takes_images
@@ -33,7 +33,7 @@ from manager.domain import (
     check_bounds,
 )
 from manager.errors import AdmissionRefused, Conflict, GtmError, InvalidInput, NotFound
-from manager.gpu import DeviceMemory, Inventory
+from manager.gpu import DeviceMemory, Inventory, device_label, find_device, placed_on
 from manager.runtime.protocol import Runtime
 from manager.settings import Settings
 
@@ -47,19 +47,53 @@ class TenantUsage:
     name: str
     reserved: int
     measured: int | None
+    unknown: bool = False
+    """The engine runs but the driver does not tell its use (MIG, vGPU): ``measured`` is None."""
+
+
+@dataclass(frozen=True)
+class DeviceCapacity:
+    """One device's ledger: its tenants' reservations, each with a process overhead beside it."""
+
+    device: DeviceMemory
+    headroom: int
+    process_overhead: int
+    tenants: list[TenantUsage] = field(default_factory=list)
+
+    @property
+    def reserved(self) -> int:
+        return sum(t.reserved for t in self.tenants)
+
+    @property
+    def unreserved(self) -> int:
+        """The largest reservation a new tenant can have here (its own overhead counted)."""
+        taken = self.reserved + (len(self.tenants) + 1) * self.process_overhead
+        return self.device.usable - self.headroom - taken
 
 
 @dataclass(frozen=True)
 class Capacity:
     mode: str
-    device: DeviceMemory
+    devices: list[DeviceCapacity]
     headroom: int
-    reserved: int
-    tenants: list[TenantUsage] = field(default_factory=list)
+
+    @property
+    def device(self) -> DeviceMemory:
+        """The host's first device (the only one in cpu mode)."""
+        return self.devices[0].device
+
+    @property
+    def tenants(self) -> list[TenantUsage]:
+        return [t for d in self.devices for t in d.tenants]
+
+    @property
+    def reserved(self) -> int:
+        return sum(d.reserved for d in self.devices)
 
     @property
     def unreserved(self) -> int:
-        return self.device.total - self.headroom - self.reserved
+        """The largest reservation one new tenant can get on any device."""
+        return max(d.unreserved for d in self.devices)
 
 
 @dataclass(frozen=True)
@@ -94,6 +128,15 @@ def chosen_options(options: dict[str, object]) -> dict[str, object]:
     if unknown:
         raise InvalidInput(f"unknown tenant options {sorted(unknown)}")
     return {k: (None if (k, v) == ("max_num_seqs", 0) else v) for k, v in options.items() if v is not None}
+
+
+def device_of(row: TenantRow, devices: list[DeviceMemory]) -> DeviceMemory | None:
+    return placed_on(row.device, devices)
+
+
+def _on(row: TenantRow, devices: list[DeviceMemory], device: DeviceMemory) -> bool:
+    placed = device_of(row, devices)
+    return placed is not None and placed.uuid == device.uuid
 
 
 class TenantService:
@@ -162,7 +205,12 @@ class TenantService:
             return dict(zip(engines, self._each(self.runtime.memory_usage, containers), strict=True))
         procs = self.inventory.processes()
         pids = self._each(self.runtime.container_pids, containers)
-        return {tenant: sum(p.used for p in procs if p.pid in ps) for tenant, ps in zip(engines, pids, strict=True)}
+        out: dict[str, int | None] = {}
+        for tenant, ps in zip(engines, pids, strict=True):
+            mine = [p.used for p in procs if p.pid in ps]
+            # one process whose use the driver hides (MIG, vGPU) makes the engine's use unknown, not less
+            out[tenant] = None if None in mine else sum(u for u in mine if u is not None)
+        return out
 
     @staticmethod
     def _each(read: Callable[[str], T], containers: list[str]) -> list[T]:
@@ -178,14 +226,30 @@ class TenantService:
         failure = self.store.engine_failure(name)
         return "\n".join(failure.log.splitlines()[-lines:]) if failure else ""
 
+    @property
+    def process_overhead(self) -> int:
+        """What each engine holds beyond its reservation: its CUDA context (nvml); none in cpu mode,
+        where the reservation is the engine's whole memory limit."""
+        return self.settings.process_overhead if self.inventory.mode == "nvml" else 0
+
     def capacity(self) -> Capacity:
-        device = self.inventory.devices()[0]
+        devices = self.inventory.devices()
         rows = self.store.tenants()
         measured = self.measured_use()
-        usage = [TenantUsage(r.spec.name, r.spec.gpu_memory, measured.get(r.spec.name)) for r in rows]
-        return Capacity(
-            self.inventory.mode, device, self.settings.headroom, sum(r.spec.gpu_memory for r in rows), usage
-        )
+        ledgers = []
+        for device in devices:
+            usage = [
+                TenantUsage(
+                    r.spec.name,
+                    r.spec.gpu_memory,
+                    measured.get(r.spec.name),
+                    r.spec.name in measured and measured[r.spec.name] is None,
+                )
+                for r in rows
+                if _on(r, devices, device)
+            ]
+            ledgers.append(DeviceCapacity(device, self.settings.headroom, self.process_overhead, usage))
+        return Capacity(self.inventory.mode, ledgers, self.settings.headroom)
 
     # ---------------------------------------------------------------- admission
     def model_minimum(
@@ -266,32 +330,75 @@ class TenantService:
         tenant: str | None = None,
         max_images: int | None = None,
         max_image_pixels: int | None = None,
+        gpu: str | None = None,
     ) -> Decision:
         """The admission decision for a new (or resized, ``tenant``) reservation; creates nothing.
         Image limits left out are the tenant's own (a resize), else the model's defaults (what-if)."""
-        device = self.inventory.devices()[0]
-        if max_images is None or max_image_pixels is None:
-            own = self.store.find_tenant(tenant) if tenant else None
-            if max_images is None:
-                max_images = own.spec.max_images if own else self._default_max_images(model)
-            if max_image_pixels is None:
-                max_image_pixels = own.spec.max_image_pixels if own else DEFAULT_MAX_IMAGE_PIXELS
+        return self.placement(requested, model, max_model_len, quantized, tenant, max_images, max_image_pixels, gpu)[1]
+
+    def placement(
+        self,
+        requested: int,
+        model: str,
+        max_model_len: int,
+        quantized: bool = False,
+        tenant: str | None = None,
+        max_images: int | None = None,
+        max_image_pixels: int | None = None,
+        gpu: str | None = None,
+    ) -> tuple[DeviceMemory | None, Decision]:
+        """Where a reservation goes and the decision that says so. The candidates: the device ``gpu``
+        names (index or UUID); else a resized tenant's own device (tenants move only when the admin
+        says ``--gpu``); else every device, best fit first (``admission.place``)."""
+        devices = self.inventory.devices()
+        own = self.store.find_tenant(tenant) if tenant else None
+        if max_images is None:
+            max_images = own.spec.max_images if own else self._default_max_images(model)
+        if max_image_pixels is None:
+            max_image_pixels = own.spec.max_image_pixels if own else DEFAULT_MAX_IMAGE_PIXELS
+        if gpu is not None:
+            candidates = [find_device(devices, gpu)]
+        elif own is not None:
+            current = device_of(own, devices)
+            candidates = [current] if current else devices
+        else:
+            candidates = devices
         rows = [r for r in self.store.tenants() if r.spec.name != tenant]
         measured = self.measured_use()
-        not_taken = sum(max(0, r.spec.gpu_memory - (measured.get(r.spec.name) or 0)) for r in rows)
-        data = AdmissionInput(
-            requested=requested,
-            total=device.total,
-            headroom=self.settings.headroom,
-            reserved_by_others=sum(r.spec.gpu_memory for r in rows),
-            measured_free=device.free,
-            measured_used=device.used,
-            not_yet_taken_by_others=not_taken,
-            reclaimable=(measured.get(tenant) or 0) if tenant else 0,
-            process_overhead=self.settings.process_overhead if self.inventory.mode == "nvml" else 0,
-            model_minimum=self.model_minimum(model, max_model_len, quantized, max_images, max_image_pixels),
-        )
-        return decide(data)
+        minimum = self.model_minimum(model, max_model_len, quantized, max_images, max_image_pixels)
+        overhead = self.process_overhead
+        inputs = []
+        for device in candidates:
+            here = [r for r in rows if _on(r, devices, device)]
+            inputs.append(
+                AdmissionInput(
+                    requested=requested,
+                    total=device.total,
+                    headroom=self.settings.headroom,
+                    reserved_by_others=sum(r.spec.gpu_memory for r in here),
+                    measured_free=device.free,
+                    measured_used=device.used,
+                    not_yet_taken_by_others=sum(self._not_taken(r, measured, overhead) for r in here),
+                    reclaimable=(measured.get(own.spec.name) or 0) if own and _on(own, devices, device) else 0,
+                    process_overhead=overhead,
+                    model_minimum=minimum,
+                    system_reserved=device.reserved,
+                    others=len(here),
+                    device=device_label(device) if len(devices) > 1 or gpu is not None else "",
+                )
+            )
+        index, decision = place(inputs)
+        return (candidates[index] if index is not None else None), decision
+
+    @staticmethod
+    def _not_taken(row: TenantRow, measured: dict[str, int | None], overhead: int) -> int:
+        """What a tenant's engine may still take of the device: its reservation and context, less what
+        it measurably holds. An engine whose use the driver hides (MIG, vGPU) and that is running has
+        taken all of it (vLLM allocates its whole KV cache at start); one not running has taken nothing."""
+        name = row.spec.name
+        if name in measured and measured[name] is None:
+            return 0
+        return max(0, row.spec.gpu_memory + overhead - (measured.get(name) or 0))
 
     def _refuse(self, actor: str, action: str, tenant: str, decision: Decision) -> AdmissionRefused:
         self.store.audit(
@@ -314,27 +421,29 @@ class TenantService:
             raise Conflict(f"port {port} is already published by container {owner!r}; pick another")
 
     # ---------------------------------------------------------------- actions
-    def create(self, spec: TenantSpec, actor: str) -> Created:
+    def create(self, spec: TenantSpec, actor: str, gpu: str | None = None) -> Created:
+        """``gpu``: the device to place the tenant on (index or UUID); None picks the best fit."""
         names.validate_tenant_name(spec.name)
         check_bounds(spec)
         with self._admission:
             if self.store.find_tenant(spec.name):
                 raise Conflict(f"tenant {spec.name!r} already exists; use update-tenant to change it")
             self._check_port(spec.port)
-            decision = self.assess(
+            device, decision = self.placement(
                 spec.gpu_memory,
                 spec.model,
                 spec.max_model_len,
                 bool(spec.quantization),
                 max_images=spec.max_images,
                 max_image_pixels=spec.max_image_pixels,
+                gpu=gpu,
             )
-            if not decision.admitted:
+            if device is None:
                 raise self._refuse(actor, "add-tenant", spec.name, decision)
             issued = keys.issue()
             now = time.time()
             with self.store.transaction() as db:
-                self.store.insert_tenant(db, spec, gateway_token=secrets.token_urlsafe(32))
+                self.store.insert_tenant(db, spec, gateway_token=secrets.token_urlsafe(32), device=device.uuid)
                 # the first member, named like the tenant, holds the key add-tenant prints
                 self.store.insert_member(db, spec.name, spec.name, Quotas(), now)
                 self.store.insert_key(
@@ -351,6 +460,7 @@ class TenantService:
                         "model": spec.model,
                         "member": spec.name,
                         "key_id": issued.id,
+                        "device": device.uuid,
                         **decision.numbers,
                     },
                     db=db,
@@ -371,10 +481,12 @@ class TenantService:
         shm_size: int | None = None,
         max_body: int | None = None,
         quotas: dict[str, int | None] | None = None,
+        gpu: str | None = None,
         **options: object,
     ) -> TenantRow:
         """``options``: the image limits and engine options of ``ENGINE_OPTIONS`` (None leaves one as
-        it is; ``max_num_seqs=0`` goes back to the engine's default)."""
+        it is; ``max_num_seqs=0`` goes back to the engine's default). ``gpu`` moves the tenant to
+        that device (index or UUID); without it, a tenant stays on its own."""
         with self._admission:
             row = self.store.tenant(name)
             if row.status == TenantStatus.REMOVING:
@@ -404,12 +516,19 @@ class TenantService:
                 )
             new = row.spec.with_changes(**changes)
             check_bounds(new)
-            if new == row.spec:
+            devices = self.inventory.devices()
+            placed_on = device_of(row, devices)
+            here = placed_on.uuid if placed_on else None
+            moved = None
+            if gpu is not None and find_device(devices, gpu).uuid != here:
+                moved = find_device(devices, gpu).uuid
+            if new == row.spec and moved is None:
                 raise InvalidInput("nothing to change: pass at least one option that differs from the current spec")
             if new.port != row.spec.port:
                 self._check_port(new.port, tenant=name)
-            if new.engine_hash() != row.spec.engine_hash():
-                decision = self.assess(
+            recreate = new.engine_hash() != row.spec.engine_hash() or moved is not None
+            if recreate:
+                device, decision = self.placement(
                     new.gpu_memory,
                     new.model,
                     new.max_model_len,
@@ -417,12 +536,17 @@ class TenantService:
                     tenant=name,
                     max_images=new.max_images,
                     max_image_pixels=new.max_image_pixels,
+                    gpu=moved,
                 )
-                if not decision.admitted:
+                if device is None:
                     raise self._refuse(actor, "update-tenant", name, decision)
+                if device.uuid != here:  # asked for, or its own device is gone from the host
+                    moved = device.uuid
+            if moved is not None:
+                changes["device"] = moved
             with self.store.transaction() as db:
-                self.store.update_spec(db, new)
-                if new.engine_hash() != row.spec.engine_hash():
+                self.store.update_spec(db, new, device=moved)
+                if recreate:
                     # the desired engine changed: the tenant is pending until the new one serves
                     # (so `update-tenant --wait` never mistakes the old engine for the new one)
                     self.store.set_status(name, TenantStatus.PENDING, "engine to be recreated with the new spec")

@@ -158,6 +158,10 @@ END""",
         "ALTER TABLE tenants ADD COLUMN trust_remote_code INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE tenants ADD COLUMN max_num_seqs INTEGER",
     ],
+    [  # 7: the device each tenant is placed on (a GPU's or MIG instance's UUID). '' is the host's first
+        # device: where every engine of an older release ran (it used GPU 0 alone)
+        "ALTER TABLE tenants ADD COLUMN device TEXT NOT NULL DEFAULT ''",
+    ],
 ]
 """The manager database's schema, step by step (see manager.migrations); append only."""
 
@@ -171,6 +175,8 @@ class TenantRow:
     created_at: float
     updated_at: float
     gateway_token: str = ""
+    device: str = ""
+    """The UUID of the device its engine runs on ('' for the host's first device)."""
 
 
 @dataclass(frozen=True)
@@ -296,6 +302,7 @@ def _tenant(row: sqlite3.Row) -> TenantRow:
         row["created_at"],
         row["updated_at"],
         row["gateway_token"],
+        row["device"],
     )
 
 
@@ -385,7 +392,9 @@ class Store:
         except NotFound:
             return None
 
-    def insert_tenant(self, db: sqlite3.Connection, spec: TenantSpec, gateway_token: str = "") -> None:
+    def insert_tenant(
+        self, db: sqlite3.Connection, spec: TenantSpec, gateway_token: str = "", device: str = ""
+    ) -> None:
         now = time.time()
         row = {
             "name": spec.name,
@@ -396,6 +405,7 @@ class Store:
             "created_at": now,
             "updated_at": now,
             "gateway_token": gateway_token,
+            "device": device,
         }
         try:
             db.execute(
@@ -405,8 +415,13 @@ class Store:
         except sqlite3.IntegrityError as exc:
             raise Conflict(f"tenant {spec.name!r} or port {spec.port} is already taken: {exc}") from exc
 
-    def update_spec(self, db: sqlite3.Connection, spec: TenantSpec) -> None:
-        columns = {**_spec_columns(spec), "updated_at": time.time()}
+    def update_spec(self, db: sqlite3.Connection, spec: TenantSpec, device: str | None = None) -> None:
+        """The new spec (and, when given, the device the tenant moves to)."""
+        columns = {
+            **_spec_columns(spec),
+            "updated_at": time.time(),
+            **({"device": device} if device is not None else {}),
+        }
         try:
             db.execute(
                 f"UPDATE tenants SET {', '.join(f'{c}=?' for c in columns)} WHERE name=?",  # noqa: S608

@@ -5,37 +5,74 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
-from manager.errors import GpuUnavailable
+from manager.errors import GpuUnavailable, InvalidInput
 
 DeviceKind = Literal["gpu", "mig", "host-memory"]
 
 
 @dataclass(frozen=True)
 class DeviceMemory:
-    """One schedulable device. A MIG slice is a device of kind ``mig`` with its own
-    memory; the ledger does not care which kind it counts."""
+    """One schedulable device: a whole GPU, a MIG instance (kind ``mig``, its own memory and
+    ``MIG-...`` UUID), or the host's memory in cpu mode. Each one has a ledger of its own."""
 
     index: int
+    """Its place in ``Inventory.devices()``: what ``--gpu N`` names."""
     uuid: str
     name: str
     kind: DeviceKind
     total: int
     free: int
     used: int
+    reserved: int = 0
+    """What the driver and firmware keep for themselves (NVML v2 ``reserved``): never usable."""
+
+    @property
+    def usable(self) -> int:
+        """What processes can have: NVML's total less the driver's reservation. It is CUDA's own
+        total (``cudaMemGetInfo``), the figure vLLM multiplies ``--gpu-memory-utilization`` by."""
+        return self.total - self.reserved
 
 
 @dataclass(frozen=True)
 class ProcessMemory:
     pid: int
     device_index: int
-    used: int
+    used: int | None
+    """None where the driver does not tell (MIG, some vGPU): unknown, never 0."""
+
+
+def device_label(device: DeviceMemory) -> str:
+    """How refusals and listings name a device: ``GPU 1 (GPU-...)``, ``MIG 2 (MIG-...)``; '' in cpu mode."""
+    if device.kind == "host-memory":
+        return ""
+    return f"{'MIG' if device.kind == 'mig' else 'GPU'} {device.index} ({device.uuid})"
+
+
+def find_device(devices: list[DeviceMemory], wanted: str) -> DeviceMemory:
+    """``--gpu``: a device's index in ``capacity`` or its UUID (GPU-... or MIG-...)."""
+    for d in devices:
+        if wanted in (str(d.index), d.uuid):
+            return d
+    there = ", ".join(device_label(d) or d.uuid for d in devices)
+    raise InvalidInput(f"no device {wanted!r} on this host: it has {there}; pass --gpu with one's index or UUID")
+
+
+def placed_on(uuid: str, devices: list[DeviceMemory]) -> DeviceMemory | None:
+    """The device a tenant was placed on ('' is the first: older releases used GPU 0 alone); None
+    when that device is gone from the host."""
+    if not uuid:
+        return devices[0] if devices else None
+    return next((d for d in devices if d.uuid == uuid), None)
 
 
 @runtime_checkable
 class Inventory(Protocol):
     mode: str
 
-    def devices(self) -> list[DeviceMemory]: ...
+    def devices(self) -> list[DeviceMemory]:
+        """Every schedulable device, in a stable order (NVML's, MIG instances in place of their
+        parent); raises ``GpuUnavailable`` when the devices cannot be read."""
+        ...
 
     def processes(self) -> list[ProcessMemory]:
         """Per-process device memory, host PIDs (empty where the mode cannot tell)."""

@@ -281,6 +281,7 @@ def container_kwargs(plan: ContainerPlan) -> dict[str, Any]:
         "user": plan.user,
         "read_only": plan.read_only,
         "cap_drop": plan.cap_drop,
+        "cap_add": plan.cap_add or None,
         "security_opt": plan.security_opt,
         "pids_limit": plan.pids_limit,
         "tmpfs": plan.tmpfs,

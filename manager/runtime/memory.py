@@ -30,6 +30,7 @@ class _Container:
     state: ContainerState
     networks: dict[str, str] = field(default_factory=dict)  # network -> IP
     logs: str = ""
+    pids: set[int] = field(default_factory=set)
 
 
 class MemoryRuntime:
@@ -64,6 +65,17 @@ class MemoryRuntime:
         with self._lock:
             c = self._containers[name]
             c.state = replace(c.state, health=health)
+
+    def plan(self, name: str) -> ContainerPlan | None:
+        """The plan a container was run from (what Docker would have been asked for)."""
+        with self._lock:
+            c = self._containers.get(name)
+            return c.plan if c else None
+
+    def set_pids(self, name: str, pids: set[int]) -> None:
+        """The host PIDs of a running container's processes (what ``docker top`` would list)."""
+        with self._lock:
+            self._containers[name].pids = set(pids)
 
     def fail_next(self, name: str, error: str) -> None:
         """The next ``run`` of ``name`` fails as Docker would (for example a port already taken)."""
@@ -214,7 +226,8 @@ class MemoryRuntime:
     def container_pids(self, name: str) -> set[int]:
         with self._lock:
             self._check()
-            return set()
+            c = self._containers.get(name)
+            return set(c.pids) if c and c.state.status == "running" else set()
 
     def published_ports(self) -> dict[int, str]:
         with self._lock:

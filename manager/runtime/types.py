@@ -52,6 +52,7 @@ class ContainerPlan:
     user: str = "1000:1000"
     read_only: bool = True
     cap_drop: list[str] = field(default_factory=lambda: ["ALL"])
+    cap_add: list[str] = field(default_factory=list)
     security_opt: list[str] = field(default_factory=lambda: ["no-new-privileges:true"])
     pids_limit: int | None = 512
     mem_limit: int | None = None

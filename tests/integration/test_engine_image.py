@@ -14,7 +14,7 @@ from pathlib import Path
 import docker
 import pytest
 
-from manager.control.plan import tenant_plan, warmup_plan
+from manager.control.plan import prepare_plan, tenant_plan, warmup_plan
 from manager.domain import TenantSpec
 from manager.names import Role, labels
 from manager.runtime.docker import DockerRuntime
@@ -38,6 +38,11 @@ def test_engine_serves_chat_on_its_internal_network_only(
     )
     runtime.ensure_network(plan.network)
     runtime.ensure_volume(plan.volume)
+    # as the reconciler does before an engine's first start: the image has no /data of its own (like
+    # upstream vLLM's), so a new volume is root's until the manager gives it to the engine's user
+    spec = TenantSpec(name="solo", port=30001, gpu_memory=1536 * 1024**2, model="demo", max_model_len=512)
+    code, out = runtime.run_to_completion(prepare_plan(spec, settings), timeout_s=60)
+    assert code == 0, out
 
     def healthy() -> bool:
         state = runtime.container(plan.engine.name)
@@ -55,6 +60,10 @@ def test_engine_serves_chat_on_its_internal_network_only(
     host = attrs["HostConfig"]
     assert host["ReadonlyRootfs"] and host["CapDrop"] == ["ALL"] and host["Memory"] == 1536 * 1024**2
     assert attrs["Config"]["User"] == "1000:1000"
+    owner = docker_client.containers.get(plan.engine.name).exec_run(
+        ["python3", "-c", "import os; open('/data/written', 'w').write('x'); print(os.stat('/data').st_uid)"]
+    )
+    assert owner.exit_code == 0 and owner.output.decode().split() == ["1000"], owner.output
     assert not attrs["NetworkSettings"]["Ports"], "nothing is published"
     assert docker_client.networks.get(plan.network.name).attrs["Internal"] is True
 

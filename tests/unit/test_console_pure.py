@@ -1,9 +1,10 @@
 from manager.console.session import LoginLimiter, Sessions
 from manager.console.views import capacity_segments, day_bars
-from manager.control.service import Capacity, TenantUsage
+from manager.control.service import DeviceCapacity, TenantUsage
 from manager.gpu import DeviceMemory
 
 G = 1024**3
+M = 1024**2
 
 
 def test_session_cookie_round_trip_and_tamper() -> None:
@@ -29,11 +30,21 @@ def test_login_limiter() -> None:
 
 def test_capacity_segments_add_up_to_the_device() -> None:
     device = DeviceMemory(0, "GPU-0", "A100", "gpu", 80 * G, 50 * G, 30 * G)
-    cap = Capacity("nvml", device, 4 * G, 30 * G, [TenantUsage("a", 10 * G, 5 * G), TenantUsage("b", 20 * G, None)])
+    cap = DeviceCapacity(device, 4 * G, 0, [TenantUsage("a", 10 * G, 5 * G), TenantUsage("b", 20 * G, None)])
     segs = capacity_segments(cap)
     assert [s.label for s in segs] == ["b", "a", "free", "headroom"]
     assert sum(s.percent for s in segs) == 100.0
     assert segs[1].measured_percent == 50.0 and segs[0].measured_percent == 0.0
+
+
+def test_capacity_segments_show_the_drivers_memory_and_the_engines_contexts() -> None:
+    device = DeviceMemory(0, "GPU-0", "A100", "gpu", 81920 * M, 50 * G, 30 * G, reserved=870 * M)
+    cap = DeviceCapacity(device, G, 512 * M, [TenantUsage("a", 10 * G, None), TenantUsage("b", 20 * G, None)])
+    segs = capacity_segments(cap)
+    assert [s.label for s in segs] == ["b", "a", "contexts", "free", "headroom", "driver"]
+    assert abs(sum(s.percent for s in segs) - 100.0) < 1e-9
+    assert "unknown" in segs[0].title
+    assert cap.unreserved == 81920 * M - 870 * M - G - 30 * G - 3 * 512 * M
 
 
 def test_day_bars_scale_to_the_busiest_day() -> None:

@@ -1,6 +1,7 @@
 import pytest
 
-from manager.control.plan import gpu_memory_utilization, kv_cache_bytes, tenant_plan
+from manager import names
+from manager.control.plan import gpu_memory_utilization, identity, kv_cache_bytes, prepare_plan, tenant_plan
 from manager.domain import TenantSpec
 from manager.errors import InvalidInput
 from manager.runtime.docker import container_kwargs
@@ -151,3 +152,51 @@ def test_a_cpu_gateway_serves_one_image_request_at_a_time(settings: Settings) ->
     cpu = tenant_plan(spec(), settings, device_total=24 * G).gateway
     gpu = tenant_plan(spec(), settings.model_copy(update={"gpu_mode": "nvml"}), device_total=80 * G).gateway
     assert cpu.env["GTM_GATEWAY_IMAGE_REQUESTS"] == "1" and gpu.env["GTM_GATEWAY_IMAGE_REQUESTS"] == "0"
+
+
+def test_a_gpu_engine_runs_from_any_vllm_image(tmp_path) -> None:
+    """What an engine needs to start in the upstream vllm/vllm-openai image: the server by module,
+    a volume its user can write (given to uid 1000 before it starts), a user name for torch
+    inductor's getpass.getuser(), caches in its volume, bounded threads and tasks, its GPU by UUID."""
+    gpu = Settings(gpu_mode="nvml", state_dir=tmp_path)
+    usable = 81920 * M - 870 * M  # an A100 80GB: NVML's total less the driver's reservation
+    plan = tenant_plan(spec(gpu_memory=24 * G), gpu, device_total=usable, gpu_uuid="GPU-5f1c")
+    e = plan.engine
+    assert e.entrypoint == ["python3", "-m", "vllm.entrypoints.openai.api_server"]
+    assert e.user == "1000:1000" and e.gpu_device_ids == ["GPU-5f1c"] and e.mem_limit is None
+    assert e.pids_limit == 4096
+    assert e.env["USER"] == e.env["LOGNAME"] == "vllm" and e.env["HOME"] == "/data"
+    for cache in ("HF_HOME", "VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        assert e.env[cache].startswith("/data/"), cache
+    assert e.env["OMP_NUM_THREADS"] == "4" and e.env["TORCHINDUCTOR_COMPILE_THREADS"] == "4"
+    args = e.command
+    util = float(args[args.index("--gpu-memory-utilization") + 1])
+    assert util == int(24 * G / usable * 10_000) / 10_000  # a fraction of CUDA's total, as vLLM multiplies
+    assert 24 * G - 10 * M < util * usable <= 24 * G
+    assert args[args.index("--max-num-batched-tokens") + 1] == "2048"
+    assert args[args.index("--max-num-seqs") + 1] == "128"
+    tuned = tenant_plan(spec(max_num_seqs=4096), gpu, device_total=usable, gpu_uuid="GPU-5f1c").engine.command
+    assert tuned.count("--max-num-seqs") == 1 and tuned[tuned.index("--max-num-batched-tokens") + 1] == "4096"
+
+    prep = prepare_plan(spec(), gpu)
+    assert prep.image == e.image and prep.user == "0:0" and prep.cap_drop == ["ALL"] and prep.cap_add == ["CHOWN"]
+    assert prep.network == "none" and [(m.source, m.target) for m in prep.mounts] == [("gtm-t-companya-data", "/data")]
+    assert "os.chown('/data', 1000, 1000)" in prep.entrypoint[-1]  # type: ignore[index]
+    assert container_kwargs(prep)["cap_add"] == ["CHOWN"]
+
+
+def test_the_cpu_engine_gets_the_same_volume_and_user_steps(settings: Settings) -> None:
+    e = tenant_plan(spec(), settings, device_total=24 * G).engine
+    assert e.entrypoint == ["python3", "-m", "vllm.entrypoints.openai.api_server"]
+    assert e.env["USER"] == "vllm" and "OMP_NUM_THREADS" not in e.env  # the CPU backend binds its own threads
+    assert "--max-num-batched-tokens" not in e.command and "--max-num-seqs" not in e.command
+    assert container_kwargs(e).get("cap_add") is None
+
+
+def test_moving_a_gpu_tenant_replaces_its_engine_and_cpu_hashes_stay(settings: Settings) -> None:
+    gpu = settings.model_copy(update={"gpu_mode": "nvml"})
+    one = tenant_plan(spec(), gpu, 80 * G, "GPU-a", image_ids={gpu.engine_image: "sha256:1"}).engine
+    two = tenant_plan(spec(), gpu, 80 * G, "GPU-b", image_ids={gpu.engine_image: "sha256:1"}).engine
+    assert one.labels[names.SPEC_HASH] != two.labels[names.SPEC_HASH]
+    cpu = tenant_plan(spec(), settings, 24 * G, image_ids={settings.engine_image: "sha256:1"}).engine
+    assert cpu.labels[names.SPEC_HASH] == identity(spec().engine_hash(), "sha256:1")  # what older releases labelled

@@ -286,7 +286,8 @@ def test_the_page_cache_is_warmed_once_before_the_first_engine_and_after_a_cold_
     bring_up(rec, runtime, "a")
     bring_up(rec, runtime, "b")
     warmup = names.warmup(INSTANCE)
-    assert runtime.completed == [warmup]  # once for the image and model, before a's engine
+    warmups = lambda: [c for c in runtime.completed if c == warmup]  # noqa: E731
+    assert warmups() == [warmup]  # once for the image and model, before a's engine
     assert runtime.started.index(engine("a")) >= 0
     runtime.exit(
         engine("b"),
@@ -297,7 +298,7 @@ def test_the_page_cache_is_warmed_once_before_the_first_engine_and_after_a_cold_
     rec.reconcile("b")
     clock.now += 10
     rec.reconcile("b")
-    assert runtime.completed == [warmup, warmup]  # warmed again before the retry
+    assert warmups() == [warmup, warmup]  # warmed again before the retry
 
 
 def test_a_long_warm_up_never_holds_up_other_tenants_key_changes(world, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -47,6 +47,7 @@ def test_the_manager_database_upgrades_in_place(release: Path) -> None:
         # step 6: a tenant from before takes no images until its admin says so; prefix caching is on
         assert (row.spec.max_images, row.spec.max_image_pixels) == (0, 4096 * 3072)
         assert row.spec.enable_prefix_caching and not row.spec.trust_remote_code and row.spec.max_num_seqs is None
+        assert row.device == ""  # step 7: placed on the host's first device, where older releases ran it
         assert len(store.keys("lab")) == 2
         assert store.usage_totals("lab", 0).requests == 3
         assert store.usage_cursor("lab") == 3

@@ -1,0 +1,213 @@
+"""A simulated NVIDIA host, for tests only: the ``pynvml`` calls ``NvmlInventory`` makes, over GPUs
+with NVML and CUDA totals, the driver's reserved memory, MIG instances and per-process memory,
+beside a pure model of how vLLM starts on one of them.
+
+Nothing in ``manager/`` imports this; the product reads real NVML only (``manager.gpu.nvml``).
+
+The vLLM model is written from vLLM's source (vllm/v1/worker/gpu_worker.py, ``Worker.init_device``
+and ``Worker.determine_available_memory``, v0.10-v0.11):
+
+1. the engine process creates its CUDA context (``torch.cuda.set_device``): ``context`` bytes on the
+   device, outside any budget;
+2. ``init_device`` takes a ``MemorySnapshot``; its ``total_memory`` is CUDA's total
+   (``torch.cuda.mem_get_info()[1]``, NVML's total less the driver's reservation) and
+   ``requested_memory = total_memory * gpu_memory_utilization``. If the free memory it sees is
+   less, it raises ``ValueError("Free memory on device (...) on startup is less than desired GPU
+   memory utilization (...)")``;
+3. ``determine_available_memory`` profiles a forward pass; the KV cache gets
+   ``requested_memory - non_kv_cache_memory`` (weights, activation peak, memory outside torch);
+   at or below zero vLLM refuses to start ("No available memory for the cache blocks");
+4. it asserts that free memory did not grow while it profiled ("Error in memory profiling ...
+   other processes sharing the same container release GPU memory while vLLM is profiling");
+5. from then on the engine holds its context plus its whole budget (the KV cache is allocated
+   up front).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+MIB = 1024**2
+GIB = 1024**3
+A100_80_NVML_TOTAL = 81920 * MIB
+A100_80_RESERVED = 870 * MIB
+"""NVML v2 ``reserved`` of an A100 80GB: CUDA's total is then 79.15 GiB, what vLLM logs."""
+CONTEXT = 512 * MIB
+"""A CUDA context with cuBLAS loaded (about 0.5 GiB upstream)."""
+
+
+class VllmRefused(Exception):
+    """vLLM's own start-up error, with its message."""
+
+
+@dataclass
+class SimDevice:
+    uuid: str
+    name: str
+    total: int
+    reserved: int = 0
+    processes: dict[int, int] = field(default_factory=dict)
+    """pid -> bytes it holds on the device (context included)."""
+    hide_process_memory: bool = False
+    """MIG and some vGPU: NVML reports usedGpuMemory as not available."""
+
+    @property
+    def cuda_total(self) -> int:
+        return self.total - self.reserved
+
+    @property
+    def used(self) -> int:
+        return sum(self.processes.values())
+
+    @property
+    def cuda_free(self) -> int:
+        return self.cuda_total - self.used
+
+
+@dataclass
+class SimGpu(SimDevice):
+    mig: list[SimDevice] | None = None
+    """MIG instances when the GPU is in MIG mode (None: MIG off)."""
+
+
+def a100(index: int, mig: list[int] | None = None) -> SimGpu:
+    """An A100 80GB; ``mig``: the memory (MiB) of each MIG instance, e.g. [9856] * 7 for 1g.10gb."""
+    gpu = SimGpu(f"GPU-a100-{index:04d}", "NVIDIA A100-SXM4-80GB", A100_80_NVML_TOTAL, A100_80_RESERVED)
+    if mig is not None:
+        gpu.mig = [
+            SimDevice(f"MIG-a100-{index:04d}-{slot}", "NVIDIA A100-SXM4-80GB MIG", mib * MIB, hide_process_memory=True)
+            for slot, mib in enumerate(mig)
+        ]
+    return gpu
+
+
+class SimNvml:
+    """Stands in for the ``pynvml`` module over simulated GPUs. ``lost`` makes every call fail the
+    way a GPU that fell off the bus does."""
+
+    NVML_DEVICE_MIG_ENABLE = 1
+    nvmlMemory_v2 = 2 << 24
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self, gpus: list[SimGpu]) -> None:
+        self.gpus = gpus
+        self.lost = False
+        self._pids = itertools.count(4000)
+
+    # ---------------------------------------------------------------- the simulation's own calls
+    def devices(self) -> list[SimDevice]:
+        """What the manager schedules on, in NVML's order: whole GPUs, MIG instances in place of theirs."""
+        return [d for g in self.gpus for d in (g.mig if g.mig is not None else [g])]
+
+    def device(self, uuid: str) -> SimDevice:
+        return next(d for d in self.devices() if d.uuid == uuid)
+
+    def new_pid(self) -> int:
+        return next(self._pids)
+
+    # ---------------------------------------------------------------- pynvml
+    def _check(self) -> None:
+        if self.lost:
+            raise self.NVMLError("GPU is lost")
+
+    def nvmlInit(self) -> None:
+        self._check()
+
+    def nvmlShutdown(self) -> None:
+        pass
+
+    def nvmlDeviceGetCount(self) -> int:
+        self._check()
+        return len(self.gpus)
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> SimDevice:
+        self._check()
+        return self.gpus[index]
+
+    def nvmlDeviceGetMigMode(self, handle: SimDevice) -> list[int]:
+        self._check()
+        if not isinstance(handle, SimGpu):
+            raise self.NVMLError("Not Supported")
+        on = int(handle.mig is not None)
+        return [on, on]
+
+    def nvmlDeviceGetMaxMigDeviceCount(self, handle: SimGpu) -> int:
+        return 7
+
+    def nvmlDeviceGetMigDeviceHandleByIndex(self, handle: SimGpu, slot: int) -> SimDevice:
+        self._check()
+        if handle.mig is None or slot >= len(handle.mig):
+            raise self.NVMLError("Not Found")
+        return handle.mig[slot]
+
+    def nvmlDeviceGetMemoryInfo(self, handle: SimDevice, version: int | None = None) -> Any:
+        """v1: ``used`` counts the driver's reservation; v2 splits it off as ``reserved``."""
+        self._check()
+        free = handle.cuda_free
+        if version:
+            if not isinstance(handle, SimGpu):
+                raise self.NVMLError("Not Supported")
+            return SimpleNamespace(total=handle.total, free=free, used=handle.used, reserved=handle.reserved)
+        return SimpleNamespace(total=handle.total, free=free, used=handle.total - free)
+
+    def nvmlDeviceGetUUID(self, handle: SimDevice) -> str:
+        self._check()
+        return handle.uuid
+
+    def nvmlDeviceGetName(self, handle: SimDevice) -> bytes:
+        self._check()
+        return handle.name.encode()
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: SimDevice) -> list[Any]:
+        self._check()
+        hidden = 2**64 - 1  # NVML_VALUE_NOT_AVAILABLE
+        return [
+            SimpleNamespace(pid=pid, usedGpuMemory=hidden if handle.hide_process_memory else used)
+            for pid, used in handle.processes.items()
+        ]
+
+
+@dataclass(frozen=True)
+class EngineModel:
+    """What one engine needs inside vLLM's budget, besides its KV cache."""
+
+    weights: int
+    activation_peak: int = 1400 * MIB
+    non_torch: int = 300 * MIB
+    context: int = CONTEXT
+
+    @property
+    def non_kv(self) -> int:
+        return self.weights + self.activation_peak + self.non_torch
+
+
+def vllm_start(device: SimDevice, utilization: float, engine: EngineModel, pid: int) -> int:
+    """Starts an engine on ``device`` the way vLLM does (module docstring); returns its KV cache
+    bytes, or raises ``VllmRefused`` with vLLM's message (the device is then as before)."""
+    if device.cuda_free < engine.context:
+        raise VllmRefused("CUDA out of memory while creating the context")
+    device.processes[pid] = engine.context
+    requested = math.ceil(device.cuda_total * utilization)
+    free = device.cuda_free
+    if free < requested:
+        del device.processes[pid]
+        raise VllmRefused(
+            f"Free memory on device ({free / GIB:.2f}/{device.cuda_total / GIB:.2f} GiB) on startup is less than "
+            f"desired GPU memory utilization ({utilization}, {requested / GIB:.2f} GiB)"
+        )
+    kv = requested - engine.non_kv
+    if kv <= 0:
+        del device.processes[pid]
+        raise VllmRefused("No available memory for the cache blocks. Try increasing `gpu_memory_utilization`")
+    device.processes[pid] = engine.context + requested
+    return kv
+
+
+def vllm_stop(device: SimDevice, pid: int) -> None:
+    device.processes.pop(pid, None)

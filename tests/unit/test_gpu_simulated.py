@@ -1,0 +1,270 @@
+"""GPU mode on a simulated host (tests/simgpu.py): the real inventory, admission, placement,
+plans and reconciler, with vLLM's own start-up check standing in for the engines.
+
+The property: whatever set of tenants admission lets in, one by one, every engine passes vLLM's
+start-up check, first as each is added and again after a restart from nothing in the
+reconciler's order (one engine at a time); on one A100 80GB, on two, and on a MIG layout."""
+
+from __future__ import annotations
+
+import json
+import random
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from manager import names
+from manager.control.reconciler import Reconciler
+from manager.control.service import TenantService
+from manager.control.store import Store
+from manager.domain import TenantSpec, TenantStatus
+from manager.errors import AdmissionRefused, GpuUnavailable, InvalidInput
+from manager.gpu.nvml import NvmlInventory
+from manager.runtime.memory import MemoryRuntime
+from manager.settings import Settings
+
+from ..simgpu import GIB, MIB, EngineModel, SimGpu, SimNvml, VllmRefused, a100, vllm_start, vllm_stop
+from .fakes import FakeGateway
+
+INSTANCE = "gtmg"
+ENGINE = EngineModel(weights=4 * GIB)
+"""A 2B-class model in bf16: it fits a 1g.10gb MIG instance with room for a KV cache."""
+
+
+def sparse_model(directory: Path, weights: int) -> None:
+    """A model whose safetensors header declares ``weights`` bytes of bf16 (the file is sparse: only
+    headers are read to size a model)."""
+    directory.mkdir(parents=True)
+    header = json.dumps({"w": {"dtype": "BF16", "shape": [weights // 2], "data_offsets": [0, weights]}}).encode()
+    with (directory / "model.safetensors").open("wb") as fh:
+        fh.write(struct.pack("<Q", len(header)) + header)
+        fh.truncate(8 + len(header) + weights)
+    config = {"num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 2, "hidden_size": 2048}
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+class SimHost:
+    """A manager over simulated GPUs: the engines it starts are started in the simulation."""
+
+    def __init__(self, tmp_path: Path, gpus: list[SimGpu]) -> None:
+        self.nvml = SimNvml(gpus)
+        models = tmp_path / "models"
+        sparse_model(models / "demo", ENGINE.weights)
+        self.settings = Settings(gpu_mode="nvml", instance=INSTANCE, state_dir=tmp_path, models_dir=models)
+        self.store = Store(tmp_path / "m.db")
+        self.runtime = MemoryRuntime()
+        self.inventory = NvmlInventory.open(self.nvml)
+        self.reconciler = Reconciler(self.settings, self.store, self.runtime, self.inventory, connect=FakeGateway())
+        self.service = TenantService(self.settings, self.store, self.runtime, self.inventory, self.reconciler)
+        self.pids: dict[str, tuple[str, int]] = {}  # tenant -> (device uuid, pid)
+
+    def add(self, name: str, port: int, gpu_memory: int, gpu: str | None = None) -> None:
+        spec = TenantSpec(name=name, port=port, gpu_memory=gpu_memory, model="demo", max_model_len=4096)
+        self.service.create(spec, "test", gpu=gpu)
+
+    def start(self, name: str) -> int:
+        """The reconciler's turn for the tenant, then its engine starts on the simulated GPU it was
+        given (vLLM's start-up check), and turns healthy. Returns its KV cache bytes."""
+        if name in self.pids:  # its old engine is replaced in this turn
+            uuid, old = self.pids.pop(name)
+            vllm_stop(self.nvml.device(uuid), old)
+        self.reconciler.reconcile(name)
+        engine = names.engine(INSTANCE, name)
+        plan = self.runtime.plan(engine)
+        assert plan is not None and plan.gpu_device_ids, self.store.tenant(name)
+        util = float(plan.command[plan.command.index("--gpu-memory-utilization") + 1])
+        device = self.nvml.device(plan.gpu_device_ids[0])
+        pid = self.nvml.new_pid()
+        kv = vllm_start(device, util, ENGINE, pid)
+        self.pids[name] = (device.uuid, pid)
+        self.runtime.set_pids(engine, {pid})
+        self.runtime.set_health(engine, "healthy")
+        self.runtime.set_health(names.gateway(INSTANCE, name), "healthy")
+        self.reconciler.reconcile(name)
+        assert self.store.tenant(name).status == TenantStatus.RUNNING
+        return kv
+
+    def power_cycle(self) -> None:
+        """The host reboots: every engine's memory is gone, the containers are restarted from nothing."""
+        for name, (uuid, pid) in self.pids.items():
+            vllm_stop(self.nvml.device(uuid), pid)
+            self.runtime.remove_container(names.engine(INSTANCE, name))
+        self.pids.clear()
+
+    def close(self) -> None:
+        self.store.close()
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Iterator[SimHost]:
+    h = SimHost(tmp_path, [a100(0)])
+    yield h
+    h.close()
+
+
+LAYOUTS = {
+    "one A100 80GB": lambda: [a100(0)],
+    "two A100 80GB": lambda: [a100(0), a100(1)],
+    "MIG 1g.10gb x 7 beside a whole A100": lambda: [a100(0, mig=[9856] * 7), a100(1)],
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_every_admitted_engine_passes_vllms_startup_check_also_after_a_restart(tmp_path: Path, layout: str) -> None:
+    for trial in range(12):
+        rng = random.Random(f"{layout}-{trial}")
+        h = SimHost(tmp_path / f"t{trial}", LAYOUTS[layout]())
+        try:
+            admitted: list[str] = []
+            for i in range(rng.randint(3, 14)):
+                name = f"t{i:02d}"
+                size = rng.choice([7 * GIB, 8 * GIB, 9 * GIB, 12 * GIB, 20 * GIB, 26 * GIB, 38 * GIB, 70 * GIB])
+                size += rng.randrange(0, 2048) * MIB
+                try:
+                    h.add(name, 31000 + i, size)
+                except AdmissionRefused:
+                    continue
+                admitted.append(name)
+                try:
+                    assert h.start(name) > 0
+                except VllmRefused as exc:
+                    pytest.fail(f"{layout}, trial {trial}: {name} ({size / GIB:.2f} GiB) admitted, then {exc}")
+            assert admitted, "at least one tenant fits"
+            h.power_cycle()
+            for name in sorted(admitted):  # the reconciler's order: by name, one engine at a time
+                try:
+                    h.start(name)
+                except VllmRefused as exc:
+                    pytest.fail(f"{layout}, trial {trial}: after a restart {name} {exc}")
+        finally:
+            h.close()
+
+
+def test_three_tenants_that_fill_the_ledger_all_start(host: SimHost) -> None:
+    """The case older releases got wrong: three equal tenants filling the ledger exactly were admitted
+    (NVML's total, no contexts), and after a reboot the third failed vLLM's check forever."""
+    device = host.inventory.devices()[0]
+    old_rule = (device.total - host.settings.headroom) // 3
+    with pytest.raises(AdmissionRefused, match="ledger"):
+        for i in range(3):
+            host.add(f"eq{i}", 31000 + i, old_rule)
+    largest = host.service.capacity().devices[0].unreserved
+    host.add("eq2", 31002, largest)  # the third takes exactly what is left
+    for name in ("eq0", "eq1", "eq2"):
+        host.start(name)
+    host.power_cycle()
+    for name in ("eq0", "eq1", "eq2"):
+        host.start(name)
+    with pytest.raises(AdmissionRefused):
+        host.add("eq3", 31003, 1 * GIB + 512 * MIB)
+
+
+def test_tenants_go_to_the_tightest_gpu_and_can_be_pinned_or_moved(tmp_path: Path) -> None:
+    h = SimHost(tmp_path, [a100(0), a100(1)])
+    try:
+        first, second = (d.uuid for d in h.inventory.devices())
+        h.add("big", 31000, 40 * GIB)
+        h.add("mid", 31001, 30 * GIB)  # fits both: goes where it leaves the least
+        assert h.store.tenant("big").device == first and h.store.tenant("mid").device == first
+        h.add("next", 31002, 30 * GIB)  # no longer fits GPU 0
+        assert h.store.tenant("next").device == second
+        h.add("pinned", 31003, 8 * GIB, gpu="1")
+        assert h.store.tenant("pinned").device == second
+        with pytest.raises(AdmissionRefused, match=r"GPU 0 \(GPU-a100-0000\): ledger"):
+            h.add("nope", 31004, 8 * GIB, gpu=first)
+        with pytest.raises(InvalidInput, match="no device '7' on this host"):
+            h.add("nope", 31004, 8 * GIB, gpu="7")
+        for name in ("big", "mid", "next", "pinned"):
+            h.start(name)
+        assert h.nvml.device(second).processes.keys() == {h.pids["next"][1], h.pids["pinned"][1]}
+
+        h.service.update("next", "test", gpu_memory=20 * GIB)  # a resize stays on its own GPU
+        assert h.store.tenant("next").device == second
+        h.start("next")
+        # moving a tenant replaces its engine on the other GPU
+        h.service.update("mid", "test", gpu="1")
+        assert h.store.tenant("mid").device == second
+        h.start("mid")
+        assert h.pids["mid"][0] == second
+        cap = h.service.capacity()
+        assert [len(d.tenants) for d in cap.devices] == [1, 3]
+        assert cap.devices[1].reserved == 58 * GIB
+    finally:
+        h.close()
+
+
+def test_a_move_waits_for_another_engine_that_is_profiling(tmp_path: Path) -> None:
+    """vLLM asserts that free memory did not grow while it profiled: removing or replacing an engine
+    meanwhile must wait until the engine holding the start gate is up."""
+    h = SimHost(tmp_path, [a100(0), a100(1)])
+    try:
+        h.add("alpha", 31000, 20 * GIB)
+        h.start("alpha")
+        h.add("beta", 31001, 20 * GIB)
+        h.reconciler.reconcile("beta")  # beta's engine is created: it holds the start gate while it profiles
+        h.service.update("alpha", "test", gpu="1")
+        h.reconciler.reconcile("alpha")
+        a_engine = h.runtime.container(names.engine(INSTANCE, "alpha"))
+        assert a_engine is not None and a_engine.status == "running"  # the old engine is still there
+        assert "waiting for beta's engine" in h.store.tenant("alpha").reason
+        h.service.remove("alpha", "test")
+        h.reconciler.reconcile("alpha")
+        assert h.store.find_tenant("alpha") is not None  # the removal waits too
+        h.runtime.set_health(names.engine(INSTANCE, "beta"), "healthy")
+        h.runtime.set_health(names.gateway(INSTANCE, "beta"), "healthy")
+        h.reconciler.reconcile("beta")  # beta is up: the gate is free
+        h.reconciler.reconcile("alpha")
+        assert h.store.find_tenant("alpha") is None
+    finally:
+        h.close()
+
+
+def test_mig_instances_are_devices_with_their_own_memory_and_unknown_per_process_use(tmp_path: Path) -> None:
+    h = SimHost(tmp_path, [a100(0, mig=[9856, 9856, 19968])])
+    try:
+        devices = h.inventory.devices()
+        assert [(d.kind, d.uuid, d.total // MIB) for d in devices] == [
+            ("mig", "MIG-a100-0000-0", 9856),
+            ("mig", "MIG-a100-0000-1", 9856),
+            ("mig", "MIG-a100-0000-2", 19968),
+        ]
+        h.add("small", 31000, 8 * GIB)
+        assert h.store.tenant("small").device == "MIG-a100-0000-0"  # the tightest instance that holds it
+        h.start("small")
+        engine = h.runtime.plan(names.engine(INSTANCE, "small"))
+        assert engine is not None and engine.gpu_device_ids == ["MIG-a100-0000-0"]
+        assert h.service.measured_use() == {"small": None}  # MIG hides per-process memory: unknown, not 0
+        (usage,) = h.service.capacity().devices[0].tenants
+        assert usage.unknown and usage.measured is None
+        h.add("large", 31001, 16 * GIB)
+        assert h.store.tenant("large").device == "MIG-a100-0000-2"
+        with pytest.raises(AdmissionRefused, match="MIG 1"):
+            h.add("huge", 31002, 20 * GIB)
+    finally:
+        h.close()
+
+
+def test_a_lost_gpu_is_a_503_that_says_what_to_do(host: SimHost) -> None:
+    host.nvml.lost = True
+    with pytest.raises(GpuUnavailable, match=r"GPU is lost.*nvidia-smi") as caught:
+        host.service.capacity()
+    assert caught.value.http_status == 503
+    with pytest.raises(GpuUnavailable):
+        host.inventory.processes()
+
+
+def test_a_tenant_whose_gpu_is_gone_fails_with_the_way_out(tmp_path: Path) -> None:
+    h = SimHost(tmp_path, [a100(0), a100(1)])
+    try:
+        h.add("alpha", 31000, 20 * GIB, gpu="1")
+        h.start("alpha")
+        h.nvml.gpus.pop()  # the GPU is gone after a reboot
+        h.reconciler.reconcile("alpha")
+        row = h.store.tenant("alpha")
+        assert row.status == TenantStatus.FAILED and "update-tenant --gpu" in row.reason
+        h.service.update("alpha", "test", gpu="0")
+        assert h.store.tenant("alpha").device == "GPU-a100-0000"
+    finally:
+        h.close()
