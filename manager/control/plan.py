@@ -158,7 +158,19 @@ print(f"read {read} bytes")
 
 ENGINE_ENTRYPOINT = ("python3", "-m", "vllm.entrypoints.openai.api_server")
 ENGINE_UID = 1000
-PREPARE_CODE = f"import os; os.chown('/data', {ENGINE_UID}, {ENGINE_UID}); os.chmod('/data', 0o700)"
+PREPARE_CODE = (
+    "import os, sys\n"
+    f"if os.stat('/data').st_uid == {ENGINE_UID}:\n"
+    "    sys.exit(0)\n"
+    "os.chmod('/data', 0o700)\n"
+    "open('/data/.owner', 'w').write('the engine user owns this volume\\n')\n"
+    f"os.chown('/data/.owner', {ENGINE_UID}, {ENGINE_UID})\n"
+    f"os.chown('/data', {ENGINE_UID}, {ENGINE_UID})\n"
+)
+"""Idempotent: a volume the engine's user owns already is left alone (root, with CHOWN alone, could
+not touch it). Root owns /data until the last step (chmod needs its owner). The file keeps the volume from being
+empty: Docker copies an image's mount point, owner included, into an empty volume at every mount,
+which would give a volume back to root when an image has /data of its own."""
 
 
 def prepare_plan(spec: TenantSpec, settings: Settings) -> ContainerPlan:

@@ -268,3 +268,43 @@ def test_a_tenant_whose_gpu_is_gone_fails_with_the_way_out(tmp_path: Path) -> No
         assert h.store.tenant("alpha").device == "GPU-a100-0000"
     finally:
         h.close()
+
+
+def test_a_lost_gpu_answers_503_on_the_api_metrics_and_console(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from manager.api.app import create_app
+
+    nvml = SimNvml([a100(0), a100(1)])
+    sparse_model(tmp_path / "models" / "demo", ENGINE.weights)
+    settings = Settings(
+        gpu_mode="nvml",
+        instance=INSTANCE,
+        state_dir=tmp_path / "state",
+        models_dir=tmp_path / "models",
+        admin_token="t" * 32,
+        reconcile_interval_s=3600,
+    )
+    app = create_app(settings, runtime=MemoryRuntime(), inventory=NvmlInventory.open(nvml))
+    with TestClient(app) as client:
+        auth = {"Authorization": "Bearer " + "t" * 32}
+        cap = client.get("/api/v1/capacity", headers=auth).json()
+        assert [d["device"]["uuid"] for d in cap["devices"]] == ["GPU-a100-0000", "GPU-a100-0001"]
+        first = cap["devices"][0]
+        assert first["device"]["reserved"] == 870 * MIB and first["process_overhead"] == 512 * MIB
+        made = client.post(
+            "/api/v1/tenants", headers=auth, json={"name": "lab", "gpu_memory": "20G", "port": 31000, "gpu": "1"}
+        )
+        assert made.status_code == 201, made.text
+        assert made.json()["tenant"]["device"] == "GPU-a100-0001"
+        assert made.json()["admission"]["device"] == "GPU 1 (GPU-a100-0001)"
+        metrics = client.get("/metrics", headers=auth).text
+        assert 'gtm_device_memory_bytes{device="1",kind="driver_reserved",uuid="GPU-a100-0001"}' in metrics
+        nvml.lost = True
+        for path in ("/api/v1/tenants", "/api/v1/capacity", "/metrics"):
+            r = client.get(path, headers=auth)
+            assert r.status_code == 503, (path, r.text)
+            assert "GPU is lost" in r.json()["error"]["message"] and "nvidia-smi" in r.json()["error"]["message"]
+        client.post("/login", data={"username": "admin", "password": "t" * 32})
+        page = client.get("/")
+        assert page.status_code == 503 and "nvidia-smi" in page.text

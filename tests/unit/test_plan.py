@@ -181,7 +181,7 @@ def test_a_gpu_engine_runs_from_any_vllm_image(tmp_path) -> None:
     prep = prepare_plan(spec(), gpu)
     assert prep.image == e.image and prep.user == "0:0" and prep.cap_drop == ["ALL"] and prep.cap_add == ["CHOWN"]
     assert prep.network == "none" and [(m.source, m.target) for m in prep.mounts] == [("gtm-t-companya-data", "/data")]
-    assert "os.chown('/data', 1000, 1000)" in prep.entrypoint[-1]  # type: ignore[index]
+    assert "os.chown('/data', 1000, 1000)" in prep.entrypoint[-1] and "/data/.owner" in prep.entrypoint[-1]
     assert container_kwargs(prep)["cap_add"] == ["CHOWN"]
 
 
