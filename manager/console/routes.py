@@ -252,7 +252,7 @@ async def new_tenant(request: Request) -> HTMLResponse:
             trust_remote_code=form.get("trust_remote_code") == "on",
             max_num_seqs=_opt_int(form, "max_num_seqs"),
         )
-        created = svc.create(spec, session.user)
+        created = svc.create(spec, session.user, gpu=form.get("gpu", "").strip() or None)
     except GtmError as exc:
         return page(request, "tenant_new.html", session, error=exc.message, form=form, created=None)
     return page(request, "tenant_new.html", session, error=None, form={}, created=created)

@@ -308,3 +308,10 @@ def test_a_lost_gpu_answers_503_on_the_api_metrics_and_console(tmp_path: Path) -
         client.post("/login", data={"username": "admin", "password": "t" * 32})
         page = client.get("/")
         assert page.status_code == 503 and "nvidia-smi" in page.text
+
+
+def test_the_readmes_a100_figures(host: SimHost) -> None:
+    for i in range(3):
+        host.add(f"lab{i}", 31000 + i, 24 * GIB)
+    left = host.service.capacity().devices[0].unreserved
+    assert round(left / GIB, 2) == 4.15  # "a fourth can then reserve up to 4.1 GiB"
