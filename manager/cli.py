@@ -372,15 +372,18 @@ POLL_S = 1.0
 """How often a waiting command asks the API again."""
 
 
-def wait_for_engine(api: Api, name: str, timeout: float) -> dict[str, Any]:
+def wait_for_engine(api: Api, name: str, timeout: float, before: dict[str, Any] | None = None) -> dict[str, Any]:
     """Polls the tenant until its engine serves (running) or has failed; EngineFailed with the
-    engine's own reason when it failed, WaitTimedOut when neither happened in time."""
+    engine's own reason when it failed, WaitTimedOut when neither happened in time. ``before``:
+    the tenant as the change that is waited for returned it; a failure it already showed (the
+    same ``status_since``) is the old spec's, not this one's, and is waited past."""
+    stale = before["status_since"] if before and before.get("status") == "failed" else None
     deadline = time.monotonic() + timeout
     while True:
         tenant: dict[str, Any] = api.call("GET", f"/api/v1/tenants/{name}")
         if tenant["status"] == "running":
             return tenant
-        if tenant["status"] == "failed":
+        if tenant["status"] == "failed" and tenant["status_since"] != stale:
             raise EngineFailed(
                 f"the engine of {name} failed: {tenant['reason']} (the reconciler retries with "
                 "backoff; list-tenants shows the status, the console the engine's log)"
@@ -443,7 +446,7 @@ def run(args: argparse.Namespace, api: Api) -> int:
             raise InvalidInput("nothing to change: pass --gpu-memory, --port, a quota or another option")
         out = api.call("PATCH", f"/api/v1/tenants/{args.name}", body)
         if args.wait:
-            out = wait_for_engine(api, args.name, args.timeout)
+            out = wait_for_engine(api, args.name, args.timeout, before=out)
         if not args.json:
             _print_tenants([out])
             return 0

@@ -89,6 +89,10 @@ def prepare(instance: str, tenant: str) -> str:
     return f"{instance}-t-{tenant}-prepare"
 
 
+def port_probe(instance: str, port: int) -> str:
+    return f"{instance}-port-probe-{port}"
+
+
 def warmup(instance: str) -> str:
     return f"{instance}-engine-warmup"
 

@@ -242,6 +242,30 @@ def warmup_plan(settings: Settings, model: str) -> ContainerPlan:
     )
 
 
+PORT_TAKEN = ("address already in use", "port is already allocated")
+"""How Docker says a host port cannot be published (docker-proxy's bind, its own allocator)."""
+
+
+def port_probe_plan(settings: Settings, port: int) -> ContainerPlan:
+    """A container that exists only to see whether Docker can publish a tenant's port (see
+    ``Runtime.publish_error``): the gateway's port binding, on Docker's default bridge."""
+    return ContainerPlan(
+        name=names.port_probe(settings.instance, port),
+        image=settings.manager_image,
+        entrypoint=["python3", "-c", "pass"],
+        command=[],
+        labels=names.labels(settings.instance, Role.PROBE),
+        network="bridge",
+        ports={GATEWAY_PUBLIC_PORT: (settings.tenant_bind_address, port)},
+        pids_limit=16,
+    )
+
+
+def port_taken(error: str) -> bool:
+    low = error.lower()
+    return any(taken in low for taken in PORT_TAKEN)
+
+
 def control_network_name(settings: Settings) -> str:
     return settings.control_network or names.control_network(settings.instance)
 

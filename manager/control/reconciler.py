@@ -44,6 +44,7 @@ from manager.control.gateway_client import Connect, GatewayClient, collect_usage
 from manager.control.plan import (
     control_network_name,
     control_network_plan,
+    port_taken,
     prepare_plan,
     tenant_plan,
     warmup_plan,
@@ -303,12 +304,14 @@ class Reconciler:
         try:
             gateway_ready = self._ensure_gateway(row, plan.gateway, gateway)
         except GtmError as exc:  # e.g. the port is taken by a process Docker does not know
-            self._set_status(
-                row,
-                TenantStatus.FAILED,
-                f"gateway could not start: {exc.message}; if the port "
-                "is taken, move the tenant with update-tenant --port",
-            )
+            if port_taken(exc.message):  # the cause first: list-tenants shows the reason's start
+                reason = (
+                    f"port {row.spec.port} is in use by another program on the host; "
+                    f"move the tenant with update-tenant --port (Docker: {exc.message[-160:]})"
+                )
+            else:
+                reason = f"gateway could not start: {exc.message}"
+            self._set_status(row, TenantStatus.FAILED, reason)
             raise
         if engine is None:
             return self._start_engine(row, plan.engine)

@@ -19,7 +19,7 @@ from manager.control.admission import AdmissionInput, Decision, place
 from manager.control.costs import Share, split
 from manager.control.members import MemberService
 from manager.control.modelfit import ModelFootprint, image_allowance, read_config, read_footprint, takes_images
-from manager.control.plan import MIN_KV_CACHE
+from manager.control.plan import MIN_KV_CACHE, port_probe_plan, port_taken
 from manager.control.quant import checkpoint_method, resolve
 from manager.control.reconciler import Reconciler
 from manager.control.store import AuditRow, KeyRow, Store, TenantRow, UsageTotals
@@ -159,8 +159,10 @@ class TenantService:
         return self.store.tenant(name)
 
     def usage(self, name: str, since: float, until: float | None = None) -> UsageTotals:
-        """The tenant's requests and tokens between ``since`` and ``until`` (UNIX seconds)."""
-        return self.store.usage_totals(name, since, until)
+        """The tenant's requests and tokens between ``since`` and ``until`` (UNIX seconds); only its
+        own: a tenant removed earlier under the same name kept its records (for the cost split)."""
+        row = self.store.find_tenant(name)
+        return self.store.usage_totals(name, max(since, row.created_at) if row else since, until)
 
     def usage_counters(self) -> list[tuple[str, str, UsageTotals]]:
         """(tenant, member, totals) over all time, removed tenants and members included."""
@@ -419,6 +421,13 @@ class TenantService:
         owner = self.runtime.published_ports().get(port)
         if owner and owner != names.gateway(self.settings.instance, tenant or ""):
             raise Conflict(f"port {port} is already published by container {owner!r}; pick another")
+        if owner is None:  # held by a program Docker does not know? Docker is asked to publish it
+            error = self.runtime.publish_error(port_probe_plan(self.settings, port))
+            if error is not None and port_taken(error):
+                raise Conflict(
+                    f"port {port} is in use by another program on the host ({error.strip()[-120:]}); "
+                    "pick another port, or stop that program"
+                )
 
     # ---------------------------------------------------------------- actions
     def create(self, spec: TenantSpec, actor: str, gpu: str | None = None) -> Created:
@@ -550,6 +559,9 @@ class TenantService:
                     # the desired engine changed: the tenant is pending until the new one serves
                     # (so `update-tenant --wait` never mistakes the old engine for the new one)
                     self.store.set_status(name, TenantStatus.PENDING, "engine to be recreated with the new spec")
+                elif new.port != row.spec.port and row.status == TenantStatus.FAILED:
+                    # a move off a taken port: the old port's failure is not this spec's
+                    self.store.set_status(name, TenantStatus.PENDING, f"gateway to be recreated on port {new.port}")
                 self.store.audit(
                     actor,
                     "update-tenant",

@@ -43,6 +43,8 @@ LARGE_BODY = 1024 * 1024
 """Bodies above this (images as data: URLs) take one of the gateway's few large-body slots."""
 SALTED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 """Requests that use the engine's prefix cache: each carries its member's own ``cache_salt``."""
+STARTING_RETRY_S = 5
+"""Retry-After of a request that came while the tenant starts (its engine loads in tens of seconds)."""
 
 
 def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:
@@ -185,6 +187,17 @@ class Proxy:
                 ),
             )
             self.state.metrics.requests.labels("other", "404").inc()
+            self.state.metrics.refused.labels("not_found").inc()
+            return
+        if not self.state.version:  # no keys yet: a key given at add-tenant is not refused as wrong
+            await self._refuse(
+                send,
+                path,
+                503,
+                f"Tenant {self.settings.tenant} is starting; retry in a few seconds.",
+                "tenant_starting",
+                {"retry-after": str(STARTING_RETRY_S)},
+            )
             return
         key = self._authenticate(scope)
         if key is None:
@@ -231,8 +244,9 @@ class Proxy:
         headers: dict[str, str] | None = None,
         param: str | None = None,
     ) -> None:
-        """An error in OpenAI's shape, counted in the request metrics; 5xx are server errors."""
+        """An error in OpenAI's shape, counted in the request metrics and by its code; 5xx are server errors."""
         self.state.metrics.requests.labels(route_of(path), str(status)).inc()
+        self.state.metrics.refused.labels(code).inc()
         type_ = "server_error" if status >= 500 else "invalid_request_error"
         await self._send(send, status, error_body(message, type_, code, param), headers)
 
@@ -416,6 +430,7 @@ class Proxy:
             r = verdict.refusal
             m = self.state.metrics
             m.limited.labels(r.reason, r.scope).inc()
+            m.refused.labels(r.code).inc()
             m.requests.labels(route_of(path), "429").inc()
             if key.member:
                 m.member_requests.labels(key.member, "429").inc()
@@ -451,13 +466,17 @@ class Proxy:
             finally:  # a failed record write must not leak the in-flight slot
                 ticket.settle(used)
 
+        def unserved() -> None:
+            """The engine did not answer: no usage record, and no quota counts the request."""
+            ticket.cancel()
+
         try:
             if payload.get("stream") is True:
-                await self._stream(receive, send, payload, headers, record, commit)
+                await self._stream(receive, send, payload, headers, record, commit, unserved)
             else:
-                await self._plain(method, path, body, send, headers, record, commit)
+                await self._plain(method, path, body, send, headers, record, commit, unserved)
         finally:
-            commit()
+            commit()  # a no-op after unserved()
 
     def _finish(self, record: dict[str, Any], started: float) -> None:
         elapsed = time.time() - started
@@ -475,19 +494,17 @@ class Proxy:
             m.member_tokens.labels(rec.member, "prompt").inc(rec.prompt_tokens)
             m.member_tokens.labels(rec.member, "completion").inc(rec.completion_tokens)
 
-    async def _unavailable(
-        self, send: Send, headers: dict[str, str], record: dict[str, Any], commit: Callable[[], None]
-    ) -> None:
+    async def _unavailable(self, send: Send, path: str, headers: dict[str, str], unserved: Callable[[], None]) -> None:
+        """The engine did not take the request (starting, restarting or gone): never metered."""
         self.state.metrics.upstream_errors.inc()
-        record.update(status=503, outcome="upstream_unavailable")
-        commit()
-        await self._send(
+        unserved()
+        await self._refuse(
             send,
+            path,
             503,
-            error_body(
-                "The model engine is starting or unavailable; retry shortly.", "server_error", "engine_unavailable"
-            ),
-            {**headers, "retry-after": "5"},
+            f"Tenant {self.settings.tenant} is starting (its model engine is not serving yet); retry in a few seconds.",
+            "engine_unavailable",
+            {**headers, "retry-after": str(STARTING_RETRY_S)},
         )
 
     async def _plain(
@@ -499,6 +516,7 @@ class Proxy:
         headers: dict[str, str],
         record: dict[str, Any],
         commit: Callable[[], None],
+        unserved: Callable[[], None],
     ) -> None:
         try:
             upstream = await self.transport.handle_async_request(
@@ -509,7 +527,7 @@ class Proxy:
             finally:
                 await upstream.aclose()
         except httpx.TransportError:
-            await self._unavailable(send, headers, record, commit)
+            await self._unavailable(send, path, headers, unserved)
             return
         record["status"] = upstream.status_code
         if upstream.status_code >= 500:
@@ -533,6 +551,7 @@ class Proxy:
         headers: dict[str, str],
         record: dict[str, Any],
         commit: Callable[[], None],
+        unserved: Callable[[], None],
     ) -> None:
         """Events pass through as they come; the closing ``data: [DONE]`` is held back until the
         usage record is written, so a client that saw the whole stream is always metered."""
@@ -548,7 +567,7 @@ class Proxy:
         try:
             upstream = await self.transport.handle_async_request(request)
         except httpx.TransportError:
-            await self._unavailable(send, headers, record, commit)
+            await self._unavailable(send, record["path"], headers, unserved)
             return
         record["status"] = upstream.status_code
         if upstream.status_code != 200:

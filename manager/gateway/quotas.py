@@ -36,6 +36,8 @@ class Ticket:
 
     parts: list[tuple[QuotaState, int, str]]
     """(state, tokens reserved in it, the UTC day of the reservation)"""
+    at: float = 0.0
+    """When it was admitted (its entry in each per-minute window)."""
     settled: bool = False
 
     def settle(self, used_tokens: int) -> None:
@@ -45,6 +47,15 @@ class Ticket:
         self.settled = True
         for state, reserved, day in self.parts:
             state.release(reserved, day, used_tokens)
+
+    def cancel(self) -> None:
+        """The request was never served (the engine did not answer): it counts in no quota, as if
+        it had not been admitted (once; a no-op after ``settle``)."""
+        if self.settled:
+            return
+        self.settled = True
+        for state, reserved, day in self.parts:
+            state.refund(reserved, day, self.at)
 
 
 @dataclass(frozen=True)
@@ -214,6 +225,17 @@ class QuotaState:
             self.day_reserved -= reserved
             self.day_tokens += used_tokens
 
+    def refund(self, reserved: int, day: str, at: float) -> None:
+        """Undoes ``take`` of a request admitted at ``at`` that was never served."""
+        self.in_flight -= 1
+        self._roll(self.clock())
+        if day == self.day:
+            self.day_reserved -= reserved
+        if at in self.window:
+            self.window.remove(at)
+        if month_of(at) == self.month:
+            self.month_requests -= 1
+
     def admit(self, reserve_tokens: int) -> Verdict:
         """One decision against these limits alone (see ``admit`` for a member inside a tenant)."""
         return admit([self], reserve_tokens)
@@ -245,5 +267,5 @@ def admit(states: list[QuotaState], reserve_tokens: int) -> Verdict:
             headers = {**tightest_headers(states, now), "retry-after": str(refusal.retry_after)}
             headers["x-ratelimit-scope"] = refusal.scope
             return Verdict(None, refusal, headers)
-    ticket = Ticket([state.take(reserve_tokens, now) for state in states])
+    ticket = Ticket([state.take(reserve_tokens, now) for state in states], at=now)
     return Verdict(ticket, None, tightest_headers(states, now))

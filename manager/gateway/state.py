@@ -53,6 +53,12 @@ class GatewayMetrics:
             registry=r,
         )
         self.upstream_errors = Counter("gtm_gateway_upstream_errors", "Engine unreachable or failing", registry=r)
+        self.refused = Counter(
+            "gtm_gateway_refused",
+            "Requests the gateway answered itself, never served by the engine and never metered, by error code",
+            ["code"],
+            registry=r,
+        )
         self.spool_errors = Counter(
             "gtm_gateway_spool_errors",
             "Usage records the spool could not take at once (kept in memory and written first once it can)",

@@ -168,6 +168,23 @@ class DockerRuntime:
 
         return self._call(f"starting {plan.name}", run)
 
+    def publish_error(self, plan: ContainerPlan) -> str | None:
+        kwargs = container_kwargs(plan)
+
+        def run() -> str | None:
+            with suppress(docker.errors.NotFound):
+                self._client.containers.get(plan.name).remove(force=True)
+            container = self._client.containers.create(**kwargs)
+            try:
+                container.start()  # Docker binds the host ports here, before the process runs
+            except docker.errors.APIError as exc:
+                return str(exc.explanation or exc)
+            finally:
+                container.remove(force=True)
+            return None
+
+        return self._call(f"probing ports with {plan.name}", run)
+
     def run_to_completion(self, plan: ContainerPlan, timeout_s: float) -> tuple[int, str]:
         """Runs a one-off container to its end; returns its exit code and log tail. It is removed
         afterwards, also when it runs past ``timeout_s`` (then the exit code is -1)."""

@@ -46,6 +46,7 @@ class MemoryRuntime:
         self.completed: list[str] = []  # one-off containers run to completion, in order
         self._fail_next: dict[str, str] = {}
         self.images: dict[str, str] = {}  # name -> ID; a name not set here exists as "sha256:<name>"
+        self.foreign_ports: set[int] = set()  # host ports held by programs Docker does not know
 
     # ---------------------------------------------------------------- test hooks
     def exit(self, name: str, code: int = 1, logs: str = "", oom_killed: bool = False) -> None:
@@ -228,6 +229,19 @@ class MemoryRuntime:
             self._check()
             c = self._containers.get(name)
             return set(c.pids) if c and c.state.status == "running" else set()
+
+    def publish_error(self, plan: ContainerPlan) -> str | None:
+        with self._lock:
+            self._check()
+            for host_ip, host_port in plan.ports.values():
+                if host_port in self.foreign_ports:
+                    return f"listen tcp4 {host_ip}:{host_port}: bind: address already in use"
+                owner = next(
+                    (n for n, c in self._containers.items() if host_port in [p for _, p in c.plan.ports.values()]), None
+                )
+                if owner is not None:
+                    return f"Bind for {host_ip}:{host_port} failed: port is already allocated"
+            return None
 
     def published_ports(self) -> dict[int, str]:
         with self._lock:

@@ -67,6 +67,12 @@ class Runtime(Protocol):
         """Host PIDs of a container's processes; empty when it is not running."""
         ...
 
+    def publish_error(self, plan: ContainerPlan) -> str | None:
+        """Whether Docker can publish ``plan``'s host ports now: starts a container from it only to
+        see, and removes it. Docker's error when a port cannot be bound (held by another program
+        or container), else None."""
+        ...
+
     def published_ports(self) -> dict[int, str]:
         """Host ports published by any container of the runtime, with the container's name."""
         ...

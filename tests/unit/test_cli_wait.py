@@ -120,3 +120,23 @@ def test_update_tenant_wait_waits_for_the_new_engine() -> None:
 def test_exit_codes_of_waiting_are_distinct() -> None:
     codes: list[Callable[..., Any]] = [EngineFailed, WaitTimedOut]
     assert sorted(c("x").exit_code for c in codes) == [9, 10]
+
+
+def test_update_tenant_wait_waits_past_the_old_specs_failure() -> None:
+    """A failed tenant moved to another port: the failure the PATCH still showed (port 30009 taken)
+    is not the new spec's, so --wait waits for the new gateway instead of exiting 9 at once."""
+    old = {**TENANT, "status": "failed", "status_since": 5.0, "reason": "port 30009 is in use by another program"}
+    answers = [old, old, {**TENANT, "status": "pending", "status_since": 7.0}, {**TENANT, "status": "running"}]
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.method == "PATCH":
+            return httpx.Response(200, json=old)
+        return httpx.Response(200, json=answers.pop(0) if len(answers) > 1 else answers[0])
+
+    settings = Settings(admin_token="cli-test-token-0123456789abcdef", api_url="http://manager")
+    api = cli.Api(settings, transport=httpx.MockTransport(handle))
+    assert run(["update-tenant", "--name", "acme", "--port", "30006", "--wait"], api) == 0
+    # a failure of the new spec (a later status_since) still ends the wait
+    answers[:] = [old, {**old, "status_since": 9.0, "reason": "ValueError: bad config.json"}]
+    with pytest.raises(EngineFailed, match="bad config"):
+        run(["update-tenant", "--name", "acme", "--port", "30007", "--wait"], api)

@@ -163,27 +163,54 @@ async def test_oversized_body_is_413(gateway):
     assert r.status_code == 413
 
 
-async def test_engine_down_is_503_with_retry_after(tmp_path: Path):
+async def test_engine_down_is_503_with_retry_after_and_neither_metered_nor_counted(tmp_path: Path):
     state = GatewayState(GatewayStore(tmp_path / "gw.db"))
     issued = keys.issue()
+    limits = {"rpm_limit": 2, "requests_per_month": 2, "tokens_per_day": 10_000}
     state.apply(
-        GatewayConfig.model_validate({"version": "v", "keys": [{"id": issued.id, "hash": issued.hash}], "limits": {}})
+        GatewayConfig.model_validate(
+            {"version": "v", "keys": [{"id": issued.id, "hash": issued.hash}], "limits": limits}
+        )
     )
+    engine_up = False
 
-    def refuse(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("connection refused", request=request)
+    def engine(request: httpx.Request) -> httpx.Response:
+        if not engine_up:
+            raise httpx.ConnectError("connection refused", request=request)
+        return upstream(request)
 
-    proxy = Proxy(GatewaySettings(), state, transport=httpx.MockTransport(refuse))
+    proxy = Proxy(GatewaySettings(tenant="companya"), state, transport=httpx.MockTransport(engine))
     client = httpx.AsyncClient(
         transport=httpx.ASGITransport(app=proxy),
         base_url="http://gw",
         headers={"Authorization": f"Bearer {issued.secret_key}"},
     )
-    for body in (CHAT, {**CHAT, "stream": True}):
+    for body in (CHAT, {**CHAT, "stream": True}) * 3:
         r = await client.post("/v1/chat/completions", json=body)
         assert r.status_code == 503
         assert r.headers["retry-after"] == "5"
-        assert r.json()["error"]["code"] == "engine_unavailable"
+        error = r.json()["error"]
+        assert error["code"] == "engine_unavailable" and error["message"].startswith("Tenant companya is starting")
+    assert state.store.after(0, 100).records == []  # never served: never metered
+    assert state.quotas.in_flight == 0 and state.quotas.day_reserved == 0
+    assert state.metrics.refused.labels("engine_unavailable")._value.get() == 6
+    engine_up = True  # six refusals used none of the 2 requests a minute and 2 a month
+    assert [(await client.post("/v1/chat/completions", json=CHAT)).status_code for _ in range(3)] == [200, 200, 429]
+    assert len(state.store.after(0, 100).records) == 2
+
+
+async def test_before_its_first_config_a_gateway_says_the_tenant_is_starting_never_401(tmp_path: Path):
+    state = GatewayState(GatewayStore(tmp_path / "gw.db"))
+    client, forwarded = recording(state, keys.issue().secret_key, GatewaySettings(tenant="companya"))
+    r = await client.post("/v1/chat/completions", json=CHAT)
+    assert r.status_code == 503 and r.headers["retry-after"] == "5"
+    assert r.json()["error"] == {
+        "message": "Tenant companya is starting; retry in a few seconds.",
+        "type": "server_error",
+        "code": "tenant_starting",
+        "param": None,
+    }
+    assert forwarded == [] and state.store.after(0, 100).records == []
 
 
 async def test_expired_key_is_refused(tmp_path: Path):
