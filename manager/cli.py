@@ -30,11 +30,37 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(exc.message) from exc
 
 
+def _limit_value(text: str) -> int:
+    """A quota: a whole number, 0 for no limit."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number (0: no limit), got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (no limit) or a positive number, got {value}")
+    return value
+
+
+SIZE_FLAGS = frozenset({"--gpu-memory", "--shm-size", "--max-body"})
+
+
+def _sizes_glued(argv: Sequence[str]) -> list[str]:
+    """``--gpu-memory -1G`` as ``--gpu-memory=-1G``: argparse takes a value starting with '-' for an
+    option and answered "expected one argument"; glued, the size's own check says what is wrong."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] in SIZE_FLAGS and arg.startswith("-") and arg[1:2].isdigit():
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def _quota_options(p: argparse.ArgumentParser, scope: str = "0: no limit") -> None:
-    p.add_argument("--rpm-limit", type=int, help=f"requests per minute ({scope})")
-    p.add_argument("--tokens-per-day", type=int, help=f"prompt + completion tokens per UTC day ({scope})")
-    p.add_argument("--requests-per-month", type=int, help=f"requests per calendar month ({scope})")
-    p.add_argument("--max-in-flight", type=int, help=f"requests in flight at once ({scope})")
+    p.add_argument("--rpm-limit", type=_limit_value, help=f"requests per minute ({scope})")
+    p.add_argument("--tokens-per-day", type=_limit_value, help=f"prompt + completion tokens per UTC day ({scope})")
+    p.add_argument("--requests-per-month", type=_limit_value, help=f"requests per calendar month ({scope})")
+    p.add_argument("--max-in-flight", type=_limit_value, help=f"requests in flight at once ({scope})")
 
 
 def _engine_options(p: argparse.ArgumentParser, required: bool) -> None:
@@ -183,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
         "Hugging Face cache entry (models--org--name)",
     )
     p.add_argument("--name", help="the model's name for --model (default: the directory's name)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("remove-model", help="delete a model from the models volume (refused while a tenant uses it)")
+    p.add_argument("model", help="the model's name, as list-models shows it")
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("capacity", help="device memory: total, reserved and measured per tenant, free")
@@ -511,6 +541,12 @@ def run(args: argparse.Namespace, api: Api) -> int:
             print(_table(rows, ["NAME", "ARCHITECTURE", "PARAMS", "DTYPE", "WEIGHTS", "IMAGES", "QUANT",
                                 "MIN GPU-MEMORY", at, "PROBLEM"]))  # fmt: skip
             return 0
+    elif args.command == "remove-model":
+        api.call("DELETE", f"/api/v1/models/{args.model}")
+        out = {"removed": args.model}
+        if not args.json:
+            print(f"model {args.model} removed from the models volume")
+            return 0
     elif args.command == "import-model":
         source = os.path.abspath(args.source)  # the API runs in the same container: one filesystem
         out = api.call("POST", "/api/v1/models", {"source": source, **({"name": args.name} if args.name else {})})
@@ -572,7 +608,7 @@ def serve(settings: Settings) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_sizes_glued(sys.argv[1:] if argv is None else argv))
     try:
         if args.command == "gateway":
             from manager.gateway.server import main as gateway_main
@@ -616,6 +652,7 @@ remove_member = _command("remove-member")
 capacity = _command("capacity")
 list_models = _command("list-models")
 import_model = _command("import-model")
+remove_model = _command("remove-model")
 what_if = _command("what-if")
 audit = _command("audit")
 

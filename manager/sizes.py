@@ -37,6 +37,8 @@ def parse_size(text: str | int) -> int:
     """
     if isinstance(text, int) and not isinstance(text, bool):
         return _bounded(text, str(text))
+    if str(text).strip().startswith("-"):
+        raise InvalidInput(f"size must be positive, got {text!r}")
     match = _PATTERN.match(str(text))
     if not match or not match.group(2):
         raise InvalidInput(f"invalid size {text!r}: expected {ACCEPTED}")

@@ -121,7 +121,8 @@ def update_tenant(name: TenantName, body: TenantUpdate, svc: Service, actor: Adm
     sent = body.model_dump(exclude_unset=True)
     quotas = {f: sent.pop(f) for f in QUOTA_FIELDS if f in sent}
     row = svc.update(name, actor, quotas=quotas or None, **sent)
-    return TenantPublic.of(row)
+    # the same figures as GET: what it uses and served today (a quota change keeps its engine)
+    return TenantPublic.of(row, svc.measured_use(name).get(name), svc.usage(name, start_of_day(time.time())))
 
 
 @router.delete(
@@ -231,6 +232,15 @@ def import_model(body: ModelImport, svc: Service, actor: Admin) -> CatalogEntry:
     """Checks a model directory on the manager (config, tokenizer, safetensors headers) and copies it
     into the models volume; an incomplete one is refused and nothing is written."""
     return svc.import_model(body.source, body.name, actor)
+
+
+@router.delete(
+    "/models/{name}", status_code=status.HTTP_204_NO_CONTENT, tags=["models"], responses=error_responses(404, 409)
+)
+def remove_model(name: Annotated[str, Path(max_length=100)], svc: Service, actor: Admin) -> Response:
+    """Deletes a model from the models volume; 409 naming the tenants while any uses it."""
+    svc.remove_model(name, actor)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.get("/capacity", tags=["capacity"])

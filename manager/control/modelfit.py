@@ -43,6 +43,20 @@ def _safetensors_header(path: Path) -> dict[str, Any]:
     return header
 
 
+def _check_complete(path: Path, data_end: int) -> None:
+    """The file holds every byte its header describes: a copy cut short (an interrupted download)
+    has an intact header and would crash-loop its engine."""
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        (length,) = struct.unpack("<Q", fh.read(8))
+    expected = 8 + length + data_end
+    if size < expected:
+        raise InvalidInput(
+            f"{path.name} is cut short: {size} bytes of the {expected} its header describes "
+            f"({100 * size // max(expected, 1)}%); copy or download the model again"
+        )
+
+
 def _model_dir(models_dir: Path, model: str) -> Path:
     directory = models_dir / model
     if "/" in model or model.startswith(".") or not directory.is_dir():
@@ -74,12 +88,16 @@ def read_footprint(models_dir: Path, model: str, *, quantized: bool = False) -> 
     params = 0
     stored = 0
     for path in files:
-        for name, info in _safetensors_header(path).items():
+        header = _safetensors_header(path)
+        data_end = 0
+        for name, info in header.items():
             if name == "__metadata__":
                 continue
             params += math.prod(info["shape"])
             start, end = info["data_offsets"]
             stored += end - start
+            data_end = max(data_end, int(end))
+        _check_complete(path, data_end)
     weights = stored if quantized else min(stored, params * SERVED_BYTES_PER_PARAM)
     return ModelFootprint(model, params, weights, _kv_bytes_per_token(directory / "config.json"))
 
@@ -191,3 +209,24 @@ def image_allowance(config: dict[str, Any], mode: str, max_images: int, max_imag
     if mode == "cpu":
         return image_decode_bytes(max_images, max_image_pixels)
     return max(MIN_PROFILE_ALLOWANCE, vision_parameters(config) * SERVED_BYTES_PER_PARAM)
+
+
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length")
+"""Where configs state their context length (vLLM's own list, minus tokenizer-side keys)."""
+UNSCALED_ROPE = frozenset({"default", "mrope", "llama3", "su", "longrope"})
+"""RoPE scalings whose max_position_embeddings is already the scaled length (vLLM does not multiply)."""
+
+
+def max_positions(config: dict[str, Any]) -> int | None:
+    """The longest context the model takes (the text model's, for a vision model), as vLLM derives
+    it from config.json: the smallest stated length, times a RoPE scaling factor; None when unstated."""
+    text = config.get("text_config", config)
+    stated = [int(v) for k in POSITION_KEYS if isinstance(v := text.get(k, config.get(k)), int) and v > 0]
+    if not stated:
+        return None
+    length = min(stated)
+    rope = text.get("rope_scaling") or {}
+    kind = rope.get("rope_type") or rope.get("type") or "default"
+    if isinstance(rope.get("factor"), int | float) and kind not in UNSCALED_ROPE:
+        length = int(length * rope["factor"])
+    return length

@@ -1,4 +1,4 @@
-"""Bringing a model into the models volume: ``import-model``.
+"""Bringing a model into the models volume (``import-model``) and taking it out (``remove-model``).
 
 A source is a Hugging Face model directory (config.json, a tokenizer, *.safetensors) or
 a snapshot in a local Hugging Face cache (``models--org--name/snapshots/<rev>/``, whose
@@ -98,3 +98,13 @@ def import_model(models_dir: Path, source: Path, name: str | None = None) -> str
             f"copying {directory} into {models_dir} failed ({exc.strerror or exc}); nothing was imported"
         ) from exc
     return name
+
+
+def remove_model(models_dir: Path, name: str) -> None:
+    """Deletes ``models_dir/<name>``: renamed away first, so the model is gone at once, whole."""
+    if not MODEL_NAME.match(name) or not (models_dir / name).is_dir():
+        raise NotFound(f"model {name!r} is not in the models volume; list-models shows the models there are")
+    doomed = models_dir / f".removing-{name}"
+    shutil.rmtree(doomed, ignore_errors=True)
+    (models_dir / name).rename(doomed)
+    shutil.rmtree(doomed, ignore_errors=True)

@@ -18,7 +18,14 @@ from manager.control import models
 from manager.control.admission import AdmissionInput, Decision, place
 from manager.control.costs import Share, split
 from manager.control.members import MemberService
-from manager.control.modelfit import ModelFootprint, image_allowance, read_config, read_footprint, takes_images
+from manager.control.modelfit import (
+    ModelFootprint,
+    image_allowance,
+    max_positions,
+    read_config,
+    read_footprint,
+    takes_images,
+)
 from manager.control.plan import MIN_KV_CACHE, port_probe_plan, port_taken
 from manager.control.quant import checkpoint_method, resolve
 from manager.control.reconciler import Reconciler
@@ -34,10 +41,13 @@ from manager.domain import (
 )
 from manager.errors import AdmissionRefused, Conflict, GtmError, InvalidInput, NotFound
 from manager.gpu import DeviceMemory, Inventory, device_label, find_device, placed_on
+from manager.gpu.cpu import read_meminfo
 from manager.runtime.protocol import Runtime
 from manager.settings import Settings
+from manager.sizes import format_size
 
 T = TypeVar("T")
+MEMINFO = Path("/proc/meminfo")
 MEASURE_THREADS = 16
 """Engines measured at once; more tenants than this on one host take a second per 16."""
 
@@ -290,6 +300,20 @@ class TenantService:
         self.store.audit(actor, "import-model", None, "ok", {"source": source, "model": imported})
         return self._catalog_entry(imported, None)
 
+    def remove_model(self, name: str, actor: str) -> None:
+        """Deletes a model from the models volume; refused while a tenant uses it (named). Audited."""
+        with self._admission:  # no tenant is admitted on the model while it goes
+            read_config(self.settings.models_dir, name)  # NotFound, listing the models there are
+            users = sorted(r.spec.name for r in self.store.tenants() if r.spec.model == name)
+            if users:
+                self.store.audit(actor, "remove-model", None, "refused", {"model": name, "tenants": users})
+                raise Conflict(
+                    f"model {name!r} is used by tenant{'s' if len(users) > 1 else ''} {', '.join(users)}; "
+                    "move them to another model (update-tenant --model) or remove them first"
+                )
+            models.remove_model(self.settings.models_dir, name)
+            self.store.audit(actor, "remove-model", None, "ok", {"model": name})
+
     def catalog(self, max_model_len: int | None = None) -> list[CatalogEntry]:
         """Every model directory in the models volume; the minimums come from ``_minimum``, the
         function admission's model-fit check uses, so the two never disagree."""
@@ -352,6 +376,7 @@ class TenantService:
         """Where a reservation goes and the decision that says so. The candidates: the device ``gpu``
         names (index or UUID); else a resized tenant's own device (tenants move only when the admin
         says ``--gpu``); else every device, best fit first (``admission.place``)."""
+        self.check_model_len(model, max_model_len)  # what-if says so too, before any number
         devices = self.inventory.devices()
         own = self.store.find_tenant(tenant) if tenant else None
         if max_images is None:
@@ -412,6 +437,24 @@ class TenantService:
         )
 
     # ---------------------------------------------------------------- validation
+    def check_model_len(self, model: str, max_model_len: int) -> None:
+        """No context longer than the model's own (vLLM refuses such an engine at start)."""
+        limit = max_positions(read_config(self.settings.models_dir, model))
+        if limit is not None and max_model_len > limit:
+            raise InvalidInput(
+                f"--max-model-len {max_model_len} is beyond model {model}'s own limit of {limit} positions "
+                f"(max_position_embeddings in its config.json); use --max-model-len {limit} or less"
+            )
+
+    def _check_host(self, spec: TenantSpec) -> None:
+        """Sizes the host itself bounds: shared memory lives in host RAM."""
+        total = read_meminfo(MEMINFO).get("MemTotal")
+        if total and spec.shm_size > total:
+            raise InvalidInput(
+                f"--shm-size {format_size(spec.shm_size)} is more than the host's memory ({format_size(total)}); "
+                "use less (the default is 1G)"
+            )
+
     def _check_port(self, port: int, tenant: str | None = None) -> None:
         if port == self.settings.api_port:
             raise InvalidInput(f"port {port} is the manager's own API port; pick another")
@@ -434,6 +477,8 @@ class TenantService:
         """``gpu``: the device to place the tenant on (index or UUID); None picks the best fit."""
         names.validate_tenant_name(spec.name)
         check_bounds(spec)
+        self._check_host(spec)
+        self.check_model_len(spec.model, spec.max_model_len)
         with self._admission:
             if self.store.find_tenant(spec.name):
                 raise Conflict(f"tenant {spec.name!r} already exists; use update-tenant to change it")
@@ -525,6 +570,9 @@ class TenantService:
                 )
             new = row.spec.with_changes(**changes)
             check_bounds(new)
+            self._check_host(new)
+            if (new.model, new.max_model_len) != (row.spec.model, row.spec.max_model_len):
+                self.check_model_len(new.model, new.max_model_len)
             devices = self.inventory.devices()
             placed_on = device_of(row, devices)
             here = placed_on.uuid if placed_on else None

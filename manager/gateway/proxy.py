@@ -51,6 +51,28 @@ def error_body(message: str, type_: str, code: str | None, param: str | None = N
     return json.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}}).encode()
 
 
+def openai_error(status: int, content: bytes, path: str) -> bytes:
+    """An engine's error answer in OpenAI's shape: vLLM's own errors already are; anything else (a
+    framework's ``{"detail": "Not Found"}`` for a path this model does not serve, a plain-text 500)
+    is wrapped, its text kept in the message."""
+    try:
+        body = json.loads(content)
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and isinstance(body.get("error"), dict) and "message" in body["error"]:
+        return content
+    detail = body.get("detail") if isinstance(body, dict) else None
+    text = str(detail if detail is not None else content.decode(errors="replace"))[:500]
+    if status == 404:
+        return error_body(
+            f"{path} is not served by this tenant's model ({text}); /v1/models lists what it serves",
+            "invalid_request_error",
+            "not_found",
+        )
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return error_body(f"The model engine answered {status}: {text}", kind, "engine_error")
+
+
 def canonical_path(raw_path: bytes) -> str | None:
     """The path exactly as it will be forwarded, or None when the raw path is not plain
     (escapes, dot segments, ``//``): the engine would normalise those into another path
@@ -540,6 +562,8 @@ class Proxy:
         else:
             record["outcome"] = "ok" if upstream.status_code < 400 else "error"
         ctype = upstream.headers.get("content-type", "application/json").encode()
+        if upstream.status_code >= 400:
+            content, ctype = openai_error(upstream.status_code, content, path), b"application/json"
         commit()
         await self._send(send, upstream.status_code, content, headers, ctype)
 
@@ -576,11 +600,7 @@ class Proxy:
             record["outcome"] = "error"
             commit()
             await self._send(
-                send,
-                upstream.status_code,
-                content,
-                headers,
-                upstream.headers.get("content-type", "application/json").encode(),
+                send, upstream.status_code, openai_error(upstream.status_code, content, record["path"]), headers
             )
             return
 

@@ -101,6 +101,13 @@ def test_docker_exec_add_tenant_in_the_compose_stack(
     assert dexec(manager, "rm", "/tmp/upload/tokenizer.json").returncode == 0
     incomplete = dexec(manager, "import-model", "/tmp/upload", "--name", "broken")
     assert incomplete.returncode == 2 and "no tokenizer" in incomplete.stderr
+    # a copy cut short: its header intact, 100 bytes of its tensors (it would crash-loop an engine)
+    assert dexec(manager, "cp", "/models/demo/tokenizer.json", "/tmp/upload/").returncode == 0
+    cut = "import sys; p = sys.argv[1]; raw = open(p, 'rb').read(); n = 8 + int.from_bytes(raw[:8], 'little')"
+    cut += "; open(p, 'wb').write(raw[: n + 100])"
+    assert dexec(manager, "python3", "-c", cut, "/tmp/upload/model.safetensors").returncode == 0
+    truncated = dexec(manager, "import-model", "/tmp/upload", "--name", "broken")
+    assert truncated.returncode == 2 and "model.safetensors is cut short" in truncated.stderr, truncated.stderr
     listed = {m["name"] for m in json.loads(dexec(manager, "list-models", "--json").stdout)}
     assert listed == {"demo", "demo-vl", "democopy"}
 
@@ -117,6 +124,11 @@ def test_docker_exec_add_tenant_in_the_compose_stack(
         return tenant["status"] == "running"
 
     wait_for(running, 300, "companya to run", interval=3)
+    quota_only = dexec(manager, "update-tenant", "--name", "companya", "--rpm-limit", "600", "--json")
+    assert quota_only.returncode == 0, quota_only.stderr
+    assert json.loads(quota_only.stdout)["measured"], "a quota change shows what the tenant uses, as list-tenants"
+    in_use = dexec(manager, "remove-model", "democopy")
+    assert in_use.returncode == 4 and "used by tenant companya" in in_use.stderr, in_use.stderr
     assert docker_client.containers.get(names.engine(instance, "companya")).status == "running"
 
     table = dexec(manager, "manager", "list-tenants")
@@ -150,3 +162,6 @@ def test_docker_exec_add_tenant_in_the_compose_stack(
         60,
         "companya's engine to be removed",
     )
+    gone = dexec(manager, "remove-model", "democopy")  # no tenant uses it any more
+    assert gone.returncode == 0 and "democopy removed" in gone.stdout, gone.stderr
+    assert {m["name"] for m in json.loads(dexec(manager, "list-models", "--json").stdout)} == {"demo", "demo-vl"}

@@ -175,18 +175,30 @@ def test_tenant_lifecycle_on_real_engines(
         restarted.stop()
 
 
-@pytest.mark.slow
-def test_engine_failure_reason_surfaces(manager_settings) -> None:
+def test_bounds_are_the_models_and_the_hosts_and_nothing_is_created(manager_settings) -> None:
+    """The demo model knows 2048 positions: a longer context is refused at once, naming the limit
+    (vLLM refused such an engine only at its start; an engine's own failure reason is checked in
+    test_faults.py), and so is shared memory beyond the host's."""
     mgr = start_manager(manager_settings())
     try:
         api = mgr.client()
-        # the demo model knows 2048 positions; vLLM refuses a longer context at start-up
-        r = api.post(
-            "/api/v1/tenants", json={"name": "broken", "gpu_memory": "1536M", "port": 30111, "max_model_len": 4096}
-        )
-        assert r.status_code == 201, r.text
-        failed = wait_status(api, "broken", "failed", timeout=240)
-        assert "max_model_len" in failed["reason"]
+        base = {"name": "broken", "gpu_memory": "1536M", "port": 30111}
+        r = api.post("/api/v1/tenants", json={**base, "max_model_len": 4096})
+        assert r.status_code == 422 and "model demo's own limit of 2048 positions" in r.text, r.text
+        what_if = api.post("/api/v1/what-if", json={"gpu_memory": "1536M", "max_model_len": 4096})
+        assert what_if.status_code == 422 and "2048" in what_if.text
+        r = api.post("/api/v1/tenants", json={**base, "shm_size": "500G"})
+        assert r.status_code == 422 and "more than the host's memory" in r.text, r.text
+        for flags, says in (
+            (["--rpm-limit", "-5"], "must be 0 (no limit) or a positive number, got -5"),
+            (["--gpu-memory", "-1G"], "size must be positive, got '-1G'"),
+        ):
+            args = ["add-tenant", "--name", "broken", "--port", "30111", *flags]
+            if "--gpu-memory" not in flags:
+                args += ["--gpu-memory", "1536M"]
+            out = cli(mgr, *args)
+            assert out.returncode == 2 and says in out.stderr and "expected one argument" not in out.stderr, out.stderr
+        assert api.get("/api/v1/tenants").json() == []
     finally:
         mgr.stop()
 

@@ -103,9 +103,11 @@ def test_a_crash_looping_engine_backs_off_and_says_why(
     shutil.copytree(models_dir / "demo", models / "demo")
     shutil.copytree(models_dir / "demo", models / "corrupt")
     weights = models / "corrupt" / "model.safetensors"
+    # whole and well-formed, so the manager admits it (a file cut short is refused at add-tenant),
+    # but a tensor the model does not have: vLLM fails loading it, every time
     raw = weights.read_bytes()
-    header = 8 + int.from_bytes(raw[:8], "little")
-    weights.write_bytes(raw[: header + (len(raw) - header) // 3])  # header intact, tensors cut short
+    assert raw.count(b"model.embed_tokens.weight") == 1
+    weights.write_bytes(raw.replace(b"model.embed_tokens.weight", b"model.embed_tokenz.weight"))
     mgr = start_manager(manager_settings(models_source=str(models), models_dir=models, reconcile_interval_s=2.0))
     try:
         api = mgr.client()

@@ -78,21 +78,52 @@ def test_gateway_end_to_end(manager: RunningManager, docker_client: docker.Docke
     r = api.post("/api/v1/tenants", json={"name": "acme", "gpu_memory": "1536M", "port": PORT, "rpm_limit": L})
     assert r.status_code == 201, r.text
     key = r.json()["key"]["api_key"]
-    wait_status(api, "acme", "running")
+
+    # ---- hammered while it starts: one clear answer (503, Retry-After, "is starting"), never a 401
+    # for the key add-tenant printed; none of it metered or counted against the RPM limit
+    answers: list[httpx.Response] = []
+    stop = threading.Event()
+
+    def hammer() -> None:
+        while not stop.is_set():
+            try:
+                answer = chat(key, max_tokens=2)
+            except httpx.TransportError:  # the gateway's port is not published yet
+                time.sleep(0.2)
+                continue
+            answers.append(answer)
+            if answer.status_code == 200:
+                return
+            time.sleep(0.2)
+
+    hammering = threading.Thread(target=hammer)
+    hammering.start()
+    try:
+        wait_status(api, "acme", "running")
+    finally:
+        stop.set()
+        hammering.join(timeout=130)
+    refused = [a for a in answers if a.status_code != 200]
+    early = len(answers) - len(refused)  # served once the engine was up: they count, as they should
+    assert len(refused) >= 3, [a.status_code for a in answers]
+    for a in refused:
+        error = a.json()["error"]
+        assert a.status_code == 503 and int(a.headers["retry-after"]) >= 1, a.text
+        assert error["code"] in ("tenant_starting", "engine_unavailable") and "acme is starting" in error["message"]
     wait_synced(manager, docker_client, "acme")
 
-    # ---- RPM: with a limit of L and 3L concurrent requests, exactly L succeed
+    # ---- RPM: with a limit of L and 3L concurrent requests, exactly L succeed (with those served early)
     with ThreadPoolExecutor(3 * L) as pool:
         responses = list(pool.map(lambda _: chat(key), range(3 * L)))
     codes = sorted(r.status_code for r in responses)
-    assert codes == [200] * L + [429] * (2 * L), codes
+    assert codes == [200] * (L - early) + [429] * (2 * L + early), codes
     limited = next(r for r in responses if r.status_code == 429)
     assert limited.json()["error"]["code"] == "rate_limit_exceeded"
     assert int(limited.headers["retry-after"]) >= 1
     for header in ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests"):
         assert header in limited.headers
     assert limited.headers["x-ratelimit-limit-requests"] == str(L)
-    engine_tokens = sum(r.json()["usage"]["total_tokens"] for r in responses if r.status_code == 200)
+    engine_tokens = sum(r.json()["usage"]["total_tokens"] for r in [*responses, *answers] if r.status_code == 200)
 
     # limits change without a restart: lift the RPM limit
     assert api.patch("/api/v1/tenants/acme", json={"rpm_limit": None}).status_code == 200
@@ -139,9 +170,14 @@ def test_gateway_end_to_end(manager: RunningManager, docker_client: docker.Docke
     for path in ("/sleep", "/wake_up", "/collective_rpc", "/reset_prefix_cache", "/metrics", "/v1/load_lora_adapter"):
         resp = httpx.post(f"http://127.0.0.1:{PORT}{path}", headers={"Authorization": f"Bearer {key}"})
         assert resp.status_code == 404, path
+    # an allowed path this chat model does not serve: the engine's own 404, in OpenAI's shape
+    with pytest.raises(openai.NotFoundError) as not_served:
+        client.embeddings.create(model="demo", input="hi")
+    assert "/v1/embeddings is not served by this tenant's model" in str(not_served.value)
 
     # ---- usage collected by the manager equals what the engine reported (plain stream: metered too)
-    successful = L + 5  # RPM phase + chat, completion, chat stream, completion stream, langchain
+    successful = L + 5  # RPM phase (with the early ones) + chat, completion, chat stream, completion stream, langchain
+    successful += 1  # the engine's own 404 for /v1/embeddings: it answered, so it is metered
     usage = wait_for(
         lambda: (u := collected(api, "acme"))["requests"] >= successful + 1 and u, 30, "the usage to be collected"
     )

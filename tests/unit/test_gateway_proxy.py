@@ -773,3 +773,36 @@ async def test_requests_with_images_take_the_tenants_image_slot_in_turn(tmp_path
     release.set()
     assert (await first).status_code == 200 and (await second).status_code == 200
     assert entered == ["image", "text", "image"]
+
+
+async def test_an_engines_error_that_is_not_in_openais_shape_is_wrapped(tmp_path: Path) -> None:
+    state = GatewayState(GatewayStore(tmp_path / "gw.db"))
+    issued = keys.issue()
+    state.apply(GatewayConfig.model_validate({"version": "v", "keys": [{"id": issued.id, "hash": issued.hash}]}))
+
+    def engine(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/embeddings":  # a chat model: the framework's own 404
+            return httpx.Response(404, json={"detail": "Not Found"})
+        if json.loads(request.content).get("stream"):
+            return httpx.Response(500, text="Internal Server Error")
+        own = {"error": {"message": "max_tokens is too large", "type": "BadRequestError", "param": None, "code": 400}}
+        return httpx.Response(400, json=own)
+
+    proxy = Proxy(GatewaySettings(), state, transport=httpx.MockTransport(engine))
+    client = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=proxy),
+        base_url="http://gw",
+        headers={"Authorization": f"Bearer {issued.secret_key}"},
+    )
+    r = await client.post("/v1/embeddings", json={"model": "demo", "input": "hi"})
+    assert r.status_code == 404 and r.headers["content-type"] == "application/json"
+    assert r.json()["error"]["code"] == "not_found" and "/v1/embeddings is not served by this tenant's model" in r.text
+    r = await client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    assert r.status_code == 500 and r.json()["error"] == {
+        "message": "The model engine answered 500: Internal Server Error",
+        "type": "server_error",
+        "param": None,
+        "code": "engine_error",
+    }
+    r = await client.post("/v1/chat/completions", json=CHAT)
+    assert r.status_code == 400 and r.json()["error"]["message"] == "max_tokens is too large"  # vLLM's own, as it is

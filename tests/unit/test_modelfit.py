@@ -102,3 +102,16 @@ def test_a_vision_tenants_image_allowance_follows_the_mode_and_its_limits() -> N
     text = {"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 256}
     assert not takes_images(text) and vision_parameters(text) == 0
     assert image_allowance(text, "nvml", 4, 12_582_912) == 0
+
+
+def test_the_models_own_context_limit_as_vllm_derives_it() -> None:
+    from manager.control.modelfit import max_positions
+
+    assert max_positions({"max_position_embeddings": 2048}) == 2048
+    assert max_positions({"text_config": {"max_position_embeddings": 4096}}) == 4096  # a vision model's text model
+    yarn = {"max_position_embeddings": 32768, "rope_scaling": {"type": "yarn", "factor": 4.0}}
+    assert max_positions(yarn) == 131072
+    llama3 = {"max_position_embeddings": 131072, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}
+    assert max_positions(llama3) == 131072  # already the scaled length
+    assert max_positions({"n_positions": 1024, "max_position_embeddings": 2048}) == 1024
+    assert max_positions({}) is None

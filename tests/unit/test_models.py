@@ -77,3 +77,34 @@ def test_bad_names_and_missing_sources(tmp_path: Path) -> None:
         import_model(tmp_path, tmp_path / "nothing-here")
     with pytest.raises(InvalidInput, match="cannot read"):
         import_model(tmp_path, tmp_path / ("x" * 4096))
+
+
+def test_a_safetensors_file_cut_short_is_refused_with_how_much_is_there(tmp_path: Path) -> None:
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    source = a_model(tmp_path / "upload")
+    weights = source / "model.safetensors"
+    raw = weights.read_bytes()
+    header = 8 + int.from_bytes(raw[:8], "little")
+    weights.write_bytes(raw[: header + 100])  # the header intact, the tensors cut short
+    with pytest.raises(
+        InvalidInput, match=r"model\.safetensors is cut short: .* bytes of the \d+ its header describes"
+    ):
+        import_model(volume, source, "broken")
+    assert list(volume.iterdir()) == []
+
+
+def test_remove_model_refuses_while_a_tenant_uses_it_and_names_them(svc) -> None:
+    from manager.domain import TenantSpec
+
+    a_model(svc.settings.models_dir, "spare")
+    spec = TenantSpec(name="lab", port=30001, gpu_memory=2 * 1024**3, model="demo", max_model_len=512)
+    svc.create(spec, "admin")
+    with pytest.raises(Conflict, match="model 'demo' is used by tenant lab; move them"):
+        svc.remove_model("demo", "admin")
+    svc.remove_model("spare", "admin")
+    assert not (svc.settings.models_dir / "spare").exists()
+    assert sorted(p.name for p in svc.settings.models_dir.iterdir()) == ["demo"]
+    with pytest.raises(NotFound, match=r"model .spare. not found .* available: demo"):
+        svc.remove_model("spare", "admin")
+    assert [a.action for a in svc.audit_log(action="remove-model")] == ["remove-model", "remove-model"]
