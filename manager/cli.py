@@ -144,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     _wait_options(p, "wait until the engine serves or has failed (exit 9, with the reason)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
+    p = sub.add_parser("wait-tenant", help="wait until tenants serve, showing their progress (exit 9: one failed)")
+    p.add_argument("--name", action="append", required=True, help="a tenant (repeat for several)")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds to wait at most for each (default 900)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
     p = sub.add_parser("list-tenants", help="tenants with status, reservation and measured use")
     p.add_argument("--json", action="store_true", help="print JSON")
 
@@ -402,15 +407,22 @@ POLL_S = 1.0
 """How often a waiting command asks the API again."""
 
 
-def wait_for_engine(api: Api, name: str, timeout: float, before: dict[str, Any] | None = None) -> dict[str, Any]:
+def wait_for_engine(
+    api: Api, name: str, timeout: float, before: dict[str, Any] | None = None, progress: bool = False
+) -> dict[str, Any]:
     """Polls the tenant until its engine serves (running) or has failed; EngineFailed with the
     engine's own reason when it failed, WaitTimedOut when neither happened in time. ``before``:
     the tenant as the change that is waited for returned it; a failure it already showed (the
     same ``status_since``) is the old spec's, not this one's, and is waited past."""
     stale = before["status_since"] if before and before.get("status") == "failed" else None
     deadline = time.monotonic() + timeout
+    started, shown = time.monotonic(), ("", "")
     while True:
         tenant: dict[str, Any] = api.call("GET", f"/api/v1/tenants/{name}")
+        if progress and (tenant["status"], tenant["reason"]) != shown:  # each change once, on stderr
+            shown = (tenant["status"], tenant["reason"])
+            why = f" ({tenant['reason']})" if tenant["reason"] else ""
+            print(f"[{time.monotonic() - started:4.0f}s] {name}: {tenant['status']}{why}", file=sys.stderr, flush=True)
         if tenant["status"] == "running":
             return tenant
         if tenant["status"] == "failed" and tenant["status_since"] != stale:
@@ -464,6 +476,12 @@ def run(args: argparse.Namespace, api: Api) -> int:
             if not args.json:
                 print(f"tenant {args.name} is running: its API serves on port {out['tenant']['port']}")
         if not args.json:
+            return 0
+    elif args.command == "wait-tenant":
+        out = [wait_for_engine(api, name, args.timeout, progress=not args.json) for name in args.name]
+        if not args.json:
+            for t in out:
+                print(f"tenant {t['name']} is running: its API serves on port {t['port']}")
             return 0
     elif args.command == "list-tenants":
         out = api.call("GET", "/api/v1/tenants")
@@ -642,6 +660,7 @@ def _command(name: str) -> Callable[[], int]:
 
 add_tenant = _command("add-tenant")
 list_tenants = _command("list-tenants")
+wait_tenant = _command("wait-tenant")
 update_tenant = _command("update-tenant")
 remove_tenant = _command("remove-tenant")
 rotate_key = _command("rotate-key")

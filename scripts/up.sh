@@ -5,7 +5,7 @@ source "$(dirname "$0")/lib.sh"
 cd "$GTM_ROOT"
 export GTM_MODELS_VOLUME=${GTM_MODELS_VOLUME:-gtm-models}
 MANAGER=${GTM_MANAGER_NAME:-manager}
-timed bootstrap bash scripts/bootstrap-host.sh
+bash scripts/bootstrap-host.sh  # it says how long it took
 timed images bash scripts/build-images.sh all
 timed demo-model bash scripts/make-demo-model.sh "$GTM_MODELS_VOLUME"
 log "starting the manager"
@@ -19,14 +19,22 @@ done
 tenants=$(docker exec "$MANAGER" list-tenants --json) || die "list-tenants failed"
 # demo: the text model; demo-vl: the vision model, whose reservation also holds the decode of
 # four 12.6-megapixel images (list-models shows each model's smallest --gpu-memory)
+keys_printed=no
 for demo in "demo 1536M ${GTM_DEMO_PORT:-30001}" "demo-vl 2560M ${GTM_DEMO_VL_PORT:-30002}"; do
   read -r name memory port <<<"$demo"
   if grep -q "\"name\": \"$name\"" <<<"$tenants"; then
     log "$name tenant exists (rotate-key --name $name issues a new key)"
   else
     docker exec "$MANAGER" add-tenant --name "$name" --gpu-memory "$memory" --port "$port" --model "$name"
+    keys_printed=yes
   fi
 done
+wait_cmd="docker exec $MANAGER wait-tenant --name demo --name demo-vl"
+if [ "${GTM_UP_WAIT:-1}" = 1 ]; then
+  log "waiting for the demo tenants' engines (a minute or two on a small machine; Ctrl-C is safe: they go on starting)"
+  docker exec "$MANAGER" wait-tenant --name demo --name demo-vl --timeout 900 >/dev/null || {
+    docker exec "$MANAGER" list-tenants; die "a demo tenant did not start: the reason is above; console: tenant page"; }
+fi
 docker exec "$MANAGER" list-tenants
 cat <<TXT
 
@@ -34,5 +42,8 @@ console:         http://127.0.0.1:${GTM_CONSOLE_PORT:-8080}/  (user admin; passw
 admin token:     docker exec $MANAGER cat /var/lib/gtm/admin-token   (REST API: /docs)
 admin commands:  docker exec $MANAGER add-tenant --name companya --gpu-memory 1536M --port 30003
 demo tenants:    http://127.0.0.1:${GTM_DEMO_PORT:-30001}/v1 (text) and http://127.0.0.1:${GTM_DEMO_VL_PORT:-30002}/v1
-                 (images: data: URLs) with the API keys printed above (OpenAI SDK, LangChain, curl)
+                 (images: data: URLs; OpenAI SDK, LangChain, curl) with $(
+  [ "$keys_printed" = yes ] && echo "the API keys printed above" ||
+  echo "the keys printed when they were added (new ones: docker exec $MANAGER rotate-key --name demo)")
 TXT
+[ "${GTM_UP_WAIT:-1}" = 1 ] || echo "the demo tenants are starting; this returns when they serve: $wait_cmd"

@@ -48,7 +48,7 @@ def quick_start_env(docker_client: docker.DockerClient, instance: str) -> Iterat
 
 def up(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["bash", "scripts/up.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False
+        ["bash", "scripts/up.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200, check=False
     )
 
 
@@ -70,13 +70,17 @@ def test_up_runs_again_and_after_down_without_changing_anything(
     env = quick_start_env
     first = up(env)
     assert first.returncode == 0, first.stderr[-2000:]
-    assert "API key (shown once" in first.stdout
+    assert "API key (shown once" in first.stdout and "the API keys printed above" in first.stdout
+    assert first.stderr.count("bootstrap took") == 1
+    # it returned once both demo tenants serve, showing how they got there
+    assert [t["status"] for t in demo_tenants(env)] == ["running", "running"]
+    assert "demo-vl: running" in first.stderr and "demo: starting" in first.stderr, first.stderr[-2000:]
     manager_id = docker_client.containers.get(env["GTM_MANAGER_NAME"]).id
-    assert len(demo_tenants(env)) == 2
 
     again = up(env)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "demo tenant exists" in again.stderr and "API key (shown once" not in again.stdout
+    assert "printed above" not in again.stdout and "rotate-key --name demo" in again.stdout
     assert docker_client.containers.get(env["GTM_MANAGER_NAME"]).id == manager_id  # nothing recreated
     assert len(demo_tenants(env)) == 2
 
@@ -85,7 +89,8 @@ def test_up_runs_again_and_after_down_without_changing_anything(
     )
     assert down.returncode == 0, down.stderr
     assert docker_client.containers.list(all=True, filters={"label": names.selector(instance)}) == []
-    after_down = up(env)
+    after_down = up({**env, "GTM_UP_WAIT": "0"})  # returns at once, with the command that waits
     assert after_down.returncode == 0, after_down.stderr[-2000:]
+    assert "wait-tenant --name demo --name demo-vl" in after_down.stdout
     assert "demo tenant exists" in after_down.stderr  # the state volume kept it, and its key
     assert len(demo_tenants(env)) == 2
