@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 
+from manager.detail import detail_text
 from manager.domain import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_IMAGES, ENGINE_OPTIONS, QUOTA_FIELDS
 from manager.errors import EngineFailed, GtmError, InvalidInput, NotFound, WaitTimedOut, exit_code_for
 from manager.settings import Settings
@@ -602,10 +603,11 @@ def run(args: argparse.Namespace, api: Api) -> int:
                     e["action"],
                     e["tenant"] or "-",
                     e["result"],
+                    detail_text(e["detail"])[:100],
                 ]
                 for e in out
             ]
-            print(_table(rows, ["TIME (UTC)", "ACTOR", "ACTION", "TENANT", "RESULT"]))
+            print(_table(rows, ["TIME (UTC)", "ACTOR", "ACTION", "TENANT", "RESULT", "DETAIL"]))
             return 0
     print(json.dumps(out, indent=2))
     return 0

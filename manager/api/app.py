@@ -23,7 +23,7 @@ from manager.api.metrics import Metrics
 from manager.api.routes import error_responses, router
 from manager.console.routes import LoginRequired
 from manager.console.routes import router as console_router
-from manager.console.session import LoginLimiter, Sessions
+from manager.console.session import COOKIE, LoginLimiter, Sessions
 from manager.control.reconciler import Reconciler
 from manager.control.service import TenantService
 from manager.control.store import Store
@@ -108,8 +108,10 @@ def create_app(settings: Settings, **overrides: Any) -> FastAPI:
                 request.app.state.metrics.refusals.labels(check).inc()
         if request.url.path.startswith(API_PATHS):
             return JSONResponse({"error": exc.to_dict()}, status_code=status or exc.http_status)
+        # a signed-in admin keeps the navigation on an error page (a 404 included)
+        session = request.app.state.sessions.read(request.cookies.get(COOKIE))
         page: Response = request.app.state.templates.TemplateResponse(
-            request, "error.html", {"session": None, "error": exc, "now": 0}, status_code=status or exc.http_status
+            request, "error.html", {"session": session, "error": exc, "now": 0}, status_code=status or exc.http_status
         )
         return page
 

@@ -25,6 +25,7 @@ from manager.console.session import (
     login_bucket,
 )
 from manager.console.views import capacity_segments, day_bars, label_of
+from manager.detail import detail_text
 from manager.domain import QUOTA_FIELDS, Quotas
 from manager.errors import GtmError, InvalidInput
 from manager.sizes import format_size, parse_size
@@ -477,8 +478,25 @@ def usage_csv(request: Request, month: str | None = None, cost: str | None = Non
     )
 
 
+AUDIT_PAGE = 50
+
+
 @router.get("/audit")
-def audit_page(request: Request, tenant: str = "", action: str = "") -> HTMLResponse:
+def audit_page(request: Request, tenant: str = "", action: str = "", before: int | None = None) -> HTMLResponse:
+    """The audit trail, newest first, a page at a time ("Older" follows the last id shown)."""
     session = current(request)
-    rows = comps(request).service.audit_log(tenant or None, action or None, 500)
-    return page(request, "audit.html", session, rows=rows, tenant=tenant, action=action)
+    svc = comps(request).service
+    rows = svc.audit_log(tenant or None, action or None, AUDIT_PAGE + 1, before)
+    older = rows[AUDIT_PAGE - 1].id if len(rows) > AUDIT_PAGE else None
+    return page(
+        request,
+        "audit.html",
+        session,
+        rows=rows[:AUDIT_PAGE],
+        tenant=tenant,
+        action=action,
+        actions=svc.audit_actions(),
+        older=older,
+        paged=before is not None,
+        detail_text=detail_text,
+    )

@@ -186,8 +186,14 @@ class TenantService:
         self.store.tenant(name)
         return self.store.keys(name)
 
-    def audit_log(self, tenant: str | None = None, action: str | None = None, limit: int = 200) -> list[AuditRow]:
-        return self.store.audit_log(tenant, action, limit)
+    def audit_log(
+        self, tenant: str | None = None, action: str | None = None, limit: int = 200, before: int | None = None
+    ) -> list[AuditRow]:
+        return self.store.audit_log(tenant, action, limit, before)
+
+    def audit_actions(self) -> list[str]:
+        """Every action the audit trail holds (the console's filter)."""
+        return self.store.audit_actions()
 
     def record(self, actor: str, action: str, result: str, detail: dict[str, Any]) -> None:
         """An audit row for an event that changes no state (a console login)."""

@@ -684,9 +684,19 @@ class Store:
             with self._lock:
                 self._db.execute(sql, args)
 
-    def audit_log(self, tenant: str | None = None, action: str | None = None, limit: int = 200) -> list[AuditRow]:
+    def audit_actions(self) -> list[str]:
+        with self._lock:
+            return [r[0] for r in self._db.execute("SELECT DISTINCT action FROM audit ORDER BY action")]
+
+    def audit_log(
+        self, tenant: str | None = None, action: str | None = None, limit: int = 200, before: int | None = None
+    ) -> list[AuditRow]:
+        """Newest first; ``before``: only entries older than that id (the next page)."""
         sql = "SELECT * FROM audit WHERE 1=1"
         args: list[object] = []
+        if before is not None:
+            sql += " AND id<?"
+            args.append(before)
         if tenant:
             sql += " AND tenant=?"
             args.append(tenant)

@@ -54,3 +54,19 @@ def test_day_bars_scale_to_the_busiest_day() -> None:
         (0, 0.0, 0.0),
         (5, 50.0, 100.0),
     ]
+
+
+def test_an_audit_detail_reads_as_text() -> None:
+    from manager.detail import detail_text
+
+    detail = {
+        "gpu_memory": 1536 * M,
+        "port": 30001,
+        "model": "demo",
+        "quotas": {"rpm_limit": 9, "tokens_per_day": None},
+    }
+    detail |= {"tokens_per_day": 5_000_000, "failed_checks": ["ledger", "measured"], "error": "it's 'quoted'"}
+    assert detail_text(detail) == (
+        "gpu memory: 1.5 GiB; port: 30001; model: demo; quotas: rpm_limit 9; tokens per day: 5000000; "
+        "failed checks: ledger, measured; error: it's 'quoted'"
+    )
