@@ -30,6 +30,18 @@ def plans(instance: str, tenant: str, image: str, host_port: int) -> tuple[Netwo
     return net, vol, container
 
 
+def one_off(name: str, image: str, code: str, labels: dict[str, str], **plan: object) -> ContainerPlan:
+    """A short-lived container running ``code`` in python3 (a warm-up, a prepare step, a port probe)."""
+    return ContainerPlan(
+        name=name,
+        image=image,
+        entrypoint=["python3", "-c", code],
+        command=[],
+        labels=labels,
+        **plan,  # type: ignore[arg-type]
+    )
+
+
 class RuntimeContract:
     """Subclasses provide fixtures ``runtime: Runtime``, ``instance: str``, ``image: str``, ``host_port: int``."""
 
@@ -97,13 +109,8 @@ class RuntimeContract:
         assert runtime.ping() is True
 
     def test_a_one_off_container_runs_to_its_end_and_is_gone(self, runtime: Runtime, instance: str, image: str) -> None:
-        plan = ContainerPlan(
-            name=f"{instance}-oneoff",
-            image=image,
-            entrypoint=["python3", "-c", "print('done')"],
-            command=[],
-            labels=names.labels(instance, Role.WARMUP),
-            network="none",
+        plan = one_off(
+            f"{instance}-oneoff", image, "print('done')", names.labels(instance, Role.WARMUP), network="none"
         )
         code, _ = runtime.run_to_completion(plan, timeout_s=60)
         assert code == 0
@@ -112,3 +119,31 @@ class RuntimeContract:
     def test_an_image_name_resolves_to_its_id(self, runtime: Runtime, image: str) -> None:
         found = runtime.image_id(image)
         assert found is not None and found.startswith("sha256:")
+
+    def test_a_port_is_probed_without_leaving_anything(
+        self, runtime: Runtime, instance: str, image: str, host_port: int
+    ) -> None:
+        """``publish_error``: None for a free port, Docker's "already allocated" for one a container
+        publishes; the probe container is gone either way."""
+        net, vol, plan = plans(instance, "gamma", image, host_port)
+        labels = names.labels(instance, Role.PROBE)
+        probe = one_off(
+            f"{instance}-port-probe-{host_port}",
+            image,
+            "pass",
+            labels,
+            network="bridge",
+            ports={8000: ("127.0.0.1", host_port)},
+        )
+        assert runtime.publish_error(probe) is None
+        runtime.ensure_network(net)
+        runtime.ensure_volume(vol)
+        runtime.run(plan)
+        try:
+            error = runtime.publish_error(probe)
+            assert error is not None and "already allocated" in error, error
+        finally:
+            runtime.remove_container(plan.name)
+            runtime.remove_network(net.name)
+            runtime.remove_volume(vol.name)
+        assert runtime.container(probe.name) is None

@@ -405,8 +405,10 @@ def _month_and_cost(month: str | None, cost: str | None) -> tuple[str, float]:
 def usage_page(request: Request, month: str | None = None, cost: str | None = None) -> HTMLResponse:
     session = current(request)
     month, total = _month_and_cost(month, cost)
-    shares = comps(request).service.cost(month, total)
-    return page(request, "usage.html", session, month=month, cost=total, shares=shares)
+    svc = comps(request).service
+    shares = svc.cost(month, total)
+    current_tenants = {r.spec.name for r in svc.tenants()}
+    return page(request, "usage.html", session, month=month, cost=total, shares=shares, current=current_tenants)
 
 
 @router.get("/usage.csv")
