@@ -261,6 +261,15 @@ def port_probe_plan(settings: Settings, port: int) -> ContainerPlan:
     )
 
 
+def docker_words(error: str) -> str:
+    """The part of Docker's port error that says what happened ("listen tcp4 0.0.0.0:30009: bind:
+    address already in use"), without the container ID and driver wording before it."""
+    for marker in ("Error starting userland proxy: ", "failed programming external connectivity"):
+        if marker in error:
+            error = error.split(marker)[-1]
+    return error.strip(" :)\"'")[-160:]
+
+
 def port_taken(error: str) -> bool:
     low = error.lower()
     return any(taken in low for taken in PORT_TAKEN)

@@ -44,6 +44,7 @@ from manager.control.gateway_client import Connect, GatewayClient, collect_usage
 from manager.control.plan import (
     control_network_name,
     control_network_plan,
+    docker_words,
     port_taken,
     prepare_plan,
     tenant_plan,
@@ -307,7 +308,7 @@ class Reconciler:
             if port_taken(exc.message):  # the cause first: list-tenants shows the reason's start
                 reason = (
                     f"port {row.spec.port} is in use by another program on the host; "
-                    f"move the tenant with update-tenant --port (Docker: {exc.message[-160:]})"
+                    f"move the tenant with update-tenant --port (Docker: {docker_words(exc.message)})"
                 )
             else:
                 reason = f"gateway could not start: {exc.message}"

@@ -26,7 +26,7 @@ from manager.control.modelfit import (
     read_footprint,
     takes_images,
 )
-from manager.control.plan import MIN_KV_CACHE, port_probe_plan, port_taken
+from manager.control.plan import MIN_KV_CACHE, docker_words, port_probe_plan, port_taken
 from manager.control.quant import checkpoint_method, resolve
 from manager.control.reconciler import Reconciler
 from manager.control.store import AuditRow, KeyRow, Store, TenantRow, UsageTotals
@@ -474,7 +474,7 @@ class TenantService:
             error = self.runtime.publish_error(port_probe_plan(self.settings, port))
             if error is not None and port_taken(error):
                 raise Conflict(
-                    f"port {port} is in use by another program on the host ({error.strip()[-120:]}); "
+                    f"port {port} is in use by another program on the host (Docker: {docker_words(error)}); "
                     "pick another port, or stop that program"
                 )
 

@@ -252,7 +252,7 @@ def test_orphans_are_removed_after_the_grace_period(
         mgr.stop()
 
 
-def test_a_port_taken_outside_docker_is_reported(manager_settings) -> None:
+def test_a_port_taken_outside_docker_is_refused_at_once_and_nothing_is_created(manager_settings) -> None:
     import socket
 
     with socket.create_server(("127.0.0.1", 0)) as taken:
@@ -261,9 +261,12 @@ def test_a_port_taken_outside_docker_is_reported(manager_settings) -> None:
         try:
             api = mgr.client()
             r = api.post("/api/v1/tenants", json={"name": "clash", "gpu_memory": "1536M", "port": port})
-            assert r.status_code == 201, r.text
-            failed = wait_status(api, "clash", "failed", timeout=60)
-            assert "gateway could not start" in failed["reason"]
-            assert "update-tenant --port" in failed["reason"]
+            assert r.status_code == 409, r.text
+            message = r.json()["error"]["message"]
+            assert message.startswith(f"port {port} is in use by another program on the host"), message
+            assert "address already in use" in message and "pick another port" in message
+            assert api.get("/api/v1/tenants").json() == []
+            out = cli(mgr, "add-tenant", "--name", "clash", "--gpu-memory", "1536M", "--port", str(port), "--wait")
+            assert out.returncode == 4 and f"port {port} is in use by another program" in out.stderr, out.stderr
         finally:
             mgr.stop()
