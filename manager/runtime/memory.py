@@ -9,6 +9,7 @@ Docker adapter. Tests drive what Docker would do on its own through the ``exit``
 from __future__ import annotations
 
 import itertools
+import socket
 import threading
 from dataclasses import dataclass, field, replace
 
@@ -33,8 +34,20 @@ class _Container:
     pids: set[int] = field(default_factory=set)
 
 
+def _bindable(host_ip: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host_ip, port))
+        except OSError:
+            return False
+    return True
+
+
 class MemoryRuntime:
-    def __init__(self) -> None:
+    def __init__(self, bind_check: bool = False) -> None:
+        """``bind_check``: ``publish_error`` also tries to bind each port on this host, as Docker does
+        (the runtime contract); off, unit tests do not depend on what else listens here."""
+        self.bind_check = bind_check
         self._lock = threading.RLock()
         self._containers: dict[str, _Container] = {}
         self._networks: dict[str, NetworkPlan] = {}
@@ -231,16 +244,16 @@ class MemoryRuntime:
             return set(c.pids) if c and c.state.status == "running" else set()
 
     def publish_error(self, plan: ContainerPlan) -> str | None:
+        """As Docker: a port another container publishes is "already allocated"; one the host cannot
+        bind (a program holds it, or a test's ``foreign_ports``) is "address already in use"."""
         with self._lock:
             self._check()
             for host_ip, host_port in plan.ports.values():
-                if host_port in self.foreign_ports:
-                    return f"listen tcp4 {host_ip}:{host_port}: bind: address already in use"
-                owner = next(
-                    (n for n, c in self._containers.items() if host_port in [p for _, p in c.plan.ports.values()]), None
-                )
-                if owner is not None:
+                if any(host_port in [p for _, p in c.plan.ports.values()] for c in self._containers.values()):
                     return f"Bind for {host_ip}:{host_port} failed: port is already allocated"
+                if host_port in self.foreign_ports or (self.bind_check and not _bindable(host_ip, host_port)):
+                    bind = f"listen tcp4 {host_ip}:{host_port}: bind: address already in use"
+                    return f"Error starting userland proxy: {bind}"
             return None
 
     def published_ports(self) -> dict[int, str]:

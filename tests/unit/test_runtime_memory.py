@@ -13,7 +13,7 @@ from tests.runtime_contract import RuntimeContract, plans
 class TestMemoryRuntime(RuntimeContract):
     @pytest.fixture
     def runtime(self) -> MemoryRuntime:
-        return MemoryRuntime()
+        return MemoryRuntime(bind_check=True)
 
     @pytest.fixture
     def instance(self) -> str:
@@ -29,14 +29,14 @@ class TestMemoryRuntime(RuntimeContract):
 
 
 def test_unavailable_runtime_raises_runtime_unavailable() -> None:
-    runtime = MemoryRuntime()
+    runtime = MemoryRuntime(bind_check=True)
     runtime.available = False
     with pytest.raises(RuntimeUnavailable):
         runtime.containers([])
 
 
 def test_a_published_port_cannot_be_taken_twice() -> None:
-    runtime = MemoryRuntime()
+    runtime = MemoryRuntime(bind_check=True)
     net, _, plan = plans("gtmu", "a", "img", 31000)
     _, _, other = plans("gtmu", "b", "img", 31000)
     runtime.ensure_network(net)
