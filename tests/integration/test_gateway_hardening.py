@@ -16,12 +16,14 @@ import docker
 import httpx
 import pytest
 
-from manager import keys
+from manager import keys, names
 from manager.contract import GatewayConfig
 from manager.control.gateway_client import GatewayClient
 from manager.control.plan import control_network_name, control_network_plan, tenant_plan
 from manager.domain import TenantSpec
+from manager.names import Role
 from manager.runtime.docker import DockerRuntime
+from manager.runtime.types import ContainerPlan
 from tests.rawhttp import exchange
 
 from .conftest import free_port, run_probe, wait_for
@@ -38,15 +40,38 @@ class LoneGateway:
     admin_token: str
 
 
+STAND_IN_ENGINE = """
+import json
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+usage = {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
+message = {"role": "assistant", "content": "ok"}
+BODY = json.dumps({"object": "chat.completion", "choices": [{"index": 0, "message": message}], "usage": usage}).encode()
+class Engine(BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length") or 0))
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(BODY)))
+        self.end_headers()
+        self.wfile.write(BODY)
+    def log_message(self, *args):
+        pass
+ThreadingHTTPServer(("0.0.0.0", 8000), Engine).serve_forever()
+"""
+"""An engine that answers every chat at once, with usage: requests it answers are metered."""
+
+
 def start_lone_gateway(
     docker_client: docker.DockerClient,
     settings: Any,
     volume_opts: dict[str, str] | None = None,
     config: dict[str, Any] | None = None,
+    engine: bool = False,
 ) -> LoneGateway:
-    """A gateway container with one key and no engine (removed with the test's instance label).
-    ``volume_opts``: driver options of its data volume (e.g. a small tmpfs); ``config``: more of
-    the config the manager would push (e.g. the tenant's body limit)."""
+    """A gateway container with one key (removed with the test's instance label); no engine, or with
+    ``engine`` a stand-in that answers (``STAND_IN_ENGINE``). ``volume_opts``: driver options of its
+    data volume (e.g. a small tmpfs); ``config``: more of the config the manager would push (e.g.
+    the tenant's body limit)."""
     runtime = DockerRuntime(docker_client)
     spec = TenantSpec(name="hard", port=free_port(), gpu_memory=1536 * MIB, model="demo", max_model_len=512)
     token = secrets.token_urlsafe(32)
@@ -58,6 +83,18 @@ def start_lone_gateway(
             plan.gateway_volume.name, driver="local", driver_opts=volume_opts, labels=plan.gateway_volume.labels
         )
     runtime.ensure_volume(plan.gateway_volume)
+    if engine:
+        runtime.run(
+            ContainerPlan(
+                name=f"{plan.engine.name}-stand-in",
+                image=settings.manager_image,
+                entrypoint=["python3", "-c", STAND_IN_ENGINE],
+                command=[],
+                labels=names.labels(settings.instance, Role.PROBE, spec.name),
+                network=plan.network.name,
+                aliases=[names.ENGINE_ALIAS],
+            )
+        )
     runtime.run(plan.gateway)
     ip = wait_for(
         lambda: runtime.container_ip(plan.gateway.name, control_network_name(settings)), 30, "the gateway's address"
@@ -197,7 +234,10 @@ def test_a_full_usage_volume_refuses_requests_and_loses_no_record(
     """The gateway's volume fills up (here a 4 MiB tmpfs): requests are refused with 503
     rather than served unmetered; once space is back, every record is there, none twice."""
     gw = start_lone_gateway(
-        docker_client, manager_settings(), {"type": "tmpfs", "device": "tmpfs", "o": "size=4m,uid=1000,gid=1000"}
+        docker_client,
+        manager_settings(),
+        {"type": "tmpfs", "device": "tmpfs", "o": "size=4m,uid=1000,gid=1000"},
+        engine=True,
     )
     container = docker_client.containers.get(gw.container)
     url = f"http://127.0.0.1:{gw.port}/v1/chat/completions"
@@ -205,10 +245,12 @@ def test_a_full_usage_volume_refuses_requests_and_loses_no_record(
     body = {"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
     def send() -> str:
-        return str(httpx.post(url, json=body, headers=headers, timeout=30).json()["error"]["code"])
+        answer = httpx.post(url, json=body, headers=headers, timeout=30)
+        return "served" if answer.status_code == 200 else str(answer.json()["error"]["code"])
 
-    forwarded = [send() for _ in range(3)]  # no engine: forwarded, answered 503 engine_unavailable, recorded
-    assert forwarded == ["engine_unavailable"] * 3
+    wait_for(lambda: send() == "served", 30, "the stand-in engine to answer", interval=0.5)
+    forwarded = [send() for _ in range(3)]  # answered by the engine: served and recorded
+    assert forwarded == ["served"] * 3
     container.exec_run(["sh", "-c", "cat /dev/zero > /data/filler"])
     codes = []
     for _ in range(50):
@@ -216,13 +258,13 @@ def test_a_full_usage_volume_refuses_requests_and_loses_no_record(
         if codes[-1] == "usage_spool_full":
             break
     assert codes[-1] == "usage_spool_full", codes
-    served_while_full = codes.count("engine_unavailable")
+    served_while_full = codes.count("served")
     container.exec_run(["rm", "-f", "/data/filler"])
-    assert send() == "engine_unavailable"  # writable again: served, and the kept record written first
+    assert send() == "served"  # writable again: served, and the kept record written first
     with GatewayClient(gw.admin_ip, gw.admin_token) as admin:
         records = admin.usage(0).records
     ids = [r.request_id for r in records]
-    assert len(ids) == len(set(ids)) == 3 + served_while_full + 1
+    assert len(ids) == len(set(ids)) == 1 + 3 + served_while_full + 1  # the first answer waited for, too
 
 
 def test_an_image_sized_body_passes_up_to_the_tenants_limit(
