@@ -11,7 +11,7 @@ import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import docker
@@ -69,8 +69,21 @@ def test_dockerd_restart_brings_tenants_back_without_duplicates(
 
         restart_dockerd(docker_client, down_s=20.0, while_down=api_says_runtime_unavailable)
         started = time.time()
+
+        def back(name: str) -> bool:
+            """Its engine started again after the restart and serves (a status read right after the
+            restart may still be the one from before it, while the reconciler replaces the engine)."""
+            try:
+                state = docker_client.containers.get(names.engine(instance, name)).attrs["State"]
+            except docker.errors.NotFound:
+                return False
+            since = datetime.fromisoformat(state["StartedAt"][:26]).replace(tzinfo=UTC).timestamp()
+            healthy = state["Running"] and state.get("Health", {}).get("Status") == "healthy"
+            return bool(healthy and since > started - 2)
+
         for name in ("one", "two"):
-            wait_status(api, name, "running", timeout=300)
+            wait_for(lambda name=name: back(name), 300, f"{name}'s engine to serve again")  # type: ignore[misc]
+            wait_status(api, name, "running", timeout=60)
         roles = Counter(
             (c.labels[names.TENANT], c.labels[names.ROLE])
             for c in docker_client.containers.list(all=True, filters={"label": names.selector(instance)})
