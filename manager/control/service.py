@@ -353,20 +353,9 @@ class TenantService:
             minimum_gpu_memory_at=self._minimum(footprint, max_model_len, images) if max_model_len else None,
         )
 
-    def assess(
-        self,
-        requested: int,
-        model: str,
-        max_model_len: int,
-        quantized: bool = False,
-        tenant: str | None = None,
-        max_images: int | None = None,
-        max_image_pixels: int | None = None,
-        gpu: str | None = None,
-    ) -> Decision:
-        """The admission decision for a new (or resized, ``tenant``) reservation; creates nothing.
-        Image limits left out are the tenant's own (a resize), else the model's defaults (what-if)."""
-        return self.placement(requested, model, max_model_len, quantized, tenant, max_images, max_image_pixels, gpu)[1]
+    def assess(self, *args: Any, **kwargs: Any) -> Decision:
+        """The admission decision alone, for what-if: ``placement``'s arguments, its decision."""
+        return self.placement(*args, **kwargs)[1]
 
     def placement(
         self,
@@ -379,7 +368,9 @@ class TenantService:
         max_image_pixels: int | None = None,
         gpu: str | None = None,
     ) -> tuple[DeviceMemory | None, Decision]:
-        """Where a reservation goes and the decision that says so. The candidates: the device ``gpu``
+        """Where a new (or resized, ``tenant``) reservation goes and the decision that says so; creates
+        nothing. Image limits left out are the tenant's own (a resize), else the model's defaults
+        (what-if). The candidates: the device ``gpu``
         names (index or UUID); else a resized tenant's own device (tenants move only when the admin
         says ``--gpu``); else every device, best fit first (``admission.place``)."""
         self.check_model_len(model, max_model_len)  # what-if says so too, before any number
