@@ -65,3 +65,11 @@ def format_size(value: int) -> str:
             return f"{amount:.0f} {unit}" if unit == "B" else f"{amount:.1f} {unit}"
         amount /= 1024
     return f"{amount:.1f} TiB"
+
+
+def exact_size(value: int) -> str:
+    """The shortest form ``parse_size`` reads back to exactly ``value``: 1536M, 10G, 65537B."""
+    for unit, factor in (("T", 1024**4), ("G", 1024**3), ("M", 1024**2), ("K", 1024)):
+        if value % factor == 0:
+            return f"{value // factor}{unit}"
+    return f"{value}B"

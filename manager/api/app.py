@@ -23,7 +23,7 @@ from manager.api.metrics import Metrics
 from manager.api.routes import error_responses, router
 from manager.console.routes import LoginRequired
 from manager.console.routes import router as console_router
-from manager.console.session import COOKIE, LoginLimiter, Sessions
+from manager.console.session import COOKIE, Flashes, LoginLimiter, Sessions
 from manager.control.reconciler import Reconciler
 from manager.control.service import TenantService
 from manager.control.store import Store
@@ -98,6 +98,7 @@ def create_app(settings: Settings, **overrides: Any) -> FastAPI:
     app.state.templates = Jinja2Templates(directory=templates_dir)
     app.state.templates.env.filters["timestamp"] = lambda ts: time.strftime("%Y-%m-%d %H:%M", time.gmtime(ts))
     app.state.login_limiter = LoginLimiter()
+    app.state.flashes = Flashes()
     app.mount("/static", StaticFiles(directory=templates_dir / "static"), name="static")
 
     @app.exception_handler(GtmError)
@@ -145,8 +146,9 @@ def create_app(settings: Settings, **overrides: Any) -> FastAPI:
             )
             return JSONResponse({"error": error.to_dict()}, status_code=exc.status_code, headers=exc.headers)
         error = GtmError(f"{exc.detail} ({request.method} {request.url.path})")
+        session = request.app.state.sessions.read(request.cookies.get(COOKIE))  # keeps the navigation
         page: Response = request.app.state.templates.TemplateResponse(
-            request, "error.html", {"session": None, "error": error, "now": 0}, status_code=exc.status_code
+            request, "error.html", {"session": session, "error": error, "now": 0}, status_code=exc.status_code
         )
         return page
 

@@ -13,12 +13,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
+from manager import keys
 from manager.api.deps import Components
 from manager.console.session import (
     COOKIE,
     DEVICE_COOKIE,
     DEVICE_LIFETIME_S,
     LIFETIME_S,
+    Flashes,
     LoginLimiter,
     Session,
     Sessions,
@@ -26,9 +28,9 @@ from manager.console.session import (
 )
 from manager.console.views import capacity_segments, day_bars, label_of
 from manager.detail import detail_text
-from manager.domain import QUOTA_FIELDS, Quotas
+from manager.domain import ENGINE_OPTIONS, QUOTA_FIELDS, Quotas, TenantSpec
 from manager.errors import GtmError, InvalidInput
-from manager.sizes import format_size, parse_size
+from manager.sizes import exact_size, format_size, parse_size
 from manager.utc import start_of_day
 
 router = APIRouter(include_in_schema=False)
@@ -80,7 +82,7 @@ def page(
     return templates(request).TemplateResponse(
         request,
         name,
-        {"session": session, "format_size": format_size, "now": time.time(), **context},
+        {"session": session, "format_size": format_size, "exact_size": exact_size, "now": time.time(), **context},
         status_code=status_code,
         headers=headers,
     )
@@ -276,32 +278,76 @@ def _tenant_context(request: Request, name: str) -> dict[str, Any]:
         "bars": day_bars(svc.usage_daily(name, since), days),
         "today": svc.usage(name, _today()),
         "logs": logs,
+        "models": svc.model_names(),
     }
 
 
-def _tenant_page(request: Request, session: Session, name: str, **context: Any) -> HTMLResponse:
+def _tenant_page(request: Request, session: Session, name: str, status_code: int = 200, **context: Any) -> HTMLResponse:
     """The tenant page; ``new_key`` (shown this once), ``new_key_member``, ``message``, ``error``."""
-    defaults: dict[str, Any] = {"new_key": None, "new_key_member": None, "message": None, "error": None}
-    return page(request, "tenant.html", session, **{**defaults, **context}, **_tenant_context(request, name))
+    defaults: dict[str, Any] = {
+        "new_key": None,
+        "new_key_member": None,
+        "message": None,
+        "error": None,
+        "member_form": None,
+        "edit_form": None,
+    }
+    return page(
+        request,
+        "tenant.html",
+        session,
+        status_code=status_code,
+        **{**defaults, **context},
+        **_tenant_context(request, name),
+    )
+
+
+def _refused(request: Request, session: Session, name: str, exc: GtmError, **context: Any) -> HTMLResponse:
+    """A form the service refused: the page again, with the message and what was typed."""
+    return _tenant_page(request, session, name, status_code=exc.http_status, error=exc.message, **context)
+
+
+def _done(
+    request: Request,
+    session: Session,
+    name: str,
+    message: str | None = None,
+    new_key: keys.IssuedKey | None = None,
+    member: str | None = None,
+    anchor: str = "",
+) -> Response:
+    """A form that worked: redirect to the tenant page (post/redirect/get), which shows the message
+    and a new key once; the key is kept in memory for that one read, never in the URL."""
+    flashes: Flashes = request.app.state.flashes
+    payload: dict[str, object] = {"message": message}
+    if new_key is not None:
+        payload.update(new_key=new_key, new_key_member=member)
+    token = flashes.put(session.csrf, payload)  # this browser's session only
+    return RedirectResponse(f"/tenants/{name}?shown={token}{anchor}", status_code=303)
 
 
 @router.get("/tenants/{name}")
-def tenant_page(request: Request, name: str) -> HTMLResponse:
+def tenant_page(request: Request, name: str, shown: str = "") -> HTMLResponse:
     session = current(request)
-    return _tenant_page(request, session, name)
+    flashes: Flashes = request.app.state.flashes
+    flash: dict[str, Any] = flashes.pop(shown, session.csrf)
+    return _tenant_page(request, session, name, **flash)
 
 
 @router.post("/tenants/{name}/rotate")
-async def rotate(request: Request, name: str) -> HTMLResponse:
+async def rotate(request: Request, name: str) -> Response:
     session = current(request)
     form = await form_with_csrf(request, session)
-    issued = comps(request).service.rotate_key(name, session.user, _grace(form))
-    # the new key (the first member's) is in this response only; it is never stored or shown again
-    return _tenant_page(request, session, name, new_key=issued, new_key_member=name)
+    try:
+        issued = comps(request).service.rotate_key(name, session.user, _grace(form))
+    except GtmError as exc:
+        return _refused(request, session, name, exc)
+    # the new key (the first member's) is shown once after the redirect; it is never stored or shown again
+    return _done(request, session, name, new_key=issued, member=name)
 
 
 @router.post("/tenants/{name}/members")
-async def add_member(request: Request, name: str) -> HTMLResponse:
+async def add_member(request: Request, name: str) -> Response:
     session = current(request)
     form = await form_with_csrf(request, session)
     svc = comps(request).service
@@ -309,19 +355,32 @@ async def add_member(request: Request, name: str) -> HTMLResponse:
         quotas = Quotas(**{f: _opt_int(form, f) for f in QUOTA_FIELDS})
         row, issued = svc.members.add(name, form.get("member", "").strip(), quotas, session.user)
     except GtmError as exc:
-        return _tenant_page(request, session, name, error=exc.message, member_form=form)
-    # the new key is in this response only; it is never stored or shown again
-    return _tenant_page(
-        request, session, name, new_key=issued, new_key_member=row.name, message=f"Member {row.name} added."
-    )
+        return _refused(request, session, name, exc, member_form=form)
+    return _done(request, session, name, f"Member {row.name} added.", issued, row.name, "#members")
 
 
 @router.post("/tenants/{name}/members/{member}/rotate")
-async def rotate_member(request: Request, name: str, member: str) -> HTMLResponse:
+async def rotate_member(request: Request, name: str, member: str) -> Response:
     session = current(request)
     form = await form_with_csrf(request, session)
-    issued = comps(request).service.members.rotate_key(name, session.user, _grace(form), member)
-    return _tenant_page(request, session, name, new_key=issued, new_key_member=member)
+    try:
+        issued = comps(request).service.members.rotate_key(name, session.user, _grace(form), member)
+    except GtmError as exc:
+        return _refused(request, session, name, exc)
+    return _done(request, session, name, new_key=issued, member=member, anchor="#members")
+
+
+@router.post("/tenants/{name}/members/{member}/update")
+async def update_member(request: Request, name: str, member: str) -> Response:
+    """A member's limits, as ``update-member`` sets them: an empty field is no limit of its own."""
+    session = current(request)
+    form = await form_with_csrf(request, session)
+    try:
+        quotas = {f: _opt_int(form, f) for f in QUOTA_FIELDS}
+        comps(request).service.members.update(name, member, quotas, session.user)
+    except GtmError as exc:
+        return _refused(request, session, name, exc)
+    return _done(request, session, name, f"Limits of member {member} saved; they apply at once.", anchor="#members")
 
 
 @router.post("/tenants/{name}/members/{member}/remove")
@@ -340,26 +399,60 @@ async def revoke(request: Request, name: str, key_id: str) -> Response:
     return RedirectResponse(f"/tenants/{name}", status_code=303)
 
 
+_EDIT_SIZES = ("gpu_memory", "shm_size", "max_body")
+_EDIT_INTS = ("port", "max_model_len", "max_images", "max_image_pixels", "max_num_seqs")
+_EDIT_FLAGS = ("enable_prefix_caching", "trust_remote_code")
+
+
+def edit_changes(form: dict[str, str], spec: TenantSpec) -> dict[str, Any]:
+    """The options of ``update-tenant`` that the edit form changes: only fields whose value differs
+    from the spec (the form shows every current value), so saving an untouched form changes nothing."""
+    changes: dict[str, Any] = {}
+    for key in _EDIT_SIZES:
+        size = _opt_size(form, key)
+        if size is not None and size != getattr(spec, key):
+            changes[key] = size
+    for key in _EDIT_INTS:
+        number = _opt_int(form, key)
+        if key == "max_num_seqs" and number == 0 and spec.max_num_seqs is None:
+            continue
+        if number is not None and number != getattr(spec, key):
+            changes[key] = number
+    for key in ("model", "quantization"):
+        text = form.get(key, "").strip()
+        if text and text != (getattr(spec, key) or ""):
+            changes[key] = text
+    for key in _EDIT_FLAGS:
+        if key in form and (form[key] == "on") != getattr(spec, key):
+            changes[key] = form[key] == "on"
+    quotas = {f: _opt_int(form, f) for f in QUOTA_FIELDS if f in form}
+    if any(getattr(spec.quotas, f) != v for f, v in quotas.items()):
+        changes["quotas"] = quotas
+    if form.get("gpu", "").strip():
+        changes["gpu"] = form["gpu"].strip()
+    return changes
+
+
 @router.post("/tenants/{name}/update")
-async def update(request: Request, name: str) -> HTMLResponse:
+async def update(request: Request, name: str) -> Response:
+    """Everything ``update-tenant`` changes, with its checks and messages (the same service call)."""
     session = current(request)
     form = await form_with_csrf(request, session)
     svc = comps(request).service
-    message, error = None, None
     try:
-        quotas = {f: _opt_int(form, f) for f in QUOTA_FIELDS if f in form}
-        svc.update(
-            name,
-            session.user,
-            gpu_memory=_opt_size(form, "gpu_memory"),
-            port=_opt_int(form, "port"),
-            max_model_len=_opt_int(form, "max_model_len"),
-            quotas=quotas or None,
-        )
-        message = "Saved. A new size recreates the engine; quotas apply at once."
+        changes = edit_changes(form, svc.tenant(name).spec)
+        if not changes:
+            raise InvalidInput("nothing to change: edit at least one field before saving")
+        svc.update(name, session.user, **changes)
     except GtmError as exc:
-        error = exc.message
-    return _tenant_page(request, session, name, message=message, error=error)
+        return _refused(request, session, name, exc, edit_form=form)
+    engine = {"gpu_memory", "model", "max_model_len", "quantization", "shm_size", "gpu", *ENGINE_OPTIONS}
+    message = (
+        "Saved: the engine is recreated with the new spec (the tenant is pending until it serves)."
+        if engine & set(changes)
+        else "Saved: it applies at once, without restarting the engine."
+    )
+    return _done(request, session, name, message)
 
 
 @router.post("/tenants/{name}/remove")
@@ -406,9 +499,11 @@ def usage_page(request: Request, month: str | None = None, cost: str | None = No
     session = current(request)
     month, total = _month_and_cost(month, cost)
     svc = comps(request).service
-    shares = svc.cost(month, total)
-    current_tenants = {r.spec.name for r in svc.tenants()}
-    return page(request, "usage.html", session, month=month, cost=total, shares=shares, current=current_tenants)
+    return page(request, "usage.html", session, month=month, cost=total, shares=svc.cost(month, total))
+
+
+def _iso(at: float | None) -> str:
+    return datetime.fromtimestamp(at, UTC).isoformat(timespec="seconds") if at else ""
 
 
 @router.get("/usage.csv")
@@ -435,6 +530,8 @@ def usage_csv(request: Request, month: str | None = None, cost: str | None = Non
             "member_cost_by_tokens",
             "member_share_by_requests",
             "member_cost_by_requests",
+            "added_at",
+            "removed_at",
         ]
     )
     for s in shares:
@@ -453,6 +550,8 @@ def usage_csv(request: Request, month: str | None = None, cost: str | None = Non
                 "",
                 "",
                 "",
+                _iso(s.added_at),
+                _iso(s.removed_at),
             ]
         )
         for m in s.members:
@@ -471,6 +570,8 @@ def usage_csv(request: Request, month: str | None = None, cost: str | None = Non
                     m.cost_by_tokens,
                     m.share_by_requests,
                     m.cost_by_requests,
+                    _iso(s.added_at),
+                    _iso(s.removed_at),
                 ]
             )
     return Response(

@@ -109,3 +109,36 @@ class LoginLimiter:
 
     def succeeded(self, bucket: str) -> None:
         self._failures.pop(bucket, None)
+
+
+class Flashes:
+    """What a form post shows once after its redirect (post/redirect/get): a message, or a new API
+    key. Kept in memory only, for one session (its CSRF token names it), read at most once and for
+    ``ttl_s`` at most, so a key never sits in a URL, a cookie or the database, and a reload or the
+    back button shows nothing."""
+
+    MAX = 1000
+
+    def __init__(self, ttl_s: float = 120.0) -> None:
+        self.ttl_s = ttl_s
+        self._items: dict[str, tuple[str, float, dict[str, object]]] = {}
+
+    def put(self, owner: str, payload: dict[str, object], now: float | None = None) -> str:
+        now = time.time() if now is None else now
+        for token in [t for t, (_, at, _) in self._items.items() if at <= now - self.ttl_s]:
+            del self._items[token]
+        while len(self._items) >= self.MAX:
+            del self._items[next(iter(self._items))]
+        token = secrets.token_urlsafe(16)
+        self._items[token] = (owner, now, payload)
+        return token
+
+    def pop(self, token: str | None, owner: str, now: float | None = None) -> dict[str, object]:
+        """The payload under ``token`` for ``owner`` (then gone), else nothing."""
+        if not token or token not in self._items:
+            return {}
+        put_by, at, payload = self._items[token]
+        if put_by != owner:
+            return {}
+        del self._items[token]
+        return payload if at > (time.time() if now is None else now) - self.ttl_s else {}

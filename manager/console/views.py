@@ -20,6 +20,12 @@ class Segment:
     measured_percent: float  # of this segment's own width
     kind: str  # tenant, headroom, free
 
+    @property
+    def show_label(self) -> bool:
+        """Whether the label fits inside the segment on a desktop-wide bar (about 0.7% of the bar a
+        character); a narrower segment is named by its hover title and the legend, never clipped."""
+        return self.percent >= 1.5 + 0.7 * len(self.label)
+
 
 def label_of(device: DeviceMemory) -> str:
     """A device as the pages name it: ``GPU 0``, ``MIG 2``, or ``host memory``."""

@@ -4,7 +4,8 @@ its members by their tokens and, side by side, by their requests.
 
 Reservations over time come from the audit trail (add-tenant, successful
 update-tenant with a new size, remove-tenant), so a tenant that was resized or
-removed mid-month pays for what it held, when it held it.
+removed mid-month pays for what it held, when it held it. A name removed and
+added again is two tenants (two incarnations), each with its own row.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ class Share:
     share_by_tokens: float
     cost_by_tokens: float
     members: list[MemberShare] = field(default_factory=list)
+    added_at: float | None = None
+    """When this tenant was added; a name removed and added again is two rows, one per life."""
+    removed_at: float | None = None
 
 
 def member_shares(usage: dict[str, UsageTotals], tenant_cost: float) -> list[MemberShare]:
@@ -77,67 +81,98 @@ def month_bounds(month: str) -> tuple[float, float]:
     return start.timestamp(), start.timestamp() + days * 86400
 
 
-def reservation_intervals(audit: list[AuditRow], now: float) -> dict[str, list[tuple[float, float, int]]]:
-    """Per tenant: (start, end, bytes) for every period with a constant reservation."""
-    out: dict[str, list[tuple[float, float, int]]] = {}
-    current: dict[str, tuple[float, int]] = {}
+@dataclass
+class Incarnation:
+    """One life of a tenant name, from its add to its removal: a name removed and added again is
+    two tenants, each with its own reservation and its own usage."""
+
+    tenant: str
+    added_at: float | None  # None: usage with no add in the audit trail (a database older than it)
+    removed_at: float | None = None
+    spans: list[tuple[float, float, int]] = field(default_factory=list)  # (start, end, bytes)
+
+
+def incarnations(audit: list[AuditRow], now: float) -> list[Incarnation]:
+    """Every tenant's lives in the audit trail, oldest first, each with a span per constant size."""
+    out: list[Incarnation] = []
+    current: dict[str, tuple[Incarnation, float, int]] = {}
     for row in sorted(audit, key=lambda r: r.id):
         if row.result != "ok" or not row.tenant:
             continue
         held = current.get(row.tenant)
         size = row.detail.get("gpu_memory")
         if row.action == "add-tenant" and isinstance(size, int):
-            current[row.tenant] = (row.at, size)
+            life = Incarnation(row.tenant, row.at)
+            out.append(life)
+            current[row.tenant] = (life, row.at, size)
         elif row.action == "update-tenant" and isinstance(size, int) and held:
-            out.setdefault(row.tenant, []).append((held[0], row.at, held[1]))
-            current[row.tenant] = (row.at, size)
+            held[0].spans.append((held[1], row.at, held[2]))
+            current[row.tenant] = (held[0], row.at, size)
         elif row.action == "remove-tenant" and held:
-            out.setdefault(row.tenant, []).append((held[0], row.at, held[1]))
+            held[0].spans.append((held[1], row.at, held[2]))
+            held[0].removed_at = row.at
             del current[row.tenant]
-    for tenant, (start, size) in current.items():
-        out.setdefault(tenant, []).append((start, now, size))
+    for life, start, size in current.values():
+        life.spans.append((start, now, size))
     return out
+
+
+def reservation_intervals(audit: list[AuditRow], now: float) -> dict[str, list[tuple[float, float, int]]]:
+    """Per tenant name: (start, end, bytes) for every period with a constant reservation."""
+    out: dict[str, list[tuple[float, float, int]]] = {}
+    for life in incarnations(audit, now):
+        out.setdefault(life.tenant, []).extend(life.spans)
+    return out
+
+
+def _usage_windows(lives: list[Incarnation]) -> list[tuple[Incarnation, float, float | None]]:
+    """The usage each life of one name owns: from its add to the next add of the name (a removal's
+    last collection lands after the removal), the first life also anything before it."""
+    windows = []
+    for i, life in enumerate(lives):
+        since = 0.0 if i == 0 else float(life.added_at or 0.0)
+        until = lives[i + 1].added_at if i + 1 < len(lives) else None
+        windows.append((life, since, until))
+    return windows
 
 
 def split(month: str, total_cost: float, store: Store, now: float) -> list[Share]:
     if total_cost < 0:
         raise InvalidInput("the month's cost must be 0 or more")
     start, end = month_bounds(month)
-    intervals = reservation_intervals(store.audit_log(limit=1_000_000), now)
-    hours: dict[str, float] = {}
-    for tenant, spans in intervals.items():
-        for a, b, size in spans:
-            overlap = min(b, end) - max(a, start)
-            if overlap > 0:
-                hours[tenant] = hours.get(tenant, 0.0) + overlap / 3600 * size / GIB
-    tenants = sorted(set(hours) | {t for t in store.usage_tenants(start, end)})
-    by_member = {t: store.usage_by_member(t, start, end) for t in tenants}
-    usage = {
-        t: UsageTotals(
-            sum(u.requests for u in m.values()),
-            sum(u.prompt_tokens for u in m.values()),
-            sum(u.completion_tokens for u in m.values()),
-        )
-        for t, m in by_member.items()
-    }
-    total_hours = sum(hours.values())
-    total_tokens = sum(u.tokens for u in usage.values())
+    lives: dict[str, list[Incarnation]] = {}
+    for life in incarnations(store.audit_log(limit=1_000_000), now):
+        lives.setdefault(life.tenant, []).append(life)
+    for tenant in store.usage_tenants(start, end):
+        lives.setdefault(tenant, [Incarnation(tenant, None)])
+    rows: list[tuple[Incarnation, float, dict[str, UsageTotals]]] = []
+    for tenant in sorted(lives):
+        for life, since, until in _usage_windows(lives[tenant]):
+            hours = sum(max(min(b, end) - max(a, start), 0.0) / 3600 * size / GIB for a, b, size in life.spans)
+            lo, hi = max(since, start), end if until is None else min(until, end)
+            by_member = store.usage_by_member(tenant, lo, hi) if hi > lo else {}
+            if hours > 0 or by_member:
+                rows.append((life, hours, by_member))
+    total_hours = sum(hours for _, hours, _ in rows)
+    total_tokens = sum(u.tokens for _, _, m in rows for u in m.values())
     shares = []
-    for t in tenants:
-        mem = hours.get(t, 0.0) / total_hours if total_hours else 0.0
-        tok = usage[t].tokens / total_tokens if total_tokens else 0.0
-        members = member_shares(by_member[t], round(mem * total_cost, 2))
+    for life, hours, by_member in rows:
+        usage = sum(by_member.values(), UsageTotals(0, 0, 0))
+        mem = hours / total_hours if total_hours else 0.0
+        tok = usage.tokens / total_tokens if total_tokens else 0.0
         shares.append(
             Share(
-                t,
-                round(hours.get(t, 0.0), 4),
-                usage[t].tokens,
-                usage[t].requests,
+                life.tenant,
+                round(hours, 4),
+                usage.tokens,
+                usage.requests,
                 round(mem, 6),
                 round(mem * total_cost, 2),
                 round(tok, 6),
                 round(tok * total_cost, 2),
-                members,
+                member_shares(by_member, round(mem * total_cost, 2)),
+                life.added_at,
+                life.removed_at,
             )
         )
     return shares

@@ -323,11 +323,14 @@ class TenantService:
     def catalog(self, max_model_len: int | None = None) -> list[CatalogEntry]:
         """Every model directory in the models volume; the minimums come from ``_minimum``, the
         function admission's model-fit check uses, so the two never disagree."""
+        return [self._catalog_entry(name, max_model_len) for name in self.model_names()]
+
+    def model_names(self) -> list[str]:
+        """The model directories in the models volume, by name (nothing in them read)."""
         root = self.settings.models_dir
-        found = (
-            sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
-        )
-        return [self._catalog_entry(name, max_model_len) for name in found]
+        if not root.is_dir():
+            return []
+        return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
     def _catalog_entry(self, name: str, max_model_len: int | None) -> CatalogEntry:
         root = self.settings.models_dir

@@ -519,43 +519,44 @@ class Store:
         return added
 
     def usage_totals(self, tenant: str, since: float, until: float | None = None) -> UsageTotals:
-        """The tenant's totals over any bounds: the whole UTC days between them from the daily
-        rollup, only the partial days at either end from the records themselves."""
+        """The tenant's totals over any bounds (see ``usage_by_member``)."""
+        return sum(self.usage_by_member(tenant, since, until).values(), UsageTotals(0, 0, 0))
+
+    def usage_by_member(self, tenant: str, since: float, until: float | None = None) -> dict[str, UsageTotals]:
+        """Each member's totals over any bounds (also members removed since: their usage stays for
+        cost sharing): the whole UTC days between them from the daily rollup, only the partial days
+        at either end from the records themselves."""
         end = until if until is not None else 1e18
         first = -(-since // DAY_S) * DAY_S  # the first day start at or after ``since``
         last = end // DAY_S * DAY_S if until is not None else None  # the last at or before ``until``
         with self._lock:
             if last is not None and last <= first:  # no whole day between them
                 return self._record_totals(tenant, since, end)
-            row = self._db.execute(
-                "SELECT COALESCE(SUM(requests), 0) AS n, COALESCE(SUM(prompt_tokens), 0) AS p,"
-                " COALESCE(SUM(completion_tokens), 0) AS c FROM usage_days WHERE tenant=? AND day >= ? AND day < ?",
-                (tenant, *whole_days(first, last)),
-            ).fetchone()
-            days = UsageTotals(int(row["n"]), int(row["p"]), int(row["c"]))
-            head = self._record_totals(tenant, since, first)
-            tail = self._record_totals(tenant, last, end) if last is not None else UsageTotals(0, 0, 0)
-        return days + head + tail
-
-    def _record_totals(self, tenant: str, since: float, until: float) -> UsageTotals:
-        if until <= since:
-            return UsageTotals(0, 0, 0)
-        row = self._db.execute(
-            "SELECT COUNT(*) AS n, COALESCE(SUM(prompt_tokens), 0) AS p, COALESCE(SUM(completion_tokens), 0) AS c"
-            " FROM usage WHERE tenant=? AND at >= ? AND at < ?",
-            (tenant, since, until),
-        ).fetchone()
-        return UsageTotals(int(row["n"]), int(row["p"]), int(row["c"]))
-
-    def usage_by_member(self, tenant: str, since: float, until: float | None = None) -> dict[str, UsageTotals]:
-        """Each member's totals between two UTC day starts (also members removed since: their usage
-        stays for cost sharing), from the daily rollup."""
-        with self._lock:
             rows = self._db.execute(
                 "SELECT member, SUM(requests) AS n, SUM(prompt_tokens) AS p, SUM(completion_tokens) AS c"
-                " FROM usage_days WHERE tenant=? AND day >= ? AND day < ? GROUP BY member ORDER BY member",
-                (tenant, *whole_days(since, until)),
+                " FROM usage_days WHERE tenant=? AND day >= ? AND day < ? GROUP BY member",
+                (tenant, *whole_days(first, last)),
             ).fetchall()
+            parts = [
+                {r["member"]: UsageTotals(int(r["n"]), int(r["p"]), int(r["c"])) for r in rows},
+                self._record_totals(tenant, since, first),
+                self._record_totals(tenant, last, end) if last is not None else {},
+            ]
+        out: dict[str, UsageTotals] = {}
+        for part in parts:
+            for member, totals in part.items():
+                out[member] = out.get(member, UsageTotals(0, 0, 0)) + totals
+        return dict(sorted(out.items()))
+
+    def _record_totals(self, tenant: str, since: float, until: float) -> dict[str, UsageTotals]:
+        if until <= since:
+            return {}
+        rows = self._db.execute(
+            "SELECT member, COUNT(*) AS n, COALESCE(SUM(prompt_tokens), 0) AS p,"
+            " COALESCE(SUM(completion_tokens), 0) AS c FROM usage"
+            " WHERE tenant=? AND at >= ? AND at < ? GROUP BY member",
+            (tenant, since, until),
+        ).fetchall()
         return {r["member"]: UsageTotals(int(r["n"]), int(r["p"]), int(r["c"])) for r in rows}
 
     def usage_counters(self) -> list[tuple[str, str, UsageTotals]]:

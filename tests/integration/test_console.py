@@ -84,6 +84,24 @@ def test_console_in_a_real_browser(manager: RunningManager) -> None:
         page.goto(base + "/tenants/new")
         page.fill("input[name=gpu_memory]", "900G")
         expect(page.locator("[data-whatif-answer]")).to_contain_text("Does not fit: ledger")
+        page.screenshot(path=str(ARTIFACTS / "tenant-new.png"), full_page=True)
+
+        # the tenant's edit form: every current value shown, only what changes saved, the CLI's checks
+        page.goto(base + "/tenants/large")
+        edit = page.locator("[data-testid=edit-tenant]")
+        expect(edit.locator("input[name=gpu_memory]")).to_have_value("2G")
+        edit.locator("input[name=max_model_len]").fill("100000")
+        edit.locator("button[type=submit]").click()
+        expect(page.locator(".error")).to_contain_text("100000")  # beyond the model's own positions
+        expect(edit.locator("input[name=max_model_len]")).to_have_value("100000")  # what was typed stays
+        edit.locator("input[name=max_model_len]").fill("512")
+        edit.locator("input[name=rpm_limit]").fill("120")
+        edit.locator("button[type=submit]").click()
+        expect(page.locator(".ok")).to_contain_text("applies at once")
+        assert "?shown=" in page.url  # post/redirect/get: a reload does not post again
+        expect(page.locator("dl.spec")).to_contain_text("120/min")
+        page.reload()
+        expect(page.locator(".ok")).to_have_count(0)
 
         page.goto(base + "/")
         rows = page.locator("tbody tr")
@@ -125,6 +143,13 @@ def test_console_in_a_real_browser(manager: RunningManager) -> None:
         alice_key = page.locator("[data-testid=new-key]").inner_text().strip()
         assert alice_key.startswith("gtm_")
         expect(page.locator("[data-testid=members] tr[data-member=alice]")).to_contain_text("5000 tokens/day")
+        assert "/members" not in page.url.split("#")[0]  # redirected off the POST
+        alice_limits = page.locator("[data-testid=members] tr[data-member=alice] details.edit-limits")
+        alice_limits.locator("summary").click()
+        alice_limits.locator("input[name=tokens_per_day]").fill("6000")
+        alice_limits.locator("button[type=submit]").click()
+        expect(page.locator(".ok")).to_contain_text("Limits of member alice saved")
+        expect(page.locator("[data-testid=members] tr[data-member=alice]")).to_contain_text("6000 tokens/day")
         page.screenshot(path=str(ARTIFACTS / "members.png"), full_page=True)
         page.goto(base + "/tenants/small")
         assert alice_key not in page.content()
@@ -150,6 +175,13 @@ def test_console_in_a_real_browser(manager: RunningManager) -> None:
         page.goto(base + "/tenants/small")
         alice_row = page.locator("[data-testid=members] tr[data-member=alice]")
         expect(alice_row).to_contain_text(f"2 req, {today['alice']['total_tokens']} tok")
+        # the 30-day chart: scales with today's figures, and today's bar names them on hover
+        tokens_today = today["alice"]["total_tokens"] + today["small"]["total_tokens"]
+        expect(page.locator("[data-testid=chart-axes]")).to_contain_text("3 requests")
+        expect(page.locator("[data-testid=chart-axes]")).to_contain_text(f"{tokens_today} tokens")
+        last_bar = page.locator(".chart .col").last
+        assert last_bar.get_attribute("title") == f"{datetime.now(UTC).date()}: 3 requests, {tokens_today} tokens"
+        page.screenshot(path=str(ARTIFACTS / "tenant-usage.png"), full_page=True)
 
         # rotate alice's key from the members table: the new key once, for alice
         alice_row.locator("form[action$='/rotate'] button").click()
@@ -216,6 +248,7 @@ def test_console_in_a_real_browser(manager: RunningManager) -> None:
         page.goto(base + "/audit?tenant=small")
         expect(page.locator("tbody")).to_contain_text("rotate-key")
         expect(page.locator("tbody")).to_contain_text("add-member")
+        page.screenshot(path=str(ARTIFACTS / "audit.png"), full_page=True)
 
         # the API's documentation renders with the manager's own copy of Swagger UI (no CDN: below)
         page.goto(base + "/docs")
@@ -227,6 +260,8 @@ def test_console_in_a_real_browser(manager: RunningManager) -> None:
         expect(page.locator(".error")).to_contain_text("no tenant named 'nobody'")
         page.goto(base + "/no-such-page")
         expect(page.locator(".error")).to_contain_text("Not Found")
+        expect(page.locator("nav a[href='/']")).to_be_visible()  # the navigation stays on an error page
+        page.screenshot(path=str(ARTIFACTS / "error.png"), full_page=True)
         page.goto(base + "/")
         page.click("button.link")
         page.goto(base + "/")

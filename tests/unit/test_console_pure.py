@@ -70,3 +70,10 @@ def test_an_audit_detail_reads_as_text() -> None:
         "gpu memory: 1.5 GiB; port: 30001; model: demo; quotas: rpm_limit 9; tokens per day: 5000000; "
         "failed checks: ledger, measured; error: it's 'quoted'"
     )
+
+
+def test_a_label_is_drawn_only_where_it_fits() -> None:
+    from manager.console.views import Segment
+
+    assert Segment("headroom", "", 10.0, "#000", 0, "headroom").show_label
+    assert not Segment("headroom", "", 3.0, "#000", 0, "headroom").show_label  # title and legend name it

@@ -79,3 +79,48 @@ def test_split_by_memory_hours_and_by_tokens(tmp_path: Path) -> None:
     assert (bob.cost_by_tokens, bob.cost_by_requests) == (150.0, 450.0)
     assert [m.member for m in shares["b"].members] == ["b"]
     assert shares["b"].members[0].cost_by_tokens == 100.0
+
+
+def test_a_name_removed_and_added_again_is_two_tenants(tmp_path: Path) -> None:
+    """Each life of a name keeps its own reservation and its own usage (none moves to the new one)."""
+    store = Store(tmp_path / "m.db")
+    start, end = month_bounds("2026-11")
+    day = 86400.0
+    events = [
+        (start + 1 * day, "add-tenant", {"gpu_memory": 2 * G}),
+        (start + 2 * day + 600, "remove-tenant", {}),
+        (start + 2 * day + 900, "add-tenant", {"gpu_memory": 4 * G}),
+    ]
+    with store.transaction() as db:
+        for at, action, detail in events:
+            db.execute(
+                "INSERT INTO audit (at, actor, action, tenant, result, detail) VALUES (?,?,?,?,?,?)",
+                (at, "admin", action, "acc", "ok", json.dumps(detail)),
+            )
+
+    def rec(request_id: str, tokens: int, at: float) -> UsageRecord:
+        return UsageRecord(
+            request_id=request_id,
+            key_id="k",
+            member="acc",
+            model="m",
+            path="/v1/chat/completions",
+            prompt_tokens=tokens,
+            completion_tokens=0,
+            status=200,
+            outcome="ok",
+            latency_ms=1.0,
+            at=at,
+        )
+
+    # the first life: 3 requests, the last collected after its removal; the second: 2, the same day
+    store.add_usage("acc", [rec("1", 10, start + day + 5), rec("2", 10, start + 2 * day + 5)], 2)
+    store.add_usage("acc", [rec("3", 10, start + 2 * day + 650)], 3)
+    store.add_usage("acc", [rec("4", 7, start + 2 * day + 1000), rec("5", 7, start + 5 * day)], 5)
+    first, second = split("2026-11", 100.0, store, now=end)
+    assert (first.tenant, first.requests, first.tokens) == ("acc", 3, 30)
+    assert first.removed_at == start + 2 * day + 600 and first.added_at == start + day
+    assert (second.tenant, second.requests, second.tokens, second.removed_at) == ("acc", 2, 14, None)
+    assert abs(first.gib_hours - 2 * (day + 600) / 3600) < 1e-3
+    assert abs(second.gib_hours - 4 * (end - start - 2 * day - 900) / 3600) < 1e-3
+    assert first.members[0].requests == 3 and second.members[0].requests == 2

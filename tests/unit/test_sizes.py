@@ -1,7 +1,9 @@
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from manager.errors import InvalidInput
-from manager.sizes import format_size, parse_size
+from manager.sizes import exact_size, format_size, parse_size
 
 
 @pytest.mark.parametrize(
@@ -32,3 +34,12 @@ def test_format_is_binary() -> None:
     assert format_size(10 * 1024**3) == "10.0 GiB"
     assert format_size(512) == "512 B"
     assert format_size(1536 * 1024**2) == "1.5 GiB"
+
+
+@given(st.integers(min_value=1, max_value=10**14))
+def test_exact_size_reads_back_to_the_same_bytes(value: int) -> None:
+    assert parse_size(exact_size(value)) == value
+
+
+def test_exact_size_is_what_an_admin_writes() -> None:
+    assert [exact_size(v) for v in (1536 * 1024**2, 10 * 1024**3, 64 * 1024, 1000)] == ["1536M", "10G", "64K", "1000B"]
