@@ -8,11 +8,12 @@ engine: a subclass provides the ``runtime``, ``instance`` and ``image`` fixtures
 from __future__ import annotations
 
 import socket
+import threading
 
 from manager import names
 from manager.names import Role
 from manager.runtime.protocol import Runtime
-from manager.runtime.types import ContainerPlan, Mount, NetworkPlan, VolumePlan
+from manager.runtime.types import ContainerPlan, Mount, NetworkPlan, RuntimeEvent, VolumePlan
 
 
 def plans(instance: str, tenant: str, image: str, host_port: int) -> tuple[NetworkPlan, VolumePlan, ContainerPlan]:
@@ -98,6 +99,43 @@ class RuntimeContract:
         assert runtime.published_ports().get(host_port) is None
         runtime.remove_network(net.name)
         runtime.remove_volume(vol.name)
+
+    def test_a_container_that_ends_is_an_event_at_once(
+        self, runtime: Runtime, instance: str, image: str, host_port: int
+    ) -> None:
+        """What the reconciler follows to replace a dead engine or gateway in seconds: its start, its
+        end (``die``) and its removal, carrying its labels; other instances' containers stay out."""
+        net, vol, plan = plans(instance, "gamma", image, host_port)
+        runtime.ensure_network(net)
+        runtime.ensure_volume(vol)
+        stream = runtime.events(names.selector(instance, tenant="gamma"))
+        seen: list[RuntimeEvent] = []
+        done = threading.Event()
+
+        def follow() -> None:
+            for event in stream:
+                seen.append(event)
+                if event.action == "destroy":
+                    done.set()
+            done.set()
+
+        thread = threading.Thread(target=follow, daemon=True)
+        thread.start()
+        try:
+            runtime.run(plan)
+            runtime.stop_container(plan.name, timeout=1)
+            runtime.remove_container(plan.name)
+            assert done.wait(20), f"no destroy event; saw {seen}"
+            actions = [e.action for e in seen if e.name == plan.name]
+            assert actions[0] == "start" and "die" in actions and actions[-1] == "destroy", actions
+            assert all(e.tenant == "gamma" and e.role == Role.GATEWAY for e in seen)
+        finally:
+            stream.close()
+            thread.join(10)
+            runtime.remove_container(plan.name)
+            runtime.remove_network(net.name)
+            runtime.remove_volume(vol.name)
+        assert not thread.is_alive(), "close() did not end the iteration"
 
     def test_reading_a_missing_container_is_not_a_runtime_error(self, runtime: Runtime, instance: str) -> None:
         missing = f"{instance}-no-such-container"

@@ -56,12 +56,16 @@ from manager.domain import TenantStatus, can_transition
 from manager.errors import GtmError, RuntimeUnavailable
 from manager.gpu import Inventory, placed_on
 from manager.names import Role
-from manager.runtime.protocol import Runtime
+from manager.runtime.protocol import EventStream, Runtime
 from manager.runtime.types import ContainerPlan, ContainerState
 from manager.settings import Settings
 
 log = logging.getLogger(__name__)
 POLL_STARTING_S = 2.0
+EVENTS_RETRY_S = 1.0
+"""Pause before following the runtime's events again after their stream broke."""
+FOLLOWED = frozenset({"die", "oom", "destroy", "health_status"})
+"""The container events that may change what a tenant needs (``RuntimeEvent.action``)."""
 WARMUP_TIMEOUT_S = 300.0
 PREPARE_TIMEOUT_S = 60.0
 WARMUP_WAIT_S = 1.0
@@ -145,6 +149,11 @@ class Reconciler:
         self._warming: dict[tuple[str, str], threading.Thread] = {}
         self._prepared: set[str] = set()
         """Tenants whose volume this manager process gave to the engine's user (``plan.prepare_plan``)."""
+        self._served: set[str] = set()
+        """Engine containers (by ID) seen healthy: one that dies after serving is replaced at once."""
+        self._events: EventStream | None = None
+        self._restarted: dict[str, str] = {}
+        """Why a tenant's engine was restarted, shown as its reason until the new one serves."""
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
 
@@ -165,6 +174,7 @@ class Reconciler:
                 name="usage-collector",
                 daemon=True,
             ),
+            threading.Thread(target=self._follow_events, name="runtime-events", daemon=True),
         ]
         for t in self._threads:
             t.start()
@@ -172,6 +182,9 @@ class Reconciler:
     def stop(self) -> None:
         self._stop.set()
         self.queue.close()
+        events = self._events
+        if events is not None:
+            events.close()
         for t in self._threads:
             t.join(timeout=10)
 
@@ -183,6 +196,36 @@ class Reconciler:
         desired = {row.spec.name for row in self.store.tenants()}
         for name in desired | self._actual_tenants():
             self.queue.add(name)
+
+    def _follow_events(self) -> None:
+        """Queues a tenant the moment Docker reports that its engine or gateway died, was OOM-killed,
+        removed, or changed health, so a dead one is replaced in seconds rather than at the next
+        resync (which stays, as the safety net). After the stream breaks (dockerd restarted) it
+        opens a new one and resyncs, for what happened in between."""
+        selector = names.selector(self.settings.instance)
+        while not self._stop.is_set():
+            try:
+                stream = self.runtime.events(selector)
+            except GtmError as exc:
+                self.loop_errors["events"] += 1
+                log.warning("following the runtime's events: %s", exc.message)
+                self._stop.wait(EVENTS_RETRY_S)
+                continue
+            self._events = stream
+            if self._stop.is_set():
+                stream.close()
+                return
+            self.resync()
+            try:
+                for event in stream:
+                    if event.tenant and event.role in (Role.ENGINE, Role.GATEWAY) and event.action in FOLLOWED:
+                        self.queue.add(event.tenant)
+            except GtmError as exc:
+                self.loop_errors["events"] += 1
+                log.warning("the runtime's event stream broke: %s", exc.message)
+            finally:
+                stream.close()
+            self._stop.wait(EVENTS_RETRY_S)
 
     def collect_all(self) -> None:
         """Usage from every tenant's gateway, whatever its engine is doing: a gateway keeps the
@@ -298,6 +341,7 @@ class Reconciler:
                 gateway = c
             else:  # an older spec, or a stray duplicate: replace it
                 self.runtime.remove_container(c.name)
+                self._served.discard(c.id)
                 if c.role == Role.ENGINE:
                     self._release_gate(name)
                     self.store.clear_engine_failure(name)
@@ -318,6 +362,8 @@ class Reconciler:
             return self._start_engine(row, plan.engine)
         if engine.status == "running":
             if engine.health == "healthy":
+                self._served.add(engine.id)
+                self._restarted.pop(name, None)
                 self._release_gate(name)
                 self.store.clear_engine_failure(name)
                 if not gateway_ready:
@@ -339,8 +385,8 @@ class Reconciler:
         if gateway is None or gateway.status in ("exited", "dead"):
             self.runtime.run(plan)
             return False
-        if gateway.status != "running" or gateway.health != "healthy":
-            return False
+        if gateway.status != "running" or gateway.health == "unhealthy":
+            return False  # "starting": Docker's first check is 5 s away; a push is tried at once
         ip = self.runtime.container_ip(plan.name, control_network_name(self.settings))
         if ip is None:
             return False
@@ -372,7 +418,10 @@ class Reconciler:
         self._prepare(row)
         self.runtime.run(plan)
         self._gate = (name, self.clock())
-        self._set_status(row, TenantStatus.STARTING)
+        now_row = self.store.find_tenant(name)
+        if fail and now_row and now_row.status == TenantStatus.FAILED and now_row.reason:
+            self._restarted[name] = f"engine restarted after it failed: {now_row.reason}"[:500]
+        self._set_status(row, TenantStatus.STARTING, self._restarted.get(name, ""))
         return POLL_STARTING_S
 
     def _prepare(self, row: TenantRow) -> None:
@@ -442,7 +491,7 @@ class Reconciler:
             return self._engine_failed(
                 row, engine, f"engine not healthy after {self.settings.engine_start_timeout_s:.0f} s"
             )
-        self._set_status(row, TenantStatus.STARTING)
+        self._set_status(row, TenantStatus.STARTING, self._restarted.get(name, ""))
         return POLL_STARTING_S
 
     def _engine_failed(self, row: TenantRow, engine: ContainerState, reason: str | None) -> float:
@@ -453,7 +502,11 @@ class Reconciler:
         if fail.marker != marker:
             count = fail.count + 1
             logs = self.runtime.logs_tail(engine.name, LOG_TAIL_LINES)
-            fail = EngineFailure(count, marker, self.clock() + backoff(count, 10.0, 300.0), logs[-LOG_KEEP_CHARS:])
+            # an engine that served and then died (killed, OOM) is replaced at once; one that never
+            # came up waits 10 s, 20 s, ... (a crash loop must not hog the start gate)
+            wait = 0.0 if engine.id in self._served and count == 1 else backoff(count, 10.0, 300.0)
+            self._served.discard(engine.id)
+            fail = EngineFailure(count, marker, self.clock() + wait, logs[-LOG_KEEP_CHARS:])
             self.store.save_engine_failure(name, fail)
             text = reason or failure_reason(engine, logs)
             if engine.status == "running":  # unhealthy or timed out: stop it, keep its logs until restart

@@ -12,6 +12,7 @@ import codecs
 import contextlib
 import hashlib
 import json
+import logging
 import re
 import time
 import uuid
@@ -27,6 +28,7 @@ from manager.gateway.settings import GatewaySettings
 from manager.gateway.state import GatewayState, KeyEntry
 
 Scope = MutableMapping[str, Any]
+log = logging.getLogger(__name__)
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
@@ -45,6 +47,11 @@ SALTED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 """Requests that use the engine's prefix cache: each carries its member's own ``cache_salt``."""
 STARTING_RETRY_S = 5
 """Retry-After of a request that came while the tenant starts (its engine loads in tens of seconds)."""
+CONNECT_TIMEOUT_S = 2.0
+"""The engine is on the tenant's own bridge network: a connect takes well under a millisecond.
+What takes seconds is resolving the name of an engine container that is gone."""
+PROBE_INTERVAL_S = 0.25
+"""How often, while the engine is down, one probe asks whether it takes connections again."""
 
 
 def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:
@@ -173,7 +180,36 @@ class Proxy:
         self.large_slots = asyncio.Semaphore(settings.large_bodies)
         self.image_slots = asyncio.Semaphore(settings.image_requests) if settings.image_requests > 0 else None
         t = settings.upstream_timeout_s
-        self.timeouts = {"connect": 5.0, "read": t, "write": t, "pool": t}
+        self.timeouts = {"connect": CONNECT_TIMEOUT_S, "read": t, "write": t, "pool": t}
+        self.engine_down = False
+        """Set when the engine failed to take a request: until a probe reaches it again, requests
+        are answered 503 at once instead of each waiting for a connect (or a name lookup) to fail."""
+        self._probe: asyncio.Task[None] | None = None
+
+    def _engine_lost(self) -> None:
+        """The engine did not take a request or dropped one: answer at once from now on, and probe."""
+        self.engine_down = True
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.get_running_loop().create_task(self._probe_engine())
+
+    async def _probe_engine(self) -> None:
+        """Until the engine answers HTTP again (any answer: it takes connections), one request at a
+        time, every ``PROBE_INTERVAL_S``."""
+        timeouts = {"connect": CONNECT_TIMEOUT_S, "read": CONNECT_TIMEOUT_S, "write": 1.0, "pool": 1.0}
+        while self.engine_down:
+            request = httpx.Request("GET", self.upstream + "/health")
+            request.extensions["timeout"] = timeouts
+            try:
+                answer = await self.transport.handle_async_request(request)
+                await answer.aclose()
+            except httpx.TransportError:
+                await asyncio.sleep(PROBE_INTERVAL_S)
+                continue
+            except Exception:  # never leave the gateway refusing for good: a bug here is logged, retried
+                log.exception("probing the engine failed unexpectedly")
+                await asyncio.sleep(PROBE_INTERVAL_S)
+                continue
+            self.engine_down = False
 
     def _request(
         self, method: str, path: str, request_id: str, content: bytes | None = None, accept: str = "application/json"
@@ -516,9 +552,14 @@ class Proxy:
             m.member_tokens.labels(rec.member, "prompt").inc(rec.prompt_tokens)
             m.member_tokens.labels(rec.member, "completion").inc(rec.completion_tokens)
 
-    async def _unavailable(self, send: Send, path: str, headers: dict[str, str], unserved: Callable[[], None]) -> None:
-        """The engine did not take the request (starting, restarting or gone): never metered."""
-        self.state.metrics.upstream_errors.inc()
+    async def _unavailable(
+        self, send: Send, path: str, headers: dict[str, str], unserved: Callable[[], None], tried: bool = True
+    ) -> None:
+        """The engine did not take the request (starting, restarting or gone): never metered.
+        ``tried``: it was sent and failed (the engine is then probed); else refused at once."""
+        if tried:
+            self.state.metrics.upstream_errors.inc()
+            self._engine_lost()
         unserved()
         await self._refuse(
             send,
@@ -540,6 +581,9 @@ class Proxy:
         commit: Callable[[], None],
         unserved: Callable[[], None],
     ) -> None:
+        if self.engine_down:
+            await self._unavailable(send, path, headers, unserved, tried=False)
+            return
         try:
             upstream = await self.transport.handle_async_request(
                 self._request(method, path, record["request_id"], body if method == "POST" else None)
@@ -588,6 +632,9 @@ class Proxy:
         request = self._request(
             "POST", record["path"], record["request_id"], json.dumps(upstream_body).encode(), accept="text/event-stream"
         )
+        if self.engine_down:
+            await self._unavailable(send, record["path"], headers, unserved, tried=False)
+            return
         try:
             upstream = await self.transport.handle_async_request(request)
         except httpx.TransportError:
@@ -655,6 +702,7 @@ class Proxy:
                 await send({"type": "http.response.body", "body": closing + buffer, "more_body": False})
         except httpx.TransportError:
             record["outcome"] = "client_disconnected" if disconnected.is_set() else "error"
+            self._engine_lost()  # the next requests are answered at once until a probe reaches it
             if not disconnected.is_set():
                 metered()
                 # the engine went away mid-answer: end the stream with an error event (the OpenAI SDK

@@ -18,7 +18,7 @@ from docker.models.containers import Container
 from docker.types import DeviceRequest, Mount
 
 from manager.errors import Conflict, RuntimeUnavailable
-from manager.runtime.types import ContainerPlan, ContainerState, NetworkPlan, Resource, VolumePlan
+from manager.runtime.types import ContainerPlan, ContainerState, NetworkPlan, Resource, RuntimeEvent, VolumePlan
 
 T = TypeVar("T")
 
@@ -57,6 +57,36 @@ def _state(container: Container) -> ContainerState:
         finished_at=st.get("FinishedAt", ""),
         ports=attrs.get("NetworkSettings", {}).get("Ports") or {},
     )
+
+
+class _DockerEvents:
+    """Docker's event stream (``GET /events``) as ``RuntimeEvent``s: container events only, the
+    action without its detail ("health_status: healthy" is ``health_status``). The attributes
+    Docker sends are the container's labels plus its name, image and exit code."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self._closed = False
+
+    def __iter__(self) -> Iterator[RuntimeEvent]:
+        try:
+            for raw in self._stream:
+                if raw.get("Type") != "container":
+                    continue
+                attrs = dict((raw.get("Actor") or {}).get("Attributes") or {})
+                action = str(raw.get("Action", "")).split(":", 1)[0]
+                yield RuntimeEvent(str(attrs.get("name", "")), attrs, action)
+        except Exception as exc:  # the socket closed under the read: by close(), or by dockerd going
+            if self._closed:
+                return
+            raise RuntimeUnavailable(f"container runtime unavailable: following events: {exc!r}") from exc
+        if not self._closed:  # dockerd ended the stream (it stopped)
+            raise RuntimeUnavailable("container runtime unavailable: Docker ended its event stream")
+
+    def close(self) -> None:
+        self._closed = True
+        with suppress(Exception):
+            self._stream.close()
 
 
 class DockerRuntime:
@@ -285,6 +315,12 @@ class DockerRuntime:
                     if entry.get("HostPort"):
                         out[int(entry["HostPort"])] = c.name or ""
         return out
+
+    def events(self, selector: list[str]) -> _DockerEvents:
+        filters = {"type": "container", "label": list(selector)}
+        return _DockerEvents(
+            self._call("following events", lambda: self._client.api.events(decode=True, filters=filters))
+        )
 
 
 def container_kwargs(plan: ContainerPlan) -> dict[str, Any]:

@@ -9,12 +9,14 @@ Docker adapter. Tests drive what Docker would do on its own through the ``exit``
 from __future__ import annotations
 
 import itertools
+import queue
 import socket
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 from manager.errors import Conflict, RuntimeUnavailable
-from manager.runtime.types import ContainerPlan, ContainerState, NetworkPlan, Resource, VolumePlan
+from manager.runtime.types import ContainerPlan, ContainerState, NetworkPlan, Resource, RuntimeEvent, VolumePlan
 
 
 def _matches(labels: dict[str, str], selector: list[str]) -> bool:
@@ -43,6 +45,32 @@ def _bindable(host_ip: str, port: int) -> bool:
     return True
 
 
+class _Events:
+    """One subscriber's events; ``close`` ends its iteration, an unavailable runtime raises."""
+
+    def __init__(self, runtime: MemoryRuntime, selector: list[str]) -> None:
+        self.selector = selector
+        self._runtime = runtime
+        self._queue: queue.Queue[RuntimeEvent | str] = queue.Queue()
+
+    def put(self, event: RuntimeEvent | str) -> None:
+        """An event, or ``"closed"`` / ``"broken"``: the end of the stream."""
+        self._queue.put(event)
+
+    def __iter__(self) -> Iterator[RuntimeEvent]:
+        while True:
+            event = self._queue.get()
+            if event == "broken":
+                raise RuntimeUnavailable("the container runtime did not answer")
+            if isinstance(event, str):
+                return
+            yield event
+
+    def close(self) -> None:
+        self._runtime.unsubscribe(self)
+        self._queue.put("closed")
+
+
 class MemoryRuntime:
     def __init__(self, bind_check: bool = False) -> None:
         """``bind_check``: ``publish_error`` also tries to bind each port on this host, as Docker does
@@ -60,6 +88,7 @@ class MemoryRuntime:
         self._fail_next: dict[str, str] = {}
         self.images: dict[str, str] = {}  # name -> ID; a name not set here exists as "sha256:<name>"
         self.foreign_ports: set[int] = set()  # host ports held by programs Docker does not know
+        self._subscribers: list[_Events] = []
 
     # ---------------------------------------------------------------- test hooks
     def exit(self, name: str, code: int = 1, logs: str = "", oom_killed: bool = False) -> None:
@@ -70,6 +99,9 @@ class MemoryRuntime:
             c.state = replace(
                 c.state, status="exited", health=None, exit_code=code, oom_killed=oom_killed, finished_at=self._stamp()
             )
+            if oom_killed:
+                self._emit(c.state, "oom")
+            self._emit(c.state, "die")
 
     def set_image(self, name: str, image_id: str) -> None:
         """The image name now points at another build (a rebuilt image under the same tag)."""
@@ -79,6 +111,7 @@ class MemoryRuntime:
         with self._lock:
             c = self._containers[name]
             c.state = replace(c.state, health=health)
+            self._emit(c.state, "health_status")
 
     def plan(self, name: str) -> ContainerPlan | None:
         """The plan a container was run from (what Docker would have been asked for)."""
@@ -90,6 +123,25 @@ class MemoryRuntime:
         """The host PIDs of a running container's processes (what ``docker top`` would list)."""
         with self._lock:
             self._containers[name].pids = set(pids)
+
+    def go_away(self) -> None:
+        """The runtime stops answering (a dockerd restart): every event stream ends with an error."""
+        with self._lock:
+            self.available = False
+            for sub in self._subscribers:
+                sub.put("broken")
+            self._subscribers = []
+
+    def _emit(self, state: ContainerState, action: str) -> None:
+        event = RuntimeEvent(state.name, dict(state.labels), action)
+        for sub in self._subscribers:
+            if _matches(state.labels, sub.selector):
+                sub.put(event)
+
+    def unsubscribe(self, sub: _Events) -> None:
+        with self._lock:
+            if sub in self._subscribers:
+                self._subscribers.remove(sub)
 
     def fail_next(self, name: str, error: str) -> None:
         """The next ``run`` of ``name`` fails as Docker would (for example a port already taken)."""
@@ -199,6 +251,7 @@ class MemoryRuntime:
             }
             self._containers[plan.name] = _Container(plan, state, nets)
             self.started.append(plan.name)
+            self._emit(state, "start")
             return state
 
     def run_to_completion(self, plan: ContainerPlan, timeout_s: float) -> tuple[int, str]:
@@ -220,11 +273,16 @@ class MemoryRuntime:
             c = self._containers.get(name)
             if c and c.state.status == "running":
                 c.state = replace(c.state, status="exited", health=None, exit_code=137, finished_at=self._stamp())
+                self._emit(c.state, "die")
 
     def remove_container(self, name: str) -> None:
         with self._lock:
             self._check()
-            self._containers.pop(name, None)
+            c = self._containers.pop(name, None)
+            if c is not None:
+                if c.state.status == "running":
+                    self._emit(c.state, "die")
+                self._emit(c.state, "destroy")
 
     def logs_tail(self, name: str, lines: int = 40) -> str:
         with self._lock:
@@ -260,3 +318,10 @@ class MemoryRuntime:
         with self._lock:
             self._check()
             return {hp: c.plan.name for c in self._containers.values() for _, hp in c.plan.ports.values()}
+
+    def events(self, selector: list[str]) -> _Events:
+        with self._lock:
+            self._check()
+            sub = _Events(self, list(selector))
+            self._subscribers.append(sub)
+            return sub

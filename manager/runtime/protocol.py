@@ -2,7 +2,7 @@
 
 ``DockerRuntime`` is the implementation on a real host; ``MemoryRuntime`` keeps the
 same state in memory for fast tests of the code above it. Both pass the same
-conformance test (``tests/conformance/runtime_contract.py``), so a test that passes
+conformance test (``tests/runtime_contract.py``), so a test that passes
 on one means the same on the other. Every method raises ``RuntimeUnavailable`` when
 the runtime does not answer; ``ensure_*`` and ``remove_*`` are idempotent; a
 container that disappears while it is being read reads as absent, never as an
@@ -11,9 +11,20 @@ unavailable runtime.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Protocol
 
-from manager.runtime.types import ContainerPlan, ContainerState, NetworkPlan, Resource, VolumePlan
+from manager.runtime.types import ContainerPlan, ContainerState, NetworkPlan, Resource, RuntimeEvent, VolumePlan
+
+
+class EventStream(Protocol):
+    """Events from the moment the stream was opened. Iterating blocks until the next event; it
+    ends when ``close`` is called (from any thread) and raises ``RuntimeUnavailable`` when the
+    runtime goes away (a dockerd restart): open a new stream then."""
+
+    def __iter__(self) -> Iterator[RuntimeEvent]: ...
+
+    def close(self) -> None: ...
 
 
 class Runtime(Protocol):
@@ -75,4 +86,8 @@ class Runtime(Protocol):
 
     def published_ports(self) -> dict[int, str]:
         """Host ports published by any container of the runtime, with the container's name."""
+        ...
+
+    def events(self, selector: list[str]) -> EventStream:
+        """The events of containers carrying every ``key=value`` label of ``selector``."""
         ...

@@ -93,6 +93,24 @@ class ContainerState:
 
 
 @dataclass(frozen=True)
+class RuntimeEvent:
+    """Something that happened to a container, as the runtime reports it: ``die`` (its process
+    ended: crashed, killed, stopped), ``oom``, ``health_status``, ``start``, ``destroy``."""
+
+    name: str
+    labels: dict[str, str]
+    action: str
+
+    @property
+    def tenant(self) -> str | None:
+        return self.labels.get(TENANT)
+
+    @property
+    def role(self) -> str | None:
+        return self.labels.get(ROLE)
+
+
+@dataclass(frozen=True)
 class Resource:
     """A network or a volume, as found by label."""
 

@@ -28,6 +28,8 @@ USAGE = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
 
 
 def upstream(request: httpx.Request) -> httpx.Response:
+    if request.url.path == "/health":
+        return httpx.Response(200)
     if request.url.path == "/v1/models":
         return httpx.Response(200, json={"data": [{"id": "demo"}]})
     body = json.loads(request.content)
@@ -173,8 +175,10 @@ async def test_engine_down_is_503_with_retry_after_and_neither_metered_nor_count
         )
     )
     engine_up = False
+    tried: list[str] = []
 
     def engine(request: httpx.Request) -> httpx.Response:
+        tried.append(request.url.path)
         if not engine_up:
             raise httpx.ConnectError("connection refused", request=request)
         return upstream(request)
@@ -194,7 +198,15 @@ async def test_engine_down_is_503_with_retry_after_and_neither_metered_nor_count
     assert state.store.after(0, 100).records == []  # never served: never metered
     assert state.quotas.in_flight == 0 and state.quotas.day_reserved == 0
     assert state.metrics.refused.labels("engine_unavailable")._value.get() == 6
+    # only the first request went to the engine: the others were answered at once (no connect,
+    # no name lookup to wait for), while one probe at a time asks whether it is back
+    assert tried.count("/v1/chat/completions") == 1 and proxy.engine_down
     engine_up = True  # six refusals used none of the 2 requests a minute and 2 a month
+    for _ in range(100):
+        if not proxy.engine_down:
+            break
+        await asyncio.sleep(0.05)
+    assert not proxy.engine_down, "the probe did not see the engine back"
     assert [(await client.post("/v1/chat/completions", json=CHAT)).status_code for _ in range(3)] == [200, 200, 429]
     assert len(state.store.after(0, 100).records) == 2
 

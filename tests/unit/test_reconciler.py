@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from manager import keys, names
-from manager.control.reconciler import Reconciler
+from manager.control.reconciler import EVENTS_RETRY_S, Reconciler
 from manager.control.store import KeyRow, Store
 from manager.domain import TenantSpec, TenantStatus, can_transition
 from manager.gpu.cpu import HostMemoryInventory
@@ -112,7 +113,7 @@ def test_a_spec_change_replaces_the_engine_and_keeps_the_gateway(world) -> None:
 def test_an_exit_backs_off_then_restarts_with_the_engines_own_reason(world) -> None:
     rec, store, runtime, clock, _ = world
     add(store, "acme", 30001)
-    bring_up(rec, runtime, "acme")
+    rec.reconcile("acme")  # an engine that never came up (one that served is replaced at once)
     runtime.exit(engine("acme"), 1, logs="INFO loading\nValueError: bad config.json\n")
     first_id = runtime.container(engine("acme")).id  # type: ignore[union-attr]
     delay = rec.reconcile("acme")
@@ -127,6 +128,7 @@ def test_an_exit_backs_off_then_restarts_with_the_engines_own_reason(world) -> N
     rec.reconcile("acme")
     assert runtime.container(engine("acme")).id != first_id  # type: ignore[union-attr]
     assert status(store, "acme") == TenantStatus.STARTING
+    assert store.tenant("acme").reason == "engine restarted after it failed: ValueError: bad config.json"
     runtime.exit(engine("acme"), 1, logs="ValueError: bad config.json\n")
     assert rec.reconcile("acme") == pytest.approx(20.0)  # doubled
     assert "ValueError" in store.engine_failure("acme").log  # type: ignore[union-attr]
@@ -139,7 +141,7 @@ def test_usage_served_before_an_engine_failed_is_collected_while_it_is_down(worl
     gateways.records["token-acme"] = [(1, usage_record("cut", completion_tokens=5, status=200, outcome="cut"))]
     runtime.exit(engine("acme"), 137)
     rec.reconcile("acme")
-    assert status(store, "acme") == TenantStatus.FAILED  # noticed before the collector's next round
+    assert status(store, "acme") != TenantStatus.RUNNING  # noticed (and replaced) before the collector's next round
     rec.collect_all()
     assert store.usage_totals("acme", 0).tokens == 6
 
@@ -365,3 +367,49 @@ def test_a_rebuilt_image_replaces_the_containers_made_from_it(world) -> None:
     runtime.set_image(rec.settings.engine_image, "sha256:rebuilt-engine")
     rec.reconcile("acme")
     assert runtime.container(engine("acme")).id != engine_id  # type: ignore[union-attr]
+
+
+def test_a_dead_engine_or_gateway_is_replaced_from_the_runtimes_events(world) -> None:
+    """With the resync an hour away, the events alone bring a killed engine (that had served) and
+    a killed gateway back at once; after the event stream breaks it is followed again."""
+    rec, store, runtime, _, _ = world
+    rec.settings = rec.settings.model_copy(update={"reconcile_interval_s": 3600.0, "usage_interval_s": 3600.0})
+    add(store, "acme", 30001)
+    bring_up(rec, runtime, "acme")
+    assert status(store, "acme") == TenantStatus.RUNNING
+    rec.start()
+    try:
+        engines_before = runtime.started.count(engine("acme"))
+        runtime.exit(engine("acme"), 137, oom_killed=True)
+        wait_until(lambda: runtime.started.count(engine("acme")) == engines_before + 1, "the engine replaced")
+        assert "out-of-memory" in store.tenant("acme").reason  # why it died, from Docker's state
+        assert store.tenant("acme").status == TenantStatus.STARTING
+
+        gateways_before = runtime.started.count(gateway("acme"))
+        runtime.stop_container(gateway("acme"))  # docker kill: no restart policy brings it back
+        wait_until(lambda: runtime.started.count(gateway("acme")) == gateways_before + 1, "the gateway replaced")
+
+        runtime.go_away()  # dockerd restarts: the stream breaks, and is opened again once it answers
+        runtime.available = True
+        wait_until(lambda: rec.loop_errors["events"] >= 1, "the broken stream noticed")
+        time.sleep(EVENTS_RETRY_S + 0.5)
+        gateways_before = runtime.started.count(gateway("acme"))
+        runtime.stop_container(gateway("acme"))
+        wait_until(lambda: runtime.started.count(gateway("acme")) == gateways_before + 1, "the gateway replaced")
+    finally:
+        rec.stop()
+
+
+def test_an_engine_that_never_served_still_backs_off(world) -> None:
+    rec, store, runtime, _, _ = world
+    add(store, "acme", 30001)
+    rec.reconcile("acme")
+    runtime.exit(engine("acme"), 1, logs="RuntimeError: boom\n")
+    assert rec.reconcile("acme") == pytest.approx(10.0)  # a crash at start waits its backoff
+
+
+def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
