@@ -156,6 +156,53 @@ def with_field(body: bytes, payload: dict[str, Any], name: str, value: str) -> b
     return json.dumps(payload).encode()
 
 
+_USAGE_KEY = re.compile(r'"usage"\s*:\s*')
+_CONTENT = re.compile(rb'"content"\s*:\s*"')
+_DECODER = json.JSONDecoder()
+
+
+def take_usage(event: bytes, record: dict[str, Any], keep: bool) -> tuple[bool, bytes]:
+    """Reads the engine's usage from an SSE event into ``record``: (whether the event is the final
+    usage-only one, the event to pass on). A content chunk's running usage (``continuous_usage_stats``,
+    which the gateway always asks for) is cut out of it unless ``keep``: only the small usage object
+    is decoded, never the whole chunk."""
+    if b'"usage"' not in event:
+        return False, event
+    try:
+        text = event.decode()
+        found = _USAGE_KEY.search(text)
+        if found is None:
+            return False, event
+        at = found.start()
+        usage, end = _DECODER.raw_decode(text, found.end())
+    except ValueError:
+        return False, event
+    if not isinstance(usage, dict):  # "usage":null
+        return False, event
+    record["prompt_tokens"] = int(usage.get("prompt_tokens") or 0)
+    record["completion_tokens"] = int(usage.get("completion_tokens") or 0)
+    if re.search(r'"choices"\s*:\s*\[\s*\]', text):
+        return True, event
+    if keep:
+        return False, event
+    start = text.rfind(",", 0, at)  # the comma before "usage" (vLLM writes it after "choices")
+    if start < 0 or text[start + 1 : at].strip():
+        return False, event
+    return False, (text[:start] + text[end:]).encode()
+
+
+def is_error_event(event: bytes) -> bool:
+    """An engine's in-stream error (``data: {"error": {...}}`` or ``{"object": "error", ...}``)."""
+    for line in event.split(b"\n"):
+        if line.startswith(b"data: {"):
+            try:
+                data = json.loads(line[6:])
+            except ValueError:
+                return False
+            return isinstance(data, dict) and ("error" in data or data.get("object") == "error")
+    return False
+
+
 def usage_of(payload: dict[str, Any]) -> tuple[int, int] | None:
     usage = payload.get("usage")
     if not isinstance(usage, dict):
@@ -624,10 +671,14 @@ class Proxy:
         """Events pass through as they come; the closing ``data: [DONE]`` is held back until the
         usage record is written, so a client that saw the whole stream is always metered."""
         options = payload.get("stream_options") or {}
-        client_wants_usage = bool(isinstance(options, dict) and options.get("include_usage"))
+        options = options if isinstance(options, dict) else {}
+        client_wants_usage = bool(options.get("include_usage"))
+        client_wants_running_usage = client_wants_usage and bool(options.get("continuous_usage_stats"))
+        # the engine's own running count in every chunk: what was generated is known however the
+        # stream ends (the client leaves, the engine dies); the client sees only what it asked for
         upstream_body = {
             **payload,
-            "stream_options": {**(options if isinstance(options, dict) else {}), "include_usage": True},
+            "stream_options": {**options, "include_usage": True, "continuous_usage_stats": True},
         }
         request = self._request(
             "POST", record["path"], record["request_id"], json.dumps(upstream_body).encode(), accept="text/event-stream"
@@ -661,13 +712,12 @@ class Proxy:
         watcher = asyncio.create_task(watch())
         raw_headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
         raw_headers += [(k.encode(), v.encode()) for k, v in headers.items()]
-        delivered = 0
+        delivered = 0  # content chunks sent: the count when the engine never gave its own
         buffer = b""
         closing = b""  # the [DONE] event, sent with the last byte once the record is written
-        drain_deadline: float | None = None
 
         def metered() -> None:
-            if not record["completion_tokens"]:
+            if not record["completion_tokens"] and not record["prompt_tokens"]:
                 record["completion_tokens"] = delivered  # no usage from the engine: what was delivered
             commit()
 
@@ -678,30 +728,34 @@ class Proxy:
                 out: list[bytes] = []
                 while b"\n\n" in buffer:
                     event, buffer = buffer.split(b"\n\n", 1)
-                    if self._take_usage(event, record) and not client_wants_usage:
+                    usage_only, event = take_usage(event, record, keep=client_wants_running_usage)
+                    if usage_only and not client_wants_usage:
                         continue  # the usage-only event the client did not ask for
                     if event.strip() == b"data: [DONE]":
                         closing += event + b"\n\n"
                         continue
+                    if b'"error"' in event and is_error_event(event):
+                        record["outcome"] = "engine_error"
+                    elif _CONTENT.search(event):
+                        delivered += 1
                     out.append(event + b"\n\n")
                 if disconnected.is_set():
-                    # the client left: keep reading (bounded) so the engine's usage is still metered
+                    # the client left: close the engine's stream now, so the engine aborts the
+                    # request; it is metered with the engine's count up to the last chunk read
                     record["outcome"] = "client_disconnected"
-                    drain_deadline = drain_deadline or time.monotonic() + self.settings.drain_timeout_s
-                    if time.monotonic() > drain_deadline:
-                        break
-                    continue
+                    break
                 if out:
                     try:
                         await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
-                        delivered += len(out)
                     except OSError:
                         disconnected.set()
+                        record["outcome"] = "client_disconnected"
+                        break
             if not disconnected.is_set():
                 metered()
                 await send({"type": "http.response.body", "body": closing + buffer, "more_body": False})
         except httpx.TransportError:
-            record["outcome"] = "client_disconnected" if disconnected.is_set() else "error"
+            record["outcome"] = "client_disconnected" if disconnected.is_set() else "engine_error"
             self._engine_lost()  # the next requests are answered at once until a probe reaches it
             if not disconnected.is_set():
                 metered()
@@ -723,20 +777,3 @@ class Proxy:
             watcher.cancel()
             await upstream.aclose()
             metered()  # once: a no-op when the record was written before the last byte
-
-    @staticmethod
-    def _take_usage(event: bytes, record: dict[str, Any]) -> bool:
-        """Reads usage from an SSE event; True for the usage-only final event."""
-        if b'"usage"' not in event:
-            return False
-        for line in event.split(b"\n"):
-            if line.startswith(b"data: ") and line != b"data: [DONE]":
-                try:
-                    data = json.loads(line[6:])
-                except ValueError:
-                    return False
-                tokens = usage_of(data)
-                if tokens:
-                    record["prompt_tokens"], record["completion_tokens"] = tokens
-                    return not data.get("choices")
-        return False

@@ -34,7 +34,6 @@ class GatewaySettings(BaseSettings):
     after ``body_idle_timeout_s``. With bodies of at most 64 MiB this bounds the gateway's memory."""
     default_max_tokens: int = 512
     upstream_timeout_s: float = 600.0
-    drain_timeout_s: float = 120.0
     header_timeout_s: float = 10.0
     """A client must send a request's whole header within this time (408 and closed otherwise)."""
     body_idle_timeout_s: float = 30.0
