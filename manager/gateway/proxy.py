@@ -50,6 +50,8 @@ STARTING_RETRY_S = 5
 CONNECT_TIMEOUT_S = 2.0
 """The engine is on the tenant's own bridge network: a connect takes well under a millisecond.
 What takes seconds is resolving the name of an engine container that is gone."""
+PROGRESS_S = 1.0
+"""How often a stream's progress is saved to the spool (what an interrupted request is metered with)."""
 PROBE_INTERVAL_S = 0.25
 """How often, while the engine is down, one probe asks whether it takes connections again."""
 
@@ -558,6 +560,18 @@ class Proxy:
             at=started,
         )
         headers = {**verdict.headers, "x-request-id": request_id}
+        if not self.state.begin(record):  # begun durably, or not served at all
+            ticket.cancel()
+            await self._refuse(
+                send,
+                path,
+                503,
+                "The gateway cannot record usage right now (its storage is full); the request was not served. "
+                "Retry later.",
+                "usage_spool_full",
+                {"retry-after": "30"},
+            )
+            return
 
         def commit() -> None:
             """Writes the usage record and settles the quota, once. Called before the response's
@@ -574,6 +588,7 @@ class Proxy:
         def unserved() -> None:
             """The engine did not answer: no usage record, and no quota counts the request."""
             ticket.cancel()
+            self.state.drop(request_id)
 
         try:
             if payload.get("stream") is True:
@@ -721,9 +736,21 @@ class Proxy:
                 record["completion_tokens"] = delivered  # no usage from the engine: what was delivered
             commit()
 
+        saved_at = time.monotonic()
+
+        def save_progress() -> None:
+            """About once a second: what a gateway killed now would meter (as ``interrupted``)."""
+            nonlocal saved_at
+            saved_at = time.monotonic()
+            counted = record["completion_tokens"] or (0 if record["prompt_tokens"] else delivered)
+            self.state.progress(record["request_id"], record["prompt_tokens"], counted, 200)
+
         try:
             await send({"type": "http.response.start", "status": 200, "headers": raw_headers})
+            save_progress()
             async for chunk in upstream.aiter_bytes():
+                if time.monotonic() - saved_at >= PROGRESS_S:
+                    save_progress()
                 buffer += chunk
                 out: list[bytes] = []
                 while b"\n\n" in buffer:

@@ -3,6 +3,7 @@ its store and its metrics. Shared by the public proxy and the admin app."""
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import sqlite3
@@ -96,6 +97,9 @@ class GatewayState:
         saved = store.config()
         if saved:
             self.apply(saved, persist=False)
+        interrupted = store.settle_interrupted(clock())  # before the totals: quotas count them too
+        if interrupted:
+            log.warning("%d requests were in flight when the gateway stopped: metered as interrupted", interrupted)
         self._load_totals()
 
     def _spooled(self, keys: dict[str, KeyEntry]) -> dict[str, list[Totals]]:
@@ -161,6 +165,26 @@ class GatewayState:
             return [self.quotas]  # a key pushed before members
         member = self.members.get(key.member)
         return [member, self.quotas] if member is not None else None
+
+    def begin(self, fields: dict[str, object]) -> bool:
+        """A request admitted, durably, before it goes to the engine; False when the spool cannot
+        take it (the request must then not be served)."""
+        try:
+            self.store.begin(fields)
+        except (sqlite3.Error, OSError) as exc:
+            self.spool_error = str(exc)
+            self.metrics.spool_errors.inc()
+            return False
+        return True
+
+    def progress(self, request_id: str, prompt_tokens: int, completion_tokens: int, status: int) -> None:
+        """What a request in flight has used so far (best effort: its record settles it anyway)."""
+        with contextlib.suppress(sqlite3.Error, OSError):
+            self.store.progress(request_id, prompt_tokens, completion_tokens, status)
+
+    def drop(self, request_id: str) -> None:
+        with contextlib.suppress(sqlite3.Error, OSError):
+            self.store.drop(request_id)
 
     def record(self, rec: UsageRecord) -> bool:
         """Commits a usage record; when the spool cannot take it, keeps it in memory (never lost

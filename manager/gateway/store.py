@@ -5,11 +5,19 @@ WAL with ``synchronous=NORMAL``: a committed record survives the gateway being
 killed (SIGKILL), which is what the product promises; only a power loss in the
 last moments before the OS flushes could lose the newest records.
 Records are read by cursor (``seq``), so the manager's collection is idempotent.
+
+A request is *begun* (``open_requests``) when it is admitted, its progress (the engine's running
+count) saved about once a second while it streams, and *settled* by its record, in one
+transaction with the open row's removal. A gateway killed with requests in flight settles them at
+its next start as ``interrupted`` records with what it had saved: nothing served goes unmetered,
+nothing is metered twice.
 """
 
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,8 +45,22 @@ MIGRATIONS: list[Step] = [
     [  # 2: members: a record carries the member whose key was used ('' in older records: the key's member)
         "ALTER TABLE usage ADD COLUMN member TEXT NOT NULL DEFAULT ''",
     ],
+    [  # 3: requests begun and not yet settled: a gateway killed mid-request settles them at its next start
+        """CREATE TABLE IF NOT EXISTS open_requests (
+    request_id TEXT PRIMARY KEY,
+    key_id TEXT NOT NULL,
+    member TEXT NOT NULL,
+    model TEXT NOT NULL,
+    path TEXT NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    status INTEGER NOT NULL,
+    at REAL NOT NULL
+)""",
+    ],
 ]
 """The spool's schema, step by step (see manager.migrations); append only."""
+_OPEN_FIELDS = ("request_id", "key_id", "member", "model", "path", "prompt_tokens", "completion_tokens", "status", "at")
 
 
 @dataclass(frozen=True)
@@ -77,12 +99,70 @@ class GatewayStore:
         )
 
     def record(self, rec: UsageRecord) -> None:
+        """The request's record, and the end of its open row, at once."""
+        with self._transaction():
+            self._db.execute(
+                "INSERT OR IGNORE INTO usage (request_id, key_id, member, model, path, prompt_tokens,"
+                " completion_tokens, status, outcome, latency_ms, at) VALUES (:request_id, :key_id, :member, :model,"
+                " :path, :prompt_tokens, :completion_tokens, :status, :outcome, :latency_ms, :at)",
+                rec.model_dump(),
+            )
+            self._db.execute("DELETE FROM open_requests WHERE request_id = ?", (rec.request_id,))
+
+    def begin(self, fields: dict[str, object]) -> None:
+        """A request admitted: what is known of it so far (``UsageRecord``'s fields but latency)."""
         self._db.execute(
-            "INSERT OR IGNORE INTO usage (request_id, key_id, member, model, path, prompt_tokens, completion_tokens,"
-            " status, outcome, latency_ms, at) VALUES (:request_id, :key_id, :member, :model, :path, :prompt_tokens,"
-            " :completion_tokens, :status, :outcome, :latency_ms, :at)",
-            rec.model_dump(),
+            "INSERT OR REPLACE INTO open_requests (request_id, key_id, member, model, path, prompt_tokens,"
+            " completion_tokens, status, at) VALUES (:request_id, :key_id, :member, :model, :path, :prompt_tokens,"
+            " :completion_tokens, :status, :at)",
+            {k: fields[k] for k in _OPEN_FIELDS},
         )
+
+    def progress(self, request_id: str, prompt_tokens: int, completion_tokens: int, status: int) -> None:
+        self._db.execute(
+            "UPDATE open_requests SET prompt_tokens=?, completion_tokens=?, status=? WHERE request_id=?",
+            (prompt_tokens, completion_tokens, status, request_id),
+        )
+
+    def drop(self, request_id: str) -> None:
+        """A request the engine never took: no record, no open row."""
+        self._db.execute("DELETE FROM open_requests WHERE request_id = ?", (request_id,))
+
+    def settle_interrupted(self, now: float) -> int:
+        """Every request left open by a gateway that died: a record ``interrupted`` with what was saved
+        of it (its latency up to ``now``). Returns how many."""
+        with self._transaction():
+            rows = self._db.execute("SELECT * FROM open_requests ORDER BY at").fetchall()
+            for r in rows:
+                self._db.execute(
+                    "INSERT OR IGNORE INTO usage (request_id, key_id, member, model, path, prompt_tokens,"
+                    " completion_tokens, status, outcome, latency_ms, at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        r["request_id"],
+                        r["key_id"],
+                        r["member"],
+                        r["model"],
+                        r["path"],
+                        r["prompt_tokens"],
+                        r["completion_tokens"],
+                        r["status"],
+                        "interrupted",
+                        round(max(now - float(r["at"]), 0.0) * 1000, 3),
+                        r["at"],
+                    ),
+                )
+            self._db.execute("DELETE FROM open_requests")
+        return len(rows)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     def after(self, cursor: int, limit: int = 1000) -> UsagePage:
         rows = self._db.execute("SELECT * FROM usage WHERE seq > ? ORDER BY seq LIMIT ?", (cursor, limit)).fetchall()

@@ -9,6 +9,7 @@ import itertools
 import json
 import os
 import shutil
+import sqlite3
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -124,10 +125,36 @@ def test_engine_killed_mid_stream(evented: RunningManager, docker_client: docker
     assert running["reason"] == ""
     assert wait_for(lambda: chat(key, 30701).status_code == 200, 30, "a chat after the engine came back")
 
-    # a SIGKILLed gateway: no restart policy brings it back; the manager does, from the event
+    # a gateway SIGKILLed in the middle of a stream: no restart policy brings it back; the manager
+    # does, from the event. The request it was serving is metered once, as interrupted
     old_gateway = docker_client.containers.get(names.gateway(instance, "victim")).id
-    docker_client.containers.get(names.gateway(instance, "victim")).kill("SIGKILL")
-    killed_at = time.monotonic()
+    body = {
+        "model": "demo",
+        "messages": [{"role": "user", "content": "tell me"}],
+        "max_tokens": 400,
+        "min_tokens": 400,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    cut = False
+    with httpx.stream(
+        "POST",
+        "http://127.0.0.1:30701/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=60,
+    ) as s:
+        request_id = s.headers["x-request-id"]
+        streaming_since = time.monotonic()
+        try:
+            for line in s.iter_lines():
+                if line.startswith("data: ") and time.monotonic() - streaming_since > 1.5:
+                    docker_client.containers.get(names.gateway(instance, "victim")).kill("SIGKILL")
+                    killed_at = time.monotonic()
+                    streaming_since = float("inf")
+        except httpx.TransportError:
+            cut = True
+    assert cut or streaming_since == float("inf"), "the stream ended before the gateway was killed"
 
     def serves() -> bool:
         try:
@@ -140,6 +167,19 @@ def test_engine_killed_mid_stream(evented: RunningManager, docker_client: docker
     assert docker_client.containers.get(names.gateway(instance, "victim")).id != old_gateway
     assert outage < 10, f"the gateway was back after {outage:.1f} s"
     print(f"engine replaced {noticed:.1f} s after its SIGKILL; tenant port back {outage:.1f} s after the gateway's")
+
+    def interrupted() -> list[tuple[str, int, int]] | None:
+        db = sqlite3.connect(evented.settings.database_path)
+        try:
+            rows = db.execute(
+                "SELECT outcome, prompt_tokens, completion_tokens FROM usage WHERE request_id = ?", (request_id,)
+            ).fetchall()
+        finally:
+            db.close()
+        return rows or None
+
+    (row,) = wait_for(interrupted, 30, "the interrupted request's record to be collected", interval=0.5)
+    assert row[0] == "interrupted" and row[1] > 0 and row[2] > 0, row  # the engine's count when last saved
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ import pytest
 
 from manager import keys
 from manager.contract import GatewayConfig
+from manager.gateway import proxy as proxy_module
 from manager.gateway.proxy import Proxy
 from manager.gateway.settings import GatewaySettings
 from manager.gateway.state import GatewayState
@@ -957,3 +958,61 @@ async def test_a_stream_the_engine_ends_with_an_error_is_an_engine_error(tmp_pat
     assert '"boom"' in r.text
     (rec,) = state.store.after(0).records
     assert (rec.outcome, rec.prompt_tokens, rec.completion_tokens) == ("engine_error", 7, 3)  # the engine's count
+
+
+async def test_a_gateway_killed_mid_stream_meters_the_request_as_interrupted_at_its_next_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Begun when admitted, its progress saved while it streams: the spool of a gateway that died
+    (here: never settled) holds the open request, and the next gateway on the same spool meters it
+    once, as interrupted, with what was saved; its quotas count it. A normal end leaves nothing open."""
+    monkeypatch.setattr(proxy_module, "PROGRESS_S", 0.0)  # progress saved at every chunk, not each second
+    spool = tmp_path / "gw.db"
+    state = GatewayState(GatewayStore(spool))
+    issued = keys.issue()
+    config = {"version": "v", "keys": [{"id": issued.id, "hash": issued.hash}], "limits": {"tokens_per_day": 1000}}
+    state.apply(GatewayConfig.model_validate(config))
+    started = asyncio.Event()
+    hang = asyncio.Event()
+
+    class Stuck(httpx.AsyncByteStream):
+        async def __aiter__(self):  # type: ignore[no-untyped-def]
+            for chunk in vllm_chunks(3, prompt=40)[:3]:
+                yield chunk
+            started.set()
+            await hang.wait()  # the gateway dies here
+            yield b"data: [DONE]\n\n"
+
+    proxy = Proxy(
+        GatewaySettings(),
+        state,
+        transport=httpx.MockTransport(
+            lambda request: httpx.Response(200, stream=Stuck(), headers={"content-type": "text/event-stream"})
+        ),
+    )
+    client = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=proxy),
+        base_url="http://gw",
+        headers={"Authorization": f"Bearer {issued.secret_key}"},
+    )
+    in_flight = asyncio.create_task(client.post("/v1/chat/completions", json={**CHAT, "stream": True}))
+    await asyncio.wait_for(started.wait(), 5)
+    await asyncio.sleep(0.05)
+    assert state.store.after(0).records == []
+    # the gateway is SIGKILLed: nothing settles the request; a new gateway opens the same spool
+    again = GatewayState(GatewayStore(spool))
+    (rec,) = again.store.after(0).records
+    assert rec.outcome == "interrupted" and rec.status == 200 and rec.path == "/v1/chat/completions"
+    assert (rec.prompt_tokens, rec.completion_tokens) == (40, 2)  # the engine's count when it was saved
+    assert again.quotas.day_tokens == 42
+    assert GatewayState(GatewayStore(spool)).store.after(0).records == [rec]  # settled once, never twice
+    in_flight.cancel()
+    hang.set()
+    await client.aclose()
+
+
+async def test_requests_that_end_leave_nothing_open(gateway) -> None:
+    client, state, _ = gateway
+    for body in (CHAT, {**CHAT, "stream": True}):
+        assert (await client.post("/v1/chat/completions", json=body)).status_code == 200
+    assert state.store.settle_interrupted(0.0) == 0
