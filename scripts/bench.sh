@@ -10,6 +10,11 @@
 #                                  (default 1,000,000), and what the rollup costs the collection
 #   scripts/bench.sh --measure [N] measuring N engines' memory (default 8; what list-tenants, the
 #                                  console, /metrics and admission do) at once vs one after another
+#   scripts/bench.sh --soak [MINUTES]
+#                                  one tenant, 5 members x 4 workers of mixed load for MINUTES
+#                                  (default 10) with a manager restart, a gateway SIGKILL, an
+#                                  engine SIGKILL and a dockerd restart: every request reconciled
+#                                  with the usage records, and each fault's outage
 #   scripts/bench.sh --engine-starts [N]
 #                                  N engine starts through the manager (default 10): first-start
 #                                  success rate and add-tenant -> first answer vs docker run; as
@@ -22,6 +27,10 @@ if [ "${1:-}" = "--engine-starts" ]; then
   bash scripts/make-demo-model.sh "$GTM_CACHE/models" >/dev/null
   cold=(); [ "$(id -u)" = 0 ] && cold=(--cold)
   exec .venv/bin/python -m bench.engine_starts --starts "${2:-10}" --baseline 3 --models "$GTM_CACHE/models" "${cold[@]}"
+fi
+if [ "${1:-}" = "--soak" ]; then
+  bash scripts/up.sh >/dev/null
+  exec .venv/bin/python -m bench.soak --minutes "${2:-10}"
 fi
 if [ "${1:-}" = "--measure" ]; then
   bash scripts/build-images.sh base >/dev/null

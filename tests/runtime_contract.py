@@ -138,6 +138,21 @@ class RuntimeContract:
             runtime.remove_volume(vol.name)
         assert not thread.is_alive(), "close() did not end the iteration"
 
+    def test_a_network_named_like_the_start_of_another_is_its_own(
+        self, runtime: Runtime, instance: str, image: str, host_port: int
+    ) -> None:
+        """Tenants demo and demo-vl: demo's network is created even when demo-vl's exists (Docker's
+        name filter matches parts of names)."""
+        longer, _, _ = plans(instance, "pre-vl", image, host_port)
+        shorter, _, _ = plans(instance, "pre", image, host_port)
+        try:
+            runtime.ensure_network(longer)
+            runtime.ensure_network(shorter)
+            assert [n.name for n in runtime.networks(names.selector(instance, tenant="pre"))] == [shorter.name]
+        finally:
+            runtime.remove_network(shorter.name)
+            runtime.remove_network(longer.name)
+
     def test_reading_a_missing_container_is_not_a_runtime_error(self, runtime: Runtime, instance: str) -> None:
         missing = f"{instance}-no-such-container"
         assert runtime.container(missing) is None

@@ -64,7 +64,7 @@ log = logging.getLogger(__name__)
 POLL_STARTING_S = 2.0
 EVENTS_RETRY_S = 1.0
 """Pause before following the runtime's events again after their stream broke."""
-FOLLOWED = frozenset({"die", "oom", "destroy", "health_status"})
+FOLLOWED = frozenset({"die", "oom", "health_status"})
 """The container events that may change what a tenant needs (``RuntimeEvent.action``)."""
 WARMUP_TIMEOUT_S = 300.0
 PREPARE_TIMEOUT_S = 60.0
@@ -198,8 +198,8 @@ class Reconciler:
             self.queue.add(name)
 
     def _follow_events(self) -> None:
-        """Queues a tenant the moment Docker reports that its engine or gateway died, was OOM-killed,
-        removed, or changed health, so a dead one is replaced in seconds rather than at the next
+        """Queues a tenant the moment Docker reports that its engine or gateway died, was OOM-killed
+        or changed health, so a dead one is replaced in seconds rather than at the next
         resync (which stays, as the safety net). After the stream breaks (dockerd restarted) it
         opens a new one and resyncs, for what happened in between."""
         selector = names.selector(self.settings.instance)
@@ -219,7 +219,10 @@ class Reconciler:
             try:
                 for event in stream:
                     if event.tenant and event.role in (Role.ENGINE, Role.GATEWAY) and event.action in FOLLOWED:
-                        self.queue.add(event.tenant)
+                        # a tenant whose last turn failed waits out its backoff: its own containers'
+                        # events (a start that failed leaves a created one behind) must not spin it
+                        if event.tenant not in self._errors:
+                            self.queue.add(event.tenant)
             except GtmError as exc:
                 self.loop_errors["events"] += 1
                 log.warning("the runtime's event stream broke: %s", exc.message)

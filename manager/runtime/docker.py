@@ -109,7 +109,8 @@ class DockerRuntime:
     # ---------------------------------------------------------------- networks & volumes
     def ensure_network(self, plan: NetworkPlan) -> None:
         def run() -> None:
-            if not self._client.networks.list(names=[plan.name]):
+            # Docker's name filter matches parts of names: gtm-t-demo finds gtm-t-demo-vl
+            if not any(n.name == plan.name for n in self._client.networks.list(names=[plan.name])):
                 self._client.networks.create(
                     plan.name,
                     driver="bridge",
