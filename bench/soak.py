@@ -27,7 +27,19 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 TENANT, PORT, MEMBERS, WORKERS = "soak", 30090, 5, 4
-WORDS = ["the", "a", "model", "tenant", "engine", "quota", "stream", "token", "gateway", "manager", "answer", "short", "story", "of", "one", "day"]
+WORDS = [
+    "the",
+    "a",
+    "model",
+    "tenant",
+    "engine",
+    "quota",
+    "stream",
+    "token",
+    "gateway",
+    "answer",
+    "story",
+]
 
 
 @dataclass

@@ -218,11 +218,11 @@ class Reconciler:
             self.resync()
             try:
                 for event in stream:
-                    if event.tenant and event.role in (Role.ENGINE, Role.GATEWAY) and event.action in FOLLOWED:
-                        # a tenant whose last turn failed waits out its backoff: its own containers'
-                        # events (a start that failed leaves a created one behind) must not spin it
-                        if event.tenant not in self._errors:
-                            self.queue.add(event.tenant)
+                    # a tenant whose last turn failed waits out its backoff: its own containers'
+                    # events (a start that failed leaves a created one behind) must not spin it
+                    followed = event.role in (Role.ENGINE, Role.GATEWAY) and event.action in FOLLOWED
+                    if event.tenant and followed and event.tenant not in self._errors:
+                        self.queue.add(event.tenant)
             except GtmError as exc:
                 self.loop_errors["events"] += 1
                 log.warning("the runtime's event stream broke: %s", exc.message)
