@@ -127,7 +127,7 @@ async def worker(client: httpx.AsyncClient, key: str, until: float, run: Run) ->
 def restart_dockerd() -> None:
     sh("pkill", "-TERM", "-x", "dockerd")
     for _ in range(120):
-        if subprocess.run(["pgrep", "-x", "dockerd"], check=False).returncode != 0:
+        if subprocess.run(["pgrep", "-x", "dockerd"], capture_output=True, check=False).returncode != 0:
             break
         time.sleep(0.5)
     sh("bash", str(ROOT / "scripts" / "bootstrap-host.sh"))
@@ -152,25 +152,32 @@ async def faults(seconds: float, run: Run, outages: dict[str, float | None]) -> 
     await asyncio.sleep(step)
 
 
-def outage_after(at: float, answered: list[float]) -> float | None:
-    later = [t for t in answered if t > at]
-    return min(later) - at if later else None
+def outage_after(at: float, until: float, answered: list[float]) -> float | None:
+    """The longest time without an answered request between a fault and ``until`` (the next fault
+    or the end of the load); None when nothing was answered after the fault."""
+    times = sorted(t for t in answered if at < t <= until)
+    if not times:
+        return None
+    return max(b - a for a, b in zip([at, *times], times, strict=False))
 
 
 RECORDS_CODE = """
 import json, sqlite3, sys
 db = sqlite3.connect("/var/lib/gtm/manager.db")
 rows = db.execute(
-    "SELECT request_id, outcome, prompt_tokens, completion_tokens FROM usage WHERE tenant = ?", (sys.argv[1],)
+    "SELECT request_id, outcome, prompt_tokens, completion_tokens FROM usage WHERE tenant = ? AND at >= ?",
+    (sys.argv[1], float(sys.argv[2])),
 )
 print(json.dumps(list(rows)))
 """
 
 
-def records() -> dict[str, list[tuple[str, int, int]]]:
-    """Every usage record of the tenant the manager holds, by request id."""
+def records(since: float) -> dict[str, list[tuple[str, int, int]]]:
+    """Every usage record of the tenant the manager holds from ``since`` on, by request id (the
+    records of an earlier soak's tenant of the same name stay, for cost sharing)."""
     out: dict[str, list[tuple[str, int, int]]] = {}
-    for request_id, outcome, prompt, completion in json.loads(manager("python3", "-c", RECORDS_CODE, TENANT)):
+    rows = json.loads(manager("python3", "-c", RECORDS_CODE, TENANT, str(since)))
+    for request_id, outcome, prompt, completion in rows:
         out.setdefault(request_id, []).append((outcome, prompt, completion))
     return out
 
@@ -180,6 +187,7 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=10.0)
     args = parser.parse_args()
     seconds = args.minutes * 60
+    since = time.time()
     keys = setup()
     run = Run()
     outages: dict[str, float | None] = {}
@@ -196,14 +204,15 @@ def main() -> int:
 
     started = time.time()
     asyncio.run(drive())
+    load_end = time.monotonic()
     print(f"load ended after {time.time() - started:.0f} s; waiting for the usage to be collected", flush=True)
     manager("wait-tenant", "--name", TENANT, "--timeout", "300", check=False)
     stable, last = 0, -1
     while stable < 3:  # the manager collects every few seconds: three equal counts in a row
         time.sleep(5)
-        count = sum(len(v) for v in records().values())
+        count = sum(len(v) for v in records(since).values())
         stable, last = (stable + 1, last) if count == last else (0, count)
-    got = records()
+    got = records(since)
     ids = {s.request_id for s in run.seen if s.request_id}
     served = [s for s in run.seen if s.status == 200 and s.request_id]
     lost = [s for s in served if s.request_id not in got]
@@ -227,8 +236,9 @@ def main() -> int:
     print(f"interrupted before the client saw an answer: {len(unanswered)}")
     for s in (lost + mismatched)[:5]:
         print("  e.g.", s, got.get(s.request_id or ""))
-    for name, at in outages.items():
-        gap = outage_after(at, run.answered_at) if at is not None else None
+    starts = [at for at in outages.values() if at is not None] + [load_end]
+    for (name, at), until in zip(outages.items(), starts[1:], strict=False):
+        gap = outage_after(at, until, run.answered_at) if at is not None else None
         print(f"outage after {name}: " + (f"{gap:.1f} s" if gap is not None else "no answer after it"))
     print(f"engine OOM-killed: {oom}")
     manager("remove-tenant", "--name", TENANT, check=False)
