@@ -736,21 +736,23 @@ class Proxy:
                 record["completion_tokens"] = delivered  # no usage from the engine: what was delivered
             commit()
 
-        saved_at = time.monotonic()
+        saved_at: float | None = None  # None until the first generated token is saved
 
         def save_progress() -> None:
-            """About once a second: what a gateway killed now would meter (as ``interrupted``)."""
+            """At the first generated token, then about once a second: what a gateway killed now
+            would meter (as ``interrupted``). Saved before the chunk goes to the client."""
             nonlocal saved_at
-            saved_at = time.monotonic()
             counted = record["completion_tokens"] or (0 if record["prompt_tokens"] else delivered)
-            self.state.progress(record["request_id"], record["prompt_tokens"], counted, 200)
+            if saved_at is None and not counted:
+                return
+            if saved_at is None or time.monotonic() - saved_at >= PROGRESS_S:
+                saved_at = time.monotonic()
+                self.state.progress(record["request_id"], record["prompt_tokens"], counted, 200)
 
         try:
             await send({"type": "http.response.start", "status": 200, "headers": raw_headers})
-            save_progress()
+            self.state.progress(record["request_id"], 0, 0, 200)
             async for chunk in upstream.aiter_bytes():
-                if time.monotonic() - saved_at >= PROGRESS_S:
-                    save_progress()
                 buffer += chunk
                 out: list[bytes] = []
                 while b"\n\n" in buffer:
@@ -772,6 +774,7 @@ class Proxy:
                     record["outcome"] = "client_disconnected"
                     break
                 if out:
+                    save_progress()
                     try:
                         await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
                     except OSError:

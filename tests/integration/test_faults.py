@@ -126,7 +126,8 @@ def test_engine_killed_mid_stream(evented: RunningManager, docker_client: docker
     assert wait_for(lambda: chat(key, 30701).status_code == 200, 30, "a chat after the engine came back")
 
     # a gateway SIGKILLed in the middle of a stream: no restart policy brings it back; the manager
-    # does, from the event. The request it was serving is metered once, as interrupted
+    # does, from the event. The request it was serving is metered once, as interrupted (unless the
+    # engine had finished it and the record was written before the kill landed: then once, as ok)
     old_gateway = docker_client.containers.get(names.gateway(instance, "victim")).id
     body = {
         "model": "demo",
@@ -145,16 +146,18 @@ def test_engine_killed_mid_stream(evented: RunningManager, docker_client: docker
         timeout=60,
     ) as s:
         request_id = s.headers["x-request-id"]
-        streaming_since = time.monotonic()
+        lines = 0
         try:
             for line in s.iter_lines():
-                if line.startswith("data: ") and time.monotonic() - streaming_since > 1.5:
+                if not line.startswith("data: "):
+                    continue
+                lines += 1
+                if lines == 5:  # the gateway saved the request's progress before it sent these
                     docker_client.containers.get(names.gateway(instance, "victim")).kill("SIGKILL")
                     killed_at = time.monotonic()
-                    streaming_since = float("inf")
         except httpx.TransportError:
             cut = True
-    assert cut or streaming_since == float("inf"), "the stream ended before the gateway was killed"
+    assert lines >= 5
 
     def serves() -> bool:
         try:
@@ -179,7 +182,8 @@ def test_engine_killed_mid_stream(evented: RunningManager, docker_client: docker
         return rows or None
 
     (row,) = wait_for(interrupted, 30, "the interrupted request's record to be collected", interval=0.5)
-    assert row[0] == "interrupted" and row[1] > 0 and row[2] > 0, row  # the engine's count when last saved
+    assert row[1] > 0 and row[2] > 0, row  # the engine's count when last saved
+    assert row[0] == "interrupted" or (row[0] == "ok" and row[2] == 400 and not cut), row
 
 
 @pytest.mark.slow

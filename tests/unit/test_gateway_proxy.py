@@ -1003,8 +1003,8 @@ async def test_a_gateway_killed_mid_stream_meters_the_request_as_interrupted_at_
     again = GatewayState(GatewayStore(spool))
     (rec,) = again.store.after(0).records
     assert rec.outcome == "interrupted" and rec.status == 200 and rec.path == "/v1/chat/completions"
-    assert (rec.prompt_tokens, rec.completion_tokens) == (40, 2)  # the engine's count when it was saved
-    assert again.quotas.day_tokens == 42
+    assert (rec.prompt_tokens, rec.completion_tokens) == (40, 3)  # what the client had been sent
+    assert again.quotas.day_tokens == 43
     assert GatewayState(GatewayStore(spool)).store.after(0).records == [rec]  # settled once, never twice
     in_flight.cancel()
     hang.set()
