@@ -504,20 +504,22 @@ class Proxy:
         finally:
             self.image_slots.release()  # type: ignore[union-attr]
 
+    async def _spool_full(self, send: Send, path: str) -> None:
+        """Never serve what cannot be metered: the spool's volume is full (or failing)."""
+        await self._refuse(
+            send,
+            path,
+            503,
+            "The gateway cannot record usage right now (its storage is full); the request was not served. Retry later.",
+            "usage_spool_full",
+            {"retry-after": "30"},
+        )
+
     async def _admit_and_forward(
         self, method: str, path: str, receive: Receive, send: Send, key: KeyEntry, body: bytes, payload: dict[str, Any]
     ) -> None:
         if self.state.unwritten and not self.state.flush():
-            # never serve what cannot be metered: the spool's volume is full (or failing)
-            await self._refuse(
-                send,
-                path,
-                503,
-                "The gateway cannot record usage right now (its storage is full); the request was not served. "
-                "Retry later.",
-                "usage_spool_full",
-                {"retry-after": "30"},
-            )
+            await self._spool_full(send, path)
             return
         max_tokens = payload.get("max_completion_tokens") or payload.get("max_tokens")
         if path == "/v1/embeddings":
@@ -562,15 +564,7 @@ class Proxy:
         headers = {**verdict.headers, "x-request-id": request_id}
         if not self.state.begin(record):  # begun durably, or not served at all
             ticket.cancel()
-            await self._refuse(
-                send,
-                path,
-                503,
-                "The gateway cannot record usage right now (its storage is full); the request was not served. "
-                "Retry later.",
-                "usage_spool_full",
-                {"retry-after": "30"},
-            )
+            await self._spool_full(send, path)
             return
 
         def commit() -> None:

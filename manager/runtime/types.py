@@ -65,8 +65,23 @@ class ContainerPlan:
     entrypoint: list[str] | None = None
 
 
+class Labelled:
+    """The tenant and role a runtime object's labels name (containers, their events, networks,
+    volumes)."""
+
+    labels: dict[str, str]
+
+    @property
+    def tenant(self) -> str | None:
+        return self.labels.get(TENANT)
+
+    @property
+    def role(self) -> str | None:
+        return self.labels.get(ROLE)
+
+
 @dataclass(frozen=True)
-class ContainerState:
+class ContainerState(Labelled):
     id: str
     name: str
     labels: dict[str, str]
@@ -80,20 +95,12 @@ class ContainerState:
     ports: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def tenant(self) -> str | None:
-        return self.labels.get(TENANT)
-
-    @property
-    def role(self) -> str | None:
-        return self.labels.get(ROLE)
-
-    @property
     def spec_hash(self) -> str | None:
         return self.labels.get(SPEC_HASH)
 
 
 @dataclass(frozen=True)
-class RuntimeEvent:
+class RuntimeEvent(Labelled):
     """Something that happened to a container, as the runtime reports it: ``die`` (its process
     ended: crashed, killed, stopped), ``oom``, ``health_status``, ``start``, ``destroy``."""
 
@@ -101,22 +108,10 @@ class RuntimeEvent:
     labels: dict[str, str]
     action: str
 
-    @property
-    def tenant(self) -> str | None:
-        return self.labels.get(TENANT)
-
-    @property
-    def role(self) -> str | None:
-        return self.labels.get(ROLE)
-
 
 @dataclass(frozen=True)
-class Resource:
+class Resource(Labelled):
     """A network or a volume, as found by label."""
 
     name: str
     labels: dict[str, str]
-
-    @property
-    def tenant(self) -> str | None:
-        return self.labels.get(TENANT)

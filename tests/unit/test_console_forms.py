@@ -33,12 +33,18 @@ def _form_of(html: str, action: str) -> dict[str, str]:
     return fields
 
 
-def test_the_tenant_page_changes_what_update_tenant_changes(base_url: str) -> None:
+def add_tenant(base_url: str, name: str, port: int) -> dict[str, str]:
+    """A tenant added through the admin API; the admin's auth header."""
     admin = {"Authorization": f"Bearer {TOKEN}"}
     created = httpx.post(
-        f"{base_url}/api/v1/tenants", headers=admin, json={"name": "edit-me", "port": 30601, "gpu_memory": "1536M"}
+        f"{base_url}/api/v1/tenants", headers=admin, json={"name": name, "port": port, "gpu_memory": "1536M"}
     )
     assert created.status_code == 201, created.text
+    return admin
+
+
+def test_the_tenant_page_changes_what_update_tenant_changes(base_url: str) -> None:
+    admin = add_tenant(base_url, "edit-me", 30601)
     console = _signed_in(base_url)
     with contextlib.closing(console):
         form = _form_of(console.get("/tenants/edit-me").text, "/tenants/edit-me/update")
@@ -69,11 +75,7 @@ def test_the_tenant_page_changes_what_update_tenant_changes(base_url: str) -> No
 
 
 def test_members_are_added_and_limited_with_post_redirect_get(base_url: str) -> None:
-    admin = {"Authorization": f"Bearer {TOKEN}"}
-    created = httpx.post(
-        f"{base_url}/api/v1/tenants", headers=admin, json={"name": "team-prg", "port": 30611, "gpu_memory": "1536M"}
-    )
-    assert created.status_code == 201, created.text
+    admin = add_tenant(base_url, "team-prg", 30611)
     console = _signed_in(base_url)
     with contextlib.closing(console):
         form = _form_of(console.get("/tenants/team-prg").text, "/tenants/team-prg/members")
