@@ -109,8 +109,14 @@ def test_engine_killed_mid_stream(evented: RunningManager, docker_client: docker
     wait_for(replaced, 10, "a new engine container", interval=0.1)
     noticed = time.monotonic() - killed_at
     assert noticed < 5, f"the new engine came {noticed:.1f} s after the kill"  # events, not the resync
-    starting = api.get("/api/v1/tenants/victim").json()
-    assert starting["status"] in ("starting", "running") and "SIGKILL" in starting["reason"], starting
+    # the new container exists a moment before the manager writes its status: read it until it does
+    starting = wait_for(
+        lambda: (t := api.get("/api/v1/tenants/victim").json())["status"] in ("starting", "running") and t,
+        5,
+        "the restarted status",
+        interval=0.1,
+    )
+    assert "SIGKILL" in starting["reason"], starting
 
     # what was served is metered (the engine's usage never came: the events delivered count)
     def metered() -> dict[str, object] | None:
