@@ -125,7 +125,8 @@ def test_engine_killed_mid_stream(evented: RunningManager, docker_client: docker
         return row if row["requests"] >= 1 else None
 
     usage = wait_for(metered, 30, "the cut stream's usage to be collected", interval=1)
-    assert usage["completion_tokens"] >= 5  # type: ignore[operator]
+    # the first chunk only announces the role: the client received one token fewer than chunks
+    assert usage["completion_tokens"] >= received - 1  # type: ignore[operator]
 
     running = wait_status(api, "victim", "running", timeout=240)
     assert running["reason"] == ""
