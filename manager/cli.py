@@ -294,6 +294,7 @@ def _print_tenants(tenants: list[dict[str, Any]]) -> None:
             t["model"],
             format_size(t["gpu_memory"]),
             _opt_size(t.get("measured")),
+            str(t.get("concurrency") or "-"),
             str(t.get("requests_today", 0)),
             str(t.get("tokens_today", 0)),
             engine_options(t),
@@ -302,7 +303,8 @@ def _print_tenants(tenants: list[dict[str, Any]]) -> None:
         ]
         for t in tenants
     ]
-    header = ["NAME", "PORT", "MODEL", "RESERVED", "MEASURED", "REQ TODAY", "TOKENS TODAY", "OPTIONS", "STATUS"]
+    # SEQS: the sequences its engine runs at once, what its reservation buys (or its --max-num-seqs)
+    header = ["NAME", "PORT", "MODEL", "RESERVED", "MEASURED", "SEQS", "REQ TODAY", "TOKENS TODAY", "OPTIONS", "STATUS"]
     if any(t.get("device", "") not in ("", "host-memory") for t in tenants):  # GPU mode: where each one runs
         header.insert(3, "DEVICE")
         for row, t in zip(rows, tenants, strict=True):

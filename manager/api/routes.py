@@ -59,7 +59,10 @@ UnixTime = Annotated[float, Query(ge=0, le=1e11, allow_inf_nan=False, descriptio
 def list_tenants(svc: Service, _: Admin) -> list[TenantPublic]:
     measured = svc.measured_use()
     day = start_of_day(time.time())
-    return [TenantPublic.of(r, measured.get(r.spec.name), svc.usage(r.spec.name, day)) for r in svc.tenants()]
+    return [
+        TenantPublic.of(r, measured.get(r.spec.name), svc.usage(r.spec.name, day), svc.concurrency(r.spec))
+        for r in svc.tenants()
+    ]
 
 
 @router.post(
@@ -81,7 +84,7 @@ def create_tenant(body: TenantCreate, svc: Service, actor: Admin) -> TenantCreat
     )
     created = svc.create(spec, actor, gpu=body.gpu)
     return TenantCreated(
-        tenant=TenantPublic.of(created.tenant),
+        tenant=TenantPublic.of(created.tenant, concurrency=svc.concurrency(created.tenant.spec)),
         key=IssuedKeyPublic(key_id=created.key.id, api_key=created.key.secret_key),
         admission=DecisionPublic.of(created.decision),
     )
@@ -90,7 +93,8 @@ def create_tenant(body: TenantCreate, svc: Service, actor: Admin) -> TenantCreat
 @router.get("/tenants/{name}", tags=["tenants"], responses=error_responses(404))
 def get_tenant(name: TenantName, svc: Service, _: Admin) -> TenantPublic:
     today = svc.usage(name, start_of_day(time.time()))
-    return TenantPublic.of(svc.tenant(name), svc.measured_use(name).get(name), today)
+    row = svc.tenant(name)
+    return TenantPublic.of(row, svc.measured_use(name).get(name), today, svc.concurrency(row.spec))
 
 
 @router.get("/usage", tags=["usage"])
@@ -122,7 +126,8 @@ def update_tenant(name: TenantName, body: TenantUpdate, svc: Service, actor: Adm
     quotas = {f: sent.pop(f) for f in QUOTA_FIELDS if f in sent}
     row = svc.update(name, actor, quotas=quotas or None, **sent)
     # the same figures as GET: what it uses and served today (a quota change keeps its engine)
-    return TenantPublic.of(row, svc.measured_use(name).get(name), svc.usage(name, start_of_day(time.time())))
+    today = svc.usage(name, start_of_day(time.time()))
+    return TenantPublic.of(row, svc.measured_use(name).get(name), today, svc.concurrency(row.spec))
 
 
 @router.delete(

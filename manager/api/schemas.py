@@ -168,9 +168,20 @@ class TenantPublic(BaseModel):
     device: str = Field("", description="the UUID of the device its engine runs on ('' for the host's first)")
     requests_today: int = 0
     tokens_today: int = 0
+    concurrency: int | None = Field(
+        None,
+        description="sequences its engine runs at once: the tenant's max_num_seqs, else what its reservation "
+        "holds (at most vLLM's default, 128); requests beyond it wait in the engine's queue",
+    )
 
     @classmethod
-    def of(cls, row: TenantRow, measured: int | None = None, today: UsageTotals | None = None) -> TenantPublic:
+    def of(
+        cls,
+        row: TenantRow,
+        measured: int | None = None,
+        today: UsageTotals | None = None,
+        concurrency: int | None = None,
+    ) -> TenantPublic:
         s = row.spec
         return cls(
             name=s.name,
@@ -192,6 +203,7 @@ class TenantPublic(BaseModel):
             device=row.device,
             requests_today=today.requests if today else 0,
             tokens_today=today.tokens if today else 0,
+            concurrency=concurrency,
         )
 
 

@@ -26,9 +26,10 @@ class ModelFootprint:
     parameters: int
     weight_bytes: int
     kv_bytes_per_token: int
-
-    def minimum(self, tokens: int, overhead: int) -> int:
-        return self.weight_bytes + self.kv_bytes_per_token * tokens + overhead
+    activation_bytes_per_token: int = 0
+    """One token's activations at the peak of a forward pass (``activation_bytes_per_token``)."""
+    logits_bytes_per_sequence: int = 0
+    """One sequence's float32 logits over the vocabulary."""
 
 
 def _safetensors_header(path: Path) -> dict[str, Any]:
@@ -99,7 +100,15 @@ def read_footprint(models_dir: Path, model: str, *, quantized: bool = False) -> 
             data_end = max(data_end, int(end))
         _check_complete(path, data_end)
     weights = stored if quantized else min(stored, params * SERVED_BYTES_PER_PARAM)
-    return ModelFootprint(model, params, weights, _kv_bytes_per_token(directory / "config.json"))
+    config = _config(directory / "config.json")
+    return ModelFootprint(
+        model,
+        params,
+        weights,
+        kv_bytes_per_token(config),
+        activation_bytes_per_token(config),
+        logits_bytes_per_sequence(config),
+    )
 
 
 TEXT_DEFAULTS: dict[str, dict[str, int]] = {
@@ -110,23 +119,47 @@ TEXT_DEFAULTS: dict[str, dict[str, int]] = {
 model type and vocabulary)."""
 
 
-def _kv_bytes_per_token(config_path: Path) -> int:
+def _config(config_path: Path) -> dict[str, Any]:
     try:
-        config = json.loads(config_path.read_text())
+        config: dict[str, Any] = json.loads(config_path.read_text())
     except FileNotFoundError as exc:
         raise InvalidInput(f"model has no config.json at {config_path}") from exc
-    return kv_bytes_per_token(config)
+    return config
+
+
+def _text(config: dict[str, Any]) -> dict[str, Any]:
+    text = config.get("text_config", config)
+    return {**TEXT_DEFAULTS.get(str(text.get("model_type")), {}), **text}
 
 
 def kv_bytes_per_token(config: dict[str, Any]) -> int:
     """Keys and values of one token in every layer, served in bfloat16 (the text model's, for a vision model)."""
-    text = config.get("text_config", config)
-    text = {**TEXT_DEFAULTS.get(str(text.get("model_type")), {}), **text}
+    text = _text(config)
     layers = int(text["num_hidden_layers"])
     heads = int(text["num_attention_heads"])
     kv_heads = int(text.get("num_key_value_heads") or heads)
     head_dim = int(text.get("head_dim") or text["hidden_size"] // heads)
     return 2 * layers * kv_heads * head_dim * SERVED_BYTES_PER_PARAM
+
+
+def activation_bytes_per_token(config: dict[str, Any]) -> int:
+    """One token's tensors alive at once inside a decoder layer, in bfloat16: the residual, the
+    normalised input, queries, keys and values, the attention output (about 5 x hidden), and the
+    MLP's gate, up and activated product (3 x intermediate). Layers run one after another, so
+    this is per token, not per layer."""
+    text = _text(config)
+    hidden = int(text.get("hidden_size") or 4096)
+    intermediate = int(text.get("intermediate_size") or 4 * hidden)
+    return (5 * hidden + 3 * intermediate) * SERVED_BYTES_PER_PARAM
+
+
+LOGIT_BYTES = 4  # vLLM's sampler works on float32 logits
+
+
+def logits_bytes_per_sequence(config: dict[str, Any]) -> int:
+    text = _text(config)
+    vocab = int(text.get("vocab_size") or config.get("vocab_size") or 32_000)
+    return vocab * LOGIT_BYTES
 
 
 # ---------------------------------------------------------------- models that take images

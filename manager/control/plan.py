@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass, replace
 
 from manager import names
-from manager.control.modelfit import image_decode_bytes
+from manager.control.enginefit import EngineFit
 from manager.domain import TenantSpec
 from manager.errors import InvalidInput
 from manager.names import Role
@@ -23,7 +23,6 @@ MIB = 1024**2
 ENGINE_PORT = 8000
 GATEWAY_PUBLIC_PORT = 8000
 GATEWAY_ADMIN_PORT = 8001
-MIN_KV_CACHE = 32 * MIB
 SECOND_NS = 1_000_000_000
 GATEWAY_MEMORY = 1024 * MIB
 
@@ -61,24 +60,6 @@ ISOLATED_BRIDGE = {"com.docker.network.bridge.inhibit_ipv4": "true"}
 CONTROL_BRIDGE = {"com.docker.network.bridge.enable_ip_masquerade": "false"}
 
 
-def kv_cache_bytes(spec: TenantSpec, settings: Settings) -> int:
-    """cpu mode: what is left of the reservation after the engine's own overhead and the decode of
-    one request's images (the engine's memory limit is the reservation: an image decoded beyond it
-    would OOM-kill the engine)."""
-    images = image_decode_bytes(spec.max_images, spec.max_image_pixels)
-    kv = spec.gpu_memory - settings.effective_engine_overhead - images
-    if kv < MIN_KV_CACHE:
-        taken = f"{settings.effective_engine_overhead // MIB} MiB overhead"
-        if images:
-            taken += f" and {images // MIB} MiB for decoding {spec.max_images} images of {spec.max_image_pixels} pixels"
-        raise InvalidInput(
-            f"--gpu-memory {spec.gpu_memory // MIB} MiB leaves no KV cache after the engine's {taken}; "
-            f"reserve at least {(settings.effective_engine_overhead + images + MIN_KV_CACHE) // MIB} MiB"
-            + (" (or lower --max-images / --max-image-pixels)" if images else "")
-        )
-    return kv
-
-
 def gpu_memory_utilization(reserved: int, device_total: int) -> float:
     """vLLM's fraction of the device, rounded down so that its budget never exceeds the reservation.
 
@@ -91,41 +72,32 @@ def gpu_memory_utilization(reserved: int, device_total: int) -> float:
     return int(reserved / device_total * 10_000) / 10_000
 
 
-GPU_MAX_NUM_BATCHED_TOKENS = 2048
-"""nvml: tokens in one forward pass. vLLM's activation peak (profiled at start, inside the budget)
-grows with it; passed explicitly so that the peak ``GPU_ENGINE_OVERHEAD`` holds stays bounded
-whatever vLLM's default for the GPU is (it differs between releases and GPU classes)."""
-GPU_MAX_NUM_SEQS = 128
-"""nvml: sequences batched at once unless the tenant sets --max-num-seqs (the sampler's buffers
-and CUDA graphs scale with it)."""
 ENGINE_THREADS = "4"
 """nvml: threads of each pool (OpenMP, MKL, tokenizers, torch.compile workers) in an engine; left
 alone, each sizes itself to every core of the host."""
 
 
-def engine_args(spec: TenantSpec, settings: Settings, device_total: int) -> list[str]:
+def engine_args(spec: TenantSpec, settings: Settings, device_total: int, fit: EngineFit) -> list[str]:
+    """``fit``: how the reservation is split (``enginefit.fit``); its sequences and batched tokens
+    bound what the engine runs at once, in both modes, so that its peak stays inside the split."""
     args = [
         "--model", f"/models/{spec.model}",
         "--served-model-name", spec.model,
         "--host", "0.0.0.0",
         "--port", str(ENGINE_PORT),
         "--max-model-len", str(spec.max_model_len),
+        "--max-num-seqs", str(fit.max_num_seqs),
+        "--max-num-batched-tokens", str(fit.max_num_batched_tokens),
     ]  # fmt: skip
     if settings.gpu_mode == "cpu":
         args += [
             "--dtype", "bfloat16",
             "--enforce-eager",
             "--distributed-executor-backend", "uni",
-            "--kv-cache-memory-bytes", str(kv_cache_bytes(spec, settings)),
+            "--kv-cache-memory-bytes", str(fit.kv_cache),
         ]  # fmt: skip
     else:
-        seqs = spec.max_num_seqs or GPU_MAX_NUM_SEQS
-        args += [
-            "--gpu-memory-utilization", f"{gpu_memory_utilization(spec.gpu_memory, device_total):.4f}",
-            "--max-num-batched-tokens", str(max(GPU_MAX_NUM_BATCHED_TOKENS, seqs)),
-        ]  # fmt: skip
-        if spec.max_num_seqs is None:
-            args += ["--max-num-seqs", str(seqs)]
+        args += ["--gpu-memory-utilization", f"{gpu_memory_utilization(spec.gpu_memory, device_total):.4f}"]
     if spec.quantization:
         args += ["--quantization", spec.quantization]
     # the gateway refuses requests with more images; a text model ignores the limit. Prefix caching is
@@ -135,8 +107,6 @@ def engine_args(spec: TenantSpec, settings: Settings, device_total: int) -> list
     args += ["--enable-prefix-caching" if spec.enable_prefix_caching else "--no-enable-prefix-caching"]
     if spec.trust_remote_code:
         args += ["--trust-remote-code"]
-    if spec.max_num_seqs is not None:
-        args += ["--max-num-seqs", str(spec.max_num_seqs)]
     return args
 
 
@@ -320,7 +290,7 @@ def gateway_plan(spec: TenantSpec, settings: Settings, gateway_token: str, image
             "GTM_GATEWAY_ADMIN_PORT": str(GATEWAY_ADMIN_PORT),
             "GTM_GATEWAY_ADMIN_TOKEN": gateway_token,
             "GTM_GATEWAY_DATA_DIR": "/data",
-            # cpu mode: the engine's memory holds one request's image decode (kv_cache_bytes)
+            # cpu mode: the engine's memory holds one request's image decode (enginefit)
             "GTM_GATEWAY_IMAGE_REQUESTS": "1" if settings.gpu_mode == "cpu" else "0",
         },
         mounts=[Mount(names.gateway_volume(inst, spec.name), "/data")],
@@ -341,11 +311,13 @@ def tenant_plan(
     spec: TenantSpec,
     settings: Settings,
     device_total: int,
+    fit: EngineFit,
     gpu_uuid: str | None = None,
     gateway_token: str = "",
     image_ids: dict[str, str] | None = None,
 ) -> TenantPlan:
-    """``device_total``: the device's CUDA total (``DeviceMemory.usable``); ``gpu_uuid``: its UUID
+    """``device_total``: the device's CUDA total (``DeviceMemory.usable``); ``fit``: the split of the
+    reservation (``sizing.Sizing.fit``); ``gpu_uuid``: its UUID
     (nvml). ``image_ids``: image name -> the ID it points at now (from the runtime); part of each
     container's identity, so a rebuilt image under the same tag replaces the containers."""
     inst = settings.instance
@@ -360,7 +332,7 @@ def tenant_plan(
         # the OpenAI server by module: the same in this project's CPU image and upstream vllm/vllm-openai
         # (whose entrypoint has changed between releases)
         entrypoint=list(ENGINE_ENTRYPOINT),
-        command=engine_args(spec, settings, device_total),
+        command=engine_args(spec, settings, device_total, fit),
         labels=names.labels(
             inst,
             Role.ENGINE,

@@ -50,6 +50,7 @@ from manager.control.plan import (
     tenant_plan,
     warmup_plan,
 )
+from manager.control.sizing import Sizing
 from manager.control.store import EngineFailure, Store, TenantRow
 from manager.control.workqueue import WorkQueue
 from manager.domain import TenantStatus, can_transition
@@ -137,6 +138,7 @@ class Reconciler:
         self.store = store
         self.runtime = runtime
         self.inventory = inventory
+        self.sizing = Sizing(settings, inventory.mode)
         self.connect = connect
         self.clock = clock
         self.queue = WorkQueue()
@@ -317,6 +319,7 @@ class Reconciler:
             row.spec,
             self.settings,
             device.usable,
+            self.sizing.fit(row.spec),
             device.uuid if device.kind != "host-memory" else None,
             gateway_token=row.gateway_token,
             image_ids={image: self.runtime.image_id(image) or "" for image in images},

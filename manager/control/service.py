@@ -17,6 +17,7 @@ from manager import keys, names
 from manager.control import models
 from manager.control.admission import AdmissionInput, Decision, place
 from manager.control.costs import Share, split
+from manager.control.enginefit import EngineFit
 from manager.control.members import MemberService
 from manager.control.modelfit import (
     ModelFootprint,
@@ -26,7 +27,7 @@ from manager.control.modelfit import (
     read_footprint,
     takes_images,
 )
-from manager.control.plan import MIN_KV_CACHE, docker_words, port_probe_plan, port_taken
+from manager.control.plan import docker_words, port_probe_plan, port_taken
 from manager.control.quant import checkpoint_method, resolve
 from manager.control.reconciler import Reconciler
 from manager.control.store import AuditRow, KeyRow, Store, TenantRow, UsageTotals
@@ -160,6 +161,7 @@ class TenantService:
         self.reconciler = reconciler
         self._admission = threading.Lock()  # one admission decision (or member change) at a time
         self.members = MemberService(store, reconciler, self._admission)
+        self.sizing = reconciler.sizing  # one rule, one cache: admission's and the engine's arguments
 
     # ---------------------------------------------------------------- reading (routes and pages: here, not the store)
     def tenants(self) -> list[TenantRow]:
@@ -277,24 +279,25 @@ class TenantService:
         quantized: bool,
         max_images: int = 0,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        max_num_seqs: int | None = None,
     ) -> int:
-        config = read_config(self.settings.models_dir, model)
-        # a pre-quantized checkpoint is served as stored, with or without --quant
-        stored = quantized or checkpoint_method(config) is not None
-        allowance = image_allowance(config, self.inventory.mode, max_images, max_image_pixels)
-        return self._minimum(
-            read_footprint(self.settings.models_dir, model, quantized=stored), max_model_len, allowance
-        )
+        return self.sizing.minimum(model, max_model_len, quantized, max_images, max_image_pixels, max_num_seqs)
 
     def _minimum(self, footprint: ModelFootprint, max_model_len: int, images: int = 0) -> int:
-        """Admission's model-fit figure: weights, KV cache for the context, the engine's overhead, and
-        what the tenant's images need (``modelfit.image_allowance``)."""
-        minimum = images + footprint.minimum(
-            max(max_model_len, self.settings.min_kv_tokens), self.settings.effective_engine_overhead
-        )
-        if self.inventory.mode == "cpu":
-            minimum = max(minimum, self.settings.effective_engine_overhead + images + MIN_KV_CACHE)
-        return minimum
+        """Admission's model-fit figure: ``enginefit.minimum``, the rule the engine is started by."""
+        return self.sizing.minimum_of(footprint, max_model_len, images)
+
+    def engine_fit(self, spec: TenantSpec) -> EngineFit:
+        """How the tenant's reservation is split inside its engine (``enginefit.fit``): the KV cache
+        and the sequences it runs at once. InvalidInput when the reservation cannot hold it."""
+        return self.sizing.fit(spec)
+
+    def concurrency(self, spec: TenantSpec) -> int | None:
+        """The sequences the tenant's engine runs at once (None while its model cannot be read)."""
+        try:
+            return self.sizing.fit(spec).max_num_seqs
+        except GtmError:
+            return None
 
     def import_model(self, source: str, name: str | None, actor: str) -> CatalogEntry:
         """Checks a model directory and copies it into the models volume; audited."""
@@ -370,6 +373,7 @@ class TenantService:
         max_images: int | None = None,
         max_image_pixels: int | None = None,
         gpu: str | None = None,
+        max_num_seqs: int | None = None,
     ) -> tuple[DeviceMemory | None, Decision]:
         """Where a new (or resized, ``tenant``) reservation goes and the decision that says so; creates
         nothing. Image limits left out are the tenant's own (a resize), else the model's defaults
@@ -392,7 +396,7 @@ class TenantService:
             candidates = devices
         rows = [r for r in self.store.tenants() if r.spec.name != tenant]
         measured = self.measured_use()
-        minimum = self.model_minimum(model, max_model_len, quantized, max_images, max_image_pixels)
+        least = self.model_minimum(model, max_model_len, quantized, max_images, max_image_pixels, max_num_seqs)
         overhead = self.process_overhead
         inputs = []
         for device in candidates:
@@ -408,7 +412,7 @@ class TenantService:
                     not_yet_taken_by_others=sum(self._not_taken(r, measured, overhead) for r in here),
                     reclaimable=(measured.get(own.spec.name) or 0) if own and _on(own, devices, device) else 0,
                     process_overhead=overhead,
-                    model_minimum=minimum,
+                    model_minimum=least,
                     system_reserved=device.reserved,
                     others=len(here),
                     device=device_label(device) if len(devices) > 1 or gpu is not None else "",
@@ -491,6 +495,7 @@ class TenantService:
                 max_images=spec.max_images,
                 max_image_pixels=spec.max_image_pixels,
                 gpu=gpu,
+                max_num_seqs=spec.max_num_seqs,
             )
             if device is None:
                 raise self._refuse(actor, "add-tenant", spec.name, decision)
@@ -594,6 +599,7 @@ class TenantService:
                     max_images=new.max_images,
                     max_image_pixels=new.max_image_pixels,
                     gpu=moved,
+                    max_num_seqs=new.max_num_seqs,
                 )
                 if device is None:
                     raise self._refuse(actor, "update-tenant", name, decision)

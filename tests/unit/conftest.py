@@ -54,16 +54,21 @@ def write_model(models: Path, name: str, tensors: dict[str, tuple[str, list[int]
     return directory
 
 
-@pytest.fixture(scope="module")
-def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The manager's app on a real socket with the in-memory runtime behind it (no Docker)."""
-    root = tmp_path_factory.mktemp("api")
-    write_model(
-        root / "models",
+def write_demo_model(models: Path) -> Path:
+    """A model named demo, as tiny as the real demo model (what tenants in unit tests serve)."""
+    return write_model(
+        models,
         "demo",
         {"w": ("BF16", [1000, 256])},
         {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 256},
     )
+
+
+@pytest.fixture(scope="module")
+def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The manager's app on a real socket with the in-memory runtime behind it (no Docker)."""
+    root = tmp_path_factory.mktemp("api")
+    write_demo_model(root / "models")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])
@@ -93,12 +98,7 @@ def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture
 def svc(tmp_path: Path) -> Iterator[TenantService]:
-    write_model(
-        tmp_path / "models",
-        "demo",
-        {"w": ("BF16", [1000, 256])},
-        {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 256},
-    )
+    write_demo_model(tmp_path / "models")
     settings = Settings(gpu_mode="cpu", instance="gtmu", state_dir=tmp_path, models_dir=tmp_path / "models")
     store, runtime, inventory = Store(tmp_path / "m.db"), MemoryRuntime(), HostMemoryInventory()
     reconciler = Reconciler(settings, store, runtime, inventory, connect=FakeGateway())

@@ -31,7 +31,9 @@ def test_weights_from_headers_counted_as_served_bf16(tmp_path: Path) -> None:
     assert fp.parameters == 256_256
     assert fp.weight_bytes == 256_256 * 2  # float32 on disk, bfloat16 when served
     assert fp.kv_bytes_per_token == 2 * 2 * 2 * 64 * 2
-    assert fp.minimum(tokens=512, overhead=100) == 256_256 * 2 + 1024 * 512 + 100
+    # no intermediate_size or vocab_size stated: 4 x hidden and 32,000 (transformers' defaults)
+    assert fp.activation_bytes_per_token == (5 * 256 + 3 * 1024) * 2
+    assert fp.logits_bytes_per_sequence == 32_000 * 4
 
 
 def test_quantized_checkpoint_counts_stored_bytes(tmp_path: Path) -> None:

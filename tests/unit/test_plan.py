@@ -1,7 +1,10 @@
 import pytest
 
 from manager import names
-from manager.control.plan import gpu_memory_utilization, identity, kv_cache_bytes, prepare_plan, tenant_plan
+from manager.control.enginefit import EngineFit, fit
+from manager.control.modelfit import ModelFootprint
+from manager.control.plan import TenantPlan, gpu_memory_utilization, identity, prepare_plan
+from manager.control.plan import tenant_plan as plan_with
 from manager.domain import TenantSpec
 from manager.errors import InvalidInput
 from manager.runtime.docker import container_kwargs
@@ -11,9 +14,30 @@ G = 1024**3
 M = 1024**2
 
 
+DEMO = ModelFootprint("demo", parameters=0, weight_bytes=0, kv_bytes_per_token=1024)
+
+
 def spec(**over: object) -> TenantSpec:
     base = TenantSpec(name="companya", port=30001, gpu_memory=2 * G, model="demo", max_model_len=512)
     return base.with_changes(**over)
+
+
+def fitted(s: TenantSpec, settings: Settings) -> EngineFit:
+    return fit(
+        s.gpu_memory,
+        DEMO,
+        settings.gpu_mode,
+        overhead=settings.effective_engine_overhead,
+        images=0,
+        max_model_len=s.max_model_len,
+        min_kv_tokens=settings.min_kv_tokens,
+        max_num_seqs=s.max_num_seqs,
+    )
+
+
+def tenant_plan(s: TenantSpec, settings: Settings, device_total: int, *args: object, **kw: object) -> TenantPlan:
+    """The plan with the split ``enginefit`` makes of the reservation (its own tests: test_enginefit)."""
+    return plan_with(s, settings, device_total, fitted(s, settings), *args, **kw)  # type: ignore[arg-type]
 
 
 def test_cpu_engine_is_hardened_and_limited(settings: Settings) -> None:
@@ -29,7 +53,10 @@ def test_cpu_engine_is_hardened_and_limited(settings: Settings) -> None:
     assert mounts == {"/data": ("gtm-t-companya-data", False, "volume"), "/models": ("gtm-models", True, "volume")}
     assert "/var/run/docker.sock" not in str(e)
     args = e.command
-    assert args[args.index("--kv-cache-memory-bytes") + 1] == str(2 * G - settings.effective_engine_overhead)
+    split = fitted(spec(), settings)
+    assert args[args.index("--kv-cache-memory-bytes") + 1] == str(split.kv_cache)
+    assert args[args.index("--max-num-seqs") + 1] == str(split.max_num_seqs) == "128"
+    assert args[args.index("--max-num-batched-tokens") + 1] == "2048"
     assert args[args.index("--max-model-len") + 1] == "512"
     assert "--gpu-memory-utilization" not in args
 
@@ -47,11 +74,6 @@ def test_utilization_rounds_down_never_over_the_slice() -> None:
     assert gpu_memory_utilization(1, 3) == 0.3333
     with pytest.raises(InvalidInput):
         gpu_memory_utilization(81 * G, 80 * G)
-
-
-def test_reservation_below_engine_overhead_is_refused_with_the_minimum(settings: Settings) -> None:
-    with pytest.raises(InvalidInput, match="reserve at least"):
-        kv_cache_bytes(spec(gpu_memory=512 * M), settings)
 
 
 def test_engine_hash_ignores_port_and_quotas_but_not_size() -> None:
@@ -77,7 +99,7 @@ def test_sdk_arguments_of_a_plan(settings: Settings) -> None:
 
 def test_sdk_arguments_request_the_gpu(settings: Settings) -> None:
     gpu = settings.model_copy(update={"gpu_mode": "nvml"})
-    kw = container_kwargs(tenant_plan(spec(), gpu, device_total=80 * G, gpu_uuid="GPU-abc").engine)
+    kw = container_kwargs(tenant_plan(spec(gpu_memory=10 * G), gpu, device_total=80 * G, gpu_uuid="GPU-abc").engine)
     (req,) = kw["device_requests"]
     assert req["DeviceIDs"] == ["GPU-abc"] and req["Capabilities"] == [["gpu"]]
 
@@ -112,14 +134,14 @@ def test_engine_options_as_vllm_spells_them(settings: Settings) -> None:
     default = tenant_plan(spec(), settings, device_total=24 * G).engine.command
     assert default[default.index("--limit-mm-per-prompt") + 1] == '{"image": 0}', "a text model's tenant takes none"
     assert "--enable-prefix-caching" in default and "--no-enable-prefix-caching" not in default
-    assert "--trust-remote-code" not in default and "--max-num-seqs" not in default
+    assert "--trust-remote-code" not in default and default.count("--max-num-seqs") == 1
 
     chosen = spec(max_images=1, enable_prefix_caching=False, trust_remote_code=True, max_num_seqs=8, gpu_memory=3 * G)
     args = tenant_plan(chosen, settings, device_total=24 * G).engine.command
     assert args[args.index("--limit-mm-per-prompt") + 1] == '{"image": 1}'
     assert "--no-enable-prefix-caching" in args and "--enable-prefix-caching" not in args
     assert "--trust-remote-code" in args
-    assert args[args.index("--max-num-seqs") + 1] == "8"
+    assert args.count("--max-num-seqs") == 1 and args[args.index("--max-num-seqs") + 1] == "8"
 
 
 def test_engine_options_and_image_limits_recreate_the_engine() -> None:
@@ -136,21 +158,10 @@ def test_engine_options_and_image_limits_recreate_the_engine() -> None:
     assert spec(max_body=1024**2).engine_hash() == base, "checked by the gateway only"
 
 
-def test_a_cpu_vision_engine_keeps_room_to_decode_its_images(settings: Settings) -> None:
-    text = tenant_plan(spec(gpu_memory=3 * G), settings, device_total=24 * G).engine.command
-    vision = tenant_plan(
-        spec(gpu_memory=3 * G, max_images=4, max_image_pixels=4096 * 3072), settings, device_total=24 * G
-    ).engine.command
-    decode = 4 * 4096 * 3072 * 21
-    kv = int(text[text.index("--kv-cache-memory-bytes") + 1])
-    assert int(vision[vision.index("--kv-cache-memory-bytes") + 1]) == kv - decode
-    with pytest.raises(InvalidInput, match=r"decoding 4 images .* lower --max-images"):
-        kv_cache_bytes(spec(gpu_memory=2 * G, max_images=4, max_image_pixels=4096 * 3072), settings)
-
-
 def test_a_cpu_gateway_serves_one_image_request_at_a_time(settings: Settings) -> None:
     cpu = tenant_plan(spec(), settings, device_total=24 * G).gateway
-    gpu = tenant_plan(spec(), settings.model_copy(update={"gpu_mode": "nvml"}), device_total=80 * G).gateway
+    gpu_settings = settings.model_copy(update={"gpu_mode": "nvml"})
+    gpu = tenant_plan(spec(gpu_memory=10 * G), gpu_settings, device_total=80 * G).gateway
     assert cpu.env["GTM_GATEWAY_IMAGE_REQUESTS"] == "1" and gpu.env["GTM_GATEWAY_IMAGE_REQUESTS"] == "0"
 
 
@@ -175,10 +186,11 @@ def test_a_gpu_engine_runs_from_any_vllm_image(tmp_path) -> None:
     assert 24 * G - 10 * M < util * usable <= 24 * G
     assert args[args.index("--max-num-batched-tokens") + 1] == "2048"
     assert args[args.index("--max-num-seqs") + 1] == "128"
-    tuned = tenant_plan(spec(max_num_seqs=4096), gpu, device_total=usable, gpu_uuid="GPU-5f1c").engine.command
+    many = spec(gpu_memory=24 * G, max_num_seqs=4096)
+    tuned = tenant_plan(many, gpu, device_total=usable, gpu_uuid="GPU-5f1c").engine.command
     assert tuned.count("--max-num-seqs") == 1 and tuned[tuned.index("--max-num-batched-tokens") + 1] == "4096"
 
-    prep = prepare_plan(spec(), gpu)
+    prep = prepare_plan(spec(gpu_memory=24 * G), gpu)
     assert prep.image == e.image and prep.user == "0:0" and prep.cap_drop == ["ALL"] and prep.cap_add == ["CHOWN"]
     assert prep.network == "none" and [(m.source, m.target) for m in prep.mounts] == [("gtm-t-companya-data", "/data")]
     assert "os.chown('/data', 1000, 1000)" in prep.entrypoint[-1] and "/data/.owner" in prep.entrypoint[-1]
@@ -189,14 +201,15 @@ def test_the_cpu_engine_gets_the_same_volume_and_user_steps(settings: Settings) 
     e = tenant_plan(spec(), settings, device_total=24 * G).engine
     assert e.entrypoint == ["python3", "-m", "vllm.entrypoints.openai.api_server"]
     assert e.env["USER"] == "vllm" and "OMP_NUM_THREADS" not in e.env  # the CPU backend binds its own threads
-    assert "--max-num-batched-tokens" not in e.command and "--max-num-seqs" not in e.command
+    assert e.command.count("--max-num-batched-tokens") == 1 and e.command.count("--max-num-seqs") == 1
     assert container_kwargs(e).get("cap_add") is None
 
 
 def test_moving_a_gpu_tenant_replaces_its_engine_and_cpu_hashes_stay(settings: Settings) -> None:
     gpu = settings.model_copy(update={"gpu_mode": "nvml"})
-    one = tenant_plan(spec(), gpu, 80 * G, "GPU-a", image_ids={gpu.engine_image: "sha256:1"}).engine
-    two = tenant_plan(spec(), gpu, 80 * G, "GPU-b", image_ids={gpu.engine_image: "sha256:1"}).engine
+    ten = spec(gpu_memory=10 * G)
+    one = tenant_plan(ten, gpu, 80 * G, "GPU-a", image_ids={gpu.engine_image: "sha256:1"}).engine
+    two = tenant_plan(ten, gpu, 80 * G, "GPU-b", image_ids={gpu.engine_image: "sha256:1"}).engine
     assert one.labels[names.SPEC_HASH] != two.labels[names.SPEC_HASH]
     cpu = tenant_plan(spec(), settings, 24 * G, image_ids={settings.engine_image: "sha256:1"}).engine
     assert cpu.labels[names.SPEC_HASH] == identity(spec().engine_hash(), "sha256:1")  # what older releases labelled

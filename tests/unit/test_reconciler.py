@@ -6,6 +6,7 @@ tests/integration/test_control_plane.py and test_dockerd_restart.py."""
 from __future__ import annotations
 
 import itertools
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +24,7 @@ from manager.runtime.memory import MemoryRuntime
 from manager.runtime.types import NetworkPlan
 from manager.settings import Settings
 
+from .conftest import write_demo_model
 from .fakes import FakeGateway, usage_record
 
 MIB = 1024**2
@@ -47,6 +49,7 @@ def world(tmp_path: Path) -> Iterator[tuple[Reconciler, Store, MemoryRuntime, Cl
         orphan_grace_s=300.0,
         engine_start_timeout_s=600.0,
     )
+    write_demo_model(tmp_path)
     store = Store(tmp_path / "manager.db")
     runtime, clock, gateways = MemoryRuntime(), Clock(), FakeGateway()
     rec = Reconciler(settings, store, runtime, HostMemoryInventory(), connect=gateways, clock=clock)
@@ -311,6 +314,7 @@ def test_a_long_warm_up_never_holds_up_other_tenants_key_changes(world, monkeypa
     rec, store, runtime, _, gateways = world
     add(store, "a", 30001)
     bring_up(rec, runtime, "a")  # its model is warm
+    shutil.copytree(rec.settings.models_dir / "demo", rec.settings.models_dir / "other")
     spec = TenantSpec(name="b", port=30002, gpu_memory=1536 * MIB, model="other", max_model_len=512)
     with store.transaction() as db:
         store.insert_tenant(db, spec, gateway_token="token-b")

