@@ -110,7 +110,11 @@ def _engine_options(p: argparse.ArgumentParser, required: bool) -> None:
         action=argparse.BooleanOptionalAction,
         help="let the engine run Python code that ships with the model (default: off; only for models you trust)",
     )
-    p.add_argument("--max-num-seqs", type=int, help="sequences the engine batches at once (0: vLLM's default)")
+    p.add_argument(
+        "--max-num-seqs",
+        type=int,
+        help="sequences the engine batches at once (0: what the reservation holds, at most vLLM's default 128)",
+    )
 
 
 def _member_parser(

@@ -86,7 +86,11 @@ class EngineOptionFields(Strict):
         None, description="let the engine run Python code shipped with the model (default off)"
     )
     max_num_seqs: int | None = Field(
-        None, ge=0, le=MAX_NUM_SEQS, description="sequences the engine batches at once (0 or null: vLLM's default)"
+        None,
+        ge=0,
+        le=MAX_NUM_SEQS,
+        description="sequences the engine batches at once "
+        "(0 or null: what the reservation holds, at most vLLM's default 128)",
     )
 
 

@@ -279,6 +279,7 @@ def _tenant_context(request: Request, name: str) -> dict[str, Any]:
         "today": svc.usage(name, _today()),
         "logs": logs,
         "models": svc.model_names(),
+        "concurrency": svc.concurrency(row.spec),
     }
 
 

@@ -1,4 +1,4 @@
-"""dockerd stopped for 20 s while the manager runs, then started: the API says the container
+"""dockerd stopped for 8 s while the manager runs, then started: the API says the container
 runtime is unavailable meanwhile, gateways come back by themselves (the data plane), engines come
 back through the reconciler one at a time, and nothing is duplicated.
 
@@ -67,7 +67,7 @@ def test_dockerd_restart_brings_tenants_back_without_duplicates(
                 assert error["message"].startswith("container runtime unavailable"), error
             assert api.get("/healthz").status_code == 200  # the manager itself lives on
 
-        restart_dockerd(docker_client, down_s=20.0, while_down=api_says_runtime_unavailable)
+        restart_dockerd(docker_client, down_s=8.0, while_down=api_says_runtime_unavailable)
         started = time.time()
 
         def back(name: str) -> bool:

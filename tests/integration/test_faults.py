@@ -1,5 +1,5 @@
 """Faults on the real path: an engine killed in the middle of a stream, and an engine that
-crashes every time it starts. (dockerd stopped for 20 s: test_dockerd_restart.py; the
+crashes every time it starts. (dockerd stopped for 8 s: test_dockerd_restart.py; the
 gateway's volume full: test_gateway_hardening.py; a state the manager cannot own:
 test_manager_start.py.)"""
 
@@ -217,13 +217,14 @@ def test_a_crash_looping_engine_backs_off_and_says_why(
             run = exited_engine_run(docker_client, instance, "loop")
             if run and run not in runs:
                 runs.append(run)
-            return len(runs) >= 3
+            return len(runs) >= 2
 
-        wait_for(failed_again, 300, "three failed starts", interval=0.5)
+        wait_for(failed_again, 240, "two failed starts", interval=0.5)
         # the pause between one engine's exit and the next start, whatever each took to fail
-        # (about 30 s on a 2-core machine, less once the page cache is warm)
+        # (about 30 s on a 2-core machine, less once the page cache is warm); that it doubles
+        # each time is the reconciler's pure schedule (tests/unit/test_reconciler.py)
         pauses = [nxt[0] - prev[1] for prev, nxt in itertools.pairwise(runs)]
-        assert pauses[0] >= 10 and pauses[1] >= 20 and pauses[1] > pauses[0] + 5, pauses  # 10 s, then 20 s
+        assert 10 <= pauses[0] < 20, pauses
         tenant = wait_status(api, "loop", "failed", timeout=30)
         assert "Error" in tenant["reason"] and "Engine core initialization failed" not in tenant["reason"]
 
