@@ -54,7 +54,7 @@ def test_the_tenants_own_max_num_seqs_is_held_or_refused_with_the_numbers() -> N
     f = split(1536 * M, max_num_seqs=8)
     assert f.max_num_seqs == 8 and f.seqs_from_tenant
     assert f.kv_cache == 1536 * M - OVERHEAD - DEMO.weight_bytes - f.activations - 8 * f.per_sequence
-    with pytest.raises(InvalidInput, match=r"4000 x 2\.02 MiB per running sequence.*lower --max-num-seqs"):
+    with pytest.raises(InvalidInput, match=r"4000 x 0\.52 MiB per running sequence.*lower --max-num-seqs"):
         split(1536 * M, max_num_seqs=4000)
     # more sequences than batched tokens: vLLM takes at least as many tokens, and they are counted
     many = split(12 * G, max_num_seqs=4096)
