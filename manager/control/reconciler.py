@@ -194,9 +194,12 @@ class Reconciler:
         self.queue.add(tenant, delay)
 
     def resync(self) -> None:
-        """Queue every tenant that is desired or actually present (orphans are removed in their turn)."""
+        """Queue every tenant that is desired or actually present (orphans are removed in their turn),
+        the most recently used first: after a dockerd restart or a host boot every engine needs a
+        start, they start one at a time, and the one whose clients were served last goes first."""
         desired = {row.spec.name for row in self.store.tenants()}
-        for name in desired | self._actual_tenants():
+        last = self.store.last_used()
+        for name in sorted(desired | self._actual_tenants(), key=lambda n: (-last.get(n, 0.0), n)):
             self.queue.add(name)
 
     def _follow_events(self) -> None:
@@ -510,7 +513,10 @@ class Reconciler:
             logs = self.runtime.logs_tail(engine.name, LOG_TAIL_LINES)
             # an engine that served and then died (killed, OOM) is replaced at once; one that never
             # came up waits 10 s, 20 s, ... (a crash loop must not hog the start gate)
-            wait = 0.0 if engine.id in self._served and count == 1 else backoff(count, 10.0, 300.0)
+            # (served: this process saw it healthy, or the store says it ran: a manager restarted with
+            # dockerd, its engines stopped meanwhile, never saw them healthy)
+            served = engine.id in self._served or row.status == TenantStatus.RUNNING
+            wait = 0.0 if served and count == 1 else backoff(count, 10.0, 300.0)
             self._served.discard(engine.id)
             fail = EngineFailure(count, marker, self.clock() + wait, logs[-LOG_KEEP_CHARS:])
             self.store.save_engine_failure(name, fail)

@@ -518,6 +518,12 @@ class Store:
             )
         return added
 
+    def last_used(self) -> dict[str, float]:
+        """Each tenant's latest usage record (UNIX seconds), from the daily rollup."""
+        with self._lock:
+            rows = self._db.execute("SELECT tenant, MAX(last_at) FROM usage_days GROUP BY tenant").fetchall()
+        return {str(tenant): float(at) for tenant, at in rows}
+
     def usage_totals(self, tenant: str, since: float, until: float | None = None) -> UsageTotals:
         """The tenant's totals over any bounds (see ``usage_by_member``)."""
         return sum(self.usage_by_member(tenant, since, until).values(), UsageTotals(0, 0, 0))

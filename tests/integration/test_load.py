@@ -1,7 +1,7 @@
 """Twenty clients on the least reservation that runs twenty sequences at once: the engine's peak
 stays inside its reservation (no OOM kill), and every request is answered.
 
-The suite runs the load for ``GTM_LOAD_S`` seconds (60 by default: the engine's memory reaches
+The suite runs the load for ``GTM_LOAD_S`` seconds (30 by default: the engine's memory reaches
 its plateau within the first 15 s of load); ``GTM_LOAD_S=180`` is the three-minute run."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from manager import names
 from .conftest import start_manager, wait_status
 
 CLIENTS = 20
-LOAD_S = float(os.environ.get("GTM_LOAD_S", "60"))
+LOAD_S = float(os.environ.get("GTM_LOAD_S", "30"))
 
 
 def cgroup_file(container_id: str, v1: str, v2: str) -> Path | None:

@@ -417,3 +417,33 @@ def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.01)
+
+
+def test_after_a_resync_the_most_recently_used_tenant_starts_first(world) -> None:
+    """Engines start one at a time: after a dockerd restart or a host boot every tenant needs one,
+    and the one whose clients were served last gets the start gate first."""
+    rec, store, runtime, _, _ = world
+    for i, name in enumerate(("idle", "busy", "never")):
+        add(store, name, 30001 + i)
+    store.add_usage("idle", [usage_record("r1", at=1000.0)], cursor=1)
+    store.add_usage("busy", [usage_record("r2", at=5000.0)], cursor=1)
+    rec.resync()
+    due = rec.queue.pending()
+    assert sorted(due, key=lambda n: due[n]) == ["busy", "idle", "never"]
+    first = rec.queue.get(timeout=0)
+    assert first == "busy"
+    rec.reconcile(first)
+    assert engine("busy") in runtime.started and engine("idle") not in runtime.started
+
+
+def test_an_engine_that_ran_is_replaced_at_once_also_by_a_restarted_manager(world) -> None:
+    """dockerd restarted with the manager: its engines stopped while no manager watched, and the
+    new manager process never saw them healthy; the store says they ran, so they start at once."""
+    rec, store, runtime, clock, gateways = world
+    add(store, "acme", 30001)
+    bring_up(rec, runtime, "acme")
+    runtime.exit(engine("acme"), 143)
+    restarted = Reconciler(rec.settings, store, runtime, HostMemoryInventory(), connect=gateways, clock=clock)
+    before = runtime.started.count(engine("acme"))
+    restarted.reconcile("acme")
+    assert runtime.started.count(engine("acme")) == before + 1  # no 10 s backoff
