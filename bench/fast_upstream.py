@@ -4,6 +4,7 @@ included, so what a benchmark measures is the proxy in front of it."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
@@ -21,7 +22,9 @@ ANSWER = json.dumps(
         "usage": USAGE,
     }
 ).encode()
-CHUNKS = [json.dumps({"choices": [{"index": 0, "delta": {"content": w}}]}).encode() for w in ("a", "b", "c", "d")]
+WORDS = int(os.environ.get("BENCH_STREAM_CHUNKS", "4"))
+"""Content chunks of a streamed answer (the wire benchmark streams 64)."""
+CHUNKS = [json.dumps({"choices": [{"index": 0, "delta": {"content": f"w{i}"}}]}).encode() for i in range(WORDS)]
 LAST = json.dumps({"choices": [], "usage": USAGE}).encode()
 
 

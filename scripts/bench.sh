@@ -10,6 +10,11 @@
 #                                  (default 1,000,000), and what the rollup costs the collection
 #   scripts/bench.sh --measure [N] measuring N engines' memory (default 8; what list-tenants, the
 #                                  console, /metrics and admission do) at once vs one after another
+#   scripts/bench.sh --wire        the gateway at wire speed: wrk drives direct, nginx, a minimal
+#                                  Python pass-through and the gateway, each proxy alone on one
+#                                  core: requests/s, CPU per request, added latency, per-chunk
+#                                  streaming cost, and every answer metered once (installs wrk
+#                                  and nginx-light from Debian when they are missing)
 #   scripts/bench.sh --soak [MINUTES]
 #                                  one tenant, 5 members x 4 workers of mixed load for MINUTES
 #                                  (default 10) with a manager restart, a gateway SIGKILL, an
@@ -27,6 +32,14 @@ if [ "${1:-}" = "--engine-starts" ]; then
   bash scripts/make-demo-model.sh "$GTM_CACHE/models" >/dev/null
   cold=(); [ "$(id -u)" = 0 ] && cold=(--cold)
   exec .venv/bin/python -m bench.engine_starts --starts "${2:-10}" --baseline 3 --models "$GTM_CACHE/models" "${cold[@]}"
+fi
+if [ "${1:-}" = "--wire" ]; then
+  if ! command -v wrk >/dev/null || ! command -v nginx >/dev/null; then
+    log "installing wrk and nginx-light (Debian packages) for the wire benchmark"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q wrk nginx-light >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q wrk nginx-light >/dev/null; }
+  fi
+  exec .venv/bin/python -m bench.wire_bench
 fi
 if [ "${1:-}" = "--soak" ]; then
   bash scripts/up.sh >/dev/null

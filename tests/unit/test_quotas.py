@@ -1,4 +1,18 @@
-from manager.gateway.quotas import Limits, QuotaState, admit
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from manager.gateway.quotas import (
+    Limits,
+    QuotaState,
+    admit,
+    day_of,
+    month_of,
+    seconds_to_next_day,
+    seconds_to_next_month,
+)
 
 
 class Clock:
@@ -161,3 +175,18 @@ def test_in_flight_and_monthly_limits_of_a_member() -> None:
     over = admit([m["alice"], tenant], 0)
     assert over.refusal is not None and over.refusal.code == "insufficient_quota"
     assert admit([tenant], 0).refusal is None  # a key without a member: the tenant's limits only
+
+
+@given(st.lists(st.floats(min_value=0, max_value=4_102_444_800, allow_nan=False), min_size=1, max_size=50))
+def test_day_and_month_boundaries_from_the_cache_are_what_datetime_says(moments: list[float]) -> None:
+    """Computed once per UTC day, in whatever order moments come (a late settle asks about an old
+    one): always what ``datetime`` says for that moment."""
+    for ts in moments + [m + 86_400 * k for m in moments[:3] for k in (-1, 1, 31)] + [86_400 * 20_000 - 1e-3]:
+        if ts < 0:
+            continue
+        now = datetime.fromtimestamp(ts, UTC)
+        day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        month_end = (day.replace(day=1) + timedelta(days=32)).replace(day=1)
+        assert day_of(ts) == now.strftime("%Y-%m-%d") and month_of(ts) == now.strftime("%Y-%m")
+        assert seconds_to_next_day(ts) == pytest.approx((day + timedelta(days=1)).timestamp() - ts, abs=1e-6)
+        assert seconds_to_next_month(ts) == pytest.approx(month_end.timestamp() - ts, abs=1e-6)
