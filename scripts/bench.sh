@@ -39,6 +39,7 @@ if [ "${1:-}" = "--wire" ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get install -y -q wrk nginx-light >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q wrk nginx-light >/dev/null; }
   fi
+  .venv/bin/pip install -q --group bench 2>&1 | { grep -v 'is ignored' || true; }
   exec .venv/bin/python -m bench.wire_bench
 fi
 if [ "${1:-}" = "--soak" ]; then
