@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROXY_CORE, LOAD_CORE = "1", "0"
 CONNECTIONS = 32
 STREAM_CHUNKS = 64
-GATEWAY_CLIENT = "httpx"
+GATEWAY_CLIENT = "lean"
 """The forwarding client the gateway uses (``manager.gateway.proxy``)."""
 BODY = json.dumps({"model": "demo", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4})
 STREAM_BODY = json.dumps(

@@ -1,0 +1,147 @@
+"""The gateway's keep-alive client against a real HTTP server (uvicorn, as vLLM serves), checked
+side by side with httpx's own transport: what the proxy relies on holds for both."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from manager.gateway.upstream import LeanTransport
+
+disconnected = threading.Event()  # set by the server (its own thread and loop)
+
+
+async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] != "http":
+        return
+    while (await receive()).get("more_body"):
+        pass
+    client = f"{scope['client'][0]}:{scope['client'][1]}"  # one per connection
+    path = scope["path"]
+    if path == "/slow":
+        await asyncio.sleep(2)
+    if path == "/stream":
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        for i in range(20):
+            await send({"type": "http.response.body", "body": f"data: {i}\n\n".encode(), "more_body": True})
+            await asyncio.sleep(0.05)
+            if i >= 2:
+                try:
+                    message = await asyncio.wait_for(receive(), 0.001)
+                except TimeoutError:
+                    continue
+                if message["type"] == "http.disconnect":
+                    disconnected.set()
+                    return
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+        return
+    body = json.dumps({"connection": client, "path": path}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 404 if path == "/missing" else 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", timeout_keep_alive=1)
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(5)
+
+
+TRANSPORTS: dict[str, Callable[[], httpx.AsyncBaseTransport]] = {
+    "lean": LeanTransport,
+    "httpx": httpx.AsyncHTTPTransport,
+}
+
+
+def request(url: str, read_s: float = 5.0) -> httpx.Request:
+    r = httpx.Request("POST", url, headers={"content-type": "application/json"}, content=b'{"a": 1}')
+    r.extensions["timeout"] = {"connect": 1.0, "read": read_s, "write": 1.0, "pool": 1.0}
+    return r
+
+
+async def plain(transport: httpx.AsyncBaseTransport, url: str) -> tuple[int, dict[str, str]]:
+    response = await transport.handle_async_request(request(url))
+    try:
+        return response.status_code, json.loads(await response.aread())
+    finally:
+        await response.aclose()
+
+
+@pytest.mark.parametrize("kind", TRANSPORTS)
+def test_plain_answers_reuse_the_connection_and_survive_the_servers_idle_close(server: str, kind: str) -> None:
+    async def run() -> None:
+        transport = TRANSPORTS[kind]()
+        status, first = await plain(transport, server + "/plain")
+        _, second = await plain(transport, server + "/plain")
+        assert status == 200 and first["connection"] == second["connection"]  # kept alive
+        missing, _ = await plain(transport, server + "/missing")
+        assert missing == 404
+        await asyncio.sleep(1.5)  # the server closes the idle connection (keep-alive 1 s)
+        status, third = await plain(transport, server + "/plain")
+        assert status == 200 and third["connection"] != first["connection"]
+        await transport.aclose()
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("kind", TRANSPORTS)
+def test_a_stream_arrives_event_by_event_and_closing_it_early_reaches_the_server(server: str, kind: str) -> None:
+    async def run() -> None:
+        transport = TRANSPORTS[kind]()
+        response = await transport.handle_async_request(request(server + "/stream"))
+        got: list[tuple[float, bytes]] = []
+        async for chunk in response.aiter_bytes():
+            got.append((time.monotonic(), chunk))
+            if len(got) == 4:
+                break
+        await response.aclose()
+        assert b"".join(c for _, c in got).startswith(b"data: 0\n\ndata: 1\n\n")
+        assert got[-1][0] - got[0][0] >= 0.1, "events came together, not as they were sent"
+        assert await asyncio.to_thread(disconnected.wait, 3), "the server never learned the client went away"
+        disconnected.clear()
+        status, _ = await plain(transport, server + "/plain")  # the pool still works
+        assert status == 200
+        whole = await transport.handle_async_request(request(server + "/stream"))
+        body = await whole.aread()
+        await whole.aclose()
+        assert body.endswith(b"data: [DONE]\n\n") and body.count(b"data: ") == 21
+        await transport.aclose()
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("kind", TRANSPORTS)
+def test_errors_are_httpx_transport_errors(server: str, kind: str) -> None:
+    async def run() -> None:
+        transport = TRANSPORTS[kind]()
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            closed = s.getsockname()[1]
+        with pytest.raises(httpx.ConnectError):
+            await transport.handle_async_request(request(f"http://127.0.0.1:{closed}/plain"))
+        with pytest.raises(httpx.ReadTimeout):
+            await transport.handle_async_request(request(server + "/slow", read_s=0.3))
+        status, _ = await plain(transport, server + "/plain")  # and it goes on serving
+        assert status == 200
+        await transport.aclose()
+
+    asyncio.run(run())
