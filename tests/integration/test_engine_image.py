@@ -15,6 +15,7 @@ import docker
 import pytest
 
 from manager.control.plan import prepare_plan, tenant_plan, warmup_plan
+from manager.control.sizing import Sizing
 from manager.domain import TenantSpec
 from manager.names import Role, labels
 from manager.runtime.docker import DockerRuntime
@@ -31,11 +32,8 @@ def test_engine_serves_chat_on_its_internal_network_only(
 ) -> None:
     settings = manager_settings()
     runtime = DockerRuntime(docker_client)
-    plan = tenant_plan(
-        TenantSpec(name="solo", port=30001, gpu_memory=1536 * 1024**2, model="demo", max_model_len=512),
-        settings,
-        device_total=24 * G,
-    )
+    solo = TenantSpec(name="solo", port=30001, gpu_memory=1536 * 1024**2, model="demo", max_model_len=512)
+    plan = tenant_plan(solo, settings, 24 * G, Sizing(settings, "cpu").fit(solo))
     runtime.ensure_network(plan.network)
     runtime.ensure_volume(plan.volume)
     # as the reconciler does before an engine's first start: the image has no /data of its own (like

@@ -20,6 +20,7 @@ from manager import keys, names
 from manager.contract import GatewayConfig
 from manager.control.gateway_client import GatewayClient
 from manager.control.plan import control_network_name, control_network_plan, tenant_plan
+from manager.control.sizing import Sizing
 from manager.domain import TenantSpec
 from manager.names import Role
 from manager.runtime.docker import DockerRuntime
@@ -75,7 +76,7 @@ def start_lone_gateway(
     runtime = DockerRuntime(docker_client)
     spec = TenantSpec(name="hard", port=free_port(), gpu_memory=1536 * MIB, model="demo", max_model_len=512)
     token = secrets.token_urlsafe(32)
-    plan = tenant_plan(spec, settings, 24 * GIB, gateway_token=token)
+    plan = tenant_plan(spec, settings, 24 * GIB, Sizing(settings, "cpu").fit(spec), gateway_token=token)
     runtime.ensure_network(control_network_plan(settings))
     runtime.ensure_network(plan.network)
     if volume_opts:
