@@ -7,84 +7,19 @@ with the one the gateway uses: what is left over is the gateway's own work.
 
 - httpx: httpx's transport, as the gateway uses it today;
 - aiohttp: aiohttp's client session (its C parser, its connection pool);
-- lean: ``LeanClient`` below, a keep-alive HTTP/1.1 client on asyncio streams: a deque of idle
-  connections, no per-request scan of the pool.
+- lean: the gateway's own keep-alive HTTP/1.1 transport (``manager.gateway.upstream``): a deque
+  of idle connections, no per-request scan of the pool.
 """
 
 from __future__ import annotations
 
-import asyncio
 import sys
-from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 import uvicorn
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
-
-
-class LeanResponse:
-    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: AsyncIterator[bytes]) -> None:
-        self.status, self.headers, self.body = status, headers, body
-
-
-class LeanClient:
-    """HTTP/1.1 with keep-alive to one upstream: idle connections in a deque, reused last in,
-    first out; a connection whose answer was not read to its end is closed, not reused."""
-
-    def __init__(self, url: str, max_idle: int = 100) -> None:
-        parts = urlsplit(url)
-        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
-        self.idle: deque[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = deque()
-        self.max_idle = max_idle
-
-    async def request(self, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes) -> LeanResponse:
-        conn = self.idle.pop() if self.idle else await asyncio.open_connection(self.host, self.port)
-        reader, writer = conn
-        head = [f"{method} {path} HTTP/1.1\r\nhost: {self.host}\r\ncontent-length: {len(body)}\r\n".encode()]
-        head += [k + b": " + v + b"\r\n" for k, v in headers]
-        writer.write(b"".join(head) + b"\r\n" + body)
-        raw = await reader.readuntil(b"\r\n\r\n")
-        lines = raw.split(b"\r\n")
-        status = int(lines[0].split(b" ", 2)[1])
-        out: list[tuple[bytes, bytes]] = []
-        length, chunked = None, False
-        for line in lines[1:]:
-            if not line:
-                continue
-            k, _, v = line.partition(b":")
-            k, v = k.strip().lower(), v.strip()
-            if k == b"content-length":
-                length = int(v)
-            elif k == b"transfer-encoding" and b"chunked" in v.lower():
-                chunked = True
-            out.append((k, v))
-        return LeanResponse(status, out, self._body(conn, length, chunked))
-
-    async def _body(
-        self, conn: tuple[asyncio.StreamReader, asyncio.StreamWriter], length: int | None, chunked: bool
-    ) -> AsyncIterator[bytes]:
-        reader, writer = conn
-        done = False
-        try:
-            if chunked:
-                while True:
-                    size = int((await reader.readuntil(b"\r\n"))[:-2].split(b";")[0], 16)
-                    if size == 0:
-                        await reader.readuntil(b"\r\n")
-                        break
-                    data = await reader.readexactly(size + 2)
-                    yield data[:-2]
-            elif length:
-                yield await reader.readexactly(length)
-            done = True
-        finally:
-            if done and len(self.idle) < self.max_idle:
-                self.idle.append(conn)
-            else:
-                writer.close()
 
 
 def httpx_forwarder(upstream: str) -> Callable[[dict[str, Any], bytes, Send], Awaitable[None]]:
@@ -131,15 +66,28 @@ def aiohttp_forwarder(upstream: str) -> Callable[[dict[str, Any], bytes, Send], 
 
 
 def lean_forwarder(upstream: str) -> Callable[[dict[str, Any], bytes, Send], Awaitable[None]]:
-    client = LeanClient(upstream)
+    """The gateway's own transport (``manager.gateway.upstream``), used as the gateway uses it."""
+    import httpx
+
+    from manager.gateway.upstream import LeanTransport
+
+    transport = LeanTransport()
+    timeouts = {"connect": 2.0, "read": 600.0, "write": 600.0, "pool": 600.0}
 
     async def forward(scope: dict[str, Any], body: bytes, send: Send) -> None:
-        response = await client.request(scope["method"], scope["path"], [(b"content-type", b"application/json")], body)
-        headers = [(k, v) for k, v in response.headers if k == b"content-type"]
-        await send({"type": "http.response.start", "status": response.status, "headers": headers})
-        async for part in response.body:
-            await send({"type": "http.response.body", "body": part, "more_body": True})
-        await send({"type": "http.response.body", "body": b""})
+        request = httpx.Request(
+            scope["method"], upstream + scope["path"], headers=[(b"content-type", b"application/json")], content=body
+        )
+        request.extensions["timeout"] = timeouts
+        response = await transport.handle_async_request(request)
+        try:
+            headers = [(k, v) for k, v in response.headers.raw if k.lower() == b"content-type"]
+            await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+            async for part in response.aiter_raw():
+                await send({"type": "http.response.body", "body": part, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+        finally:
+            await response.aclose()
 
     return forward
 
