@@ -23,6 +23,7 @@ import pytest
 from manager import names
 
 from .conftest import RunningManager, start_manager, wait_for, wait_status
+from .load import create_at_least_for_twenty, twenty_clients
 from .test_control_plane import cli
 
 
@@ -61,16 +62,18 @@ def chat(key: str, port: int, timeout: float = 60) -> httpx.Response:
 
 
 @pytest.mark.slow
-def test_engine_killed_mid_stream(evented: RunningManager, docker_client: docker.DockerClient, instance: str) -> None:
-    """An engine SIGKILLed in the middle of a stream: the stream ends with an error event, what was
-    served is metered, requests meanwhile get a 503 at once, and the engine is replaced within
-    seconds of Docker reporting its death (not at the resync, 10 minutes away); then the same for
-    a SIGKILLed gateway."""
+def test_twenty_clients_then_the_engine_killed_mid_stream(
+    evented: RunningManager, docker_client: docker.DockerClient, instance: str
+) -> None:
+    """One engine for two things (the suite's budget): twenty clients on the least reservation for
+    twenty sequences never OOM-kill it (``load.twenty_clients``); then it is SIGKILLed in the middle
+    of a stream: the stream ends with an error event, what was served is metered, requests meanwhile
+    get a 503 at once, and the engine is replaced within seconds of Docker reporting its death (not
+    at the resync, 10 minutes away); then the same for a SIGKILLed gateway."""
     api = evented.client()
-    r = api.post("/api/v1/tenants", json={"name": "victim", "gpu_memory": "1536M", "port": 30701})
-    assert r.status_code == 201, r.text
-    key = r.json()["key"]["api_key"]
+    key = create_at_least_for_twenty(api, "victim", 30701)
     wait_status(api, "victim", "running")
+    twenty_clients(api, docker_client, instance, "victim", 30701, key)
     old_engine = docker_client.containers.get(names.engine(instance, "victim")).id
     client = openai.OpenAI(base_url="http://127.0.0.1:30701/v1", api_key=key, max_retries=0)
     stream = client.chat.completions.create(
