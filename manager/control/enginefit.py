@@ -83,92 +83,86 @@ def per_sequence_bytes(footprint: ModelFootprint, mode: str) -> int:
     return footprint.logits_bytes_per_sequence * LOGITS_COPIES + (CPU_SEQUENCE_BYTES if mode == "cpu" else 0)
 
 
-def kv_floor(footprint: ModelFootprint, mode: str, max_model_len: int, min_kv_tokens: int) -> int:
+@dataclass(frozen=True)
+class Terms:
+    """What, besides the model and the reservation, decides the split: the mode, the engine's
+    overhead, what the tenant's images need, its context, and its own ``--max-num-seqs``."""
+
+    mode: str
+    overhead: int
+    images: int
+    max_model_len: int
+    min_kv_tokens: int
+    max_num_seqs: int | None = None
+
+    @property
+    def context(self) -> int:
+        return max(self.max_model_len, self.min_kv_tokens)
+
+
+def kv_floor(footprint: ModelFootprint, terms: Terms) -> int:
     """One sequence of the tenant's whole context (at least ``min_kv_tokens``), and on a CPU at
     least ``MIN_KV_CACHE``."""
-    floor = footprint.kv_bytes_per_token * max(max_model_len, min_kv_tokens)
-    return max(floor, MIN_KV_CACHE) if mode == "cpu" else floor
+    floor = footprint.kv_bytes_per_token * terms.context
+    return max(floor, MIN_KV_CACHE) if terms.mode == "cpu" else floor
 
 
-def minimum(
-    footprint: ModelFootprint,
-    mode: str,
-    *,
-    overhead: int,
-    images: int,
-    max_model_len: int,
-    min_kv_tokens: int,
-    max_num_seqs: int | None = None,
-) -> int:
+def _fixed(footprint: ModelFootprint, terms: Terms, sequences: int) -> int:
+    """What does not depend on the KV cache: overhead, weights, images and activations."""
+    return terms.overhead + footprint.weight_bytes + terms.images + activation_bytes(footprint, terms.mode, sequences)
+
+
+def minimum(footprint: ModelFootprint, terms: Terms) -> int:
     """The least reservation that starts the engine: one sequence at a time (or the tenant's
     ``max_num_seqs``) and the KV cache of one whole context."""
-    sequences = max_num_seqs or 1
+    sequences = terms.max_num_seqs or 1
     return (
-        overhead
-        + footprint.weight_bytes
-        + images
-        + activation_bytes(footprint, mode, sequences)
-        + sequences * per_sequence_bytes(footprint, mode)
-        + kv_floor(footprint, mode, max_model_len, min_kv_tokens)
+        _fixed(footprint, terms, sequences)
+        + sequences * per_sequence_bytes(footprint, terms.mode)
+        + kv_floor(footprint, terms)
     )
 
 
-def fit(
-    reservation: int,
-    footprint: ModelFootprint,
-    mode: str,
-    *,
-    overhead: int,
-    images: int,
-    max_model_len: int,
-    min_kv_tokens: int,
-    max_num_seqs: int | None = None,
-) -> EngineFit:
+def fit(reservation: int, footprint: ModelFootprint, terms: Terms) -> EngineFit:
     """How ``reservation`` is split; InvalidInput, with the numbers, when it cannot hold the
     engine (or the tenant's ``max_num_seqs``)."""
+    mode, requested = terms.mode, terms.max_num_seqs
     per_sequence = per_sequence_bytes(footprint, mode)
-    floor = kv_floor(footprint, mode, max_model_len, min_kv_tokens)
-    least = minimum(
-        footprint,
-        mode,
-        overhead=overhead,
-        images=images,
-        max_model_len=max_model_len,
-        min_kv_tokens=min_kv_tokens,
-        max_num_seqs=max_num_seqs,
-    )
+    floor = kv_floor(footprint, terms)
+    least = minimum(footprint, terms)
     if reservation < least:
-        activations = activation_bytes(footprint, mode, max_num_seqs or 1)
+        activations = activation_bytes(footprint, mode, requested or 1)
         parts = (
-            f"{overhead // MIB} MiB engine overhead, {footprint.weight_bytes // MIB} MiB weights"
-            + (f", {images // MIB} MiB for images" if images else "")
+            f"{terms.overhead // MIB} MiB engine overhead, {footprint.weight_bytes // MIB} MiB weights"
+            + (f", {terms.images // MIB} MiB for images" if terms.images else "")
             + (f", {activations // MIB} MiB activations of {MAX_NUM_BATCHED_TOKENS} tokens" if activations else "")
-            + f", {max_num_seqs or 1} x {per_sequence / MIB:.2f} MiB per running sequence"
-            + f" and {floor // MIB} MiB KV cache for one {max(max_model_len, min_kv_tokens)}-token context"
+            + f", {requested or 1} x {per_sequence / MIB:.2f} MiB per running sequence"
+            + f" and {floor // MIB} MiB KV cache for one {terms.context}-token context"
         )
-        lower = (["--max-num-seqs"] if max_num_seqs else []) + (["--max-images / --max-image-pixels"] if images else [])
+        lower = (["--max-num-seqs"] if requested else []) + (
+            ["--max-images / --max-image-pixels"] if terms.images else []
+        )
         hint = f" (or lower {' or '.join(lower)})" if lower else ""
         raise InvalidInput(
             f"--gpu-memory {reservation // MIB} MiB cannot hold the engine: it needs {parts}; "
             f"reserve at least {-(-least // MIB)} MiB{hint}"
         )
-    if max_num_seqs:
-        sequences = max_num_seqs
+    if requested:
+        sequences = requested
     else:  # vLLM's default unless the reservation holds fewer (below 2048, activations are fixed)
-        fixed = overhead + footprint.weight_bytes + images + activation_bytes(footprint, mode, 1)
-        sequences = max(1, min(DEFAULT_MAX_NUM_SEQS, (reservation - fixed - floor) // max(per_sequence, 1)))
-    activations = activation_bytes(footprint, mode, sequences)
-    fixed = overhead + footprint.weight_bytes + images + activations
+        room = reservation - _fixed(footprint, terms, 1) - floor
+        sequences = max(1, min(DEFAULT_MAX_NUM_SEQS, room // max(per_sequence, 1)))
+    fixed = _fixed(footprint, terms, sequences)
     return EngineFit(
         reservation=reservation,
-        overhead=overhead,
+        overhead=terms.overhead,
         weights=footprint.weight_bytes,
-        images=images,
-        activations=activations,
+        images=terms.images,
+        activations=fixed - terms.overhead - footprint.weight_bytes - terms.images,
         per_sequence=per_sequence,
         max_num_seqs=sequences,
         max_num_batched_tokens=batched_tokens(sequences),
         kv_floor=floor,
         kv_cache=reservation - fixed - sequences * per_sequence,
-        seqs_from_tenant=bool(max_num_seqs),
+        seqs_from_tenant=bool(requested),
     )

@@ -17,14 +17,11 @@ from manager import keys, names
 from manager.control import models
 from manager.control.admission import AdmissionInput, Decision, place
 from manager.control.costs import Share, split
-from manager.control.enginefit import EngineFit
 from manager.control.members import MemberService
 from manager.control.modelfit import (
     ModelFootprint,
-    image_allowance,
     max_positions,
     read_config,
-    read_footprint,
     takes_images,
 )
 from manager.control.plan import docker_words, port_probe_plan, port_taken
@@ -287,11 +284,6 @@ class TenantService:
         """Admission's model-fit figure: ``enginefit.minimum``, the rule the engine is started by."""
         return self.sizing.minimum_of(footprint, max_model_len, images)
 
-    def engine_fit(self, spec: TenantSpec) -> EngineFit:
-        """How the tenant's reservation is split inside its engine (``enginefit.fit``): the KV cache
-        and the sequences it runs at once. InvalidInput when the reservation cannot hold it."""
-        return self.sizing.fit(spec)
-
     def concurrency(self, spec: TenantSpec) -> int | None:
         """The sequences the tenant's engine runs at once (None while its model cannot be read)."""
         try:
@@ -336,17 +328,14 @@ class TenantService:
         return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
     def _catalog_entry(self, name: str, max_model_len: int | None) -> CatalogEntry:
-        root = self.settings.models_dir
         try:
-            config = read_config(root, name)
-            method = checkpoint_method(config)
-            footprint = read_footprint(root, name, quantized=method is not None)
+            footprint, config = self.sizing.footprint(name, quantized=False)  # as stored, when pre-quantized
         except GtmError as exc:
             return CatalogEntry(name, "", 0, "", 0, False, None, 0, None, exc.message)
         text = config.get("text_config", config)
         vision = takes_images(config)
         # the minimum of a tenant with the default image limits (add-tenant's defaults for this model)
-        images = image_allowance(config, self.inventory.mode, DEFAULT_MAX_IMAGES, DEFAULT_MAX_IMAGE_PIXELS)
+        images = self.sizing.images(config, DEFAULT_MAX_IMAGES, DEFAULT_MAX_IMAGE_PIXELS)
         return CatalogEntry(
             name=name,
             architecture=str((config.get("architectures") or ["unknown"])[0]),
@@ -354,7 +343,7 @@ class TenantService:
             dtype=str(text.get("torch_dtype") or text.get("dtype") or config.get("torch_dtype") or "unknown"),
             weight_bytes=footprint.weight_bytes,
             takes_images=vision,
-            quantization=method[0] if method else None,
+            quantization=method[0] if (method := checkpoint_method(config)) else None,
             minimum_gpu_memory=self._minimum(footprint, self.settings.default_max_model_len, images),
             minimum_gpu_memory_at=self._minimum(footprint, max_model_len, images) if max_model_len else None,
         )

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
-from manager.control.enginefit import EngineFit, fit, minimum
+from manager.control.enginefit import EngineFit, Terms, fit, minimum
 from manager.control.modelfit import ModelFootprint, image_allowance, read_config, read_footprint
 from manager.control.quant import checkpoint_method
 from manager.domain import TenantSpec
@@ -25,9 +26,9 @@ class Sizing:
         self.settings = settings
         self.mode = mode
         self._lock = threading.Lock()
-        self._footprints: dict[tuple[str, bool], tuple[Stamp, ModelFootprint, dict[str, object]]] = {}
+        self._footprints: dict[tuple[str, bool], tuple[Stamp, ModelFootprint, dict[str, Any]]] = {}
 
-    def footprint(self, model: str, quantized: bool) -> tuple[ModelFootprint, dict[str, object]]:
+    def footprint(self, model: str, quantized: bool) -> tuple[ModelFootprint, dict[str, Any]]:
         """The model's footprint and its config.json. A pre-quantized checkpoint is served as
         stored, with or without --quant."""
         root = self.settings.models_dir
@@ -43,7 +44,7 @@ class Sizing:
             self._footprints[(model, quantized)] = (stamp, footprint, config)
         return footprint, config
 
-    def images(self, config: dict[str, object], max_images: int, max_image_pixels: int) -> int:
+    def images(self, config: dict[str, Any], max_images: int, max_image_pixels: int) -> int:
         return image_allowance(config, self.mode, max_images, max_image_pixels)
 
     def minimum(
@@ -62,29 +63,17 @@ class Sizing:
     def minimum_of(
         self, footprint: ModelFootprint, max_model_len: int, images: int, max_num_seqs: int | None = None
     ) -> int:
-        return minimum(
-            footprint,
-            self.mode,
-            overhead=self.settings.effective_engine_overhead,
-            images=images,
-            max_model_len=max_model_len,
-            min_kv_tokens=self.settings.min_kv_tokens,
-            max_num_seqs=max_num_seqs,
-        )
+        return minimum(footprint, self._terms(images, max_model_len, max_num_seqs))
 
     def fit(self, spec: TenantSpec) -> EngineFit:
         """How the tenant's reservation is split inside its engine; InvalidInput when it cannot hold it."""
         footprint, config = self.footprint(spec.model, bool(spec.quantization))
-        return fit(
-            spec.gpu_memory,
-            footprint,
-            self.mode,
-            overhead=self.settings.effective_engine_overhead,
-            images=self.images(config, spec.max_images, spec.max_image_pixels),
-            max_model_len=spec.max_model_len,
-            min_kv_tokens=self.settings.min_kv_tokens,
-            max_num_seqs=spec.max_num_seqs,
-        )
+        images = self.images(config, spec.max_images, spec.max_image_pixels)
+        return fit(spec.gpu_memory, footprint, self._terms(images, spec.max_model_len, spec.max_num_seqs))
+
+    def _terms(self, images: int, max_model_len: int, max_num_seqs: int | None) -> Terms:
+        overhead = self.settings.effective_engine_overhead
+        return Terms(self.mode, overhead, images, max_model_len, self.settings.min_kv_tokens, max_num_seqs)
 
 
 def _stamp(directory: Path) -> Stamp:

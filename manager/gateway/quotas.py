@@ -83,7 +83,6 @@ class Period:
     day: str
     month: str
     day_start_us: int
-    day_end: float
     day_end_us: int
     month_end: float
 
@@ -98,7 +97,6 @@ def _period_of(us: int) -> Period:
         now.strftime("%Y-%m-%d"),
         now.strftime("%Y-%m"),
         int(day.timestamp()) * 1_000_000,
-        day_end.timestamp(),
         int(day_end.timestamp()) * 1_000_000,
         month_end.timestamp(),
     )
@@ -130,7 +128,7 @@ def month_of(ts: float) -> str:
 
 
 def seconds_to_next_day(ts: float) -> float:
-    return period(ts).day_end - ts
+    return period(ts).day_end_us / 1_000_000 - ts
 
 
 def seconds_to_next_month(ts: float) -> float:

@@ -179,8 +179,7 @@ class _Body(httpx.AsyncByteStream):
                     if not chunk:
                         break
                     yield chunk
-                self._conn.close()
-                self._release(reuse=False)
+                self._release(reuse=False)  # closes it
                 return
             else:
                 left = self._length

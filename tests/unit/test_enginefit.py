@@ -10,6 +10,7 @@ from manager.control.enginefit import (
     LOGITS_COPIES,
     MAX_NUM_BATCHED_TOKENS,
     MIN_KV_CACHE,
+    Terms,
     fit,
     minimum,
 )
@@ -25,9 +26,13 @@ DEMO = ModelFootprint("demo", 1_310_720, 2_621_440, 1024, (5 * 256 + 3 * 512) * 
 LARGE = ModelFootprint("large", 8 * 10**9, 16 * G, 144 * 1024, (5 * 4096 + 3 * 12288) * 2, 151_936 * 4)
 
 
+def terms(mode: str = "cpu", **kw: int) -> Terms:
+    args: dict[str, int] = {"overhead": OVERHEAD, "images": 0, "max_model_len": 512, "min_kv_tokens": 256, **kw}
+    return Terms(mode, **args)
+
+
 def split(reservation: int, footprint: ModelFootprint = DEMO, mode: str = "cpu", **kw: int):  # type: ignore[no-untyped-def]
-    args = {"overhead": OVERHEAD, "images": 0, "max_model_len": 512, "min_kv_tokens": 256, **kw}
-    return fit(reservation, footprint, mode, **args)  # type: ignore[arg-type]
+    return fit(reservation, footprint, terms(mode, **kw))
 
 
 def test_a_roomy_reservation_runs_vllms_default_and_the_rest_is_kv_cache() -> None:
@@ -41,7 +46,7 @@ def test_a_roomy_reservation_runs_vllms_default_and_the_rest_is_kv_cache() -> No
 
 
 def test_a_small_reservation_runs_fewer_sequences_instead_of_growing_past_its_limit() -> None:
-    least = minimum(DEMO, "cpu", overhead=OVERHEAD, images=0, max_model_len=512, min_kv_tokens=256)
+    least = minimum(DEMO, terms())
     f = split(least)
     assert f.max_num_seqs == 1 and f.kv_cache == MIN_KV_CACHE == f.kv_floor
     ten = split(least + 9 * f.per_sequence)
@@ -73,7 +78,7 @@ def test_on_a_gpu_the_activations_are_vllms_profile_inside_the_overhead() -> Non
     assert f.activations == 0 and f.per_sequence == 151_936 * 4 * LOGITS_COPIES
     assert f.max_num_seqs == DEFAULT_MAX_NUM_SEQS
     assert f.kv_floor == 144 * 1024 * 8192  # one whole context, no CPU floor
-    tight = minimum(LARGE, "nvml", overhead=3 * G, images=0, max_model_len=8192, min_kv_tokens=256)
+    tight = minimum(LARGE, terms("nvml", overhead=3 * G, max_model_len=8192))
     assert split(tight + 4 * f.per_sequence, LARGE, "nvml", overhead=3 * G, max_model_len=8192).max_num_seqs == 5
 
 
@@ -84,9 +89,7 @@ def test_on_a_gpu_the_activations_are_vllms_profile_inside_the_overhead() -> Non
     mode=st.sampled_from(["cpu", "nvml"]),
 )
 def test_the_parts_always_add_up_to_the_reservation(extra: int, seqs: int | None, images: int, mode: str) -> None:
-    least = minimum(
-        DEMO, mode, overhead=OVERHEAD, images=images, max_model_len=512, min_kv_tokens=256, max_num_seqs=seqs
-    )
+    least = minimum(DEMO, terms(mode, images=images, max_num_seqs=seqs or 0))
     f = split(least + extra, mode=mode, images=images, max_num_seqs=seqs or 0)
     parts = f.overhead + f.weights + f.images + f.activations + f.max_num_seqs * f.per_sequence + f.kv_cache
     assert parts == f.reservation == least + extra

@@ -1,7 +1,7 @@
 import pytest
 
 from manager import names
-from manager.control.enginefit import EngineFit, fit
+from manager.control.enginefit import EngineFit, Terms, fit
 from manager.control.modelfit import ModelFootprint
 from manager.control.plan import TenantPlan, gpu_memory_utilization, identity, prepare_plan
 from manager.control.plan import tenant_plan as plan_with
@@ -23,16 +23,15 @@ def spec(**over: object) -> TenantSpec:
 
 
 def fitted(s: TenantSpec, settings: Settings) -> EngineFit:
-    return fit(
-        s.gpu_memory,
-        DEMO,
+    terms = Terms(
         settings.gpu_mode,
-        overhead=settings.effective_engine_overhead,
-        images=0,
-        max_model_len=s.max_model_len,
-        min_kv_tokens=settings.min_kv_tokens,
-        max_num_seqs=s.max_num_seqs,
+        settings.effective_engine_overhead,
+        0,
+        s.max_model_len,
+        settings.min_kv_tokens,
+        s.max_num_seqs,
     )
+    return fit(s.gpu_memory, DEMO, terms)
 
 
 def tenant_plan(s: TenantSpec, settings: Settings, device_total: int, *args: object, **kw: object) -> TenantPlan:
