@@ -562,22 +562,23 @@ class Proxy:
             at=started,
         )
         headers = {**verdict.headers, "x-request-id": request_id}
-        if not self.state.begin(record):  # begun durably, or not served at all
+        if not await self.state.begin(record):  # begun durably, or not served at all
             ticket.cancel()
             await self._spool_full(send, path)
             return
 
-        def commit() -> None:
-            """Writes the usage record and settles the quota, once. Called before the response's
+        async def commit() -> None:
+            """Writes the usage record and settles the quota, once. Awaited before the response's
             last byte, so a client that got a whole answer is always metered (a SIGKILL of the
             gateway included); on errors and disconnects, when the request ends."""
             if ticket.settled:
                 return
             used = int(record["prompt_tokens"]) + int(record["completion_tokens"])
             try:
-                self._finish(record, started)
+                written = self._finish(record, started)
             finally:  # a failed record write must not leak the in-flight slot
                 ticket.settle(used)
+            await written
 
         def unserved() -> None:
             """The engine did not answer: no usage record, and no quota counts the request."""
@@ -590,12 +591,14 @@ class Proxy:
             else:
                 await self._plain(method, path, body, send, headers, record, commit, unserved)
         finally:
-            commit()  # a no-op after unserved()
+            if not ticket.settled:  # an error or a disconnect: the record is written with this turn's
+                self._finish(record, started)  # (not awaited: the task may be ending)
+                ticket.settle(int(record["prompt_tokens"]) + int(record["completion_tokens"]))
 
-    def _finish(self, record: dict[str, Any], started: float) -> None:
+    def _finish(self, record: dict[str, Any], started: float) -> asyncio.Future[bool]:
         elapsed = time.time() - started
         rec = UsageRecord(latency_ms=round(elapsed * 1000, 3), **record)
-        self.state.record(rec)
+        written = self.state.record(rec)
         m = self.state.metrics
         m.requests.labels(route_of(rec.path), str(rec.status)).inc()
         m.latency.observe(elapsed)
@@ -607,6 +610,7 @@ class Proxy:
             m.member_requests.labels(rec.member, str(rec.status)).inc()
             m.member_tokens.labels(rec.member, "prompt").inc(rec.prompt_tokens)
             m.member_tokens.labels(rec.member, "completion").inc(rec.completion_tokens)
+        return written
 
     async def _unavailable(
         self, send: Send, path: str, headers: dict[str, str], unserved: Callable[[], None], tried: bool = True
@@ -634,7 +638,7 @@ class Proxy:
         send: Send,
         headers: dict[str, str],
         record: dict[str, Any],
-        commit: Callable[[], None],
+        commit: Callable[[], Awaitable[None]],
         unserved: Callable[[], None],
     ) -> None:
         if self.engine_down:
@@ -664,7 +668,7 @@ class Proxy:
         ctype = upstream.headers.get("content-type", "application/json").encode()
         if upstream.status_code >= 400:
             content, ctype = openai_error(upstream.status_code, content, path), b"application/json"
-        commit()
+        await commit()
         await self._send(send, upstream.status_code, content, headers, ctype)
 
     async def _stream(
@@ -674,7 +678,7 @@ class Proxy:
         payload: dict[str, Any],
         headers: dict[str, str],
         record: dict[str, Any],
-        commit: Callable[[], None],
+        commit: Callable[[], Awaitable[None]],
         unserved: Callable[[], None],
     ) -> None:
         """Events pass through as they come; the closing ``data: [DONE]`` is held back until the
@@ -705,7 +709,7 @@ class Proxy:
             content = await upstream.aread()
             await upstream.aclose()
             record["outcome"] = "error"
-            commit()
+            await commit()
             await self._send(
                 send, upstream.status_code, openai_error(upstream.status_code, content, record["path"]), headers
             )
@@ -725,23 +729,27 @@ class Proxy:
         buffer = b""
         closing = b""  # the [DONE] event, sent with the last byte once the record is written
 
-        def metered() -> None:
+        def count_delivered() -> None:
             if not record["completion_tokens"] and not record["prompt_tokens"]:
                 record["completion_tokens"] = delivered  # no usage from the engine: what was delivered
-            commit()
+
+        async def metered() -> None:
+            count_delivered()
+            await commit()
 
         saved_at: float | None = None  # None until the first generated token is saved
 
-        def save_progress() -> None:
+        def save_progress() -> asyncio.Future[bool] | None:
             """At the first generated token, then about once a second: what a gateway killed now
             would meter (as ``interrupted``). Saved before the chunk goes to the client."""
             nonlocal saved_at
             counted = record["completion_tokens"] or (0 if record["prompt_tokens"] else delivered)
             if saved_at is None and not counted:
-                return
+                return None
             if saved_at is None or time.monotonic() - saved_at >= PROGRESS_S:
                 saved_at = time.monotonic()
-                self.state.progress(record["request_id"], record["prompt_tokens"], counted, 200)
+                return self.state.progress(record["request_id"], record["prompt_tokens"], counted, 200)
+            return None
 
         try:
             await send({"type": "http.response.start", "status": 200, "headers": raw_headers})
@@ -768,7 +776,9 @@ class Proxy:
                     record["outcome"] = "client_disconnected"
                     break
                 if out:
-                    save_progress()
+                    saving = save_progress()
+                    if saving is not None:
+                        await saving
                     try:
                         await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
                     except OSError:
@@ -776,13 +786,13 @@ class Proxy:
                         record["outcome"] = "client_disconnected"
                         break
             if not disconnected.is_set():
-                metered()
+                await metered()
                 await send({"type": "http.response.body", "body": closing + buffer, "more_body": False})
         except httpx.TransportError:
             record["outcome"] = "client_disconnected" if disconnected.is_set() else "engine_error"
             self._engine_lost()  # the next requests are answered at once until a probe reaches it
             if not disconnected.is_set():
-                metered()
+                await metered()
                 # the engine went away mid-answer: end the stream with an error event (the OpenAI SDK
                 # raises it as an APIError) instead of a cut connection
                 self.state.metrics.upstream_errors.inc()
@@ -800,4 +810,4 @@ class Proxy:
         finally:
             watcher.cancel()
             await upstream.aclose()
-            metered()  # once: a no-op when the record was written before the last byte
+            count_delivered()  # the caller writes the record now if it was not written before the last byte

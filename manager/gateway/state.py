@@ -3,7 +3,7 @@ its store and its metrics. Shared by the public proxy and the admin app."""
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import hmac
 import logging
 import sqlite3
@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from manager.contract import GatewayConfig, UsageRecord
 from manager.gateway.quotas import WINDOW_S, QuotaState
-from manager.gateway.store import GatewayStore, Totals
+from manager.gateway.store import Begin, Drop, GatewayStore, Progress, Settle, Totals, Write
 from manager.keys import hash_key, key_id
 from manager.utc import start_of_day, start_of_month
 
@@ -94,6 +94,8 @@ class GatewayState:
         self.unwritten: list[UsageRecord] = []
         """Records the spool could not take (its volume full): written first, in order, once it can."""
         self.spool_error: str | None = None
+        self._pending: list[tuple[Write, asyncio.Future[bool]]] = []
+        """This event-loop turn's writes, committed together at the start of the next."""
         saved = store.config()
         if saved:
             self.apply(saved, persist=False)
@@ -166,48 +168,69 @@ class GatewayState:
         member = self.members.get(key.member)
         return [member, self.quotas] if member is not None else None
 
-    def begin(self, fields: dict[str, object]) -> bool:
-        """A request admitted, durably, before it goes to the engine; False when the spool cannot
-        take it (the request must then not be served)."""
+    # ------------------------------------------------------------ the spool, written in groups
+    def begin(self, fields: dict[str, object]) -> asyncio.Future[bool]:
+        """A request admitted; the future says True once that is durable, False when the spool
+        cannot take it (the request must then not be served)."""
+        return self._write(Begin(fields))
+
+    def progress(
+        self, request_id: str, prompt_tokens: int, completion_tokens: int, status: int
+    ) -> asyncio.Future[bool]:
+        """What a request in flight has used so far (best effort: its record settles it anyway)."""
+        return self._write(Progress(request_id, prompt_tokens, completion_tokens, status))
+
+    def drop(self, request_id: str) -> None:
+        self._write(Drop(request_id))
+
+    def record(self, rec: UsageRecord) -> asyncio.Future[bool]:
+        """A usage record; the future says True once it is committed. When the spool cannot take it,
+        it is kept in memory (never lost while the gateway lives), written first once the spool
+        takes writes again, and the future says False."""
+        return self._write(Settle(rec))
+
+    def _write(self, write: Write) -> asyncio.Future[bool]:
+        """Joins the writes of this event-loop turn; the first schedules their commit for the start
+        of the next turn, so every request that began or ended in this one shares one transaction
+        and none waits longer than one turn."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._commit)
+        self._pending.append((write, done))
+        return done
+
+    def _commit(self) -> None:
+        pending, self._pending = self._pending, []
+        writes = [w for w, _ in pending]
+        ok = self._write_all([*(Settle(r) for r in self.unwritten), *writes])
+        if ok:
+            self.unwritten.clear()
+        else:
+            self.unwritten.extend(w.record for w in writes if isinstance(w, Settle))
+        for _, done in pending:
+            if not done.done():  # its request may have been cancelled meanwhile: the write stands
+                done.set_result(ok)
+
+    def _write_all(self, writes: list[Write]) -> bool:
         try:
-            self.store.begin(fields)
+            self.store.write(writes)
         except (sqlite3.Error, OSError) as exc:
+            if self.spool_error is None:
+                log.error("usage spool cannot be written (%s): refusing requests until it can", exc)
             self.spool_error = str(exc)
             self.metrics.spool_errors.inc()
             return False
-        return True
-
-    def progress(self, request_id: str, prompt_tokens: int, completion_tokens: int, status: int) -> None:
-        """What a request in flight has used so far (best effort: its record settles it anyway)."""
-        with contextlib.suppress(sqlite3.Error, OSError):
-            self.store.progress(request_id, prompt_tokens, completion_tokens, status)
-
-    def drop(self, request_id: str) -> None:
-        with contextlib.suppress(sqlite3.Error, OSError):
-            self.store.drop(request_id)
-
-    def record(self, rec: UsageRecord) -> bool:
-        """Commits a usage record; when the spool cannot take it, keeps it in memory (never lost
-        while the gateway lives) and returns False."""
-        self.unwritten.append(rec)
-        return self.flush()
-
-    def flush(self) -> bool:
-        """Writes the records kept in memory; True when the spool takes records again."""
-        while self.unwritten:
-            try:
-                self.store.record(self.unwritten[0])
-            except (sqlite3.Error, OSError) as exc:
-                if self.spool_error is None:
-                    log.error("usage spool cannot be written (%s): refusing requests until it can", exc)
-                self.spool_error = str(exc)
-                self.metrics.spool_errors.inc()
-                return False
-            self.unwritten.pop(0)
         if self.spool_error is not None:
             log.warning("usage spool writable again; every record kept in memory is written")
             self.spool_error = None
         return True
+
+    def flush(self) -> bool:
+        """Writes the records kept in memory; True when the spool takes records again."""
+        if self.unwritten and self._write_all([Settle(r) for r in self.unwritten]):
+            self.unwritten.clear()
+        return not self.unwritten
 
     def authenticate(self, presented: str) -> KeyEntry | None:
         kid = key_id(presented)

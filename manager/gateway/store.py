@@ -11,12 +11,16 @@ count) saved about once a second while it streams, and *settled* by its record, 
 transaction with the open row's removal. A gateway killed with requests in flight settles them at
 its next start as ``interrupted`` records with what it had saved: nothing served goes unmetered,
 nothing is metered twice.
+
+Writes come in groups (``write``): the gateway gathers the writes of one event-loop turn, every
+request that began or ended in it, into one transaction, so a commit is paid once per turn, not
+once per request.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +64,18 @@ MIGRATIONS: list[Step] = [
     ],
 ]
 """The spool's schema, step by step (see manager.migrations); append only."""
+_BEGIN = (
+    "INSERT OR REPLACE INTO open_requests (request_id, key_id, member, model, path, prompt_tokens,"
+    " completion_tokens, status, at) VALUES (:request_id, :key_id, :member, :model, :path, :prompt_tokens,"
+    " :completion_tokens, :status, :at)"
+)
+_PROGRESS = "UPDATE open_requests SET prompt_tokens=?, completion_tokens=?, status=? WHERE request_id=?"
+_RECORD = (
+    "INSERT OR IGNORE INTO usage (request_id, key_id, member, model, path, prompt_tokens, completion_tokens,"
+    " status, outcome, latency_ms, at) VALUES (:request_id, :key_id, :member, :model, :path, :prompt_tokens,"
+    " :completion_tokens, :status, :outcome, :latency_ms, :at)"
+)
+_DROP = "DELETE FROM open_requests WHERE request_id = ?"
 _OPEN_FIELDS = ("request_id", "key_id", "member", "model", "path", "prompt_tokens", "completion_tokens", "status", "at")
 
 
@@ -73,6 +89,40 @@ class Totals:
     day_tokens: int
     month_requests: int
     recent: list[float]
+
+
+@dataclass(frozen=True, slots=True)
+class Begin:
+    """A request admitted: what is known of it so far (``UsageRecord``'s fields but latency)."""
+
+    fields: dict[str, object]
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """What a request in flight has used so far (the engine's running count)."""
+
+    request_id: str
+    prompt_tokens: int
+    completion_tokens: int
+    status: int
+
+
+@dataclass(frozen=True, slots=True)
+class Settle:
+    """The request's record, and the end of its open row."""
+
+    record: UsageRecord
+
+
+@dataclass(frozen=True, slots=True)
+class Drop:
+    """A request the engine never took: no record, no open row."""
+
+    request_id: str
+
+
+Write = Begin | Progress | Settle | Drop
 
 
 class GatewayStore:
@@ -98,35 +148,23 @@ class GatewayStore:
             (config.model_dump_json(),),
         )
 
-    def record(self, rec: UsageRecord) -> None:
-        """The request's record, and the end of its open row, at once."""
+    def write(self, writes: Sequence[Write]) -> None:
+        """Every write, in order, in one transaction: all of them or none."""
         with self._transaction():
-            self._db.execute(
-                "INSERT OR IGNORE INTO usage (request_id, key_id, member, model, path, prompt_tokens,"
-                " completion_tokens, status, outcome, latency_ms, at) VALUES (:request_id, :key_id, :member, :model,"
-                " :path, :prompt_tokens, :completion_tokens, :status, :outcome, :latency_ms, :at)",
-                rec.model_dump(),
-            )
-            self._db.execute("DELETE FROM open_requests WHERE request_id = ?", (rec.request_id,))
+            for w in writes:
+                match w:
+                    case Begin(fields):
+                        self._db.execute(_BEGIN, {k: fields[k] for k in _OPEN_FIELDS})
+                    case Progress(request_id, prompt_tokens, completion_tokens, status):
+                        self._db.execute(_PROGRESS, (prompt_tokens, completion_tokens, status, request_id))
+                    case Settle(rec):
+                        self._db.execute(_RECORD, rec.model_dump())
+                        self._db.execute(_DROP, (rec.request_id,))
+                    case Drop(request_id):
+                        self._db.execute(_DROP, (request_id,))
 
-    def begin(self, fields: dict[str, object]) -> None:
-        """A request admitted: what is known of it so far (``UsageRecord``'s fields but latency)."""
-        self._db.execute(
-            "INSERT OR REPLACE INTO open_requests (request_id, key_id, member, model, path, prompt_tokens,"
-            " completion_tokens, status, at) VALUES (:request_id, :key_id, :member, :model, :path, :prompt_tokens,"
-            " :completion_tokens, :status, :at)",
-            {k: fields[k] for k in _OPEN_FIELDS},
-        )
-
-    def progress(self, request_id: str, prompt_tokens: int, completion_tokens: int, status: int) -> None:
-        self._db.execute(
-            "UPDATE open_requests SET prompt_tokens=?, completion_tokens=?, status=? WHERE request_id=?",
-            (prompt_tokens, completion_tokens, status, request_id),
-        )
-
-    def drop(self, request_id: str) -> None:
-        """A request the engine never took: no record, no open row."""
-        self._db.execute("DELETE FROM open_requests WHERE request_id = ?", (request_id,))
+    def record(self, rec: UsageRecord) -> None:
+        self.write([Settle(rec)])
 
     def settle_interrupted(self, now: float) -> int:
         """Every request left open by a gateway that died: a record ``interrupted`` with what was saved

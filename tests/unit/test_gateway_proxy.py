@@ -20,7 +20,7 @@ from manager.gateway import proxy as proxy_module
 from manager.gateway.proxy import Proxy
 from manager.gateway.settings import GatewaySettings
 from manager.gateway.state import GatewayState
-from manager.gateway.store import GatewayStore
+from manager.gateway.store import GatewayStore, Settle
 
 from .fakes import usage_record
 
@@ -349,13 +349,14 @@ class FillableStore(GatewayStore):
     """The gateway's real store, whose volume the test can make full."""
 
     full = False
+    """While set, no usage record fits (the volume filled up while requests were served)."""
 
-    def record(self, rec: Any) -> None:
+    def write(self, writes: Any) -> None:
         import sqlite3
 
-        if self.full:
+        if self.full and any(isinstance(w, Settle) for w in writes):
             raise sqlite3.OperationalError("database or disk is full")
-        super().record(rec)
+        super().write(writes)
 
 
 async def test_a_full_spool_refuses_requests_and_loses_no_record(tmp_path: Path) -> None:
@@ -1014,3 +1015,29 @@ async def test_requests_that_end_leave_nothing_open(gateway) -> None:
     for body in (CHAT, {**CHAT, "stream": True}):
         assert (await client.post("/v1/chat/completions", json=body)).status_code == 200
     assert state.store.settle_interrupted(0.0) == 0
+
+
+class CountingStore(GatewayStore):
+    """The gateway's real store, counting its transactions."""
+
+    transactions = 0
+
+    def write(self, writes: Any) -> None:
+        self.transactions += 1
+        super().write(writes)
+
+
+async def test_requests_that_begin_and_end_together_share_one_commit(tmp_path: Path) -> None:
+    """The writes of one event-loop turn are one transaction: twenty requests in flight at once cost
+    a few commits, not forty, and each is still recorded once, before its answer."""
+    store = CountingStore(tmp_path / "gw.db")
+    state = GatewayState(store)
+    issued = keys.issue()
+    state.apply(GatewayConfig.model_validate({"version": "v", "keys": [{"id": issued.id, "hash": issued.hash}]}))
+    client, forwarded = recording(state, issued.secret_key)
+    answers = await asyncio.gather(*(client.post("/v1/chat/completions", json=CHAT) for _ in range(20)))
+    assert [a.status_code for a in answers] == [200] * 20 and len(forwarded) == 20
+    records = store.after(0).records
+    assert sorted(r.request_id for r in records) == sorted(a.headers["x-request-id"] for a in answers)
+    assert store.transactions <= 4, store.transactions
+    assert store.settle_interrupted(0.0) == 0, "every request's open row ended with its record"
