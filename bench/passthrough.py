@@ -5,10 +5,10 @@ with the one the gateway uses: what is left over is the gateway's own work.
 
     python -m bench.passthrough PORT UPSTREAM_URL [httpx|aiohttp|lean]
 
-- httpx: httpx's transport, as the gateway uses it today;
+- httpx: httpx's own transport (the gateway's client before its own);
 - aiohttp: aiohttp's client session (its C parser, its connection pool);
-- lean: the gateway's own keep-alive HTTP/1.1 transport (``manager.gateway.upstream``): a deque
-  of idle connections, no per-request scan of the pool.
+- lean: the gateway's own keep-alive HTTP/1.1 client (``manager.gateway.upstream``): a deque
+  of idle connections, no per-request scan of the pool, no httpx objects.
 """
 
 from __future__ import annotations
@@ -66,28 +66,23 @@ def aiohttp_forwarder(upstream: str) -> Callable[[dict[str, Any], bytes, Send], 
 
 
 def lean_forwarder(upstream: str) -> Callable[[dict[str, Any], bytes, Send], Awaitable[None]]:
-    """The gateway's own transport (``manager.gateway.upstream``), used as the gateway uses it."""
-    import httpx
+    """The gateway's own client (``manager.gateway.upstream``), used as the gateway uses it."""
+    from manager.gateway.upstream import LeanUpstream, Timeouts
 
-    from manager.gateway.upstream import LeanTransport
-
-    transport = LeanTransport()
-    timeouts = {"connect": 2.0, "read": 600.0, "write": 600.0, "pool": 600.0}
+    client = LeanUpstream(upstream)
+    timeouts = Timeouts(connect=2.0, read=600.0, write=600.0, pool=600.0)
+    json_type = ((b"content-type", b"application/json"),)
 
     async def forward(scope: dict[str, Any], body: bytes, send: Send) -> None:
-        request = httpx.Request(
-            scope["method"], upstream + scope["path"], headers=[(b"content-type", b"application/json")], content=body
-        )
-        request.extensions["timeout"] = timeouts
-        response = await transport.handle_async_request(request)
+        answer = await client.send(scope["method"], scope["path"], json_type, body, timeouts)
         try:
-            headers = [(k, v) for k, v in response.headers.raw if k.lower() == b"content-type"]
-            await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
-            async for part in response.aiter_raw():
+            headers = [(k, v) for k, v in answer.headers if k.lower() == b"content-type"]
+            await send({"type": "http.response.start", "status": answer.status, "headers": headers})
+            async for part in answer.chunks():
                 await send({"type": "http.response.body", "body": part, "more_body": True})
             await send({"type": "http.response.body", "body": b""})
         finally:
-            await response.aclose()
+            await answer.close()
 
     return forward
 

@@ -26,7 +26,7 @@ from manager.gateway.images import check_images, count_images
 from manager.gateway.quotas import admit
 from manager.gateway.settings import GatewaySettings
 from manager.gateway.state import GatewayState, KeyEntry
-from manager.gateway.upstream import LeanTransport
+from manager.gateway.upstream import Answer, HttpxUpstream, LeanUpstream, Timeouts, Upstream, UpstreamError
 
 Scope = MutableMapping[str, Any]
 log = logging.getLogger(__name__)
@@ -214,22 +214,24 @@ def usage_of(payload: dict[str, Any]) -> tuple[int, int] | None:
 
 
 class Proxy:
-    """Speaks to the engine through an httpx *transport* directly: the client layers above it
-    (URL merging, auth, redirects, cookies) are not needed here. The transport is the gateway's
-    own keep-alive client (``manager.gateway.upstream``, chosen by measurement); tests pass an
-    ``httpx.MockTransport``."""
+    """Speaks to the engine through the gateway's own keep-alive client
+    (``manager.gateway.upstream``, chosen by measurement); tests pass an httpx transport (an
+    ``httpx.MockTransport``), put behind the same interface."""
 
     def __init__(
         self, settings: GatewaySettings, state: GatewayState, transport: httpx.AsyncBaseTransport | None = None
     ) -> None:
         self.settings = settings
         self.state = state
-        self.transport = transport or LeanTransport(max_connections=1000, max_idle=100)
-        self.upstream = settings.upstream.rstrip("/")
+        self.upstream: Upstream = (
+            HttpxUpstream(transport, settings.upstream)
+            if transport is not None
+            else LeanUpstream(settings.upstream, max_connections=1000, max_idle=100)
+        )
         self.large_slots = asyncio.Semaphore(settings.large_bodies)
         self.image_slots = asyncio.Semaphore(settings.image_requests) if settings.image_requests > 0 else None
         t = settings.upstream_timeout_s
-        self.timeouts = {"connect": CONNECT_TIMEOUT_S, "read": t, "write": t, "pool": t}
+        self.timeouts = Timeouts(connect=CONNECT_TIMEOUT_S, read=t, write=t, pool=t)
         self.engine_down = False
         """Set when the engine failed to take a request: until a probe reaches it again, requests
         are answered 503 at once instead of each waiting for a connect (or a name lookup) to fail."""
@@ -244,14 +246,12 @@ class Proxy:
     async def _probe_engine(self) -> None:
         """Until the engine answers HTTP again (any answer: it takes connections), one request at a
         time, every ``PROBE_INTERVAL_S``."""
-        timeouts = {"connect": CONNECT_TIMEOUT_S, "read": CONNECT_TIMEOUT_S, "write": 1.0, "pool": 1.0}
+        timeouts = Timeouts(connect=CONNECT_TIMEOUT_S, read=CONNECT_TIMEOUT_S, write=1.0, pool=1.0)
         while self.engine_down:
-            request = httpx.Request("GET", self.upstream + "/health")
-            request.extensions["timeout"] = timeouts
             try:
-                answer = await self.transport.handle_async_request(request)
-                await answer.aclose()
-            except httpx.TransportError:
+                answer = await self.upstream.send("GET", "/health", (), b"", timeouts)
+                await answer.close()
+            except UpstreamError:
                 await asyncio.sleep(PROBE_INTERVAL_S)
                 continue
             except Exception:  # never leave the gateway refusing for good: a bug here is logged, retried
@@ -260,13 +260,11 @@ class Proxy:
                 continue
             self.engine_down = False
 
-    def _request(
-        self, method: str, path: str, request_id: str, content: bytes | None = None, accept: str = "application/json"
-    ) -> httpx.Request:
-        headers = {"content-type": "application/json", "accept": accept, "x-request-id": request_id}
-        request = httpx.Request(method, self.upstream + path, headers=headers, content=content)
-        request.extensions["timeout"] = self.timeouts
-        return request
+    async def _send_upstream(
+        self, method: str, path: str, request_id: str, body: bytes, accept: bytes = b"application/json"
+    ) -> Answer:
+        headers = ((b"content-type", b"application/json"), (b"accept", accept), (b"x-request-id", request_id.encode()))
+        return await self.upstream.send(method, path, headers, body, self.timeouts)
 
     # ---------------------------------------------------------------- ASGI entry
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -396,7 +394,7 @@ class Proxy:
             if message["type"] == "lifespan.startup":
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                await self.transport.aclose()
+                await self.upstream.aclose()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
@@ -645,31 +643,29 @@ class Proxy:
             await self._unavailable(send, path, headers, unserved, tried=False)
             return
         try:
-            upstream = await self.transport.handle_async_request(
-                self._request(method, path, record["request_id"], body if method == "POST" else None)
-            )
+            upstream = await self._send_upstream(method, path, record["request_id"], body if method == "POST" else b"")
             try:
-                content = await upstream.aread()
+                content = await upstream.read()
             finally:
-                await upstream.aclose()
-        except httpx.TransportError:
+                await upstream.close()
+        except UpstreamError:
             await self._unavailable(send, path, headers, unserved)
             return
-        record["status"] = upstream.status_code
-        if upstream.status_code >= 500:
+        record["status"] = upstream.status
+        if upstream.status >= 500:
             self.state.metrics.upstream_errors.inc()
-        if upstream.status_code == 200 and method == "POST":
+        if upstream.status == 200 and method == "POST":
             with contextlib.suppress(ValueError):
                 tokens = usage_of(json.loads(content))
                 if tokens:
                     record["prompt_tokens"], record["completion_tokens"] = tokens
         else:
-            record["outcome"] = "ok" if upstream.status_code < 400 else "error"
-        ctype = upstream.headers.get("content-type", "application/json").encode()
-        if upstream.status_code >= 400:
-            content, ctype = openai_error(upstream.status_code, content, path), b"application/json"
+            record["outcome"] = "ok" if upstream.status < 400 else "error"
+        ctype = upstream.header(b"content-type") or b"application/json"
+        if upstream.status >= 400:
+            content, ctype = openai_error(upstream.status, content, path), b"application/json"
         await commit()
-        await self._send(send, upstream.status_code, content, headers, ctype)
+        await self._send(send, upstream.status, content, headers, ctype)
 
     async def _stream(
         self,
@@ -693,26 +689,27 @@ class Proxy:
             **payload,
             "stream_options": {**options, "include_usage": True, "continuous_usage_stats": True},
         }
-        request = self._request(
-            "POST", record["path"], record["request_id"], json.dumps(upstream_body).encode(), accept="text/event-stream"
-        )
         if self.engine_down:
             await self._unavailable(send, record["path"], headers, unserved, tried=False)
             return
         try:
-            upstream = await self.transport.handle_async_request(request)
-        except httpx.TransportError:
+            upstream = await self._send_upstream(
+                "POST", record["path"], record["request_id"], json.dumps(upstream_body).encode(), b"text/event-stream"
+            )
+        except UpstreamError:
             await self._unavailable(send, record["path"], headers, unserved)
             return
-        record["status"] = upstream.status_code
-        if upstream.status_code != 200:
-            content = await upstream.aread()
-            await upstream.aclose()
+        record["status"] = upstream.status
+        if upstream.status != 200:
+            try:
+                content = await upstream.read()
+            except UpstreamError:
+                content = b""
+            finally:
+                await upstream.close()
             record["outcome"] = "error"
             await commit()
-            await self._send(
-                send, upstream.status_code, openai_error(upstream.status_code, content, record["path"]), headers
-            )
+            await self._send(send, upstream.status, openai_error(upstream.status, content, record["path"]), headers)
             return
 
         disconnected = asyncio.Event()
@@ -754,7 +751,7 @@ class Proxy:
         try:
             await send({"type": "http.response.start", "status": 200, "headers": raw_headers})
             self.state.progress(record["request_id"], 0, 0, 200)
-            async for chunk in upstream.aiter_bytes():
+            async for chunk in upstream.chunks():
                 buffer += chunk
                 out: list[bytes] = []
                 while b"\n\n" in buffer:
@@ -788,7 +785,7 @@ class Proxy:
             if not disconnected.is_set():
                 await metered()
                 await send({"type": "http.response.body", "body": closing + buffer, "more_body": False})
-        except httpx.TransportError:
+        except UpstreamError:
             record["outcome"] = "client_disconnected" if disconnected.is_set() else "engine_error"
             self._engine_lost()  # the next requests are answered at once until a probe reaches it
             if not disconnected.is_set():
@@ -809,5 +806,5 @@ class Proxy:
                     await send({"type": "http.response.body", "body": event, "more_body": False})
         finally:
             watcher.cancel()
-            await upstream.aclose()
+            await upstream.close()
             count_delivered()  # the caller writes the record now if it was not written before the last byte

@@ -1,26 +1,25 @@
-"""The gateway's client to its engine: HTTP/1.1 with keep-alive to one upstream, behind httpx's
-transport interface (so the proxy and its tests speak ``httpx.Request`` and ``httpx.Response``,
-and tests pass an ``httpx.MockTransport``).
+"""The gateway's client to its engine: HTTP/1.1 with keep-alive to one upstream, behind a small
+interface of its own (``Upstream``: send a request, get an ``Answer`` whose body is read whole or
+as it comes), with no per-request objects beyond the answer.
 
 Chosen by measurement (``scripts/bench.sh --wire``: a pass-through proxy alone on one core of
 the 2-core reference machine, 32 connections):
 
-- httpx's own transport: 234-459 requests/s, 2,161-4,253 us of CPU each: httpcore checks every
+- httpx's own transport: 234-583 requests/s, 1,690-4,253 us of CPU each: httpcore checks every
   pooled connection (its expiry, a select() on its socket) on every request;
 - aiohttp's client: 3,166-5,745 requests/s, 173-313 us;
-- this transport behind httpx's ``Request`` and ``Response`` objects (as the gateway uses it):
-  3,971 requests/s, 250 us; the same connection handling without those objects: 9,884-12,286
-  requests/s, 80-100 us. Most of what is left is httpx's models, not the wire.
+- this client's connection handling behind httpx's ``Request`` and ``Response`` objects: 3,971
+  requests/s, 250 us; without those objects (this interface): 9,884-12,286 requests/s, 80-100 us.
 
-It is as fast as aiohttp through the same httpx objects, needs no new package in the image (aiohttp
-brings eight), and keeps the proxy's tests on ``httpx.MockTransport``. Leaving httpx's models on
-the hot path is the next step.
+It costs less than half of aiohttp a request and needs no new package in the image (aiohttp
+brings eight). ``HttpxUpstream`` puts any httpx transport behind the same interface: the proxy's
+tests pass an ``httpx.MockTransport`` through it, and the conformance test
+(``tests/unit/test_upstream_transport.py``) runs both against a real server.
 
-What it keeps of httpx's transport: streamed bodies, the timeouts in ``request.extensions``
-(connect; read, between any two reads of the answer; write; pool), a bounded number of
-connections, and the errors as httpx's ``TransportError`` classes (the proxy maps them to
-OpenAI-shaped 502/503/504). A response closed before its end closes its connection: that is how
-the engine learns a client went away, and aborts the request.
+What it keeps: streamed bodies; timeouts (connect; read, between any two reads of the answer;
+write; pool); a bounded number of connections; failures as ``UpstreamError`` (the proxy answers
+them in OpenAI's shape). An answer closed before its end closes its connection: that is how the
+engine learns a client went away, and aborts the request.
 """
 
 from __future__ import annotations
@@ -28,15 +27,67 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+from urllib.parse import urlsplit
 
 import httpx
 
 IDLE_S = 4.0
 """An idle connection is reused for this long at most: uvicorn, vLLM's server, closes keep-alive
 connections after 5 s."""
+Headers = Sequence[tuple[bytes, bytes]]
 
 
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    connect: float | None
+    read: float | None
+    """Between any two reads of the answer (its head, then each piece of its body)."""
+    write: float | None
+    pool: float | None
+    """Waiting for a free connection when all are busy."""
+
+
+class UpstreamError(Exception):
+    """The engine could not be reached, or its answer did not come or broke off."""
+
+
+class UpstreamConnectError(UpstreamError):
+    pass
+
+
+class UpstreamTimeout(UpstreamError):
+    pass
+
+
+class Answer(Protocol):
+    """The engine's answer: its head, and its body read whole (``read``) or as it comes
+    (``chunks``). ``close`` must be called, also after a whole read."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+
+    def header(self, name: bytes) -> bytes | None: ...
+    async def read(self) -> bytes: ...
+    def chunks(self) -> AsyncIterator[bytes]: ...
+    async def close(self) -> None: ...
+
+
+class Upstream(Protocol):
+    async def send(self, method: str, path: str, headers: Headers, body: bytes, timeouts: Timeouts) -> Answer: ...
+    async def aclose(self) -> None: ...
+
+
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    for k, v in headers:
+        if k.lower() == name:
+            return v
+    return None
+
+
+# ---------------------------------------------------------------- the gateway's own client
 class _Connection:
     __slots__ = ("idle_since", "reader", "writer")
 
@@ -50,62 +101,69 @@ class _Connection:
         self.writer.close()
 
 
-class LeanTransport(httpx.AsyncBaseTransport):
-    def __init__(self, max_connections: int = 1000, max_idle: int = 100) -> None:
-        self._idle: dict[tuple[str, int], deque[_Connection]] = {}
+class LeanUpstream:
+    """Keep-alive HTTP/1.1 to one engine: a stack of idle connections (the most recently used is
+    taken first), at most ``max_connections`` in use."""
+
+    def __init__(self, url: str, max_connections: int = 1000, max_idle: int = 100) -> None:
+        parts = urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(f"the engine's address must be http://host[:port], not {url!r}")
+        self.host, self.port = parts.hostname, parts.port or 80
+        self._host_line = b"host: " + parts.netloc.encode() + b"\r\n"
+        self._idle: deque[_Connection] = deque()
         self._slots = asyncio.Semaphore(max_connections)
         self._max_idle = max_idle
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        timeouts: dict[str, float | None] = request.extensions.get("timeout", {})
-        host, port = _address(request.url)
+    async def send(self, method: str, path: str, headers: Headers, body: bytes, timeouts: Timeouts) -> Answer:
         try:
-            await asyncio.wait_for(self._slots.acquire(), timeouts.get("pool"))
+            await asyncio.wait_for(self._slots.acquire(), timeouts.pool)
         except TimeoutError as exc:
-            raise httpx.PoolTimeout("no free connection to the engine", request=request) from exc
+            raise UpstreamTimeout("no free connection to the engine") from exc
         try:
-            return await self._send(request, host, port, timeouts)
+            return await self._send(method, path, headers, body, timeouts)
         except BaseException:
             self._slots.release()
             raise
 
-    async def _send(
-        self, request: httpx.Request, host: str, port: int, timeouts: dict[str, float | None]
-    ) -> httpx.Response:
-        head = _head(request, host)
-        body = request.content
+    async def _send(self, method: str, path: str, headers: Headers, body: bytes, timeouts: Timeouts) -> Answer:
+        head = [method.encode(), b" ", path.encode(), b" HTTP/1.1\r\n", self._host_line]
+        for k, v in headers:
+            head += (k, b": ", v, b"\r\n")
+        head += (b"content-length: ", str(len(body)).encode(), b"\r\n\r\n", body)
+        message = b"".join(head)
         for attempt in (0, 1):
-            conn, reused = self._checkout(host, port), True
+            conn, reused = self._checkout(), True
             if conn is None:
-                conn, reused = await self._connect(request, host, port, timeouts.get("connect")), False
+                conn, reused = await self._connect(timeouts.connect), False
             try:
-                conn.writer.write(head + body)
-                async with asyncio.timeout(timeouts.get("write")):
-                    await conn.writer.drain()
-                async with asyncio.timeout(timeouts.get("read")):
+                conn.writer.write(message)
+                if conn.writer.transport.get_write_buffer_size():
+                    async with asyncio.timeout(timeouts.write):
+                        await conn.writer.drain()
+                async with asyncio.timeout(timeouts.read):
                     raw = await conn.reader.readuntil(b"\r\n\r\n")
             except asyncio.IncompleteReadError as exc:
                 conn.close()
                 if reused and not exc.partial and attempt == 0:
                     continue  # the engine closed the idle connection as we reused it: once more, on a new one
-                raise httpx.RemoteProtocolError("the engine closed the connection", request=request) from exc
+                raise UpstreamError("the engine closed the connection") from exc
             except TimeoutError as exc:
                 conn.close()
-                raise httpx.ReadTimeout("the engine did not answer in time", request=request) from exc
+                raise UpstreamTimeout("the engine did not answer in time") from exc
             except (OSError, asyncio.LimitOverrunError) as exc:
                 conn.close()
                 if reused and attempt == 0 and isinstance(exc, ConnectionError):
                     continue
-                raise httpx.ReadError(str(exc) or type(exc).__name__, request=request) from exc
-            status, headers, length, chunked = _parse_head(raw, request)
-            if request.method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+                raise UpstreamError(str(exc) or type(exc).__name__) from exc
+            status, answer_headers, length, chunked = _parse_head(raw)
+            if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
                 length, chunked = 0, False
-            stream = _Body(self, (host, port), conn, length, chunked, timeouts.get("read"), request)
-            return httpx.Response(status, headers=headers, stream=stream, extensions={"http_version": b"HTTP/1.1"})
+            return _LeanAnswer(self, conn, status, answer_headers, length, chunked, timeouts.read)
         raise AssertionError("unreachable")
 
-    def _checkout(self, host: str, port: int) -> _Connection | None:
-        idle = self._idle.get((host, port))
+    def _checkout(self) -> _Connection | None:
+        idle = self._idle
         now = time.monotonic()
         while idle:
             conn = idle.pop()  # the most recently used: the likeliest to be alive
@@ -114,52 +172,70 @@ class LeanTransport(httpx.AsyncBaseTransport):
             conn.close()
         return None
 
-    async def _connect(self, request: httpx.Request, host: str, port: int, limit_s: float | None) -> _Connection:
+    async def _connect(self, limit_s: float | None) -> _Connection:
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), limit_s)
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), limit_s)
         except TimeoutError as exc:
-            raise httpx.ConnectTimeout(f"connecting to {host}:{port} timed out", request=request) from exc
+            raise UpstreamConnectError(f"connecting to {self.host}:{self.port} timed out") from exc
         except OSError as exc:
-            raise httpx.ConnectError(str(exc) or type(exc).__name__, request=request) from exc
+            raise UpstreamConnectError(str(exc) or type(exc).__name__) from exc
         return _Connection(reader, writer)
 
-    def _checkin(self, address: tuple[str, int], conn: _Connection | None) -> None:
+    def _checkin(self, conn: _Connection | None) -> None:
         self._slots.release()
         if conn is None:
             return
-        idle = self._idle.setdefault(address, deque())
-        if len(idle) >= self._max_idle:
+        if len(self._idle) >= self._max_idle:
             conn.close()
             return
         conn.idle_since = time.monotonic()
-        idle.append(conn)
+        self._idle.append(conn)
 
     async def aclose(self) -> None:
-        for idle in self._idle.values():
-            while idle:
-                idle.pop().close()
+        while self._idle:
+            self._idle.pop().close()
 
 
-class _Body(httpx.AsyncByteStream):
-    """The answer's body, read as it comes; the connection goes back to the pool only once the
-    body was read to its end, otherwise it is closed."""
+class _LeanAnswer:
+    """The connection goes back to the pool only once the body was read to its end; an answer
+    closed before that closes it."""
+
+    __slots__ = ("_chunked", "_client", "_closed", "_conn", "_done", "_length", "_timeout", "headers", "status")
 
     def __init__(
         self,
-        transport: LeanTransport,
-        address: tuple[str, int],
+        client: LeanUpstream,
         conn: _Connection,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
         length: int | None,
         chunked: bool,
         timeout: float | None,
-        request: httpx.Request,
     ) -> None:
-        self._transport, self._address, self._conn = transport, address, conn
-        self._length, self._chunked, self._timeout, self._request = length, chunked, timeout, request
+        self._client, self._conn, self.status, self.headers = client, conn, status, headers
+        self._length, self._chunked, self._timeout = length, chunked, timeout
         self._done = False
         self._closed = False
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
+    def header(self, name: bytes) -> bytes | None:
+        return _header(self.headers, name)
+
+    async def read(self) -> bytes:
+        if self._length is None or self._chunked:
+            return b"".join([c async for c in self.chunks()])
+        try:
+            async with asyncio.timeout(self._timeout):
+                data = await self._conn.reader.readexactly(self._length)
+        except TimeoutError as exc:
+            raise UpstreamTimeout("the engine stopped sending") from exc
+        except asyncio.IncompleteReadError as exc:
+            raise UpstreamError("the engine's answer ended early") from exc
+        except OSError as exc:
+            raise UpstreamError(str(exc) or type(exc).__name__) from exc
+        self._done = True
+        return data
+
+    async def chunks(self) -> AsyncIterator[bytes]:
         reader, timeout = self._conn.reader, self._timeout
         try:  # asyncio.timeout, not wait_for: no task per read (a stream reads once per chunk)
             if self._chunked:
@@ -191,11 +267,11 @@ class _Body(httpx.AsyncByteStream):
                     left -= len(chunk)
                     yield chunk
         except TimeoutError as exc:
-            raise httpx.ReadTimeout("the engine stopped sending", request=self._request) from exc
+            raise UpstreamTimeout("the engine stopped sending") from exc
         except (asyncio.IncompleteReadError, ValueError) as exc:
-            raise httpx.RemoteProtocolError("the engine's answer ended early", request=self._request) from exc
+            raise UpstreamError("the engine's answer ended early") from exc
         except OSError as exc:
-            raise httpx.ReadError(str(exc) or type(exc).__name__, request=self._request) from exc
+            raise UpstreamError(str(exc) or type(exc).__name__) from exc
         self._done = True
 
     def _release(self, reuse: bool) -> None:
@@ -204,30 +280,18 @@ class _Body(httpx.AsyncByteStream):
         self._closed = True
         if not reuse:
             self._conn.close()
-        self._transport._checkin(self._address, self._conn if reuse else None)
+        self._client._checkin(self._conn if reuse else None)
 
-    async def aclose(self) -> None:
+    async def close(self) -> None:
         self._release(reuse=self._done)
 
 
-def _address(url: httpx.URL) -> tuple[str, int]:
-    return url.host, url.port or (443 if url.scheme == "https" else 80)
-
-
-def _head(request: httpx.Request, host: str) -> bytes:
-    target = request.url.raw_path
-    lines = [request.method.encode() + b" " + target + b" HTTP/1.1\r\nhost: " + host.encode() + b"\r\n"]
-    lines += [k + b": " + v + b"\r\n" for k, v in request.headers.raw if k.lower() not in (b"host", b"content-length")]
-    lines.append(b"content-length: " + str(len(request.content)).encode() + b"\r\n\r\n")
-    return b"".join(lines)
-
-
-def _parse_head(raw: bytes, request: httpx.Request) -> tuple[int, list[tuple[bytes, bytes]], int | None, bool]:
+def _parse_head(raw: bytes) -> tuple[int, list[tuple[bytes, bytes]], int | None, bool]:
     lines = raw[:-4].split(b"\r\n")
     try:
         status = int(lines[0].split(b" ", 2)[1])
     except (IndexError, ValueError) as exc:
-        raise httpx.RemoteProtocolError(f"not an HTTP answer: {lines[0][:80]!r}", request=request) from exc
+        raise UpstreamError(f"not an HTTP answer: {lines[0][:80]!r}") from exc
     headers: list[tuple[bytes, bytes]] = []
     length: int | None = None
     chunked = False
@@ -241,3 +305,59 @@ def _parse_head(raw: bytes, request: httpx.Request) -> tuple[int, list[tuple[byt
             chunked = True
         headers.append((name, value))
     return status, headers, length, chunked
+
+
+# ---------------------------------------------------------------- any httpx transport
+class HttpxUpstream:
+    """An httpx transport behind the same interface: ``httpx.MockTransport`` in the proxy's
+    tests, httpx's own in the conformance test."""
+
+    def __init__(self, transport: httpx.AsyncBaseTransport, url: str) -> None:
+        self.transport, self.url = transport, url.rstrip("/")
+
+    async def send(self, method: str, path: str, headers: Headers, body: bytes, timeouts: Timeouts) -> Answer:
+        request = httpx.Request(method, self.url + path, headers=list(headers), content=body)
+        request.extensions["timeout"] = {
+            "connect": timeouts.connect,
+            "read": timeouts.read,
+            "write": timeouts.write,
+            "pool": timeouts.pool,
+        }
+        try:
+            return _HttpxAnswer(await self.transport.handle_async_request(request))
+        except httpx.TransportError as exc:
+            raise _mapped(exc) from exc
+
+    async def aclose(self) -> None:
+        await self.transport.aclose()
+
+
+def _mapped(exc: httpx.TransportError) -> UpstreamError:
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        return UpstreamConnectError(str(exc))
+    if isinstance(exc, httpx.TimeoutException):
+        return UpstreamTimeout(str(exc))
+    return UpstreamError(str(exc))
+
+
+class _HttpxAnswer:
+    def __init__(self, response: httpx.Response) -> None:
+        self._response = response
+        self.status = response.status_code
+        self.headers = list(response.headers.raw)
+
+    def header(self, name: bytes) -> bytes | None:
+        return _header(self.headers, name)
+
+    async def read(self) -> bytes:
+        return b"".join([c async for c in self.chunks()])
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._response.aiter_bytes():
+                yield chunk
+        except httpx.TransportError as exc:
+            raise _mapped(exc) from exc
+
+    async def close(self) -> None:
+        await self._response.aclose()

@@ -1,5 +1,6 @@
 """The gateway's keep-alive client against a real HTTP server (uvicorn, as vLLM serves), checked
-side by side with httpx's own transport: what the proxy relies on holds for both."""
+side by side with httpx's own transport behind the same interface (``HttpxUpstream``, which the
+proxy's tests use with an ``httpx.MockTransport``): what the proxy relies on holds for both."""
 
 from __future__ import annotations
 
@@ -15,7 +16,14 @@ import httpx
 import pytest
 import uvicorn
 
-from manager.gateway.upstream import LeanTransport
+from manager.gateway.upstream import (
+    HttpxUpstream,
+    LeanUpstream,
+    Timeouts,
+    Upstream,
+    UpstreamConnectError,
+    UpstreamTimeout,
+)
 
 disconnected = threading.Event()  # set by the server (its own thread and loop)
 
@@ -66,37 +74,36 @@ def server() -> Iterator[str]:
     thread.join(5)
 
 
-TRANSPORTS: dict[str, Callable[[], httpx.AsyncBaseTransport]] = {
-    "lean": LeanTransport,
-    "httpx": httpx.AsyncHTTPTransport,
+TRANSPORTS: dict[str, Callable[[str], Upstream]] = {
+    "lean": LeanUpstream,
+    "httpx": lambda url: HttpxUpstream(httpx.AsyncHTTPTransport(), url),
 }
+HEADERS = ((b"content-type", b"application/json"),)
 
 
-def request(url: str, read_s: float = 5.0) -> httpx.Request:
-    r = httpx.Request("POST", url, headers={"content-type": "application/json"}, content=b'{"a": 1}')
-    r.extensions["timeout"] = {"connect": 1.0, "read": read_s, "write": 1.0, "pool": 1.0}
-    return r
+def timeouts(read_s: float = 5.0) -> Timeouts:
+    return Timeouts(connect=1.0, read=read_s, write=1.0, pool=1.0)
 
 
-async def plain(transport: httpx.AsyncBaseTransport, url: str) -> tuple[int, dict[str, str]]:
-    response = await transport.handle_async_request(request(url))
+async def plain(upstream: Upstream, path: str) -> tuple[int, dict[str, str]]:
+    answer = await upstream.send("POST", path, HEADERS, b'{"a": 1}', timeouts())
     try:
-        return response.status_code, json.loads(await response.aread())
+        return answer.status, json.loads(await answer.read())
     finally:
-        await response.aclose()
+        await answer.close()
 
 
 @pytest.mark.parametrize("kind", TRANSPORTS)
 def test_plain_answers_reuse_the_connection_and_survive_the_servers_idle_close(server: str, kind: str) -> None:
     async def run() -> None:
-        transport = TRANSPORTS[kind]()
-        status, first = await plain(transport, server + "/plain")
-        _, second = await plain(transport, server + "/plain")
+        transport = TRANSPORTS[kind](server)
+        status, first = await plain(transport, "/plain")
+        _, second = await plain(transport, "/plain")
         assert status == 200 and first["connection"] == second["connection"]  # kept alive
-        missing, _ = await plain(transport, server + "/missing")
+        missing, _ = await plain(transport, "/missing")
         assert missing == 404
         await asyncio.sleep(1.5)  # the server closes the idle connection (keep-alive 1 s)
-        status, third = await plain(transport, server + "/plain")
+        status, third = await plain(transport, "/plain")
         assert status == 200 and third["connection"] != first["connection"]
         await transport.aclose()
 
@@ -106,23 +113,23 @@ def test_plain_answers_reuse_the_connection_and_survive_the_servers_idle_close(s
 @pytest.mark.parametrize("kind", TRANSPORTS)
 def test_a_stream_arrives_event_by_event_and_closing_it_early_reaches_the_server(server: str, kind: str) -> None:
     async def run() -> None:
-        transport = TRANSPORTS[kind]()
-        response = await transport.handle_async_request(request(server + "/stream"))
+        transport = TRANSPORTS[kind](server)
+        response = await transport.send("POST", "/stream", HEADERS, b"{}", timeouts())
         got: list[tuple[float, bytes]] = []
-        async for chunk in response.aiter_bytes():
+        async for chunk in response.chunks():
             got.append((time.monotonic(), chunk))
             if len(got) == 4:
                 break
-        await response.aclose()
+        await response.close()
         assert b"".join(c for _, c in got).startswith(b"data: 0\n\ndata: 1\n\n")
         assert got[-1][0] - got[0][0] >= 0.1, "events came together, not as they were sent"
         assert await asyncio.to_thread(disconnected.wait, 3), "the server never learned the client went away"
         disconnected.clear()
-        status, _ = await plain(transport, server + "/plain")  # the pool still works
+        status, _ = await plain(transport, "/plain")  # the pool still works
         assert status == 200
-        whole = await transport.handle_async_request(request(server + "/stream"))
-        body = await whole.aread()
-        await whole.aclose()
+        whole = await transport.send("POST", "/stream", HEADERS, b"{}", timeouts())
+        body = await whole.read()
+        await whole.close()
         assert body.endswith(b"data: [DONE]\n\n") and body.count(b"data: ") == 21
         await transport.aclose()
 
@@ -130,17 +137,18 @@ def test_a_stream_arrives_event_by_event_and_closing_it_early_reaches_the_server
 
 
 @pytest.mark.parametrize("kind", TRANSPORTS)
-def test_errors_are_httpx_transport_errors(server: str, kind: str) -> None:
+def test_errors_are_upstream_errors(server: str, kind: str) -> None:
     async def run() -> None:
-        transport = TRANSPORTS[kind]()
+        transport = TRANSPORTS[kind](server)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             closed = s.getsockname()[1]
-        with pytest.raises(httpx.ConnectError):
-            await transport.handle_async_request(request(f"http://127.0.0.1:{closed}/plain"))
-        with pytest.raises(httpx.ReadTimeout):
-            await transport.handle_async_request(request(server + "/slow", read_s=0.3))
-        status, _ = await plain(transport, server + "/plain")  # and it goes on serving
+        nowhere = TRANSPORTS[kind](f"http://127.0.0.1:{closed}")
+        with pytest.raises(UpstreamConnectError):
+            await nowhere.send("POST", "/plain", HEADERS, b"{}", timeouts())
+        with pytest.raises(UpstreamTimeout):
+            await transport.send("POST", "/slow", HEADERS, b"{}", timeouts(read_s=0.3))
+        status, _ = await plain(transport, "/plain")  # and it goes on serving
         assert status == 200
         await transport.aclose()
 
