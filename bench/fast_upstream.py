@@ -3,8 +3,10 @@ included, so what a benchmark measures is the proxy in front of it."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import re
 import sys
 from typing import Any
 
@@ -26,6 +28,7 @@ WORDS = int(os.environ.get("BENCH_STREAM_CHUNKS", "4"))
 """Content chunks of a streamed answer (the wire benchmark streams 64)."""
 CHUNKS = [json.dumps({"choices": [{"index": 0, "delta": {"content": f"w{i}"}}]}).encode() for i in range(WORDS)]
 LAST = json.dumps({"choices": [], "usage": USAGE}).encode()
+PACE = re.compile(rb'"bench_pace_ms":\s*(\d+)')
 
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -44,9 +47,13 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": ANSWER})
         return
+    paced = PACE.search(body)  # a benchmark's own field: seconds between chunks, as an engine generates
+    pace_s = int(paced.group(1)) / 1000 if paced else 0.0
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
     for chunk in CHUNKS:
         await send({"type": "http.response.body", "body": b"data: " + chunk + b"\n\n", "more_body": True})
+        if pace_s:
+            await asyncio.sleep(pace_s)
     await send({"type": "http.response.body", "body": b"data: " + LAST + b"\n\ndata: [DONE]\n\n"})
 
 

@@ -12,7 +12,8 @@ Reported in one run, for each path:
 
 requests/s at 32 connections, the proxy's CPU per request (its process's user + system time over
 the requests it served), added p50/p99 latency at one connection, and for a streamed answer of 64
-chunks (bench/fast_upstream.py) the added time to first byte and the proxy's CPU per chunk. It
+chunks (bench/fast_upstream.py) the added time to first byte and the proxy's CPU per chunk, the
+chunks sent back to back and paced 2 ms apart. It
 checks that the gateway metered every request exactly once (its spool against wrk's count).
 """
 
@@ -51,6 +52,10 @@ BODY = json.dumps({"model": "demo", "messages": [{"role": "user", "content": "he
 STREAM_BODY = json.dumps(
     {"model": "demo", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 64, "stream": True}
 )
+PACE_MS = 2
+PACED_BODY = json.dumps({**json.loads(STREAM_BODY), "bench_pace_ms": PACE_MS})
+"""The same stream with a chunk every 2 ms, as an engine generates: chunks never arrive together,
+so nothing is coalesced and each costs the proxy its whole round (read, parse, meter, send)."""
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -190,11 +195,12 @@ def measure(
 
 def stream_cost(port: int, pid: int, headers: dict[str, str], seconds: float) -> dict[str, float]:
     """A streamed answer of ``STREAM_CHUNKS`` chunks against a plain answer, both at 4 connections
-    from the same upstream: the proxy's CPU per chunk is the difference over the chunks."""
+    from the same upstream: the proxy's CPU per chunk is the difference over the chunks; sent back
+    to back (chunks may arrive together) and paced at ``PACE_MS`` (each arrives alone)."""
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     counts = 0
     cpu: dict[str, float] = {}
-    for name, body in (("plain", BODY), ("stream", STREAM_BODY)):
+    for name, body in (("plain", BODY), ("stream", STREAM_BODY), ("paced", PACED_BODY)):
         counts += wrk(url, body, headers, 4, 1).requests
         before = cpu_seconds(pid)
         loaded = wrk(url, body, headers, 4, seconds)
@@ -203,6 +209,7 @@ def stream_cost(port: int, pid: int, headers: dict[str, str], seconds: float) ->
     quiet = wrk(url, STREAM_BODY, headers, 1, seconds)
     return {
         "cpu_us_per_chunk": round((cpu["stream"] - cpu["plain"]) / STREAM_CHUNKS, 2),
+        "cpu_us_per_chunk_paced": round((cpu["paced"] - cpu["plain"]) / STREAM_CHUNKS, 2),
         "cpu_us_per_stream": round(cpu["stream"], 1),
         "p50_ms": quiet.p50_ms,
         "requests": counts + quiet.requests,
@@ -307,7 +314,7 @@ def main() -> int:
     # wrk does not count the requests in flight when it stops (at most its connections per run);
     # the gateway meters each of them once too
     served, stream_served = results["gateway"]["requests"], streams["gateway"]["requests"]
-    exact = served <= metered <= served + 3 * CONNECTIONS and stream_served <= stream_metered <= stream_served + 20
+    exact = served <= metered <= served + 3 * CONNECTIONS and stream_served <= stream_metered <= stream_served + 7 * 4
     gw, pt = results["gateway"], results[f"passthrough/{GATEWAY_CLIENT}"]
     direct_p50 = results["direct"]["p50_ms_at_1_connection"]
     report = {
@@ -321,6 +328,7 @@ def main() -> int:
                 "p50_ms": round(v["p50_ms"], 3),
                 "added_p50_ms": round(v["p50_ms"] - streams["direct"]["p50_ms"], 3),
                 "cpu_us_per_chunk": v["cpu_us_per_chunk"],
+                f"cpu_us_per_chunk_at_{PACE_MS}_ms_pacing": v["cpu_us_per_chunk_paced"],
             }
             for name, v in streams.items()
         },
@@ -331,12 +339,12 @@ def main() -> int:
             "wrk_stream_answers": stream_served,
         },
     }
-    per_chunk = streams["gateway"]["cpu_us_per_chunk"]
+    per_chunk = max(streams["gateway"]["cpu_us_per_chunk"], streams["gateway"]["cpu_us_per_chunk_paced"])
     targets = {
         "gateway rps >= 4000": gw["rps"] >= 4000,
         "gateway >= 0.4 of passthrough on its client": report["gateway_vs_passthrough_on_its_client_rps"] >= 0.4,
         "added p50 <= 0.3 ms": report["gateway_added_p50_ms"] <= 0.3,
-        "stream <= 20 us per chunk": per_chunk <= 20,
+        "stream <= 20 us per chunk (back to back and paced)": per_chunk <= 20,
         "every answer metered once": exact,
     }
     print(json.dumps({**report, "targets_met": targets}, indent=2))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -116,8 +117,11 @@ def route_of(path: str) -> str:
     return "/v1/models/{id}" if path.startswith("/v1/models/") else path
 
 
-def json_depth_exceeds(value: Any, limit: int) -> bool:
-    """True when ``value`` nests containers deeper than ``limit`` (iterative: no recursion)."""
+def json_depth_exceeds(value: Any, limit: int, body: bytes | None = None) -> bool:
+    """True when ``value`` nests containers deeper than ``limit`` (iterative: no recursion). With
+    the ``body`` it was read from: a body with no more brackets than ``limit`` is not walked."""
+    if body is not None and body.count(b"{") + body.count(b"[") <= limit:
+        return False
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         item, depth = stack.pop()
@@ -138,7 +142,11 @@ def cache_salt(tenant: str, key: KeyEntry) -> str:
     member's cached prompts out of reach of another's (who could otherwise learn them from how fast
     an answer starts: vLLM's advisory for CVE-2025-46570). Clients cannot set it: the gateway
     replaces theirs, so it needs no secret."""
-    who = f"member:{key.member}" if key.member else f"key:{key.id}"
+    return _salt(tenant, f"member:{key.member}" if key.member else f"key:{key.id}")
+
+
+@functools.lru_cache(maxsize=4096)
+def _salt(tenant: str, who: str) -> str:
     return hashlib.sha256(f"gtm-cache-salt|{tenant}|{who}".encode()).hexdigest()[:32]
 
 
@@ -350,8 +358,9 @@ class Proxy:
         param: str | None = None,
     ) -> None:
         """An error in OpenAI's shape, counted in the request metrics and by its code; 5xx are server errors."""
-        self.state.metrics.requests.labels(route_of(path), str(status)).inc()
-        self.state.metrics.refused.labels(code).inc()
+        m = self.state.metrics
+        m.count(m.requests, route_of(path), str(status))
+        m.count(m.refused, code)
         type_ = "server_error" if status >= 500 else "invalid_request_error"
         await self._send(send, status, error_body(message, type_, code, param), headers)
 
@@ -412,17 +421,21 @@ class Proxy:
         ``body_idle_timeout_s`` (a body shorter than its Content-Length) gets TimeoutError."""
         chunks: list[bytes] = []
         size = 0
-        while True:
-            message = await asyncio.wait_for(receive(), self.settings.body_idle_timeout_s)
-            if message["type"] == "http.disconnect":
-                return b""
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                return None
-            chunks.append(chunk)
-            if not message.get("more_body"):
-                return b"".join(chunks)
+        idle_s = self.settings.body_idle_timeout_s
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(idle_s) as idle:  # one timer, moved on at each piece (no task per read)
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return b""
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    return None
+                chunks.append(chunk)
+                if not message.get("more_body"):
+                    return b"".join(chunks)
+                idle.reschedule(loop.time() + idle_s)
 
     @staticmethod
     async def _send(
@@ -452,7 +465,7 @@ class Proxy:
                     error_body("The request body is not a JSON object.", "invalid_request_error", "invalid_json"),
                 )
                 return
-            if json_depth_exceeds(payload, MAX_JSON_DEPTH):
+            if json_depth_exceeds(payload, MAX_JSON_DEPTH, body):
                 await self._send(
                     send,
                     400,
@@ -536,11 +549,11 @@ class Proxy:
         if verdict.refusal is not None:
             r = verdict.refusal
             m = self.state.metrics
-            m.limited.labels(r.reason, r.scope).inc()
-            m.refused.labels(r.code).inc()
-            m.requests.labels(route_of(path), "429").inc()
+            m.count(m.limited, r.reason, r.scope)
+            m.count(m.refused, r.code)
+            m.count(m.requests, route_of(path), "429")
             if key.member:
-                m.member_requests.labels(key.member, "429").inc()
+                m.count(m.member_requests, key.member, "429")
             await self._send(send, 429, error_body(r.message, r.type, r.code), verdict.headers)
             return
         assert verdict.ticket is not None
@@ -598,16 +611,16 @@ class Proxy:
         rec = UsageRecord(latency_ms=round(elapsed * 1000, 3), **record)
         written = self.state.record(rec)
         m = self.state.metrics
-        m.requests.labels(route_of(rec.path), str(rec.status)).inc()
+        m.count(m.requests, route_of(rec.path), str(rec.status))
         m.latency.observe(elapsed)
         if rec.prompt_tokens:
-            m.tokens.labels("prompt").inc(rec.prompt_tokens)
+            m.count(m.tokens, "prompt", by=rec.prompt_tokens)
         if rec.completion_tokens:
-            m.tokens.labels("completion").inc(rec.completion_tokens)
+            m.count(m.tokens, "completion", by=rec.completion_tokens)
         if rec.member:
-            m.member_requests.labels(rec.member, str(rec.status)).inc()
-            m.member_tokens.labels(rec.member, "prompt").inc(rec.prompt_tokens)
-            m.member_tokens.labels(rec.member, "completion").inc(rec.completion_tokens)
+            m.count(m.member_requests, rec.member, str(rec.status))
+            m.count(m.member_tokens, rec.member, "prompt", by=rec.prompt_tokens)
+            m.count(m.member_tokens, rec.member, "completion", by=rec.completion_tokens)
         return written
 
     async def _unavailable(

@@ -184,18 +184,24 @@ class QuotaState:
         now = self.clock() if now is None else now
         self._roll(now)
         out: dict[str, str] = {}
-        lim = self.limits
-        requests_left, tokens_left = self.remaining_requests(), self.remaining_tokens()
-        if lim.rpm_limit is not None and requests_left is not None:
-            reset = self.window[0] + WINDOW_S - now if self.window else 0.0
-            out["x-ratelimit-limit-requests"] = str(lim.rpm_limit)
-            out["x-ratelimit-remaining-requests"] = str(requests_left)
-            out["x-ratelimit-reset-requests"] = _dur(reset)
-        if lim.tokens_per_day is not None and tokens_left is not None:
-            out["x-ratelimit-limit-tokens"] = str(lim.tokens_per_day)
-            out["x-ratelimit-remaining-tokens"] = str(tokens_left)
-            out["x-ratelimit-reset-tokens"] = _dur(seconds_to_next_day(now))
+        self._request_headers(now, out)
+        self._token_headers(now, out)
         return out
+
+    def _request_headers(self, now: float, out: dict[str, str]) -> None:
+        left = self.remaining_requests()
+        if left is not None:
+            reset = self.window[0] + WINDOW_S - now if self.window else 0.0
+            out["x-ratelimit-limit-requests"] = str(self.limits.rpm_limit)
+            out["x-ratelimit-remaining-requests"] = str(left)
+            out["x-ratelimit-reset-requests"] = _dur(reset)
+
+    def _token_headers(self, now: float, out: dict[str, str]) -> None:
+        left = self.remaining_tokens()
+        if left is not None:
+            out["x-ratelimit-limit-tokens"] = str(self.limits.tokens_per_day)
+            out["x-ratelimit-remaining-tokens"] = str(left)
+            out["x-ratelimit-reset-tokens"] = _dur(seconds_to_next_day(now))
 
     def refusal(self, reserve_tokens: int, now: float) -> Refusal | None:
         """Why a request reserving ``reserve_tokens`` cannot pass these limits now; None if it can."""
@@ -288,11 +294,19 @@ def tightest_headers(states: list[QuotaState], now: float) -> dict[str, str]:
     the state with the fewest requests left this minute, the tokens headers of the one with the
     fewest tokens left today."""
     out: dict[str, str] = {}
-    for kind, left in (("requests", QuotaState.remaining_requests), ("tokens", QuotaState.remaining_tokens)):
-        limited = [(r, s) for s in states if (r := left(s)) is not None]
-        if limited:
-            tightest = min(limited, key=lambda pair: pair[0])[1]
-            out.update({k: v for k, v in tightest.headers(now).items() if k.endswith(kind)})
+    fewest: tuple[int, QuotaState] | None = None
+    for s in states:
+        s._roll(now)
+        if (left := s.remaining_requests()) is not None and (fewest is None or left < fewest[0]):
+            fewest = (left, s)
+    if fewest is not None:
+        fewest[1]._request_headers(now, out)
+    fewest = None
+    for s in states:
+        if (left := s.remaining_tokens()) is not None and (fewest is None or left < fewest[0]):
+            fewest = (left, s)
+    if fewest is not None:
+        fewest[1]._token_headers(now, out)
     return out
 
 

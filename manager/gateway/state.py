@@ -35,7 +35,17 @@ class KeyEntry:
 class GatewayMetrics:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
 
+    def count(self, metric: Counter, *labels: str, by: float = 1) -> None:
+        """``metric.labels(*labels).inc(by)``, with the labelled child looked up once (a lookup
+        takes the metric's lock and builds its key: several a request)."""
+        key = (metric, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        child.inc(by)
+
     def __post_init__(self) -> None:
+        self._children: dict[tuple[Counter, tuple[str, ...]], Counter] = {}
         r = self.registry
         self.requests = Counter("gtm_gateway_requests", "Requests by path and status", ["path", "status"], registry=r)
         self.tokens = Counter("gtm_gateway_tokens", "Tokens metered", ["kind"], registry=r)

@@ -72,8 +72,7 @@ _BEGIN = (
 _PROGRESS = "UPDATE open_requests SET prompt_tokens=?, completion_tokens=?, status=? WHERE request_id=?"
 _RECORD = (
     "INSERT OR IGNORE INTO usage (request_id, key_id, member, model, path, prompt_tokens, completion_tokens,"
-    " status, outcome, latency_ms, at) VALUES (:request_id, :key_id, :member, :model, :path, :prompt_tokens,"
-    " :completion_tokens, :status, :outcome, :latency_ms, :at)"
+    " status, outcome, latency_ms, at) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
 )
 _DROP = "DELETE FROM open_requests WHERE request_id = ?"
 _OPEN_FIELDS = ("request_id", "key_id", "member", "model", "path", "prompt_tokens", "completion_tokens", "status", "at")
@@ -149,19 +148,47 @@ class GatewayStore:
         )
 
     def write(self, writes: Sequence[Write]) -> None:
-        """Every write, in order, in one transaction: all of them or none."""
+        """Every write in one transaction: all of them or none. They run by kind (begins, progress,
+        records, drops), each kind in one statement; for any one request that is its own order (a
+        request's begin is committed before anything else of it is written)."""
+        begins: list[dict[str, object]] = []
+        progress: list[tuple[int, int, int, str]] = []
+        records: list[tuple[object, ...]] = []
+        ended: list[tuple[str]] = []
+        for w in writes:
+            match w:
+                case Begin(fields):
+                    begins.append({k: fields[k] for k in _OPEN_FIELDS})
+                case Progress(request_id, prompt_tokens, completion_tokens, status):
+                    progress.append((prompt_tokens, completion_tokens, status, request_id))
+                case Settle(r):
+                    records.append(
+                        (
+                            r.request_id,
+                            r.key_id,
+                            r.member,
+                            r.model,
+                            r.path,
+                            r.prompt_tokens,
+                            r.completion_tokens,
+                            r.status,
+                            r.outcome,
+                            r.latency_ms,
+                            r.at,
+                        )
+                    )
+                    ended.append((r.request_id,))
+                case Drop(request_id):
+                    ended.append((request_id,))
         with self._transaction():
-            for w in writes:
-                match w:
-                    case Begin(fields):
-                        self._db.execute(_BEGIN, {k: fields[k] for k in _OPEN_FIELDS})
-                    case Progress(request_id, prompt_tokens, completion_tokens, status):
-                        self._db.execute(_PROGRESS, (prompt_tokens, completion_tokens, status, request_id))
-                    case Settle(rec):
-                        self._db.execute(_RECORD, rec.model_dump())
-                        self._db.execute(_DROP, (rec.request_id,))
-                    case Drop(request_id):
-                        self._db.execute(_DROP, (request_id,))
+            if begins:
+                self._db.executemany(_BEGIN, begins)
+            if progress:
+                self._db.executemany(_PROGRESS, progress)
+            if records:
+                self._db.executemany(_RECORD, records)
+            if ended:
+                self._db.executemany(_DROP, ended)
 
     def record(self, rec: UsageRecord) -> None:
         self.write([Settle(rec)])
@@ -173,8 +200,7 @@ class GatewayStore:
             rows = self._db.execute("SELECT * FROM open_requests ORDER BY at").fetchall()
             for r in rows:
                 self._db.execute(
-                    "INSERT OR IGNORE INTO usage (request_id, key_id, member, model, path, prompt_tokens,"
-                    " completion_tokens, status, outcome, latency_ms, at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    _RECORD,
                     (
                         r["request_id"],
                         r["key_id"],

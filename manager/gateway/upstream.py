@@ -116,10 +116,13 @@ class LeanUpstream:
         self._max_idle = max_idle
 
     async def send(self, method: str, path: str, headers: Headers, body: bytes, timeouts: Timeouts) -> Answer:
-        try:
-            await asyncio.wait_for(self._slots.acquire(), timeouts.pool)
-        except TimeoutError as exc:
-            raise UpstreamTimeout("no free connection to the engine") from exc
+        if self._slots.locked():  # every connection busy: wait for one, at most the pool timeout
+            try:
+                await asyncio.wait_for(self._slots.acquire(), timeouts.pool)
+            except TimeoutError as exc:
+                raise UpstreamTimeout("no free connection to the engine") from exc
+        else:
+            await self._slots.acquire()  # at once (wait_for would make a task of it)
         try:
             return await self._send(method, path, headers, body, timeouts)
         except BaseException:
@@ -238,16 +241,17 @@ class _LeanAnswer:
     async def chunks(self) -> AsyncIterator[bytes]:
         reader, timeout = self._conn.reader, self._timeout
         try:  # asyncio.timeout, not wait_for: no task per read (a stream reads once per chunk)
-            if self._chunked:
-                while True:
+            if self._chunked:  # what has arrived, decoded at once: events sent together pass together
+                buf, ended = b"", False
+                while not ended:
                     async with asyncio.timeout(timeout):
-                        line = await reader.readuntil(b"\r\n")
-                        size = int(line[:-2].split(b";", 1)[0], 16)
-                        if size == 0:
-                            await reader.readuntil(b"\r\n")  # no trailers from the engine
-                            break
-                        data = await reader.readexactly(size + 2)
-                    yield data[:-2]
+                        data = await reader.read(65536)
+                    if not data:
+                        raise asyncio.IncompleteReadError(buf, None)
+                    buf += data
+                    pieces, buf, ended = _dechunk(buf)
+                    if pieces:
+                        yield pieces
             elif self._length is None:  # no length and not chunked: the body ends with the connection
                 while True:
                     async with asyncio.timeout(timeout):
@@ -284,6 +288,29 @@ class _LeanAnswer:
 
     async def close(self) -> None:
         self._release(reuse=self._done)
+
+
+def _dechunk(buf: bytes) -> tuple[bytes, bytes, bool]:
+    """The payload of every whole chunk at the start of ``buf`` (HTTP/1.1 chunked encoding), what
+    is left of ``buf``, and whether the last chunk (size 0, no trailers) has come."""
+    pieces: list[bytes] = []
+    at = 0
+    while True:
+        eol = buf.find(b"\r\n", at)
+        if eol < 0:
+            break
+        size = int(buf[at:eol].split(b";", 1)[0], 16)  # ValueError: not chunked encoding
+        start = eol + 2
+        if size == 0:
+            if len(buf) < start + 2:
+                break
+            return b"".join(pieces), b"", True
+        end = start + size
+        if len(buf) < end + 2:
+            break
+        pieces.append(buf[start:end])
+        at = end + 2
+    return b"".join(pieces), buf[at:], False
 
 
 def _parse_head(raw: bytes) -> tuple[int, list[tuple[bytes, bytes]], int | None, bool]:

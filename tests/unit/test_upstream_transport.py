@@ -153,3 +153,24 @@ def test_errors_are_upstream_errors(server: str, kind: str) -> None:
         await transport.aclose()
 
     asyncio.run(run())
+
+
+def test_chunked_bodies_decode_however_the_bytes_arrive() -> None:
+    """What arrived is decoded at once; a chunk, a size line or the last chunk cut anywhere waits
+    for the rest."""
+    import random
+
+    from manager.gateway.upstream import _dechunk
+
+    rng = random.Random(7)
+    for _ in range(200):
+        parts = [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300))) for _ in range(rng.randrange(1, 8))]
+        wire = b"".join(f"{len(p):x}\r\n".encode() + p + b"\r\n" for p in parts) + b"0\r\n\r\n"
+        cuts = sorted(rng.sample(range(1, len(wire)), min(5, len(wire) - 1)))
+        got, buf, ended = b"", b"", False
+        for a, b in zip([0, *cuts], [*cuts, len(wire)], strict=True):
+            assert not ended
+            buf += wire[a:b]
+            piece, buf, ended = _dechunk(buf)
+            got += piece
+        assert ended and buf == b"" and got == b"".join(parts)
