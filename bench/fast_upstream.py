@@ -27,6 +27,17 @@ ANSWER = json.dumps(
 WORDS = int(os.environ.get("BENCH_STREAM_CHUNKS", "4"))
 """Content chunks of a streamed answer (the wire benchmark streams 64)."""
 CHUNKS = [json.dumps({"choices": [{"index": 0, "delta": {"content": f"w{i}"}}]}).encode() for i in range(WORDS)]
+RUNNING = [
+    json.dumps(
+        {
+            "choices": [{"index": 0, "delta": {"content": f"w{i}"}}],
+            "usage": {"prompt_tokens": 9, "total_tokens": 10 + i, "completion_tokens": 1 + i},
+        }
+    ).encode()
+    for i in range(WORDS)
+]
+"""The same chunks with the running usage vLLM adds to each when asked (``continuous_usage_stats``,
+which the gateway always asks for)."""
 LAST = json.dumps({"choices": [], "usage": USAGE}).encode()
 PACE = re.compile(rb'"bench_pace_ms":\s*(\d+)')
 
@@ -50,7 +61,8 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     paced = PACE.search(body)  # a benchmark's own field: seconds between chunks, as an engine generates
     pace_s = int(paced.group(1)) / 1000 if paced else 0.0
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
-    for chunk in CHUNKS:
+    running = b'"continuous_usage_stats": true' in body or b'"continuous_usage_stats":true' in body
+    for chunk in RUNNING if running else CHUNKS:
         await send({"type": "http.response.body", "body": b"data: " + chunk + b"\n\n", "more_body": True})
         if pace_s:
             await asyncio.sleep(pace_s)

@@ -167,7 +167,8 @@ def with_field(body: bytes, payload: dict[str, Any], name: str, value: str) -> b
     return json.dumps(payload).encode()
 
 
-_USAGE_KEY = re.compile(r'"usage"\s*:\s*')
+_USAGE_KEY = re.compile(rb'"usage"\s*:\s*')
+_NO_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
 _CONTENT = re.compile(rb'"content"\s*:\s*"')
 _DECODER = json.JSONDecoder()
 
@@ -177,29 +178,28 @@ def take_usage(event: bytes, record: dict[str, Any], keep: bool) -> tuple[bool, 
     usage-only one, the event to pass on). A content chunk's running usage (``continuous_usage_stats``,
     which the gateway always asks for) is cut out of it unless ``keep``: only the small usage object
     is decoded, never the whole chunk."""
-    if b'"usage"' not in event:
+    found = _USAGE_KEY.search(event)
+    if found is None:
         return False, event
+    at = found.start()
     try:
-        text = event.decode()
-        found = _USAGE_KEY.search(text)
-        if found is None:
-            return False, event
-        at = found.start()
-        usage, end = _DECODER.raw_decode(text, found.end())
+        tail = event[found.end() :].decode()  # starts at a character: the key before it is ASCII
+        usage, length = _DECODER.raw_decode(tail)
     except ValueError:
         return False, event
     if not isinstance(usage, dict):  # "usage":null
         return False, event
     record["prompt_tokens"] = int(usage.get("prompt_tokens") or 0)
     record["completion_tokens"] = int(usage.get("completion_tokens") or 0)
-    if re.search(r'"choices"\s*:\s*\[\s*\]', text):
+    if _NO_CHOICES.search(event):
         return True, event
     if keep:
         return False, event
-    start = text.rfind(",", 0, at)  # the comma before "usage" (vLLM writes it after "choices")
-    if start < 0 or text[start + 1 : at].strip():
+    start = event.rfind(b",", 0, at)  # the comma before "usage" (vLLM writes it after "choices")
+    if start < 0 or event[start + 1 : at].strip():
         return False, event
-    return False, (text[:start] + text[end:]).encode()
+    end = found.end() + len(tail[:length].encode())
+    return False, event[:start] + event[end:]
 
 
 def is_error_event(event: bytes) -> bool:

@@ -1041,3 +1041,15 @@ async def test_requests_that_begin_and_end_together_share_one_commit(tmp_path: P
     assert sorted(r.request_id for r in records) == sorted(a.headers["x-request-id"] for a in answers)
     assert store.transactions <= 4, store.transactions
     assert store.settle_interrupted(0.0) == 0, "every request's open row ended with its record"
+
+
+def test_the_running_usage_is_read_and_cut_out_of_a_chunk_byte_exactly() -> None:
+    record: dict[str, Any] = {}
+    chunk = 'data: {"choices":[{"delta":{"content":"hé"}}],"usage":{"prompt_tokens":3,"completion_tokens":2},"x":"ü"}'
+    final, out = proxy_module.take_usage(chunk.encode(), record, keep=False)
+    assert not final and (record["prompt_tokens"], record["completion_tokens"]) == (3, 2)
+    assert out.decode() == 'data: {"choices":[{"delta":{"content":"hé"}}],"x":"ü"}'
+    assert proxy_module.take_usage(chunk.encode(), record, keep=True) == (False, chunk.encode())
+    last = b'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4}}'
+    assert proxy_module.take_usage(last, record, keep=False) == (True, last) and record["completion_tokens"] == 4
+    assert proxy_module.take_usage(b'data: {"usage": null}', record, keep=False) == (False, b'data: {"usage": null}')
