@@ -140,3 +140,25 @@ def test_a_gateway_killed_under_load_loses_and_doubles_nothing(upstream: str, tm
     assert all(o in ("ok", "interrupted") for o in outcomes.values())
     assert all(p == 9 for rid, o, p in rows if o == "ok"), "every answer is metered with the engine's usage"
     assert left_open == 0
+
+
+def test_the_spool_is_checkpointed_off_the_writers(tmp_path: Path) -> None:
+    """The commits never checkpoint (a checkpoint syncs the file: milliseconds on the event loop);
+    the spool's own thread copies the log into the database."""
+    from manager.gateway.store import GatewayStore, Settle
+
+    from .fakes import usage_record
+
+    store = GatewayStore(tmp_path / "gw.db", checkpoint_s=0.2)
+    try:
+        before = (tmp_path / "gw.db").stat().st_size
+        for i in range(50):
+            store.write([Settle(usage_record(f"r{i}-{j}")) for j in range(20)])
+        assert (tmp_path / "gw.db").stat().st_size == before, "no commit checkpointed"
+        deadline = time.monotonic() + 5
+        while (tmp_path / "gw.db").stat().st_size == before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (tmp_path / "gw.db").stat().st_size > before, "the checkpointer copied the log"
+        assert len(store.after(0, limit=2000).records) == 1000
+    finally:
+        store.close()
