@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import csv
 import hmac
+import inspect
 import io
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
+from starlette.concurrency import run_in_threadpool
 
 from manager import keys
 from manager.api.deps import Components
@@ -70,6 +73,24 @@ async def form_with_csrf(request: Request, session: Session) -> dict[str, str]:
     return {k: str(v) for k, v in form.items()}
 
 
+def form_action(act: Callable[..., Response]) -> Callable[..., Awaitable[Response]]:
+    """A form the console posts: its body (and CSRF token) is read on the event loop, then ``act``,
+    which calls the synchronous service (SQLite, Docker: a stats read takes a second on Docker
+    20.10), runs on a worker thread, so /healthz and every other request are answered meanwhile.
+    ``act(request, session, form, **path_parameters)``; the route's signature is the path's."""
+
+    async def route(request: Request, **params: str) -> Response:
+        session = current(request)
+        form = await form_with_csrf(request, session)
+        return await run_in_threadpool(act, request, session, form, **params)
+
+    signature = inspect.signature(act)
+    kept = [p for name, p in signature.parameters.items() if name not in ("session", "form")]
+    route.__signature__ = signature.replace(parameters=kept)  # type: ignore[attr-defined]
+    route.__name__, route.__doc__ = act.__name__, act.__doc__
+    return route
+
+
 def page(
     request: Request,
     name: str,
@@ -119,14 +140,20 @@ def login_page(request: Request) -> HTMLResponse:
 
 @router.post("/login")
 async def login(request: Request) -> Response:
-    c = comps(request)
-    limiter: LoginLimiter = request.app.state.login_limiter
     sessions: Sessions = request.app.state.sessions
     client = request.client.host if request.client else "unknown"
     device = sessions.device(request.cookies.get(DEVICE_COOKIE))
     bucket = login_bucket(device, client)
     form = await request.form()
     user, password = str(form.get("username", "")), str(form.get("password", ""))
+    return await run_in_threadpool(_login, request, user, password, client, device, bucket)
+
+
+def _login(request: Request, user: str, password: str, client: str, device: str | None, bucket: str) -> Response:
+    """Checks the password and audits the attempt (SQLite: on a worker thread)."""
+    c = comps(request)
+    limiter: LoginLimiter = request.app.state.login_limiter
+    sessions: Sessions = request.app.state.sessions
     wait = limiter.blocked(bucket)
     if wait:
         c.service.record(
@@ -230,9 +257,8 @@ def new_tenant_page(request: Request) -> HTMLResponse:
 
 
 @router.post("/tenants/new")
-async def new_tenant(request: Request) -> HTMLResponse:
-    session = current(request)
-    form = await form_with_csrf(request, session)
+@form_action
+def new_tenant(request: Request, session: Session, form: dict[str, str]) -> HTMLResponse:
     svc = comps(request).service
     try:
         gpu_memory = _opt_size(form, "gpu_memory")
@@ -336,9 +362,8 @@ def tenant_page(request: Request, name: str, shown: str = "") -> HTMLResponse:
 
 
 @router.post("/tenants/{name}/rotate")
-async def rotate(request: Request, name: str) -> Response:
-    session = current(request)
-    form = await form_with_csrf(request, session)
+@form_action
+def rotate(request: Request, session: Session, form: dict[str, str], name: str) -> Response:
     try:
         issued = comps(request).service.rotate_key(name, session.user, _grace(form))
     except GtmError as exc:
@@ -348,9 +373,8 @@ async def rotate(request: Request, name: str) -> Response:
 
 
 @router.post("/tenants/{name}/members")
-async def add_member(request: Request, name: str) -> Response:
-    session = current(request)
-    form = await form_with_csrf(request, session)
+@form_action
+def add_member(request: Request, session: Session, form: dict[str, str], name: str) -> Response:
     svc = comps(request).service
     try:
         quotas = Quotas(**{f: _opt_int(form, f) for f in QUOTA_FIELDS})
@@ -361,9 +385,8 @@ async def add_member(request: Request, name: str) -> Response:
 
 
 @router.post("/tenants/{name}/members/{member}/rotate")
-async def rotate_member(request: Request, name: str, member: str) -> Response:
-    session = current(request)
-    form = await form_with_csrf(request, session)
+@form_action
+def rotate_member(request: Request, session: Session, form: dict[str, str], name: str, member: str) -> Response:
     try:
         issued = comps(request).service.members.rotate_key(name, session.user, _grace(form), member)
     except GtmError as exc:
@@ -372,10 +395,9 @@ async def rotate_member(request: Request, name: str, member: str) -> Response:
 
 
 @router.post("/tenants/{name}/members/{member}/update")
-async def update_member(request: Request, name: str, member: str) -> Response:
+@form_action
+def update_member(request: Request, session: Session, form: dict[str, str], name: str, member: str) -> Response:
     """A member's limits, as ``update-member`` sets them: an empty field is no limit of its own."""
-    session = current(request)
-    form = await form_with_csrf(request, session)
     try:
         quotas = {f: _opt_int(form, f) for f in QUOTA_FIELDS}
         comps(request).service.members.update(name, member, quotas, session.user)
@@ -385,17 +407,15 @@ async def update_member(request: Request, name: str, member: str) -> Response:
 
 
 @router.post("/tenants/{name}/members/{member}/remove")
-async def remove_member(request: Request, name: str, member: str) -> Response:
-    session = current(request)
-    await form_with_csrf(request, session)
+@form_action
+def remove_member(request: Request, session: Session, form: dict[str, str], name: str, member: str) -> Response:
     comps(request).service.members.remove(name, member, session.user)
     return RedirectResponse(f"/tenants/{name}", status_code=303)
 
 
 @router.post("/tenants/{name}/keys/{key_id}/revoke")
-async def revoke(request: Request, name: str, key_id: str) -> Response:
-    session = current(request)
-    await form_with_csrf(request, session)
+@form_action
+def revoke(request: Request, session: Session, form: dict[str, str], name: str, key_id: str) -> Response:
     comps(request).service.revoke_key(name, key_id, session.user)
     return RedirectResponse(f"/tenants/{name}", status_code=303)
 
@@ -435,10 +455,9 @@ def edit_changes(form: dict[str, str], spec: TenantSpec) -> dict[str, Any]:
 
 
 @router.post("/tenants/{name}/update")
-async def update(request: Request, name: str) -> Response:
+@form_action
+def update(request: Request, session: Session, form: dict[str, str], name: str) -> Response:
     """Everything ``update-tenant`` changes, with its checks and messages (the same service call)."""
-    session = current(request)
-    form = await form_with_csrf(request, session)
     svc = comps(request).service
     try:
         changes = edit_changes(form, svc.tenant(name).spec)
@@ -457,9 +476,8 @@ async def update(request: Request, name: str) -> Response:
 
 
 @router.post("/tenants/{name}/remove")
-async def remove(request: Request, name: str) -> Response:
-    session = current(request)
-    form = await form_with_csrf(request, session)
+@form_action
+def remove(request: Request, session: Session, form: dict[str, str], name: str) -> Response:
     if form.get("confirm") != name:
         return _tenant_page(request, session, name, error=f"Type the tenant's name ({name}) to confirm the removal.")
     comps(request).service.remove(name, session.user)

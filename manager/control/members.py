@@ -37,6 +37,14 @@ def check_grace(grace_s: float) -> None:
         )
 
 
+def removing_refusal(tenant: str) -> str:
+    """The one refusal of any change to a tenant being removed."""
+    return (
+        f"tenant {tenant!r} is being removed, so nothing of it can change any more; "
+        "list-tenants shows it until it is gone (then its name is free again)"
+    )
+
+
 class MemberService:
     def __init__(self, store: Store, reconciler: Reconciler, lock: threading.Lock) -> None:
         self.store = store
@@ -47,35 +55,49 @@ class MemberService:
         """A new key for one member (by default the tenant's first member, named like the tenant);
         the member's older keys stay valid for ``grace_s`` seconds."""
         check_grace(grace_s)
-        self.store.tenant(name)
-        if member is None:
-            if not any(m.name == name for m in self.store.members(name)):
-                raise NotFound(
-                    f"tenant {name!r} has no first member named {name!r} any more (it was removed): "
-                    f"pass --member (list-members --tenant {name} shows them)"
-                )
-            member = name
-        self.store.member(name, member)
         issued = keys.issue()
-        now = time.time()
-        with self.store.transaction() as db:
-            self.store.expire_keys(db, name, member, now + grace_s)
-            self.store.insert_key(db, KeyRow(issued.id, name, keys.PREFIX, issued.hash, now, None, None, member))
-            self.store.audit(
-                actor,
-                "rotate-key",
-                name,
-                "ok",
-                {"member": member, "key_id": issued.id, "grace_s": grace_s},
-                db=db,
-            )
+        with self._lock:
+            self._changeable(name)
+            if member is None:
+                if not any(m.name == name for m in self.store.members(name)):
+                    raise NotFound(
+                        f"tenant {name!r} has no first member named {name!r} any more (it was removed): "
+                        f"pass --member (list-members --tenant {name} shows them)"
+                    )
+                member = name
+            self.store.member(name, member)
+            now = time.time()
+            with self.store.transaction() as db:
+                self.store.expire_keys(db, name, member, now + grace_s)
+                self.store.insert_key(db, KeyRow(issued.id, name, keys.PREFIX, issued.hash, now, None, None, member))
+                self.store.audit(
+                    actor,
+                    "rotate-key",
+                    name,
+                    "ok",
+                    {"member": member, "key_id": issued.id, "grace_s": grace_s},
+                    db=db,
+                )
         self.reconciler.enqueue(name)
         return issued
 
+    def revoke_key(self, tenant: str, key_id: str, actor: str) -> None:
+        """Ends one key now (refused on the tenant port once the gateway has the new config)."""
+        with self._lock:
+            self._changeable(tenant)
+            if not any(k.id == key_id for k in self.store.keys(tenant)):
+                raise NotFound(f"tenant {tenant!r} has no key {key_id!r}; list-keys --tenant {tenant} shows them")
+            with self.store.transaction() as db:
+                self.store.expire_key(db, tenant, key_id, time.time())
+                self.store.audit(actor, "revoke-key", tenant, "ok", {"key_id": key_id}, db=db)
+        self.reconciler.enqueue(tenant)
+
     def _changeable(self, tenant: str) -> TenantRow:
+        """The tenant, unless it is being removed: then nothing of it changes any more (its keys,
+        members and limits go with it). Called under the lock, which ``remove`` takes too."""
         row = self.store.tenant(tenant)
         if row.status == TenantStatus.REMOVING:
-            raise Conflict(f"tenant {tenant!r} is being removed")
+            raise Conflict(removing_refusal(tenant))
         return row
 
     def add(self, tenant: str, name: str, quotas: Quotas, actor: str) -> tuple[MemberRow, keys.IssuedKey]:

@@ -17,7 +17,7 @@ from manager import keys, names
 from manager.control import models
 from manager.control.admission import AdmissionInput, Decision, place
 from manager.control.costs import Share, split
-from manager.control.members import MemberService
+from manager.control.members import MemberService, removing_refusal
 from manager.control.modelfit import (
     ModelFootprint,
     max_positions,
@@ -37,7 +37,7 @@ from manager.domain import (
     TenantStatus,
     check_bounds,
 )
-from manager.errors import AdmissionRefused, Conflict, GtmError, InvalidInput, NotFound
+from manager.errors import AdmissionRefused, Conflict, GtmError, InvalidInput
 from manager.gpu import DeviceMemory, Inventory, device_label, find_device, placed_on
 from manager.gpu.cpu import read_meminfo
 from manager.runtime.protocol import Runtime
@@ -538,7 +538,7 @@ class TenantService:
         with self._admission:
             row = self.store.tenant(name)
             if row.status == TenantStatus.REMOVING:
-                raise Conflict(f"tenant {name!r} is being removed")
+                raise Conflict(removing_refusal(name))
             changes: dict[str, object] = {}
             for key, value in (
                 ("gpu_memory", gpu_memory),
@@ -617,9 +617,13 @@ class TenantService:
         return self.store.tenant(name)
 
     def remove(self, name: str, actor: str) -> None:
-        self.store.tenant(name)
-        self.store.set_status(name, TenantStatus.REMOVING)
-        self.store.audit(actor, "remove-tenant", name, "ok")
+        """Marks the tenant removing (the reconciler takes its containers, network and volumes
+        down): under the lock every change of a tenant takes, so none lands after it."""
+        with self._admission:
+            self.store.tenant(name)
+            with self.store.transaction() as db:
+                self.store.set_status(name, TenantStatus.REMOVING)  # on the transaction's connection
+                self.store.audit(actor, "remove-tenant", name, "ok", db=db)
         self.reconciler.enqueue(name)
 
     def rotate_key(self, name: str, actor: str, grace_s: float, member: str | None = None) -> keys.IssuedKey:
@@ -627,13 +631,7 @@ class TenantService:
         return self.members.rotate_key(name, actor, grace_s, member)
 
     def revoke_key(self, name: str, key_id: str, actor: str) -> None:
-        if not any(k.id == key_id for k in self.store.keys(name)):
-            raise NotFound(f"tenant {name!r} has no key {key_id!r}")
-        now = time.time()
-        with self.store.transaction() as db:
-            db.execute("UPDATE api_keys SET expires_at=? WHERE id=? AND tenant=?", (now, key_id, name))
-            self.store.audit(actor, "revoke-key", name, "ok", {"key_id": key_id}, db=db)
-        self.reconciler.enqueue(name)
+        self.members.revoke_key(name, key_id, actor)
 
     def _default_max_images(self, model: str) -> int:
         """A tenant of a model that takes images takes ``DEFAULT_MAX_IMAGES`` a request; of a text model, none."""

@@ -441,10 +441,10 @@ class Store:
 
     def delete_tenant(self, name: str) -> None:
         """Removes the tenant and its keys; its usage records stay for cost sharing."""
-        with self._lock:
-            self._db.execute("DELETE FROM tenants WHERE name=?", (name,))
-            self._db.execute("DELETE FROM usage_cursors WHERE tenant=?", (name,))
-            self._db.execute("DELETE FROM engine_failures WHERE tenant=?", (name,))
+        with self.transaction() as db:  # all of it or none: no cursor left to a tenant that is gone
+            db.execute("DELETE FROM tenants WHERE name=?", (name,))
+            db.execute("DELETE FROM usage_cursors WHERE tenant=?", (name,))
+            db.execute("DELETE FROM engine_failures WHERE tenant=?", (name,))
 
     # ---------------------------------------------------------------- engine failures (backoff)
     def engine_failure(self, tenant: str) -> EngineFailure | None:
@@ -663,6 +663,9 @@ class Store:
             "UPDATE api_keys SET expires_at=? WHERE tenant=? AND member=? AND (expires_at IS NULL OR expires_at > ?)",
             (at, tenant, member, at),
         )
+
+    def expire_key(self, db: sqlite3.Connection, tenant: str, key_id: str, at: float) -> None:
+        db.execute("UPDATE api_keys SET expires_at=? WHERE id=? AND tenant=?", (at, key_id, tenant))
 
     def keys(self, tenant: str, member: str | None = None) -> list[KeyRow]:
         """The tenant's keys (or one member's), oldest first."""

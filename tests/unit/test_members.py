@@ -124,3 +124,28 @@ def test_member_usage_is_split_by_member_with_today_and_month(svc: TenantService
     assert (views["alice"].usage.today.requests, views["alice"].usage.today.tokens) == (2, 5)
     assert views["alice"].usage.month.tokens == 5 and views["alice"].usage.last_used_at == now
     assert svc.store.usage_by_member("lab", 0)[""].tokens == 10  # an unknown key: unattributed, not lost
+
+
+def test_every_change_to_a_tenant_being_removed_gets_the_same_refusal(svc: TenantService) -> None:
+    """Once remove-tenant has marked it, nothing of the tenant changes: keys, members or limits."""
+    create(svc, "lab")
+    svc.members.add("lab", "alice", Quotas(), "admin")
+    (key,) = svc.store.keys("lab", "lab")
+    svc.remove("lab", "admin")
+    before = (svc.store.keys("lab"), svc.store.members("lab"), svc.store.tenant("lab").spec)
+    actions = {
+        "rotate-key": lambda: svc.rotate_key("lab", "admin", 0),
+        "rotate-key --member": lambda: svc.rotate_key("lab", "admin", 0, "alice"),
+        "revoke-key": lambda: svc.revoke_key("lab", key.id, "admin"),
+        "add-member": lambda: svc.members.add("lab", "bob", Quotas(), "admin"),
+        "update-member": lambda: svc.members.update("lab", "alice", {"rpm_limit": 3}, "admin"),
+        "remove-member": lambda: svc.members.remove("lab", "alice", "admin"),
+        "update-tenant": lambda: svc.update("lab", "admin", max_num_seqs=4),
+    }
+    for action, run in actions.items():
+        with pytest.raises(Conflict) as refused:
+            run()
+        assert "is being removed, so nothing of it can change any more" in str(refused.value), action
+    assert (svc.store.keys("lab"), svc.store.members("lab"), svc.store.tenant("lab").spec) == before
+    removal = [e for e in svc.audit_log("lab", "remove-tenant", 10, None)]
+    assert len(removal) == 1 and svc.store.tenant("lab").status.value == "removing"
