@@ -14,9 +14,9 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import re
 import time
-import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -272,7 +272,9 @@ class Proxy:
         self, method: str, path: str, request_id: str, body: bytes, accept: bytes = b"application/json"
     ) -> Answer:
         headers = ((b"content-type", b"application/json"), (b"accept", accept), (b"x-request-id", request_id.encode()))
-        return await self.upstream.send(method, path, headers, body, self.timeouts)
+        return await self.upstream.send(
+            method, path, headers, body, self.timeouts, whole=accept != b"text/event-stream"
+        )
 
     # ---------------------------------------------------------------- ASGI entry
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -558,7 +560,7 @@ class Proxy:
             return
         assert verdict.ticket is not None
         ticket = verdict.ticket
-        request_id = "req_" + uuid.uuid4().hex
+        request_id = "req_" + os.urandom(16).hex()
         started = time.time()
         record: dict[str, Any] = dict(
             request_id=request_id,
@@ -573,7 +575,10 @@ class Proxy:
             at=started,
         )
         headers = {**verdict.headers, "x-request-id": request_id}
-        if not await self.state.begin(record):  # begun durably, or not served at all
+        streamed = payload.get("stream") is True
+        # a stream is served piece by piece: begun durably, or not served at all. A plain answer is
+        # served whole at its last byte, after its record: a gateway killed before served nothing
+        if streamed and not await self.state.begin(record):
             ticket.cancel()
             await self._spool_full(send, path)
             return
@@ -586,7 +591,7 @@ class Proxy:
                 return
             used = int(record["prompt_tokens"]) + int(record["completion_tokens"])
             try:
-                written = self._finish(record, started)
+                written = self._finish(record, started, streamed)
             finally:  # a failed record write must not leak the in-flight slot
                 ticket.settle(used)
             await written
@@ -597,19 +602,19 @@ class Proxy:
             self.state.drop(request_id)
 
         try:
-            if payload.get("stream") is True:
+            if streamed:
                 await self._stream(receive, send, payload, headers, record, commit, unserved)
             else:
                 await self._plain(method, path, body, send, headers, record, commit, unserved)
         finally:
             if not ticket.settled:  # an error or a disconnect: the record is written with this turn's
-                self._finish(record, started)  # (not awaited: the task may be ending)
+                self._finish(record, started, streamed)  # (not awaited: the task may be ending)
                 ticket.settle(int(record["prompt_tokens"]) + int(record["completion_tokens"]))
 
-    def _finish(self, record: dict[str, Any], started: float) -> asyncio.Future[bool]:
+    def _finish(self, record: dict[str, Any], started: float, opened: bool) -> asyncio.Future[bool]:
         elapsed = time.time() - started
-        rec = UsageRecord(latency_ms=round(elapsed * 1000, 3), **record)
-        written = self.state.record(rec)
+        rec = UsageRecord.model_construct(latency_ms=round(elapsed * 1000, 3), **record)  # the gateway's own values
+        written = self.state.record(rec, opened)
         m = self.state.metrics
         m.count(m.requests, route_of(rec.path), str(rec.status))
         m.latency.observe(elapsed)

@@ -193,11 +193,11 @@ class GatewayState:
     def drop(self, request_id: str) -> None:
         self._write(Drop(request_id))
 
-    def record(self, rec: UsageRecord) -> asyncio.Future[bool]:
+    def record(self, rec: UsageRecord, opened: bool = True) -> asyncio.Future[bool]:
         """A usage record; the future says True once it is committed. When the spool cannot take it,
         it is kept in memory (never lost while the gateway lives), written first once the spool
         takes writes again, and the future says False."""
-        return self._write(Settle(rec))
+        return self._write(Settle(rec, opened))
 
     def _write(self, write: Write) -> asyncio.Future[bool]:
         """Joins the writes of this event-loop turn; the first schedules their commit for the start

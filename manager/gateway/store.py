@@ -6,11 +6,13 @@ killed (SIGKILL), which is what the product promises; only a power loss in the
 last moments before the OS flushes could lose the newest records.
 Records are read by cursor (``seq``), so the manager's collection is idempotent.
 
-A request is *begun* (``open_requests``) when it is admitted, its progress (the engine's running
-count) saved about once a second while it streams, and *settled* by its record, in one
-transaction with the open row's removal. A gateway killed with requests in flight settles them at
-its next start as ``interrupted`` records with what it had saved: nothing served goes unmetered,
-nothing is metered twice.
+A streamed request is *begun* (``open_requests``) when it is admitted, its progress (the
+engine's running count) saved about once a second while it streams, and *settled* by its record,
+in one transaction with the open row's removal. A gateway killed with streams in flight settles
+them at its next start as ``interrupted`` records with what it had saved: nothing served goes
+unmetered, nothing is metered twice. A plain answer is served whole, at its last byte, and its
+record is committed before that byte leaves: a gateway killed before then served nothing of it,
+and meters nothing (as for a request the engine never took).
 
 Writes come in groups (``write``): the gateway gathers the writes of one event-loop turn, every
 request that began or ended in it, into one transaction, so a commit is paid once per turn, not
@@ -113,9 +115,10 @@ class Progress:
 
 @dataclass(frozen=True, slots=True)
 class Settle:
-    """The request's record, and the end of its open row."""
+    """The request's record, and the end of its open row (``opened``: a streamed request's)."""
 
     record: UsageRecord
+    opened: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,7 +198,7 @@ class GatewayStore:
                     begins.append({k: fields[k] for k in _OPEN_FIELDS})
                 case Progress(request_id, prompt_tokens, completion_tokens, status):
                     progress.append((prompt_tokens, completion_tokens, status, request_id))
-                case Settle(r):
+                case Settle(r, opened):
                     records.append(
                         (
                             r.request_id,
@@ -211,7 +214,8 @@ class GatewayStore:
                             r.at,
                         )
                     )
-                    ended.append((r.request_id,))
+                    if opened:
+                        ended.append((r.request_id,))
                 case Drop(request_id):
                     ended.append((request_id,))
         with self._transaction():

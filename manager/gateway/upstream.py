@@ -76,7 +76,13 @@ class Answer(Protocol):
 
 
 class Upstream(Protocol):
-    async def send(self, method: str, path: str, headers: Headers, body: bytes, timeouts: Timeouts) -> Answer: ...
+    async def send(
+        self, method: str, path: str, headers: Headers, body: bytes, timeouts: Timeouts, whole: bool = False
+    ) -> Answer:
+        """The engine's answer once its head has come; ``whole``: once all of it has (read by
+        ``read``, under the same timer as the head)."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
@@ -115,7 +121,9 @@ class LeanUpstream:
         self._slots = asyncio.Semaphore(max_connections)
         self._max_idle = max_idle
 
-    async def send(self, method: str, path: str, headers: Headers, body: bytes, timeouts: Timeouts) -> Answer:
+    async def send(
+        self, method: str, path: str, headers: Headers, body: bytes, timeouts: Timeouts, whole: bool = False
+    ) -> Answer:
         if self._slots.locked():  # every connection busy: wait for one, at most the pool timeout
             try:
                 await asyncio.wait_for(self._slots.acquire(), timeouts.pool)
@@ -124,12 +132,14 @@ class LeanUpstream:
         else:
             await self._slots.acquire()  # at once (wait_for would make a task of it)
         try:
-            return await self._send(method, path, headers, body, timeouts)
+            return await self._send(method, path, headers, body, timeouts, whole)
         except BaseException:
             self._slots.release()
             raise
 
-    async def _send(self, method: str, path: str, headers: Headers, body: bytes, timeouts: Timeouts) -> Answer:
+    async def _send(
+        self, method: str, path: str, headers: Headers, body: bytes, timeouts: Timeouts, whole: bool
+    ) -> Answer:
         head = [method.encode(), b" ", path.encode(), b" HTTP/1.1\r\n", self._host_line]
         for k, v in headers:
             head += (k, b": ", v, b"\r\n")
@@ -139,30 +149,40 @@ class LeanUpstream:
             conn, reused = self._checkout(), True
             if conn is None:
                 conn, reused = await self._connect(timeouts.connect), False
+            answered = False  # the head came: from then on, never sent again
+            data: bytes | None = None
             try:
                 conn.writer.write(message)
                 if conn.writer.transport.get_write_buffer_size():
                     async with asyncio.timeout(timeouts.write):
                         await conn.writer.drain()
-                async with asyncio.timeout(timeouts.read):
+                async with asyncio.timeout(timeouts.read):  # one timer for the head and a whole body
                     raw = await conn.reader.readuntil(b"\r\n\r\n")
+                    answered = True
+                    status, answer_headers, length, chunked = _parse_head(raw)
+                    if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+                        length, chunked = 0, False
+                    if whole and length is not None and not chunked:
+                        data = await conn.reader.readexactly(length) if length else b""
             except asyncio.IncompleteReadError as exc:
                 conn.close()
-                if reused and not exc.partial and attempt == 0:
+                if reused and not answered and not exc.partial and attempt == 0:
                     continue  # the engine closed the idle connection as we reused it: once more, on a new one
-                raise UpstreamError("the engine closed the connection") from exc
+                raise UpstreamError(
+                    "the engine's answer ended early" if answered else "the engine closed the connection"
+                ) from exc
             except TimeoutError as exc:
                 conn.close()
                 raise UpstreamTimeout("the engine did not answer in time") from exc
             except (OSError, asyncio.LimitOverrunError) as exc:
                 conn.close()
-                if reused and attempt == 0 and isinstance(exc, ConnectionError):
+                if reused and not answered and attempt == 0 and isinstance(exc, ConnectionError):
                     continue
                 raise UpstreamError(str(exc) or type(exc).__name__) from exc
-            status, answer_headers, length, chunked = _parse_head(raw)
-            if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
-                length, chunked = 0, False
-            return _LeanAnswer(self, conn, status, answer_headers, length, chunked, timeouts.read)
+            except UpstreamError:
+                conn.close()
+                raise
+            return _LeanAnswer(self, conn, status, answer_headers, length, chunked, timeouts.read, data)
         raise AssertionError("unreachable")
 
     def _checkout(self) -> _Connection | None:
@@ -203,7 +223,18 @@ class _LeanAnswer:
     """The connection goes back to the pool only once the body was read to its end; an answer
     closed before that closes it."""
 
-    __slots__ = ("_chunked", "_client", "_closed", "_conn", "_done", "_length", "_timeout", "headers", "status")
+    __slots__ = (
+        "_chunked",
+        "_client",
+        "_closed",
+        "_conn",
+        "_data",
+        "_done",
+        "_length",
+        "_timeout",
+        "headers",
+        "status",
+    )
 
     def __init__(
         self,
@@ -214,16 +245,21 @@ class _LeanAnswer:
         length: int | None,
         chunked: bool,
         timeout: float | None,
+        data: bytes | None = None,
     ) -> None:
         self._client, self._conn, self.status, self.headers = client, conn, status, headers
         self._length, self._chunked, self._timeout = length, chunked, timeout
-        self._done = False
+        self._data = data
+        """The whole body, when it was read with the head."""
+        self._done = data is not None
         self._closed = False
 
     def header(self, name: bytes) -> bytes | None:
         return _header(self.headers, name)
 
     async def read(self) -> bytes:
+        if self._data is not None:
+            return self._data
         if self._length is None or self._chunked:
             return b"".join([c async for c in self.chunks()])
         try:
@@ -239,6 +275,10 @@ class _LeanAnswer:
         return data
 
     async def chunks(self) -> AsyncIterator[bytes]:
+        if self._data is not None:
+            if self._data:
+                yield self._data
+            return
         reader, timeout = self._conn.reader, self._timeout
         try:  # asyncio.timeout, not wait_for: no task per read (a stream reads once per chunk)
             if self._chunked:  # what has arrived, decoded at once: events sent together pass together
@@ -342,7 +382,9 @@ class HttpxUpstream:
     def __init__(self, transport: httpx.AsyncBaseTransport, url: str) -> None:
         self.transport, self.url = transport, url.rstrip("/")
 
-    async def send(self, method: str, path: str, headers: Headers, body: bytes, timeouts: Timeouts) -> Answer:
+    async def send(
+        self, method: str, path: str, headers: Headers, body: bytes, timeouts: Timeouts, whole: bool = False
+    ) -> Answer:
         request = httpx.Request(method, self.url + path, headers=list(headers), content=body)
         request.extensions["timeout"] = {
             "connect": timeouts.connect,

@@ -85,8 +85,8 @@ def timeouts(read_s: float = 5.0) -> Timeouts:
     return Timeouts(connect=1.0, read=read_s, write=1.0, pool=1.0)
 
 
-async def plain(upstream: Upstream, path: str) -> tuple[int, dict[str, str]]:
-    answer = await upstream.send("POST", path, HEADERS, b'{"a": 1}', timeouts())
+async def plain(upstream: Upstream, path: str, whole: bool = False) -> tuple[int, dict[str, str]]:
+    answer = await upstream.send("POST", path, HEADERS, b'{"a": 1}', timeouts(), whole=whole)
     try:
         return answer.status, json.loads(await answer.read())
     finally:
@@ -98,7 +98,7 @@ def test_plain_answers_reuse_the_connection_and_survive_the_servers_idle_close(s
     async def run() -> None:
         transport = TRANSPORTS[kind](server)
         status, first = await plain(transport, "/plain")
-        _, second = await plain(transport, "/plain")
+        _, second = await plain(transport, "/plain", whole=True)  # read with its head
         assert status == 200 and first["connection"] == second["connection"]  # kept alive
         missing, _ = await plain(transport, "/missing")
         assert missing == 404
@@ -146,8 +146,9 @@ def test_errors_are_upstream_errors(server: str, kind: str) -> None:
         nowhere = TRANSPORTS[kind](f"http://127.0.0.1:{closed}")
         with pytest.raises(UpstreamConnectError):
             await nowhere.send("POST", "/plain", HEADERS, b"{}", timeouts())
-        with pytest.raises(UpstreamTimeout):
-            await transport.send("POST", "/slow", HEADERS, b"{}", timeouts(read_s=0.3))
+        for whole in (False, True):
+            with pytest.raises(UpstreamTimeout):
+                await transport.send("POST", "/slow", HEADERS, b"{}", timeouts(read_s=0.3), whole=whole)
         status, _ = await plain(transport, "/plain")  # and it goes on serving
         assert status == 200
         await transport.aclose()
