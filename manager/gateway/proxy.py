@@ -22,7 +22,6 @@ from typing import Any
 
 import httpx
 
-from manager.contract import UsageRecord
 from manager.gateway.images import check_images, count_images
 from manager.gateway.quotas import admit
 from manager.gateway.settings import GatewaySettings
@@ -301,8 +300,8 @@ class Proxy:
                     "not_found",
                 ),
             )
-            self.state.metrics.requests.labels("other", "404").inc()
-            self.state.metrics.refused.labels("not_found").inc()
+            self.state.metrics.requests.add("other", "404")
+            self.state.metrics.refused.add("not_found")
             return
         if not self.state.version:  # no keys yet: a key given at add-tenant is not refused as wrong
             await self._refuse(
@@ -361,8 +360,8 @@ class Proxy:
     ) -> None:
         """An error in OpenAI's shape, counted in the request metrics and by its code; 5xx are server errors."""
         m = self.state.metrics
-        m.count(m.requests, route_of(path), str(status))
-        m.count(m.refused, code)
+        m.requests.add(route_of(path), str(status))
+        m.refused.add(code)
         type_ = "server_error" if status >= 500 else "invalid_request_error"
         await self._send(send, status, error_body(message, type_, code, param), headers)
 
@@ -484,7 +483,7 @@ class Proxy:
                 self.state.max_image_pixels or self.settings.max_image_pixels,
             )
             if problem is not None:
-                self.state.metrics.images_refused.labels(problem.code).inc()
+                self.state.metrics.images_refused.add(problem.code)
                 await self._refuse(send, path, 400, problem.message, problem.code, param=problem.param)
                 return
             if path in SALTED_PATHS:
@@ -551,11 +550,11 @@ class Proxy:
         if verdict.refusal is not None:
             r = verdict.refusal
             m = self.state.metrics
-            m.count(m.limited, r.reason, r.scope)
-            m.count(m.refused, r.code)
-            m.count(m.requests, route_of(path), "429")
+            m.limited.add(r.reason, r.scope)
+            m.refused.add(r.code)
+            m.requests.add(route_of(path), "429")
             if key.member:
-                m.count(m.member_requests, key.member, "429")
+                m.member_requests.add(key.member, "429")
             await self._send(send, 429, error_body(r.message, r.type, r.code), verdict.headers)
             return
         assert verdict.ticket is not None
@@ -613,19 +612,21 @@ class Proxy:
 
     def _finish(self, record: dict[str, Any], started: float, opened: bool) -> asyncio.Future[bool]:
         elapsed = time.time() - started
-        rec = UsageRecord.model_construct(latency_ms=round(elapsed * 1000, 3), **record)  # the gateway's own values
-        written = self.state.record(rec, opened)
+        record["latency_ms"] = round(elapsed * 1000, 3)
+        written = self.state.record(record, opened)
         m = self.state.metrics
-        m.count(m.requests, route_of(rec.path), str(rec.status))
+        status, member = str(record["status"]), record["member"]
+        prompt, completion = int(record["prompt_tokens"]), int(record["completion_tokens"])
+        m.requests.add(route_of(record["path"]), status)
         m.latency.observe(elapsed)
-        if rec.prompt_tokens:
-            m.count(m.tokens, "prompt", by=rec.prompt_tokens)
-        if rec.completion_tokens:
-            m.count(m.tokens, "completion", by=rec.completion_tokens)
-        if rec.member:
-            m.count(m.member_requests, rec.member, str(rec.status))
-            m.count(m.member_tokens, rec.member, "prompt", by=rec.prompt_tokens)
-            m.count(m.member_tokens, rec.member, "completion", by=rec.completion_tokens)
+        if prompt:
+            m.tokens.add("prompt", by=prompt)
+        if completion:
+            m.tokens.add("completion", by=completion)
+        if member:
+            m.member_requests.add(member, status)
+            m.member_tokens.add(member, "prompt", by=prompt)
+            m.member_tokens.add(member, "completion", by=completion)
         return written
 
     async def _unavailable(
@@ -634,7 +635,7 @@ class Proxy:
         """The engine did not take the request (starting, restarting or gone): never metered.
         ``tried``: it was sent and failed (the engine is then probed); else refused at once."""
         if tried:
-            self.state.metrics.upstream_errors.inc()
+            self.state.metrics.upstream_errors.add()
             self._engine_lost()
         unserved()
         await self._refuse(
@@ -671,7 +672,7 @@ class Proxy:
             return
         record["status"] = upstream.status
         if upstream.status >= 500:
-            self.state.metrics.upstream_errors.inc()
+            self.state.metrics.upstream_errors.add()
         if upstream.status == 200 and method == "POST":
             with contextlib.suppress(ValueError):
                 tokens = usage_of(json.loads(content))
@@ -810,7 +811,7 @@ class Proxy:
                 await metered()
                 # the engine went away mid-answer: end the stream with an error event (the OpenAI SDK
                 # raises it as an APIError) instead of a cut connection
-                self.state.metrics.upstream_errors.inc()
+                self.state.metrics.upstream_errors.add()
                 event = (
                     b"data: "
                     + error_body(

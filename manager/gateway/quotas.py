@@ -167,10 +167,11 @@ class QuotaState:
     def _roll(self, now: float) -> None:
         while self.window and self.window[0] <= now - WINDOW_S:
             self.window.popleft()
-        if day_of(now) != self.day:
-            self.day, self.day_tokens = day_of(now), 0
-        if month_of(now) != self.month:
-            self.month, self.month_requests = month_of(now), 0
+        p = period(now)
+        if p.day != self.day:
+            self.day, self.day_tokens = p.day, 0
+        if p.month != self.month:
+            self.month, self.month_requests = p.month, 0
 
     def remaining_requests(self) -> int | None:
         lim = self.limits.rpm_limit

@@ -4,16 +4,18 @@ its store and its metrics. Shared by the public proxy and the admin app."""
 from __future__ import annotations
 
 import asyncio
+import bisect
 import hmac
 import logging
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
-from manager.contract import GatewayConfig, UsageRecord
+from manager.contract import GatewayConfig
 from manager.gateway.quotas import WINDOW_S, QuotaState
 from manager.gateway.store import Begin, Drop, GatewayStore, Progress, Settle, Totals, Write
 from manager.keys import hash_key, key_id
@@ -31,56 +33,92 @@ class KeyEntry:
     """The member holding the key ('' for a key pushed before members: only the tenant's limits)."""
 
 
+class Tally:
+    """A labelled Prometheus counter kept as plain numbers: the gateway's event loop is its only
+    writer, so a count is a dict update (prometheus_client's counters take a lock and build a key
+    each time: several a request). Exported at each scrape."""
+
+    def __init__(self, name: str, documentation: str, labels: Sequence[str] = ()) -> None:
+        self.name, self.documentation, self.labels = name, documentation, list(labels)
+        self.values: dict[tuple[str, ...], float] = {}
+
+    def add(self, *labels: str, by: float = 1) -> None:
+        self.values[labels] = self.values.get(labels, 0) + by
+
+    def value(self, *labels: str) -> float:
+        return self.values.get(labels, 0)
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labels)
+        for labels, value in list(self.values.items()):  # one C-level copy: the loop may add meanwhile
+            family.add_metric(list(labels), value)
+        yield family
+
+
+class Durations:
+    """A Prometheus histogram kept as plain numbers, like ``Tally``."""
+
+    def __init__(self, name: str, documentation: str, buckets: Sequence[float]) -> None:
+        self.name, self.documentation, self.bounds = name, documentation, list(buckets)
+        self.counts = [0] * (len(self.bounds) + 1)  # the last: above every bound
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
+        self.sum += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        counts, cumulative, buckets = list(self.counts), 0, []
+        for bound, n in zip([*map(str, self.bounds), "+Inf"], counts, strict=True):
+            cumulative += n
+            buckets.append((bound, cumulative))
+        yield HistogramMetricFamily(self.name, self.documentation, buckets=buckets, sum_value=self.sum)
+
+
 @dataclass
 class GatewayMetrics:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
 
-    def count(self, metric: Counter, *labels: str, by: float = 1) -> None:
-        """``metric.labels(*labels).inc(by)``, with the labelled child looked up once (a lookup
-        takes the metric's lock and builds its key: several a request)."""
-        key = (metric, labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        child.inc(by)
-
     def __post_init__(self) -> None:
-        self._children: dict[tuple[Counter, tuple[str, ...]], Counter] = {}
-        r = self.registry
-        self.requests = Counter("gtm_gateway_requests", "Requests by path and status", ["path", "status"], registry=r)
-        self.tokens = Counter("gtm_gateway_tokens", "Tokens metered", ["kind"], registry=r)
-        self.limited = Counter("gtm_gateway_rate_limited", "429s by reason and scope", ["reason", "scope"], registry=r)
+        self.requests = Tally("gtm_gateway_requests", "Requests by path and status", ["path", "status"])
+        self.tokens = Tally("gtm_gateway_tokens", "Tokens metered", ["kind"])
+        self.limited = Tally("gtm_gateway_rate_limited", "429s by reason and scope", ["reason", "scope"])
         # members are created by admins, so these label sets stay bounded
-        self.member_requests = Counter(
-            "gtm_gateway_member_requests", "Requests by member and status", ["member", "status"], registry=r
+        self.member_requests = Tally(
+            "gtm_gateway_member_requests", "Requests by member and status", ["member", "status"]
         )
-        self.member_tokens = Counter(
-            "gtm_gateway_member_tokens", "Tokens metered by member", ["member", "kind"], registry=r
+        self.member_tokens = Tally("gtm_gateway_member_tokens", "Tokens metered by member", ["member", "kind"])
+        self.images_refused = Tally(
+            "gtm_gateway_images_refused", "Requests refused at the door for their images, by reason", ["code"]
         )
-        self.images_refused = Counter(
-            "gtm_gateway_images_refused",
-            "Requests refused at the door for their images, by reason",
-            ["code"],
-            registry=r,
-        )
-        self.upstream_errors = Counter("gtm_gateway_upstream_errors", "Engine unreachable or failing", registry=r)
-        self.refused = Counter(
+        self.upstream_errors = Tally("gtm_gateway_upstream_errors", "Engine unreachable or failing")
+        self.refused = Tally(
             "gtm_gateway_refused",
             "Requests the gateway answered itself, never served by the engine and never metered, by error code",
             ["code"],
-            registry=r,
         )
-        self.spool_errors = Counter(
+        self.spool_errors = Tally(
             "gtm_gateway_spool_errors",
             "Usage records the spool could not take at once (kept in memory and written first once it can)",
-            registry=r,
         )
-        self.latency = Histogram(
+        self.latency = Durations(
             "gtm_gateway_request_seconds",
             "Request latency through the gateway",
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
-            registry=r,
         )
+        for metric in (
+            self.requests,
+            self.tokens,
+            self.limited,
+            self.member_requests,
+            self.member_tokens,
+            self.images_refused,
+            self.upstream_errors,
+            self.refused,
+            self.spool_errors,
+            self.latency,
+        ):
+            self.registry.register(metric)
 
 
 class GatewayState:
@@ -101,7 +139,7 @@ class GatewayState:
         self.max_images: int | None = None
         self.max_image_pixels: int | None = None
         """The tenant's image limits; the gateway's settings when the manager sent none."""
-        self.unwritten: list[UsageRecord] = []
+        self.unwritten: list[Settle] = []
         """Records the spool could not take (its volume full): written first, in order, once it can."""
         self.spool_error: str | None = None
         self._pending: list[tuple[Write, asyncio.Future[bool]]] = []
@@ -193,11 +231,11 @@ class GatewayState:
     def drop(self, request_id: str) -> None:
         self._write(Drop(request_id))
 
-    def record(self, rec: UsageRecord, opened: bool = True) -> asyncio.Future[bool]:
-        """A usage record; the future says True once it is committed. When the spool cannot take it,
-        it is kept in memory (never lost while the gateway lives), written first once the spool
-        takes writes again, and the future says False."""
-        return self._write(Settle(rec, opened))
+    def record(self, fields: Mapping[str, object], opened: bool = True) -> asyncio.Future[bool]:
+        """A usage record (``UsageRecord``'s fields by name); the future says True once it is
+        committed. When the spool cannot take it, it is kept in memory (never lost while the
+        gateway lives), written first once the spool takes writes again, and the future says False."""
+        return self._write(Settle(fields, opened))
 
     def _write(self, write: Write) -> asyncio.Future[bool]:
         """Joins the writes of this event-loop turn; the first schedules their commit for the start
@@ -213,11 +251,11 @@ class GatewayState:
     def _commit(self) -> None:
         pending, self._pending = self._pending, []
         writes = [w for w, _ in pending]
-        ok = self._write_all([*(Settle(r) for r in self.unwritten), *writes])
+        ok = self._write_all([*self.unwritten, *writes])
         if ok:
             self.unwritten.clear()
         else:
-            self.unwritten.extend(w.record for w in writes if isinstance(w, Settle))
+            self.unwritten.extend(w for w in writes if isinstance(w, Settle))
         for _, done in pending:
             if not done.done():  # its request may have been cancelled meanwhile: the write stands
                 done.set_result(ok)
@@ -229,7 +267,7 @@ class GatewayState:
             if self.spool_error is None:
                 log.error("usage spool cannot be written (%s): refusing requests until it can", exc)
             self.spool_error = str(exc)
-            self.metrics.spool_errors.inc()
+            self.metrics.spool_errors.add()
             return False
         if self.spool_error is not None:
             log.warning("usage spool writable again; every record kept in memory is written")
@@ -238,7 +276,7 @@ class GatewayState:
 
     def flush(self) -> bool:
         """Writes the records kept in memory; True when the spool takes records again."""
-        if self.unwritten and self._write_all([Settle(r) for r in self.unwritten]):
+        if self.unwritten and self._write_all(list(self.unwritten)):
             self.unwritten.clear()
         return not self.unwritten
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,9 +76,10 @@ _BEGIN = (
     " :completion_tokens, :status, :at)"
 )
 _PROGRESS = "UPDATE open_requests SET prompt_tokens=?, completion_tokens=?, status=? WHERE request_id=?"
-_RECORD = (
-    "INSERT OR IGNORE INTO usage (request_id, key_id, member, model, path, prompt_tokens, completion_tokens,"
-    " status, outcome, latency_ms, at) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+USAGE_FIELDS = tuple(UsageRecord.model_fields)
+"""The usage table's columns (but ``seq``): a record's fields, in their order."""
+_RECORD = (  # the column names are the contract's, never input
+    f"INSERT OR IGNORE INTO usage ({', '.join(USAGE_FIELDS)}) VALUES ({', '.join('?' * len(USAGE_FIELDS))})"  # noqa: S608
 )
 _DROP = "DELETE FROM open_requests WHERE request_id = ?"
 _OPEN_FIELDS = ("request_id", "key_id", "member", "model", "path", "prompt_tokens", "completion_tokens", "status", "at")
@@ -115,9 +116,10 @@ class Progress:
 
 @dataclass(frozen=True, slots=True)
 class Settle:
-    """The request's record, and the end of its open row (``opened``: a streamed request's)."""
+    """The request's record (a ``UsageRecord``'s fields by name), and the end of its open row
+    (``opened``: a streamed request's)."""
 
-    record: UsageRecord
+    record: Mapping[str, object]
     opened: bool = True
 
 
@@ -198,24 +200,10 @@ class GatewayStore:
                     begins.append({k: fields[k] for k in _OPEN_FIELDS})
                 case Progress(request_id, prompt_tokens, completion_tokens, status):
                     progress.append((prompt_tokens, completion_tokens, status, request_id))
-                case Settle(r, opened):
-                    records.append(
-                        (
-                            r.request_id,
-                            r.key_id,
-                            r.member,
-                            r.model,
-                            r.path,
-                            r.prompt_tokens,
-                            r.completion_tokens,
-                            r.status,
-                            r.outcome,
-                            r.latency_ms,
-                            r.at,
-                        )
-                    )
+                case Settle(fields, opened):
+                    records.append(tuple(fields[f] for f in USAGE_FIELDS))
                     if opened:
-                        ended.append((r.request_id,))
+                        ended.append((str(fields["request_id"]),))
                 case Drop(request_id):
                     ended.append((request_id,))
         with self._transaction():
@@ -229,7 +217,7 @@ class GatewayStore:
                 self._db.executemany(_DROP, ended)
 
     def record(self, rec: UsageRecord) -> None:
-        self.write([Settle(rec)])
+        self.write([Settle(rec.model_dump())])
 
     def settle_interrupted(self, now: float) -> int:
         """Every request left open by a gateway that died: a record ``interrupted`` with what was saved

@@ -153,7 +153,7 @@ def test_the_spool_is_checkpointed_off_the_writers(tmp_path: Path) -> None:
     try:
         before = (tmp_path / "gw.db").stat().st_size
         for i in range(50):
-            store.write([Settle(usage_record(f"r{i}-{j}")) for j in range(20)])
+            store.write([Settle(usage_record(f"r{i}-{j}").model_dump()) for j in range(20)])
         assert (tmp_path / "gw.db").stat().st_size == before, "no commit checkpointed"
         deadline = time.monotonic() + 5
         while (tmp_path / "gw.db").stat().st_size == before and time.monotonic() < deadline:

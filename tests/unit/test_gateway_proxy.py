@@ -198,7 +198,7 @@ async def test_engine_down_is_503_with_retry_after_and_neither_metered_nor_count
         assert error["code"] == "engine_unavailable" and error["message"].startswith("Tenant companya is starting")
     assert state.store.after(0, 100).records == []  # never served: never metered
     assert state.quotas.in_flight == 0 and state.quotas.day_reserved == 0
-    assert state.metrics.refused.labels("engine_unavailable")._value.get() == 6
+    assert state.metrics.refused.value("engine_unavailable") == 6
     # only the first request went to the engine: the others were answered at once (no connect,
     # no name lookup to wait for), while one probe at a time asks whether it is back
     assert tried.count("/v1/chat/completions") == 1 and proxy.engine_down
