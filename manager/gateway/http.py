@@ -7,7 +7,8 @@ port open to the network needs and uvicorn does not have.
 - at most ``max_headers`` headers and ``max_header_bytes`` bytes of request line and
   headers: 431, then the connection is closed.
 
-A body that stops arriving is the proxy's concern (``body_idle_timeout_s``, 408),
+A body that stops arriving is the proxy's concern (``body_idle_timeout_s``, 408; the scope
+says when the body is complete, ``BODY_COMPLETE``, and the proxy then arms no timer),
 and uvicorn's ``limit_concurrency`` caps open connections (503). uvicorn is pinned
 in images/manager/requirements.lock; tests/unit/test_gateway_http.py runs this
 protocol on a real socket.
@@ -24,6 +25,8 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from manager.gateway.settings import GatewaySettings
 
 REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+BODY_COMPLETE = "gtm.body_complete"
+"""Set in a request's scope once its whole body has arrived."""
 
 
 class _Refused(Exception):
@@ -103,6 +106,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._disarm()
         super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        # the whole body is in: the proxy reads it without arming its body timer (a small body
+        # comes with its headers, so this is the usual case)
+        self.cycle.scope[BODY_COMPLETE] = True  # type: ignore[literal-required]
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn answers every parser error with 400; a refusal of ours gets its own status."""

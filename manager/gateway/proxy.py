@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 
+from manager.gateway.http import BODY_COMPLETE
 from manager.gateway.images import check_images, count_images
 from manager.gateway.quotas import admit
 from manager.gateway.settings import GatewaySettings
@@ -213,8 +214,18 @@ def is_error_event(event: bytes) -> bool:
     return False
 
 
-def usage_of(payload: dict[str, Any]) -> tuple[int, int] | None:
-    usage = payload.get("usage")
+def usage_in(answer: bytes) -> tuple[int, int] | None:
+    """(prompt, completion) tokens of an engine's whole answer, decoding only its usage object:
+    the last ``"usage":`` key, the top-level one (vLLM writes it after the choices). A quote in a
+    string is escaped, so generated text never looks like the key."""
+    at = answer.rfind(b'"usage"')
+    found = _USAGE_KEY.match(answer, at) if at >= 0 else None
+    if found is None:
+        return None
+    try:
+        usage, _ = _DECODER.raw_decode(answer[found.end() :].decode())
+    except ValueError:
+        return None
     if not isinstance(usage, dict):
         return None
     return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
@@ -329,7 +340,7 @@ class Proxy:
             await self._too_large(send, path, limit)
             return
         if length is not None and length <= LARGE_BODY:
-            await self._read_and_forward(method, path, receive, send, key, limit)
+            await self._read_and_forward(scope, method, path, receive, send, key, limit)
             return
         try:  # an image, or a body of unknown length: wait for one of the few large-body slots
             await asyncio.wait_for(self.large_slots.acquire(), self.settings.body_idle_timeout_s)
@@ -344,7 +355,7 @@ class Proxy:
             )
             return
         try:
-            await self._read_and_forward(method, path, receive, send, key, limit)
+            await self._read_and_forward(scope, method, path, receive, send, key, limit)
         finally:
             self.large_slots.release()
 
@@ -378,10 +389,10 @@ class Proxy:
         )
 
     async def _read_and_forward(
-        self, method: str, path: str, receive: Receive, send: Send, key: KeyEntry, limit: int
+        self, scope: Scope, method: str, path: str, receive: Receive, send: Send, key: KeyEntry, limit: int
     ) -> None:
         try:
-            body = await self._read_body(receive, limit)
+            body = await self._read_body(scope, receive, limit)
         except TimeoutError:
             await self._refuse(
                 send,
@@ -417,11 +428,22 @@ class Proxy:
                     return self.state.authenticate(token.strip())
         return None
 
-    async def _read_body(self, receive: Receive, limit: int) -> bytes | None:
+    async def _read_body(self, scope: Scope, receive: Receive, limit: int) -> bytes | None:
         """The whole body; None when it exceeds the limit. A client that stops sending for
         ``body_idle_timeout_s`` (a body shorter than its Content-Length) gets TimeoutError."""
         chunks: list[bytes] = []
         size = 0
+        if scope.get(BODY_COMPLETE):  # all of it has arrived: receive() returns it at once, no timer
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return b""
+            chunk = message.get("body", b"")
+            if len(chunk) > limit:
+                return None
+            if not message.get("more_body"):
+                return chunk  # type: ignore[no-any-return]
+            chunks.append(chunk)
+            size = len(chunk)
         idle_s = self.settings.body_idle_timeout_s
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(idle_s) as idle:  # one timer, moved on at each piece (no task per read)
@@ -674,10 +696,9 @@ class Proxy:
         if upstream.status >= 500:
             self.state.metrics.upstream_errors.add()
         if upstream.status == 200 and method == "POST":
-            with contextlib.suppress(ValueError):
-                tokens = usage_of(json.loads(content))
-                if tokens:
-                    record["prompt_tokens"], record["completion_tokens"] = tokens
+            tokens = usage_in(content)
+            if tokens:
+                record["prompt_tokens"], record["completion_tokens"] = tokens
         else:
             record["outcome"] = "ok" if upstream.status < 400 else "error"
         ctype = upstream.header(b"content-type") or b"application/json"

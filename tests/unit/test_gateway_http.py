@@ -100,3 +100,46 @@ def test_ordinary_keep_alive_requests_still_work(served: tuple[int, str]) -> Non
             r = c.post("/v1/chat/completions", json={"model": "demo", "messages": [], "max_tokens": 1})
             assert r.status_code == 200
             time.sleep(0.3)  # idle between requests is not a header timeout
+
+
+def test_the_scope_says_when_the_whole_body_has_arrived(tmp_path: Path) -> None:
+    """The proxy reads a body that came with its headers without arming a timer; a body still on
+    its way is not marked (and is read under the idle timer, as the 408 test shows)."""
+    from manager.gateway.http import BODY_COMPLETE
+
+    seen: list[bool] = []
+
+    async def app(scope: dict[str, object], receive: object, send: object) -> None:
+        if scope["type"] != "http":
+            return
+        seen.append(bool(scope.get(BODY_COMPLETE)))
+        while (await receive())["more_body"]:  # type: ignore[operator]
+            pass
+        await send({"type": "http.response.start", "status": 204, "headers": []})  # type: ignore[operator]
+        await send({"type": "http.response.body", "body": b""})  # type: ignore[operator]
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    settings = GatewaySettings()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host="127.0.0.1", port=port, log_level="warning", http=protocol_for(settings), lifespan="off"
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as conn:
+            conn.sendall(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}")
+            assert conn.recv(1024).startswith(b"HTTP/1.1 204")
+            conn.sendall(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\n\r\n{")
+            time.sleep(0.3)
+            conn.sendall(b'""}')
+            assert conn.recv(1024).startswith(b"HTTP/1.1 204")
+    finally:
+        server.should_exit = True
+        thread.join(5)
+    assert seen == [True, False]

@@ -1053,3 +1053,16 @@ def test_the_running_usage_is_read_and_cut_out_of_a_chunk_byte_exactly() -> None
     last = b'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4}}'
     assert proxy_module.take_usage(last, record, keep=False) == (True, last) and record["completion_tokens"] == 4
     assert proxy_module.take_usage(b'data: {"usage": null}', record, keep=False) == (False, b'data: {"usage": null}')
+
+
+def test_a_whole_answers_usage_is_its_top_level_one() -> None:
+    text = 'a \\"usage\\": {\\"prompt_tokens\\": 99} in the answer'
+    answer = (
+        '{"choices":[{"message":{"content":"' + text + '","x":{"usage":{"prompt_tokens":7}}}}],'
+        '"usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}, "extra": "é"}'
+    ).encode()
+    assert proxy_module.usage_in(answer) == (5, 3)
+    assert proxy_module.usage_in(b'{"data": [], "usage": {"prompt_tokens": 4, "total_tokens": 4}}') == (4, 0)
+    assert proxy_module.usage_in(b'{"usage": null}') is None
+    assert proxy_module.usage_in(b'{"choices": []}') is None
+    assert proxy_module.usage_in(b"not json") is None
