@@ -3,13 +3,13 @@ interface of its own (``Upstream``: send a request, get an ``Answer`` whose body
 as it comes), with no per-request objects beyond the answer.
 
 Chosen by measurement (``scripts/bench.sh --wire``: a pass-through proxy alone on one core of
-the 2-core reference machine, 32 connections):
+the 2-core reference machine, 32 connections; ranges over this release's runs):
 
-- httpx's own transport: 234-583 requests/s, 1,690-4,253 us of CPU each: httpcore checks every
+- httpx's own transport: 358-583 requests/s, 1,690-2,766 us of CPU each: httpcore checks every
   pooled connection (its expiry, a select() on its socket) on every request;
-- aiohttp's client: 3,166-5,745 requests/s, 173-313 us;
-- this client's connection handling behind httpx's ``Request`` and ``Response`` objects: 3,971
-  requests/s, 250 us; without those objects (this interface): 9,884-12,286 requests/s, 80-100 us.
+- aiohttp's client: 3,511-6,679 requests/s, 149-282 us;
+- this client behind httpx's ``Request`` and ``Response`` objects (its first form): 3,971-5,141
+  requests/s, 192-250 us; behind this interface: 7,419-13,462 requests/s, 73-134 us.
 
 It costs less than half of aiohttp a request and needs no new package in the image (aiohttp
 brings eight). ``HttpxUpstream`` puts any httpx transport behind the same interface: the proxy's
