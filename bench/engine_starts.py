@@ -32,12 +32,12 @@ import httpx
 import uvicorn
 
 from manager import names
-from manager.api.app import create_app
 from manager.control.plan import tenant_plan
 from manager.control.sizing import Sizing
 from manager.domain import TenantSpec
 from manager.runtime.docker import container_kwargs
 from manager.settings import Settings
+from manager.wiring import create_app
 
 CHAT = {"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 TOKEN = "bench-admin-token-" + secrets.token_hex(12)

@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 class Api:
     def __init__(self, settings: Settings, transport: httpx.BaseTransport | None = None) -> None:
-        from manager.api.deps import admin_token_file
+        from manager.wiring import admin_token_file
 
         token = settings.admin_token.get_secret_value() if settings.admin_token else None
         if token is None:
@@ -619,20 +619,6 @@ def run(args: argparse.Namespace, api: Api) -> int:
     return 0
 
 
-def serve(settings: Settings) -> int:
-    import logging
-
-    import uvicorn
-
-    from manager.api.app import create_app
-    from manager.control.store import preflight
-
-    preflight(settings.database_path)  # a clear error before anything starts, never a half-started manager
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port, log_level="info")
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(_sizes_glued(sys.argv[1:] if argv is None else argv))
     try:
@@ -642,6 +628,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return gateway_main()
         settings = Settings()
         if args.command == "serve":
+            from manager.wiring import serve
+
             return serve(settings)
         return run(args, Api(settings))
     except GtmError as exc:

@@ -1,11 +1,9 @@
-"""Dependencies of the routes: the wired components and the admin-token check."""
+"""Dependencies of the routes: the tenant service and the admin-token check, both put in the
+app's state by the composition root (``manager.wiring``)."""
 
 from __future__ import annotations
 
 import hmac
-import secrets
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -13,52 +11,14 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from manager.control.service import TenantService
 from manager.errors import Unauthorized
-from manager.settings import Settings
-
-
-@dataclass
-class Components:
-    settings: Settings
-    service: TenantService
-    admin_token: str
-
-
-def admin_token_file(settings: Settings) -> Path:
-    return settings.state_dir / "admin-token"
-
-
-def load_admin_token(settings: Settings) -> str:
-    """GTM_ADMIN_TOKEN, else the token saved in the state dir, else a new one saved there (0600).
-
-    The CLI inside the manager container reads the same file, so `docker exec
-    manager add-tenant ...` needs no token on the command line.
-    """
-    if settings.admin_token is not None:
-        return settings.admin_token.get_secret_value()
-    path = admin_token_file(settings)
-    if path.exists():
-        return path.read_text().strip()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    token = secrets.token_urlsafe(32)
-    path.touch(mode=0o600)
-    path.write_text(token + "\n")
-    return token
-
-
-def components(request: Request) -> Components:
-    c: Components = request.app.state.components
-    return c
-
 
 _bearer = HTTPBearer(auto_error=False)
 
 
-def require_admin(
-    c: Annotated[Components, Depends(components)],
-    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> str:
+def require_admin(request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str:
     """The actor name for the audit trail; 401 without the admin token."""
-    if creds is None or not hmac.compare_digest(creds.credentials.encode(), c.admin_token.encode()):
+    token: str = request.app.state.admin_token
+    if creds is None or not hmac.compare_digest(creds.credentials.encode(), token.encode()):
         raise Unauthorized(
             "missing or wrong admin token: send 'Authorization: Bearer <token>' "
             "(the token is GTM_ADMIN_TOKEN or the file admin-token in the state dir)"
@@ -66,8 +26,10 @@ def require_admin(
     return "admin"
 
 
-def service(c: Annotated[Components, Depends(components)]) -> TenantService:
-    return c.service
+def service(request: Request) -> TenantService:
+    """The tenant service the composition root (``manager.wiring``) put in the app's state."""
+    svc: TenantService = request.app.state.service
+    return svc
 
 
 Admin = Annotated[str, Depends(require_admin)]

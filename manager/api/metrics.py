@@ -6,13 +6,15 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from manager.control.reconciler import Reconciler
 from manager.control.service import TenantService
 from manager.domain import TenantStatus
+from manager.gpu import Inventory
 
 
 class StateCollector(Collector):
-    def __init__(self, service: TenantService) -> None:
-        self.service = service
+    def __init__(self, service: TenantService, reconciler: Reconciler, inventory: Inventory) -> None:
+        self.service, self.reconciler, self.inventory = service, reconciler, inventory
 
     def collect(self):  # type: ignore[no-untyped-def]
         rows = self.service.tenants()
@@ -59,10 +61,10 @@ class StateCollector(Collector):
             "gtm_reconciler_loop_errors", "Exceptions survived by the reconciler's loops", labels=["loop"]
         )
         for loop in ("worker", "resync", "usage"):
-            errors.add_metric([loop], self.service.reconciler.loop_errors[loop])
+            errors.add_metric([loop], self.reconciler.loop_errors[loop])
         yield errors
         dev = GaugeMetricFamily("gtm_device_memory_bytes", "Device memory", labels=["device", "uuid", "kind"])
-        for device in self.service.inventory.devices():
+        for device in self.inventory.devices():
             figures = (("total", device.total), ("free", device.free), ("used", device.used))
             for kind, value in (*figures, ("driver_reserved", device.reserved)):
                 dev.add_metric([str(device.index), device.uuid, kind], value)
@@ -70,9 +72,9 @@ class StateCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, service: TenantService) -> None:
+    def __init__(self, service: TenantService, reconciler: Reconciler, inventory: Inventory) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(StateCollector(service))
+        self.registry.register(StateCollector(service, reconciler, inventory))
         self.refusals = Counter(
             "gtm_admission_refusals", "Admission refusals by failed check", ["check"], registry=self.registry
         )

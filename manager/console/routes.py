@@ -17,7 +17,6 @@ from fastapi.templating import Jinja2Templates
 from starlette.concurrency import run_in_threadpool
 
 from manager import keys
-from manager.api.deps import Components
 from manager.console.session import (
     COOKIE,
     DEVICE_COOKIE,
@@ -30,6 +29,7 @@ from manager.console.session import (
     login_bucket,
 )
 from manager.console.views import capacity_segments, day_bars, label_of
+from manager.control.service import TenantService
 from manager.detail import detail_text
 from manager.domain import ENGINE_OPTIONS, QUOTA_FIELDS, Quotas, TenantSpec
 from manager.errors import GtmError, InvalidInput
@@ -53,9 +53,10 @@ def templates(request: Request) -> Jinja2Templates:
     return t
 
 
-def comps(request: Request) -> Components:
-    c: Components = request.app.state.components
-    return c
+def svc_of(request: Request) -> TenantService:
+    """The tenant service the composition root (``manager.wiring``) put in the app's state."""
+    svc: TenantService = request.app.state.service
+    return svc
 
 
 def current(request: Request) -> Session:
@@ -151,12 +152,12 @@ async def login(request: Request) -> Response:
 
 def _login(request: Request, user: str, password: str, client: str, device: str | None, bucket: str) -> Response:
     """Checks the password and audits the attempt (SQLite: on a worker thread)."""
-    c = comps(request)
+    service = svc_of(request)
     limiter: LoginLimiter = request.app.state.login_limiter
     sessions: Sessions = request.app.state.sessions
     wait = limiter.blocked(bucket)
     if wait:
-        c.service.record(
+        service.record(
             user or "?", "console-login", "rate-limited", {"client": client, "known_device": device is not None}
         )
         return page(
@@ -173,11 +174,11 @@ def _login(request: Request, user: str, password: str, client: str, device: str 
         and hmac.compare_digest(password.encode(), expected_password.encode())
     ):
         limiter.failed(bucket)
-        c.service.record(user or "?", "console-login", "failed", {"client": client, "known_device": device is not None})
+        service.record(user or "?", "console-login", "failed", {"client": client, "known_device": device is not None})
         return page(request, "login.html", None, status_code=401, error="Wrong user name or password.")
     limiter.succeeded(bucket)
     cookie, _ = sessions.issue(user)
-    c.service.record(user, "console-login", "ok", {"client": client, "known_device": device is not None})
+    service.record(user, "console-login", "ok", {"client": client, "known_device": device is not None})
     response = RedirectResponse("/", status_code=303)
     secure = request.url.scheme == "https"
     response.set_cookie(COOKIE, cookie, max_age=LIFETIME_S, httponly=True, samesite="strict", secure=secure)
@@ -210,7 +211,7 @@ def _today() -> float:
 @router.get("/")
 def overview(request: Request) -> HTMLResponse:
     session = current(request)
-    svc = comps(request).service
+    svc = svc_of(request)
     cap = svc.capacity()
     measured = {t.name: t.measured for t in cap.tenants}
     unknown = {t.name for t in cap.tenants if t.unknown}  # the driver hides its use (MIG, vGPU)
@@ -259,7 +260,7 @@ def new_tenant_page(request: Request) -> HTMLResponse:
 @router.post("/tenants/new")
 @form_action
 def new_tenant(request: Request, session: Session, form: dict[str, str]) -> HTMLResponse:
-    svc = comps(request).service
+    svc = svc_of(request)
     try:
         gpu_memory = _opt_size(form, "gpu_memory")
         port = _opt_int(form, "port")
@@ -288,7 +289,7 @@ def new_tenant(request: Request, session: Session, form: dict[str, str]) -> HTML
 
 
 def _tenant_context(request: Request, name: str) -> dict[str, Any]:
-    svc = comps(request).service
+    svc = svc_of(request)
     row = svc.tenant(name)
     now = time.time()
     start = datetime.now(UTC).date() - timedelta(days=29)
@@ -365,7 +366,7 @@ def tenant_page(request: Request, name: str, shown: str = "") -> HTMLResponse:
 @form_action
 def rotate(request: Request, session: Session, form: dict[str, str], name: str) -> Response:
     try:
-        issued = comps(request).service.rotate_key(name, session.user, _grace(form))
+        issued = svc_of(request).rotate_key(name, session.user, _grace(form))
     except GtmError as exc:
         return _refused(request, session, name, exc)
     # the new key (the first member's) is shown once after the redirect; it is never stored or shown again
@@ -375,7 +376,7 @@ def rotate(request: Request, session: Session, form: dict[str, str], name: str) 
 @router.post("/tenants/{name}/members")
 @form_action
 def add_member(request: Request, session: Session, form: dict[str, str], name: str) -> Response:
-    svc = comps(request).service
+    svc = svc_of(request)
     try:
         quotas = Quotas(**{f: _opt_int(form, f) for f in QUOTA_FIELDS})
         row, issued = svc.members.add(name, form.get("member", "").strip(), quotas, session.user)
@@ -388,7 +389,7 @@ def add_member(request: Request, session: Session, form: dict[str, str], name: s
 @form_action
 def rotate_member(request: Request, session: Session, form: dict[str, str], name: str, member: str) -> Response:
     try:
-        issued = comps(request).service.members.rotate_key(name, session.user, _grace(form), member)
+        issued = svc_of(request).members.rotate_key(name, session.user, _grace(form), member)
     except GtmError as exc:
         return _refused(request, session, name, exc)
     return _done(request, session, name, new_key=issued, member=member, anchor="#members")
@@ -400,7 +401,7 @@ def update_member(request: Request, session: Session, form: dict[str, str], name
     """A member's limits, as ``update-member`` sets them: an empty field is no limit of its own."""
     try:
         quotas = {f: _opt_int(form, f) for f in QUOTA_FIELDS}
-        comps(request).service.members.update(name, member, quotas, session.user)
+        svc_of(request).members.update(name, member, quotas, session.user)
     except GtmError as exc:
         return _refused(request, session, name, exc)
     return _done(request, session, name, f"Limits of member {member} saved; they apply at once.", anchor="#members")
@@ -409,14 +410,14 @@ def update_member(request: Request, session: Session, form: dict[str, str], name
 @router.post("/tenants/{name}/members/{member}/remove")
 @form_action
 def remove_member(request: Request, session: Session, form: dict[str, str], name: str, member: str) -> Response:
-    comps(request).service.members.remove(name, member, session.user)
+    svc_of(request).members.remove(name, member, session.user)
     return RedirectResponse(f"/tenants/{name}", status_code=303)
 
 
 @router.post("/tenants/{name}/keys/{key_id}/revoke")
 @form_action
 def revoke(request: Request, session: Session, form: dict[str, str], name: str, key_id: str) -> Response:
-    comps(request).service.revoke_key(name, key_id, session.user)
+    svc_of(request).revoke_key(name, key_id, session.user)
     return RedirectResponse(f"/tenants/{name}", status_code=303)
 
 
@@ -458,7 +459,7 @@ def edit_changes(form: dict[str, str], spec: TenantSpec) -> dict[str, Any]:
 @form_action
 def update(request: Request, session: Session, form: dict[str, str], name: str) -> Response:
     """Everything ``update-tenant`` changes, with its checks and messages (the same service call)."""
-    svc = comps(request).service
+    svc = svc_of(request)
     try:
         changes = edit_changes(form, svc.tenant(name).spec)
         if not changes:
@@ -480,7 +481,7 @@ def update(request: Request, session: Session, form: dict[str, str], name: str) 
 def remove(request: Request, session: Session, form: dict[str, str], name: str) -> Response:
     if form.get("confirm") != name:
         return _tenant_page(request, session, name, error=f"Type the tenant's name ({name}) to confirm the removal.")
-    comps(request).service.remove(name, session.user)
+    svc_of(request).remove(name, session.user)
     return RedirectResponse("/", status_code=303)
 
 
@@ -489,7 +490,7 @@ def what_if(
     request: Request, gpu_memory: str, model: str = "", max_model_len: str = "", tenant: str = ""
 ) -> JSONResponse:
     current(request)
-    svc = comps(request).service
+    svc = svc_of(request)
     try:
         decision = svc.assess(
             parse_size(gpu_memory),
@@ -517,7 +518,7 @@ def _month_and_cost(month: str | None, cost: str | None) -> tuple[str, float]:
 def usage_page(request: Request, month: str | None = None, cost: str | None = None) -> HTMLResponse:
     session = current(request)
     month, total = _month_and_cost(month, cost)
-    svc = comps(request).service
+    svc = svc_of(request)
     return page(request, "usage.html", session, month=month, cost=total, shares=svc.cost(month, total))
 
 
@@ -529,7 +530,7 @@ def _iso(at: float | None) -> str:
 def usage_csv(request: Request, month: str | None = None, cost: str | None = None) -> Response:
     current(request)
     month, total = _month_and_cost(month, cost)
-    shares = comps(request).service.cost(month, total)
+    shares = svc_of(request).cost(month, total)
     out = io.StringIO()
     writer = csv.writer(out)
     # one row per tenant (member empty), then one per member of it: the member's part of the
@@ -607,7 +608,7 @@ AUDIT_PAGE = 50
 def audit_page(request: Request, tenant: str = "", action: str = "", before: int | None = None) -> HTMLResponse:
     """The audit trail, newest first, a page at a time ("Older" follows the last id shown)."""
     session = current(request)
-    svc = comps(request).service
+    svc = svc_of(request)
     rows = svc.audit_log(tenant or None, action or None, AUDIT_PAGE + 1, before)
     older = rows[AUDIT_PAGE - 1].id if len(rows) > AUDIT_PAGE else None
     return page(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
-from manager.errors import GpuUnavailable, InvalidInput
+from manager.errors import InvalidInput
 
 DeviceKind = Literal["gpu", "mig", "host-memory"]
 
@@ -79,19 +79,3 @@ class Inventory(Protocol):
         ...
 
     def close(self) -> None: ...
-
-
-def open_inventory(mode: str | None) -> Inventory:
-    """The inventory for ``GTM_GPU_MODE``; an unset or unusable mode is a start-up error."""
-    if mode == "nvml":
-        from manager.gpu.nvml import NvmlInventory
-
-        return NvmlInventory.open()
-    if mode == "cpu":
-        from manager.gpu.cpu import HostMemoryInventory
-
-        return HostMemoryInventory()
-    raise GpuUnavailable(
-        "GTM_GPU_MODE is not set: set GTM_GPU_MODE=nvml on a host with NVIDIA GPUs, "
-        "or GTM_GPU_MODE=cpu to serve small models from host memory"
-    )

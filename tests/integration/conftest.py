@@ -23,8 +23,8 @@ import pytest
 import uvicorn
 
 from manager import names
-from manager.api.app import create_app
 from manager.settings import Settings
+from manager.wiring import create_app
 
 pytestmark = pytest.mark.integration
 TEST_PREFIX = "gtmt"

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import uvicorn
 
-from manager.api.app import create_app
 from manager.control.reconciler import Reconciler
 from manager.control.service import TenantService
 from manager.control.store import Store
 from manager.gpu.cpu import HostMemoryInventory
 from manager.runtime.memory import MemoryRuntime
 from manager.settings import Settings
+from manager.wiring import create_app
 
 from .fakes import FakeGateway
 

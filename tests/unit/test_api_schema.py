@@ -14,8 +14,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from manager.api.app import create_app
 from manager.settings import Settings
+from manager.wiring import create_app
 
 from .conftest import TOKEN
 

@@ -14,10 +14,10 @@ import httpx
 import pytest
 import uvicorn
 
-from manager.api.app import create_app
 from manager.runtime.memory import MemoryRuntime
 from manager.runtime.types import ContainerState
 from manager.settings import Settings
+from manager.wiring import create_app
 
 from .conftest import TOKEN, write_demo_model
 from .test_console_forms import _form_of, _signed_in

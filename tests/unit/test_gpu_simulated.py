@@ -273,7 +273,7 @@ def test_a_tenant_whose_gpu_is_gone_fails_with_the_way_out(tmp_path: Path) -> No
 def test_a_lost_gpu_answers_503_on_the_api_metrics_and_console(tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
 
-    from manager.api.app import create_app
+    from manager.wiring import create_app
 
     nvml = SimNvml([a100(0), a100(1)])
     sparse_model(tmp_path / "models" / "demo", ENGINE.weights)

@@ -1,11 +1,23 @@
-"""The manager's FastAPI application: wiring, error handling, health and metrics."""
+"""The composition root: where the manager is put together, and the only module that knows
+every room. It builds the control plane (store, runtime, inventory, reconciler, tenant service)
+from the settings, and the one FastAPI application that serves its two faces: the admin API
+(``manager.api``) and the console (``manager.console``), which import neither each other nor
+the store; it gives them the tenant service and the admin token through the app's state. Also
+here: the errors' one JSON-or-page answer, /healthz and /metrics, the admin token's file, and
+``serve`` (what ``manager serve`` runs).
+
+    cli -> wiring -> api | console -> control -> runtime | gpu -> shared modules
+"""
 
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -17,7 +29,7 @@ from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from manager import __version__
-from manager.api.deps import Admin, Components, load_admin_token
+from manager.api.deps import Admin
 from manager.api.docs import DOCS_PATHS, add_docs
 from manager.api.metrics import Metrics
 from manager.api.routes import error_responses, router
@@ -26,7 +38,7 @@ from manager.console.routes import router as console_router
 from manager.console.session import COOKIE, Flashes, LoginLimiter, Sessions
 from manager.control.reconciler import Reconciler
 from manager.control.service import TenantService
-from manager.control.store import Store
+from manager.control.store import Store, preflight
 from manager.errors import AdmissionRefused, GtmError
 from manager.gpu import Inventory, open_inventory
 from manager.runtime.docker import DockerRuntime
@@ -54,6 +66,41 @@ def _validation_message(errors: list[dict[str, Any]]) -> str:
     return "; ".join(parts) + " (see the API's schema at /docs)"
 
 
+@dataclass
+class Components:
+    """The control plane, built once per manager process."""
+
+    settings: Settings
+    store: Store
+    runtime: Runtime
+    inventory: Inventory
+    reconciler: Reconciler
+    service: TenantService
+    admin_token: str
+
+
+def admin_token_file(settings: Settings) -> Path:
+    return settings.state_dir / "admin-token"
+
+
+def load_admin_token(settings: Settings) -> str:
+    """GTM_ADMIN_TOKEN, else the token saved in the state dir, else a new one saved there (0600).
+
+    The CLI inside the manager container reads the same file, so `docker exec
+    manager add-tenant ...` needs no token on the command line.
+    """
+    if settings.admin_token is not None:
+        return settings.admin_token.get_secret_value()
+    path = admin_token_file(settings)
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    path.touch(mode=0o600)
+    path.write_text(token + "\n")
+    return token
+
+
 def build_components(
     settings: Settings, *, runtime: Runtime | None = None, inventory: Inventory | None = None
 ) -> Components:
@@ -62,26 +109,27 @@ def build_components(
     store = Store(settings.database_path)
     reconciler = Reconciler(settings, store, runtime, inventory)
     service = TenantService(settings, store, runtime, inventory, reconciler)
-    return Components(settings, service, load_admin_token(settings))
+    return Components(settings, store, runtime, inventory, reconciler, service, load_admin_token(settings))
 
 
 def create_app(settings: Settings, **overrides: Any) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         components = build_components(settings, **overrides)
-        app.state.components = components
-        app.state.metrics = Metrics(components.service)
+        app.state.service = components.service
+        app.state.admin_token = components.admin_token
+        app.state.metrics = Metrics(components.service, components.reconciler, components.inventory)
         app.state.sessions = Sessions(components.admin_token)
         password = settings.console_password.get_secret_value() if settings.console_password else None
         # without GTM_CONSOLE_PASSWORD the admin token is the console password: never a default one
         app.state.console_credentials = (settings.console_user, password or components.admin_token)
-        components.service.reconciler.start()
+        components.reconciler.start()
         try:
             yield
         finally:
-            components.service.reconciler.stop()
-            components.service.store.close()
-            components.service.inventory.close()
+            components.reconciler.stop()
+            components.store.close()
+            components.inventory.close()
 
     app = FastAPI(
         title="gpu-tenant-manager",
@@ -172,3 +220,14 @@ def create_app(settings: Settings, **overrides: Any) -> FastAPI:
         return PlainTextResponse(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4")
 
     return app
+
+
+def serve(settings: Settings) -> int:
+    """The manager: its store checked first (a clear error before anything starts, never a
+    half-started manager), then the app on the API port."""
+    import uvicorn
+
+    preflight(settings.database_path)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port, log_level="info")
+    return 0
