@@ -2,10 +2,10 @@
 then, inside each tenant, the tenant's cost (by memory: what its reservation costs) split between
 its members by their tokens and, side by side, by their requests.
 
-Reservations over time come from the audit trail (add-tenant, successful
-update-tenant with a new size, remove-tenant), so a tenant that was resized or
-removed mid-month pays for what it held, when it held it. A name removed and
-added again is two tenants (two incarnations), each with its own row.
+Reservations over time come from the store's typed reservation rows (written with each
+add-tenant, each update-tenant that changes the size and each remove-tenant, in the same
+transaction), so a tenant that was resized or removed mid-month pays for what it held, when it
+held it. A name removed and added again is two tenants (two incarnations), each with its own row.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import calendar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from manager.control.store import AuditRow, Store, UsageTotals
+from manager.control.store import ReservationEvent, ReservationRow, Store, UsageTotals
 from manager.errors import InvalidInput
 
 GIB = 1024**3
@@ -92,23 +92,22 @@ class Incarnation:
     spans: list[tuple[float, float, int]] = field(default_factory=list)  # (start, end, bytes)
 
 
-def incarnations(audit: list[AuditRow], now: float) -> list[Incarnation]:
-    """Every tenant's lives in the audit trail, oldest first, each with a span per constant size."""
+def incarnations(reservations: list[ReservationRow], now: float) -> list[Incarnation]:
+    """Every tenant's lives, oldest first, each with a span per constant size."""
     out: list[Incarnation] = []
     current: dict[str, tuple[Incarnation, float, int]] = {}
-    for row in sorted(audit, key=lambda r: r.id):
-        if row.result != "ok" or not row.tenant:
-            continue
+    for row in reservations:  # oldest first
         held = current.get(row.tenant)
-        size = row.detail.get("gpu_memory")
-        if row.action == "add-tenant" and isinstance(size, int):
+        if row.event == ReservationEvent.ADD:
+            if held:  # an add while alive cannot happen; if it did, the older life ends here
+                held[0].spans.append((held[1], row.at, held[2]))
             life = Incarnation(row.tenant, row.at)
             out.append(life)
-            current[row.tenant] = (life, row.at, size)
-        elif row.action == "update-tenant" and isinstance(size, int) and held:
+            current[row.tenant] = (life, row.at, row.gpu_memory)
+        elif row.event == ReservationEvent.RESIZE and held:
             held[0].spans.append((held[1], row.at, held[2]))
-            current[row.tenant] = (held[0], row.at, size)
-        elif row.action == "remove-tenant" and held:
+            current[row.tenant] = (held[0], row.at, row.gpu_memory)
+        elif row.event == ReservationEvent.REMOVE and held:
             held[0].spans.append((held[1], row.at, held[2]))
             held[0].removed_at = row.at
             del current[row.tenant]
@@ -117,10 +116,10 @@ def incarnations(audit: list[AuditRow], now: float) -> list[Incarnation]:
     return out
 
 
-def reservation_intervals(audit: list[AuditRow], now: float) -> dict[str, list[tuple[float, float, int]]]:
+def reservation_intervals(reservations: list[ReservationRow], now: float) -> dict[str, list[tuple[float, float, int]]]:
     """Per tenant name: (start, end, bytes) for every period with a constant reservation."""
     out: dict[str, list[tuple[float, float, int]]] = {}
-    for life in incarnations(audit, now):
+    for life in incarnations(reservations, now):
         out.setdefault(life.tenant, []).extend(life.spans)
     return out
 
@@ -141,7 +140,7 @@ def split(month: str, total_cost: float, store: Store, now: float) -> list[Share
         raise InvalidInput("the month's cost must be 0 or more")
     start, end = month_bounds(month)
     lives: dict[str, list[Incarnation]] = {}
-    for life in incarnations(store.audit_log(limit=1_000_000), now):
+    for life in incarnations(store.reservations(), now):
         lives.setdefault(life.tenant, []).append(life)
     for tenant in store.usage_tenants(start, end):
         lives.setdefault(tenant, [Incarnation(tenant, None)])

@@ -27,7 +27,7 @@ from manager.control.modelfit import (
 from manager.control.plan import docker_words, port_probe_plan, port_taken
 from manager.control.quant import checkpoint_method, resolve
 from manager.control.reconciler import Reconciler
-from manager.control.store import AuditRow, KeyRow, Store, TenantRow, UsageTotals
+from manager.control.store import AuditRow, KeyRow, ReservationEvent, Store, TenantRow, UsageTotals
 from manager.domain import (
     DEFAULT_MAX_IMAGE_PIXELS,
     DEFAULT_MAX_IMAGES,
@@ -492,6 +492,7 @@ class TenantService:
             now = time.time()
             with self.store.transaction() as db:
                 self.store.insert_tenant(db, spec, gateway_token=secrets.token_urlsafe(32), device=device.uuid)
+                self.store.insert_reservation(db, spec.name, ReservationEvent.ADD, spec.gpu_memory, now)
                 # the first member, named like the tenant, holds the key add-tenant prints
                 self.store.insert_member(db, spec.name, spec.name, Quotas(), now)
                 self.store.insert_key(
@@ -598,6 +599,8 @@ class TenantService:
                 changes["device"] = moved
             with self.store.transaction() as db:
                 self.store.update_spec(db, new, device=moved)
+                if new.gpu_memory != row.spec.gpu_memory:
+                    self.store.insert_reservation(db, name, ReservationEvent.RESIZE, new.gpu_memory, time.time())
                 if recreate:
                     # the desired engine changed: the tenant is pending until the new one serves
                     # (so `update-tenant --wait` never mistakes the old engine for the new one)
@@ -620,9 +623,11 @@ class TenantService:
         """Marks the tenant removing (the reconciler takes its containers, network and volumes
         down): under the lock every change of a tenant takes, so none lands after it."""
         with self._admission:
-            self.store.tenant(name)
+            already = self.store.tenant(name).status == TenantStatus.REMOVING
             with self.store.transaction() as db:
                 self.store.set_status(name, TenantStatus.REMOVING)  # on the transaction's connection
+                if not already:  # its reservation ends once, at the first removal asked
+                    self.store.insert_reservation(db, name, ReservationEvent.REMOVE, 0, time.time())
                 self.store.audit(actor, "remove-tenant", name, "ok", db=db)
         self.reconciler.enqueue(name)
 

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +163,27 @@ END""",
         # device: where every engine of an older release ran (it used GPU 0 alone)
         "ALTER TABLE tenants ADD COLUMN device TEXT NOT NULL DEFAULT ''",
     ],
+    [  # 8: reservation changes as typed rows, written in the transaction of the spec change: the cost
+        # split reads these instead of parsing the audit trail. Filled from an older release's audit
+        # trail, in its order (the add, each successful resize, the removal)
+        """CREATE TABLE IF NOT EXISTS reservations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    tenant TEXT NOT NULL,
+    event TEXT NOT NULL CHECK (event IN ('add', 'resize', 'remove')),
+    gpu_memory INTEGER NOT NULL,
+    at REAL NOT NULL
+)""",
+        """INSERT INTO reservations (tenant, event, gpu_memory, at)
+SELECT tenant,
+       CASE action WHEN 'add-tenant' THEN 'add' WHEN 'update-tenant' THEN 'resize' ELSE 'remove' END,
+       COALESCE(json_extract(detail, '$.gpu_memory'), 0),
+       at
+FROM audit
+WHERE result = 'ok' AND tenant IS NOT NULL AND (
+    (action IN ('add-tenant', 'update-tenant') AND json_type(detail, '$.gpu_memory') = 'integer')
+    OR action = 'remove-tenant')
+ORDER BY id""",
+    ],
 ]
 """The manager database's schema, step by step (see manager.migrations); append only."""
 
@@ -252,6 +274,24 @@ class AuditRow:
     tenant: str | None
     result: str
     detail: dict[str, Any]
+
+
+class ReservationEvent(StrEnum):
+    ADD = "add"
+    RESIZE = "resize"
+    REMOVE = "remove"
+
+
+@dataclass(frozen=True)
+class ReservationRow:
+    """A tenant's reservation from ``at`` on: added, resized (``gpu_memory`` its new size) or
+    removed (0). What the cost split prices."""
+
+    id: int
+    tenant: str
+    event: ReservationEvent
+    gpu_memory: int
+    at: float
 
 
 def _spec_columns(spec: TenantSpec) -> dict[str, object]:
@@ -697,6 +737,23 @@ class Store:
     def audit_actions(self) -> list[str]:
         with self._lock:
             return [r[0] for r in self._db.execute("SELECT DISTINCT action FROM audit ORDER BY action")]
+
+    def insert_reservation(
+        self, db: sqlite3.Connection, tenant: str, event: ReservationEvent, gpu_memory: int, at: float
+    ) -> None:
+        """In the transaction of the change it records."""
+        db.execute(
+            "INSERT INTO reservations (tenant, event, gpu_memory, at) VALUES (?,?,?,?)",
+            (tenant, event.value, gpu_memory, at),
+        )
+
+    def reservations(self) -> list[ReservationRow]:
+        """Every reservation change, oldest first (a few per tenant's life, however busy it was)."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM reservations ORDER BY id").fetchall()
+        return [
+            ReservationRow(r["id"], r["tenant"], ReservationEvent(r["event"]), r["gpu_memory"], r["at"]) for r in rows
+        ]
 
     def audit_log(
         self, tenant: str | None = None, action: str | None = None, limit: int = 200, before: int | None = None

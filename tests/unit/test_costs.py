@@ -1,27 +1,25 @@
-import json
 from pathlib import Path
 from typing import Any
 
 from manager.contract import UsageRecord
 from manager.control.costs import month_bounds, reservation_intervals, split
-from manager.control.store import AuditRow, Store
+from manager.control.store import ReservationEvent, ReservationRow, Store
 
 G = 1024**3
 
 
-def row(i: int, at: float, action: str, tenant: str, size: int | None = None, result: str = "ok") -> AuditRow:
-    return AuditRow(i, at, "admin", action, tenant, result, {"gpu_memory": size} if size else {})
+ADD, RESIZE, REMOVE = ReservationEvent.ADD, ReservationEvent.RESIZE, ReservationEvent.REMOVE
 
 
 def test_intervals_follow_add_resize_remove() -> None:
-    audit = [
-        row(1, 0, "add-tenant", "a", 10 * G),
-        row(2, 100, "update-tenant", "a", 20 * G),
-        row(3, 50, "add-tenant", "b", 5 * G, result="refused"),
-        row(4, 300, "remove-tenant", "a"),
-        row(5, 200, "add-tenant", "c", 1 * G),
+    reservations = [
+        ReservationRow(1, "a", ADD, 10 * G, 0),
+        ReservationRow(2, "a", RESIZE, 20 * G, 100),
+        ReservationRow(3, "c", ADD, 1 * G, 200),
+        ReservationRow(4, "a", REMOVE, 0, 300),
+        ReservationRow(5, "b", RESIZE, 5 * G, 400),  # a resize of no living tenant counts nothing
     ]
-    assert reservation_intervals(audit, now=1000) == {
+    assert reservation_intervals(reservations, now=1000) == {
         "a": [(0, 100, 10 * G), (100, 300, 20 * G)],
         "c": [(200, 1000, G)],
     }
@@ -32,14 +30,8 @@ def test_split_by_memory_hours_and_by_tokens(tmp_path: Path) -> None:
     start, end = month_bounds("2026-11")
     # a holds 30 GiB all month; b holds 10 GiB for the second half
     with store.transaction() as db:
-        db.execute(
-            "INSERT INTO audit (at, actor, action, tenant, result, detail) VALUES (?,?,?,?,?,?)",
-            (start - 10, "admin", "add-tenant", "a", "ok", json.dumps({"gpu_memory": 30 * G})),
-        )
-        db.execute(
-            "INSERT INTO audit (at, actor, action, tenant, result, detail) VALUES (?,?,?,?,?,?)",
-            (start + (end - start) / 2, "admin", "add-tenant", "b", "ok", json.dumps({"gpu_memory": 10 * G})),
-        )
+        store.insert_reservation(db, "a", ADD, 30 * G, start - 10)
+        store.insert_reservation(db, "b", ADD, 10 * G, start + (end - start) / 2)
 
     def rec(request_id: str, member: str, prompt: int, completion: int, at: float) -> UsageRecord:
         fields: dict[str, Any] = dict(model="m", path="/v1/chat/completions", status=200, outcome="ok", latency_ms=1.0)
@@ -86,17 +78,10 @@ def test_a_name_removed_and_added_again_is_two_tenants(tmp_path: Path) -> None:
     store = Store(tmp_path / "m.db")
     start, end = month_bounds("2026-11")
     day = 86400.0
-    events = [
-        (start + 1 * day, "add-tenant", {"gpu_memory": 2 * G}),
-        (start + 2 * day + 600, "remove-tenant", {}),
-        (start + 2 * day + 900, "add-tenant", {"gpu_memory": 4 * G}),
-    ]
     with store.transaction() as db:
-        for at, action, detail in events:
-            db.execute(
-                "INSERT INTO audit (at, actor, action, tenant, result, detail) VALUES (?,?,?,?,?,?)",
-                (at, "admin", action, "acc", "ok", json.dumps(detail)),
-            )
+        store.insert_reservation(db, "acc", ADD, 2 * G, start + 1 * day)
+        store.insert_reservation(db, "acc", REMOVE, 0, start + 2 * day + 600)
+        store.insert_reservation(db, "acc", ADD, 4 * G, start + 2 * day + 900)
 
     def rec(request_id: str, tokens: int, at: float) -> UsageRecord:
         return UsageRecord(
@@ -124,3 +109,32 @@ def test_a_name_removed_and_added_again_is_two_tenants(tmp_path: Path) -> None:
     assert abs(first.gib_hours - 2 * (day + 600) / 3600) < 1e-3
     assert abs(second.gib_hours - 4 * (end - start - 2 * day - 900) / 3600) < 1e-3
     assert first.members[0].requests == 3 and second.members[0].requests == 2
+
+
+def test_create_resize_remove_through_the_service_is_priced_from_typed_rows(svc) -> None:  # type: ignore[no-untyped-def]
+    """The service writes each reservation change with its spec change; the split prices them
+    (the audit trail's free-form detail is not read)."""
+    import time
+
+    from .test_service import MIB, create
+
+    before = time.time()
+    create(svc, "lab")
+    svc.update("lab", "admin", gpu_memory=2048 * MIB)
+    svc.update("lab", "admin", max_num_seqs=4)  # no new size: no reservation row
+    svc.remove("lab", "admin")
+    svc.remove("lab", "admin")  # asked again: the reservation ended at the first
+    rows = svc.store.reservations()
+    assert [(r.tenant, r.event, r.gpu_memory) for r in rows] == [
+        ("lab", ADD, 1536 * MIB),
+        ("lab", RESIZE, 2048 * MIB),
+        ("lab", REMOVE, 0),
+    ]
+    assert before <= rows[0].at <= rows[1].at <= rows[2].at <= time.time()
+    with svc.store.transaction() as db:  # nothing reads the audit trail's detail: it may say anything
+        db.execute("UPDATE audit SET detail = '{}'")
+    month = time.strftime("%Y-%m", time.gmtime(rows[0].at))
+    (share,) = svc.cost(month, 100.0)
+    held = ((rows[1].at - rows[0].at) * 1536 + (rows[2].at - rows[1].at) * 2048) * MIB / 3600 / G
+    assert share.tenant == "lab" and share.removed_at == rows[2].at and share.added_at == rows[0].at
+    assert abs(share.gib_hours - round(held, 4)) < 1e-4 and share.cost_by_memory == 100.0

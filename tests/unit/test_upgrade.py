@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
 
+from manager.control.costs import split
 from manager.control.gateway_client import desired_config
 from manager.control.store import MIGRATIONS, Store
 from manager.domain import TenantStatus
@@ -52,6 +54,12 @@ def test_the_manager_database_upgrades_in_place(release: Path) -> None:
         assert store.usage_totals("lab", 0).requests == 3
         assert store.usage_cursor("lab") == 3
         assert [a.action for a in store.audit_log("lab")] == ["rotate-key", "add-tenant"]
+        # step 8: the reservation the audit trail recorded becomes a typed row, which the cost split reads
+        (added,) = store.reservations()
+        (audited,) = store.audit_log("lab", "add-tenant")
+        assert (added.tenant, added.event.value, added.gpu_memory, added.at) == ("lab", "add", 10 * 1024**3, audited.at)
+        (share,) = split(time.strftime("%Y-%m", time.gmtime(added.at)), 50.0, store, now=added.at + 3600)
+        assert share.tenant == "lab" and abs(share.gib_hours - 10.0) < 1e-3 and share.cost_by_memory == 50.0
         assert store.engine_failure("lab") is None  # the table the new release added is there
         # members: the tenant's keys and usage belong to its first member, named like the tenant
         assert [m.name for m in store.members("lab")] == ["lab"]
