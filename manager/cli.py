@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -245,6 +246,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class Api:
+    """The manager's admin API over HTTP, as every command calls it."""
+
+    @classmethod
+    def of(cls, client: httpx.Client) -> Api:
+        """Over a ready client (the tests' in-process app, its admin token in its headers)."""
+        api = cls.__new__(cls)
+        api.client = client
+        return api
+
     def __init__(self, settings: Settings, transport: httpx.BaseTransport | None = None) -> None:
         from manager.wiring import admin_token_file
 
@@ -463,169 +473,235 @@ def wait_until_removed(api: Api, name: str, timeout: float) -> None:
         time.sleep(POLL_S / 2)
 
 
-def run(args: argparse.Namespace, api: Api) -> int:
+class Shown:
+    """Where a command's answer goes: lines for a person, or (``--json``) the answer as JSON once
+    the command is done."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.json = as_json
+
+    def say(self, *lines: str) -> None:
+        if not self.json:
+            for line in lines:
+                print(line, flush=True)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What a command answered, and the exit code it ends with (0 unless said)."""
+
     out: Any
-    if args.command == "add-tenant":
-        out = api.call("POST", "/api/v1/tenants", {"name": args.name, **_engine_body(args)})
-        if not args.json:
-            t = out["tenant"]
-            print(
-                f"tenant {t['name']} admitted: {t['gpu_memory_human']} on port {t['port']} "
-                + (
-                    "(waiting for its engine)"
-                    if args.wait
-                    else f"(status {t['status']}; the engine starts in the background)"
-                )
-            )
-            print(f"API key (shown once, store it now): {out['key']['api_key']}", flush=True)
-        if args.wait:
-            out["tenant"] = wait_for_engine(api, args.name, args.timeout)
-            if not args.json:
-                print(f"tenant {args.name} is running: its API serves on port {out['tenant']['port']}")
-        if not args.json:
-            return 0
-    elif args.command == "wait-tenant":
-        out = [wait_for_engine(api, name, args.timeout, progress=not args.json) for name in args.name]
-        if not args.json:
-            for t in out:
-                print(f"tenant {t['name']} is running: its API serves on port {t['port']}")
-            return 0
-    elif args.command == "list-tenants":
-        out = api.call("GET", "/api/v1/tenants")
-        if not args.json:
-            _print_tenants(out)
-            return 0
-    elif args.command == "update-tenant":
-        body = _engine_body(args)
-        if not body:
-            raise InvalidInput("nothing to change: pass --gpu-memory, --port, a quota or another option")
-        out = api.call("PATCH", f"/api/v1/tenants/{args.name}", body)
-        if args.wait:
-            out = wait_for_engine(api, args.name, args.timeout, before=out)
-        if not args.json:
-            _print_tenants([out])
-            return 0
-    elif args.command == "remove-tenant":
-        out = api.call("DELETE", f"/api/v1/tenants/{args.name}")
-        if args.wait:
-            wait_until_removed(api, args.name, args.timeout)
-            out = {"status": "removed"}
-        if not args.json:
-            print(
-                f"tenant {args.name} is removed (containers, network and volumes)"
-                if args.wait
-                else f"tenant {args.name} is being removed (containers, network and volumes)"
-            )
-            return 0
-    elif args.command == "rotate-key":
-        path = f"/api/v1/tenants/{args.name}" + (f"/members/{args.member}/keys" if args.member else "/keys")
-        out = api.call("POST", path, {"grace_s": args.grace})
-        if not args.json:
-            who = f"member {args.member} of {args.name}" if args.member else args.name
-            print(f"new API key for {who} (shown once, store it now): {out['api_key']}")
-            print(f"older keys stay valid for {args.grace:.0f} s" if args.grace else "older keys are revoked")
-            return 0
-    elif args.command == "add-member":
-        out = api.call("POST", f"/api/v1/tenants/{args.tenant}/members", {"name": args.name, **_quota_body(args)})
-        if not args.json:
-            print(f"member {args.name} added to {args.tenant}")
-            print(f"API key (shown once, store it now): {out['key']['api_key']}", flush=True)
-            return 0
-    elif args.command == "list-members":
-        out = api.call("GET", f"/api/v1/tenants/{args.tenant}/members")
-        if not args.json:
-            _print_members(out)
-            return 0
-    elif args.command == "update-member":
-        body = _quota_body(args)
-        if not body:
-            raise InvalidInput(
-                "nothing to change: pass --rpm-limit, --tokens-per-day, --requests-per-month or --max-in-flight"
-            )
-        out = api.call("PATCH", f"/api/v1/tenants/{args.tenant}/members/{args.name}", body)
-        if not args.json:
-            _print_members([out])
-            return 0
-    elif args.command == "remove-member":
-        api.call("DELETE", f"/api/v1/tenants/{args.tenant}/members/{args.name}")
-        out = {"tenant": args.tenant, "member": args.name, "status": "removed"}
-        if not args.json:
-            print(f"member {args.name} removed from {args.tenant}: its keys stop working; its usage stays")
-            return 0
-    elif args.command == "list-models":
-        params = {"max_model_len": args.max_model_len} if args.max_model_len else None
-        out = api.call("GET", "/api/v1/models", params=params)
-        if not args.json:
-            rows = [
-                [m["name"], m["architecture"], f"{m['parameters'] / 1e6:.1f}M", m["dtype"],
-                 format_size(m["weight_bytes"]), "yes" if m["takes_images"] else "no", m["quantization"] or "-",
-                 format_size(m["minimum_gpu_memory"]), _opt_size(m["minimum_gpu_memory_at"]), m["problem"][:60]]
-                for m in out
-            ]  # fmt: skip
-            at = f"MIN AT {args.max_model_len}" if args.max_model_len else "MIN AT -"
-            print(_table(rows, ["NAME", "ARCHITECTURE", "PARAMS", "DTYPE", "WEIGHTS", "IMAGES", "QUANT",
-                                "MIN GPU-MEMORY", at, "PROBLEM"]))  # fmt: skip
-            return 0
-    elif args.command == "remove-model":
-        api.call("DELETE", f"/api/v1/models/{args.model}")
-        out = {"removed": args.model}
-        if not args.json:
-            print(f"model {args.model} removed from the models volume")
-            return 0
-    elif args.command == "import-model":
-        source = os.path.abspath(args.source)  # the API runs in the same container: one filesystem
-        out = api.call("POST", "/api/v1/models", {"source": source, **({"name": args.name} if args.name else {})})
-        if not args.json:
-            print(
-                f"model {out['name']} imported ({out['architecture']}, {out['parameters'] / 1e6:.1f}M parameters, "
-                f"images: {'yes' if out['takes_images'] else 'no'}); smallest --gpu-memory "
-                f"{format_size(out['minimum_gpu_memory'])}; use it with add-tenant --model {out['name']}"
-            )
-            return 0
-    elif args.command == "capacity":
-        out = api.call("GET", "/api/v1/capacity")
-        if not args.json:
-            _print_capacity(out)
-            return 0
-    elif args.command == "what-if":
-        body = {
-            "gpu_memory": args.gpu_memory,
-            "model": args.model,
-            "max_model_len": args.max_model_len,
-            "tenant": args.name,
-            "gpu": args.gpu,
-        }
-        out = api.call("POST", "/api/v1/what-if", {k: v for k, v in body.items() if v is not None})
-        if not args.json:
-            _print_decision(out)
-            return 0 if out["admitted"] else 5
-    elif args.command == "audit":
-        out = api.call("GET", "/api/v1/audit", params={"tenant": args.name, "action": args.action, "limit": args.limit})
-        if not args.json:
-            rows = [
-                [
-                    time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e["at"])),
-                    e["actor"],
-                    e["action"],
-                    e["tenant"] or "-",
-                    e["result"],
-                    detail_text(e["detail"])[:100],
-                ]
-                for e in out
-            ]
-            print(_table(rows, ["TIME (UTC)", "ACTOR", "ACTION", "TENANT", "RESULT", "DETAIL"]))
-            return 0
-    print(json.dumps(out, indent=2))
-    return 0
+    exit_code: int = 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+Command = Callable[[argparse.Namespace, Api, Shown], Any]
+COMMANDS: dict[str, Command] = {}
+"""Every admin command by name: one small function each, sharing the API client and the printer."""
+
+
+def command(name: str) -> Callable[[Command], Command]:
+    def register(fn: Command) -> Command:
+        COMMANDS[name] = fn
+        return fn
+
+    return register
+
+
+@command("add-tenant")
+def _add_tenant(args: argparse.Namespace, api: Api, shown: Shown) -> Any:
+    out = api.call("POST", "/api/v1/tenants", {"name": args.name, **_engine_body(args)})
+    t = out["tenant"]
+    then = "(waiting for its engine)" if args.wait else f"(status {t['status']}; the engine starts in the background)"
+    shown.say(
+        f"tenant {t['name']} admitted: {t['gpu_memory_human']} on port {t['port']} {then}",
+        f"API key (shown once, store it now): {out['key']['api_key']}",
+    )
+    if args.wait:
+        out["tenant"] = wait_for_engine(api, args.name, args.timeout)
+        shown.say(f"tenant {args.name} is running: its API serves on port {out['tenant']['port']}")
+    return out
+
+
+@command("wait-tenant")
+def _wait_tenant(args: argparse.Namespace, api: Api, shown: Shown) -> Any:
+    out = [wait_for_engine(api, name, args.timeout, progress=not shown.json) for name in args.name]
+    shown.say(*(f"tenant {t['name']} is running: its API serves on port {t['port']}" for t in out))
+    return out
+
+
+@command("list-tenants")
+def _list_tenants(args: argparse.Namespace, api: Api, shown: Shown) -> Any:
+    out = api.call("GET", "/api/v1/tenants")
+    if not shown.json:
+        _print_tenants(out)
+    return out
+
+
+@command("update-tenant")
+def _update_tenant(args: argparse.Namespace, api: Api, shown: Shown) -> Any:
+    body = _engine_body(args)
+    if not body:
+        raise InvalidInput("nothing to change: pass --gpu-memory, --port, a quota or another option")
+    out = api.call("PATCH", f"/api/v1/tenants/{args.name}", body)
+    if args.wait:
+        out = wait_for_engine(api, args.name, args.timeout, before=out)
+    if not shown.json:
+        _print_tenants([out])
+    return out
+
+
+@command("remove-tenant")
+def _remove_tenant(args: argparse.Namespace, api: Api, shown: Shown) -> Any:
+    out = api.call("DELETE", f"/api/v1/tenants/{args.name}")
+    if not args.wait:
+        shown.say(f"tenant {args.name} is being removed (containers, network and volumes)")
+        return out
+    wait_until_removed(api, args.name, args.timeout)
+    shown.say(f"tenant {args.name} is removed (containers, network and volumes)")
+    return {"status": "removed"}
+
+
+@command("rotate-key")
+def _rotate_key(args: argparse.Namespace, api: Api, shown: Shown) -> Any:
+    path = f"/api/v1/tenants/{args.name}" + (f"/members/{args.member}/keys" if args.member else "/keys")
+    out = api.call("POST", path, {"grace_s": args.grace})
+    who = f"member {args.member} of {args.name}" if args.member else args.name
+    shown.say(
+        f"new API key for {who} (shown once, store it now): {out['api_key']}",
+        f"older keys stay valid for {args.grace:.0f} s" if args.grace else "older keys are revoked",
+    )
+    return out
+
+
+@command("add-member")
+def _add_member(args: argparse.Namespace, api: Api, shown: Shown) -> Any:
+    out = api.call("POST", f"/api/v1/tenants/{args.tenant}/members", {"name": args.name, **_quota_body(args)})
+    shown.say(
+        f"member {args.name} added to {args.tenant}", f"API key (shown once, store it now): {out['key']['api_key']}"
+    )
+    return out
+
+
+@command("list-members")
+def _list_members(args: argparse.Namespace, api: Api, shown: Shown) -> Any:
+    out = api.call("GET", f"/api/v1/tenants/{args.tenant}/members")
+    if not shown.json:
+        _print_members(out)
+    return out
+
+
+@command("update-member")
+def _update_member(args: argparse.Namespace, api: Api, shown: Shown) -> Any:
+    body = _quota_body(args)
+    if not body:
+        raise InvalidInput(
+            "nothing to change: pass --rpm-limit, --tokens-per-day, --requests-per-month or --max-in-flight"
+        )
+    out = api.call("PATCH", f"/api/v1/tenants/{args.tenant}/members/{args.name}", body)
+    if not shown.json:
+        _print_members([out])
+    return out
+
+
+@command("remove-member")
+def _remove_member(args: argparse.Namespace, api: Api, shown: Shown) -> Any:
+    api.call("DELETE", f"/api/v1/tenants/{args.tenant}/members/{args.name}")
+    shown.say(f"member {args.name} removed from {args.tenant}: its keys stop working; its usage stays")
+    return {"tenant": args.tenant, "member": args.name, "status": "removed"}
+
+
+@command("list-models")
+def _list_models(args: argparse.Namespace, api: Api, shown: Shown) -> Any:
+    params = {"max_model_len": args.max_model_len} if args.max_model_len else None
+    out = api.call("GET", "/api/v1/models", params=params)
+    rows = [
+        [m["name"], m["architecture"], f"{m['parameters'] / 1e6:.1f}M", m["dtype"],
+         format_size(m["weight_bytes"]), "yes" if m["takes_images"] else "no", m["quantization"] or "-",
+         format_size(m["minimum_gpu_memory"]), _opt_size(m["minimum_gpu_memory_at"]), m["problem"][:60]]
+        for m in out
+    ]  # fmt: skip
+    at = f"MIN AT {args.max_model_len}" if args.max_model_len else "MIN AT -"
+    shown.say(_table(rows, ["NAME", "ARCHITECTURE", "PARAMS", "DTYPE", "WEIGHTS", "IMAGES", "QUANT",
+                            "MIN GPU-MEMORY", at, "PROBLEM"]))  # fmt: skip
+    return out
+
+
+@command("remove-model")
+def _remove_model(args: argparse.Namespace, api: Api, shown: Shown) -> Any:
+    api.call("DELETE", f"/api/v1/models/{args.model}")
+    shown.say(f"model {args.model} removed from the models volume")
+    return {"removed": args.model}
+
+
+@command("import-model")
+def _import_model(args: argparse.Namespace, api: Api, shown: Shown) -> Any:
+    source = os.path.abspath(args.source)  # the API runs in the same container: one filesystem
+    out = api.call("POST", "/api/v1/models", {"source": source, **({"name": args.name} if args.name else {})})
+    shown.say(
+        f"model {out['name']} imported ({out['architecture']}, {out['parameters'] / 1e6:.1f}M parameters, "
+        f"images: {'yes' if out['takes_images'] else 'no'}); smallest --gpu-memory "
+        f"{format_size(out['minimum_gpu_memory'])}; use it with add-tenant --model {out['name']}"
+    )
+    return out
+
+
+@command("capacity")
+def _capacity(args: argparse.Namespace, api: Api, shown: Shown) -> Any:
+    out = api.call("GET", "/api/v1/capacity")
+    if not shown.json:
+        _print_capacity(out)
+    return out
+
+
+@command("what-if")
+def _what_if(args: argparse.Namespace, api: Api, shown: Shown) -> Answer:
+    body = {"gpu_memory": args.gpu_memory, "model": args.model, "max_model_len": args.max_model_len}
+    body |= {"tenant": args.name, "gpu": args.gpu}
+    out = api.call("POST", "/api/v1/what-if", {k: v for k, v in body.items() if v is not None})
+    if shown.json:  # the answer says whether it fits
+        return Answer(out)
+    _print_decision(out)
+    return Answer(out, 0 if out["admitted"] else 5)
+
+
+@command("audit")
+def _audit(args: argparse.Namespace, api: Api, shown: Shown) -> Any:
+    out = api.call("GET", "/api/v1/audit", params={"tenant": args.name, "action": args.action, "limit": args.limit})
+    rows = [
+        [
+            time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e["at"])),
+            e["actor"],
+            e["action"],
+            e["tenant"] or "-",
+            e["result"],
+            detail_text(e["detail"])[:100],
+        ]
+        for e in out
+    ]
+    shown.say(_table(rows, ["TIME (UTC)", "ACTOR", "ACTION", "TENANT", "RESULT", "DETAIL"]))
+    return out
+
+
+def run(args: argparse.Namespace, api: Api) -> int:
+    shown = Shown(bool(getattr(args, "json", False)))
+    result = COMMANDS[args.command](args, api, shown)
+    answer = result if isinstance(result, Answer) else Answer(result)
+    if shown.json:
+        print(json.dumps(answer.out, indent=2))
+    return answer.exit_code
+
+
+def main(argv: Sequence[str] | None = None, api: Api | None = None) -> int:
+    """A command, its errors printed and mapped to the exit codes of ``manager.errors``; ``api``:
+    the one to call instead of the manager's (tests)."""
     args = build_parser().parse_args(_sizes_glued(sys.argv[1:] if argv is None else argv))
     try:
         if args.command == "gateway":
             from manager.gateway.server import main as gateway_main
 
             return gateway_main()
+        if api is not None:
+            return run(args, api)
         settings = Settings()
         if args.command == "serve":
             from manager.wiring import serve

@@ -36,6 +36,7 @@ from manager.api.routes import error_responses, router
 from manager.console.routes import LoginRequired
 from manager.console.routes import router as console_router
 from manager.console.session import COOKIE, Flashes, LoginLimiter, Sessions
+from manager.control.gateway_client import Connect, GatewayClient
 from manager.control.reconciler import Reconciler
 from manager.control.service import TenantService
 from manager.control.store import Store, preflight
@@ -102,12 +103,18 @@ def load_admin_token(settings: Settings) -> str:
 
 
 def build_components(
-    settings: Settings, *, runtime: Runtime | None = None, inventory: Inventory | None = None
+    settings: Settings,
+    *,
+    runtime: Runtime | None = None,
+    inventory: Inventory | None = None,
+    connect: Connect | None = None,
 ) -> Components:
+    """The control plane; ``runtime``, ``inventory`` and ``connect`` (the gateways' admin
+    client) replace the real ones in tests."""
     inventory = inventory or open_inventory(settings.gpu_mode)
     runtime = runtime or DockerRuntime()
     store = Store(settings.database_path)
-    reconciler = Reconciler(settings, store, runtime, inventory)
+    reconciler = Reconciler(settings, store, runtime, inventory, connect=connect or GatewayClient)
     service = TenantService(settings, store, runtime, inventory, reconciler)
     return Components(settings, store, runtime, inventory, reconciler, service, load_admin_token(settings))
 
