@@ -33,14 +33,15 @@ error talking to Docker backs the key off (1 s doubling to 60 s).
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 
 from manager import names
-from manager.control.gateway_client import Connect, GatewayClient, collect_usage, push_config
+from manager.control.collector import UsageCollector
+from manager.control.engine_logs import COLD_CACHE, LOG_KEEP_CHARS, LOG_TAIL_LINES, failure_reason
+from manager.control.gateway_client import Connect, GatewayClient, push_config
 from manager.control.plan import (
     control_network_name,
     control_network_plan,
@@ -48,10 +49,10 @@ from manager.control.plan import (
     port_taken,
     prepare_plan,
     tenant_plan,
-    warmup_plan,
 )
 from manager.control.sizing import Sizing
 from manager.control.store import EngineFailure, Store, TenantRow
+from manager.control.warmup import PageCacheWarmer
 from manager.control.workqueue import WorkQueue
 from manager.domain import TenantStatus, can_transition
 from manager.errors import GtmError, RuntimeUnavailable
@@ -67,56 +68,7 @@ EVENTS_RETRY_S = 1.0
 """Pause before following the runtime's events again after their stream broke."""
 FOLLOWED = frozenset({"die", "oom", "health_status"})
 """The container events that may change what a tenant needs (``RuntimeEvent.action``)."""
-WARMUP_TIMEOUT_S = 300.0
 PREPARE_TIMEOUT_S = 60.0
-WARMUP_WAIT_S = 1.0
-"""How long the worker waits for a warm-up it has just begun before it moves on to other tenants'
-turns (later turns only look whether it has ended)."""
-COLD_CACHE = re.compile(r"Available memory on node .* on kv cache allocation is less than", re.IGNORECASE)
-"""vLLM's CPU backend refusing its KV cache because the page cache it just read counts as used."""
-LOG_TAIL_LINES = 400
-LOG_KEEP_CHARS = 32_000
-FAILURE_PATTERNS = [
-    re.compile(r"Free memory on device.*", re.IGNORECASE),
-    re.compile(r"(?:CUDA )?out of memory.*", re.IGNORECASE),
-    re.compile(r"\b\w*(?:Error|Exception): .*"),
-]
-WRAPPER_LINES = re.compile(
-    r"Engine core initialization failed|See root cause above|EngineCore failed to start", re.IGNORECASE
-)
-"""Lines that only point at an error printed earlier: never the reason."""
-NOT_AN_ERROR = re.compile(r"\b(?:DEBUG|INFO|WARNING)\b \d\d-\d\d \d\d:\d\d:\d\d|Warning: ")
-"""vLLM's own log lines below ERROR, and Python warnings: they may quote an error's name
-("... can cause fd limit errors like `OSError: ...`") without anything having failed."""
-
-
-def failure_reason(state: ContainerState, logs: str) -> str:
-    """The engine's own words for why it stopped: the *first* error it printed (the root
-    cause; vLLM ends with a generic "Engine core initialization failed" line), or the
-    best description Docker gives."""
-    if state.oom_killed:
-        return (
-            "engine killed by the out-of-memory killer: the reservation is too small for this "
-            "model and options; raise --gpu-memory or lower --max-model-len"
-        )
-    lines = [
-        ln.strip()
-        for ln in logs.splitlines()
-        if ln.strip() and not WRAPPER_LINES.search(ln) and not NOT_AN_ERROR.search(ln)
-    ]
-    for pattern in FAILURE_PATTERNS:
-        for i, line in enumerate(lines):
-            found = pattern.search(line)
-            if found:
-                text = found.group(0)
-                if "validation error" in text and i + 1 < len(lines):  # pydantic: the detail is below
-                    text += ": " + lines[i + 1].split(" [type=")[0]
-                return text[:500]
-    if state.error:
-        return f"Docker could not run the engine: {state.error}"[:500]
-    if state.exit_code == 137:
-        return "engine was killed (SIGKILL, exit code 137) without an error of its own"
-    return f"engine exited with code {state.exit_code}"
 
 
 def backoff(failures: int, base: float, cap: float) -> float:
@@ -147,8 +99,8 @@ class Reconciler:
         self._gate: tuple[str, float] | None = None
         self._errors: dict[str, int] = {}
         self._orphans_seen: dict[str, float] = {}
-        self._warmed: set[tuple[str, str]] = set()
-        self._warming: dict[tuple[str, str], threading.Thread] = {}
+        self.warmer = PageCacheWarmer(settings, runtime)
+        self.collector = UsageCollector(settings, store, runtime, connect)
         self._prepared: set[str] = set()
         """Tenants whose volume this manager process gave to the engine's user (``plan.prepare_plan``)."""
         self._served: set[str] = set()
@@ -172,7 +124,7 @@ class Reconciler:
             ),
             threading.Thread(
                 target=self._every,
-                args=("usage", self.settings.usage_interval_s, self.collect_all),
+                args=("usage", self.settings.usage_interval_s, self.collector.collect_all),
                 name="usage-collector",
                 daemon=True,
             ),
@@ -235,27 +187,6 @@ class Reconciler:
                 stream.close()
             self._stop.wait(EVENTS_RETRY_S)
 
-    def collect_all(self) -> None:
-        """Usage from every tenant's gateway, whatever its engine is doing: a gateway keeps the
-        records of what it served before its engine failed or was replaced, and they are
-        collected now, not once the engine is back (a tenant being removed is collected by its
-        removal). One gateway's failure does not stop the others."""
-        for row in self.store.tenants():
-            if row.status != TenantStatus.REMOVING:
-                self.collect(row.spec.name, row.gateway_token)
-
-    def collect(self, name: str, token: str) -> bool:
-        ip = self.runtime.container_ip(names.gateway(self.settings.instance, name), control_network_name(self.settings))
-        if ip is None:
-            return False
-        try:
-            with self.connect(ip, token) as gw:
-                collect_usage(self.store, name, gw)
-        except RuntimeUnavailable as exc:
-            log.warning("usage of %s not collected: %s", name, exc.message)
-            return False
-        return True
-
     def _work(self) -> None:
         while not self._stop.is_set():
             key = self.queue.get(timeout=1.0)
@@ -304,7 +235,7 @@ class Reconciler:
                 return POLL_STARTING_S
             # collect the last usage records before the gateway and its volume go
             if any(c.role == Role.GATEWAY and c.status == "running" for c in containers):
-                self.collect(name, row.gateway_token)
+                self.collector.collect(name, row.gateway_token)
             self._teardown(name, containers)
             self.store.delete_tenant(name)
             return None
@@ -420,7 +351,7 @@ class Reconciler:
             else:
                 self._set_status(row, TenantStatus.PENDING, f"waiting for {holder}'s engine to finish starting")
                 return POLL_STARTING_S
-        if self.settings.gpu_mode == "cpu" and not self._warm(row.spec.model):
+        if self.settings.gpu_mode == "cpu" and not self.warmer.ready(row.spec.model):
             self._gate = (name, self.clock())  # no other engine starts while this cache warms
             self._set_status(row, TenantStatus.STARTING, "reading the engine image and model into the page cache")
             return POLL_STARTING_S
@@ -459,39 +390,6 @@ class Reconciler:
             return False
         return any(c.role == Role.ENGINE and c.status == "running" for c in containers)
 
-    def _warm(self, model: str) -> bool:
-        """Reads the engine image's packages and the model into the page cache once per manager
-        process (and again after a start failed for a cold cache); see ``plan.warmup_plan``. The
-        read runs on a thread of its own (a cold 7B model takes tens of seconds), so that the worker
-        keeps pushing keys and limits to every gateway meanwhile. True once it has ended (also when
-        it failed: that never blocks a start); False while it runs."""
-        key = (self.settings.engine_image, model)
-        if key in self._warmed:
-            return True
-        thread = self._warming.get(key)
-        if thread is None:
-            thread = threading.Thread(target=self._warm_up, args=(model,), name=f"warm-up-{model}", daemon=True)
-            self._warming[key] = thread
-            thread.start()
-            thread.join(WARMUP_WAIT_S)  # an already warm cache ends within this: no extra round on the queue
-        if thread.is_alive():
-            return False
-        del self._warming[key]
-        self._warmed.add(key)
-        return True
-
-    def _warm_up(self, model: str) -> None:
-        started = time.monotonic()
-        try:
-            code, out = self.runtime.run_to_completion(warmup_plan(self.settings, model), WARMUP_TIMEOUT_S)
-        except Exception as exc:  # never blocks a start: at worst the engine meets a cold cache once
-            log.warning("page-cache warm-up for %s failed: %r", model, exc)
-            return
-        if code == 0:
-            log.info("page cache warmed for %s in %.1f s: %s", model, time.monotonic() - started, out.strip())
-        else:  # at worst the engine meets a cold cache, fails once and is retried
-            log.warning("page-cache warm-up for %s failed (exit %d): %s", model, code, out.strip()[-300:])
-
     def _engine_starting(self, row: TenantRow, engine: ContainerState) -> float | None:
         name = row.spec.name
         if self._gate is None:
@@ -525,7 +423,7 @@ class Reconciler:
                 self.runtime.stop_container(engine.name)
             self._release_gate(name)
             if COLD_CACHE.search(text):
-                self._warmed.discard((self.settings.engine_image, row.spec.model))  # warm again first
+                self.warmer.forget(row.spec.model)  # warm again first
             log.warning("engine of %s failed (%d): %s", name, count, text)
             self._set_status(row, TenantStatus.FAILED, text)
         return max(fail.retry_at - self.clock(), 0.5)

@@ -1,6 +1,7 @@
 import pytest
 
-from manager.control.reconciler import backoff, failure_reason
+from manager.control.engine_logs import failure_reason
+from manager.control.reconciler import backoff
 from manager.domain import TenantStatus, can_transition
 from manager.runtime.types import ContainerState
 

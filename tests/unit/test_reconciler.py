@@ -145,7 +145,7 @@ def test_usage_served_before_an_engine_failed_is_collected_while_it_is_down(worl
     runtime.exit(engine("acme"), 137)
     rec.reconcile("acme")
     assert status(store, "acme") != TenantStatus.RUNNING  # noticed (and replaced) before the collector's next round
-    rec.collect_all()
+    rec.collector.collect_all()
     assert store.usage_totals("acme", 0).tokens == 6
 
 
@@ -309,7 +309,7 @@ def test_the_page_cache_is_warmed_once_before_the_first_engine_and_after_a_cold_
 def test_a_long_warm_up_never_holds_up_other_tenants_key_changes(world, monkeypatch: pytest.MonkeyPatch) -> None:
     """A cold 7B model takes tens of seconds to read: meanwhile a revoked key must still reach its
     gateway within seconds, so the read runs off the worker's thread."""
-    import manager.control.reconciler as reconciler_module
+    import manager.control.warmup as warmup_module
 
     rec, store, runtime, _, gateways = world
     add(store, "a", 30001)
@@ -318,7 +318,7 @@ def test_a_long_warm_up_never_holds_up_other_tenants_key_changes(world, monkeypa
     spec = TenantSpec(name="b", port=30002, gpu_memory=1536 * MIB, model="other", max_model_len=512)
     with store.transaction() as db:
         store.insert_tenant(db, spec, gateway_token="token-b")
-    monkeypatch.setattr(reconciler_module, "WARMUP_WAIT_S", 0.05)
+    monkeypatch.setattr(warmup_module, "WARMUP_WAIT_S", 0.05)
     release = threading.Event()
     finish = runtime.run_to_completion
 
@@ -338,7 +338,7 @@ def test_a_long_warm_up_never_holds_up_other_tenants_key_changes(world, monkeypa
     assert len(gateways.configs["token-a"].keys) == 2
 
     release.set()
-    rec._warming[(rec.settings.engine_image, "other")].join(5)
+    rec.warmer.warming[(rec.settings.engine_image, "other")].join(5)
     rec.reconcile("b")
     assert runtime.container(engine("b")) is not None
     assert runtime.completed.count(names.warmup(INSTANCE)) == 2  # a's model once, b's once

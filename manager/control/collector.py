@@ -1,0 +1,44 @@
+"""Usage collection: every tenant's gateway is asked for the records it spooled since the
+store's cursor (``gateway_client.collect_usage``), whatever its engine is doing. The reconciler
+runs it on its usage loop, and once more before a removed tenant's gateway goes."""
+
+from __future__ import annotations
+
+import logging
+
+from manager import names
+from manager.control.gateway_client import Connect, collect_usage
+from manager.control.plan import control_network_name
+from manager.control.store import Store
+from manager.domain import TenantStatus
+from manager.errors import RuntimeUnavailable
+from manager.runtime.protocol import Runtime
+from manager.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class UsageCollector:
+    def __init__(self, settings: Settings, store: Store, runtime: Runtime, connect: Connect) -> None:
+        self.settings, self.store, self.runtime, self.connect = settings, store, runtime, connect
+
+    def collect_all(self) -> None:
+        """Usage from every tenant's gateway, whatever its engine is doing: a gateway keeps the
+        records of what it served before its engine failed or was replaced, and they are
+        collected now, not once the engine is back (a tenant being removed is collected by its
+        removal). One gateway's failure does not stop the others."""
+        for row in self.store.tenants():
+            if row.status != TenantStatus.REMOVING:
+                self.collect(row.spec.name, row.gateway_token)
+
+    def collect(self, name: str, token: str) -> bool:
+        ip = self.runtime.container_ip(names.gateway(self.settings.instance, name), control_network_name(self.settings))
+        if ip is None:
+            return False
+        try:
+            with self.connect(ip, token) as gw:
+                collect_usage(self.store, name, gw)
+        except RuntimeUnavailable as exc:
+            log.warning("usage of %s not collected: %s", name, exc.message)
+            return False
+        return True

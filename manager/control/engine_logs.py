@@ -1,0 +1,54 @@
+"""Reading an engine's logs: why it stopped, in its own words. Pure: the reconciler hands it the
+container's state and the tail of its logs."""
+
+from __future__ import annotations
+
+import re
+
+from manager.runtime.types import ContainerState
+
+COLD_CACHE = re.compile(r"Available memory on node .* on kv cache allocation is less than", re.IGNORECASE)
+"""vLLM's CPU backend refusing its KV cache because the page cache it just read counts as used."""
+LOG_TAIL_LINES = 400
+LOG_KEEP_CHARS = 32_000
+FAILURE_PATTERNS = [
+    re.compile(r"Free memory on device.*", re.IGNORECASE),
+    re.compile(r"(?:CUDA )?out of memory.*", re.IGNORECASE),
+    re.compile(r"\b\w*(?:Error|Exception): .*"),
+]
+WRAPPER_LINES = re.compile(
+    r"Engine core initialization failed|See root cause above|EngineCore failed to start", re.IGNORECASE
+)
+"""Lines that only point at an error printed earlier: never the reason."""
+NOT_AN_ERROR = re.compile(r"\b(?:DEBUG|INFO|WARNING)\b \d\d-\d\d \d\d:\d\d:\d\d|Warning: ")
+"""vLLM's own log lines below ERROR, and Python warnings: they may quote an error's name
+("... can cause fd limit errors like `OSError: ...`") without anything having failed."""
+
+
+def failure_reason(state: ContainerState, logs: str) -> str:
+    """The engine's own words for why it stopped: the *first* error it printed (the root
+    cause; vLLM ends with a generic "Engine core initialization failed" line), or the
+    best description Docker gives."""
+    if state.oom_killed:
+        return (
+            "engine killed by the out-of-memory killer: the reservation is too small for this "
+            "model and options; raise --gpu-memory or lower --max-model-len"
+        )
+    lines = [
+        ln.strip()
+        for ln in logs.splitlines()
+        if ln.strip() and not WRAPPER_LINES.search(ln) and not NOT_AN_ERROR.search(ln)
+    ]
+    for pattern in FAILURE_PATTERNS:
+        for i, line in enumerate(lines):
+            found = pattern.search(line)
+            if found:
+                text = found.group(0)
+                if "validation error" in text and i + 1 < len(lines):  # pydantic: the detail is below
+                    text += ": " + lines[i + 1].split(" [type=")[0]
+                return text[:500]
+    if state.error:
+        return f"Docker could not run the engine: {state.error}"[:500]
+    if state.exit_code == 137:
+        return "engine was killed (SIGKILL, exit code 137) without an error of its own"
+    return f"engine exited with code {state.exit_code}"

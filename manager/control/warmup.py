@@ -1,0 +1,64 @@
+"""The page-cache warm-up before a model's first engine (cpu mode): vLLM's CPU backend counts the
+page cache it reads as used memory, so the engine image's packages and the model are read once
+beforehand (see ``plan.warmup_plan``). It runs on a thread of its own: a cold 7B model takes tens
+of seconds, and the reconciler's worker keeps pushing keys and limits to every gateway meanwhile."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from manager.control.plan import warmup_plan
+from manager.runtime.protocol import Runtime
+from manager.settings import Settings
+
+log = logging.getLogger(__name__)
+WARMUP_TIMEOUT_S = 300.0
+WARMUP_WAIT_S = 1.0
+"""How long the worker waits for a warm-up it has just begun before it moves on to other tenants'
+turns (later turns only look whether it has ended)."""
+
+
+class PageCacheWarmer:
+    """Once per manager process and model (and again after a start failed for a cold cache)."""
+
+    def __init__(self, settings: Settings, runtime: Runtime) -> None:
+        self.settings, self.runtime = settings, runtime
+        self._warmed: set[tuple[str, str]] = set()
+        self.warming: dict[tuple[str, str], threading.Thread] = {}
+        """The warm-ups running, by (engine image, model)."""
+
+    def ready(self, model: str) -> bool:
+        """True once the model's warm-up has ended (also when it failed: that never blocks a
+        start); False while it runs (the first call begins it)."""
+        key = (self.settings.engine_image, model)
+        if key in self._warmed:
+            return True
+        thread = self.warming.get(key)
+        if thread is None:
+            thread = threading.Thread(target=self._warm_up, args=(model,), name=f"warm-up-{model}", daemon=True)
+            self.warming[key] = thread
+            thread.start()
+            thread.join(WARMUP_WAIT_S)  # an already warm cache ends within this: no extra round on the queue
+        if thread.is_alive():
+            return False
+        del self.warming[key]
+        self._warmed.add(key)
+        return True
+
+    def forget(self, model: str) -> None:
+        """An engine of this model met a cold cache: warm it again before the next start."""
+        self._warmed.discard((self.settings.engine_image, model))
+
+    def _warm_up(self, model: str) -> None:
+        started = time.monotonic()
+        try:
+            code, out = self.runtime.run_to_completion(warmup_plan(self.settings, model), WARMUP_TIMEOUT_S)
+        except Exception as exc:  # never blocks a start: at worst the engine meets a cold cache once
+            log.warning("page-cache warm-up for %s failed: %r", model, exc)
+            return
+        if code == 0:
+            log.info("page cache warmed for %s in %.1f s: %s", model, time.monotonic() - started, out.strip())
+        else:  # at worst the engine meets a cold cache, fails once and is retried
+            log.warning("page-cache warm-up for %s failed (exit %d): %s", model, code, out.strip()[-300:])
