@@ -76,7 +76,7 @@ class MemberService:
                     name,
                     "ok",
                     {"member": member, "key_id": issued.id, "grace_s": grace_s},
-                    db=db,
+                    tx=db,
                 )
         self.reconciler.enqueue(name)
         return issued
@@ -89,7 +89,7 @@ class MemberService:
                 raise NotFound(f"tenant {tenant!r} has no key {key_id!r}; list-keys --tenant {tenant} shows them")
             with self.store.transaction() as db:
                 self.store.expire_key(db, tenant, key_id, time.time())
-                self.store.audit(actor, "revoke-key", tenant, "ok", {"key_id": key_id}, db=db)
+                self.store.audit(actor, "revoke-key", tenant, "ok", {"key_id": key_id}, tx=db)
         self.reconciler.enqueue(tenant)
 
     def _changeable(self, tenant: str) -> TenantRow:
@@ -112,7 +112,7 @@ class MemberService:
                 self.store.insert_member(db, tenant, name, quotas, now)
                 self.store.insert_key(db, KeyRow(issued.id, tenant, keys.PREFIX, issued.hash, now, None, None, name))
                 self.store.audit(
-                    actor, "add-member", tenant, "ok", {"member": name, "key_id": issued.id, **quotas.__dict__}, db=db
+                    actor, "add-member", tenant, "ok", {"member": name, "key_id": issued.id, **quotas.__dict__}, tx=db
                 )
         self.reconciler.enqueue(tenant)
         return self.store.member(tenant, name), issued
@@ -128,7 +128,7 @@ class MemberService:
                 raise InvalidInput("nothing to change: pass at least one quota that differs from the current one")
             with self.store.transaction() as db:
                 self.store.update_member(db, tenant, name, new)
-                self.store.audit(actor, "update-member", tenant, "ok", {"member": name, **quotas}, db=db)
+                self.store.audit(actor, "update-member", tenant, "ok", {"member": name, **quotas}, tx=db)
         self.reconciler.enqueue(tenant)
         return self.store.member(tenant, name)
 
@@ -140,7 +140,7 @@ class MemberService:
             self.store.member(tenant, name)
             with self.store.transaction() as db:
                 self.store.delete_member(db, tenant, name)
-                self.store.audit(actor, "remove-member", tenant, "ok", {"member": name}, db=db)
+                self.store.audit(actor, "remove-member", tenant, "ok", {"member": name}, tx=db)
         self.reconciler.enqueue(tenant)
 
     def views(self, tenant: str, now: float | None = None) -> list[MemberView]:

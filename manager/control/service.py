@@ -512,7 +512,7 @@ class TenantService:
                         "device": device.uuid,
                         **decision.numbers,
                     },
-                    db=db,
+                    tx=db,
                 )
         self.reconciler.enqueue(spec.name)
         return Created(self.store.tenant(spec.name), issued, decision)
@@ -614,7 +614,7 @@ class TenantService:
                     name,
                     "ok",
                     {k: (v.__dict__ if isinstance(v, Quotas) else v) for k, v in changes.items()},
-                    db=db,
+                    tx=db,
                 )
         self.reconciler.enqueue(name)
         return self.store.tenant(name)
@@ -628,7 +628,7 @@ class TenantService:
                 self.store.set_status(name, TenantStatus.REMOVING)  # on the transaction's connection
                 if not already:  # its reservation ends once, at the first removal asked
                     self.store.insert_reservation(db, name, ReservationEvent.REMOVE, 0, time.time())
-                self.store.audit(actor, "remove-tenant", name, "ok", db=db)
+                self.store.audit(actor, "remove-tenant", name, "ok", tx=db)
         self.reconciler.enqueue(name)
 
     def rotate_key(self, name: str, actor: str, grace_s: float, member: str | None = None) -> keys.IssuedKey:

@@ -385,6 +385,17 @@ def preflight(path: Path, lock_timeout_s: float = 5.0) -> None:
         raise StateUnavailable(f"the database {path} cannot be written ({exc}): {hint}; nothing was started") from exc
 
 
+class Tx:
+    """One open transaction of the store: handed to the store's write methods, so that the writes
+    of one business action (and its audit row) commit together. It carries the connection for the
+    store alone: no ``sqlite3.Connection`` leaves the store."""
+
+    __slots__ = ("_db",)
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+
 class Store:
     """One connection guarded by a lock: the manager is the only writer."""
 
@@ -404,7 +415,13 @@ class Store:
             self._db.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> Iterator[Tx]:
+        """A business action's writes, all or none (``BEGIN IMMEDIATE``: no other writer between)."""
+        with self._tx() as db:
+            yield Tx(db)
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -432,9 +449,7 @@ class Store:
         except NotFound:
             return None
 
-    def insert_tenant(
-        self, db: sqlite3.Connection, spec: TenantSpec, gateway_token: str = "", device: str = ""
-    ) -> None:
+    def insert_tenant(self, tx: Tx, spec: TenantSpec, gateway_token: str = "", device: str = "") -> None:
         now = time.time()
         row = {
             "name": spec.name,
@@ -448,14 +463,14 @@ class Store:
             "device": device,
         }
         try:
-            db.execute(
+            tx._db.execute(
                 f"INSERT INTO tenants ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",  # noqa: S608
                 tuple(row.values()),
             )
         except sqlite3.IntegrityError as exc:
             raise Conflict(f"tenant {spec.name!r} or port {spec.port} is already taken: {exc}") from exc
 
-    def update_spec(self, db: sqlite3.Connection, spec: TenantSpec, device: str | None = None) -> None:
+    def update_spec(self, tx: Tx, spec: TenantSpec, device: str | None = None) -> None:
         """The new spec (and, when given, the device the tenant moves to)."""
         columns = {
             **_spec_columns(spec),
@@ -463,7 +478,7 @@ class Store:
             **({"device": device} if device is not None else {}),
         }
         try:
-            db.execute(
+            tx._db.execute(
                 f"UPDATE tenants SET {', '.join(f'{c}=?' for c in columns)} WHERE name=?",  # noqa: S608
                 (*columns.values(), spec.name),
             )
@@ -481,7 +496,7 @@ class Store:
 
     def delete_tenant(self, name: str) -> None:
         """Removes the tenant and its keys; its usage records stay for cost sharing."""
-        with self.transaction() as db:  # all of it or none: no cursor left to a tenant that is gone
+        with self._tx() as db:  # all of it or none: no cursor left to a tenant that is gone
             db.execute("DELETE FROM tenants WHERE name=?", (name,))
             db.execute("DELETE FROM usage_cursors WHERE tenant=?", (name,))
             db.execute("DELETE FROM engine_failures WHERE tenant=?", (name,))
@@ -517,7 +532,7 @@ class Store:
         """Stores records collected from a gateway and advances the cursor, in one transaction.
         A record seen twice (same request id) is stored once; one written before members (no member)
         is the key's member's. Returns how many were new."""
-        with self.transaction() as db:
+        with self._tx() as db:
             before = db.total_changes
             db.executemany(
                 "INSERT OR IGNORE INTO usage (tenant, request_id, key_id, member, model, path, prompt_tokens,"
@@ -654,9 +669,9 @@ class Store:
             return [dict(r) for r in rows]
 
     # ---------------------------------------------------------------- members
-    def insert_member(self, db: sqlite3.Connection, tenant: str, name: str, quotas: Quotas, now: float) -> None:
+    def insert_member(self, tx: Tx, tenant: str, name: str, quotas: Quotas, now: float) -> None:
         try:
-            db.execute(
+            tx._db.execute(
                 "INSERT INTO members (tenant, name, rpm_limit, tokens_per_day, requests_per_month, max_in_flight,"
                 " created_at) VALUES (?,?,?,?,?,?,?)",
                 (tenant, name, *(getattr(quotas, f) for f in QUOTA_FIELDS), now),
@@ -678,34 +693,34 @@ class Store:
             raise NotFound(f"tenant {tenant!r} has no member named {name!r}; list-members --tenant {tenant} shows them")
         return _member(row)
 
-    def update_member(self, db: sqlite3.Connection, tenant: str, name: str, quotas: Quotas) -> None:
-        db.execute(
+    def update_member(self, tx: Tx, tenant: str, name: str, quotas: Quotas) -> None:
+        tx._db.execute(
             f"UPDATE members SET {', '.join(f'{f}=?' for f in QUOTA_FIELDS)} WHERE tenant=? AND name=?",  # noqa: S608
             (*(getattr(quotas, f) for f in QUOTA_FIELDS), tenant, name),
         )
 
-    def delete_member(self, db: sqlite3.Connection, tenant: str, name: str) -> None:
+    def delete_member(self, tx: Tx, tenant: str, name: str) -> None:
         """Removes the member and its keys; its usage records stay for cost sharing."""
-        db.execute("DELETE FROM api_keys WHERE tenant=? AND member=?", (tenant, name))
-        db.execute("DELETE FROM members WHERE tenant=? AND name=?", (tenant, name))
+        tx._db.execute("DELETE FROM api_keys WHERE tenant=? AND member=?", (tenant, name))
+        tx._db.execute("DELETE FROM members WHERE tenant=? AND name=?", (tenant, name))
 
     # ---------------------------------------------------------------- keys
-    def insert_key(self, db: sqlite3.Connection, key: KeyRow) -> None:
-        db.execute(
+    def insert_key(self, tx: Tx, key: KeyRow) -> None:
+        tx._db.execute(
             "INSERT INTO api_keys (id, tenant, prefix, hash, created_at, expires_at, last_used_at, member)"
             " VALUES (?,?,?,?,?,?,?,?)",
             (key.id, key.tenant, key.prefix, key.hash, key.created_at, key.expires_at, key.last_used_at, key.member),
         )
 
-    def expire_keys(self, db: sqlite3.Connection, tenant: str, member: str, at: float) -> None:
+    def expire_keys(self, tx: Tx, tenant: str, member: str, at: float) -> None:
         """Ends a member's keys at ``at`` (those that would last longer)."""
-        db.execute(
+        tx._db.execute(
             "UPDATE api_keys SET expires_at=? WHERE tenant=? AND member=? AND (expires_at IS NULL OR expires_at > ?)",
             (at, tenant, member, at),
         )
 
-    def expire_key(self, db: sqlite3.Connection, tenant: str, key_id: str, at: float) -> None:
-        db.execute("UPDATE api_keys SET expires_at=? WHERE id=? AND tenant=?", (at, key_id, tenant))
+    def expire_key(self, tx: Tx, tenant: str, key_id: str, at: float) -> None:
+        tx._db.execute("UPDATE api_keys SET expires_at=? WHERE id=? AND tenant=?", (at, key_id, tenant))
 
     def keys(self, tenant: str, member: str | None = None) -> list[KeyRow]:
         """The tenant's keys (or one member's), oldest first."""
@@ -724,12 +739,12 @@ class Store:
         tenant: str | None,
         result: str,
         detail: dict[str, Any] | None = None,
-        db: sqlite3.Connection | None = None,
+        tx: Tx | None = None,
     ) -> None:
         args = (time.time(), actor, action, tenant, result, json.dumps(detail or {}, default=str))
         sql = "INSERT INTO audit (at, actor, action, tenant, result, detail) VALUES (?,?,?,?,?,?)"
-        if db is not None:
-            db.execute(sql, args)
+        if tx is not None:
+            tx._db.execute(sql, args)
         else:
             with self._lock:
                 self._db.execute(sql, args)
@@ -738,11 +753,9 @@ class Store:
         with self._lock:
             return [r[0] for r in self._db.execute("SELECT DISTINCT action FROM audit ORDER BY action")]
 
-    def insert_reservation(
-        self, db: sqlite3.Connection, tenant: str, event: ReservationEvent, gpu_memory: int, at: float
-    ) -> None:
+    def insert_reservation(self, tx: Tx, tenant: str, event: ReservationEvent, gpu_memory: int, at: float) -> None:
         """In the transaction of the change it records."""
-        db.execute(
+        tx._db.execute(
             "INSERT INTO reservations (tenant, event, gpu_memory, at) VALUES (?,?,?,?)",
             (tenant, event.value, gpu_memory, at),
         )

@@ -111,7 +111,7 @@ def test_a_name_removed_and_added_again_is_two_tenants(tmp_path: Path) -> None:
     assert first.members[0].requests == 3 and second.members[0].requests == 2
 
 
-def test_create_resize_remove_through_the_service_is_priced_from_typed_rows(svc) -> None:  # type: ignore[no-untyped-def]
+def test_create_resize_remove_through_the_service_is_priced_from_typed_rows(svc, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """The service writes each reservation change with its spec change; the split prices them
     (the audit trail's free-form detail is not read)."""
     import time
@@ -131,7 +131,9 @@ def test_create_resize_remove_through_the_service_is_priced_from_typed_rows(svc)
         ("lab", REMOVE, 0),
     ]
     assert before <= rows[0].at <= rows[1].at <= rows[2].at <= time.time()
-    with svc.store.transaction() as db:  # nothing reads the audit trail's detail: it may say anything
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "m.db") as db:  # the svc fixture's store: nothing reads the audit's detail
         db.execute("UPDATE audit SET detail = '{}'")
     month = time.strftime("%Y-%m", time.gmtime(rows[0].at))
     (share,) = svc.cost(month, 100.0)

@@ -95,3 +95,19 @@ def test_no_module_imports_itself_back() -> None:
         if module not in state:
             visit(module, [module])
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_sqlite_stays_in_the_stores() -> None:
+    """The stores own their transactions: no other module opens, or is handed, a connection (the
+    manager's store hands out ``Tx``); the gateway's state only names the spool's errors."""
+    users = set()
+    for path in ROOT.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        if any(isinstance(n, ast.Import) and any(a.name == "sqlite3" for a in n.names) for n in ast.walk(tree)):
+            users.add(str(path.relative_to(ROOT.parent)))
+    assert users == {
+        "manager/control/store.py",
+        "manager/gateway/store.py",
+        "manager/gateway/state.py",
+        "manager/migrations.py",
+    }
