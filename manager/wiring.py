@@ -39,6 +39,7 @@ from manager.console.session import COOKIE, Flashes, LoginLimiter, Sessions
 from manager.control.gateway_client import Connect, GatewayClient
 from manager.control.reconciler import Reconciler
 from manager.control.service import TenantService
+from manager.control.storage import TenantStore
 from manager.control.store import Store, preflight
 from manager.errors import AdmissionRefused, GtmError
 from manager.gpu import Inventory, open_inventory
@@ -72,7 +73,7 @@ class Components:
     """The control plane, built once per manager process."""
 
     settings: Settings
-    store: Store
+    store: TenantStore
     runtime: Runtime
     inventory: Inventory
     reconciler: Reconciler

@@ -9,8 +9,8 @@ from pydantic.config import JsonDict
 
 from manager.control.admission import Decision
 from manager.control.members import MemberView
+from manager.control.records import AuditRow, KeyRow, TenantRow, UsageTotals
 from manager.control.service import Capacity
-from manager.control.store import AuditRow, KeyRow, TenantRow, UsageTotals
 from manager.domain import (
     DEFAULT_MAX_IMAGE_PIXELS,
     DEFAULT_MAX_IMAGES,

@@ -9,7 +9,7 @@ import logging
 from manager import names
 from manager.control.gateway_client import Connect, collect_usage
 from manager.control.plan import control_network_name
-from manager.control.store import Store
+from manager.control.storage import TenantStore
 from manager.domain import TenantStatus
 from manager.errors import RuntimeUnavailable
 from manager.runtime.protocol import Runtime
@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 class UsageCollector:
-    def __init__(self, settings: Settings, store: Store, runtime: Runtime, connect: Connect) -> None:
+    def __init__(self, settings: Settings, store: TenantStore, runtime: Runtime, connect: Connect) -> None:
         self.settings, self.store, self.runtime, self.connect = settings, store, runtime, connect
 
     def collect_all(self) -> None:

@@ -14,7 +14,8 @@ import calendar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from manager.control.store import ReservationEvent, ReservationRow, Store, UsageTotals
+from manager.control.records import ReservationEvent, ReservationRow, UsageTotals
+from manager.control.storage import TenantStore
 from manager.errors import InvalidInput
 
 GIB = 1024**3
@@ -135,7 +136,7 @@ def _usage_windows(lives: list[Incarnation]) -> list[tuple[Incarnation, float, f
     return windows
 
 
-def split(month: str, total_cost: float, store: Store, now: float) -> list[Share]:
+def split(month: str, total_cost: float, store: TenantStore, now: float) -> list[Share]:
     if total_cost < 0:
         raise InvalidInput("the month's cost must be 0 or more")
     start, end = month_bounds(month)

@@ -14,13 +14,13 @@ from pydantic import ValidationError
 
 from manager.contract import Contract, GatewayConfig, GatewayStatus, KeyConfig, Limits, MemberConfig, UsagePage
 from manager.control.plan import GATEWAY_ADMIN_PORT
-from manager.control.store import Store
+from manager.control.storage import TenantStore
 from manager.errors import RuntimeUnavailable
 
 Answer = TypeVar("Answer", bound=Contract)
 
 
-def desired_config(store: Store, tenant: str) -> GatewayConfig:
+def desired_config(store: TenantStore, tenant: str) -> GatewayConfig:
     """Key hashes (active or in their grace period) with their members, the tenant's and each
     member's limits, and the engine's context length (a request's prompt plus completion never
     exceeds it: the token reservation's upper bound); ``version`` is their hash."""
@@ -101,7 +101,7 @@ class GatewayClient:
             raise RuntimeUnavailable(f"a gateway's admin port answered outside the contract: {exc}") from exc
 
 
-def push_config(store: Store, tenant: str, gw: GatewayAdmin) -> bool:
+def push_config(store: TenantStore, tenant: str, gw: GatewayAdmin) -> bool:
     """Level-triggered: pushes the desired config when the gateway's version differs. True if pushed."""
     config = desired_config(store, tenant)
     if gw.version() == config.version:
@@ -110,7 +110,7 @@ def push_config(store: Store, tenant: str, gw: GatewayAdmin) -> bool:
     return True
 
 
-def collect_usage(store: Store, tenant: str, gw: GatewayAdmin) -> int:
+def collect_usage(store: TenantStore, tenant: str, gw: GatewayAdmin) -> int:
     """Collects every usage record after the stored cursor; returns how many were new.
     Idempotent: a record seen twice is stored once, and the cursor only moves forward."""
     added = 0

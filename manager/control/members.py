@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 from manager import keys, names
 from manager.control.reconciler import Reconciler
-from manager.control.store import KeyRow, MemberRow, MemberUsage, Store, TenantRow, UsageTotals
+from manager.control.records import KeyRow, MemberRow, MemberUsage, TenantRow, UsageTotals
+from manager.control.storage import TenantStore
 from manager.domain import MAX_GRACE_S, Quotas, TenantStatus, check_quotas
 from manager.errors import Conflict, InvalidInput, NotFound
 from manager.utc import start_of_day, start_of_month
@@ -46,7 +47,7 @@ def removing_refusal(tenant: str) -> str:
 
 
 class MemberService:
-    def __init__(self, store: Store, reconciler: Reconciler, lock: threading.Lock) -> None:
+    def __init__(self, store: TenantStore, reconciler: Reconciler, lock: threading.Lock) -> None:
         self.store = store
         self.reconciler = reconciler
         self._lock = lock  # the tenant service's: no member change races a tenant's removal

@@ -50,8 +50,9 @@ from manager.control.plan import (
     prepare_plan,
     tenant_plan,
 )
+from manager.control.records import EngineFailure, TenantRow
 from manager.control.sizing import Sizing
-from manager.control.store import EngineFailure, Store, TenantRow
+from manager.control.storage import TenantStore
 from manager.control.warmup import PageCacheWarmer
 from manager.control.workqueue import WorkQueue
 from manager.domain import TenantStatus, can_transition
@@ -79,7 +80,7 @@ class Reconciler:
     def __init__(
         self,
         settings: Settings,
-        store: Store,
+        store: TenantStore,
         runtime: Runtime,
         inventory: Inventory,
         *,

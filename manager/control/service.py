@@ -27,7 +27,8 @@ from manager.control.modelfit import (
 from manager.control.plan import docker_words, port_probe_plan, port_taken
 from manager.control.quant import checkpoint_method, resolve
 from manager.control.reconciler import Reconciler
-from manager.control.store import AuditRow, KeyRow, ReservationEvent, Store, TenantRow, UsageTotals
+from manager.control.records import AuditRow, KeyRow, ReservationEvent, TenantRow, UsageTotals
+from manager.control.storage import TenantStore
 from manager.domain import (
     DEFAULT_MAX_IMAGE_PIXELS,
     DEFAULT_MAX_IMAGES,
@@ -149,7 +150,7 @@ def _on(row: TenantRow, devices: list[DeviceMemory], device: DeviceMemory) -> bo
 
 class TenantService:
     def __init__(
-        self, settings: Settings, store: Store, runtime: Runtime, inventory: Inventory, reconciler: Reconciler
+        self, settings: Settings, store: TenantStore, runtime: Runtime, inventory: Inventory, reconciler: Reconciler
     ) -> None:
         self.settings = settings
         self.store = store

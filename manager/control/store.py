@@ -15,12 +15,22 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from manager.contract import UsageRecord
+from manager.control.records import (
+    AuditRow,
+    EngineFailure,
+    KeyRow,
+    MemberRow,
+    MemberUsage,
+    ReservationEvent,
+    ReservationRow,
+    TenantRow,
+    UsageTotals,
+)
+from manager.control.storage import Tx
 from manager.domain import QUOTA_FIELDS, Quotas, TenantSpec, TenantStatus
 from manager.errors import Conflict, NotFound, StateUnavailable
 from manager.migrations import Step, migrate
@@ -188,112 +198,6 @@ ORDER BY id""",
 """The manager database's schema, step by step (see manager.migrations); append only."""
 
 
-@dataclass(frozen=True)
-class TenantRow:
-    spec: TenantSpec
-    status: TenantStatus
-    reason: str
-    status_since: float
-    created_at: float
-    updated_at: float
-    gateway_token: str = ""
-    device: str = ""
-    """The UUID of the device its engine runs on ('' for the host's first device)."""
-
-
-@dataclass(frozen=True)
-class EngineFailure:
-    """A tenant's engine failures in a row: ``marker`` identifies the last one counted (the
-    container's finish time), ``retry_at`` is when the backoff lets it start again."""
-
-    count: int
-    marker: str
-    retry_at: float
-    log: str = ""
-    """The engine's log tail at the last failure: kept after the container is replaced."""
-
-
-@dataclass(frozen=True)
-class UsageTotals:
-    requests: int
-    prompt_tokens: int
-    completion_tokens: int
-
-    @property
-    def tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-    def __add__(self, other: UsageTotals) -> UsageTotals:
-        return UsageTotals(
-            self.requests + other.requests,
-            self.prompt_tokens + other.prompt_tokens,
-            self.completion_tokens + other.completion_tokens,
-        )
-
-
-@dataclass(frozen=True)
-class MemberRow:
-    """A member of a tenant: an accounting boundary with its own keys, quotas and usage."""
-
-    tenant: str
-    name: str
-    quotas: Quotas
-    created_at: float
-
-
-@dataclass(frozen=True)
-class MemberUsage:
-    """A member's metered use: today, this month, and its last request."""
-
-    today: UsageTotals
-    month: UsageTotals
-    last_used_at: float | None
-
-
-@dataclass(frozen=True)
-class KeyRow:
-    id: str
-    tenant: str
-    prefix: str
-    hash: str
-    created_at: float
-    expires_at: float | None
-    last_used_at: float | None
-    member: str = ""
-
-    def active(self, now: float) -> bool:
-        return self.expires_at is None or self.expires_at > now
-
-
-@dataclass(frozen=True)
-class AuditRow:
-    id: int
-    at: float
-    actor: str
-    action: str
-    tenant: str | None
-    result: str
-    detail: dict[str, Any]
-
-
-class ReservationEvent(StrEnum):
-    ADD = "add"
-    RESIZE = "resize"
-    REMOVE = "remove"
-
-
-@dataclass(frozen=True)
-class ReservationRow:
-    """A tenant's reservation from ``at`` on: added, resized (``gpu_memory`` its new size) or
-    removed (0). What the cost split prices."""
-
-    id: int
-    tenant: str
-    event: ReservationEvent
-    gpu_memory: int
-    at: float
-
-
 def _spec_columns(spec: TenantSpec) -> dict[str, object]:
     """A spec as the tenants table's columns (the column names are this module's own, never input)."""
     q = spec.quotas
@@ -385,19 +289,24 @@ def preflight(path: Path, lock_timeout_s: float = 5.0) -> None:
         raise StateUnavailable(f"the database {path} cannot be written ({exc}): {hint}; nothing was started") from exc
 
 
-class Tx:
-    """One open transaction of the store: handed to the store's write methods, so that the writes
-    of one business action (and its audit row) commit together. It carries the connection for the
-    store alone: no ``sqlite3.Connection`` leaves the store."""
+class SqliteTx(Tx):
+    """The SQLite store's transaction: its connection, for the store's own methods alone."""
 
-    __slots__ = ("_db",)
+    __slots__ = ("db",)
 
     def __init__(self, db: sqlite3.Connection) -> None:
-        self._db = db
+        self.db = db
+
+
+def _conn(tx: Tx) -> sqlite3.Connection:
+    if not isinstance(tx, SqliteTx):
+        raise TypeError("a transaction of another store")
+    return tx.db
 
 
 class Store:
-    """One connection guarded by a lock: the manager is the only writer."""
+    """The control plane's database in SQLite (the ``storage.TenantStore`` protocol): one
+    connection guarded by a lock; the manager is the only writer."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -418,7 +327,7 @@ class Store:
     def transaction(self) -> Iterator[Tx]:
         """A business action's writes, all or none (``BEGIN IMMEDIATE``: no other writer between)."""
         with self._tx() as db:
-            yield Tx(db)
+            yield SqliteTx(db)
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -463,7 +372,7 @@ class Store:
             "device": device,
         }
         try:
-            tx._db.execute(
+            _conn(tx).execute(
                 f"INSERT INTO tenants ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",  # noqa: S608
                 tuple(row.values()),
             )
@@ -478,7 +387,7 @@ class Store:
             **({"device": device} if device is not None else {}),
         }
         try:
-            tx._db.execute(
+            _conn(tx).execute(
                 f"UPDATE tenants SET {', '.join(f'{c}=?' for c in columns)} WHERE name=?",  # noqa: S608
                 (*columns.values(), spec.name),
             )
@@ -671,7 +580,7 @@ class Store:
     # ---------------------------------------------------------------- members
     def insert_member(self, tx: Tx, tenant: str, name: str, quotas: Quotas, now: float) -> None:
         try:
-            tx._db.execute(
+            _conn(tx).execute(
                 "INSERT INTO members (tenant, name, rpm_limit, tokens_per_day, requests_per_month, max_in_flight,"
                 " created_at) VALUES (?,?,?,?,?,?,?)",
                 (tenant, name, *(getattr(quotas, f) for f in QUOTA_FIELDS), now),
@@ -694,19 +603,19 @@ class Store:
         return _member(row)
 
     def update_member(self, tx: Tx, tenant: str, name: str, quotas: Quotas) -> None:
-        tx._db.execute(
+        _conn(tx).execute(
             f"UPDATE members SET {', '.join(f'{f}=?' for f in QUOTA_FIELDS)} WHERE tenant=? AND name=?",  # noqa: S608
             (*(getattr(quotas, f) for f in QUOTA_FIELDS), tenant, name),
         )
 
     def delete_member(self, tx: Tx, tenant: str, name: str) -> None:
         """Removes the member and its keys; its usage records stay for cost sharing."""
-        tx._db.execute("DELETE FROM api_keys WHERE tenant=? AND member=?", (tenant, name))
-        tx._db.execute("DELETE FROM members WHERE tenant=? AND name=?", (tenant, name))
+        _conn(tx).execute("DELETE FROM api_keys WHERE tenant=? AND member=?", (tenant, name))
+        _conn(tx).execute("DELETE FROM members WHERE tenant=? AND name=?", (tenant, name))
 
     # ---------------------------------------------------------------- keys
     def insert_key(self, tx: Tx, key: KeyRow) -> None:
-        tx._db.execute(
+        _conn(tx).execute(
             "INSERT INTO api_keys (id, tenant, prefix, hash, created_at, expires_at, last_used_at, member)"
             " VALUES (?,?,?,?,?,?,?,?)",
             (key.id, key.tenant, key.prefix, key.hash, key.created_at, key.expires_at, key.last_used_at, key.member),
@@ -714,13 +623,13 @@ class Store:
 
     def expire_keys(self, tx: Tx, tenant: str, member: str, at: float) -> None:
         """Ends a member's keys at ``at`` (those that would last longer)."""
-        tx._db.execute(
+        _conn(tx).execute(
             "UPDATE api_keys SET expires_at=? WHERE tenant=? AND member=? AND (expires_at IS NULL OR expires_at > ?)",
             (at, tenant, member, at),
         )
 
     def expire_key(self, tx: Tx, tenant: str, key_id: str, at: float) -> None:
-        tx._db.execute("UPDATE api_keys SET expires_at=? WHERE id=? AND tenant=?", (at, key_id, tenant))
+        _conn(tx).execute("UPDATE api_keys SET expires_at=? WHERE id=? AND tenant=?", (at, key_id, tenant))
 
     def keys(self, tenant: str, member: str | None = None) -> list[KeyRow]:
         """The tenant's keys (or one member's), oldest first."""
@@ -744,7 +653,7 @@ class Store:
         args = (time.time(), actor, action, tenant, result, json.dumps(detail or {}, default=str))
         sql = "INSERT INTO audit (at, actor, action, tenant, result, detail) VALUES (?,?,?,?,?,?)"
         if tx is not None:
-            tx._db.execute(sql, args)
+            _conn(tx).execute(sql, args)
         else:
             with self._lock:
                 self._db.execute(sql, args)
@@ -755,7 +664,7 @@ class Store:
 
     def insert_reservation(self, tx: Tx, tenant: str, event: ReservationEvent, gpu_memory: int, at: float) -> None:
         """In the transaction of the change it records."""
-        tx._db.execute(
+        _conn(tx).execute(
             "INSERT INTO reservations (tenant, event, gpu_memory, at) VALUES (?,?,?,?)",
             (tenant, event.value, gpu_memory, at),
         )

@@ -3,7 +3,8 @@ from typing import Any
 
 from manager.contract import UsageRecord
 from manager.control.costs import month_bounds, reservation_intervals, split
-from manager.control.store import ReservationEvent, ReservationRow, Store
+from manager.control.records import ReservationEvent, ReservationRow
+from manager.control.store import Store
 
 G = 1024**3
 

@@ -16,7 +16,8 @@ import pytest
 
 from manager import keys, names
 from manager.control.reconciler import EVENTS_RETRY_S, Reconciler
-from manager.control.store import KeyRow, Store
+from manager.control.records import KeyRow
+from manager.control.store import Store
 from manager.domain import TenantSpec, TenantStatus, can_transition
 from manager.gpu.cpu import HostMemoryInventory
 from manager.names import Role

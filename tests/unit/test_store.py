@@ -1,9 +1,15 @@
+"""The store's tests, run against every implementation of its protocol (``storage.TenantStore``);
+the preflight checks are the SQLite store's own."""
+
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from manager.control.store import KeyRow, Store
+from manager.control.records import KeyRow
+from manager.control.storage import TenantStore
+from manager.control.store import Store
 from manager.domain import Quotas, TenantSpec, TenantStatus
 from manager.errors import Conflict, NotFound
 
@@ -14,8 +20,17 @@ def spec(name: str = "a", port: int = 30001) -> TenantSpec:
     )
 
 
-def test_round_trip_and_uniqueness(tmp_path: Path) -> None:
-    store = Store(tmp_path / "m.db")
+IMPLEMENTATIONS: dict[str, Callable[[Path], TenantStore]] = {"sqlite": Store}
+"""Every implementation of the store's protocol; each runs every store test below."""
+
+
+@pytest.fixture(params=sorted(IMPLEMENTATIONS))
+def open_store(request: pytest.FixtureRequest) -> Callable[[Path], TenantStore]:
+    return IMPLEMENTATIONS[request.param]
+
+
+def test_round_trip_and_uniqueness(tmp_path: Path, open_store: Callable[[Path], TenantStore]) -> None:
+    store = open_store(tmp_path / "m.db")
     with store.transaction() as db:
         store.insert_tenant(db, spec())
     row = store.tenant("a")
@@ -26,8 +41,8 @@ def test_round_trip_and_uniqueness(tmp_path: Path) -> None:
         store.tenant("b")
 
 
-def test_failed_transaction_leaves_nothing(tmp_path: Path) -> None:
-    store = Store(tmp_path / "m.db")
+def test_failed_transaction_leaves_nothing(tmp_path: Path, open_store: Callable[[Path], TenantStore]) -> None:
+    store = open_store(tmp_path / "m.db")
     with pytest.raises(RuntimeError), store.transaction() as db:
         store.insert_tenant(db, spec())
         store.insert_key(db, KeyRow("k1", "a", "gtm", "h", 1.0, None, None))
@@ -35,23 +50,23 @@ def test_failed_transaction_leaves_nothing(tmp_path: Path) -> None:
     assert store.tenants() == [] and store.keys("a") == []
 
 
-def test_state_survives_reopen_and_keys_cascade(tmp_path: Path) -> None:
-    store = Store(tmp_path / "m.db")
+def test_state_survives_reopen_and_keys_cascade(tmp_path: Path, open_store: Callable[[Path], TenantStore]) -> None:
+    store = open_store(tmp_path / "m.db")
     with store.transaction() as db:
         store.insert_tenant(db, spec())
         store.insert_key(db, KeyRow("k1", "a", "gtm", "h", 1.0, None, None))
     store.set_status("a", TenantStatus.FAILED, "why")
     store.audit("admin", "add-tenant", "a", "ok", {"x": 1})
     store.close()
-    again = Store(tmp_path / "m.db")
+    again = open_store(tmp_path / "m.db")
     assert again.tenant("a").reason == "why"
     assert again.audit_log(tenant="a")[0].detail == {"x": 1}
     again.delete_tenant("a")
     assert again.keys("a") == []
 
 
-def test_concurrent_writers_do_not_collide(tmp_path: Path) -> None:
-    store = Store(tmp_path / "m.db")
+def test_concurrent_writers_do_not_collide(tmp_path: Path, open_store: Callable[[Path], TenantStore]) -> None:
+    store = open_store(tmp_path / "m.db")
 
     def work(i: int) -> None:
         for j in range(20):
@@ -91,7 +106,9 @@ def test_preflight_refuses_a_database_another_process_holds(tmp_path: Path) -> N
     preflight(tmp_path / "manager.db")
 
 
-def test_the_daily_rollup_counts_each_record_once_on_its_utc_day(tmp_path: Path) -> None:
+def test_the_daily_rollup_counts_each_record_once_on_its_utc_day(
+    tmp_path: Path, open_store: Callable[[Path], TenantStore]
+) -> None:
     """/metrics, list-members, the daily bars and the cost split read ``usage_days``, kept by a
     trigger; it must equal what the records themselves add up to, a record collected twice once."""
     import random
@@ -100,7 +117,7 @@ def test_the_daily_rollup_counts_each_record_once_on_its_utc_day(tmp_path: Path)
 
     from .fakes import usage_record
 
-    store = Store(tmp_path / "m.db")
+    store = open_store(tmp_path / "m.db")
     with store.transaction() as db:
         store.insert_tenant(db, spec("a", 30001))
         store.insert_tenant(db, spec("b", 30002))

@@ -1,0 +1,117 @@
+"""The control plane's records: what the store reads and writes, as plain typed values. The
+service, the API's schemas and the console build from these, never from the store's internals
+(its SQL, its rows, its connection)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from manager.domain import Quotas, TenantSpec, TenantStatus
+
+
+@dataclass(frozen=True)
+class TenantRow:
+    spec: TenantSpec
+    status: TenantStatus
+    reason: str
+    status_since: float
+    created_at: float
+    updated_at: float
+    gateway_token: str = ""
+    device: str = ""
+    """The UUID of the device its engine runs on ('' for the host's first device)."""
+
+
+@dataclass(frozen=True)
+class EngineFailure:
+    """A tenant's engine failures in a row: ``marker`` identifies the last one counted (the
+    container's finish time), ``retry_at`` is when the backoff lets it start again."""
+
+    count: int
+    marker: str
+    retry_at: float
+    log: str = ""
+    """The engine's log tail at the last failure: kept after the container is replaced."""
+
+
+@dataclass(frozen=True)
+class UsageTotals:
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def __add__(self, other: UsageTotals) -> UsageTotals:
+        return UsageTotals(
+            self.requests + other.requests,
+            self.prompt_tokens + other.prompt_tokens,
+            self.completion_tokens + other.completion_tokens,
+        )
+
+
+@dataclass(frozen=True)
+class MemberRow:
+    """A member of a tenant: an accounting boundary with its own keys, quotas and usage."""
+
+    tenant: str
+    name: str
+    quotas: Quotas
+    created_at: float
+
+
+@dataclass(frozen=True)
+class MemberUsage:
+    """A member's metered use: today, this month, and its last request."""
+
+    today: UsageTotals
+    month: UsageTotals
+    last_used_at: float | None
+
+
+@dataclass(frozen=True)
+class KeyRow:
+    id: str
+    tenant: str
+    prefix: str
+    hash: str
+    created_at: float
+    expires_at: float | None
+    last_used_at: float | None
+    member: str = ""
+
+    def active(self, now: float) -> bool:
+        return self.expires_at is None or self.expires_at > now
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    id: int
+    at: float
+    actor: str
+    action: str
+    tenant: str | None
+    result: str
+    detail: dict[str, Any]
+
+
+class ReservationEvent(StrEnum):
+    ADD = "add"
+    RESIZE = "resize"
+    REMOVE = "remove"
+
+
+@dataclass(frozen=True)
+class ReservationRow:
+    """A tenant's reservation from ``at`` on: added, resized (``gpu_memory`` its new size) or
+    removed (0). What the cost split prices."""
+
+    id: int
+    tenant: str
+    event: ReservationEvent
+    gpu_memory: int
+    at: float

@@ -1,0 +1,135 @@
+"""What the control plane asks of its database: the store's protocol. ``manager.control.store``
+is its SQLite implementation; another database (PostgreSQL) would implement this and pass the
+same store tests (``tests/unit/test_store.py`` runs them for every implementation it lists). The
+service, the reconciler and the other jobs are typed against this protocol, not the SQLite class."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
+
+from manager.contract import UsageRecord
+from manager.control.records import (
+    AuditRow,
+    EngineFailure,
+    KeyRow,
+    MemberRow,
+    MemberUsage,
+    ReservationEvent,
+    ReservationRow,
+    TenantRow,
+    UsageTotals,
+)
+from manager.domain import Quotas, TenantSpec, TenantStatus
+
+
+class Tx:
+    """One open transaction of a store, handed to its write methods so that the writes of one
+    business action (and its audit row) commit together, all or none. Opaque: each store's own
+    subclass carries what it needs (the SQLite store: its connection, which never leaves it)."""
+
+    __slots__ = ()
+
+
+class TenantStore(Protocol):
+    def close(self) -> None: ...
+    def transaction(self) -> AbstractContextManager[Tx]:
+        """A business action's writes, all or none (``BEGIN IMMEDIATE``: no other writer between)."""
+        ...
+
+    def tenants(self) -> list[TenantRow]: ...
+    def tenant(self, name: str) -> TenantRow: ...
+    def find_tenant(self, name: str) -> TenantRow | None: ...
+    def insert_tenant(self, tx: Tx, spec: TenantSpec, gateway_token: str = "", device: str = "") -> None: ...
+    def update_spec(self, tx: Tx, spec: TenantSpec, device: str | None = None) -> None:
+        """The new spec (and, when given, the device the tenant moves to)."""
+        ...
+
+    def set_status(self, name: str, status: TenantStatus, reason: str = "") -> None:
+        """Status writes never enqueue reconcile work: they only describe what was seen."""
+        ...
+
+    def delete_tenant(self, name: str) -> None:
+        """Removes the tenant and its keys; its usage records stay for cost sharing."""
+        ...
+
+    def engine_failure(self, tenant: str) -> EngineFailure | None: ...
+    def save_engine_failure(self, tenant: str, failure: EngineFailure) -> None: ...
+    def clear_engine_failure(self, tenant: str) -> None: ...
+    def usage_cursor(self, tenant: str) -> int: ...
+    def add_usage(self, tenant: str, records: Sequence[UsageRecord], cursor: int) -> int:
+        """Stores records collected from a gateway and advances the cursor, in one transaction.
+        A record seen twice (same request id) is stored once; one written before members (no member)
+        is the key's member's. Returns how many were new."""
+        ...
+
+    def last_used(self) -> dict[str, float]:
+        """Each tenant's latest usage record (UNIX seconds), from the daily rollup."""
+        ...
+
+    def usage_totals(self, tenant: str, since: float, until: float | None = None) -> UsageTotals:
+        """The tenant's totals over any bounds (see ``usage_by_member``)."""
+        ...
+
+    def usage_by_member(self, tenant: str, since: float, until: float | None = None) -> dict[str, UsageTotals]:
+        """Each member's totals over any bounds (also members removed since: their usage stays for
+        cost sharing): the whole UTC days between them from the daily rollup, only the partial days
+        at either end from the records themselves."""
+        ...
+
+    def usage_counters(self) -> list[tuple[str, str, UsageTotals]]:
+        """(tenant, member, totals) over all time: the manager's Prometheus counters."""
+        ...
+
+    def member_usage(self, tenant: str, day_start: float, month_start: float) -> dict[str, MemberUsage]: ...
+    def usage_tenants(self, since: float, until: float) -> list[str]:
+        """The tenants with usage between two UTC day starts."""
+        ...
+
+    def usage_daily(self, tenant: str, since: float) -> list[tuple[str, int, int]]:
+        """(UTC day, requests, tokens) per day from the day of ``since``."""
+        ...
+
+    def usage_records(self, tenant: str, limit: int = 1000) -> list[dict[str, Any]]: ...
+    def insert_member(self, tx: Tx, tenant: str, name: str, quotas: Quotas, now: float) -> None: ...
+    def members(self, tenant: str) -> list[MemberRow]: ...
+    def member(self, tenant: str, name: str) -> MemberRow: ...
+    def update_member(self, tx: Tx, tenant: str, name: str, quotas: Quotas) -> None: ...
+    def delete_member(self, tx: Tx, tenant: str, name: str) -> None:
+        """Removes the member and its keys; its usage records stay for cost sharing."""
+        ...
+
+    def insert_key(self, tx: Tx, key: KeyRow) -> None: ...
+    def expire_keys(self, tx: Tx, tenant: str, member: str, at: float) -> None:
+        """Ends a member's keys at ``at`` (those that would last longer)."""
+        ...
+
+    def expire_key(self, tx: Tx, tenant: str, key_id: str, at: float) -> None: ...
+    def keys(self, tenant: str, member: str | None = None) -> list[KeyRow]:
+        """The tenant's keys (or one member's), oldest first."""
+        ...
+
+    def audit(
+        self,
+        actor: str,
+        action: str,
+        tenant: str | None,
+        result: str,
+        detail: dict[str, Any] | None = None,
+        tx: Tx | None = None,
+    ) -> None: ...
+    def audit_actions(self) -> list[str]: ...
+    def insert_reservation(self, tx: Tx, tenant: str, event: ReservationEvent, gpu_memory: int, at: float) -> None:
+        """In the transaction of the change it records."""
+        ...
+
+    def reservations(self) -> list[ReservationRow]:
+        """Every reservation change, oldest first (a few per tenant's life, however busy it was)."""
+        ...
+
+    def audit_log(
+        self, tenant: str | None = None, action: str | None = None, limit: int = 200, before: int | None = None
+    ) -> list[AuditRow]:
+        """Newest first; ``before``: only entries older than that id (the next page)."""
+        ...
