@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 
 from manager.detail import detail_text
-from manager.domain import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_IMAGES, ENGINE_OPTIONS, QUOTA_FIELDS
+from manager.domain import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_IMAGES, ENGINE_OPTIONS, QUOTA_FIELDS, QUOTA_KINDS
 from manager.errors import EngineFailed, GtmError, InvalidInput, NotFound, WaitTimedOut, exit_code_for
 from manager.settings import Settings
 from manager.sizes import format_size, parse_size
@@ -59,10 +59,8 @@ def _sizes_glued(argv: Sequence[str]) -> list[str]:
 
 
 def _quota_options(p: argparse.ArgumentParser, scope: str = "0: no limit") -> None:
-    p.add_argument("--rpm-limit", type=_limit_value, help=f"requests per minute ({scope})")
-    p.add_argument("--tokens-per-day", type=_limit_value, help=f"prompt + completion tokens per UTC day ({scope})")
-    p.add_argument("--requests-per-month", type=_limit_value, help=f"requests per calendar month ({scope})")
-    p.add_argument("--max-in-flight", type=_limit_value, help=f"requests in flight at once ({scope})")
+    for name, kind in QUOTA_KINDS.items():  # --rpm-limit, --tokens-per-day, ...
+        p.add_argument("--" + name.replace("_", "-"), type=_limit_value, help=f"{kind.meaning} ({scope})")
 
 
 def _engine_options(p: argparse.ArgumentParser, required: bool) -> None:
@@ -386,8 +384,7 @@ def _print_members(members: list[dict[str, Any]]) -> None:
             [
                 m["name"],
                 " ".join(k["prefix"] + "…" for k in active) or "-",
-                f"{_limit(q['rpm_limit'])}/min {_limit(q['tokens_per_day'])}/day "
-                f"{_limit(q['requests_per_month'])}/month {_limit(q['max_in_flight'])} in flight",
+                " ".join(f"{_limit(q[name])}{kind.unit}" for name, kind in QUOTA_KINDS.items()),
                 str(m["today"]["requests"]),
                 str(m["today"]["total_tokens"]),
                 str(m["month"]["requests"]),

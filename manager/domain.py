@@ -61,13 +61,28 @@ class Quotas:
 QUOTA_FIELDS: tuple[str, ...] = tuple(Quotas.__dataclass_fields__)
 """The quota names, as the API, the CLI, the console and the gateway spell them."""
 
-QUOTA_MAX: dict[str, int] = {
-    "rpm_limit": 10**9,
-    "tokens_per_day": 10**15,
-    "requests_per_month": 10**12,
-    "max_in_flight": 10**6,
+
+@dataclass(frozen=True)
+class QuotaKind:
+    meaning: str
+    """What it counts, for help texts and the API's schema."""
+    unit: str
+    """How a table shows a value of it: ``30/min``."""
+    max: int
+    """The largest value it takes (far beyond any real host; well inside SQLite's 64-bit integers)."""
+
+
+QUOTA_KINDS: dict[str, QuotaKind] = {
+    "rpm_limit": QuotaKind("requests per minute", "/min", 10**9),
+    "tokens_per_day": QuotaKind("prompt + completion tokens per UTC day", "/day", 10**15),
+    "requests_per_month": QuotaKind("requests per calendar month", "/month", 10**12),
+    "max_in_flight": QuotaKind("requests in flight at once", " in flight", 10**6),
 }
-"""The largest value each quota takes (far beyond any real host; well inside SQLite's 64-bit integers)."""
+"""The one declaration of what each quota means (the fields are ``Quotas``'s): the CLI's options
+and tables, the API schema's descriptions and bounds, the store's columns and the checks derive
+from these two; ``tests/unit/test_domain.py`` checks that the gateway's contract, the API's
+schemas and the database agree."""
+QUOTA_MAX: dict[str, int] = {name: kind.max for name, kind in QUOTA_KINDS.items()}
 MIN_PORT, MAX_PORT = 1024, 65535
 MIN_MODEL_LEN, MAX_MODEL_LEN = 16, 10**7
 MIN_BODY, MAX_BODY = 64 * 1024, 64 * 1024**2

@@ -23,7 +23,7 @@ from manager.domain import (
     MIN_IMAGE_PIXELS,
     MIN_MODEL_LEN,
     MIN_PORT,
-    QUOTA_MAX,
+    QUOTA_KINDS,
 )
 from manager.gpu import DeviceMemory
 from manager.names import TENANT_NAME
@@ -51,15 +51,17 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def _quota(name: str, description: str) -> Any:
-    return Field(None, ge=1, le=QUOTA_MAX[name], description=description + " (null: no limit)")
+def _quota(name: str) -> Any:
+    """A quota field: its meaning and bounds from ``manager.domain.QUOTA_KINDS``."""
+    kind = QUOTA_KINDS[name]
+    return Field(None, ge=1, le=kind.max, description=kind.meaning + " (null: no limit)")
 
 
 class QuotaFields(Strict):
-    rpm_limit: int | None = _quota("rpm_limit", "requests per minute")
-    tokens_per_day: int | None = _quota("tokens_per_day", "prompt + completion tokens per UTC day")
-    requests_per_month: int | None = _quota("requests_per_month", "requests per calendar month")
-    max_in_flight: int | None = _quota("max_in_flight", "requests in flight at once")
+    rpm_limit: int | None = _quota("rpm_limit")
+    tokens_per_day: int | None = _quota("tokens_per_day")
+    requests_per_month: int | None = _quota("requests_per_month")
+    max_in_flight: int | None = _quota("max_in_flight")
 
 
 class EngineOptionFields(Strict):

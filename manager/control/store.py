@@ -208,10 +208,7 @@ def _spec_columns(spec: TenantSpec) -> dict[str, object]:
         "max_model_len": spec.max_model_len,
         "quantization": spec.quantization,
         "shm_size": spec.shm_size,
-        "rpm_limit": q.rpm_limit,
-        "tokens_per_day": q.tokens_per_day,
-        "requests_per_month": q.requests_per_month,
-        "max_in_flight": q.max_in_flight,
+        **{f: getattr(q, f) for f in QUOTA_FIELDS},
         "max_body": spec.max_body,
         "max_images": spec.max_images,
         "max_image_pixels": spec.max_image_pixels,
@@ -581,8 +578,8 @@ class Store:
     def insert_member(self, tx: Tx, tenant: str, name: str, quotas: Quotas, now: float) -> None:
         try:
             _conn(tx).execute(
-                "INSERT INTO members (tenant, name, rpm_limit, tokens_per_day, requests_per_month, max_in_flight,"
-                " created_at) VALUES (?,?,?,?,?,?,?)",
+                f"INSERT INTO members (tenant, name, {', '.join(QUOTA_FIELDS)}, created_at)"  # noqa: S608
+                f" VALUES (?, ?, {', '.join('?' * len(QUOTA_FIELDS))}, ?)",
                 (tenant, name, *(getattr(quotas, f) for f in QUOTA_FIELDS), now),
             )
         except sqlite3.IntegrityError as exc:

@@ -101,3 +101,31 @@ def test_exit_code_as_last_resort() -> None:
 
 def test_backoff_doubles_to_a_cap() -> None:
     assert [backoff(n, 10, 300) for n in (1, 2, 3, 6, 10)] == [10, 20, 40, 300, 300]
+
+
+def test_every_spelling_of_the_quotas_is_the_declarations(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``Quotas`` and ``QUOTA_KINDS`` declare the quotas; the gateway's contract and the API's
+    typed schemas name them again (their types are checked statically), so they must agree, and
+    the CLI and the database take them from the declaration."""
+    import sqlite3
+
+    from manager import cli
+    from manager.api import schemas
+    from manager.contract import Limits
+    from manager.control.store import Store
+    from manager.domain import QUOTA_FIELDS, QUOTA_KINDS, Quotas
+
+    assert tuple(QUOTA_KINDS) == QUOTA_FIELDS == tuple(Quotas.__dataclass_fields__)
+    assert tuple(Limits.model_fields) == QUOTA_FIELDS
+    assert tuple(schemas.QuotaFields.model_fields) == QUOTA_FIELDS
+    assert tuple(schemas.Quotas.model_fields) == QUOTA_FIELDS
+    for name, kind in QUOTA_KINDS.items():
+        field = schemas.QuotaFields.model_fields[name]
+        assert kind.meaning in (field.description or "")
+    options = {a.dest for a in cli.build_parser()._subparsers._group_actions[0].choices["add-member"]._actions}
+    assert set(QUOTA_FIELDS) <= options
+    Store(tmp_path / "m.db").close()
+    with sqlite3.connect(tmp_path / "m.db") as db:
+        for table in ("tenants", "members"):
+            columns = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+            assert set(QUOTA_FIELDS) <= columns, table
