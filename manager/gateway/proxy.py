@@ -220,10 +220,13 @@ def usage_in(answer: bytes) -> tuple[int, int] | None:
     string is escaped, so generated text never looks like the key."""
     at = answer.rfind(b'"usage"')
     found = _USAGE_KEY.match(answer, at) if at >= 0 else None
-    if found is None:
-        return None
+    usage: Any = None
     try:
-        usage, _ = _DECODER.raw_decode(answer[found.end() :].decode())
+        if found is not None:
+            usage, _ = _DECODER.raw_decode(answer[found.end() :].decode())
+        elif at >= 0:  # the last "usage" is not the key (a value after it): read the whole answer
+            whole = json.loads(answer)
+            usage = whole.get("usage") if isinstance(whole, dict) else None
     except ValueError:
         return None
     if not isinstance(usage, dict):

@@ -1064,5 +1064,7 @@ def test_a_whole_answers_usage_is_its_top_level_one() -> None:
     assert proxy_module.usage_in(answer) == (5, 3)
     assert proxy_module.usage_in(b'{"data": [], "usage": {"prompt_tokens": 4, "total_tokens": 4}}') == (4, 0)
     assert proxy_module.usage_in(b'{"usage": null}') is None
+    odd = b'{"usage": {"prompt_tokens": 2, "completion_tokens": 1}, "kind": "usage"}'
+    assert proxy_module.usage_in(odd) == (2, 1)  # the last "usage" is a value: the whole answer is read
     assert proxy_module.usage_in(b'{"choices": []}') is None
     assert proxy_module.usage_in(b"not json") is None
