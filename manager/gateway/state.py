@@ -235,7 +235,7 @@ class GatewayState:
         """A usage record (``UsageRecord``'s fields by name); the future says True once it is
         committed. When the spool cannot take it, it is kept in memory (never lost while the
         gateway lives), written first once the spool takes writes again, and the future says False."""
-        return self._write(Settle(fields, opened))
+        return self._write(Settle(dict(fields), opened))  # a copy: what is written is what was served
 
     def _write(self, write: Write) -> asyncio.Future[bool]:
         """Joins the writes of this event-loop turn; the first schedules their commit for the start
