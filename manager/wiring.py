@@ -72,9 +72,7 @@ def _validation_message(errors: list[dict[str, Any]]) -> str:
 class Components:
     """The control plane, built once per manager process."""
 
-    settings: Settings
     store: TenantStore
-    runtime: Runtime
     inventory: Inventory
     reconciler: Reconciler
     service: TenantService
@@ -117,7 +115,7 @@ def build_components(
     store = Store(settings.database_path)
     reconciler = Reconciler(settings, store, runtime, inventory, connect=connect or GatewayClient)
     service = TenantService(settings, store, runtime, inventory, reconciler)
-    return Components(settings, store, runtime, inventory, reconciler, service, load_admin_token(settings))
+    return Components(store, inventory, reconciler, service, load_admin_token(settings))
 
 
 def create_app(settings: Settings, **overrides: Any) -> FastAPI:

@@ -117,14 +117,6 @@ def incarnations(reservations: list[ReservationRow], now: float) -> list[Incarna
     return out
 
 
-def reservation_intervals(reservations: list[ReservationRow], now: float) -> dict[str, list[tuple[float, float, int]]]:
-    """Per tenant name: (start, end, bytes) for every period with a constant reservation."""
-    out: dict[str, list[tuple[float, float, int]]] = {}
-    for life in incarnations(reservations, now):
-        out.setdefault(life.tenant, []).extend(life.spans)
-    return out
-
-
 def _usage_windows(lives: list[Incarnation]) -> list[tuple[Incarnation, float, float | None]]:
     """The usage each life of one name owns: from its add to the next add of the name (a removal's
     last collection lands after the removal), the first life also anything before it."""

@@ -216,9 +216,6 @@ class GatewayStore:
             if ended:
                 self._db.executemany(_DROP, ended)
 
-    def record(self, rec: UsageRecord) -> None:
-        self.write([Settle(rec.model_dump())])
-
     def settle_interrupted(self, now: float) -> int:
         """Every request left open by a gateway that died: a record ``interrupted`` with what was saved
         of it (its latency up to ``now``). Returns how many."""

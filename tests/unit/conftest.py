@@ -1,23 +1,22 @@
 from __future__ import annotations
 
 import json
-import socket
 import struct
-import threading
-import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import uvicorn
 
 from manager.control.reconciler import Reconciler
 from manager.control.service import TenantService
 from manager.control.store import Store
 from manager.gpu.cpu import HostMemoryInventory
 from manager.runtime.memory import MemoryRuntime
+from manager.runtime.protocol import Runtime
 from manager.settings import Settings
 from manager.wiring import create_app
+from tests.serving import free_port, serving
 
 from .fakes import FakeGateway
 
@@ -64,17 +63,14 @@ def write_demo_model(models: Path) -> Path:
     )
 
 
-@pytest.fixture(scope="module")
-def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The manager's app on a real socket with the in-memory runtime behind it (no Docker)."""
-    root = tmp_path_factory.mktemp("api")
+@contextmanager
+def manager_serving(root: Path, instance: str, runtime: Runtime) -> Iterator[str]:
+    """The manager's app on a real socket with ``runtime`` behind it (no Docker): its base URL."""
     write_demo_model(root / "models")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
+    port = free_port()
     config = Settings(
         gpu_mode="cpu",
-        instance="gtmu",
+        instance=instance,
         state_dir=root / "state",
         models_dir=root / "models",
         api_host="127.0.0.1",
@@ -82,18 +78,15 @@ def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         admin_token=TOKEN,
         reconcile_interval_s=3600,
     )
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(config, runtime=MemoryRuntime()), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the API did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    with serving(create_app(config, runtime=runtime), port):
+        yield f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The manager's app on a real socket with the in-memory runtime behind it (no Docker)."""
+    with manager_serving(tmp_path_factory.mktemp("api"), "gtmu", MemoryRuntime()) as url:
+        yield url
 
 
 @pytest.fixture

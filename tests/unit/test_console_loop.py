@@ -4,7 +4,6 @@ being served."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -12,14 +11,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
 from manager.runtime.memory import MemoryRuntime
 from manager.runtime.types import ContainerState
-from manager.settings import Settings
-from manager.wiring import create_app
 
-from .conftest import TOKEN, write_demo_model
+from .conftest import manager_serving
 from .test_console_forms import _form_of, _signed_in
 
 SLOW_S = 1.0
@@ -38,33 +34,10 @@ class SlowRuntime(MemoryRuntime):
 
 @pytest.fixture
 def slow(tmp_path: Path) -> Iterator[tuple[str, SlowRuntime]]:
-    write_demo_model(tmp_path / "models")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
     runtime = SlowRuntime()
-    config = Settings(
-        gpu_mode="cpu",
-        instance="gtmslow",
-        state_dir=tmp_path / "state",
-        models_dir=tmp_path / "models",
-        api_host="127.0.0.1",
-        api_port=port,
-        admin_token=TOKEN,
-        reconcile_interval_s=3600,
-    )
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(config, runtime=runtime), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive(), "the API did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", runtime
-    runtime.slow = False
-    server.should_exit = True
-    thread.join(10)
+    with manager_serving(tmp_path, "gtmslow", runtime) as url:
+        yield url, runtime
+        runtime.slow = False
 
 
 def test_healthz_answers_while_a_console_form_waits_on_the_runtime(slow: tuple[str, SlowRuntime]) -> None:

@@ -2,7 +2,7 @@ from pathlib import Path
 from typing import Any
 
 from manager.contract import UsageRecord
-from manager.control.costs import month_bounds, reservation_intervals, split
+from manager.control.costs import incarnations, month_bounds, split
 from manager.control.records import ReservationEvent, ReservationRow
 from manager.control.store import Store
 
@@ -20,7 +20,7 @@ def test_intervals_follow_add_resize_remove() -> None:
         ReservationRow(4, "a", REMOVE, 0, 300),
         ReservationRow(5, "b", RESIZE, 5 * G, 400),  # a resize of no living tenant counts nothing
     ]
-    assert reservation_intervals(reservations, now=1000) == {
+    assert {life.tenant: life.spans for life in incarnations(reservations, now=1000)} == {
         "a": [(0, 100, 10 * G), (100, 300, 20 * G)],
         "c": [(200, 1000, G)],
     }

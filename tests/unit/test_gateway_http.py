@@ -5,14 +5,12 @@ run against a gateway container in tests/integration/test_gateway_hardening.py."
 from __future__ import annotations
 
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
 from manager import keys
 from manager.contract import GatewayConfig
@@ -22,6 +20,7 @@ from manager.gateway.settings import GatewaySettings
 from manager.gateway.state import GatewayState
 from manager.gateway.store import GatewayStore
 from tests.rawhttp import exchange
+from tests.serving import serving
 
 
 def upstream(request: httpx.Request) -> httpx.Response:
@@ -37,23 +36,8 @@ def served(tmp_path: Path) -> Iterator[tuple[int, str]]:
         GatewayConfig.model_validate({"version": "v", "keys": [{"id": issued.id, "hash": issued.hash}], "limits": {}})
     )
     proxy = Proxy(settings, state, transport=httpx.MockTransport(upstream))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    server = uvicorn.Server(
-        uvicorn.Config(
-            proxy, host="127.0.0.1", port=port, log_level="warning", http=protocol_for(settings), lifespan="off"
-        )
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    yield port, issued.secret_key
-    server.should_exit = True
-    thread.join(5)
+    with serving(proxy, http=protocol_for(settings), lifespan="off") as port:
+        yield port, issued.secret_key
 
 
 def test_half_sent_headers_get_408_and_the_connection_closes(served: tuple[int, str]) -> None:
@@ -118,28 +102,14 @@ def test_the_scope_says_when_the_whole_body_has_arrived(tmp_path: Path) -> None:
         await send({"type": "http.response.start", "status": 204, "headers": []})  # type: ignore[operator]
         await send({"type": "http.response.body", "body": b""})  # type: ignore[operator]
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    settings = GatewaySettings()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app, host="127.0.0.1", port=port, log_level="warning", http=protocol_for(settings), lifespan="off"
-        )
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    try:
-        with socket.create_connection(("127.0.0.1", port)) as conn:
-            conn.sendall(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}")
-            assert conn.recv(1024).startswith(b"HTTP/1.1 204")
-            conn.sendall(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\n\r\n{")
-            time.sleep(0.3)
-            conn.sendall(b'""}')
-            assert conn.recv(1024).startswith(b"HTTP/1.1 204")
-    finally:
-        server.should_exit = True
-        thread.join(5)
+    with (
+        serving(app, http=protocol_for(GatewaySettings()), lifespan="off") as port,
+        socket.create_connection(("127.0.0.1", port)) as conn,
+    ):
+        conn.sendall(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}")
+        assert conn.recv(1024).startswith(b"HTTP/1.1 204")
+        conn.sendall(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\n\r\n{")
+        time.sleep(0.3)
+        conn.sendall(b'""}')
+        assert conn.recv(1024).startswith(b"HTTP/1.1 204")
     assert seen == [True, False]

@@ -251,8 +251,7 @@ def test_admin_side_needs_its_token_and_pages_usage_by_cursor(tmp_path: Path) ->
     from manager.gateway.admin import create_admin_app
 
     state = GatewayState(GatewayStore(tmp_path / "gw.db"))
-    for i in range(3):
-        state.store.record(usage_record(f"r{i}", member="alice"))
+    state.store.write([Settle(usage_record(f"r{i}", member="alice").model_dump()) for i in range(3)])
     client = TestClient(create_admin_app(state, "admin-secret"))
     assert client.get("/admin/usage").status_code == 401
     auth = {"Authorization": "Bearer admin-secret"}

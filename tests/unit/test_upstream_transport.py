@@ -14,7 +14,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from manager.gateway.upstream import (
     HttpxUpstream,
@@ -24,6 +23,7 @@ from manager.gateway.upstream import (
     UpstreamConnectError,
     UpstreamTimeout,
 )
+from tests.serving import serving
 
 disconnected = threading.Event()  # set by the server (its own thread and loop)
 
@@ -60,18 +60,8 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", timeout_keep_alive=1)
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(5)
+    with serving(app, timeout_keep_alive=1) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 TRANSPORTS: dict[str, Callable[[str], Upstream]] = {
