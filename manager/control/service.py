@@ -150,9 +150,16 @@ def _on(row: TenantRow, devices: list[DeviceMemory], device: DeviceMemory) -> bo
 
 class TenantService:
     def __init__(
-        self, settings: Settings, store: TenantStore, runtime: Runtime, inventory: Inventory, reconciler: Reconciler
+        self,
+        settings: Settings,
+        store: TenantStore,
+        runtime: Runtime,
+        inventory: Inventory,
+        reconciler: Reconciler,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
+        self.clock = clock  # when reservations begin, change and end: what the cost split prices
         self.store = store
         self.runtime = runtime
         self.inventory = inventory
@@ -201,7 +208,7 @@ class TenantService:
 
     def cost(self, month: str, total: float) -> list[Share]:
         """The month's cost split between tenants, and inside each between its members."""
-        return split(month, total, self.store, time.time())
+        return split(month, total, self.store, self.clock())
 
     # ---------------------------------------------------------------- measuring
     def measured_use(self, only: str | None = None) -> dict[str, int | None]:
@@ -490,7 +497,7 @@ class TenantService:
             if device is None:
                 raise self._refuse(actor, "add-tenant", spec.name, decision)
             issued = keys.issue()
-            now = time.time()
+            now = self.clock()
             with self.store.transaction() as db:
                 self.store.insert_tenant(db, spec, gateway_token=secrets.token_urlsafe(32), device=device.uuid)
                 self.store.insert_reservation(db, spec.name, ReservationEvent.ADD, spec.gpu_memory, now)
@@ -601,7 +608,7 @@ class TenantService:
             with self.store.transaction() as db:
                 self.store.update_spec(db, new, device=moved)
                 if new.gpu_memory != row.spec.gpu_memory:
-                    self.store.insert_reservation(db, name, ReservationEvent.RESIZE, new.gpu_memory, time.time())
+                    self.store.insert_reservation(db, name, ReservationEvent.RESIZE, new.gpu_memory, self.clock())
                 if recreate:
                     # the desired engine changed: the tenant is pending until the new one serves
                     # (so `update-tenant --wait` never mistakes the old engine for the new one)
@@ -628,7 +635,7 @@ class TenantService:
             with self.store.transaction() as db:
                 self.store.set_status(name, TenantStatus.REMOVING)  # on the transaction's connection
                 if not already:  # its reservation ends once, at the first removal asked
-                    self.store.insert_reservation(db, name, ReservationEvent.REMOVE, 0, time.time())
+                    self.store.insert_reservation(db, name, ReservationEvent.REMOVE, 0, self.clock())
                 self.store.audit(actor, "remove-tenant", name, "ok", tx=db)
         self.reconciler.enqueue(name)
 

@@ -1,3 +1,4 @@
+import calendar
 from pathlib import Path
 from typing import Any
 
@@ -113,31 +114,33 @@ def test_a_name_removed_and_added_again_is_two_tenants(tmp_path: Path) -> None:
 
 
 def test_create_resize_remove_through_the_service_is_priced_from_typed_rows(svc, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """The service writes each reservation change with its spec change; the split prices them
-    (the audit trail's free-form detail is not read)."""
-    import time
+    """The service writes each reservation change with its spec change, at its clock's time; the
+    split prices them (the audit trail's free-form detail is not read)."""
+    import sqlite3
 
     from .test_service import MIB, create
 
-    before = time.time()
+    start = float(calendar.timegm((2026, 3, 10, 9, 0, 0)))
+    now = [start]
+    svc.clock = lambda: now[0]
     create(svc, "lab")
+    now[0] += 3600
     svc.update("lab", "admin", gpu_memory=2048 * MIB)
+    now[0] += 600
     svc.update("lab", "admin", max_num_seqs=4)  # no new size: no reservation row
+    now[0] += 1800
     svc.remove("lab", "admin")
+    now[0] += 60
     svc.remove("lab", "admin")  # asked again: the reservation ended at the first
     rows = svc.store.reservations()
-    assert [(r.tenant, r.event, r.gpu_memory) for r in rows] == [
-        ("lab", ADD, 1536 * MIB),
-        ("lab", RESIZE, 2048 * MIB),
-        ("lab", REMOVE, 0),
+    assert [(r.tenant, r.event, r.gpu_memory, r.at) for r in rows] == [
+        ("lab", ADD, 1536 * MIB, start),
+        ("lab", RESIZE, 2048 * MIB, start + 3600),
+        ("lab", REMOVE, 0, start + 6000),
     ]
-    assert before <= rows[0].at <= rows[1].at <= rows[2].at <= time.time()
-    import sqlite3
-
     with sqlite3.connect(tmp_path / "m.db") as db:  # the svc fixture's store: nothing reads the audit's detail
         db.execute("UPDATE audit SET detail = '{}'")
-    month = time.strftime("%Y-%m", time.gmtime(rows[0].at))
-    (share,) = svc.cost(month, 100.0)
-    held = ((rows[1].at - rows[0].at) * 1536 + (rows[2].at - rows[1].at) * 2048) * MIB / 3600 / G
-    assert share.tenant == "lab" and share.removed_at == rows[2].at and share.added_at == rows[0].at
-    assert abs(share.gib_hours - round(held, 4)) < 1e-4 and share.cost_by_memory == 100.0
+    (share,) = svc.cost("2026-03", 100.0)
+    held = (3600 * 1.5 + 2400 * 2.0) / 3600  # GiB-hours: 1.5 GiB for an hour, then 2 GiB for 40 minutes
+    assert share.tenant == "lab" and share.removed_at == start + 6000 and share.added_at == start
+    assert abs(share.gib_hours - held) < 1e-4 and share.cost_by_memory == 100.0
