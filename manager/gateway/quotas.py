@@ -158,13 +158,18 @@ class QuotaState:
         self.month = month_of(clock())
         self.month_requests = 0
         self.in_flight = 0
+        self._rolled_at: float | None = None  # a second roll to the same instant changes nothing
 
     def load(self, *, day_tokens: int, month_requests: int, recent: list[float]) -> None:
         """State rebuilt from the usage records after a restart."""
         self.day_tokens, self.month_requests = day_tokens, month_requests
         self.window = deque(sorted(t for t in recent if t > self.clock() - WINDOW_S))
+        self._rolled_at = None
 
     def _roll(self, now: float) -> None:
+        if now == self._rolled_at:  # admit's decision, then its headers: one roll a request
+            return
+        self._rolled_at = now
         while self.window and self.window[0] <= now - WINDOW_S:
             self.window.popleft()
         p = period(now)
