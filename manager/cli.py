@@ -43,6 +43,23 @@ def _limit_value(text: str) -> int:
     return value
 
 
+DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def _duration(text: str) -> float:
+    """``15s``, ``10m``, ``2h``, ``1d`` or plain seconds; 0 is never."""
+    number, unit = (text[:-1], text[-1]) if text[-1:].lower() in DURATION_UNITS else (text, "s")
+    try:
+        value = float(number) * DURATION_UNITS[unit.lower()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a duration such as 15s, 10m or 2h (0: never), got {text!r}"
+        ) from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a duration is 0 (never) or positive, got {text!r}")
+    return value
+
+
 SIZE_FLAGS = frozenset({"--gpu-memory", "--shm-size", "--max-body"})
 
 
@@ -113,6 +130,14 @@ def _engine_options(p: argparse.ArgumentParser, required: bool) -> None:
         "--max-num-seqs",
         type=int,
         help="sequences the engine batches at once (0: what the reservation holds, at most vLLM's default 128)",
+    )
+    p.add_argument(
+        "--idle-sleep",
+        dest="idle_sleep_s",
+        metavar="DURATION",
+        type=_duration,
+        help="after this long without a request the tenant sleeps (its engine stops; the next request starts it "
+        "again and waits meanwhile), e.g. 15s, 10m, 2h; 0: never (the default)",
     )
 
 
@@ -321,7 +346,30 @@ def _print_tenants(tenants: list[dict[str, Any]]) -> None:
         header.insert(3, "DEVICE")
         for row, t in zip(rows, tenants, strict=True):
             row.insert(3, t.get("device") or "first")
+    if any(t.get("idle_sleep_s") or t.get("sleeps") for t in tenants):  # some sleep when idle
+        header += ["SLEEP", "LAST REQUEST (UTC)"]
+        for row, t in zip(rows, tenants, strict=True):
+            at = t.get("last_request_at")
+            row += [sleep_summary(t), time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(at)) if at else "-"]
     print(_table(rows, [*header, "REASON"]))
+
+
+def _seconds(value: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if value >= size and value % size == 0:
+            return f"{value / size:g}{unit}"
+    return f"{value:g}s"
+
+
+def sleep_summary(t: dict[str, Any]) -> str:
+    """When a tenant sleeps and how its wakes went: ``after 15s, 2 sleeps, 2 wakes (last 31.2 s)``."""
+    idle = t.get("idle_sleep_s")
+    parts = [f"after {_seconds(idle)}" if idle else "never"]
+    if t.get("sleeps"):
+        parts.append(f"{t['sleeps']} sleeps, {t.get('wakes', 0)} wakes")
+        if t.get("last_wake_s") is not None:
+            parts[-1] += f" (last {t['last_wake_s']:.1f} s)"
+    return ", ".join(parts)
 
 
 def _print_capacity(out: dict[str, Any]) -> None:
@@ -411,6 +459,7 @@ def _engine_body(args: argparse.Namespace) -> dict[str, Any]:
         "quantization",
         "shm_size",
         "max_body",
+        "idle_sleep_s",
         *ENGINE_OPTIONS,
     )
     body = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}

@@ -66,6 +66,23 @@ class GatewayConfig(Contract):
     """Images one chat request may carry; None: the gateway's own default."""
     max_image_pixels: int | None = None
     """Width x height of the largest image taken, read from its header; None: the gateway's default."""
+    hold: bool = False
+    """The tenant is asleep or waking: requests wait at the gateway (at most ``max_waiting`` of
+    them, each for at most ``hold_timeout_s``) until a config without ``hold`` arrives."""
+    hold_timeout_s: float = 300.0
+    max_waiting: int = 64
+
+
+class GatewayActivity(Contract):
+    """What a gateway serves now (``GET /admin/activity``): the manager's sleeper reads it."""
+
+    last_request_at: float | None
+    """When it last took a request with a valid key (held ones included); None: none since it started."""
+    in_flight: int
+    """Requests sent to the engine and not yet answered."""
+    waiting: int
+    """Requests held while the tenant is asleep or waking."""
+    hold: bool
 
 
 class GatewayStatus(Contract):

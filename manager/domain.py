@@ -31,6 +31,10 @@ class TenantStatus(StrEnum):
     RUNNING = "running"
     FAILED = "failed"
     REMOVING = "removing"
+    ASLEEP = "asleep"
+    """Idle for its ``idle_sleep_s``: its engine is stopped, its gateway holds the next request."""
+    WAKING = "waking"
+    """A request is waiting: its engine is starting again, and its gateway still holds requests."""
 
 
 ALLOWED_TRANSITIONS: dict[TenantStatus, frozenset[TenantStatus]] = {
@@ -39,10 +43,15 @@ ALLOWED_TRANSITIONS: dict[TenantStatus, frozenset[TenantStatus]] = {
         {TenantStatus.RUNNING, TenantStatus.FAILED, TenantStatus.PENDING, TenantStatus.REMOVING}
     ),
     TenantStatus.RUNNING: frozenset(
-        {TenantStatus.FAILED, TenantStatus.PENDING, TenantStatus.STARTING, TenantStatus.REMOVING}
+        {TenantStatus.FAILED, TenantStatus.PENDING, TenantStatus.STARTING, TenantStatus.REMOVING, TenantStatus.ASLEEP}
     ),
     TenantStatus.FAILED: frozenset({TenantStatus.STARTING, TenantStatus.PENDING, TenantStatus.REMOVING}),
     TenantStatus.REMOVING: frozenset(),
+    # a change of its engine (update-tenant) starts it again, as for a running tenant
+    TenantStatus.ASLEEP: frozenset({TenantStatus.WAKING, TenantStatus.PENDING, TenantStatus.REMOVING}),
+    TenantStatus.WAKING: frozenset(
+        {TenantStatus.RUNNING, TenantStatus.FAILED, TenantStatus.PENDING, TenantStatus.REMOVING}
+    ),
 }
 
 
@@ -99,6 +108,8 @@ reserved for a vision tenant in cpu mode, so its engine survives every image it 
 MIN_IMAGE_PIXELS, MAX_IMAGE_PIXELS = 64 * 64, 178_956_970
 """The top is Pillow's own refusal (twice its decompression-bomb warning), which engines answer with a 500."""
 MAX_NUM_SEQS = 4096
+MIN_IDLE_SLEEP_S, MAX_IDLE_SLEEP_S = 5.0, 366 * 86400.0
+"""Bounds of ``--idle-sleep``: a tenant idle that long sleeps (unset or 0: it never does)."""
 
 
 def check_quotas(quotas: Quotas) -> None:
@@ -137,6 +148,11 @@ def check_bounds(spec: TenantSpec) -> None:
             f"max num seqs must be between 1 and {MAX_NUM_SEQS} (or unset for the engine's default), "
             f"got {spec.max_num_seqs}"
         )
+    if spec.idle_sleep_s is not None and not MIN_IDLE_SLEEP_S <= spec.idle_sleep_s <= MAX_IDLE_SLEEP_S:
+        raise InvalidInput(
+            f"idle sleep must be between {MIN_IDLE_SLEEP_S:.0f} s and {MAX_IDLE_SLEEP_S / 86400:.0f} days "
+            f"(or 0 for never), got {spec.idle_sleep_s:g} s"
+        )
     for label, size in (("gpu memory", spec.gpu_memory), ("shm size", spec.shm_size)):
         if not 1 <= size <= MAX_SIZE:
             raise InvalidInput(f"{label} must be between 1 byte and {format_size(MAX_SIZE)}, got {size}")
@@ -168,6 +184,9 @@ class TenantSpec:
     """Lets the engine run Python code shipped with the model: only when the admin asks."""
     max_num_seqs: int | None = None
     """Sequences the engine batches at once; None is vLLM's default."""
+    idle_sleep_s: float | None = None
+    """After this long without a request the tenant sleeps: its engine stops, and the next request
+    starts it again (held by the gateway meanwhile). None: it never sleeps."""
 
     def options(self) -> dict[str, object]:
         """The image limits and engine options (``ENGINE_OPTIONS``) with their values."""
@@ -176,7 +195,7 @@ class TenantSpec:
     def engine_hash(self) -> str:
         engine_fields = asdict(self)
         # max_image_pixels stays: in cpu mode the engine's memory holds the decode of its images
-        for gateway_only in ("quotas", "port", "max_body"):
+        for gateway_only in ("quotas", "port", "max_body", "idle_sleep_s"):
             engine_fields.pop(gateway_only)
         raw = json.dumps(engine_fields, sort_keys=True).encode()
         return hashlib.sha256(raw).hexdigest()[:16]

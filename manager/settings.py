@@ -58,6 +58,8 @@ class Settings(BaseSettings):
 
     reconcile_interval_s: float = 30.0
     usage_interval_s: float = 15.0
+    sleep_check_s: float = 1.0
+    """How often the sleeper reads the activity of tenants that may sleep or sleep (control.sleeper)."""
     orphan_grace_s: float = 300.0
     engine_start_timeout_s: float = 900.0
 

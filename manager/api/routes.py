@@ -79,6 +79,7 @@ def create_tenant(body: TenantCreate, svc: Service, actor: Admin) -> TenantCreat
         quantization=body.quantization,
         shm_size=body.shm_size,
         max_body=body.max_body,
+        idle_sleep_s=body.idle_sleep_s,
         quotas=Quotas(**{f: getattr(body, f) for f in QUOTA_FIELDS}),
         **{f: getattr(body, f) for f in ENGINE_OPTIONS},
     )

@@ -15,11 +15,13 @@ from manager.domain import (
     DEFAULT_MAX_IMAGE_PIXELS,
     DEFAULT_MAX_IMAGES,
     MAX_GRACE_S,
+    MAX_IDLE_SLEEP_S,
     MAX_IMAGE_PIXELS,
     MAX_IMAGES,
     MAX_MODEL_LEN,
     MAX_NUM_SEQS,
     MAX_PORT,
+    MIN_IDLE_SLEEP_S,
     MIN_IMAGE_PIXELS,
     MIN_MODEL_LEN,
     MIN_PORT,
@@ -107,6 +109,13 @@ class TenantCreate(QuotaFields, EngineOptionFields):
     quantization: str | None = Field(None, max_length=64)
     shm_size: Size | None = None
     max_body: Size | None = Field(None, description=MAX_BODY_TEXT)
+    idle_sleep_s: float | None = Field(
+        None,
+        ge=0,
+        le=MAX_IDLE_SLEEP_S,
+        description=f"after this many seconds without a request the tenant sleeps: its engine stops, and the "
+        f"next request starts it again (held meanwhile); at least {MIN_IDLE_SLEEP_S:.0f}; 0: never (the default)",
+    )
     gpu: str | None = Field(
         None,
         max_length=64,
@@ -123,6 +132,13 @@ class TenantUpdate(QuotaFields, EngineOptionFields):
     quantization: str | None = Field(None, max_length=64)
     shm_size: Size | None = None
     max_body: Size | None = Field(None, description=MAX_BODY_TEXT)
+    idle_sleep_s: float | None = Field(
+        None,
+        ge=0,
+        le=MAX_IDLE_SLEEP_S,
+        description=f"after this many seconds without a request the tenant sleeps: its engine stops, and the "
+        f"next request starts it again (held meanwhile); at least {MIN_IDLE_SLEEP_S:.0f}; 0: never (the default)",
+    )
     gpu: str | None = Field(
         None,
         max_length=64,
@@ -166,6 +182,13 @@ class TenantPublic(BaseModel):
     trust_remote_code: bool
     max_num_seqs: int | None
     quotas: Quotas
+    idle_sleep_s: float | None = Field(None, description="seconds without a request before it sleeps; null: never")
+    last_request_at: float | None = Field(None, description="when its gateway last took a request, as last read")
+    sleeps: int = Field(0, description="times it went to sleep")
+    wakes: int = Field(0, description="times a request woke it")
+    last_wake_s: float | None = Field(
+        None, description="seconds its last wake took, from the request that found it asleep to its engine serving"
+    )
     status: str
     reason: str
     status_since: float
@@ -201,6 +224,11 @@ class TenantPublic(BaseModel):
             max_body=s.max_body,
             **s.options(),
             quotas=Quotas(**s.quotas.__dict__),
+            idle_sleep_s=s.idle_sleep_s,
+            last_request_at=row.sleep.last_request_at,
+            sleeps=row.sleep.sleeps,
+            wakes=row.sleep.wakes,
+            last_wake_s=row.sleep.last_wake_s,
             status=row.status.value,
             reason=row.reason,
             status_since=row.status_since,

@@ -12,18 +12,31 @@ from typing import Any, Protocol, TypeVar
 import httpx
 from pydantic import ValidationError
 
-from manager.contract import Contract, GatewayConfig, GatewayStatus, KeyConfig, Limits, MemberConfig, UsagePage
+from manager.contract import (
+    Contract,
+    GatewayActivity,
+    GatewayConfig,
+    GatewayStatus,
+    KeyConfig,
+    Limits,
+    MemberConfig,
+    UsagePage,
+)
 from manager.control.plan import GATEWAY_ADMIN_PORT
 from manager.control.storage import TenantStore
+from manager.domain import TenantStatus
 from manager.errors import RuntimeUnavailable
 
 Answer = TypeVar("Answer", bound=Contract)
+HOLDING = frozenset({TenantStatus.ASLEEP, TenantStatus.WAKING})
+"""The statuses whose gateway holds requests until the engine serves again."""
 
 
 def desired_config(store: TenantStore, tenant: str) -> GatewayConfig:
     """Key hashes (active or in their grace period) with their members, the tenant's and each
     member's limits, and the engine's context length (a request's prompt plus completion never
-    exceeds it: the token reservation's upper bound); ``version`` is their hash."""
+    exceeds it: the token reservation's upper bound), and whether requests are held (the tenant is
+    asleep or waking); ``version`` is their hash."""
     row = store.tenant(tenant)
     now = time.time()
     body = GatewayConfig(
@@ -39,6 +52,7 @@ def desired_config(store: TenantStore, tenant: str) -> GatewayConfig:
         max_body=row.spec.max_body,
         max_images=row.spec.max_images,
         max_image_pixels=row.spec.max_image_pixels,
+        hold=row.status in HOLDING,
     )
     version = hashlib.sha256(body.model_dump_json(exclude={"version"}).encode()).hexdigest()[:16]
     return body.model_copy(update={"version": version})
@@ -56,6 +70,8 @@ class GatewayAdmin(Protocol):
     def push(self, config: GatewayConfig) -> None: ...
 
     def usage(self, after: int, limit: int = 1000) -> UsagePage: ...
+
+    def activity(self) -> GatewayActivity: ...
 
 
 Connect = Callable[[str, str], GatewayAdmin]
@@ -92,6 +108,9 @@ class GatewayClient:
 
     def usage(self, after: int, limit: int = 1000) -> UsagePage:
         return self._page(UsagePage, self._call("GET", "/admin/usage", params={"after": after, "limit": limit}))
+
+    def activity(self) -> GatewayActivity:
+        return self._page(GatewayActivity, self._call("GET", "/admin/activity"))
 
     @staticmethod
     def _page(model: type[Answer], body: object) -> Answer:

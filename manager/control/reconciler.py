@@ -52,6 +52,7 @@ from manager.control.plan import (
 )
 from manager.control.records import EngineFailure, TenantRow
 from manager.control.sizing import Sizing
+from manager.control.sleeper import Sleeper
 from manager.control.storage import TenantStore
 from manager.control.warmup import PageCacheWarmer
 from manager.control.workqueue import WorkQueue
@@ -70,6 +71,10 @@ EVENTS_RETRY_S = 1.0
 FOLLOWED = frozenset({"die", "oom", "health_status"})
 """The container events that may change what a tenant needs (``RuntimeEvent.action``)."""
 PREPARE_TIMEOUT_S = 60.0
+DRAIN_POLL_S = 0.5
+"""How often a tenant going to sleep asks its gateway whether a request is still in flight."""
+WAKING_STEPS = frozenset({TenantStatus.PENDING, TenantStatus.STARTING})
+"""What a waking tenant's engine start goes through: it stays ``waking`` (its gateway holds requests)."""
 
 
 def backoff(failures: int, base: float, cap: float) -> float:
@@ -102,6 +107,10 @@ class Reconciler:
         self._orphans_seen: dict[str, float] = {}
         self.warmer = PageCacheWarmer(settings, runtime)
         self.collector = UsageCollector(settings, store, runtime, connect)
+        self.sleeper = Sleeper(settings, store, runtime, connect, self.enqueue, clock)
+        self.wake_times: list[float] = []
+        """Seconds each wake of this process took, from the request that found its tenant asleep
+        to its engine serving (exported as p50/p99)."""
         self._prepared: set[str] = set()
         """Tenants whose volume this manager process gave to the engine's user (``plan.prepare_plan``)."""
         self._served: set[str] = set()
@@ -127,6 +136,12 @@ class Reconciler:
                 target=self._every,
                 args=("usage", self.settings.usage_interval_s, self.collector.collect_all),
                 name="usage-collector",
+                daemon=True,
+            ),
+            threading.Thread(
+                target=self._every,
+                args=("sleep", self.settings.sleep_check_s, self.sleeper.tick),
+                name="sleeper",
                 daemon=True,
             ),
             threading.Thread(target=self._follow_events, name="runtime-events", daemon=True),
@@ -299,6 +314,8 @@ class Reconciler:
                 reason = f"gateway could not start: {exc.message}"
             self._set_status(row, TenantStatus.FAILED, reason)
             raise
+        if row.status == TenantStatus.ASLEEP:
+            return self._asleep(row, engine, gateway_ready)
         if engine is None:
             return self._start_engine(row, plan.engine)
         if engine.status == "running":
@@ -310,6 +327,12 @@ class Reconciler:
                 if not gateway_ready:
                     self._set_status(row, TenantStatus.STARTING, "engine ready; gateway starting")
                     return POLL_STARTING_S
+                took = self.store.woke(name, self.clock())
+                if took is not None:  # it was waking: its gateway releases what it held, now
+                    self.wake_times.append(took)
+                    log.info("tenant %s woke in %.1f s", name, took)
+                    self._ensure_gateway(self.store.tenant(name), plan.gateway, gateway)
+                    return None
                 self._set_status(row, TenantStatus.RUNNING)
                 return None  # the resync looks again; usage has its own loop
             if engine.health == "unhealthy":
@@ -319,6 +342,25 @@ class Reconciler:
             self._engine_failed(row, engine, None)  # records the failure once, sets when to retry
             return self._start_engine(row, plan.engine)  # waits out the backoff, then replaces it
         return POLL_STARTING_S  # created, restarting, paused, removing: look again soon
+
+    def _asleep(self, row: TenantRow, engine: ContainerState | None, gateway_ready: bool) -> float | None:
+        """Its gateway holds requests (this turn pushed the config that says so); its engine is
+        removed once the gateway says nothing is in flight. Its volume stays, and so does the
+        reservation: the wake is guaranteed its memory."""
+        name = row.spec.name
+        if engine is None:
+            self._release_gate(name)
+            return None
+        if not gateway_ready:
+            return POLL_STARTING_S
+        activity = self.sleeper.activity(row)
+        if activity is None or not activity.hold or activity.in_flight:
+            return DRAIN_POLL_S  # a request taken before the hold is still being answered
+        self.runtime.remove_container(engine.name)
+        self._served.discard(engine.id)
+        self._release_gate(name)
+        log.info("tenant %s is asleep: its engine is stopped", name)
+        return None
 
     def _ensure_gateway(self, row: TenantRow, plan: ContainerPlan, gateway: ContainerState | None) -> bool:
         """Runs the tenant's gateway (it serves 503 until the engine is up) and, once healthy,
@@ -447,6 +489,9 @@ class Reconciler:
 
     def _set_status(self, row: TenantRow, status: TenantStatus, reason: str = "") -> None:
         current = self.store.find_tenant(row.spec.name)
+        if current is not None and current.status == TenantStatus.WAKING and status in WAKING_STEPS:
+            status = TenantStatus.WAKING  # its engine's start, told as steps of its wake
+            reason = reason or current.reason
         if current is None or (current.status == status and current.reason == reason):
             return
         if current.status == TenantStatus.REMOVING or not can_transition(current.status, status):

@@ -12,6 +12,20 @@ from manager.domain import Quotas, TenantSpec, TenantStatus
 
 
 @dataclass(frozen=True)
+class SleepState:
+    """How a tenant with ``idle_sleep_s`` sleeps and wakes (all zero/None for one that never slept)."""
+
+    last_request_at: float | None = None
+    """When its gateway last took a request, as the manager last read it."""
+    sleeps: int = 0
+    wakes: int = 0
+    wake_started_at: float | None = None
+    """When its current or last wake began (a request found it asleep)."""
+    last_wake_s: float | None = None
+    """How long its last wake took: from the request that found it asleep to its engine serving."""
+
+
+@dataclass(frozen=True)
 class TenantRow:
     spec: TenantSpec
     status: TenantStatus
@@ -22,6 +36,7 @@ class TenantRow:
     gateway_token: str = ""
     device: str = ""
     """The UUID of the device its engine runs on ('' for the host's first device)."""
+    sleep: SleepState = SleepState()
 
 
 @dataclass(frozen=True)

@@ -539,6 +539,7 @@ class TenantService:
         max_body: int | None = None,
         quotas: dict[str, int | None] | None = None,
         gpu: str | None = None,
+        idle_sleep_s: float | None = None,
         **options: object,
     ) -> TenantRow:
         """``options``: the image limits and engine options of ``ENGINE_OPTIONS`` (None leaves one as
@@ -561,6 +562,8 @@ class TenantService:
                 if value is not None:
                     changes[key] = value
             changes.update(chosen_options(options))
+            if idle_sleep_s is not None:  # 0: it never sleeps (an asleep one wakes: control.sleeper)
+                changes["idle_sleep_s"] = idle_sleep_s or None
             if quotas:
                 current = row.spec.quotas
                 changes["quotas"] = Quotas(**{**current.__dict__, **quotas})
@@ -667,6 +670,7 @@ class TenantService:
         shm_size: int | None,
         quotas: Quotas,
         max_body: int | None = None,
+        idle_sleep_s: float | None = None,
         **options: object,
     ) -> TenantSpec:
         """``options``: the image limits and engine options of ``ENGINE_OPTIONS``; None is the default."""
@@ -682,6 +686,7 @@ class TenantService:
             quantization=self._quantization(model or self.settings.default_model, quantization),
             shm_size=shm_size or 1024**3,
             quotas=quotas,
+            idle_sleep_s=idle_sleep_s or None,  # 0 or none: it never sleeps
         )
         if max_body is not None:
             spec = spec.with_changes(max_body=max_body)

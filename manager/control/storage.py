@@ -50,6 +50,19 @@ class TenantStore(Protocol):
         """Status writes never enqueue reconcile work: they only describe what was seen."""
         ...
 
+    def note_last_request(self, name: str, at: float) -> None: ...
+    def sleep_tenant(self, name: str, at: float, detail: dict[str, Any]) -> bool:
+        """running -> asleep, counted and audited in one transaction; False when it was not running."""
+        ...
+
+    def wake_tenant(self, name: str, at: float, reason: str, detail: dict[str, Any]) -> bool:
+        """asleep -> waking, counted and audited in one transaction; False when it was not asleep."""
+        ...
+
+    def woke(self, name: str, at: float) -> float | None:
+        """waking -> running; returns how long the wake took (None when it was not waking)."""
+        ...
+
     def delete_tenant(self, name: str) -> None:
         """Removes the tenant and its keys; its usage records stay for cost sharing."""
         ...

@@ -27,6 +27,7 @@ from manager.control.records import (
     MemberUsage,
     ReservationEvent,
     ReservationRow,
+    SleepState,
     TenantRow,
     UsageTotals,
 )
@@ -194,6 +195,14 @@ WHERE result = 'ok' AND tenant IS NOT NULL AND (
     OR action = 'remove-tenant')
 ORDER BY id""",
     ],
+    [  # 9: idle tenants sleep (manager.control.sleeper): the setting, and how it slept and woke
+        "ALTER TABLE tenants ADD COLUMN idle_sleep_s REAL",
+        "ALTER TABLE tenants ADD COLUMN last_request_at REAL",
+        "ALTER TABLE tenants ADD COLUMN sleeps INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE tenants ADD COLUMN wakes INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE tenants ADD COLUMN wake_started_at REAL",
+        "ALTER TABLE tenants ADD COLUMN last_wake_s REAL",
+    ],
 ]
 """The manager database's schema, step by step (see manager.migrations); append only."""
 
@@ -215,6 +224,7 @@ def _spec_columns(spec: TenantSpec) -> dict[str, object]:
         "enable_prefix_caching": int(spec.enable_prefix_caching),
         "trust_remote_code": int(spec.trust_remote_code),
         "max_num_seqs": spec.max_num_seqs,
+        "idle_sleep_s": spec.idle_sleep_s,
     }
 
 
@@ -234,7 +244,9 @@ def _tenant(row: sqlite3.Row) -> TenantRow:
         enable_prefix_caching=bool(row["enable_prefix_caching"]),
         trust_remote_code=bool(row["trust_remote_code"]),
         max_num_seqs=row["max_num_seqs"],
+        idle_sleep_s=row["idle_sleep_s"],
     )
+    sleep = SleepState(row["last_request_at"], row["sleeps"], row["wakes"], row["wake_started_at"], row["last_wake_s"])
     return TenantRow(
         spec,
         TenantStatus(row["status"]),
@@ -244,6 +256,7 @@ def _tenant(row: sqlite3.Row) -> TenantRow:
         row["updated_at"],
         row["gateway_token"],
         row["device"],
+        sleep,
     )
 
 
@@ -399,6 +412,56 @@ class Store:
                 " WHERE name=?",
                 (status.value, reason, status.value, time.time(), name),
             )
+
+    def note_last_request(self, name: str, at: float) -> None:
+        """When the tenant's gateway last took a request (read from it by the sleeper)."""
+        with self._lock:
+            self._db.execute("UPDATE tenants SET last_request_at=? WHERE name=?", (at, name))
+
+    def sleep_tenant(self, name: str, at: float, detail: dict[str, Any]) -> bool:
+        """running -> asleep, counted and audited in one transaction; False when it was not running."""
+        with self._tx() as db:
+            moved = db.execute(
+                "UPDATE tenants SET status=?, reason=?, status_since=?, sleeps=sleeps+1 WHERE name=? AND status=?",
+                (
+                    TenantStatus.ASLEEP.value,
+                    "idle: its engine is stopped until the next request",
+                    at,
+                    name,
+                    TenantStatus.RUNNING.value,
+                ),
+            ).rowcount
+            if moved:
+                self.audit("manager", "sleep", name, "ok", detail, tx=SqliteTx(db))
+        return bool(moved)
+
+    def wake_tenant(self, name: str, at: float, reason: str, detail: dict[str, Any]) -> bool:
+        """asleep -> waking, counted and audited in one transaction; False when it was not asleep."""
+        with self._tx() as db:
+            moved = db.execute(
+                "UPDATE tenants SET status=?, reason=?, status_since=?, wakes=wakes+1, wake_started_at=?"
+                " WHERE name=? AND status=?",
+                (TenantStatus.WAKING.value, reason, at, at, name, TenantStatus.ASLEEP.value),
+            ).rowcount
+            if moved:
+                self.audit("manager", "wake", name, "ok", detail, tx=SqliteTx(db))
+        return bool(moved)
+
+    def woke(self, name: str, at: float) -> float | None:
+        """waking -> running; returns how long the wake took (None when it was not waking)."""
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT wake_started_at FROM tenants WHERE name=? AND status=?", (name, TenantStatus.WAKING.value)
+            ).fetchone()
+            if row is None:
+                return None
+            took = max(at - (row["wake_started_at"] or at), 0.0)
+            db.execute(
+                "UPDATE tenants SET status=?, reason='', status_since=?, last_wake_s=? WHERE name=?",
+                (TenantStatus.RUNNING.value, at, took, name),
+            )
+            self.audit("manager", "woke", name, "ok", {"wake_s": round(took, 3)}, tx=SqliteTx(db))
+        return took
 
     def delete_tenant(self, name: str) -> None:
         """Removes the tenant and its keys; its usage records stay for cost sharing."""

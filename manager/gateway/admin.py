@@ -1,5 +1,6 @@
 """The admin side of a gateway, reachable only on the control network (never
-published on the host): config push from the manager, usage by cursor, metrics."""
+published on the host): config push from the manager, usage by cursor, activity (for the
+manager's sleeper), metrics."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.responses import Response
 from prometheus_client import generate_latest
 
-from manager.contract import GatewayConfig, GatewayStatus, Limits, MemberConfig, UsagePage
+from manager.contract import GatewayActivity, GatewayConfig, GatewayStatus, Limits, MemberConfig, UsagePage
 from manager.gateway.state import GatewayState
 
 
@@ -45,6 +46,15 @@ def create_admin_app(state: GatewayState, token: str) -> FastAPI:
     def put_config(body: GatewayConfig, _: Auth) -> dict[str, str]:
         state.apply(body)
         return {"version": state.version}
+
+    @app.get("/admin/activity")
+    def activity(_: Auth) -> GatewayActivity:
+        return GatewayActivity(
+            last_request_at=state.last_request_at,
+            in_flight=state.quotas.in_flight,
+            waiting=state.hold.waiting,
+            hold=state.hold.on,
+        )
 
     @app.get("/admin/usage")
     def usage(_: Auth, after: int = Query(0, ge=0), limit: int = Query(1000, ge=1, le=10000)) -> UsagePage:

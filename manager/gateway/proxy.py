@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 
+from manager.gateway.hold import Held
 from manager.gateway.http import BODY_COMPLETE
 from manager.gateway.images import check_images, count_images
 from manager.gateway.quotas import admit
@@ -328,6 +329,8 @@ class Proxy:
             )
             return
         key = self._authenticate(scope)
+        if key is not None:
+            self.state.last_request_at = time.time()  # held ones too: the tenant is in use
         if key is None:
             await self._refuse(
                 send,
@@ -552,9 +555,30 @@ class Proxy:
             {"retry-after": "30"},
         )
 
+    async def _waking(self, send: Send, path: str, held: Held) -> None:
+        hold = self.state.hold
+        if held is Held.FULL:
+            why = f"{hold.max_waiting} requests are already waiting for it"
+        else:
+            why = f"this request waited {hold.timeout_s:.0f} s for it"
+        await self._refuse(
+            send,
+            path,
+            503,
+            f"Tenant {self.settings.tenant} is waking up (its engine was asleep after a while without "
+            f"requests, and is starting again); {why}. Retry in a few seconds.",
+            "tenant_waking",
+            {"retry-after": str(STARTING_RETRY_S)},
+        )
+
     async def _admit_and_forward(
         self, method: str, path: str, receive: Receive, send: Send, key: KeyEntry, body: bytes, payload: dict[str, Any]
     ) -> None:
+        if self.state.hold.on:  # asleep or waking: wait, not yet admitted (no quota counts it)
+            held = await self.state.hold.wait()
+            if held is not Held.RELEASED:
+                await self._waking(send, path, held)
+                return
         if self.state.unwritten and not self.state.flush():
             await self._spool_full(send, path)
             return

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
 from manager.contract import GatewayConfig
+from manager.gateway.hold import Hold
 from manager.gateway.quotas import WINDOW_S, QuotaState
 from manager.gateway.store import Begin, Drop, GatewayStore, Progress, Settle, Totals, Write
 from manager.keys import hash_key, key_id
@@ -142,6 +143,10 @@ class GatewayState:
         self.unwritten: list[Settle] = []
         """Records the spool could not take (its volume full): written first, in order, once it can."""
         self.spool_error: str | None = None
+        self.hold = Hold()
+        """Requests waiting while the tenant sleeps or wakes (the config's ``hold``)."""
+        self.last_request_at: float | None = None
+        """When a request with a valid key last arrived (the manager's sleeper reads it)."""
         self._pending: list[tuple[Write, asyncio.Future[bool]]] = []
         """This event-loop turn's writes, committed together at the start of the next."""
         saved = store.config()
@@ -206,6 +211,7 @@ class GatewayState:
         self.members = members
         self.keys = keys
         self.version = config.version
+        self.hold.set(config.hold, config.hold_timeout_s, config.max_waiting)  # last: released ones see the rest
 
     def quota_states(self, key: KeyEntry) -> list[QuotaState] | None:
         """The limits a request with this key must pass: its member's (when it has one), then the

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from manager.contract import GatewayConfig, UsagePage, UsageRecord
+from manager.contract import GatewayActivity, GatewayConfig, UsagePage, UsageRecord
 
 
 class FakeGateway:
@@ -12,6 +12,8 @@ class FakeGateway:
         self.configs: dict[str, GatewayConfig] = {}
         self.records: dict[str, list[tuple[int, UsageRecord]]] = {}
         self.connected: list[str] = []
+        self.activities: dict[str, GatewayActivity] = {}
+        """What each gateway serves now (by token); idle since it started unless a test says otherwise."""
 
     def __call__(self, ip: str, token: str) -> FakeGateway._Session:
         self.connected.append(token)
@@ -37,6 +39,12 @@ class FakeGateway:
         def usage(self, after: int, limit: int = 1000) -> UsagePage:
             page = [(seq, r) for seq, r in self.owner.records.get(self.token, []) if seq > after][:limit]
             return UsagePage(records=[r for _, r in page], cursor=page[-1][0] if page else after)
+
+        def activity(self) -> GatewayActivity:
+            held = self.owner.configs.get(self.token)
+            found = self.owner.activities.get(self.token)
+            base = found or GatewayActivity(last_request_at=None, in_flight=0, waiting=0, hold=False)
+            return base.model_copy(update={"hold": bool(held and held.hold)})
 
 
 def usage_record(request_id: str, key_id: str = "k", member: str = "", **fields: object) -> UsageRecord:

@@ -1,0 +1,61 @@
+"""Requests held while the tenant sleeps or wakes: they wait at the gateway, first come first
+released, until the manager pushes a config without ``hold`` (its engine serves again).
+
+A held request is not yet admitted: no quota counts it until it is served. The queue is bounded
+(``max_waiting``) and each request waits at most ``timeout_s``; the proxy answers the others with
+a 503 that says the tenant is waking."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from enum import Enum
+
+
+class Held(Enum):
+    RELEASED = "released"
+    TIMED_OUT = "timed_out"
+    FULL = "full"
+
+
+def _release(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class Hold:
+    def __init__(self) -> None:
+        self.on = False
+        self.timeout_s = 300.0
+        self.max_waiting = 64
+        self._waiting: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def set(self, on: bool, timeout_s: float, max_waiting: int) -> None:
+        """From any thread (the admin app's): a hold lifted releases every waiter, in arrival order."""
+        self.timeout_s, self.max_waiting = timeout_s, max_waiting
+        self.on = on
+        if not on:
+            for future in list(self._waiting):  # one C-level copy: the loop may append meanwhile
+                future.get_loop().call_soon_threadsafe(_release, future)
+
+    async def wait(self) -> Held:
+        """On the event loop, while ``on``: until the hold is lifted, the deadline passes, or at
+        once when the queue is full."""
+        if len(self._waiting) >= self.max_waiting:
+            return Held.FULL
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append(future)
+        try:
+            if not self.on:  # lifted between the caller's look and the append: the release missed it
+                return Held.RELEASED
+            try:
+                await asyncio.wait_for(future, self.timeout_s)
+            except TimeoutError:
+                return Held.TIMED_OUT
+            return Held.RELEASED
+        finally:
+            self._waiting.remove(future)

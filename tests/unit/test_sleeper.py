@@ -1,0 +1,147 @@
+"""Idle tenants sleep and wake (control.sleeper with the reconciler), against the in-memory
+runtime, a fake gateway admin port whose activity the test sets, and a clock the test moves.
+The real path (a real engine stopped, a real request waking it) is in
+tests/integration/test_text_tenant.py."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from manager import names
+from manager.contract import GatewayActivity
+from manager.control.reconciler import DRAIN_POLL_S, Reconciler
+from manager.control.sleeper import Turn
+from manager.control.store import Store
+from manager.domain import TenantStatus
+from manager.gpu.cpu import HostMemoryInventory
+from manager.runtime.memory import MemoryRuntime
+from manager.settings import Settings
+
+from .conftest import write_demo_model
+from .fakes import FakeGateway
+from .test_reconciler import INSTANCE, add, bring_up, engine, gateway
+
+IDLE = 15.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.time()  # the store stamps statuses with the wall clock
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[tuple[Reconciler, Store, MemoryRuntime, Clock, FakeGateway]]:
+    settings = Settings(gpu_mode="cpu", instance=INSTANCE, state_dir=tmp_path, models_dir=tmp_path)
+    write_demo_model(tmp_path)
+    store = Store(tmp_path / "manager.db")
+    runtime, clock, gateways = MemoryRuntime(), Clock(), FakeGateway()
+    rec = Reconciler(settings, store, runtime, HostMemoryInventory(), connect=gateways, clock=clock)
+    add(store, "lab", 30001)
+    with store.transaction() as db:
+        store.update_spec(db, store.tenant("lab").spec.with_changes(idle_sleep_s=IDLE))
+    bring_up(rec, runtime, "lab")
+    assert store.tenant("lab").status == TenantStatus.RUNNING
+    clock.now = time.time()  # after it began to run: idle time counts from there at the earliest
+    yield rec, store, runtime, clock, gateways
+    store.close()
+
+
+def serving(gateways: FakeGateway, last: float | None, in_flight: int = 0, waiting: int = 0) -> None:
+    gateways.activities["token-lab"] = GatewayActivity(
+        last_request_at=last, in_flight=in_flight, waiting=waiting, hold=False
+    )
+
+
+def asleep(rec: Reconciler, store: Store, runtime: MemoryRuntime, clock: Clock, gateways: FakeGateway) -> None:
+    serving(gateways, clock.now)
+    clock.now += IDLE
+    assert rec.sleeper.tick() == [Turn("lab", "sleep")]
+    assert rec.reconcile("lab") is None
+
+
+def test_an_idle_tenant_sleeps_its_engine_is_removed_and_its_gateway_holds(world) -> None:  # type: ignore[no-untyped-def]
+    rec, store, runtime, clock, gateways = world
+    serving(gateways, clock.now)
+    clock.now += IDLE - 1
+    assert rec.sleeper.tick() == []  # a second short of its idle time
+    clock.now += 1
+    assert rec.sleeper.tick() == [Turn("lab", "sleep")]
+    row = store.tenant("lab")
+    assert row.status == TenantStatus.ASLEEP and row.sleep.sleeps == 1 and row.sleep.last_request_at is not None
+    assert rec.reconcile("lab") is None
+    assert gateways.configs["token-lab"].hold, "the gateway holds the next request"
+    assert runtime.container(engine("lab")) is None and runtime.container(gateway("lab")) is not None
+    assert runtime.volumes(names.selector(INSTANCE, tenant="lab")), "its volumes stay (its caches, its spool)"
+    assert [a.action for a in store.audit_log(tenant="lab")][:1] == ["sleep"]
+    assert rec.sleeper.tick() == [], "asleep with nothing waiting: it stays asleep"
+    assert rec.reconcile("lab") is None and runtime.container(engine("lab")) is None, "never started again"
+
+
+def test_a_tenant_in_use_never_sleeps_and_a_request_taken_before_the_hold_is_answered_first(world) -> None:  # type: ignore[no-untyped-def]
+    rec, store, runtime, clock, gateways = world
+    serving(gateways, clock.now - 100, in_flight=1)  # a long answer: no new request, one in flight
+    clock.now += IDLE * 10
+    assert rec.sleeper.tick() == [] and store.tenant("lab").status == TenantStatus.RUNNING
+    serving(gateways, clock.now - 100)
+    assert rec.sleeper.tick() == [Turn("lab", "sleep")]
+    serving(gateways, clock.now, in_flight=1)  # arrived between the look and the hold
+    assert rec.reconcile("lab") == DRAIN_POLL_S
+    assert runtime.container(engine("lab")) is not None, "its engine answers it first"
+    serving(gateways, clock.now)
+    assert rec.reconcile("lab") is None and runtime.container(engine("lab")) is None
+
+
+def test_a_waiting_request_wakes_it_and_its_gateway_lets_go_once_the_engine_serves(world) -> None:  # type: ignore[no-untyped-def]
+    rec, store, runtime, clock, gateways = world
+    asleep(rec, store, runtime, clock, gateways)
+    serving(gateways, clock.now, waiting=2)
+    assert rec.sleeper.tick() == [Turn("lab", "wake")]
+    woke_at = clock.now
+    rec.reconcile("lab")
+    row = store.tenant("lab")
+    assert row.status == TenantStatus.WAKING and row.sleep.wakes == 1 and row.sleep.wake_started_at == woke_at
+    assert runtime.container(engine("lab")) is not None and gateways.configs["token-lab"].hold
+    clock.now += 30
+    runtime.set_health(engine("lab"), "healthy")
+    assert rec.reconcile("lab") is None
+    row = store.tenant("lab")
+    assert row.status == TenantStatus.RUNNING and row.sleep.last_wake_s == pytest.approx(30.0)
+    assert not gateways.configs["token-lab"].hold, "released the moment its engine serves"
+    assert rec.wake_times == [pytest.approx(30.0)]
+    assert [a.action for a in store.audit_log(tenant="lab")][:3] == ["woke", "wake", "sleep"]
+
+
+def test_a_wake_goes_through_the_start_gate_as_waking(world) -> None:  # type: ignore[no-untyped-def]
+    rec, store, runtime, clock, gateways = world
+    asleep(rec, store, runtime, clock, gateways)
+    add(store, "other", 30002)
+    rec.reconcile("other")  # its engine is starting: it holds the gate
+    serving(gateways, clock.now, waiting=1)
+    rec.sleeper.tick()
+    rec.reconcile("lab")
+    row = store.tenant("lab")
+    assert row.status == TenantStatus.WAKING and "waiting for other's engine" in row.reason
+    assert runtime.container(engine("lab")) is None and gateways.configs["token-lab"].hold
+
+
+def test_turning_sleep_off_wakes_a_sleeper_and_a_tenant_without_it_is_never_asked(world) -> None:  # type: ignore[no-untyped-def]
+    rec, store, runtime, clock, gateways = world
+    asleep(rec, store, runtime, clock, gateways)
+    with store.transaction() as db:
+        store.update_spec(db, store.tenant("lab").spec.with_changes(idle_sleep_s=None))
+    assert rec.sleeper.tick() == [Turn("lab", "wake")]
+    assert store.tenant("lab").reason == "waking: sleeping was turned off"
+    rec.reconcile("lab")
+    runtime.set_health(engine("lab"), "healthy")
+    rec.reconcile("lab")
+    assert store.tenant("lab").status == TenantStatus.RUNNING
+    serving(gateways, clock.now - 10 * IDLE)
+    clock.now += 10 * IDLE
+    assert rec.sleeper.tick() == [], "no idle sleep set: it never sleeps"
