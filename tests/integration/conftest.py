@@ -135,27 +135,32 @@ def start_manager(settings: Settings) -> RunningManager:
     return RunningManager(settings, server, thread, settings.admin_token.get_secret_value())
 
 
+def settings_for(instance: str, models_dir: Path, state_dir: Path, **over: Any) -> Settings:
+    """A manager of the test session's own: cpu mode, loopback, the session's images and models."""
+    values: dict[str, Any] = dict(
+        gpu_mode="cpu",
+        instance=instance,
+        state_dir=state_dir,
+        models_source=str(models_dir),
+        models_dir=models_dir,
+        api_host="127.0.0.1",
+        api_port=free_port(),
+        engine_image=ENGINE_IMAGE,
+        manager_image=MANAGER_IMAGE,
+        admin_token="test-admin-token-0123456789abcdef",
+        tenant_bind_address="127.0.0.1",
+        reconcile_interval_s=3.0,
+        orphan_grace_s=5.0,
+        engine_start_timeout_s=300.0,
+    )
+    values.update(over)
+    return Settings(**values)
+
+
 @pytest.fixture
 def manager_settings(instance: str, models_dir: Path, tmp_path: Path) -> Callable[..., Settings]:
     def make(**over: Any) -> Settings:
-        values: dict[str, Any] = dict(
-            gpu_mode="cpu",
-            instance=instance,
-            state_dir=tmp_path / "state",
-            models_source=str(models_dir),
-            models_dir=models_dir,
-            api_host="127.0.0.1",
-            api_port=free_port(),
-            engine_image=ENGINE_IMAGE,
-            manager_image=MANAGER_IMAGE,
-            admin_token="test-admin-token-0123456789abcdef",
-            tenant_bind_address="127.0.0.1",
-            reconcile_interval_s=3.0,
-            orphan_grace_s=5.0,
-            engine_start_timeout_s=300.0,
-        )
-        values.update(over)
-        return Settings(**values)
+        return settings_for(instance, models_dir, tmp_path / "state", **over)
 
     return make
 
