@@ -473,7 +473,8 @@ POLL_S = 1.0
 def wait_for_engine(
     api: Api, name: str, timeout: float, before: dict[str, Any] | None = None, progress: bool = False
 ) -> dict[str, Any]:
-    """Polls the tenant until its engine serves (running) or has failed; EngineFailed with the
+    """Polls the tenant until its engine serves (running, or asleep: it served and its next request
+    wakes it) or has failed; EngineFailed with the
     engine's own reason when it failed, WaitTimedOut when neither happened in time. ``before``:
     the tenant as the change that is waited for returned it; a failure it already showed (the
     same ``status_since``) is the old spec's, not this one's, and is waited past."""
@@ -486,7 +487,7 @@ def wait_for_engine(
             shown = (tenant["status"], tenant["reason"])
             why = f" ({tenant['reason']})" if tenant["reason"] else ""
             print(f"[{time.monotonic() - started:4.0f}s] {name}: {tenant['status']}{why}", file=sys.stderr, flush=True)
-        if tenant["status"] == "running":
+        if tenant["status"] in ("running", "asleep"):  # asleep: served; its next request wakes it
             return tenant
         if tenant["status"] == "failed" and tenant["status_since"] != stale:
             raise EngineFailed(

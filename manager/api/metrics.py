@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from manager.control.reconciler import Reconciler
+from manager.control.records import TenantRow
 from manager.control.service import TenantService
 from manager.domain import TenantStatus
 from manager.gpu import Inventory
@@ -41,6 +44,7 @@ class StateCollector(Collector):
                 over.add_metric([r.spec.name], 1 if value > r.spec.gpu_memory else 0)
         yield measured
         yield over
+        yield from self._sleep(rows)
         requests = CounterMetricFamily(
             "gtm_usage_requests",
             "Requests metered, by tenant and member (collected from the gateways)",
@@ -60,7 +64,7 @@ class StateCollector(Collector):
         errors = CounterMetricFamily(
             "gtm_reconciler_loop_errors", "Exceptions survived by the reconciler's loops", labels=["loop"]
         )
-        for loop in ("worker", "resync", "usage"):
+        for loop in ("worker", "resync", "usage", "sleep"):
             errors.add_metric([loop], self.reconciler.loop_errors[loop])
         yield errors
         dev = GaugeMetricFamily("gtm_device_memory_bytes", "Device memory", labels=["device", "uuid", "kind"])
@@ -69,6 +73,35 @@ class StateCollector(Collector):
             for kind, value in (*figures, ("driver_reserved", device.reserved)):
                 dev.add_metric([str(device.index), device.uuid, kind], value)
         yield dev
+
+    def _sleep(self, rows: list[TenantRow]) -> Iterator[Metric]:
+        """Tenants that sleep when idle: asleep or not, when last used, sleeps and wakes, and how
+        long this manager's wakes took (p50, p99)."""
+        sleepers = [r for r in rows if r.spec.idle_sleep_s is not None or r.sleep.sleeps]
+        asleep = GaugeMetricFamily("gtm_tenant_asleep", "1 while the tenant sleeps or wakes", labels=["tenant"])
+        last = GaugeMetricFamily(
+            "gtm_tenant_last_request_timestamp_seconds", "When its gateway last took a request", labels=["tenant"]
+        )
+        sleeps = CounterMetricFamily("gtm_tenant_sleeps", "Times the tenant went to sleep", labels=["tenant"])
+        wakes = CounterMetricFamily("gtm_tenant_wakes", "Times a request woke the tenant", labels=["tenant"])
+        for r in sleepers:
+            name = r.spec.name
+            asleep.add_metric([name], 1 if r.status in (TenantStatus.ASLEEP, TenantStatus.WAKING) else 0)
+            if r.sleep.last_request_at is not None:
+                last.add_metric([name], r.sleep.last_request_at)
+            sleeps.add_metric([name], r.sleep.sleeps)
+            wakes.add_metric([name], r.sleep.wakes)
+        yield from (asleep, last, sleeps, wakes)
+        took = sorted(self.reconciler.wake_times)
+        wake = GaugeMetricFamily(
+            "gtm_wake_seconds",
+            "Wake time, from the request that found a tenant asleep to its engine serving (this manager's wakes)",
+            labels=["quantile"],
+        )
+        if took:
+            for q in (0.5, 0.99):
+                wake.add_metric([str(q)], took[min(len(took) - 1, int(q * len(took)))])
+        yield wake
 
 
 class Metrics:

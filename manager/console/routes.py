@@ -104,10 +104,21 @@ def page(
     return templates(request).TemplateResponse(
         request,
         name,
-        {"session": session, "format_size": format_size, "exact_size": exact_size, "now": time.time(), **context},
+        {
+            "session": session,
+            "format_size": format_size,
+            "exact_size": exact_size,
+            "utc": _utc,
+            "now": time.time(),
+            **context,
+        },
         status_code=status_code,
         headers=headers,
     )
+
+
+def _utc(at: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at))
 
 
 def _opt_int(form: dict[str, str], key: str) -> int | None:
@@ -281,6 +292,7 @@ def new_tenant(request: Request, session: Session, form: dict[str, str]) -> HTML
             enable_prefix_caching=form.get("enable_prefix_caching", "on") != "off",
             trust_remote_code=form.get("trust_remote_code") == "on",
             max_num_seqs=_opt_int(form, "max_num_seqs"),
+            idle_sleep_s=_opt_int(form, "idle_sleep_s"),
         )
         created = svc.create(spec, session.user, gpu=form.get("gpu", "").strip() or None)
     except GtmError as exc:
@@ -450,6 +462,10 @@ def edit_changes(form: dict[str, str], spec: TenantSpec) -> dict[str, Any]:
     quotas = {f: _opt_int(form, f) for f in QUOTA_FIELDS if f in form}
     if any(getattr(spec.quotas, f) != v for f, v in quotas.items()):
         changes["quotas"] = quotas
+    if "idle_sleep_s" in form:  # empty or 0: it never sleeps
+        idle = _opt_int(form, "idle_sleep_s") or None
+        if idle != spec.idle_sleep_s:
+            changes["idle_sleep_s"] = idle or 0
     if form.get("gpu", "").strip():
         changes["gpu"] = form["gpu"].strip()
     return changes

@@ -105,3 +105,25 @@ def test_refusals_say_what_to_do_with_the_exit_code_of_their_kind(
     code, _, err = manager(api, capsys, "add-tenant", "--name", "huge", "--gpu-memory", "100T", "--port", "30013")
     assert code == 5 and "numbers:" in err  # refused by admission, with the numbers that decided it
     assert manager(api, capsys, "list-tenants", "--json")[1].strip() == "[]"
+
+
+def test_idle_sleep_is_set_as_a_duration_and_listed(api: cli.Api, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = manager(
+        api, capsys, "add-tenant", "--name", "nap", "--gpu-memory", "1536M", "--port", "30019", "--idle-sleep", "10m"
+    )
+    assert code == 0, err
+    code, out, _ = manager(api, capsys, "list-tenants", "--json")
+    (nap,) = [t for t in json.loads(out) if t["name"] == "nap"]
+    assert nap["idle_sleep_s"] == 600 and (nap["sleeps"], nap["wakes"]) == (0, 0)
+    code, out, _ = manager(api, capsys, "list-tenants")
+    header, *rows = out.splitlines()
+    assert "SLEEP" in header and "LAST REQUEST (UTC)" in header
+    assert "after 10m" in next(r for r in rows if r.startswith("nap "))
+    with pytest.raises(SystemExit) as usage:  # argparse's own usage error, as for any bad option
+        manager(api, capsys, "update-tenant", "--name", "nap", "--idle-sleep", "soon")
+    assert usage.value.code == 2 and "expected a duration such as 15s, 10m or 2h" in capsys.readouterr().err
+    code, _, err = manager(api, capsys, "update-tenant", "--name", "nap", "--idle-sleep", "3s")
+    assert code == 2 and "idle sleep must be between 5 s" in err
+    code, out, err = manager(api, capsys, "update-tenant", "--name", "nap", "--idle-sleep", "0", "--json")
+    assert code == 0 and json.loads(out)["idle_sleep_s"] is None, err
+    assert manager(api, capsys, "remove-tenant", "--name", "nap", "--no-wait")[0] == 0

@@ -74,6 +74,29 @@ def test_the_tenant_page_changes_what_update_tenant_changes(base_url: str) -> No
         assert audit[0]["action"] == "update-tenant" and audit[0]["actor"] == "admin"
 
 
+def test_the_tenant_page_sets_and_shows_sleeping_when_idle(base_url: str) -> None:
+    admin = add_tenant(base_url, "sleepy", 30621)
+    console = _signed_in(base_url)
+    with contextlib.closing(console):
+        page = console.get("/tenants/sleepy").text
+        assert re.search(r'data-testid="sleep">\s*never', page)
+        form = _form_of(page, "/tenants/sleepy/update")
+        assert form["idle_sleep_s"] == ""
+        saved = console.post("/tenants/sleepy/update", data={**form, "idle_sleep_s": "600"})
+        assert saved.status_code == 303
+        assert "without restarting the engine" in console.get(saved.headers["location"]).text
+        tenant = httpx.get(f"{base_url}/api/v1/tenants/sleepy", headers=admin).json()
+        assert tenant["idle_sleep_s"] == 600
+        page = console.get("/tenants/sleepy").text
+        assert "after 600 s without a request" in page
+        form = _form_of(page, "/tenants/sleepy/update")
+        assert form["idle_sleep_s"] == "600"
+        too_short = console.post("/tenants/sleepy/update", data={**form, "idle_sleep_s": "2"})
+        assert too_short.status_code == 422 and "idle sleep must be between 5 s" in too_short.text
+        assert console.post("/tenants/sleepy/update", data={**form, "idle_sleep_s": ""}).status_code == 303
+        assert httpx.get(f"{base_url}/api/v1/tenants/sleepy", headers=admin).json()["idle_sleep_s"] is None
+
+
 def test_members_are_added_and_limited_with_post_redirect_get(base_url: str) -> None:
     admin = add_tenant(base_url, "team-prg", 30611)
     console = _signed_in(base_url)

@@ -145,3 +145,38 @@ def test_turning_sleep_off_wakes_a_sleeper_and_a_tenant_without_it_is_never_aske
     serving(gateways, clock.now - 10 * IDLE)
     clock.now += 10 * IDLE
     assert rec.sleeper.tick() == [], "no idle sleep set: it never sleeps"
+
+
+def test_metrics_show_who_sleeps_and_how_long_wakes_take(world) -> None:  # type: ignore[no-untyped-def]
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from manager.api.metrics import Metrics
+    from manager.control.service import TenantService
+
+    rec, store, runtime, clock, gateways = world
+    inventory = HostMemoryInventory()
+    metrics = Metrics(TenantService(rec.settings, store, runtime, inventory, rec), rec, inventory)
+
+    def samples() -> dict[tuple[str, str], float]:
+        text = metrics.render().decode()
+        return {
+            (s.name, s.labels.get("tenant") or s.labels.get("quantile") or s.labels.get("status", "")): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+    asleep(rec, store, runtime, clock, gateways)
+    now = samples()
+    assert now[("gtm_tenant_asleep", "lab")] == 1 and now[("gtm_tenants", "asleep")] == 1
+    assert now[("gtm_tenant_sleeps_total", "lab")] == 1 and now[("gtm_tenant_wakes_total", "lab")] == 0
+    assert ("gtm_wake_seconds", "0.5") not in now
+    serving(gateways, clock.now, waiting=1)
+    rec.sleeper.tick()
+    rec.reconcile("lab")
+    clock.now += 12
+    runtime.set_health(engine("lab"), "healthy")
+    rec.reconcile("lab")
+    now = samples()
+    assert now[("gtm_tenant_asleep", "lab")] == 0 and now[("gtm_tenant_wakes_total", "lab")] == 1
+    assert now[("gtm_wake_seconds", "0.5")] == pytest.approx(12.0) == now[("gtm_wake_seconds", "0.99")]
+    assert now[("gtm_tenant_last_request_timestamp_seconds", "lab")] > 0
