@@ -600,7 +600,7 @@ def mem_available() -> int:
 def test_an_idle_tenant_sleeps_and_the_requests_that_find_it_asleep_wake_it(text: Text) -> None:
     """--idle-sleep 15s: its engine stops and its memory is freed; the next requests (a stream
     through the OpenAI SDK, then plain ones arriving during the wake) are held, then all served,
-    in the order they came; the wake is measured."""
+    in the order they came, though the manager restarts mid-wake; the wake is measured."""
     manager, docker_client, api = text.manager, text.docker, text.api()
     engine_name = names.engine(manager.settings.instance, TENANT)
     awake_use = api.get(f"/api/v1/tenants/{TENANT}").json()["measured"]
@@ -613,8 +613,8 @@ def test_an_idle_tenant_sleeps_and_the_requests_that_find_it_asleep_wake_it(text
     )
     # idle counts from its last request (before the setting), so it sleeps 15 s after that one
     slept_after = asleep["status_since"] - asleep["last_request_at"]
-    assert 15 <= slept_after < 15 + 10, slept_after
-    assert time.monotonic() - set_at < 15 + 10
+    assert slept_after >= 15, slept_after
+    assert time.monotonic() - set_at < 15 + 10, "it slept within seconds of its idle time"
     assert asleep["sleeps"] == 1 and asleep["measured"] is None and asleep["last_request_at"]
 
     def engine_gone() -> bool:
@@ -656,6 +656,13 @@ def test_an_idle_tenant_sleeps_and_the_requests_that_find_it_asleep_wake_it(text
         time.sleep(1.0)
         threads.append(threading.Thread(target=plain, args=(i,)))
         threads[-1].start()
+    # the manager stops mid-wake and starts again: the wake goes on from the store, and the held
+    # requests are served all the same
+    wait_for(lambda: api.get(f"/api/v1/tenants/{TENANT}").json()["status"] == "waking", 30, "it to wake")
+    manager.stop()
+    time.sleep(2)
+    manager = text.manager = start_manager(manager.settings)
+    api = manager.client()
     for t in threads:
         t.join(timeout=300)
     assert sorted(answers) == [0, 1, 2, 3], answers
