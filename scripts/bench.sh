@@ -24,6 +24,9 @@
 #                                  N engine starts through the manager (default 10): first-start
 #                                  success rate and add-tenant -> first answer vs docker run; as
 #                                  root it empties the page cache first (the hard case)
+#   scripts/bench.sh --sleep [ROUNDS]
+#                                  a sleeping tenant woken by a request vs a new tenant's
+#                                  add-tenant -> first answer, ROUNDS times (default 3)
 source "$(dirname "$0")/lib.sh"
 cd "$GTM_ROOT"
 bash scripts/dev-env.sh >/dev/null
@@ -32,6 +35,11 @@ if [ "${1:-}" = "--engine-starts" ]; then
   bash scripts/make-demo-model.sh "$GTM_CACHE/models" >/dev/null
   cold=(); [ "$(id -u)" = 0 ] && cold=(--cold)
   exec .venv/bin/python -m bench.engine_starts --starts "${2:-10}" --baseline 3 --models "$GTM_CACHE/models" "${cold[@]}"
+fi
+if [ "${1:-}" = "--sleep" ]; then
+  bash scripts/build-images.sh all >/dev/null
+  bash scripts/make-demo-model.sh "$GTM_CACHE/models" >/dev/null
+  exec .venv/bin/python -m bench.sleep_bench --rounds "${2:-3}" --models "$GTM_CACHE/models"
 fi
 if [ "${1:-}" = "--wire" ]; then
   if ! command -v wrk >/dev/null || ! command -v nginx >/dev/null; then
