@@ -351,8 +351,8 @@ class Reconciler:
         if engine is None:
             self._release_gate(name)
             return None
-        if not gateway_ready:
-            return POLL_STARTING_S
+        if not gateway_ready or self._profiling_elsewhere(name, [engine]):
+            return POLL_STARTING_S  # nvml: memory freed under another engine's profiling fails its start
         activity = self.sleeper.activity(row)
         if activity is None or not activity.hold or activity.in_flight:
             return DRAIN_POLL_S  # a request taken before the hold is still being answered
