@@ -60,6 +60,10 @@ class Settings(BaseSettings):
     usage_interval_s: float = 15.0
     sleep_check_s: float = 1.0
     """How often the sleeper reads the activity of tenants that may sleep or sleep (control.sleeper)."""
+    wake_timeout_s: float = Field(300.0, gt=0)
+    """How long a request that found its tenant asleep waits for the wake before a 503."""
+    max_waiting: int = Field(64, ge=1)
+    """Requests a sleeping or waking tenant's gateway holds at most; more get a 503 at once."""
     orphan_grace_s: float = 300.0
     engine_start_timeout_s: float = 900.0
 

@@ -32,7 +32,9 @@ HOLDING = frozenset({TenantStatus.ASLEEP, TenantStatus.WAKING})
 """The statuses whose gateway holds requests until the engine serves again."""
 
 
-def desired_config(store: TenantStore, tenant: str) -> GatewayConfig:
+def desired_config(
+    store: TenantStore, tenant: str, hold_timeout_s: float = 300.0, max_waiting: int = 64
+) -> GatewayConfig:
     """Key hashes (active or in their grace period) with their members, the tenant's and each
     member's limits, and the engine's context length (a request's prompt plus completion never
     exceeds it: the token reservation's upper bound), and whether requests are held (the tenant is
@@ -53,6 +55,8 @@ def desired_config(store: TenantStore, tenant: str) -> GatewayConfig:
         max_images=row.spec.max_images,
         max_image_pixels=row.spec.max_image_pixels,
         hold=row.status in HOLDING,
+        hold_timeout_s=hold_timeout_s,
+        max_waiting=max_waiting,
     )
     version = hashlib.sha256(body.model_dump_json(exclude={"version"}).encode()).hexdigest()[:16]
     return body.model_copy(update={"version": version})
@@ -120,9 +124,11 @@ class GatewayClient:
             raise RuntimeUnavailable(f"a gateway's admin port answered outside the contract: {exc}") from exc
 
 
-def push_config(store: TenantStore, tenant: str, gw: GatewayAdmin) -> bool:
+def push_config(
+    store: TenantStore, tenant: str, gw: GatewayAdmin, hold_timeout_s: float = 300.0, max_waiting: int = 64
+) -> bool:
     """Level-triggered: pushes the desired config when the gateway's version differs. True if pushed."""
-    config = desired_config(store, tenant)
+    config = desired_config(store, tenant, hold_timeout_s, max_waiting)
     if gw.version() == config.version:
         return False
     gw.push(config)

@@ -375,7 +375,7 @@ class Reconciler:
             return False
         try:
             with self.connect(ip, row.gateway_token) as gw:
-                push_config(self.store, row.spec.name, gw)
+                push_config(self.store, row.spec.name, gw, self.settings.wake_timeout_s, self.settings.max_waiting)
         except RuntimeUnavailable as exc:
             log.warning("gateway of %s: %s", row.spec.name, exc.message)
             return False

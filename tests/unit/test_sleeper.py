@@ -38,7 +38,9 @@ class Clock:
 
 @pytest.fixture
 def world(tmp_path: Path) -> Iterator[tuple[Reconciler, Store, MemoryRuntime, Clock, FakeGateway]]:
-    settings = Settings(gpu_mode="cpu", instance=INSTANCE, state_dir=tmp_path, models_dir=tmp_path)
+    settings = Settings(
+        gpu_mode="cpu", instance=INSTANCE, state_dir=tmp_path, models_dir=tmp_path, wake_timeout_s=20.0, max_waiting=3
+    )
     write_demo_model(tmp_path)
     store = Store(tmp_path / "manager.db")
     runtime, clock, gateways = MemoryRuntime(), Clock(), FakeGateway()
@@ -76,7 +78,9 @@ def test_an_idle_tenant_sleeps_its_engine_is_removed_and_its_gateway_holds(world
     row = store.tenant("lab")
     assert row.status == TenantStatus.ASLEEP and row.sleep.sleeps == 1 and row.sleep.last_request_at is not None
     assert rec.reconcile("lab") is None
-    assert gateways.configs["token-lab"].hold, "the gateway holds the next request"
+    held = gateways.configs["token-lab"]
+    assert held.hold, "the gateway holds the next request"
+    assert (held.hold_timeout_s, held.max_waiting) == (20.0, 3), "for as long and as many as the host says"
     assert runtime.container(engine("lab")) is None and runtime.container(gateway("lab")) is not None
     assert runtime.volumes(names.selector(INSTANCE, tenant="lab")), "its volumes stay (its caches, its spool)"
     assert [a.action for a in store.audit_log(tenant="lab")][:1] == ["sleep"]
