@@ -160,7 +160,8 @@ def settings_for(instance: str, models_dir: Path, state_dir: Path, **over: Any) 
 @pytest.fixture
 def manager_settings(instance: str, models_dir: Path, tmp_path: Path) -> Callable[..., Settings]:
     def make(**over: Any) -> Settings:
-        return settings_for(instance, models_dir, tmp_path / "state", **over)
+        base: dict[str, Any] = {"instance": instance, "models_dir": models_dir, "state_dir": tmp_path / "state"}
+        return settings_for(**{**base, **over})  # a test may name its own models
 
     return make
 
