@@ -329,8 +329,6 @@ class Proxy:
             )
             return
         key = self._authenticate(scope)
-        if key is not None:
-            self.state.last_request_at = time.time()  # held ones too: the tenant is in use
         if key is None:
             await self._refuse(
                 send,
@@ -340,6 +338,7 @@ class Proxy:
                 "invalid_api_key",
             )
             return
+        self.state.last_request_at = time.time()  # held ones too: the tenant is in use
         limit = self.state.max_body or self.settings.max_body_bytes
         length = content_length(scope)
         if length is not None and length > limit:
