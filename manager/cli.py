@@ -350,7 +350,7 @@ def _print_tenants(tenants: list[dict[str, Any]]) -> None:
         header += ["SLEEP", "LAST REQUEST (UTC)"]
         for row, t in zip(rows, tenants, strict=True):
             at = t.get("last_request_at")
-            row += [sleep_summary(t), time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(at)) if at else "-"]
+            row[-1:-1] = [sleep_summary(t), time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(at)) if at else "-"]
     print(_table(rows, [*header, "REASON"]))
 
 

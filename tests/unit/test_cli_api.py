@@ -119,6 +119,10 @@ def test_idle_sleep_is_set_as_a_duration_and_listed(api: cli.Api, capsys: pytest
     header, *rows = out.splitlines()
     assert "SLEEP" in header and "LAST REQUEST (UTC)" in header
     assert "after 10m" in next(r for r in rows if r.startswith("nap "))
+    columns = header.split()
+    assert columns.index("SLEEP") < columns.index("REASON"), "the reason stays last"
+    nap_row = next(r for r in rows if r.startswith("nap "))
+    assert nap_row.index("after 10m") == header.index("SLEEP"), "each value under its own heading"
     with pytest.raises(SystemExit) as usage:  # argparse's own usage error, as for any bad option
         manager(api, capsys, "update-tenant", "--name", "nap", "--idle-sleep", "soon")
     assert usage.value.code == 2 and "expected a duration such as 15s, 10m or 2h" in capsys.readouterr().err
