@@ -515,9 +515,16 @@ class Proxy:
                 return
             if path in SALTED_PATHS:
                 body = with_field(body, payload, "cache_salt", cache_salt(self.settings.tenant, key))
-            if self.image_slots is not None and count_images(payload):
-                await self._with_image_slot(method, path, receive, send, key, body, payload)
+        # asleep or waking: the request waits here, checked but not yet admitted (no quota counts
+        # it) and holding no image slot (another image request then waits in the hold, not for it)
+        if self.state.hold.on:
+            held = await self.state.hold.wait()
+            if held is not Held.RELEASED:
+                await self._waking(send, path, held)
                 return
+        if self.image_slots is not None and count_images(payload):
+            await self._with_image_slot(method, path, receive, send, key, body, payload)
+            return
         await self._admit_and_forward(method, path, receive, send, key, body, payload)
 
     async def _with_image_slot(
@@ -573,11 +580,6 @@ class Proxy:
     async def _admit_and_forward(
         self, method: str, path: str, receive: Receive, send: Send, key: KeyEntry, body: bytes, payload: dict[str, Any]
     ) -> None:
-        if self.state.hold.on:  # asleep or waking: wait, not yet admitted (no quota counts it)
-            held = await self.state.hold.wait()
-            if held is not Held.RELEASED:
-                await self._waking(send, path, held)
-                return
         if self.state.unwritten and not self.state.flush():
             await self._spool_full(send, path)
             return

@@ -150,3 +150,30 @@ async def test_a_hold_lifted_between_the_look_and_the_wait_does_not_strand_the_r
     # the race: the proxy saw ``on``, the hold is lifted, then the request starts waiting
     hold.set(False, 5.0, 8)
     assert await asyncio.wait_for(hold.wait(), 1.0) is Held.RELEASED and hold.waiting == 0
+
+
+async def test_held_image_requests_hold_no_image_slot(tmp_path: Path) -> None:
+    """cpu mode: one image request at a time goes to the engine. Two held ones both wait for the
+    wake, not the second for the first's slot (it would get a 503 after the body timeout)."""
+    import base64
+    import struct
+
+    header = b"\x89PNG\r\n\x1a\n" + struct.pack(">I4sII", 13, b"IHDR", 32, 32) + bytes(20)  # its size, read at the door
+    state = GatewayState(GatewayStore(tmp_path / "gw.db"))
+    issued = keys.issue()
+    state.apply(config(issued, hold=True, hold_timeout_s=10))
+    settings = GatewaySettings(image_requests=1, body_idle_timeout_s=0.3, max_images=4)
+    proxy = Proxy(settings, state, transport=httpx.MockTransport(upstream))
+    client = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=proxy),
+        base_url="http://gw",
+        headers={"Authorization": f"Bearer {issued.secret_key}"},
+        timeout=30,
+    )
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(header).decode()}}
+    body = {**CHAT, "messages": [{"role": "user", "content": [image, {"type": "text", "text": "what?"}]}]}
+    tasks = [asyncio.create_task(client.post("/v1/chat/completions", json=body)) for _ in range(2)]
+    await until(lambda: state.hold.waiting == 2, "both held")
+    await asyncio.sleep(0.5)  # longer than the image slot's wait
+    state.apply(config(issued, hold=False))
+    assert [r.status_code for r in await asyncio.gather(*tasks)] == [200, 200]
