@@ -132,6 +132,37 @@ def baseline(client: docker.DockerClient, settings: Settings, instance: str) -> 
         client.volumes.get(plan.mounts[0].source).remove(force=True)
 
 
+def bench_settings(instance: str, models: Path) -> Settings:
+    """A benchmark's own manager: cpu mode on loopback, a throwaway state directory."""
+    return Settings(
+        gpu_mode="cpu",
+        instance=instance,
+        state_dir=Path("/tmp") / instance,  # noqa: S108 - a throwaway state dir for this run
+        models_source=str(models),
+        models_dir=models,
+        api_host="127.0.0.1",
+        api_port=free_port(),
+        admin_token=TOKEN,
+        tenant_bind_address="127.0.0.1",
+        reconcile_interval_s=3.0,
+        usage_interval_s=2.0,
+    )
+
+
+def serve_manager(settings: Settings) -> tuple[uvicorn.Server, httpx.Client]:
+    """The manager's app on a thread of its own, and an admin client of its API."""
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host="127.0.0.1", port=settings.api_port, log_level="warning")
+    )
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    api = httpx.Client(
+        base_url=f"http://127.0.0.1:{settings.api_port}", timeout=120, headers={"Authorization": f"Bearer {TOKEN}"}
+    )
+    return server, api
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--starts", type=int, default=10)
@@ -145,20 +176,7 @@ def main() -> int:
     client = docker.from_env()
     instance = "gtmbench" + secrets.token_hex(3)
     cold_direct: float | None = None
-    state = Path("/tmp") / instance  # noqa: S108 - a throwaway state dir for this run
-    settings = Settings(
-        gpu_mode="cpu",
-        instance=instance,
-        state_dir=state,
-        models_source=str(args.models),
-        models_dir=args.models,
-        api_host="127.0.0.1",
-        api_port=free_port(),
-        admin_token=TOKEN,
-        tenant_bind_address="127.0.0.1",
-        reconcile_interval_s=3.0,
-        usage_interval_s=2.0,
-    )
+    settings = bench_settings(instance, args.models)
     if args.cold:
         drop_page_cache()
         try:
@@ -171,15 +189,7 @@ def main() -> int:
             flush=True,
         )
         drop_page_cache()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=settings.api_port, log_level="warning")
-    )
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    api = httpx.Client(
-        base_url=f"http://127.0.0.1:{settings.api_port}", timeout=120, headers={"Authorization": f"Bearer {TOKEN}"}
-    )
+    server, api = serve_manager(settings)
     stop = threading.Event()
     results: list[dict[str, Any]] = []
     try:

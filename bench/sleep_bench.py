@@ -19,17 +19,13 @@ from __future__ import annotations
 import argparse
 import secrets
 import statistics
-import threading
 import time
 from pathlib import Path
 
 import docker
 import httpx
-import uvicorn
 
-from bench.engine_starts import CHAT, TOKEN, cleanup, first_answer, free_port
-from manager.settings import Settings
-from manager.wiring import create_app
+from bench.engine_starts import CHAT, bench_settings, cleanup, first_answer, free_port, serve_manager
 
 
 def wait_status(api: httpx.Client, name: str, status: str, timeout: float = 300) -> None:
@@ -48,28 +44,7 @@ def main() -> int:
     args = parser.parse_args()
     client = docker.from_env()
     instance = "gtmbench" + secrets.token_hex(3)
-    settings = Settings(
-        gpu_mode="cpu",
-        instance=instance,
-        state_dir=Path("/tmp") / instance,  # noqa: S108 - a throwaway state dir for this run
-        models_source=str(args.models),
-        models_dir=args.models,
-        api_host="127.0.0.1",
-        api_port=free_port(),
-        admin_token=TOKEN,
-        tenant_bind_address="127.0.0.1",
-        reconcile_interval_s=3.0,
-        usage_interval_s=2.0,
-    )
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=settings.api_port, log_level="warning")
-    )
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    api = httpx.Client(
-        base_url=f"http://127.0.0.1:{settings.api_port}", timeout=120, headers={"Authorization": f"Bearer {TOKEN}"}
-    )
+    server, api = serve_manager(bench_settings(instance, args.models))
     cold: list[float] = []
     wakes: list[float] = []
     try:

@@ -17,6 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from manager.domain import Quotas
 
+HOLD_TIMEOUT_S, MAX_WAITING = 300.0, 64
+"""How long a request held for a sleeping tenant waits at most, and how many are held at most:
+the defaults of the host's ``GTM_WAKE_TIMEOUT_S`` and ``GTM_MAX_WAITING``."""
+
 
 class Contract(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
@@ -69,8 +73,8 @@ class GatewayConfig(Contract):
     hold: bool = False
     """The tenant is asleep or waking: requests wait at the gateway (at most ``max_waiting`` of
     them, each for at most ``hold_timeout_s``) until a config without ``hold`` arrives."""
-    hold_timeout_s: float = 300.0
-    max_waiting: int = 64
+    hold_timeout_s: float = HOLD_TIMEOUT_S
+    max_waiting: int = MAX_WAITING
 
 
 class GatewayActivity(Contract):

@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 from pydantic import BeforeValidator, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from manager.contract import HOLD_TIMEOUT_S, MAX_WAITING
 from manager.sizes import parse_size
 
 Size = Annotated[int, BeforeValidator(parse_size)]
@@ -60,9 +61,9 @@ class Settings(BaseSettings):
     usage_interval_s: float = 15.0
     sleep_check_s: float = 1.0
     """How often the sleeper reads the activity of tenants that may sleep or sleep (control.sleeper)."""
-    wake_timeout_s: float = Field(300.0, gt=0)
+    wake_timeout_s: float = Field(HOLD_TIMEOUT_S, gt=0)
     """How long a request that found its tenant asleep waits for the wake before a 503."""
-    max_waiting: int = Field(64, ge=1)
+    max_waiting: int = Field(MAX_WAITING, ge=1)
     """Requests a sleeping or waking tenant's gateway holds at most; more get a 503 at once."""
     orphan_grace_s: float = 300.0
     engine_start_timeout_s: float = 900.0

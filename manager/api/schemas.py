@@ -98,7 +98,19 @@ class EngineOptionFields(Strict):
     )
 
 
-class TenantCreate(QuotaFields, EngineOptionFields):
+class SleepFields(Strict):
+    """Sleeping when idle (``control.sleeper``); null: unchanged on update."""
+
+    idle_sleep_s: float | None = Field(
+        None,
+        ge=0,
+        le=MAX_IDLE_SLEEP_S,
+        description=f"after this many seconds without a request the tenant sleeps: its engine stops, and the "
+        f"next request starts it again (held meanwhile); at least {MIN_IDLE_SLEEP_S:.0f}; 0: never (the default)",
+    )
+
+
+class TenantCreate(QuotaFields, EngineOptionFields, SleepFields):
     name: str = Field(
         description="2-32 lowercase letters, digits and '-', starting with a letter", json_schema_extra=NAME_SCHEMA
     )
@@ -109,13 +121,6 @@ class TenantCreate(QuotaFields, EngineOptionFields):
     quantization: str | None = Field(None, max_length=64)
     shm_size: Size | None = None
     max_body: Size | None = Field(None, description=MAX_BODY_TEXT)
-    idle_sleep_s: float | None = Field(
-        None,
-        ge=0,
-        le=MAX_IDLE_SLEEP_S,
-        description=f"after this many seconds without a request the tenant sleeps: its engine stops, and the "
-        f"next request starts it again (held meanwhile); at least {MIN_IDLE_SLEEP_S:.0f}; 0: never (the default)",
-    )
     gpu: str | None = Field(
         None,
         max_length=64,
@@ -124,7 +129,7 @@ class TenantCreate(QuotaFields, EngineOptionFields):
     )
 
 
-class TenantUpdate(QuotaFields, EngineOptionFields):
+class TenantUpdate(QuotaFields, EngineOptionFields, SleepFields):
     gpu_memory: Size | None = None
     port: Port | None = None
     model: str | None = Field(None, max_length=200)
@@ -132,13 +137,6 @@ class TenantUpdate(QuotaFields, EngineOptionFields):
     quantization: str | None = Field(None, max_length=64)
     shm_size: Size | None = None
     max_body: Size | None = Field(None, description=MAX_BODY_TEXT)
-    idle_sleep_s: float | None = Field(
-        None,
-        ge=0,
-        le=MAX_IDLE_SLEEP_S,
-        description=f"after this many seconds without a request the tenant sleeps: its engine stops, and the "
-        f"next request starts it again (held meanwhile); at least {MIN_IDLE_SLEEP_S:.0f}; 0: never (the default)",
-    )
     gpu: str | None = Field(
         None,
         max_length=64,

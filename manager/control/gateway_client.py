@@ -13,6 +13,8 @@ import httpx
 from pydantic import ValidationError
 
 from manager.contract import (
+    HOLD_TIMEOUT_S,
+    MAX_WAITING,
     Contract,
     GatewayActivity,
     GatewayConfig,
@@ -33,7 +35,7 @@ HOLDING = frozenset({TenantStatus.ASLEEP, TenantStatus.WAKING})
 
 
 def desired_config(
-    store: TenantStore, tenant: str, hold_timeout_s: float = 300.0, max_waiting: int = 64
+    store: TenantStore, tenant: str, hold_timeout_s: float = HOLD_TIMEOUT_S, max_waiting: int = MAX_WAITING
 ) -> GatewayConfig:
     """Key hashes (active or in their grace period) with their members, the tenant's and each
     member's limits, and the engine's context length (a request's prompt plus completion never
@@ -125,7 +127,11 @@ class GatewayClient:
 
 
 def push_config(
-    store: TenantStore, tenant: str, gw: GatewayAdmin, hold_timeout_s: float = 300.0, max_waiting: int = 64
+    store: TenantStore,
+    tenant: str,
+    gw: GatewayAdmin,
+    hold_timeout_s: float = HOLD_TIMEOUT_S,
+    max_waiting: int = MAX_WAITING,
 ) -> bool:
     """Level-triggered: pushes the desired config when the gateway's version differs. True if pushed."""
     config = desired_config(store, tenant, hold_timeout_s, max_waiting)

@@ -327,8 +327,10 @@ class Reconciler:
                 if not gateway_ready:
                     self._set_status(row, TenantStatus.STARTING, "engine ready; gateway starting")
                     return POLL_STARTING_S
-                took = self.store.woke(name, self.clock())
-                if took is not None:  # it was waking: its gateway releases what it held, now
+                # it was waking (the sleeper moves only a tenant with no engine to waking): its
+                # gateway releases what it held, now
+                took = self.store.woke(name, self.clock()) if row.status == TenantStatus.WAKING else None
+                if took is not None:
                     self.wake_times.append(took)
                     log.info("tenant %s woke in %.1f s", name, took)
                     self._ensure_gateway(self.store.tenant(name), plan.gateway, gateway)

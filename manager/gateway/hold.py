@@ -11,6 +11,8 @@ import asyncio
 from collections import deque
 from enum import Enum
 
+from manager.contract import HOLD_TIMEOUT_S, MAX_WAITING
+
 
 class Held(Enum):
     RELEASED = "released"
@@ -26,8 +28,8 @@ def _release(future: asyncio.Future[None]) -> None:
 class Hold:
     def __init__(self) -> None:
         self.on = False
-        self.timeout_s = 300.0
-        self.max_waiting = 64
+        self.timeout_s = HOLD_TIMEOUT_S
+        self.max_waiting = MAX_WAITING
         self._waiting: deque[asyncio.Future[None]] = deque()
 
     @property

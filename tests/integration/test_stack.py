@@ -17,6 +17,7 @@ project, names, volumes and ports.
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import json
 import os
@@ -60,12 +61,16 @@ class Stack:
     def vision_port(self) -> int:
         return int(self.env["GTM_DEMO_VL_PORT"])
 
+    @functools.cached_property
+    def admin_token(self) -> str:
+        """Where the README says to find it (read once: it stays for the stack's life)."""
+        return dexec(self.manager, "cat", "/var/lib/gtm/admin-token").stdout.strip()
+
     def api(self) -> httpx.Client:
-        """The admin REST API on the console's port, with the token the README says where to find."""
-        token = dexec(self.manager, "cat", "/var/lib/gtm/admin-token").stdout.strip()
+        """The admin REST API on the console's port."""
         return httpx.Client(
             base_url=f"http://127.0.0.1:{self.env['GTM_CONSOLE_PORT']}",
-            headers={"Authorization": f"Bearer {token}"},
+            headers={"Authorization": f"Bearer {self.admin_token}"},
             timeout=120,
         )
 
