@@ -139,6 +139,12 @@ def _engine_options(p: argparse.ArgumentParser, required: bool) -> None:
         help="after this long without a request the tenant sleeps (its engine stops; the next request starts it "
         "again and waits meanwhile), e.g. 15s, 10m, 2h; 0: never (the default)",
     )
+    p.add_argument(
+        "--always-on",
+        action=argparse.BooleanOptionalAction,
+        help="never put it to sleep: neither when idle nor, on a host with GTM_OVERCOMMIT, to make room for "
+        "another tenant's wake (default: off)",
+    )
 
 
 def _member_parser(
@@ -336,7 +342,7 @@ def _print_tenants(tenants: list[dict[str, Any]]) -> None:
             str(t.get("tokens_today", 0)),
             engine_options(t),
             t["status"],
-            t["reason"][:60],
+            ("cannot wake: " + t["wake_refusal"] if t.get("wake_refusal") else t["reason"])[:60],
         ]
         for t in tenants
     ]
@@ -346,7 +352,7 @@ def _print_tenants(tenants: list[dict[str, Any]]) -> None:
         header.insert(3, "DEVICE")
         for row, t in zip(rows, tenants, strict=True):
             row.insert(3, t.get("device") or "first")
-    if any(t.get("idle_sleep_s") or t.get("sleeps") for t in tenants):  # some sleep when idle
+    if any(t.get("idle_sleep_s") or t.get("sleeps") or t.get("always_on") for t in tenants):  # some sleep
         header += ["SLEEP", "LAST REQUEST (UTC)"]
         for row, t in zip(rows, tenants, strict=True):
             at = t.get("last_request_at")
@@ -364,7 +370,7 @@ def _seconds(value: float) -> str:
 def sleep_summary(t: dict[str, Any]) -> str:
     """When a tenant sleeps and how its wakes went: ``after 15s, 2 sleeps, 2 wakes (last 31.2 s)``."""
     idle = t.get("idle_sleep_s")
-    parts = [f"after {_seconds(idle)}" if idle else "never"]
+    parts = ["always on" if t.get("always_on") else f"after {_seconds(idle)}" if idle else "never"]
     if t.get("sleeps"):
         parts.append(f"{t['sleeps']} sleeps, {t.get('wakes', 0)} wakes")
         if t.get("last_wake_s") is not None:
@@ -460,6 +466,7 @@ def _engine_body(args: argparse.Namespace) -> dict[str, Any]:
         "shm_size",
         "max_body",
         "idle_sleep_s",
+        "always_on",
         *ENGINE_OPTIONS,
     )
     body = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}

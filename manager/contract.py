@@ -75,6 +75,9 @@ class GatewayConfig(Contract):
     them, each for at most ``hold_timeout_s``) until a config without ``hold`` arrives."""
     hold_timeout_s: float = HOLD_TIMEOUT_S
     max_waiting: int = MAX_WAITING
+    hold_refusal: str = ""
+    """While holding: the tenant cannot wake now, and this says why with the numbers (nothing can
+    be put to sleep to make room for it). Requests get a 503 with it at once instead of waiting."""
 
 
 class GatewayActivity(Contract):

@@ -153,6 +153,10 @@ def check_bounds(spec: TenantSpec) -> None:
             f"idle sleep must be between {MIN_IDLE_SLEEP_S:.0f} s and {MAX_IDLE_SLEEP_S / 86400:.0f} days "
             f"(or 0 for never), got {spec.idle_sleep_s:g} s"
         )
+    if spec.always_on and spec.idle_sleep_s is not None:
+        raise InvalidInput(
+            "a tenant that is always on never sleeps: drop --idle-sleep (or set it to 0), or drop --always-on"
+        )
     for label, size in (("gpu memory", spec.gpu_memory), ("shm size", spec.shm_size)):
         if not 1 <= size <= MAX_SIZE:
             raise InvalidInput(f"{label} must be between 1 byte and {format_size(MAX_SIZE)}, got {size}")
@@ -187,6 +191,9 @@ class TenantSpec:
     idle_sleep_s: float | None = None
     """After this long without a request the tenant sleeps: its engine stops, and the next request
     starts it again (held by the gateway meanwhile). None: it never sleeps."""
+    always_on: bool = False
+    """Never put to sleep, neither when idle nor (on a host with ``GTM_OVERCOMMIT``) to make room
+    for another tenant's wake: its reservation is always counted."""
 
     def options(self) -> dict[str, object]:
         """The image limits and engine options (``ENGINE_OPTIONS``) with their values."""
@@ -195,7 +202,7 @@ class TenantSpec:
     def engine_hash(self) -> str:
         engine_fields = asdict(self)
         # max_image_pixels stays: in cpu mode the engine's memory holds the decode of its images
-        for gateway_only in ("quotas", "port", "max_body", "idle_sleep_s"):
+        for gateway_only in ("quotas", "port", "max_body", "idle_sleep_s", "always_on"):
             engine_fields.pop(gateway_only)
         raw = json.dumps(engine_fields, sort_keys=True).encode()
         return hashlib.sha256(raw).hexdigest()[:16]

@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     """How long a request that found its tenant asleep waits for the wake before a 503."""
     max_waiting: int = Field(MAX_WAITING, ge=1)
     """Requests a sleeping or waking tenant's gateway holds at most; more get a 503 at once."""
+    overcommit: bool = False
+    """Admission and wakes count only awake tenants' reservations (control.overcommit): more tenants
+    than fit awake, a wake putting the least recently used idle ones to sleep first."""
     orphan_grace_s: float = 300.0
     engine_start_timeout_s: float = 900.0
 

@@ -80,6 +80,7 @@ def create_tenant(body: TenantCreate, svc: Service, actor: Admin) -> TenantCreat
         shm_size=body.shm_size,
         max_body=body.max_body,
         idle_sleep_s=body.idle_sleep_s,
+        always_on=bool(body.always_on),
         quotas=Quotas(**{f: getattr(body, f) for f in QUOTA_FIELDS}),
         **{f: getattr(body, f) for f in ENGINE_OPTIONS},
     )
@@ -283,6 +284,17 @@ def cost(
     _: Admin,
     month: Annotated[str, Query(pattern=r"^\d{4}-(0[1-9]|1[0-2])$", description="YYYY-MM")],
     total: Annotated[float, Query(ge=0, le=1e12, allow_inf_nan=False, description="the month's host cost")],
+    asleep_rate: Annotated[
+        float | None,
+        Query(
+            ge=0,
+            le=1,
+            allow_inf_nan=False,
+            description="what an asleep GiB-hour costs as a fraction of an awake one; default: what a sleeper "
+            "keeps of its reservation (0: its engine is stopped)",
+        ),
+    ] = None,
 ) -> list[Share]:
-    """The month's cost split by reserved memory-hours and by tokens (the console's CSV, as JSON)."""
-    return svc.cost(month, total)
+    """The month's cost split by reserved memory-hours (asleep ones at their own rate) and by tokens
+    (the console's CSV, as JSON)."""
+    return svc.cost(month, total, asleep_rate)

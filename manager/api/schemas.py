@@ -108,6 +108,11 @@ class SleepFields(Strict):
         description=f"after this many seconds without a request the tenant sleeps: its engine stops, and the "
         f"next request starts it again (held meanwhile); at least {MIN_IDLE_SLEEP_S:.0f}; 0: never (the default)",
     )
+    always_on: bool | None = Field(
+        None,
+        description="never put to sleep: neither when idle nor, on a host with GTM_OVERCOMMIT, to make room for "
+        "another tenant's wake (default: false)",
+    )
 
 
 class TenantCreate(QuotaFields, EngineOptionFields, SleepFields):
@@ -181,6 +186,10 @@ class TenantPublic(BaseModel):
     max_num_seqs: int | None
     quotas: Quotas
     idle_sleep_s: float | None = Field(None, description="seconds without a request before it sleeps; null: never")
+    always_on: bool = Field(False, description="never put to sleep (when idle or by overcommit)")
+    wake_refusal: str = Field(
+        "", description="asleep: why it cannot wake now, with the numbers (overcommit: nothing can sleep to make room)"
+    )
     last_request_at: float | None = Field(None, description="when its gateway last took a request, as last read")
     sleeps: int = Field(0, description="times it went to sleep")
     wakes: int = Field(0, description="times a request woke it")
@@ -223,6 +232,8 @@ class TenantPublic(BaseModel):
             **s.options(),
             quotas=Quotas(**s.quotas.__dict__),
             idle_sleep_s=s.idle_sleep_s,
+            always_on=s.always_on,
+            wake_refusal=row.sleep.wake_refusal,
             last_request_at=row.sleep.last_request_at,
             sleeps=row.sleep.sleeps,
             wakes=row.sleep.wakes,
@@ -245,6 +256,11 @@ class DecisionPublic(BaseModel):
     messages: list[str]
     numbers: dict[str, int | None]
     device: str = Field("", description="the device the numbers are of (on a host with several, or --gpu)")
+    by_overcommit: bool = Field(
+        False,
+        description="it fits only while other tenants sleep (GTM_OVERCOMMIT): it starts asleep, and its first "
+        "request wakes it",
+    )
 
     @classmethod
     def of(cls, d: Decision) -> DecisionPublic:
@@ -254,6 +270,7 @@ class DecisionPublic(BaseModel):
             messages=list(d.messages),
             numbers=d.numbers,
             device=d.device,
+            by_overcommit=d.by_overcommit,
         )
 
 

@@ -530,12 +530,26 @@ def _month_and_cost(month: str | None, cost: str | None) -> tuple[str, float]:
     return month, total
 
 
+def _rate(asleep_rate: str | None) -> float | None:
+    """The asleep rate from the form: empty is the default (what a sleeper keeps)."""
+    try:
+        return float(asleep_rate) if asleep_rate else None
+    except ValueError as exc:
+        raise InvalidInput(
+            f"the asleep rate must be a number from 0 to 1 (a fraction of the awake rate), got {asleep_rate!r}"
+        ) from exc
+
+
 @router.get("/usage")
-def usage_page(request: Request, month: str | None = None, cost: str | None = None) -> HTMLResponse:
+def usage_page(
+    request: Request, month: str | None = None, cost: str | None = None, asleep_rate: str | None = None
+) -> HTMLResponse:
     session = current(request)
     month, total = _month_and_cost(month, cost)
     svc = svc_of(request)
-    return page(request, "usage.html", session, month=month, cost=total, shares=svc.cost(month, total))
+    rate = _rate(asleep_rate)
+    shares = svc.cost(month, total, rate)
+    return page(request, "usage.html", session, month=month, cost=total, asleep_rate=asleep_rate or "", shares=shares)
 
 
 def _iso(at: float | None) -> str:
@@ -543,10 +557,12 @@ def _iso(at: float | None) -> str:
 
 
 @router.get("/usage.csv")
-def usage_csv(request: Request, month: str | None = None, cost: str | None = None) -> Response:
+def usage_csv(
+    request: Request, month: str | None = None, cost: str | None = None, asleep_rate: str | None = None
+) -> Response:
     current(request)
     month, total = _month_and_cost(month, cost)
-    shares = svc_of(request).cost(month, total)
+    shares = svc_of(request).cost(month, total, _rate(asleep_rate))
     out = io.StringIO()
     writer = csv.writer(out)
     # one row per tenant (member empty), then one per member of it: the member's part of the
@@ -568,6 +584,8 @@ def usage_csv(request: Request, month: str | None = None, cost: str | None = Non
             "member_cost_by_requests",
             "added_at",
             "removed_at",
+            "gib_hours_awake",
+            "gib_hours_asleep",
         ]
     )
     for s in shares:
@@ -588,6 +606,8 @@ def usage_csv(request: Request, month: str | None = None, cost: str | None = Non
                 "",
                 _iso(s.added_at),
                 _iso(s.removed_at),
+                s.gib_hours_awake,
+                s.gib_hours_asleep,
             ]
         )
         for m in s.members:
@@ -608,6 +628,8 @@ def usage_csv(request: Request, month: str | None = None, cost: str | None = Non
                     m.cost_by_requests,
                     _iso(s.added_at),
                     _iso(s.removed_at),
+                    "",
+                    "",
                 ]
             )
     return Response(

@@ -46,6 +46,9 @@ class AdmissionInput:
     """Tenants already on the device: each holds a process overhead beyond its reservation."""
     device: str = ""
     """The device, as a refusal names it (``GPU 1 (GPU-...)``); '' on a host with one."""
+    measure: bool = True
+    """False: the reservation is not taken now (overcommit admits a tenant asleep, to start on its
+    first request), so what the device measures free now does not decide."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,9 @@ class Decision:
     messages: tuple[str, ...]
     numbers: dict[str, int | None] = field(default_factory=dict)
     device: str = ""
+    by_overcommit: bool = False
+    """It fits only while other tenants sleep (``GTM_OVERCOMMIT``): the tenant starts asleep, and
+    its first request wakes it once the least recently used idle tenants are put to sleep."""
 
     @property
     def summary(self) -> str:
@@ -85,7 +91,7 @@ def decide(data: AdmissionInput) -> Decision:
 
     usable = data.measured_free + data.reclaimable - data.not_yet_taken_by_others
     needed = data.requested + data.process_overhead
-    if needed > usable:
+    if data.measure and needed > usable:
         failed.append("measured")
         messages.append(
             f"measured: {f(data.measured_free)} free now (used {f(data.measured_used)}), "
@@ -103,8 +109,8 @@ def decide(data: AdmissionInput) -> Decision:
 
     if not failed:
         messages.append(
-            f"{f(data.requested + data.process_overhead)} of {f(ledger_free)} unreserved; "
-            f"{f(usable - needed)} measured slack left"
+            f"{f(data.requested + data.process_overhead)} of {f(ledger_free)} unreserved"
+            + (f"; {f(usable - needed)} measured slack left" if data.measure else "")
         )
     numbers: dict[str, int | None] = {
         "requested": data.requested,

@@ -6,6 +6,11 @@ Reservations over time come from the store's typed reservation rows (written wit
 add-tenant, each update-tenant that changes the size and each remove-tenant, in the same
 transaction), so a tenant that was resized or removed mid-month pays for what it held, when it
 held it. A name removed and added again is two tenants (two incarnations), each with its own row.
+
+A tenant asleep (``TenantSpec.idle_sleep_s``, or put to sleep by overcommit) holds no engine: its
+asleep memory-hours are priced apart, at ``asleep_rate`` times an awake one's (the admin sets it).
+The default is what a sleeper keeps of the device, ``KEPT_ASLEEP`` of its reservation: nothing,
+as its engine is stopped. The same reservation rows say when it slept and woke.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from manager.control.storage import TenantStore
 from manager.errors import InvalidInput
 
 GIB = 1024**3
+KEPT_ASLEEP = 0.0
+"""What a sleeping tenant keeps of its reservation: its engine is stopped (every mode today)."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,7 @@ class MemberShare:
 class Share:
     tenant: str
     gib_hours: float
+    """What the memory share is of: awake GiB-hours plus asleep ones at the asleep rate."""
     tokens: int
     requests: int
     share_by_memory: float
@@ -49,6 +57,9 @@ class Share:
     added_at: float | None = None
     """When this tenant was added; a name removed and added again is two rows, one per life."""
     removed_at: float | None = None
+    gib_hours_awake: float = 0.0
+    gib_hours_asleep: float = 0.0
+    """Reserved GiB-hours while asleep, before the asleep rate."""
 
 
 def member_shares(usage: dict[str, UsageTotals], tenant_cost: float) -> list[MemberShare]:
@@ -90,30 +101,33 @@ class Incarnation:
     tenant: str
     added_at: float | None  # None: usage with no add in the audit trail (a database older than it)
     removed_at: float | None = None
-    spans: list[tuple[float, float, int]] = field(default_factory=list)  # (start, end, bytes)
+    spans: list[tuple[float, float, int, bool]] = field(default_factory=list)  # (start, end, bytes, asleep)
 
 
 def incarnations(reservations: list[ReservationRow], now: float) -> list[Incarnation]:
-    """Every tenant's lives, oldest first, each with a span per constant size."""
+    """Every tenant's lives, oldest first, each with a span per constant size and state (awake or asleep)."""
     out: list[Incarnation] = []
-    current: dict[str, tuple[Incarnation, float, int]] = {}
+    current: dict[str, tuple[Incarnation, float, int, bool]] = {}
     for row in reservations:  # oldest first
         held = current.get(row.tenant)
         if row.event == ReservationEvent.ADD:
             if held:  # an add while alive cannot happen; if it did, the older life ends here
-                held[0].spans.append((held[1], row.at, held[2]))
+                held[0].spans.append((held[1], row.at, held[2], held[3]))
             life = Incarnation(row.tenant, row.at)
             out.append(life)
-            current[row.tenant] = (life, row.at, row.gpu_memory)
-        elif row.event == ReservationEvent.RESIZE and held:
-            held[0].spans.append((held[1], row.at, held[2]))
-            current[row.tenant] = (held[0], row.at, row.gpu_memory)
+            current[row.tenant] = (life, row.at, row.gpu_memory, False)
+        elif held and row.event in (ReservationEvent.RESIZE, ReservationEvent.SLEEP, ReservationEvent.WAKE):
+            life, start, _, asleep = held
+            life.spans.append((start, row.at, held[2], asleep))
+            if row.event != ReservationEvent.RESIZE:
+                asleep = row.event == ReservationEvent.SLEEP
+            current[row.tenant] = (life, row.at, row.gpu_memory, asleep)
         elif row.event == ReservationEvent.REMOVE and held:
-            held[0].spans.append((held[1], row.at, held[2]))
+            held[0].spans.append((held[1], row.at, held[2], held[3]))
             held[0].removed_at = row.at
             del current[row.tenant]
-    for life, start, size in current.values():
-        life.spans.append((start, now, size))
+    for life, start, size, asleep in current.values():
+        life.spans.append((start, now, size, asleep))
     return out
 
 
@@ -128,27 +142,37 @@ def _usage_windows(lives: list[Incarnation]) -> list[tuple[Incarnation, float, f
     return windows
 
 
-def split(month: str, total_cost: float, store: TenantStore, now: float) -> list[Share]:
+def split(
+    month: str, total_cost: float, store: TenantStore, now: float, asleep_rate: float | None = None
+) -> list[Share]:
+    """``asleep_rate``: what an asleep GiB-hour costs, as a fraction of an awake one (0 to 1);
+    None: what a sleeper keeps (``KEPT_ASLEEP``)."""
     if total_cost < 0:
         raise InvalidInput("the month's cost must be 0 or more")
+    rate = KEPT_ASLEEP if asleep_rate is None else asleep_rate
+    if not 0.0 <= rate <= 1.0:
+        raise InvalidInput(f"the asleep rate is a fraction of the awake one, from 0 to 1; got {rate:g}")
     start, end = month_bounds(month)
     lives: dict[str, list[Incarnation]] = {}
     for life in incarnations(store.reservations(), now):
         lives.setdefault(life.tenant, []).append(life)
     for tenant in store.usage_tenants(start, end):
         lives.setdefault(tenant, [Incarnation(tenant, None)])
-    rows: list[tuple[Incarnation, float, dict[str, UsageTotals]]] = []
+    rows: list[tuple[Incarnation, tuple[float, float], dict[str, UsageTotals]]] = []
     for tenant in sorted(lives):
         for life, since, until in _usage_windows(lives[tenant]):
-            hours = sum(max(min(b, end) - max(a, start), 0.0) / 3600 * size / GIB for a, b, size in life.spans)
+            hours = {False: 0.0, True: 0.0}
+            for a, b, size, asleep in life.spans:
+                hours[asleep] += max(min(b, end) - max(a, start), 0.0) / 3600 * size / GIB
             lo, hi = max(since, start), end if until is None else min(until, end)
             by_member = store.usage_by_member(tenant, lo, hi) if hi > lo else {}
-            if hours > 0 or by_member:
-                rows.append((life, hours, by_member))
-    total_hours = sum(hours for _, hours, _ in rows)
+            if hours[False] + hours[True] > 0 or by_member:
+                rows.append((life, (hours[False], hours[True]), by_member))
+    priced = [awake + rate * asleep for _, (awake, asleep), _ in rows]
+    total_hours = sum(priced)
     total_tokens = sum(u.tokens for _, _, m in rows for u in m.values())
     shares = []
-    for life, hours, by_member in rows:
+    for (life, (awake, asleep), by_member), hours in zip(rows, priced, strict=True):
         usage = sum(by_member.values(), UsageTotals(0, 0, 0))
         mem = hours / total_hours if total_hours else 0.0
         tok = usage.tokens / total_tokens if total_tokens else 0.0
@@ -165,6 +189,8 @@ def split(month: str, total_cost: float, store: TenantStore, now: float) -> list
                 member_shares(by_member, round(mem * total_cost, 2)),
                 life.added_at,
                 life.removed_at,
+                round(awake, 4),
+                round(asleep, 4),
             )
         )
     return shares

@@ -57,6 +57,7 @@ def desired_config(
         max_images=row.spec.max_images,
         max_image_pixels=row.spec.max_image_pixels,
         hold=row.status in HOLDING,
+        hold_refusal=row.sleep.wake_refusal if row.status == TenantStatus.ASLEEP else "",
         hold_timeout_s=hold_timeout_s,
         max_waiting=max_waiting,
     )

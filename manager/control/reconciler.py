@@ -107,7 +107,7 @@ class Reconciler:
         self._orphans_seen: dict[str, float] = {}
         self.warmer = PageCacheWarmer(settings, runtime)
         self.collector = UsageCollector(settings, store, runtime, connect)
-        self.sleeper = Sleeper(settings, store, runtime, connect, self.enqueue, clock)
+        self.sleeper = Sleeper(settings, store, runtime, connect, self.enqueue, inventory, clock)
         self.wake_times: list[float] = []
         """Seconds each wake of this process took, from the request that found its tenant asleep
         to its engine serving (exported as p50/p99)."""
@@ -396,6 +396,10 @@ class Reconciler:
             else:
                 self._set_status(row, TenantStatus.PENDING, f"waiting for {holder}'s engine to finish starting")
                 return POLL_STARTING_S
+        stopping = self._put_to_sleep(row) if self.settings.overcommit else None
+        if stopping:  # overcommit: the room this start was given is freed once their engines are gone
+            self._set_status(row, TenantStatus.PENDING, f"waiting for the engine of {stopping}, put to sleep, to stop")
+            return POLL_STARTING_S
         if self.settings.gpu_mode == "cpu" and not self.warmer.ready(row.spec.model):
             self._gate = (name, self.clock())  # no other engine starts while this cache warms
             self._set_status(row, TenantStatus.STARTING, "reading the engine image and model into the page cache")
@@ -408,6 +412,19 @@ class Reconciler:
             self._restarted[name] = f"engine restarted after it failed: {now_row.reason}"[:500]
         self._set_status(row, TenantStatus.STARTING, self._restarted.get(name, ""))
         return POLL_STARTING_S
+
+    def _put_to_sleep(self, row: TenantRow) -> str | None:
+        """An asleep tenant on the same device whose engine is still there (being drained), if any."""
+        here = placed_on(row.device, self.inventory.devices())
+        asleep = set()
+        for other in self.store.tenants():
+            placed = placed_on(other.device, self.inventory.devices())
+            if other.status == TenantStatus.ASLEEP and here and placed and placed.uuid == here.uuid:
+                asleep.add(other.spec.name)
+        if not asleep:
+            return None
+        engines = self.runtime.containers(names.selector(self.settings.instance, role=Role.ENGINE.value))
+        return next((c.tenant for c in engines if c.tenant in asleep), None)
 
     def _prepare(self, row: TenantRow) -> None:
         """Gives the tenant's volume to the engine's user, once per manager process (it is idempotent;

@@ -23,6 +23,9 @@ class SleepState:
     """When its current or last wake began (a request found it asleep)."""
     last_wake_s: float | None = None
     """How long its last wake took: from the request that found it asleep to its engine serving."""
+    wake_refusal: str = ""
+    """Why it cannot wake now, with the numbers (overcommit: nothing can be put to sleep to make
+    room); '' when it can. Its gateway answers requests with it (a 503) until it is cleared."""
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,10 @@ class ReservationEvent(StrEnum):
     ADD = "add"
     RESIZE = "resize"
     REMOVE = "remove"
+    SLEEP = "sleep"
+    """Its engine stops: from here the reservation is priced at the asleep rate (``costs``)."""
+    WAKE = "wake"
+    """A request found it asleep: from here it holds its reservation again."""
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,6 +24,7 @@ from manager.control.modelfit import (
     read_config,
     takes_images,
 )
+from manager.control.overcommit import counted_beside, resident
 from manager.control.plan import docker_words, port_probe_plan, port_taken
 from manager.control.quant import checkpoint_method, resolve
 from manager.control.reconciler import Reconciler
@@ -131,6 +132,16 @@ class Created:
     decision: Decision
 
 
+ASLEEP_BY_OVERCOMMIT = (
+    "admitted by overcommit: it starts on its first request, once idle tenants are put to sleep to make room"
+)
+
+
+def _admitted_asleep(decision: Decision) -> dict[str, Any]:
+    """A tenant that fits only by overcommit is created asleep: its first request wakes it."""
+    return {"status": TenantStatus.ASLEEP, "reason": ASLEEP_BY_OVERCOMMIT} if decision.by_overcommit else {}
+
+
 def chosen_options(options: dict[str, object]) -> dict[str, object]:
     """The image limits and engine options given (None: not given); ``max_num_seqs`` 0 is vLLM's default."""
     unknown = set(options) - set(ENGINE_OPTIONS)
@@ -206,9 +217,10 @@ class TenantService:
         """An audit row for an event that changes no state (a console login)."""
         self.store.audit(actor, action, None, result, detail)
 
-    def cost(self, month: str, total: float) -> list[Share]:
-        """The month's cost split between tenants, and inside each between its members."""
-        return split(month, total, self.store, self.clock())
+    def cost(self, month: str, total: float, asleep_rate: float | None = None) -> list[Share]:
+        """The month's cost split between tenants, and inside each between its members; asleep
+        memory-hours at ``asleep_rate`` of an awake one's (None: what a sleeper keeps)."""
+        return split(month, total, self.store, self.clock(), asleep_rate)
 
     # ---------------------------------------------------------------- measuring
     def measured_use(self, only: str | None = None) -> dict[str, int | None]:
@@ -371,12 +383,15 @@ class TenantService:
         max_image_pixels: int | None = None,
         gpu: str | None = None,
         max_num_seqs: int | None = None,
+        always_on: bool = False,
     ) -> tuple[DeviceMemory | None, Decision]:
         """Where a new (or resized, ``tenant``) reservation goes and the decision that says so; creates
         nothing. Image limits left out are the tenant's own (a resize), else the model's defaults
         (what-if). The candidates: the device ``gpu``
         names (index or UUID); else a resized tenant's own device (tenants move only when the admin
-        says ``--gpu``); else every device, best fit first (``admission.place``)."""
+        says ``--gpu``); else every device, best fit first (``admission.place``). With overcommit, the
+        tenants awake now decide first; a reservation that fits only while others sleep comes back
+        ``by_overcommit``."""
         self.check_model_len(model, max_model_len)  # what-if says so too, before any number
         devices = self.inventory.devices()
         own = self.store.find_tenant(tenant) if tenant else None
@@ -395,28 +410,55 @@ class TenantService:
         measured = self.measured_use()
         least = self.model_minimum(model, max_model_len, quantized, max_images, max_image_pixels, max_num_seqs)
         overhead = self.process_overhead
-        inputs = []
-        for device in candidates:
-            here = [r for r in rows if _on(r, devices, device)]
-            inputs.append(
-                AdmissionInput(
-                    requested=requested,
-                    total=device.total,
-                    headroom=self.settings.headroom,
-                    reserved_by_others=sum(r.spec.gpu_memory for r in here),
-                    measured_free=device.free,
-                    measured_used=device.used,
-                    not_yet_taken_by_others=sum(self._not_taken(r, measured, overhead) for r in here),
-                    reclaimable=(measured.get(own.spec.name) or 0) if own and _on(own, devices, device) else 0,
-                    process_overhead=overhead,
-                    model_minimum=least,
-                    system_reserved=device.reserved,
-                    others=len(here),
-                    device=device_label(device) if len(devices) > 1 or gpu is not None else "",
-                )
+
+        def ledger(
+            device: DeviceMemory, counted: list[TenantRow], beside: tuple[int, int] | None = None
+        ) -> AdmissionInput:
+            """``counted``: the tenants whose reservations hold the device now; ``beside``: what
+            overcommit counts instead (bytes, engines), with nothing measured deciding."""
+            reserved, engines = beside or (sum(r.spec.gpu_memory for r in counted), len(counted))
+            return AdmissionInput(
+                requested=requested,
+                total=device.total,
+                headroom=self.settings.headroom,
+                reserved_by_others=reserved,
+                measured_free=device.free,
+                measured_used=device.used,
+                not_yet_taken_by_others=sum(self._not_taken(r, measured, overhead) for r in counted),
+                reclaimable=(measured.get(own.spec.name) or 0) if own and _on(own, devices, device) else 0,
+                process_overhead=overhead,
+                model_minimum=least,
+                system_reserved=device.reserved,
+                others=engines,
+                device=device_label(device) if len(devices) > 1 or gpu is not None else "",
+                measure=beside is None,
             )
-        index, decision = place(inputs)
-        return (candidates[index] if index is not None else None), decision
+
+        here = {d.uuid: [r for r in rows if _on(r, devices, d)] for d in candidates}
+        if not self.settings.overcommit:
+            index, decision = place([ledger(d, here[d.uuid]) for d in candidates])
+            return (candidates[index] if index is not None else None), decision
+        # overcommit: the tenants awake now, else (it starts asleep) every one that may sleep asleep
+        awake = [ledger(d, [r for r in here[d.uuid] if r.status != TenantStatus.ASLEEP]) for d in candidates]
+        index, decision = place(awake)
+        if index is not None:
+            return candidates[index], replace(decision, messages=("fits awake now", *decision.messages))
+        beside = [ledger(d, [], counted_beside([resident(r) for r in here[d.uuid]], always_on)) for d in candidates]
+        index, guaranteed = place(beside)
+        if index is None:
+            return None, replace(
+                guaranteed,
+                messages=("even with every tenant that may sleep asleep (overcommit):", *guaranteed.messages),
+            )
+        return candidates[index], replace(
+            guaranteed,
+            by_overcommit=True,
+            messages=(
+                "fits only by overcommit: it starts asleep, and its first request wakes it once the least "
+                f"recently used idle tenants are put to sleep (awake now: {decision.messages[-1]})",
+                *guaranteed.messages,
+            ),
+        )
 
     @staticmethod
     def _not_taken(row: TenantRow, measured: dict[str, int | None], overhead: int) -> int:
@@ -493,14 +535,23 @@ class TenantService:
                 max_image_pixels=spec.max_image_pixels,
                 gpu=gpu,
                 max_num_seqs=spec.max_num_seqs,
+                always_on=spec.always_on,
             )
             if device is None:
                 raise self._refuse(actor, "add-tenant", spec.name, decision)
             issued = keys.issue()
             now = self.clock()
             with self.store.transaction() as db:
-                self.store.insert_tenant(db, spec, gateway_token=secrets.token_urlsafe(32), device=device.uuid)
+                self.store.insert_tenant(
+                    db,
+                    spec,
+                    gateway_token=secrets.token_urlsafe(32),
+                    device=device.uuid,
+                    **_admitted_asleep(decision),
+                )
                 self.store.insert_reservation(db, spec.name, ReservationEvent.ADD, spec.gpu_memory, now)
+                if decision.by_overcommit:
+                    self.store.insert_reservation(db, spec.name, ReservationEvent.SLEEP, spec.gpu_memory, now)
                 # the first member, named like the tenant, holds the key add-tenant prints
                 self.store.insert_member(db, spec.name, spec.name, Quotas(), now)
                 self.store.insert_key(
@@ -518,6 +569,7 @@ class TenantService:
                         "member": spec.name,
                         "key_id": issued.id,
                         "device": device.uuid,
+                        "by_overcommit": decision.by_overcommit,
                         **decision.numbers,
                     },
                     tx=db,
@@ -540,6 +592,7 @@ class TenantService:
         quotas: dict[str, int | None] | None = None,
         gpu: str | None = None,
         idle_sleep_s: float | None = None,
+        always_on: bool | None = None,
         **options: object,
     ) -> TenantRow:
         """``options``: the image limits and engine options of ``ENGINE_OPTIONS`` (None leaves one as
@@ -564,6 +617,8 @@ class TenantService:
             changes.update(chosen_options(options))
             if idle_sleep_s is not None:  # 0: it never sleeps (an asleep one wakes: control.sleeper)
                 changes["idle_sleep_s"] = idle_sleep_s or None
+            if always_on is not None:
+                changes["always_on"] = always_on
             if quotas:
                 current = row.spec.quotas
                 changes["quotas"] = Quotas(**{**current.__dict__, **quotas})
@@ -590,7 +645,10 @@ class TenantService:
             if new.port != row.spec.port:
                 self._check_port(new.port, tenant=name)
             recreate = new.engine_hash() != row.spec.engine_hash() or moved is not None
-            if recreate:
+            asleep = False
+            # overcommit: a tenant that becomes always on is counted in full beside every other's wake
+            pinned = self.settings.overcommit and new.always_on and not row.spec.always_on
+            if recreate or pinned:
                 device, decision = self.placement(
                     new.gpu_memory,
                     new.model,
@@ -601,9 +659,11 @@ class TenantService:
                     max_image_pixels=new.max_image_pixels,
                     gpu=moved,
                     max_num_seqs=new.max_num_seqs,
+                    always_on=new.always_on,
                 )
                 if device is None:
                     raise self._refuse(actor, "update-tenant", name, decision)
+                asleep = recreate and decision.by_overcommit
                 if device.uuid != here:  # asked for, or its own device is gone from the host
                     moved = device.uuid
             if moved is not None:
@@ -612,7 +672,12 @@ class TenantService:
                 self.store.update_spec(db, new, device=moved)
                 if new.gpu_memory != row.spec.gpu_memory:
                     self.store.insert_reservation(db, name, ReservationEvent.RESIZE, new.gpu_memory, self.clock())
-                if recreate:
+                if recreate and asleep:
+                    # overcommit: it fits only while others sleep, so it sleeps (its next request wakes it)
+                    self.store.set_status(name, TenantStatus.ASLEEP, ASLEEP_BY_OVERCOMMIT)
+                    if row.status != TenantStatus.ASLEEP:
+                        self.store.insert_reservation(db, name, ReservationEvent.SLEEP, new.gpu_memory, self.clock())
+                elif recreate:
                     # the desired engine changed: the tenant is pending until the new one serves
                     # (so `update-tenant --wait` never mistakes the old engine for the new one)
                     self.store.set_status(name, TenantStatus.PENDING, "engine to be recreated with the new spec")
@@ -671,6 +736,7 @@ class TenantService:
         quotas: Quotas,
         max_body: int | None = None,
         idle_sleep_s: float | None = None,
+        always_on: bool = False,
         **options: object,
     ) -> TenantSpec:
         """``options``: the image limits and engine options of ``ENGINE_OPTIONS``; None is the default."""
@@ -687,6 +753,7 @@ class TenantService:
             shm_size=shm_size or 1024**3,
             quotas=quotas,
             idle_sleep_s=idle_sleep_s or None,  # 0 or none: it never sleeps
+            always_on=always_on,
         )
         if max_body is not None:
             spec = spec.with_changes(max_body=max_body)

@@ -14,6 +14,13 @@ The sleeper decides and writes the store; every change to containers stays the r
 the tenant's turn. A request that arrives between the decision and the hold is served by the
 engine, which is removed only after it (the reconciler asks the gateway first).
 
+With ``GTM_OVERCOMMIT`` the host admits more tenants than fit awake. A wake that does not fit
+beside the awake tenants first puts the least recently used idle ones to sleep (``evict``, in the
+store at once; the reconciler starts the waking engine only once their engines are gone); when
+nothing can be put to sleep, the tenant's ``wake_refusal`` says why, with the numbers, and its
+gateway answers with it. An always-on tenant never sleeps, and wakes at once when it finds itself
+asleep (admitted by overcommit, or made always-on while asleep).
+
 Sleeping stops the engine in every mode today (a cold start on wake); vLLM's sleep mode, which
 keeps a GPU engine's process and moves its weights to host memory, is not used yet.
 """
@@ -24,15 +31,18 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from manager import names
 from manager.contract import GatewayActivity
 from manager.control.gateway_client import Connect
+from manager.control.overcommit import Room, WakePlan, plan_wake, resident
 from manager.control.plan import control_network_name
 from manager.control.records import TenantRow
 from manager.control.storage import TenantStore
 from manager.domain import TenantStatus
 from manager.errors import RuntimeUnavailable
+from manager.gpu import Inventory, placed_on
 from manager.runtime.protocol import Runtime
 from manager.settings import Settings
 
@@ -43,7 +53,7 @@ log = logging.getLogger(__name__)
 class Turn:
     tenant: str
     action: str
-    """``sleep`` or ``wake``."""
+    """``sleep`` (idle), ``evict`` (put to sleep for another's wake) or ``wake``."""
 
 
 def idle_for(row: TenantRow, activity: GatewayActivity, now: float) -> float:
@@ -60,23 +70,28 @@ class Sleeper:
         runtime: Runtime,
         connect: Connect,
         enqueue: Callable[[str], None],
+        inventory: Inventory,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings, self.store, self.runtime, self.connect = settings, store, runtime, connect
-        self.enqueue, self.clock = enqueue, clock
+        self.enqueue, self.inventory, self.clock = enqueue, inventory, clock
 
     def tick(self) -> list[Turn]:
         """One look at every tenant that may sleep or wake; returns what it decided."""
         turns: list[Turn] = []
         for row in self.store.tenants():
-            may_sleep = row.status == TenantStatus.RUNNING and row.spec.idle_sleep_s is not None
+            may_sleep = (
+                row.status == TenantStatus.RUNNING and row.spec.idle_sleep_s is not None and not row.spec.always_on
+            )
             if not (may_sleep or row.status == TenantStatus.ASLEEP):
                 continue
             activity = self.activity(row)
             if activity is None:
                 continue  # its gateway is not up: the reconciler sees to it
             name, now = row.spec.name, self.clock()
-            if activity.last_request_at is not None and activity.last_request_at != row.sleep.last_request_at:
+            new_request = activity.last_request_at is not None and activity.last_request_at != row.sleep.last_request_at
+            if new_request:
+                assert activity.last_request_at is not None
                 self.store.note_last_request(name, activity.last_request_at)
             if may_sleep:
                 idle = idle_for(row, activity, now)
@@ -87,13 +102,75 @@ class Sleeper:
                         log.info("tenant %s is going to sleep after %.0f s without a request", name, idle)
                         turns.append(Turn(name, "sleep"))
                         self.enqueue(name)
-            elif activity.waiting or row.spec.idle_sleep_s is None:
-                reason = "waking: a request is waiting" if activity.waiting else "waking: sleeping was turned off"
-                if self.store.wake_tenant(name, now, reason, {"waiting": activity.waiting}):
-                    log.info("tenant %s is waking (%d requests waiting)", name, activity.waiting)
-                    turns.append(Turn(name, "wake"))
-                    self.enqueue(name)
+                continue
+            # asleep: a request is waiting (or, refused a moment ago, came again); it is always on;
+            # or its admin turned sleeping off (with overcommit, it stays asleep until a request)
+            wanted = (
+                activity.waiting > 0
+                or row.spec.always_on
+                or (row.spec.idle_sleep_s is None and not self.settings.overcommit)
+                or (bool(row.sleep.wake_refusal) and new_request)
+            )
+            if wanted:
+                turns += self._wake(row, activity, now)
+            elif row.sleep.wake_refusal and self.plan(row).fits and self.store.refuse_wake(name, "", {}):
+                self.enqueue(name)  # room again: its next request is held, and wakes it
         return turns
+
+    def _wake(self, row: TenantRow, activity: GatewayActivity, now: float) -> list[Turn]:
+        """Wakes the tenant; with overcommit, after putting to sleep whom ``plan_wake`` chose, or
+        not at all (the refusal goes to its gateway, whose requests then get a 503 with it)."""
+        name = row.spec.name
+        detail: dict[str, Any]
+        if activity.waiting:
+            reason, detail = "waking: a request is waiting", {"waiting": activity.waiting}
+        elif row.spec.always_on:
+            reason, detail = "waking: it is always on", {}
+        else:
+            reason, detail = "waking: sleeping was turned off", {}
+        turns: list[Turn] = []
+        if self.settings.overcommit:
+            plan = self.plan(row)
+            if not plan.fits:
+                if self.store.refuse_wake(name, plan.message, plan.numbers):
+                    log.warning("tenant %s cannot wake: %s", name, plan.message)
+                    self.enqueue(name)
+                return turns
+            for victim in plan.evict:
+                why = f"put to sleep to make room for {name}'s wake (the least recently used idle tenant)"
+                if not self.store.sleep_tenant(victim, now, {"for": name, **plan.numbers}, reason=why, action="evict"):
+                    return turns  # it changed meanwhile (a request, an update): the next tick looks again
+                log.info("tenant %s is put to sleep to make room for %s", victim, name)
+                turns.append(Turn(victim, "evict"))
+                self.enqueue(victim)
+            detail = {**detail, "evicted": list(plan.evict), **plan.numbers}
+        if self.store.wake_tenant(name, now, reason, detail):
+            log.info("tenant %s is waking (%d requests waiting)", name, activity.waiting)
+            turns.append(Turn(name, "wake"))
+            self.enqueue(name)
+        return turns
+
+    def plan(self, row: TenantRow) -> WakePlan:
+        """Overcommit: whether the asleep tenant fits beside the awake ones on its device, and whom
+        it puts to sleep first (each candidate's gateway is asked what it serves now)."""
+        devices = self.inventory.devices()
+        device = placed_on(row.device, devices)
+        if device is None:
+            return WakePlan(False, (), f"its device {row.device} is not on this host any more")
+        others = []
+        for other in self.store.tenants():
+            placed = placed_on(other.device, devices)
+            if other.spec.name == row.spec.name or placed is None or placed.uuid != device.uuid:
+                continue
+            idle, last_used = False, other.status_since
+            if other.status == TenantStatus.RUNNING and not other.spec.always_on:
+                activity = self.activity(other)
+                idle = activity is not None and not activity.in_flight and not activity.waiting
+                if activity is not None and activity.last_request_at:
+                    last_used = max(last_used, activity.last_request_at)
+            others.append(resident(other, idle, last_used))
+        overhead = self.settings.process_overhead if self.inventory.mode == "nvml" else 0
+        return plan_wake(row.spec.gpu_memory, others, Room(device.usable, self.settings.headroom, overhead))
 
     def activity(self, row: TenantRow) -> GatewayActivity | None:
         """What the tenant's gateway serves now; None when it cannot be asked."""

@@ -37,6 +37,8 @@ from manager.errors import Conflict, NotFound, StateUnavailable
 from manager.migrations import Step, migrate
 from manager.utc import DAY_S, start_of_day
 
+IDLE_REASON = "idle: its engine is stopped until the next request"
+
 
 def whole_days(since: float, until: float | None) -> tuple[float, float]:
     """The bounds of a read of the daily rollup, which counts whole UTC days only."""
@@ -203,6 +205,32 @@ ORDER BY id""",
         "ALTER TABLE tenants ADD COLUMN wake_started_at REAL",
         "ALTER TABLE tenants ADD COLUMN last_wake_s REAL",
     ],
+    [  # 10: overcommit (manager.control.overcommit): tenants never put to sleep, and why a wake waits
+        "ALTER TABLE tenants ADD COLUMN always_on INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE tenants ADD COLUMN wake_refusal TEXT NOT NULL DEFAULT ''",
+        # sleeps and wakes are reservation rows too (the cost split prices asleep hours apart):
+        # the table is rebuilt for its wider CHECK, and an older release's sleeps and wakes are
+        # filled in from its audit trail, each at the size the tenant had then
+        "ALTER TABLE reservations RENAME TO reservations_9",
+        """CREATE TABLE reservations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    tenant TEXT NOT NULL,
+    event TEXT NOT NULL CHECK (event IN ('add', 'resize', 'remove', 'sleep', 'wake')),
+    gpu_memory INTEGER NOT NULL,
+    at REAL NOT NULL
+)""",
+        "INSERT INTO reservations (id, tenant, event, gpu_memory, at)"
+        " SELECT id, tenant, event, gpu_memory, at FROM reservations_9 ORDER BY id",
+        "DROP TABLE reservations_9",
+        """INSERT INTO reservations (tenant, event, gpu_memory, at)
+SELECT a.tenant, a.action,
+       COALESCE((SELECT r.gpu_memory FROM reservations r WHERE r.tenant = a.tenant AND r.at <= a.at
+                 AND r.event IN ('add', 'resize') ORDER BY r.at DESC, r.id DESC LIMIT 1), 0),
+       a.at
+FROM audit a
+WHERE a.result = 'ok' AND a.tenant IS NOT NULL AND a.action IN ('sleep', 'wake')
+ORDER BY a.id""",
+    ],
 ]
 """The manager database's schema, step by step (see manager.migrations); append only."""
 
@@ -225,6 +253,7 @@ def _spec_columns(spec: TenantSpec) -> dict[str, object]:
         "trust_remote_code": int(spec.trust_remote_code),
         "max_num_seqs": spec.max_num_seqs,
         "idle_sleep_s": spec.idle_sleep_s,
+        "always_on": int(spec.always_on),
     }
 
 
@@ -245,8 +274,16 @@ def _tenant(row: sqlite3.Row) -> TenantRow:
         trust_remote_code=bool(row["trust_remote_code"]),
         max_num_seqs=row["max_num_seqs"],
         idle_sleep_s=row["idle_sleep_s"],
+        always_on=bool(row["always_on"]),
     )
-    sleep = SleepState(row["last_request_at"], row["sleeps"], row["wakes"], row["wake_started_at"], row["last_wake_s"])
+    sleep = SleepState(
+        row["last_request_at"],
+        row["sleeps"],
+        row["wakes"],
+        row["wake_started_at"],
+        row["last_wake_s"],
+        row["wake_refusal"],
+    )
     return TenantRow(
         spec,
         TenantStatus(row["status"]),
@@ -368,13 +405,23 @@ class Store:
         except NotFound:
             return None
 
-    def insert_tenant(self, tx: Tx, spec: TenantSpec, gateway_token: str = "", device: str = "") -> None:
+    def insert_tenant(
+        self,
+        tx: Tx,
+        spec: TenantSpec,
+        gateway_token: str = "",
+        device: str = "",
+        status: TenantStatus = TenantStatus.PENDING,
+        reason: str = "",
+    ) -> None:
+        """A new tenant: pending (its engine starts), or asleep (admitted by overcommit: it starts on
+        its first request)."""
         now = time.time()
         row = {
             "name": spec.name,
             **_spec_columns(spec),
-            "status": TenantStatus.PENDING.value,
-            "reason": "",
+            "status": status.value,
+            "reason": reason,
             "status_since": now,
             "created_at": now,
             "updated_at": now,
@@ -418,34 +465,56 @@ class Store:
         with self._lock:
             self._db.execute("UPDATE tenants SET last_request_at=? WHERE name=?", (at, name))
 
-    def sleep_tenant(self, name: str, at: float, detail: dict[str, Any]) -> bool:
-        """running -> asleep, counted and audited in one transaction; False when it was not running."""
+    def sleep_tenant(
+        self,
+        name: str,
+        at: float,
+        detail: dict[str, Any],
+        reason: str = IDLE_REASON,
+        action: str = "sleep",
+    ) -> bool:
+        """running -> asleep, counted and audited (``action``: sleep when idle, evict to make room
+        for another's wake) in one transaction, with the reservation row the cost split prices it
+        by; False when it was not running."""
         with self._tx() as db:
             moved = db.execute(
-                "UPDATE tenants SET status=?, reason=?, status_since=?, sleeps=sleeps+1 WHERE name=? AND status=?",
-                (
-                    TenantStatus.ASLEEP.value,
-                    "idle: its engine is stopped until the next request",
-                    at,
-                    name,
-                    TenantStatus.RUNNING.value,
-                ),
+                "UPDATE tenants SET status=?, reason=?, status_since=?, sleeps=sleeps+1, wake_refusal=''"
+                " WHERE name=? AND status=?",
+                (TenantStatus.ASLEEP.value, reason, at, name, TenantStatus.RUNNING.value),
             ).rowcount
             if moved:
-                self.audit("manager", "sleep", name, "ok", detail, tx=SqliteTx(db))
+                self._reservation_event(db, name, ReservationEvent.SLEEP, at)
+                self.audit("manager", action, name, "ok", detail, tx=SqliteTx(db))
         return bool(moved)
 
     def wake_tenant(self, name: str, at: float, reason: str, detail: dict[str, Any]) -> bool:
         """asleep -> waking, counted and audited in one transaction; False when it was not asleep."""
         with self._tx() as db:
             moved = db.execute(
-                "UPDATE tenants SET status=?, reason=?, status_since=?, wakes=wakes+1, wake_started_at=?"
-                " WHERE name=? AND status=?",
+                "UPDATE tenants SET status=?, reason=?, status_since=?, wakes=wakes+1, wake_started_at=?,"
+                " wake_refusal='' WHERE name=? AND status=?",
                 (TenantStatus.WAKING.value, reason, at, at, name, TenantStatus.ASLEEP.value),
             ).rowcount
             if moved:
+                self._reservation_event(db, name, ReservationEvent.WAKE, at)
                 self.audit("manager", "wake", name, "ok", detail, tx=SqliteTx(db))
         return bool(moved)
+
+    def refuse_wake(self, name: str, refusal: str, detail: dict[str, Any]) -> bool:
+        """An asleep tenant cannot wake now (``refusal`` says why, with numbers), or ('') can again.
+        Audited when it changes; True when it changed."""
+        with self._tx() as db:
+            moved = db.execute(
+                "UPDATE tenants SET wake_refusal=? WHERE name=? AND status=? AND wake_refusal<>?",
+                (refusal, name, TenantStatus.ASLEEP.value, refusal),
+            ).rowcount
+            if moved and refusal:
+                self.audit("manager", "wake", name, "refused", {"reason": refusal, **detail}, tx=SqliteTx(db))
+        return bool(moved)
+
+    def _reservation_event(self, db: sqlite3.Connection, name: str, event: ReservationEvent, at: float) -> None:
+        row = db.execute("SELECT gpu_memory FROM tenants WHERE name=?", (name,)).fetchone()
+        self.insert_reservation(SqliteTx(db), name, event, int(row["gpu_memory"]), at)
 
     def woke(self, name: str, at: float) -> float | None:
         """waking -> running; returns how long the wake took (None when it was not waking)."""
@@ -732,7 +801,8 @@ class Store:
     def reservations(self) -> list[ReservationRow]:
         """Every reservation change, oldest first (a few per tenant's life, however busy it was)."""
         with self._lock:
-            rows = self._db.execute("SELECT * FROM reservations ORDER BY id").fetchall()
+            # by time: an older release's sleeps and wakes were filled in after its other rows
+            rows = self._db.execute("SELECT * FROM reservations ORDER BY at, id").fetchall()
         return [
             ReservationRow(r["id"], r["tenant"], ReservationEvent(r["event"]), r["gpu_memory"], r["at"]) for r in rows
         ]

@@ -3,7 +3,8 @@ released, until the manager pushes a config without ``hold`` (its engine serves 
 
 A held request is not yet admitted: no quota counts it until it is served. The queue is bounded
 (``max_waiting``) and each request waits at most ``timeout_s``; the proxy answers the others with
-a 503 that says the tenant is waking."""
+a 503 that says the tenant is waking. When the manager says the tenant cannot wake now
+(overcommit: nothing can be put to sleep to make room), every request gets a 503 with its numbers."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ class Held(Enum):
     RELEASED = "released"
     TIMED_OUT = "timed_out"
     FULL = "full"
+    REFUSED = "refused"
+    """The tenant cannot wake now (``Hold.refusal`` says why)."""
 
 
 def _release(future: asyncio.Future[None]) -> None:
@@ -30,23 +33,27 @@ class Hold:
         self.on = False
         self.timeout_s = HOLD_TIMEOUT_S
         self.max_waiting = MAX_WAITING
+        self.refusal = ""
         self._waiting: deque[asyncio.Future[None]] = deque()
 
     @property
     def waiting(self) -> int:
         return len(self._waiting)
 
-    def set(self, on: bool, timeout_s: float, max_waiting: int) -> None:
-        """From any thread (the admin app's): a hold lifted releases every waiter, in arrival order."""
-        self.timeout_s, self.max_waiting = timeout_s, max_waiting
+    def set(self, on: bool, timeout_s: float, max_waiting: int, refusal: str = "") -> None:
+        """From any thread (the admin app's): a hold lifted releases every waiter, in arrival order;
+        a refusal releases them too, and each of them then reads it."""
+        self.timeout_s, self.max_waiting, self.refusal = timeout_s, max_waiting, refusal
         self.on = on
-        if not on:
+        if not on or refusal:
             for future in list(self._waiting):  # one C-level copy: the loop may append meanwhile
                 future.get_loop().call_soon_threadsafe(_release, future)
 
     async def wait(self) -> Held:
-        """On the event loop, while ``on``: until the hold is lifted, the deadline passes, or at
-        once when the queue is full."""
+        """On the event loop, while ``on``: until the hold is lifted or refused, the deadline passes,
+        or at once when the queue is full or the wake is refused."""
+        if self.refusal:
+            return Held.REFUSED
         if len(self._waiting) >= self.max_waiting:
             return Held.FULL
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -58,6 +65,6 @@ class Hold:
                 await asyncio.wait_for(future, self.timeout_s)
             except TimeoutError:
                 return Held.TIMED_OUT
-            return Held.RELEASED
+            return Held.REFUSED if self.on and self.refusal else Held.RELEASED
         finally:
             self._waiting.remove(future)

@@ -49,6 +49,8 @@ LARGE_BODY = 1024 * 1024
 SALTED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 """Requests that use the engine's prefix cache: each carries its member's own ``cache_salt``."""
 STARTING_RETRY_S = 5
+CANNOT_WAKE_RETRY_S = 30
+"""Retry-After of a request whose tenant cannot wake now: the manager looks again at its next one."""
 """Retry-After of a request that came while the tenant starts (its engine loads in tens of seconds)."""
 CONNECT_TIMEOUT_S = 2.0
 """The engine is on the tenant's own bridge network: a connect takes well under a millisecond.
@@ -563,6 +565,17 @@ class Proxy:
 
     async def _waking(self, send: Send, path: str, held: Held) -> None:
         hold = self.state.hold
+        if held is Held.REFUSED:
+            await self._refuse(
+                send,
+                path,
+                503,
+                f"Tenant {self.settings.tenant} is asleep and cannot wake now: {hold.refusal} "
+                "Retry later, or ask the host's admin.",
+                "tenant_cannot_wake",
+                {"retry-after": str(CANNOT_WAKE_RETRY_S)},
+            )
+            return
         if held is Held.FULL:
             why = f"{hold.max_waiting} requests are already waiting for it"
         else:

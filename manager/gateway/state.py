@@ -211,7 +211,8 @@ class GatewayState:
         self.members = members
         self.keys = keys
         self.version = config.version
-        self.hold.set(config.hold, config.hold_timeout_s, config.max_waiting)  # last: released ones see the rest
+        # last: released ones see the rest
+        self.hold.set(config.hold, config.hold_timeout_s, config.max_waiting, config.hold_refusal)
 
     def quota_states(self, key: KeyEntry) -> list[QuotaState] | None:
         """The limits a request with this key must pass: its member's (when it has one), then the

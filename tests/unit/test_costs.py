@@ -2,15 +2,19 @@ import calendar
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from manager.contract import UsageRecord
 from manager.control.costs import incarnations, month_bounds, split
 from manager.control.records import ReservationEvent, ReservationRow
 from manager.control.store import Store
+from manager.errors import InvalidInput
 
 G = 1024**3
 
 
 ADD, RESIZE, REMOVE = ReservationEvent.ADD, ReservationEvent.RESIZE, ReservationEvent.REMOVE
+SLEEP = ReservationEvent.SLEEP
 
 
 def test_intervals_follow_add_resize_remove() -> None:
@@ -22,9 +26,36 @@ def test_intervals_follow_add_resize_remove() -> None:
         ReservationRow(5, "b", RESIZE, 5 * G, 400),  # a resize of no living tenant counts nothing
     ]
     assert {life.tenant: life.spans for life in incarnations(reservations, now=1000)} == {
-        "a": [(0, 100, 10 * G), (100, 300, 20 * G)],
-        "c": [(200, 1000, G)],
+        "a": [(0, 100, 10 * G, False), (100, 300, 20 * G, False)],
+        "c": [(200, 1000, G, False)],
     }
+
+
+def test_asleep_hours_are_priced_apart_at_the_rate_the_admin_sets(tmp_path: Path) -> None:
+    """a and b reserve 10 GiB all month; b sleeps half of it. By default an asleep hour costs what
+    a sleeper keeps (nothing: its engine is stopped); at the admin's rate, that share of an awake one."""
+    store = Store(tmp_path / "m.db")
+    start, end = month_bounds("2026-11")
+    half = start + (end - start) / 2
+    with store.transaction() as db:
+        store.insert_reservation(db, "a", ADD, 10 * G, start)
+        store.insert_reservation(db, "b", ADD, 10 * G, start)
+        store.insert_reservation(db, "b", SLEEP, 10 * G, half)
+        store.insert_reservation(db, "b", RESIZE, 20 * G, half + 3600)  # resized asleep: still asleep
+    (life,) = [x for x in incarnations(store.reservations(), now=end) if x.tenant == "b"]
+    assert [s[3] for s in life.spans] == [False, True, True]
+    hours = (end - start) / 3600
+    a, b = split("2026-11", 100.0, store, now=end)
+    assert (b.gib_hours_awake, b.gib_hours) == (round(10 * hours / 2, 4), round(10 * hours / 2, 4))
+    assert b.gib_hours_asleep == round(10 + 20 * (hours / 2 - 1), 4)
+    assert (a.cost_by_memory, b.cost_by_memory) == (66.67, 33.33), "b pays its awake half only"
+    a, b = split("2026-11", 100.0, store, now=end, asleep_rate=1.0)
+    assert b.gib_hours == round(b.gib_hours_awake + b.gib_hours_asleep, 4), "asleep priced as awake"
+    _, b = split("2026-11", 100.0, store, now=end, asleep_rate=0.5)
+    assert b.gib_hours == round(b.gib_hours_awake + 0.5 * b.gib_hours_asleep, 4)
+    with pytest.raises(InvalidInput, match="from 0 to 1"):
+        split("2026-11", 100.0, store, now=end, asleep_rate=1.5)
+    store.close()
 
 
 def test_split_by_memory_hours_and_by_tokens(tmp_path: Path) -> None:

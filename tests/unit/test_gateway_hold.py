@@ -115,6 +115,25 @@ async def test_past_the_deadline_or_beyond_the_queue_it_is_a_503_that_says_the_t
     assert len(seen) == 1 and state.store.after(0).records[0].outcome == "ok"  # refused ones: never metered
 
 
+async def test_a_wake_the_manager_refused_is_a_503_with_its_numbers_for_the_held_and_the_next(held) -> None:  # type: ignore[no-untyped-def]
+    client, state, issued, seen = held
+    waiting = asyncio.create_task(client.post("/v1/chat/completions", json=CHAT))
+    await until(lambda: state.hold.waiting == 1, "one held")
+    why = "it needs 3.0 GiB but 1.0 GiB of 7.0 GiB is free beside the 2 tenants awake; serving requests now: a, b."
+    await asyncio.to_thread(state.apply, config(issued, hold=True, hold_refusal=why))
+    for answer in (await waiting, await client.post("/v1/chat/completions", json=CHAT)):
+        assert answer.status_code == 503 and answer.headers["retry-after"] == "30"
+        error = answer.json()["error"]
+        assert error["code"] == "tenant_cannot_wake" and why in error["message"], error
+    assert state.hold.waiting == 0 and seen == [] and state.store.after(0).records == []
+    assert state.last_request_at is not None, "the manager sees it came, and looks again"
+    state.apply(config(issued, hold=True))  # room again: the next one is held, and served once awake
+    again = asyncio.create_task(client.post("/v1/chat/completions", json=CHAT))
+    await until(lambda: state.hold.waiting == 1, "held again")
+    state.apply(config(issued, hold=False))
+    assert (await again).status_code == 200
+
+
 async def test_a_wrong_key_is_refused_at_once_while_held(held) -> None:  # type: ignore[no-untyped-def]
     client, state, _, _ = held
     r = await client.post("/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer gtm_wrong"})

@@ -23,6 +23,7 @@ from manager.gateway.store import GatewayStore
 from manager.migrations import version
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+SLEEP_ACTIONS = ("sleep", "wake", "woke")
 RELEASES = sorted(p for p in FIXTURES.glob("release-*") if p.is_dir())
 
 
@@ -53,11 +54,20 @@ def test_the_manager_database_upgrades_in_place(release: Path) -> None:
         assert len(store.keys("lab")) == 2
         assert store.usage_totals("lab", 0).requests == 3
         assert store.usage_cursor("lab") == 3
-        assert [a.action for a in store.audit_log("lab")] == ["rotate-key", "add-tenant"]
+        slept = [a.action for a in store.audit_log("lab") if a.action in SLEEP_ACTIONS]
+        others = [a.action for a in store.audit_log("lab") if a.action not in SLEEP_ACTIONS]
+        assert others == ["rotate-key", "add-tenant"]
         # step 8: the reservation the audit trail recorded becomes a typed row, which the cost split reads
-        (added,) = store.reservations()
+        (added,) = [r for r in store.reservations() if r.event.value == "add"]
         (audited,) = store.audit_log("lab", "add-tenant")
-        assert (added.tenant, added.event.value, added.gpu_memory, added.at) == ("lab", "add", 10 * 1024**3, audited.at)
+        assert (added.tenant, added.event.value, added.gpu_memory) == ("lab", "add", 10 * 1024**3)
+        assert abs(added.at - audited.at) < 1.0  # the audit's own time, or written beside it
+        # step 10: a release's sleeps and wakes become reservation rows too, at the size it had then
+        sleeps = [(r.event.value, r.gpu_memory) for r in store.reservations() if r.event.value in ("sleep", "wake")]
+        assert sleeps == ([("sleep", 10 * 1024**3), ("wake", 10 * 1024**3)] if slept else [])
+        assert not row.spec.always_on and row.sleep.wake_refusal == ""
+        if slept:
+            assert slept == ["woke", "wake", "sleep"] and (row.sleep.sleeps, row.sleep.wakes) == (1, 1)
         (share,) = split(time.strftime("%Y-%m", time.gmtime(added.at)), 50.0, store, now=added.at + 3600)
         assert share.tenant == "lab" and abs(share.gib_hours - 10.0) < 1e-3 and share.cost_by_memory == 50.0
         assert store.engine_failure("lab") is None  # the table the new release added is there

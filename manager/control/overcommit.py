@@ -1,0 +1,130 @@
+"""Overcommit (``GTM_OVERCOMMIT``): more tenants than fit awake, each one's wake still guaranteed.
+
+Pure decisions with every number in the answer, like ``admission``:
+
+- ``plan_wake``: an asleep tenant has a request waiting. Does its reservation fit beside the
+  tenants awake now? If not, which idle tenants, least recently used first, are put to sleep to
+  make room? A tenant with a request in flight (or held) is never chosen, nor one that is always
+  on. When even all of those together do not make room, the answer is a refusal naming the numbers.
+- ``counted_beside``: what admission counts beside a new (or resized) reservation. Only the
+  always-on tenants are counted in full, since every other tenant can be put to sleep; a new
+  always-on tenant also counts the largest reservation of one that may sleep, whose wake must
+  still fit beside it.
+
+A sleeping tenant's engine is stopped (in every mode today), so a sleeper keeps none of the
+device's memory and nothing is counted for it: its gateway is a small process in host memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from manager.control.records import TenantRow
+from manager.domain import TenantStatus
+from manager.sizes import format_size
+
+
+@dataclass(frozen=True)
+class Resident:
+    """A tenant on the device, as the overcommit decisions see it."""
+
+    name: str
+    reserved: int
+    awake: bool
+    """Holds its reservation now: every status but asleep (a failed engine starts again)."""
+    always_on: bool = False
+    idle: bool = False
+    """Running, with no request in flight and none held: it may be put to sleep now."""
+    last_used: float = 0.0
+    """When it last took a request (or began to run, if it took none since)."""
+
+
+def resident(row: TenantRow, idle: bool = False, last_used: float = 0.0) -> Resident:
+    return Resident(
+        row.spec.name, row.spec.gpu_memory, row.status != TenantStatus.ASLEEP, row.spec.always_on, idle, last_used
+    )
+
+
+@dataclass(frozen=True)
+class Room:
+    """What the device gives tenants: its usable memory less the headroom; each engine also holds
+    one process's overhead beside its reservation (as admission counts it)."""
+
+    usable: int
+    headroom: int
+    process_overhead: int
+
+    @property
+    def capacity(self) -> int:
+        return self.usable - self.headroom
+
+
+@dataclass(frozen=True)
+class WakePlan:
+    fits: bool
+    evict: tuple[str, ...]
+    """Put to sleep first, least recently used first; empty when it fits beside those awake."""
+    message: str
+    numbers: dict[str, int] = field(default_factory=dict)
+
+
+def plan_wake(reserved: int, others: Sequence[Resident], room: Room) -> WakePlan:
+    """Whether a tenant reserving ``reserved`` can wake beside ``others`` (the device's other
+    tenants), and whom it puts to sleep first."""
+    f, overhead = format_size, room.process_overhead
+    needed = reserved + overhead
+    awake = [o for o in others if o.awake]
+    taken = sum(o.reserved + overhead for o in awake)
+    free = room.capacity - taken
+    sleepable = sorted((o for o in awake if o.idle and not o.always_on), key=lambda o: (o.last_used, o.name))
+    evict: list[str] = []
+    freed = 0
+    for o in sleepable:
+        if free + freed >= needed:
+            break
+        evict.append(o.name)
+        freed += o.reserved + overhead
+    numbers = {
+        "needed": needed,
+        "capacity": room.capacity,
+        "awake_tenants": len(awake),
+        "awake_reserved": taken,
+        "free": free,
+        "freed_by_sleeping": freed,
+    }
+    asked = f(needed) + (f" ({f(reserved)} + {f(overhead)} per-process overhead)" if overhead else "")
+    if needed <= free:
+        return WakePlan(True, (), f"{asked} needed; {f(free)} of {f(room.capacity)} is free beside the awake", numbers)
+    if free + freed >= needed:
+        return WakePlan(
+            True,
+            tuple(evict),
+            f"{asked} needed but {f(max(free, 0))} of {f(room.capacity)} is free beside the {len(awake)} awake; "
+            f"putting {', '.join(evict)} to sleep (least recently used) frees {f(freed)}",
+            numbers,
+        )
+    busy = [o.name for o in awake if not o.idle and not o.always_on]
+    pinned = [o.name for o in awake if o.always_on]
+    message = (
+        f"it needs {asked} but {f(max(free, 0))} of {f(room.capacity)} is free beside the {len(awake)} tenants "
+        f"awake ({f(taken)} with their overhead), and putting every idle one that may sleep to sleep "
+        f"frees only {f(freed)}"
+    )
+    if busy:
+        message += f"; serving requests now: {', '.join(busy)}"
+    if pinned:
+        message += f"; always on: {', '.join(pinned)}"
+    return WakePlan(False, (), message + ".", numbers)
+
+
+def counted_beside(others: Sequence[Resident], always_on: bool) -> tuple[int, int]:
+    """What admission counts beside a new (or resized) reservation under overcommit: (bytes, how
+    many engines, each with its process overhead)."""
+    pinned = [o for o in others if o.always_on]
+    sleepers = [o for o in others if not o.always_on]
+    reserved, engines = sum(o.reserved for o in pinned), len(pinned)
+    if always_on and sleepers:
+        reserved += max(o.reserved for o in sleepers)
+        engines += 1
+    return reserved, engines
