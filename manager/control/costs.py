@@ -161,13 +161,13 @@ def split(
     rows: list[tuple[Incarnation, tuple[float, float], dict[str, UsageTotals]]] = []
     for tenant in sorted(lives):
         for life, since, until in _usage_windows(lives[tenant]):
-            hours = {False: 0.0, True: 0.0}
-            for a, b, size, asleep in life.spans:
-                hours[asleep] += max(min(b, end) - max(a, start), 0.0) / 3600 * size / GIB
+            held = {False: 0.0, True: 0.0}  # GiB-hours awake, asleep
+            for a, b, size, sleeping in life.spans:
+                held[sleeping] += max(min(b, end) - max(a, start), 0.0) / 3600 * size / GIB
             lo, hi = max(since, start), end if until is None else min(until, end)
             by_member = store.usage_by_member(tenant, lo, hi) if hi > lo else {}
-            if hours[False] + hours[True] > 0 or by_member:
-                rows.append((life, (hours[False], hours[True]), by_member))
+            if held[False] + held[True] > 0 or by_member:
+                rows.append((life, (held[False], held[True]), by_member))
     priced = [awake + rate * asleep for _, (awake, asleep), _ in rows]
     total_hours = sum(priced)
     total_tokens = sum(u.tokens for _, _, m in rows for u in m.values())
