@@ -92,6 +92,17 @@ class GatewayActivity(Contract):
     hold: bool
 
 
+class EngineSleep(Contract):
+    """Whether the tenant's engine sleeps in place (``/admin/engine/...``: vLLM's sleep mode, level
+    1, its weights in host memory and its KV cache freed; GPU engines only)."""
+
+    sleeping: bool
+
+
+ENGINE_SLEEP_LEVEL = 1
+"""vLLM's sleep level: 1 keeps the weights in host memory (a wake copies them back), 2 drops them."""
+
+
 class GatewayStatus(Contract):
     """What a gateway holds now (``GET /admin/config``): the manager pushes when ``version`` differs."""
 

@@ -21,6 +21,11 @@ and ``Worker.determine_available_memory``, v0.10-v0.11):
    other processes sharing the same container release GPU memory while vLLM is profiling");
 5. from then on the engine holds its context plus its whole budget (the KV cache is allocated
    up front).
+
+Sleep mode, level 1 (vllm/device_allocator/cumem.py, ``CuMemAllocator.sleep`` and ``wake_up``):
+the memory allocated in its pool (weights, KV cache) is unmapped, the weights backed up in host
+memory; the process and its CUDA context stay (``vllm_sleep``). A wake maps it all again and fails
+as CUDA does when the device has not that much free (``vllm_wake``).
 """
 
 from __future__ import annotations
@@ -211,3 +216,17 @@ def vllm_start(device: SimDevice, utilization: float, engine: EngineModel, pid: 
 
 def vllm_stop(device: SimDevice, pid: int) -> None:
     device.processes.pop(pid, None)
+
+
+def vllm_sleep(device: SimDevice, pid: int, engine: EngineModel) -> None:
+    """Level 1: only the context stays on the device."""
+    device.processes[pid] = engine.context
+
+
+def vllm_wake(device: SimDevice, pid: int, engine: EngineModel, budget: int) -> None:
+    """Maps the engine's budget again: its weights and its whole KV cache."""
+    if device.cuda_free < budget:
+        raise VllmRefused(
+            f"CUDA out of memory waking up: {budget / GIB:.2f} GiB wanted, {device.cuda_free / GIB:.2f} GiB free"
+        )
+    device.processes[pid] = engine.context + budget

@@ -7,10 +7,11 @@ add-tenant, each update-tenant that changes the size and each remove-tenant, in 
 transaction), so a tenant that was resized or removed mid-month pays for what it held, when it
 held it. A name removed and added again is two tenants (two incarnations), each with its own row.
 
-A tenant asleep (``TenantSpec.idle_sleep_s``, or put to sleep by overcommit) holds no engine: its
-asleep memory-hours are priced apart, at ``asleep_rate`` times an awake one's (the admin sets it).
-The default is what a sleeper keeps of the device, ``KEPT_ASLEEP`` of its reservation: nothing,
-as its engine is stopped. The same reservation rows say when it slept and woke.
+A tenant asleep (``TenantSpec.idle_sleep_s``, or put to sleep by overcommit) frees its
+reservation: its asleep memory-hours are priced apart, at ``asleep_rate`` times an awake one's
+(the admin sets it). The default prices what a sleeper keeps of the device (``kept_asleep``): its
+engine's CUDA context on a GPU, where the engine sleeps in place; nothing in cpu mode, where it is
+stopped. The same reservation rows say when it slept and woke.
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ from manager.control.storage import TenantStore
 from manager.errors import InvalidInput
 
 GIB = 1024**3
-KEPT_ASLEEP = 0.0
-"""What a sleeping tenant keeps of its reservation: its engine is stopped (every mode today)."""
 
 
 @dataclass(frozen=True)
@@ -59,7 +58,7 @@ class Share:
     removed_at: float | None = None
     gib_hours_awake: float = 0.0
     gib_hours_asleep: float = 0.0
-    """Reserved GiB-hours while asleep, before the asleep rate."""
+    """Reserved GiB-hours while asleep, before the asleep rate (or what a sleeper keeps) prices them."""
 
 
 def member_shares(usage: dict[str, UsageTotals], tenant_cost: float) -> list[MemberShare]:
@@ -143,36 +142,47 @@ def _usage_windows(lives: list[Incarnation]) -> list[tuple[Incarnation, float, f
 
 
 def split(
-    month: str, total_cost: float, store: TenantStore, now: float, asleep_rate: float | None = None
+    month: str,
+    total_cost: float,
+    store: TenantStore,
+    now: float,
+    asleep_rate: float | None = None,
+    kept_asleep: int = 0,
 ) -> list[Share]:
     """``asleep_rate``: what an asleep GiB-hour costs, as a fraction of an awake one (0 to 1);
-    None: what a sleeper keeps (``KEPT_ASLEEP``)."""
+    None: the memory a sleeper keeps (``kept_asleep`` bytes, at most its reservation) is priced
+    as awake memory, the rest of its reservation not at all."""
     if total_cost < 0:
         raise InvalidInput("the month's cost must be 0 or more")
-    rate = KEPT_ASLEEP if asleep_rate is None else asleep_rate
-    if not 0.0 <= rate <= 1.0:
-        raise InvalidInput(f"the asleep rate is a fraction of the awake one, from 0 to 1; got {rate:g}")
+    if asleep_rate is not None and not 0.0 <= asleep_rate <= 1.0:
+        raise InvalidInput(f"the asleep rate is a fraction of the awake one, from 0 to 1; got {asleep_rate:g}")
     start, end = month_bounds(month)
     lives: dict[str, list[Incarnation]] = {}
     for life in incarnations(store.reservations(), now):
         lives.setdefault(life.tenant, []).append(life)
     for tenant in store.usage_tenants(start, end):
         lives.setdefault(tenant, [Incarnation(tenant, None)])
-    rows: list[tuple[Incarnation, tuple[float, float], dict[str, UsageTotals]]] = []
+    rows: list[tuple[Incarnation, tuple[float, float, float], dict[str, UsageTotals]]] = []
     for tenant in sorted(lives):
         for life, since, until in _usage_windows(lives[tenant]):
-            held = {False: 0.0, True: 0.0}  # GiB-hours awake, asleep
+            awake = asleep = priced = 0.0  # GiB-hours
             for a, b, size, sleeping in life.spans:
-                held[sleeping] += max(min(b, end) - max(a, start), 0.0) / 3600 * size / GIB
+                hours = max(min(b, end) - max(a, start), 0.0) / 3600
+                if not sleeping:
+                    awake += hours * size / GIB
+                    priced += hours * size / GIB
+                    continue
+                asleep += hours * size / GIB
+                kept = size * asleep_rate if asleep_rate is not None else min(kept_asleep, size)
+                priced += hours * kept / GIB
             lo, hi = max(since, start), end if until is None else min(until, end)
             by_member = store.usage_by_member(tenant, lo, hi) if hi > lo else {}
-            if held[False] + held[True] > 0 or by_member:
-                rows.append((life, (held[False], held[True]), by_member))
-    priced = [awake + rate * asleep for _, (awake, asleep), _ in rows]
-    total_hours = sum(priced)
+            if awake + asleep > 0 or by_member:
+                rows.append((life, (awake, asleep, priced), by_member))
+    total_hours = sum(hours[2] for _, hours, _ in rows)
     total_tokens = sum(u.tokens for _, _, m in rows for u in m.values())
     shares = []
-    for (life, (awake, asleep), by_member), hours in zip(rows, priced, strict=True):
+    for life, (awake, asleep, hours), by_member in rows:
         usage = sum(by_member.values(), UsageTotals(0, 0, 0))
         mem = hours / total_hours if total_hours else 0.0
         tok = usage.tokens / total_tokens if total_tokens else 0.0

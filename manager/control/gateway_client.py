@@ -16,6 +16,7 @@ from manager.contract import (
     HOLD_TIMEOUT_S,
     MAX_WAITING,
     Contract,
+    EngineSleep,
     GatewayActivity,
     GatewayConfig,
     GatewayStatus,
@@ -32,6 +33,8 @@ from manager.errors import RuntimeUnavailable
 Answer = TypeVar("Answer", bound=Contract)
 HOLDING = frozenset({TenantStatus.ASLEEP, TenantStatus.WAKING})
 """The statuses whose gateway holds requests until the engine serves again."""
+ENGINE_CALL_S = 330.0
+"""A sleep or wake in place waits for the engine (the gateway gives it 300 s)."""
 
 
 def desired_config(
@@ -80,6 +83,12 @@ class GatewayAdmin(Protocol):
 
     def activity(self) -> GatewayActivity: ...
 
+    def engine_sleeping(self) -> bool: ...
+
+    def engine_sleep(self) -> bool: ...
+
+    def engine_wake(self) -> bool: ...
+
 
 Connect = Callable[[str, str], GatewayAdmin]
 """Opens a gateway's admin port from its address and token."""
@@ -118,6 +127,16 @@ class GatewayClient:
 
     def activity(self) -> GatewayActivity:
         return self._page(GatewayActivity, self._call("GET", "/admin/activity"))
+
+    def engine_sleeping(self) -> bool:
+        """Whether the tenant's engine sleeps in place (vLLM's sleep mode)."""
+        return self._page(EngineSleep, self._call("GET", "/admin/engine/sleeping")).sleeping
+
+    def engine_sleep(self) -> bool:
+        return self._page(EngineSleep, self._call("POST", "/admin/engine/sleep", timeout=ENGINE_CALL_S)).sleeping
+
+    def engine_wake(self) -> bool:
+        return self._page(EngineSleep, self._call("POST", "/admin/engine/wake", timeout=ENGINE_CALL_S)).sleeping
 
     @staticmethod
     def _page(model: type[Answer], body: object) -> Answer:

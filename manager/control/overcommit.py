@@ -11,8 +11,9 @@ Pure decisions with every number in the answer, like ``admission``:
   always-on tenant also counts the largest reservation of one that may sleep, whose wake must
   still fit beside it.
 
-A sleeping tenant's engine is stopped (in every mode today), so a sleeper keeps none of the
-device's memory and nothing is counted for it: its gateway is a small process in host memory.
+What a sleeper keeps (``Room.kept``): on a GPU its engine sleeps in place (vLLM's sleep mode,
+level 1), keeping its process and CUDA context, one process overhead, counted for every sleeper;
+in cpu mode its engine is stopped and it keeps nothing (its gateway is a small process beside).
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ class Room:
     usable: int
     headroom: int
     process_overhead: int
+    kept: int = 0
+    """What each sleeping tenant keeps of the device: its engine's process overhead when the engine
+    sleeps in place (``plan.sleeps_in_place``), else nothing."""
 
     @property
     def capacity(self) -> int:
@@ -75,7 +79,7 @@ def plan_wake(reserved: int, others: Sequence[Resident], room: Room) -> WakePlan
     f, overhead = format_size, room.process_overhead
     needed = reserved + overhead
     awake = [o for o in others if o.awake]
-    taken = sum(o.reserved + overhead for o in awake)
+    taken = sum(o.reserved + overhead for o in awake) + room.kept * (len(others) - len(awake))
     free = room.capacity - taken
     sleepable = sorted((o for o in awake if o.idle and not o.always_on), key=lambda o: (o.last_used, o.name))
     evict: list[str] = []
@@ -84,12 +88,13 @@ def plan_wake(reserved: int, others: Sequence[Resident], room: Room) -> WakePlan
         if free + freed >= needed:
             break
         evict.append(o.name)
-        freed += o.reserved + overhead
+        freed += o.reserved + overhead - room.kept
     numbers = {
         "needed": needed,
         "capacity": room.capacity,
         "awake_tenants": len(awake),
         "awake_reserved": taken,
+        "kept_by_sleepers": room.kept * (len(others) - len(awake)),
         "free": free,
         "freed_by_sleeping": freed,
     }
@@ -118,13 +123,14 @@ def plan_wake(reserved: int, others: Sequence[Resident], room: Room) -> WakePlan
     return WakePlan(False, (), message + ".", numbers)
 
 
-def counted_beside(others: Sequence[Resident], always_on: bool) -> tuple[int, int]:
+def counted_beside(others: Sequence[Resident], always_on: bool, sleepers_keep: bool = False) -> tuple[int, int]:
     """What admission counts beside a new (or resized) reservation under overcommit: (bytes, how
-    many engines, each with its process overhead)."""
+    many engines, each with its process overhead). ``sleepers_keep``: a sleeper keeps its engine's
+    process (``Room.kept``), so every one that may sleep still counts as an engine."""
     pinned = [o for o in others if o.always_on]
     sleepers = [o for o in others if not o.always_on]
-    reserved, engines = sum(o.reserved for o in pinned), len(pinned)
+    reserved, engines = sum(o.reserved for o in pinned), len(pinned) + (len(sleepers) if sleepers_keep else 0)
     if always_on and sleepers:
         reserved += max(o.reserved for o in sleepers)
-        engines += 1
+        engines += 0 if sleepers_keep else 1  # that one's process is counted already when sleepers keep it
     return reserved, engines

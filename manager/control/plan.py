@@ -98,6 +98,7 @@ def engine_args(spec: TenantSpec, settings: Settings, device_total: int, fit: En
         ]  # fmt: skip
     else:
         args += ["--gpu-memory-utilization", f"{gpu_memory_utilization(spec.gpu_memory, device_total):.4f}"]
+        args += ["--enable-sleep-mode"]  # sleeps_in_place; its endpoints need VLLM_SERVER_DEV_MODE (engine_env)
     if spec.quantization:
         args += ["--quantization", spec.quantization]
     # the gateway refuses requests with more images; a text model ignores the limit. Prefix caching is
@@ -184,8 +185,18 @@ def engine_env(settings: Settings) -> dict[str, str]:
             "MKL_NUM_THREADS": ENGINE_THREADS,
             "RAYON_NUM_THREADS": ENGINE_THREADS,
             "TORCHINDUCTOR_COMPILE_THREADS": ENGINE_THREADS,
+            # /sleep, /wake_up, /is_sleeping (and vLLM's other dev endpoints): reached by the tenant's
+            # gateway on the tenant's own network only; its public port never forwards them
+            "VLLM_SERVER_DEV_MODE": "1",
         }
     return env
+
+
+def sleeps_in_place(settings: Settings) -> bool:
+    """A sleeping tenant's engine stays, in vLLM's sleep mode (level 1: its weights in host memory,
+    its KV cache freed, its process and CUDA context kept), rather than being stopped: GPU engines.
+    vLLM's CPU backend has no sleep mode, so a cpu engine is stopped and started again (cold)."""
+    return settings.gpu_mode == "nvml"
 
 
 def warmup_plan(settings: Settings, model: str) -> ContainerPlan:

@@ -41,13 +41,14 @@ from collections.abc import Callable
 from manager import names
 from manager.control.collector import UsageCollector
 from manager.control.engine_logs import COLD_CACHE, LOG_KEEP_CHARS, LOG_TAIL_LINES, failure_reason
-from manager.control.gateway_client import Connect, GatewayClient, push_config
+from manager.control.gateway_client import Connect, GatewayAdmin, GatewayClient, push_config
 from manager.control.plan import (
     control_network_name,
     control_network_plan,
     docker_words,
     port_taken,
     prepare_plan,
+    sleeps_in_place,
     tenant_plan,
 )
 from manager.control.records import EngineFailure, TenantRow
@@ -327,8 +328,12 @@ class Reconciler:
                 if not gateway_ready:
                     self._set_status(row, TenantStatus.STARTING, "engine ready; gateway starting")
                     return POLL_STARTING_S
-                # it was waking (the sleeper moves only a tenant with no engine to waking): its
-                # gateway releases what it held, now
+                # it was waking: its engine started again, or (a GPU engine, asleep in place) wakes now;
+                # then its gateway releases what it held
+                if row.status == TenantStatus.WAKING and sleeps_in_place(self.settings):
+                    later = self._wake_in_place(row)
+                    if later is not None:
+                        return later
                 took = self.store.woke(name, self.clock()) if row.status == TenantStatus.WAKING else None
                 if took is not None:
                     self.wake_times.append(took)
@@ -346,9 +351,10 @@ class Reconciler:
         return POLL_STARTING_S  # created, restarting, paused, removing: look again soon
 
     def _asleep(self, row: TenantRow, engine: ContainerState | None, gateway_ready: bool) -> float | None:
-        """Its gateway holds requests (this turn pushed the config that says so); its engine is
-        removed once the gateway says nothing is in flight. Its volume stays, and so does the
-        reservation: the wake is guaranteed its memory."""
+        """Its gateway holds requests (this turn pushed the config that says so); once the gateway
+        says nothing is in flight its engine sleeps in place (a GPU engine: vLLM's sleep mode) or is
+        removed (cpu). Its volume stays, and so does the reservation: the wake is guaranteed its
+        memory (with overcommit, by putting others to sleep first)."""
         name = row.spec.name
         if engine is None:
             self._release_gate(name)
@@ -358,11 +364,49 @@ class Reconciler:
         activity = self.sleeper.activity(row)
         if activity is None or not activity.hold or activity.in_flight:
             return DRAIN_POLL_S  # a request taken before the hold is still being answered
+        if sleeps_in_place(self.settings) and engine.status == "running" and engine.health != "unhealthy":
+            if engine.health != "healthy":
+                return POLL_STARTING_S  # started again (a dockerd restart): it sleeps once it serves
+            with self._admin(row) as gw:
+                if not gw.engine_sleeping():
+                    started = self.clock()
+                    gw.engine_sleep()
+                    log.info("tenant %s is asleep: its engine sleeps in place (%.1f s)", name, self.clock() - started)
+            self._release_gate(name)
+            return None
         self.runtime.remove_container(engine.name)
         self._served.discard(engine.id)
         self._release_gate(name)
         log.info("tenant %s is asleep: its engine is stopped", name)
         return None
+
+    def _wake_in_place(self, row: TenantRow) -> float | None:
+        """A waking tenant whose engine sleeps in place: it wakes (vLLM copies its weights back)
+        once no other engine profiles and, with overcommit, once those put to sleep for it have
+        released their memory. None when it is awake; else when to look again."""
+        name = row.spec.name
+        if self._gate and self._gate[0] != name and self.store.find_tenant(self._gate[0]) is not None:
+            self._set_status(row, TenantStatus.PENDING, f"waiting for {self._gate[0]}'s engine to finish starting")
+            return POLL_STARTING_S  # memory taken while another engine profiles sizes its KV cache wrong
+        stopping = self._put_to_sleep(row) if self.settings.overcommit else None
+        if stopping:
+            self._set_status(row, TenantStatus.PENDING, f"waiting for the engine of {stopping}, put to sleep, to stop")
+            return POLL_STARTING_S
+        with self._admin(row) as gw:
+            if gw.engine_sleeping():
+                started = self.clock()
+                gw.engine_wake()
+                log.info("tenant %s: its engine woke in place in %.1f s", name, self.clock() - started)
+        return None
+
+    def _admin(self, row: TenantRow) -> GatewayAdmin:
+        """The tenant's gateway admin port; RuntimeUnavailable when it has no address now."""
+        ip = self.runtime.container_ip(
+            names.gateway(self.settings.instance, row.spec.name), control_network_name(self.settings)
+        )
+        if ip is None:
+            raise RuntimeUnavailable(f"the gateway of {row.spec.name} has no address on the control network yet")
+        return self.connect(ip, row.gateway_token)
 
     def _ensure_gateway(self, row: TenantRow, plan: ContainerPlan, gateway: ContainerState | None) -> bool:
         """Runs the tenant's gateway (it serves 503 until the engine is up) and, once healthy,
@@ -414,17 +458,27 @@ class Reconciler:
         return POLL_STARTING_S
 
     def _put_to_sleep(self, row: TenantRow) -> str | None:
-        """An asleep tenant on the same device whose engine is still there (being drained), if any."""
-        here = placed_on(row.device, self.inventory.devices())
-        asleep = set()
+        """An asleep tenant on the same device whose engine still holds its memory, if any: one
+        still there (cpu), or not yet asleep in place (a GPU engine)."""
+        devices = self.inventory.devices()
+        here = placed_on(row.device, devices)
+        asleep: dict[str, TenantRow] = {}
         for other in self.store.tenants():
-            placed = placed_on(other.device, self.inventory.devices())
+            placed = placed_on(other.device, devices)
             if other.status == TenantStatus.ASLEEP and here and placed and placed.uuid == here.uuid:
-                asleep.add(other.spec.name)
+                asleep[other.spec.name] = other
         if not asleep:
             return None
         engines = self.runtime.containers(names.selector(self.settings.instance, role=Role.ENGINE.value))
-        return next((c.tenant for c in engines if c.tenant in asleep), None)
+        for c in engines:
+            if c.tenant not in asleep:
+                continue
+            if not sleeps_in_place(self.settings) or c.status != "running" or c.health != "healthy":
+                return c.tenant
+            with self._admin(asleep[c.tenant]) as gw:
+                if not gw.engine_sleeping():
+                    return c.tenant
+        return None
 
     def _prepare(self, row: TenantRow) -> None:
         """Gives the tenant's volume to the engine's user, once per manager process (it is idempotent;

@@ -25,7 +25,7 @@ from manager.control.modelfit import (
     takes_images,
 )
 from manager.control.overcommit import counted_beside, resident
-from manager.control.plan import docker_words, port_probe_plan, port_taken
+from manager.control.plan import docker_words, port_probe_plan, port_taken, sleeps_in_place
 from manager.control.quant import checkpoint_method, resolve
 from manager.control.reconciler import Reconciler
 from manager.control.records import AuditRow, KeyRow, ReservationEvent, TenantRow, UsageTotals
@@ -219,8 +219,10 @@ class TenantService:
 
     def cost(self, month: str, total: float, asleep_rate: float | None = None) -> list[Share]:
         """The month's cost split between tenants, and inside each between its members; asleep
-        memory-hours at ``asleep_rate`` of an awake one's (None: what a sleeper keeps)."""
-        return split(month, total, self.store, self.clock(), asleep_rate)
+        memory-hours at ``asleep_rate`` of an awake one's (None: what a sleeper keeps, its engine's
+        CUDA context where it sleeps in place)."""
+        kept = self.process_overhead if sleeps_in_place(self.settings) else 0
+        return split(month, total, self.store, self.clock(), asleep_rate, kept)
 
     # ---------------------------------------------------------------- measuring
     def measured_use(self, only: str | None = None) -> dict[str, int | None]:
@@ -412,10 +414,10 @@ class TenantService:
         overhead = self.process_overhead
 
         def ledger(
-            device: DeviceMemory, counted: list[TenantRow], beside: tuple[int, int] | None = None
+            device: DeviceMemory, counted: list[TenantRow], beside: tuple[int, int] | None = None, measure: bool = True
         ) -> AdmissionInput:
-            """``counted``: the tenants whose reservations hold the device now; ``beside``: what
-            overcommit counts instead (bytes, engines), with nothing measured deciding."""
+            """``counted``: the tenants whose reservations hold the device now; ``beside``: what is
+            counted instead (bytes, engines); ``measure``: whether what the device measures decides."""
             reserved, engines = beside or (sum(r.spec.gpu_memory for r in counted), len(counted))
             return AdmissionInput(
                 requested=requested,
@@ -431,19 +433,28 @@ class TenantService:
                 system_reserved=device.reserved,
                 others=engines,
                 device=device_label(device) if len(devices) > 1 or gpu is not None else "",
-                measure=beside is None,
+                measure=measure,
             )
 
         here = {d.uuid: [r for r in rows if _on(r, devices, d)] for d in candidates}
         if not self.settings.overcommit:
             index, decision = place([ledger(d, here[d.uuid]) for d in candidates])
             return (candidates[index] if index is not None else None), decision
-        # overcommit: the tenants awake now, else (it starts asleep) every one that may sleep asleep
-        awake = [ledger(d, [r for r in here[d.uuid] if r.status != TenantStatus.ASLEEP]) for d in candidates]
+        # overcommit: the tenants awake now (and what sleepers keep), else (it starts asleep) every
+        # one that may sleep asleep
+        keeps = sleeps_in_place(self.settings)
+        awake = []
+        for d in candidates:
+            up = [r for r in here[d.uuid] if r.status != TenantStatus.ASLEEP]
+            asleep = len(here[d.uuid]) - len(up)
+            awake.append(ledger(d, up, (sum(r.spec.gpu_memory for r in up), len(up) + (asleep if keeps else 0))))
         index, decision = place(awake)
         if index is not None:
             return candidates[index], replace(decision, messages=("fits awake now", *decision.messages))
-        beside = [ledger(d, [], counted_beside([resident(r) for r in here[d.uuid]], always_on)) for d in candidates]
+        beside = [
+            ledger(d, [], counted_beside([resident(r) for r in here[d.uuid]], always_on, keeps), measure=False)
+            for d in candidates
+        ]
         index, guaranteed = place(beside)
         if index is None:
             return None, replace(

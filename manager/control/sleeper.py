@@ -21,8 +21,9 @@ nothing can be put to sleep, the tenant's ``wake_refusal`` says why, with the nu
 gateway answers with it. An always-on tenant never sleeps, and wakes at once when it finds itself
 asleep (admitted by overcommit, or made always-on while asleep).
 
-Sleeping stops the engine in every mode today (a cold start on wake); vLLM's sleep mode, which
-keeps a GPU engine's process and moves its weights to host memory, is not used yet.
+How an engine sleeps is the reconciler's: on a GPU in place (vLLM's sleep mode, level 1: its
+weights go to host memory, its KV cache is freed, its process and CUDA context stay; a wake copies
+the weights back), in cpu mode by stopping it (a cold start on wake).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from manager import names
 from manager.contract import GatewayActivity
 from manager.control.gateway_client import Connect
 from manager.control.overcommit import Room, WakePlan, plan_wake, resident
-from manager.control.plan import control_network_name
+from manager.control.plan import control_network_name, sleeps_in_place
 from manager.control.records import TenantRow
 from manager.control.storage import TenantStore
 from manager.domain import TenantStatus
@@ -170,7 +171,8 @@ class Sleeper:
                     last_used = max(last_used, activity.last_request_at)
             others.append(resident(other, idle, last_used))
         overhead = self.settings.process_overhead if self.inventory.mode == "nvml" else 0
-        return plan_wake(row.spec.gpu_memory, others, Room(device.usable, self.settings.headroom, overhead))
+        kept = overhead if sleeps_in_place(self.settings) else 0
+        return plan_wake(row.spec.gpu_memory, others, Room(device.usable, self.settings.headroom, overhead, kept))
 
     def activity(self, row: TenantRow) -> GatewayActivity | None:
         """What the tenant's gateway serves now; None when it cannot be asked."""

@@ -1,17 +1,30 @@
 """The admin side of a gateway, reachable only on the control network (never
 published on the host): config push from the manager, usage by cursor, activity (for the
-manager's sleeper), metrics."""
+manager's sleeper), the engine's sleep mode (for the manager's reconciler), metrics.
+
+The engine's sleep endpoints (vLLM's dev-mode ``/sleep``, ``/wake_up``, ``/is_sleeping``) are
+reached only from here: the tenant's port forwards an allowlist of OpenAI paths, never these."""
 
 from __future__ import annotations
 
 import hmac
 from typing import Annotated
 
+import httpx
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.responses import Response
 from prometheus_client import generate_latest
 
-from manager.contract import GatewayActivity, GatewayConfig, GatewayStatus, Limits, MemberConfig, UsagePage
+from manager.contract import (
+    ENGINE_SLEEP_LEVEL,
+    EngineSleep,
+    GatewayActivity,
+    GatewayConfig,
+    GatewayStatus,
+    Limits,
+    MemberConfig,
+    UsagePage,
+)
 from manager.gateway.state import GatewayState
 
 
@@ -25,9 +38,55 @@ def auth(request: Request, authorization: Annotated[str, Header()] = "") -> None
 Auth = Annotated[None, Depends(auth)]
 
 
-def create_admin_app(state: GatewayState, token: str) -> FastAPI:
+ENGINE_SLEEP_TIMEOUT_S = 300.0
+"""A level-1 sleep copies the weights to host memory, a wake copies them back: seconds, more for
+tens of GB."""
+
+
+def create_admin_app(state: GatewayState, token: str, engine: httpx.Client | None = None) -> FastAPI:
+    """``engine``: a client of the tenant's engine (its base URL), for its sleep mode."""
     app = FastAPI(title="gpu-tenant-manager gateway admin", docs_url=None, redoc_url=None)
     app.state.admin_token = token
+
+    def on_engine(method: str, path: str, **kwargs: object) -> httpx.Response:
+        """The handlers are plain functions: FastAPI runs them on its threads, never on the loop."""
+        if engine is None:
+            raise HTTPException(501, "this gateway has no engine to reach")
+        try:
+            answer = engine.request(method, path, **kwargs)  # type: ignore[arg-type]
+        except httpx.HTTPError as exc:
+            raise HTTPException(502, f"the engine did not answer {method} {path}: {exc}") from exc
+        if answer.status_code == 404:
+            raise HTTPException(
+                502,
+                f"the engine has no {path}: it was started without sleep mode (--enable-sleep-mode and "
+                "VLLM_SERVER_DEV_MODE=1)",
+            )
+        if answer.status_code >= 400:
+            raise HTTPException(
+                502, f"the engine answered {method} {path} with {answer.status_code}: {answer.text[:300]}"
+            )
+        return answer
+
+    def sleeping() -> EngineSleep:
+        body = on_engine("GET", "/is_sleeping").json()
+        return EngineSleep(sleeping=bool(body.get("is_sleeping")) if isinstance(body, dict) else False)
+
+    @app.get("/admin/engine/sleeping")
+    def engine_sleeping(_: Auth) -> EngineSleep:
+        return sleeping()
+
+    @app.post("/admin/engine/sleep")
+    def engine_sleep(_: Auth) -> EngineSleep:
+        """vLLM's sleep mode, level 1: the weights go to host memory, the KV cache is freed; the
+        process, and its CUDA context, stay."""
+        on_engine("POST", "/sleep", params={"level": str(ENGINE_SLEEP_LEVEL)}, timeout=ENGINE_SLEEP_TIMEOUT_S)
+        return sleeping()
+
+    @app.post("/admin/engine/wake")
+    def engine_wake(_: Auth) -> EngineSleep:
+        on_engine("POST", "/wake_up", timeout=ENGINE_SLEEP_TIMEOUT_S)
+        return sleeping()
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import httpx
 import uvicorn
 
 from manager.gateway.admin import create_admin_app
@@ -15,10 +16,11 @@ from manager.gateway.state import GatewayState
 from manager.gateway.store import GatewayStore
 
 
-async def serve(settings: GatewaySettings) -> None:
+async def serve(settings: GatewaySettings, engine: httpx.Client | None = None) -> None:
+    """``engine``: a client of the engine for the admin app's sleep-mode calls (they run on its threads)."""
     state = GatewayState(GatewayStore(settings.data_dir / "gateway.db"))
     proxy = Proxy(settings, state)
-    admin = create_admin_app(state, settings.admin_token.get_secret_value())
+    admin = create_admin_app(state, settings.admin_token.get_secret_value(), engine)
     public = uvicorn.Server(
         uvicorn.Config(
             proxy,
@@ -50,5 +52,6 @@ def main() -> int:
     settings = GatewaySettings()
     import uvloop
 
-    uvloop.run(serve(settings))
+    with httpx.Client(base_url=settings.upstream, timeout=30.0) as engine:
+        uvloop.run(serve(settings, engine))
     return 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from manager.contract import GatewayActivity, GatewayConfig, UsagePage, UsageRecord
 
 
@@ -14,6 +16,10 @@ class FakeGateway:
         self.connected: list[str] = []
         self.activities: dict[str, GatewayActivity] = {}
         """What each gateway serves now (by token); idle since it started unless a test says otherwise."""
+        self.sleeping: dict[str, bool] = {}
+        """Whether each gateway's engine sleeps in place (vLLM's sleep mode), by token."""
+        self.on_sleep: Callable[[str, bool], None] = lambda token, asleep: None
+        """Called as an engine falls asleep (True) or wakes (False): a simulated GPU frees or takes memory."""
 
     def __call__(self, ip: str, token: str) -> FakeGateway._Session:
         self.connected.append(token)
@@ -45,6 +51,19 @@ class FakeGateway:
             found = self.owner.activities.get(self.token)
             base = found or GatewayActivity(last_request_at=None, in_flight=0, waiting=0, hold=False)
             return base.model_copy(update={"hold": bool(held and held.hold)})
+
+        def engine_sleeping(self) -> bool:
+            return self.owner.sleeping.get(self.token, False)
+
+        def engine_sleep(self) -> bool:
+            self.owner.on_sleep(self.token, True)
+            self.owner.sleeping[self.token] = True
+            return True
+
+        def engine_wake(self) -> bool:
+            self.owner.on_sleep(self.token, False)
+            self.owner.sleeping[self.token] = False
+            return False
 
 
 def usage_record(request_id: str, key_id: str = "k", member: str = "", **fields: object) -> UsageRecord:

@@ -55,6 +55,9 @@ def test_asleep_hours_are_priced_apart_at_the_rate_the_admin_sets(tmp_path: Path
     assert b.gib_hours == round(b.gib_hours_awake + 0.5 * b.gib_hours_asleep, 4)
     with pytest.raises(InvalidInput, match="from 0 to 1"):
         split("2026-11", 100.0, store, now=end, asleep_rate=1.5)
+    # a GPU engine sleeps in place and keeps its CUDA context: by default that is what is priced
+    _, b = split("2026-11", 100.0, store, now=end, kept_asleep=G // 2)
+    assert b.gib_hours == round(b.gib_hours_awake + 0.5 * (hours / 2), 4)
     store.close()
 
 

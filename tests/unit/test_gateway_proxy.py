@@ -132,6 +132,7 @@ async def test_stream_keeps_usage_when_asked(gateway):
     [
         ("POST", "/sleep"),
         ("POST", "/wake_up"),
+        ("GET", "/is_sleeping"),
         ("POST", "/collective_rpc"),
         ("POST", "/reset_prefix_cache"),
         ("GET", "/metrics"),
@@ -264,6 +265,45 @@ def test_admin_side_needs_its_token_and_pages_usage_by_cursor(tmp_path: Path) ->
     assert client.put("/admin/config", json=config, headers=auth).json() == {"version": "v9"}
     assert client.get("/admin/config", headers=auth).json()["limits"]["rpm_limit"] == 7
     assert state.quotas.limits.rpm_limit == 7
+
+
+def test_the_engines_sleep_mode_is_reached_from_the_admin_side_alone(tmp_path: Path) -> None:
+    """vLLM's dev-mode sleep endpoints, through the gateway's admin port (the tenant's port refuses
+    them: test_admin_paths_are_refused); an engine without sleep mode is a 502 that says so."""
+    from fastapi.testclient import TestClient
+
+    from manager.gateway.admin import create_admin_app
+
+    asleep, calls = [False], []
+
+    def engine(request: httpx.Request) -> httpx.Response:
+        calls.append(f"{request.method} {request.url.path}?{request.url.query.decode()}")
+        if request.url.path == "/sleep":
+            asleep[0] = True
+        elif request.url.path == "/wake_up":
+            asleep[0] = False
+        elif request.url.path != "/is_sleeping":
+            return httpx.Response(404)
+        return httpx.Response(200, json={"is_sleeping": asleep[0]} if request.url.path == "/is_sleeping" else None)
+
+    state = GatewayState(GatewayStore(tmp_path / "gw.db"))
+    upstream_engine = httpx.Client(transport=httpx.MockTransport(engine), base_url="http://engine:8000")
+    client = TestClient(create_admin_app(state, "admin-secret", upstream_engine))
+    auth = {"Authorization": "Bearer admin-secret"}
+    assert client.post("/admin/engine/sleep").status_code == 401
+    assert client.get("/admin/engine/sleeping", headers=auth).json() == {"sleeping": False}
+    assert client.post("/admin/engine/sleep", headers=auth).json() == {"sleeping": True}
+    assert "POST /sleep?level=1" in calls, "level 1: the weights go to host memory"
+    assert client.post("/admin/engine/wake", headers=auth).json() == {"sleeping": False}
+    without = TestClient(
+        create_admin_app(
+            state,
+            "admin-secret",
+            httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(404)), base_url="http://e"),
+        )
+    )
+    answer = without.post("/admin/engine/sleep", headers=auth)
+    assert answer.status_code == 502 and "--enable-sleep-mode" in answer.json()["detail"]
 
 
 @pytest.mark.parametrize(

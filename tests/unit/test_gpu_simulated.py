@@ -10,14 +10,18 @@ from __future__ import annotations
 import json
 import random
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from manager import names
+from manager.contract import GatewayActivity
 from manager.control.reconciler import Reconciler
 from manager.control.service import TenantService
+from manager.control.sleeper import Turn
 from manager.control.store import Store
 from manager.domain import TenantSpec, TenantStatus
 from manager.errors import AdmissionRefused, GpuUnavailable, InvalidInput
@@ -25,7 +29,20 @@ from manager.gpu.nvml import NvmlInventory
 from manager.runtime.memory import MemoryRuntime
 from manager.settings import Settings
 
-from ..simgpu import GIB, MIB, EngineModel, SimGpu, SimNvml, VllmRefused, a100, vllm_start, vllm_stop
+from ..simgpu import (
+    CONTEXT,
+    GIB,
+    MIB,
+    EngineModel,
+    SimGpu,
+    SimNvml,
+    VllmRefused,
+    a100,
+    vllm_sleep,
+    vllm_start,
+    vllm_stop,
+    vllm_wake,
+)
 from .fakes import FakeGateway
 
 INSTANCE = "gtmg"
@@ -48,17 +65,29 @@ def sparse_model(directory: Path, weights: int) -> None:
 class SimHost:
     """A manager over simulated GPUs: the engines it starts are started in the simulation."""
 
-    def __init__(self, tmp_path: Path, gpus: list[SimGpu]) -> None:
+    def __init__(self, tmp_path: Path, gpus: list[SimGpu], **settings: Any) -> None:
         self.nvml = SimNvml(gpus)
         models = tmp_path / "models"
         sparse_model(models / "demo", ENGINE.weights)
-        self.settings = Settings(gpu_mode="nvml", instance=INSTANCE, state_dir=tmp_path, models_dir=models)
+        self.settings = Settings(gpu_mode="nvml", instance=INSTANCE, state_dir=tmp_path, models_dir=models, **settings)
         self.store = Store(tmp_path / "m.db")
         self.runtime = MemoryRuntime()
         self.inventory = NvmlInventory.open(self.nvml)
-        self.reconciler = Reconciler(self.settings, self.store, self.runtime, self.inventory, connect=FakeGateway())
+        self.gateways = FakeGateway()
+        self.gateways.on_sleep = self._sleep_mode
+        self.reconciler = Reconciler(self.settings, self.store, self.runtime, self.inventory, connect=self.gateways)
         self.service = TenantService(self.settings, self.store, self.runtime, self.inventory, self.reconciler)
         self.pids: dict[str, tuple[str, int]] = {}  # tenant -> (device uuid, pid)
+        self.budgets: dict[str, int] = {}  # tenant -> its engine's budget (utilization x CUDA's total)
+
+    def _sleep_mode(self, token: str, asleep: bool) -> None:
+        """The engine the gateway with this token reaches sleeps (level 1) or wakes, in the simulation."""
+        (name,) = [r.spec.name for r in self.store.tenants() if r.gateway_token == token]
+        uuid, pid = self.pids[name]
+        if asleep:
+            vllm_sleep(self.nvml.device(uuid), pid, ENGINE)
+        else:
+            vllm_wake(self.nvml.device(uuid), pid, ENGINE, self.budgets[name])
 
     def add(self, name: str, port: int, gpu_memory: int, gpu: str | None = None) -> None:
         spec = TenantSpec(name=name, port=port, gpu_memory=gpu_memory, model="demo", max_model_len=4096)
@@ -79,6 +108,7 @@ class SimHost:
         pid = self.nvml.new_pid()
         kv = vllm_start(device, util, ENGINE, pid)
         self.pids[name] = (device.uuid, pid)
+        self.budgets[name] = device.processes[pid] - ENGINE.context
         self.runtime.set_pids(engine, {pid})
         self.runtime.set_health(engine, "healthy")
         self.runtime.set_health(names.gateway(INSTANCE, name), "healthy")
@@ -315,3 +345,66 @@ def test_the_readmes_a100_figures(host: SimHost) -> None:
         host.add(f"lab{i}", 31000 + i, 24 * GIB)
     left = host.service.capacity().devices[0].unreserved
     assert round(left / GIB, 2) == 4.15  # "a fourth can then reserve up to 4.1 GiB"
+
+
+def test_sleeping_engines_keep_their_context_which_overcommit_counts_and_every_wake_fits(tmp_path: Path) -> None:
+    """Level-1 sleep on one A100 80GB with overcommit: room for three tenants of 24 GiB awake, five
+    admitted. A sleeping engine keeps its process and CUDA context (measured, and counted for it);
+    a wake that fits beside the awake ones puts nobody to sleep; one that does not puts the least
+    recently used idle one to sleep in place first, and wakes only once that one's memory is free.
+    vLLM's own checks (its start, and CUDA's allocation at a wake) pass at every step."""
+    h = SimHost(tmp_path, [a100(0)], overcommit=True)
+    gw, clock = h.gateways, [time.time()]
+    h.reconciler.clock = h.reconciler.sleeper.clock = lambda: clock[0]
+    try:
+        for i in range(5):
+            with_sleep = TenantSpec(
+                name=f"s{i}", port=31000 + i, gpu_memory=24 * GIB, model="demo", max_model_len=4096, idle_sleep_s=60.0
+            )
+            created = h.service.create(with_sleep, "test")
+            assert created.decision.by_overcommit == (i >= 3), (i, created.decision.messages)
+        for name in ("s0", "s1", "s2"):
+            h.start(name)
+        for name in ("s3", "s4"):  # asleep: their gateways only, holding
+            h.reconciler.reconcile(name)
+            h.runtime.set_health(names.gateway(INSTANCE, name), "healthy")
+            h.reconciler.reconcile(name)
+        device = h.nvml.device("GPU-a100-0000")
+        token = {r.spec.name: r.gateway_token for r in h.store.tenants()}
+
+        def serving(name: str, last: float, waiting: int = 0) -> None:
+            gw.activities[token[name]] = GatewayActivity(last_request_at=last, in_flight=0, waiting=waiting, hold=False)
+
+        for i, name in enumerate(("s0", "s1", "s2")):
+            serving(name, clock[0] + i)  # s0 used longest ago
+        clock[0] += 61.0
+        serving("s1", clock[0])
+        serving("s2", clock[0])
+        assert h.reconciler.sleeper.tick() == [Turn("s0", "sleep")]
+        free_before = device.cuda_free
+        h.reconciler.reconcile("s0")
+        assert gw.sleeping[token["s0"]] and h.runtime.container(names.engine(INSTANCE, "s0")) is not None
+        assert device.cuda_free - free_before == h.budgets["s0"], "its weights and KV cache left the device"
+        assert h.service.measured_use("s0")["s0"] == CONTEXT, "what a sleeping engine keeps: its context"
+        # s3, admitted asleep, takes its first request: it fits beside s1, s2 and s0's context
+        serving("s3", clock[0], waiting=1)
+        assert h.reconciler.sleeper.tick() == [Turn("s3", "wake")]
+        h.start("s3")
+        # s0's request: 24.5 GiB needed, 4.6 free beside three awake and one context; s1 is the LRU idle one
+        serving("s3", clock[0] + 1)
+        serving("s0", clock[0] + 2, waiting=1)
+        plan = h.reconciler.sleeper.plan(h.store.tenant("s0"))
+        assert plan.evict == ("s1",) and plan.numbers["kept_by_sleepers"] == CONTEXT, plan
+        assert h.reconciler.sleeper.tick() == [Turn("s1", "evict"), Turn("s0", "wake")]
+        h.reconciler.reconcile("s0")  # s1 still holds its memory: s0 waits
+        assert h.store.tenant("s0").status == TenantStatus.WAKING and gw.sleeping[token["s0"]]
+        assert "waiting for the engine of s1" in h.store.tenant("s0").reason
+        h.reconciler.reconcile("s1")  # its gateway holds, nothing in flight: it sleeps in place
+        assert gw.sleeping[token["s1"]]
+        h.reconciler.reconcile("s0")  # vLLM maps its weights and KV cache again (CUDA's check)
+        assert not gw.sleeping[token["s0"]] and h.store.tenant("s0").status == TenantStatus.RUNNING
+        assert device.used <= device.cuda_total
+        kept = h.service.measured_use()
+        assert (kept["s1"], kept.get("s4")) == (CONTEXT, None), "a sleeper keeps its context; one never started nothing"
+    finally:
+        h.close()

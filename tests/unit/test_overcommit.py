@@ -71,6 +71,7 @@ def test_a_tenant_with_a_request_in_flight_or_always_on_is_never_put_to_sleep() 
         "capacity": 7 * GIB,
         "awake_tenants": 2,
         "awake_reserved": 6 * GIB,
+        "kept_by_sleepers": 0,
         "free": 1 * GIB,
         "freed_by_sleeping": 0,
     }
