@@ -26,7 +26,9 @@
 #                                  root it empties the page cache first (the hard case)
 #   scripts/bench.sh --sleep [ROUNDS]
 #                                  a sleeping tenant woken by a request vs a new tenant's
-#                                  add-tenant -> first answer, ROUNDS times (default 3)
+#                                  add-tenant -> first answer, ROUNDS times (default 3); then 10
+#                                  tenants on room for 3 awake (overcommit) replay 5 minutes of
+#                                  Poisson arrivals: served fraction, time to first token p50/p99
 source "$(dirname "$0")/lib.sh"
 cd "$GTM_ROOT"
 bash scripts/dev-env.sh >/dev/null
@@ -39,7 +41,8 @@ fi
 if [ "${1:-}" = "--sleep" ]; then
   bash scripts/build-images.sh all >/dev/null
   bash scripts/make-demo-model.sh "$GTM_CACHE/models" >/dev/null
-  exec .venv/bin/python -m bench.sleep_bench --rounds "${2:-3}" --models "$GTM_CACHE/models"
+  .venv/bin/python -m bench.sleep_bench --rounds "${2:-3}" --models "$GTM_CACHE/models"
+  exec .venv/bin/python -m bench.sleep_trace --duration 300 --rate 1 --seed 1 --models "$GTM_CACHE/models"
 fi
 if [ "${1:-}" = "--wire" ]; then
   if ! command -v wrk >/dev/null || ! command -v nginx >/dev/null; then

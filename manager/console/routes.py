@@ -293,6 +293,7 @@ def new_tenant(request: Request, session: Session, form: dict[str, str]) -> HTML
             trust_remote_code=form.get("trust_remote_code") == "on",
             max_num_seqs=_opt_int(form, "max_num_seqs"),
             idle_sleep_s=_opt_int(form, "idle_sleep_s"),
+            always_on=form.get("always_on") == "on",
         )
         created = svc.create(spec, session.user, gpu=form.get("gpu", "").strip() or None)
     except GtmError as exc:
@@ -435,7 +436,7 @@ def revoke(request: Request, session: Session, form: dict[str, str], name: str, 
 
 _EDIT_SIZES = ("gpu_memory", "shm_size", "max_body")
 _EDIT_INTS = ("port", "max_model_len", "max_images", "max_image_pixels", "max_num_seqs")
-_EDIT_FLAGS = ("enable_prefix_caching", "trust_remote_code")
+_EDIT_FLAGS = ("enable_prefix_caching", "trust_remote_code", "always_on")
 
 
 def edit_changes(form: dict[str, str], spec: TenantSpec) -> dict[str, Any]:

@@ -111,10 +111,10 @@ def plan_wake(reserved: int, others: Sequence[Resident], room: Room) -> WakePlan
         )
     busy = [o.name for o in awake if not o.idle and not o.always_on]
     pinned = [o.name for o in awake if o.always_on]
+    held = f"{f(taken)} with their overhead" if overhead or room.kept else f"{f(taken)} reserved"
     message = (
         f"it needs {asked} but {f(max(free, 0))} of {f(room.capacity)} is free beside the {len(awake)} tenants "
-        f"awake ({f(taken)} with their overhead), and putting every idle one that may sleep to sleep "
-        f"frees only {f(freed)}"
+        f"awake ({held}), and putting every idle one that may sleep to sleep frees only {f(freed)}"
     )
     if busy:
         message += f"; serving requests now: {', '.join(busy)}"

@@ -12,9 +12,11 @@ limits lifted; a test that restarts the manager hands the new one to the next (`
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
+import socket
 import threading
 import time
 from collections import defaultdict
@@ -34,6 +36,7 @@ from manager.contract import UsageRecord
 from manager.control.gateway_client import GatewayClient, desired_config
 from manager.control.plan import control_network_name
 from manager.control.store import Store
+from manager.errors import RuntimeUnavailable
 
 from .conftest import TEST_PREFIX, RunningManager, remove_instance, settings_for, start_manager, wait_for, wait_status
 
@@ -682,3 +685,134 @@ def test_an_idle_tenant_sleeps_and_the_requests_that_find_it_asleep_wake_it(text
     actions = [a["action"] for a in api.get("/api/v1/audit", params={"tenant": TENANT}).json()]
     assert actions[:3] == ["woke", "wake", "sleep"], actions[:5]
     assert api.patch(f"/api/v1/tenants/{TENANT}", json={"idle_sleep_s": 0}).status_code == 200
+
+
+# ------------------------------------------------------------------ overcommit: three tenants, room for two
+
+
+class Serving:
+    """A request its tenant's engine works on for seconds: 64 choices of 400 tokens each (the demo
+    model makes 300 tokens of one choice in 0.7 s here; more on a slower machine). Its answer is
+    read at ``done``."""
+
+    def __init__(self, text: Text, tenant: str, key: str, port: int) -> None:
+        body = json.dumps({**SMALL, "max_tokens": 400, "n": 64, "stream": True, "ignore_eos": True}).encode()
+        head = (
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode()
+        self.conn = socket.socket()
+        self.conn.settimeout(300)
+        self.conn.connect(("127.0.0.1", port))
+        self.conn.sendall(head + body)
+        wait_for(lambda: in_flight(text, tenant) == 1, 30, f"{tenant}'s request in flight", interval=0.1)
+
+    def done(self) -> bytes:
+        """Reads the whole answer: its status line and body."""
+        out = b""
+        while chunk := self.conn.recv(65536):
+            out += chunk
+        self.conn.close()
+        return out
+
+
+def holding(text: Text, tenant: str) -> bool:
+    """The gateway of a tenant admitted asleep runs, with the config that holds its first request."""
+    try:
+        with gateway_admin(text.manager, text.docker, tenant) as gw:
+            return gw.activity().hold
+    except (docker.errors.NotFound, KeyError, RuntimeUnavailable):
+        return False  # not created, not on the control network, or not answering yet
+
+
+def in_flight(text: Text, tenant: str) -> int:
+    with gateway_admin(text.manager, text.docker, tenant) as gw:
+        return gw.activity().in_flight
+
+
+@pytest.mark.slow
+def test_with_overcommit_three_tenants_take_turns_on_room_for_two_and_the_lru_idle_one_sleeps(text: Text) -> None:
+    """The admin turns overcommit on (GTM_OVERCOMMIT) on a host sized for two awake tenants (the
+    headroom leaves room for two reservations: the documented test setting). A third tenant is
+    admitted asleep; each wake puts the least recently used idle tenant to sleep, never one serving
+    a request, and when nothing can sleep the waking request gets a 503 with the numbers."""
+    size = 1536 * 1024**2
+    with open("/proc/meminfo") as f:
+        total = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
+    headroom = total - 2 * size - size // 2  # room for two awake, not three
+    text.manager.stop()
+    manager = text.manager = start_manager(
+        text.manager.settings.model_copy(update={"overcommit": True, "headroom": headroom})
+    )
+    api = manager.client()
+    keys = {TENANT: text.key}
+    for name, port in (("bravo", PORT + 1), ("charlie", PORT + 2)):
+        r = api.post("/api/v1/tenants", json={"name": name, "gpu_memory": "1536M", "port": port})
+        assert r.status_code == 201, r.text
+        keys[name] = r.json()["key"]["api_key"]
+        admission = r.json()["admission"]
+        if name == "bravo":
+            assert not admission["by_overcommit"] and admission["messages"][0] == "fits awake now", admission
+            wait_status(api, "bravo", "running")
+        else:
+            assert admission["by_overcommit"], admission
+            assert admission["messages"][0].startswith("fits only by overcommit"), admission
+            assert r.json()["tenant"]["status"] == "asleep"
+            wait_for(lambda n=name: holding(text, n), 60, f"{name}'s gateway to hold", interval=0.5)
+    ports = {TENANT: PORT, "bravo": PORT + 1, "charlie": PORT + 2}
+
+    def ask(name: str) -> httpx.Response:
+        return httpx.post(
+            f"http://127.0.0.1:{ports[name]}/v1/chat/completions",
+            json=SMALL,
+            headers={"Authorization": f"Bearer {keys[name]}"},
+            timeout=300,
+        )
+
+    def status(name: str) -> str:
+        t = api.get(f"/api/v1/tenants/{name}").json()
+        return str(t["status"]) if t["status"] != "failed" else f"failed: {t['reason']}"
+
+    # turn 1: acme is the least recently used, but serving a request; bravo, used after it, is idle
+    serving = Serving(text, TENANT, keys[TENANT], PORT)
+    assert ask("bravo").status_code == 200
+    woken_at = time.monotonic()
+    answers: list[httpx.Response] = []
+    waking = threading.Thread(target=lambda: answers.append(ask("charlie")))
+    waking.start()
+    try:  # acme's client reads once the choice is made
+        wait_for(lambda: status("bravo") == "asleep", 30, "a tenant to be put to sleep for charlie", interval=0.2)
+    finally:
+        streamed = serving.done()
+    assert streamed.startswith(b"HTTP/1.1 200") and b"data: [DONE]" in streamed, streamed[:300]
+    waking.join(timeout=300)
+    charlie_wake = time.monotonic() - woken_at
+    assert answers and answers[0].status_code == 200, answers
+    print(f"charlie woke and answered in {charlie_wake:.1f} s")
+    assert (status(TENANT), status("bravo"), status("charlie")) == ("running", "asleep", "running")
+    evicted = [a for a in api.get("/api/v1/audit", params={"tenant": "bravo"}).json() if a["action"] == "evict"]
+    assert evicted and evicted[0]["detail"]["for"] == "charlie", evicted
+
+    # turn 2: bravo's request wakes it; acme (its stream done) is now the least recently used idle one
+    assert ask("bravo").status_code == 200
+    assert (status(TENANT), status("bravo"), status("charlie")) == ("asleep", "running", "running")
+
+    # nothing can sleep: charlie is always on, bravo serves a long stream; acme's request gets a 503
+    assert api.patch("/api/v1/tenants/charlie", json={"always_on": True}).status_code == 200
+    serving = Serving(text, "bravo", keys["bravo"], PORT + 1)
+    try:
+        refused = ask(TENANT)
+    finally:
+        streamed = serving.done()
+    assert streamed.startswith(b"HTTP/1.1 200") and b"data: [DONE]" in streamed, streamed[:300]
+    print(f"refused: {refused.json()['error']['message']}")
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "30", refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "tenant_cannot_wake", error
+    assert "serving requests now: bravo; always on: charlie" in error["message"], error["message"]
+    assert "1.5 GiB" in error["message"], "it names the numbers"
+    # bravo idle again: the refusal is lifted, and acme's next request would be held and wake it
+    wait_for(lambda: api.get(f"/api/v1/tenants/{TENANT}").json()["wake_refusal"] == "", 30, "the refusal lifted")
+    assert status(TENANT) == "asleep"
+    rows = {t["name"]: t for t in api.get("/api/v1/tenants").json()}
+    assert (rows["bravo"]["sleeps"], rows["bravo"]["wakes"]) == (1, 1) and rows["charlie"]["always_on"]

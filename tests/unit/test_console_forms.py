@@ -95,6 +95,14 @@ def test_the_tenant_page_sets_and_shows_sleeping_when_idle(base_url: str) -> Non
         assert too_short.status_code == 422 and "idle sleep must be between 5 s" in too_short.text
         assert console.post("/tenants/sleepy/update", data={**form, "idle_sleep_s": ""}).status_code == 303
         assert httpx.get(f"{base_url}/api/v1/tenants/sleepy", headers=admin).json()["idle_sleep_s"] is None
+        # always on: never put to sleep; with --idle-sleep it is refused with the way out
+        form = _form_of(console.get("/tenants/sleepy").text, "/tenants/sleepy/update")
+        assert form["always_on"] == "off"
+        both = console.post("/tenants/sleepy/update", data={**form, "always_on": "on", "idle_sleep_s": "600"})
+        assert both.status_code == 422 and "always on never sleeps" in both.text
+        assert console.post("/tenants/sleepy/update", data={**form, "always_on": "on"}).status_code == 303
+        assert httpx.get(f"{base_url}/api/v1/tenants/sleepy", headers=admin).json()["always_on"] is True
+        assert re.search(r'data-testid="sleep">\s*never: always on', console.get("/tenants/sleepy").text)
 
 
 def test_members_are_added_and_limited_with_post_redirect_get(base_url: str) -> None:

@@ -63,7 +63,7 @@ def test_a_tenant_with_a_request_in_flight_or_always_on_is_never_put_to_sleep() 
     assert not refused.fits and refused.evict == ()
     assert refused.message == (
         "it needs 3.0 GiB but 1.0 GiB of 7.0 GiB is free beside the 2 tenants awake "
-        "(6.0 GiB with their overhead), and putting every idle one that may sleep to sleep frees only 0 B; "
+        "(6.0 GiB reserved), and putting every idle one that may sleep to sleep frees only 0 B; "
         "serving requests now: a; always on: b."
     )
     assert refused.numbers == {
