@@ -565,12 +565,18 @@ def command(name: str) -> Callable[[Command], Command]:
 def _add_tenant(args: argparse.Namespace, api: Api, shown: Shown) -> Any:
     out = api.call("POST", "/api/v1/tenants", {"name": args.name, **_engine_body(args)})
     t = out["tenant"]
-    then = "(waiting for its engine)" if args.wait else f"(status {t['status']}; the engine starts in the background)"
+    asleep = out["admission"].get("by_overcommit")
+    if asleep:  # overcommit: it fits only while others sleep, so it starts asleep
+        then = "(asleep: it fits only by overcommit; its first request wakes it once idle tenants sleep)"
+    elif args.wait:
+        then = "(waiting for its engine)"
+    else:
+        then = f"(status {t['status']}; the engine starts in the background)"
     shown.say(
         f"tenant {t['name']} admitted: {t['gpu_memory_human']} on port {t['port']} {then}",
         f"API key (shown once, store it now): {out['key']['api_key']}",
     )
-    if args.wait:
+    if args.wait and not asleep:
         out["tenant"] = wait_for_engine(api, args.name, args.timeout)
         shown.say(f"tenant {args.name} is running: its API serves on port {out['tenant']['port']}")
     return out

@@ -5,7 +5,9 @@ Pure decisions with every number in the answer, like ``admission``:
 - ``plan_wake``: an asleep tenant has a request waiting. Does its reservation fit beside the
   tenants awake now? If not, which idle tenants, least recently used first, are put to sleep to
   make room? A tenant with a request in flight (or held) is never chosen, nor one that is always
-  on. When even all of those together do not make room, the answer is a refusal naming the numbers.
+  on, nor one still starting. When the idle ones are not enough but the busy ones would be, the
+  wake waits (``WakePlan.wait``: their requests end in seconds, their starts in a minute); when
+  even every tenant that may sleep would not make room, the answer is a refusal naming the numbers.
 - ``counted_beside``: what admission counts beside a new (or resized) reservation. Only the
   always-on tenants are counted in full, since every other tenant can be put to sleep; a new
   always-on tenant also counts the largest reservation of one that may sleep, whose wake must
@@ -39,11 +41,19 @@ class Resident:
     """Running, with no request in flight and none held: it may be put to sleep now."""
     last_used: float = 0.0
     """When it last took a request (or began to run, if it took none since)."""
+    running: bool = True
+    """Its engine serves (else it is starting, waking or failed)."""
 
 
 def resident(row: TenantRow, idle: bool = False, last_used: float = 0.0) -> Resident:
     return Resident(
-        row.spec.name, row.spec.gpu_memory, row.status != TenantStatus.ASLEEP, row.spec.always_on, idle, last_used
+        row.spec.name,
+        row.spec.gpu_memory,
+        row.status != TenantStatus.ASLEEP,
+        row.spec.always_on,
+        idle,
+        last_used,
+        row.status == TenantStatus.RUNNING,
     )
 
 
@@ -71,6 +81,9 @@ class WakePlan:
     """Put to sleep first, least recently used first; empty when it fits beside those awake."""
     message: str
     numbers: dict[str, int] = field(default_factory=dict)
+    wait: bool = False
+    """It does not fit now, but will once tenants that may sleep finish what they serve or their
+    start: the request goes on waiting (its gateway's deadline bounds it)."""
 
 
 def plan_wake(reserved: int, others: Sequence[Resident], room: Room) -> WakePlan:
@@ -109,18 +122,23 @@ def plan_wake(reserved: int, others: Sequence[Resident], room: Room) -> WakePlan
             f"putting {', '.join(evict)} to sleep (least recently used) frees {f(freed)}",
             numbers,
         )
-    busy = [o.name for o in awake if not o.idle and not o.always_on]
+    serving = [o.name for o in awake if o.running and not o.idle and not o.always_on]
+    starting = [o.name for o in awake if not o.running and not o.always_on]
     pinned = [o.name for o in awake if o.always_on]
+    later = sum(o.reserved + overhead - room.kept for o in awake if not o.always_on) - freed
+    numbers["freed_once_idle"] = later
     held = f"{f(taken)} with their overhead" if overhead or room.kept else f"{f(taken)} reserved"
     message = (
         f"it needs {asked} but {f(max(free, 0))} of {f(room.capacity)} is free beside the {len(awake)} tenants "
         f"awake ({held}), and putting every idle one that may sleep to sleep frees only {f(freed)}"
     )
-    if busy:
-        message += f"; serving requests now: {', '.join(busy)}"
+    if serving:
+        message += f"; serving requests now: {', '.join(serving)}"
+    if starting:
+        message += f"; starting or waking: {', '.join(starting)}"
     if pinned:
         message += f"; always on: {', '.join(pinned)}"
-    return WakePlan(False, (), message + ".", numbers)
+    return WakePlan(False, (), message + ".", numbers, wait=free + freed + later >= needed)
 
 
 def counted_beside(others: Sequence[Resident], always_on: bool, sleepers_keep: bool = False) -> tuple[int, int]:

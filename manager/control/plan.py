@@ -179,6 +179,11 @@ def engine_env(settings: Settings) -> dict[str, str]:
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
     }
+    if settings.gpu_mode == "cpu":
+        # vLLM wraps a few helpers in torch.compile even with --enforce-eager (the rank of each
+        # sampled token, when a request asks for logprobs); the CPU image has no C++ compiler, so
+        # inductor failed and killed the engine (InvalidCxxCompiler, then EngineDeadError). Eager it is
+        env["TORCHDYNAMO_DISABLE"] = "1"
     if settings.gpu_mode == "nvml":
         env |= {
             "OMP_NUM_THREADS": ENGINE_THREADS,

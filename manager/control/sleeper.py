@@ -18,7 +18,8 @@ With ``GTM_OVERCOMMIT`` the host admits more tenants than fit awake. A wake that
 beside the awake tenants first puts the least recently used idle ones to sleep (``evict``, in the
 store at once; the reconciler starts the waking engine only once their engines are gone); when
 nothing can be put to sleep, the tenant's ``wake_refusal`` says why, with the numbers, and its
-gateway answers with it. An always-on tenant never sleeps, and wakes at once when it finds itself
+gateway answers with it; when only tenants busy serving or starting stand in the way, the request
+waits for them (its reason says so). An always-on tenant never sleeps, and wakes at once when it finds itself
 asleep (admitted by overcommit, or made always-on while asleep).
 
 How an engine sleeps is the reconciler's: on a GPU in place (vLLM's sleep mode, level 1: its
@@ -44,6 +45,7 @@ from manager.control.storage import TenantStore
 from manager.domain import TenantStatus
 from manager.errors import RuntimeUnavailable
 from manager.gpu import Inventory, placed_on
+from manager.names import Role
 from manager.runtime.protocol import Runtime
 from manager.settings import Settings
 
@@ -80,13 +82,14 @@ class Sleeper:
     def tick(self) -> list[Turn]:
         """One look at every tenant that may sleep or wake; returns what it decided."""
         turns: list[Turn] = []
+        healthy = self.healthy_gateways()
         for row in self.store.tenants():
             may_sleep = (
                 row.status == TenantStatus.RUNNING and row.spec.idle_sleep_s is not None and not row.spec.always_on
             )
             if not (may_sleep or row.status == TenantStatus.ASLEEP):
                 continue
-            activity = self.activity(row)
+            activity = self.activity(row, healthy)
             if activity is None:
                 continue  # its gateway is not up: the reconciler sees to it
             name, now = row.spec.name, self.clock()
@@ -113,12 +116,12 @@ class Sleeper:
                 or (bool(row.sleep.wake_refusal) and new_request)
             )
             if wanted:
-                turns += self._wake(row, activity, now)
-            elif row.sleep.wake_refusal and self.plan(row).fits and self.store.refuse_wake(name, "", {}):
+                turns += self._wake(row, activity, now, healthy)
+            elif row.sleep.wake_refusal and self._could_wake(row, healthy) and self.store.refuse_wake(name, "", {}):
                 self.enqueue(name)  # room again: its next request is held, and wakes it
         return turns
 
-    def _wake(self, row: TenantRow, activity: GatewayActivity, now: float) -> list[Turn]:
+    def _wake(self, row: TenantRow, activity: GatewayActivity, now: float, healthy: set[str]) -> list[Turn]:
         """Wakes the tenant; with overcommit, after putting to sleep whom ``plan_wake`` chose, or
         not at all (the refusal goes to its gateway, whose requests then get a 503 with it)."""
         name = row.spec.name
@@ -131,7 +134,14 @@ class Sleeper:
             reason, detail = "waking: sleeping was turned off", {}
         turns: list[Turn] = []
         if self.settings.overcommit:
-            plan = self.plan(row)
+            plan = self.plan(row, healthy)
+            if not plan.fits and plan.wait:  # room comes once busy tenants are idle: the request waits
+                why = f"waking once there is room: {plan.message}"
+                if row.reason != why:
+                    self.store.set_status(name, TenantStatus.ASLEEP, why)
+                if self.store.refuse_wake(name, "", {}):
+                    self.enqueue(name)  # refused a moment ago, waits now
+                return turns
             if not plan.fits:
                 if self.store.refuse_wake(name, plan.message, plan.numbers):
                     log.warning("tenant %s cannot wake: %s", name, plan.message)
@@ -151,7 +161,11 @@ class Sleeper:
             self.enqueue(name)
         return turns
 
-    def plan(self, row: TenantRow) -> WakePlan:
+    def _could_wake(self, row: TenantRow, healthy: set[str]) -> bool:
+        plan = self.plan(row, healthy)
+        return plan.fits or plan.wait
+
+    def plan(self, row: TenantRow, healthy: set[str] | None = None) -> WakePlan:
         """Overcommit: whether the asleep tenant fits beside the awake ones on its device, and whom
         it puts to sleep first (each candidate's gateway is asked what it serves now)."""
         devices = self.inventory.devices()
@@ -165,7 +179,7 @@ class Sleeper:
                 continue
             idle, last_used = False, other.status_since
             if other.status == TenantStatus.RUNNING and not other.spec.always_on:
-                activity = self.activity(other)
+                activity = self.activity(other, healthy)
                 idle = activity is not None and not activity.in_flight and not activity.waiting
                 if activity is not None and activity.last_request_at:
                     last_used = max(last_used, activity.last_request_at)
@@ -174,8 +188,17 @@ class Sleeper:
         kept = overhead if sleeps_in_place(self.settings) else 0
         return plan_wake(row.spec.gpu_memory, others, Room(device.usable, self.settings.headroom, overhead, kept))
 
-    def activity(self, row: TenantRow) -> GatewayActivity | None:
-        """What the tenant's gateway serves now; None when it cannot be asked."""
+    def healthy_gateways(self) -> set[str]:
+        """The tenants whose gateway passes its health check: the others are starting (or failing,
+        which the reconciler sees to), and are not asked."""
+        gateways = self.runtime.containers(names.selector(self.settings.instance, role=Role.GATEWAY.value))
+        return {c.tenant for c in gateways if c.tenant and c.status == "running" and c.health == "healthy"}
+
+    def activity(self, row: TenantRow, healthy: set[str] | None = None) -> GatewayActivity | None:
+        """What the tenant's gateway serves now; None when it cannot be asked (or, given the
+        tenants whose gateway is ``healthy``, when it is not one of them)."""
+        if healthy is not None and row.spec.name not in healthy:
+            return None
         ip = self.runtime.container_ip(
             names.gateway(self.settings.instance, row.spec.name), control_network_name(self.settings)
         )

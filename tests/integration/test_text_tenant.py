@@ -422,6 +422,13 @@ def test_gateway_end_to_end(text: Text) -> None:
     )
     assert completion.usage is not None and completion.usage.completion_tokens > 0
     engine_tokens += completion.usage.total_tokens
+    # log-probabilities: vLLM ranks each token in a helper it compiles; the cpu engine runs it eagerly
+    ranked = client.chat.completions.create(
+        model="demo", messages=[{"role": "user", "content": "hello"}], max_tokens=4, logprobs=True, top_logprobs=5
+    )
+    assert ranked.choices[0].logprobs and ranked.choices[0].logprobs.content, ranked
+    assert len(ranked.choices[0].logprobs.content[0].top_logprobs) == 5 and ranked.usage is not None
+    engine_tokens += ranked.usage.total_tokens
     plain = client.completions.create(model="demo", prompt="Hello", max_tokens=6)
     assert plain.usage is not None
     engine_tokens += plain.usage.total_tokens
@@ -460,7 +467,7 @@ def test_gateway_end_to_end(text: Text) -> None:
     assert "/v1/embeddings is not served by this tenant's model" in str(not_served.value)
 
     # ---- usage collected by the manager equals what the engine reported (plain stream: metered too)
-    successful = L + 1 + 5  # RPM phase, lifted + chat, completion, chat stream, completion stream, langchain
+    successful = L + 1 + 6  # RPM phase, lifted + chat, logprobs, completion, chat stream, completion stream, langchain
     successful += 1  # the engine's own 404 for /v1/embeddings: it answered, so it is metered
     usage = wait_for(
         lambda: (u := collected(api, TENANT))["requests"] - base["requests"] >= successful + 1 and u,
@@ -745,6 +752,7 @@ def test_with_overcommit_three_tenants_take_turns_on_room_for_two_and_the_lru_id
         text.manager.settings.model_copy(update={"overcommit": True, "headroom": headroom})
     )
     api = manager.client()
+    before = api.get(f"/api/v1/tenants/{TENANT}").json()
     keys = {TENANT: text.key}
     for name, port in (("bravo", PORT + 1), ("charlie", PORT + 2)):
         r = api.post("/api/v1/tenants", json={"name": name, "gpu_memory": "1536M", "port": port})
@@ -797,22 +805,49 @@ def test_with_overcommit_three_tenants_take_turns_on_room_for_two_and_the_lru_id
     assert ask("bravo").status_code == 200
     assert (status(TENANT), status("bravo"), status("charlie")) == ("asleep", "running", "running")
 
-    # nothing can sleep: charlie is always on, bravo serves a long stream; acme's request gets a 503
+    # charlie is made always on, and bravo serves a request: acme's request waits for bravo's to
+    # end, then bravo is put to sleep for it (never while its request is in flight)
     assert api.patch("/api/v1/tenants/charlie", json={"always_on": True}).status_code == 200
     serving = Serving(text, "bravo", keys["bravo"], PORT + 1)
+    answers.clear()
+    waking = threading.Thread(target=lambda: answers.append(ask(TENANT)))
+    waking.start()
     try:
-        refused = ask(TENANT)
+        wait_for(
+            lambda: "waking once there is room" in api.get(f"/api/v1/tenants/{TENANT}").json()["reason"],
+            30,
+            "acme's request to wait for room",
+            interval=0.2,
+        )
+        assert status("bravo") == "running", "bravo serves a request: it is not put to sleep"
     finally:
         streamed = serving.done()
     assert streamed.startswith(b"HTTP/1.1 200") and b"data: [DONE]" in streamed, streamed[:300]
+    waking.join(timeout=300)
+    assert answers and answers[0].status_code == 200, answers
+    assert (status(TENANT), status("bravo"), status("charlie")) == ("running", "asleep", "running")
+
+    # the host's room shrinks beneath the awake tenants (the admin raises GTM_HEADROOM to leave room
+    # for one): bravo's wake can never fit beside always-on charlie, and its request gets a 503
+    # that names the numbers
+    text.manager.stop()
+    manager = text.manager = start_manager(
+        text.manager.settings.model_copy(update={"headroom": total - size - size // 2})
+    )
+    api = manager.client()
+    wait_for(lambda: holding(text, "bravo"), 60, "bravo's gateway to hold", interval=0.5)
+    refused = ask("bravo")
     print(f"refused: {refused.json()['error']['message']}")
     assert refused.status_code == 503 and refused.headers["retry-after"] == "30", refused.text
     error = refused.json()["error"]
-    assert error["code"] == "tenant_cannot_wake", error
-    assert "serving requests now: bravo; always on: charlie" in error["message"], error["message"]
-    assert "1.5 GiB" in error["message"], "it names the numbers"
-    # bravo idle again: the refusal is lifted, and acme's next request would be held and wake it
-    wait_for(lambda: api.get(f"/api/v1/tenants/{TENANT}").json()["wake_refusal"] == "", 30, "the refusal lifted")
-    assert status(TENANT) == "asleep"
+    assert error["code"] == "tenant_cannot_wake" and error["message"].endswith(
+        "always on: charlie. Retry later, or ask the host's admin."
+    ), error
+    assert "it needs 1.5 GiB but 0 B of" in error["message"], "it names the numbers"
+    # charlie may sleep again: the refusal is lifted, and bravo's next request would be held and wake it
+    assert api.patch("/api/v1/tenants/charlie", json={"always_on": False}).status_code == 200
+    wait_for(lambda: api.get("/api/v1/tenants/bravo").json()["wake_refusal"] == "", 30, "the refusal lifted")
+    assert status("bravo") == "asleep"
     rows = {t["name"]: t for t in api.get("/api/v1/tenants").json()}
-    assert (rows["bravo"]["sleeps"], rows["bravo"]["wakes"]) == (1, 1) and rows["charlie"]["always_on"]
+    assert (rows["bravo"]["sleeps"], rows["bravo"]["wakes"]) == (2, 1)
+    assert (rows[TENANT]["sleeps"], rows[TENANT]["wakes"]) == (before["sleeps"] + 1, before["wakes"] + 1)

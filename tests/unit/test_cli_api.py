@@ -130,4 +130,13 @@ def test_idle_sleep_is_set_as_a_duration_and_listed(api: cli.Api, capsys: pytest
     assert code == 2 and "idle sleep must be between 5 s" in err
     code, out, err = manager(api, capsys, "update-tenant", "--name", "nap", "--idle-sleep", "0", "--json")
     assert code == 0 and json.loads(out)["idle_sleep_s"] is None, err
+    # always on: never put to sleep; it and --idle-sleep contradict each other, and the error says so
+    code, _, err = manager(api, capsys, "update-tenant", "--name", "nap", "--always-on", "--idle-sleep", "10m")
+    assert code == 2 and "drop --idle-sleep" in err
+    code, out, err = manager(api, capsys, "update-tenant", "--name", "nap", "--always-on")
+    assert code == 0, err
+    rows = manager(api, capsys, "list-tenants")[1].splitlines()
+    assert "always on" in next(r for r in rows if r.startswith("nap "))
+    code, out, err = manager(api, capsys, "update-tenant", "--name", "nap", "--no-always-on", "--json")
+    assert code == 0 and json.loads(out)["always_on"] is False, err
     assert manager(api, capsys, "remove-tenant", "--name", "nap", "--no-wait")[0] == 0

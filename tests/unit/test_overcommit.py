@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from manager import names
 from manager.contract import GatewayActivity
 from manager.control.overcommit import Resident, Room, counted_beside, plan_wake
 from manager.control.reconciler import Reconciler
@@ -59,14 +60,14 @@ def test_a_tenant_with_a_request_in_flight_or_always_on_is_never_put_to_sleep() 
     busy, pinned = awake("a", 1.0, idle=False), awake("b", 2.0, always_on=True)
     plan = plan_wake(3 * GIB, [busy, pinned, awake("c", 9.0)], Room(11 * GIB, GIB, 0))
     assert plan.fits and plan.evict == ("c",), "the most recent, since the older two cannot sleep"
-    refused = plan_wake(3 * GIB, [busy, pinned], ROOM)
-    assert not refused.fits and refused.evict == ()
-    assert refused.message == (
+    waits = plan_wake(3 * GIB, [busy, pinned], ROOM)
+    assert not waits.fits and waits.evict == () and waits.wait, "a serves now, and may sleep once idle"
+    assert waits.message == (
         "it needs 3.0 GiB but 1.0 GiB of 7.0 GiB is free beside the 2 tenants awake "
         "(6.0 GiB reserved), and putting every idle one that may sleep to sleep frees only 0 B; "
         "serving requests now: a; always on: b."
     )
-    assert refused.numbers == {
+    assert waits.numbers == {
         "needed": 3 * GIB,
         "capacity": 7 * GIB,
         "awake_tenants": 2,
@@ -74,7 +75,18 @@ def test_a_tenant_with_a_request_in_flight_or_always_on_is_never_put_to_sleep() 
         "kept_by_sleepers": 0,
         "free": 1 * GIB,
         "freed_by_sleeping": 0,
+        "freed_once_idle": 3 * GIB,
     }
+    starting = Resident("s", 3 * GIB, True, idle=False, last_used=0.0, running=False)
+    assert "starting or waking: s" in plan_wake(3 * GIB, [starting, pinned], ROOM).message
+
+
+def test_a_wake_that_can_never_fit_is_refused_with_the_numbers() -> None:
+    """Only always-on tenants stand in the way (the host's room shrank beneath them, a larger
+    GTM_HEADROOM): no waiting makes room."""
+    pinned = [awake("p", 1.0, always_on=True), awake("q", 2.0, always_on=True)]
+    refused = plan_wake(3 * GIB, pinned, ROOM)
+    assert not refused.fits and not refused.wait and refused.message.endswith("always on: p, q.")
 
 
 def test_each_engine_holds_its_process_overhead_beside_its_reservation() -> None:
@@ -145,6 +157,8 @@ def host(tmp_path: Path) -> Iterator[Host]:
     add(store, "c", 30003, 3 * GIB)
     store.set_status("c", TenantStatus.ASLEEP, "admitted by overcommit")
     rec.reconcile("c")  # its gateway, holding
+    runtime.set_health(names.gateway(INSTANCE, "c"), "healthy")
+    rec.reconcile("c")
     yield world
     store.close()
 
@@ -179,30 +193,45 @@ def test_the_lru_tenant_is_passed_over_while_it_serves_a_request(host: Host) -> 
     assert host.status("a") == TenantStatus.RUNNING
 
 
-def test_when_nothing_can_sleep_the_wake_is_refused_with_the_numbers_and_the_gateway_answers_with_them(
-    host: Host,
-) -> None:
+def test_a_wake_waits_for_busy_tenants_and_is_refused_with_the_numbers_when_nothing_may_sleep(host: Host) -> None:
     rec, store, gateways = host.rec, host.store, host.gateways
     host.serving("a", host.clock.now, in_flight=1)
     host.serving("b", host.clock.now, in_flight=2)
     host.serving("c", host.clock.now, waiting=1)
-    assert rec.sleeper.tick() == []
+    assert rec.sleeper.tick() == [], "both serve: c's request waits"
     row = store.tenant("c")
-    assert row.status == TenantStatus.ASLEEP
-    refusal = row.sleep.wake_refusal
-    assert refusal.startswith("it needs 3.0 GiB but") and "serving requests now: a, b" in refusal
-    rec.reconcile("c")
-    assert gateways.configs["token-c"].hold_refusal == row.sleep.wake_refusal, "its held requests get it in a 503"
-    refused = [a for a in store.audit_log(tenant="c") if a.action == "wake"]
+    assert row.status == TenantStatus.ASLEEP and row.sleep.wake_refusal == ""
+    assert (
+        row.reason.startswith("waking once there is room: it needs 3.0 GiB")
+        and "serving requests now: a, b" in row.reason
+    )
+    host.serving("b", host.clock.now, in_flight=0)  # b's requests are answered: it is put to sleep for c
+    assert rec.sleeper.tick() == [Turn("b", "evict"), Turn("c", "wake")]
+    assert host.status("a") == TenantStatus.RUNNING
+    # a and c always on (the store says so: admission refuses to pin what breaks a wake), b's
+    # request: nothing may sleep, ever, so it is refused at once with the numbers
+    rec.reconcile("b")
+    bring_up(rec, host.runtime, "c")
+    for name in ("a", "c"):
+        with store.transaction() as db:
+            store.update_spec(db, store.tenant(name).spec.with_changes(always_on=True))
+    host.serving("b", host.clock.now, waiting=1)
+    assert rec.sleeper.tick() == []
+    refusal = store.tenant("b").sleep.wake_refusal
+    assert refusal.startswith("it needs 3.0 GiB but 1.0 GiB of 7.0 GiB") and refusal.endswith("always on: a, c.")
+    rec.reconcile("b")
+    assert gateways.configs["token-b"].hold_refusal == refusal, "its held requests get it in a 503"
+    refused = [a for a in store.audit_log(tenant="b") if a.action == "wake"]
     assert refused[0].result == "refused" and refused[0].detail["free"] == GIB
-    # the request got its 503 and left: nothing waits. Once b is idle, the refusal is lifted
-    host.serving("c", host.clock.now, waiting=0)
-    assert rec.sleeper.tick() == [] and store.tenant("c").sleep.wake_refusal
-    host.serving("b", host.clock.now, in_flight=0)
-    assert rec.sleeper.tick() == [] and store.tenant("c").sleep.wake_refusal == "", "room again"
-    rec.reconcile("c")
-    assert gateways.configs["token-c"].hold_refusal == "" and gateways.configs["token-c"].hold
-    assert host.status("c") == TenantStatus.ASLEEP, "it wakes at its next request, not before"
+    # the request got its 503 and left; once a may sleep again, the refusal is lifted
+    host.serving("b", host.clock.now, waiting=0)
+    assert rec.sleeper.tick() == [] and store.tenant("b").sleep.wake_refusal
+    with store.transaction() as db:
+        store.update_spec(db, store.tenant("a").spec.with_changes(always_on=False))
+    assert rec.sleeper.tick() == [] and store.tenant("b").sleep.wake_refusal == "", "room again"
+    rec.reconcile("b")
+    assert gateways.configs["token-b"].hold_refusal == "" and gateways.configs["token-b"].hold
+    assert host.status("b") == TenantStatus.ASLEEP, "it wakes at its next request, not before"
 
 
 def test_an_always_on_tenant_found_asleep_wakes_at_once_and_is_never_put_to_sleep(host: Host) -> None:

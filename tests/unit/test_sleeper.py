@@ -184,3 +184,16 @@ def test_metrics_show_who_sleeps_and_how_long_wakes_take(world) -> None:  # type
     assert now[("gtm_tenant_asleep", "lab")] == 0 and now[("gtm_tenant_wakes_total", "lab")] == 1
     assert now[("gtm_wake_seconds", "0.5")] == pytest.approx(12.0) == now[("gtm_wake_seconds", "0.99")]
     assert now[("gtm_tenant_last_request_timestamp_seconds", "lab")] > 0
+
+
+def test_a_gateway_not_yet_healthy_is_not_asked(world) -> None:  # type: ignore[no-untyped-def]
+    """A gateway starting (Docker's first check not passed yet) refuses connections: the sleeper
+    leaves it to the reconciler rather than logging a failure every second."""
+    rec, _, runtime, clock, gateways = world
+    serving(gateways, clock.now)
+    clock.now += IDLE
+    runtime.set_health(gateway("lab"), "starting")
+    gateways.connected.clear()
+    assert rec.sleeper.tick() == [] and gateways.connected == []
+    runtime.set_health(gateway("lab"), "healthy")
+    assert rec.sleeper.tick() == [Turn("lab", "sleep")]
