@@ -90,6 +90,8 @@ class GatewayActivity(Contract):
     waiting: int
     """Requests held while the tenant is asleep or waking."""
     hold: bool
+    waiting_since: float | None = None
+    """When the longest held request arrived: with overcommit, the longest waiting tenant wakes first."""
 
 
 class EngineSleep(Contract):

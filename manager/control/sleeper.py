@@ -83,15 +83,18 @@ class Sleeper:
         """One look at every tenant that may sleep or wake; returns what it decided."""
         turns: list[Turn] = []
         healthy = self.healthy_gateways()
+        # the tenants to look at with what their gateways serve; the asleep ones whose requests have
+        # waited longest first: with overcommit, room that comes free goes to them
+        looks: list[tuple[TenantRow, GatewayActivity]] = []
         for row in self.store.tenants():
+            activity = self.activity(row, healthy) if self._may_change(row) else None
+            if activity is not None:  # None: its gateway is not up, and the reconciler sees to it
+                looks.append((row, activity))
+        looks.sort(key=lambda look: look[1].waiting_since or float("inf"))
+        for row, activity in looks:
             may_sleep = (
                 row.status == TenantStatus.RUNNING and row.spec.idle_sleep_s is not None and not row.spec.always_on
             )
-            if not (may_sleep or row.status == TenantStatus.ASLEEP):
-                continue
-            activity = self.activity(row, healthy)
-            if activity is None:
-                continue  # its gateway is not up: the reconciler sees to it
             name, now = row.spec.name, self.clock()
             new_request = activity.last_request_at is not None and activity.last_request_at != row.sleep.last_request_at
             if new_request:
@@ -120,6 +123,12 @@ class Sleeper:
             elif row.sleep.wake_refusal and self._could_wake(row, healthy) and self.store.refuse_wake(name, "", {}):
                 self.enqueue(name)  # room again: its next request is held, and wakes it
         return turns
+
+    @staticmethod
+    def _may_change(row: TenantRow) -> bool:
+        """A running tenant that may sleep when idle, or an asleep one."""
+        may_sleep = row.status == TenantStatus.RUNNING and row.spec.idle_sleep_s is not None and not row.spec.always_on
+        return may_sleep or row.status == TenantStatus.ASLEEP
 
     def _wake(self, row: TenantRow, activity: GatewayActivity, now: float, healthy: set[str]) -> list[Turn]:
         """Wakes the tenant; with overcommit, after putting to sleep whom ``plan_wake`` chose, or

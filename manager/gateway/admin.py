@@ -113,6 +113,7 @@ def create_admin_app(state: GatewayState, token: str, engine: httpx.Client | Non
             in_flight=state.quotas.in_flight,
             waiting=state.hold.waiting,
             hold=state.hold.on,
+            waiting_since=state.hold.waiting_since,
         )
 
     @app.get("/admin/usage")

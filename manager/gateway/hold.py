@@ -9,6 +9,7 @@ a 503 that says the tenant is waking. When the manager says the tenant cannot wa
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from enum import Enum
 
@@ -35,10 +36,17 @@ class Hold:
         self.max_waiting = MAX_WAITING
         self.refusal = ""
         self._waiting: deque[asyncio.Future[None]] = deque()
+        self._since: dict[asyncio.Future[None], float] = {}
+        """When each waiter arrived (wall clock): the manager wakes the longest waiting first."""
 
     @property
     def waiting(self) -> int:
         return len(self._waiting)
+
+    @property
+    def waiting_since(self) -> float | None:
+        """When the longest waiting request arrived; None when none waits (from any thread)."""
+        return min(list(self._since.values()), default=None)  # one C-level copy, as in ``set``
 
     def set(self, on: bool, timeout_s: float, max_waiting: int, refusal: str = "") -> None:
         """From any thread (the admin app's): a hold lifted releases every waiter, in arrival order;
@@ -58,6 +66,7 @@ class Hold:
             return Held.FULL
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting.append(future)
+        self._since[future] = time.time()
         try:
             if not self.on:  # lifted between the caller's look and the append: the release missed it
                 return Held.RELEASED
@@ -68,3 +77,4 @@ class Hold:
             return Held.REFUSED if self.on and self.refusal else Held.RELEASED
         finally:
             self._waiting.remove(future)
+            del self._since[future]

@@ -4,9 +4,11 @@ collecting usage (also after it was stopped). In file order:
 
 - while its engine starts, every request gets one clear answer;
 - members share its engine, each with their own key, nested limits and usage;
-- the gateway end to end: limits, streams, keys, disconnects, the manager down, the gateway killed.
+- the gateway end to end: limits, streams, keys, disconnects, the manager down, the gateway killed;
+- it sleeps when idle and the requests that find it asleep wake it (one engine start);
+- overcommit: two more tenants, three taking turns on room for two (three engine starts).
 
-One engine start for all three (the suite's budget). Each test leaves the tenant running and its
+One engine start for the first three (the suite's budget). Each test leaves the tenant running and its
 limits lifted; a test that restarts the manager hands the new one to the next (``Text.manager``).
 """
 
@@ -801,42 +803,38 @@ def test_with_overcommit_three_tenants_take_turns_on_room_for_two_and_the_lru_id
     evicted = [a for a in api.get("/api/v1/audit", params={"tenant": "bravo"}).json() if a["action"] == "evict"]
     assert evicted and evicted[0]["detail"]["for"] == "charlie", evicted
 
-    # turn 2: bravo's request wakes it; acme (its stream done) is now the least recently used idle one
-    assert ask("bravo").status_code == 200
-    assert (status(TENANT), status("bravo"), status("charlie")) == ("asleep", "running", "running")
-
-    # charlie is made always on, and bravo serves a request: acme's request waits for bravo's to
-    # end, then bravo is put to sleep for it (never while its request is in flight)
+    # turn 2: charlie is made always on, and acme serves a request: bravo's request waits for
+    # acme's to end, then acme (the least recently used) is put to sleep for it, never before
     assert api.patch("/api/v1/tenants/charlie", json={"always_on": True}).status_code == 200
-    serving = Serving(text, "bravo", keys["bravo"], PORT + 1)
+    serving = Serving(text, TENANT, keys[TENANT], PORT)
     answers.clear()
-    waking = threading.Thread(target=lambda: answers.append(ask(TENANT)))
+    waking = threading.Thread(target=lambda: answers.append(ask("bravo")))
     waking.start()
     try:
         wait_for(
-            lambda: "waking once there is room" in api.get(f"/api/v1/tenants/{TENANT}").json()["reason"],
+            lambda: "waking once there is room" in api.get("/api/v1/tenants/bravo").json()["reason"],
             30,
-            "acme's request to wait for room",
+            "bravo's request to wait for room",
             interval=0.2,
         )
-        assert status("bravo") == "running", "bravo serves a request: it is not put to sleep"
+        assert status(TENANT) == "running", "acme serves a request: it is not put to sleep"
     finally:
         streamed = serving.done()
     assert streamed.startswith(b"HTTP/1.1 200") and b"data: [DONE]" in streamed, streamed[:300]
     waking.join(timeout=300)
     assert answers and answers[0].status_code == 200, answers
-    assert (status(TENANT), status("bravo"), status("charlie")) == ("running", "asleep", "running")
+    assert (status(TENANT), status("bravo"), status("charlie")) == ("asleep", "running", "running")
 
     # the host's room shrinks beneath the awake tenants (the admin raises GTM_HEADROOM to leave room
-    # for one): bravo's wake can never fit beside always-on charlie, and its request gets a 503
+    # for one): acme's wake can never fit beside always-on charlie, and its request gets a 503
     # that names the numbers
     text.manager.stop()
     manager = text.manager = start_manager(
         text.manager.settings.model_copy(update={"headroom": total - size - size // 2})
     )
     api = manager.client()
-    wait_for(lambda: holding(text, "bravo"), 60, "bravo's gateway to hold", interval=0.5)
-    refused = ask("bravo")
+    wait_for(lambda: holding(text, TENANT), 60, "acme's gateway to hold", interval=0.5)
+    refused = ask(TENANT)
     print(f"refused: {refused.json()['error']['message']}")
     assert refused.status_code == 503 and refused.headers["retry-after"] == "30", refused.text
     error = refused.json()["error"]
@@ -844,10 +842,10 @@ def test_with_overcommit_three_tenants_take_turns_on_room_for_two_and_the_lru_id
         "always on: charlie. Retry later, or ask the host's admin."
     ), error
     assert "it needs 1.5 GiB but 0 B of" in error["message"], "it names the numbers"
-    # charlie may sleep again: the refusal is lifted, and bravo's next request would be held and wake it
+    # charlie may sleep again: the refusal is lifted, and acme's next request would be held and wake it
     assert api.patch("/api/v1/tenants/charlie", json={"always_on": False}).status_code == 200
-    wait_for(lambda: api.get("/api/v1/tenants/bravo").json()["wake_refusal"] == "", 30, "the refusal lifted")
-    assert status("bravo") == "asleep"
+    wait_for(lambda: api.get(f"/api/v1/tenants/{TENANT}").json()["wake_refusal"] == "", 30, "the refusal lifted")
+    assert status(TENANT) == "asleep"
     rows = {t["name"]: t for t in api.get("/api/v1/tenants").json()}
-    assert (rows["bravo"]["sleeps"], rows["bravo"]["wakes"]) == (2, 1)
-    assert (rows[TENANT]["sleeps"], rows[TENANT]["wakes"]) == (before["sleeps"] + 1, before["wakes"] + 1)
+    assert (rows["bravo"]["sleeps"], rows["bravo"]["wakes"]) == (1, 1)
+    assert (rows[TENANT]["sleeps"], rows[TENANT]["wakes"]) == (before["sleeps"] + 1, before["wakes"])

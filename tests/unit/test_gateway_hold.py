@@ -148,13 +148,15 @@ async def test_the_activity_the_manager_reads(held) -> None:  # type: ignore[no-
         headers={"Authorization": "Bearer t0ken"},
     )
     idle = (await admin.get("/admin/activity")).json()
-    assert idle == {"last_request_at": None, "in_flight": 0, "waiting": 0, "hold": True}
+    assert idle == {"last_request_at": None, "in_flight": 0, "waiting": 0, "hold": True, "waiting_since": None}
     task = asyncio.create_task(client.get("/v1/models"))
     await until(lambda: state.hold.waiting == 1, "held")
     busy = (await admin.get("/admin/activity")).json()
     assert busy["waiting"] == 1 and busy["last_request_at"] == state.last_request_at
+    assert busy["waiting_since"] and abs(busy["waiting_since"] - state.last_request_at) < 1.0
     state.apply(config(issued, hold=False))
     assert (await task).status_code == 200
+    assert (await admin.get("/admin/activity")).json()["waiting_since"] is None
     assert (await admin.get("/admin/activity")).json()["hold"] is False
     assert (await admin.get("/admin/activity", headers={"Authorization": "Bearer x"})).status_code == 401
 

@@ -287,3 +287,25 @@ def test_without_overcommit_every_reservation_counts_as_before(tmp_path: Path) -
             svc.create(spec("cc", 30003, 3), "admin")
     finally:
         store.close()
+
+
+def test_room_that_comes_free_goes_to_the_tenant_whose_request_waited_longest(host: Host) -> None:
+    """Two sleepers wait behind busy tenants; when one awake tenant is idle again, the sleeper whose
+    request came first wakes, whatever their names."""
+    rec, store = host.rec, host.store
+    add(store, "d", 30004, 3 * GIB)
+    store.set_status("d", TenantStatus.ASLEEP, "admitted by overcommit")
+    rec.reconcile("d")
+    host.runtime.set_health(names.gateway(INSTANCE, "d"), "healthy")
+    rec.reconcile("d")
+    host.serving("a", host.clock.now, in_flight=1)
+    host.serving("b", host.clock.now, in_flight=1)
+    now = host.clock.now
+    for name, since in (("c", now - 5), ("d", now - 20)):  # d's request came first
+        host.gateways.activities[f"token-{name}"] = GatewayActivity(
+            last_request_at=since, in_flight=0, waiting=1, hold=True, waiting_since=since
+        )
+    assert rec.sleeper.tick() == [], "both wait"
+    host.serving("b", now, in_flight=0)
+    assert rec.sleeper.tick() == [Turn("b", "evict"), Turn("d", "wake")]
+    assert store.tenant("c").status == TenantStatus.ASLEEP and "waking once there is room" in store.tenant("c").reason
