@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+from pydantic import ValidationError
 
 from manager.detail import detail_text
 from manager.domain import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_IMAGES, ENGINE_OPTIONS, QUOTA_FIELDS, QUOTA_KINDS
 from manager.errors import EngineFailed, GtmError, InvalidInput, NotFound, WaitTimedOut, exit_code_for
-from manager.settings import Settings
+from manager.settings import Settings, describe
 from manager.sizes import format_size, parse_size
 
 
@@ -777,7 +778,10 @@ def main(argv: Sequence[str] | None = None, api: Api | None = None) -> int:
                 file=sys.stderr,
             )
         return exc.exit_code
-    except ValueError as exc:  # settings that do not validate
+    except ValidationError as exc:  # settings that do not validate: each one named as it is set
+        print(f"error: invalid settings: {describe(exc)}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
         print(f"error: invalid settings: {exc}", file=sys.stderr)
         return 2
 

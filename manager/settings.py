@@ -8,13 +8,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BeforeValidator, Field, SecretStr, model_validator
+from pydantic import BeforeValidator, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from manager.contract import HOLD_TIMEOUT_S, MAX_WAITING
+from manager.errors import InvalidInput
 from manager.sizes import parse_size
 
-Size = Annotated[int, BeforeValidator(parse_size)]
+
+def _size(value: object) -> int:
+    """A size setting; its error a ValueError, so that the refusal names the setting."""
+    try:
+        return parse_size(value)  # type: ignore[arg-type]
+    except InvalidInput as exc:
+        raise ValueError(exc.message) from exc
+
+
+Size = Annotated[int, BeforeValidator(_size)]
 GIB = 1024**3
 MIB = 1024**2
 GPU_PIDS_LIMIT = 4096
@@ -108,3 +118,12 @@ class Settings(BaseSettings):
         if self.engine_overhead is not None:
             return self.engine_overhead
         return 1152 * MIB if self.gpu_mode == "cpu" else GPU_ENGINE_OVERHEAD
+
+
+def describe(exc: ValidationError, prefix: str = "GTM_") -> str:
+    """A refused setting as the admin wrote it: ``GTM_HEADROOM: size must be positive, got '-5'``."""
+    parts = []
+    for error in exc.errors():
+        name = prefix + "_".join(str(part) for part in error["loc"]).upper() if error["loc"] else "settings"
+        parts.append(f"{name}: {str(error['msg']).removeprefix('Value error, ')}")
+    return "; ".join(parts)

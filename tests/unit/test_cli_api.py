@@ -140,3 +140,12 @@ def test_idle_sleep_is_set_as_a_duration_and_listed(api: cli.Api, capsys: pytest
     code, out, err = manager(api, capsys, "update-tenant", "--name", "nap", "--no-always-on", "--json")
     assert code == 0 and json.loads(out)["always_on"] is False, err
     assert manager(api, capsys, "remove-tenant", "--name", "nap", "--no-wait")[0] == 0
+
+
+def test_a_setting_that_does_not_validate_is_named_as_the_admin_set_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("GTM_GPU_MODE", "cpu")
+    monkeypatch.setenv("GTM_HEADROOM", "-5")
+    assert cli.main(["list-tenants"]) == 2
+    assert capsys.readouterr().err.strip() == "error: invalid settings: GTM_HEADROOM: size must be positive, got '-5'"
