@@ -149,6 +149,13 @@ def bench_settings(instance: str, models: Path) -> Settings:
     )
 
 
+def stop_manager(server: uvicorn.Server, client: docker.DockerClient, instance: str) -> None:
+    """Stops a benchmark's manager, then removes every container, network and volume of its instance."""
+    server.should_exit = True
+    time.sleep(1)
+    cleanup(client, instance)
+
+
 def serve_manager(settings: Settings) -> tuple[uvicorn.Server, httpx.Client]:
     """The manager's app on a thread of its own, and an admin client of its API."""
     server = uvicorn.Server(
@@ -266,9 +273,7 @@ def main() -> int:
                 time.sleep(0.5)
     finally:
         stop.set()
-        server.should_exit = True
-        time.sleep(1)
-        cleanup(client, instance)
+        stop_manager(server, client, instance)
 
     ok = sum(r["first_start_ok"] for r in results)
     timed = [r["seconds"] for r in results if r["first_start_ok"] and r["name"] != "background"]

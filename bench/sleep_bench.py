@@ -25,7 +25,7 @@ from pathlib import Path
 import docker
 import httpx
 
-from bench.engine_starts import CHAT, bench_settings, cleanup, first_answer, free_port, serve_manager
+from bench.engine_starts import CHAT, bench_settings, first_answer, free_port, serve_manager, stop_manager
 
 
 def wait_status(api: httpx.Client, name: str, status: str, timeout: float = 300) -> None:
@@ -80,9 +80,7 @@ def main() -> int:
         c, w = statistics.median(cold), statistics.median(wakes)
         print(f"median cold start {c:.1f} s (the baseline), median wake {w:.1f} s, ratio wake/cold {w / c:.2f}")
     finally:
-        server.should_exit = True
-        time.sleep(1)
-        cleanup(client, instance)
+        stop_manager(server, client, instance)
     return 0
 
 

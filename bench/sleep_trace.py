@@ -29,7 +29,7 @@ from pathlib import Path
 import docker
 import httpx
 
-from bench.engine_starts import bench_settings, cleanup, free_port, serve_manager
+from bench.engine_starts import bench_settings, free_port, serve_manager, stop_manager
 
 SIZE = 1536 * 1024**2
 TENANTS = 10
@@ -150,9 +150,7 @@ def main() -> int:
             print(f"ratio p50 all / p50 awake: {statistics.median(every) / statistics.median(hits):.1f}")
         print(f"the manager counted {counted['wake']} wakes and {counted['evict']} evictions")
     finally:
-        server.should_exit = True
-        time.sleep(1)
-        cleanup(client, instance)
+        stop_manager(server, client, instance)
     return 0
 
 

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import logging
 
-from manager import names
-from manager.control.gateway_client import Connect, collect_usage
-from manager.control.plan import control_network_name
+from manager.control.gateway_client import Connect, collect_usage, gateway_ip
 from manager.control.storage import TenantStore
 from manager.domain import TenantStatus
 from manager.errors import RuntimeUnavailable
@@ -32,7 +30,7 @@ class UsageCollector:
                 self.collect(row.spec.name, row.gateway_token)
 
     def collect(self, name: str, token: str) -> bool:
-        ip = self.runtime.container_ip(names.gateway(self.settings.instance, name), control_network_name(self.settings))
+        ip = gateway_ip(self.runtime, self.settings, name)
         if ip is None:
             return False
         try:

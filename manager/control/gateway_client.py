@@ -12,6 +12,7 @@ from typing import Any, Protocol, TypeVar
 import httpx
 from pydantic import ValidationError
 
+from manager import names
 from manager.contract import (
     HOLD_TIMEOUT_S,
     MAX_WAITING,
@@ -25,16 +26,23 @@ from manager.contract import (
     MemberConfig,
     UsagePage,
 )
-from manager.control.plan import GATEWAY_ADMIN_PORT
+from manager.control.plan import GATEWAY_ADMIN_PORT, control_network_name
 from manager.control.storage import TenantStore
 from manager.domain import TenantStatus
 from manager.errors import RuntimeUnavailable
+from manager.runtime.protocol import Runtime
+from manager.settings import Settings
 
 Answer = TypeVar("Answer", bound=Contract)
 HOLDING = frozenset({TenantStatus.ASLEEP, TenantStatus.WAKING})
 """The statuses whose gateway holds requests until the engine serves again."""
 ENGINE_CALL_S = 330.0
 """A sleep or wake in place waits for the engine (the gateway gives it 300 s)."""
+
+
+def gateway_ip(runtime: Runtime, settings: Settings, tenant: str) -> str | None:
+    """The address of a tenant's gateway on the control network; None while it has none."""
+    return runtime.container_ip(names.gateway(settings.instance, tenant), control_network_name(settings))
 
 
 def desired_config(

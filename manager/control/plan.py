@@ -204,6 +204,12 @@ def sleeps_in_place(settings: Settings) -> bool:
     return settings.gpu_mode == "nvml"
 
 
+def kept_asleep(settings: Settings) -> int:
+    """What a sleeping tenant keeps of its device: its engine's process overhead (the CUDA context)
+    where the engine sleeps in place, else nothing."""
+    return settings.process_overhead if sleeps_in_place(settings) else 0
+
+
 def warmup_plan(settings: Settings, model: str) -> ContainerPlan:
     """A one-off container that reads the engine's Python packages and the model once, so that
     they are in the host's page cache before an engine starts (cpu mode).

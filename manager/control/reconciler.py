@@ -41,9 +41,8 @@ from collections.abc import Callable
 from manager import names
 from manager.control.collector import UsageCollector
 from manager.control.engine_logs import COLD_CACHE, LOG_KEEP_CHARS, LOG_TAIL_LINES, failure_reason
-from manager.control.gateway_client import Connect, GatewayAdmin, GatewayClient, push_config
+from manager.control.gateway_client import Connect, GatewayAdmin, GatewayClient, gateway_ip, push_config
 from manager.control.plan import (
-    control_network_name,
     control_network_plan,
     docker_words,
     port_taken,
@@ -388,9 +387,7 @@ class Reconciler:
         if self._gate and self._gate[0] != name and self.store.find_tenant(self._gate[0]) is not None:
             self._set_status(row, TenantStatus.PENDING, f"waiting for {self._gate[0]}'s engine to finish starting")
             return POLL_STARTING_S  # memory taken while another engine profiles sizes its KV cache wrong
-        stopping = self._put_to_sleep(row) if self.settings.overcommit else None
-        if stopping:
-            self._set_status(row, TenantStatus.PENDING, f"waiting for the engine of {stopping}, put to sleep, to stop")
+        if self._waiting_for_sleepers(row):
             return POLL_STARTING_S
         with self._admin(row) as gw:
             if gw.engine_sleeping():
@@ -401,9 +398,7 @@ class Reconciler:
 
     def _admin(self, row: TenantRow) -> GatewayAdmin:
         """The tenant's gateway admin port; RuntimeUnavailable when it has no address now."""
-        ip = self.runtime.container_ip(
-            names.gateway(self.settings.instance, row.spec.name), control_network_name(self.settings)
-        )
+        ip = gateway_ip(self.runtime, self.settings, row.spec.name)
         if ip is None:
             raise RuntimeUnavailable(f"the gateway of {row.spec.name} has no address on the control network yet")
         return self.connect(ip, row.gateway_token)
@@ -416,7 +411,7 @@ class Reconciler:
             return False
         if gateway.status != "running" or gateway.health == "unhealthy":
             return False  # "starting": Docker's first check is 5 s away; a push is tried at once
-        ip = self.runtime.container_ip(plan.name, control_network_name(self.settings))
+        ip = gateway_ip(self.runtime, self.settings, row.spec.name)
         if ip is None:
             return False
         try:
@@ -440,9 +435,7 @@ class Reconciler:
             else:
                 self._set_status(row, TenantStatus.PENDING, f"waiting for {holder}'s engine to finish starting")
                 return POLL_STARTING_S
-        stopping = self._put_to_sleep(row) if self.settings.overcommit else None
-        if stopping:  # overcommit: the room this start was given is freed once their engines are gone
-            self._set_status(row, TenantStatus.PENDING, f"waiting for the engine of {stopping}, put to sleep, to stop")
+        if self._waiting_for_sleepers(row):
             return POLL_STARTING_S
         if self.settings.gpu_mode == "cpu" and not self.warmer.ready(row.spec.model):
             self._gate = (name, self.clock())  # no other engine starts while this cache warms
@@ -456,6 +449,14 @@ class Reconciler:
             self._restarted[name] = f"engine restarted after it failed: {now_row.reason}"[:500]
         self._set_status(row, TenantStatus.STARTING, self._restarted.get(name, ""))
         return POLL_STARTING_S
+
+    def _waiting_for_sleepers(self, row: TenantRow) -> bool:
+        """Overcommit: the room an engine's start or wake was given is free once the engines put to
+        sleep for it have let go of their memory; until then it waits (and says for whom)."""
+        stopping = self._put_to_sleep(row) if self.settings.overcommit else None
+        if stopping:
+            self._set_status(row, TenantStatus.PENDING, f"waiting for the engine of {stopping}, put to sleep, to stop")
+        return stopping is not None
 
     def _put_to_sleep(self, row: TenantRow) -> str | None:
         """An asleep tenant on the same device whose engine still holds its memory, if any: one

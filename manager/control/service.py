@@ -25,7 +25,7 @@ from manager.control.modelfit import (
     takes_images,
 )
 from manager.control.overcommit import counted_beside, resident
-from manager.control.plan import docker_words, port_probe_plan, port_taken, sleeps_in_place
+from manager.control.plan import docker_words, kept_asleep, port_probe_plan, port_taken, sleeps_in_place
 from manager.control.quant import checkpoint_method, resolve
 from manager.control.reconciler import Reconciler
 from manager.control.records import AuditRow, KeyRow, ReservationEvent, TenantRow, UsageTotals
@@ -221,8 +221,7 @@ class TenantService:
         """The month's cost split between tenants, and inside each between its members; asleep
         memory-hours at ``asleep_rate`` of an awake one's (None: what a sleeper keeps, its engine's
         CUDA context where it sleeps in place)."""
-        kept = self.process_overhead if sleeps_in_place(self.settings) else 0
-        return split(month, total, self.store, self.clock(), asleep_rate, kept)
+        return split(month, total, self.store, self.clock(), asleep_rate, kept_asleep(self.settings))
 
     # ---------------------------------------------------------------- measuring
     def measured_use(self, only: str | None = None) -> dict[str, int | None]:

@@ -37,9 +37,9 @@ from typing import Any
 
 from manager import names
 from manager.contract import GatewayActivity
-from manager.control.gateway_client import Connect
+from manager.control.gateway_client import Connect, gateway_ip
 from manager.control.overcommit import Room, WakePlan, plan_wake, resident
-from manager.control.plan import control_network_name, sleeps_in_place
+from manager.control.plan import kept_asleep
 from manager.control.records import TenantRow
 from manager.control.storage import TenantStore
 from manager.domain import TenantStatus
@@ -57,6 +57,15 @@ class Turn:
     tenant: str
     action: str
     """``sleep`` (idle), ``evict`` (put to sleep for another's wake) or ``wake``."""
+
+
+Ask = Callable[[TenantRow], GatewayActivity | None]
+"""What a tenant's gateway serves now (None: it cannot be asked); ``Sleeper.asking`` asks once a tick."""
+
+
+def may_sleep(row: TenantRow) -> bool:
+    """A running tenant that sleeps when idle (an always-on one never does)."""
+    return row.status == TenantStatus.RUNNING and row.spec.idle_sleep_s is not None and not row.spec.always_on
 
 
 def idle_for(row: TenantRow, activity: GatewayActivity, now: float) -> float:
@@ -82,25 +91,22 @@ class Sleeper:
     def tick(self) -> list[Turn]:
         """One look at every tenant that may sleep or wake; returns what it decided."""
         turns: list[Turn] = []
-        healthy = self.healthy_gateways()
+        ask = self.asking(self.healthy_gateways())
         # the tenants to look at with what their gateways serve; the asleep ones whose requests have
         # waited longest first: with overcommit, room that comes free goes to them
         looks: list[tuple[TenantRow, GatewayActivity]] = []
         for row in self.store.tenants():
-            activity = self.activity(row, healthy) if self._may_change(row) else None
+            activity = ask(row) if may_sleep(row) or row.status == TenantStatus.ASLEEP else None
             if activity is not None:  # None: its gateway is not up, and the reconciler sees to it
                 looks.append((row, activity))
         looks.sort(key=lambda look: look[1].waiting_since or float("inf"))
         for row, activity in looks:
-            may_sleep = (
-                row.status == TenantStatus.RUNNING and row.spec.idle_sleep_s is not None and not row.spec.always_on
-            )
             name, now = row.spec.name, self.clock()
             new_request = activity.last_request_at is not None and activity.last_request_at != row.sleep.last_request_at
             if new_request:
                 assert activity.last_request_at is not None
                 self.store.note_last_request(name, activity.last_request_at)
-            if may_sleep:
+            if may_sleep(row):
                 idle = idle_for(row, activity, now)
                 assert row.spec.idle_sleep_s is not None
                 if idle >= row.spec.idle_sleep_s and not activity.in_flight and not activity.waiting:
@@ -119,18 +125,24 @@ class Sleeper:
                 or (bool(row.sleep.wake_refusal) and new_request)
             )
             if wanted:
-                turns += self._wake(row, activity, now, healthy)
-            elif row.sleep.wake_refusal and self._could_wake(row, healthy) and self.store.refuse_wake(name, "", {}):
+                turns += self._wake(row, activity, now, ask)
+            elif row.sleep.wake_refusal and self._could_wake(row, ask) and self.store.refuse_wake(name, "", {}):
                 self.enqueue(name)  # room again: its next request is held, and wakes it
         return turns
 
-    @staticmethod
-    def _may_change(row: TenantRow) -> bool:
-        """A running tenant that may sleep when idle, or an asleep one."""
-        may_sleep = row.status == TenantStatus.RUNNING and row.spec.idle_sleep_s is not None and not row.spec.always_on
-        return may_sleep or row.status == TenantStatus.ASLEEP
+    def asking(self, healthy: set[str]) -> Ask:
+        """What each tenant's gateway serves, asked once in a tick however often it is needed (only
+        the ``healthy`` gateways are asked)."""
+        seen: dict[str, GatewayActivity | None] = {}
 
-    def _wake(self, row: TenantRow, activity: GatewayActivity, now: float, healthy: set[str]) -> list[Turn]:
+        def ask(row: TenantRow) -> GatewayActivity | None:
+            if row.spec.name not in seen:
+                seen[row.spec.name] = self.activity(row, healthy)
+            return seen[row.spec.name]
+
+        return ask
+
+    def _wake(self, row: TenantRow, activity: GatewayActivity, now: float, ask: Ask) -> list[Turn]:
         """Wakes the tenant; with overcommit, after putting to sleep whom ``plan_wake`` chose, or
         not at all (the refusal goes to its gateway, whose requests then get a 503 with it)."""
         name = row.spec.name
@@ -143,7 +155,7 @@ class Sleeper:
             reason, detail = "waking: sleeping was turned off", {}
         turns: list[Turn] = []
         if self.settings.overcommit:
-            plan = self.plan(row, healthy)
+            plan = self.plan(row, ask)
             if not plan.fits and plan.wait:  # room comes once busy tenants are idle: the request waits
                 why = f"waking once there is room: {plan.message}"
                 if row.reason != why:
@@ -170,11 +182,11 @@ class Sleeper:
             self.enqueue(name)
         return turns
 
-    def _could_wake(self, row: TenantRow, healthy: set[str]) -> bool:
-        plan = self.plan(row, healthy)
+    def _could_wake(self, row: TenantRow, ask: Ask) -> bool:
+        plan = self.plan(row, ask)
         return plan.fits or plan.wait
 
-    def plan(self, row: TenantRow, healthy: set[str] | None = None) -> WakePlan:
+    def plan(self, row: TenantRow, ask: Ask | None = None) -> WakePlan:
         """Overcommit: whether the asleep tenant fits beside the awake ones on its device, and whom
         it puts to sleep first (each candidate's gateway is asked what it serves now)."""
         devices = self.inventory.devices()
@@ -188,14 +200,14 @@ class Sleeper:
                 continue
             idle, last_used = False, other.status_since
             if other.status == TenantStatus.RUNNING and not other.spec.always_on:
-                activity = self.activity(other, healthy)
+                activity = (ask or self.activity)(other)
                 idle = activity is not None and not activity.in_flight and not activity.waiting
                 if activity is not None and activity.last_request_at:
                     last_used = max(last_used, activity.last_request_at)
             others.append(resident(other, idle, last_used))
         overhead = self.settings.process_overhead if self.inventory.mode == "nvml" else 0
-        kept = overhead if sleeps_in_place(self.settings) else 0
-        return plan_wake(row.spec.gpu_memory, others, Room(device.usable, self.settings.headroom, overhead, kept))
+        room = Room(device.usable, self.settings.headroom, overhead, kept_asleep(self.settings))
+        return plan_wake(row.spec.gpu_memory, others, room)
 
     def healthy_gateways(self) -> set[str]:
         """The tenants whose gateway passes its health check: the others are starting (or failing,
@@ -208,9 +220,7 @@ class Sleeper:
         tenants whose gateway is ``healthy``, when it is not one of them)."""
         if healthy is not None and row.spec.name not in healthy:
             return None
-        ip = self.runtime.container_ip(
-            names.gateway(self.settings.instance, row.spec.name), control_network_name(self.settings)
-        )
+        ip = gateway_ip(self.runtime, self.settings, row.spec.name)
         if ip is None:
             return None
         try:
