@@ -14,14 +14,27 @@ PIP_ARGS=${GTM_PIP_ARGS:-}
 content_hash() { cat "$@" | sha256sum | cut -c1-16; }
 image_hash() { docker image inspect -f '{{ index .Config.Labels "org.gtm.content-hash" }}' "$1" 2>/dev/null || true; }
 
+# The Debian mirror the host's own apt uses for bookworm's main component, read the way apt-get
+# reads its sources (one-line sources.list and deb822 .sources alike); GTM_DEBIAN_MIRROR overrides it.
+debian_mirror() {
+  if [ -n "${GTM_DEBIAN_MIRROR:-}" ]; then echo "$GTM_DEBIAN_MIRROR"; return; fi
+  local uri
+  uri=$(apt-get indextargets --no-release-info --format '$(RELEASE) $(COMPONENT) $(IDENTIFIER) $(REPO_URI)' \
+    2>/dev/null | awk '$1 == "bookworm" && $2 == "main" && $3 == "Packages" { print $4; exit }')
+  [ -n "$uri" ] || die "no Debian bookworm mirror in the host's apt sources: set GTM_DEBIAN_MIRROR to one"
+  echo "$uri"
+}
+
 build_base() {
   if docker image inspect "$GTM_BASE_IMAGE" >/dev/null 2>&1; then log "base image $GTM_BASE_IMAGE present"; return; fi
   if timeout 60 docker pull "$GTM_BASE_IMAGE" >/dev/null 2>&1; then log "pulled $GTM_BASE_IMAGE"; return; fi
   log "no registry: making $GTM_BASE_IMAGE with debootstrap"
   command -v debootstrap >/dev/null || die "debootstrap missing: run scripts/bootstrap-host.sh"
+  local mirror; mirror=$(debian_mirror)
   local root; root=$(mktemp -d /var/tmp/gtm-rootfs.XXXXXX)
-  debootstrap --variant=minbase bookworm "$root" http://deb.debian.org/debian >/dev/null \
-    || { rm -rf "$root"; die "debootstrap failed: is deb.debian.org reachable?"; }
+  log "debootstrap from $mirror"
+  debootstrap --variant=minbase bookworm "$root" "$mirror" >/dev/null \
+    || { rm -rf "$root"; die "debootstrap from $mirror failed: is it reachable? (GTM_DEBIAN_MIRROR names another)"; }
   tar -C "$root" -c . | docker import - "$GTM_BASE_IMAGE" >/dev/null
   rm -rf "$root"
 }
