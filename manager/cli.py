@@ -20,8 +20,9 @@ import httpx
 from pydantic import ValidationError
 
 from manager.detail import detail_text
-from manager.domain import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_IMAGES, ENGINE_OPTIONS, QUOTA_FIELDS, QUOTA_KINDS
+from manager.domain import QUOTA_DECLARED, QUOTA_FIELDS, QUOTA_KINDS, TENANT_FIELDS
 from manager.errors import EngineFailed, GtmError, InvalidInput, NotFound, WaitTimedOut, exit_code_for
+from manager.fields import Kind, TenantField, parse_text, parse_whole
 from manager.settings import Settings, describe
 from manager.sizes import format_size, parse_size
 
@@ -33,35 +34,26 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(exc.message) from exc
 
 
-def _limit_value(text: str) -> int:
-    """A quota: a whole number, 0 for no limit."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number (0: no limit), got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 (no limit) or a positive number, got {value}")
-    return value
+def _reader(f: TenantField) -> Callable[[str], Any]:
+    """The argparse type of a declared field: what it accepts and its message, from ``fields``."""
+
+    def read(text: str) -> Any:
+        try:
+            # on the command line 0 lifts a quota (an option cannot say null)
+            value = parse_text(f, text) if not f.quota else _quota_value(text)
+        except InvalidInput as exc:
+            raise argparse.ArgumentTypeError(exc.message) from exc
+        return value
+
+    read.__name__ = f.d.kind.value  # argparse names the type in "invalid size value"
+    return read
 
 
-DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+def _quota_value(text: str) -> int:
+    return parse_whole(text, "no limit")
 
 
-def _duration(text: str) -> float:
-    """``15s``, ``10m``, ``2h``, ``1d`` or plain seconds; 0 is never."""
-    number, unit = (text[:-1], text[-1]) if text[-1:].lower() in DURATION_UNITS else (text, "s")
-    try:
-        value = float(number) * DURATION_UNITS[unit.lower()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a duration such as 15s, 10m or 2h (0: never), got {text!r}"
-        ) from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"a duration is 0 (never) or positive, got {text!r}")
-    return value
-
-
-SIZE_FLAGS = frozenset({"--gpu-memory", "--shm-size", "--max-body"})
+SIZE_FLAGS = frozenset({"--gpu-memory", *(f.flag for f in TENANT_FIELDS if f.d.kind is Kind.SIZE)})
 
 
 def _sizes_glued(argv: Sequence[str]) -> list[str]:
@@ -76,76 +68,41 @@ def _sizes_glued(argv: Sequence[str]) -> list[str]:
     return out
 
 
+def _option(p: argparse.ArgumentParser, f: TenantField, required: bool = False, text: str = "") -> None:
+    """A declared field as an option: --flag VALUE, or --flag / --no-flag for a yes-or-no one."""
+    if f.d.kind is Kind.BOOL:
+        p.add_argument(f.flag, dest=f.name, action=argparse.BooleanOptionalAction, help=text or f.d.help)
+        return
+    p.add_argument(
+        f.flag,
+        dest=f.name,
+        type=_reader(f),
+        required=required,
+        metavar=f.d.metavar,
+        help=text or f.d.help,
+    )
+
+
 def _quota_options(p: argparse.ArgumentParser, scope: str = "0: no limit") -> None:
-    for name, kind in QUOTA_KINDS.items():  # --rpm-limit, --tokens-per-day, ...
-        p.add_argument("--" + name.replace("_", "-"), type=_limit_value, help=f"{kind.meaning} ({scope})")
+    for f in QUOTA_DECLARED:  # --rpm-limit, --tokens-per-day, ...
+        _option(p, f, text=f"{f.d.help} ({scope})")
 
 
-def _engine_options(p: argparse.ArgumentParser, required: bool) -> None:
-    p.add_argument(
-        "--gpu-memory", type=_size, required=required, help="reserved memory, e.g. 10G, 10GiB, 512M (binary units)"
-    )
-    p.add_argument("--port", type=int, required=required, help="the tenant's API port on the host")
-    p.add_argument(
-        "--gpu",
-        help="the device, by its index in capacity or its UUID (GPU-... or MIG-...); add-tenant: default the "
-        "device where it fits tightest; update-tenant: moves the tenant there (its engine restarts)",
-    )
-    p.add_argument("--model", help="model directory under the models volume (default: the demo model)")
-    p.add_argument("--max-model-len", type=int, help="longest context in tokens")
-    p.add_argument(
-        "--quant",
-        dest="quantization",
-        help="int4 (served from a 4-bit AWQ/GPTQ checkpoint) or an engine method such as awq, gptq, fp8; "
-        "checked against the engine and the model before anything is created",
-    )
-    p.add_argument("--shm-size", type=_size, help="shared memory of the engine, e.g. 5G (default 1G)")
-    p.add_argument(
-        "--max-body",
-        type=_size,
-        help="largest request body on the tenant's port, 64K to 64M (default 32M: a 20 MB image as a base64 data: URL)",
-    )
-    p.add_argument(
-        "--max-images",
-        type=int,
-        help=f"images in one chat request (default {DEFAULT_MAX_IMAGES}; 0: none); the gateway refuses more "
-        "and the engine gets the same per-prompt limit",
-    )
-    p.add_argument(
-        "--max-image-pixels",
-        type=int,
-        help=f"width x height of the largest image, read from its header by the gateway (default "
-        f"{DEFAULT_MAX_IMAGE_PIXELS}: 4096 x 3072; a 4000 x 3000 photo passes)",
-    )
-    p.add_argument(
-        "--enable-prefix-caching",
-        action=argparse.BooleanOptionalAction,
-        help="the engine's prefix cache, with a cache salt per member (default: on)",
-    )
-    p.add_argument(
-        "--trust-remote-code",
-        action=argparse.BooleanOptionalAction,
-        help="let the engine run Python code that ships with the model (default: off; only for models you trust)",
-    )
-    p.add_argument(
-        "--max-num-seqs",
-        type=int,
-        help="sequences the engine batches at once (0: what the reservation holds, at most vLLM's default 128)",
-    )
-    p.add_argument(
-        "--idle-sleep",
-        dest="idle_sleep_s",
-        metavar="DURATION",
-        type=_duration,
-        help="after this long without a request the tenant sleeps (its engine stops; the next request starts it "
-        "again and waits meanwhile), e.g. 15s, 10m, 2h; 0: never (the default)",
-    )
-    p.add_argument(
-        "--always-on",
-        action=argparse.BooleanOptionalAction,
-        help="never put it to sleep: neither when idle nor, on a host with GTM_OVERCOMMIT, to make room for "
-        "another tenant's wake (default: off)",
-    )
+GPU_HELP = (
+    "the device, by its index in capacity or its UUID (GPU-... or MIG-...); add-tenant: default the "
+    "device where it fits tightest; update-tenant: moves the tenant there (its engine restarts)"
+)
+
+
+def _tenant_options(p: argparse.ArgumentParser, create: bool) -> None:
+    """Every declared field of a tenant (``domain.TENANT_FIELDS``), and --gpu."""
+    for f in TENANT_FIELDS:
+        if f.quota:
+            _option(p, f, text=f"{f.d.help} (0: no limit)")
+        else:
+            _option(p, f, required=create and f.d.required)
+        if f.name == "gpu_memory":
+            p.add_argument("--gpu", help=GPU_HELP)
 
 
 def _member_parser(
@@ -175,8 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("add-tenant", help="admit and create a tenant; prints its API key once")
     p.add_argument("--name", required=True, help="DNS-safe tenant name, e.g. companya")
-    _engine_options(p, required=True)
-    _quota_options(p)
+    _tenant_options(p, create=True)
     _wait_options(p, "wait until the engine serves or has failed (exit 9, with the reason)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
@@ -190,8 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("update-tenant", help="resize, change engine options (engine recreated) or quotas")
     p.add_argument("--name", required=True)
-    _engine_options(p, required=False)
-    _quota_options(p)
+    _tenant_options(p, create=False)
     _wait_options(p, "wait until the (recreated) engine serves or has failed (exit 9, with the reason)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
@@ -456,20 +411,9 @@ def _quota_body(args: argparse.Namespace) -> dict[str, Any]:
     return {k: (None if v == 0 else v) for k, v in body.items()}  # 0 lifts the limit
 
 
-def _engine_body(args: argparse.Namespace) -> dict[str, Any]:
-    keys = (
-        "gpu_memory",
-        "port",
-        "gpu",
-        "model",
-        "max_model_len",
-        "quantization",
-        "shm_size",
-        "max_body",
-        "idle_sleep_s",
-        "always_on",
-        *ENGINE_OPTIONS,
-    )
+def _tenant_body(args: argparse.Namespace) -> dict[str, Any]:
+    """The declared fields given (and --gpu), as the API takes them."""
+    keys = [f.name for f in TENANT_FIELDS if not f.quota] + ["gpu"]
     body = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     return {**body, **_quota_body(args)}
 
@@ -564,7 +508,7 @@ def command(name: str) -> Callable[[Command], Command]:
 
 @command("add-tenant")
 def _add_tenant(args: argparse.Namespace, api: Api, shown: Shown) -> Any:
-    out = api.call("POST", "/api/v1/tenants", {"name": args.name, **_engine_body(args)})
+    out = api.call("POST", "/api/v1/tenants", {"name": args.name, **_tenant_body(args)})
     t = out["tenant"]
     asleep = out["admission"].get("by_overcommit")
     if asleep:  # overcommit: it fits only while others sleep, so it starts asleep
@@ -600,7 +544,7 @@ def _list_tenants(args: argparse.Namespace, api: Api, shown: Shown) -> Any:
 
 @command("update-tenant")
 def _update_tenant(args: argparse.Namespace, api: Api, shown: Shown) -> Any:
-    body = _engine_body(args)
+    body = _tenant_body(args)
     if not body:
         raise InvalidInput("nothing to change: pass --gpu-memory, --port, a quota or another option")
     out = api.call("PATCH", f"/api/v1/tenants/{args.name}", body)

@@ -26,20 +26,9 @@ class Contract(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
 
-class Limits(Contract):
-    """The four quotas; None is no limit. A member's limits nest inside its tenant's."""
-
-    rpm_limit: int | None = None
-    tokens_per_day: int | None = None
-    requests_per_month: int | None = None
-    max_in_flight: int | None = None
-
-    @classmethod
-    def of(cls, quotas: Quotas) -> Limits:
-        return cls(**quotas.__dict__)
-
-    def quotas(self) -> Quotas:
-        return Quotas(self.rpm_limit, self.tokens_per_day, self.requests_per_month, self.max_in_flight)
+Limits = Quotas
+"""The four quotas, as ``domain.Quotas`` declares them (pydantic reads and writes the dataclass);
+None is no limit. A member's limits nest inside its tenant's."""
 
 
 class KeyConfig(Contract):

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
+from typing import Any
 
 from manager.errors import InvalidInput
-from manager.sizes import MAX_SIZE, format_size
+from manager.fields import Kind, Section, TenantField, declare, declared
+from manager.sizes import MAX_SIZE
 
 
 class TenantStatus(StrEnum):
@@ -59,43 +61,12 @@ def can_transition(current: TenantStatus, new: TenantStatus) -> bool:
     return current == new or new in ALLOWED_TRANSITIONS[current]
 
 
-@dataclass(frozen=True)
-class Quotas:
-    rpm_limit: int | None = None
-    tokens_per_day: int | None = None
-    requests_per_month: int | None = None
-    max_in_flight: int | None = None
-
-
-QUOTA_FIELDS: tuple[str, ...] = tuple(Quotas.__dataclass_fields__)
-"""The quota names, as the API, the CLI, the console and the gateway spell them."""
-
-
-@dataclass(frozen=True)
-class QuotaKind:
-    meaning: str
-    """What it counts, for help texts and the API's schema."""
-    unit: str
-    """How a table shows a value of it: ``30/min``."""
-    max: int
-    """The largest value it takes (far beyond any real host; well inside SQLite's 64-bit integers)."""
-
-
-QUOTA_KINDS: dict[str, QuotaKind] = {
-    "rpm_limit": QuotaKind("requests per minute", "/min", 10**9),
-    "tokens_per_day": QuotaKind("prompt + completion tokens per UTC day", "/day", 10**15),
-    "requests_per_month": QuotaKind("requests per calendar month", "/month", 10**12),
-    "max_in_flight": QuotaKind("requests in flight at once", " in flight", 10**6),
-}
-"""The one declaration of what each quota means (the fields are ``Quotas``'s): the CLI's options
-and tables, the API schema's descriptions and bounds, the store's columns and the checks derive
-from these two; ``tests/unit/test_domain.py`` checks that the gateway's contract, the API's
-schemas and the database agree."""
-QUOTA_MAX: dict[str, int] = {name: kind.max for name, kind in QUOTA_KINDS.items()}
 MIN_PORT, MAX_PORT = 1024, 65535
 MIN_MODEL_LEN, MAX_MODEL_LEN = 16, 10**7
 MIN_BODY, MAX_BODY = 64 * 1024, 64 * 1024**2
 """Bounds of a tenant's request body limit; the gateway's memory limit is sized for the largest."""
+DEFAULT_BODY = 32 * 1024**2
+DEFAULT_SHM = 1024**3
 MAX_GRACE_S = 366 * 86400.0
 DEFAULT_MAX_IMAGES, MAX_IMAGES = 4, 64
 """Images in one chat request for a model that takes images (a text model's tenant takes none):
@@ -112,110 +83,239 @@ MIN_IDLE_SLEEP_S, MAX_IDLE_SLEEP_S = 5.0, 366 * 86400.0
 """Bounds of ``--idle-sleep``: a tenant idle that long sleeps (unset or 0: it never does)."""
 
 
+def _quota(meaning: str, label: str, unit: str, top: int) -> Any:
+    """A quota: a whole number from 1 to ``top`` (far beyond any real host; well inside SQLite's
+    64-bit integers), or None for no limit; pushed to the gateway, which enforces it."""
+    return field(
+        default=None,
+        metadata=declare(
+            Kind.INT, meaning, label, lo=1, hi=top, unset="no limit", gateway=True, section=Section.QUOTA,
+            quota_unit=unit,
+        ),
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Quotas:
+    """A tenant's or a member's limits; None is no limit. A member's nest inside its tenant's."""
+
+    rpm_limit: int | None = _quota("requests per minute", "Requests per minute", "/min", 10**9)
+    tokens_per_day: int | None = _quota("prompt + completion tokens per UTC day", "Tokens per day", "/day", 10**15)
+    requests_per_month: int | None = _quota("requests per calendar month", "Requests per month", "/month", 10**12)
+    max_in_flight: int | None = _quota("requests in flight at once", "Requests in flight at once", " in flight", 10**6)
+
+
+QUOTA_DECLARED: tuple[TenantField, ...] = tuple(TenantField(f.name, f.d, None, quota=True) for f in declared(Quotas))
+QUOTA_FIELDS: tuple[str, ...] = tuple(f.name for f in QUOTA_DECLARED)
+"""The quota names, as the API, the CLI, the console, the store and the gateway spell them."""
+
+
+@dataclass(frozen=True)
+class QuotaKind:
+    meaning: str
+    """What it counts, for help texts and the API's schema."""
+    unit: str
+    """How a table shows a value of it: ``30/min``."""
+    max: int
+    """The largest value it takes."""
+
+
+QUOTA_KINDS: dict[str, QuotaKind] = {
+    f.name: QuotaKind(f.d.help, f.d.quota_unit, int(f.d.hi or 0)) for f in QUOTA_DECLARED
+}
+"""Each quota's meaning, unit and top, read from ``Quotas``'s declarations."""
+QUOTA_MAX: dict[str, int] = {name: kind.max for name, kind in QUOTA_KINDS.items()}
+
+
 def check_quotas(quotas: Quotas) -> None:
     """Every quota unset or within its documented range (a tenant's and a member's alike)."""
-    for name in QUOTA_FIELDS:
-        value = getattr(quotas, name)
-        if value is not None and not 1 <= value <= QUOTA_MAX[name]:
-            raise InvalidInput(
-                f"{name.replace('_', ' ')} must be between 1 and {QUOTA_MAX[name]} (or unset for no limit), got {value}"
-            )
-
-
-def check_bounds(spec: TenantSpec) -> None:
-    """Every number of a spec within its documented range; the API's schema states the same bounds."""
-    check_quotas(spec.quotas)
-    if not MIN_PORT <= spec.port <= MAX_PORT:
-        raise InvalidInput(f"port {spec.port} is out of range: use {MIN_PORT}-{MAX_PORT}")
-    if not MIN_MODEL_LEN <= spec.max_model_len <= MAX_MODEL_LEN:
-        raise InvalidInput(
-            f"max model len must be between {MIN_MODEL_LEN} and {MAX_MODEL_LEN} tokens, got {spec.max_model_len}"
-        )
-    if not MIN_BODY <= spec.max_body <= MAX_BODY:
-        raise InvalidInput(
-            f"max body must be between {format_size(MIN_BODY)} and {format_size(MAX_BODY)}, "
-            f"got {format_size(spec.max_body)}"
-        )
-    if not 0 <= spec.max_images <= MAX_IMAGES:
-        raise InvalidInput(f"max images must be between 0 and {MAX_IMAGES}, got {spec.max_images}")
-    if not MIN_IMAGE_PIXELS <= spec.max_image_pixels <= MAX_IMAGE_PIXELS:
-        raise InvalidInput(
-            f"max image pixels must be between {MIN_IMAGE_PIXELS} and {MAX_IMAGE_PIXELS} (width x height), "
-            f"got {spec.max_image_pixels}"
-        )
-    if spec.max_num_seqs is not None and not 1 <= spec.max_num_seqs <= MAX_NUM_SEQS:
-        raise InvalidInput(
-            f"max num seqs must be between 1 and {MAX_NUM_SEQS} (or unset for the engine's default), "
-            f"got {spec.max_num_seqs}"
-        )
-    if spec.idle_sleep_s is not None and not MIN_IDLE_SLEEP_S <= spec.idle_sleep_s <= MAX_IDLE_SLEEP_S:
-        raise InvalidInput(
-            f"idle sleep must be between {MIN_IDLE_SLEEP_S:.0f} s and {MAX_IDLE_SLEEP_S / 86400:.0f} days "
-            f"(or 0 for never), got {spec.idle_sleep_s:g} s"
-        )
-    if spec.always_on and spec.idle_sleep_s is not None:
-        raise InvalidInput(
-            "a tenant that is always on never sleeps: drop --idle-sleep (or set it to 0), or drop --always-on"
-        )
-    for label, size in (("gpu memory", spec.gpu_memory), ("shm size", spec.shm_size)):
-        if not 1 <= size <= MAX_SIZE:
-            raise InvalidInput(f"{label} must be between 1 byte and {format_size(MAX_SIZE)}, got {size}")
+    for f in QUOTA_DECLARED:
+        f.check(getattr(quotas, f.name))
 
 
 @dataclass(frozen=True)
 class TenantSpec:
-    """What the admin asked for. The engine's identity is ``engine_hash()``: a change
-    to any engine-relevant field recreates the engine; quota changes do not."""
+    """What the admin asked for: one declaration per field (``manager.fields``), from which the
+    API, the CLI, the console and the store derive theirs. The engine's identity is
+    ``engine_hash()``: a change to a field declared ``engine`` recreates the engine; the others
+    apply to the gateway (or the sleeper) at once."""
 
     name: str
-    port: int
-    gpu_memory: int
-    model: str
-    max_model_len: int
-    quantization: str | None = None
-    shm_size: int = 1024**3
+    port: int = field(
+        metadata=declare(
+            Kind.INT, "the tenant's API port on the host", "Port", lo=MIN_PORT, hi=MAX_PORT, required=True,
+            section=Section.MAIN, placeholder="30001",
+        )
+    )  # fmt: skip
+    gpu_memory: int = field(
+        metadata=declare(
+            Kind.SIZE, "reserved memory, e.g. 10G, 10GiB, 512M (binary units)", "GPU memory", lo=1, hi=MAX_SIZE,
+            engine=True, required=True, section=Section.MAIN, placeholder="10G",
+        )
+    )  # fmt: skip
+    model: str = field(
+        metadata=declare(
+            Kind.TEXT, "model directory under the models volume (default: the demo model)", "Model", engine=True,
+            host_default=True, section=Section.MAIN, placeholder="demo",
+        )
+    )  # fmt: skip
+    max_model_len: int = field(
+        metadata=declare(
+            Kind.INT, "longest context in tokens", "Max model length", lo=MIN_MODEL_LEN, hi=MAX_MODEL_LEN,
+            unit="tokens", engine=True, gateway=True, host_default=True, section=Section.MAIN, placeholder="512",
+            listed="max-model-len",
+        )
+    )  # fmt: skip
+    quantization: str | None = field(
+        default=None,
+        metadata=declare(
+            Kind.TEXT, "int4 (served from a 4-bit AWQ/GPTQ checkpoint) or an engine method such as awq, gptq, fp8; "
+            "checked against the engine and the model before anything is created", "Quantization", unset="none",
+            engine=True, flag="--quant", placeholder="none; int4, awq, gptq, fp8",
+            title="checked against the engine and the model, as --quant", listed="quant",
+        ),
+    )  # fmt: skip
+    shm_size: int = field(
+        default=DEFAULT_SHM,
+        metadata=declare(
+            Kind.SIZE, "shared memory of the engine, e.g. 5G (default 1G)", "Shared memory", lo=1, hi=MAX_SIZE,
+            engine=True, placeholder="1G",
+        ),
+    )  # fmt: skip
     quotas: Quotas = field(default_factory=Quotas)
-    max_body: int = 32 * 1024**2
+    max_body: int = field(
+        default=DEFAULT_BODY,
+        metadata=declare(
+            Kind.SIZE, "largest request body on the tenant's port, 64K to 64M (default 32M: a 20 MB image as a "
+            "base64 data: URL)", "Largest request body", lo=MIN_BODY, hi=MAX_BODY, gateway=True, placeholder="32M",
+        ),
+    )  # fmt: skip
     """Largest request body the tenant's port takes (a 20 MB image as a base64 data: URL fits)."""
-    max_images: int = 0
+    max_images: int = field(
+        default=0,
+        metadata=declare(
+            Kind.INT, f"images in one chat request (default {DEFAULT_MAX_IMAGES}; 0: none); the gateway refuses more "
+            "and the engine gets the same per-prompt limit", "Images per request", lo=0, hi=MAX_IMAGES, engine=True,
+            gateway=True, host_default=True, placeholder="4 for a vision model, 0 for a text model", listed="images",
+        ),
+    )  # fmt: skip
     """Images a chat request may carry: checked by the gateway and the engine's per-prompt limit.
     New tenants of a model that takes images get ``DEFAULT_MAX_IMAGES`` (the service decides)."""
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
-    """Width x height of the largest image, read by the gateway from the image's header."""
-    enable_prefix_caching: bool = True
+    max_image_pixels: int = field(
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        metadata=declare(
+            Kind.INT, f"width x height of the largest image, read from its header by the gateway (default "
+            f"{DEFAULT_MAX_IMAGE_PIXELS}: 4096 x 3072; a 4000 x 3000 photo passes)",
+            "Largest image (width \N{MULTIPLICATION SIGN} height, pixels)", lo=MIN_IMAGE_PIXELS,
+            hi=MAX_IMAGE_PIXELS, engine=True, gateway=True, placeholder=str(DEFAULT_MAX_IMAGE_PIXELS),
+        ),
+    )  # fmt: skip
+    """Width x height of the largest image, read by the gateway from the image's header. An engine
+    field too: in cpu mode the engine's memory holds the decode of its images."""
+    enable_prefix_caching: bool = field(
+        default=True,
+        metadata=declare(
+            Kind.BOOL, "the engine's prefix cache, with a cache salt per member (default: on)", "Prefix caching",
+            engine=True, choices=("on (a cache salt per member)", "off"), listed="prefix-caching",
+        ),
+    )  # fmt: skip
     """vLLM's automatic prefix caching; members' caches are kept apart by a per-member cache salt."""
-    trust_remote_code: bool = False
+    trust_remote_code: bool = field(
+        default=False,
+        metadata=declare(
+            Kind.BOOL, "let the engine run Python code that ships with the model (default: off; only for models you "
+            "trust)", "Remote code", engine=True,
+            choices=("trusted (the engine runs the model's Python code)", "not trusted"), listed="trust-remote-code",
+        ),
+    )  # fmt: skip
     """Lets the engine run Python code shipped with the model: only when the admin asks."""
-    max_num_seqs: int | None = None
+    max_num_seqs: int | None = field(
+        default=None,
+        metadata=declare(
+            Kind.INT, "sequences the engine batches at once (0: what the reservation holds, at most vLLM's default "
+            "128)", "Max sequences batched", lo=1, hi=MAX_NUM_SEQS, unset="the engine's default", zero_unsets=True,
+            engine=True, placeholder="what the reservation holds", listed="max-num-seqs",
+        ),
+    )  # fmt: skip
     """Sequences the engine batches at once; None is vLLM's default."""
-    idle_sleep_s: float | None = None
+    idle_sleep_s: float | None = field(
+        default=None,
+        metadata=declare(
+            Kind.DURATION, "after this long without a request the tenant sleeps (its engine stops; the next request "
+            "starts it again and waits meanwhile), e.g. 15s, 10m, 2h; 0: never (the default)", "Sleep after idle",
+            lo=MIN_IDLE_SLEEP_S, hi=MAX_IDLE_SLEEP_S, unset="never", zero_unsets=True, flag="--idle-sleep",
+            metavar="DURATION", words="idle sleep", placeholder="never",
+            title="after this long without a request its engine stops; the next request starts it again and waits "
+            "meanwhile (15s, 10m, 2h or seconds)",
+        ),
+    )  # fmt: skip
     """After this long without a request the tenant sleeps: its engine stops, and the next request
     starts it again (held by the gateway meanwhile). None: it never sleeps."""
-    always_on: bool = False
+    always_on: bool = field(
+        default=False,
+        metadata=declare(
+            Kind.BOOL, "never put it to sleep: neither when idle nor, on a host with GTM_OVERCOMMIT, to make room "
+            "for another tenant's wake (default: off)", "Always on",
+            choices=("yes: never put to sleep", "no: it may sleep"),
+        ),
+    )  # fmt: skip
     """Never put to sleep, neither when idle nor (on a host with ``GTM_OVERCOMMIT``) to make room
     for another tenant's wake: its reservation is always counted."""
 
-    def options(self) -> dict[str, object]:
-        """The image limits and engine options (``ENGINE_OPTIONS``) with their values."""
-        return {name: getattr(self, name) for name in ENGINE_OPTIONS}
+    def flat(self) -> dict[str, Any]:
+        """Every declared field by name, the quotas among them (as the store's columns and the
+        API's public model hold them)."""
+        return {f.name: getattr(self.quotas if f.quota else self, f.name) for f in TENANT_FIELDS}
+
+    @classmethod
+    def from_flat(cls, name: str, values: dict[str, Any]) -> TenantSpec:
+        """A spec from every declared field by name (a store row): booleans made booleans again."""
+
+        def value(f: TenantField) -> Any:
+            v = values[f.name]
+            return bool(v) if f.d.kind is Kind.BOOL else v
+
+        quotas = Quotas(**{f.name: value(f) for f in QUOTA_DECLARED})
+        return cls(name=name, quotas=quotas, **{f.name: value(f) for f in SPEC_DECLARED})
 
     def engine_hash(self) -> str:
-        engine_fields = asdict(self)
-        # max_image_pixels stays: in cpu mode the engine's memory holds the decode of its images
-        for gateway_only in ("quotas", "port", "max_body", "idle_sleep_s", "always_on"):
-            engine_fields.pop(gateway_only)
+        """The engine's identity: the name and every field declared ``engine``."""
+        engine_fields = {"name": self.name, **{f.name: getattr(self, f.name) for f in ENGINE_FIELDS}}
         raw = json.dumps(engine_fields, sort_keys=True).encode()
         return hashlib.sha256(raw).hexdigest()[:16]
 
     def with_changes(self, **changes: object) -> TenantSpec:
         return replace(self, **changes)  # type: ignore[arg-type]
 
+    def changed(self, flat: dict[str, Any]) -> TenantSpec:
+        """This spec with declared fields (quotas among them) set from ``flat``."""
+        quota = {k: v for k, v in flat.items() if k in QUOTA_FIELDS}
+        rest = {k: v for k, v in flat.items() if k not in QUOTA_FIELDS}
+        if quota:
+            rest["quotas"] = replace(self.quotas, **quota)
+        return self.with_changes(**rest)
 
-ENGINE_OPTIONS: tuple[str, ...] = (
-    "max_images",
-    "max_image_pixels",
-    "enable_prefix_caching",
-    "trust_remote_code",
-    "max_num_seqs",
-)
-"""The spec's image limits and engine options, as the API, the CLI and the console spell them."""
+
+SPEC_DECLARED: tuple[TenantField, ...] = tuple(declared(TenantSpec))
+TENANT_FIELDS: tuple[TenantField, ...] = (*SPEC_DECLARED[:5], *QUOTA_DECLARED, *SPEC_DECLARED[5:])
+"""Every field of a tenant an admin sets, quotas included, in the order forms and help show them."""
+FIELDS_BY_NAME: dict[str, TenantField] = {f.name: f for f in TENANT_FIELDS}
+ENGINE_FIELDS: tuple[TenantField, ...] = tuple(f for f in SPEC_DECLARED if f.d.engine)
+"""A change of one of these recreates the engine."""
+
+
+def check_bounds(spec: TenantSpec) -> None:
+    """Every field of a spec within its declared range; the API's schema states the same bounds."""
+    for f in TENANT_FIELDS:
+        f.check(getattr(spec.quotas if f.quota else spec, f.name))
+    if spec.always_on and spec.idle_sleep_s is not None:
+        raise InvalidInput(
+            "a tenant that is always on never sleeps: drop --idle-sleep (or set it to 0), or drop --always-on"
+        )
+
+
+def unknown_fields(names: Any) -> None:
+    """InvalidInput naming the fields that no declaration knows."""
+    unknown = set(names) - set(FIELDS_BY_NAME)
+    if unknown:
+        raise InvalidInput(f"unknown tenant options {sorted(unknown)}")

@@ -31,7 +31,7 @@ from manager.api.schemas import (
 )
 from manager.control.costs import Share
 from manager.control.service import CatalogEntry
-from manager.domain import ENGINE_OPTIONS, MAX_MODEL_LEN, MIN_MODEL_LEN, QUOTA_FIELDS, Quotas
+from manager.domain import MAX_MODEL_LEN, MIN_MODEL_LEN, Quotas
 from manager.utc import start_of_day
 
 
@@ -70,21 +70,10 @@ def list_tenants(svc: Service, _: Admin) -> list[TenantPublic]:
 )
 def create_tenant(body: TenantCreate, svc: Service, actor: Admin) -> TenantCreated:
     """Admit and create a tenant. 409 with every number when it does not fit. The key is shown once."""
-    spec = svc.new_spec(
-        name=body.name,
-        port=body.port,
-        gpu_memory=body.gpu_memory,
-        model=body.model,
-        max_model_len=body.max_model_len,
-        quantization=body.quantization,
-        shm_size=body.shm_size,
-        max_body=body.max_body,
-        idle_sleep_s=body.idle_sleep_s,
-        always_on=bool(body.always_on),
-        quotas=Quotas(**{f: getattr(body, f) for f in QUOTA_FIELDS}),
-        **{f: getattr(body, f) for f in ENGINE_OPTIONS},
-    )
-    created = svc.create(spec, actor, gpu=body.gpu)
+    values = body.model_dump()
+    gpu = values.pop("gpu")
+    spec = svc.new_spec(**values)
+    created = svc.create(spec, actor, gpu=gpu)
     return TenantCreated(
         tenant=TenantPublic.of(created.tenant, concurrency=svc.concurrency(created.tenant.spec)),
         key=IssuedKeyPublic(key_id=created.key.id, api_key=created.key.secret_key),
@@ -124,9 +113,7 @@ def usage(svc: Service, _: Admin, since: UnixTime = 0.0, until: UnixTime | None 
 @router.patch("/tenants/{name}", tags=["tenants"], responses=error_responses(400, 404, 409))
 def update_tenant(name: TenantName, body: TenantUpdate, svc: Service, actor: Admin) -> TenantPublic:
     """Resize or change options (engine recreated) or quotas (engine untouched)."""
-    sent = body.model_dump(exclude_unset=True)
-    quotas = {f: sent.pop(f) for f in QUOTA_FIELDS if f in sent}
-    row = svc.update(name, actor, quotas=quotas or None, **sent)
+    row = svc.update(name, actor, **body.model_dump(exclude_unset=True))
     # the same figures as GET: what it uses and served today (a quota change keeps its engine)
     today = svc.usage(name, start_of_day(time.time()))
     return TenantPublic.of(row, svc.measured_use(name).get(name), today, svc.concurrency(row.spec))
@@ -184,8 +171,9 @@ def list_members(name: TenantName, svc: Service, _: Admin) -> list[MemberPublic]
 )
 def add_member(name: TenantName, body: MemberCreate, svc: Service, actor: Admin) -> MemberCreated:
     """Add a member with its own key (shown once) and quotas nested in the tenant's."""
-    quotas = Quotas(**{f: getattr(body, f) for f in QUOTA_FIELDS})
-    row, issued = svc.members.add(name, body.name, quotas, actor)
+    values = body.model_dump()
+    member = values.pop("name")
+    row, issued = svc.members.add(name, member, Quotas(**values), actor)
     now = time.time()
     return MemberCreated(
         member=MemberPublic.of(svc.members.view(name, row.name, now), now),
@@ -264,7 +252,7 @@ def what_if(body: WhatIf, svc: Service, _: Admin) -> DecisionPublic:
         body.gpu_memory,
         body.model or svc.settings.default_model,
         body.max_model_len or svc.settings.default_max_model_len,
-        bool(body.quantization),
+        body.quantization,
         tenant=body.tenant,
         gpu=body.gpu,
     )

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Self, TypeAlias, get_type_hints
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, create_model
 from pydantic.config import JsonDict
 
 from manager.control.admission import Decision
@@ -12,21 +12,15 @@ from manager.control.members import MemberView
 from manager.control.records import AuditRow, KeyRow, TenantRow, UsageTotals
 from manager.control.service import Capacity
 from manager.domain import (
-    DEFAULT_MAX_IMAGE_PIXELS,
-    DEFAULT_MAX_IMAGES,
     MAX_GRACE_S,
-    MAX_IDLE_SLEEP_S,
-    MAX_IMAGE_PIXELS,
-    MAX_IMAGES,
     MAX_MODEL_LEN,
-    MAX_NUM_SEQS,
-    MAX_PORT,
-    MIN_IDLE_SLEEP_S,
-    MIN_IMAGE_PIXELS,
     MIN_MODEL_LEN,
-    MIN_PORT,
-    QUOTA_KINDS,
+    QUOTA_DECLARED,
+    SPEC_DECLARED,
+    TENANT_FIELDS,
+    Quotas,
 )
+from manager.fields import Kind, TenantField
 from manager.gpu import DeviceMemory
 from manager.names import TENANT_NAME
 from manager.sizes import MAX_SIZE, format_size, parse_size
@@ -39,12 +33,11 @@ SIZE_SCHEMA = {
     "description": "bytes, or a size with a binary unit: 512M, 1.5G, 10G, 10GiB (1G = 1024^3 bytes); at most 1024T",
 }
 Size = Annotated[int, BeforeValidator(parse_size), WithJsonSchema(SIZE_SCHEMA)]
-Port = Annotated[int, Field(ge=MIN_PORT, le=MAX_PORT, description="the tenant's OpenAI API port on the host")]
 ModelLen = Annotated[int, Field(ge=MIN_MODEL_LEN, le=MAX_MODEL_LEN, description="longest context in tokens")]
-MAX_BODY_TEXT = (
-    "largest request body on the tenant's port (64K to 64M; default 32M: a 20 MB image as a base64 data: URL)"
-)
 NAME_SCHEMA: JsonDict = {"pattern": TENANT_NAME.pattern, "minLength": 2, "maxLength": 32}
+GPU_TEXT = "the device to place the tenant on: its index in /capacity or its UUID (GPU-... or MIG-...); "
+TEXT_MAX = {"quantization": 64}
+"""The longest text a field takes (200 unless named)."""
 
 
 class Strict(BaseModel):
@@ -53,100 +46,92 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def _quota(name: str) -> Any:
-    """A quota field: its meaning and bounds from ``manager.domain.QUOTA_KINDS``."""
-    kind = QUOTA_KINDS[name]
-    return Field(None, ge=1, le=kind.max, description=kind.meaning + " (null: no limit)")
+def _typed(f: TenantField, public: bool = False) -> Any:
+    """The field's value type: a size is taken as bytes or as text with a unit (10G) and given as bytes."""
+    kind = f.d.kind
+    if kind is Kind.SIZE:
+        return int if public else Size
+    return {Kind.INT: int, Kind.DURATION: float, Kind.BOOL: bool, Kind.TEXT: str}[kind]
 
 
-class QuotaFields(Strict):
-    rpm_limit: int | None = _quota("rpm_limit")
-    tokens_per_day: int | None = _quota("tokens_per_day")
-    requests_per_month: int | None = _quota("requests_per_month")
-    max_in_flight: int | None = _quota("max_in_flight")
+def request_field(f: TenantField, create: bool) -> tuple[Any, Any]:
+    """A declared field as a request body's field: its type, bounds and description from the
+    declaration (create: a field the spec needs is required; update: null leaves it as it is,
+    except a quota, which null lifts)."""
+    bounds: dict[str, Any] = {}
+    if f.d.kind in (Kind.INT, Kind.DURATION) and f.d.hi is not None:
+        bounds = {"ge": 0 if f.d.zero_unsets else f.d.lo, "le": f.d.hi}
+    if f.d.kind is Kind.DURATION:
+        bounds["allow_inf_nan"] = False
+    if f.d.kind is Kind.TEXT:
+        bounds["max_length"] = TEXT_MAX.get(f.name, 200)
+    text = f.d.help
+    if f.quota:
+        text += " (null: no limit)"
+    elif not create:
+        text += "; null: unchanged"
+    if create and f.d.required:
+        return _typed(f), Field(description=text, **bounds)
+    return _typed(f) | None, Field(None, description=text, **bounds)
 
 
-class EngineOptionFields(Strict):
-    """Image limits and engine options (manager.domain.ENGINE_OPTIONS); null: the default (create)
-    or unchanged (update)."""
+def _derived(name: str, base: type[BaseModel], fields: dict[str, tuple[Any, Any]], doc: str) -> Any:
+    return create_model(name, __base__=base, __doc__=doc, **fields)  # type: ignore[call-overload]
 
-    max_images: int | None = Field(
-        None,
-        ge=0,
-        le=MAX_IMAGES,
-        description=f"images in one chat request, checked by the gateway and the engine's per-prompt limit "
-        f"(default {DEFAULT_MAX_IMAGES}; 0: no images)",
+
+if TYPE_CHECKING:  # the fields below are derived from the declarations when the module loads
+    QuotaFields: TypeAlias = Strict
+    TenantCreate: TypeAlias = Strict
+    TenantUpdate: TypeAlias = Strict
+    MemberCreate: TypeAlias = Strict
+    MemberUpdate: TypeAlias = Strict
+else:
+    _gpu = (str | None, Field(None, max_length=64, description=GPU_TEXT + "default: the device where it fits tightest"))
+    _moves = GPU_TEXT + "moves the tenant (its engine restarts there); default: it stays on its own"
+    _member_name = Field(
+        description="2-32 lowercase letters, digits and '-', starting with a letter (the tenant name rule)",
+        json_schema_extra=NAME_SCHEMA,
     )
-    max_image_pixels: int | None = Field(
-        None,
-        ge=MIN_IMAGE_PIXELS,
-        le=MAX_IMAGE_PIXELS,
-        description=f"width x height of the largest image, read from its header (default {DEFAULT_MAX_IMAGE_PIXELS})",
+    QuotaFields = _derived(
+        "QuotaFields", Strict, {f.name: request_field(f, True) for f in QUOTA_DECLARED}, "The four quotas."
     )
-    enable_prefix_caching: bool | None = Field(
-        None, description="the engine's prefix cache, salted per member (default on)"
+    TenantCreate = _derived(
+        "TenantCreate",
+        Strict,
+        {
+            "name": (
+                str,
+                Field(
+                    description="2-32 lowercase letters, digits and '-', starting with a letter",
+                    json_schema_extra=NAME_SCHEMA,
+                ),
+            ),
+            **{f.name: request_field(f, True) for f in TENANT_FIELDS},
+            "gpu": _gpu,
+        },
+        "A new tenant: every declared field (manager.domain.TenantSpec); null or missing: the default.",
     )
-    trust_remote_code: bool | None = Field(
-        None, description="let the engine run Python code shipped with the model (default off)"
+    TenantUpdate = _derived(
+        "TenantUpdate",
+        Strict,
+        {
+            **{f.name: request_field(f, False) for f in TENANT_FIELDS},
+            "gpu": (str | None, Field(None, max_length=64, description=_moves)),
+        },
+        "Only the fields sent change: quotas and the request size at once, the port recreates the gateway, "
+        "the rest recreates the engine.",
     )
-    max_num_seqs: int | None = Field(
-        None,
-        ge=0,
-        le=MAX_NUM_SEQS,
-        description="sequences the engine batches at once "
-        "(0 or null: what the reservation holds, at most vLLM's default 128)",
+    MemberCreate = _derived(
+        "MemberCreate",
+        Strict,
+        {"name": (str, _member_name), **{f.name: request_field(f, True) for f in QUOTA_DECLARED}},
+        "A member: its own key and quotas nested in the tenant's (null: bounded only by the tenant's).",
     )
-
-
-class SleepFields(Strict):
-    """Sleeping when idle (``control.sleeper``); null: unchanged on update."""
-
-    idle_sleep_s: float | None = Field(
-        None,
-        ge=0,
-        le=MAX_IDLE_SLEEP_S,
-        description=f"after this many seconds without a request the tenant sleeps: its engine stops, and the "
-        f"next request starts it again (held meanwhile); at least {MIN_IDLE_SLEEP_S:.0f}; 0: never (the default)",
-    )
-    always_on: bool | None = Field(
-        None,
-        description="never put to sleep: neither when idle nor, on a host with GTM_OVERCOMMIT, to make room for "
-        "another tenant's wake (default: false)",
-    )
-
-
-class TenantCreate(QuotaFields, EngineOptionFields, SleepFields):
-    name: str = Field(
-        description="2-32 lowercase letters, digits and '-', starting with a letter", json_schema_extra=NAME_SCHEMA
-    )
-    port: Port
-    gpu_memory: Size = Field(description="the reservation: " + str(SIZE_SCHEMA["description"]))
-    model: str | None = Field(None, description="directory name under the models volume", max_length=200)
-    max_model_len: ModelLen | None = None
-    quantization: str | None = Field(None, max_length=64)
-    shm_size: Size | None = None
-    max_body: Size | None = Field(None, description=MAX_BODY_TEXT)
-    gpu: str | None = Field(
-        None,
-        max_length=64,
-        description="the device to place the tenant on: its index in /capacity or its UUID (GPU-... or MIG-...); "
-        "default: the device where it fits tightest",
-    )
-
-
-class TenantUpdate(QuotaFields, EngineOptionFields, SleepFields):
-    gpu_memory: Size | None = None
-    port: Port | None = None
-    model: str | None = Field(None, max_length=200)
-    max_model_len: ModelLen | None = None
-    quantization: str | None = Field(None, max_length=64)
-    shm_size: Size | None = None
-    max_body: Size | None = Field(None, description=MAX_BODY_TEXT)
-    gpu: str | None = Field(
-        None,
-        max_length=64,
-        description="the device to place the tenant on: its index in /capacity or its UUID (GPU-... or MIG-...); "
-        "moves the tenant (its engine restarts there); default: it stays on its own",
+    MemberUpdate = _derived(
+        "MemberUpdate",
+        Strict,
+        {f.name: request_field(f, True) for f in QUOTA_DECLARED},
+        "Only the quotas sent change; null lifts one.",
     )
 
 
@@ -162,31 +147,12 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-class Quotas(BaseModel):
-    rpm_limit: int | None
-    tokens_per_day: int | None
-    requests_per_month: int | None
-    max_in_flight: int | None
+class TenantState(BaseModel):
+    """What a tenant is now, beside its spec (``TenantPublic`` adds every declared field)."""
 
-
-class TenantPublic(BaseModel):
     name: str
-    port: int
-    gpu_memory: int
     gpu_memory_human: str
-    model: str
-    max_model_len: int
-    quantization: str | None
-    shm_size: int
-    max_body: int
-    max_images: int
-    max_image_pixels: int
-    enable_prefix_caching: bool
-    trust_remote_code: bool
-    max_num_seqs: int | None
     quotas: Quotas
-    idle_sleep_s: float | None = Field(None, description="seconds without a request before it sleeps; null: never")
-    always_on: bool = Field(False, description="never put to sleep (when idle or by overcommit)")
     wake_refusal: str = Field(
         "", description="asleep: why it cannot wake now, with the numbers (overcommit: nothing can sleep to make room)"
     )
@@ -217,22 +183,13 @@ class TenantPublic(BaseModel):
         measured: int | None = None,
         today: UsageTotals | None = None,
         concurrency: int | None = None,
-    ) -> TenantPublic:
+    ) -> Self:
         s = row.spec
         return cls(
             name=s.name,
-            port=s.port,
-            gpu_memory=s.gpu_memory,
             gpu_memory_human=format_size(s.gpu_memory),
-            model=s.model,
-            max_model_len=s.max_model_len,
-            quantization=s.quantization,
-            shm_size=s.shm_size,
-            max_body=s.max_body,
-            **s.options(),
-            quotas=Quotas(**s.quotas.__dict__),
-            idle_sleep_s=s.idle_sleep_s,
-            always_on=s.always_on,
+            **{f.name: getattr(s, f.name) for f in SPEC_DECLARED},
+            quotas=s.quotas,
             wake_refusal=row.sleep.wake_refusal,
             last_request_at=row.sleep.last_request_at,
             sleeps=row.sleep.sleeps,
@@ -248,6 +205,24 @@ class TenantPublic(BaseModel):
             tokens_today=today.tokens if today else 0,
             concurrency=concurrency,
         )
+
+
+def _public(f: TenantField) -> tuple[Any, Any]:
+    typed = _typed(f, public=True)
+    if f.nullable:
+        return typed | None, Field(description=f.d.help + f" (null: {f.d.unset})")
+    return typed, Field(description=f.d.help)
+
+
+if TYPE_CHECKING:
+    TenantPublic: TypeAlias = TenantState
+else:
+    TenantPublic = _derived(
+        "TenantPublic",
+        TenantState,
+        {f.name: _public(f) for f in SPEC_DECLARED},
+        "A tenant: every declared field (manager.domain.TenantSpec), its quotas, and what it is now.",
+    )
 
 
 class DecisionPublic(BaseModel):
@@ -318,19 +293,6 @@ class RotateKey(Strict):
     )
 
 
-class MemberCreate(QuotaFields):
-    """A member: its own key and quotas nested in the tenant's (null: bounded only by the tenant's)."""
-
-    name: str = Field(
-        description="2-32 lowercase letters, digits and '-', starting with a letter (the tenant name rule)",
-        json_schema_extra=NAME_SCHEMA,
-    )
-
-
-class MemberUpdate(QuotaFields):
-    """Only the quotas sent change; null lifts one."""
-
-
 class UsageCount(BaseModel):
     requests: int
     prompt_tokens: int
@@ -363,7 +325,7 @@ class MemberPublic(BaseModel):
         return cls(
             tenant=m.tenant,
             name=m.name,
-            quotas=Quotas(**m.quotas.__dict__),
+            quotas=m.quotas,
             created_at=m.created_at,
             keys=[KeyPublic.of(k, now) for k in view.keys],
             today=UsageCount.of(view.usage.today),
@@ -466,18 +428,21 @@ class CapacityPublic(BaseModel):
         )
 
 
-class AuditEntry(BaseModel):
-    id: int
-    at: float
-    actor: str
-    action: str
-    tenant: str | None
-    result: str
-    detail: dict[str, Any]
-
+class AuditPublic(BaseModel):
     @classmethod
-    def of(cls, row: AuditRow) -> AuditEntry:
+    def of(cls, row: AuditRow) -> Self:
         return cls(**row.__dict__)
+
+
+if TYPE_CHECKING:
+    AuditEntry: TypeAlias = AuditPublic
+else:  # every field of an audit row is public: the model is the row's fields, read from it
+    AuditEntry = _derived(
+        "AuditEntry",
+        AuditPublic,
+        {name: (hint, ...) for name, hint in get_type_hints(AuditRow).items()},
+        "One entry of the audit trail.",
+    )
 
 
 class UsageSummary(BaseModel):

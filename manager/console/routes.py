@@ -17,6 +17,7 @@ from fastapi.templating import Jinja2Templates
 from starlette.concurrency import run_in_threadpool
 
 from manager import keys
+from manager.console.forms import edit_changes, new_values, quota_values, recreates_engine, section, shown
 from manager.console.session import (
     COOKIE,
     DEVICE_COOKIE,
@@ -31,7 +32,7 @@ from manager.console.session import (
 from manager.console.views import capacity_segments, day_bars, label_of
 from manager.control.service import TenantService
 from manager.detail import detail_text
-from manager.domain import ENGINE_OPTIONS, QUOTA_FIELDS, Quotas, TenantSpec
+from manager.domain import Quotas
 from manager.errors import GtmError, InvalidInput
 from manager.sizes import exact_size, format_size, parse_size
 from manager.utc import start_of_day
@@ -109,6 +110,8 @@ def page(
             "format_size": format_size,
             "exact_size": exact_size,
             "utc": _utc,
+            "shown": shown,
+            "section": section,
             "now": time.time(),
             **context,
         },
@@ -121,27 +124,12 @@ def _utc(at: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at))
 
 
-def _opt_int(form: dict[str, str], key: str) -> int | None:
-    value = form.get(key, "").strip()
-    if not value:
-        return None
-    try:
-        return int(value)
-    except ValueError as exc:
-        raise InvalidInput(f"{key.replace('_', ' ')} must be a whole number, got {value!r}") from exc
-
-
 def _grace(form: dict[str, str]) -> float:
     value = form.get("grace_s", "").strip() or "3600"
     try:
         return float(value)
     except ValueError as exc:
         raise InvalidInput(f"the grace period must be a number of seconds, got {value!r}") from exc
-
-
-def _opt_size(form: dict[str, str], key: str) -> int | None:
-    value = form.get(key, "").strip()
-    return parse_size(value) if value else None
 
 
 # ---------------------------------------------------------------- login
@@ -273,29 +261,7 @@ def new_tenant_page(request: Request) -> HTMLResponse:
 def new_tenant(request: Request, session: Session, form: dict[str, str]) -> HTMLResponse:
     svc = svc_of(request)
     try:
-        gpu_memory = _opt_size(form, "gpu_memory")
-        port = _opt_int(form, "port")
-        if gpu_memory is None or port is None:
-            raise InvalidInput("name, GPU memory and port are required")
-        spec = svc.new_spec(
-            name=form.get("name", "").strip(),
-            port=port,
-            gpu_memory=gpu_memory,
-            model=form.get("model") or None,
-            max_model_len=_opt_int(form, "max_model_len"),
-            quantization=form.get("quantization") or None,
-            shm_size=_opt_size(form, "shm_size"),
-            quotas=Quotas(**{f: _opt_int(form, f) for f in QUOTA_FIELDS}),
-            max_body=_opt_size(form, "max_body"),
-            max_images=_opt_int(form, "max_images"),
-            max_image_pixels=_opt_int(form, "max_image_pixels"),
-            enable_prefix_caching=form.get("enable_prefix_caching", "on") != "off",
-            trust_remote_code=form.get("trust_remote_code") == "on",
-            max_num_seqs=_opt_int(form, "max_num_seqs"),
-            idle_sleep_s=_opt_int(form, "idle_sleep_s"),
-            always_on=form.get("always_on") == "on",
-        )
-        created = svc.create(spec, session.user, gpu=form.get("gpu", "").strip() or None)
+        created = svc.create(svc.new_spec(**new_values(form)), session.user, gpu=form.get("gpu", "").strip() or None)
     except GtmError as exc:
         return page(request, "tenant_new.html", session, error=exc.message, form=form, created=None)
     return page(request, "tenant_new.html", session, error=None, form={}, created=created)
@@ -391,7 +357,7 @@ def rotate(request: Request, session: Session, form: dict[str, str], name: str) 
 def add_member(request: Request, session: Session, form: dict[str, str], name: str) -> Response:
     svc = svc_of(request)
     try:
-        quotas = Quotas(**{f: _opt_int(form, f) for f in QUOTA_FIELDS})
+        quotas = Quotas(**quota_values(form))
         row, issued = svc.members.add(name, form.get("member", "").strip(), quotas, session.user)
     except GtmError as exc:
         return _refused(request, session, name, exc, member_form=form)
@@ -413,7 +379,7 @@ def rotate_member(request: Request, session: Session, form: dict[str, str], name
 def update_member(request: Request, session: Session, form: dict[str, str], name: str, member: str) -> Response:
     """A member's limits, as ``update-member`` sets them: an empty field is no limit of its own."""
     try:
-        quotas = {f: _opt_int(form, f) for f in QUOTA_FIELDS}
+        quotas = quota_values(form)
         svc_of(request).members.update(name, member, quotas, session.user)
     except GtmError as exc:
         return _refused(request, session, name, exc)
@@ -434,44 +400,6 @@ def revoke(request: Request, session: Session, form: dict[str, str], name: str, 
     return RedirectResponse(f"/tenants/{name}", status_code=303)
 
 
-_EDIT_SIZES = ("gpu_memory", "shm_size", "max_body")
-_EDIT_INTS = ("port", "max_model_len", "max_images", "max_image_pixels", "max_num_seqs")
-_EDIT_FLAGS = ("enable_prefix_caching", "trust_remote_code", "always_on")
-
-
-def edit_changes(form: dict[str, str], spec: TenantSpec) -> dict[str, Any]:
-    """The options of ``update-tenant`` that the edit form changes: only fields whose value differs
-    from the spec (the form shows every current value), so saving an untouched form changes nothing."""
-    changes: dict[str, Any] = {}
-    for key in _EDIT_SIZES:
-        size = _opt_size(form, key)
-        if size is not None and size != getattr(spec, key):
-            changes[key] = size
-    for key in _EDIT_INTS:
-        number = _opt_int(form, key)
-        if key == "max_num_seqs" and number == 0 and spec.max_num_seqs is None:
-            continue
-        if number is not None and number != getattr(spec, key):
-            changes[key] = number
-    for key in ("model", "quantization"):
-        text = form.get(key, "").strip()
-        if text and text != (getattr(spec, key) or ""):
-            changes[key] = text
-    for key in _EDIT_FLAGS:
-        if key in form and (form[key] == "on") != getattr(spec, key):
-            changes[key] = form[key] == "on"
-    quotas = {f: _opt_int(form, f) for f in QUOTA_FIELDS if f in form}
-    if any(getattr(spec.quotas, f) != v for f, v in quotas.items()):
-        changes["quotas"] = quotas
-    if "idle_sleep_s" in form:  # empty or 0: it never sleeps
-        idle = _opt_int(form, "idle_sleep_s") or None
-        if idle != spec.idle_sleep_s:
-            changes["idle_sleep_s"] = idle or 0
-    if form.get("gpu", "").strip():
-        changes["gpu"] = form["gpu"].strip()
-    return changes
-
-
 @router.post("/tenants/{name}/update")
 @form_action
 def update(request: Request, session: Session, form: dict[str, str], name: str) -> Response:
@@ -484,10 +412,9 @@ def update(request: Request, session: Session, form: dict[str, str], name: str) 
         svc.update(name, session.user, **changes)
     except GtmError as exc:
         return _refused(request, session, name, exc, edit_form=form)
-    engine = {"gpu_memory", "model", "max_model_len", "quantization", "shm_size", "gpu", *ENGINE_OPTIONS}
     message = (
         "Saved: the engine is recreated with the new spec (the tenant is pending until it serves)."
-        if engine & set(changes)
+        if recreates_engine(changes)
         else "Saved: it applies at once, without restarting the engine."
     )
     return _done(request, session, name, message)

@@ -22,7 +22,6 @@ from manager.contract import (
     GatewayConfig,
     GatewayStatus,
     KeyConfig,
-    Limits,
     MemberConfig,
     UsagePage,
 )
@@ -61,8 +60,8 @@ def desired_config(
             for k in store.keys(tenant)
             if k.active(now)
         ],
-        limits=Limits.of(row.spec.quotas),
-        members=[MemberConfig(name=m.name, limits=Limits.of(m.quotas)) for m in store.members(tenant)],
+        limits=row.spec.quotas,
+        members=[MemberConfig(name=m.name, limits=m.quotas) for m in store.members(tenant)],
         max_model_len=row.spec.max_model_len,
         max_body=row.spec.max_body,
         max_images=row.spec.max_images,

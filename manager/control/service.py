@@ -33,11 +33,13 @@ from manager.control.storage import TenantStore
 from manager.domain import (
     DEFAULT_MAX_IMAGE_PIXELS,
     DEFAULT_MAX_IMAGES,
-    ENGINE_OPTIONS,
+    FIELDS_BY_NAME,
+    QUOTA_FIELDS,
     Quotas,
     TenantSpec,
     TenantStatus,
     check_bounds,
+    unknown_fields,
 )
 from manager.errors import AdmissionRefused, Conflict, GtmError, InvalidInput
 from manager.gpu import DeviceMemory, Inventory, device_label, find_device, placed_on
@@ -142,12 +144,12 @@ def _admitted_asleep(decision: Decision) -> dict[str, Any]:
     return {"status": TenantStatus.ASLEEP, "reason": ASLEEP_BY_OVERCOMMIT} if decision.by_overcommit else {}
 
 
-def chosen_options(options: dict[str, object]) -> dict[str, object]:
-    """The image limits and engine options given (None: not given); ``max_num_seqs`` 0 is vLLM's default."""
-    unknown = set(options) - set(ENGINE_OPTIONS)
-    if unknown:
-        raise InvalidInput(f"unknown tenant options {sorted(unknown)}")
-    return {k: (None if (k, v) == ("max_num_seqs", 0) else v) for k, v in options.items() if v is not None}
+def given(values: dict[str, Any]) -> dict[str, Any]:
+    """The declared fields an admin gave, as the spec holds them: None (not given) left out, 0 of
+    a field where 0 means unset (``--idle-sleep 0``: never) made None; a quota given as None stays
+    (it lifts the limit). InvalidInput for a field no declaration knows."""
+    unknown_fields(values)
+    return {k: FIELDS_BY_NAME[k].normal(v) for k, v in values.items() if v is not None or k in QUOTA_FIELDS}
 
 
 def device_of(row: TenantRow, devices: list[DeviceMemory]) -> DeviceMemory | None:
@@ -369,37 +371,44 @@ class TenantService:
             minimum_gpu_memory_at=self._minimum(footprint, max_model_len, images) if max_model_len else None,
         )
 
-    def assess(self, *args: Any, **kwargs: Any) -> Decision:
-        """The admission decision alone, for what-if: ``placement``'s arguments, its decision."""
-        return self.placement(*args, **kwargs)[1]
-
-    def placement(
+    def assess(
         self,
         requested: int,
         model: str,
         max_model_len: int,
-        quantized: bool = False,
+        quantization: str | None = None,
         tenant: str | None = None,
-        max_images: int | None = None,
-        max_image_pixels: int | None = None,
         gpu: str | None = None,
-        max_num_seqs: int | None = None,
-        always_on: bool = False,
+    ) -> Decision:
+        """What-if: would this reservation fit? A resized ``tenant`` keeps its own image limits and
+        engine options; a new one gets the model's defaults, as add-tenant would. Creates nothing."""
+        own = self.store.find_tenant(tenant) if tenant else None
+        if own is not None:
+            spec = own.spec.with_changes(gpu_memory=requested, model=model, max_model_len=max_model_len)
+        else:
+            spec = TenantSpec(
+                name="what-if",
+                port=0,
+                gpu_memory=requested,
+                model=model,
+                max_model_len=max_model_len,
+                max_images=self._default_max_images(model),
+            )
+        spec = spec.with_changes(quantization=quantization)
+        return self.placement(spec, tenant=tenant, gpu=gpu)[1]
+
+    def placement(
+        self, spec: TenantSpec, tenant: str | None = None, gpu: str | None = None
     ) -> tuple[DeviceMemory | None, Decision]:
-        """Where a new (or resized, ``tenant``) reservation goes and the decision that says so; creates
-        nothing. Image limits left out are the tenant's own (a resize), else the model's defaults
-        (what-if). The candidates: the device ``gpu``
-        names (index or UUID); else a resized tenant's own device (tenants move only when the admin
-        says ``--gpu``); else every device, best fit first (``admission.place``). With overcommit, the
-        tenants awake now decide first; a reservation that fits only while others sleep comes back
-        ``by_overcommit``."""
-        self.check_model_len(model, max_model_len)  # what-if says so too, before any number
+        """Where a new (or resized, ``tenant``) reservation of ``spec`` goes and the decision that
+        says so; creates nothing. The candidates: the device ``gpu`` names (index or UUID); else a
+        resized tenant's own device (tenants move only when the admin says ``--gpu``); else every
+        device, best fit first (``admission.place``). With overcommit, the tenants awake now decide
+        first; a reservation that fits only while others sleep comes back ``by_overcommit``."""
+        requested = spec.gpu_memory
+        self.check_model_len(spec.model, spec.max_model_len)  # what-if says so too, before any number
         devices = self.inventory.devices()
         own = self.store.find_tenant(tenant) if tenant else None
-        if max_images is None:
-            max_images = own.spec.max_images if own else self._default_max_images(model)
-        if max_image_pixels is None:
-            max_image_pixels = own.spec.max_image_pixels if own else DEFAULT_MAX_IMAGE_PIXELS
         if gpu is not None:
             candidates = [find_device(devices, gpu)]
         elif own is not None:
@@ -409,8 +418,16 @@ class TenantService:
             candidates = devices
         rows = [r for r in self.store.tenants() if r.spec.name != tenant]
         measured = self.measured_use()
-        least = self.model_minimum(model, max_model_len, quantized, max_images, max_image_pixels, max_num_seqs)
+        least = self.model_minimum(
+            spec.model,
+            spec.max_model_len,
+            bool(spec.quantization),
+            spec.max_images,
+            spec.max_image_pixels,
+            spec.max_num_seqs,
+        )
         overhead = self.process_overhead
+        always_on = spec.always_on
 
         def ledger(
             device: DeviceMemory, counted: list[TenantRow], beside: tuple[int, int] | None = None, measure: bool = True
@@ -536,17 +553,7 @@ class TenantService:
             if self.store.find_tenant(spec.name):
                 raise Conflict(f"tenant {spec.name!r} already exists; use update-tenant to change it")
             self._check_port(spec.port)
-            device, decision = self.placement(
-                spec.gpu_memory,
-                spec.model,
-                spec.max_model_len,
-                bool(spec.quantization),
-                max_images=spec.max_images,
-                max_image_pixels=spec.max_image_pixels,
-                gpu=gpu,
-                max_num_seqs=spec.max_num_seqs,
-                always_on=spec.always_on,
-            )
+            device, decision = self.placement(spec, gpu=gpu)
             if device is None:
                 raise self._refuse(actor, "add-tenant", spec.name, decision)
             issued = keys.issue()
@@ -587,51 +594,15 @@ class TenantService:
         self.reconciler.enqueue(spec.name)
         return Created(self.store.tenant(spec.name), issued, decision)
 
-    def update(
-        self,
-        name: str,
-        actor: str,
-        *,
-        gpu_memory: int | None = None,
-        port: int | None = None,
-        model: str | None = None,
-        max_model_len: int | None = None,
-        quantization: str | None = None,
-        shm_size: int | None = None,
-        max_body: int | None = None,
-        quotas: dict[str, int | None] | None = None,
-        gpu: str | None = None,
-        idle_sleep_s: float | None = None,
-        always_on: bool | None = None,
-        **options: object,
-    ) -> TenantRow:
-        """``options``: the image limits and engine options of ``ENGINE_OPTIONS`` (None leaves one as
-        it is; ``max_num_seqs=0`` goes back to the engine's default). ``gpu`` moves the tenant to
-        that device (index or UUID); without it, a tenant stays on its own."""
+    def update(self, name: str, actor: str, gpu: str | None = None, **values: Any) -> TenantRow:
+        """Changes declared fields (``domain.TENANT_FIELDS``, quotas among them): None leaves one
+        as it is, except a quota, which it lifts; 0 unsets a field where 0 means unset. ``gpu``
+        moves the tenant to that device (index or UUID); without it, a tenant stays on its own."""
         with self._admission:
             row = self.store.tenant(name)
             if row.status == TenantStatus.REMOVING:
                 raise Conflict(removing_refusal(name))
-            changes: dict[str, object] = {}
-            for key, value in (
-                ("gpu_memory", gpu_memory),
-                ("port", port),
-                ("model", model),
-                ("max_model_len", max_model_len),
-                ("quantization", quantization),
-                ("shm_size", shm_size),
-                ("max_body", max_body),
-            ):
-                if value is not None:
-                    changes[key] = value
-            changes.update(chosen_options(options))
-            if idle_sleep_s is not None:  # 0: it never sleeps (an asleep one wakes: control.sleeper)
-                changes["idle_sleep_s"] = idle_sleep_s or None
-            if always_on is not None:
-                changes["always_on"] = always_on
-            if quotas:
-                current = row.spec.quotas
-                changes["quotas"] = Quotas(**{**current.__dict__, **quotas})
+            changes = given(values)
             if "model" in changes and "max_images" not in changes:
                 changes["max_images"] = self._default_max_images(str(changes["model"]))
             if "quantization" in changes or "model" in changes:
@@ -639,7 +610,7 @@ class TenantService:
                 changes["quantization"] = self._quantization(
                     model_after, changes.get("quantization", row.spec.quantization)
                 )
-            new = row.spec.with_changes(**changes)
+            new = row.spec.changed(changes)
             check_bounds(new)
             self._check_host(new)
             if (new.model, new.max_model_len) != (row.spec.model, row.spec.max_model_len):
@@ -659,25 +630,15 @@ class TenantService:
             # overcommit: a tenant that becomes always on is counted in full beside every other's wake
             pinned = self.settings.overcommit and new.always_on and not row.spec.always_on
             if recreate or pinned:
-                device, decision = self.placement(
-                    new.gpu_memory,
-                    new.model,
-                    new.max_model_len,
-                    bool(new.quantization),
-                    tenant=name,
-                    max_images=new.max_images,
-                    max_image_pixels=new.max_image_pixels,
-                    gpu=moved,
-                    max_num_seqs=new.max_num_seqs,
-                    always_on=new.always_on,
-                )
+                device, decision = self.placement(new, tenant=name, gpu=moved)
                 if device is None:
                     raise self._refuse(actor, "update-tenant", name, decision)
                 asleep = recreate and decision.by_overcommit
                 if device.uuid != here:  # asked for, or its own device is gone from the host
                     moved = device.uuid
+            audited = {k: v for k, v in new.flat().items() if k in changes and v != row.spec.flat()[k]}
             if moved is not None:
-                changes["device"] = moved
+                audited["device"] = moved
             with self.store.transaction() as db:
                 self.store.update_spec(db, new, device=moved)
                 if new.gpu_memory != row.spec.gpu_memory:
@@ -694,14 +655,7 @@ class TenantService:
                 elif new.port != row.spec.port and row.status == TenantStatus.FAILED:
                     # a move off a taken port: the old port's failure is not this spec's
                     self.store.set_status(name, TenantStatus.PENDING, f"gateway to be recreated on port {new.port}")
-                self.store.audit(
-                    actor,
-                    "update-tenant",
-                    name,
-                    "ok",
-                    {k: (v.__dict__ if isinstance(v, Quotas) else v) for k, v in changes.items()},
-                    tx=db,
-                )
+                self.store.audit(actor, "update-tenant", name, "ok", audited, tx=db)
         self.reconciler.enqueue(name)
         return self.store.tenant(name)
 
@@ -733,40 +687,26 @@ class TenantService:
         text = requested if isinstance(requested, str) else None
         return resolve(text, model, read_config(self.settings.models_dir, model), self.settings.gpu_mode)
 
-    def new_spec(
-        self,
-        *,
-        name: str,
-        port: int,
-        gpu_memory: int,
-        model: str | None,
-        max_model_len: int | None,
-        quantization: str | None,
-        shm_size: int | None,
-        quotas: Quotas,
-        max_body: int | None = None,
-        idle_sleep_s: float | None = None,
-        always_on: bool = False,
-        **options: object,
-    ) -> TenantSpec:
-        """``options``: the image limits and engine options of ``ENGINE_OPTIONS``; None is the default."""
-        chosen = chosen_options(options)
-        if "max_images" not in chosen:
-            chosen["max_images"] = self._default_max_images(model or self.settings.default_model)
-        spec = TenantSpec(
+    def new_spec(self, name: str, **values: Any) -> TenantSpec:
+        """A new tenant's spec from the declared fields given (None or missing: the default). The
+        host fills in the model and its context length; the model, how many images a request may
+        carry (a model that takes images: ``DEFAULT_MAX_IMAGES``; a text model: none)."""
+        chosen = given(values)
+        model = str(chosen.get("model") or self.settings.default_model)
+        chosen["model"] = model
+        chosen.setdefault("max_model_len", self.settings.default_max_model_len)
+        chosen.setdefault("max_images", self._default_max_images(model))
+        chosen["quantization"] = self._quantization(model, chosen.get("quantization"))
+        missing = [FIELDS_BY_NAME[k].flag for k in ("port", "gpu_memory") if k not in chosen]
+        if missing:
+            raise InvalidInput(f"a new tenant needs {' and '.join(missing)}")
+        base = TenantSpec(
             name=names.validate_tenant_name(name),
-            port=port,
-            gpu_memory=gpu_memory,
-            model=model or self.settings.default_model,
-            max_model_len=max_model_len or self.settings.default_max_model_len,
-            quantization=self._quantization(model or self.settings.default_model, quantization),
-            shm_size=shm_size or 1024**3,
-            quotas=quotas,
-            idle_sleep_s=idle_sleep_s or None,  # 0 or none: it never sleeps
-            always_on=always_on,
+            port=chosen.pop("port"),
+            gpu_memory=chosen.pop("gpu_memory"),
+            model=model,
+            max_model_len=chosen.pop("max_model_len"),
         )
-        if max_body is not None:
-            spec = spec.with_changes(max_body=max_body)
-        spec = spec.with_changes(**chosen)
+        spec = base.changed(chosen)
         check_bounds(spec)
         return spec

@@ -32,7 +32,7 @@ from manager.control.records import (
     UsageTotals,
 )
 from manager.control.storage import Tx
-from manager.domain import QUOTA_FIELDS, Quotas, TenantSpec, TenantStatus
+from manager.domain import QUOTA_FIELDS, TENANT_FIELDS, Quotas, TenantSpec, TenantStatus
 from manager.errors import Conflict, NotFound, StateUnavailable
 from manager.migrations import Step, migrate
 from manager.utc import DAY_S, start_of_day
@@ -236,46 +236,13 @@ ORDER BY a.id""",
 
 
 def _spec_columns(spec: TenantSpec) -> dict[str, object]:
-    """A spec as the tenants table's columns (the column names are this module's own, never input)."""
-    q = spec.quotas
-    return {
-        "port": spec.port,
-        "gpu_memory": spec.gpu_memory,
-        "model": spec.model,
-        "max_model_len": spec.max_model_len,
-        "quantization": spec.quantization,
-        "shm_size": spec.shm_size,
-        **{f: getattr(q, f) for f in QUOTA_FIELDS},
-        "max_body": spec.max_body,
-        "max_images": spec.max_images,
-        "max_image_pixels": spec.max_image_pixels,
-        "enable_prefix_caching": int(spec.enable_prefix_caching),
-        "trust_remote_code": int(spec.trust_remote_code),
-        "max_num_seqs": spec.max_num_seqs,
-        "idle_sleep_s": spec.idle_sleep_s,
-        "always_on": int(spec.always_on),
-    }
+    """A spec as the tenants table's columns: one per declared field, of the same name (names
+    from ``domain.TENANT_FIELDS``, never input; sqlite3 stores a bool as 0 or 1)."""
+    return spec.flat()
 
 
 def _tenant(row: sqlite3.Row) -> TenantRow:
-    spec = TenantSpec(
-        name=row["name"],
-        port=row["port"],
-        gpu_memory=row["gpu_memory"],
-        model=row["model"],
-        max_model_len=row["max_model_len"],
-        quantization=row["quantization"],
-        shm_size=row["shm_size"],
-        quotas=_quotas(row),
-        max_body=row["max_body"],
-        max_images=row["max_images"],
-        max_image_pixels=row["max_image_pixels"],
-        enable_prefix_caching=bool(row["enable_prefix_caching"]),
-        trust_remote_code=bool(row["trust_remote_code"]),
-        max_num_seqs=row["max_num_seqs"],
-        idle_sleep_s=row["idle_sleep_s"],
-        always_on=bool(row["always_on"]),
-    )
+    spec = TenantSpec.from_flat(row["name"], {f.name: row[f.name] for f in TENANT_FIELDS})
     sleep = SleepState(
         row["last_request_at"],
         row["sleeps"],

@@ -21,7 +21,6 @@ from manager.contract import (
     GatewayActivity,
     GatewayConfig,
     GatewayStatus,
-    Limits,
     MemberConfig,
     UsagePage,
 )
@@ -97,8 +96,8 @@ def create_admin_app(state: GatewayState, token: str, engine: httpx.Client | Non
         return GatewayStatus(
             version=state.version,
             key_ids=sorted(state.keys),
-            limits=Limits.of(state.quotas.limits),
-            members=[MemberConfig(name=n, limits=Limits.of(m.limits)) for n, m in sorted(state.members.items())],
+            limits=state.quotas.limits,
+            members=[MemberConfig(name=n, limits=m.limits) for n, m in sorted(state.members.items())],
         )
 
     @app.put("/admin/config")

@@ -197,13 +197,13 @@ class GatewayState:
             if state is None:
                 state = QuotaState(clock=self.clock, scope="member", who=f"member {m.name}")
                 new.append(m.name)
-            state.limits = m.limits.quotas()
+            state.limits = m.limits
             members[m.name] = state
         if new and persist:  # a member added (or added again) while the gateway runs: today's use counts
             per = self._spooled(keys)
             for name in new:
                 self._load(members[name], per.get(name, []))
-        self.quotas.limits = config.limits.quotas()
+        self.quotas.limits = config.limits
         self.max_model_len = config.max_model_len if config.max_model_len and config.max_model_len > 0 else None
         self.max_body = config.max_body if config.max_body and config.max_body > 0 else None
         self.max_images = config.max_images if config.max_images is not None and config.max_images >= 0 else None

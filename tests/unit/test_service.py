@@ -11,7 +11,7 @@ import pytest
 
 from manager import names
 from manager.control.service import TenantService
-from manager.domain import Quotas, TenantSpec, TenantStatus
+from manager.domain import TenantSpec, TenantStatus
 from manager.errors import Conflict, InvalidInput
 
 from .conftest import write_model
@@ -29,7 +29,6 @@ def create(svc: TenantService, name: str = "acme", port: int = 30001) -> None:
             max_model_len=None,
             quantization=None,
             shm_size=None,
-            quotas=Quotas(),
         ),
         "admin",
     )
@@ -38,7 +37,7 @@ def create(svc: TenantService, name: str = "acme", port: int = 30001) -> None:
 def test_an_engine_change_makes_the_tenant_pending_a_quota_change_does_not(svc: TenantService) -> None:
     create(svc)
     svc.store.set_status("acme", TenantStatus.RUNNING)
-    svc.update("acme", "admin", quotas={"rpm_limit": 10})
+    svc.update("acme", "admin", rpm_limit=10)
     svc.update("acme", "admin", max_body=8 * MIB)  # the gateway's business: no new engine either
     assert svc.store.tenant("acme").status == TenantStatus.RUNNING
     assert svc.store.tenant("acme").spec.max_body == 8 * MIB
@@ -63,7 +62,7 @@ def test_a_removed_name_can_be_added_again_once_it_is_gone(svc: TenantService) -
 def test_out_of_range_quotas_are_refused_with_the_range(svc: TenantService, quotas: dict[str, int]) -> None:
     create(svc)
     with pytest.raises(InvalidInput, match="must be between 1 and"):
-        svc.update("acme", "admin", quotas=quotas)
+        svc.update("acme", "admin", **quotas)
 
 
 def test_grace_periods_are_bounded(svc: TenantService) -> None:
@@ -90,7 +89,6 @@ def test_quant_is_checked_before_anything_is_created(svc: TenantService) -> None
                 max_model_len=None,
                 quantization=quant,
                 shm_size=None,
-                quotas=Quotas(),
             )
     assert svc.store.tenants() == []
 
@@ -157,7 +155,7 @@ def test_a_vision_model_takes_four_images_by_default_and_its_minimum_holds_their
     def spec(model: str | None, **options: object) -> TenantSpec:
         return svc.new_spec(
             name="vv", port=30002, gpu_memory=3 * 1024 * MIB, model=model, max_model_len=None,
-            quantization=None, shm_size=None, quotas=Quotas(), **options,
+            quantization=None, shm_size=None, **options,
         )  # fmt: skip
 
     assert spec("tinyvl").max_images == 4 and spec(None).max_images == 0, "a text model's tenant takes none"
