@@ -104,7 +104,7 @@ def baseline(client: docker.DockerClient, settings: Settings, instance: str) -> 
     """``docker run`` of the same engine plan, published on a port: seconds to the first answer
     (NaN when the engine exits instead)."""
     spec = TenantSpec(name="direct", port=free_port(), gpu_memory=1536 * 1024**2, model="demo", max_model_len=512)
-    plan = tenant_plan(spec, settings, 0, Sizing(settings, "cpu").fit(spec)).engine
+    plan = tenant_plan(spec, settings, 0, Sizing(settings).fit(spec)).engine
     kwargs = container_kwargs(plan)
     kwargs.pop("networking_config", None)
     kwargs.update(

@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from manager.contract import HOLD_TIMEOUT_S, MAX_WAITING
 from manager.errors import InvalidInput
+from manager.platform import PLATFORMS, Platform, platform_of
 from manager.sizes import parse_size
 
 
@@ -27,8 +28,6 @@ def _size(value: object) -> int:
 Size = Annotated[int, BeforeValidator(_size)]
 GIB = 1024**3
 MIB = 1024**2
-GPU_PIDS_LIMIT = 4096
-GPU_ENGINE_OVERHEAD = 3 * GIB
 """nvml: vLLM's budget beyond weights and KV cache, from its own start-up logs (docs/gpu.md): the
 activation peak of a profile run (1.26-2.38 GiB for 7-8B models at 2048 batched tokens), memory
 outside torch (0.03-0.30 GiB, 1.79 once), CUDA graphs (about 0.2-0.5 GiB)."""
@@ -83,9 +82,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _mode_defaults(self) -> Settings:
-        # nvml: torch, triton and NCCL start threads per core; 512 tasks can kill an engine on a big host
-        if self.gpu_mode == "nvml" and "engine_pids_limit" not in self.model_fields_set:
-            self.engine_pids_limit = GPU_PIDS_LIMIT
+        limit = PLATFORMS[self.gpu_mode].pids_limit if self.gpu_mode else None
+        if limit is not None and "engine_pids_limit" not in self.model_fields_set:
+            self.engine_pids_limit = limit
         return self
 
     @model_validator(mode="after")
@@ -108,16 +107,17 @@ class Settings(BaseSettings):
         return self.state_dir / "manager.db"
 
     @property
-    def effective_engine_overhead(self) -> int:
-        """Memory an engine needs beyond weights and KV cache.
+    def platform(self) -> Platform:
+        """The platform the engines run on (``GTM_GPU_MODE``); GpuUnavailable when it is not set."""
+        return platform_of(self.gpu_mode)
 
-        cpu: the vLLM process itself (measured ~1.0-1.2 GiB RSS with a tiny model);
-        nvml: inside vLLM's budget, the activation peak of its profile run, memory outside torch and
-        CUDA graphs (``GPU_ENGINE_OVERHEAD``); the CUDA context is outside it (``process_overhead``).
-        """
+    @property
+    def effective_engine_overhead(self) -> int:
+        """Memory an engine needs beyond weights and KV cache: the setting, else the platform's
+        (``Platform.engine_overhead``)."""
         if self.engine_overhead is not None:
             return self.engine_overhead
-        return 1152 * MIB if self.gpu_mode == "cpu" else GPU_ENGINE_OVERHEAD
+        return self.platform.engine_overhead
 
 
 def describe(exc: ValidationError, prefix: str = "GTM_") -> str:

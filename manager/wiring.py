@@ -110,7 +110,7 @@ def build_components(
 ) -> Components:
     """The control plane; ``runtime``, ``inventory`` and ``connect`` (the gateways' admin
     client) replace the real ones in tests."""
-    inventory = inventory or open_inventory(settings.gpu_mode)
+    inventory = inventory or open_inventory(settings.platform)
     runtime = runtime or DockerRuntime()
     store = Store(settings.database_path)
     reconciler = Reconciler(settings, store, runtime, inventory, connect=connect or GatewayClient)

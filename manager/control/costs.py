@@ -9,7 +9,7 @@ held it. A name removed and added again is two tenants (two incarnations), each 
 
 A tenant asleep (``TenantSpec.idle_sleep_s``, or put to sleep by overcommit) frees its
 reservation: its asleep memory-hours are priced apart, at ``asleep_rate`` times an awake one's
-(the admin sets it). The default prices what a sleeper keeps of the device (``kept_asleep``): its
+(the admin sets it). The default prices what a sleeper keeps of the device (``Platform.kept_asleep``): its
 engine's CUDA context on a GPU, where the engine sleeps in place; nothing in cpu mode, where it is
 stopped. The same reservation rows say when it slept and woke.
 """

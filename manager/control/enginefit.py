@@ -11,7 +11,7 @@ the engine's peak under load stays inside what admission reserved:
 - ``weights``: the served weights (``modelfit.read_footprint``).
 - ``images``: what one request's images need (``modelfit.image_allowance``).
 - ``activations``: one forward pass of ``max_num_batched_tokens`` tokens. On a GPU vLLM profiles
-  that pass inside ``GPU_ENGINE_OVERHEAD``, so it is 0 here; on a CPU nothing profiles it.
+  that pass inside ``platform.Nvidia.engine_overhead``, so it is 0 here; on a CPU nothing profiles it.
 - ``per_sequence``: what each sequence running at once costs beyond its KV blocks: its logits and
   the sampler's copies of them, and on a CPU the request's state in the engine's processes.
 - ``kv_cache``: the rest, never less than ``kv_floor`` (one sequence of the tenant's context).
@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 
 from manager.control.modelfit import ModelFootprint
 from manager.errors import InvalidInput
+from manager.platform import Platform
 
 MIB = 1024**2
 MIN_KV_CACHE = 32 * MIB
@@ -37,7 +38,7 @@ DEFAULT_MAX_NUM_SEQS = 128
 MAX_NUM_BATCHED_TOKENS = 2048
 """Tokens in one forward pass (at least the sequences): vLLM's default for its OpenAI server,
 passed explicitly so that the activation peak counted here (cpu) and the one
-``GPU_ENGINE_OVERHEAD`` holds (nvml) stay bounded whatever a later release's default is."""
+``platform.Nvidia.engine_overhead`` holds (nvml) stay bounded whatever a later release's default is."""
 LOGITS_COPIES = 3
 """float32 logits of a sequence held at once at the sampler's peak: the logits, their softmax, and
 the sorted copy top-p and top-k read."""
@@ -75,20 +76,24 @@ def batched_tokens(sequences: int) -> int:
     return max(MAX_NUM_BATCHED_TOKENS, sequences)
 
 
-def activation_bytes(footprint: ModelFootprint, mode: str, sequences: int) -> int:
-    return footprint.activation_bytes_per_token * batched_tokens(sequences) if mode == "cpu" else 0
+def activation_bytes(footprint: ModelFootprint, platform: Platform, sequences: int) -> int:
+    """Activations count in the reservation where it is host memory; on a GPU they lie inside the overhead."""
+    if not platform.reservation_is_host_memory:
+        return 0
+    return footprint.activation_bytes_per_token * batched_tokens(sequences)
 
 
-def per_sequence_bytes(footprint: ModelFootprint, mode: str) -> int:
-    return footprint.logits_bytes_per_sequence * LOGITS_COPIES + (CPU_SEQUENCE_BYTES if mode == "cpu" else 0)
+def per_sequence_bytes(footprint: ModelFootprint, platform: Platform) -> int:
+    host = CPU_SEQUENCE_BYTES if platform.reservation_is_host_memory else 0
+    return footprint.logits_bytes_per_sequence * LOGITS_COPIES + host
 
 
 @dataclass(frozen=True)
 class Terms:
-    """What, besides the model and the reservation, decides the split: the mode, the engine's
+    """What, besides the model and the reservation, decides the split: the platform, the engine's
     overhead, what the tenant's images need, its context, and its own ``--max-num-seqs``."""
 
-    mode: str
+    platform: Platform
     overhead: int
     images: int
     max_model_len: int
@@ -104,12 +109,14 @@ def kv_floor(footprint: ModelFootprint, terms: Terms) -> int:
     """One sequence of the tenant's whole context (at least ``min_kv_tokens``), and on a CPU at
     least ``MIN_KV_CACHE``."""
     floor = footprint.kv_bytes_per_token * terms.context
-    return max(floor, MIN_KV_CACHE) if terms.mode == "cpu" else floor
+    return max(floor, MIN_KV_CACHE) if terms.platform.reservation_is_host_memory else floor
 
 
 def _fixed(footprint: ModelFootprint, terms: Terms, sequences: int) -> int:
     """What does not depend on the KV cache: overhead, weights, images and activations."""
-    return terms.overhead + footprint.weight_bytes + terms.images + activation_bytes(footprint, terms.mode, sequences)
+    return (
+        terms.overhead + footprint.weight_bytes + terms.images + activation_bytes(footprint, terms.platform, sequences)
+    )
 
 
 def minimum(footprint: ModelFootprint, terms: Terms) -> int:
@@ -118,7 +125,7 @@ def minimum(footprint: ModelFootprint, terms: Terms) -> int:
     sequences = terms.max_num_seqs or 1
     return (
         _fixed(footprint, terms, sequences)
-        + sequences * per_sequence_bytes(footprint, terms.mode)
+        + sequences * per_sequence_bytes(footprint, terms.platform)
         + kv_floor(footprint, terms)
     )
 
@@ -126,12 +133,12 @@ def minimum(footprint: ModelFootprint, terms: Terms) -> int:
 def fit(reservation: int, footprint: ModelFootprint, terms: Terms) -> EngineFit:
     """How ``reservation`` is split; InvalidInput, with the numbers, when it cannot hold the
     engine (or the tenant's ``max_num_seqs``)."""
-    mode, requested = terms.mode, terms.max_num_seqs
-    per_sequence = per_sequence_bytes(footprint, mode)
+    platform, requested = terms.platform, terms.max_num_seqs
+    per_sequence = per_sequence_bytes(footprint, platform)
     floor = kv_floor(footprint, terms)
     least = minimum(footprint, terms)
     if reservation < least:
-        activations = activation_bytes(footprint, mode, requested or 1)
+        activations = activation_bytes(footprint, platform, requested or 1)
         parts = (
             f"{terms.overhead // MIB} MiB engine overhead, {footprint.weight_bytes // MIB} MiB weights"
             + (f", {terms.images // MIB} MiB for images" if terms.images else "")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from manager.errors import InvalidInput, NotFound
+from manager.platform import Platform
 
 SERVED_BYTES_PER_PARAM = 2  # bfloat16/float16, what vLLM serves unquantized checkpoints in
 MAX_HEADER = 100 * 1024 * 1024
@@ -225,12 +226,12 @@ def image_decode_bytes(max_images: int, max_image_pixels: int) -> int:
     return max_images * max_image_pixels * IMAGE_DECODE_BYTES_PER_PIXEL
 
 
-def image_allowance(config: dict[str, Any], mode: str, max_images: int, max_image_pixels: int) -> int:
+def image_allowance(config: dict[str, Any], platform: Platform, max_images: int, max_image_pixels: int) -> int:
     """What a tenant's reservation holds for images beyond weights, KV cache and the engine's overhead.
 
-    - cpu: decoding the images of one request (``image_decode_bytes``); the engine's memory
+    - host memory (cpu): decoding the images of one request (``image_decode_bytes``); the engine's memory
       limit is its reservation, and the decode happens inside it.
-    - nvml: images are decoded in host memory, outside the GPU slice; what the slice must hold is
+    - a GPU (nvml): images are decoded in host memory, outside the GPU slice; what the slice must hold is
       vLLM's profiling run, which encodes the largest images the engine takes before it sizes its
       KV cache. Rule: the vision tower's activations for one largest image are of the order of its
       weights (Qwen2.5-VL-7B: 1.35 GB of tower weights; about 0.9 GB of MLP activations for the
@@ -239,7 +240,7 @@ def image_allowance(config: dict[str, Any], mode: str, max_images: int, max_imag
     """
     if max_images <= 0 or not takes_images(config):
         return 0
-    if mode == "cpu":
+    if platform.reservation_is_host_memory:
         return image_decode_bytes(max_images, max_image_pixels)
     return max(MIN_PROFILE_ALLOWANCE, vision_parameters(config) * SERVED_BYTES_PER_PARAM)
 

@@ -67,7 +67,7 @@ class Room:
     process_overhead: int
     kept: int = 0
     """What each sleeping tenant keeps of the device: its engine's process overhead when the engine
-    sleeps in place (``plan.sleeps_in_place``), else nothing."""
+    sleeps in place (``Platform.sleeps_in_place``), else nothing."""
 
     @property
     def capacity(self) -> int:

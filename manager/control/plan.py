@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass, replace
 from manager import names
 from manager.control.enginefit import EngineFit
 from manager.domain import TenantSpec
-from manager.errors import InvalidInput
 from manager.names import Role
 from manager.runtime.types import ContainerPlan, Mount, NetworkPlan, VolumePlan
 from manager.settings import Settings
@@ -60,23 +59,6 @@ ISOLATED_BRIDGE = {"com.docker.network.bridge.inhibit_ipv4": "true"}
 CONTROL_BRIDGE = {"com.docker.network.bridge.enable_ip_masquerade": "false"}
 
 
-def gpu_memory_utilization(reserved: int, device_total: int) -> float:
-    """vLLM's fraction of the device, rounded down so that its budget never exceeds the reservation.
-
-    ``device_total`` must be CUDA's total (``DeviceMemory.usable``: NVML's total less the driver's
-    reservation): vLLM multiplies the fraction by ``torch.cuda.mem_get_info()[1]`` (its
-    ``MemorySnapshot.total_memory``, vllm/v1/worker/gpu_worker.py), so a fraction of NVML's larger
-    total gave every engine about 1% less than its reservation (860 MiB at 79 GiB)."""
-    if device_total <= 0 or reserved > device_total:
-        raise InvalidInput(f"reservation {reserved} does not fit a device of {device_total} bytes")
-    return int(reserved / device_total * 10_000) / 10_000
-
-
-ENGINE_THREADS = "4"
-"""nvml: threads of each pool (OpenMP, MKL, tokenizers, torch.compile workers) in an engine; left
-alone, each sizes itself to every core of the host."""
-
-
 def engine_args(spec: TenantSpec, settings: Settings, device_total: int, fit: EngineFit) -> list[str]:
     """``fit``: how the reservation is split (``enginefit.fit``); its sequences and batched tokens
     bound what the engine runs at once, in both modes, so that its peak stays inside the split."""
@@ -89,16 +71,7 @@ def engine_args(spec: TenantSpec, settings: Settings, device_total: int, fit: En
         "--max-num-seqs", str(fit.max_num_seqs),
         "--max-num-batched-tokens", str(fit.max_num_batched_tokens),
     ]  # fmt: skip
-    if settings.gpu_mode == "cpu":
-        args += [
-            "--dtype", "bfloat16",
-            "--enforce-eager",
-            "--distributed-executor-backend", "uni",
-            "--kv-cache-memory-bytes", str(fit.kv_cache),
-        ]  # fmt: skip
-    else:
-        args += ["--gpu-memory-utilization", f"{gpu_memory_utilization(spec.gpu_memory, device_total):.4f}"]
-        args += ["--enable-sleep-mode"]  # sleeps_in_place; its endpoints need VLLM_SERVER_DEV_MODE (engine_env)
+    args += settings.platform.engine_args(spec.gpu_memory, device_total, fit.kv_cache)
     if spec.quantization:
         args += ["--quantization", spec.quantization]
     # the gateway refuses requests with more images; a text model ignores the limit. Prefix caching is
@@ -179,35 +152,7 @@ def engine_env(settings: Settings) -> dict[str, str]:
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
     }
-    if settings.gpu_mode == "cpu":
-        # vLLM wraps a few helpers in torch.compile even with --enforce-eager (the rank of each
-        # sampled token, when a request asks for logprobs); the CPU image has no C++ compiler, so
-        # inductor failed and killed the engine (InvalidCxxCompiler, then EngineDeadError). Eager it is
-        env["TORCHDYNAMO_DISABLE"] = "1"
-    if settings.gpu_mode == "nvml":
-        env |= {
-            "OMP_NUM_THREADS": ENGINE_THREADS,
-            "MKL_NUM_THREADS": ENGINE_THREADS,
-            "RAYON_NUM_THREADS": ENGINE_THREADS,
-            "TORCHINDUCTOR_COMPILE_THREADS": ENGINE_THREADS,
-            # /sleep, /wake_up, /is_sleeping (and vLLM's other dev endpoints): reached by the tenant's
-            # gateway on the tenant's own network only; its public port never forwards them
-            "VLLM_SERVER_DEV_MODE": "1",
-        }
-    return env
-
-
-def sleeps_in_place(settings: Settings) -> bool:
-    """A sleeping tenant's engine stays, in vLLM's sleep mode (level 1: its weights in host memory,
-    its KV cache freed, its process and CUDA context kept), rather than being stopped: GPU engines.
-    vLLM's CPU backend has no sleep mode, so a cpu engine is stopped and started again (cold)."""
-    return settings.gpu_mode == "nvml"
-
-
-def kept_asleep(settings: Settings) -> int:
-    """What a sleeping tenant keeps of its device: its engine's process overhead (the CUDA context)
-    where the engine sleeps in place, else nothing."""
-    return settings.process_overhead if sleeps_in_place(settings) else 0
+    return env | settings.platform.engine_env()
 
 
 def warmup_plan(settings: Settings, model: str) -> ContainerPlan:
@@ -312,8 +257,8 @@ def gateway_plan(spec: TenantSpec, settings: Settings, gateway_token: str, image
             "GTM_GATEWAY_ADMIN_PORT": str(GATEWAY_ADMIN_PORT),
             "GTM_GATEWAY_ADMIN_TOKEN": gateway_token,
             "GTM_GATEWAY_DATA_DIR": "/data",
-            # cpu mode: the engine's memory holds one request's image decode (enginefit)
-            "GTM_GATEWAY_IMAGE_REQUESTS": "1" if settings.gpu_mode == "cpu" else "0",
+            # host memory: the engine's memory holds one request's image decode (enginefit)
+            "GTM_GATEWAY_IMAGE_REQUESTS": "1" if settings.platform.reservation_is_host_memory else "0",
         },
         mounts=[Mount(names.gateway_volume(inst, spec.name), "/data")],
         tmpfs={"/tmp": "rw,nosuid,nodev,size=64m"},  # noqa: S108 - a private tmpfs
@@ -347,7 +292,6 @@ def tenant_plan(
     engine_image_id = ids.get(settings.engine_image, "")
     net = names.network(inst, spec.name)
     vol = names.volume(inst, spec.name)
-    cpu = settings.gpu_mode == "cpu"
     engine = ContainerPlan(
         name=names.engine(inst, spec.name),
         image=settings.engine_image,
@@ -367,10 +311,10 @@ def tenant_plan(
         mounts=[Mount(vol, "/data"), Mount(settings.models_source, "/models", read_only=True)],
         tmpfs={"/tmp": "rw,nosuid,nodev,size=1g"},  # noqa: S108 - a private tmpfs, not a shared /tmp
         pids_limit=settings.engine_pids_limit,
-        mem_limit=spec.gpu_memory if cpu else None,
+        mem_limit=settings.platform.memory_limit(spec.gpu_memory),
         shm_size=spec.shm_size,
         nano_cpus=int(settings.engine_cpus * 1e9) if settings.engine_cpus else None,
-        gpu_device_ids=None if cpu else [gpu_uuid or "0"],  # a GPU's or a MIG instance's UUID
+        gpu_device_ids=settings.platform.devices(gpu_uuid),
         healthcheck=http_healthcheck(ENGINE_PORT, "/health", int(settings.engine_start_timeout_s)),
     )
     return TenantPlan(

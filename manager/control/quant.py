@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from manager.errors import InvalidInput
+from manager.platform import Platform
 
 ENGINE_METHODS = frozenset({
     "auto_awq", "auto_gptq", "awq", "awq_marlin", "compressed-tensors", "deepseek_v4_fp8", "experts_int8",
@@ -47,7 +48,7 @@ def checkpoint_method(config: dict[str, Any]) -> tuple[str, int | None] | None:
     return str(qc["quant_method"]).lower(), int(bits) if bits is not None else None
 
 
-def resolve(requested: str | None, model: str, config: dict[str, Any], gpu_mode: str | None) -> str | None:
+def resolve(requested: str | None, model: str, config: dict[str, Any], platform: Platform) -> str | None:
     """The method to pass to the engine (None: the engine reads the checkpoint's own), or InvalidInput."""
     found = checkpoint_method(config)
     if requested is None:
@@ -73,6 +74,8 @@ def resolve(requested: str | None, model: str, config: dict[str, Any], gpu_mode:
         )
     if found and name in PRE_QUANTIZED and not (name.startswith(found[0]) or found[0].startswith(name.split("_")[0])):
         raise InvalidInput(f"--quant {name} does not match model {model!r}, which is a {found[0]} checkpoint")
-    if gpu_mode == "cpu" and ("fp8" in name or "fp4" in name or name in {"mxfp4", "mxfp8"}):
-        raise InvalidInput(f"--quant {name} needs a GPU; this manager runs engines on CPUs (GTM_GPU_MODE=cpu)")
+    if not platform.low_precision and ("fp8" in name or "fp4" in name or name in {"mxfp4", "mxfp8"}):
+        raise InvalidInput(
+            f"--quant {name} needs a GPU; this manager runs engines on CPUs (GTM_GPU_MODE={platform.name})"
+        )
     return name

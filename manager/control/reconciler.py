@@ -47,7 +47,6 @@ from manager.control.plan import (
     docker_words,
     port_taken,
     prepare_plan,
-    sleeps_in_place,
     tenant_plan,
 )
 from manager.control.records import EngineFailure, TenantRow
@@ -96,7 +95,7 @@ class Reconciler:
         self.store = store
         self.runtime = runtime
         self.inventory = inventory
-        self.sizing = Sizing(settings, inventory.mode)
+        self.sizing = Sizing(settings)
         self.connect = connect
         self.clock = clock
         self.queue = WorkQueue()
@@ -329,7 +328,7 @@ class Reconciler:
                     return POLL_STARTING_S
                 # it was waking: its engine started again, or (a GPU engine, asleep in place) wakes now;
                 # then its gateway releases what it held
-                if row.status == TenantStatus.WAKING and sleeps_in_place(self.settings):
+                if row.status == TenantStatus.WAKING and self.settings.platform.sleeps_in_place:
                     later = self._wake_in_place(row)
                     if later is not None:
                         return later
@@ -363,7 +362,7 @@ class Reconciler:
         activity = self.sleeper.activity(row)
         if activity is None or not activity.hold or activity.in_flight:
             return DRAIN_POLL_S  # a request taken before the hold is still being answered
-        if sleeps_in_place(self.settings) and engine.status == "running" and engine.health != "unhealthy":
+        if self.settings.platform.sleeps_in_place and engine.status == "running" and engine.health != "unhealthy":
             if engine.health != "healthy":
                 return POLL_STARTING_S  # started again (a dockerd restart): it sleeps once it serves
             with self._admin(row) as gw:
@@ -437,7 +436,7 @@ class Reconciler:
                 return POLL_STARTING_S
         if self._waiting_for_sleepers(row):
             return POLL_STARTING_S
-        if self.settings.gpu_mode == "cpu" and not self.warmer.ready(row.spec.model):
+        if self.settings.platform.warms_up and not self.warmer.ready(row.spec.model):
             self._gate = (name, self.clock())  # no other engine starts while this cache warms
             self._set_status(row, TenantStatus.STARTING, "reading the engine image and model into the page cache")
             return POLL_STARTING_S
@@ -474,7 +473,7 @@ class Reconciler:
         for c in engines:
             if c.tenant not in asleep:
                 continue
-            if not sleeps_in_place(self.settings) or c.status != "running" or c.health != "healthy":
+            if not self.settings.platform.sleeps_in_place or c.status != "running" or c.health != "healthy":
                 return c.tenant
             with self._admin(asleep[c.tenant]) as gw:
                 if not gw.engine_sleeping():
@@ -500,7 +499,7 @@ class Reconciler:
         ("Error in memory profiling ... other processes sharing the same container release GPU
         memory while vLLM is profiling", vllm/v1/worker/gpu_worker.py). cpu engines size against
         their own cgroup, so nothing waits there."""
-        if self.settings.gpu_mode != "nvml" or not self._gate or self._gate[0] == name:
+        if not self.settings.platform.gates_starts_on_profile or not self._gate or self._gate[0] == name:
             return False
         if self.store.find_tenant(self._gate[0]) is None:
             self._gate = None

@@ -25,7 +25,7 @@ from manager.control.modelfit import (
     takes_images,
 )
 from manager.control.overcommit import counted_beside, resident
-from manager.control.plan import docker_words, kept_asleep, port_probe_plan, port_taken, sleeps_in_place
+from manager.control.plan import docker_words, port_probe_plan, port_taken
 from manager.control.quant import checkpoint_method, resolve
 from manager.control.reconciler import Reconciler
 from manager.control.records import AuditRow, KeyRow, ReservationEvent, TenantRow, UsageTotals
@@ -172,6 +172,7 @@ class TenantService:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
+        self.platform = settings.platform
         self.clock = clock  # when reservations begin, change and end: what the cost split prices
         self.store = store
         self.runtime = runtime
@@ -223,7 +224,7 @@ class TenantService:
         """The month's cost split between tenants, and inside each between its members; asleep
         memory-hours at ``asleep_rate`` of an awake one's (None: what a sleeper keeps, its engine's
         CUDA context where it sleeps in place)."""
-        return split(month, total, self.store, self.clock(), asleep_rate, kept_asleep(self.settings))
+        return split(month, total, self.store, self.clock(), asleep_rate, self.kept_asleep)
 
     # ---------------------------------------------------------------- measuring
     def measured_use(self, only: str | None = None) -> dict[str, int | None]:
@@ -241,7 +242,7 @@ class TenantService:
         if not engines:
             return {}
         containers = [c.name for c in engines.values()]
-        if self.inventory.mode == "cpu":
+        if self.platform.reservation_is_host_memory:  # its cgroup memory is its use
             return dict(zip(engines, self._each(self.runtime.memory_usage, containers), strict=True))
         procs = self.inventory.processes()
         pids = self._each(self.runtime.container_pids, containers)
@@ -268,9 +269,13 @@ class TenantService:
 
     @property
     def process_overhead(self) -> int:
-        """What each engine holds beyond its reservation: its CUDA context (nvml); none in cpu mode,
-        where the reservation is the engine's whole memory limit."""
-        return self.settings.process_overhead if self.inventory.mode == "nvml" else 0
+        """What each engine holds beyond its reservation (``Platform.process_overhead``)."""
+        return self.platform.process_overhead(self.settings.process_overhead)
+
+    @property
+    def kept_asleep(self) -> int:
+        """What a sleeping tenant keeps of its device (``Platform.kept_asleep``)."""
+        return self.platform.kept_asleep(self.settings.process_overhead)
 
     def capacity(self) -> Capacity:
         devices = self.inventory.devices()
@@ -289,7 +294,7 @@ class TenantService:
                 if _on(r, devices, device)
             ]
             ledgers.append(DeviceCapacity(device, self.settings.headroom, self.process_overhead, usage))
-        return Capacity(self.inventory.mode, ledgers, self.settings.headroom)
+        return Capacity(self.platform.name, ledgers, self.settings.headroom)
 
     # ---------------------------------------------------------------- admission
     def model_minimum(
@@ -458,7 +463,7 @@ class TenantService:
             return (candidates[index] if index is not None else None), decision
         # overcommit: the tenants awake now (and what sleepers keep), else (it starts asleep) every
         # one that may sleep asleep
-        keeps = sleeps_in_place(self.settings)
+        keeps = self.platform.sleeps_in_place
         awake = []
         for d in candidates:
             up = [r for r in here[d.uuid] if r.status != TenantStatus.ASLEEP]
@@ -685,7 +690,7 @@ class TenantService:
     def _quantization(self, model: str, requested: object) -> str | None:
         """``--quant`` checked against the engine and the model; int4 mapped by the rule in control.quant."""
         text = requested if isinstance(requested, str) else None
-        return resolve(text, model, read_config(self.settings.models_dir, model), self.settings.gpu_mode)
+        return resolve(text, model, read_config(self.settings.models_dir, model), self.platform)
 
     def new_spec(self, name: str, **values: Any) -> TenantSpec:
         """A new tenant's spec from the declared fields given (None or missing: the default). The

@@ -22,9 +22,9 @@ Stamp = tuple[tuple[str, int, int], ...]
 
 
 class Sizing:
-    def __init__(self, settings: Settings, mode: str) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.mode = mode
+        self.platform = settings.platform
         self._lock = threading.Lock()
         self._footprints: dict[tuple[str, bool], tuple[Stamp, ModelFootprint, dict[str, Any]]] = {}
 
@@ -45,7 +45,7 @@ class Sizing:
         return footprint, config
 
     def images(self, config: dict[str, Any], max_images: int, max_image_pixels: int) -> int:
-        return image_allowance(config, self.mode, max_images, max_image_pixels)
+        return image_allowance(config, self.platform, max_images, max_image_pixels)
 
     def minimum(
         self,
@@ -73,7 +73,7 @@ class Sizing:
 
     def _terms(self, images: int, max_model_len: int, max_num_seqs: int | None) -> Terms:
         overhead = self.settings.effective_engine_overhead
-        return Terms(self.mode, overhead, images, max_model_len, self.settings.min_kv_tokens, max_num_seqs)
+        return Terms(self.platform, overhead, images, max_model_len, self.settings.min_kv_tokens, max_num_seqs)
 
 
 def _stamp(directory: Path) -> Stamp:

@@ -39,7 +39,6 @@ from manager import names
 from manager.contract import GatewayActivity
 from manager.control.gateway_client import Connect, gateway_ip
 from manager.control.overcommit import Room, WakePlan, plan_wake, resident
-from manager.control.plan import kept_asleep
 from manager.control.records import TenantRow
 from manager.control.storage import TenantStore
 from manager.domain import TenantStatus
@@ -205,8 +204,10 @@ class Sleeper:
                 if activity is not None and activity.last_request_at:
                     last_used = max(last_used, activity.last_request_at)
             others.append(resident(other, idle, last_used))
-        overhead = self.settings.process_overhead if self.inventory.mode == "nvml" else 0
-        room = Room(device.usable, self.settings.headroom, overhead, kept_asleep(self.settings))
+        platform, context = self.settings.platform, self.settings.process_overhead
+        room = Room(
+            device.usable, self.settings.headroom, platform.process_overhead(context), platform.kept_asleep(context)
+        )
         return plan_wake(row.spec.gpu_memory, others, room)
 
     def healthy_gateways(self) -> set[str]:

@@ -4,7 +4,8 @@ The rest of the code sees only the ``Inventory`` protocol; ``nvml`` is the only
 module that imports pynvml; ``cpu`` serves hosts without a GPU (host memory).
 """
 
-from manager.errors import GpuUnavailable
+from collections.abc import Callable
+
 from manager.gpu.inventory import (
     DeviceMemory,
     Inventory,
@@ -13,23 +14,29 @@ from manager.gpu.inventory import (
     find_device,
     placed_on,
 )
+from manager.platform import Platform
 
 
-def open_inventory(mode: str | None) -> Inventory:
-    """The inventory for ``GTM_GPU_MODE``; an unset or unusable mode is a start-up error. The
-    implementations are imported only when chosen (pynvml is absent where there is no GPU)."""
-    if mode == "nvml":
-        from manager.gpu.nvml import NvmlInventory
+def _nvml() -> Inventory:
+    from manager.gpu.nvml import NvmlInventory
 
-        return NvmlInventory.open()
-    if mode == "cpu":
-        from manager.gpu.cpu import HostMemoryInventory
+    return NvmlInventory.open()
 
-        return HostMemoryInventory()
-    raise GpuUnavailable(
-        "GTM_GPU_MODE is not set: set GTM_GPU_MODE=nvml on a host with NVIDIA GPUs, "
-        "or GTM_GPU_MODE=cpu to serve small models from host memory"
-    )
+
+def _host_memory() -> Inventory:
+    from manager.gpu.cpu import HostMemoryInventory
+
+    return HostMemoryInventory()
+
+
+OPENERS: dict[str, Callable[[], Inventory]] = {"nvml": _nvml, "host-memory": _host_memory}
+"""Each inventory by the name a platform gives (``Platform.inventory``), imported only when chosen:
+pynvml is absent where there is no GPU."""
+
+
+def open_inventory(platform: Platform) -> Inventory:
+    """The inventory the platform reads; an unusable one is a start-up error (``GpuUnavailable``)."""
+    return OPENERS[platform.inventory]()
 
 
 __all__ = ["DeviceMemory", "Inventory", "ProcessMemory", "device_label", "find_device", "open_inventory", "placed_on"]

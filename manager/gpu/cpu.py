@@ -18,8 +18,6 @@ def read_meminfo(path: Path) -> dict[str, int]:
 
 
 class HostMemoryInventory:
-    mode = "cpu"
-
     def __init__(self, meminfo: Path = Path("/proc/meminfo")) -> None:
         self._meminfo = meminfo
 

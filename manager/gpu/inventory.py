@@ -67,8 +67,6 @@ def placed_on(uuid: str, devices: list[DeviceMemory]) -> DeviceMemory | None:
 
 @runtime_checkable
 class Inventory(Protocol):
-    mode: str
-
     def devices(self) -> list[DeviceMemory]:
         """Every schedulable device, in a stable order (NVML's, MIG instances in place of their
         parent); raises ``GpuUnavailable`` when the devices cannot be read."""

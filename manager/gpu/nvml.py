@@ -30,8 +30,6 @@ def _text(value: Any) -> str:
 
 
 class NvmlInventory:
-    mode = "nvml"
-
     def __init__(self, nvml: Any = pynvml) -> None:
         self._nvml = nvml
 

@@ -33,7 +33,7 @@ def test_engine_serves_chat_on_its_internal_network_only(
     settings = manager_settings()
     runtime = DockerRuntime(docker_client)
     solo = TenantSpec(name="solo", port=30001, gpu_memory=1536 * 1024**2, model="demo", max_model_len=512)
-    plan = tenant_plan(solo, settings, 24 * G, Sizing(settings, "cpu").fit(solo))
+    plan = tenant_plan(solo, settings, 24 * G, Sizing(settings).fit(solo))
     runtime.ensure_network(plan.network)
     runtime.ensure_volume(plan.volume)
     # as the reconciler does before an engine's first start: the image has no /data of its own (like

@@ -76,7 +76,7 @@ def start_lone_gateway(
     runtime = DockerRuntime(docker_client)
     spec = TenantSpec(name="hard", port=free_port(), gpu_memory=1536 * MIB, model="demo", max_model_len=512)
     token = secrets.token_urlsafe(32)
-    plan = tenant_plan(spec, settings, 24 * GIB, Sizing(settings, "cpu").fit(spec), gateway_token=token)
+    plan = tenant_plan(spec, settings, 24 * GIB, Sizing(settings).fit(spec), gateway_token=token)
     runtime.ensure_network(control_network_plan(settings))
     runtime.ensure_network(plan.network)
     if volume_opts:

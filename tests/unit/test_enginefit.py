@@ -16,6 +16,7 @@ from manager.control.enginefit import (
 )
 from manager.control.modelfit import ModelFootprint
 from manager.errors import InvalidInput
+from manager.platform import PLATFORMS
 
 M = 1024**2
 G = 1024**3
@@ -28,7 +29,7 @@ LARGE = ModelFootprint("large", 8 * 10**9, 16 * G, 144 * 1024, (5 * 4096 + 3 * 1
 
 def terms(mode: str = "cpu", **kw: int) -> Terms:
     args: dict[str, int] = {"overhead": OVERHEAD, "images": 0, "max_model_len": 512, "min_kv_tokens": 256, **kw}
-    return Terms(mode, **args)
+    return Terms(PLATFORMS[mode], **args)
 
 
 def split(reservation: int, footprint: ModelFootprint = DEMO, mode: str = "cpu", **kw: int):  # type: ignore[no-untyped-def]

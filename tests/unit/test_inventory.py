@@ -8,11 +8,12 @@ from manager.errors import GpuUnavailable
 from manager.gpu import Inventory, open_inventory
 from manager.gpu.cpu import HostMemoryInventory
 from manager.gpu.nvml import NvmlInventory
+from manager.platform import platform_of
 
 
 def test_mode_must_be_chosen() -> None:
     with pytest.raises(GpuUnavailable, match="GTM_GPU_MODE"):
-        open_inventory(None)
+        open_inventory(platform_of(None))
 
 
 def test_host_memory(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from manager.control.modelfit import (
     vision_parameters,
 )
 from manager.errors import InvalidInput, NotFound
+from manager.platform import PLATFORMS
 
 from .conftest import write_model
 
@@ -93,17 +94,17 @@ def test_the_catalog_knows_the_vision_families_from_their_configs(
 def test_a_vision_tenants_image_allowance_follows_the_mode_and_its_limits() -> None:
     qwen = vision_config("qwen2.5-vl-7b")
     # nvml: the profiling run's vision activations, of the order of the tower's bf16 weights
-    assert image_allowance(qwen, "nvml", 4, 12_582_912) == vision_parameters(qwen) * 2
+    assert image_allowance(qwen, PLATFORMS["nvml"], 4, 12_582_912) == vision_parameters(qwen) * 2
     small = vision_config("llava-1.5-7b")
-    assert image_allowance(small, "nvml", 4, 12_582_912) == vision_parameters(small) * 2 > 256 * 1024**2
+    assert image_allowance(small, PLATFORMS["nvml"], 4, 12_582_912) == vision_parameters(small) * 2 > 256 * 1024**2
     # cpu: decoding every image of one request, inside the engine's memory limit
-    assert image_allowance(qwen, "cpu", 4, 12_582_912) == 4 * 12_582_912 * IMAGE_DECODE_BYTES_PER_PIXEL
-    assert image_allowance(qwen, "cpu", 1, 1_000_000) == 21_000_000
+    assert image_allowance(qwen, PLATFORMS["cpu"], 4, 12_582_912) == 4 * 12_582_912 * IMAGE_DECODE_BYTES_PER_PIXEL
+    assert image_allowance(qwen, PLATFORMS["cpu"], 1, 1_000_000) == 21_000_000
     # no images taken, or a text model: nothing
-    assert image_allowance(qwen, "cpu", 0, 12_582_912) == 0
+    assert image_allowance(qwen, PLATFORMS["cpu"], 0, 12_582_912) == 0
     text = {"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 256}
     assert not takes_images(text) and vision_parameters(text) == 0
-    assert image_allowance(text, "nvml", 4, 12_582_912) == 0
+    assert image_allowance(text, PLATFORMS["nvml"], 4, 12_582_912) == 0
 
 
 def test_the_models_own_context_limit_as_vllm_derives_it() -> None:

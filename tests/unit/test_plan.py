@@ -3,10 +3,11 @@ import pytest
 from manager import names
 from manager.control.enginefit import EngineFit, Terms, fit
 from manager.control.modelfit import ModelFootprint
-from manager.control.plan import TenantPlan, gpu_memory_utilization, identity, prepare_plan
+from manager.control.plan import TenantPlan, identity, prepare_plan
 from manager.control.plan import tenant_plan as plan_with
 from manager.domain import TenantSpec
 from manager.errors import InvalidInput
+from manager.platform import gpu_memory_utilization
 from manager.runtime.docker import container_kwargs
 from manager.settings import Settings
 
@@ -24,7 +25,7 @@ def spec(**over: object) -> TenantSpec:
 
 def fitted(s: TenantSpec, settings: Settings) -> EngineFit:
     terms = Terms(
-        settings.gpu_mode,
+        settings.platform,
         settings.effective_engine_overhead,
         0,
         s.max_model_len,
