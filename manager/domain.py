@@ -8,7 +8,17 @@ Tenant status, one of::
        +---(spec changed: recreate)--------------------------+       |
                                                                       |
     failed --(backoff elapsed, engine started again)--> starting <----+
+
+    running --(idle for idle_sleep_s, or put to sleep for another's wake)--> asleep
+    asleep --(a request waits, or it may not sleep any more)--> waking --(healthy)--> running
+    waking --(its engine failed)--> failed
+    asleep | waking --(spec changed: recreate)--> pending
+    any but removing --(spec changed, fits only by overcommit)--> asleep
+
     any --(remove-tenant)--> removing --(resources gone)--> (row deleted)
+
+``ALLOWED_TRANSITIONS`` is this diagram; the store checks every status write against it
+(``TenantStore.set_status``), and ``tests/unit/test_store.py`` walks it.
 
 ``reason`` explains ``failed`` in the engine's own words where it gave any
 (for example vLLM's "Free memory on device ... is less than desired").
@@ -39,22 +49,17 @@ class TenantStatus(StrEnum):
     """A request is waiting: its engine is starting again, and its gateway still holds requests."""
 
 
+_S = TenantStatus
 ALLOWED_TRANSITIONS: dict[TenantStatus, frozenset[TenantStatus]] = {
-    TenantStatus.PENDING: frozenset({TenantStatus.STARTING, TenantStatus.FAILED, TenantStatus.REMOVING}),
-    TenantStatus.STARTING: frozenset(
-        {TenantStatus.RUNNING, TenantStatus.FAILED, TenantStatus.PENDING, TenantStatus.REMOVING}
-    ),
-    TenantStatus.RUNNING: frozenset(
-        {TenantStatus.FAILED, TenantStatus.PENDING, TenantStatus.STARTING, TenantStatus.REMOVING, TenantStatus.ASLEEP}
-    ),
-    TenantStatus.FAILED: frozenset({TenantStatus.STARTING, TenantStatus.PENDING, TenantStatus.REMOVING}),
-    TenantStatus.REMOVING: frozenset(),
-    # a change of its engine (update-tenant) starts it again, as for a running tenant
-    TenantStatus.ASLEEP: frozenset({TenantStatus.WAKING, TenantStatus.PENDING, TenantStatus.REMOVING}),
-    TenantStatus.WAKING: frozenset(
-        {TenantStatus.RUNNING, TenantStatus.FAILED, TenantStatus.PENDING, TenantStatus.REMOVING}
-    ),
+    _S.PENDING: frozenset({_S.STARTING, _S.FAILED, _S.REMOVING, _S.ASLEEP}),
+    _S.STARTING: frozenset({_S.RUNNING, _S.FAILED, _S.PENDING, _S.REMOVING, _S.ASLEEP}),
+    _S.RUNNING: frozenset({_S.FAILED, _S.PENDING, _S.STARTING, _S.REMOVING, _S.ASLEEP}),
+    _S.FAILED: frozenset({_S.STARTING, _S.PENDING, _S.REMOVING, _S.ASLEEP}),
+    _S.REMOVING: frozenset(),
+    _S.ASLEEP: frozenset({_S.WAKING, _S.PENDING, _S.REMOVING}),
+    _S.WAKING: frozenset({_S.RUNNING, _S.FAILED, _S.PENDING, _S.REMOVING, _S.ASLEEP}),
 }
+"""Where each status may go (staying is always allowed): the diagram above, arrow by arrow."""
 
 
 def can_transition(current: TenantStatus, new: TenantStatus) -> bool:

@@ -55,7 +55,7 @@ from manager.control.sleeper import Sleeper
 from manager.control.storage import TenantStore
 from manager.control.warmup import PageCacheWarmer
 from manager.control.workqueue import WorkQueue
-from manager.domain import TenantStatus, can_transition
+from manager.domain import TenantStatus
 from manager.errors import GtmError, RuntimeUnavailable
 from manager.gpu import Inventory, placed_on
 from manager.names import Role
@@ -567,16 +567,11 @@ class Reconciler:
             reason = reason or current.reason
         if current is None or (current.status == status and current.reason == reason):
             return
-        if current.status == TenantStatus.REMOVING or not can_transition(current.status, status):
-            if current.status != status:
-                log.warning(
-                    "tenant %s: status %s -> %s refused (not in the diagram)",
-                    row.spec.name,
-                    current.status.value,
-                    status.value,
-                )
-            return
-        self.store.set_status(row.spec.name, status, reason)
+        with self.store.transaction() as tx:
+            moved = self.store.set_status(tx, row.spec.name, status, reason)
+        if not moved:
+            name, was = row.spec.name, current.status.value
+            log.warning("tenant %s: status %s -> %s refused (not in the diagram)", name, was, status.value)
 
     # ---------------------------------------------------------------- orphans
     def _actual_tenants(self) -> set[str]:

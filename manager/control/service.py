@@ -650,16 +650,16 @@ class TenantService:
                     self.store.insert_reservation(db, name, ReservationEvent.RESIZE, new.gpu_memory, self.clock())
                 if recreate and asleep:
                     # overcommit: it fits only while others sleep, so it sleeps (its next request wakes it)
-                    self.store.set_status(name, TenantStatus.ASLEEP, ASLEEP_BY_OVERCOMMIT)
+                    self.store.set_status(db, name, TenantStatus.ASLEEP, ASLEEP_BY_OVERCOMMIT)
                     if row.status != TenantStatus.ASLEEP:
                         self.store.insert_reservation(db, name, ReservationEvent.SLEEP, new.gpu_memory, self.clock())
                 elif recreate:
                     # the desired engine changed: the tenant is pending until the new one serves
                     # (so `update-tenant --wait` never mistakes the old engine for the new one)
-                    self.store.set_status(name, TenantStatus.PENDING, "engine to be recreated with the new spec")
+                    self.store.set_status(db, name, TenantStatus.PENDING, "engine to be recreated with the new spec")
                 elif new.port != row.spec.port and row.status == TenantStatus.FAILED:
                     # a move off a taken port: the old port's failure is not this spec's
-                    self.store.set_status(name, TenantStatus.PENDING, f"gateway to be recreated on port {new.port}")
+                    self.store.set_status(db, name, TenantStatus.PENDING, f"gateway to be recreated on port {new.port}")
                 self.store.audit(actor, "update-tenant", name, "ok", audited, tx=db)
         self.reconciler.enqueue(name)
         return self.store.tenant(name)
@@ -670,7 +670,7 @@ class TenantService:
         with self._admission:
             already = self.store.tenant(name).status == TenantStatus.REMOVING
             with self.store.transaction() as db:
-                self.store.set_status(name, TenantStatus.REMOVING)  # on the transaction's connection
+                self.store.set_status(db, name, TenantStatus.REMOVING)
                 if not already:  # its reservation ends once, at the first removal asked
                     self.store.insert_reservation(db, name, ReservationEvent.REMOVE, 0, self.clock())
                 self.store.audit(actor, "remove-tenant", name, "ok", tx=db)

@@ -158,7 +158,8 @@ class Sleeper:
             if not plan.fits and plan.wait:  # room comes once busy tenants are idle: the request waits
                 why = f"waking once there is room: {plan.message}"
                 if row.reason != why:
-                    self.store.set_status(name, TenantStatus.ASLEEP, why)
+                    with self.store.transaction() as tx:
+                        self.store.set_status(tx, name, TenantStatus.ASLEEP, why)
                 if self.store.refuse_wake(name, "", {}):
                     self.enqueue(name)  # refused a moment ago, waits now
                 return turns

@@ -54,8 +54,11 @@ class TenantStore(Protocol):
         """The new spec (and, when given, the device the tenant moves to)."""
         ...
 
-    def set_status(self, name: str, status: TenantStatus, reason: str = "") -> None:
-        """Status writes never enqueue reconcile work: they only describe what was seen."""
+    def set_status(self, tx: Tx, name: str, status: TenantStatus, reason: str = "") -> bool:
+        """The tenant's status, where the diagram (``domain.ALLOWED_TRANSITIONS``) allows it from
+        its current one; False (nothing written) where it does not, or the tenant is gone. Every
+        status write of a store, its sleeps and wakes included, is checked the same way. Status
+        writes never enqueue reconcile work: they only describe what was seen."""
         ...
 
     def note_last_request(self, name: str, at: float) -> None: ...

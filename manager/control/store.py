@@ -32,7 +32,7 @@ from manager.control.records import (
     UsageTotals,
 )
 from manager.control.storage import Tx
-from manager.domain import QUOTA_FIELDS, TENANT_FIELDS, Quotas, TenantSpec, TenantStatus
+from manager.domain import QUOTA_FIELDS, TENANT_FIELDS, Quotas, TenantSpec, TenantStatus, can_transition
 from manager.errors import Conflict, NotFound, StateUnavailable
 from manager.migrations import Step, migrate
 from manager.utc import DAY_S, start_of_day
@@ -418,14 +418,36 @@ class Store:
         except sqlite3.IntegrityError as exc:
             raise Conflict(f"port {spec.port} is already taken by another tenant") from exc
 
-    def set_status(self, name: str, status: TenantStatus, reason: str = "") -> None:
-        """Status writes never enqueue reconcile work: they only describe what was seen."""
-        with self._lock:
-            self._db.execute(
-                "UPDATE tenants SET status=?, reason=?, status_since=CASE WHEN status=? THEN status_since ELSE ? END"
-                " WHERE name=?",
-                (status.value, reason, status.value, time.time(), name),
-            )
+    def set_status(self, tx: Tx, name: str, status: TenantStatus, reason: str = "") -> bool:
+        """The tenant's status, where the diagram allows it from its current one; False (nothing
+        written) where it does not, or the tenant is gone. Never enqueues reconcile work."""
+        return self._move(_conn(tx), name, status, reason, time.time())
+
+    @staticmethod
+    def _move(
+        db: sqlite3.Connection,
+        name: str,
+        status: TenantStatus,
+        reason: str,
+        at: float,
+        only_from: TenantStatus | None = None,
+        extra: str = "",
+        args: tuple[object, ...] = (),
+    ) -> bool:
+        """Every status write of the store: checked against ``domain.can_transition`` inside the
+        caller's transaction (``only_from``: and from that status alone). ``extra``: more
+        ``column=?`` assignments of the same write, with their ``args``. ``status_since`` moves only
+        when the status does."""
+        row = db.execute("SELECT status FROM tenants WHERE name=?", (name,)).fetchone()
+        current = TenantStatus(row["status"]) if row else None
+        if current is None or not can_transition(current, status) or only_from not in (None, current):
+            return False
+        since = at if current != status else None
+        db.execute(
+            f"UPDATE tenants SET status=?, reason=?, status_since=COALESCE(?, status_since){extra} WHERE name=?",  # noqa: S608
+            (status.value, reason, since, *args, name),
+        )
+        return True
 
     def note_last_request(self, name: str, at: float) -> None:
         """When the tenant's gateway last took a request (read from it by the sleeper)."""
@@ -444,11 +466,9 @@ class Store:
         for another's wake) in one transaction, with the reservation row the cost split prices it
         by; False when it was not running."""
         with self._tx() as db:
-            moved = db.execute(
-                "UPDATE tenants SET status=?, reason=?, status_since=?, sleeps=sleeps+1, wake_refusal=''"
-                " WHERE name=? AND status=?",
-                (TenantStatus.ASLEEP.value, reason, at, name, TenantStatus.RUNNING.value),
-            ).rowcount
+            moved = self._move(
+                db, name, TenantStatus.ASLEEP, reason, at, TenantStatus.RUNNING, ", sleeps=sleeps+1, wake_refusal=''"
+            )
             if moved:
                 self._reservation_event(db, name, ReservationEvent.SLEEP, at)
                 self.audit("manager", action, name, "ok", detail, tx=SqliteTx(db))
@@ -457,11 +477,8 @@ class Store:
     def wake_tenant(self, name: str, at: float, reason: str, detail: dict[str, Any]) -> bool:
         """asleep -> waking, counted and audited in one transaction; False when it was not asleep."""
         with self._tx() as db:
-            moved = db.execute(
-                "UPDATE tenants SET status=?, reason=?, status_since=?, wakes=wakes+1, wake_started_at=?,"
-                " wake_refusal='' WHERE name=? AND status=?",
-                (TenantStatus.WAKING.value, reason, at, at, name, TenantStatus.ASLEEP.value),
-            ).rowcount
+            extra = ", wakes=wakes+1, wake_started_at=?, wake_refusal=''"
+            moved = self._move(db, name, TenantStatus.WAKING, reason, at, TenantStatus.ASLEEP, extra, (at,))
             if moved:
                 self._reservation_event(db, name, ReservationEvent.WAKE, at)
                 self.audit("manager", "wake", name, "ok", detail, tx=SqliteTx(db))
@@ -492,10 +509,7 @@ class Store:
             if row is None:
                 return None
             took = max(at - (row["wake_started_at"] or at), 0.0)
-            db.execute(
-                "UPDATE tenants SET status=?, reason='', status_since=?, last_wake_s=? WHERE name=?",
-                (TenantStatus.RUNNING.value, at, took, name),
-            )
+            self._move(db, name, TenantStatus.RUNNING, "", at, TenantStatus.WAKING, ", last_wake_s=?", (took,))
             self.audit("manager", "woke", name, "ok", {"wake_s": round(took, 3)}, tx=SqliteTx(db))
         return took
 

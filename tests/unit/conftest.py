@@ -10,7 +10,9 @@ import pytest
 
 from manager.control.reconciler import Reconciler
 from manager.control.service import TenantService
+from manager.control.storage import TenantStore
 from manager.control.store import Store
+from manager.domain import ALLOWED_TRANSITIONS, TenantStatus
 from manager.gpu.cpu import HostMemoryInventory
 from manager.runtime.memory import MemoryRuntime
 from manager.runtime.protocol import Runtime
@@ -97,3 +99,20 @@ def svc(tmp_path: Path) -> Iterator[TenantService]:
     reconciler = Reconciler(settings, store, runtime, inventory, connect=FakeGateway())
     yield TenantService(settings, store, runtime, inventory, reconciler)
     store.close()
+
+
+def walk_to(store: TenantStore, name: str, status: TenantStatus, reason: str = "") -> None:
+    """Test set-up: the tenant walked along the diagram's arrows (``domain.ALLOWED_TRANSITIONS``)
+    to ``status``, since the store refuses every write that skips one."""
+    start = store.tenant(name).status
+    paths: dict[TenantStatus, list[TenantStatus]] = {start: []}
+    todo = [start]
+    while todo and status not in paths:
+        here = todo.pop(0)
+        for there in sorted(ALLOWED_TRANSITIONS[here]):
+            if there not in paths:
+                paths[there] = [*paths[here], there]
+                todo.append(there)
+    with store.transaction() as tx:
+        for step in paths[status] or [status]:
+            assert store.set_status(tx, name, step, reason if step == status else ""), step

@@ -26,7 +26,7 @@ from manager.gpu.cpu import HostMemoryInventory
 from manager.runtime.memory import MemoryRuntime
 from manager.settings import Settings
 
-from .conftest import write_demo_model
+from .conftest import walk_to, write_demo_model
 from .fakes import FakeGateway
 from .test_reconciler import INSTANCE, add, bring_up, engine
 
@@ -155,7 +155,7 @@ def host(tmp_path: Path) -> Iterator[Host]:
         bring_up(rec, runtime, name)
         world.serving(name, clock.now + i)  # b was used last
     add(store, "c", 30003, 3 * GIB)
-    store.set_status("c", TenantStatus.ASLEEP, "admitted by overcommit")
+    walk_to(store, "c", TenantStatus.ASLEEP, "admitted by overcommit")
     rec.reconcile("c")  # its gateway, holding
     runtime.set_health(names.gateway(INSTANCE, "c"), "healthy")
     rec.reconcile("c")
@@ -294,7 +294,7 @@ def test_room_that_comes_free_goes_to_the_tenant_whose_request_waited_longest(ho
     request came first wakes, whatever their names."""
     rec, store = host.rec, host.store
     add(store, "d", 30004, 3 * GIB)
-    store.set_status("d", TenantStatus.ASLEEP, "admitted by overcommit")
+    walk_to(store, "d", TenantStatus.ASLEEP, "admitted by overcommit")
     rec.reconcile("d")
     host.runtime.set_health(names.gateway(INSTANCE, "d"), "healthy")
     rec.reconcile("d")

@@ -17,6 +17,7 @@ import pytest
 from manager import keys, names
 from manager.control.reconciler import EVENTS_RETRY_S, Reconciler
 from manager.control.records import KeyRow
+from manager.control.storage import Tx
 from manager.control.store import Store
 from manager.domain import TenantSpec, TenantStatus, can_transition
 from manager.gpu.cpu import HostMemoryInventory
@@ -25,7 +26,7 @@ from manager.runtime.memory import MemoryRuntime
 from manager.runtime.types import NetworkPlan
 from manager.settings import Settings
 
-from .conftest import write_demo_model
+from .conftest import walk_to, write_demo_model
 from .fakes import FakeGateway, usage_record
 
 MIB = 1024**2
@@ -201,7 +202,7 @@ def test_removal_collects_the_last_usage_and_tears_everything_down(world) -> Non
             usage_record("r1", prompt_tokens=3, completion_tokens=4),
         )
     ]
-    store.set_status("acme", TenantStatus.REMOVING)
+    walk_to(store, "acme", TenantStatus.REMOVING)
     assert rec.reconcile("acme") is None
     assert store.find_tenant("acme") is None
     assert store.usage_totals("acme", 0).tokens == 7
@@ -246,9 +247,9 @@ def test_status_transitions_follow_the_diagram(world) -> None:
     seen: list[TenantStatus] = []
     original = store.set_status
 
-    def record(name: str, new: TenantStatus, reason: str = "") -> None:
+    def record(tx: Tx, name: str, new: TenantStatus, reason: str = "") -> bool:
         seen.append(new)
-        original(name, new, reason)
+        return original(tx, name, new, reason)
 
     store.set_status = record  # type: ignore[method-assign]
     add(store, "acme", 30001)

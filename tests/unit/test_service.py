@@ -14,7 +14,7 @@ from manager.control.service import TenantService
 from manager.domain import TenantSpec, TenantStatus
 from manager.errors import Conflict, InvalidInput
 
-from .conftest import write_model
+from .conftest import walk_to, write_model
 
 MIB = 1024**2
 
@@ -36,7 +36,7 @@ def create(svc: TenantService, name: str = "acme", port: int = 30001) -> None:
 
 def test_an_engine_change_makes_the_tenant_pending_a_quota_change_does_not(svc: TenantService) -> None:
     create(svc)
-    svc.store.set_status("acme", TenantStatus.RUNNING)
+    walk_to(svc.store, "acme", TenantStatus.RUNNING)
     svc.update("acme", "admin", rpm_limit=10)
     svc.update("acme", "admin", max_body=8 * MIB)  # the gateway's business: no new engine either
     assert svc.store.tenant("acme").status == TenantStatus.RUNNING

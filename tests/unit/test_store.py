@@ -10,7 +10,7 @@ import pytest
 from manager.control.records import KeyRow
 from manager.control.storage import TenantStore
 from manager.control.store import Store
-from manager.domain import Quotas, TenantSpec, TenantStatus
+from manager.domain import ALLOWED_TRANSITIONS, Quotas, TenantSpec, TenantStatus, can_transition
 from manager.errors import Conflict, NotFound
 
 
@@ -55,7 +55,8 @@ def test_state_survives_reopen_and_keys_cascade(tmp_path: Path, open_store: Call
     with store.transaction() as db:
         store.insert_tenant(db, spec())
         store.insert_key(db, KeyRow("k1", "a", "gtm", "h", 1.0, None, None))
-    store.set_status("a", TenantStatus.FAILED, "why")
+    with store.transaction() as tx:
+        assert store.set_status(tx, "a", TenantStatus.FAILED, "why")
     store.audit("admin", "add-tenant", "a", "ok", {"x": 1})
     store.close()
     again = open_store(tmp_path / "m.db")
@@ -181,3 +182,43 @@ def test_the_daily_rollup_counts_each_record_once_on_its_utc_day(
     counters = {(t, m): u.requests for t, m, u in store.usage_counters()}
     assert sum(counters.values()) == 600 and sorted(store.usage_tenants(day0, day0 + DAY_S)) == ["a", "b"]
     store.close()
+
+
+STATUSES = list(TenantStatus)
+
+
+@pytest.mark.parametrize("start", STATUSES, ids=str)
+def test_every_status_write_follows_the_diagram(
+    tmp_path: Path, open_store: Callable[[Path], TenantStore], start: TenantStatus
+) -> None:
+    """From each status, every other one: the store writes exactly the diagram's arrows (and
+    staying), and a refused write leaves the status, its reason and its time as they were."""
+    store = open_store(tmp_path / "m.db")
+    for target in STATUSES:
+        name = f"t-{target.value}"
+        with store.transaction() as db:
+            store.insert_tenant(db, spec(name, 30000 + STATUSES.index(target)), status=start, reason="before")
+        before = store.tenant(name)
+        with store.transaction() as db:
+            moved = store.set_status(db, name, target, "after")
+        after = store.tenant(name)
+        assert moved == can_transition(start, target) == (target == start or target in ALLOWED_TRANSITIONS[start])
+        if moved:
+            assert (after.status, after.reason) == (target, "after")
+        else:
+            assert (after.status, after.reason, after.status_since) == (start, "before", before.status_since)
+
+
+def test_sleeps_and_wakes_take_their_arrow_only(tmp_path: Path, open_store: Callable[[Path], TenantStore]) -> None:
+    store = open_store(tmp_path / "m.db")
+    with store.transaction() as db:
+        store.insert_tenant(db, spec(), status=TenantStatus.STARTING)
+    assert not store.sleep_tenant("a", 1.0, {}), "only a running tenant is put to sleep"
+    assert not store.wake_tenant("a", 1.0, "waking", {}) and store.woke("a", 1.0) is None
+    with store.transaction() as db:
+        store.set_status(db, "a", TenantStatus.RUNNING)
+    assert store.sleep_tenant("a", 2.0, {}) and store.tenant("a").status == TenantStatus.ASLEEP
+    assert store.wake_tenant("a", 3.0, "waking", {}) and store.tenant("a").status == TenantStatus.WAKING
+    assert store.woke("a", 5.0) == 2.0
+    row = store.tenant("a")
+    assert (row.status, row.status_since, row.sleep.sleeps, row.sleep.wakes) == (TenantStatus.RUNNING, 5.0, 1, 1)
