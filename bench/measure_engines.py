@@ -23,7 +23,7 @@ from bench.timing import timed
 from manager import names
 from manager.control.reconciler import Reconciler
 from manager.control.service import TenantService
-from manager.control.store import Store
+from manager.control.sqlite_store import SqliteStore
 from manager.gpu.cpu import HostMemoryInventory
 from manager.runtime.docker import DockerRuntime
 from manager.settings import Settings
@@ -56,7 +56,7 @@ def main() -> None:
             )
         with tempfile.TemporaryDirectory() as tmp:
             settings = Settings(gpu_mode="cpu", instance=INSTANCE, state_dir=Path(tmp), models_dir=Path(tmp))
-            runtime, inventory, store = DockerRuntime(client), HostMemoryInventory(), Store(Path(tmp) / "m.db")
+            runtime, inventory, store = DockerRuntime(client), HostMemoryInventory(), SqliteStore(Path(tmp) / "m.db")
             service = TenantService(
                 settings, store, runtime, inventory, Reconciler(settings, store, runtime, inventory)
             )

@@ -5,7 +5,7 @@ measured in one run on this machine.
     .venv/bin/python -m bench.usage_queries                     # 1,000,000 records
     .venv/bin/python -m bench.usage_queries --records 100000
 
-The database is filled the way the collector fills it (``Store.add_usage``, pages of 1000),
+The database is filled the way the collector fills it (``SqliteStore.add_usage``, pages of 1000),
 so the first figure is what the rollup's trigger costs the collection: records stored per
 second with the trigger against the same pages without it. Each read is then timed both
 ways (the median of 5): /metrics (every tenant and member, all time), list-members (today,
@@ -28,7 +28,7 @@ from pathlib import Path
 from bench.timing import timed
 from manager.contract import UsageRecord
 from manager.control.costs import split
-from manager.control.store import Store
+from manager.control.sqlite_store import SqliteStore
 from manager.domain import TenantSpec
 from manager.utc import DAY_S, start_of_day, start_of_month
 
@@ -106,7 +106,7 @@ def records(n: int, now: float) -> list[tuple[str, UsageRecord]]:
     return out
 
 
-def fill(store: Store, data: list[tuple[str, UsageRecord]]) -> float:
+def fill(store: SqliteStore, data: list[tuple[str, UsageRecord]]) -> float:
     """Stores the records page by page per tenant, as the collector does; returns records per second."""
     per: dict[str, list[UsageRecord]] = {}
     for tenant, rec in data:
@@ -132,12 +132,12 @@ def main() -> None:
     now = time.time()
     data = records(args.records, now)
     with tempfile.TemporaryDirectory() as tmp:
-        store = Store(Path(tmp) / "manager.db")
+        store = SqliteStore(Path(tmp) / "manager.db")
         with store.transaction() as db:
             for i in range(TENANTS):
                 spec = TenantSpec(name=f"t{i}", port=30001 + i, gpu_memory=2**30, model="demo", max_model_len=512)
                 store.insert_tenant(db, spec)
-        plain = Store(Path(tmp) / "plain.db")
+        plain = SqliteStore(Path(tmp) / "plain.db")
         plain._db.execute("DROP TRIGGER usage_days_add")  # the same pages, no rollup
         first = len(data) // 5  # the same records into two empty databases
         without = fill(plain, data[:first])

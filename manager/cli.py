@@ -486,7 +486,7 @@ class Shown:
 
 
 @dataclass(frozen=True)
-class Answer:
+class Outcome:
     """What a command answered, and the exit code it ends with (0 unless said)."""
 
     out: Any
@@ -659,14 +659,14 @@ def _capacity(args: argparse.Namespace, api: Api, shown: Shown) -> Any:
 
 
 @command("what-if")
-def _what_if(args: argparse.Namespace, api: Api, shown: Shown) -> Answer:
+def _what_if(args: argparse.Namespace, api: Api, shown: Shown) -> Outcome:
     body = {"gpu_memory": args.gpu_memory, "model": args.model, "max_model_len": args.max_model_len}
     body |= {"tenant": args.name, "gpu": args.gpu}
     out = api.call("POST", "/api/v1/what-if", {k: v for k, v in body.items() if v is not None})
     if shown.json:  # the answer says whether it fits
-        return Answer(out)
+        return Outcome(out)
     _print_decision(out)
-    return Answer(out, 0 if out["admitted"] else 5)
+    return Outcome(out, 0 if out["admitted"] else 5)
 
 
 @command("audit")
@@ -690,7 +690,7 @@ def _audit(args: argparse.Namespace, api: Api, shown: Shown) -> Any:
 def run(args: argparse.Namespace, api: Api) -> int:
     shown = Shown(bool(getattr(args, "json", False)))
     result = COMMANDS[args.command](args, api, shown)
-    answer = result if isinstance(result, Answer) else Answer(result)
+    answer = result if isinstance(result, Outcome) else Outcome(result)
     if shown.json:
         print(json.dumps(answer.out, indent=2))
     return answer.exit_code

@@ -39,8 +39,8 @@ from manager.console.session import COOKIE, Flashes, LoginLimiter, Sessions
 from manager.control.gateway_client import Connect, GatewayClient
 from manager.control.reconciler import Reconciler
 from manager.control.service import TenantService
-from manager.control.storage import TenantStore
-from manager.control.store import Store, preflight
+from manager.control.sqlite_store import SqliteStore, preflight
+from manager.control.store import TenantStore
 from manager.errors import AdmissionRefused, GtmError
 from manager.gpu import Inventory, open_inventory
 from manager.runtime.docker import DockerRuntime
@@ -112,7 +112,7 @@ def build_components(
     client) replace the real ones in tests."""
     inventory = inventory or open_inventory(settings.platform)
     runtime = runtime or DockerRuntime()
-    store = Store(settings.database_path)
+    store = SqliteStore(settings.database_path)
     reconciler = Reconciler(settings, store, runtime, inventory, connect=connect or GatewayClient)
     service = TenantService(settings, store, runtime, inventory, reconciler)
     return Components(store, inventory, reconciler, service, load_admin_token(settings))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 
 from manager.control.gateway_client import Connect, collect_usage, gateway_ip
-from manager.control.storage import TenantStore
+from manager.control.store import TenantStore
 from manager.domain import TenantStatus
 from manager.errors import RuntimeUnavailable
 from manager.runtime.protocol import Runtime

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from manager.control.records import ReservationEvent, ReservationRow, UsageTotals
-from manager.control.storage import TenantStore
+from manager.control.store import TenantStore
 from manager.errors import InvalidInput
 
 GIB = 1024**3

@@ -26,13 +26,13 @@ from manager.contract import (
     UsagePage,
 )
 from manager.control.plan import GATEWAY_ADMIN_PORT, control_network_name
-from manager.control.storage import TenantStore
+from manager.control.store import TenantStore
 from manager.domain import TenantStatus
 from manager.errors import RuntimeUnavailable
 from manager.runtime.protocol import Runtime
 from manager.settings import Settings
 
-Answer = TypeVar("Answer", bound=Contract)
+ContractT = TypeVar("ContractT", bound=Contract)
 HOLDING = frozenset({TenantStatus.ASLEEP, TenantStatus.WAKING})
 """The statuses whose gateway holds requests until the engine serves again."""
 ENGINE_CALL_S = 330.0
@@ -146,7 +146,7 @@ class GatewayClient:
         return self._page(EngineSleep, self._call("POST", "/admin/engine/wake", timeout=ENGINE_CALL_S)).sleeping
 
     @staticmethod
-    def _page(model: type[Answer], body: object) -> Answer:
+    def _page(model: type[ContractT], body: object) -> ContractT:
         try:
             return model.model_validate(body)
         except ValidationError as exc:

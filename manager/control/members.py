@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from manager import keys, names
 from manager.control.reconciler import Reconciler
 from manager.control.records import KeyRow, MemberRow, MemberUsage, TenantRow, UsageTotals
-from manager.control.storage import TenantStore
+from manager.control.store import TenantStore
 from manager.domain import MAX_GRACE_S, Quotas, TenantStatus, check_quotas
 from manager.errors import Conflict, InvalidInput, NotFound
 from manager.utc import start_of_day, start_of_month

@@ -52,7 +52,7 @@ from manager.control.plan import (
 from manager.control.records import EngineFailure, TenantRow
 from manager.control.sizing import Sizing
 from manager.control.sleeper import Sleeper
-from manager.control.storage import TenantStore
+from manager.control.store import TenantStore
 from manager.control.warmup import PageCacheWarmer
 from manager.control.workqueue import WorkQueue
 from manager.domain import TenantStatus

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from manager import keys, names
-from manager.control import models
+from manager.control import model_files
 from manager.control.admission import AdmissionInput, Decision, place
 from manager.control.costs import Share, split
 from manager.control.members import MemberService, removing_refusal
@@ -29,7 +29,7 @@ from manager.control.plan import docker_words, port_probe_plan, port_taken
 from manager.control.quant import checkpoint_method, resolve
 from manager.control.reconciler import Reconciler
 from manager.control.records import AuditRow, KeyRow, ReservationEvent, TenantRow, UsageTotals
-from manager.control.storage import TenantStore
+from manager.control.store import TenantStore
 from manager.domain import (
     DEFAULT_MAX_IMAGE_PIXELS,
     DEFAULT_MAX_IMAGES,
@@ -322,7 +322,7 @@ class TenantService:
     def import_model(self, source: str, name: str | None, actor: str) -> CatalogEntry:
         """Checks a model directory and copies it into the models volume; audited."""
         try:
-            imported = models.import_model(self.settings.models_dir, Path(source), name)
+            imported = model_files.import_model(self.settings.models_dir, Path(source), name)
         except GtmError as exc:
             self.store.audit(actor, "import-model", None, "refused", {"source": source, "error": exc.message})
             raise
@@ -340,7 +340,7 @@ class TenantService:
                     f"model {name!r} is used by tenant{'s' if len(users) > 1 else ''} {', '.join(users)}; "
                     "move them to another model (update-tenant --model) or remove them first"
                 )
-            models.remove_model(self.settings.models_dir, name)
+            model_files.remove_model(self.settings.models_dir, name)
             self.store.audit(actor, "remove-model", None, "ok", {"model": name})
 
     def catalog(self, max_model_len: int | None = None) -> list[CatalogEntry]:

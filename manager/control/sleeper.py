@@ -40,7 +40,7 @@ from manager.contract import GatewayActivity
 from manager.control.gateway_client import Connect, gateway_ip
 from manager.control.overcommit import Room, WakePlan, plan_wake, resident
 from manager.control.records import TenantRow
-from manager.control.storage import TenantStore
+from manager.control.store import TenantStore
 from manager.domain import TenantStatus
 from manager.errors import RuntimeUnavailable
 from manager.gpu import Inventory, placed_on

@@ -28,7 +28,7 @@ from manager.gateway.images import check_images, count_images
 from manager.gateway.quotas import admit
 from manager.gateway.settings import GatewaySettings
 from manager.gateway.state import GatewayState, KeyEntry
-from manager.gateway.upstream import Answer, HttpxUpstream, LeanUpstream, Timeouts, Upstream, UpstreamError
+from manager.gateway.upstream import HttpxUpstream, LeanUpstream, Timeouts, Upstream, UpstreamError, UpstreamResponse
 
 Scope = MutableMapping[str, Any]
 log = logging.getLogger(__name__)
@@ -286,7 +286,7 @@ class Proxy:
 
     async def _send_upstream(
         self, method: str, path: str, request_id: str, body: bytes, accept: bytes = b"application/json"
-    ) -> Answer:
+    ) -> UpstreamResponse:
         headers = ((b"content-type", b"application/json"), (b"accept", accept), (b"x-request-id", request_id.encode()))
         return await self.upstream.send(
             method, path, headers, body, self.timeouts, whole=accept != b"text/event-stream"

@@ -1,5 +1,5 @@
 """The gateway's client to its engine: HTTP/1.1 with keep-alive to one upstream, behind a small
-interface of its own (``Upstream``: send a request, get an ``Answer`` whose body is read whole or
+interface of its own (``Upstream``: send a request, get an ``UpstreamResponse`` whose body is read whole or
 as it comes), with no per-request objects beyond the answer.
 
 Chosen by measurement (``scripts/bench.sh --wire``: a pass-through proxy alone on one core of
@@ -62,7 +62,7 @@ class UpstreamTimeout(UpstreamError):
     pass
 
 
-class Answer(Protocol):
+class UpstreamResponse(Protocol):
     """The engine's answer: its head, and its body read whole (``read``) or as it comes
     (``chunks``). ``close`` must be called, also after a whole read."""
 
@@ -78,7 +78,7 @@ class Answer(Protocol):
 class Upstream(Protocol):
     async def send(
         self, method: str, path: str, headers: Headers, body: bytes, timeouts: Timeouts, whole: bool = False
-    ) -> Answer:
+    ) -> UpstreamResponse:
         """The engine's answer once its head has come; ``whole``: once all of it has (read by
         ``read``, under the same timer as the head)."""
         ...
@@ -123,7 +123,7 @@ class LeanUpstream:
 
     async def send(
         self, method: str, path: str, headers: Headers, body: bytes, timeouts: Timeouts, whole: bool = False
-    ) -> Answer:
+    ) -> UpstreamResponse:
         if self._slots.locked():  # every connection busy: wait for one, at most the pool timeout
             try:
                 await asyncio.wait_for(self._slots.acquire(), timeouts.pool)
@@ -139,7 +139,7 @@ class LeanUpstream:
 
     async def _send(
         self, method: str, path: str, headers: Headers, body: bytes, timeouts: Timeouts, whole: bool
-    ) -> Answer:
+    ) -> UpstreamResponse:
         head = [method.encode(), b" ", path.encode(), b" HTTP/1.1\r\n", self._host_line]
         for k, v in headers:
             head += (k, b": ", v, b"\r\n")
@@ -384,7 +384,7 @@ class HttpxUpstream:
 
     async def send(
         self, method: str, path: str, headers: Headers, body: bytes, timeouts: Timeouts, whole: bool = False
-    ) -> Answer:
+    ) -> UpstreamResponse:
         request = httpx.Request(method, self.url + path, headers=list(headers), content=body)
         request.extensions["timeout"] = {
             "connect": timeouts.connect,

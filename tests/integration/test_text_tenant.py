@@ -37,7 +37,7 @@ from manager import names
 from manager.contract import UsageRecord
 from manager.control.gateway_client import GatewayClient, desired_config
 from manager.control.plan import control_network_name
-from manager.control.store import Store
+from manager.control.sqlite_store import SqliteStore
 from manager.errors import RuntimeUnavailable
 
 from .conftest import TEST_PREFIX, RunningManager, remove_instance, settings_for, start_manager, wait_for, wait_status
@@ -115,7 +115,7 @@ def text(
 def gateway_admin(mgr: RunningManager, client: docker.DockerClient, tenant: str) -> GatewayClient:
     container = client.containers.get(names.gateway(mgr.settings.instance, tenant))
     ip = container.attrs["NetworkSettings"]["Networks"][control_network_name(mgr.settings)]["IPAddress"]
-    store = Store(mgr.settings.database_path)
+    store = SqliteStore(mgr.settings.database_path)
     token = store.tenant(tenant).gateway_token
     store.close()
     return GatewayClient(ip, token)
@@ -123,7 +123,7 @@ def gateway_admin(mgr: RunningManager, client: docker.DockerClient, tenant: str)
 
 def wait_synced(mgr: RunningManager, client: docker.DockerClient, tenant: str) -> None:
     def synced() -> bool:
-        store = Store(mgr.settings.database_path)
+        store = SqliteStore(mgr.settings.database_path)
         try:
             want = desired_config(store, tenant).version
         finally:
@@ -169,7 +169,7 @@ def test_while_its_engine_starts_every_request_gets_one_clear_answer(text: Text)
 
 
 @dataclass
-class Answer:
+class Reply:
     member: str
     status: int
     tokens: int = 0
@@ -185,7 +185,7 @@ class Members:
         self.keys: dict[str, str] = {}
         self.received: dict[str, list[int]] = defaultdict(list)
 
-    def ask(self, member: str, max_tokens: int = 4, key: str | None = None) -> Answer:
+    def ask(self, member: str, max_tokens: int = 4, key: str | None = None) -> Reply:
         client = openai.OpenAI(
             base_url=f"http://127.0.0.1:{PORT}/v1", api_key=key or self.keys[member], max_retries=0, timeout=120
         )
@@ -197,7 +197,7 @@ class Members:
             )
         except openai.APIStatusError as exc:
             error = exc.body.get("error", exc.body) if isinstance(exc.body, dict) else {}
-            return Answer(
+            return Reply(
                 member,
                 exc.status_code,
                 scope=exc.response.headers.get("x-ratelimit-scope", ""),
@@ -206,20 +206,20 @@ class Members:
             )
         assert reply.usage is not None
         self.received[member].append(reply.usage.total_tokens)
-        return Answer(member, 200, reply.usage.total_tokens)
+        return Reply(member, 200, reply.usage.total_tokens)
 
-    def burst(self, plan: dict[str, int], max_tokens: int = 4) -> dict[str, list[Answer]]:
+    def burst(self, plan: dict[str, int], max_tokens: int = 4) -> dict[str, list[Reply]]:
         """Every member's requests at once, interleaved."""
         order = [m for i in range(max(plan.values())) for m in plan if i < plan[m]]
         with ThreadPoolExecutor(len(order)) as pool:
             answers = list(pool.map(lambda m: self.ask(m, max_tokens), order))
-        out: dict[str, list[Answer]] = defaultdict(list)
+        out: dict[str, list[Reply]] = defaultdict(list)
         for a in answers:
             out[a.member].append(a)
         return out
 
 
-def ok(answers: list[Answer]) -> int:
+def ok(answers: list[Reply]) -> int:
     return sum(1 for a in answers if a.status == 200)
 
 
@@ -346,7 +346,7 @@ def test_members_share_one_engine_with_their_own_keys_limits_and_usage(text: Tex
     wait_collected(api, who, ["alice", "carol", "dave", TENANT])
     with gateway_admin(restarted, docker_client, TENANT) as gw:
         spooled = gw.usage(0, limit=10_000).records
-    store = Store(restarted.settings.database_path)
+    store = SqliteStore(restarted.settings.database_path)
     try:
         stored = store.usage_records(TENANT, limit=100_000)
         bob_usage = store.usage_by_member(TENANT, 0)["bob"]
@@ -584,7 +584,7 @@ def test_gateway_end_to_end(text: Text) -> None:
     assert docker_client.containers.get(gateway_name).attrs["RestartCount"] >= 1, "Docker restarted it"
 
     def all_there() -> bool:
-        store = Store(restarted.settings.database_path)
+        store = SqliteStore(restarted.settings.database_path)
         try:
             ids = {r["request_id"] for r in store.usage_records(TENANT, limit=100_000)}
         finally:
@@ -592,7 +592,7 @@ def test_gateway_end_to_end(text: Text) -> None:
         return set(done) <= ids
 
     wait_for(all_there, 60, "every answered request to be collected")
-    store = Store(restarted.settings.database_path)
+    store = SqliteStore(restarted.settings.database_path)
     records = store.usage_records(TENANT, limit=100_000)
     store.close()
     assert len(records) == len({r["request_id"] for r in records}), "none counted twice"

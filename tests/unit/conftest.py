@@ -10,8 +10,8 @@ import pytest
 
 from manager.control.reconciler import Reconciler
 from manager.control.service import TenantService
-from manager.control.storage import TenantStore
-from manager.control.store import Store
+from manager.control.sqlite_store import SqliteStore
+from manager.control.store import TenantStore
 from manager.domain import ALLOWED_TRANSITIONS, TenantStatus
 from manager.gpu.cpu import HostMemoryInventory
 from manager.runtime.memory import MemoryRuntime
@@ -95,7 +95,7 @@ def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def svc(tmp_path: Path) -> Iterator[TenantService]:
     write_demo_model(tmp_path / "models")
     settings = Settings(gpu_mode="cpu", instance="gtmu", state_dir=tmp_path, models_dir=tmp_path / "models")
-    store, runtime, inventory = Store(tmp_path / "m.db"), MemoryRuntime(), HostMemoryInventory()
+    store, runtime, inventory = SqliteStore(tmp_path / "m.db"), MemoryRuntime(), HostMemoryInventory()
     reconciler = Reconciler(settings, store, runtime, inventory, connect=FakeGateway())
     yield TenantService(settings, store, runtime, inventory, reconciler)
     store.close()

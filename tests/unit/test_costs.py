@@ -7,7 +7,7 @@ import pytest
 from manager.contract import UsageRecord
 from manager.control.costs import incarnations, month_bounds, split
 from manager.control.records import ReservationEvent, ReservationRow
-from manager.control.store import Store
+from manager.control.sqlite_store import SqliteStore
 from manager.errors import InvalidInput
 
 G = 1024**3
@@ -34,7 +34,7 @@ def test_intervals_follow_add_resize_remove() -> None:
 def test_asleep_hours_are_priced_apart_at_the_rate_the_admin_sets(tmp_path: Path) -> None:
     """a and b reserve 10 GiB all month; b sleeps half of it. By default an asleep hour costs what
     a sleeper keeps (nothing: its engine is stopped); at the admin's rate, that share of an awake one."""
-    store = Store(tmp_path / "m.db")
+    store = SqliteStore(tmp_path / "m.db")
     start, end = month_bounds("2026-11")
     half = start + (end - start) / 2
     with store.transaction() as db:
@@ -62,7 +62,7 @@ def test_asleep_hours_are_priced_apart_at_the_rate_the_admin_sets(tmp_path: Path
 
 
 def test_split_by_memory_hours_and_by_tokens(tmp_path: Path) -> None:
-    store = Store(tmp_path / "m.db")
+    store = SqliteStore(tmp_path / "m.db")
     start, end = month_bounds("2026-11")
     # a holds 30 GiB all month; b holds 10 GiB for the second half
     with store.transaction() as db:
@@ -111,7 +111,7 @@ def test_split_by_memory_hours_and_by_tokens(tmp_path: Path) -> None:
 
 def test_a_name_removed_and_added_again_is_two_tenants(tmp_path: Path) -> None:
     """Each life of a name keeps its own reservation and its own usage (none moves to the new one)."""
-    store = Store(tmp_path / "m.db")
+    store = SqliteStore(tmp_path / "m.db")
     start, end = month_bounds("2026-11")
     day = 86400.0
     with store.transaction() as db:

@@ -112,7 +112,7 @@ def test_every_spelling_of_the_quotas_is_the_declarations(tmp_path) -> None:  # 
     from manager import cli
     from manager.api import schemas
     from manager.contract import Limits
-    from manager.control.store import Store
+    from manager.control.sqlite_store import SqliteStore
     from manager.domain import QUOTA_FIELDS, QUOTA_KINDS, Quotas
 
     assert tuple(QUOTA_KINDS) == QUOTA_FIELDS == tuple(Quotas.__dataclass_fields__)
@@ -125,7 +125,7 @@ def test_every_spelling_of_the_quotas_is_the_declarations(tmp_path) -> None:  # 
         assert kind.meaning in (field.description or "")
     options = {a.dest for a in cli.build_parser()._subparsers._group_actions[0].choices["add-member"]._actions}
     assert set(QUOTA_FIELDS) <= options
-    Store(tmp_path / "m.db").close()
+    SqliteStore(tmp_path / "m.db").close()
     with sqlite3.connect(tmp_path / "m.db") as db:
         for table in ("tenants", "members"):
             columns = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}

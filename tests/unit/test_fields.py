@@ -13,7 +13,7 @@ import pytest
 from manager import cli
 from manager.api import schemas
 from manager.console.forms import edit_changes, new_values, shown
-from manager.control.store import Store
+from manager.control.sqlite_store import SqliteStore
 from manager.domain import (
     ENGINE_FIELDS,
     QUOTA_FIELDS,
@@ -95,7 +95,7 @@ def test_the_cli_flags_are_the_declarations() -> None:
 
 
 def test_the_store_has_a_column_for_each_and_reads_back_what_it_wrote(tmp_path: Path) -> None:
-    Store(tmp_path / "m.db").close()
+    SqliteStore(tmp_path / "m.db").close()
     with sqlite3.connect(tmp_path / "m.db") as db:
         columns = {r[1] for r in db.execute("PRAGMA table_info(tenants)")}
     assert {f.name for f in TENANT_FIELDS} <= columns

@@ -22,7 +22,7 @@ from manager.contract import GatewayActivity
 from manager.control.reconciler import Reconciler
 from manager.control.service import TenantService
 from manager.control.sleeper import Turn
-from manager.control.store import Store
+from manager.control.sqlite_store import SqliteStore
 from manager.domain import TenantSpec, TenantStatus
 from manager.errors import AdmissionRefused, GpuUnavailable, InvalidInput
 from manager.gpu.nvml import NvmlInventory
@@ -70,7 +70,7 @@ class SimHost:
         models = tmp_path / "models"
         sparse_model(models / "demo", ENGINE.weights)
         self.settings = Settings(gpu_mode="nvml", instance=INSTANCE, state_dir=tmp_path, models_dir=models, **settings)
-        self.store = Store(tmp_path / "m.db")
+        self.store = SqliteStore(tmp_path / "m.db")
         self.runtime = MemoryRuntime()
         self.inventory = NvmlInventory.open(self.nvml)
         self.gateways = FakeGateway()

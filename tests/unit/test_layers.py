@@ -106,7 +106,7 @@ def test_sqlite_stays_in_the_stores() -> None:
         if any(isinstance(n, ast.Import) and any(a.name == "sqlite3" for a in n.names) for n in ast.walk(tree)):
             users.add(str(path.relative_to(ROOT.parent)))
     assert users == {
-        "manager/control/store.py",
+        "manager/control/sqlite_store.py",
         "manager/gateway/store.py",
         "manager/gateway/state.py",
         "manager/migrations.py",

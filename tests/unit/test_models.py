@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from manager.control.models import import_model
+from manager.control.model_files import import_model
 from manager.errors import Conflict, InvalidInput, NotFound
 
 from .conftest import write_model

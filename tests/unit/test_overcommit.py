@@ -19,7 +19,7 @@ from manager.control.overcommit import Resident, Room, counted_beside, plan_wake
 from manager.control.reconciler import Reconciler
 from manager.control.service import TenantService
 from manager.control.sleeper import Turn
-from manager.control.store import Store
+from manager.control.sqlite_store import SqliteStore
 from manager.domain import Quotas, TenantSpec, TenantStatus
 from manager.errors import AdmissionRefused
 from manager.gpu.cpu import HostMemoryInventory
@@ -117,7 +117,7 @@ class Clock:
 @dataclass
 class Host:
     rec: Reconciler
-    store: Store
+    store: SqliteStore
     runtime: MemoryRuntime
     clock: Clock
     gateways: FakeGateway
@@ -144,7 +144,7 @@ def host(tmp_path: Path) -> Iterator[Host]:
         gpu_mode="cpu", instance=INSTANCE, state_dir=tmp_path, models_dir=tmp_path, overcommit=True, headroom=GIB
     )
     write_demo_model(tmp_path)
-    store = Store(tmp_path / "manager.db")
+    store = SqliteStore(tmp_path / "manager.db")
     runtime, clock, gateways = MemoryRuntime(), Clock(), FakeGateway()
     inventory = HostMemoryInventory(meminfo(tmp_path / "meminfo", 8 * GIB))
     rec = Reconciler(settings, store, runtime, inventory, connect=gateways, clock=clock)
@@ -275,7 +275,7 @@ def test_admission_says_whether_a_tenant_fits_awake_now_or_only_by_overcommit(ho
 def test_without_overcommit_every_reservation_counts_as_before(tmp_path: Path) -> None:
     settings = Settings(gpu_mode="cpu", instance=INSTANCE, state_dir=tmp_path, models_dir=tmp_path, headroom=GIB)
     write_demo_model(tmp_path)
-    store = Store(tmp_path / "manager.db")
+    store = SqliteStore(tmp_path / "manager.db")
     runtime = MemoryRuntime()
     inventory = HostMemoryInventory(meminfo(tmp_path / "meminfo", 8 * GIB))
     rec = Reconciler(settings, store, runtime, inventory, connect=FakeGateway())

@@ -17,8 +17,8 @@ import pytest
 from manager import keys, names
 from manager.control.reconciler import EVENTS_RETRY_S, Reconciler
 from manager.control.records import KeyRow
-from manager.control.storage import Tx
-from manager.control.store import Store
+from manager.control.sqlite_store import SqliteStore
+from manager.control.store import Tx
 from manager.domain import TenantSpec, TenantStatus, can_transition
 from manager.gpu.cpu import HostMemoryInventory
 from manager.names import Role
@@ -42,7 +42,7 @@ class Clock:
 
 
 @pytest.fixture
-def world(tmp_path: Path) -> Iterator[tuple[Reconciler, Store, MemoryRuntime, Clock, FakeGateway]]:
+def world(tmp_path: Path) -> Iterator[tuple[Reconciler, SqliteStore, MemoryRuntime, Clock, FakeGateway]]:
     settings = Settings(
         gpu_mode="cpu",
         instance=INSTANCE,
@@ -52,14 +52,14 @@ def world(tmp_path: Path) -> Iterator[tuple[Reconciler, Store, MemoryRuntime, Cl
         engine_start_timeout_s=600.0,
     )
     write_demo_model(tmp_path)
-    store = Store(tmp_path / "manager.db")
+    store = SqliteStore(tmp_path / "manager.db")
     runtime, clock, gateways = MemoryRuntime(), Clock(), FakeGateway()
     rec = Reconciler(settings, store, runtime, HostMemoryInventory(), connect=gateways, clock=clock)
     yield rec, store, runtime, clock, gateways
     store.close()
 
 
-def add(store: Store, name: str, port: int, gpu_memory: int = 1536 * MIB) -> None:
+def add(store: SqliteStore, name: str, port: int, gpu_memory: int = 1536 * MIB) -> None:
     spec = TenantSpec(name=name, port=port, gpu_memory=gpu_memory, model="demo", max_model_len=512)
     issued = keys.issue()
     with store.transaction() as db:
@@ -83,7 +83,7 @@ def bring_up(rec: Reconciler, runtime: MemoryRuntime, name: str) -> None:
     rec.reconcile(name)
 
 
-def status(store: Store, name: str) -> TenantStatus:
+def status(store: SqliteStore, name: str) -> TenantStatus:
     return store.tenant(name).status
 
 

@@ -15,7 +15,7 @@ from manager import names
 from manager.contract import GatewayActivity
 from manager.control.reconciler import DRAIN_POLL_S, Reconciler
 from manager.control.sleeper import Turn
-from manager.control.store import Store
+from manager.control.sqlite_store import SqliteStore
 from manager.domain import TenantStatus
 from manager.gpu.cpu import HostMemoryInventory
 from manager.runtime.memory import MemoryRuntime
@@ -37,12 +37,12 @@ class Clock:
 
 
 @pytest.fixture
-def world(tmp_path: Path) -> Iterator[tuple[Reconciler, Store, MemoryRuntime, Clock, FakeGateway]]:
+def world(tmp_path: Path) -> Iterator[tuple[Reconciler, SqliteStore, MemoryRuntime, Clock, FakeGateway]]:
     settings = Settings(
         gpu_mode="cpu", instance=INSTANCE, state_dir=tmp_path, models_dir=tmp_path, wake_timeout_s=20.0, max_waiting=3
     )
     write_demo_model(tmp_path)
-    store = Store(tmp_path / "manager.db")
+    store = SqliteStore(tmp_path / "manager.db")
     runtime, clock, gateways = MemoryRuntime(), Clock(), FakeGateway()
     rec = Reconciler(settings, store, runtime, HostMemoryInventory(), connect=gateways, clock=clock)
     add(store, "lab", 30001)
@@ -61,7 +61,7 @@ def serving(gateways: FakeGateway, last: float | None, in_flight: int = 0, waiti
     )
 
 
-def asleep(rec: Reconciler, store: Store, runtime: MemoryRuntime, clock: Clock, gateways: FakeGateway) -> None:
+def asleep(rec: Reconciler, store: SqliteStore, runtime: MemoryRuntime, clock: Clock, gateways: FakeGateway) -> None:
     serving(gateways, clock.now)
     clock.now += IDLE
     assert rec.sleeper.tick() == [Turn("lab", "sleep")]

@@ -1,4 +1,4 @@
-"""The store's tests, run against every implementation of its protocol (``storage.TenantStore``);
+"""The store's tests, run against every implementation of its protocol (``store.TenantStore``);
 the preflight checks are the SQLite store's own."""
 
 import threading
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from manager.control.records import KeyRow
-from manager.control.storage import TenantStore
-from manager.control.store import Store
+from manager.control.sqlite_store import SqliteStore
+from manager.control.store import TenantStore
 from manager.domain import ALLOWED_TRANSITIONS, Quotas, TenantSpec, TenantStatus, can_transition
 from manager.errors import Conflict, NotFound
 
@@ -20,7 +20,7 @@ def spec(name: str = "a", port: int = 30001) -> TenantSpec:
     )
 
 
-IMPLEMENTATIONS: dict[str, Callable[[Path], TenantStore]] = {"sqlite": Store}
+IMPLEMENTATIONS: dict[str, Callable[[Path], TenantStore]] = {"sqlite": SqliteStore}
 """Every implementation of the store's protocol; each runs every store test below."""
 
 
@@ -82,7 +82,7 @@ def test_concurrent_writers_do_not_collide(tmp_path: Path, open_store: Callable[
 
 
 def test_preflight_refuses_a_state_dir_it_cannot_write(tmp_path: Path) -> None:
-    from manager.control.store import preflight
+    from manager.control.sqlite_store import preflight
     from manager.errors import StateUnavailable
 
     (tmp_path / "not-a-dir").write_text("")
@@ -93,7 +93,7 @@ def test_preflight_refuses_a_state_dir_it_cannot_write(tmp_path: Path) -> None:
 def test_preflight_refuses_a_database_another_process_holds(tmp_path: Path) -> None:
     import sqlite3
 
-    from manager.control.store import preflight
+    from manager.control.sqlite_store import preflight
     from manager.errors import StateUnavailable
 
     holder = sqlite3.connect(tmp_path / "manager.db", isolation_level=None)

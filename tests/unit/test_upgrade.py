@@ -14,7 +14,7 @@ import pytest
 
 from manager.control.costs import split
 from manager.control.gateway_client import desired_config
-from manager.control.store import MIGRATIONS, Store
+from manager.control.sqlite_store import MIGRATIONS, SqliteStore
 from manager.domain import TenantStatus
 from manager.errors import StateUnavailable
 from manager.gateway.state import GatewayState
@@ -35,7 +35,7 @@ def release(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
 
 
 def test_the_manager_database_upgrades_in_place(release: Path) -> None:
-    store = Store(release / "manager.db")
+    store = SqliteStore(release / "manager.db")
     try:
         (row,) = store.tenants()
         assert (row.spec.name, row.spec.port, row.spec.gpu_memory, row.status) == (
@@ -86,7 +86,7 @@ def test_the_manager_database_upgrades_in_place(release: Path) -> None:
         store.close()
     with sqlite3.connect(release / "manager.db") as db:
         assert version(db) == len(MIGRATIONS)
-    again = Store(release / "manager.db")  # a second start changes nothing
+    again = SqliteStore(release / "manager.db")  # a second start changes nothing
     assert len(again.tenants()) == 1
     again.close()
 
@@ -111,7 +111,7 @@ def test_a_database_from_a_newer_release_is_refused(tmp_path: Path) -> None:
     with sqlite3.connect(tmp_path / "manager.db") as db:
         db.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
     with pytest.raises(StateUnavailable, match="newer release"):
-        Store(tmp_path / "manager.db")
+        SqliteStore(tmp_path / "manager.db")
 
 
 def test_the_contract_reads_what_a_gateway_of_the_previous_release_answers() -> None:
