@@ -60,11 +60,11 @@ def main() -> None:
             service = TenantService(
                 settings, store, runtime, inventory, Reconciler(settings, store, runtime, inventory)
             )
-            measured = service.measured_use()
+            measured = service.meter.measured_use()
             assert sorted(measured) == tenants and all(v for v in measured.values()), measured
             engines = [names.engine(INSTANCE, t) for t in tenants]
-            one = timed(lambda: service.measured_use(tenants[0]), args.rounds)
-            together = timed(service.measured_use, args.rounds)
+            one = timed(lambda: service.meter.measured_use(tenants[0]), args.rounds)
+            together = timed(service.meter.measured_use, args.rounds)
             in_turn = timed(lambda: [runtime.memory_usage(e) for e in engines], args.rounds)
             store.close()
         print(f"engines: {args.engines} (idle containers), median of {args.rounds}")

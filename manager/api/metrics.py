@@ -36,7 +36,7 @@ class StateCollector(Collector):
         over = GaugeMetricFamily(
             "gtm_tenant_over_reservation", "1 when measured use exceeds the reservation", labels=["tenant"]
         )
-        use = self.service.measured_use()
+        use = self.service.meter.measured_use()
         for r in rows:
             value = use.get(r.spec.name)
             if value is not None:

@@ -29,8 +29,8 @@ from manager.api.schemas import (
     UsageSummary,
     WhatIf,
 )
+from manager.control.catalog import CatalogEntry
 from manager.control.costs import Share
-from manager.control.service import CatalogEntry
 from manager.domain import MAX_MODEL_LEN, MIN_MODEL_LEN, Quotas
 from manager.utc import start_of_day
 
@@ -57,10 +57,10 @@ UnixTime = Annotated[float, Query(ge=0, le=1e11, allow_inf_nan=False, descriptio
 
 @router.get("/tenants", tags=["tenants"])
 def list_tenants(svc: Service, _: Admin) -> list[TenantPublic]:
-    measured = svc.measured_use()
+    measured = svc.meter.measured_use()
     day = start_of_day(time.time())
     return [
-        TenantPublic.of(r, measured.get(r.spec.name), svc.usage(r.spec.name, day), svc.concurrency(r.spec))
+        TenantPublic.of(r, measured.get(r.spec.name), svc.usage(r.spec.name, day), svc.models.concurrency(r.spec))
         for r in svc.tenants()
     ]
 
@@ -75,7 +75,7 @@ def create_tenant(body: TenantCreate, svc: Service, actor: Admin) -> TenantCreat
     spec = svc.new_spec(**values)
     created = svc.create(spec, actor, gpu=gpu)
     return TenantCreated(
-        tenant=TenantPublic.of(created.tenant, concurrency=svc.concurrency(created.tenant.spec)),
+        tenant=TenantPublic.of(created.tenant, concurrency=svc.models.concurrency(created.tenant.spec)),
         key=IssuedKeyPublic(key_id=created.key.id, api_key=created.key.secret_key),
         admission=DecisionPublic.of(created.decision),
     )
@@ -85,7 +85,7 @@ def create_tenant(body: TenantCreate, svc: Service, actor: Admin) -> TenantCreat
 def get_tenant(name: TenantName, svc: Service, _: Admin) -> TenantPublic:
     today = svc.usage(name, start_of_day(time.time()))
     row = svc.tenant(name)
-    return TenantPublic.of(row, svc.measured_use(name).get(name), today, svc.concurrency(row.spec))
+    return TenantPublic.of(row, svc.meter.measured_use(name).get(name), today, svc.models.concurrency(row.spec))
 
 
 @router.get("/usage", tags=["usage"])
@@ -116,7 +116,7 @@ def update_tenant(name: TenantName, body: TenantUpdate, svc: Service, actor: Adm
     row = svc.update(name, actor, **body.model_dump(exclude_unset=True))
     # the same figures as GET: what it uses and served today (a quota change keeps its engine)
     today = svc.usage(name, start_of_day(time.time()))
-    return TenantPublic.of(row, svc.measured_use(name).get(name), today, svc.concurrency(row.spec))
+    return TenantPublic.of(row, svc.meter.measured_use(name).get(name), today, svc.models.concurrency(row.spec))
 
 
 @router.delete(
@@ -219,14 +219,14 @@ def rotate_member_key(
 def list_models(svc: Service, _: Admin, max_model_len: ModelLenQuery = None) -> list[CatalogEntry]:
     """The models in the models volume and the smallest reservation that fits each (the same
     computation as admission's model-fit check), at the default and at ``max_model_len``."""
-    return svc.catalog(max_model_len)
+    return svc.models.entries(max_model_len)
 
 
 @router.post("/models", status_code=status.HTTP_201_CREATED, tags=["models"], responses=error_responses(400, 404, 409))
 def import_model(body: ModelImport, svc: Service, actor: Admin) -> CatalogEntry:
     """Checks a model directory on the manager (config, tokenizer, safetensors headers) and copies it
     into the models volume; an incomplete one is refused and nothing is written."""
-    return svc.import_model(body.source, body.name, actor)
+    return svc.models.import_model(body.source, body.name, actor)
 
 
 @router.delete(
@@ -234,13 +234,13 @@ def import_model(body: ModelImport, svc: Service, actor: Admin) -> CatalogEntry:
 )
 def remove_model(name: Annotated[str, Path(max_length=100)], svc: Service, actor: Admin) -> Response:
     """Deletes a model from the models volume; 409 naming the tenants while any uses it."""
-    svc.remove_model(name, actor)
+    svc.models.remove(name, actor)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.get("/capacity", tags=["capacity"])
 def capacity(svc: Service, _: Admin) -> CapacityPublic:
-    return CapacityPublic.of(svc.capacity())
+    return CapacityPublic.of(svc.meter.capacity())
 
 
 @router.post("/what-if", tags=["capacity"], responses=error_responses(400, 404))
@@ -248,7 +248,7 @@ def what_if(body: WhatIf, svc: Service, _: Admin) -> DecisionPublic:
     """Would this reservation fit? Creates nothing."""
     if body.tenant:
         svc.tenant(body.tenant)
-    decision = svc.assess(
+    decision = svc.placer.assess(
         body.gpu_memory,
         body.model or svc.settings.default_model,
         body.max_model_len or svc.settings.default_max_model_len,

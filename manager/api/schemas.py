@@ -8,9 +8,9 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSche
 from pydantic.config import JsonDict
 
 from manager.control.admission import Decision
+from manager.control.capacity import Capacity
 from manager.control.members import MemberView
 from manager.control.records import AuditRow, KeyRow, TenantRow, UsageTotals
-from manager.control.service import Capacity
 from manager.domain import (
     MAX_GRACE_S,
     MAX_MODEL_LEN,

@@ -211,7 +211,7 @@ def _today() -> float:
 def overview(request: Request) -> HTMLResponse:
     session = current(request)
     svc = svc_of(request)
-    cap = svc.capacity()
+    cap = svc.meter.capacity()
     measured = {t.name: t.measured for t in cap.tenants}
     unknown = {t.name for t in cap.tenants if t.unknown}  # the driver hides its use (MIG, vGPU)
     rows = []
@@ -280,12 +280,12 @@ def _tenant_context(request: Request, name: str) -> dict[str, Any]:
         "keys": svc.api_keys(name),
         "members": svc.members.views(name, now),
         "key_now": now,
-        "measured": svc.measured_use(name).get(name),
+        "measured": svc.meter.measured_use(name).get(name),
         "bars": day_bars(svc.usage_daily(name, since), days),
         "today": svc.usage(name, _today()),
         "logs": logs,
-        "models": svc.model_names(),
-        "concurrency": svc.concurrency(row.spec),
+        "models": svc.models.names(),
+        "concurrency": svc.models.concurrency(row.spec),
     }
 
 
@@ -436,7 +436,7 @@ def what_if(
     current(request)
     svc = svc_of(request)
     try:
-        decision = svc.assess(
+        decision = svc.placer.assess(
             parse_size(gpu_memory),
             model or svc.settings.default_model,
             int(max_model_len) if max_model_len else svc.settings.default_max_model_len,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from manager.control.service import DeviceCapacity
+from manager.control.capacity import DeviceCapacity
 from manager.gpu import DeviceMemory
 from manager.sizes import format_size
 

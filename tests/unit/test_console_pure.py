@@ -1,6 +1,6 @@
 from manager.console.session import LoginLimiter, Sessions
 from manager.console.views import capacity_segments, day_bars
-from manager.control.service import DeviceCapacity, TenantUsage
+from manager.control.capacity import DeviceCapacity, TenantUsage
 from manager.gpu import DeviceMemory
 
 G = 1024**3

@@ -180,7 +180,7 @@ def test_three_tenants_that_fill_the_ledger_all_start(host: SimHost) -> None:
     with pytest.raises(AdmissionRefused, match="ledger"):
         for i in range(3):
             host.add(f"eq{i}", 31000 + i, old_rule)
-    largest = host.service.capacity().devices[0].unreserved
+    largest = host.service.meter.capacity().devices[0].unreserved
     host.add("eq2", 31002, largest)  # the third takes exactly what is left
     for name in ("eq0", "eq1", "eq2"):
         host.start(name)
@@ -218,7 +218,7 @@ def test_tenants_go_to_the_tightest_gpu_and_can_be_pinned_or_moved(tmp_path: Pat
         assert h.store.tenant("mid").device == second
         h.start("mid")
         assert h.pids["mid"][0] == second
-        cap = h.service.capacity()
+        cap = h.service.meter.capacity()
         assert [len(d.tenants) for d in cap.devices] == [1, 3]
         assert cap.devices[1].reserved == 58 * GIB
     finally:
@@ -265,8 +265,8 @@ def test_mig_instances_are_devices_with_their_own_memory_and_unknown_per_process
         h.start("small")
         engine = h.runtime.plan(names.engine(INSTANCE, "small"))
         assert engine is not None and engine.gpu_device_ids == ["MIG-a100-0000-0"]
-        assert h.service.measured_use() == {"small": None}  # MIG hides per-process memory: unknown, not 0
-        (usage,) = h.service.capacity().devices[0].tenants
+        assert h.service.meter.measured_use() == {"small": None}  # MIG hides per-process memory: unknown, not 0
+        (usage,) = h.service.meter.capacity().devices[0].tenants
         assert usage.unknown and usage.measured is None
         h.add("large", 31001, 16 * GIB)
         assert h.store.tenant("large").device == "MIG-a100-0000-2"
@@ -279,7 +279,7 @@ def test_mig_instances_are_devices_with_their_own_memory_and_unknown_per_process
 def test_a_lost_gpu_is_a_503_that_says_what_to_do(host: SimHost) -> None:
     host.nvml.lost = True
     with pytest.raises(GpuUnavailable, match=r"GPU is lost.*nvidia-smi") as caught:
-        host.service.capacity()
+        host.service.meter.capacity()
     assert caught.value.http_status == 503
     with pytest.raises(GpuUnavailable):
         host.inventory.processes()
@@ -343,7 +343,7 @@ def test_a_lost_gpu_answers_503_on_the_api_metrics_and_console(tmp_path: Path) -
 def test_the_readmes_a100_figures(host: SimHost) -> None:
     for i in range(3):
         host.add(f"lab{i}", 31000 + i, 24 * GIB)
-    left = host.service.capacity().devices[0].unreserved
+    left = host.service.meter.capacity().devices[0].unreserved
     assert round(left / GIB, 2) == 4.15  # "a fourth can then reserve up to 4.1 GiB"
 
 
@@ -385,7 +385,7 @@ def test_sleeping_engines_keep_their_context_which_overcommit_counts_and_every_w
         h.reconciler.reconcile("s0")
         assert gw.sleeping[token["s0"]] and h.runtime.container(names.engine(INSTANCE, "s0")) is not None
         assert device.cuda_free - free_before == h.budgets["s0"], "its weights and KV cache left the device"
-        assert h.service.measured_use("s0")["s0"] == CONTEXT, "what a sleeping engine keeps: its context"
+        assert h.service.meter.measured_use("s0")["s0"] == CONTEXT, "what a sleeping engine keeps: its context"
         # s3, admitted asleep, takes its first request: it fits beside s1, s2 and s0's context
         serving("s3", clock[0], waiting=1)
         assert h.reconciler.sleeper.tick() == [Turn("s3", "wake")]
@@ -404,7 +404,7 @@ def test_sleeping_engines_keep_their_context_which_overcommit_counts_and_every_w
         h.reconciler.reconcile("s0")  # vLLM maps its weights and KV cache again (CUDA's check)
         assert not gw.sleeping[token["s0"]] and h.store.tenant("s0").status == TenantStatus.RUNNING
         assert device.used <= device.cuda_total
-        kept = h.service.measured_use()
+        kept = h.service.meter.measured_use()
         assert (kept["s1"], kept.get("s4")) == (CONTEXT, None), "a sleeper keeps its context; one never started nothing"
     finally:
         h.close()

@@ -101,10 +101,10 @@ def test_remove_model_refuses_while_a_tenant_uses_it_and_names_them(svc) -> None
     spec = TenantSpec(name="lab", port=30001, gpu_memory=2 * 1024**3, model="demo", max_model_len=512)
     svc.create(spec, "admin")
     with pytest.raises(Conflict, match="model 'demo' is used by tenant lab; move them"):
-        svc.remove_model("demo", "admin")
-    svc.remove_model("spare", "admin")
+        svc.models.remove("demo", "admin")
+    svc.models.remove("spare", "admin")
     assert not (svc.settings.models_dir / "spare").exists()
     assert sorted(p.name for p in svc.settings.models_dir.iterdir()) == ["demo"]
     with pytest.raises(NotFound, match=r"model .spare. not found .* available: demo"):
-        svc.remove_model("spare", "admin")
+        svc.models.remove("spare", "admin")
     assert [a.action for a in svc.audit_log(action="remove-model")] == ["remove-model", "remove-model"]

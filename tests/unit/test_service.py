@@ -106,15 +106,15 @@ def test_the_catalog_lists_every_model_with_admissions_own_minimum(svc: TenantSe
     models = tmp_path / "models"
     write_vision_model(models, "Qwen2VLForConditionalGeneration", {"depth": 2})
     (models / "empty").mkdir()
-    entries = {e.name: e for e in svc.catalog(max_model_len=2048)}
+    entries = {e.name: e for e in svc.models.entries(max_model_len=2048)}
     assert set(entries) == {"demo", "empty", "tinyvl"}
     assert entries["tinyvl"].takes_images and not entries["demo"].takes_images
     assert "has no config.json" in entries["empty"].problem
     demo = entries["demo"]
-    assert demo.minimum_gpu_memory == svc.model_minimum("demo", svc.settings.default_max_model_len, False)
+    assert demo.minimum_gpu_memory == svc.models.minimum("demo", svc.settings.default_max_model_len, False)
     assert demo.minimum_gpu_memory_at is not None and demo.minimum_gpu_memory_at >= demo.minimum_gpu_memory
-    fits = svc.assess(demo.minimum_gpu_memory, "demo", svc.settings.default_max_model_len)
-    short = svc.assess(demo.minimum_gpu_memory - 1, "demo", svc.settings.default_max_model_len)
+    fits = svc.placer.assess(demo.minimum_gpu_memory, "demo", svc.settings.default_max_model_len)
+    short = svc.placer.assess(demo.minimum_gpu_memory - 1, "demo", svc.settings.default_max_model_len)
     assert "model_fit" not in fits.failed_checks and "model_fit" in short.failed_checks
 
 
@@ -141,9 +141,9 @@ def test_engines_are_measured_at_once_and_one_tenant_alone(svc: TenantService, m
 
     monkeypatch.setattr(svc.runtime, "memory_usage", memory_usage)
     expected = {t: 100 + len(names.engine("gtmu", t)) for t in ("aa", "bb", "cc")}
-    assert svc.measured_use() == expected
+    assert svc.meter.measured_use() == expected
     all_in_flight, read[:] = None, []
-    assert svc.measured_use("bb") == {"bb": expected["bb"]}
+    assert svc.meter.measured_use("bb") == {"bb": expected["bb"]}
     assert read == [names.engine("gtmu", "bb")]
 
 
@@ -161,14 +161,14 @@ def test_a_vision_model_takes_four_images_by_default_and_its_minimum_holds_their
     assert spec("tinyvl").max_images == 4 and spec(None).max_images == 0, "a text model's tenant takes none"
     assert spec("tinyvl", max_images=1, max_num_seqs=0).max_num_seqs is None
     decode = 4 * 4096 * 3072 * 21  # cpu mode: four images of the default size, decoded in the reservation
-    (entry,) = [e for e in svc.catalog() if e.name == "tinyvl"]
-    assert entry.minimum_gpu_memory == svc.model_minimum("tinyvl", svc.settings.default_max_model_len, False) + decode
-    assert svc.model_minimum("tinyvl", 512, False, max_images=4, max_image_pixels=4096 * 3072) == (
+    (entry,) = [e for e in svc.models.entries() if e.name == "tinyvl"]
+    assert entry.minimum_gpu_memory == svc.models.minimum("tinyvl", svc.settings.default_max_model_len, False) + decode
+    assert svc.models.minimum("tinyvl", 512, False, max_images=4, max_image_pixels=4096 * 3072) == (
         entry.minimum_gpu_memory
     )
     # what-if without image limits: the model's defaults, so it answers what add-tenant would
-    assert "model_fit" in svc.assess(entry.minimum_gpu_memory - 1, "tinyvl", 512).failed_checks
-    assert "model_fit" not in svc.assess(entry.minimum_gpu_memory, "tinyvl", 512).failed_checks
+    assert "model_fit" in svc.placer.assess(entry.minimum_gpu_memory - 1, "tinyvl", 512).failed_checks
+    assert "model_fit" not in svc.placer.assess(entry.minimum_gpu_memory, "tinyvl", 512).failed_checks
     with pytest.raises(InvalidInput, match="max images must be between 0 and 64"):
         spec("tinyvl", max_images=65)
     with pytest.raises(InvalidInput, match="unknown tenant options"):

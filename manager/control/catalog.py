@@ -1,0 +1,144 @@
+"""The models in the models volume: what each needs at the least (admission's own model-fit
+figure), importing and removing them, and the defaults a model gives a tenant (its image limit,
+its quantization)."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from manager.control import model_files
+from manager.control.modelfit import ModelFootprint, max_positions, read_config, takes_images
+from manager.control.quant import checkpoint_method, resolve
+from manager.control.sizing import Sizing
+from manager.control.store import TenantStore
+from manager.domain import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_IMAGES, TenantSpec
+from manager.errors import Conflict, GtmError, InvalidInput
+from manager.settings import Settings
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """A model in the models volume, with the smallest reservation admission accepts for it."""
+
+    name: str
+    architecture: str
+    parameters: int
+    dtype: str
+    weight_bytes: int
+    takes_images: bool
+    quantization: str | None
+    minimum_gpu_memory: int
+    """Smallest --gpu-memory at the default --max-model-len (admission's own model-fit figure)."""
+    minimum_gpu_memory_at: int | None
+    """... at the --max-model-len asked for, if any."""
+    problem: str = ""
+    """Why the model cannot be served as it is ('' when it can)."""
+
+
+class ModelCatalog:
+    """``lock``: the service's admission lock; a model is not removed while a tenant is admitted on it."""
+
+    def __init__(self, settings: Settings, store: TenantStore, sizing: Sizing, lock: threading.Lock) -> None:
+        self.settings = settings
+        self.store = store
+        self.sizing = sizing  # one rule, one cache: admission's and the engine's arguments
+        self._lock = lock
+
+    def minimum(
+        self,
+        model: str,
+        max_model_len: int,
+        quantized: bool,
+        max_images: int = 0,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        max_num_seqs: int | None = None,
+    ) -> int:
+        return self.sizing.minimum(model, max_model_len, quantized, max_images, max_image_pixels, max_num_seqs)
+
+    def _minimum(self, footprint: ModelFootprint, max_model_len: int, images: int = 0) -> int:
+        """Admission's model-fit figure: ``enginefit.minimum``, the rule the engine is started by."""
+        return self.sizing.minimum_of(footprint, max_model_len, images)
+
+    def concurrency(self, spec: TenantSpec) -> int | None:
+        """The sequences the tenant's engine runs at once (None while its model cannot be read)."""
+        try:
+            return self.sizing.fit(spec).max_num_seqs
+        except GtmError:
+            return None
+
+    def import_model(self, source: str, name: str | None, actor: str) -> CatalogEntry:
+        """Checks a model directory and copies it into the models volume; audited."""
+        try:
+            imported = model_files.import_model(self.settings.models_dir, Path(source), name)
+        except GtmError as exc:
+            self.store.audit(actor, "import-model", None, "refused", {"source": source, "error": exc.message})
+            raise
+        self.store.audit(actor, "import-model", None, "ok", {"source": source, "model": imported})
+        return self._entry(imported, None)
+
+    def remove(self, name: str, actor: str) -> None:
+        """Deletes a model from the models volume; refused while a tenant uses it (named). Audited."""
+        with self._lock:  # no tenant is admitted on the model while it goes
+            read_config(self.settings.models_dir, name)  # NotFound, listing the models there are
+            users = sorted(r.spec.name for r in self.store.tenants() if r.spec.model == name)
+            if users:
+                self.store.audit(actor, "remove-model", None, "refused", {"model": name, "tenants": users})
+                raise Conflict(
+                    f"model {name!r} is used by tenant{'s' if len(users) > 1 else ''} {', '.join(users)}; "
+                    "move them to another model (update-tenant --model) or remove them first"
+                )
+            model_files.remove_model(self.settings.models_dir, name)
+            self.store.audit(actor, "remove-model", None, "ok", {"model": name})
+
+    def entries(self, max_model_len: int | None = None) -> list[CatalogEntry]:
+        """Every model directory in the models volume; the minimums come from ``_minimum``, the
+        function admission's model-fit check uses, so the two never disagree."""
+        return [self._entry(name, max_model_len) for name in self.names()]
+
+    def names(self) -> list[str]:
+        """The model directories in the models volume, by name (nothing in them read)."""
+        root = self.settings.models_dir
+        if not root.is_dir():
+            return []
+        return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def _entry(self, name: str, max_model_len: int | None) -> CatalogEntry:
+        try:
+            footprint, config = self.sizing.footprint(name, quantized=False)  # as stored, when pre-quantized
+        except GtmError as exc:
+            return CatalogEntry(name, "", 0, "", 0, False, None, 0, None, exc.message)
+        text = config.get("text_config", config)
+        vision = takes_images(config)
+        # the minimum of a tenant with the default image limits (add-tenant's defaults for this model)
+        images = self.sizing.images(config, DEFAULT_MAX_IMAGES, DEFAULT_MAX_IMAGE_PIXELS)
+        return CatalogEntry(
+            name=name,
+            architecture=str((config.get("architectures") or ["unknown"])[0]),
+            parameters=footprint.parameters,
+            dtype=str(text.get("torch_dtype") or text.get("dtype") or config.get("torch_dtype") or "unknown"),
+            weight_bytes=footprint.weight_bytes,
+            takes_images=vision,
+            quantization=method[0] if (method := checkpoint_method(config)) else None,
+            minimum_gpu_memory=self._minimum(footprint, self.settings.default_max_model_len, images),
+            minimum_gpu_memory_at=self._minimum(footprint, max_model_len, images) if max_model_len else None,
+        )
+
+    def check_model_len(self, model: str, max_model_len: int) -> None:
+        """No context longer than the model's own (vLLM refuses such an engine at start)."""
+        limit = max_positions(read_config(self.settings.models_dir, model))
+        if limit is not None and max_model_len > limit:
+            raise InvalidInput(
+                f"--max-model-len {max_model_len} is beyond model {model}'s own limit of {limit} positions "
+                f"(max_position_embeddings in its config.json); use --max-model-len {limit} or less"
+            )
+
+    def default_max_images(self, model: str) -> int:
+        """A tenant of a model that takes images takes ``DEFAULT_MAX_IMAGES`` a request; of a text model, none."""
+        return DEFAULT_MAX_IMAGES if takes_images(read_config(self.settings.models_dir, model)) else 0
+
+    def quantization(self, model: str, requested: object) -> str | None:
+        """``--quant`` checked against the engine and the model; int4 mapped by the rule in control.quant."""
+        text = requested if isinstance(requested, str) else None
+        return resolve(text, model, read_config(self.settings.models_dir, model), self.settings.platform)
