@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,6 +119,26 @@ def build_components(
 
 
 def create_app(settings: Settings, **overrides: Any) -> FastAPI:
+    """The manager's app: the admin API, the console and /metrics; its parts (store, runtime,
+    reconciler, ...) are built when it starts (``overrides``: parts the tests bring)."""
+    app = FastAPI(
+        title="gpu-tenant-manager",
+        version=__version__,
+        lifespan=_lifespan(settings, overrides),
+        description="Admin API: tenants, API keys, capacity, admission what-if, audit trail.",
+        docs_url=None,
+        redoc_url=None,
+    )
+    add_docs(app)
+    app.include_router(router)
+    app.include_router(console_router)
+    _add_console(app, settings)
+    _add_error_handlers(app)
+    _add_health(app)
+    return app
+
+
+def _lifespan(settings: Settings, overrides: dict[str, Any]) -> Callable[[FastAPI], Any]:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         components = build_components(settings, **overrides)
@@ -137,38 +157,17 @@ def create_app(settings: Settings, **overrides: Any) -> FastAPI:
             components.store.close()
             components.inventory.close()
 
-    app = FastAPI(
-        title="gpu-tenant-manager",
-        version=__version__,
-        lifespan=lifespan,
-        description="Admin API: tenants, API keys, capacity, admission what-if, audit trail.",
-        docs_url=None,
-        redoc_url=None,
-    )
-    add_docs(app)
-    app.include_router(router)
-    app.include_router(console_router)
+    return lifespan
+
+
+def _add_console(app: FastAPI, settings: Settings) -> None:
+    """The console's templates, static files, login limits, one-time messages and headers."""
     templates_dir = settings.effective_templates_dir
     app.state.templates = Jinja2Templates(directory=templates_dir)
     app.state.templates.env.filters["timestamp"] = lambda ts: time.strftime("%Y-%m-%d %H:%M", time.gmtime(ts))
     app.state.login_limiter = LoginLimiter()
     app.state.flashes = Flashes()
     app.mount("/static", StaticFiles(directory=templates_dir / "static"), name="static")
-
-    @app.exception_handler(GtmError)
-    async def gtm_error(request: Request, exc: GtmError, status: int | None = None) -> Response:
-        """One handler: JSON for the API, a readable page for the console."""
-        if isinstance(exc, AdmissionRefused):
-            for check in exc.details.get("failed_checks", []):
-                request.app.state.metrics.refusals.labels(check).inc()
-        if request.url.path.startswith(API_PATHS):
-            return JSONResponse({"error": exc.to_dict()}, status_code=status or exc.http_status)
-        # a signed-in admin keeps the navigation on an error page (a 404 included)
-        session = request.app.state.sessions.read(request.cookies.get(COOKIE))
-        page: Response = request.app.state.templates.TemplateResponse(
-            request, "error.html", {"session": session, "error": exc, "now": 0}, status_code=status or exc.http_status
-        )
-        return page
 
     @app.middleware("http")
     async def console_headers(request: Request, call_next: Any) -> Response:
@@ -177,39 +176,65 @@ def create_app(settings: Settings, **overrides: Any) -> FastAPI:
             response.headers.update(CONSOLE_HEADERS)
         return response
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
-        """Bodies and parameters that do not validate: the API's one error shape, 400 for a body
-        that is not JSON at all, 422 otherwise."""
-        errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
-        not_json = any(e.get("type") == "json_invalid" for e in errors)
-        error = GtmError(
-            ("the request body is not valid JSON: " if not_json else "invalid input: ") + _validation_message(errors),
-            details={"errors": jsonable_encoder(errors)},
+
+def _error_page(request: Request, error: GtmError, status: int) -> Response:
+    """An error as a console page; a signed-in admin keeps the navigation (on a 404 too)."""
+    session = request.app.state.sessions.read(request.cookies.get(COOKIE))
+    page: Response = request.app.state.templates.TemplateResponse(
+        request, "error.html", {"session": session, "error": error, "now": 0}, status_code=status
+    )
+    return page
+
+
+async def gtm_error(request: Request, exc: Exception, status: int | None = None) -> Response:
+    """One handler: JSON for the API, a readable page for the console."""
+    assert isinstance(exc, GtmError)
+    if isinstance(exc, AdmissionRefused):
+        for check in exc.details.get("failed_checks", []):
+            request.app.state.metrics.refusals.labels(check).inc()
+    if request.url.path.startswith(API_PATHS):
+        return JSONResponse({"error": exc.to_dict()}, status_code=status or exc.http_status)
+    return _error_page(request, exc, status or exc.http_status)
+
+
+async def invalid_request(request: Request, exc: Exception) -> Response:
+    """Bodies and parameters that do not validate: the API's one error shape, 400 for a body
+    that is not JSON at all, 422 otherwise."""
+    assert isinstance(exc, RequestValidationError)
+    errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
+    not_json = any(e.get("type") == "json_invalid" for e in errors)
+    error = GtmError(
+        ("the request body is not valid JSON: " if not_json else "invalid input: ") + _validation_message(errors),
+        details={"errors": jsonable_encoder(errors)},
+    )
+    error.code = "invalid_json" if not_json else "invalid_input"
+    return await gtm_error(request, error, status=400 if not_json else 422)
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    """FastAPI's own errors (unknown path, wrong method, unparseable body): the same JSON/page split."""
+    assert isinstance(exc, StarletteHTTPException)
+    error = GtmError(f"{exc.detail} ({request.method} {request.url.path})")
+    if request.url.path.startswith(API_PATHS):
+        error.code = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed"}.get(
+            exc.status_code, f"http_{exc.status_code}"
         )
-        error.code = "invalid_json" if not_json else "invalid_input"
-        return await gtm_error(request, error, status=400 if not_json else 422)
+        return JSONResponse({"error": error.to_dict()}, status_code=exc.status_code, headers=exc.headers)
+    return _error_page(request, error, exc.status_code)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        """FastAPI's own errors (unknown path, wrong method, unparseable body): the same JSON/page split."""
-        if request.url.path.startswith(API_PATHS):
-            error = GtmError(f"{exc.detail} ({request.method} {request.url.path})")
-            error.code = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed"}.get(
-                exc.status_code, f"http_{exc.status_code}"
-            )
-            return JSONResponse({"error": error.to_dict()}, status_code=exc.status_code, headers=exc.headers)
-        error = GtmError(f"{exc.detail} ({request.method} {request.url.path})")
-        session = request.app.state.sessions.read(request.cookies.get(COOKIE))  # keeps the navigation
-        page: Response = request.app.state.templates.TemplateResponse(
-            request, "error.html", {"session": session, "error": error, "now": 0}, status_code=exc.status_code
-        )
-        return page
 
-    @app.exception_handler(LoginRequired)
-    async def login_required(request: Request, exc: LoginRequired) -> Response:
-        return RedirectResponse("/login", status_code=303)
+async def login_required(request: Request, exc: Exception) -> Response:
+    return RedirectResponse("/login", status_code=303)
 
+
+def _add_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(GtmError, gtm_error)
+    app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(LoginRequired, login_required)
+
+
+def _add_health(app: FastAPI) -> None:
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
@@ -224,8 +249,6 @@ def create_app(settings: Settings, **overrides: Any) -> FastAPI:
     )
     def metrics(request: Request, _: Admin) -> Response:
         return PlainTextResponse(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4")
-
-    return app
 
 
 def serve(settings: Settings) -> int:

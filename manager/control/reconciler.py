@@ -43,6 +43,7 @@ from manager.control.collector import UsageCollector
 from manager.control.engine_logs import COLD_CACHE, LOG_KEEP_CHARS, LOG_TAIL_LINES, failure_reason
 from manager.control.gateway_client import Connect, GatewayAdmin, GatewayClient, gateway_ip, push_config
 from manager.control.plan import (
+    TenantPlan,
     control_network_plan,
     docker_words,
     port_taken,
@@ -57,7 +58,7 @@ from manager.control.warmup import PageCacheWarmer
 from manager.control.workqueue import WorkQueue
 from manager.domain import TenantStatus
 from manager.errors import GtmError, RuntimeUnavailable
-from manager.gpu import Inventory, placed_on
+from manager.gpu import DeviceMemory, Inventory, placed_on
 from manager.names import Role
 from manager.runtime.protocol import EventStream, Runtime
 from manager.runtime.types import ContainerPlan, ContainerState
@@ -246,14 +247,7 @@ class Reconciler:
             return self._orphan(name, containers)
         self._orphans_seen.pop(name, None)
         if row.status == TenantStatus.REMOVING:
-            if self._profiling_elsewhere(name, containers):
-                return POLL_STARTING_S
-            # collect the last usage records before the gateway and its volume go
-            if any(c.role == Role.GATEWAY and c.status == "running" for c in containers):
-                self.collector.collect(name, row.gateway_token)
-            self._teardown(name, containers)
-            self.store.delete_tenant(name)
-            return None
+            return self._remove(row, containers)
         device = placed_on(row.device, self.inventory.devices())
         if device is None:
             self._set_status(
@@ -263,6 +257,44 @@ class Reconciler:
                 "move the tenant with update-tenant --gpu N (capacity lists the devices)",
             )
             return None
+        plan = self._plan(row, device)
+        stale = [c for c in containers if c.role == Role.ENGINE and c.spec_hash != plan.engine.labels[names.SPEC_HASH]]
+        if stale and self._profiling_elsewhere(name, stale):
+            holder = self._gate[0] if self._gate else ""
+            self._set_status(row, TenantStatus.PENDING, f"waiting for {holder}'s engine to finish starting")
+            return POLL_STARTING_S
+        engine, gateway = self._current(name, containers, plan)
+        gateway_ready = self._gateway(row, plan.gateway, gateway)
+        if row.status == TenantStatus.ASLEEP:
+            return self._asleep(row, engine, gateway_ready)
+        if engine is None:
+            return self._start_engine(row, plan.engine)
+        if engine.status == "running":
+            if engine.health == "healthy":
+                return self._engine_healthy(row, engine, plan.gateway, gateway, gateway_ready)
+            if engine.health == "unhealthy":
+                return self._engine_failed(row, engine, "engine stopped answering its health check")
+            return self._engine_starting(row, engine)
+        if engine.status in ("exited", "dead"):
+            self._engine_failed(row, engine, None)  # records the failure once, sets when to retry
+            return self._start_engine(row, plan.engine)  # waits out the backoff, then replaces it
+        return POLL_STARTING_S  # created, restarting, paused, removing: look again soon
+
+    def _remove(self, row: TenantRow, containers: list[ContainerState]) -> float | None:
+        """A removed tenant: its last usage collected, then its containers, networks and volumes
+        gone, then its row."""
+        name = row.spec.name
+        if self._profiling_elsewhere(name, containers):
+            return POLL_STARTING_S
+        # collect the last usage records before the gateway and its volume go
+        if any(c.role == Role.GATEWAY and c.status == "running" for c in containers):
+            self.collector.collect(name, row.gateway_token)
+        self._teardown(name, containers)
+        self.store.delete_tenant(name)
+        return None
+
+    def _plan(self, row: TenantRow, device: DeviceMemory) -> TenantPlan:
+        """What Docker should run for the tenant, its networks and volumes made sure of."""
         images = (self.settings.engine_image, self.settings.manager_image)
         plan = tenant_plan(
             row.spec,
@@ -277,14 +309,15 @@ class Reconciler:
         self.runtime.ensure_network(plan.network)
         self.runtime.ensure_volume(plan.volume)
         self.runtime.ensure_volume(plan.gateway_volume)
+        return plan
 
+    def _current(
+        self, name: str, containers: list[ContainerState], plan: TenantPlan
+    ) -> tuple[ContainerState | None, ContainerState | None]:
+        """The engine and gateway that match the plan; every other container of the tenant (an
+        older spec, a stray duplicate) is removed."""
         engine: ContainerState | None = None
         gateway: ContainerState | None = None
-        stale = [c for c in containers if c.role == Role.ENGINE and c.spec_hash != plan.engine.labels[names.SPEC_HASH]]
-        if stale and self._profiling_elsewhere(name, stale):
-            holder = self._gate[0] if self._gate else ""
-            self._set_status(row, TenantStatus.PENDING, f"waiting for {holder}'s engine to finish starting")
-            return POLL_STARTING_S
         for c in containers:
             if c.role not in (Role.ENGINE, Role.GATEWAY):
                 continue
@@ -294,15 +327,18 @@ class Reconciler:
                 engine = c
             elif current and c.role == Role.GATEWAY and gateway is None:
                 gateway = c
-            else:  # an older spec, or a stray duplicate: replace it
+            else:
                 self.runtime.remove_container(c.name)
                 self._served.discard(c.id)
                 if c.role == Role.ENGINE:
                     self._release_gate(name)
                     self.store.clear_engine_failure(name)
+        return engine, gateway
 
+    def _gateway(self, row: TenantRow, plan: ContainerPlan, gateway: ContainerState | None) -> bool:
+        """``_ensure_gateway``, its failure told as the tenant's reason before it is raised."""
         try:
-            gateway_ready = self._ensure_gateway(row, plan.gateway, gateway)
+            return self._ensure_gateway(row, plan, gateway)
         except GtmError as exc:  # e.g. the port is taken by a process Docker does not know
             if port_taken(exc.message):  # the cause first: list-tenants shows the reason's start
                 reason = (
@@ -313,40 +349,38 @@ class Reconciler:
                 reason = f"gateway could not start: {exc.message}"
             self._set_status(row, TenantStatus.FAILED, reason)
             raise
-        if row.status == TenantStatus.ASLEEP:
-            return self._asleep(row, engine, gateway_ready)
-        if engine is None:
-            return self._start_engine(row, plan.engine)
-        if engine.status == "running":
-            if engine.health == "healthy":
-                self._served.add(engine.id)
-                self._restarted.pop(name, None)
-                self._release_gate(name)
-                self.store.clear_engine_failure(name)
-                if not gateway_ready:
-                    self._set_status(row, TenantStatus.STARTING, "engine ready; gateway starting")
-                    return POLL_STARTING_S
-                # it was waking: its engine started again, or (a GPU engine, asleep in place) wakes now;
-                # then its gateway releases what it held
-                if row.status == TenantStatus.WAKING and self.settings.platform.sleeps_in_place:
-                    later = self._wake_in_place(row)
-                    if later is not None:
-                        return later
-                took = self.store.woke(name, self.clock()) if row.status == TenantStatus.WAKING else None
-                if took is not None:
-                    self.wake_times.append(took)
-                    log.info("tenant %s woke in %.1f s", name, took)
-                    self._ensure_gateway(self.store.tenant(name), plan.gateway, gateway)
-                    return None
-                self._set_status(row, TenantStatus.RUNNING)
-                return None  # the resync looks again; usage has its own loop
-            if engine.health == "unhealthy":
-                return self._engine_failed(row, engine, "engine stopped answering its health check")
-            return self._engine_starting(row, engine)
-        if engine.status in ("exited", "dead"):
-            self._engine_failed(row, engine, None)  # records the failure once, sets when to retry
-            return self._start_engine(row, plan.engine)  # waits out the backoff, then replaces it
-        return POLL_STARTING_S  # created, restarting, paused, removing: look again soon
+
+    def _engine_healthy(
+        self,
+        row: TenantRow,
+        engine: ContainerState,
+        plan: ContainerPlan,
+        gateway: ContainerState | None,
+        gateway_ready: bool,
+    ) -> float | None:
+        """The engine serves: the tenant runs once its gateway does (a waking one: once its wake is done)."""
+        name = row.spec.name
+        self._served.add(engine.id)
+        self._restarted.pop(name, None)
+        self._release_gate(name)
+        self.store.clear_engine_failure(name)
+        if not gateway_ready:
+            self._set_status(row, TenantStatus.STARTING, "engine ready; gateway starting")
+            return POLL_STARTING_S
+        # it was waking: its engine started again, or (a GPU engine, asleep in place) wakes now;
+        # then its gateway releases what it held
+        if row.status == TenantStatus.WAKING and self.settings.platform.sleeps_in_place:
+            later = self._wake_in_place(row)
+            if later is not None:
+                return later
+        took = self.store.woke(name, self.clock()) if row.status == TenantStatus.WAKING else None
+        if took is not None:
+            self.wake_times.append(took)
+            log.info("tenant %s woke in %.1f s", name, took)
+            self._ensure_gateway(self.store.tenant(name), plan, gateway)
+            return None
+        self._set_status(row, TenantStatus.RUNNING)
+        return None  # the resync looks again; usage has its own loop
 
     def _asleep(self, row: TenantRow, engine: ContainerState | None, gateway_ready: bool) -> float | None:
         """Its gateway holds requests (this turn pushed the config that says so); once the gateway

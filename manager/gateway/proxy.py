@@ -237,6 +237,90 @@ def usage_in(answer: bytes) -> tuple[int, int] | None:
     return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
 
 
+async def _until_disconnect(receive: Receive, disconnected: asyncio.Event) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    disconnected.set()
+
+
+def stream_request(payload: dict[str, Any], record: dict[str, Any], state: GatewayState) -> tuple[bytes, Relay]:
+    """What the engine is asked for a streamed request, and the relay of its answer. The engine's
+    own running count comes in every chunk, so what was generated is known however the stream
+    ends (the client leaves, the engine dies); the client sees only what it asked for."""
+    options = payload.get("stream_options") or {}
+    options = options if isinstance(options, dict) else {}
+    wants_usage = bool(options.get("include_usage"))
+    relay = Relay(record, state, wants_usage, wants_usage and bool(options.get("continuous_usage_stats")))
+    body = {**payload, "stream_options": {**options, "include_usage": True, "continuous_usage_stats": True}}
+    return json.dumps(body).encode(), relay
+
+
+class Relay:
+    """One streamed answer on its way to the client: the events taken from the engine's bytes,
+    what was delivered, the progress saved for a gateway killed mid-stream, and the ``[DONE]``
+    held back until the usage record is written."""
+
+    def __init__(self, record: dict[str, Any], state: GatewayState, wants_usage: bool, wants_running: bool) -> None:
+        self.record = record
+        self.state = state
+        self.wants_usage = wants_usage
+        self.wants_running = wants_running
+        self.delivered = 0  # content chunks sent: the count when the engine never gave its own
+        self.buffer = b""
+        self.closing = b""  # the [DONE] event, sent with the last byte once the record is written
+        self.saved_at: float | None = None  # None until the first generated token is saved
+
+    def take(self, chunk: bytes) -> list[bytes]:
+        """The whole events the stream holds now that go to the client, usage taken from each."""
+        self.buffer += chunk
+        out: list[bytes] = []
+        while b"\n\n" in self.buffer:
+            event, self.buffer = self.buffer.split(b"\n\n", 1)
+            usage_only, event = take_usage(event, self.record, keep=self.wants_running)
+            if usage_only and not self.wants_usage:
+                continue  # the usage-only event the client did not ask for
+            if event.strip() == b"data: [DONE]":
+                self.closing += event + b"\n\n"
+                continue
+            if b'"error"' in event and is_error_event(event):
+                self.record["outcome"] = "engine_error"
+            elif _CONTENT.search(event):
+                self.delivered += 1
+            out.append(event + b"\n\n")
+        return out
+
+    async def deliver(self, send: Send, out: list[bytes]) -> bool:
+        """Sends events on, their progress saved first; False when the client is gone."""
+        saving = self.save_progress()
+        if saving is not None:
+            await saving
+        try:
+            await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
+        except OSError:
+            return False
+        return True
+
+    def save_progress(self) -> asyncio.Future[bool] | None:
+        """At the first generated token, then about once a second: what a gateway killed now
+        would meter (as ``interrupted``). Saved before the chunk goes to the client."""
+        record = self.record
+        counted = record["completion_tokens"] or (0 if record["prompt_tokens"] else self.delivered)
+        if self.saved_at is None and not counted:
+            return None
+        if self.saved_at is None or time.monotonic() - self.saved_at >= PROGRESS_S:
+            self.saved_at = time.monotonic()
+            return self.state.progress(record["request_id"], record["prompt_tokens"], counted, 200)
+        return None
+
+    def count_delivered(self) -> None:
+        if not self.record["completion_tokens"] and not self.record["prompt_tokens"]:
+            self.record["completion_tokens"] = self.delivered  # no usage from the engine: what was delivered
+
+    def rest(self) -> bytes:
+        """The stream's last bytes: the held ``[DONE]`` and whatever followed it."""
+        return self.closing + self.buffer
+
+
 class Proxy:
     """Speaks to the engine through the gateway's own keep-alive client
     (``manager.gateway.upstream``, chosen by measurement); tests pass an httpx transport (an
@@ -760,132 +844,84 @@ class Proxy:
     ) -> None:
         """Events pass through as they come; the closing ``data: [DONE]`` is held back until the
         usage record is written, so a client that saw the whole stream is always metered."""
-        options = payload.get("stream_options") or {}
-        options = options if isinstance(options, dict) else {}
-        client_wants_usage = bool(options.get("include_usage"))
-        client_wants_running_usage = client_wants_usage and bool(options.get("continuous_usage_stats"))
-        # the engine's own running count in every chunk: what was generated is known however the
-        # stream ends (the client leaves, the engine dies); the client sees only what it asked for
-        upstream_body = {
-            **payload,
-            "stream_options": {**options, "include_usage": True, "continuous_usage_stats": True},
-        }
-        if self.engine_down:
-            await self._unavailable(send, record["path"], headers, unserved, tried=False)
+        body, relay = stream_request(payload, record, self.state)
+        upstream = await self._open_stream(send, body, headers, record, commit, unserved)
+        if upstream is None:
             return
-        try:
-            upstream = await self._send_upstream(
-                "POST", record["path"], record["request_id"], json.dumps(upstream_body).encode(), b"text/event-stream"
-            )
-        except UpstreamError:
-            await self._unavailable(send, record["path"], headers, unserved)
-            return
-        record["status"] = upstream.status
-        if upstream.status != 200:
-            try:
-                content = await upstream.read()
-            except UpstreamError:
-                content = b""
-            finally:
-                await upstream.close()
-            record["outcome"] = "error"
-            await commit()
-            await self._send(send, upstream.status, openai_error(upstream.status, content, record["path"]), headers)
-            return
-
         disconnected = asyncio.Event()
-
-        async def watch() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            disconnected.set()
-
-        watcher = asyncio.create_task(watch())
+        watcher = asyncio.create_task(_until_disconnect(receive, disconnected))
         raw_headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
         raw_headers += [(k.encode(), v.encode()) for k, v in headers.items()]
-        delivered = 0  # content chunks sent: the count when the engine never gave its own
-        buffer = b""
-        closing = b""  # the [DONE] event, sent with the last byte once the record is written
-
-        def count_delivered() -> None:
-            if not record["completion_tokens"] and not record["prompt_tokens"]:
-                record["completion_tokens"] = delivered  # no usage from the engine: what was delivered
-
-        async def metered() -> None:
-            count_delivered()
-            await commit()
-
-        saved_at: float | None = None  # None until the first generated token is saved
-
-        def save_progress() -> asyncio.Future[bool] | None:
-            """At the first generated token, then about once a second: what a gateway killed now
-            would meter (as ``interrupted``). Saved before the chunk goes to the client."""
-            nonlocal saved_at
-            counted = record["completion_tokens"] or (0 if record["prompt_tokens"] else delivered)
-            if saved_at is None and not counted:
-                return None
-            if saved_at is None or time.monotonic() - saved_at >= PROGRESS_S:
-                saved_at = time.monotonic()
-                return self.state.progress(record["request_id"], record["prompt_tokens"], counted, 200)
-            return None
-
         try:
             await send({"type": "http.response.start", "status": 200, "headers": raw_headers})
             self.state.progress(record["request_id"], 0, 0, 200)
             async for chunk in upstream.chunks():
-                buffer += chunk
-                out: list[bytes] = []
-                while b"\n\n" in buffer:
-                    event, buffer = buffer.split(b"\n\n", 1)
-                    usage_only, event = take_usage(event, record, keep=client_wants_running_usage)
-                    if usage_only and not client_wants_usage:
-                        continue  # the usage-only event the client did not ask for
-                    if event.strip() == b"data: [DONE]":
-                        closing += event + b"\n\n"
-                        continue
-                    if b'"error"' in event and is_error_event(event):
-                        record["outcome"] = "engine_error"
-                    elif _CONTENT.search(event):
-                        delivered += 1
-                    out.append(event + b"\n\n")
+                out = relay.take(chunk)
                 if disconnected.is_set():
                     # the client left: close the engine's stream now, so the engine aborts the
                     # request; it is metered with the engine's count up to the last chunk read
                     record["outcome"] = "client_disconnected"
                     break
-                if out:
-                    saving = save_progress()
-                    if saving is not None:
-                        await saving
-                    try:
-                        await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
-                    except OSError:
-                        disconnected.set()
-                        record["outcome"] = "client_disconnected"
-                        break
+                if out and not await relay.deliver(send, out):
+                    disconnected.set()
+                    record["outcome"] = "client_disconnected"
+                    break
             if not disconnected.is_set():
-                await metered()
-                await send({"type": "http.response.body", "body": closing + buffer, "more_body": False})
+                relay.count_delivered()
+                await commit()
+                await send({"type": "http.response.body", "body": relay.rest(), "more_body": False})
         except UpstreamError:
             record["outcome"] = "client_disconnected" if disconnected.is_set() else "engine_error"
             self._engine_lost()  # the next requests are answered at once until a probe reaches it
             if not disconnected.is_set():
-                await metered()
-                # the engine went away mid-answer: end the stream with an error event (the OpenAI SDK
-                # raises it as an APIError) instead of a cut connection
-                self.state.metrics.upstream_errors.add()
-                event = (
-                    b"data: "
-                    + error_body(
-                        "The model engine stopped in the middle of the answer; retry shortly.",
-                        "server_error",
-                        "engine_unavailable",
-                    )
-                    + b"\n\n"
-                )
-                with contextlib.suppress(OSError):
-                    await send({"type": "http.response.body", "body": event, "more_body": False})
+                relay.count_delivered()
+                await commit()
+                await self._stream_broke(send)
         finally:
             watcher.cancel()
             await upstream.close()
-            count_delivered()  # the caller writes the record now if it was not written before the last byte
+            relay.count_delivered()  # the caller writes the record now if it was not written before the last byte
+
+    async def _open_stream(
+        self,
+        send: Send,
+        body: bytes,
+        headers: dict[str, str],
+        record: dict[str, Any],
+        commit: Callable[[], Awaitable[None]],
+        unserved: Callable[[], None],
+    ) -> UpstreamResponse | None:
+        """The engine's stream once it answered 200; None when the client has its answer already
+        (the engine is down or unreachable: a 503; the engine refused: its error, metered)."""
+        if self.engine_down:
+            await self._unavailable(send, record["path"], headers, unserved, tried=False)
+            return None
+        try:
+            upstream = await self._send_upstream(
+                "POST", record["path"], record["request_id"], body, b"text/event-stream"
+            )
+        except UpstreamError:
+            await self._unavailable(send, record["path"], headers, unserved)
+            return None
+        record["status"] = upstream.status
+        if upstream.status == 200:
+            return upstream
+        try:
+            content = await upstream.read()
+        except UpstreamError:
+            content = b""
+        finally:
+            await upstream.close()
+        record["outcome"] = "error"
+        await commit()
+        await self._send(send, upstream.status, openai_error(upstream.status, content, record["path"]), headers)
+        return None
+
+    async def _stream_broke(self, send: Send) -> None:
+        """The engine went away mid-answer: the stream ends with an error event (the OpenAI SDK
+        raises it as an APIError) instead of a cut connection."""
+        self.state.metrics.upstream_errors.add()
+        text = "The model engine stopped in the middle of the answer; retry shortly."
+        event = b"data: " + error_body(text, "server_error", "engine_unavailable") + b"\n\n"
+        with contextlib.suppress(OSError):
+            await send({"type": "http.response.body", "body": event, "more_body": False})
