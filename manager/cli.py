@@ -115,7 +115,6 @@ def _member_parser(
         p.add_argument("--name", required=True, help=name_help)
     if quota_help:
         _quota_options(p, quota_help)
-    p.add_argument("--json", action="store_true", help="print JSON")
 
 
 def _wait_options(p: argparse.ArgumentParser, text: str) -> None:
@@ -126,29 +125,34 @@ def _wait_options(p: argparse.ArgumentParser, text: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="manager", description="gpu-tenant-manager admin commands.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
     sub.add_parser("serve", help="run the manager (API, reconciler)")
     sub.add_parser("gateway", help="run a tenant gateway (started by the manager; settings GTM_GATEWAY_*)")
+    _tenant_commands(sub)
+    _member_commands(sub)
+    _model_commands(sub)
+    _host_commands(sub)
+    for name, command in sub.choices.items():
+        if name not in ("serve", "gateway"):  # every admin command prints JSON on request
+            command.add_argument("--json", action="store_true", help="print JSON")
+    return parser
 
+
+def _tenant_commands(sub: Any) -> None:
     p = sub.add_parser("add-tenant", help="admit and create a tenant; prints its API key once")
     p.add_argument("--name", required=True, help="DNS-safe tenant name, e.g. companya")
     _tenant_options(p, create=True)
     _wait_options(p, "wait until the engine serves or has failed (exit 9, with the reason)")
-    p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("wait-tenant", help="wait until tenants serve, showing their progress (exit 9: one failed)")
     p.add_argument("--name", action="append", required=True, help="a tenant (repeat for several)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds to wait at most for each (default 900)")
-    p.add_argument("--json", action="store_true", help="print JSON")
 
-    p = sub.add_parser("list-tenants", help="tenants with status, reservation and measured use")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    sub.add_parser("list-tenants", help="tenants with status, reservation and measured use")
 
     p = sub.add_parser("update-tenant", help="resize, change engine options (engine recreated) or quotas")
     p.add_argument("--name", required=True)
     _tenant_options(p, create=False)
     _wait_options(p, "wait until the (recreated) engine serves or has failed (exit 9, with the reason)")
-    p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser(
         "remove-tenant", help="remove a tenant's containers, network and volume; waits until they are gone"
@@ -158,7 +162,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-wait", dest="wait", action="store_false", help="return at once; the removal goes on in the background"
     )
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait at most (default 300)")
-    p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser(
         "rotate-key",
@@ -174,8 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=3600.0,
         help="seconds the old keys stay valid (default 3600; 0 revokes them at once)",
     )
-    p.add_argument("--json", action="store_true", help="print JSON")
 
+
+def _member_commands(sub: Any) -> None:
     own = "the member's own limit, inside the tenant's"
     _member_parser(
         sub,
@@ -194,9 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
         "remove a member: its keys stop working within seconds; its usage stays for cost sharing",
         "the member",
     )
+
+
+def _model_commands(sub: Any) -> None:
     p = sub.add_parser("list-models", help="models in the models volume and the smallest --gpu-memory for each")
     p.add_argument("--max-model-len", type=int, help="also the smallest --gpu-memory at this context length")
-    p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("import-model", help="check a model directory and copy it into the models volume")
     p.add_argument(
@@ -205,14 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
         "Hugging Face cache entry (models--org--name)",
     )
     p.add_argument("--name", help="the model's name for --model (default: the directory's name)")
-    p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("remove-model", help="delete a model from the models volume (refused while a tenant uses it)")
     p.add_argument("model", help="the model's name, as list-models shows it")
-    p.add_argument("--json", action="store_true", help="print JSON")
 
-    p = sub.add_parser("capacity", help="device memory: total, reserved and measured per tenant, free")
-    p.add_argument("--json", action="store_true", help="print JSON")
+
+def _host_commands(sub: Any) -> None:
+    sub.add_parser("capacity", help="device memory: total, reserved and measured per tenant, free")
 
     p = sub.add_parser("what-if", help="would this reservation fit? creates nothing")
     p.add_argument("--gpu-memory", type=_size, required=True)
@@ -220,14 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--name", help="an existing tenant to resize")
     p.add_argument("--gpu", help="only this device (index or UUID); default: every device")
-    p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("audit", help="the audit trail, newest first")
     p.add_argument("--name", help="only this tenant")
     p.add_argument("--action", help="only this action, e.g. add-tenant")
     p.add_argument("--limit", type=int, default=50)
-    p.add_argument("--json", action="store_true", help="print JSON")
-    return parser
 
 
 class Api:

@@ -80,7 +80,6 @@ def _derived(name: str, base: type[BaseModel], fields: dict[str, tuple[Any, Any]
 
 
 if TYPE_CHECKING:  # the fields below are derived from the declarations when the module loads
-    QuotaFields: TypeAlias = Strict
     TenantCreate: TypeAlias = Strict
     TenantUpdate: TypeAlias = Strict
     MemberCreate: TypeAlias = Strict
@@ -91,9 +90,6 @@ else:
     _member_name = Field(
         description="2-32 lowercase letters, digits and '-', starting with a letter (the tenant name rule)",
         json_schema_extra=NAME_SCHEMA,
-    )
-    QuotaFields = _derived(
-        "QuotaFields", Strict, {f.name: request_field(f, True) for f in QUOTA_DECLARED}, "The four quotas."
     )
     TenantCreate = _derived(
         "TenantCreate",
