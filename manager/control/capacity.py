@@ -98,7 +98,7 @@ class Meter:
         """Each tenant's measured use (or ``only`` that tenant's): NVML per-process memory mapped to
         its engine container (nvml), or its engine's cgroup memory (cpu). Engines are read at once,
         not one after another: Docker answers a memory read in about a second (20.10 waits for its
-        next stats sample even for a one-shot read), so N engines read in turn took N seconds of
+        next stats sample even for a one-shot read): read in turn, N engines would cost N seconds of
         every list-tenants, console page, /metrics scrape and admission."""
         inst = self.settings.instance
         engines = {
