@@ -146,7 +146,9 @@ class GatewayState:
         self.hold = Hold()
         """Requests waiting while the tenant sleeps or wakes (the config's ``hold``)."""
         self.last_request_at: float | None = None
-        """When a request with a valid key last arrived (the manager's sleeper reads it)."""
+        """When a request with a valid key last arrived (the manager's sleeper reads it); at start,
+        when the spool's newest record was written: a gateway Docker restarted after a crash does
+        not make its tenant look idle since before its last request."""
         self._pending: list[tuple[Write, asyncio.Future[bool]]] = []
         """This event-loop turn's writes, committed together at the start of the next."""
         saved = store.config()
@@ -155,6 +157,7 @@ class GatewayState:
         interrupted = store.settle_interrupted(clock())  # before the totals: quotas count them too
         if interrupted:
             log.warning("%d requests were in flight when the gateway stopped: metered as interrupted", interrupted)
+        self.last_request_at = store.last_record_at()
         self._load_totals()
 
     def _spooled(self, keys: dict[str, KeyEntry]) -> dict[str, list[Totals]]:

@@ -251,6 +251,11 @@ class GatewayStore:
             raise
         self._db.execute("COMMIT")
 
+    def last_record_at(self) -> float | None:
+        """When the newest record was written (records are written in order); None: there is none."""
+        row = self._db.execute("SELECT at FROM usage ORDER BY seq DESC LIMIT 1").fetchone()
+        return float(row["at"]) if row else None
+
     def after(self, cursor: int, limit: int = 1000) -> UsagePage:
         rows = self._db.execute("SELECT * FROM usage WHERE seq > ? ORDER BY seq LIMIT ?", (cursor, limit)).fetchall()
         records = [UsageRecord.model_validate(dict(r)) for r in rows]
