@@ -359,21 +359,20 @@ def _print_capacity(out: dict[str, Any]) -> None:
 
 
 def engine_options(t: dict[str, Any]) -> str:
-    """A tenant's image limits and engine options, as the flags that set them (list-tenants); a
+    """A tenant's engine options as list-tenants shows them, each declared field by its ``listed``
+    name (``max-model-len=512``, ``tools=auto``; an option on by default also when it is off); a
     field an older manager does not send is left out."""
-    parts = [f"max-model-len={t['max_model_len']}"] if t.get("max_model_len") else []
-    if t.get("max_images"):
-        parts.append(f"images={t['max_images']}x{t.get('max_image_pixels', 0) / 1e6:.1f}MP")
-    elif "max_images" in t:
-        parts.append("no-images")
-    if "enable_prefix_caching" in t:
-        parts.append("prefix-caching" if t["enable_prefix_caching"] else "no-prefix-caching")
-    if t.get("trust_remote_code"):
-        parts.append("trust-remote-code")
-    if t.get("max_num_seqs"):
-        parts.append(f"max-num-seqs={t['max_num_seqs']}")
-    if t.get("quantization"):
-        parts.append(f"quant={t['quantization']}")
+    parts = []
+    for f in TENANT_FIELDS:
+        name, value = f.d.listed, t.get(f.name)
+        if not name or f.name not in t:
+            continue
+        if f.name == "max_images":
+            parts.append(f"images={value}x{t.get('max_image_pixels', 0) / 1e6:.1f}MP" if value else "no-images")
+        elif f.d.kind is Kind.BOOL and (value or f.default is True):
+            parts.append(name if value else f"no-{name}")
+        elif f.d.kind is not Kind.BOOL and value:
+            parts.append(f"{name}={value}")
     return ",".join(parts) or "-"
 
 
@@ -624,12 +623,13 @@ def _list_models(args: argparse.Namespace, api: Api, shown: Shown) -> Any:
     rows = [
         [m["name"], m["architecture"], f"{m['parameters'] / 1e6:.1f}M", m["dtype"],
          format_size(m["weight_bytes"]), "yes" if m["takes_images"] else "no", m["quantization"] or "-",
-         format_size(m["minimum_gpu_memory"]), _opt_size(m["minimum_gpu_memory_at"]), m["problem"][:60]]
+         format_size(m["minimum_gpu_memory"]), _opt_size(m["minimum_gpu_memory_at"]),
+         m.get("tool_parser") or "-", m.get("reasoning_parser") or "-", m["problem"][:60]]
         for m in out
     ]  # fmt: skip
     at = f"MIN AT {args.max_model_len}" if args.max_model_len else "MIN AT -"
     shown.say(_table(rows, ["NAME", "ARCHITECTURE", "PARAMS", "DTYPE", "WEIGHTS", "IMAGES", "QUANT",
-                            "MIN GPU-MEMORY", at, "PROBLEM"]))  # fmt: skip
+                            "MIN GPU-MEMORY", at, "TOOLS (AUTO)", "REASONING (AUTO)", "PROBLEM"]))  # fmt: skip
     return out
 
 

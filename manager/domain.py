@@ -266,6 +266,27 @@ class TenantSpec:
     )  # fmt: skip
     """Never put to sleep, neither when idle nor (on a host with ``GTM_OVERCOMMIT``) to make room
     for another tenant's wake: its reservation is always counted."""
+    tool_call_parser: str | None = field(
+        default=None,
+        metadata=declare(
+            Kind.TEXT, "tool calling: the engine's tool-call parser, by name, or auto (chosen from the model's "
+            "chat template: hermes for Qwen2.5/Qwen3, llama3_json for Llama 3.x, mistral, ...), or none (the "
+            "default: requests with tools are refused)", "Tool-call parser", unset="none", engine=True,
+            placeholder="none; auto or a parser name", title="auto picks from the model; list-models shows what",
+            listed="tools", hashed_unset=False,
+        ),
+    )  # fmt: skip
+    """vLLM's ``--tool-call-parser`` (with ``--enable-auto-tool-choice``): ``auto``, a name, or None."""
+    reasoning_parser: str | None = field(
+        default=None,
+        metadata=declare(
+            Kind.TEXT, "thinking apart from the answer (reasoning_content): the engine's reasoning parser, by "
+            "name, or auto (qwen3 for Qwen3, deepseek_r1 for its distills, ...), or none (the default)",
+            "Reasoning parser", unset="none", engine=True, placeholder="none; auto or a parser name",
+            title="auto picks from the model; list-models shows what", listed="reasoning", hashed_unset=False,
+        ),
+    )  # fmt: skip
+    """vLLM's ``--reasoning-parser``: ``auto``, a name, or None."""
 
     def flat(self) -> dict[str, Any]:
         """Every declared field by name, the quotas among them (as the store's columns and the
@@ -284,8 +305,13 @@ class TenantSpec:
         return cls(name=name, quotas=quotas, **{f.name: value(f) for f in SPEC_DECLARED})
 
     def engine_hash(self) -> str:
-        """The engine's identity: the name and every field declared ``engine``."""
-        engine_fields = {"name": self.name, **{f.name: getattr(self, f.name) for f in ENGINE_FIELDS}}
+        """The engine's identity: the name and every field declared ``engine`` (one declared
+        ``hashed_unset=False`` only once it is set)."""
+        engine_fields = {"name": self.name}
+        for f in ENGINE_FIELDS:
+            value = getattr(self, f.name)
+            if f.d.hashed_unset or value != f.default:
+                engine_fields[f.name] = value
         raw = json.dumps(engine_fields, sort_keys=True).encode()
         return hashlib.sha256(raw).hexdigest()[:16]
 

@@ -69,6 +69,9 @@ class Declared:
     """0 on input means unset (``--idle-sleep 0``: never)."""
     engine: bool = False
     """A change recreates the engine (it is part of ``engine_hash``)."""
+    hashed_unset: bool = True
+    """An engine field is part of ``engine_hash`` also while it is at its default. A field added
+    after the first release says False: left out while unset, adding it restarts no engine."""
     gateway: bool = False
     """Pushed to the tenant's gateway with its config; a change applies live."""
     required: bool = False

@@ -8,7 +8,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from manager.control import model_files
+from manager.control import model_files, parsers
 from manager.control.modelfit import ModelFootprint, max_positions, read_config, takes_images
 from manager.control.quant import checkpoint_method, resolve
 from manager.control.sizing import Sizing
@@ -35,6 +35,10 @@ class CatalogEntry:
     """... at the --max-model-len asked for, if any."""
     problem: str = ""
     """Why the model cannot be served as it is ('' when it can)."""
+    tool_parser: str | None = None
+    """What ``--tool-call-parser auto`` picks for it (None: nothing; name one)."""
+    reasoning_parser: str | None = None
+    """What ``--reasoning-parser auto`` picks for it."""
 
 
 class ModelCatalog:
@@ -113,6 +117,7 @@ class ModelCatalog:
         vision = takes_images(config)
         # the minimum of a tenant with the default image limits (add-tenant's defaults for this model)
         images = self.sizing.images(config, DEFAULT_MAX_IMAGES, DEFAULT_MAX_IMAGE_PIXELS)
+        text_of = parsers.model_text(self.settings.models_dir / name)
         return CatalogEntry(
             name=name,
             architecture=str((config.get("architectures") or ["unknown"])[0]),
@@ -123,7 +128,20 @@ class ModelCatalog:
             quantization=method[0] if (method := checkpoint_method(config)) else None,
             minimum_gpu_memory=self._minimum(footprint, self.settings.default_max_model_len, images),
             minimum_gpu_memory_at=self._minimum(footprint, max_model_len, images) if max_model_len else None,
+            tool_parser=parsers.pick_tool(text_of),
+            reasoning_parser=parsers.pick_reasoning(text_of),
         )
+
+    def with_parsers(self, spec: TenantSpec) -> TenantSpec:
+        """The spec with its parser choices checked against the engine's parsers and the model
+        (InvalidInput, saying what to do, when the engine would refuse one), ``none`` as None."""
+        model = parsers.model_text(self.settings.models_dir / spec.model)
+        choices = {}
+        for kind, field_name in ((parsers.TOOL, "tool_call_parser"), (parsers.REASONING, "reasoning_parser")):
+            choice = getattr(spec, field_name)
+            chosen = parsers.choose(kind, choice, spec.model, model)
+            choices[field_name] = parsers.AUTO if chosen and choice.strip().lower() == parsers.AUTO else chosen
+        return spec.with_changes(**choices)
 
     def check_model_len(self, model: str, max_model_len: int) -> None:
         """No context longer than the model's own (vLLM refuses such an engine at start)."""

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, replace
 
 from manager import names
 from manager.control.enginefit import EngineFit
+from manager.control.parsers import EngineParsers
 from manager.domain import TenantSpec
 from manager.names import Role
 from manager.runtime.types import ContainerPlan, Mount, NetworkPlan, VolumePlan
@@ -24,6 +25,10 @@ GATEWAY_PUBLIC_PORT = 8000
 GATEWAY_ADMIN_PORT = 8001
 SECOND_NS = 1_000_000_000
 GATEWAY_MEMORY = 1024 * MIB
+NO_PARSERS = EngineParsers()
+STRUCTURED_OUTPUTS = json.dumps({"backend": "xgrammar", "disable_any_whitespace": True})
+"""JSON that a schema constrains (response_format, tool arguments) is written without free
+whitespace: a small model could otherwise spend every token it may write on blanks."""
 
 
 def http_healthcheck(port: int, path: str, start_period_s: int) -> dict[str, object]:
@@ -59,9 +64,12 @@ ISOLATED_BRIDGE = {"com.docker.network.bridge.inhibit_ipv4": "true"}
 CONTROL_BRIDGE = {"com.docker.network.bridge.enable_ip_masquerade": "false"}
 
 
-def engine_args(spec: TenantSpec, settings: Settings, device_total: int, fit: EngineFit) -> list[str]:
+def engine_args(
+    spec: TenantSpec, settings: Settings, device_total: int, fit: EngineFit, parsers: EngineParsers = NO_PARSERS
+) -> list[str]:
     """``fit``: how the reservation is split (``enginefit.fit``); its sequences and batched tokens
-    bound what the engine runs at once, in both modes, so that its peak stays inside the split."""
+    bound what the engine runs at once, in both modes, so that its peak stays inside the split.
+    ``parsers``: its tool-call and reasoning parsers, ``auto`` resolved (``parsers.engine_parsers``)."""
     args = [
         "--model", f"/models/{spec.model}",
         "--served-model-name", spec.model,
@@ -72,6 +80,7 @@ def engine_args(spec: TenantSpec, settings: Settings, device_total: int, fit: En
         "--max-num-batched-tokens", str(fit.max_num_batched_tokens),
     ]  # fmt: skip
     args += settings.platform.engine_args(spec.gpu_memory, device_total, fit.kv_cache)
+    args += ["--structured-outputs-config", STRUCTURED_OUTPUTS]
     if spec.quantization:
         args += ["--quantization", spec.quantization]
     # the gateway refuses requests with more images; a text model ignores the limit. Prefix caching is
@@ -81,7 +90,7 @@ def engine_args(spec: TenantSpec, settings: Settings, device_total: int, fit: En
     args += ["--enable-prefix-caching" if spec.enable_prefix_caching else "--no-enable-prefix-caching"]
     if spec.trust_remote_code:
         args += ["--trust-remote-code"]
-    return args
+    return args + parsers.args()
 
 
 WARMUP_CODE = """
@@ -282,6 +291,7 @@ def tenant_plan(
     gpu_uuid: str | None = None,
     gateway_token: str = "",
     image_ids: dict[str, str] | None = None,
+    parsers: EngineParsers = NO_PARSERS,
 ) -> TenantPlan:
     """``device_total``: the device's CUDA total (``DeviceMemory.usable``); ``fit``: the split of the
     reservation (``sizing.Sizing.fit``); ``gpu_uuid``: its UUID
@@ -298,7 +308,7 @@ def tenant_plan(
         # the OpenAI server by module: the same in this project's CPU image and upstream vllm/vllm-openai
         # (whose entrypoint has changed between releases)
         entrypoint=list(ENGINE_ENTRYPOINT),
-        command=engine_args(spec, settings, device_total, fit),
+        command=engine_args(spec, settings, device_total, fit, parsers),
         labels=names.labels(
             inst,
             Role.ENGINE,

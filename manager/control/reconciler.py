@@ -42,6 +42,7 @@ from manager import names
 from manager.control.collector import UsageCollector
 from manager.control.engine_logs import COLD_CACHE, LOG_KEEP_CHARS, LOG_TAIL_LINES, failure_reason
 from manager.control.gateway_client import Connect, GatewayAdmin, GatewayClient, gateway_ip, push_config
+from manager.control.parsers import engine_parsers
 from manager.control.plan import (
     TenantPlan,
     control_network_plan,
@@ -57,7 +58,7 @@ from manager.control.store import TenantStore
 from manager.control.warmup import PageCacheWarmer
 from manager.control.workqueue import WorkQueue
 from manager.domain import TenantStatus
-from manager.errors import GtmError, RuntimeUnavailable
+from manager.errors import GtmError, InvalidInput, RuntimeUnavailable
 from manager.gpu import DeviceMemory, Inventory, placed_on
 from manager.names import Role
 from manager.runtime.protocol import EventStream, Runtime
@@ -257,7 +258,11 @@ class Reconciler:
                 "move the tenant with update-tenant --gpu N (capacity lists the devices)",
             )
             return None
-        plan = self._plan(row, device)
+        try:
+            plan = self._plan(row, device)
+        except InvalidInput as exc:  # its model's files no longer take its options (parsers, size)
+            self._set_status(row, TenantStatus.FAILED, exc.message)
+            raise
         stale = [c for c in containers if c.role == Role.ENGINE and c.spec_hash != plan.engine.labels[names.SPEC_HASH]]
         if stale and self._profiling_elsewhere(name, stale):
             holder = self._gate[0] if self._gate else ""
@@ -304,6 +309,12 @@ class Reconciler:
             device.uuid if device.kind != "host-memory" else None,
             gateway_token=row.gateway_token,
             image_ids={image: self.runtime.image_id(image) or "" for image in images},
+            parsers=engine_parsers(
+                row.spec.tool_call_parser,
+                row.spec.reasoning_parser,
+                row.spec.model,
+                self.settings.models_dir / row.spec.model,
+            ),
         )
         self.runtime.ensure_network(control_network_plan(self.settings))
         self.runtime.ensure_network(plan.network)

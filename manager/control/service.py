@@ -252,6 +252,8 @@ class TenantService:
                     model_after, changes.get("quantization", row.spec.quantization)
                 )
             new = row.spec.changed(changes)
+            if {"model", "tool_call_parser", "reasoning_parser"} & set(changes):
+                new = self.models.with_parsers(new)
             check_bounds(new)
             self._check_host(new)
             if (new.model, new.max_model_len) != (row.spec.model, row.spec.max_model_len):
@@ -339,6 +341,6 @@ class TenantService:
             model=model,
             max_model_len=chosen.pop("max_model_len"),
         )
-        spec = base.changed(chosen)
+        spec = self.models.with_parsers(base.changed(chosen))
         check_bounds(spec)
         return spec

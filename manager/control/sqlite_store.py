@@ -231,6 +231,10 @@ FROM audit a
 WHERE a.result = 'ok' AND a.tenant IS NOT NULL AND a.action IN ('sleep', 'wake')
 ORDER BY a.id""",
     ],
+    [  # 11: tool calling and reasoning per tenant (manager.control.parsers): off for a tenant from before
+        "ALTER TABLE tenants ADD COLUMN tool_call_parser TEXT",
+        "ALTER TABLE tenants ADD COLUMN reasoning_parser TEXT",
+    ],
 ]
 """The manager database's schema, step by step (see manager.migrations); append only."""
 

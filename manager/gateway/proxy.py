@@ -65,16 +65,50 @@ def error_body(message: str, type_: str, code: str | None, param: str | None = N
     return json.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}}).encode()
 
 
-def openai_error(status: int, content: bytes, path: str) -> bytes:
-    """An engine's error answer in OpenAI's shape: vLLM's own errors already are; anything else (a
-    framework's ``{"detail": "Not Found"}`` for a path this model does not serve, a plain-text 500)
-    is wrapped, its text kept in the message."""
+ENGINE_OPTIONS_OFF = (
+    (
+        re.compile(r"--enable-auto-tool-choice|--tool-call-parser"),
+        "tool_calls_not_enabled",
+        "Tool calling is not enabled for this tenant; an admin enables it with "
+        "`update-tenant --name {tenant} --tool-call-parser auto`.",
+    ),
+    (
+        re.compile(r"--reasoning-parser"),
+        "reasoning_not_enabled",
+        "Reasoning output is not enabled for this tenant; an admin enables it with "
+        "`update-tenant --name {tenant} --reasoning-parser auto`.",
+    ),
+)
+"""Engine errors that name the engine's own flags, in the tenant's words: what to ask the admin for."""
+ENGINE_FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]+(=\S+)?")
+
+
+def in_tenant_words(message: str, tenant: str) -> tuple[str, str | None]:
+    """An engine's error message as the tenant may read it, and its code when it was reworded: a
+    tenant never sees a flag of the engine, which only its admin can set."""
+    for pattern, code, words in ENGINE_OPTIONS_OFF:
+        if pattern.search(message):
+            return words.format(tenant=tenant), code
+    if ENGINE_FLAG.search(message):
+        text = ENGINE_FLAG.sub("an engine option", message)
+        return f"{text} (an engine option of tenant {tenant} that its admin sets)", "engine_option_not_enabled"
+    return message, None
+
+
+def openai_error(status: int, content: bytes, path: str, tenant: str = "this tenant") -> bytes:
+    """An engine's error answer in OpenAI's shape: vLLM's own errors already are (one that names the
+    engine's flags is reworded: ``in_tenant_words``); anything else (a framework's
+    ``{"detail": "Not Found"}`` for a path this model does not serve, a plain-text 500) is wrapped,
+    its text kept in the message."""
     try:
         body = json.loads(content)
     except ValueError:
         body = None
     if isinstance(body, dict) and isinstance(body.get("error"), dict) and "message" in body["error"]:
-        return content
+        message, code = in_tenant_words(str(body["error"]["message"]), tenant)
+        if code is None:
+            return content
+        return error_body(message, "invalid_request_error", code, body["error"].get("param"))
     detail = body.get("detail") if isinstance(body, dict) else None
     text = str(detail if detail is not None else content.decode(errors="replace"))[:500]
     if status == 404:
@@ -167,6 +201,22 @@ def with_field(body: bytes, payload: dict[str, Any], name: str, value: str) -> b
     if spliced:
         field = json.dumps({name: value})[1:-1].encode()
         return body[: start + 1] + field + (b"," if had_fields else b"") + body[start + 1 :]
+    return json.dumps(payload).encode()
+
+
+def thinking_switch(payload: dict[str, Any]) -> bytes | None:
+    """A chat request's top-level ``enable_thinking`` (how Qwen's own API and the guides that use it
+    from LangChain's ``extra_body`` switch thinking) as the chat template argument vLLM reads,
+    ``chat_template_kwargs.enable_thinking``; None when there is none to move. ``payload`` is
+    changed, and the body written again from it."""
+    switch = payload.get("enable_thinking")
+    if not isinstance(switch, bool):
+        return None
+    kwargs = payload.get("chat_template_kwargs")
+    kwargs = dict(kwargs) if isinstance(kwargs, dict) else {}
+    kwargs.setdefault("enable_thinking", switch)
+    del payload["enable_thinking"]
+    payload["chat_template_kwargs"] = kwargs
     return json.dumps(payload).encode()
 
 
@@ -599,6 +649,8 @@ class Proxy:
                 self.state.metrics.images_refused.add(problem.code)
                 await self._refuse(send, path, 400, problem.message, problem.code, param=problem.param)
                 return
+            if path == "/v1/chat/completions":
+                body = thinking_switch(payload) or body
             if path in SALTED_PATHS:
                 body = with_field(body, payload, "cache_salt", cache_salt(self.settings.tenant, key))
         # asleep or waking: the request waits here, checked but not yet admitted (no quota counts
@@ -828,7 +880,7 @@ class Proxy:
             record["outcome"] = "ok" if upstream.status < 400 else "error"
         ctype = upstream.header(b"content-type") or b"application/json"
         if upstream.status >= 400:
-            content, ctype = openai_error(upstream.status, content, path), b"application/json"
+            content, ctype = openai_error(upstream.status, content, path, self.settings.tenant), b"application/json"
         await commit()
         await self._send(send, upstream.status, content, headers, ctype)
 
@@ -914,7 +966,8 @@ class Proxy:
             await upstream.close()
         record["outcome"] = "error"
         await commit()
-        await self._send(send, upstream.status, openai_error(upstream.status, content, record["path"]), headers)
+        error = openai_error(upstream.status, content, record["path"], self.settings.tenant)
+        await self._send(send, upstream.status, error, headers)
         return None
 
     async def _stream_broke(self, send: Send) -> None:

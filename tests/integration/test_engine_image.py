@@ -14,13 +14,14 @@ from pathlib import Path
 import docker
 import pytest
 
+from manager.control.parsers import REASONING_PARSERS, TOOL_PARSERS
 from manager.control.plan import prepare_plan, tenant_plan, warmup_plan
 from manager.control.sizing import Sizing
 from manager.domain import TenantSpec
 from manager.names import Role, labels
 from manager.runtime.docker import DockerRuntime
 
-from .conftest import MANAGER_IMAGE, run_probe, wait_for
+from .conftest import ENGINE_IMAGE, MANAGER_IMAGE, run_probe, wait_for
 from .probes import CHAT, CONNECT
 
 G = 1024**3
@@ -140,3 +141,28 @@ def host_listener() -> Iterator[int]:
         stop.set()
         thread.join(timeout=2)
         server.close()
+
+
+PARSER_LISTS = """
+import json
+from vllm.reasoning import ReasoningParserManager
+from vllm.tool_parsers import ToolParserManager
+print(json.dumps([sorted(ToolParserManager.list_registered()), sorted(ReasoningParserManager.list_registered())]))
+"""
+
+
+def test_the_managers_parser_lists_are_the_engines_own(docker_client: docker.DockerClient, instance: str) -> None:
+    """What add-tenant accepts as --tool-call-parser and --reasoning-parser is what the engine image
+    registers: a rebuilt engine of another vLLM release that differs fails here first. No engine
+    starts: the registries are read in a one-off container without a network."""
+    out = docker_client.containers.run(
+        ENGINE_IMAGE,
+        ["-c", PARSER_LISTS],
+        entrypoint="python3",
+        network_mode="none",
+        labels=labels(instance, Role.PROBE),
+        remove=True,
+        stderr=False,
+    )
+    tools, reasoning = json.loads(out.decode().strip().splitlines()[-1])
+    assert (set(tools), set(reasoning)) == (set(TOOL_PARSERS), set(REASONING_PARSERS))

@@ -169,6 +169,8 @@ def test_docker_exec_add_tenant_in_the_stack(stack: Stack) -> None:
         (["--quant", "int9"], "unknown --quant 'int9'"),
         (["--quant", "int4"], "is not quantized"),
         (["--model", "llama-70b"], "available: demo"),
+        (["--tool-call-parser", "auto"], "--tool-call-parser auto found no tool parser for model 'demo'"),
+        (["--reasoning-parser", "r1"], "unknown --reasoning-parser 'r1': the engine's reasoning parsers are"),
     ):
         refused = dexec(manager, "add-tenant", "--name", "companya", "--gpu-memory", "1536M", "--port", "30301", *wrong)
         assert refused.returncode != 0 and says in refused.stderr, refused.stderr
@@ -180,7 +182,7 @@ def test_docker_exec_add_tenant_in_the_stack(stack: Stack) -> None:
     assert vision["name"] == VISION and vision["architecture"] == "Idefics3ForConditionalGeneration"
     assert vision["takes_images"] and vision["minimum_gpu_memory"] > demo["minimum_gpu_memory"]
     assert demo["minimum_gpu_memory"] <= 1536 * 1024**2 and demo["minimum_gpu_memory_at"] >= demo["minimum_gpu_memory"]
-    assert "MIN GPU-MEMORY" in dexec(manager, "list-models").stdout
+    assert "MIN GPU-MEMORY" in dexec(manager, "list-models").stdout and demo["tool_parser"] is None
 
     # import-model: a copy of the demo model under a new name becomes usable; an incomplete one does not
     assert dexec(manager, "cp", "-r", "/models/demo", "/tmp/upload").returncode == 0
@@ -415,6 +417,19 @@ def test_the_door_refuses_what_the_engine_could_not_take_and_the_engine_never_no
     assert reply.usage is not None and reply.usage.prompt_tokens > 4 * 60
     engine.reload()
     assert engine.attrs["RestartCount"] == restarts and not engine.attrs["State"]["OOMKilled"]
+    # tools on a tenant whose admin set no tool-call parser: what to ask for, never an engine flag
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    with pytest.raises(openai.BadRequestError) as no_tools:
+        client.chat.completions.create(
+            model=VISION,
+            messages=[{"role": "user", "content": "hi"}],
+            tools=[weather],
+            max_tokens=4,  # type: ignore[list-item]
+        )
+    error = no_tools.value.body
+    assert isinstance(error, dict) and error["code"] == "tool_calls_not_enabled", error
+    assert f"update-tenant --name {VISION} --tool-call-parser auto" in error["message"]
+    assert "--enable-auto-tool-choice" not in error["message"]
 
 
 @pytest.mark.slow

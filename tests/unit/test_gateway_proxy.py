@@ -861,6 +861,47 @@ async def test_an_engines_error_that_is_not_in_openais_shape_is_wrapped(tmp_path
     assert r.status_code == 400 and r.json()["error"]["message"] == "max_tokens is too large"  # vLLM's own, as it is
 
 
+VLLM_TOOLS_OFF = '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set'
+VLLM_NAMED_OFF = 'tool_choice=function "get_weather" requires --tool-call-parser to be set'
+
+
+async def test_an_engine_error_that_names_its_flags_says_what_to_ask_the_admin(tmp_path: Path) -> None:
+    """A tenant never sees a flag of the engine: vLLM's 400s for tools and reasoning become what to
+    ask the admin for, in OpenAI's shape; a thinking switch sent the way Qwen's API takes it reaches
+    the engine as the chat template's argument."""
+    state, issued = one_key(tmp_path)
+    sent: list[dict[str, Any]] = []
+
+    def engine(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        sent.append(body)
+        if body.get("tool_choice") == "auto":
+            message = VLLM_TOOLS_OFF
+        elif isinstance(body.get("tool_choice"), dict):
+            message = VLLM_NAMED_OFF
+        elif body.get("top_k") == -7:
+            message = "top_k needs --generation-config=vllm to be set"
+        else:
+            return httpx.Response(200, json={"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}})
+        return httpx.Response(400, json={"error": {"message": message, "type": "BadRequestError", "code": 400}})
+
+    proxy = Proxy(GatewaySettings(tenant="acme"), state, transport=httpx.MockTransport(engine))
+    client = client_for(proxy, issued)
+    for choice in ("auto", {"type": "function", "function": {"name": "get_weather"}}):
+        r = await client.post("/v1/chat/completions", json={**CHAT, "tools": [], "tool_choice": choice})
+        error = r.json()["error"]
+        assert r.status_code == 400 and error["code"] == "tool_calls_not_enabled", error
+        assert error["message"] == (
+            "Tool calling is not enabled for this tenant; an admin enables it with "
+            "`update-tenant --name acme --tool-call-parser auto`."
+        )
+    r = await client.post("/v1/chat/completions", json={**CHAT, "top_k": -7, "stream": True})
+    assert r.status_code == 400 and "--generation-config" not in r.text and "an engine option" in r.text
+    r = await client.post("/v1/chat/completions", json={**CHAT, "enable_thinking": False, "return_reasoning": True})
+    assert r.status_code == 200
+    assert sent[-1]["chat_template_kwargs"] == {"enable_thinking": False} and "enable_thinking" not in sent[-1]
+
+
 def one_key(tmp_path: Path) -> tuple[GatewayState, keys.IssuedKey]:
     """A gateway state with one key and no limits."""
     state = GatewayState(GatewayStore(tmp_path / "gw.db"))
@@ -1043,6 +1084,7 @@ async def test_a_gateway_killed_mid_stream_meters_the_request_as_interrupted_at_
     assert rec.outcome == "interrupted" and rec.status == 200 and rec.path == "/v1/chat/completions"
     assert (rec.prompt_tokens, rec.completion_tokens) == (40, 3)  # what the client had been sent
     assert again.quotas.day_tokens == 43
+    assert again.last_request_at == rec.at, "the restarted gateway knows when it last served"
     assert GatewayState(GatewayStore(spool)).store.after(0).records == [rec]  # settled once, never twice
     in_flight.cancel()
     hang.set()

@@ -3,7 +3,8 @@ import pytest
 from manager import names
 from manager.control.enginefit import EngineFit, Terms, fit
 from manager.control.modelfit import ModelFootprint
-from manager.control.plan import TenantPlan, identity, prepare_plan
+from manager.control.parsers import EngineParsers
+from manager.control.plan import TenantPlan, engine_args, identity, prepare_plan
 from manager.control.plan import tenant_plan as plan_with
 from manager.domain import TenantSpec
 from manager.errors import InvalidInput
@@ -142,6 +143,21 @@ def test_engine_options_as_vllm_spells_them(settings: Settings) -> None:
     assert "--no-enable-prefix-caching" in args and "--enable-prefix-caching" not in args
     assert "--trust-remote-code" in args
     assert args.count("--max-num-seqs") == 1 and args[args.index("--max-num-seqs") + 1] == "8"
+
+
+def test_the_parsers_are_the_engines_flags(settings: Settings) -> None:
+    s = spec(tool_call_parser="auto", reasoning_parser="qwen3")
+    args = engine_args(s, settings, 24 * G, fitted(s, settings), EngineParsers("hermes", "qwen3"))
+    assert args[-7:-2] == [
+        "--enable-auto-tool-choice",
+        "--tool-call-parser",
+        "hermes",
+        "--tool-strict-level",
+        "parameter",
+    ]
+    assert args[-2:] == ["--reasoning-parser", "qwen3"]
+    assert "--tool-call-parser" not in engine_args(spec(), settings, 24 * G, fitted(spec(), settings))
+    assert s.engine_hash() != spec().engine_hash(), "a parser change recreates the engine"
 
 
 def test_engine_options_and_image_limits_recreate_the_engine() -> None:

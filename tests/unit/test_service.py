@@ -176,3 +176,26 @@ def test_a_vision_model_takes_four_images_by_default_and_its_minimum_holds_their
     created = svc.create(spec("tinyvl"), "test")
     updated = svc.update("vv", "test", model="demo")  # to a text model: it takes no images any more
     assert created.tenant.spec.max_images == 4 and updated.spec.max_images == 0
+
+
+def test_parsers_are_checked_against_the_engine_and_the_model_before_anything_is_created(
+    svc: TenantService,
+) -> None:
+    def spec(**parsers: object) -> TenantSpec:
+        return svc.new_spec(name="tools", port=30003, gpu_memory=1536 * MIB, **parsers)
+
+    tokenizer = {"added_tokens": [{"content": "<|im_start|>"}, {"content": "<|im_end|>"}]}
+    (svc.settings.models_dir / "demo" / "tokenizer.json").write_text(json.dumps(tokenizer))
+
+    with pytest.raises(InvalidInput, match="--tool-call-parser auto found no tool parser for model 'demo'"):
+        spec(tool_call_parser="auto")
+    with pytest.raises(InvalidInput, match="unknown --reasoning-parser 'qwen4'"):
+        spec(reasoning_parser="qwen4")
+    with pytest.raises(InvalidInput, match="--reasoning-parser qwen3 needs the tokens <think> </think>"):
+        spec(reasoning_parser="qwen3")
+    assert spec(tool_call_parser="none").tool_call_parser is None
+    created = svc.create(spec(tool_call_parser="hermes"), "admin")
+    assert created.tenant.spec.tool_call_parser == "hermes" and [r.spec.name for r in svc.tenants()] == ["tools"]
+    with pytest.raises(InvalidInput, match="unknown --tool-call-parser"):
+        svc.update("tools", "admin", tool_call_parser="hermez")
+    assert svc.update("tools", "admin", tool_call_parser="none").spec.tool_call_parser is None
