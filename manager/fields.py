@@ -156,8 +156,7 @@ def declared(cls: type) -> Iterator[TenantField]:
     """The declared fields of a dataclass, in order."""
     for f in dataclasses.fields(cls):
         if FIELD in f.metadata:
-            default = f.default if f.default is not dataclasses.MISSING else dataclasses.MISSING
-            yield TenantField(f.name, f.metadata[FIELD], default)
+            yield TenantField(f.name, f.metadata[FIELD], f.default)
 
 
 # ---------------------------------------------------------------- reading what admins write

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from manager.domain import QUOTA_DECLARED, TENANT_FIELDS, TenantSpec
+from manager.domain import FIELDS_BY_NAME, QUOTA_DECLARED, TENANT_FIELDS, TenantSpec
 from manager.errors import InvalidInput
 from manager.fields import Kind, Section, TenantField, parse_text
 from manager.sizes import exact_size
@@ -56,8 +56,7 @@ def edit_changes(form: dict[str, str], spec: TenantSpec) -> dict[str, Any]:
 
 
 def recreates_engine(changes: dict[str, Any]) -> bool:
-    fields = {f.name: f for f in TENANT_FIELDS}
-    return "gpu" in changes or any(fields[k].d.engine for k in changes if k in fields)
+    return "gpu" in changes or any(FIELDS_BY_NAME[k].d.engine for k in changes if k in FIELDS_BY_NAME)
 
 
 def shown(f: TenantField, spec: TenantSpec | None) -> str:

@@ -117,7 +117,7 @@ class ModelCatalog:
         vision = takes_images(config)
         # the minimum of a tenant with the default image limits (add-tenant's defaults for this model)
         images = self.sizing.images(config, DEFAULT_MAX_IMAGES, DEFAULT_MAX_IMAGE_PIXELS)
-        text_of = parsers.model_text(self.settings.models_dir / name)
+        text_of = self.sizing.model_text(name)
         return CatalogEntry(
             name=name,
             architecture=str((config.get("architectures") or ["unknown"])[0]),
@@ -135,7 +135,7 @@ class ModelCatalog:
     def with_parsers(self, spec: TenantSpec) -> TenantSpec:
         """The spec with its parser choices checked against the engine's parsers and the model
         (InvalidInput, saying what to do, when the engine would refuse one), ``none`` as None."""
-        model = parsers.model_text(self.settings.models_dir / spec.model)
+        model = self.sizing.model_text(spec.model)
         choices = {}
         for kind, field_name in ((parsers.TOOL, "tool_call_parser"), (parsers.REASONING, "reasoning_parser")):
             choice = getattr(spec, field_name)

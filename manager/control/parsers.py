@@ -12,6 +12,7 @@ model's files.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -239,11 +240,14 @@ class EngineParsers:
         return out
 
 
-def engine_parsers(tool: str | None, reasoning: str | None, model_name: str, model_dir: Path) -> EngineParsers:
-    """The parsers for a tenant's choices, ``auto`` resolved against its model's files now."""
+def engine_parsers(
+    tool: str | None, reasoning: str | None, model_name: str, read: Callable[[], ModelText]
+) -> EngineParsers:
+    """The parsers for a tenant's choices, ``auto`` resolved against its model (``read`` only when
+    a parser is chosen)."""
     if not tool and not reasoning:
         return EngineParsers()
-    model = model_text(model_dir)
+    model = read()
     return EngineParsers(choose(TOOL, tool, model_name, model), choose(REASONING, reasoning, model_name, model))
 
 
@@ -270,7 +274,6 @@ def model_text(model_dir: Path) -> ModelText:
     vocab = (tokenizer.get("model") or {}).get("vocab")
     if isinstance(vocab, dict):
         tokens |= {t for t in vocab if t.startswith(("<", "["))}  # the special-looking ones are enough
-    tokens |= {str(t) for t in (tokenizer_config.get("added_tokens_decoder") or {}).values() if isinstance(t, str)}
     for entry in (tokenizer_config.get("added_tokens_decoder") or {}).values():
         if isinstance(entry, dict) and entry.get("content"):
             tokens.add(str(entry["content"]))

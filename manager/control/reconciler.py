@@ -313,7 +313,7 @@ class Reconciler:
                 row.spec.tool_call_parser,
                 row.spec.reasoning_parser,
                 row.spec.model,
-                self.settings.models_dir / row.spec.model,
+                lambda: self.sizing.model_text(row.spec.model),
             ),
         )
         self.runtime.ensure_network(control_network_plan(self.settings))

@@ -14,6 +14,7 @@ from typing import Any
 
 from manager.control.enginefit import EngineFit, Terms, fit, minimum
 from manager.control.modelfit import ModelFootprint, image_allowance, read_config, read_footprint
+from manager.control.parsers import ModelText, model_text
 from manager.control.quant import checkpoint_method
 from manager.domain import TenantSpec
 from manager.settings import Settings
@@ -27,6 +28,21 @@ class Sizing:
         self.platform = settings.platform
         self._lock = threading.Lock()
         self._footprints: dict[tuple[str, bool], tuple[Stamp, ModelFootprint, dict[str, Any]]] = {}
+        self._texts: dict[str, tuple[Stamp, ModelText]] = {}
+
+    def model_text(self, model: str) -> ModelText:
+        """What of the model decides its parsers (``parsers.model_text``), kept while its files are
+        unchanged: a tokenizer.json is megabytes, and every reconcile of a tenant with parsers asks."""
+        directory = self.settings.models_dir / model
+        stamp = _stamp(directory, TEXT_FILES)
+        with self._lock:
+            cached = self._texts.get(model)
+        if cached and cached[0] == stamp:
+            return cached[1]
+        text = model_text(directory)
+        with self._lock:
+            self._texts[model] = (stamp, text)
+        return text
 
     def footprint(self, model: str, quantized: bool) -> tuple[ModelFootprint, dict[str, Any]]:
         """The model's footprint and its config.json. A pre-quantized checkpoint is served as
@@ -76,9 +92,13 @@ class Sizing:
         return Terms(self.platform, overhead, images, max_model_len, self.settings.min_kv_tokens, max_num_seqs)
 
 
-def _stamp(directory: Path) -> Stamp:
+TEXT_FILES = ("config.json", "tokenizer_config.json", "tokenizer.json", "chat_template.jinja")
+
+
+def _stamp(directory: Path, names: tuple[str, ...] = ()) -> Stamp:
+    """Names, sizes and modification times of a model's files: ``names``, else its config and weights."""
     try:
-        files = [directory / "config.json", *sorted(directory.glob("*.safetensors"))]
+        files = [directory / n for n in names] or [directory / "config.json", *sorted(directory.glob("*.safetensors"))]
         return tuple((f.name, (st := f.stat()).st_size, st.st_mtime_ns) for f in files if f.exists())
     except OSError:
         return ()

@@ -20,7 +20,9 @@ from manager.control.parsers import (
     pick_reasoning,
     pick_tool,
 )
+from manager.control.sizing import Sizing
 from manager.errors import InvalidInput
+from manager.settings import Settings
 
 QWEN25 = "{% if tools %}<tools></tools> ... <tool_call>\n{{ tool_call }}\n</tool_call>{% endif %}"
 LLAMA31 = "{{- '<|start_header_id|>ipython<|end_header_id|>' }} <|python_tag|>"
@@ -91,15 +93,26 @@ def test_the_model_is_read_from_its_files(tmp_path: Path) -> None:
     text = model_text(tmp_path)
     assert text.architectures == ("Qwen3ForCausalLM",) and "<tool_call>" in text.chat_template
     assert {"<think>", "</think>", "<tool_call>"} <= text.tokens and "a" not in text.tokens
-    chosen = engine_parsers("auto", "auto", "q3", tmp_path)
+    chosen = engine_parsers("auto", "auto", "q3", lambda: model_text(tmp_path))
     assert chosen == EngineParsers("hermes", "qwen3")
     assert chosen.args() == [
         "--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--tool-strict-level", "parameter",
         "--reasoning-parser", "qwen3",
     ]  # fmt: skip
-    assert engine_parsers(None, None, "q3", tmp_path).args() == []
+    assert engine_parsers(None, None, "q3", lambda: text).args() == []
 
 
 def test_a_template_in_its_own_file_is_read(tmp_path: Path) -> None:
     (tmp_path / "chat_template.jinja").write_text(QWEN25)
     assert pick_tool(model_text(tmp_path)) == "hermes"
+
+
+def test_a_models_text_is_read_again_only_when_its_files_change(settings: Settings) -> None:
+    model = settings.models_dir / "tooly"
+    model.mkdir(parents=True)
+    (model / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML}))
+    sizing = Sizing(settings)
+    first = sizing.model_text("tooly")
+    assert sizing.model_text("tooly") is first and pick_tool(first) is None
+    (model / "tokenizer_config.json").write_text(json.dumps({"chat_template": QWEN25 + " "}))
+    assert pick_tool(sizing.model_text("tooly")) == "hermes"
