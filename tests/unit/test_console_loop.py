@@ -18,7 +18,7 @@ from manager.runtime.types import ContainerState
 from .conftest import manager_serving
 from .test_console_forms import _form_of, _signed_in
 
-SLOW_S = 1.0
+SLOW_S = 2.0
 
 
 class SlowRuntime(MemoryRuntime):
@@ -65,4 +65,5 @@ def test_healthz_answers_while_a_console_form_waits_on_the_runtime(slow: tuple[s
     adding.join(30)
     console.close()
     assert posted and posted[0] >= SLOW_S, "the form did wait on the slow runtime"
-    assert max(waits) < 0.3, f"/healthz waited {max(waits):.2f} s behind a console form"
+    # blocked, it would wait out the runtime's read (SLOW_S); served, it answers in milliseconds
+    assert max(waits) < SLOW_S / 2, f"/healthz waited {max(waits):.2f} s behind a console form"
