@@ -33,6 +33,9 @@ from manager.platform import Platform
 MIB = 1024**2
 MIN_KV_CACHE = 32 * MIB
 """cpu: the smallest KV cache an engine is started with."""
+KV_BLOCK_TOKENS = 128
+"""Tokens in one KV cache block: vLLM 0.32's CPU default, and at least what its GPU attention
+backends use, so a floor counted in these blocks holds on either."""
 DEFAULT_MAX_NUM_SEQS = 128
 """vLLM's own default for its OpenAI server, on CPU and GPU alike (vllm/engine/arg_utils.py)."""
 MAX_NUM_BATCHED_TOKENS = 2048
@@ -106,9 +109,11 @@ class Terms:
 
 
 def kv_floor(footprint: ModelFootprint, terms: Terms) -> int:
-    """One sequence of the tenant's whole context (at least ``min_kv_tokens``), and on a CPU at
-    least ``MIN_KV_CACHE``."""
-    floor = footprint.kv_bytes_per_token * terms.context
+    """One sequence of the tenant's whole context (at least ``min_kv_tokens``) in whole KV blocks,
+    plus the one block vLLM holds back (its null block), and on a CPU at least ``MIN_KV_CACHE``.
+    vLLM refuses to start when its KV cache holds less than that (kv_cache_utils, 0.32)."""
+    blocks = -(-terms.context // KV_BLOCK_TOKENS) + 1
+    floor = footprint.kv_bytes_per_token * blocks * KV_BLOCK_TOKENS
     return max(floor, MIN_KV_CACHE) if terms.platform.reservation_is_host_memory else floor
 
 

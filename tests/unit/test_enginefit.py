@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 from manager.control.enginefit import (
     CPU_SEQUENCE_BYTES,
     DEFAULT_MAX_NUM_SEQS,
+    KV_BLOCK_TOKENS,
     LOGITS_COPIES,
     MAX_NUM_BATCHED_TOKENS,
     MIN_KV_CACHE,
@@ -78,7 +79,8 @@ def test_on_a_gpu_the_activations_are_vllms_profile_inside_the_overhead() -> Non
     f = split(40 * G, LARGE, "nvml", overhead=3 * G, max_model_len=8192)
     assert f.activations == 0 and f.per_sequence == 151_936 * 4 * LOGITS_COPIES
     assert f.max_num_seqs == DEFAULT_MAX_NUM_SEQS
-    assert f.kv_floor == 144 * 1024 * 8192  # one whole context, no CPU floor
+    # one whole context and vLLM's null block, in 128-token blocks; no CPU floor
+    assert f.kv_floor == 144 * 1024 * (8192 + KV_BLOCK_TOKENS)
     tight = minimum(LARGE, terms("nvml", overhead=3 * G, max_model_len=8192))
     assert split(tight + 4 * f.per_sequence, LARGE, "nvml", overhead=3 * G, max_model_len=8192).max_num_seqs == 5
 
@@ -95,3 +97,13 @@ def test_the_parts_always_add_up_to_the_reservation(extra: int, seqs: int | None
     parts = f.overhead + f.weights + f.images + f.activations + f.max_num_seqs * f.per_sequence + f.kv_cache
     assert parts == f.reservation == least + extra
     assert f.kv_cache >= f.kv_floor and 1 <= f.max_num_seqs <= max(seqs or 0, DEFAULT_MAX_NUM_SEQS)
+
+
+def test_the_kv_floor_holds_what_vllm_checks_whole_blocks_and_its_null_block() -> None:
+    """SmolLM2-135M at a 2048-token context: 30 layers x 3 KV heads x 64 x 2 (K, V) x 2 bytes is
+    23,040 bytes a token. vLLM 0.32 starts only when its KV cache holds the context's 16 blocks of
+    128 tokens plus the null block it holds back: 17 blocks, not the context's 2048 tokens (an engine
+    given 2048 tokens' worth refused to start, "estimated maximum model length is 1920")."""
+    smollm2 = ModelFootprint("smollm2", 134_515_008, 269_030_016, 23_040, (5 * 576 + 3 * 1536) * 2, 49_152 * 4)
+    f = split(minimum(smollm2, terms(max_model_len=2048)), smollm2, max_model_len=2048)
+    assert f.kv_cache >= f.kv_floor == 17 * KV_BLOCK_TOKENS * 23_040 > 2048 * 23_040 > MIN_KV_CACHE
