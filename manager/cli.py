@@ -204,13 +204,16 @@ def _model_commands(sub: Any) -> None:
     p = sub.add_parser("list-models", help="models in the models volume and the smallest --gpu-memory for each")
     p.add_argument("--max-model-len", type=int, help="also the smallest --gpu-memory at this context length")
 
-    p = sub.add_parser("import-model", help="check a model directory and copy it into the models volume")
+    p = sub.add_parser(
+        "import-model",
+        help="check a model directory (or convert a GGUF file) and copy it into the models volume",
+    )
     p.add_argument(
         "source",
-        help="a directory in the manager container (docker cp it there first), or a "
+        help="a directory or a .gguf file in the manager container (docker cp it there first), or a "
         "Hugging Face cache entry (models--org--name)",
     )
-    p.add_argument("--name", help="the model's name for --model (default: the directory's name)")
+    p.add_argument("--name", help="the model's name for --model (default: the directory's or file's name)")
 
     p = sub.add_parser("remove-model", help="delete a model from the models volume (refused while a tenant uses it)")
     p.add_argument("model", help="the model's name, as list-models shows it")
@@ -258,10 +261,17 @@ class Api:
         )
 
     def call(
-        self, method: str, path: str, body: dict[str, Any] | None = None, params: dict[str, Any] | None = None
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        params: dict[str, Any] | None = None,
+        timeout: float | None = None,
     ) -> Any:
+        """``timeout``: seconds to wait for the answer, when longer than the client's 120 s."""
         try:
-            response = self.client.request(method, path, json=body, params=params)
+            extra: dict[str, Any] = {"timeout": timeout} if timeout else {}
+            response = self.client.request(method, path, json=body, params=params, **extra)
         except httpx.HTTPError as exc:
             raise GtmError(
                 f"the manager API at {self.client.base_url} did not answer ({exc}); is the manager running?"
@@ -624,12 +634,14 @@ def _list_models(args: argparse.Namespace, api: Api, shown: Shown) -> Any:
         [m["name"], m["architecture"], f"{m['parameters'] / 1e6:.1f}M", m["dtype"],
          format_size(m["weight_bytes"]), "yes" if m["takes_images"] else "no", m["quantization"] or "-",
          format_size(m["minimum_gpu_memory"]), _opt_size(m["minimum_gpu_memory_at"]),
-         m.get("tool_parser") or "-", m.get("reasoning_parser") or "-", m["problem"][:60]]
+         m.get("tool_parser") or "-", m.get("reasoning_parser") or "-", (m.get("origin") or "-")[:48],
+         m["problem"][:60]]
         for m in out
     ]  # fmt: skip
     at = f"MIN AT {args.max_model_len}" if args.max_model_len else "MIN AT -"
-    shown.say(_table(rows, ["NAME", "ARCHITECTURE", "PARAMS", "DTYPE", "WEIGHTS", "IMAGES", "QUANT",
-                            "MIN GPU-MEMORY", at, "TOOLS (AUTO)", "REASONING (AUTO)", "PROBLEM"]))  # fmt: skip
+    header = ["NAME", "ARCHITECTURE", "PARAMS", "DTYPE", "WEIGHTS", "IMAGES", "QUANT", "MIN GPU-MEMORY", at,
+              "TOOLS (AUTO)", "REASONING (AUTO)", "ORIGIN", "PROBLEM"]  # fmt: skip
+    shown.say(_table(rows, header))
     return out
 
 
@@ -642,12 +654,17 @@ def _remove_model(args: argparse.Namespace, api: Api, shown: Shown) -> Any:
 
 @command("import-model")
 def _import_model(args: argparse.Namespace, api: Api, shown: Shown) -> Any:
+    from manager.control.catalog import CONVERT_TIMEOUT_S
+
     source = os.path.abspath(args.source)  # the API runs in the same container: one filesystem
-    out = api.call("POST", "/api/v1/models", {"source": source, **({"name": args.name} if args.name else {})})
+    if source.endswith(".gguf"):
+        shown.say(f"converting {os.path.basename(source)} (a minute for a small model, longer for a large one)")
+    body = {"source": source, **({"name": args.name} if args.name else {})}
+    out = api.call("POST", "/api/v1/models", body, timeout=CONVERT_TIMEOUT_S + 60)
     shown.say(
         f"model {out['name']} imported ({out['architecture']}, {out['parameters'] / 1e6:.1f}M parameters, "
-        f"images: {'yes' if out['takes_images'] else 'no'}); smallest --gpu-memory "
-        f"{format_size(out['minimum_gpu_memory'])}; use it with add-tenant --model {out['name']}"
+        f"images: {'yes' if out['takes_images'] else 'no'}, from {out.get('origin') or source}); smallest "
+        f"--gpu-memory {format_size(out['minimum_gpu_memory'])}; use it with add-tenant --model {out['name']}"
     )
     return out
 

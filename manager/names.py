@@ -29,6 +29,7 @@ class Role(StrEnum):
     PROBE = "probe"
     WARMUP = "warmup"
     PREPARE = "prepare"
+    CONVERT = "convert"
 
 
 def _validate(name: str, what: str, why: str) -> str:
@@ -95,6 +96,12 @@ def port_probe(instance: str, port: int) -> str:
 
 def warmup(instance: str) -> str:
     return f"{instance}-engine-warmup"
+
+
+def converter(instance: str, model: str) -> str:
+    """The one-off container converting a GGUF file into the model ``model`` (a valid model name
+    is a valid container name suffix)."""
+    return f"{instance}-convert-{model}"
 
 
 def control_network(instance: str) -> str:

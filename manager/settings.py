@@ -52,6 +52,10 @@ class Settings(BaseSettings):
 
     engine_image: str = "gtm-engine-cpu:0.32.0"
     manager_image: str = "gtm-manager:dev"
+    converter_image: str = "gtm-engine-cpu:0.32.0"
+    """Where import-model converts GGUF files (on the CPU): an image with torch, transformers, gguf
+    and accelerate. The CPU engine image has them in every mode; the upstream GPU image lacks
+    accelerate."""
     control_network: str | None = None
     models_source: str = "gtm-models"
     models_dir: Path = Path("/models")

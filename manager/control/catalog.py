@@ -4,17 +4,22 @@ its quantization)."""
 
 from __future__ import annotations
 
+import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from manager.control import model_files, parsers
+from manager.control.gguf_convert import MARKER as CONVERT_MARKER
 from manager.control.modelfit import ModelFootprint, max_positions, read_config, takes_images
+from manager.control.plan import convert_plan
 from manager.control.quant import checkpoint_method, resolve
 from manager.control.sizing import Sizing
 from manager.control.store import TenantStore
 from manager.domain import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_IMAGES, TenantSpec
 from manager.errors import Conflict, GtmError, InvalidInput
+from manager.runtime.protocol import Runtime
 from manager.settings import Settings
 
 
@@ -39,16 +44,35 @@ class CatalogEntry:
     """What ``--tool-call-parser auto`` picks for it (None: nothing; name one)."""
     reasoning_parser: str | None = None
     """What ``--reasoning-parser auto`` picks for it."""
+    origin: str | None = None
+    """Where it came from: ``gguf FILE (QUANT)``, ``directory PATH``, ``generated ...`` (None:
+    placed in the volume by hand)."""
+
+
+CONVERT_TIMEOUT_S = 3600.0
+"""A GGUF conversion's limit: a 7-8B model reads, dequantises and writes 16 GB."""
+
+
+def describe_origin(facts: dict[str, Any] | None) -> str | None:
+    """A model's ``gtm-origin.json`` in one line."""
+    if not facts:
+        return None
+    detail = facts.get("quantization") or facts.get("detail")
+    return f"{facts.get('kind', '?')} {facts.get('source', '?')}" + (f" ({detail})" if detail else "")
 
 
 class ModelCatalog:
     """``lock``: the service's admission lock; a model is not removed while a tenant is admitted on it."""
 
-    def __init__(self, settings: Settings, store: TenantStore, sizing: Sizing, lock: threading.Lock) -> None:
+    def __init__(
+        self, settings: Settings, store: TenantStore, sizing: Sizing, runtime: Runtime, lock: threading.Lock
+    ) -> None:
         self.settings = settings
         self.store = store
         self.sizing = sizing  # one rule, one cache: admission's and the engine's arguments
+        self.runtime = runtime
         self._lock = lock
+        self._importing = threading.Lock()  # one import at a time: a conversion holds a model in memory
 
     def minimum(
         self,
@@ -75,12 +99,23 @@ class ModelCatalog:
     def import_model(self, source: str, name: str | None, actor: str) -> CatalogEntry:
         """Checks a model directory and copies it into the models volume; audited."""
         try:
-            imported = model_files.import_model(self.settings.models_dir, Path(source), name)
+            with self._importing:
+                imported = model_files.import_model(self.settings.models_dir, Path(source), name, self._convert)
         except GtmError as exc:
             self.store.audit(actor, "import-model", None, "refused", {"source": source, "error": exc.message})
             raise
         self.store.audit(actor, "import-model", None, "ok", {"source": source, "model": imported})
         return self._entry(imported, None)
+
+    def _convert(self, model: str, staging: str) -> dict[str, Any]:
+        """Runs the converter job (``plan.convert_plan``) and reads its answer."""
+        code, out = self.runtime.run_to_completion(convert_plan(self.settings, model, staging), CONVERT_TIMEOUT_S)
+        answers = [line.removeprefix(CONVERT_MARKER) for line in out.splitlines() if line.startswith(CONVERT_MARKER)]
+        if answers:
+            answer: dict[str, Any] = json.loads(answers[-1])
+            return answer
+        why = "it ran past its time limit" if code == -1 else f"it exited {code}: {out.strip()[-600:]}"
+        return {"ok": False, "reason": f"the converter job ({self.settings.converter_image}) failed; {why}"}
 
     def remove(self, name: str, actor: str) -> None:
         """Deletes a model from the models volume; refused while a tenant uses it (named). Audited."""
@@ -112,7 +147,8 @@ class ModelCatalog:
         try:
             footprint, config = self.sizing.footprint(name, quantized=False)  # as stored, when pre-quantized
         except GtmError as exc:
-            return CatalogEntry(name, "", 0, "", 0, False, None, 0, None, exc.message)
+            origin = describe_origin(model_files.origin(self.settings.models_dir, name))
+            return CatalogEntry(name, "", 0, "", 0, False, None, 0, None, exc.message, origin=origin)
         text = config.get("text_config", config)
         vision = takes_images(config)
         # the minimum of a tenant with the default image limits (add-tenant's defaults for this model)
@@ -130,6 +166,7 @@ class ModelCatalog:
             minimum_gpu_memory_at=self._minimum(footprint, max_model_len, images) if max_model_len else None,
             tool_parser=parsers.pick_tool(text_of),
             reasoning_parser=parsers.pick_reasoning(text_of),
+            origin=describe_origin(model_files.origin(self.settings.models_dir, name)),
         )
 
     def with_parsers(self, spec: TenantSpec) -> TenantSpec:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 from manager import names
 from manager.control.enginefit import EngineFit
@@ -185,6 +186,41 @@ def warmup_plan(settings: Settings, model: str) -> ContainerPlan:
         network="none",
         mounts=[Mount(settings.models_source, "/models", read_only=True)],
         pids_limit=64,
+    )
+
+
+CONVERT_CODE = (Path(__file__).parent / "gguf_convert.py").read_text()
+"""The converter job's program: ``gguf_convert.py`` beside this file, passed to ``python3 -c``, so
+any image with its libraries runs it without a copy of the manager."""
+CONVERT_SOURCE = "source.gguf"
+CONVERT_OUT = "model"
+
+
+def convert_plan(settings: Settings, model: str, staging: str) -> ContainerPlan:
+    """A one-off container converting ``<staging>/source.gguf`` in the models volume into the
+    model folder ``<staging>/model`` (``gguf_convert.py``). No network; root only to write into
+    the staging folder the manager made (it owns it: no capability is needed); a tmpfs home for
+    the libraries' caches (/scratch) on an otherwise read-only filesystem. It has no memory limit: the
+    dequantised model is held in memory once (twice its bf16 size at most)."""
+    return ContainerPlan(
+        name=names.converter(settings.instance, model),
+        image=settings.converter_image,
+        entrypoint=["python3", "-c", CONVERT_CODE],
+        command=[f"/models/{staging}/{CONVERT_SOURCE}", f"/models/{staging}/{CONVERT_OUT}"],
+        labels=names.labels(settings.instance, Role.CONVERT),
+        network="none",
+        mounts=[Mount(settings.models_source, "/models")],
+        tmpfs={"/scratch": "size=1g"},
+        env={
+            "HOME": "/scratch",
+            "TMPDIR": "/scratch",
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "TQDM_DISABLE": "1",
+            "TRANSFORMERS_VERBOSITY": "error",
+        },
+        user="0:0",
+        pids_limit=256,
     )
 
 

@@ -92,7 +92,7 @@ class TenantService:
         self._admission = threading.Lock()  # one admission decision (or member change) at a time
         self.members = MemberService(store, reconciler, self._admission)
         self.meter = Meter(settings, store, runtime, inventory)
-        self.models = ModelCatalog(settings, store, reconciler.sizing, self._admission)
+        self.models = ModelCatalog(settings, store, reconciler.sizing, runtime, self._admission)
         self.placer = Placer(settings, store, inventory, self.meter, self.models)
 
     # ---------------------------------------------------------------- reading (routes and pages: here, not the store)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from manager.control.model_files import import_model
+from manager.control.catalog import describe_origin
+from manager.control.model_files import import_model, origin
 from manager.errors import Conflict, InvalidInput, NotFound
 
 from .conftest import write_model
@@ -28,7 +29,9 @@ def test_a_model_directory_is_copied_under_its_name(tmp_path: Path) -> None:
     volume.mkdir()
     source = a_model(tmp_path / "upload")
     assert import_model(volume, source, "mine") == "mine"
-    assert sorted(p.name for p in (volume / "mine").iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    files = sorted(p.name for p in (volume / "mine").iterdir())
+    assert files == ["config.json", "gtm-origin.json", "model.safetensors", "tokenizer.json"]
+    assert origin(volume, "mine") == {"kind": "directory", "source": str(source)}
     assert [p.name for p in volume.iterdir()] == ["mine"]  # no staging left behind
     with pytest.raises(Conflict, match="already in the models volume"):
         import_model(volume, source, "mine")
@@ -108,3 +111,77 @@ def test_remove_model_refuses_while_a_tenant_uses_it_and_names_them(svc) -> None
     with pytest.raises(NotFound, match=r"model .spare. not found .* available: demo"):
         svc.models.remove("spare", "admin")
     assert [a.action for a in svc.audit_log(action="remove-model")] == ["remove-model", "remove-model"]
+
+
+class FakeConverter:
+    """The converter job's contract (``gguf_convert.py``) without torch: it finds the file in the
+    staging folder and writes a model folder beside it, or answers a refusal."""
+
+    def __init__(self, volume: Path, refuse: str | None = None, broken: bool = False) -> None:
+        self.volume, self.refuse, self.broken = volume, refuse, broken
+        self.calls: list[tuple[str, str]] = []
+
+    def __call__(self, model: str, staging: str) -> dict[str, object]:
+        self.calls.append((model, staging))
+        assert (self.volume / staging / "source.gguf").read_bytes().startswith(b"GGUF")
+        if self.refuse:
+            return {"ok": False, "reason": self.refuse}
+        written = a_model(self.volume / staging, "model")
+        if self.broken:
+            (written / "tokenizer.json").unlink()
+        return {"ok": True, "architecture": "LlamaForCausalLM", "quantization": "Q4_1", "seconds": 1.0}
+
+
+def a_gguf(root: Path, name: str = "SmolLM2-135M-Instruct.Q4_1.gguf", head: bytes = b"GGUF\x03\x00\x00\x00") -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / name).write_bytes(head + bytes(64))
+    return root / name
+
+
+def test_a_gguf_file_is_converted_into_the_volume_under_its_name_with_its_origin(tmp_path: Path) -> None:
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    convert = FakeConverter(volume)
+    assert import_model(volume, a_gguf(tmp_path / "upload"), None, convert) == "SmolLM2-135M-Instruct.Q4_1"
+    assert convert.calls == [("SmolLM2-135M-Instruct.Q4_1", ".importing-SmolLM2-135M-Instruct.Q4_1")]
+    assert [p.name for p in volume.iterdir()] == ["SmolLM2-135M-Instruct.Q4_1"]  # staging and its copy gone
+    facts = origin(volume, "SmolLM2-135M-Instruct.Q4_1")
+    assert facts == {
+        "kind": "gguf",
+        "source": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "architecture": "LlamaForCausalLM",
+        "quantization": "Q4_1",
+    }
+    assert describe_origin(facts) == "gguf SmolLM2-135M-Instruct.Q4_1.gguf (Q4_1)"
+    assert import_model(volume, a_gguf(tmp_path / "upload"), "smollm2", convert) == "smollm2"
+    with pytest.raises(Conflict, match="already in the models volume"):
+        import_model(volume, a_gguf(tmp_path / "upload"), "smollm2", convert)
+
+
+@pytest.mark.parametrize(
+    ("converter", "says"),
+    [
+        ({"refuse": "it holds no tokenizer"}, "cannot be imported: it holds no tokenizer. Nothing was imported"),
+        ({"broken": True}, "converted into a folder that cannot be served: no tokenizer"),
+    ],
+)
+def test_a_gguf_the_converter_refuses_or_breaks_leaves_nothing(
+    tmp_path: Path, converter: dict[str, object], says: str
+) -> None:
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    convert = FakeConverter(volume, **converter)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput, match=says):
+        import_model(volume, a_gguf(tmp_path / "upload"), "smol", convert)
+    assert list(volume.iterdir()) == []
+
+
+def test_a_file_that_is_not_gguf_is_refused_before_any_conversion(tmp_path: Path) -> None:
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    convert = FakeConverter(volume)
+    with pytest.raises(InvalidInput, match=r"not a GGUF file .* give a \.gguf file, or the model's directory"):
+        import_model(volume, a_gguf(tmp_path / "upload", "model.bin", head=b"PK\x03\x04"), "x", convert)
+    with pytest.raises(InvalidInput, match="invalid model name"):
+        import_model(volume, a_gguf(tmp_path / "upload"), "../up", convert)
+    assert convert.calls == [] and list(volume.iterdir()) == []

@@ -131,6 +131,19 @@ def test_the_warm_up_reads_the_engine_image_and_model_without_a_memory_limit(set
     assert kwargs["read_only"] is True and kwargs["cap_drop"] == ["ALL"] and kwargs["user"] == "1000:1000"
 
 
+def test_the_gguf_converter_runs_its_own_program_offline_writing_only_the_models_volume(settings) -> None:
+    from manager.control.plan import convert_plan
+    from manager.runtime.docker import container_kwargs
+
+    kwargs = container_kwargs(convert_plan(settings, "smollm2", ".importing-smollm2"))
+    assert kwargs["image"] == settings.converter_image and kwargs["network"] == "none"
+    assert kwargs["entrypoint"][:2] == ["python3", "-c"] and "GgufConfig(dequantize=True)" in kwargs["entrypoint"][2]
+    assert kwargs["command"] == ["/models/.importing-smollm2/source.gguf", "/models/.importing-smollm2/model"]
+    (mount,) = kwargs["mounts"]
+    assert mount["Target"] == "/models" and mount["ReadOnly"] is False
+    assert kwargs["read_only"] is True and kwargs["cap_drop"] == ["ALL"] and kwargs["name"].endswith("-convert-smollm2")
+
+
 def test_engine_options_as_vllm_spells_them(settings: Settings) -> None:
     default = tenant_plan(spec(), settings, device_total=24 * G).engine.command
     assert default[default.index("--limit-mm-per-prompt") + 1] == '{"image": 0}', "a text model's tenant takes none"
