@@ -16,6 +16,7 @@ weights are random; they exist so the real loading and serving path of vLLM runs
 """
 
 import glob
+import json
 import os
 import sys
 
@@ -189,6 +190,10 @@ def vision_model(out: str) -> None:
 def main(out: str, kind: str = "text") -> None:
     os.makedirs(out, exist_ok=True)
     {"text": text_model, "vision": vision_model}[kind](out)
+    # where it came from, as import-model records it (list-models' ORIGIN column)
+    origin = {"kind": "generated", "source": "scripts/make-demo-model.py", "detail": "random weights"}
+    with open(os.path.join(out, "gtm-origin.json"), "w") as fh:
+        json.dump(origin, fh, indent=1, sort_keys=True)
     print(f"{kind} demo model written to", out)
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Writes the demo models into TARGET/demo (text) and TARGET/demo-vl (images and text), where
 # TARGET is a Docker volume name (the compose stack's models volume) or an absolute host path
-# (tests). Runs the generator inside the engine image; a model already there is kept.
+# (tests). Runs the generator inside the engine image; a model already there (its last file,
+# gtm-origin.json, written) is kept.
 # Usage: scripts/make-demo-model.sh TARGET
 source "$(dirname "$0")/lib.sh"
 target=${1:?usage: make-demo-model.sh VOLUME_OR_ABSOLUTE_PATH}
@@ -10,7 +11,7 @@ docker image inspect "$GTM_ENGINE_IMAGE" >/dev/null 2>&1 || die "$GTM_ENGINE_IMA
 in_engine() { docker run --rm --network none "$@"; }
 for pair in demo:text demo-vl:vision; do
   name=${pair%%:*} kind=${pair#*:}
-  if in_engine -v "$target":/models:ro --entrypoint test "$GTM_ENGINE_IMAGE" -f "/models/$name/model.safetensors"; then
+  if in_engine -v "$target":/models:ro --entrypoint test "$GTM_ENGINE_IMAGE" -f "/models/$name/gtm-origin.json"; then
     log "demo model $name present in $target"; continue
   fi
   log "generating the demo model $name into $target"

@@ -1,10 +1,14 @@
 """The product as a new admin runs it, on one stack for the whole module.
 
 The README's first command (scripts/up.sh) brings up the manager's compose stack with its two demo
-tenants: a text engine (demo) and a vision engine (demo-vl, the Idefics3 model on a real vLLM CPU
-engine behind its real gateway container). Against that stack, in file order:
+tenants: a text engine (demo, serving SmolLM2-135M-Instruct, a real model that up.sh fetched as a
+GGUF file and converted with import-model) and a vision engine (demo-vl, the Idefics3 model on a
+real vLLM CPU engine behind its real gateway container). Against that stack, in file order:
 
-- the admin's `docker exec <manager> add-tenant ...` and the other commands;
+- real answers, tool calls and structured output from the text tenant, through the OpenAI SDK
+  and LangChain;
+- the admin's `docker exec <manager> add-tenant ...` and the other commands, import-model's
+  refusals of bad GGUF files included;
 - images, as data: URLs, from the OpenAI SDK and LangChain to the vision tenant; the door's
   refusals leave its engine untouched; each member's prompts stay in a prefix cache of its own;
 - last, up.sh again and after scripts/down.sh, which changes nothing.
@@ -23,6 +27,7 @@ import json
 import os
 import re
 import secrets
+import struct
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,7 +38,10 @@ import docker
 import httpx
 import openai
 import pytest
+from langchain_core.messages import AIMessage
+from langchain_openai import ChatOpenAI
 from PIL import Image
+from pydantic import BaseModel, SecretStr
 
 from manager import names
 
@@ -52,6 +60,7 @@ class Stack:
     docker: docker.DockerClient
     first_up: subprocess.CompletedProcess[str]
     keys: dict[str, str] = field(default_factory=dict)  # the vision tenant's members' keys
+    text_key: str = ""  # the text tenant's (demo) first member's
 
     @property
     def manager(self) -> str:
@@ -79,6 +88,14 @@ class Stack:
             base_url=f"http://127.0.0.1:{self.vision_port}/v1", api_key=self.keys[member], max_retries=0, timeout=300
         )
 
+    def text_client(self) -> openai.OpenAI:
+        return openai.OpenAI(
+            base_url=f"http://127.0.0.1:{self.env['GTM_DEMO_PORT']}/v1",
+            api_key=self.text_key,
+            max_retries=0,
+            timeout=300,
+        )
+
     def engine(self) -> Any:
         return self.docker.containers.get(names.engine(self.instance, VISION))
 
@@ -87,6 +104,15 @@ class Stack:
         code = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:8000/metrics').read().decode())"
         out = self.engine().exec_run(["python3", "-c", code]).output.decode()
         return sum(float(line.rsplit(" ", 1)[1]) for line in out.splitlines() if line.startswith(name + "{"))
+
+
+def tiny_gguf(fields: dict[str, str]) -> bytes:
+    """A GGUF file (version 3) of string fields and no tensors, as llama.cpp's format lays it out."""
+    out = b"GGUF" + struct.pack("<IQQ", 3, 0, len(fields))
+    for key, value in fields.items():
+        k, v = key.encode(), value.encode()
+        out += struct.pack("<Q", len(k)) + k + struct.pack("<IQ", 8, len(v)) + v  # 8: a string
+    return out
 
 
 def up(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -130,7 +156,8 @@ def stack(docker_client: docker.DockerClient) -> Iterator[Stack]:
         first = up(env)
         found = KEY_LINE.findall(first.stdout)
         # up.sh adds demo, then demo-vl; each add-tenant prints its first member's key once
-        yield Stack(env, instance, docker_client, first, {VISION: found[1]} if len(found) == 2 else {})
+        keys = {VISION: found[1]} if len(found) == 2 else {}
+        yield Stack(env, instance, docker_client, first, keys, found[0] if len(found) == 2 else "")
     finally:
         subprocess.run(
             ["bash", "scripts/down.sh", "--purge"], cwd=ROOT, env=env, capture_output=True, check=False, timeout=300
@@ -150,6 +177,77 @@ def test_up_brings_up_both_demo_tenants(stack: Stack) -> None:
     assert [t["status"] for t in demo_tenants(stack.env)] == ["running", "running"]
     assert "demo-vl: running" in first.stderr and "demo: starting" in first.stderr, first.stderr[-2000:]
     assert list(stack.keys) == [VISION], first.stdout[-2000:]
+    assert "smollm2-import took" in first.stderr, "the real model was fetched and converted"
+
+
+# ------------------------------------------------------------------ real answers from the text tenant
+
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+class GetWeather(BaseModel):
+    """Get the current weather in a city."""
+
+    city: str
+
+
+@pytest.mark.slow
+def test_the_text_tenant_answers_from_a_real_model_through_the_sdk_and_langchain(stack: Stack) -> None:
+    """SmolLM2-135M-Instruct, converted from its GGUF file by import-model, answers a fixed
+    question at temperature 0; forced tool calls carry arguments that validate against the tool's
+    schema (the tenant's admin set --tool-call-parser hermes); a JSON schema's output parses."""
+    client = stack.text_client()
+    answer = client.chat.completions.create(model="smollm2", messages=FRANCE, temperature=0, max_tokens=30)  # type: ignore[arg-type]
+    assert "Paris" in (answer.choices[0].message.content or ""), answer
+    llm = ChatOpenAI(
+        base_url=f"http://127.0.0.1:{stack.env['GTM_DEMO_PORT']}/v1",
+        api_key=SecretStr(stack.text_key),
+        model="smollm2",
+        temperature=0,
+        max_tokens=200,
+        max_retries=0,
+    )
+    assert "Paris" in str(llm.invoke("What is the capital of France?").content)
+
+    # tools: a named tool_choice, as LangChain's bind_tools forces it, and `auto`, which is served
+    forced = llm.bind_tools([GetWeather], tool_choice="GetWeather").invoke("What's the weather in Paris?")
+    assert isinstance(forced, AIMessage) and [c["name"] for c in forced.tool_calls] == ["GetWeather"], forced
+    assert GetWeather.model_validate(forced.tool_calls[0]["args"]).city
+    chosen = llm.bind_tools([GetWeather]).invoke("What's the weather in Paris?")
+    assert isinstance(chosen, AIMessage), chosen
+    raw = client.chat.completions.create(
+        model="smollm2",
+        messages=[{"role": "user", "content": "What's the weather in Paris?"}],
+        tools=[{"type": "function", "function": {"name": "get_weather", "parameters": GetWeather.model_json_schema()}}],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=200,
+    )
+    (call,) = raw.choices[0].message.tool_calls or []
+    assert call.function.name == "get_weather"  # type: ignore[union-attr]
+    GetWeather.model_validate_json(call.function.arguments)  # type: ignore[union-attr]
+
+    # structured output: JSON that validates against the schema asked for
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    shaped = client.chat.completions.create(
+        model="smollm2",
+        messages=[{"role": "user", "content": "Name a city in France as JSON."}],
+        temperature=0,
+        max_tokens=60,
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}},
+    )
+    assert isinstance(json.loads(shaped.choices[0].message.content or "")["city"], str)
+
+    # the call agent guides make (thinking switches, streamed): served, thinking off on a model without any
+    thinking = ChatOpenAI(
+        base_url=f"http://127.0.0.1:{stack.env['GTM_DEMO_PORT']}/v1",
+        api_key=SecretStr(stack.text_key),
+        model="smollm2",
+        temperature=0,
+        max_tokens=30,
+        streaming=True,
+        extra_body={"enable_thinking": True, "return_reasoning": True},
+    )
+    assert "Paris" in "".join(str(chunk.content) for chunk in thinking.stream("What is the capital of France?"))
 
 
 # ------------------------------------------------------------------ an admin's commands in the container
@@ -176,8 +274,11 @@ def test_docker_exec_add_tenant_in_the_stack(stack: Stack) -> None:
         assert refused.returncode != 0 and says in refused.stderr, refused.stderr
     assert tenant_names() == {"demo", VISION}  # nothing was created
 
-    models = json.loads(dexec(manager, "list-models", "--max-model-len", "1024", "--json").stdout)
-    demo, vision = models
+    listing = json.loads(dexec(manager, "list-models", "--max-model-len", "1024", "--json").stdout)
+    models = {m["name"]: m for m in listing}
+    demo, vision, smollm2 = models["demo"], models[VISION], models["smollm2"]
+    assert smollm2["origin"] == "gguf smollm2.gguf (Q4_1)" and smollm2["dtype"] == "bfloat16"
+    assert demo["origin"] == "generated scripts/make-demo-model.py (random weights)"
     assert demo["name"] == "demo" and demo["architecture"] == "LlamaForCausalLM" and not demo["takes_images"]
     assert vision["name"] == VISION and vision["architecture"] == "Idefics3ForConditionalGeneration"
     assert vision["takes_images"] and vision["minimum_gpu_memory"] > demo["minimum_gpu_memory"]
@@ -199,7 +300,32 @@ def test_docker_exec_add_tenant_in_the_stack(stack: Stack) -> None:
     truncated = dexec(manager, "import-model", "/tmp/upload", "--name", "broken")
     assert truncated.returncode == 2 and "model.safetensors is cut short" in truncated.stderr, truncated.stderr
     listed = {m["name"] for m in json.loads(dexec(manager, "list-models", "--json").stdout)}
-    assert listed == {"demo", VISION, "democopy"}
+    assert listed == {"demo", VISION, "smollm2", "democopy"}
+
+    # import-model FILE.gguf: what cannot be converted is refused with what to do, and nothing is left
+    smollm2_file = subprocess.run(
+        ["bash", "scripts/fetch-smollm2.sh"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert subprocess.run(["docker", "cp", smollm2_file, f"{manager}:/tmp/whole.gguf"], check=False).returncode == 0
+    write = "import sys; open(sys.argv[1], 'wb').write(bytes.fromhex(sys.argv[2]))"
+    made = {
+        "/tmp/notok.gguf": {"general.architecture": "llama"},
+        "/tmp/bert.gguf": {"general.architecture": "bert", "tokenizer.ggml.model": "gpt2"},
+    }
+    for path, content in made.items():
+        assert dexec(manager, "python3", "-c", write, path, tiny_gguf(content).hex()).returncode == 0
+    assert dexec(manager, "sh", "-c", "head -c 50000000 /tmp/whole.gguf > /tmp/cut.gguf").returncode == 0
+    for source, says in (
+        ("/tmp/upload/config.json", "is a file but not a GGUF file"),
+        ("/tmp/cut.gguf", "it is not a complete GGUF file"),
+        ("/tmp/notok.gguf", "it holds no tokenizer"),
+        ("/tmp/bert.gguf", "cannot convert its architecture 'bert' from GGUF; it converts: "),
+    ):
+        refused = dexec(manager, "import-model", source, "--name", "broken")
+        assert refused.returncode == 2 and says in refused.stderr, (source, refused.stderr)
+    assert dexec(manager, "ls", "-A", "/models").stdout.split() == sorted(["demo", VISION, "smollm2", "democopy"])
+    assert not stack.docker.containers.list(all=True, filters={"label": names.selector(instance, role="convert")})
+    dexec(manager, "rm", "-f", "/tmp/whole.gguf", "/tmp/cut.gguf", "/tmp/notok.gguf", "/tmp/bert.gguf")
 
     added = dexec(
         manager, "add-tenant", "--name", "companya", "--gpu-memory", "1536M", "--port", "30301", "--model", "democopy"
@@ -255,7 +381,8 @@ def test_docker_exec_add_tenant_in_the_stack(stack: Stack) -> None:
     )
     gone = dexec(manager, "remove-model", "democopy")  # no tenant uses it any more
     assert gone.returncode == 0 and "democopy removed" in gone.stdout, gone.stderr
-    assert {m["name"] for m in json.loads(dexec(manager, "list-models", "--json").stdout)} == {"demo", VISION}
+    left = {m["name"] for m in json.loads(dexec(manager, "list-models", "--json").stdout)}
+    assert left == {"demo", VISION, "smollm2"}
     assert tenant_names() == {"demo", VISION}
 
 
