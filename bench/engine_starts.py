@@ -51,12 +51,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def first_answer(url: str, headers: dict[str, str], deadline: float) -> float:
-    """Polls a chat completion until it answers 200; returns when it did."""
+def first_answer(url: str, headers: dict[str, str], deadline: float, body: dict[str, Any] = CHAT) -> float:
+    """Polls a chat completion (``body``) until it answers 200; returns when it did."""
     with httpx.Client(timeout=10) as client:
         while time.monotonic() < deadline:
             try:
-                if client.post(url, json=CHAT, headers=headers).status_code == 200:
+                if client.post(url, json=body, headers=headers).status_code == 200:
                     return time.monotonic()
             except httpx.HTTPError:
                 pass

@@ -20,6 +20,10 @@
 #                                  (default 10) with a manager restart, a gateway SIGKILL, an
 #                                  engine SIGKILL and a dockerd restart: every request reconciled
 #                                  with the usage records, and each fault's outage
+#   scripts/bench.sh --real-model [N]
+#                                  the quick start's real model (SmolLM2-135M GGUF): conversion
+#                                  time, add-tenant -> first answer, first token and tokens/s of
+#                                  one stream and of N at once (default 8), ratio to the one
 #   scripts/bench.sh --engine-starts [N]
 #                                  N engine starts through the manager (default 10): first-start
 #                                  success rate and add-tenant -> first answer vs docker run; as
@@ -32,6 +36,10 @@
 source "$(dirname "$0")/lib.sh"
 cd "$GTM_ROOT"
 bash scripts/dev-env.sh >/dev/null
+if [ "${1:-}" = "--real-model" ]; then
+  bash scripts/build-images.sh all >/dev/null
+  exec .venv/bin/python -m bench.real_model --gguf "$(bash scripts/fetch-smollm2.sh)" --streams "${2:-8}"
+fi
 if [ "${1:-}" = "--engine-starts" ]; then
   bash scripts/build-images.sh all >/dev/null
   bash scripts/make-demo-model.sh "$GTM_CACHE/models" >/dev/null

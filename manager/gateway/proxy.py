@@ -70,13 +70,15 @@ ENGINE_OPTIONS_OFF = (
         re.compile(r"--enable-auto-tool-choice|--tool-call-parser"),
         "tool_calls_not_enabled",
         "Tool calling is not enabled for this tenant; an admin enables it with "
-        "`update-tenant --name {tenant} --tool-call-parser auto`.",
+        "`update-tenant --name {tenant} --tool-call-parser auto` (list-models shows what auto picks for "
+        "the model; where it picks none, the admin names a parser, such as hermes).",
     ),
     (
         re.compile(r"--reasoning-parser"),
         "reasoning_not_enabled",
         "Reasoning output is not enabled for this tenant; an admin enables it with "
-        "`update-tenant --name {tenant} --reasoning-parser auto`.",
+        "`update-tenant --name {tenant} --reasoning-parser auto` (for a model that thinks; list-models "
+        "shows what auto picks).",
     ),
 )
 """Engine errors that name the engine's own flags, in the tenant's words: what to ask the admin for."""

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import secrets
 import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import docker
 import pytest
@@ -21,7 +23,7 @@ from manager.domain import TenantSpec
 from manager.names import Role, labels
 from manager.runtime.docker import DockerRuntime
 
-from .conftest import ENGINE_IMAGE, MANAGER_IMAGE, run_probe, wait_for
+from .conftest import ENGINE_IMAGE, MANAGER_IMAGE, TEST_PREFIX, remove_instance, run_probe, wait_for
 from .probes import CHAT, CONNECT
 
 G = 1024**3
@@ -143,26 +145,71 @@ def host_listener() -> Iterator[int]:
         server.close()
 
 
-PARSER_LISTS = """
+PARSERS = """
 import json
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.reasoning import ReasoningParserManager
 from vllm.tool_parsers import ToolParserManager
-print(json.dumps([sorted(ToolParserManager.list_registered()), sorted(ReasoningParserManager.list_registered())]))
+
+# a fixture tokenizer with a thinking model's special tokens, and what such a model writes
+words = ["<think>", "</think>", "the", "capital", "of", "France", "Paris", "[UNK]"]
+tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+tokenizer.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]})
+request = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "q"}])
+split = {}
+for name in ("qwen3", "deepseek_r1"):
+    parser = ReasoningParserManager.get_reasoning_parser(name)(tokenizer)
+    whole = parser.extract_reasoning("<think>the capital of France</think>Paris", request)
+    ids, before, reasoning, content = [], "", "", ""
+    for piece in ["<think>", "the ", "capital ", "of ", "France", "</think>", "Paris"]:  # streamed, token by token
+        new = tokenizer.encode(piece.strip(), add_special_tokens=False)
+        delta = parser.extract_reasoning_streaming(before, before + piece, piece, list(ids), ids + new, new)
+        ids, before = ids + new, before + piece
+        if delta is not None:
+            reasoning += delta.reasoning or ""
+            content += delta.content or ""
+    split[name] = [list(whole), [reasoning, content]]
+tools = sorted(ToolParserManager.list_registered())
+print(json.dumps([tools, sorted(ReasoningParserManager.list_registered()), split]))
 """
 
 
-def test_the_managers_parser_lists_are_the_engines_own(docker_client: docker.DockerClient, instance: str) -> None:
+@pytest.fixture(scope="module")
+def engine_parsers(docker_client: docker.DockerClient) -> Iterator[list[Any]]:
+    """The engine image's parser registries, and what its reasoning parsers make of a thinking
+    model's output: read once, in a one-off container without a network (no engine starts)."""
+    inst = TEST_PREFIX + secrets.token_hex(4)
+    try:
+        out = docker_client.containers.run(
+            ENGINE_IMAGE,
+            ["-c", PARSERS],
+            entrypoint="python3",
+            network_mode="none",
+            labels=labels(inst, Role.PROBE),
+            remove=True,
+            stderr=False,
+        )
+        yield json.loads(out.decode().strip().splitlines()[-1])
+    finally:
+        remove_instance(docker_client, lambda i: i == inst)
+
+
+def test_the_managers_parser_lists_are_the_engines_own(engine_parsers: list[Any]) -> None:
     """What add-tenant accepts as --tool-call-parser and --reasoning-parser is what the engine image
-    registers: a rebuilt engine of another vLLM release that differs fails here first. No engine
-    starts: the registries are read in a one-off container without a network."""
-    out = docker_client.containers.run(
-        ENGINE_IMAGE,
-        ["-c", PARSER_LISTS],
-        entrypoint="python3",
-        network_mode="none",
-        labels=labels(instance, Role.PROBE),
-        remove=True,
-        stderr=False,
-    )
-    tools, reasoning = json.loads(out.decode().strip().splitlines()[-1])
+    registers: a rebuilt engine of another vLLM release that differs fails here first."""
+    tools, reasoning, _ = engine_parsers
     assert (set(tools), set(reasoning)) == (set(TOOL_PARSERS), set(REASONING_PARSERS))
+
+
+def test_the_reasoning_parsers_auto_picks_split_thinking_from_the_answer(engine_parsers: list[Any]) -> None:
+    """The parsers ``--reasoning-parser auto`` picks for thinking models (qwen3 for Qwen3,
+    deepseek_r1 for DeepSeek-R1 distills) put the thinking in ``reasoning`` and the answer in
+    ``content``, whole and streamed. No thinking model can be fetched here: a fixture tokenizer
+    with their special tokens stands in for one, and the text is what such a model writes."""
+    split = engine_parsers[2]
+    expected = [["the capital of France", "Paris"], ["the capital of France", "Paris"]]
+    assert split == {"qwen3": expected, "deepseek_r1": expected}

@@ -893,7 +893,8 @@ async def test_an_engine_error_that_names_its_flags_says_what_to_ask_the_admin(t
         assert r.status_code == 400 and error["code"] == "tool_calls_not_enabled", error
         assert error["message"] == (
             "Tool calling is not enabled for this tenant; an admin enables it with "
-            "`update-tenant --name acme --tool-call-parser auto`."
+            "`update-tenant --name acme --tool-call-parser auto` (list-models shows what auto picks for "
+            "the model; where it picks none, the admin names a parser, such as hermes)."
         )
     r = await client.post("/v1/chat/completions", json={**CHAT, "top_k": -7, "stream": True})
     assert r.status_code == 400 and "--generation-config" not in r.text and "an engine option" in r.text
