@@ -63,9 +63,10 @@ class Platform:
         """What each engine holds beyond its reservation; ``context`` is ``GTM_PROCESS_OVERHEAD``."""
         raise NotImplementedError
 
-    def kept_asleep(self, context: int) -> int:
-        """What a sleeping tenant keeps of its device."""
-        return self.process_overhead(context) if self.sleeps_in_place else 0
+    def kept_asleep(self, context: int, configured: int | None = None) -> int:
+        """What a sleeping tenant keeps of its device until its own is measured: ``configured``
+        (``GTM_KEPT_ASLEEP``), else the platform's figure; ``context`` is ``GTM_PROCESS_OVERHEAD``."""
+        return 0
 
     def memory_limit(self, reserved: int) -> int | None:
         """The engine container's memory limit."""
@@ -107,6 +108,14 @@ class HostMemory(Platform):
         return 0  # the reservation is the engine's whole memory limit
 
 
+KEPT_BEYOND_CONTEXT = 1536 * MIB
+"""nvml: what a level-1 sleeper keeps on its device beyond its CUDA context, until NVML measures
+its own. vLLM 0.32's sleep unmaps only what its cuMem pools hold (the weights, backed up in host
+memory, and the KV cache; vllm/device_allocator/cumem.py); the CUDA graph pools stay resident,
+since ``--sleep-mode-offload-cudagraph`` is off by default (config/model.py), and so does every
+tensor allocated outside those pools. For a 7-8B model that is about 1-1.7 GiB (the graph pool
+vLLM logs as "CUDA graph pool memory ... (actual)")."""
+
 ENGINE_THREADS = "4"
 """nvml: threads of each pool (OpenMP, MKL, tokenizers, torch.compile workers) in an engine; left
 alone, each sizes itself to every core of the host."""
@@ -147,6 +156,9 @@ class Nvidia(Platform):
 
     def process_overhead(self, context: int) -> int:
         return context  # each engine's CUDA context, outside vLLM's budget
+
+    def kept_asleep(self, context: int, configured: int | None = None) -> int:
+        return configured if configured is not None else context + KEPT_BEYOND_CONTEXT
 
     def devices(self, gpu_uuid: str | None) -> list[str] | None:
         return [gpu_uuid or "0"]  # a GPU's or a MIG instance's UUID

@@ -65,6 +65,7 @@ class Settings(BaseSettings):
 
     headroom: Size = GIB
     process_overhead: Size = 512 * MIB
+    kept_asleep: Size | None = None
     engine_overhead: Size | None = None
     min_kv_tokens: int = 256
     engine_pids_limit: int = 512

@@ -22,10 +22,13 @@ and ``Worker.determine_available_memory``, v0.10-v0.11):
 5. from then on the engine holds its context plus its whole budget (the KV cache is allocated
    up front).
 
-Sleep mode, level 1 (vllm/device_allocator/cumem.py, ``CuMemAllocator.sleep`` and ``wake_up``):
-the memory allocated in its pool (weights, KV cache) is unmapped, the weights backed up in host
-memory; the process and its CUDA context stay (``vllm_sleep``). A wake maps it all again and fails
-as CUDA does when the device has not that much free (``vllm_wake``).
+Sleep mode, level 1 (vllm/device_allocator/cumem.py, ``CuMemAllocator.sleep`` and ``wake_up``,
+0.32): the memory allocated in its cuMem pools (weights, KV cache) is unmapped, the weights backed
+up in host memory; the process, its CUDA context, its CUDA graph pools (``--sleep-mode-offload-
+cudagraph`` is off by default, config/model.py) and every tensor allocated outside those pools stay
+(``vllm_sleep``: ``EngineModel.kept_asleep``). A wake maps the pools back one allocation at a time,
+with no rollback: short of memory half way, it raises CUDA's out-of-memory error and the engine
+stays alive, half mapped, still reporting that it sleeps (``vllm_wake``; vLLM issue 47654).
 """
 
 from __future__ import annotations
@@ -186,6 +189,12 @@ class EngineModel:
     activation_peak: int = 1400 * MIB
     non_torch: int = 300 * MIB
     context: int = CONTEXT
+    graph_pool: int = 1200 * MIB
+    """CUDA graph pools and tensors outside the cuMem pools (inside the budget): they stay asleep."""
+
+    @property
+    def kept_asleep(self) -> int:
+        return self.context + self.graph_pool
 
     @property
     def non_kv(self) -> int:
@@ -219,14 +228,18 @@ def vllm_stop(device: SimDevice, pid: int) -> None:
 
 
 def vllm_sleep(device: SimDevice, pid: int, engine: EngineModel) -> None:
-    """Level 1: only the context stays on the device."""
-    device.processes[pid] = engine.context
+    """Level 1: its context, graph pools and tensors outside the cuMem pools stay on the device."""
+    device.processes[pid] = engine.kept_asleep
 
 
 def vllm_wake(device: SimDevice, pid: int, engine: EngineModel, budget: int) -> None:
-    """Maps the engine's budget again: its weights and its whole KV cache."""
-    if device.cuda_free < budget:
-        raise VllmRefused(
-            f"CUDA out of memory waking up: {budget / GIB:.2f} GiB wanted, {device.cuda_free / GIB:.2f} GiB free"
-        )
-    device.processes[pid] = engine.context + budget
+    """Maps the engine's pools again, its weights then its KV cache, one allocation at a time:
+    short of memory, what was mapped stays mapped and CUDA's error is raised."""
+    pools = [engine.weights, budget - engine.graph_pool - engine.weights]
+    for size in pools:
+        if device.cuda_free < size:
+            raise VllmRefused(
+                f"CUDA Error: out of memory at cumem_allocator.cpp ({size / GIB:.2f} GiB wanted, "
+                f"{device.cuda_free / GIB:.2f} GiB free)"
+            )
+        device.processes[pid] += size

@@ -13,9 +13,11 @@ Pure decisions with every number in the answer, like ``admission``:
   always-on tenant also counts the largest reservation of one that may sleep, whose wake must
   still fit beside it.
 
-What a sleeper keeps (``Room.kept``): on a GPU its engine sleeps in place (vLLM's sleep mode,
-level 1), keeping its process and CUDA context, one process overhead, counted for every sleeper;
-in cpu mode its engine is stopped and it keeps nothing (its gateway is a small process beside).
+What a sleeper keeps (``Resident.kept``): on a GPU its engine sleeps in place (vLLM's sleep mode,
+level 1), keeping its process, CUDA context, CUDA graph pools and every tensor outside vLLM's sleep
+pools: NVML's figure for it once it has slept, else ``Platform.kept_asleep``, counted for every
+sleeper; in cpu mode its engine is stopped and it keeps nothing (its gateway is a small process
+beside).
 """
 
 from __future__ import annotations
@@ -43,9 +45,14 @@ class Resident:
     """When it last took a request (or began to run, if it took none since)."""
     running: bool = True
     """Its engine serves (else it is starting, waking or failed)."""
+    kept: int = 0
+    """What it keeps of the device asleep (its engine's process and what stays resident with it)."""
 
 
-def resident(row: TenantRow, idle: bool = False, last_used: float = 0.0) -> Resident:
+def resident(row: TenantRow, idle: bool = False, last_used: float = 0.0, kept: int = 0) -> Resident:
+    """``kept``: what a sleeper keeps by default (``Platform.kept_asleep``; 0 when engines stop),
+    replaced by the tenant's own figure, measured when it last slept in place."""
+    measured = row.sleep.kept_asleep
     return Resident(
         row.spec.name,
         row.spec.gpu_memory,
@@ -54,6 +61,7 @@ def resident(row: TenantRow, idle: bool = False, last_used: float = 0.0) -> Resi
         idle,
         last_used,
         row.status == TenantStatus.RUNNING,
+        measured if kept and measured is not None else kept,
     )
 
 
@@ -65,9 +73,6 @@ class Room:
     usable: int
     headroom: int
     process_overhead: int
-    kept: int = 0
-    """What each sleeping tenant keeps of the device: its engine's process overhead when the engine
-    sleeps in place (``Platform.sleeps_in_place``), else nothing."""
 
     @property
     def capacity(self) -> int:
@@ -92,7 +97,8 @@ def plan_wake(reserved: int, others: Sequence[Resident], room: Room) -> WakePlan
     f, overhead = format_size, room.process_overhead
     needed = reserved + overhead
     awake = [o for o in others if o.awake]
-    taken = sum(o.reserved + overhead for o in awake) + room.kept * (len(others) - len(awake))
+    kept_by_sleepers = sum(o.kept for o in others if not o.awake)
+    taken = sum(o.reserved + overhead for o in awake) + kept_by_sleepers
     free = room.capacity - taken
     sleepable = sorted((o for o in awake if o.idle and not o.always_on), key=lambda o: (o.last_used, o.name))
     evict: list[str] = []
@@ -101,13 +107,13 @@ def plan_wake(reserved: int, others: Sequence[Resident], room: Room) -> WakePlan
         if free + freed >= needed:
             break
         evict.append(o.name)
-        freed += o.reserved + overhead - room.kept
+        freed += o.reserved + overhead - o.kept
     numbers = {
         "needed": needed,
         "capacity": room.capacity,
         "awake_tenants": len(awake),
         "awake_reserved": taken,
-        "kept_by_sleepers": room.kept * (len(others) - len(awake)),
+        "kept_by_sleepers": kept_by_sleepers,
         "free": free,
         "freed_by_sleeping": freed,
     }
@@ -125,9 +131,9 @@ def plan_wake(reserved: int, others: Sequence[Resident], room: Room) -> WakePlan
     serving = [o.name for o in awake if o.running and not o.idle and not o.always_on]
     starting = [o.name for o in awake if not o.running and not o.always_on]
     pinned = [o.name for o in awake if o.always_on]
-    later = sum(o.reserved + overhead - room.kept for o in awake if not o.always_on) - freed
+    later = sum(o.reserved + overhead - o.kept for o in awake if not o.always_on) - freed
     numbers["freed_once_idle"] = later
-    held = f"{f(taken)} with their overhead" if overhead or room.kept else f"{f(taken)} reserved"
+    held = f"{f(taken)} with their overhead" if overhead or kept_by_sleepers else f"{f(taken)} reserved"
     message = (
         f"it needs {asked} but {f(max(free, 0))} of {f(room.capacity)} is free beside the {len(awake)} tenants "
         f"awake ({held}), and putting every idle one that may sleep to sleep frees only {f(freed)}"
@@ -141,14 +147,18 @@ def plan_wake(reserved: int, others: Sequence[Resident], room: Room) -> WakePlan
     return WakePlan(False, (), message + ".", numbers, wait=free + freed + later >= needed)
 
 
-def counted_beside(others: Sequence[Resident], always_on: bool, sleepers_keep: bool = False) -> tuple[int, int]:
+def counted_beside(others: Sequence[Resident], always_on: bool, overhead: int = 0) -> tuple[int, int]:
     """What admission counts beside a new (or resized) reservation under overcommit: (bytes, how
-    many engines, each with its process overhead). ``sleepers_keep``: a sleeper keeps its engine's
-    process (``Room.kept``), so every one that may sleep still counts as an engine."""
+    many engines, each with its process overhead). Every tenant that may sleep counts what it keeps
+    asleep (``Resident.kept``, its process included). A new always-on tenant also counts the wake
+    of the largest of them: its reservation and ``overhead``, less what it keeps already."""
     pinned = [o for o in others if o.always_on]
     sleepers = [o for o in others if not o.always_on]
-    reserved, engines = sum(o.reserved for o in pinned), len(pinned) + (len(sleepers) if sleepers_keep else 0)
+    reserved, engines = sum(o.reserved for o in pinned) + sum(o.kept for o in sleepers), len(pinned)
     if always_on and sleepers:
-        reserved += max(o.reserved for o in sleepers)
-        engines += 0 if sleepers_keep else 1  # that one's process is counted already when sleepers keep it
+        largest = max(sleepers, key=lambda o: o.reserved + overhead - o.kept)
+        if largest.kept:
+            reserved += largest.reserved + overhead - largest.kept  # its process is in what it keeps
+        else:
+            reserved, engines = reserved + largest.reserved, engines + 1
     return reserved, engines

@@ -114,17 +114,17 @@ class Placer:
             return (candidates[index] if index is not None else None), decision
         # overcommit: the tenants awake now (and what sleepers keep), else (it starts asleep) every
         # one that may sleep asleep
-        keeps = self.settings.platform.sleeps_in_place
+        kept, overhead = self.meter.kept_asleep, self.meter.process_overhead
         awake = []
         for d in candidates:
             up = [r for r in here[d.uuid] if r.status != TenantStatus.ASLEEP]
-            asleep = len(here[d.uuid]) - len(up)
-            awake.append(ledger(d, up, (sum(r.spec.gpu_memory for r in up), len(up) + (asleep if keeps else 0))))
+            sleeping = sum(resident(r, kept=kept).kept for r in here[d.uuid] if r.status == TenantStatus.ASLEEP)
+            awake.append(ledger(d, up, (sum(r.spec.gpu_memory for r in up) + sleeping, len(up))))
         index, decision = place(awake)
         if index is not None:
             return candidates[index], replace(decision, messages=("fits awake now", *decision.messages))
         beside = [
-            ledger(d, [], counted_beside([resident(r) for r in here[d.uuid]], always_on, keeps), measure=False)
+            ledger(d, [], counted_beside([resident(r, kept=kept) for r in here[d.uuid]], always_on, overhead), False)
             for d in candidates
         ]
         index, guaranteed = place(beside)

@@ -64,6 +64,7 @@ from manager.names import Role
 from manager.runtime.protocol import EventStream, Runtime
 from manager.runtime.types import ContainerPlan, ContainerState
 from manager.settings import Settings
+from manager.sizes import format_size
 
 log = logging.getLogger(__name__)
 POLL_STARTING_S = 2.0
@@ -381,7 +382,7 @@ class Reconciler:
         # it was waking: its engine started again, or (a GPU engine, asleep in place) wakes now;
         # then its gateway releases what it held
         if row.status == TenantStatus.WAKING and self.settings.platform.sleeps_in_place:
-            later = self._wake_in_place(row)
+            later = self._wake_in_place(row, engine)
             if later is not None:
                 return later
         took = self.store.woke(name, self.clock()) if row.status == TenantStatus.WAKING else None
@@ -415,6 +416,7 @@ class Reconciler:
                     started = self.clock()
                     gw.engine_sleep()
                     log.info("tenant %s is asleep: its engine sleeps in place (%.1f s)", name, self.clock() - started)
+                    self._measure_kept(name, engine)
             self._release_gate(name)
             return None
         self.runtime.remove_container(engine.name)
@@ -423,10 +425,25 @@ class Reconciler:
         log.info("tenant %s is asleep: its engine is stopped", name)
         return None
 
-    def _wake_in_place(self, row: TenantRow) -> float | None:
+    def _measure_kept(self, name: str, engine: ContainerState) -> None:
+        """What the engine that just slept in place keeps of its device (NVML's per-process figure),
+        recorded for the tenant: overcommit and admission count it for this tenant from then on."""
+        try:
+            pids = self.runtime.container_pids(engine.name)
+            used = [p.used for p in self.inventory.processes() if p.pid in pids]
+        except GtmError as exc:
+            log.warning("what the sleeping engine of %s keeps was not measured: %s", name, exc.message)
+            return
+        if used and None not in used:  # the driver hides per-process use (MIG, vGPU): the default stays
+            self.store.set_kept_asleep(name, sum(u for u in used if u is not None))
+
+    def _wake_in_place(self, row: TenantRow, engine: ContainerState) -> float | None:
         """A waking tenant whose engine sleeps in place: it wakes (vLLM copies its weights back)
         once no other engine profiles and, with overcommit, once those put to sleep for it have
-        released their memory. None when it is awake; else when to look again."""
+        released their memory, and once the device has the memory the wake maps back. A wake that
+        fails (vLLM maps its memory back without rollback, and a half-mapped engine still reports
+        sleeping) removes the engine: it starts cold, through the start gate. None when it is
+        awake; else when to look again."""
         name = row.spec.name
         if self._gate and self._gate[0] != name and self.store.find_tenant(self._gate[0]) is not None:
             self._set_status(row, TenantStatus.PENDING, f"waiting for {self._gate[0]}'s engine to finish starting")
@@ -435,10 +452,47 @@ class Reconciler:
             return POLL_STARTING_S
         with self._admin(row) as gw:
             if gw.engine_sleeping():
+                short = self._wake_shortfall(row)
+                if short:
+                    self._set_status(row, TenantStatus.WAKING, short)
+                    return POLL_STARTING_S
                 started = self.clock()
-                gw.engine_wake()
+                try:
+                    gw.engine_wake()
+                except RuntimeUnavailable as exc:
+                    log.warning("tenant %s: its engine failed to wake (%s); it starts cold", name, exc.message)
+                    self.runtime.remove_container(engine.name)
+                    self._served.discard(engine.id)
+                    self._set_status(
+                        row, TenantStatus.WAKING, f"its engine failed to wake; starting it cold: {exc.message}"
+                    )
+                    return 0.0
+                if gw.engine_sleeping():  # answered, yet not awake: as good as failed
+                    self.runtime.remove_container(engine.name)
+                    self._served.discard(engine.id)
+                    self._set_status(row, TenantStatus.WAKING, "its engine did not wake; starting it cold")
+                    return 0.0
                 log.info("tenant %s: its engine woke in place in %.1f s", name, self.clock() - started)
         return None
+
+    def _wake_shortfall(self, row: TenantRow) -> str:
+        """nvml: why the device cannot take back what the wake maps ('' when it can): the tenant's
+        reservation less what its sleeping engine keeps, against NVML's free memory now."""
+        device = placed_on(row.device, self.inventory.devices())
+        if device is None:
+            return ""
+        kept = row.sleep.kept_asleep
+        if kept is None:
+            kept = self.settings.platform.kept_asleep(self.settings.process_overhead, self.settings.kept_asleep)
+        wanted = max(
+            row.spec.gpu_memory + self.settings.platform.process_overhead(self.settings.process_overhead) - kept, 0
+        )
+        if device.free >= wanted:
+            return ""
+        return (
+            f"waiting for memory on its device: the wake maps back {format_size(wanted)}, "
+            f"{format_size(device.free)} is free now"
+        )
 
     def _admin(self, row: TenantRow) -> GatewayAdmin:
         """The tenant's gateway admin port; RuntimeUnavailable when it has no address now."""

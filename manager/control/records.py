@@ -26,6 +26,9 @@ class SleepState:
     wake_refusal: str = ""
     """Why it cannot wake now, with the numbers (overcommit: nothing can be put to sleep to make
     room); '' when it can. Its gateway answers requests with it (a 503) until it is cleared."""
+    kept_asleep: int | None = None
+    """What its engine kept of its device when it last slept in place (nvml: NVML's per-process
+    figure, measured after the sleep); None until then, and where the driver hides it."""
 
 
 @dataclass(frozen=True)

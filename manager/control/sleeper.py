@@ -193,6 +193,8 @@ class Sleeper:
         device = placed_on(row.device, devices)
         if device is None:
             return WakePlan(False, (), f"its device {row.device} is not on this host any more")
+        platform, context = self.settings.platform, self.settings.process_overhead
+        kept = platform.kept_asleep(context, self.settings.kept_asleep)
         others = []
         for other in self.store.tenants():
             placed = placed_on(other.device, devices)
@@ -204,11 +206,8 @@ class Sleeper:
                 idle = activity is not None and not activity.in_flight and not activity.waiting
                 if activity is not None and activity.last_request_at:
                     last_used = max(last_used, activity.last_request_at)
-            others.append(resident(other, idle, last_used))
-        platform, context = self.settings.platform, self.settings.process_overhead
-        room = Room(
-            device.usable, self.settings.headroom, platform.process_overhead(context), platform.kept_asleep(context)
-        )
+            others.append(resident(other, idle, last_used, kept))
+        room = Room(device.usable, self.settings.headroom, platform.process_overhead(context))
         return plan_wake(row.spec.gpu_memory, others, room)
 
     def healthy_gateways(self) -> set[str]:

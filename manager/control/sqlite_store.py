@@ -235,6 +235,9 @@ ORDER BY a.id""",
         "ALTER TABLE tenants ADD COLUMN tool_call_parser TEXT",
         "ALTER TABLE tenants ADD COLUMN reasoning_parser TEXT",
     ],
+    [  # 12: what a sleeper really keeps of its device, measured after it slept (nvml)
+        "ALTER TABLE tenants ADD COLUMN kept_asleep INTEGER",
+    ],
 ]
 """The manager database's schema, step by step (see manager.migrations); append only."""
 
@@ -254,6 +257,7 @@ def _tenant(row: sqlite3.Row) -> TenantRow:
         row["wake_started_at"],
         row["last_wake_s"],
         row["wake_refusal"],
+        row["kept_asleep"],
     )
     return TenantRow(
         spec,
@@ -516,6 +520,10 @@ class SqliteStore:
             self._move(db, name, TenantStatus.RUNNING, "", at, TenantStatus.WAKING, ", last_wake_s=?", (took,))
             self.audit("manager", "woke", name, "ok", {"wake_s": round(took, 3)}, tx=SqliteTx(db))
         return took
+
+    def set_kept_asleep(self, name: str, kept: int) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE tenants SET kept_asleep=? WHERE name=?", (kept, name))
 
     def delete_tenant(self, name: str) -> None:
         """Removes the tenant and its keys; its usage records stay for cost sharing."""

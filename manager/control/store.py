@@ -80,6 +80,10 @@ class TenantStore(Protocol):
         """waking -> running; returns how long the wake took (None when it was not waking)."""
         ...
 
+    def set_kept_asleep(self, name: str, kept: int) -> None:
+        """Records what the tenant's engine kept of its device, measured after it slept in place."""
+        ...
+
     def delete_tenant(self, name: str) -> None:
         """Removes the tenant and its keys; its usage records stay for cost sharing."""
         ...

@@ -24,7 +24,7 @@ from manager.control.service import TenantService
 from manager.control.sleeper import Turn
 from manager.control.sqlite_store import SqliteStore
 from manager.domain import TenantSpec, TenantStatus
-from manager.errors import AdmissionRefused, GpuUnavailable, InvalidInput
+from manager.errors import AdmissionRefused, GpuUnavailable, InvalidInput, RuntimeUnavailable
 from manager.gpu.nvml import NvmlInventory
 from manager.runtime.memory import MemoryRuntime
 from manager.settings import Settings
@@ -79,6 +79,7 @@ class SimHost:
         self.service = TenantService(self.settings, self.store, self.runtime, self.inventory, self.reconciler)
         self.pids: dict[str, tuple[str, int]] = {}  # tenant -> (device uuid, pid)
         self.budgets: dict[str, int] = {}  # tenant -> its engine's budget (utilization x CUDA's total)
+        self.before_wake: Any = lambda: None  # what happens on the device as a wake begins
 
     def _sleep_mode(self, token: str, asleep: bool) -> None:
         """The engine the gateway with this token reaches sleeps (level 1) or wakes, in the simulation."""
@@ -86,8 +87,12 @@ class SimHost:
         uuid, pid = self.pids[name]
         if asleep:
             vllm_sleep(self.nvml.device(uuid), pid, ENGINE)
-        else:
+            return
+        self.before_wake()
+        try:
             vllm_wake(self.nvml.device(uuid), pid, ENGINE, self.budgets[name])
+        except VllmRefused as exc:  # the engine's 500, which the gateway's admin port answers as a 502
+            raise RuntimeUnavailable(f"gateway admin POST /admin/engine/wake failed: 502 ({exc})") from exc
 
     def add(self, name: str, port: int, gpu_memory: int, gpu: str | None = None) -> None:
         spec = TenantSpec(name=name, port=port, gpu_memory=gpu_memory, model="demo", max_model_len=4096)
@@ -107,6 +112,7 @@ class SimHost:
         device = self.nvml.device(plan.gpu_device_ids[0])
         pid = self.nvml.new_pid()
         kv = vllm_start(device, util, ENGINE, pid)
+        self.gateways.sleeping[self.store.tenant(name).gateway_token] = False  # a new process is awake
         self.pids[name] = (device.uuid, pid)
         self.budgets[name] = device.processes[pid] - ENGINE.context
         self.runtime.set_pids(engine, {pid})
@@ -384,8 +390,11 @@ def test_sleeping_engines_keep_their_context_which_overcommit_counts_and_every_w
         free_before = device.cuda_free
         h.reconciler.reconcile("s0")
         assert gw.sleeping[token["s0"]] and h.runtime.container(names.engine(INSTANCE, "s0")) is not None
-        assert device.cuda_free - free_before == h.budgets["s0"], "its weights and KV cache left the device"
-        assert h.service.meter.measured_use("s0")["s0"] == CONTEXT, "what a sleeping engine keeps: its context"
+        freed = h.budgets["s0"] - ENGINE.graph_pool
+        assert device.cuda_free - free_before == freed, "its weights and KV cache left the device, its graphs stayed"
+        kept_asleep = h.service.meter.measured_use("s0")["s0"]
+        assert kept_asleep == ENGINE.kept_asleep > CONTEXT, "a sleeper keeps its context and its graph pools"
+        assert h.store.tenant("s0").sleep.kept_asleep == kept_asleep, "measured after it slept, and recorded"
         # s3, admitted asleep, takes its first request: it fits beside s1, s2 and s0's context
         serving("s3", clock[0], waiting=1)
         assert h.reconciler.sleeper.tick() == [Turn("s3", "wake")]
@@ -394,7 +403,8 @@ def test_sleeping_engines_keep_their_context_which_overcommit_counts_and_every_w
         serving("s3", clock[0] + 1)
         serving("s0", clock[0] + 2, waiting=1)
         plan = h.reconciler.sleeper.plan(h.store.tenant("s0"))
-        assert plan.evict == ("s1",) and plan.numbers["kept_by_sleepers"] == CONTEXT, plan
+        # s4 never slept in place: until it does, it is counted with the default (context + 1.5 GiB)
+        assert plan.evict == ("s1",) and plan.numbers["kept_by_sleepers"] == CONTEXT + 1536 * MIB, plan
         assert h.reconciler.sleeper.tick() == [Turn("s1", "evict"), Turn("s0", "wake")]
         h.reconciler.reconcile("s0")  # s1 still holds its memory: s0 waits
         assert h.store.tenant("s0").status == TenantStatus.WAKING and gw.sleeping[token["s0"]]
@@ -405,6 +415,47 @@ def test_sleeping_engines_keep_their_context_which_overcommit_counts_and_every_w
         assert not gw.sleeping[token["s0"]] and h.store.tenant("s0").status == TenantStatus.RUNNING
         assert device.used <= device.cuda_total
         kept = h.service.meter.measured_use()
-        assert (kept["s1"], kept.get("s4")) == (CONTEXT, None), "a sleeper keeps its context; one never started nothing"
+        assert (kept["s1"], kept.get("s4")) == (ENGINE.kept_asleep, None), "one never started keeps nothing"
+    finally:
+        h.close()
+
+
+def test_a_wake_short_of_memory_waits_and_one_that_fails_half_way_starts_cold(tmp_path: Path) -> None:
+    """A wake maps back what its engine unmapped, with no rollback. With less free on the device
+    than that (a process outside the manager holds it), the tenant waits, saying so; when memory
+    goes between that check and the wake, vLLM maps half of it and fails, and the half-mapped
+    engine still reports sleeping: it is removed and started cold, through the start gate."""
+    h = SimHost(tmp_path, [a100(0)])
+    gw, clock = h.gateways, [time.time()]
+    h.reconciler.clock = h.reconciler.sleeper.clock = lambda: clock[0]
+    try:
+        spec = TenantSpec(name="t1", port=31000, gpu_memory=40 * GIB, model="demo", max_model_len=4096, idle_sleep_s=60)
+        h.service.create(spec, "test")
+        h.start("t1")
+        token = h.store.tenant("t1").gateway_token
+        gw.activities[token] = GatewayActivity(last_request_at=clock[0], in_flight=0, waiting=0, hold=False)
+        clock[0] += 61.0
+        assert h.reconciler.sleeper.tick() == [Turn("t1", "sleep")]
+        h.reconciler.reconcile("t1")
+        assert gw.sleeping[token] and h.store.tenant("t1").sleep.kept_asleep == ENGINE.kept_asleep
+        device, outsider = h.nvml.device("GPU-a100-0000"), h.nvml.new_pid()
+
+        device.processes[outsider] = device.cuda_free - 10 * GIB  # 10 GiB left; the wake maps back 38.8
+        gw.activities[token] = GatewayActivity(last_request_at=clock[0], in_flight=0, waiting=1, hold=True)
+        assert h.reconciler.sleeper.tick() == [Turn("t1", "wake")]
+        h.reconciler.reconcile("t1")
+        waiting = h.store.tenant("t1")
+        assert waiting.status == TenantStatus.WAKING and "waiting for memory on its device" in waiting.reason
+        assert gw.sleeping[token], "no wake was tried"
+
+        del device.processes[outsider]  # the memory is back; it goes again as the wake begins
+        h.before_wake = lambda: device.processes.__setitem__(outsider, device.cuda_free - 30 * GIB)
+        h.reconciler.reconcile("t1")
+        failed = h.store.tenant("t1")
+        assert failed.status == TenantStatus.WAKING and "failed to wake; starting it cold" in failed.reason
+        assert h.runtime.container(names.engine(INSTANCE, "t1")) is None, "the half-mapped engine is removed"
+        del device.processes[outsider]
+        h.start("t1")  # a cold start: vLLM's own start-up check passes
+        assert h.store.tenant("t1").status == TenantStatus.RUNNING and device.used <= device.cuda_total
     finally:
         h.close()

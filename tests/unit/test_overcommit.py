@@ -103,6 +103,29 @@ def test_admission_counts_only_the_always_on_and_for_a_new_always_on_the_largest
     assert counted_beside([], always_on=True) == (0, 0)
 
 
+def test_sleepers_in_place_count_what_each_keeps_its_own_figure_once_measured() -> None:
+    """nvml: a sleeper keeps its process, CUDA context and graph pools: what NVML measured after
+    its last sleep, else the default. The wake counts them; evicting one frees only the rest of it."""
+    mib, overhead = 1024**2, 512 * 1024**2
+    room = Room(usable=80 * GIB, headroom=1 * GIB, process_overhead=overhead)
+    measured, default = 1700 * mib, 2 * GIB
+    others = [
+        Resident("a", 30 * GIB, True, idle=True, last_used=1.0, kept=default),
+        Resident("b", 30 * GIB, True, idle=False, last_used=2.0, kept=default),
+        Resident("c", 24 * GIB, False, kept=measured),  # slept in place before: measured
+        Resident("d", 24 * GIB, False, kept=default),  # never slept in place yet: the default
+    ]
+    plan = plan_wake(24 * GIB, others, room)
+    assert plan.numbers["kept_by_sleepers"] == measured + default
+    assert plan.numbers["free"] == 79 * GIB - 2 * (30 * GIB + overhead) - measured - default
+    assert plan.evict == ("a",) and plan.numbers["freed_by_sleeping"] == 30 * GIB + overhead - default
+    # admission under overcommit: each that may sleep counts what it keeps; a new always-on one
+    # also counts the largest wake (its reservation and process, less what it keeps already)
+    assert counted_beside(others, always_on=False, overhead=overhead) == (3 * default + measured, 0)
+    largest_wake = 30 * GIB + overhead - default  # a's or b's
+    assert counted_beside(others, always_on=True, overhead=overhead) == (3 * default + measured + largest_wake, 0)
+
+
 # ------------------------------------------------------------------ the sleeper and the reconciler
 
 
