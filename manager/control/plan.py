@@ -65,6 +65,14 @@ ISOLATED_BRIDGE = {"com.docker.network.bridge.inhibit_ipv4": "true"}
 CONTROL_BRIDGE = {"com.docker.network.bridge.enable_ip_masquerade": "false"}
 
 
+def modality_limits(max_images: int) -> dict[str, int]:
+    """``--limit-mm-per-prompt``: the tenant's images, and no video or audio. vLLM gives a modality
+    left out 999 (config/multimodal.py ``get_limit_per_prompt``), and Qwen-VL profiles whichever of
+    image or video is larger; a modality the model does not take is ignored. The gateway refuses
+    video and audio parts (``gateway.images.UNSERVED_PARTS``)."""
+    return {"image": max_images, "video": 0, "audio": 0}
+
+
 def engine_args(
     spec: TenantSpec, settings: Settings, device_total: int, fit: EngineFit, parsers: EngineParsers = NO_PARSERS
 ) -> list[str]:
@@ -87,7 +95,7 @@ def engine_args(
     # the gateway refuses requests with more images; a text model ignores the limit. Prefix caching is
     # on by default where vLLM supports it (its CPU backend too; it turns it off itself for MLA models
     # on CPU): every member's requests carry their own cache salt (manager.gateway.proxy.cache_salt)
-    args += ["--limit-mm-per-prompt", json.dumps({"image": spec.max_images})]
+    args += ["--limit-mm-per-prompt", json.dumps(modality_limits(spec.max_images))]
     args += ["--enable-prefix-caching" if spec.enable_prefix_caching else "--no-enable-prefix-caching"]
     if spec.trust_remote_code:
         args += ["--trust-remote-code"]

@@ -207,12 +207,26 @@ def count_images(payload: dict[str, Any]) -> int:
     return sum(1 for _, part in _parts(payload) if "image_url" in part)
 
 
+UNSERVED_PARTS = ("video_url", "audio_url", "input_audio", "video", "audio")
+"""Content parts of the modalities no engine is started for: each engine's
+``--limit-mm-per-prompt`` allows video and audio 0 (``plan.modality_limits``)."""
+
+
 def check_images(payload: dict[str, Any], max_images: int, max_pixels: int) -> ImageProblem | None:
     """The first reason to refuse a chat request's images, or None when the engine may see them.
-    Every URL-bearing part is looked at (``image_url``, and ``video_url``/``audio_url``, which the
-    engine would fetch too); images are counted and measured."""
+    A video or audio part is refused (no engine takes them); every URL-bearing part is looked at
+    (an engine would fetch it); images are counted and measured."""
     images = 0
     for where, part in _parts(payload):
+        kind = part.get("type")
+        unserved = kind if kind in UNSERVED_PARTS else next((f for f in UNSERVED_PARTS if f in part), None)
+        if unserved is not None:
+            return ImageProblem(
+                f"{where} is a {unserved} part: this API takes text and images only (its model engine is "
+                "started without video or audio). Send text and images.",
+                "modality_not_supported",
+                where,
+            )
         for field, value in part.items():
             if not field.endswith("_url"):
                 continue

@@ -522,6 +522,8 @@ def test_the_door_refuses_what_the_engine_could_not_take_and_the_engine_never_no
         "invalid_image": image_message("data:image/png;base64,AAAAAAAAAAAAAAAA"),
     }
     refusals["file"] = image_message("file:///etc/passwd")
+    video = {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}
+    refusals["modality_not_supported"] = [{"role": "user", "content": [{"type": "text", "text": "hi"}, video]}]
     for code, messages in refusals.items():
         with pytest.raises(openai.BadRequestError) as caught:
             client.chat.completions.create(model=VISION, messages=messages, max_tokens=4)

@@ -125,7 +125,12 @@ def test_request_checks_count_measure_and_refuse_remote_urls() -> None:
         remote = check_images(chat(url), 4, 16_777_216)
         assert remote is not None and remote.code == "image_url_not_supported" and "data: URL" in remote.message
     video = {"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "http://x/v"}}]}]}
-    assert (check_images(video, 4, 16_777_216) or pytest.fail("remote video passed")).code == "image_url_not_supported"
+    refused = check_images(video, 4, 16_777_216) or pytest.fail("a video passed")
+    assert refused.code == "modality_not_supported" and refused.param == "messages[0].content[0]"
+    assert "takes text and images only" in refused.message
+    audio = {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}
+    spoken = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, audio]}]}
+    assert (check_images(spoken, 4, 16_777_216) or pytest.fail("audio passed")).code == "modality_not_supported"
 
     for url in ("data:image/png;base64,AAAA", "data:image/png,rawbytes", "data:image/png;base64,!!!!", "data:"):
         bad = check_images(chat(url), 4, 16_777_216)

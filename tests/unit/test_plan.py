@@ -146,13 +146,15 @@ def test_the_gguf_converter_runs_its_own_program_offline_writing_only_the_models
 
 def test_engine_options_as_vllm_spells_them(settings: Settings) -> None:
     default = tenant_plan(spec(), settings, device_total=24 * G).engine.command
-    assert default[default.index("--limit-mm-per-prompt") + 1] == '{"image": 0}', "a text model's tenant takes none"
+    # no images for a text model's tenant, and never video or audio (vLLM's default is 999 of each)
+    assert default[default.index("--limit-mm-per-prompt") + 1] == '{"image": 0, "video": 0, "audio": 0}'
+
     assert "--enable-prefix-caching" in default and "--no-enable-prefix-caching" not in default
     assert "--trust-remote-code" not in default and default.count("--max-num-seqs") == 1
 
     chosen = spec(max_images=1, enable_prefix_caching=False, trust_remote_code=True, max_num_seqs=8, gpu_memory=3 * G)
     args = tenant_plan(chosen, settings, device_total=24 * G).engine.command
-    assert args[args.index("--limit-mm-per-prompt") + 1] == '{"image": 1}'
+    assert args[args.index("--limit-mm-per-prompt") + 1] == '{"image": 1, "video": 0, "audio": 0}'
     assert "--no-enable-prefix-caching" in args and "--enable-prefix-caching" not in args
     assert "--trust-remote-code" in args
     assert args.count("--max-num-seqs") == 1 and args[args.index("--max-num-seqs") + 1] == "8"
