@@ -131,9 +131,12 @@ class Nvidia(Platform):
     gates_starts_on_profile = True
     warms_up = False
     low_precision = True
-    engine_overhead = 3 * GIB
-    """Inside vLLM's budget: the activation peak of its profile run, memory outside torch and CUDA
-    graphs; the CUDA context is outside it (``process_overhead``)."""
+    engine_overhead = 4 * GIB
+    """Inside vLLM's budget: the activation peak of its profile run (1.3-2.4 GiB published for 7-8B
+    models), memory outside torch (0.2-1.8 GiB) and, since vLLM 0.21, the CUDA graphs' estimate,
+    which its profiler takes out of the KV cache (``VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS``, on
+    by default, vllm/envs.py). docs/gpu.md has the sources; the CUDA context is outside it
+    (``process_overhead``)."""
     pids_limit = 4096  # torch, triton and NCCL start threads per core; 512 tasks can kill an engine on a big host
 
     def engine_args(self, reserved: int, device_total: int, kv_cache: int) -> list[str]:

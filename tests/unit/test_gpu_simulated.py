@@ -46,8 +46,8 @@ from ..simgpu import (
 from .fakes import FakeGateway
 
 INSTANCE = "gtmg"
-ENGINE = EngineModel(weights=4 * GIB)
-"""A 2B-class model in bf16: it fits a 1g.10gb MIG instance with room for a KV cache."""
+ENGINE = EngineModel(weights=3 * GIB)
+"""A 1.5B-class model in bf16: it fits a 1g.10gb MIG instance with room for a KV cache."""
 
 
 def sparse_model(directory: Path, weights: int) -> None:
