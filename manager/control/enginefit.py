@@ -37,11 +37,15 @@ KV_BLOCK_TOKENS = 128
 """Tokens in one KV cache block: vLLM 0.32's CPU default, and at least what its GPU attention
 backends use, so a floor counted in these blocks holds on either."""
 DEFAULT_MAX_NUM_SEQS = 128
-"""vLLM's own default for its OpenAI server, on CPU and GPU alike (vllm/engine/arg_utils.py)."""
+"""The sequences an engine runs at once when the tenant sets none and its reservation holds them:
+vLLM 0.32's default for its OpenAI server on CPU. On a GPU vLLM's own default depends on the card
+(256 on an A100, 1024 on an H100 or larger; vllm/engine/arg_utils.py), so both limits are always
+passed explicitly and the memory counted here stays what the engine runs."""
 MAX_NUM_BATCHED_TOKENS = 2048
-"""Tokens in one forward pass (at least the sequences): vLLM's default for its OpenAI server,
-passed explicitly so that the activation peak counted here (cpu) and the one
-``platform.Nvidia.engine_overhead`` holds (nvml) stay bounded whatever a later release's default is."""
+"""Tokens in one forward pass (at least the sequences): vLLM's default for its OpenAI server on
+CPU and on an A100 (8192 on an H100), passed explicitly so that the activation peak counted here
+(cpu) and the one ``platform.Nvidia.engine_overhead`` holds (nvml) stay bounded whatever the card
+or a later release's default is."""
 LOGITS_COPIES = 3
 """float32 logits of a sequence held at once at the sampler's peak: the logits, their softmax, and
 the sorted copy top-p and top-k read."""

@@ -350,8 +350,11 @@ def tenant_plan(
         name=names.engine(inst, spec.name),
         image=settings.engine_image,
         # the OpenAI server by module: the same in this project's CPU image and upstream vllm/vllm-openai
-        # (whose entrypoint has changed between releases)
+        # (whose entrypoint has changed between releases). vLLM 0.32 calls it deprecated in favour of
+        # `vllm serve` (it still serves, with a warning); moving is one line, with the next engine release
         entrypoint=list(ENGINE_ENTRYPOINT),
+        # the tenant's volume: the upstream image's own working directory is not writable by uid 1000
+        working_dir="/data",
         command=engine_args(spec, settings, device_total, fit, parsers),
         labels=names.labels(
             inst,

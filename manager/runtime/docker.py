@@ -360,4 +360,6 @@ def container_kwargs(plan: ContainerPlan) -> dict[str, Any]:
         kwargs["ports"] = {f"{cport}/tcp": (ip, hport) for cport, (ip, hport) in plan.ports.items()}
     if plan.entrypoint is not None:
         kwargs["entrypoint"] = plan.entrypoint
+    if plan.working_dir is not None:
+        kwargs["working_dir"] = plan.working_dir
     return {k: v for k, v in kwargs.items() if v is not None}

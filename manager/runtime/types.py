@@ -63,6 +63,7 @@ class ContainerPlan:
     restart_policy: str = "no"
     healthcheck: dict[str, object] | None = None
     entrypoint: list[str] | None = None
+    working_dir: str | None = None
 
 
 class Labelled:

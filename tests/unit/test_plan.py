@@ -198,15 +198,16 @@ def test_a_cpu_gateway_serves_one_image_request_at_a_time(settings: Settings) ->
 
 def test_a_gpu_engine_runs_from_any_vllm_image(tmp_path) -> None:
     """What an engine needs to start in the upstream vllm/vllm-openai image: the server by module,
-    a volume its user can write (given to uid 1000 before it starts), a user name for torch
-    inductor's getpass.getuser(), caches in its volume, bounded threads and tasks, its GPU by UUID."""
+    a volume its user can write (given to uid 1000 before it starts) and works in (the image's own
+    working directory is not writable by uid 1000), a user name for torch inductor's
+    getpass.getuser(), caches in its volume, bounded threads and tasks, its GPU by UUID."""
     gpu = Settings(gpu_mode="nvml", state_dir=tmp_path)
     usable = 81920 * M - 870 * M  # an A100 80GB: NVML's total less the driver's reservation
     plan = tenant_plan(spec(gpu_memory=24 * G), gpu, device_total=usable, gpu_uuid="GPU-5f1c")
     e = plan.engine
     assert e.entrypoint == ["python3", "-m", "vllm.entrypoints.openai.api_server"]
     assert e.user == "1000:1000" and e.gpu_device_ids == ["GPU-5f1c"] and e.mem_limit is None
-    assert e.pids_limit == 4096
+    assert e.pids_limit == 4096 and container_kwargs(e)["working_dir"] == "/data"
     assert e.env["USER"] == e.env["LOGNAME"] == "vllm" and e.env["HOME"] == "/data"
     for cache in ("HF_HOME", "VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
         assert e.env[cache].startswith("/data/"), cache
