@@ -14,11 +14,16 @@ loops survive any exception; each one is logged and counted (``loop_errors``).
 The page-cache warm-up before an engine's first start runs on a short-lived thread
 of its own, so a long read never holds up another tenant's key changes.
 
-Engines start one at a time (the *start gate*): vLLM measures free memory when
-it starts, and two engines profiling at once can both fail. The next engine
-waits until the previous one is healthy, has failed, or timed out. On a GPU,
-removing or replacing an engine waits for the gate too: vLLM asserts that free
-memory did not grow while it profiled, so memory freed meanwhile fails that start.
+Engines start one at a time on each device (the *start gate*, one per device):
+vLLM measures the free memory of its own device when it starts, and two engines
+profiling at once on one device can both fail. The next engine on that device
+waits until the previous one is healthy, has failed, or timed out; engines on
+other devices start meanwhile. On a GPU, sleeping or waking an engine waits for
+its device's gate too, and removing or replacing one waits for every device's
+(a replaced or removed engine may run on another device than its tenant's row
+names, after a move): vLLM
+asserts that free memory did not grow while it profiled, so memory freed
+meanwhile fails that start.
 
 Each tenant's engine runs on the device admission placed it on (its row's
 ``device``); a tenant whose device is gone from the host fails with that reason
@@ -104,7 +109,8 @@ class Reconciler:
         self.queue = WorkQueue()
         self.loop_errors: Counter[str] = Counter()
         """Exceptions per loop (worker, resync, usage), exported as a metric."""
-        self._gate: tuple[str, float] | None = None
+        self._gates: dict[str, tuple[str, float]] = {}
+        """device ('' for the host's first) -> the tenant whose engine holds its start gate, since when."""
         self._errors: dict[str, int] = {}
         self._orphans_seen: dict[str, float] = {}
         self.warmer = PageCacheWarmer(settings, runtime)
@@ -265,8 +271,8 @@ class Reconciler:
             self._set_status(row, TenantStatus.FAILED, exc.message)
             raise
         stale = [c for c in containers if c.role == Role.ENGINE and c.spec_hash != plan.engine.labels[names.SPEC_HASH]]
-        if stale and self._profiling_elsewhere(name, stale):
-            holder = self._gate[0] if self._gate else ""
+        holder = self._profiling_elsewhere(name, stale, None)
+        if holder:
             self._set_status(row, TenantStatus.PENDING, f"waiting for {holder}'s engine to finish starting")
             return POLL_STARTING_S
         engine, gateway = self._current(name, containers, plan)
@@ -290,7 +296,8 @@ class Reconciler:
         """A removed tenant: its last usage collected, then its containers, networks and volumes
         gone, then its row."""
         name = row.spec.name
-        if self._profiling_elsewhere(name, containers):
+        # its engine may still run on the device it was moved from: any device's gate
+        if self._profiling_elsewhere(name, containers, None):
             return POLL_STARTING_S
         # collect the last usage records before the gateway and its volume go
         if any(c.role == Role.GATEWAY and c.status == "running" for c in containers):
@@ -403,7 +410,7 @@ class Reconciler:
         if engine is None:
             self._release_gate(name)
             return None
-        if not gateway_ready or self._profiling_elsewhere(name, [engine]):
+        if not gateway_ready or self._profiling_elsewhere(name, [engine], row.device):
             return POLL_STARTING_S  # nvml: memory freed under another engine's profiling fails its start
         activity = self.sleeper.activity(row)
         if activity is None or not activity.hold or activity.in_flight:
@@ -445,8 +452,9 @@ class Reconciler:
         sleeping) removes the engine: it starts cold, through the start gate. None when it is
         awake; else when to look again."""
         name = row.spec.name
-        if self._gate and self._gate[0] != name and self.store.find_tenant(self._gate[0]) is not None:
-            self._set_status(row, TenantStatus.PENDING, f"waiting for {self._gate[0]}'s engine to finish starting")
+        holder = self._gate_holder(row.device, name)
+        if holder:
+            self._set_status(row, TenantStatus.PENDING, f"waiting for {holder}'s engine to finish starting")
             return POLL_STARTING_S  # memory taken while another engine profiles sizes its KV cache wrong
         if self._waiting_for_sleepers(row):
             return POLL_STARTING_S
@@ -526,22 +534,19 @@ class Reconciler:
         now = self.clock()
         if fail and fail.retry_at > now:
             return fail.retry_at - now
-        if self._gate and self._gate[0] != name:
-            holder = self._gate[0]
-            if self.store.find_tenant(holder) is None:
-                self._gate = None
-            else:
-                self._set_status(row, TenantStatus.PENDING, f"waiting for {holder}'s engine to finish starting")
-                return POLL_STARTING_S
+        holder = self._gate_holder(row.device, name)
+        if holder:
+            self._set_status(row, TenantStatus.PENDING, f"waiting for {holder}'s engine to finish starting")
+            return POLL_STARTING_S
         if self._waiting_for_sleepers(row):
             return POLL_STARTING_S
         if self.settings.platform.warms_up and not self.warmer.ready(row.spec.model):
-            self._gate = (name, self.clock())  # no other engine starts while this cache warms
+            self._take_gate(row)  # no other engine starts while this cache warms
             self._set_status(row, TenantStatus.STARTING, "reading the engine image and model into the page cache")
             return POLL_STARTING_S
         self._prepare(row)
         self.runtime.run(plan)
-        self._gate = (name, self.clock())
+        self._take_gate(row)
         now_row = self.store.find_tenant(name)
         if fail and now_row and now_row.status == TenantStatus.FAILED and now_row.reason:
             self._restarted[name] = f"engine restarted after it failed: {now_row.reason}"[:500]
@@ -592,24 +597,43 @@ class Reconciler:
             )
         self._prepared.add(name)
 
-    def _profiling_elsewhere(self, name: str, containers: list[ContainerState]) -> bool:
-        """nvml: another tenant's engine holds the start gate (it is profiling free memory) and this
-        turn would remove a running engine, which frees memory under it. vLLM then fails that start
-        ("Error in memory profiling ... other processes sharing the same container release GPU
-        memory while vLLM is profiling", vllm/v1/worker/gpu_worker.py). cpu engines size against
-        their own cgroup, so nothing waits there."""
-        if not self.settings.platform.gates_starts_on_profile or not self._gate or self._gate[0] == name:
-            return False
-        if self.store.find_tenant(self._gate[0]) is None:
-            self._gate = None
-            return False
-        return any(c.role == Role.ENGINE and c.status == "running" for c in containers)
+    def _profiling_elsewhere(self, name: str, containers: list[ContainerState], device: str | None) -> str:
+        """nvml: the tenant whose engine holds the start gate of ``device`` (None: of any device)
+        while it profiles free memory, when this turn would stop a running engine there, which
+        frees memory under it ('' when nothing waits). vLLM then fails that start ("Error in memory
+        profiling ... other processes sharing the same container release GPU memory while vLLM is
+        profiling", vllm/v1/worker/gpu_worker.py). cpu engines size against their own cgroup, so
+        nothing waits there."""
+        if not self.settings.platform.gates_starts_on_profile:
+            return ""
+        if not any(c.role == Role.ENGINE and c.status == "running" for c in containers):
+            return ""
+        for gated in list(self._gates) if device is None else [device]:
+            holder = self._gate_holder(gated, name)
+            if holder:
+                return holder
+        return ""
+
+    def _gate_holder(self, device: str, name: str) -> str:
+        """The tenant other than ``name`` whose engine holds ``device``'s start gate ('' when none;
+        a holder since removed lets go of it)."""
+        held = self._gates.get(device)
+        if held is None or held[0] == name:
+            return ""
+        if self.store.find_tenant(held[0]) is None:
+            del self._gates[device]
+            return ""
+        return held[0]
+
+    def _take_gate(self, row: TenantRow) -> None:
+        self._gates[row.device] = (row.spec.name, self.clock())
 
     def _engine_starting(self, row: TenantRow, engine: ContainerState) -> float | None:
         name = row.spec.name
-        if self._gate is None:
-            self._gate = (name, self.clock())  # after a manager restart: it holds the gate again
-        if self._gate[0] == name and self.clock() - self._gate[1] > self.settings.engine_start_timeout_s:
+        if row.device not in self._gates:
+            self._take_gate(row)  # after a manager restart: it holds the gate again
+        held = self._gates[row.device]
+        if held[0] == name and self.clock() - held[1] > self.settings.engine_start_timeout_s:
             return self._engine_failed(
                 row, engine, f"engine not healthy after {self.settings.engine_start_timeout_s:.0f} s"
             )
@@ -656,8 +680,9 @@ class Reconciler:
         self.store.clear_engine_failure(name)
 
     def _release_gate(self, name: str) -> None:
-        if self._gate and self._gate[0] == name:
-            self._gate = None
+        for device, (holder, _) in list(self._gates.items()):
+            if holder == name:
+                del self._gates[device]
 
     def _set_status(self, row: TenantRow, status: TenantStatus, reason: str = "") -> None:
         current = self.store.find_tenant(row.spec.name)
@@ -695,7 +720,7 @@ class Reconciler:
         first = self._orphans_seen.setdefault(name, now)
         if now - first < self.settings.orphan_grace_s:
             return first + self.settings.orphan_grace_s - now
-        if self._profiling_elsewhere(name, containers):
+        if self._profiling_elsewhere(name, containers, None):  # its device is not known: any
             return POLL_STARTING_S
         log.warning("removing orphaned resources of %s (no such tenant for %.0f s)", name, now - first)
         self._teardown(name, containers)

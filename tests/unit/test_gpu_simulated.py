@@ -459,3 +459,26 @@ def test_a_wake_short_of_memory_waits_and_one_that_fails_half_way_starts_cold(tm
         assert h.store.tenant("t1").status == TenantStatus.RUNNING and device.used <= device.cuda_total
     finally:
         h.close()
+
+
+def test_engines_on_different_gpus_start_at_once_and_each_gpu_one_at_a_time(tmp_path: Path) -> None:
+    """vLLM measures the free memory of its own device: the start gate is one per device, so an
+    8-GPU host starts eight engines at once after a reboot, and a second engine on one GPU still
+    waits for the first to finish profiling there."""
+    h = SimHost(tmp_path, [a100(0), a100(1)])
+    try:
+        h.add("alpha", 31000, 30 * GIB, gpu="0")
+        h.add("beta", 31001, 30 * GIB, gpu="1")
+        h.add("gamma", 31002, 30 * GIB, gpu="0")
+        for name in ("alpha", "beta", "gamma"):
+            h.reconciler.reconcile(name)
+        assert h.runtime.container(names.engine(INSTANCE, "alpha")) is not None
+        assert h.runtime.container(names.engine(INSTANCE, "beta")) is not None, "GPU 1 does not wait for GPU 0"
+        assert h.runtime.container(names.engine(INSTANCE, "gamma")) is None
+        assert h.store.tenant("gamma").reason == "waiting for alpha's engine to finish starting"
+        h.runtime.set_health(names.engine(INSTANCE, "alpha"), "healthy")
+        h.reconciler.reconcile("alpha")  # alpha serves: GPU 0's gate is free
+        h.reconciler.reconcile("gamma")
+        assert h.runtime.container(names.engine(INSTANCE, "gamma")) is not None
+    finally:
+        h.close()
