@@ -465,21 +465,21 @@ class Reconciler:
                     self._set_status(row, TenantStatus.WAKING, short)
                     return POLL_STARTING_S
                 started = self.clock()
+                self._take_gate(row)  # until it has woken and written a token (the gateway's warm-up)
                 try:
                     gw.engine_wake()
+                    awake = not gw.engine_sleeping()  # answered, yet asleep: as good as failed
+                    why = "" if awake else "it answered, yet still sleeps"
                 except RuntimeUnavailable as exc:
-                    log.warning("tenant %s: its engine failed to wake (%s); it starts cold", name, exc.message)
+                    awake, why = False, exc.message
+                if not awake:  # removed while this turn holds the gate: nothing profiles meanwhile
+                    log.warning("tenant %s: its engine failed to wake (%s); it starts cold", name, why)
                     self.runtime.remove_container(engine.name)
                     self._served.discard(engine.id)
-                    self._set_status(
-                        row, TenantStatus.WAKING, f"its engine failed to wake; starting it cold: {exc.message}"
-                    )
+                    self._release_gate(name)
+                    self._set_status(row, TenantStatus.WAKING, f"its engine failed to wake; starting it cold: {why}")
                     return 0.0
-                if gw.engine_sleeping():  # answered, yet not awake: as good as failed
-                    self.runtime.remove_container(engine.name)
-                    self._served.discard(engine.id)
-                    self._set_status(row, TenantStatus.WAKING, "its engine did not wake; starting it cold")
-                    return 0.0
+                self._release_gate(name)
                 log.info("tenant %s: its engine woke in place in %.1f s", name, self.clock() - started)
         return None
 

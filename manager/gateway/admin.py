@@ -8,6 +8,7 @@ reached only from here: the tenant's port forwards an allowlist of OpenAI paths,
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 from typing import Annotated
 
 import httpx
@@ -40,6 +41,15 @@ Auth = Annotated[None, Depends(auth)]
 ENGINE_SLEEP_TIMEOUT_S = 300.0
 """A level-1 sleep copies the weights to host memory, a wake copies them back: seconds, more for
 tens of GB."""
+
+
+def warm_up(on_engine: Callable[..., httpx.Response]) -> None:
+    """One token from the engine's own model (its name read from ``/v1/models``)."""
+    models = on_engine("GET", "/v1/models").json()
+    model = models["data"][0]["id"] if isinstance(models, dict) and models.get("data") else None
+    if model:
+        body = {"model": model, "prompt": "warm", "max_tokens": 1}
+        on_engine("POST", "/v1/completions", json=body, timeout=ENGINE_SLEEP_TIMEOUT_S)
 
 
 def create_admin_app(state: GatewayState, token: str, engine: httpx.Client | None = None) -> FastAPI:
@@ -84,8 +94,15 @@ def create_admin_app(state: GatewayState, token: str, engine: httpx.Client | Non
 
     @app.post("/admin/engine/wake")
     def engine_wake(_: Auth) -> EngineSleep:
+        """Wakes the engine, then has it write one token: sleep emptied its activation cache, which
+        would otherwise grow back under the next engine's start on the device (the manager holds
+        the device's start gate until this answers), and the tenant's first request would pay for
+        it. The warm-up is the manager's, not the tenant's: it is not metered."""
         on_engine("POST", "/wake_up", timeout=ENGINE_SLEEP_TIMEOUT_S)
-        return sleeping()
+        now = sleeping()
+        if not now.sleeping:
+            warm_up(on_engine)
+        return now
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:

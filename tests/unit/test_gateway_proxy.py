@@ -282,6 +282,11 @@ def test_the_engines_sleep_mode_is_reached_from_the_admin_side_alone(tmp_path: P
             asleep[0] = True
         elif request.url.path == "/wake_up":
             asleep[0] = False
+        elif request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": "qwen3-8b"}]})
+        elif request.url.path == "/v1/completions":
+            assert json.loads(request.content) == {"model": "qwen3-8b", "prompt": "warm", "max_tokens": 1}
+            return httpx.Response(200, json={"choices": [{"text": "x"}]})
         elif request.url.path != "/is_sleeping":
             return httpx.Response(404)
         return httpx.Response(200, json={"is_sleeping": asleep[0]} if request.url.path == "/is_sleeping" else None)
@@ -295,6 +300,7 @@ def test_the_engines_sleep_mode_is_reached_from_the_admin_side_alone(tmp_path: P
     assert client.post("/admin/engine/sleep", headers=auth).json() == {"sleeping": True}
     assert "POST /sleep?level=1" in calls, "level 1: the weights go to host memory"
     assert client.post("/admin/engine/wake", headers=auth).json() == {"sleeping": False}
+    assert calls[-2:] == ["GET /v1/models?", "POST /v1/completions?"], "awake, it writes one token first"
     without = TestClient(
         create_admin_app(
             state,

@@ -12,6 +12,7 @@ import random
 import struct
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -480,5 +481,40 @@ def test_engines_on_different_gpus_start_at_once_and_each_gpu_one_at_a_time(tmp_
         h.reconciler.reconcile("alpha")  # alpha serves: GPU 0's gate is free
         h.reconciler.reconcile("gamma")
         assert h.runtime.container(names.engine(INSTANCE, "gamma")) is not None
+    finally:
+        h.close()
+
+
+def test_a_wake_holds_its_gpus_start_gate_until_its_engine_has_written_a_token(tmp_path: Path) -> None:
+    """Sleep empties the woken engine's activation cache; were another engine to profile while it
+    grows back, that one's KV cache would come out short. The device's start gate is held from the
+    wake until the gateway's warm-up token has been written."""
+    h = SimHost(tmp_path, [a100(0)])
+    gw, clock = h.gateways, [time.time()]
+    h.reconciler.clock = h.reconciler.sleeper.clock = lambda: clock[0]
+    try:
+        sleeper = TenantSpec(name="alpha", port=31000, gpu_memory=30 * GIB, model="demo", max_model_len=4096)
+        h.service.create(replace(sleeper, idle_sleep_s=60.0), "test")
+        h.start("alpha")
+        token = h.store.tenant("alpha").gateway_token
+        gw.activities[token] = GatewayActivity(last_request_at=clock[0], in_flight=0, waiting=0, hold=False)
+        clock[0] += 61.0
+        assert h.reconciler.sleeper.tick() == [Turn("alpha", "sleep")]
+        h.reconciler.reconcile("alpha")
+        h.add("beta", 31001, 30 * GIB)
+        seen: list[str] = []
+
+        def beta_tries_to_start() -> None:
+            h.reconciler.reconcile("beta")
+            seen.append(h.store.tenant("beta").reason)
+
+        h.before_wake = beta_tries_to_start
+        gw.activities[token] = GatewayActivity(last_request_at=clock[0], in_flight=0, waiting=1, hold=True)
+        assert h.reconciler.sleeper.tick() == [Turn("alpha", "wake")]
+        h.reconciler.reconcile("alpha")
+        assert seen == ["waiting for alpha's engine to finish starting"], "beta waited while alpha woke"
+        assert h.store.tenant("alpha").status == TenantStatus.RUNNING
+        h.reconciler.reconcile("beta")  # alpha is awake: the gate is free
+        assert h.runtime.container(names.engine(INSTANCE, "beta")) is not None
     finally:
         h.close()
