@@ -25,14 +25,22 @@ NOT_AN_ERROR = re.compile(r"\b(?:DEBUG|INFO|WARNING)\b \d\d-\d\d \d\d:\d\d:\d\d|
 ("... can cause fd limit errors like `OSError: ...`") without anything having failed."""
 
 
-def failure_reason(state: ContainerState, logs: str) -> str:
+def failure_reason(state: ContainerState, logs: str, reservation_is_host_memory: bool = True) -> str:
     """The engine's own words for why it stopped: the *first* error it printed (the root
     cause; vLLM ends with a generic "Engine core initialization failed" line), or the
-    best description Docker gives."""
-    if state.oom_killed:
+    best description Docker gives. ``reservation_is_host_memory``: an OOM kill is the
+    reservation's (cpu), else the host's RAM (nvml: the reservation is device memory)."""
+    if state.oom_killed and reservation_is_host_memory:
         return (
             "engine killed by the out-of-memory killer: the reservation is too small for this "
             "model and options; raise --gpu-memory or lower --max-model-len"
+        )
+    if state.oom_killed:
+        return (
+            "engine killed by the out-of-memory killer: the host ran out of RAM, not GPU memory "
+            "(each engine's process takes several GiB of host memory, and one that has slept keeps "
+            "its weights' size pinned there); --gpu-memory does not change it: free host memory, "
+            "or put fewer tenants that sleep on this host"
         )
     lines = [
         ln.strip()

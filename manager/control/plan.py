@@ -96,6 +96,11 @@ def engine_args(
     # on by default where vLLM supports it (its CPU backend too; it turns it off itself for MLA models
     # on CPU): every member's requests carry their own cache salt (manager.gateway.proxy.cache_salt)
     args += ["--limit-mm-per-prompt", json.dumps(modality_limits(spec.max_images))]
+    if spec.max_images:
+        # vLLM caches processed images up to 4 GiB in each of its processes by default
+        # (config/multimodal.py): memory no reservation holds (cpu) and host RAM that is never
+        # admitted (nvml). Off: an image sent again is processed again.
+        args += ["--mm-processor-cache-gb", "0"]
     args += ["--enable-prefix-caching" if spec.enable_prefix_caching else "--no-enable-prefix-caching"]
     if spec.trust_remote_code:
         args += ["--trust-remote-code"]

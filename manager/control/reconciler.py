@@ -657,7 +657,7 @@ class Reconciler:
             self._served.discard(engine.id)
             fail = EngineFailure(count, marker, self.clock() + wait, logs[-LOG_KEEP_CHARS:])
             self.store.save_engine_failure(name, fail)
-            text = reason or failure_reason(engine, logs)
+            text = reason or failure_reason(engine, logs, self.settings.platform.reservation_is_host_memory)
             if engine.status == "running":  # unhealthy or timed out: stop it, keep its logs until restart
                 self.runtime.stop_container(engine.name)
             self._release_gate(name)

@@ -129,3 +129,12 @@ def test_every_spelling_of_the_quotas_is_the_declarations(tmp_path) -> None:  # 
         for table in ("tenants", "members"):
             columns = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
             assert set(QUOTA_FIELDS) <= columns, table
+
+
+def test_an_oom_kill_names_the_memory_that_ran_out() -> None:
+    """cpu: the reservation is the engine's memory limit; nvml: the reservation is device memory,
+    so an OOM kill is the host's RAM, which --gpu-memory does not change."""
+    killed = exited(exit_code=137, oom_killed=True)
+    assert "raise --gpu-memory" in failure_reason(killed, "")
+    on_gpu = failure_reason(killed, "", reservation_is_host_memory=False)
+    assert "the host ran out of RAM, not GPU memory" in on_gpu and "--gpu-memory does not change it" in on_gpu

@@ -155,6 +155,7 @@ def test_engine_options_as_vllm_spells_them(settings: Settings) -> None:
     chosen = spec(max_images=1, enable_prefix_caching=False, trust_remote_code=True, max_num_seqs=8, gpu_memory=3 * G)
     args = tenant_plan(chosen, settings, device_total=24 * G).engine.command
     assert args[args.index("--limit-mm-per-prompt") + 1] == '{"image": 1, "video": 0, "audio": 0}'
+    assert args[args.index("--mm-processor-cache-gb") + 1] == "0" and "--mm-processor-cache-gb" not in default
     assert "--no-enable-prefix-caching" in args and "--enable-prefix-caching" not in args
     assert "--trust-remote-code" in args
     assert args.count("--max-num-seqs") == 1 and args[args.index("--max-num-seqs") + 1] == "8"
