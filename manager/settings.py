@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     headroom: Size = GIB
     process_overhead: Size = 512 * MIB
     kept_asleep: Size | None = None
+    engine_host_memory: Size = 4 * GIB
+    host_headroom: Size = 4 * GIB
+    meminfo: Path = Path("/proc/meminfo")
     engine_overhead: Size | None = None
     min_kv_tokens: int = 256
     engine_pids_limit: int = 512

@@ -16,6 +16,11 @@ Three checks per device, all evaluated so a refusal can name each one that faile
 ``place`` decides on every device of the host and picks the tightest one that fits (best
 fit), so large reservations still find a device later.
 
+On a GPU host one more check is host-wide, ``host_memory`` (``decide_host_memory``): every
+engine's process holds host RAM, and an engine that sleeps in place keeps its weights' size
+pinned in host RAM (vLLM backs them up with ``pin_memory=True``, and PyTorch's host allocator
+keeps those blocks cached after a wake). They must fit the host's RAM less its headroom.
+
 Serialising decisions (so that two requests cannot both take the last gigabyte)
 is the caller's job: see ``service.TenantService``.
 """
@@ -128,6 +133,55 @@ def decide(data: AdmissionInput) -> Decision:
         "others_overhead": others_overhead,
     }
     return Decision(not failed, tuple(failed), tuple(messages), numbers, data.device)
+
+
+@dataclass(frozen=True)
+class HostMemoryInput:
+    """nvml: the host RAM engines hold beside their devices."""
+
+    total: int
+    """The host's RAM (MemTotal)."""
+    headroom: int
+    """Kept for the system, Docker, the manager and the gateways (``GTM_HOST_HEADROOM``)."""
+    per_engine: int
+    """Each engine process's own (``GTM_ENGINE_HOST_MEMORY``)."""
+    engines: int
+    """Engines of the other tenants."""
+    pinned_by_others: int
+    """Weights the other tenants that may sleep keep pinned."""
+    sleepers: int
+    """How many of the others may sleep."""
+    requested_pinned: int
+    """This tenant's weights, when it may sleep; else 0."""
+
+
+def decide_host_memory(data: HostMemoryInput) -> tuple[bool, str, dict[str, int | None]]:
+    """Whether one more engine (and, if it may sleep, its pinned weights) fits the host's RAM:
+    (fits, the message, its numbers)."""
+    f = format_size
+    left = data.total - data.headroom - data.engines * data.per_engine - data.pinned_by_others
+    needed = data.per_engine + data.requested_pinned
+    numbers: dict[str, int | None] = {
+        "host_total": data.total,
+        "host_headroom": data.headroom,
+        "host_per_engine": data.per_engine,
+        "host_engines": data.engines,
+        "host_pinned_by_others": data.pinned_by_others,
+        "host_needed": needed,
+        "host_left": left,
+    }
+    asked = f"{f(needed)} of host RAM needed ({f(data.per_engine)} for its engine's process"
+    asked += f" + {f(data.requested_pinned)} of weights pinned while it sleeps)" if data.requested_pinned else ")"
+    if needed <= left:
+        return True, f"host_memory: {asked}, {f(left)} left", numbers
+    return (
+        False,
+        f"host_memory: {asked} but only {f(max(left, 0))} is left (host RAM {f(data.total)} - headroom "
+        f"{f(data.headroom)} - {data.engines} engines x {f(data.per_engine)} - {f(data.pinned_by_others)} of "
+        f"weights pinned by {data.sleepers} tenants that may sleep). Turn sleeping off for some tenants "
+        "(--idle-sleep 0), or add host RAM.",
+        numbers,
+    )
 
 
 def place(candidates: Sequence[AdmissionInput]) -> tuple[int | None, Decision]:

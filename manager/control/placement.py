@@ -6,14 +6,16 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from manager.control.admission import AdmissionInput, Decision, place
+from manager.control.admission import AdmissionInput, Decision, HostMemoryInput, decide_host_memory, place
 from manager.control.capacity import Meter, device_of, on_device
 from manager.control.catalog import ModelCatalog
 from manager.control.overcommit import counted_beside, resident
 from manager.control.records import TenantRow
 from manager.control.store import TenantStore
 from manager.domain import TenantSpec, TenantStatus
+from manager.errors import GtmError
 from manager.gpu import DeviceMemory, Inventory, device_label, find_device
+from manager.gpu.cpu import read_meminfo
 from manager.settings import Settings
 
 
@@ -60,7 +62,42 @@ class Placer:
         says so; creates nothing. The candidates: the device ``gpu`` names (index or UUID); else a
         resized tenant's own device (tenants move only when the admin says ``--gpu``); else every
         device, best fit first (``admission.place``). With overcommit, the tenants awake now decide
-        first; a reservation that fits only while others sleep comes back ``by_overcommit``."""
+        first; a reservation that fits only while others sleep comes back ``by_overcommit``. On a
+        GPU host the host's RAM decides too (``admission.decide_host_memory``)."""
+        device, decision = self._on_device(spec, tenant, gpu)
+        if self.settings.platform.reservation_is_host_memory or device is None:
+            return device, decision
+        fits, message, numbers = decide_host_memory(self._host_memory(spec, tenant))
+        merged = replace(decision, numbers={**decision.numbers, **numbers})
+        if fits:
+            return device, replace(merged, messages=(*decision.messages, message))
+        return None, replace(merged, admitted=False, failed_checks=("host_memory",), messages=(message,))
+
+    def _host_memory(self, spec: TenantSpec, tenant: str | None) -> HostMemoryInput:
+        """The host RAM beside the devices: an engine process for every tenant, and the weights
+        of each tenant that may sleep (``--idle-sleep``, or any but always-on ones with overcommit)."""
+        others = [r.spec for r in self.store.tenants() if r.spec.name != tenant]
+        sleepers = [s for s in others if self._may_sleep(s)]
+        return HostMemoryInput(
+            total=read_meminfo(self.settings.meminfo)["MemTotal"],
+            headroom=self.settings.host_headroom,
+            per_engine=self.settings.engine_host_memory,
+            engines=len(others),
+            pinned_by_others=sum(self._weights(s) for s in sleepers),
+            sleepers=len(sleepers),
+            requested_pinned=self._weights(spec) if self._may_sleep(spec) else 0,
+        )
+
+    def _may_sleep(self, spec: TenantSpec) -> bool:
+        return bool(spec.idle_sleep_s) or (self.settings.overcommit and not spec.always_on)
+
+    def _weights(self, spec: TenantSpec) -> int:
+        try:
+            return self.models.sizing.footprint(spec.model, bool(spec.quantization))[0].weight_bytes
+        except GtmError:
+            return 0  # a model that cannot be read: its tenant fails with that reason, pinning nothing
+
+    def _on_device(self, spec: TenantSpec, tenant: str | None, gpu: str | None) -> tuple[DeviceMemory | None, Decision]:
         requested = spec.gpu_memory
         self.models.check_model_len(spec.model, spec.max_model_len)  # what-if says so too, before any number
         devices = self.inventory.devices()

@@ -70,7 +70,11 @@ class SimHost:
         self.nvml = SimNvml(gpus)
         models = tmp_path / "models"
         sparse_model(models / "demo", ENGINE.weights)
-        self.settings = Settings(gpu_mode="nvml", instance=INSTANCE, state_dir=tmp_path, models_dir=models, **settings)
+        meminfo = tmp_path / "meminfo"  # the host's RAM: a GPU server's 512 GiB unless a test says less
+        meminfo.write_text(f"MemTotal: {settings.pop('host_ram', 512 * GIB) // 1024} kB\n")
+        self.settings = Settings(
+            gpu_mode="nvml", instance=INSTANCE, state_dir=tmp_path, models_dir=models, meminfo=meminfo, **settings
+        )
         self.store = SqliteStore(tmp_path / "m.db")
         self.runtime = MemoryRuntime()
         self.inventory = NvmlInventory.open(self.nvml)
@@ -516,5 +520,27 @@ def test_a_wake_holds_its_gpus_start_gate_until_its_engine_has_written_a_token(t
         assert h.store.tenant("alpha").status == TenantStatus.RUNNING
         h.reconciler.reconcile("beta")  # alpha is awake: the gate is free
         assert h.runtime.container(names.engine(INSTANCE, "beta")) is not None
+    finally:
+        h.close()
+
+
+def test_the_hosts_ram_holds_every_engine_process_and_the_weights_sleepers_pin(tmp_path: Path) -> None:
+    """Each engine's process holds host RAM, and one that sleeps in place keeps its weights' size
+    pinned there (for good: PyTorch's host allocator caches the blocks after a wake). On a host
+    with 22 GiB of RAM, 4 GiB headroom and 4 GiB per engine, three engines leave 6 GiB: a fourth
+    that sleeps needs 7 (its process and its 3 GiB of weights) and is refused with the numbers, one
+    that never sleeps fits, and then a fifth does not."""
+    h = SimHost(tmp_path, [a100(0)], host_ram=22 * GIB)
+    try:
+        for i in range(3):
+            h.add(f"awake{i}", 31000 + i, 8 * GIB)
+        sleeps = TenantSpec(name="sleeps", port=31010, gpu_memory=8 * GIB, model="demo", max_model_len=4096)
+        with pytest.raises(AdmissionRefused, match=r"host_memory: 7\.0 GiB of host RAM needed .* only 6\.0 GiB"):
+            h.service.create(replace(sleeps, idle_sleep_s=60.0), "test")
+        h.add("fourth", 31011, 8 * GIB)  # it does not sleep: its process alone fits
+        assert len(h.store.tenants()) == 4
+        refused = h.service.placer.assess(8 * GIB, "demo", 4096)
+        assert not refused.admitted and refused.failed_checks == ("host_memory",)
+        assert refused.numbers["host_left"] == 22 * GIB - 4 * GIB - 4 * 4 * GIB
     finally:
         h.close()
