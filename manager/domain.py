@@ -84,6 +84,8 @@ reserved for a vision tenant in cpu mode, so its engine survives every image it 
 MIN_IMAGE_PIXELS, MAX_IMAGE_PIXELS = 64 * 64, 178_956_970
 """The top is Pillow's own refusal (twice its decompression-bomb warning), which engines answer with a 500."""
 MAX_NUM_SEQS = 4096
+MAX_CPU_WEIGHT = 262_144
+"""Docker's largest CPU shares (a cgroup v2 cpu.weight of 10000)."""
 MIN_IDLE_SLEEP_S, MAX_IDLE_SLEEP_S = 5.0, 366 * 86400.0
 """Bounds of ``--idle-sleep``: a tenant idle that long sleeps (unset or 0: it never does)."""
 
@@ -287,6 +289,17 @@ class TenantSpec:
         ),
     )  # fmt: skip
     """vLLM's ``--reasoning-parser``: ``auto``, a name, or None."""
+    cpu_weight: int | None = field(
+        default=None,
+        metadata=declare(
+            Kind.INT, "the engine's share of the host's CPUs when engines contend, relative to other engines "
+            f"(2-{MAX_CPU_WEIGHT}; default: its reservation in MiB, so a 10G tenant weighs 10240 and a 1536M one "
+            "1536; other containers weigh 1024)", "CPU weight", lo=2, hi=MAX_CPU_WEIGHT, unset="its reservation",
+            zero_unsets=True, engine=True, placeholder="its reservation in MiB", listed="cpu-weight",
+            hashed_unset=False,
+        ),
+    )  # fmt: skip
+    """The engine container's CPU shares (``plan.cpu_shares``); None: its reservation in MiB."""
 
     def flat(self) -> dict[str, Any]:
         """Every declared field by name, the quotas among them (as the store's columns and the

@@ -15,7 +15,7 @@ from pathlib import Path
 from manager import names
 from manager.control.enginefit import EngineFit
 from manager.control.parsers import EngineParsers
-from manager.domain import TenantSpec
+from manager.domain import MAX_CPU_WEIGHT, TenantSpec
 from manager.names import Role
 from manager.runtime.types import ContainerPlan, Mount, NetworkPlan, VolumePlan
 from manager.settings import Settings
@@ -63,6 +63,16 @@ ISOLATED_BRIDGE = {"com.docker.network.bridge.inhibit_ipv4": "true"}
 # tenant ports, but without masquerading nothing on it reaches beyond the host: gateways
 # need no outbound traffic. compose/docker-compose.yml creates it with the same option.
 CONTROL_BRIDGE = {"com.docker.network.bridge.enable_ip_masquerade": "false"}
+
+
+def cpu_shares(spec: TenantSpec) -> int:
+    """The engine's CPU shares: what the admin set (``--cpu-weight``), else its reservation in MiB.
+    They divide the host's CPUs only while containers contend for them (cgroup v1 cpu.shares, v2
+    cpu.weight), so a flooding tenant's engine cannot starve another's, and each gets CPU in
+    proportion to the memory it reserved; an idle host lets any engine use every core."""
+    if spec.cpu_weight is not None:
+        return spec.cpu_weight
+    return max(2, min(MAX_CPU_WEIGHT, spec.gpu_memory // MIB))
 
 
 def modality_limits(max_images: int) -> dict[str, int]:
@@ -376,6 +386,7 @@ def tenant_plan(
         mem_limit=settings.platform.memory_limit(spec.gpu_memory),
         shm_size=spec.shm_size,
         nano_cpus=int(settings.engine_cpus * 1e9) if settings.engine_cpus else None,
+        cpu_shares=cpu_shares(spec),
         gpu_device_ids=settings.platform.devices(gpu_uuid),
         healthcheck=http_healthcheck(ENGINE_PORT, "/health", int(settings.engine_start_timeout_s)),
     )

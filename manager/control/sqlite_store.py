@@ -238,6 +238,9 @@ ORDER BY a.id""",
     [  # 12: what a sleeper really keeps of its device, measured after it slept (nvml)
         "ALTER TABLE tenants ADD COLUMN kept_asleep INTEGER",
     ],
+    [  # 13: the engine's CPU weight when engines contend (unset: its reservation)
+        "ALTER TABLE tenants ADD COLUMN cpu_weight INTEGER",
+    ],
 ]
 """The manager database's schema, step by step (see manager.migrations); append only."""
 

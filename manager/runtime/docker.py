@@ -352,6 +352,8 @@ def container_kwargs(plan: ContainerPlan) -> dict[str, Any]:
         kwargs["shm_size"] = plan.shm_size
     if plan.nano_cpus is not None:
         kwargs["nano_cpus"] = plan.nano_cpus
+    if plan.cpu_shares is not None:
+        kwargs["cpu_shares"] = plan.cpu_shares
     if plan.gpu_device_ids is not None:
         kwargs["device_requests"] = [DeviceRequest(device_ids=plan.gpu_device_ids, capabilities=[["gpu"]])]
     if plan.healthcheck is not None:

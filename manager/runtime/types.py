@@ -58,6 +58,7 @@ class ContainerPlan:
     mem_limit: int | None = None
     shm_size: int | None = None
     nano_cpus: int | None = None
+    cpu_shares: int | None = None
     gpu_device_ids: list[str] | None = None
     ports: dict[int, tuple[str, int]] = field(default_factory=dict)
     restart_policy: str = "no"

@@ -328,8 +328,9 @@ def test_docker_exec_add_tenant_in_the_stack(stack: Stack) -> None:
     dexec(manager, "rm", "-f", "/tmp/whole.gguf", "/tmp/cut.gguf", "/tmp/notok.gguf", "/tmp/bert.gguf")
 
     added = dexec(
-        manager, "add-tenant", "--name", "companya", "--gpu-memory", "1536M", "--port", "30301", "--model", "democopy"
-    )
+        manager, "add-tenant", "--name", "companya", "--gpu-memory", "1536M", "--port", "30301", "--model", "democopy",
+        "--cpu-weight", "3000",
+    )  # fmt: skip
     assert added.returncode == 0, added.stderr
     assert "API key (shown once" in added.stdout
 
@@ -346,6 +347,10 @@ def test_docker_exec_add_tenant_in_the_stack(stack: Stack) -> None:
     in_use = dexec(manager, "remove-model", "democopy")
     assert in_use.returncode == 4 and "used by tenant companya" in in_use.stderr, in_use.stderr
     assert docker_client.containers.get(names.engine(instance, "companya")).status == "running"
+    # CPU shares while engines contend: the admin's weight, else the reservation in MiB
+    shares = {t: docker_client.containers.get(names.engine(instance, t)).attrs["HostConfig"]["CpuShares"]
+              for t in ("companya", "demo")}  # fmt: skip
+    assert shares == {"companya": 3000, "demo": 1536}, shares
 
     table = dexec(manager, "manager", "list-tenants")
     assert table.stdout.splitlines()[0].split()[:3] == ["NAME", "PORT", "MODEL"]

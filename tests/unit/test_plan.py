@@ -246,3 +246,15 @@ def test_moving_a_gpu_tenant_replaces_its_engine_and_cpu_hashes_stay(settings: S
     assert one.labels[names.SPEC_HASH] != two.labels[names.SPEC_HASH]
     cpu = tenant_plan(spec(), settings, 24 * G, image_ids={settings.engine_image: "sha256:1"}).engine
     assert cpu.labels[names.SPEC_HASH] == identity(spec().engine_hash(), "sha256:1")  # what older releases labelled
+
+
+def test_engines_share_the_cpus_by_reservation_or_by_the_admins_weight(settings: Settings) -> None:
+    """Docker CPU shares (cgroup v2 cpu.weight): they divide the CPUs only while engines contend."""
+    from manager.runtime.docker import container_kwargs
+
+    default = tenant_plan(spec(gpu_memory=1536 * M), settings, device_total=24 * G).engine
+    bigger = tenant_plan(spec(gpu_memory=10 * G), settings, device_total=24 * G).engine
+    chosen = tenant_plan(spec(gpu_memory=1536 * M, cpu_weight=3000), settings, device_total=24 * G).engine
+    assert container_kwargs(default)["cpu_shares"] == 1536 and container_kwargs(bigger)["cpu_shares"] == 10240
+    assert container_kwargs(chosen)["cpu_shares"] == 3000
+    assert spec(cpu_weight=3000).engine_hash() != spec().engine_hash() == spec(cpu_weight=None).engine_hash()
