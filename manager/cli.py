@@ -634,7 +634,7 @@ def _list_models(args: argparse.Namespace, api: Api, shown: Shown) -> Any:
         [m["name"], m["architecture"], f"{m['parameters'] / 1e6:.1f}M", m["dtype"],
          format_size(m["weight_bytes"]), "yes" if m["takes_images"] else "no", m["quantization"] or "-",
          format_size(m["minimum_gpu_memory"]), _opt_size(m["minimum_gpu_memory_at"]),
-         m.get("tool_parser") or "-", m.get("reasoning_parser") or "-", (m.get("origin") or "-")[:48],
+         m.get("tool_parser") or "-", m.get("reasoning_parser") or "-", (m.get("origin") or "-")[:60],
          m["problem"][:60]]
         for m in out
     ]  # fmt: skip
