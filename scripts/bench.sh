@@ -20,6 +20,11 @@
 #                                  (default 10) with a manager restart, a gateway SIGKILL, an
 #                                  engine SIGKILL and a dockerd restart: every request reconciled
 #                                  with the usage records, and each fault's outage
+#   scripts/bench.sh --cpu-shares [N]
+#                                  two tenants of one reservation, one flooding its engine with N
+#                                  streams (default 8): the other's time to first token alone,
+#                                  beside the flood with equal CPU shares, and with the flood's
+#                                  --cpu-weight 2; the flood's tokens/s in both
 #   scripts/bench.sh --real-model [N]
 #                                  the quick start's real model (SmolLM2-135M GGUF): conversion
 #                                  time, add-tenant -> first answer, first token and tokens/s of
@@ -36,6 +41,11 @@
 source "$(dirname "$0")/lib.sh"
 cd "$GTM_ROOT"
 bash scripts/dev-env.sh >/dev/null
+if [ "${1:-}" = "--cpu-shares" ]; then
+  bash scripts/build-images.sh all >/dev/null
+  bash scripts/make-demo-model.sh "$GTM_CACHE/models" >/dev/null
+  exec .venv/bin/python -m bench.cpu_shares --models "$GTM_CACHE/models" --flood "${2:-8}"
+fi
 if [ "${1:-}" = "--real-model" ]; then
   bash scripts/build-images.sh all >/dev/null
   exec .venv/bin/python -m bench.real_model --gguf "$(bash scripts/fetch-smollm2.sh)" --streams "${2:-8}"
