@@ -14,34 +14,25 @@ from __future__ import annotations
 
 import argparse
 import secrets
-import statistics
 import threading
 import time
 from pathlib import Path
 
 import docker
-import httpx
 import openai
 
 from bench.engine_starts import bench_settings, free_port, serve_manager, stop_manager
+from bench.real_model import one_stream
+from bench.sleep_bench import wait_status
+from bench.sleep_trace import quantile
 
 MODEL = "demo"
+HELLO = [{"role": "user", "content": "hello there"}]
 
 
 def ttft(client: openai.OpenAI, max_tokens: int) -> tuple[float, int]:
     """Seconds to the first token of one streamed answer, and the tokens it wrote."""
-    started, first, tokens = time.monotonic(), float("nan"), 0
-    for chunk in client.chat.completions.create(
-        model=MODEL,
-        messages=[{"role": "user", "content": "hello there"}],
-        max_tokens=max_tokens,
-        stream=True,
-        stream_options={"include_usage": True},
-    ):
-        if first != first and chunk.choices and chunk.choices[0].delta.content:
-            first = time.monotonic() - started
-        if chunk.usage:
-            tokens = chunk.usage.completion_tokens
+    first, tokens, _ = one_stream(client, MODEL, max_tokens, HELLO)
     return first, tokens
 
 
@@ -50,7 +41,7 @@ def quiet_run(client: openai.OpenAI, requests: int) -> list[float]:
     for _ in range(requests):
         out.append(ttft(client, 8)[0])
         time.sleep(0.3)
-    return sorted(x for x in out if x == x)
+    return [x for x in out if x == x]  # a stream that wrote no token has no first token
 
 
 def flood(client: openai.OpenAI, streams: int, stop: threading.Event, tokens: list[int]) -> list[threading.Thread]:
@@ -68,18 +59,8 @@ def flood(client: openai.OpenAI, streams: int, stop: threading.Event, tokens: li
 
 
 def p(values: list[float], q: float) -> float:
-    return values[min(len(values) - 1, int(q * len(values)))] * 1000
-
-
-def wait_running(api: httpx.Client, name: str) -> None:
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        tenant = api.get(f"/api/v1/tenants/{name}").json()
-        assert tenant["status"] != "failed", tenant["reason"]
-        if tenant["status"] == "running":
-            return
-        time.sleep(1)
-    raise TimeoutError(f"{name} did not start")
+    """A quantile in milliseconds."""
+    return quantile(values, q) * 1000
 
 
 def main() -> int:
@@ -106,13 +87,13 @@ def main() -> int:
                 base_url=f"http://127.0.0.1:{port}/v1", api_key=keys[name], max_retries=2, timeout=600
             )
         for name in ("quiet", "flood"):
-            wait_running(api, name)
+            wait_status(api, name, "running", 600)
         ttft(clients["quiet"], 4)
         ttft(clients["flood"], 4)
         alone = quiet_run(clients["quiet"], args.requests)
 
         def beside_flood() -> tuple[list[float], float]:
-            stop, tokens = threading.Event(), []  # type: ignore[var-annotated]
+            stop, tokens = threading.Event(), list[int]()
             started = time.monotonic()
             threads = flood(clients["flood"], args.flood, stop, tokens)
             time.sleep(3)  # the flood fills its engine first
@@ -127,7 +108,7 @@ def main() -> int:
         equal, flood_equal = beside_flood()
         assert api.patch("/api/v1/tenants/flood", json={"cpu_weight": 2}).status_code == 200
         time.sleep(2)
-        wait_running(api, "flood")
+        wait_status(api, "flood", "running", 600)
         ttft(clients["flood"], 4)
         weighted, flood_weighted = beside_flood()
         print(f"quiet's time to first token, {args.requests} requests each (p50 / p99):")
@@ -142,7 +123,6 @@ def main() -> int:
             f"flood's tokens/s: equal {flood_equal:.1f}, weighted {flood_weighted:.1f} "
             f"(ratio {flood_weighted / flood_equal:.2f})"
         )
-        print(f"quiet's median over the run: {statistics.median(alone) * 1000:.0f} ms alone")
     finally:
         stop_manager(server, client, instance)
     return 0

@@ -28,12 +28,14 @@ from bench.engine_starts import bench_settings, first_answer, free_port, serve_m
 PROMPT = [{"role": "user", "content": "Write a long story about a dragon who learns to cook."}]
 
 
-def one_stream(client: openai.OpenAI, model: str, max_tokens: int) -> tuple[float, int, float]:
+def one_stream(
+    client: openai.OpenAI, model: str, max_tokens: int, messages: list[dict[str, str]] = PROMPT
+) -> tuple[float, int, float]:
     """Seconds to the first token, tokens written, and seconds in all, of one streamed answer."""
     started, first, tokens = time.monotonic(), float("nan"), 0
     chunks = client.chat.completions.create(
         model=model,
-        messages=PROMPT,  # type: ignore[arg-type]
+        messages=messages,  # type: ignore[arg-type]
         max_tokens=max_tokens,
         temperature=0.7,
         stream=True,

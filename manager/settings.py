@@ -127,6 +127,12 @@ class Settings(BaseSettings):
             return self.engine_overhead
         return self.platform.engine_overhead
 
+    @property
+    def effective_kept_asleep(self) -> int:
+        """What a sleeping tenant keeps of its device until its own is measured: ``GTM_KEPT_ASLEEP``,
+        else the platform's figure (``Platform.kept_asleep``)."""
+        return self.platform.kept_asleep(self.process_overhead, self.kept_asleep)
+
 
 def describe(exc: ValidationError, prefix: str = "GTM_") -> str:
     """A refused setting as the admin wrote it: ``GTM_HEADROOM: size must be positive, got '-5'``."""

@@ -136,7 +136,7 @@ class Meter:
     @property
     def kept_asleep(self) -> int:
         """What a sleeping tenant keeps of its device until its own is measured (``Platform.kept_asleep``)."""
-        return self.platform.kept_asleep(self.settings.process_overhead, self.settings.kept_asleep)
+        return self.settings.effective_kept_asleep
 
     def capacity(self) -> Capacity:
         devices = self.inventory.devices()

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 MARKER = "GTM-CONVERT "
+SOURCE, OUT = "source.gguf", "model"
+"""The file and the folder the converter reads and writes, in the staging folder of an import."""
 NOT_CAUSAL_LM = {"general", "tokenizer", "t5", "umt5"}
 """Entries of transformers' GGUF table that are not a causal language model vLLM could serve."""
 

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from manager.control.gguf_convert import OUT, SOURCE
 from manager.control.modelfit import read_footprint
 from manager.errors import Conflict, InvalidInput, NotFound
 
@@ -151,13 +152,13 @@ def import_gguf(models_dir: Path, source: Path, name: str | None, convert: Conve
     try:
         staging.mkdir(parents=True)
         try:
-            os.link(source, staging / "source.gguf")  # the same filesystem: no second copy
+            os.link(source, staging / SOURCE)  # the same filesystem: no second copy
         except OSError:
-            shutil.copyfile(source, staging / "source.gguf")
+            shutil.copyfile(source, staging / SOURCE)
         answer = convert(name, staging.name)
         if not answer.get("ok"):
             raise InvalidInput(f"{source.name} cannot be imported: {answer.get('reason')}. Nothing was imported")
-        converted = staging / "model"
+        converted = staging / OUT
         problems = check(converted, name)
         if problems:
             raise InvalidInput(

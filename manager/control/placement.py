@@ -151,7 +151,7 @@ class Placer:
             return (candidates[index] if index is not None else None), decision
         # overcommit: the tenants awake now (and what sleepers keep), else (it starts asleep) every
         # one that may sleep asleep
-        kept, overhead = self.meter.kept_asleep, self.meter.process_overhead
+        kept = self.meter.kept_asleep
         awake = []
         for d in candidates:
             up = [r for r in here[d.uuid] if r.status != TenantStatus.ASLEEP]

@@ -7,12 +7,14 @@ these plans directly.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from manager import names
+from manager.control import gguf_convert
 from manager.control.enginefit import EngineFit
 from manager.control.parsers import EngineParsers
 from manager.domain import MAX_CPU_WEIGHT, TenantSpec
@@ -212,11 +214,11 @@ def warmup_plan(settings: Settings, model: str) -> ContainerPlan:
     )
 
 
-CONVERT_CODE = (Path(__file__).parent / "gguf_convert.py").read_text()
-"""The converter job's program: ``gguf_convert.py`` beside this file, passed to ``python3 -c``, so
-any image with its libraries runs it without a copy of the manager."""
-CONVERT_SOURCE = "source.gguf"
-CONVERT_OUT = "model"
+@functools.cache
+def convert_code() -> str:
+    """The converter job's program: ``gguf_convert.py`` beside this file, passed to ``python3 -c``,
+    so any image with its libraries runs it without a copy of the manager (read on first use)."""
+    return (Path(__file__).parent / "gguf_convert.py").read_text()
 
 
 def convert_plan(settings: Settings, model: str, staging: str) -> ContainerPlan:
@@ -228,8 +230,8 @@ def convert_plan(settings: Settings, model: str, staging: str) -> ContainerPlan:
     return ContainerPlan(
         name=names.converter(settings.instance, model),
         image=settings.converter_image,
-        entrypoint=["python3", "-c", CONVERT_CODE],
-        command=[f"/models/{staging}/{CONVERT_SOURCE}", f"/models/{staging}/{CONVERT_OUT}"],
+        entrypoint=["python3", "-c", convert_code()],
+        command=[f"/models/{staging}/{gguf_convert.SOURCE}", f"/models/{staging}/{gguf_convert.OUT}"],
         labels=names.labels(settings.instance, Role.CONVERT),
         network="none",
         mounts=[Mount(settings.models_source, "/models")],

@@ -489,9 +489,7 @@ class Reconciler:
         device = placed_on(row.device, self.inventory.devices())
         if device is None:
             return ""
-        kept = row.sleep.kept_asleep
-        if kept is None:
-            kept = self.settings.platform.kept_asleep(self.settings.process_overhead, self.settings.kept_asleep)
+        kept = row.sleep.kept_asleep if row.sleep.kept_asleep is not None else self.settings.effective_kept_asleep
         wanted = max(
             row.spec.gpu_memory + self.settings.platform.process_overhead(self.settings.process_overhead) - kept, 0
         )

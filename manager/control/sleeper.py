@@ -194,7 +194,7 @@ class Sleeper:
         if device is None:
             return WakePlan(False, (), f"its device {row.device} is not on this host any more")
         platform, context = self.settings.platform, self.settings.process_overhead
-        kept = platform.kept_asleep(context, self.settings.kept_asleep)
+        kept = self.settings.effective_kept_asleep
         others = []
         for other in self.store.tenants():
             placed = placed_on(other.device, devices)

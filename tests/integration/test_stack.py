@@ -96,6 +96,17 @@ class Stack:
             timeout=300,
         )
 
+    def text_chat(self, **options: Any) -> ChatOpenAI:
+        """LangChain's chat model on the text tenant's port, at temperature 0."""
+        return ChatOpenAI(
+            base_url=f"http://127.0.0.1:{self.env['GTM_DEMO_PORT']}/v1",
+            api_key=SecretStr(self.text_key),
+            model="smollm2",
+            temperature=0,
+            max_retries=0,
+            **options,
+        )
+
     def engine(self) -> Any:
         return self.docker.containers.get(names.engine(self.instance, VISION))
 
@@ -199,14 +210,7 @@ def test_the_text_tenant_answers_from_a_real_model_through_the_sdk_and_langchain
     client = stack.text_client()
     answer = client.chat.completions.create(model="smollm2", messages=FRANCE, temperature=0, max_tokens=30)  # type: ignore[arg-type]
     assert "Paris" in (answer.choices[0].message.content or ""), answer
-    llm = ChatOpenAI(
-        base_url=f"http://127.0.0.1:{stack.env['GTM_DEMO_PORT']}/v1",
-        api_key=SecretStr(stack.text_key),
-        model="smollm2",
-        temperature=0,
-        max_tokens=200,
-        max_retries=0,
-    )
+    llm = stack.text_chat(max_tokens=200)
     assert "Paris" in str(llm.invoke("What is the capital of France?").content)
 
     # tools: a named tool_choice, as LangChain's bind_tools forces it, and `auto`, which is served
@@ -238,14 +242,8 @@ def test_the_text_tenant_answers_from_a_real_model_through_the_sdk_and_langchain
     assert isinstance(json.loads(shaped.choices[0].message.content or "")["city"], str)
 
     # the call agent guides make (thinking switches, streamed): served, thinking off on a model without any
-    thinking = ChatOpenAI(
-        base_url=f"http://127.0.0.1:{stack.env['GTM_DEMO_PORT']}/v1",
-        api_key=SecretStr(stack.text_key),
-        model="smollm2",
-        temperature=0,
-        max_tokens=30,
-        streaming=True,
-        extra_body={"enable_thinking": True, "return_reasoning": True},
+    thinking = stack.text_chat(
+        max_tokens=30, streaming=True, extra_body={"enable_thinking": True, "return_reasoning": True}
     )
     assert "Paris" in "".join(str(chunk.content) for chunk in thinking.stream("What is the capital of France?"))
 

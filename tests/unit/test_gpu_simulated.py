@@ -425,6 +425,21 @@ def test_sleeping_engines_keep_their_context_which_overcommit_counts_and_every_w
         h.close()
 
 
+def asleep_in_place(h: SimHost, clock: list[float], name: str, gpu_memory: int) -> str:
+    """A tenant with --idle-sleep 60s started, then idle past it: its engine sleeps in place.
+    ``clock`` becomes the reconciler's and the sleeper's. Returns its gateway's token."""
+    h.reconciler.clock = h.reconciler.sleeper.clock = lambda: clock[0]
+    spec = TenantSpec(name=name, port=31000, gpu_memory=gpu_memory, model="demo", max_model_len=4096)
+    h.service.create(replace(spec, idle_sleep_s=60.0), "test")
+    h.start(name)
+    token = h.store.tenant(name).gateway_token
+    h.gateways.activities[token] = GatewayActivity(last_request_at=clock[0], in_flight=0, waiting=0, hold=False)
+    clock[0] += 61.0
+    assert h.reconciler.sleeper.tick() == [Turn(name, "sleep")]
+    h.reconciler.reconcile(name)
+    return token
+
+
 def test_a_wake_short_of_memory_waits_and_one_that_fails_half_way_starts_cold(tmp_path: Path) -> None:
     """A wake maps back what its engine unmapped, with no rollback. With less free on the device
     than that (a process outside the manager holds it), the tenant waits, saying so; when memory
@@ -432,16 +447,8 @@ def test_a_wake_short_of_memory_waits_and_one_that_fails_half_way_starts_cold(tm
     engine still reports sleeping: it is removed and started cold, through the start gate."""
     h = SimHost(tmp_path, [a100(0)])
     gw, clock = h.gateways, [time.time()]
-    h.reconciler.clock = h.reconciler.sleeper.clock = lambda: clock[0]
     try:
-        spec = TenantSpec(name="t1", port=31000, gpu_memory=40 * GIB, model="demo", max_model_len=4096, idle_sleep_s=60)
-        h.service.create(spec, "test")
-        h.start("t1")
-        token = h.store.tenant("t1").gateway_token
-        gw.activities[token] = GatewayActivity(last_request_at=clock[0], in_flight=0, waiting=0, hold=False)
-        clock[0] += 61.0
-        assert h.reconciler.sleeper.tick() == [Turn("t1", "sleep")]
-        h.reconciler.reconcile("t1")
+        token = asleep_in_place(h, clock, "t1", 40 * GIB)
         assert gw.sleeping[token] and h.store.tenant("t1").sleep.kept_asleep == ENGINE.kept_asleep
         device, outsider = h.nvml.device("GPU-a100-0000"), h.nvml.new_pid()
 
@@ -495,16 +502,8 @@ def test_a_wake_holds_its_gpus_start_gate_until_its_engine_has_written_a_token(t
     wake until the gateway's warm-up token has been written."""
     h = SimHost(tmp_path, [a100(0)])
     gw, clock = h.gateways, [time.time()]
-    h.reconciler.clock = h.reconciler.sleeper.clock = lambda: clock[0]
     try:
-        sleeper = TenantSpec(name="alpha", port=31000, gpu_memory=30 * GIB, model="demo", max_model_len=4096)
-        h.service.create(replace(sleeper, idle_sleep_s=60.0), "test")
-        h.start("alpha")
-        token = h.store.tenant("alpha").gateway_token
-        gw.activities[token] = GatewayActivity(last_request_at=clock[0], in_flight=0, waiting=0, hold=False)
-        clock[0] += 61.0
-        assert h.reconciler.sleeper.tick() == [Turn("alpha", "sleep")]
-        h.reconciler.reconcile("alpha")
+        token = asleep_in_place(h, clock, "alpha", 30 * GIB)
         h.add("beta", 31001, 30 * GIB)
         seen: list[str] = []
 
