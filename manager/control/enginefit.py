@@ -73,6 +73,9 @@ class EngineFit:
     kv_floor: int
     kv_cache: int
     seqs_from_tenant: bool
+    image_pixels: int = 0
+    """The largest image the vision processor makes of any image (``--mm-processor-kwargs``), for
+    processors that resize by a pixel budget (Qwen-VL); 0: not passed."""
 
     def as_dict(self) -> dict[str, int | bool]:
         return asdict(self)

@@ -195,6 +195,15 @@ DEEPSTACK_CACHE = 512 * 1024**2
 encoder cache during the profile: about 0.5 GB at its maximum image."""
 
 
+PIXEL_BUDGET_PROCESSORS = frozenset({"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"})
+"""Model types whose vLLM processor resizes each image to at most ``max_pixels`` (vLLM 0.32,
+model_executor/models/qwen2_vl.py ``_get_vision_size``; qwen3_vl.py reuses it)."""
+
+
+def resizes_by_pixels(config: dict[str, Any]) -> bool:
+    return str(config.get("model_type")) in PIXEL_BUDGET_PROCESSORS
+
+
 def takes_images(config: dict[str, Any]) -> bool:
     architecture = (config.get("architectures") or [""])[0]
     return architecture in VISION_ARCHITECTURES or "vision_config" in config

@@ -113,6 +113,10 @@ def engine_args(
         # (config/multimodal.py): memory no reservation holds (cpu) and host RAM that is never
         # admitted (nvml). Off: an image sent again is processed again.
         args += ["--mm-processor-cache-gb", "0"]
+    if fit.image_pixels:
+        # Qwen-VL's processor resizes every image to at most this many pixels, and vLLM profiles
+        # the largest image at it: the tenant's own limit instead of the processor's 12.8-16.8 MP
+        args += ["--mm-processor-kwargs", json.dumps({"max_pixels": fit.image_pixels})]
     args += ["--enable-prefix-caching" if spec.enable_prefix_caching else "--no-enable-prefix-caching"]
     if spec.trust_remote_code:
         args += ["--trust-remote-code"]
@@ -135,7 +139,6 @@ print(f"read {read} bytes")
 """
 
 
-ENGINE_ENTRYPOINT = ("python3", "-m", "vllm.entrypoints.openai.api_server")
 ENGINE_UID = 1000
 PREPARE_CODE = (
     "import os, sys\n"
@@ -366,10 +369,7 @@ def tenant_plan(
     engine = ContainerPlan(
         name=names.engine(inst, spec.name),
         image=settings.engine_image,
-        # the OpenAI server by module: the same in this project's CPU image and upstream vllm/vllm-openai
-        # (whose entrypoint has changed between releases). vLLM 0.32 calls it deprecated in favour of
-        # `vllm serve` (it still serves, with a warning); moving is one line, with the next engine release
-        entrypoint=list(ENGINE_ENTRYPOINT),
+        entrypoint=list(settings.platform.engine_entrypoint),
         # the tenant's volume: the upstream image's own working directory is not writable by uid 1000
         working_dir="/data",
         command=engine_args(spec, settings, device_total, fit, parsers),
@@ -385,7 +385,7 @@ def tenant_plan(
         mounts=[Mount(vol, "/data"), Mount(settings.models_source, "/models", read_only=True)],
         tmpfs={"/tmp": "rw,nosuid,nodev,size=1g"},  # noqa: S108 - a private tmpfs, not a shared /tmp
         pids_limit=settings.engine_pids_limit,
-        mem_limit=settings.platform.memory_limit(spec.gpu_memory),
+        mem_limit=settings.platform.memory_limit(spec.gpu_memory, settings.engine_host_memory + fit.weights),
         shm_size=spec.shm_size,
         nano_cpus=int(settings.engine_cpus * 1e9) if settings.engine_cpus else None,
         cpu_shares=cpu_shares(spec),

@@ -9,11 +9,12 @@ the reconciler's passes read nothing of an unchanged model.
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from manager.control.enginefit import EngineFit, Terms, fit, minimum
-from manager.control.modelfit import ModelFootprint, image_allowance, read_config, read_footprint
+from manager.control.modelfit import ModelFootprint, image_allowance, read_config, read_footprint, resizes_by_pixels
 from manager.control.parsers import ModelText, model_text
 from manager.control.quant import checkpoint_method
 from manager.domain import TenantSpec
@@ -85,7 +86,10 @@ class Sizing:
         """How the tenant's reservation is split inside its engine; InvalidInput when it cannot hold it."""
         footprint, config = self.footprint(spec.model, bool(spec.quantization))
         images = self.images(config, spec.max_images, spec.max_image_pixels)
-        return fit(spec.gpu_memory, footprint, self._terms(images, spec.max_model_len, spec.max_num_seqs))
+        split = fit(spec.gpu_memory, footprint, self._terms(images, spec.max_model_len, spec.max_num_seqs))
+        if images and resizes_by_pixels(config):
+            return replace(split, image_pixels=spec.max_image_pixels)
+        return split
 
     def _terms(self, images: int, max_model_len: int, max_num_seqs: int | None) -> Terms:
         overhead = self.settings.effective_engine_overhead

@@ -137,4 +137,4 @@ def test_an_oom_kill_names_the_memory_that_ran_out() -> None:
     killed = exited(exit_code=137, oom_killed=True)
     assert "raise --gpu-memory" in failure_reason(killed, "")
     on_gpu = failure_reason(killed, "", reservation_is_host_memory=False)
-    assert "the host ran out of RAM, not GPU memory" in on_gpu and "--gpu-memory does not change it" in on_gpu
+    assert "it ran out of host RAM, not GPU memory" in on_gpu and "--gpu-memory does not change it" in on_gpu

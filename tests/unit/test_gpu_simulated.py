@@ -3,7 +3,9 @@ plans and reconciler, with vLLM's own start-up check standing in for the engines
 
 The property: whatever set of tenants admission lets in, one by one, every engine passes vLLM's
 start-up check, first as each is added and again after a restart from nothing in the
-reconciler's order (one engine at a time); on one A100 80GB, on two, and on a MIG layout."""
+reconciler's order (one engine at a time); on one A100 80GB, on two, and on a MIG layout. With
+sleep and overcommit, whatever order tenants ask in, every start and wake passes vLLM's checks, the
+host's RAM holds what the engines pin, and the tenant that asked is served."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import struct
 import time
 from collections.abc import Iterator
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +38,7 @@ from ..simgpu import (
     GIB,
     MIB,
     EngineModel,
+    SimDevice,
     SimGpu,
     SimNvml,
     VllmRefused,
@@ -71,7 +75,8 @@ class SimHost:
         models = tmp_path / "models"
         sparse_model(models / "demo", ENGINE.weights)
         meminfo = tmp_path / "meminfo"  # the host's RAM: a GPU server's 512 GiB unless a test says less
-        meminfo.write_text(f"MemTotal: {settings.pop('host_ram', 512 * GIB) // 1024} kB\n")
+        self.host_ram: int = settings.pop("host_ram", 512 * GIB)
+        meminfo.write_text(f"MemTotal: {self.host_ram // 1024} kB\n")
         self.settings = Settings(
             gpu_mode="nvml", instance=INSTANCE, state_dir=tmp_path, models_dir=models, meminfo=meminfo, **settings
         )
@@ -85,6 +90,8 @@ class SimHost:
         self.pids: dict[str, tuple[str, int]] = {}  # tenant -> (device uuid, pid)
         self.budgets: dict[str, int] = {}  # tenant -> its engine's budget (utilization x CUDA's total)
         self.before_wake: Any = lambda: None  # what happens on the device as a wake begins
+        self.containers: dict[str, str] = {}  # tenant -> the ID of the engine container its pid runs in
+        self.slept_once: set[str] = set()  # tenants whose engine slept in place: its weights stay pinned
 
     def _sleep_mode(self, token: str, asleep: bool) -> None:
         """The engine the gateway with this token reaches sleeps (level 1) or wakes, in the simulation."""
@@ -92,6 +99,7 @@ class SimHost:
         uuid, pid = self.pids[name]
         if asleep:
             vllm_sleep(self.nvml.device(uuid), pid, ENGINE)
+            self.slept_once.add(name)
             return
         self.before_wake()
         try:
@@ -106,33 +114,59 @@ class SimHost:
     def start(self, name: str) -> int:
         """The reconciler's turn for the tenant, then its engine starts on the simulated GPU it was
         given (vLLM's start-up check), and turns healthy. Returns its KV cache bytes."""
-        if name in self.pids:  # its old engine is replaced in this turn
-            uuid, old = self.pids.pop(name)
-            vllm_stop(self.nvml.device(uuid), old)
+        self.stop(name)  # its old engine is replaced in this turn
         self.reconciler.reconcile(name)
-        engine = names.engine(INSTANCE, name)
-        plan = self.runtime.plan(engine)
-        assert plan is not None and plan.gpu_device_ids, self.store.tenant(name)
-        util = float(plan.command[plan.command.index("--gpu-memory-utilization") + 1])
-        device = self.nvml.device(plan.gpu_device_ids[0])
-        pid = self.nvml.new_pid()
-        kv = vllm_start(device, util, ENGINE, pid)
-        self.gateways.sleeping[self.store.tenant(name).gateway_token] = False  # a new process is awake
-        self.pids[name] = (device.uuid, pid)
-        self.budgets[name] = device.processes[pid] - ENGINE.context
-        self.runtime.set_pids(engine, {pid})
-        self.runtime.set_health(engine, "healthy")
+        kv = self.boot(name)
         self.runtime.set_health(names.gateway(INSTANCE, name), "healthy")
         self.reconciler.reconcile(name)
         assert self.store.tenant(name).status == TenantStatus.RUNNING
         return kv
 
+    def boot(self, name: str) -> int:
+        """The engine container the manager started for the tenant starts vLLM on its simulated GPU
+        (its start-up check) and turns healthy. Returns its KV cache bytes."""
+        engine = names.engine(INSTANCE, name)
+        plan, state = self.runtime.plan(engine), self.runtime.container(engine)
+        assert plan is not None and state is not None and plan.gpu_device_ids, self.store.tenant(name)
+        util = float(plan.command[plan.command.index("--gpu-memory-utilization") + 1])
+        device = self.nvml.device(plan.gpu_device_ids[0])
+        pid = self.nvml.new_pid()
+        kv = vllm_start(device, util, ENGINE, pid)
+        self.gateways.sleeping[self.store.tenant(name).gateway_token] = False  # a new process is awake
+        self.pids[name], self.containers[name] = (device.uuid, pid), state.id
+        self.budgets[name] = device.processes[pid] - ENGINE.context
+        self.runtime.set_pids(engine, {pid})
+        self.runtime.set_health(engine, "healthy")
+        return kv
+
+    def stop(self, name: str) -> None:
+        """The tenant's engine process ends (its container was removed or replaced)."""
+        if name in self.pids:
+            uuid, pid = self.pids.pop(name)
+            vllm_stop(self.nvml.device(uuid), pid)
+        self.slept_once.discard(name)
+
+    def follow(self, name: str) -> None:
+        """The simulation follows what the manager did to the tenant's engine container: one it
+        removed ends its process; one it started (or replaced) starts vLLM."""
+        state = self.runtime.container(names.engine(INSTANCE, name))
+        if state is None or self.containers.get(name) != state.id:
+            self.stop(name)
+        if state is not None and name not in self.pids:
+            self.boot(name)
+        if self.runtime.container(names.gateway(INSTANCE, name)) is not None:
+            self.runtime.set_health(names.gateway(INSTANCE, name), "healthy")
+
+    def host_ram_used(self) -> int:
+        """Every engine process's host RAM (the figure the manager admits each with) and the pinned
+        copy of the weights of each engine that has slept."""
+        return len(self.pids) * self.settings.engine_host_memory + len(self.slept_once) * ENGINE.weights
+
     def power_cycle(self) -> None:
         """The host reboots: every engine's memory is gone, the containers are restarted from nothing."""
-        for name, (uuid, pid) in self.pids.items():
-            vllm_stop(self.nvml.device(uuid), pid)
+        for name in list(self.pids):
+            self.stop(name)
             self.runtime.remove_container(names.engine(INSTANCE, name))
-        self.pids.clear()
 
     def close(self) -> None:
         self.store.close()
@@ -181,6 +215,106 @@ def test_every_admitted_engine_passes_vllms_startup_check_also_after_a_restart(t
                     pytest.fail(f"{layout}, trial {trial}: after a restart {name} {exc}")
         finally:
             h.close()
+
+
+class SleepyTrial:
+    """One random trial of the property with sleepers (its test says what it holds)."""
+
+    def __init__(self, h: SimHost, rng: random.Random, seen: dict[str, int]) -> None:
+        self.h, self.rng, self.seen = h, rng, seen
+        self.clock = [time.time()]
+        h.reconciler.clock = h.reconciler.sleeper.clock = lambda: self.clock[0]
+        self.outsider = h.nvml.new_pid()
+        self.admitted: list[str] = []
+        for i in range(rng.randint(4, 12)):
+            size = rng.choice([7 * GIB, 9 * GIB, 12 * GIB, 20 * GIB, 30 * GIB]) + rng.randrange(0, 1024) * MIB
+            spec = TenantSpec(
+                name=f"t{i:02d}", port=31000 + i, gpu_memory=size, model="demo", max_model_len=4096, idle_sleep_s=60.0
+            )
+            try:
+                seen["admitted asleep"] += h.service.create(spec, "test").decision.by_overcommit
+            except AdmissionRefused:
+                continue
+            self.admitted.append(spec.name)
+        assert self.admitted, "at least one tenant fits"
+        self.token = {r.spec.name: r.gateway_token for r in h.store.tenants()}
+        for name in self.admitted:
+            self.activity(name, waiting=0)
+
+    def activity(self, name: str, waiting: int) -> None:
+        self.h.gateways.activities[self.token[name]] = GatewayActivity(
+            last_request_at=self.clock[0], in_flight=0, waiting=waiting, hold=bool(waiting)
+        )
+
+    def grab(self, device: SimDevice) -> None:
+        """A process outside the manager takes all but 1 GiB of the device as a wake begins."""
+        device.processes[self.outsider] = max(device.cuda_free - GIB, 0)
+
+    def serving(self, name: str) -> bool:
+        return (
+            self.h.store.tenant(name).status == TenantStatus.RUNNING and not self.h.gateways.sleeping[self.token[name]]
+        )
+
+    def settle(self, asking: str) -> None:
+        """The sleeper's and the reconciler's turns (evictions, then the wake or a cold start), the
+        simulation following each, until ``asking`` is served; the invariants hold at every turn."""
+        h = self.h
+        for _ in range(8):
+            h.reconciler.sleeper.tick()
+            for name in self.admitted:
+                h.reconciler.reconcile(name)
+                for device in h.nvml.devices():  # it held memory only while a wake was tried
+                    device.processes.pop(self.outsider, None)
+                self.seen["slept"] += name in h.slept_once
+                h.follow(name)
+                assert all(d.used <= d.cuda_total for d in h.nvml.devices())
+                assert h.host_ram_used() <= h.host_ram - h.settings.host_headroom, "host RAM over-committed"
+            if self.serving(asking):
+                return
+
+    def run(self, steps: int) -> None:
+        h = self.h
+        for _ in range(2 * len(self.admitted)):  # those admitted awake start, one engine per device at a time
+            self.settle(self.admitted[0])
+            if all(h.store.tenant(n).status != TenantStatus.STARTING for n in self.admitted):
+                break
+        for step in range(steps):
+            name = self.rng.choice(self.admitted)
+            self.clock[0] += self.rng.uniform(5.0, 120.0)
+            self.activity(name, waiting=1)
+            if self.rng.random() < 0.2 and name in h.pids:
+                h.before_wake = partial(self.grab, h.nvml.device(h.pids[name][0]))
+                self.seen["failed wakes"] += h.gateways.sleeping[self.token[name]]
+            try:
+                self.settle(name)
+            finally:
+                h.before_wake = lambda: None
+            row = h.store.tenant(name)
+            assert self.serving(name), f"step {step}: {name} {row.status} ({row.reason})"
+            self.activity(name, waiting=0)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_with_sleepers_every_start_and_wake_passes_and_the_hosts_ram_holds(tmp_path: Path, layout: str) -> None:
+    """The property with sleep and overcommit: tenants that sleep when idle, admitted beyond what
+    the devices hold awake, take requests in a random order on a small host (64-128 GiB of RAM).
+    Sleepers keep their contexts and graph pools on the device, and their weights pinned in host
+    RAM; one wake in five loses memory to a process outside the manager half way and fails. At
+    every step vLLM's own checks pass (every start, every wake that is tried with the memory
+    there), the host's RAM holds every engine and every pinned copy, and the tenant that asked is
+    served: woken, or, after a failed wake, started cold."""
+    seen = {"admitted asleep": 0, "slept": 0, "failed wakes": 0}
+    for trial in range(4):
+        rng = random.Random(f"sleepers-{layout}-{trial}")
+        host_ram = rng.choice([64, 96, 128]) * GIB
+        h = SimHost(tmp_path / f"t{trial}", LAYOUTS[layout](), overcommit=True, host_ram=host_ram)
+        try:
+            SleepyTrial(h, rng, seen).run(steps=16)
+        except (VllmRefused, AssertionError) as exc:
+            pytest.fail(f"{layout}, trial {trial}: {exc}")
+        finally:
+            h.close()
+    assert all(seen.values()), f"every case came up: {seen}"
 
 
 def test_three_tenants_that_fill_the_ledger_all_start(host: SimHost) -> None:

@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -9,11 +10,15 @@ from manager.control.modelfit import (
     image_allowance,
     kv_bytes_per_token,
     read_footprint,
+    resizes_by_pixels,
     takes_images,
     vision_parameters,
 )
+from manager.control.sizing import Sizing
+from manager.domain import TenantSpec
 from manager.errors import InvalidInput, NotFound
 from manager.platform import PLATFORMS
+from manager.settings import Settings
 
 from .conftest import write_model
 
@@ -89,6 +94,23 @@ def test_the_catalog_knows_the_vision_families_from_their_configs(
     assert vision_parameters(config) == pytest.approx(tower_millions * 1e6, rel=0.03)
     # llava's text_config names no layers or heads: LlamaConfig's defaults (32 x 32, hidden 4096)
     assert kv_bytes_per_token(config) == kv_kib_per_token * 1024
+
+
+def test_qwen_vl_processors_take_the_tenants_pixel_limit_and_the_others_are_left_alone(tmp_path: Path) -> None:
+    """Qwen-VL's processor resizes every image to at most ``max_pixels`` and vLLM profiles the
+    largest image at it: its engine is given the tenant's limit. Other processors take no such
+    argument, and are given none."""
+    assert resizes_by_pixels(vision_config("qwen2.5-vl-7b")) and resizes_by_pixels(vision_config("qwen3-vl-8b"))
+    assert not resizes_by_pixels(vision_config("idefics3-8b")) and not resizes_by_pixels(vision_config("llava-1.5-7b"))
+    settings = Settings(gpu_mode="nvml", state_dir=tmp_path, models_dir=tmp_path / "models")
+    config = vision_config("qwen3-vl-8b")
+    write_model(settings.models_dir, "qwen3-vl", {"w": ("BF16", [1024, 1024])}, config)
+    spec = TenantSpec(
+        name="vl", port=30001, gpu_memory=24 * 1024**3, model="qwen3-vl", max_model_len=4096, max_images=2
+    )
+    sizing = Sizing(settings)
+    assert sizing.fit(replace(spec, max_image_pixels=4_000_000)).image_pixels == 4_000_000
+    assert sizing.fit(replace(spec, max_images=0)).image_pixels == 0, "no images, no processor"
 
 
 def test_a_vision_tenants_image_allowance_follows_the_mode_and_its_limits() -> None:

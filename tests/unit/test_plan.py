@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 
 from manager import names
@@ -67,7 +69,9 @@ def test_nvml_engine_gets_its_fraction_of_the_gpu(settings: Settings) -> None:
     e = tenant_plan(spec(gpu_memory=10 * G, quantization="awq"), gpu, device_total=80 * G, gpu_uuid="GPU-1").engine
     assert e.command[e.command.index("--gpu-memory-utilization") + 1] == "0.1250"
     assert e.command[e.command.index("--quantization") + 1] == "awq"
-    assert e.gpu_device_ids == ["GPU-1"] and e.mem_limit is None
+    assert (
+        e.gpu_device_ids == ["GPU-1"] and e.mem_limit == 4 * G
+    )  # GTM_ENGINE_HOST_MEMORY; the demo weights are 0 bytes
     assert "--kv-cache-memory-bytes" not in e.command
 
 
@@ -159,6 +163,10 @@ def test_engine_options_as_vllm_spells_them(settings: Settings) -> None:
     assert "--no-enable-prefix-caching" in args and "--enable-prefix-caching" not in args
     assert "--trust-remote-code" in args
     assert args.count("--max-num-seqs") == 1 and args[args.index("--max-num-seqs") + 1] == "8"
+    assert "--mm-processor-kwargs" not in args, "only a processor that resizes by pixels is told its limit"
+    qwen = replace(fitted(chosen, settings), image_pixels=4_000_000)
+    args = plan_with(chosen, settings, 24 * G, qwen).engine.command
+    assert args[args.index("--mm-processor-kwargs") + 1] == '{"max_pixels": 4000000}'
 
 
 def test_the_parsers_are_the_engines_flags(settings: Settings) -> None:
@@ -206,8 +214,10 @@ def test_a_gpu_engine_runs_from_any_vllm_image(tmp_path) -> None:
     usable = 81920 * M - 870 * M  # an A100 80GB: NVML's total less the driver's reservation
     plan = tenant_plan(spec(gpu_memory=24 * G), gpu, device_total=usable, gpu_uuid="GPU-5f1c")
     e = plan.engine
-    assert e.entrypoint == ["python3", "-m", "vllm.entrypoints.openai.api_server"]
-    assert e.user == "1000:1000" and e.gpu_device_ids == ["GPU-5f1c"] and e.mem_limit is None
+    assert e.entrypoint == ["vllm", "serve"]
+    assert e.user == "1000:1000" and e.gpu_device_ids == ["GPU-5f1c"]
+    # its host RAM: what the host-RAM ledger counts, the process and the weights a sleeper pins
+    assert e.mem_limit == gpu.engine_host_memory + fitted(spec(gpu_memory=24 * G), gpu).weights
     assert e.pids_limit == 4096 and container_kwargs(e)["working_dir"] == "/data"
     assert e.env["USER"] == e.env["LOGNAME"] == "vllm" and e.env["HOME"] == "/data"
     for cache in ("HF_HOME", "VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
@@ -232,7 +242,7 @@ def test_a_gpu_engine_runs_from_any_vllm_image(tmp_path) -> None:
 
 def test_the_cpu_engine_gets_the_same_volume_and_user_steps(settings: Settings) -> None:
     e = tenant_plan(spec(), settings, device_total=24 * G).engine
-    assert e.entrypoint == ["python3", "-m", "vllm.entrypoints.openai.api_server"]
+    assert e.entrypoint == ["python3", "-m", "vllm.entrypoints.openai.api_server"]  # the CPU wheel has no `vllm` CLI
     assert e.env["USER"] == "vllm" and "OMP_NUM_THREADS" not in e.env  # the CPU backend binds its own threads
     assert e.command.count("--max-num-batched-tokens") == 1 and e.command.count("--max-num-seqs") == 1
     assert container_kwargs(e).get("cap_add") is None

@@ -32,7 +32,7 @@ def test_every_platform_answers_every_question(platform: Platform) -> None:
 
 def test_host_memory_reserves_the_engines_whole_memory() -> None:
     cpu = HostMemory()
-    assert cpu.memory_limit(2 * G) == 2 * G and cpu.devices("GPU-1") is None
+    assert cpu.memory_limit(2 * G, 5 * G) == 2 * G and cpu.devices("GPU-1") is None
     assert cpu.process_overhead(512) == 0 and cpu.kept_asleep(512) == 0 and not cpu.sleeps_in_place
     assert "--kv-cache-memory-bytes" in cpu.engine_args(2 * G, 24 * G, G)
     assert cpu.engine_env() == {"TORCHDYNAMO_DISABLE": "1"}
@@ -42,7 +42,7 @@ def test_a_gpu_engine_gets_its_fraction_its_device_and_sleeps_in_place() -> None
     gpu = Nvidia()
     args = gpu.engine_args(8 * G, 80 * G, 0)
     assert args[args.index("--gpu-memory-utilization") + 1] == "0.1000" and "--enable-sleep-mode" in args
-    assert gpu.memory_limit(8 * G) is None and gpu.devices("MIG-1") == ["MIG-1"] and gpu.devices(None) == ["0"]
+    assert gpu.memory_limit(8 * G, 5 * G) == 5 * G and gpu.devices("MIG-1") == ["MIG-1"] and gpu.devices(None) == ["0"]
     # a sleeper keeps its context and its CUDA graph pools (1.5 GiB until measured), or what the admin set
     assert gpu.process_overhead(512) == 512 and gpu.kept_asleep(512) == 512 + 1536 * 1024**2
     assert gpu.kept_asleep(512, configured=3 * 1024**3) == 3 * 1024**3
