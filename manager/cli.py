@@ -634,13 +634,14 @@ def _list_models(args: argparse.Namespace, api: Api, shown: Shown) -> Any:
         [m["name"], m["architecture"], f"{m['parameters'] / 1e6:.1f}M", m["dtype"],
          format_size(m["weight_bytes"]), "yes" if m["takes_images"] else "no", m["quantization"] or "-",
          format_size(m["minimum_gpu_memory"]), _opt_size(m["minimum_gpu_memory_at"]),
+         format_size(m.get("engine_overhead", 0)) + (" learned" if m.get("overhead_learned") else ""),
          m.get("tool_parser") or "-", m.get("reasoning_parser") or "-", (m.get("origin") or "-")[:60],
          m["problem"][:60]]
         for m in out
     ]  # fmt: skip
     at = f"MIN AT {args.max_model_len}" if args.max_model_len else "MIN AT -"
     header = ["NAME", "ARCHITECTURE", "PARAMS", "DTYPE", "WEIGHTS", "IMAGES", "QUANT", "MIN GPU-MEMORY", at,
-              "TOOLS (AUTO)", "REASONING (AUTO)", "ORIGIN", "PROBLEM"]  # fmt: skip
+              "ENGINE OVERHEAD", "TOOLS (AUTO)", "REASONING (AUTO)", "ORIGIN", "PROBLEM"]  # fmt: skip
     shown.say(_table(rows, header))
     return out
 

@@ -191,17 +191,19 @@ class EngineModel:
     context: int = CONTEXT
     graph_pool: int = 1200 * MIB
     """CUDA graph pools and tensors outside the cuMem pools (inside the budget): they stay asleep."""
+    per_sequence: int = 384_000
+    """The sampler's peak per sequence in the profile run (``_dummy_sampler_run`` over
+    ``--max-num-seqs``): float32 logits of a 32k vocabulary, three copies."""
 
     @property
     def kept_asleep(self) -> int:
         return self.context + self.graph_pool
 
-    @property
-    def non_kv(self) -> int:
-        return self.weights + self.activation_peak + self.non_torch
+    def non_kv(self, sequences: int = 1) -> int:
+        return self.weights + self.activation_peak + self.non_torch + sequences * self.per_sequence
 
 
-def vllm_start(device: SimDevice, utilization: float, engine: EngineModel, pid: int) -> int:
+def vllm_start(device: SimDevice, utilization: float, engine: EngineModel, pid: int, sequences: int = 1) -> int:
     """Starts an engine on ``device`` the way vLLM does (module docstring); returns its KV cache
     bytes, or raises ``VllmRefused`` with vLLM's message (the device is then as before)."""
     if device.cuda_free < engine.context:
@@ -215,12 +217,18 @@ def vllm_start(device: SimDevice, utilization: float, engine: EngineModel, pid: 
             f"Free memory on device ({free / GIB:.2f}/{device.cuda_total / GIB:.2f} GiB) on startup is less than "
             f"desired GPU memory utilization ({utilization}, {requested / GIB:.2f} GiB)"
         )
-    kv = requested - engine.non_kv
+    kv = requested - engine.non_kv(sequences)
     if kv <= 0:
         del device.processes[pid]
         raise VllmRefused("No available memory for the cache blocks. Try increasing `gpu_memory_utilization`")
     device.processes[pid] = engine.context + requested
     return kv
+
+
+def vllm_start_log(kv: int) -> str:
+    """The line vLLM's GPU worker logs after its profile (``determine_available_memory``), in its
+    format (``format_gib``: GiB rounded to two decimals)."""
+    return f"INFO 12-06 10:00:00 [gpu_worker.py:760] Available KV cache memory: {round(kv / GIB, 2)} GiB\n"
 
 
 def vllm_stop(device: SimDevice, pid: int) -> None:

@@ -47,6 +47,10 @@ class CatalogEntry:
     origin: str | None = None
     """Where it came from: ``gguf FILE (QUANT)``, ``directory PATH``, ``generated ...`` (None:
     placed in the volume by hand)."""
+    engine_overhead: int = 0
+    """What the minimum counts for the engine beyond weights, images, sequences and KV cache."""
+    overhead_learned: bool = False
+    """Whether that is what its GPU engine's own start-up logged (else the configured figure)."""
 
 
 CONVERT_TIMEOUT_S = 3600.0
@@ -85,9 +89,9 @@ class ModelCatalog:
     ) -> int:
         return self.sizing.minimum(model, max_model_len, quantized, max_images, max_image_pixels, max_num_seqs)
 
-    def _minimum(self, footprint: ModelFootprint, max_model_len: int, images: int = 0) -> int:
+    def _minimum(self, model: str, footprint: ModelFootprint, max_model_len: int, images: int = 0) -> int:
         """Admission's model-fit figure: ``enginefit.minimum``, the rule the engine is started by."""
-        return self.sizing.minimum_of(footprint, max_model_len, images)
+        return self.sizing.minimum_of(model, footprint, max_model_len, images)
 
     def concurrency(self, spec: TenantSpec) -> int | None:
         """The sequences the tenant's engine runs at once (None while its model cannot be read)."""
@@ -162,8 +166,10 @@ class ModelCatalog:
             weight_bytes=footprint.weight_bytes,
             takes_images=vision,
             quantization=method[0] if (method := checkpoint_method(config)) else None,
-            minimum_gpu_memory=self._minimum(footprint, self.settings.default_max_model_len, images),
-            minimum_gpu_memory_at=self._minimum(footprint, max_model_len, images) if max_model_len else None,
+            minimum_gpu_memory=self._minimum(name, footprint, self.settings.default_max_model_len, images),
+            minimum_gpu_memory_at=self._minimum(name, footprint, max_model_len, images) if max_model_len else None,
+            engine_overhead=self.sizing.overhead(name, bool(images)),
+            overhead_learned=self.sizing.learned(name, bool(images)) is not None,
             tool_parser=parsers.pick_tool(text_of),
             reasoning_parser=parsers.pick_reasoning(text_of),
             origin=describe_origin(model_files.origin(self.settings.models_dir, name)),

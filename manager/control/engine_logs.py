@@ -9,6 +9,11 @@ from manager.runtime.types import ContainerState
 
 COLD_CACHE = re.compile(r"Available memory on node .* on kv cache allocation is less than", re.IGNORECASE)
 """vLLM's CPU backend refusing its KV cache because the page cache it just read counts as used."""
+AVAILABLE_KV_CACHE = re.compile(r"Available KV cache memory: (\d+(?:\.\d+)?) GiB")
+"""vLLM's GPU worker after its profile run (v1/worker/gpu_worker.py ``determine_available_memory``,
+0.32): what its budget left for the KV cache, in GiB to two decimals."""
+START_LOG_LINES = 3000
+"""How much of a new engine's log is read for that line: its whole start-up."""
 LOG_TAIL_LINES = 400
 LOG_KEEP_CHARS = 32_000
 FAILURE_PATTERNS = [
@@ -23,6 +28,14 @@ WRAPPER_LINES = re.compile(
 NOT_AN_ERROR = re.compile(r"\b(?:DEBUG|INFO|WARNING)\b \d\d-\d\d \d\d:\d\d:\d\d|Warning: ")
 """vLLM's own log lines below ERROR, and Python warnings: they may quote an error's name
 ("... can cause fd limit errors like `OSError: ...`") without anything having failed."""
+
+
+def available_kv_cache(logs: str) -> int | None:
+    """The KV cache bytes a GPU engine's profile left, from its start-up log (None: not logged,
+    as on vLLM's CPU backend, which is given its KV cache): the least the figure, rounded to 0.01
+    GiB, can stand for, so that an overhead derived from it is never low."""
+    found = AVAILABLE_KV_CACHE.findall(logs)
+    return max(int((float(found[-1]) - 0.005) * 1024**3), 0) if found else None
 
 
 def failure_reason(state: ContainerState, logs: str, reservation_is_host_memory: bool = True) -> str:

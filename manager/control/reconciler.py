@@ -38,6 +38,7 @@ error talking to Docker backs the key off (1 s doubling to 60 s).
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import Counter
@@ -45,7 +46,14 @@ from collections.abc import Callable
 
 from manager import names
 from manager.control.collector import UsageCollector
-from manager.control.engine_logs import COLD_CACHE, LOG_KEEP_CHARS, LOG_TAIL_LINES, failure_reason
+from manager.control.engine_logs import (
+    COLD_CACHE,
+    LOG_KEEP_CHARS,
+    LOG_TAIL_LINES,
+    START_LOG_LINES,
+    available_kv_cache,
+    failure_reason,
+)
 from manager.control.gateway_client import Connect, GatewayAdmin, GatewayClient, gateway_ip, push_config
 from manager.control.parsers import engine_parsers
 from manager.control.plan import (
@@ -66,6 +74,7 @@ from manager.domain import TenantStatus
 from manager.errors import GtmError, InvalidInput, RuntimeUnavailable
 from manager.gpu import DeviceMemory, Inventory, placed_on
 from manager.names import Role
+from manager.platform import gpu_memory_utilization
 from manager.runtime.protocol import EventStream, Runtime
 from manager.runtime.types import ContainerPlan, ContainerState
 from manager.settings import Settings
@@ -103,7 +112,7 @@ class Reconciler:
         self.store = store
         self.runtime = runtime
         self.inventory = inventory
-        self.sizing = Sizing(settings)
+        self.sizing = Sizing(settings, store.engine_overhead)
         self.connect = connect
         self.clock = clock
         self.queue = WorkQueue()
@@ -283,7 +292,7 @@ class Reconciler:
             return self._start_engine(row, plan.engine)
         if engine.status == "running":
             if engine.health == "healthy":
-                return self._engine_healthy(row, engine, plan.gateway, gateway, gateway_ready)
+                return self._engine_healthy(row, engine, device, plan.gateway, gateway, gateway_ready)
             if engine.health == "unhealthy":
                 return self._engine_failed(row, engine, "engine stopped answering its health check")
             return self._engine_starting(row, engine)
@@ -373,12 +382,15 @@ class Reconciler:
         self,
         row: TenantRow,
         engine: ContainerState,
+        device: DeviceMemory,
         plan: ContainerPlan,
         gateway: ContainerState | None,
         gateway_ready: bool,
     ) -> float | None:
         """The engine serves: the tenant runs once its gateway does (a waking one: once its wake is done)."""
         name = row.spec.name
+        if engine.id not in self._served and self.settings.platform.gates_starts_on_profile:
+            self._learn_overhead(row, engine, device)
         self._served.add(engine.id)
         self._restarted.pop(name, None)
         self._release_gate(name)
@@ -400,6 +412,31 @@ class Reconciler:
             return None
         self._set_status(row, TenantStatus.RUNNING)
         return None  # the resync looks again; usage has its own loop
+
+    def _learn_overhead(self, row: TenantRow, engine: ContainerState, device: DeviceMemory) -> None:
+        """nvml: what the new engine needed beyond its weights, images, sequences and KV cache, from
+        the KV cache its own profile logged ("Available KV cache memory") and its budget (vLLM's
+        ``ceil(total x utilization)``), recorded for its model: admission's model-fit minimum, the
+        engine's split and list-models use it from then on instead of ``GTM_GPU_ENGINE_OVERHEAD``."""
+        try:
+            kv = available_kv_cache(self.runtime.logs_tail(engine.name, START_LOG_LINES))
+            split = self.sizing.fit(row.spec)
+        except GtmError as exc:
+            log.warning("the engine overhead of %s was not learned: %s", row.spec.name, exc.message)
+            return
+        if kv is None:
+            return
+        budget = math.ceil(device.usable * gpu_memory_utilization(row.spec.gpu_memory, device.usable))
+        # plus the most the utilization's four decimals take from any reservation's budget here
+        rounding = device.usable // 10_000 + 1
+        overhead = budget - kv - split.weights - split.images - split.max_num_seqs * split.per_sequence + rounding
+        self.store.record_engine_overhead(row.spec.model, bool(split.images), overhead, self.clock())
+        log.info(
+            "model %s: its engine needs %s beyond weights, images and KV cache (counted so far: %s)",
+            row.spec.model,
+            format_size(overhead),
+            format_size(split.overhead),
+        )
 
     def _asleep(self, row: TenantRow, engine: ContainerState | None, gateway_ready: bool) -> float | None:
         """Its gateway holds requests (this turn pushed the config that says so); once the gateway

@@ -9,6 +9,7 @@ the reconciler's passes read nothing of an unchanged model.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -18,14 +19,24 @@ from manager.control.modelfit import ModelFootprint, image_allowance, read_confi
 from manager.control.parsers import ModelText, model_text
 from manager.control.quant import checkpoint_method
 from manager.domain import TenantSpec
+from manager.errors import InvalidInput
 from manager.settings import Settings
 
 Stamp = tuple[tuple[str, int, int], ...]
 
 
+Learned = Callable[[str, bool], int | None]
+"""(model, takes images) -> what its GPU engine needed beyond weights, images, sequences and KV
+cache at its last start (``TenantStore.engine_overhead``)."""
+
+
 class Sizing:
-    def __init__(self, settings: Settings) -> None:
+    """``learned``: each model's engine overhead as its engines' start-up logged it; it replaces
+    the configured figure unless the admin set ``GTM_ENGINE_OVERHEAD``."""
+
+    def __init__(self, settings: Settings, learned: Learned = lambda model, images: None) -> None:
         self.settings = settings
+        self.learned = learned
         self.platform = settings.platform
         self._lock = threading.Lock()
         self._footprints: dict[tuple[str, bool], tuple[Stamp, ModelFootprint, dict[str, Any]]] = {}
@@ -75,24 +86,45 @@ class Sizing:
     ) -> int:
         footprint, config = self.footprint(model, quantized)
         images = self.images(config, max_images, max_image_pixels)
-        return self.minimum_of(footprint, max_model_len, images, max_num_seqs)
+        return self.minimum_of(model, footprint, max_model_len, images, max_num_seqs)
 
     def minimum_of(
-        self, footprint: ModelFootprint, max_model_len: int, images: int, max_num_seqs: int | None = None
+        self, model: str, footprint: ModelFootprint, max_model_len: int, images: int, max_num_seqs: int | None = None
     ) -> int:
-        return minimum(footprint, self._terms(images, max_model_len, max_num_seqs))
+        return minimum(footprint, self._terms(model, images, max_model_len, max_num_seqs))
 
     def fit(self, spec: TenantSpec) -> EngineFit:
         """How the tenant's reservation is split inside its engine; InvalidInput when it cannot hold it."""
         footprint, config = self.footprint(spec.model, bool(spec.quantization))
         images = self.images(config, spec.max_images, spec.max_image_pixels)
-        split = fit(spec.gpu_memory, footprint, self._terms(images, spec.max_model_len, spec.max_num_seqs))
+        terms = self._terms(spec.model, images, spec.max_model_len, spec.max_num_seqs)
+        try:
+            split = fit(spec.gpu_memory, footprint, terms)
+        except InvalidInput:
+            if terms.overhead == self.settings.effective_engine_overhead:
+                raise
+            # a later start of the model logged more than this tenant was admitted with. On a GPU
+            # vLLM sizes the KV cache itself, and refuses a context that does not fit in its own
+            # words: the engine runs as few sequences as the reservation leaves room for
+            room = spec.gpu_memory - minimum(footprint, replace(terms, overhead=0))
+            if room < 0:
+                raise
+            split = fit(spec.gpu_memory, footprint, replace(terms, overhead=room))
         if images and resizes_by_pixels(config):
             return replace(split, image_pixels=spec.max_image_pixels)
         return split
 
-    def _terms(self, images: int, max_model_len: int, max_num_seqs: int | None) -> Terms:
-        overhead = self.settings.effective_engine_overhead
+    def overhead(self, model: str, images: bool) -> int:
+        """The engine overhead counted for the model: the admin's ``GTM_ENGINE_OVERHEAD``, else what
+        its engines' start-up logged (nvml), else the platform's figure."""
+        if self.settings.engine_overhead is None and not self.platform.reservation_is_host_memory:
+            learned = self.learned(model, images)
+            if learned is not None:
+                return learned
+        return self.settings.effective_engine_overhead
+
+    def _terms(self, model: str, images: int, max_model_len: int, max_num_seqs: int | None) -> Terms:
+        overhead = self.overhead(model, bool(images))
         return Terms(self.platform, overhead, images, max_model_len, self.settings.min_kv_tokens, max_num_seqs)
 
 

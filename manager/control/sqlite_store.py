@@ -241,6 +241,16 @@ ORDER BY a.id""",
     [  # 13: the engine's CPU weight when engines contend (unset: its reservation)
         "ALTER TABLE tenants ADD COLUMN cpu_weight INTEGER",
     ],
+    [  # 14: what a model's GPU engine needed beyond weights, images, sequences and KV cache, as its
+        # own start-up logged it (nvml; manager.control.reconciler ``_learn_overhead``)
+        """CREATE TABLE IF NOT EXISTS engine_overheads (
+    model TEXT NOT NULL,
+    images INTEGER NOT NULL,
+    overhead INTEGER NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (model, images)
+)""",
+    ],
 ]
 """The manager database's schema, step by step (see manager.migrations); append only."""
 
@@ -527,6 +537,21 @@ class SqliteStore:
     def set_kept_asleep(self, name: str, kept: int) -> None:
         with self._tx() as db:
             db.execute("UPDATE tenants SET kept_asleep=? WHERE name=?", (kept, name))
+
+    def engine_overhead(self, model: str, images: bool) -> int | None:
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT overhead FROM engine_overheads WHERE model=? AND images=?", (model, int(images))
+            ).fetchone()
+        return int(row["overhead"]) if row else None
+
+    def record_engine_overhead(self, model: str, images: bool, overhead: int, at: float) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO engine_overheads (model, images, overhead, at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (model, images) DO UPDATE SET overhead=excluded.overhead, at=excluded.at",
+                (model, int(images), overhead, at),
+            )
 
     def delete_tenant(self, name: str) -> None:
         """Removes the tenant and its keys; its usage records stay for cost sharing."""

@@ -84,6 +84,15 @@ class TenantStore(Protocol):
         """Records what the tenant's engine kept of its device, measured after it slept in place."""
         ...
 
+    def engine_overhead(self, model: str, images: bool) -> int | None:
+        """What the model's GPU engine last needed beyond its weights, images, sequences and KV
+        cache (with or without images), as its start-up logged it; None: never started here."""
+        ...
+
+    def record_engine_overhead(self, model: str, images: bool, overhead: int, at: float) -> None:
+        """Records it (the latest start's figure replaces the one before)."""
+        ...
+
     def delete_tenant(self, name: str) -> None:
         """Removes the tenant and its keys; its usage records stay for cost sharing."""
         ...

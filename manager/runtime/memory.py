@@ -119,6 +119,11 @@ class MemoryRuntime:
             c = self._containers.get(name)
             return c.plan if c else None
 
+    def set_logs(self, name: str, logs: str) -> None:
+        """What the container has printed (a simulated engine's start-up)."""
+        with self._lock:
+            self._containers[name].logs = logs
+
     def set_pids(self, name: str, pids: set[int]) -> None:
         """The host PIDs of a running container's processes (what ``docker top`` would list)."""
         with self._lock:

@@ -1,6 +1,6 @@
 import pytest
 
-from manager.control.engine_logs import failure_reason
+from manager.control.engine_logs import available_kv_cache, failure_reason
 from manager.control.reconciler import backoff
 from manager.domain import TenantStatus, can_transition
 from manager.runtime.types import ContainerState
@@ -138,3 +138,15 @@ def test_an_oom_kill_names_the_memory_that_ran_out() -> None:
     assert "raise --gpu-memory" in failure_reason(killed, "")
     on_gpu = failure_reason(killed, "", reservation_is_host_memory=False)
     assert "it ran out of host RAM, not GPU memory" in on_gpu and "--gpu-memory does not change it" in on_gpu
+
+
+def test_a_gpu_engines_kv_cache_is_read_from_its_start_up_log_never_high() -> None:
+    """vLLM 0.32's gpu_worker line, GiB to two decimals: the least it can stand for; the last one
+    counts (a restarted process logs again); none on the CPU backend."""
+    logs = (
+        "INFO 12-06 10:00:00 [gpu_worker.py:760] Available KV cache memory: 9.5 GiB\n"
+        "INFO 12-06 10:00:09 [gpu_worker.py:760] Available KV cache memory: 12.34 GiB\n"
+        "INFO 12-06 10:00:10 [api_server.py:1] Starting vLLM API server 0 on http://0.0.0.0:8000\n"
+    )
+    assert available_kv_cache(logs) == int(12.335 * 1024**3)
+    assert available_kv_cache("INFO [cpu_worker.py:1] init engine (profile, create kv cache) took 1.2 s") is None

@@ -45,6 +45,7 @@ from ..simgpu import (
     a100,
     vllm_sleep,
     vllm_start,
+    vllm_start_log,
     vllm_stop,
     vllm_wake,
 )
@@ -131,11 +132,13 @@ class SimHost:
         util = float(plan.command[plan.command.index("--gpu-memory-utilization") + 1])
         device = self.nvml.device(plan.gpu_device_ids[0])
         pid = self.nvml.new_pid()
-        kv = vllm_start(device, util, ENGINE, pid)
+        sequences = int(plan.command[plan.command.index("--max-num-seqs") + 1])
+        kv = vllm_start(device, util, ENGINE, pid, sequences)
         self.gateways.sleeping[self.store.tenant(name).gateway_token] = False  # a new process is awake
         self.pids[name], self.containers[name] = (device.uuid, pid), state.id
         self.budgets[name] = device.processes[pid] - ENGINE.context
         self.runtime.set_pids(engine, {pid})
+        self.runtime.set_logs(engine, vllm_start_log(kv))
         self.runtime.set_health(engine, "healthy")
         return kv
 
@@ -419,6 +422,36 @@ def test_mig_instances_are_devices_with_their_own_memory_and_unknown_per_process
             h.add("huge", 31002, 20 * GIB)
     finally:
         h.close()
+
+
+def test_each_models_engine_overhead_is_learned_from_its_first_start(host: SimHost) -> None:
+    """vLLM logs the KV cache its profile left; the manager takes what the engine needed beyond
+    weights, sequences and that KV cache for the model's own overhead, in place of the configured
+    4 GiB: the model-fit minimum and list-models use it, and a tenant admitted at the smaller
+    minimum starts with its whole context's KV cache."""
+    configured = host.service.models.minimum("demo", 4096, False)
+    (entry,) = host.service.models.entries()
+    assert entry.engine_overhead == 4 * GIB and not entry.overhead_learned
+    host.add("first", 31000, 20 * GIB)
+    host.start("first")
+    split = host.reconciler.sizing.fit(host.store.tenant("first").spec)
+    learned = host.store.engine_overhead("demo", False)
+    # what vLLM's profile holds beyond weights and sampler, and what the utilization's rounding takes
+    truth = ENGINE.activation_peak + ENGINE.non_torch + host.inventory.devices()[0].usable // 10_000
+    assert split.per_sequence == ENGINE.per_sequence, "the simulated sampler is the one the manager counts"
+    assert learned is not None and truth <= learned < truth + 11 * MIB, "never low; high by the log's rounding"
+    least = host.service.models.minimum("demo", 4096, False)
+    assert least == configured - (4 * GIB - learned)
+    (entry,) = host.service.models.entries()
+    assert entry.engine_overhead == learned and entry.overhead_learned and entry.minimum_gpu_memory < configured
+    host.add("smallest", 31001, least)
+    kv = host.start("smallest")
+    assert kv >= host.reconciler.sizing.fit(host.store.tenant("smallest").spec).kv_floor, "one whole context fits"
+    # a later start that logs more does not fail a tenant admitted before it: the engine runs fewer sequences
+    host.store.record_engine_overhead("demo", False, learned + 64 * MIB, time.time())
+    assert host.reconciler.sizing.fit(host.store.tenant("smallest").spec).max_num_seqs == 1
+    host.reconciler.reconcile("smallest")
+    assert host.store.tenant("smallest").status == TenantStatus.RUNNING
 
 
 def test_a_lost_gpu_is_a_503_that_says_what_to_do(host: SimHost) -> None:
