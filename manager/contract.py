@@ -41,6 +41,8 @@ class KeyConfig(Contract):
 class MemberConfig(Contract):
     name: str
     limits: Limits = Limits()
+    weight: float = 1.0
+    """Its share of the engine while members wait for it (fair queuing): 2 is twice 1's."""
 
 
 class GatewayConfig(Contract):
@@ -67,6 +69,10 @@ class GatewayConfig(Contract):
     hold_refusal: str = ""
     """While holding: the tenant cannot wake now, and this says why with the numbers (nothing can
     be put to sleep to make room for it). Requests get a 503 with it at once instead of waiting."""
+    concurrency: int | None = None
+    """The sequences the engine runs at once: with ``fair_queue`` the gateway lets at most this
+    many requests in and queues the rest per member. None: unknown (its model cannot be read)."""
+    fair_queue: bool = True
 
 
 class GatewayActivity(Contract):

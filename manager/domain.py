@@ -300,6 +300,17 @@ class TenantSpec:
         ),
     )  # fmt: skip
     """The engine container's CPU shares (``plan.cpu_shares``); None: its reservation in MiB."""
+    fair_queue: bool = field(
+        default=True,
+        metadata=declare(
+            Kind.BOOL, "the gateway lets at most the engine's concurrency in and queues the rest per member, "
+            "serving next the member that got the least service lately, so one member's flood does not make "
+            "the others wait behind it (default: on; off: first come, first served in the engine)",
+            "Fair queuing", gateway=True, choices=("on (per member)", "off (first come, first served)"),
+            listed="fair-queue",
+        ),
+    )  # fmt: skip
+    """Fair queuing among the tenant's members at its gateway (``manager.gateway.fairq``)."""
 
     def flat(self) -> dict[str, Any]:
         """Every declared field by name, the quotas among them (as the store's columns and the

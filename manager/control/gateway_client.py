@@ -45,7 +45,11 @@ def gateway_ip(runtime: Runtime, settings: Settings, tenant: str) -> str | None:
 
 
 def desired_config(
-    store: TenantStore, tenant: str, hold_timeout_s: float = HOLD_TIMEOUT_S, max_waiting: int = MAX_WAITING
+    store: TenantStore,
+    tenant: str,
+    hold_timeout_s: float = HOLD_TIMEOUT_S,
+    max_waiting: int = MAX_WAITING,
+    concurrency: int | None = None,
 ) -> GatewayConfig:
     """Key hashes (active or in their grace period) with their members, the tenant's and each
     member's limits, and the engine's context length (a request's prompt plus completion never
@@ -70,6 +74,8 @@ def desired_config(
         hold_refusal=row.sleep.wake_refusal if row.status == TenantStatus.ASLEEP else "",
         hold_timeout_s=hold_timeout_s,
         max_waiting=max_waiting,
+        concurrency=concurrency,
+        fair_queue=row.spec.fair_queue,
     )
     version = hashlib.sha256(body.model_dump_json(exclude={"version"}).encode()).hexdigest()[:16]
     return body.model_copy(update={"version": version})
@@ -159,9 +165,10 @@ def push_config(
     gw: GatewayAdmin,
     hold_timeout_s: float = HOLD_TIMEOUT_S,
     max_waiting: int = MAX_WAITING,
+    concurrency: int | None = None,
 ) -> bool:
     """Level-triggered: pushes the desired config when the gateway's version differs. True if pushed."""
-    config = desired_config(store, tenant, hold_timeout_s, max_waiting)
+    config = desired_config(store, tenant, hold_timeout_s, max_waiting, concurrency)
     if gw.version() == config.version:
         return False
     gw.push(config)

@@ -557,11 +557,25 @@ class Reconciler:
             return False
         try:
             with self.connect(ip, row.gateway_token) as gw:
-                push_config(self.store, row.spec.name, gw, self.settings.wake_timeout_s, self.settings.max_waiting)
+                push_config(
+                    self.store,
+                    row.spec.name,
+                    gw,
+                    self.settings.wake_timeout_s,
+                    self.settings.max_waiting,
+                    self._concurrency(row),
+                )
         except RuntimeUnavailable as exc:
             log.warning("gateway of %s: %s", row.spec.name, exc.message)
             return False
         return True
+
+    def _concurrency(self, row: TenantRow) -> int | None:
+        """The sequences its engine runs at once (its split's ``--max-num-seqs``)."""
+        try:
+            return self.sizing.fit(row.spec).max_num_seqs
+        except GtmError:
+            return None
 
     def _start_engine(self, row: TenantRow, plan: ContainerPlan) -> float | None:
         name = row.spec.name

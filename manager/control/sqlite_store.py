@@ -251,6 +251,9 @@ ORDER BY a.id""",
     PRIMARY KEY (model, images)
 )""",
     ],
+    [  # 15: fair queuing among a tenant's members at its gateway (on for a tenant from before too)
+        "ALTER TABLE tenants ADD COLUMN fair_queue INTEGER NOT NULL DEFAULT 1",
+    ],
 ]
 """The manager database's schema, step by step (see manager.migrations); append only."""
 

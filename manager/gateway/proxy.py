@@ -22,9 +22,11 @@ from typing import Any
 
 import httpx
 
+from manager.gateway.fairq import Queued, Ticket
 from manager.gateway.hold import Held
 from manager.gateway.http import BODY_COMPLETE
 from manager.gateway.images import check_images, count_images
+from manager.gateway.quotas import Ticket as QuotaTicket
 from manager.gateway.quotas import admit
 from manager.gateway.settings import GatewaySettings
 from manager.gateway.state import GatewayState, KeyEntry
@@ -49,6 +51,8 @@ LARGE_BODY = 1024 * 1024
 SALTED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 """Requests that use the engine's prefix cache: each carries its member's own ``cache_salt``."""
 STARTING_RETRY_S = 5
+BUSY_RETRY_S = 5
+"""Retry-After of a request that found every engine slot taken and the queue full (or waited too long)."""
 CANNOT_WAKE_RETRY_S = 30
 """Retry-After of a request whose tenant cannot wake now: the manager looks again at its next one."""
 """Retry-After of a request that came while the tenant starts (its engine loads in tens of seconds)."""
@@ -776,6 +780,77 @@ class Proxy:
         )
         headers = {**verdict.headers, "x-request-id": request_id}
         streamed = payload.get("stream") is True
+        slot = None
+        if method == "POST":
+            try:
+                slot = await self._engine_slot(send, path, receive, key, headers)
+            finally:
+                if slot is None:
+                    ticket.cancel()  # it waited and left (or was answered 503): nothing counts it
+            if slot is None:
+                return
+        try:
+            await self._serve(method, path, receive, send, body, payload, record, headers, ticket, streamed, started)
+        finally:
+            if slot is not None:
+                self.state.fair_queue.leave(slot, int(record["prompt_tokens"]), int(record["completion_tokens"]))
+
+    async def _engine_slot(
+        self, send: Send, path: str, receive: Receive, key: KeyEntry, headers: dict[str, str]
+    ) -> Ticket | None:
+        """One of the engine's slots, at once or after waiting in the member's queue (fair
+        queuing, ``manager.gateway.fairq``); None when the request was answered or its client left."""
+        queue, m = self.state.fair_queue, self.state.metrics
+        member = key.member or f"key:{key.id}"
+        slot = queue.enter_now(member)
+        if slot is not None:
+            m.queued.observe(0.0, key.member)
+            return slot
+        gone = asyncio.Event()
+        watcher = asyncio.create_task(_until_disconnect(receive, gone))
+        waited = time.monotonic()
+        try:
+            queued, slot = await queue.wait(member, gone)
+        finally:
+            watcher.cancel()
+        m.queued.observe(time.monotonic() - waited, key.member)
+        if slot is not None:
+            return slot
+        if queued is Queued.GONE:
+            m.refused.add("client_left_queue")
+            return None
+        why = (
+            f"{queue.max_waiting} requests already wait for it"
+            if queued is Queued.FULL
+            else f"this request waited {queue.max_wait_s:.0f} s for one"
+        )
+        await self._refuse(
+            send,
+            path,
+            503,
+            f"Tenant {self.settings.tenant}'s engine is busy: every one of its {queue.slots} slots is taken and {why}. "
+            "Retry shortly.",
+            "engine_busy",
+            {**headers, "retry-after": str(BUSY_RETRY_S)},
+        )
+        return None
+
+    async def _serve(
+        self,
+        method: str,
+        path: str,
+        receive: Receive,
+        send: Send,
+        body: bytes,
+        payload: dict[str, Any],
+        record: dict[str, Any],
+        headers: dict[str, str],
+        ticket: QuotaTicket,
+        streamed: bool,
+        started: float,
+    ) -> None:
+        """The admitted request, sent to the engine; its usage record written and quotas settled
+        exactly once, however it ends."""
         # a stream is served piece by piece: begun durably, or not served at all. A plain answer is
         # served whole at its last byte, after its record: a gateway killed before served nothing
         if streamed and not await self.state.begin(record):
@@ -799,7 +874,7 @@ class Proxy:
         def unserved() -> None:
             """The engine did not answer: no usage record, and no quota counts the request."""
             ticket.cancel()
-            self.state.drop(request_id)
+            self.state.drop(record["request_id"])
 
         try:
             if streamed:
@@ -909,6 +984,7 @@ class Proxy:
         try:
             await send({"type": "http.response.start", "status": 200, "headers": raw_headers})
             self.state.progress(record["request_id"], 0, 0, 200)
+            first_at: float | None = None
             async for chunk in upstream.chunks():
                 out = relay.take(chunk)
                 if disconnected.is_set():
@@ -920,8 +996,15 @@ class Proxy:
                     disconnected.set()
                     record["outcome"] = "client_disconnected"
                     break
+                if first_at is None and relay.delivered:
+                    first_at = time.time()
+                    self.state.metrics.first_token.observe(first_at - record["at"], record["member"])
             if not disconnected.is_set():
                 relay.count_delivered()
+                generated = int(record["completion_tokens"])
+                if first_at is not None and generated > 1:
+                    per_token = (time.time() - first_at) / (generated - 1)
+                    self.state.metrics.per_token.observe(per_token, record["member"])
                 await commit()
                 await send({"type": "http.response.body", "body": relay.rest(), "more_body": False})
         except UpstreamError:

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
 from manager.contract import GatewayConfig
+from manager.gateway.fairq import FairQueue
 from manager.gateway.hold import Hold
 from manager.gateway.quotas import WINDOW_S, QuotaState
 from manager.gateway.store import Begin, Drop, GatewayStore, Progress, Settle, Totals, Write
@@ -57,23 +58,38 @@ class Tally:
 
 
 class Durations:
-    """A Prometheus histogram kept as plain numbers, like ``Tally``."""
+    """A Prometheus histogram kept as plain numbers, like ``Tally``; one per label set."""
 
-    def __init__(self, name: str, documentation: str, buckets: Sequence[float]) -> None:
+    def __init__(self, name: str, documentation: str, buckets: Sequence[float], labels: Sequence[str] = ()) -> None:
         self.name, self.documentation, self.bounds = name, documentation, list(buckets)
-        self.counts = [0] * (len(self.bounds) + 1)  # the last: above every bound
-        self.sum = 0.0
+        self.labels = list(labels)
+        self.series: dict[tuple[str, ...], tuple[list[int], list[float]]] = {}
+        """labels -> (counts per bucket, the last above every bound; [sum])."""
 
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
-        self.sum += seconds
+    def observe(self, seconds: float, *labels: str) -> None:
+        series = self.series.get(labels)
+        if series is None:
+            series = self.series[labels] = ([0] * (len(self.bounds) + 1), [0.0])
+        series[0][bisect.bisect_left(self.bounds, seconds)] += 1
+        series[1][0] += seconds
+
+    def count(self, *labels: str) -> int:
+        series = self.series.get(labels)
+        return sum(series[0]) if series else 0
 
     def collect(self) -> Iterator[Metric]:
-        counts, cumulative, buckets = list(self.counts), 0, []
-        for bound, n in zip([*map(str, self.bounds), "+Inf"], counts, strict=True):
-            cumulative += n
-            buckets.append((bound, cumulative))
-        yield HistogramMetricFamily(self.name, self.documentation, buckets=buckets, sum_value=self.sum)
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labels)
+        for labels, (counts, total) in list(self.series.items()):  # one C-level copy, as in ``Tally``
+            cumulative, buckets = 0, []
+            for bound, n in zip([*map(str, self.bounds), "+Inf"], list(counts), strict=True):
+                cumulative += n
+                buckets.append((bound, cumulative))
+            family.add_metric(list(labels), buckets, total[0])
+        yield family
+
+
+SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+PER_TOKEN_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 
 
 @dataclass
@@ -102,10 +118,25 @@ class GatewayMetrics:
             "gtm_gateway_spool_errors",
             "Usage records the spool could not take at once (kept in memory and written first once it can)",
         )
-        self.latency = Durations(
-            "gtm_gateway_request_seconds",
-            "Request latency through the gateway",
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        self.latency = Durations("gtm_gateway_request_seconds", "Request latency through the gateway", SECONDS)
+        self.queued = Durations(
+            "gtm_gateway_queue_seconds",
+            "Time a request waited at the gateway for one of the engine's slots (fair queuing), by member",
+            SECONDS,
+            ["member"],
+        )
+        self.first_token = Durations(
+            "gtm_gateway_time_to_first_token_seconds",
+            "Streamed requests: from arrival at the gateway (its queue included) to the first generated token, "
+            "by member",
+            SECONDS,
+            ["member"],
+        )
+        self.per_token = Durations(
+            "gtm_gateway_time_per_output_token_seconds",
+            "Streamed requests: time per generated token after the first, by member",
+            PER_TOKEN_SECONDS,
+            ["member"],
         )
         for metric in (
             self.requests,
@@ -118,6 +149,9 @@ class GatewayMetrics:
             self.refused,
             self.spool_errors,
             self.latency,
+            self.queued,
+            self.first_token,
+            self.per_token,
         ):
             self.registry.register(metric)
 
@@ -145,6 +179,8 @@ class GatewayState:
         self.spool_error: str | None = None
         self.hold = Hold()
         """Requests waiting while the tenant sleeps or wakes (the config's ``hold``)."""
+        self.fair_queue = FairQueue()
+        """Requests waiting for one of the engine's slots, per member (the config's ``concurrency``)."""
         self.last_request_at: float | None = None
         """When a request with a valid key last arrived (the manager's sleeper reads it); at start,
         when the spool's newest record was written: a gateway Docker restarted after a crash does
@@ -214,6 +250,9 @@ class GatewayState:
         self.members = members
         self.keys = keys
         self.version = config.version
+        self.fair_queue.configure(
+            config.concurrency if config.fair_queue else None, {m.name: m.weight for m in config.members}
+        )
         # last: released ones see the rest
         self.hold.set(config.hold, config.hold_timeout_s, config.max_waiting, config.hold_refusal)
 
