@@ -29,7 +29,10 @@ import re
 import secrets
 import struct
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -327,10 +330,10 @@ def test_docker_exec_add_tenant_in_the_stack(stack: Stack) -> None:
 
     added = dexec(
         manager, "add-tenant", "--name", "companya", "--gpu-memory", "1536M", "--port", "30301", "--model", "democopy",
-        "--cpu-weight", "3000",
+        "--cpu-weight", "3000", "--max-num-seqs", "2",
     )  # fmt: skip
     assert added.returncode == 0, added.stderr
-    assert "API key (shown once" in added.stdout
+    (first_key,) = KEY_LINE.findall(added.stdout)
 
     def running() -> bool:
         out = dexec(manager, "list-tenants", "--json")
@@ -358,6 +361,7 @@ def test_docker_exec_add_tenant_in_the_stack(stack: Stack) -> None:
     alice = dexec(manager, "add-member", "--tenant", "companya", "--name", "alice", "--tokens-per-day", "5000")
     assert alice.returncode == 0, alice.stderr
     (alice_key,) = KEY_LINE.findall(alice.stdout)
+    quiet_goes_before_a_flood(stack, 30301, flood_key=alice_key, quiet_key=first_key)
     assert dexec(manager, "add-member", "--tenant", "companya", "--name", "alice").returncode == 4  # conflict
     assert dexec(manager, "add-member", "--tenant", "companya", "--name", "Al!ce").returncode == 2
     listed_members = json.loads(dexec(manager, "list-members", "--tenant", "companya", "--json").stdout)
@@ -387,6 +391,49 @@ def test_docker_exec_add_tenant_in_the_stack(stack: Stack) -> None:
     left = {m["name"] for m in json.loads(dexec(manager, "list-models", "--json").stdout)}
     assert left == {"demo", VISION, "smollm2"}
     assert tenant_names() == {"demo", VISION}
+
+
+def quiet_goes_before_a_flood(stack: Stack, port: int, flood_key: str, quiet_key: str) -> None:
+    """Fair queuing on a real engine that runs two sequences at once: alice sends six long streams
+    (two run, four wait at the gateway); the tenant's first member then sends one short request.
+    It enters as soon as a slot frees, ahead of alice's backlog, so it is done before alice's third
+    stream; first come, first served it would come after all six. Each request is metered once."""
+    base = f"http://127.0.0.1:{port}/v1/completions"
+    wait_for(
+        lambda: httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": f"Bearer {flood_key}"})
+        .status_code == 200,
+        30, "alice's key to reach the gateway", interval=0.5,
+    )  # fmt: skip
+    with stack.api() as api:
+        before = {m["name"]: m["today"]["requests"] for m in api.get("/api/v1/tenants/companya/members").json()}
+    started = threading.Event()
+    ends: dict[str, float] = {}
+
+    def ask(who: str, key: str, tokens: int) -> None:
+        body = {"model": "democopy", "prompt": "hi", "max_tokens": tokens, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", base, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=120) as r:
+            assert r.status_code == 200, r.read()
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    started.set()
+        ends[who] = time.monotonic()
+
+    with ThreadPoolExecutor(7) as pool:
+        flood = [pool.submit(ask, f"alice{i}", flood_key, 300) for i in range(6)]
+        assert started.wait(60), "alice's first stream began"
+        time.sleep(0.3)  # the other four reach the gateway's queue
+        quiet = pool.submit(ask, "quiet", quiet_key, 5)
+        for future in [*flood, quiet]:
+            future.result()
+    alice_ends = sorted(t for who, t in ends.items() if who.startswith("alice"))
+    assert ends["quiet"] < alice_ends[2], f"the quiet request waited behind alice's backlog: {ends}"
+
+    def metered_once() -> bool:
+        with stack.api() as api:
+            today = {m["name"]: m["today"]["requests"] for m in api.get("/api/v1/tenants/companya/members").json()}
+        return (today["alice"] - before["alice"], today["companya"] - before["companya"]) == (6, 1)
+
+    wait_for(metered_once, 30, "every request metered once")
 
 
 # ------------------------------------------------------------------ images, on the vision tenant

@@ -194,3 +194,26 @@ async def test_a_request_cancelled_while_waiting_leaves_no_trace() -> None:
     with pytest.raises(asyncio.CancelledError):
         await waiting
     assert queue.waiting == 0 and queue.running == 1
+
+
+async def test_an_engine_of_four_slots_keeps_one_for_members_with_nothing_running() -> None:
+    """The flood takes three of four slots and waits for more; quiet, with nothing running, takes
+    the fourth at once. With quiet's request done, the flood still takes three: the fourth stays
+    free for the next member that comes."""
+    queue, served = FairQueue(), []
+    queue.configure(4, {})
+    flood = [queue.enter_now("flood") for _ in range(3)]
+    assert all(flood) and queue.enter_now("flood") is None
+    waiting = asyncio.create_task(enter(queue, "flood", served))
+    await settle()
+    quiet = queue.enter_now("quiet")
+    assert quiet is not None and queue.running == 4
+    queue.leave(quiet, 10, 5)
+    await settle()
+    assert served == [] and queue.running == 3, "the free slot stays kept"
+    first = flood[0]
+    assert first is not None
+    queue.leave(first, 10, 200)
+    await settle()
+    assert served == ["flood"] and queue.running == 3
+    assert await waiting is not None
