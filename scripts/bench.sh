@@ -38,6 +38,11 @@
 #                                  add-tenant -> first answer, ROUNDS times (default 3); then 10
 #                                  tenants on room for 3 awake (overcommit) replay 5 minutes of
 #                                  Poisson arrivals: served fraction, time to first token p50/p99
+#   scripts/bench.sh --fairness [SEQS] [FLOOD]
+#                                  one tenant's engine of SEQS sequences (default 8), two members:
+#                                  quiet (one short stream every 2 s) beside flood (FLOOD long
+#                                  streams, default 32): quiet's time to first token alone, with
+#                                  --fair-queue off and on, and flood's tokens/s in both
 source "$(dirname "$0")/lib.sh"
 cd "$GTM_ROOT"
 bash scripts/dev-env.sh >/dev/null
@@ -45,6 +50,11 @@ if [ "${1:-}" = "--cpu-shares" ]; then
   bash scripts/build-images.sh all >/dev/null
   bash scripts/make-demo-model.sh "$GTM_CACHE/models" >/dev/null
   exec .venv/bin/python -m bench.cpu_shares --models "$GTM_CACHE/models" --flood "${2:-8}"
+fi
+if [ "${1:-}" = "--fairness" ]; then
+  bash scripts/build-images.sh all >/dev/null
+  bash scripts/make-demo-model.sh "$GTM_CACHE/models" >/dev/null
+  exec .venv/bin/python -m bench.fairness --models "$GTM_CACHE/models" --seqs "${2:-8}" --flood "${3:-32}"
 fi
 if [ "${1:-}" = "--real-model" ]; then
   bash scripts/build-images.sh all >/dev/null

@@ -45,6 +45,7 @@ class StateCollector(Collector):
         yield measured
         yield over
         yield from self._sleep(rows)
+        yield from self._latency(rows)
         requests = CounterMetricFamily(
             "gtm_usage_requests",
             "Requests metered, by tenant and member (collected from the gateways)",
@@ -73,6 +74,29 @@ class StateCollector(Collector):
             for kind, value in (*figures, ("driver_reserved", device.reserved)):
                 dev.add_metric([str(device.index), device.uuid, kind], value)
         yield dev
+
+    def _latency(self, rows: list[TenantRow]) -> Iterator[Metric]:
+        """Each tenant's and member's time to first token and time queued at its gateway, p50 and
+        p99 over the last hour, from the usage records (member '': the whole tenant)."""
+        labels = ["tenant", "member", "quantile"]
+        first = GaugeMetricFamily(
+            "gtm_tenant_time_to_first_token_seconds",
+            "Streamed requests: arrival at the gateway to the first token, over the last hour",
+            labels=labels,
+        )
+        queued = GaugeMetricFamily(
+            "gtm_tenant_queue_seconds",
+            "Time waited at the gateway for an engine slot, over the last hour",
+            labels=labels,
+        )
+        for r in rows:
+            for figures in self.service.latency(r.spec.name):
+                for q, value in figures.first_token.items():
+                    first.add_metric([r.spec.name, figures.member, str(q)], value)
+                for q, value in figures.queued.items():
+                    queued.add_metric([r.spec.name, figures.member, str(q)], value)
+        yield first
+        yield queued
 
     def _sleep(self, rows: list[TenantRow]) -> Iterator[Metric]:
         """Tenants that sleep when idle: asleep or not, when last used, sleeps and wakes, and how

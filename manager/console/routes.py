@@ -286,6 +286,7 @@ def _tenant_context(request: Request, name: str) -> dict[str, Any]:
         "logs": logs,
         "models": svc.models.names(),
         "concurrency": svc.models.concurrency(row.spec),
+        "latency": svc.latency(name, now),
     }
 
 

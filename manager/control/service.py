@@ -19,6 +19,8 @@ from manager.control.admission import Decision
 from manager.control.capacity import Meter, device_of
 from manager.control.catalog import ModelCatalog
 from manager.control.costs import Share, split
+from manager.control.latency import WINDOW_S as LATENCY_WINDOW_S
+from manager.control.latency import Latency, summarise
 from manager.control.members import MemberService, removing_refusal
 from manager.control.placement import Placer
 from manager.control.plan import docker_words, port_probe_plan, port_taken
@@ -111,6 +113,12 @@ class TenantService:
     def usage_counters(self) -> list[tuple[str, str, UsageTotals]]:
         """(tenant, member, totals) over all time, removed tenants and members included."""
         return self.store.usage_counters()
+
+    def latency(self, name: str, now: float | None = None) -> list[Latency]:
+        """Time to first token and time queued over the last hour, for the tenant ('' first) and
+        each member (``latency.summarise``)."""
+        since = (now if now is not None else time.time()) - LATENCY_WINDOW_S
+        return summarise(self.store.latencies(name, since))
 
     def usage_daily(self, name: str, since: float) -> list[tuple[str, int, int]]:
         return self.store.usage_daily(name, since)

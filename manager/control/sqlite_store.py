@@ -254,6 +254,10 @@ ORDER BY a.id""",
     [  # 15: fair queuing among a tenant's members at its gateway (on for a tenant from before too)
         "ALTER TABLE tenants ADD COLUMN fair_queue INTEGER NOT NULL DEFAULT 1",
     ],
+    [  # 16: latency per request, as its gateway saw it (older records: none)
+        "ALTER TABLE usage ADD COLUMN queue_ms REAL NOT NULL DEFAULT 0",
+        "ALTER TABLE usage ADD COLUMN first_token_ms REAL",
+    ],
 ]
 """The manager database's schema, step by step (see manager.migrations); append only."""
 
@@ -598,9 +602,9 @@ class SqliteStore:
             before = db.total_changes
             db.executemany(
                 "INSERT OR IGNORE INTO usage (tenant, request_id, key_id, member, model, path, prompt_tokens,"
-                " completion_tokens, status, outcome, latency_ms, at) VALUES (?,?,?,"
+                " completion_tokens, status, outcome, latency_ms, at, queue_ms, first_token_ms) VALUES (?,?,?,"
                 " CASE WHEN ? != '' THEN ? ELSE COALESCE((SELECT member FROM api_keys WHERE id=? AND tenant=?), '')"
-                " END,?,?,?,?,?,?,?,?)",
+                " END,?,?,?,?,?,?,?,?,?,?)",
                 [
                     (
                         tenant,
@@ -618,6 +622,8 @@ class SqliteStore:
                         r.outcome,
                         r.latency_ms,
                         r.at,
+                        r.queue_ms,
+                        r.first_token_ms,
                     )
                     for r in records
                 ],
@@ -634,6 +640,13 @@ class SqliteStore:
                 (tenant, cursor),
             )
         return added
+
+    def latencies(self, tenant: str, since: float) -> list[tuple[str, float | None, float]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT member, first_token_ms, queue_ms FROM usage WHERE tenant=? AND at>=?", (tenant, since)
+            ).fetchall()
+        return [(str(r["member"]), r["first_token_ms"], float(r["queue_ms"])) for r in rows]
 
     def last_used(self) -> dict[str, float]:
         """Each tenant's latest usage record (UNIX seconds), from the daily rollup."""

@@ -125,6 +125,10 @@ class TenantStore(Protocol):
         """(tenant, member, totals) over all time: the manager's Prometheus counters."""
         ...
 
+    def latencies(self, tenant: str, since: float) -> list[tuple[str, float | None, float]]:
+        """(member, first token ms or None, queue ms) of each of the tenant's requests since ``since``."""
+        ...
+
     def member_usage(self, tenant: str, day_start: float, month_start: float) -> dict[str, MemberUsage]: ...
     def usage_tenants(self, since: float, until: float) -> list[str]:
         """The tenants with usage between two UTC day starts."""

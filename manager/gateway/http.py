@@ -7,6 +7,12 @@ port open to the network needs and uvicorn does not have.
 - at most ``max_headers`` headers and ``max_header_bytes`` bytes of request line and
   headers: 431, then the connection is closed.
 
+- what a connection buffers on its way out is bounded: the kernel's send buffer is
+  ``send_buffer`` (the kernel's autotuning would grow it to megabytes for a client that reads
+  nothing), and the transport pauses the proxy beyond ``send_buffer`` of its own, so a stream
+  is forwarded no faster than its client reads (the proxy's ``stall_timeout_s`` ends one whose
+  client reads nothing at all).
+
 A body that stops arriving is the proxy's concern (``body_idle_timeout_s``, 408; the scope
 says when the body is complete, ``BODY_COMPLETE``, and the proxy then arms no timer),
 and uvicorn's ``limit_concurrency`` caps open connections (503). uvicorn is pinned
@@ -17,7 +23,9 @@ protocol on a real socket.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -37,6 +45,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     header_timeout_s = 10.0
     max_headers = 100
     max_header_bytes = 32 * 1024
+    send_buffer = 256 * 1024
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -72,6 +81,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.send_buffer)
+        transport.set_write_buffer_limits(high=self.send_buffer)
         self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -131,5 +145,6 @@ def protocol_for(settings: GatewaySettings) -> type[GuardedHttpToolsProtocol]:
             "header_timeout_s": settings.header_timeout_s,
             "max_headers": settings.max_headers,
             "max_header_bytes": settings.max_header_bytes,
+            "send_buffer": settings.send_buffer_bytes,
         },
     )

@@ -345,14 +345,21 @@ class Relay:
             out.append(event + b"\n\n")
         return out
 
-    async def deliver(self, send: Send, out: list[bytes]) -> bool:
-        """Sends events on, their progress saved first; False when the client is gone."""
+    async def deliver(self, send: Send, out: list[bytes], stall_s: float) -> bool:
+        """Sends events on, their progress saved first; False when the client is gone, or read
+        nothing for ``stall_s`` (the transport's buffer stayed full: ``outcome`` says which)."""
         saving = self.save_progress()
         if saving is not None:
             await saving
         try:
-            await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
+            await asyncio.wait_for(
+                send({"type": "http.response.body", "body": b"".join(out), "more_body": True}), stall_s
+            )
+        except TimeoutError:
+            self.record["outcome"] = "client_stalled"
+            return False
         except OSError:
+            self.record["outcome"] = "client_disconnected"
             return False
         return True
 
@@ -777,13 +784,16 @@ class Proxy:
             status=0,
             outcome="ok",
             at=started,
+            queue_ms=0.0,
+            first_token_ms=None,
         )
         headers = {**verdict.headers, "x-request-id": request_id}
         streamed = payload.get("stream") is True
         slot = None
         if method == "POST":
             try:
-                slot = await self._engine_slot(send, path, receive, key, headers)
+                slot, waited = await self._engine_slot(send, path, receive, key, headers)
+                record["queue_ms"] = round(waited * 1000, 3)
             finally:
                 if slot is None:
                     ticket.cancel()  # it waited and left (or was answered 503): nothing counts it
@@ -797,28 +807,30 @@ class Proxy:
 
     async def _engine_slot(
         self, send: Send, path: str, receive: Receive, key: KeyEntry, headers: dict[str, str]
-    ) -> Ticket | None:
+    ) -> tuple[Ticket | None, float]:
         """One of the engine's slots, at once or after waiting in the member's queue (fair
-        queuing, ``manager.gateway.fairq``); None when the request was answered or its client left."""
+        queuing, ``manager.gateway.fairq``), and the seconds it waited; no slot when the request
+        was answered or its client left."""
         queue, m = self.state.fair_queue, self.state.metrics
         member = key.member or f"key:{key.id}"
         slot = queue.enter_now(member)
         if slot is not None:
             m.queued.observe(0.0, key.member)
-            return slot
+            return slot, 0.0
         gone = asyncio.Event()
         watcher = asyncio.create_task(_until_disconnect(receive, gone))
-        waited = time.monotonic()
+        since = time.monotonic()
         try:
             queued, slot = await queue.wait(member, gone)
         finally:
             watcher.cancel()
-        m.queued.observe(time.monotonic() - waited, key.member)
+        waited = time.monotonic() - since
+        m.queued.observe(waited, key.member)
         if slot is not None:
-            return slot
+            return slot, waited
         if queued is Queued.GONE:
             m.refused.add("client_left_queue")
-            return None
+            return None, waited
         why = (
             f"{queue.max_waiting} requests already wait for it"
             if queued is Queued.FULL
@@ -833,7 +845,7 @@ class Proxy:
             "engine_busy",
             {**headers, "retry-after": str(BUSY_RETRY_S)},
         )
-        return None
+        return None, waited
 
     async def _serve(
         self,
@@ -992,12 +1004,14 @@ class Proxy:
                     # request; it is metered with the engine's count up to the last chunk read
                     record["outcome"] = "client_disconnected"
                     break
-                if out and not await relay.deliver(send, out):
+                if out and not await relay.deliver(send, out, self.settings.stall_timeout_s):
+                    # gone, or reading nothing: the engine's stream is closed, so it aborts the
+                    # request; it is metered with the engine's count up to the last chunk read
                     disconnected.set()
-                    record["outcome"] = "client_disconnected"
                     break
                 if first_at is None and relay.delivered:
                     first_at = time.time()
+                    record["first_token_ms"] = round((first_at - record["at"]) * 1000, 3)
                     self.state.metrics.first_token.observe(first_at - record["at"], record["member"])
             if not disconnected.is_set():
                 relay.count_delivered()

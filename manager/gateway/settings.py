@@ -41,5 +41,11 @@ class GatewaySettings(BaseSettings):
     max_headers: int = 100
     max_header_bytes: int = 32 * 1024
     """Request line plus headers; more is answered 431."""
+    send_buffer_bytes: int = 256 * 1024
+    """What one connection buffers on its way out, in the kernel and in the gateway each: a stream
+    goes no faster than its client reads."""
+    stall_timeout_s: float = 60.0
+    """A streamed answer whose client reads nothing for this long is ended: the engine aborts the
+    request, and it is metered for what was generated."""
     max_connections: int = 2048
     """Open connections and requests at once on the public port; more are answered 503."""

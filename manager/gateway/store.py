@@ -68,6 +68,10 @@ MIGRATIONS: list[Step] = [
     at REAL NOT NULL
 )""",
     ],
+    [  # 4: latency per request: its wait for an engine slot, and its first token (streams)
+        "ALTER TABLE usage ADD COLUMN queue_ms REAL NOT NULL DEFAULT 0",
+        "ALTER TABLE usage ADD COLUMN first_token_ms REAL",
+    ],
 ]
 """The spool's schema, step by step (see manager.migrations); append only."""
 _BEGIN = (
@@ -236,6 +240,8 @@ class GatewayStore:
                         "interrupted",
                         round(max(now - float(r["at"]), 0.0) * 1000, 3),
                         r["at"],
+                        0.0,
+                        None,
                     ),
                 )
             self._db.execute("DELETE FROM open_requests")

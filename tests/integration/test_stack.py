@@ -428,12 +428,13 @@ def quiet_goes_before_a_flood(stack: Stack, port: int, flood_key: str, quiet_key
     alice_ends = sorted(t for who, t in ends.items() if who.startswith("alice"))
     assert ends["quiet"] < alice_ends[2], f"the quiet request waited behind alice's backlog: {ends}"
 
-    def metered_once() -> bool:
+    def metered() -> tuple[int, int]:
         with stack.api() as api:
             today = {m["name"]: m["today"]["requests"] for m in api.get("/api/v1/tenants/companya/members").json()}
-        return (today["alice"] - before["alice"], today["companya"] - before["companya"]) == (6, 1)
+        return today["alice"] - before["alice"], today["companya"] - before["companya"]
 
-    wait_for(metered_once, 30, "every request metered once")
+    wait_for(lambda: metered() == (6, 1), 60, "every request metered once")
+    assert metered() == (6, 1), "and only once"
 
 
 # ------------------------------------------------------------------ images, on the vision tenant

@@ -102,6 +102,8 @@ async def test_the_quiet_members_request_goes_before_the_floods_backlog(tmp_path
     assert engine.most == 2, "never more than the engine's concurrency at once"
     records = state.store.after(0).records
     assert sorted(r.member for r in records) == ["flood"] * 6 + ["quiet"], "each request metered once"
+    waited = {r.member: r.queue_ms for r in records if r.queue_ms > 0}
+    assert "quiet" in waited and sum(r.queue_ms > 0 for r in records) == 5, "the five that waited say how long"
     assert state.metrics.queued.count("quiet") == 1 and state.metrics.queued.count("flood") == 6
     assert state.fair_queue.running == 0 and state.fair_queue.waiting == 0
 

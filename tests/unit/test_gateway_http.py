@@ -5,8 +5,9 @@ run against a gateway container in tests/integration/test_gateway_hardening.py."
 from __future__ import annotations
 
 import socket
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
@@ -113,3 +114,58 @@ def test_the_scope_says_when_the_whole_body_has_arrived(tmp_path: Path) -> None:
         conn.sendall(b'""}')
         assert conn.recv(1024).startswith(b"HTTP/1.1 204")
     assert seen == [True, False]
+
+
+def test_a_stream_goes_no_faster_than_its_client_reads_and_a_stalled_one_is_ended(tmp_path: Path) -> None:
+    """An engine that would write 50 MB of events, to a client that reads nothing: the gateway
+    pulls no more than its bounded buffers hold, ends the stream after the stall timeout (the
+    engine's stream is closed, so vLLM aborts the request), meters it as ``client_stalled`` with
+    the engine's count, and serves another client meanwhile."""
+    produced, closed = [0], threading.Event()
+    event = b'data: {"choices":[{"delta":{"content":"' + b"x" * 1000 + b'"}}],"usage":{"prompt_tokens":3,'
+
+    async def endless() -> AsyncIterator[bytes]:
+        try:
+            for n in range(50_000):
+                produced[0] += len(event) + 40
+                yield event + b'"completion_tokens":%d}}\n\n' % (n + 1)
+        finally:
+            closed.set()
+
+    def engine(request: httpx.Request) -> httpx.Response:
+        if b'"stream": true' in request.content or b'"stream":true' in request.content:
+            return httpx.Response(200, content=endless(), headers={"content-type": "text/event-stream"})
+        return upstream(request)
+
+    settings = GatewaySettings(stall_timeout_s=1.0, send_buffer_bytes=64 * 1024)
+    state = GatewayState(GatewayStore(tmp_path / "gw.db"))
+    issued = keys.issue()
+    state.apply(
+        GatewayConfig.model_validate({"version": "v", "keys": [{"id": issued.id, "hash": issued.hash}], "limits": {}})
+    )
+    proxy = Proxy(settings, state, transport=httpx.MockTransport(engine))
+    body = b'{"model": "demo", "messages": [{"role": "user", "content": "hi"}], "stream": true}'
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {issued.secret_key}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with serving(proxy, http=protocol_for(settings), lifespan="off") as port:
+        reader = socket.socket()
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+        reader.connect(("127.0.0.1", port))
+        reader.sendall(head + body)  # and reads nothing
+        try:
+            other = httpx.post(
+                f"http://127.0.0.1:{port}/v1/chat/completions",
+                json={"model": "demo", "messages": [{"role": "user", "content": "hi"}]},
+                headers={"Authorization": f"Bearer {issued.secret_key}"},
+                timeout=5,
+            )
+            assert other.status_code == 200, "another client is served meanwhile"
+            assert closed.wait(10), "the stalled stream was ended at the engine"
+            assert produced[0] < 4 * 1024 * 1024, f"the gateway pulled {produced[0]} bytes for a client that read none"
+        finally:
+            reader.close()
+    records = state.store.after(0).records
+    (stalled,) = [r for r in records if r.outcome != "ok"]
+    assert stalled.outcome == "client_stalled" and stalled.completion_tokens > 0 and stalled.prompt_tokens == 3

@@ -117,6 +117,8 @@ async def test_stream_strips_the_usage_chunk_the_client_did_not_ask_for(gateway)
     assert not any('"usage"' in e for e in events)
     (rec,) = state.store.after(0).records
     assert (rec.prompt_tokens, rec.completion_tokens) == (5, 3)
+    assert rec.first_token_ms is not None and 0 <= rec.first_token_ms <= rec.latency_ms
+    assert state.metrics.first_token.count("") == 1 and state.metrics.per_token.count("") == 1
 
 
 async def test_stream_keeps_usage_when_asked(gateway):
