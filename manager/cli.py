@@ -115,6 +115,12 @@ def _member_parser(
         p.add_argument("--name", required=True, help=name_help)
     if quota_help:
         _quota_options(p, quota_help)
+        p.add_argument(
+            "--weight",
+            type=float,
+            help="its share of the tenant's engine while members' requests wait (fair queuing), 0.1-100: 2 gets "
+            "twice 1's, e.g. a PI beside students (default 1)",
+        )
 
 
 def _wait_options(p: argparse.ArgumentParser, text: str) -> None:
@@ -406,6 +412,7 @@ def _print_members(members: list[dict[str, Any]]) -> None:
                 m["name"],
                 " ".join(k["prefix"] + "…" for k in active) or "-",
                 " ".join(f"{_limit(q[name])}{kind.unit}" for name, kind in QUOTA_KINDS.items()),
+                f"{m.get('weight', 1.0):g}",
                 str(m["today"]["requests"]),
                 str(m["today"]["total_tokens"]),
                 str(m["month"]["requests"]),
@@ -413,7 +420,7 @@ def _print_members(members: list[dict[str, Any]]) -> None:
                 time.strftime("%Y-%m-%d %H:%M", time.gmtime(m["last_used_at"])) if m["last_used_at"] else "never",
             ]
         )
-    header = ["MEMBER", "KEYS", "QUOTAS (- none)", "REQ TODAY", "TOKENS TODAY", "REQ MONTH", "TOKENS MONTH"]
+    header = ["MEMBER", "KEYS", "QUOTAS (- none)", "WEIGHT", "REQ TODAY", "TOKENS TODAY", "REQ MONTH", "TOKENS MONTH"]
     print(_table(rows, [*header, "LAST USED (UTC)"]))
 
 
@@ -591,7 +598,8 @@ def _rotate_key(args: argparse.Namespace, api: Api, shown: Shown) -> Any:
 
 @command("add-member")
 def _add_member(args: argparse.Namespace, api: Api, shown: Shown) -> Any:
-    out = api.call("POST", f"/api/v1/tenants/{args.tenant}/members", {"name": args.name, **_quota_body(args)})
+    body = {"name": args.name, **_quota_body(args), **({"weight": args.weight} if args.weight is not None else {})}
+    out = api.call("POST", f"/api/v1/tenants/{args.tenant}/members", body)
     shown.say(
         f"member {args.name} added to {args.tenant}", f"API key (shown once, store it now): {out['key']['api_key']}"
     )
@@ -608,10 +616,10 @@ def _list_members(args: argparse.Namespace, api: Api, shown: Shown) -> Any:
 
 @command("update-member")
 def _update_member(args: argparse.Namespace, api: Api, shown: Shown) -> Any:
-    body = _quota_body(args)
+    body = {**_quota_body(args), **({"weight": args.weight} if args.weight is not None else {})}
     if not body:
         raise InvalidInput(
-            "nothing to change: pass --rpm-limit, --tokens-per-day, --requests-per-month or --max-in-flight"
+            "nothing to change: pass --rpm-limit, --tokens-per-day, --requests-per-month, --max-in-flight or --weight"
         )
     out = api.call("PATCH", f"/api/v1/tenants/{args.tenant}/members/{args.name}", body)
     if not shown.json:

@@ -172,8 +172,8 @@ def list_members(name: TenantName, svc: Service, _: Admin) -> list[MemberPublic]
 def add_member(name: TenantName, body: MemberCreate, svc: Service, actor: Admin) -> MemberCreated:
     """Add a member with its own key (shown once) and quotas nested in the tenant's."""
     values = body.model_dump()
-    member = values.pop("name")
-    row, issued = svc.members.add(name, member, Quotas(**values), actor)
+    member, weight = values.pop("name"), values.pop("weight", None)
+    row, issued = svc.members.add(name, member, Quotas(**values), actor, weight)
     now = time.time()
     return MemberCreated(
         member=MemberPublic.of(svc.members.view(name, row.name, now), now),
@@ -184,7 +184,9 @@ def add_member(name: TenantName, body: MemberCreate, svc: Service, actor: Admin)
 @router.patch("/tenants/{name}/members/{member}", tags=["members"], responses=error_responses(400, 404, 409))
 def update_member(name: TenantName, member: MemberName, body: MemberUpdate, svc: Service, actor: Admin) -> MemberPublic:
     """Change a member's quotas (applied live by the gateway); only the fields sent change."""
-    svc.members.update(name, member, body.model_dump(exclude_unset=True), actor)
+    changes = body.model_dump(exclude_unset=True)
+    weight = changes.pop("weight", None)
+    svc.members.update(name, member, changes, actor, weight)
     now = time.time()
     return MemberPublic.of(svc.members.view(name, member, now), now)
 

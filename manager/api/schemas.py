@@ -9,7 +9,7 @@ from pydantic.config import JsonDict
 
 from manager.control.admission import Decision
 from manager.control.capacity import Capacity
-from manager.control.members import MemberView
+from manager.control.members import MAX_WEIGHT, MIN_WEIGHT, MemberView
 from manager.control.records import AuditRow, KeyRow, TenantRow, UsageTotals
 from manager.domain import (
     MAX_GRACE_S,
@@ -91,6 +91,17 @@ else:
         description="2-32 lowercase letters, digits and '-', starting with a letter (the tenant name rule)",
         json_schema_extra=NAME_SCHEMA,
     )
+    _weight = (
+        float | None,
+        Field(
+            None,
+            ge=MIN_WEIGHT,
+            le=MAX_WEIGHT,
+            allow_inf_nan=False,
+            description="its share of the tenant's engine while members' requests wait (fair queuing): 2 gets twice "
+            "1's; null: 1 for a new member, unchanged for an update",
+        ),
+    )
     TenantCreate = _derived(
         "TenantCreate",
         Strict,
@@ -120,14 +131,14 @@ else:
     MemberCreate = _derived(
         "MemberCreate",
         Strict,
-        {"name": (str, _member_name), **{f.name: request_field(f, True) for f in QUOTA_DECLARED}},
+        {"name": (str, _member_name), **{f.name: request_field(f, True) for f in QUOTA_DECLARED}, "weight": _weight},
         "A member: its own key and quotas nested in the tenant's (null: bounded only by the tenant's).",
     )
     MemberUpdate = _derived(
         "MemberUpdate",
         Strict,
-        {f.name: request_field(f, True) for f in QUOTA_DECLARED},
-        "Only the quotas sent change; null lifts one.",
+        {**{f.name: request_field(f, True) for f in QUOTA_DECLARED}, "weight": _weight},
+        "Only the quotas (and weight) sent change; null lifts a quota.",
     )
 
 
@@ -309,6 +320,7 @@ class MemberPublic(BaseModel):
     tenant: str
     name: str
     quotas: Quotas = Field(description="the member's own limits, nested in the tenant's (null: no own limit)")
+    weight: float = Field(1.0, description="its share of the engine while requests wait (fair queuing)")
     created_at: float
     keys: list[KeyPublic]
     today: UsageCount = Field(description="since 00:00 UTC")
@@ -322,6 +334,7 @@ class MemberPublic(BaseModel):
             tenant=m.tenant,
             name=m.name,
             quotas=m.quotas,
+            weight=m.weight,
             created_at=m.created_at,
             keys=[KeyPublic.of(k, now) for k in view.keys],
             today=UsageCount.of(view.usage.today),

@@ -36,6 +36,17 @@ def quota_values(form: dict[str, str]) -> dict[str, Any]:
     return {f.name: _typed(f, form) for f in QUOTA_DECLARED}
 
 
+def weight_of(form: dict[str, str]) -> float | None:
+    """A member's weight as typed (empty: its default, or unchanged)."""
+    text = form.get("weight", "").strip()
+    if not text:
+        return None
+    try:
+        return float(text)
+    except ValueError as exc:
+        raise InvalidInput(f"weight {text!r} is not a number: give 0.1 to 100 (1 is the default)") from exc
+
+
 def edit_changes(form: dict[str, str], spec: TenantSpec) -> dict[str, Any]:
     """The options of ``update-tenant`` that the edit form changes: only fields whose value differs
     from the spec (the form shows every current value), so saving an untouched form changes nothing.

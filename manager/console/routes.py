@@ -17,7 +17,7 @@ from fastapi.templating import Jinja2Templates
 from starlette.concurrency import run_in_threadpool
 
 from manager import keys
-from manager.console.forms import edit_changes, new_values, quota_values, recreates_engine, section, shown
+from manager.console.forms import edit_changes, new_values, quota_values, recreates_engine, section, shown, weight_of
 from manager.console.session import (
     COOKIE,
     DEVICE_COOKIE,
@@ -359,7 +359,7 @@ def add_member(request: Request, session: Session, form: dict[str, str], name: s
     svc = svc_of(request)
     try:
         quotas = Quotas(**quota_values(form))
-        row, issued = svc.members.add(name, form.get("member", "").strip(), quotas, session.user)
+        row, issued = svc.members.add(name, form.get("member", "").strip(), quotas, session.user, weight_of(form))
     except GtmError as exc:
         return _refused(request, session, name, exc, member_form=form)
     return _done(request, session, name, f"Member {row.name} added.", issued, row.name, "#members")
@@ -381,7 +381,7 @@ def update_member(request: Request, session: Session, form: dict[str, str], name
     """A member's limits, as ``update-member`` sets them: an empty field is no limit of its own."""
     try:
         quotas = quota_values(form)
-        svc_of(request).members.update(name, member, quotas, session.user)
+        svc_of(request).members.update(name, member, quotas, session.user, weight_of(form))
     except GtmError as exc:
         return _refused(request, session, name, exc)
     return _done(request, session, name, f"Limits of member {member} saved; they apply at once.", anchor="#members")

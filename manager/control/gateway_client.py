@@ -65,7 +65,7 @@ def desired_config(
             if k.active(now)
         ],
         limits=row.spec.quotas,
-        members=[MemberConfig(name=m.name, limits=m.quotas) for m in store.members(tenant)],
+        members=[MemberConfig(name=m.name, limits=m.quotas, weight=m.weight) for m in store.members(tenant)],
         max_model_len=row.spec.max_model_len,
         max_body=row.spec.max_body,
         max_images=row.spec.max_images,

@@ -46,6 +46,19 @@ def removing_refusal(tenant: str) -> str:
     )
 
 
+MIN_WEIGHT, MAX_WEIGHT = 0.1, 100.0
+
+
+def check_weight(weight: float) -> float:
+    """A member's weight in its tenant's fair queue: 2 gets twice the engine of 1 while both wait."""
+    if not MIN_WEIGHT <= weight <= MAX_WEIGHT:
+        raise InvalidInput(
+            f"weight {weight:g} is out of range: give {MIN_WEIGHT:g} to {MAX_WEIGHT:g} (1 is everyone's default; "
+            "2 gets twice the share of the engine of 1 while both have requests waiting)"
+        )
+    return float(weight)
+
+
 class MemberService:
     def __init__(self, store: TenantStore, reconciler: Reconciler, lock: threading.Lock) -> None:
         self.store = store
@@ -101,35 +114,45 @@ class MemberService:
             raise Conflict(removing_refusal(tenant))
         return row
 
-    def add(self, tenant: str, name: str, quotas: Quotas, actor: str) -> tuple[MemberRow, keys.IssuedKey]:
-        """A member with its own key (returned once) and quotas nested in the tenant's."""
+    def add(
+        self, tenant: str, name: str, quotas: Quotas, actor: str, weight: float | None = None
+    ) -> tuple[MemberRow, keys.IssuedKey]:
+        """A member with its own key (returned once), quotas nested in the tenant's and its weight in
+        the tenant's fair queue (default 1)."""
         names.validate_member_name(name)
         check_quotas(quotas)
+        weight = check_weight(1.0 if weight is None else weight)
         issued = keys.issue()
         now = time.time()
         with self._lock:
             self._changeable(tenant)
             with self.store.transaction() as db:
-                self.store.insert_member(db, tenant, name, quotas, now)
+                self.store.insert_member(db, tenant, name, quotas, now, weight)
                 self.store.insert_key(db, KeyRow(issued.id, tenant, keys.PREFIX, issued.hash, now, None, None, name))
-                self.store.audit(
-                    actor, "add-member", tenant, "ok", {"member": name, "key_id": issued.id, **quotas.__dict__}, tx=db
-                )
+                detail = {"member": name, "key_id": issued.id, **quotas.__dict__, "weight": weight}
+                self.store.audit(actor, "add-member", tenant, "ok", detail, tx=db)
         self.reconciler.enqueue(tenant)
         return self.store.member(tenant, name), issued
 
-    def update(self, tenant: str, name: str, quotas: dict[str, int | None], actor: str) -> MemberRow:
-        """Changes a member's quotas (given ones only; None lifts a limit); applied live."""
+    def update(
+        self, tenant: str, name: str, quotas: dict[str, int | None], actor: str, weight: float | None = None
+    ) -> MemberRow:
+        """Changes a member's quotas (given ones only; None lifts a limit) and its weight (None:
+        unchanged); applied live."""
         with self._lock:
             self._changeable(tenant)
             row = self.store.member(tenant, name)
             new = Quotas(**{**row.quotas.__dict__, **quotas})
             check_quotas(new)
-            if new == row.quotas:
-                raise InvalidInput("nothing to change: pass at least one quota that differs from the current one")
+            new_weight = row.weight if weight is None else check_weight(weight)
+            if new == row.quotas and new_weight == row.weight:
+                raise InvalidInput(
+                    "nothing to change: pass at least one quota, or a --weight, that differs from the current one"
+                )
             with self.store.transaction() as db:
-                self.store.update_member(db, tenant, name, new)
-                self.store.audit(actor, "update-member", tenant, "ok", {"member": name, **quotas}, tx=db)
+                self.store.update_member(db, tenant, name, new, new_weight)
+                detail = {"member": name, **quotas, **({"weight": new_weight} if weight is not None else {})}
+                self.store.audit(actor, "update-member", tenant, "ok", detail, tx=db)
         self.reconciler.enqueue(tenant)
         return self.store.member(tenant, name)
 

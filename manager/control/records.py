@@ -83,6 +83,8 @@ class MemberRow:
     name: str
     quotas: Quotas
     created_at: float
+    weight: float = 1.0
+    """Its share of the tenant's engine while members wait for it (fair queuing): 2 is twice 1's."""
 
 
 @dataclass(frozen=True)

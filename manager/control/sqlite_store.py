@@ -258,6 +258,9 @@ ORDER BY a.id""",
         "ALTER TABLE usage ADD COLUMN queue_ms REAL NOT NULL DEFAULT 0",
         "ALTER TABLE usage ADD COLUMN first_token_ms REAL",
     ],
+    [  # 17: each member's weight in its tenant's fair queue (members from before weigh 1)
+        "ALTER TABLE members ADD COLUMN weight REAL NOT NULL DEFAULT 1",
+    ],
 ]
 """The manager database's schema, step by step (see manager.migrations); append only."""
 
@@ -298,7 +301,7 @@ def _quotas(row: sqlite3.Row) -> Quotas:
 
 
 def _member(row: sqlite3.Row) -> MemberRow:
-    return MemberRow(row["tenant"], row["name"], _quotas(row), row["created_at"])
+    return MemberRow(row["tenant"], row["name"], _quotas(row), row["created_at"], float(row["weight"]))
 
 
 def preflight(path: Path, lock_timeout_s: float = 5.0) -> None:
@@ -744,12 +747,12 @@ class SqliteStore:
             return [dict(r) for r in rows]
 
     # ---------------------------------------------------------------- members
-    def insert_member(self, tx: Tx, tenant: str, name: str, quotas: Quotas, now: float) -> None:
+    def insert_member(self, tx: Tx, tenant: str, name: str, quotas: Quotas, now: float, weight: float = 1.0) -> None:
         try:
             _conn(tx).execute(
-                f"INSERT INTO members (tenant, name, {', '.join(QUOTA_FIELDS)}, created_at)"  # noqa: S608
-                f" VALUES (?, ?, {', '.join('?' * len(QUOTA_FIELDS))}, ?)",
-                (tenant, name, *(getattr(quotas, f) for f in QUOTA_FIELDS), now),
+                f"INSERT INTO members (tenant, name, {', '.join(QUOTA_FIELDS)}, created_at, weight)"  # noqa: S608
+                f" VALUES (?, ?, {', '.join('?' * len(QUOTA_FIELDS))}, ?, ?)",
+                (tenant, name, *(getattr(quotas, f) for f in QUOTA_FIELDS), now, weight),
             )
         except sqlite3.IntegrityError as exc:
             raise Conflict(
@@ -768,10 +771,10 @@ class SqliteStore:
             raise NotFound(f"tenant {tenant!r} has no member named {name!r}; list-members --tenant {tenant} shows them")
         return _member(row)
 
-    def update_member(self, tx: Tx, tenant: str, name: str, quotas: Quotas) -> None:
+    def update_member(self, tx: Tx, tenant: str, name: str, quotas: Quotas, weight: float = 1.0) -> None:
         _conn(tx).execute(
-            f"UPDATE members SET {', '.join(f'{f}=?' for f in QUOTA_FIELDS)} WHERE tenant=? AND name=?",  # noqa: S608
-            (*(getattr(quotas, f) for f in QUOTA_FIELDS), tenant, name),
+            f"UPDATE members SET {', '.join(f'{f}=?' for f in QUOTA_FIELDS)}, weight=? WHERE tenant=? AND name=?",  # noqa: S608
+            (*(getattr(quotas, f) for f in QUOTA_FIELDS), weight, tenant, name),
         )
 
     def delete_member(self, tx: Tx, tenant: str, name: str) -> None:

@@ -430,7 +430,9 @@ def quiet_goes_before_a_flood(stack: Stack, port: int, flood_key: str, quiet_key
 
     def metered() -> tuple[int, int]:
         with stack.api() as api:
-            today = {m["name"]: m["today"]["requests"] for m in api.get("/api/v1/tenants/companya/members").json()}
+            members = api.get("/api/v1/tenants/companya/members").json()
+        today = {m["name"]: m["today"]["requests"] for m in members}
+        print("metered:", before, today, members)
         return today["alice"] - before["alice"], today["companya"] - before["companya"]
 
     wait_for(lambda: metered() == (6, 1), 60, "every request metered once")

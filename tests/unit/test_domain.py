@@ -117,7 +117,7 @@ def test_every_spelling_of_the_quotas_is_the_declarations(tmp_path) -> None:  # 
 
     assert tuple(QUOTA_KINDS) == QUOTA_FIELDS == tuple(Quotas.__dataclass_fields__)
     assert Limits is Quotas  # the gateway's contract carries the declaration itself
-    assert tuple(schemas.MemberUpdate.model_fields) == QUOTA_FIELDS
+    assert tuple(schemas.MemberUpdate.model_fields) == (*QUOTA_FIELDS, "weight")  # the quotas, and the fair share
     assert set(QUOTA_FIELDS) <= set(schemas.TenantCreate.model_fields)
     for name, kind in QUOTA_KINDS.items():
         field = schemas.MemberUpdate.model_fields[name]

@@ -78,6 +78,30 @@ def test_update_member_changes_only_the_quotas_given(svc: TenantService) -> None
         svc.members.update("lab", "carol", {"rpm_limit": 1}, "admin")
 
 
+def test_a_members_weight_is_its_share_of_the_fair_queue_and_reaches_the_gateway(svc: TenantService, tmp_path) -> None:
+    """A PI at weight 2 beside students at the default 1: kept, changed on its own, refused out of
+    range with the way out, and pushed to the gateway's fair queue with the member's config."""
+    create(svc, "lab")
+    pi, _ = svc.members.add("lab", "pi", Quotas(), "admin", weight=2.0)
+    student, _ = svc.members.add("lab", "student", Quotas(rpm_limit=5), "admin")
+    assert (pi.weight, student.weight) == (2.0, 1.0)
+    with pytest.raises(InvalidInput, match=r"weight 0 is out of range: give 0\.1 to 100"):
+        svc.members.add("lab", "nobody", Quotas(), "admin", weight=0.0)
+    assert "nobody" not in [v.row.name for v in svc.members.views("lab")]
+    row = svc.members.update("lab", "student", {}, "admin", weight=0.5)
+    assert row.weight == 0.5 and row.quotas.rpm_limit == 5, "the weight alone changed"
+    with pytest.raises(InvalidInput, match="nothing to change"):
+        svc.members.update("lab", "student", {}, "admin", weight=0.5)
+    config = desired_config(svc.store, "lab", concurrency=8)
+    assert {m.name: m.weight for m in config.members} == {"lab": 1.0, "pi": 2.0, "student": 0.5}
+    gateway = GatewayState(GatewayStore(tmp_path / "gw.db"))
+    gateway.apply(config)
+    assert gateway.fair_queue.slots == 8 and gateway.fair_queue.weights["pi"] == 2.0
+    svc.update("lab", "admin", fair_queue=False)  # the tenant's own switch, applied live
+    gateway.apply(desired_config(svc.store, "lab", concurrency=8))
+    assert gateway.fair_queue.slots is None, "fair queuing off: the engine takes every request"
+
+
 def test_remove_member_drops_its_keys_and_keeps_its_usage(svc: TenantService) -> None:
     create(svc, "lab")
     _, key = svc.members.add("lab", "alice", Quotas(), "admin")
