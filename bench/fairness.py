@@ -27,6 +27,7 @@ import docker
 import httpx
 import openai
 
+from bench.cpu_shares import flood
 from bench.engine_starts import bench_settings, free_port, serve_manager, stop_manager
 from bench.real_model import one_stream
 from bench.sleep_bench import wait_status
@@ -47,20 +48,6 @@ def quiet_run(client: openai.OpenAI, requests: int) -> list[float]:
         out.append(one_stream(client, MODEL, 8, HELLO)[0])
         time.sleep(max(QUIET_EVERY_S - (time.monotonic() - started), 0))
     return [x for x in out if x == x]  # a stream that wrote no token has no first token
-
-
-def flood(client: openai.OpenAI, streams: int, stop: threading.Event, tokens: list[int]) -> list[threading.Thread]:
-    def loop() -> None:
-        while not stop.is_set():
-            try:
-                tokens.append(one_stream(client, MODEL, 200, HELLO)[1])
-            except openai.OpenAIError:
-                time.sleep(0.2)
-
-    threads = [threading.Thread(target=loop, daemon=True) for _ in range(streams)]
-    for t in threads:
-        t.start()
-    return threads
 
 
 def beside_flood(quiet: openai.OpenAI, noisy: openai.OpenAI, streams: int, requests: int) -> tuple[list[float], float]:

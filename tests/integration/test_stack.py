@@ -29,7 +29,6 @@ import re
 import secrets
 import struct
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -395,33 +394,36 @@ def test_docker_exec_add_tenant_in_the_stack(stack: Stack) -> None:
 
 def quiet_goes_before_a_flood(stack: Stack, port: int, flood_key: str, quiet_key: str) -> None:
     """Fair queuing on a real engine that runs two sequences at once: alice sends six long streams
-    (two run, four wait at the gateway); the tenant's first member then sends one short request.
-    It enters as soon as a slot frees, ahead of alice's backlog, so it is done before alice's third
-    stream; first come, first served it would come after all six. Each request is metered once."""
+    (two run, four wait at the gateway); a second later, while the first two still run, the
+    tenant's first member sends one short request. It enters as soon as a slot frees, ahead of alice's backlog, so it is
+    done before alice's third stream; first come, first served it would come after four of them.
+    Each request is metered once, and the manager's /metrics shows who waited at the gateway."""
     base = f"http://127.0.0.1:{port}/v1/completions"
+    with stack.api() as api:
+        before = {m["name"]: m["today"]["requests"] for m in api.get("/api/v1/tenants/companya/members").json()}
     wait_for(
         lambda: httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": f"Bearer {flood_key}"})
         .status_code == 200,
         30, "alice's key to reach the gateway", interval=0.5,
     )  # fmt: skip
-    with stack.api() as api:
-        before = {m["name"]: m["today"]["requests"] for m in api.get("/api/v1/tenants/companya/members").json()}
-    started = threading.Event()
+    read_config = (
+        "import sqlite3; print(sqlite3.connect('/data/gateway.db').execute('select body from config').fetchone()[0])"
+    )
+    config = json.loads(dexec(names.gateway(stack.instance, "companya"), "python3", "-c", read_config).stdout)
+    assert (config["concurrency"], config["fair_queue"]) == (2, True), "the gateway knows the engine's two slots"
     ends: dict[str, float] = {}
 
     def ask(who: str, key: str, tokens: int) -> None:
         body = {"model": "democopy", "prompt": "hi", "max_tokens": tokens, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", base, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=120) as r:
             assert r.status_code == 200, r.read()
-            for line in r.iter_lines():
-                if line.startswith("data: {"):
-                    started.set()
+            for _ in r.iter_lines():
+                pass
         ends[who] = time.monotonic()
 
     with ThreadPoolExecutor(7) as pool:
-        flood = [pool.submit(ask, f"alice{i}", flood_key, 300) for i in range(6)]
-        assert started.wait(60), "alice's first stream began"
-        time.sleep(0.3)  # the other four reach the gateway's queue
+        flood = [pool.submit(ask, f"alice{i}", flood_key, 500) for i in range(6)]
+        time.sleep(1.0)  # two of alice's streams run (about 3 s each on these cores), four wait
         quiet = pool.submit(ask, "quiet", quiet_key, 5)
         for future in [*flood, quiet]:
             future.result()
@@ -430,13 +432,16 @@ def quiet_goes_before_a_flood(stack: Stack, port: int, flood_key: str, quiet_key
 
     def metered() -> tuple[int, int]:
         with stack.api() as api:
-            members = api.get("/api/v1/tenants/companya/members").json()
-        today = {m["name"]: m["today"]["requests"] for m in members}
-        print("metered:", before, today, members)
+            today = {m["name"]: m["today"]["requests"] for m in api.get("/api/v1/tenants/companya/members").json()}
         return today["alice"] - before["alice"], today["companya"] - before["companya"]
 
-    wait_for(lambda: metered() == (6, 1), 60, "every request metered once")
-    assert metered() == (6, 1), "and only once"
+    # alice's six streams and the /v1/models that found her key (a 401 before it is never metered)
+    wait_for(lambda: metered() == (7, 1), 60, "every request metered once")
+    assert metered() == (7, 1), "and only once"
+    with stack.api() as api:
+        metrics = api.get("/metrics").text
+    waited = re.search(r'gtm_tenant_queue_seconds\{member="alice",quantile="0.99",tenant="companya"\} (\S+)', metrics)
+    assert waited and float(waited.group(1)) > 0.5, [ln for ln in metrics.splitlines() if "companya" in ln]
 
 
 # ------------------------------------------------------------------ images, on the vision tenant
