@@ -43,6 +43,11 @@
 #                                  quiet (one short stream every 2 s) beside flood (FLOOD long
 #                                  streams, default 32): quiet's time to first token alone, with
 #                                  --fair-queue off and on, and flood's tokens/s in both
+#   scripts/bench.sh --gateway-vs-direct [CONCURRENCY]
+#                                  vLLM's own load generator (vllm.benchmarks.serve) on the
+#                                  tenant's network, alternating the tenant's gateway and the
+#                                  engine directly: requests/s and time per output token of chat
+#                                  streams, CONCURRENCY at once (default 8)
 source "$(dirname "$0")/lib.sh"
 cd "$GTM_ROOT"
 bash scripts/dev-env.sh >/dev/null
@@ -50,6 +55,11 @@ if [ "${1:-}" = "--cpu-shares" ]; then
   bash scripts/build-images.sh all >/dev/null
   bash scripts/make-demo-model.sh "$GTM_CACHE/models" >/dev/null
   exec .venv/bin/python -m bench.cpu_shares --models "$GTM_CACHE/models" --flood "${2:-8}"
+fi
+if [ "${1:-}" = "--gateway-vs-direct" ]; then
+  bash scripts/build-images.sh all >/dev/null
+  bash scripts/make-demo-model.sh "$GTM_CACHE/models" >/dev/null
+  exec .venv/bin/python -m bench.gateway_vs_direct --models "$GTM_CACHE/models" --concurrency "${2:-8}"
 fi
 if [ "${1:-}" = "--fairness" ]; then
   bash scripts/build-images.sh all >/dev/null

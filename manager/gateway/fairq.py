@@ -11,9 +11,9 @@ virtual token counter of Sheng et al., "Fairness in Serving Large Language Model
   ``PROMPT_WEIGHT``, generated ones ``COMPLETION_WEIGHT`` (decoding a token costs the engine
   about twice a prompt token), divided by the member's weight (``--weight``: 2 gets twice the
   service of 1 while both wait);
-- a request is charged what it used (the engine's own count) as it leaves: a member whose
-  requests still run has not yet paid for them, which favours it only until they end, since at
-  most ``slots`` run at once;
+- a request is charged what it has used (the engine's own count) while it streams, about once a
+  second (``progress``), and the rest as it leaves, so a member's long streams cost it as they
+  run, not only once they end;
 - a member that was not waiting has its counter lifted to the least counter among those waiting
   (or to the last one served when none waits): time spent idle banks no credit, so a member
   that returns cannot then shut the others out.
@@ -75,6 +75,8 @@ class Ticket:
 
     member: str
     left: bool = False
+    charged: float = 0.0
+    """What the member has been charged for it so far (``progress``)."""
 
 
 def charge(prompt_tokens: int, completion_tokens: int) -> float:
@@ -178,11 +180,21 @@ class FairQueue:
         self._remove(waiter)
         return (Queued.GONE if gone is not None and gone.is_set() else Queued.TIMED_OUT), None
 
-    def leave(self, ticket: Ticket, prompt_tokens: int, completion_tokens: int) -> None:
-        """The request is done (answered, failed or abandoned): its slot frees and the member is
-        charged what it used. Once per ticket."""
+    def progress(self, ticket: Ticket, prompt_tokens: int, completion_tokens: int) -> None:
+        """A running request has used this much so far: the member is charged what is new."""
         if ticket.left:
             return
+        used = charge(prompt_tokens, completion_tokens)
+        if used > ticket.charged:
+            self._charge(ticket.member, used - ticket.charged)
+            ticket.charged = used
+
+    def leave(self, ticket: Ticket, prompt_tokens: int, completion_tokens: int) -> None:
+        """The request is done (answered, failed or abandoned): its slot frees and the member is
+        charged the rest of what it used. Once per ticket."""
+        if ticket.left:
+            return
+        self.progress(ticket, prompt_tokens, completion_tokens)
         ticket.left = True
         self.running -= 1
         left = self.in_flight.get(ticket.member, 0) - 1
@@ -190,7 +202,6 @@ class FairQueue:
             self.in_flight[ticket.member] = left
         else:
             self.in_flight.pop(ticket.member, None)
-        self._charge(ticket.member, charge(prompt_tokens, completion_tokens))
         self._dispatch()
 
     # ---------------------------------------------------------------- the counter

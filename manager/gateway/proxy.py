@@ -788,7 +788,6 @@ class Proxy:
             first_token_ms=None,
         )
         headers = {**verdict.headers, "x-request-id": request_id}
-        streamed = payload.get("stream") is True
         slot = None
         if method == "POST":
             try:
@@ -800,7 +799,7 @@ class Proxy:
             if slot is None:
                 return
         try:
-            await self._serve(method, path, receive, send, body, payload, record, headers, ticket, streamed, started)
+            await self._serve(method, path, receive, send, body, payload, record, headers, ticket, slot, started)
         finally:
             if slot is not None:
                 self.state.fair_queue.leave(slot, int(record["prompt_tokens"]), int(record["completion_tokens"]))
@@ -858,11 +857,12 @@ class Proxy:
         record: dict[str, Any],
         headers: dict[str, str],
         ticket: QuotaTicket,
-        streamed: bool,
+        slot: Ticket | None,
         started: float,
     ) -> None:
-        """The admitted request, sent to the engine; its usage record written and quotas settled
-        exactly once, however it ends."""
+        """The admitted request, sent to the engine (``slot``: its place there, for fair queuing);
+        its usage record written and quotas settled exactly once, however it ends."""
+        streamed = payload.get("stream") is True
         # a stream is served piece by piece: begun durably, or not served at all. A plain answer is
         # served whole at its last byte, after its record: a gateway killed before served nothing
         if streamed and not await self.state.begin(record):
@@ -890,7 +890,7 @@ class Proxy:
 
         try:
             if streamed:
-                await self._stream(receive, send, payload, headers, record, commit, unserved)
+                await self._stream(receive, send, payload, headers, record, commit, unserved, slot)
             else:
                 await self._plain(method, path, body, send, headers, record, commit, unserved)
         finally:
@@ -982,6 +982,7 @@ class Proxy:
         record: dict[str, Any],
         commit: Callable[[], Awaitable[None]],
         unserved: Callable[[], None],
+        slot: Ticket | None = None,
     ) -> None:
         """Events pass through as they come; the closing ``data: [DONE]`` is held back until the
         usage record is written, so a client that saw the whole stream is always metered."""
@@ -1004,11 +1005,14 @@ class Proxy:
                     # request; it is metered with the engine's count up to the last chunk read
                     record["outcome"] = "client_disconnected"
                     break
+                saved_at = relay.saved_at
                 if out and not await relay.deliver(send, out, self.settings.stall_timeout_s):
                     # gone, or reading nothing: the engine's stream is closed, so it aborts the
                     # request; it is metered with the engine's count up to the last chunk read
                     disconnected.set()
                     break
+                if slot is not None and relay.saved_at != saved_at:  # about once a second, as saved
+                    self.state.fair_queue.progress(slot, int(record["prompt_tokens"]), int(record["completion_tokens"]))
                 if first_at is None and relay.delivered:
                     first_at = time.time()
                     record["first_token_ms"] = round((first_at - record["at"]) * 1000, 3)

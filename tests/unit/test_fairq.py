@@ -217,3 +217,23 @@ async def test_an_engine_of_four_slots_keeps_one_for_members_with_nothing_runnin
     await settle()
     assert served == ["flood"] and queue.running == 3
     assert await waiting is not None
+
+
+async def test_a_long_stream_is_charged_as_it_runs_not_only_when_it_ends() -> None:
+    """Two members each with a stream running and one waiting: the one whose stream has written
+    more by now goes after the other, though neither stream has ended."""
+    queue, served = FairQueue(), []
+    queue.configure(2, {})
+    long, short = queue.enter_now("long"), queue.enter_now("short")
+    assert long is not None and short is not None
+    waiting = [asyncio.create_task(enter(queue, who, served)) for who in ("long", "short")]
+    await settle()
+    queue.progress(long, 10, 900)  # what the gateway saved of each stream so far
+    queue.progress(short, 10, 50)
+    queue.progress(long, 10, 900)  # the same count again charges nothing more
+    assert queue.counters["long"] == 10 + 2 * 900
+    queue.leave(short, 10, 60)  # charged only the rest: 20 more tokens
+    await settle()
+    assert served == ["short"] and queue.counters["short"] == 10 + 2 * 60
+    for task in waiting:
+        task.cancel()

@@ -1,0 +1,126 @@
+"""The gateway's own cost on real streams, measured with vLLM's own load generator.
+
+    .venv/bin/python -m bench.gateway_vs_direct --models DIR [--concurrency 8] [--prompts 200] [--rounds 2]
+
+One run, one machine: a manager (in-process, real Docker, a real vLLM CPU engine of the demo
+model) with one tenant. vLLM's ``vllm.benchmarks.serve`` runs in a one-off container of the
+engine image on the tenant's own network, and alternates between the tenant's gateway (its
+public port, with the tenant's key) and the engine directly (``engine:8000``): chat streams of
+random prompts, ``--concurrency`` at once, 32 tokens in and out, ``ignore_eos``. Printed per
+round: requests/s and median time per output token, and the gateway's requests/s as a fraction
+of direct's (goal: at least 0.9 at 8 streams).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import statistics
+from pathlib import Path
+from typing import Any
+
+import docker
+
+from bench.engine_starts import bench_settings, free_port, serve_manager, stop_manager
+from bench.sleep_bench import wait_status
+from manager import names
+from manager.control.plan import ENGINE_PORT
+
+MODEL = "demo"
+MARKER = "GTM-BENCH "
+LOAD = """
+import json, sys
+from vllm.benchmarks.serve import add_cli_args, main
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+parser = FlexibleArgumentParser()
+add_cli_args(parser)
+result = main(parser.parse_args(sys.argv[1:]))
+keep = ("request_throughput", "median_tpot_ms", "median_ttft_ms", "completed", "output_throughput")
+print("GTM-BENCH " + json.dumps({k: result.get(k) for k in keep}))
+"""
+GOAL = 0.9
+
+
+def load(client: docker.DockerClient, image: str, network: str, models: str, base_url: str, key: str,
+         prompts: int, concurrency: int) -> dict[str, Any]:  # fmt: skip
+    """One run of vLLM's load generator against ``base_url``, from inside the tenant's network."""
+    command = [
+        "--backend", "openai-chat", "--endpoint", "/v1/chat/completions", "--base-url", base_url,
+        "--model", MODEL, "--tokenizer", f"/models/{MODEL}", "--dataset-name", "random",
+        "--random-input-len", "32", "--random-output-len", "32", "--ignore-eos",
+        "--num-prompts", str(prompts), "--max-concurrency", str(concurrency),
+    ]  # fmt: skip
+    out = client.containers.run(
+        image,
+        entrypoint=["python3", "-c", LOAD],
+        command=command,
+        environment={"OPENAI_API_KEY": key, "TORCHDYNAMO_DISABLE": "1", "HOME": "/tmp"},  # noqa: S108
+        network=network,
+        volumes={models: {"bind": "/models", "mode": "ro"}},
+        tmpfs={"/tmp": "rw,size=256m"},  # noqa: S108
+        remove=True,
+        stdout=True,
+        stderr=True,
+    ).decode()
+    lines = [ln for ln in out.splitlines() if ln.startswith(MARKER)]
+    if not lines:
+        raise RuntimeError(f"vLLM's load generator printed no result: {out[-2000:]}")
+    result: dict[str, Any] = json.loads(lines[-1].removeprefix(MARKER))
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", type=Path, required=True)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--prompts", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+
+    instance = "gtmbench" + secrets.token_hex(3)
+    settings = bench_settings(instance, args.models)
+    client = docker.from_env()
+    server, api = serve_manager(settings)
+    try:
+        body = {"name": "lab", "gpu_memory": "1536M", "port": free_port(), "model": MODEL, "max_model_len": 512}
+        added = api.post("/api/v1/tenants", json=body)
+        assert added.status_code == 201, added.text
+        key = added.json()["key"]["api_key"]
+        wait_status(api, "lab", "running", 600)
+        network = names.network(instance, "lab")
+        gateway = client.containers.get(names.gateway(instance, "lab"))
+        gateway_ip = gateway.attrs["NetworkSettings"]["Networks"][network]["IPAddress"]
+        paths = {"gateway": f"http://{gateway_ip}:8000", "direct": f"http://{names.ENGINE_ALIAS}:{ENGINE_PORT}"}
+        image = settings.engine_image
+        models = str(args.models)
+        load(client, image, network, models, paths["direct"], key, 16, args.concurrency)  # a first, slower run
+        runs: dict[str, list[dict[str, Any]]] = {"gateway": [], "direct": []}
+        for _ in range(args.rounds):
+            for path in ("gateway", "direct"):
+                runs[path].append(
+                    load(client, image, network, models, paths[path], key, args.prompts, args.concurrency)
+                )
+        print(
+            f"vLLM's load generator, {args.prompts} chat streams of 32 tokens in and out, "
+            f"{args.concurrency} at once, alternating (one engine of the demo model, 2 cores shared):"
+        )
+        print(f"{'path':<10} {'requests/s':>12} {'median TPOT ms':>15} {'median TTFT ms':>15}")
+        for path, results in runs.items():
+            for r in results:
+                print(
+                    f"{path:<10} {r['request_throughput']:>12.1f} {r['median_tpot_ms']:>15.2f} "
+                    f"{r['median_ttft_ms']:>15.1f}"
+                )
+        gw = statistics.median(r["request_throughput"] for r in runs["gateway"])
+        direct = statistics.median(r["request_throughput"] for r in runs["direct"])
+        ratio = gw / direct
+        verdict = "met" if ratio >= GOAL else "missed"
+        print(f"gateway / direct requests/s (medians): {ratio:.2f} (goal >= {GOAL}: {verdict})")
+    finally:
+        stop_manager(server, client, instance)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
