@@ -124,10 +124,13 @@ def gateway_admin(mgr: RunningManager, client: docker.DockerClient, tenant: str)
 
 
 def wait_synced(mgr: RunningManager, client: docker.DockerClient, tenant: str) -> None:
+    # the engine's concurrency is in the config (the gateway's fair queue): the API says it
+    concurrency = mgr.client().get(f"/api/v1/tenants/{tenant}").json()["concurrency"]
+
     def synced() -> bool:
         store = SqliteStore(mgr.settings.database_path)
         try:
-            want = desired_config(store, tenant).version
+            want = desired_config(store, tenant, concurrency=concurrency).version
         finally:
             store.close()
         with gateway_admin(mgr, client, tenant) as gw:
