@@ -13,15 +13,13 @@ the flood once the admin gives flood ``--cpu-weight 2``; and flood's tokens/s in
 from __future__ import annotations
 
 import argparse
-import secrets
 import threading
 import time
 from pathlib import Path
 
-import docker
 import openai
 
-from bench.engine_starts import bench_settings, free_port, serve_manager, stop_manager
+from bench.engine_starts import bench_manager, free_port
 from bench.real_model import one_stream
 from bench.sleep_bench import wait_status
 from bench.sleep_trace import quantile
@@ -71,11 +69,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=20.0, help="how long each flood phase lasts at least")
     args = parser.parse_args()
 
-    instance = "gtmbench" + secrets.token_hex(3)
-    settings = bench_settings(instance, args.models)
-    client = docker.from_env()
-    server, api = serve_manager(settings)
-    try:
+    with bench_manager(args.models) as (_, api, _client):
         keys, clients = {}, {}
         for name in ("quiet", "flood"):
             port = free_port()
@@ -123,8 +117,6 @@ def main() -> int:
             f"flood's tokens/s: equal {flood_equal:.1f}, weighted {flood_weighted:.1f} "
             f"(ratio {flood_weighted / flood_equal:.2f})"
         )
-    finally:
-        stop_manager(server, client, instance)
     return 0
 
 

@@ -24,6 +24,7 @@ import secrets
 import statistics
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +169,20 @@ def serve_manager(settings: Settings) -> tuple[uvicorn.Server, httpx.Client]:
         base_url=f"http://127.0.0.1:{settings.api_port}", timeout=120, headers={"Authorization": f"Bearer {TOKEN}"}
     )
     return server, api
+
+
+@contextlib.contextmanager
+def bench_manager(models: Path) -> Iterator[tuple[Settings, httpx.Client, docker.DockerClient]]:
+    """A benchmark's own manager (``bench_settings``) serving on a thread: its settings, an admin
+    client of its API and the Docker client; everything of its instance is removed at the end."""
+    instance = "gtmbench" + secrets.token_hex(3)
+    settings = bench_settings(instance, models)
+    client = docker.from_env()
+    server, api = serve_manager(settings)
+    try:
+        yield settings, api, client
+    finally:
+        stop_manager(server, client, instance)
 
 
 def main() -> int:

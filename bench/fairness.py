@@ -18,16 +18,14 @@ the README reports beside these.
 from __future__ import annotations
 
 import argparse
-import secrets
 import threading
 import time
 from pathlib import Path
 
-import docker
 import openai
 
 from bench.cpu_shares import flood
-from bench.engine_starts import bench_settings, free_port, serve_manager, stop_manager
+from bench.engine_starts import bench_manager, free_port
 from bench.real_model import one_stream
 from bench.sleep_bench import wait_status
 from bench.sleep_trace import quantile
@@ -75,11 +73,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=20, help="quiet's requests in each phase")
     args = parser.parse_args()
 
-    instance = "gtmbench" + secrets.token_hex(3)
-    settings = bench_settings(instance, args.models)
-    client = docker.from_env()
-    server, api = serve_manager(settings)
-    try:
+    with bench_manager(args.models) as (_, api, _client):
         port = free_port()
         body = {
             "name": "lab", "gpu_memory": "1536M", "port": port, "model": MODEL, "max_model_len": 512,
@@ -134,8 +128,6 @@ def main() -> int:
         )
         lines = [ln for ln in metrics.splitlines() if ln.startswith("gtm_tenant_time_to_first_token")]
         print("the manager's /metrics, last hour:", *lines, sep="\n  ")
-    finally:
-        stop_manager(server, client, instance)
     return 0
 
 

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import secrets
 import statistics
 from pathlib import Path
 from typing import Any
 
 import docker
 
-from bench.engine_starts import bench_settings, free_port, serve_manager, stop_manager
+from bench.engine_starts import bench_manager, free_port
 from bench.sleep_bench import wait_status
 from manager import names
 from manager.control.plan import ENGINE_PORT
@@ -78,18 +77,14 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
 
-    instance = "gtmbench" + secrets.token_hex(3)
-    settings = bench_settings(instance, args.models)
-    client = docker.from_env()
-    server, api = serve_manager(settings)
-    try:
+    with bench_manager(args.models) as (settings, api, client):
         body = {"name": "lab", "gpu_memory": "1536M", "port": free_port(), "model": MODEL, "max_model_len": 512}
         added = api.post("/api/v1/tenants", json=body)
         assert added.status_code == 201, added.text
         key = added.json()["key"]["api_key"]
         wait_status(api, "lab", "running", 600)
-        network = names.network(instance, "lab")
-        gateway = client.containers.get(names.gateway(instance, "lab"))
+        network = names.network(settings.instance, "lab")
+        gateway = client.containers.get(names.gateway(settings.instance, "lab"))
         gateway_ip = gateway.attrs["NetworkSettings"]["Networks"][network]["IPAddress"]
         paths = {"gateway": f"http://{gateway_ip}:8000", "direct": f"http://{names.ENGINE_ALIAS}:{ENGINE_PORT}"}
         image = settings.engine_image
@@ -117,8 +112,6 @@ def main() -> int:
         ratio = gw / direct
         verdict = "met" if ratio >= GOAL else "missed"
         print(f"gateway / direct requests/s (medians): {ratio:.2f} (goal >= {GOAL}: {verdict})")
-    finally:
-        stop_manager(server, client, instance)
     return 0
 
 
