@@ -227,6 +227,11 @@ def _model_commands(sub: Any) -> None:
 
 def _host_commands(sub: Any) -> None:
     sub.add_parser("capacity", help="device memory: total, reserved and measured per tenant, free")
+    sub.add_parser(
+        "rotate-volume-key",
+        help="rewrap every encrypted volume's key under the first key of the volume key file (put the new key "
+        "first in GTM_VOLUME_KEY_FILE, run this, then drop the old line); no data is touched",
+    )
 
     p = sub.add_parser("what-if", help="would this reservation fit? creates nothing")
     p.add_argument("--gpu-memory", type=_size, required=True)
@@ -372,6 +377,14 @@ def _print_capacity(out: dict[str, Any]) -> None:
             for t in ledger["tenants"]
         ]
         print(_table(rows, ["TENANT", "RESERVED", "MEASURED"]))
+    enc = out.get("encrypted_volumes")
+    if enc:
+        print(
+            f"encrypted volumes ({enc['mechanism']}): {enc['volumes']} made, default size "
+            f"{format_size(enc['default_size'])}"
+            if enc["available"]
+            else f"encrypted volumes: unavailable: {enc['problem']}"
+        )
 
 
 def engine_options(t: dict[str, Any]) -> str:
@@ -383,7 +396,9 @@ def engine_options(t: dict[str, Any]) -> str:
         name, value = f.d.listed, t.get(f.name)
         if not name or f.name not in t:
             continue
-        if f.name == "max_images":
+        if f.name == "volume":
+            parts += ["volume=encrypted:/data"] if value == "encrypted" else []
+        elif f.name == "max_images":
             parts.append(f"images={value}x{t.get('max_image_pixels', 0) / 1e6:.1f}MP" if value else "no-images")
         elif f.d.kind is Kind.BOOL and (value or f.default is True):
             parts.append(name if value else f"no-{name}")
@@ -686,6 +701,18 @@ def _capacity(args: argparse.Namespace, api: Api, shown: Shown) -> Any:
     return out
 
 
+@command("rotate-volume-key")
+def _rotate_volume_key(args: argparse.Namespace, api: Api, shown: Shown) -> Any:
+    out = api.call("POST", "/api/v1/volume-keys/rotate")
+    done = out["rewrapped"]
+    shown.say(
+        f"the keys of {len(done)} encrypted volume(s) are now wrapped under key-encryption key {out['kek_id']}"
+        + (f" ({', '.join(done)})" if done else ""),
+        "every key is wrapped under the first key of the file: the other lines can go",
+    )
+    return out
+
+
 @command("what-if")
 def _what_if(args: argparse.Namespace, api: Api, shown: Shown) -> Outcome:
     body = {"gpu_memory": args.gpu_memory, "model": args.model, "max_model_len": args.max_model_len}
@@ -777,6 +804,7 @@ list_members = _command("list-members")
 update_member = _command("update-member")
 remove_member = _command("remove-member")
 capacity = _command("capacity")
+rotate_volume_key = _command("rotate-volume-key")
 list_models = _command("list-models")
 import_model = _command("import-model")
 remove_model = _command("remove-model")

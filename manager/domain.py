@@ -72,6 +72,25 @@ MIN_BODY, MAX_BODY = 64 * 1024, 64 * 1024**2
 """Bounds of a tenant's request body limit; the gateway's memory limit is sized for the largest."""
 DEFAULT_BODY = 32 * 1024**2
 DEFAULT_SHM = 1024**3
+PLAIN, ENCRYPTED = "plain", "encrypted"
+"""A tenant's volume (``TenantSpec.volume``): a Docker volume, or an encrypted image
+(``manager.control.vault``)."""
+MIN_VOLUME_SIZE = 64 * 1024**2
+"""ext4's own structures take a few MiB of a volume."""
+
+
+def volume_kind(text: str) -> str:
+    """``plain`` or ``encrypted``, as an admin writes it: ``encrypted:/data`` (or ``encrypted``),
+    ``plain``. The engine's volume is /data either way."""
+    kind, _, path = str(text).strip().partition(":")
+    if kind in (PLAIN, ENCRYPTED) and path in ("", "/data"):
+        return kind
+    raise InvalidInput(
+        f"--volume is encrypted:/data (an encrypted volume) or plain (a Docker volume), got {text!r}; "
+        "the engine's volume is /data either way"
+    )
+
+
 MAX_GRACE_S = 366 * 86400.0
 DEFAULT_MAX_IMAGES, MAX_IMAGES = 4, 64
 """Images in one chat request for a model that takes images (a text model's tenant takes none):
@@ -311,6 +330,31 @@ class TenantSpec:
         ),
     )  # fmt: skip
     """Fair queuing among the tenant's members at its gateway (``manager.gateway.fairq``)."""
+    volume: str = field(
+        default=PLAIN,
+        metadata=declare(
+            Kind.TEXT, "the engine's /data: plain (a Docker volume, the default) or encrypted:/data (an ext4 image "
+            "encrypted with a key of its own, unreadable to other tenants and to whoever takes the disk, erased "
+            "with the tenant); update-tenant moves an existing tenant's data into it", "Volume", engine=True,
+            hashed_unset=False, normalize=volume_kind, placeholder="plain; encrypted:/data", listed="volume",
+            section=Section.MAIN, title="encrypted:/data needs a host that can (capacity says)",
+        ),
+    )  # fmt: skip
+    """``PLAIN`` or ``ENCRYPTED`` (``manager.control.vault``)."""
+    volume_size: int | None = field(
+        default=None,
+        metadata=declare(
+            Kind.SIZE, "size of an encrypted volume, reserved on the host's disk when it is made and fixed from "
+            "then on, e.g. 20G (default: the host's GTM_VOLUME_SIZE)", "Encrypted volume size", lo=MIN_VOLUME_SIZE,
+            hi=MAX_SIZE, unset="the host's default", zero_unsets=True, placeholder="the host's default",
+            words="volume size",
+        ),
+    )  # fmt: skip
+    """An encrypted volume's size; None: the host's ``GTM_VOLUME_SIZE``."""
+
+    @property
+    def encrypted(self) -> bool:
+        return self.volume == ENCRYPTED
 
     def flat(self) -> dict[str, Any]:
         """Every declared field by name, the quotas among them (as the store's columns and the

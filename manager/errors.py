@@ -80,6 +80,16 @@ class StateUnavailable(GtmError):
     code = "state_unavailable"
 
 
+class EncryptionUnavailable(GtmError):
+    """An encrypted volume cannot be made or opened: what the host lacks (the kernel, the
+    manager's privileges, the key-encryption key), a wrong key, a full disk, a volume in use: the
+    host's state conflicts with the request until an admin fixes it."""
+
+    http_status = 409
+    exit_code = 12
+    code = "encryption_unavailable"
+
+
 class EngineFailed(GtmError):
     """A command waited for an engine (``--wait``) and the engine failed; the reason is its own."""
 

@@ -18,7 +18,7 @@ from its dataclass fields.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -94,6 +94,8 @@ class Declared:
     """A quota's unit in tables: ``/min``."""
     words: str = ""
     """The name in a sentence when it is not the field's name with spaces (``idle sleep``)."""
+    normalize: Callable[[Any], Any] | None = None
+    """How a given value is held (``encrypted:/data`` is ``encrypted``); raises InvalidInput."""
 
 
 def declare(kind: Kind, help: str, label: str, **more: Any) -> dict[str, Declared]:
@@ -129,6 +131,8 @@ class TenantField:
         """An input value as the spec holds it: 0 of a ``zero_unsets`` field is None."""
         if self.d.zero_unsets and value == 0 and not isinstance(value, bool):
             return None
+        if self.d.normalize is not None and value is not None:
+            return self.d.normalize(value)
         return value
 
     def check(self, value: Any) -> None:

@@ -86,6 +86,10 @@ def gateway_volume(instance: str, tenant: str) -> str:
     return f"{instance}-t-{tenant}-gw"
 
 
+def move_data(instance: str, tenant: str) -> str:
+    return f"{instance}-t-{tenant}-move"
+
+
 def prepare(instance: str, tenant: str) -> str:
     return f"{instance}-t-{tenant}-prepare"
 

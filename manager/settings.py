@@ -86,6 +86,17 @@ class Settings(BaseSettings):
     """Admission and wakes count only awake tenants' reservations (control.overcommit): more tenants
     than fit awake, a wake putting the least recently used idle ones to sleep first."""
     orphan_grace_s: float = 300.0
+
+    volume_encryption: Literal["fscrypt", "off"] = "fscrypt"
+    """How ``--volume encrypted:/data`` is made (``manager.volumes``); off refuses it."""
+    volumes_dir: Path = Path("/var/lib/gpu-tenant-manager/volumes")
+    """Encrypted volumes' images and mounts: the same path on the host and in the manager's
+    container (Docker binds an engine's /data from it), a shared mount."""
+    volume_key_file: Path | None = Path("/run/secrets/volume_keys")
+    """The host's key-encryption keys (``manager.volumes.keyring``): a Docker secret or tmpfs,
+    never the state volume."""
+    volume_size: Size = 10 * GIB
+    """An encrypted volume's size when the tenant does not give ``--volume-size``."""
     engine_start_timeout_s: float = 900.0
 
     @model_validator(mode="after")

@@ -12,6 +12,7 @@ from manager.api.schemas import (
     AuditEntry,
     CapacityPublic,
     DecisionPublic,
+    EncryptionPublic,
     ErrorResponse,
     IssuedKeyPublic,
     KeyPublic,
@@ -27,6 +28,7 @@ from manager.api.schemas import (
     TenantPublic,
     TenantUpdate,
     UsageSummary,
+    VolumeKeysRotated,
     WhatIf,
 )
 from manager.control.catalog import CatalogEntry
@@ -41,7 +43,8 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
         401: "missing or wrong admin token",
         404: "no such tenant, member, key or model (the message lists the models there are)",
         409: "conflict: the name or port (or member name) is taken, the tenant is being removed, or it does not fit "
-        "(admission_refused, with every number in details)",
+        "(admission_refused, with every number in details), or the host cannot make or open an encrypted volume "
+        "now (encryption_unavailable: the message says what it lacks)",
         422: "invalid input: the message says which field and what it accepts",
         503: "the container runtime (Docker) or the GPU did not answer",
     }
@@ -242,7 +245,17 @@ def remove_model(name: Annotated[str, Path(max_length=100)], svc: Service, actor
 
 @router.get("/capacity", tags=["capacity"])
 def capacity(svc: Service, _: Admin) -> CapacityPublic:
-    return CapacityPublic.of(svc.meter.capacity())
+    out = CapacityPublic.of(svc.meter.capacity())
+    out.encrypted_volumes = EncryptionPublic.model_validate(svc.volume_status())
+    return out
+
+
+@router.post("/volume-keys/rotate", tags=["capacity"], responses=error_responses(409))
+def rotate_volume_keys(svc: Service, actor: Admin) -> VolumeKeysRotated:
+    """Rewraps every encrypted volume's data key under the first key of the volume key file
+    (``GTM_VOLUME_KEY_FILE``); no data is touched."""
+    kek_id, done = svc.rotate_volume_keys(actor)
+    return VolumeKeysRotated(kek_id=kek_id, rewrapped=done)
 
 
 @router.post("/what-if", tags=["capacity"], responses=error_responses(400, 404))

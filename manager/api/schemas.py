@@ -403,6 +403,21 @@ class DeviceCapacityPublic(BaseModel):
     tenants: list[TenantCapacity]
 
 
+class EncryptionPublic(BaseModel):
+    """Whether this host can make ``--volume encrypted:/data``, and if not, what it lacks."""
+
+    mechanism: str
+    available: bool
+    problem: str | None
+    default_size: int
+    volumes: int = Field(description="encrypted volumes made")
+
+
+class VolumeKeysRotated(BaseModel):
+    kek_id: str = Field(description="the key-encryption key every data key is wrapped under now")
+    rewrapped: list[str] = Field(description="the tenants whose key was rewrapped")
+
+
 class CapacityPublic(BaseModel):
     mode: str
     device: DevicePublic = Field(description="the first device (the only one in cpu mode); see devices")
@@ -411,6 +426,7 @@ class CapacityPublic(BaseModel):
     unreserved: int = Field(description="the largest reservation one new tenant can get on any device")
     tenants: list[TenantCapacity]
     devices: list[DeviceCapacityPublic]
+    encrypted_volumes: EncryptionPublic | None = None
 
     @classmethod
     def of(cls, c: Capacity) -> CapacityPublic:

@@ -21,6 +21,7 @@ from manager.domain import MAX_CPU_WEIGHT, TenantSpec
 from manager.names import Role
 from manager.runtime.types import ContainerPlan, Mount, NetworkPlan, VolumePlan
 from manager.settings import Settings
+from manager.volumes.fscrypt import data_path as encrypted_data_path
 
 MIB = 1024**2
 ENGINE_PORT = 8000
@@ -50,7 +51,8 @@ def http_healthcheck(port: int, path: str, start_period_s: int) -> dict[str, obj
 @dataclass(frozen=True)
 class TenantPlan:
     network: NetworkPlan
-    volume: VolumePlan
+    volume: VolumePlan | None
+    """The tenant's Docker volume; None: its /data is an encrypted volume (``data_source``)."""
     engine: ContainerPlan
     gateway_volume: VolumePlan
     gateway: ContainerPlan
@@ -167,9 +169,42 @@ def prepare_plan(spec: TenantSpec, settings: Settings) -> ContainerPlan:
         command=[],
         labels=names.labels(settings.instance, Role.PREPARE, spec.name),
         network="none",
-        mounts=[Mount(names.volume(settings.instance, spec.name), "/data")],
+        mounts=[Mount(data_source(spec, settings), "/data")],
         user="0:0",
         cap_add=["CHOWN"],
+        pids_limit=16,
+    )
+
+
+def data_source(spec: TenantSpec, settings: Settings) -> str:
+    """What the engine mounts at /data: its Docker volume, or its encrypted volume's data
+    directory, which exists only while that volume is open (Docker refuses to start an engine
+    whose bind source is missing, so it never writes underneath a closed volume)."""
+    if spec.encrypted:
+        return str(encrypted_data_path(settings.volumes_dir / settings.instance, spec.name))
+    return names.volume(settings.instance, spec.name)
+
+
+MOVE_SCRIPT = "cp -a /from/. /to/ && sync && touch /to/{moved} && sync"
+
+
+def move_plan(spec: TenantSpec, settings: Settings, moved_marker: str) -> ContainerPlan:
+    """A one-off container that copies the tenant's Docker volume into its new encrypted volume,
+    owners and modes kept, and leaves ``moved_marker`` there once all of it is copied. Root with
+    the capabilities a faithful copy needs (read what uid 1000 owns, keep owners), no network."""
+    return ContainerPlan(
+        name=names.move_data(settings.instance, spec.name),
+        image=settings.manager_image,
+        entrypoint=["sh", "-c", MOVE_SCRIPT.format(moved=moved_marker)],
+        command=[],
+        labels=names.labels(settings.instance, Role.PREPARE, spec.name),
+        network="none",
+        mounts=[
+            Mount(names.volume(settings.instance, spec.name), "/from", read_only=True),
+            Mount(data_source(spec, settings), "/to"),
+        ],
+        user="0:0",
+        cap_add=["CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID"],
         pids_limit=16,
     )
 
@@ -382,7 +417,7 @@ def tenant_plan(
         network=net,
         aliases=[names.ENGINE_ALIAS],
         env=engine_env(settings),
-        mounts=[Mount(vol, "/data"), Mount(settings.models_source, "/models", read_only=True)],
+        mounts=[Mount(data_source(spec, settings), "/data"), Mount(settings.models_source, "/models", read_only=True)],
         tmpfs={"/tmp": "rw,nosuid,nodev,size=1g"},  # noqa: S108 - a private tmpfs, not a shared /tmp
         pids_limit=settings.engine_pids_limit,
         mem_limit=settings.platform.memory_limit(spec.gpu_memory, settings.engine_host_memory + fit.weights),
@@ -396,7 +431,7 @@ def tenant_plan(
         network=NetworkPlan(
             net, names.labels(inst, Role.NETWORK, spec.name), internal=True, options=dict(ISOLATED_BRIDGE)
         ),
-        volume=VolumePlan(vol, names.labels(inst, Role.VOLUME, spec.name)),
+        volume=None if spec.encrypted else VolumePlan(vol, names.labels(inst, Role.VOLUME, spec.name)),
         engine=engine,
         gateway_volume=VolumePlan(names.gateway_volume(inst, spec.name), names.labels(inst, Role.VOLUME, spec.name)),
         gateway=gateway_plan(spec, settings, gateway_token, ids.get(settings.manager_image, "")),

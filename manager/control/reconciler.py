@@ -57,9 +57,11 @@ from manager.control.engine_logs import (
 from manager.control.gateway_client import Connect, GatewayAdmin, GatewayClient, gateway_ip, push_config
 from manager.control.parsers import engine_parsers
 from manager.control.plan import (
+    ENGINE_UID,
     TenantPlan,
     control_network_plan,
     docker_words,
+    move_plan,
     port_taken,
     prepare_plan,
     tenant_plan,
@@ -68,6 +70,7 @@ from manager.control.records import EngineFailure, TenantRow
 from manager.control.sizing import Sizing
 from manager.control.sleeper import Sleeper
 from manager.control.store import TenantStore
+from manager.control.vault import MOVED, Vault, open_volumes
 from manager.control.warmup import PageCacheWarmer
 from manager.control.workqueue import WorkQueue
 from manager.domain import TenantStatus
@@ -79,6 +82,7 @@ from manager.runtime.protocol import EventStream, Runtime
 from manager.runtime.types import ContainerPlan, ContainerState
 from manager.settings import Settings
 from manager.sizes import format_size
+from manager.volumes.protocol import EncryptedVolumes
 
 log = logging.getLogger(__name__)
 POLL_STARTING_S = 2.0
@@ -87,6 +91,8 @@ EVENTS_RETRY_S = 1.0
 FOLLOWED = frozenset({"die", "oom", "health_status"})
 """The container events that may change what a tenant needs (``RuntimeEvent.action``)."""
 PREPARE_TIMEOUT_S = 60.0
+MOVE_TIMEOUT_S = 3600.0
+"""Copying a tenant's Docker volume into its encrypted volume (caches: gigabytes at most)."""
 DRAIN_POLL_S = 0.5
 """How often a tenant going to sleep asks its gateway whether a request is still in flight."""
 WAKING_STEPS = frozenset({TenantStatus.PENDING, TenantStatus.STARTING})
@@ -107,6 +113,7 @@ class Reconciler:
         *,
         connect: Connect = GatewayClient,
         clock: Callable[[], float] = time.time,
+        volumes: EncryptedVolumes | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -122,6 +129,7 @@ class Reconciler:
         """device ('' for the host's first) -> the tenant whose engine holds its start gate, since when."""
         self._errors: dict[str, int] = {}
         self._orphans_seen: dict[str, float] = {}
+        self.vault = Vault(settings, store, volumes or open_volumes(settings), clock=clock)
         self.warmer = PageCacheWarmer(settings, runtime)
         self.collector = UsageCollector(settings, store, runtime, connect)
         self.sleeper = Sleeper(settings, store, runtime, connect, self.enqueue, inventory, clock)
@@ -335,7 +343,8 @@ class Reconciler:
         )
         self.runtime.ensure_network(control_network_plan(self.settings))
         self.runtime.ensure_network(plan.network)
-        self.runtime.ensure_volume(plan.volume)
+        if plan.volume is not None:
+            self.runtime.ensure_volume(plan.volume)
         self.runtime.ensure_volume(plan.gateway_volume)
         return plan
 
@@ -593,6 +602,7 @@ class Reconciler:
             self._take_gate(row)  # no other engine starts while this cache warms
             self._set_status(row, TenantStatus.STARTING, "reading the engine image and model into the page cache")
             return POLL_STARTING_S
+        self._open_volume(row)
         self._prepare(row)
         self.runtime.run(plan)
         self._take_gate(row)
@@ -632,6 +642,42 @@ class Reconciler:
                 if not gw.engine_sleeping():
                     return c.tenant
         return None
+
+    def _open_volume(self, row: TenantRow) -> None:
+        """An encrypted tenant's volume open before its engine starts (made first, and a plain
+        volume's data moved in, when it has none yet); its failure told as the tenant's reason."""
+        if not row.spec.encrypted:
+            return
+        try:
+            made = self.vault.ready(row.spec, ENGINE_UID)
+            self._move_plain_data(row, made)
+        except GtmError as exc:
+            self._set_status(row, TenantStatus.FAILED, f"encrypted volume: {exc.message}")
+            raise
+
+    def _move_plain_data(self, row: TenantRow, made: bool) -> None:
+        """update-tenant --volume encrypted:/data: the tenant's Docker volume copied into its new
+        encrypted volume (its engine is stopped: the spec change replaced it), then removed. All or
+        nothing: a copy that fails or was cut short (no marker) erases the encrypted volume, and
+        the next pass starts over from the Docker volume, which is removed only after a full copy."""
+        name = row.spec.name
+        plain = names.volume(self.settings.instance, name)
+        if plain not in {v.name for v in self.runtime.volumes(names.selector(self.settings.instance, tenant=name))}:
+            return
+        if not self.vault.moved(name):
+            if not made:  # a copy cut short by a restart: start again from an empty volume
+                self.vault.erase(name)
+                self.vault.ready(row.spec, ENGINE_UID)
+            self._set_status(row, TenantStatus.STARTING, "moving its data into its encrypted volume")
+            code, out = self.runtime.run_to_completion(move_plan(row.spec, self.settings, MOVED), MOVE_TIMEOUT_S)
+            if code != 0 or not self.vault.moved(name):
+                self.vault.erase(name)
+                raise RuntimeUnavailable(
+                    f"copying the data of {name} into its encrypted volume failed (exit {code}): "
+                    f"{out.strip()[-300:]}; its plain volume is kept, and the copy is tried again"
+                )
+        self.runtime.remove_volume(plain)
+        log.info("moved the data of %s into its encrypted volume", name)
 
     def _prepare(self, row: TenantRow) -> None:
         """Gives the tenant's volume to the engine's user, once per manager process (it is idempotent;
@@ -724,6 +770,7 @@ class Reconciler:
             self.runtime.remove_network(net.name)
         for vol in self.runtime.volumes(sel):
             self.runtime.remove_volume(vol.name)
+        self.vault.erase(name)
         self._release_gate(name)
         self._prepared.discard(name)
         self.store.clear_engine_failure(name)
@@ -756,13 +803,13 @@ class Reconciler:
         for res in self.runtime.networks(sel) + self.runtime.volumes(sel):
             if res.tenant and res.labels.get(names.ROLE) in (Role.NETWORK, Role.VOLUME):
                 found.add(res.tenant)
-        return found
+        return found | set(self.vault.names())
 
     def _orphan(self, name: str, containers: list[ContainerState]) -> float | None:
         """Resources labelled with a tenant that does not exist: removed once seen for the grace
         period (a tenant created by another manager of this instance may just not be visible yet)."""
         sel = names.selector(self.settings.instance, tenant=name)
-        if not (containers or self.runtime.networks(sel) or self.runtime.volumes(sel)):
+        if not (containers or self.runtime.networks(sel) or self.runtime.volumes(sel) or name in self.vault.names()):
             self._orphans_seen.pop(name, None)
             return None
         now = self.clock()

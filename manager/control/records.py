@@ -58,6 +58,21 @@ class EngineFailure:
 
 
 @dataclass(frozen=True)
+class VolumeKeyRow:
+    """An encrypted volume's data key as the state keeps it: wrapped (``manager.volumes.keyring``)."""
+
+    tenant: str
+    volume_id: str
+    """The volume's filesystem UUID, which the wrapping is bound to."""
+    kek_id: str
+    """Which key-encryption key wrapped it."""
+    wrapped: bytes
+    size: int
+    """The volume's size in bytes, fixed when it was made."""
+    created_at: float
+
+
+@dataclass(frozen=True)
 class UsageTotals:
     requests: int
     prompt_tokens: int

@@ -36,7 +36,7 @@ from manager.domain import (
     check_bounds,
     unknown_fields,
 )
-from manager.errors import AdmissionRefused, Conflict, InvalidInput
+from manager.errors import AdmissionRefused, Conflict, GtmError, InvalidInput
 from manager.gpu import Inventory, find_device
 from manager.gpu.cpu import read_meminfo
 from manager.runtime.protocol import Runtime
@@ -198,6 +198,7 @@ class TenantService:
         check_bounds(spec)
         self._check_host(spec)
         self.models.check_model_len(spec.model, spec.max_model_len)
+        self.reconciler.vault.check(spec)
         with self._admission:
             if self.store.find_tenant(spec.name):
                 raise Conflict(f"tenant {spec.name!r} already exists; use update-tenant to change it")
@@ -264,6 +265,7 @@ class TenantService:
                 new = self.models.with_parsers(new)
             check_bounds(new)
             self._check_host(new)
+            self.reconciler.vault.check(new, row.spec)
             if (new.model, new.max_model_len) != (row.spec.model, row.spec.max_model_len):
                 self.models.check_model_len(new.model, new.max_model_len)
             devices = self.inventory.devices()
@@ -321,6 +323,21 @@ class TenantService:
                     self.store.insert_reservation(db, name, ReservationEvent.REMOVE, 0, self.clock())
                 self.store.audit(actor, "remove-tenant", name, "ok", tx=db)
         self.reconciler.enqueue(name)
+
+    def volume_status(self) -> dict[str, Any]:
+        return self.reconciler.vault.status()
+
+    def rotate_volume_keys(self, actor: str) -> tuple[str, list[str]]:
+        """Every encrypted volume's data key rewrapped under the key file's first key."""
+        with self._admission:  # no volume is made meanwhile under the old key
+            try:
+                done = self.reconciler.vault.rotate()
+            except GtmError as exc:
+                self.store.audit(actor, "rotate-volume-key", None, "refused", {"reason": exc.message})
+                raise
+            kek = self.reconciler.vault.keyring.current_id()
+            self.store.audit(actor, "rotate-volume-key", None, "ok", {"kek_id": kek, "rewrapped": done})
+        return kek, done
 
     def rotate_key(self, name: str, actor: str, grace_s: float, member: str | None = None) -> keys.IssuedKey:
         """A new key for a member, by default the tenant's first member (see ``MemberService``)."""

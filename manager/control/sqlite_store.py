@@ -30,6 +30,7 @@ from manager.control.records import (
     SleepState,
     TenantRow,
     UsageTotals,
+    VolumeKeyRow,
 )
 from manager.control.store import Tx
 from manager.domain import QUOTA_FIELDS, TENANT_FIELDS, Quotas, TenantSpec, TenantStatus, can_transition
@@ -261,6 +262,19 @@ ORDER BY a.id""",
     [  # 17: each member's weight in its tenant's fair queue (members from before weigh 1)
         "ALTER TABLE members ADD COLUMN weight REAL NOT NULL DEFAULT 1",
     ],
+    [  # 18: encrypted volumes (manager.control.vault): a tenant's volume kind and size, and the data
+        # key of each encrypted volume, wrapped under the host's key-encryption key
+        "ALTER TABLE tenants ADD COLUMN volume TEXT NOT NULL DEFAULT 'plain'",
+        "ALTER TABLE tenants ADD COLUMN volume_size INTEGER",
+        """CREATE TABLE IF NOT EXISTS volume_keys (
+    tenant TEXT PRIMARY KEY,
+    volume_id TEXT NOT NULL,
+    kek_id TEXT NOT NULL,
+    wrapped BLOB NOT NULL,
+    size INTEGER NOT NULL,
+    created_at REAL NOT NULL
+)""",
+    ],
 ]
 """The manager database's schema, step by step (see manager.migrations); append only."""
 
@@ -292,6 +306,12 @@ def _tenant(row: sqlite3.Row) -> TenantRow:
         row["gateway_token"],
         row["device"],
         sleep,
+    )
+
+
+def _volume_key(row: sqlite3.Row) -> VolumeKeyRow:
+    return VolumeKeyRow(
+        row["tenant"], row["volume_id"], row["kek_id"], bytes(row["wrapped"]), row["size"], row["created_at"]
     )
 
 
@@ -569,6 +589,37 @@ class SqliteStore:
             db.execute("DELETE FROM tenants WHERE name=?", (name,))
             db.execute("DELETE FROM usage_cursors WHERE tenant=?", (name,))
             db.execute("DELETE FROM engine_failures WHERE tenant=?", (name,))
+
+    # ---------------------------------------------------------------- encrypted volumes' keys
+    def volume_key(self, tenant: str) -> VolumeKeyRow | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM volume_keys WHERE tenant=?", (tenant,)).fetchone()
+        return _volume_key(row) if row else None
+
+    def volume_keys(self) -> list[VolumeKeyRow]:
+        with self._lock:
+            return [_volume_key(r) for r in self._db.execute("SELECT * FROM volume_keys ORDER BY tenant")]
+
+    def put_volume_key(self, key: VolumeKeyRow) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO volume_keys (tenant, volume_id, kek_id, wrapped, size, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (tenant) DO UPDATE SET volume_id=excluded.volume_id, "
+                "kek_id=excluded.kek_id, wrapped=excluded.wrapped, size=excluded.size, created_at=excluded.created_at",
+                (key.tenant, key.volume_id, key.kek_id, key.wrapped, key.size, key.created_at),
+            )
+
+    def delete_volume_key(self, tenant: str) -> None:
+        """Deletes a wrapped key for good: its bytes are overwritten in the database file
+        (``secure_delete``) and the write-ahead log that held them is checkpointed and truncated."""
+        with self._lock:
+            self._db.execute("PRAGMA secure_delete=ON")
+            try:
+                with self._tx() as db:
+                    db.execute("DELETE FROM volume_keys WHERE tenant=?", (tenant,))
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                self._db.execute("PRAGMA secure_delete=OFF")
 
     # ---------------------------------------------------------------- engine failures (backoff)
     def engine_failure(self, tenant: str) -> EngineFailure | None:

@@ -20,6 +20,7 @@ from manager.control.records import (
     ReservationRow,
     TenantRow,
     UsageTotals,
+    VolumeKeyRow,
 )
 from manager.domain import Quotas, TenantSpec, TenantStatus
 
@@ -91,6 +92,16 @@ class TenantStore(Protocol):
 
     def record_engine_overhead(self, model: str, images: bool, overhead: int, at: float) -> None:
         """Records it (the latest start's figure replaces the one before)."""
+        ...
+
+    def volume_key(self, tenant: str) -> VolumeKeyRow | None: ...
+    def volume_keys(self) -> list[VolumeKeyRow]: ...
+    def put_volume_key(self, key: VolumeKeyRow) -> None:
+        """Inserts or replaces a tenant's wrapped data key."""
+        ...
+
+    def delete_volume_key(self, tenant: str) -> None:
+        """Deletes it so that no copy of the database file holds it."""
         ...
 
     def delete_tenant(self, name: str) -> None:
