@@ -82,8 +82,8 @@ MIN_VOLUME_SIZE = 64 * 1024**2
 def volume_kind(text: str) -> str:
     """``plain`` or ``encrypted``, as an admin writes it: ``encrypted:/data`` (or ``encrypted``),
     ``plain``. The engine's volume is /data either way."""
-    kind, _, path = str(text).strip().partition(":")
-    if kind in (PLAIN, ENCRYPTED) and path in ("", "/data"):
+    kind, colon, path = str(text).strip().partition(":")
+    if kind in (PLAIN, ENCRYPTED) and (path == "/data" or not colon):
         return kind
     raise InvalidInput(
         f"--volume is encrypted:/data (an encrypted volume) or plain (a Docker volume), got {text!r}; "

@@ -12,8 +12,13 @@ bash scripts/bootstrap-host.sh  # it says how long it took
 timed images bash scripts/build-images.sh all
 timed demo-model bash scripts/make-demo-model.sh "$GTM_MODELS_VOLUME"
 smollm2=$(bash scripts/fetch-smollm2.sh)
+files=(-f compose/docker-compose.yml)
+if [ "${GTM_ENCRYPTED_VOLUMES:-on}" != off ]; then
+  if bash scripts/volumes-host.sh; then files+=(-f compose/docker-compose.encrypted.yml)
+  else log "encrypted volumes are off on this host (the reason is above); plain volumes work as before"; fi
+fi
 log "starting the manager"
-compose -p "$GTM_COMPOSE_PROJECT" -f compose/docker-compose.yml up -d >/dev/null
+compose -p "$GTM_COMPOSE_PROJECT" "${files[@]}" up -d >/dev/null
 for _ in $(seq 60); do
   [ "$(docker inspect -f '{{.State.Health.Status}}' "$MANAGER" 2>/dev/null)" = healthy ] && break; sleep 1
 done

@@ -149,6 +149,11 @@ class Reconciler:
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> None:
         self._stop.clear()
+        problem = self.vault.problem()
+        if problem is None:
+            log.info("encrypted volumes (%s) can be made here", self.vault.volumes.mechanism)
+        else:
+            log.warning("encrypted volumes cannot be made or opened here: %s", problem)
         self._threads = [
             threading.Thread(target=self._work, name="reconcile-worker", daemon=True),
             threading.Thread(
@@ -650,6 +655,8 @@ class Reconciler:
             return
         try:
             made = self.vault.ready(row.spec, ENGINE_UID)
+            if made:
+                self._prepared.discard(row.spec.name)  # a new volume: given to the engine's user again
             self._move_plain_data(row, made)
         except GtmError as exc:
             self._set_status(row, TenantStatus.FAILED, f"encrypted volume: {exc.message}")

@@ -12,7 +12,7 @@ import itertools
 import queue
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 from manager.errors import Conflict, RuntimeUnavailable
@@ -86,6 +86,8 @@ class MemoryRuntime:
         self.started: list[str] = []  # names, in the order they were started
         self.completed: list[str] = []  # one-off containers run to completion, in order
         self._fail_next: dict[str, str] = {}
+        self.effects: dict[str, Callable[[ContainerPlan], None]] = {}
+        """One-off container name -> what running it does (a copy job's files, in a test)."""
         self.images: dict[str, str] = {}  # name -> ID; a name not set here exists as "sha256:<name>"
         self.foreign_ports: set[int] = set()  # host ports held by programs Docker does not know
         self._subscribers: list[_Events] = []
@@ -147,6 +149,11 @@ class MemoryRuntime:
         with self._lock:
             if sub in self._subscribers:
                 self._subscribers.remove(sub)
+
+    def plan_of(self, name: str) -> ContainerPlan:
+        """The plan a container was run from (its mounts, limits, ...)."""
+        with self._lock:
+            return self._containers[name].plan
 
     def fail_next(self, name: str, error: str) -> None:
         """The next ``run`` of ``name`` fails as Docker would (for example a port already taken)."""
@@ -264,6 +271,8 @@ class MemoryRuntime:
             self._check()
             error = self._fail_next.pop(plan.name, None)
             self.completed.append(plan.name)
+            if error is None and plan.name in self.effects:
+                self.effects[plan.name](plan)
             return (1, error) if error is not None else (0, "")
 
     def container_ip(self, name: str, network: str) -> str | None:

@@ -74,16 +74,33 @@ def loop_autoclear(fd: int) -> None:
 
 
 def loop_devices_of(image: Path) -> list[str]:
-    """The loop devices the image is attached to (``/sys/block/loopN/loop/backing_file``)."""
+    """The loop devices the image is attached to, matched by the backing file's device and inode
+    (``LOOP_GET_STATUS64``): the path ``backing_file`` shows depends on the mount namespace that
+    attached it."""
+    try:
+        st = os.stat(image)
+    except FileNotFoundError:
+        return []
     found = []
-    target = os.path.realpath(image)
     for entry in Path("/sys/block").glob("loop*"):
+        if not (entry / "loop" / "backing_file").exists():
+            continue  # not attached
+        dev = _loop_node(int(entry.name.removeprefix("loop")))
         try:
-            backing = (entry / "loop" / "backing_file").read_text().strip()
+            fd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             continue
-        if backing.removesuffix(" (deleted)") == target:
-            found.append(f"/dev/{entry.name}")
+        try:
+            info = bytearray(LOOP_INFO64)
+            fcntl.ioctl(fd, LOOP_GET_STATUS64, info)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+        device, inode = struct.unpack_from("<QQ", info, 0)
+        major, minor = (device >> 8) & 0xFFF, (device & 0xFF) | ((device >> 12) & 0xFFF00)
+        if inode == st.st_ino and (major, minor) == (os.major(st.st_dev), os.minor(st.st_dev)):
+            found.append(dev)
     return found
 
 

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
 from collections.abc import Callable
+from pathlib import Path
 
 from manager.contract import GatewayActivity, GatewayConfig, UsagePage, UsageRecord
+from manager.errors import EncryptionUnavailable
 
 
 class FakeGateway:
@@ -81,3 +86,70 @@ def usage_record(request_id: str, key_id: str = "k", member: str = "", **fields:
     return UsageRecord.model_validate(
         {**values, **fields, "request_id": request_id, "key_id": key_id, "member": member}
     )
+
+
+class MemoryVolumes:
+    """``EncryptedVolumes`` in a plain directory (tests only; ``tests/volumes_contract.py``): a
+    volume's data directory exists only while it is open, and only its own key opens it."""
+
+    mechanism = "memory"
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.lacks: str | None = None
+        """What ``problem`` answers."""
+        self._volumes: dict[str, tuple[bytes, str]] = {}
+        self._open: set[str] = set()
+        self._kept: dict[str, Path] = {}
+
+    def problem(self) -> str | None:
+        return self.lacks
+
+    def exists(self, name: str) -> bool:
+        return name in self._volumes
+
+    def names(self) -> list[str]:
+        return sorted(self._volumes)
+
+    def volume_id(self, name: str) -> str | None:
+        return self._volumes[name][1] if name in self._volumes else None
+
+    def data_path(self, name: str) -> Path:
+        return self.root / name / "data"
+
+    def create(self, name: str, size: int, key: bytes, volume_id: str, owner: int) -> None:
+        if name in self._volumes:
+            raise EncryptionUnavailable(f"the encrypted volume {name} exists already")
+        self._volumes[name] = (hashlib.sha256(key).digest(), volume_id)
+        self._kept[name] = self.root / f".{name}.kept"
+        self._kept[name].mkdir(parents=True)
+        if os.geteuid() == 0:
+            os.chown(self._kept[name], owner, owner)
+        self._mount(name)
+
+    def open(self, name: str, key: bytes) -> None:
+        if name not in self._volumes:
+            raise EncryptionUnavailable(f"the encrypted volume {name} has no image; it was removed")
+        if hashlib.sha256(key).digest() != self._volumes[name][0]:
+            raise EncryptionUnavailable(f"the key given for {name} does not open its volume")
+        if name not in self._open:
+            self._mount(name)
+
+    def is_open(self, name: str) -> bool:
+        return name in self._open
+
+    def close(self, name: str) -> None:
+        if name in self._open:
+            self.data_path(name).rename(self._kept[name])
+            self._open.discard(name)
+
+    def erase(self, name: str, key: bytes | None) -> None:
+        self.close(name)
+        if name in self._volumes:
+            shutil.rmtree(self._kept.pop(name))
+            del self._volumes[name]
+
+    def _mount(self, name: str) -> None:
+        self.data_path(name).parent.mkdir(parents=True, exist_ok=True)
+        self._kept[name].rename(self.data_path(name))
+        self._open.add(name)

@@ -6,7 +6,7 @@ from manager import names
 from manager.control.enginefit import EngineFit, Terms, fit
 from manager.control.modelfit import ModelFootprint
 from manager.control.parsers import EngineParsers
-from manager.control.plan import TenantPlan, engine_args, identity, prepare_plan
+from manager.control.plan import TenantPlan, engine_args, identity, move_plan, prepare_plan
 from manager.control.plan import tenant_plan as plan_with
 from manager.domain import TenantSpec
 from manager.errors import InvalidInput
@@ -268,3 +268,24 @@ def test_engines_share_the_cpus_by_reservation_or_by_the_admins_weight(settings:
     assert container_kwargs(default)["cpu_shares"] == 1536 and container_kwargs(bigger)["cpu_shares"] == 10240
     assert container_kwargs(chosen)["cpu_shares"] == 3000
     assert spec(cpu_weight=3000).engine_hash() != spec().engine_hash() == spec(cpu_weight=None).engine_hash()
+
+
+def test_an_encrypted_tenants_engine_binds_its_volumes_data_and_has_no_docker_volume(settings: Settings) -> None:
+    plan = tenant_plan(spec(volume="encrypted"), settings, device_total=24 * G)
+    mounts = {m.target: (m.source, m.kind) for m in plan.engine.mounts}
+    source = str(settings.volumes_dir / settings.instance / "companya" / "data")
+    assert mounts["/data"] == (source, "bind") and plan.volume is None
+    assert container_kwargs(plan.engine)["mounts"][0]["Type"] == "bind"
+    prep = prepare_plan(spec(volume="encrypted"), settings)
+    assert [(m.source, m.target) for m in prep.mounts] == [(source, "/data")]
+    assert plan.engine.cap_drop == ["ALL"] and plan.engine.read_only  # as hardened as a plain tenant's
+
+
+def test_the_copy_into_an_encrypted_volume_reads_the_docker_volume_and_marks_the_end(settings: Settings) -> None:
+    job = move_plan(spec(volume="encrypted"), settings, ".moved")
+    mounts = {m.target: (m.source, m.read_only) for m in job.mounts}
+    assert mounts["/from"] == ("gtm-t-companya-data", True) and mounts["/to"][0].endswith("/companya/data")
+    assert job.network == "none" and job.user == "0:0" and job.cap_drop == ["ALL"]
+    assert job.entrypoint[-1].startswith("cp -a /from/. /to/ && ") and job.entrypoint[-1].endswith(
+        "touch /to/.moved && sync"
+    )
