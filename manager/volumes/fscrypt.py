@@ -42,10 +42,12 @@ class FscryptVolumes:
 
     mechanism = "fscrypt"
 
-    def __init__(self, root: Path, in_container: bool | None = None) -> None:
+    def __init__(self, root: Path, require_shared: bool = True) -> None:
         self.root = root
         """``GTM_VOLUMES_DIR/<instance>``: volumes are named by their tenant."""
-        self.in_container = Path("/.dockerenv").exists() if in_container is None else in_container
+        self.require_shared = require_shared
+        """The volumes directory must be a shared mount (False: only where nothing but this
+        process uses the volumes, as the protocol's own tests)."""
 
     # ---------------------------------------------------------------- paths
     def image(self, name: str) -> Path:
@@ -86,11 +88,12 @@ class FscryptVolumes:
             return "mkfs.ext4 is missing (Debian's e2fsprogs)"
         if not self.root.parent.is_dir():
             return f"the volumes directory {self.root.parent} does not exist (GTM_VOLUMES_DIR; scripts/up.sh makes it)"
-        if self.in_container and "shared:" not in kernel.propagation_of(self.root.parent):
+        if self.require_shared and "shared:" not in kernel.propagation_of(self.root.parent):
             return (
-                f"{self.root.parent} is not a shared mount in the manager's container, so a volume it opens would not "
-                "reach the engines: bind it with propagation rshared, on a host where it is a shared mount "
-                "(scripts/up.sh makes it one: mount --bind DIR DIR && mount --make-shared DIR)"
+                f"{self.root.parent} is not a shared mount, so a volume the manager opens might not reach Docker "
+                "and the engines: make it one on the host (scripts/volumes-host.sh: mount --bind DIR DIR && "
+                "mount --make-shared DIR) and bind it into the manager's container with propagation rshared "
+                "(compose/docker-compose.encrypted.yml)"
             )
         try:
             with open(kernel.LOOP_CONTROL, "rb"):

@@ -7,6 +7,7 @@ with ``gtmt`` so leftovers of an aborted earlier session are found and removed t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import socket
@@ -24,6 +25,7 @@ import uvicorn
 
 from manager import names
 from manager.settings import Settings
+from manager.volumes.fscrypt import FscryptVolumes
 from manager.wiring import create_app
 
 pytestmark = pytest.mark.integration
@@ -54,6 +56,25 @@ def remove_instance(client: docker.DockerClient, match: Callable[[str], bool]) -
         # removed by a cleanup while a container started): found by its instance's name prefix
         if ours(v.attrs.get("Labels")) or (not v.attrs.get("Labels") and match((v.name or "").split("-")[0])):
             v.remove(force=True)
+    erase_encrypted_volumes(match)
+
+
+VOLUMES_DIR = Path("/var/lib/gpu-tenant-manager/volumes")
+"""GTM_VOLUMES_DIR's default: up.sh's manager (test_stack) keeps its instance's volumes there."""
+
+
+def erase_encrypted_volumes(match: Callable[[str], bool], root: Path = VOLUMES_DIR) -> None:
+    """Encrypted volumes of the matching instances, closed and erased (images, mounts, loop
+    devices), after their containers are gone."""
+    if not root.is_dir():
+        return
+    for folder in root.iterdir():
+        if folder.is_dir() and match(folder.name):
+            volumes = FscryptVolumes(folder, require_shared=False)
+            for name in volumes.names():
+                volumes.erase(name, None)
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 @pytest.fixture(scope="session")

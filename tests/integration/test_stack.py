@@ -51,6 +51,8 @@ from .conftest import TEST_PREFIX, free_port, remove_instance, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 VISION = "demo-vl"
+VOLUMES_DIR = Path("/var/lib/gpu-tenant-manager/volumes")
+"""Where up.sh's manager keeps encrypted volumes (GTM_VOLUMES_DIR's default)."""
 QUESTION = "What is in this image?"
 KEY_LINE = re.compile(r"^API key \(shown once, store it now\): (gtm_\S+)$", re.M)
 
@@ -150,7 +152,7 @@ def demo_tenants(env: dict[str, str]) -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def stack(docker_client: docker.DockerClient) -> Iterator[Stack]:
+def stack(docker_client: docker.DockerClient, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     instance = TEST_PREFIX + secrets.token_hex(4)
     env = {
         **os.environ,
@@ -164,6 +166,7 @@ def stack(docker_client: docker.DockerClient) -> Iterator[Stack]:
         "GTM_DEMO_PORT": str(free_port()),
         "GTM_DEMO_VL_PORT": str(free_port()),
         "GTM_TENANT_BIND_ADDRESS": "127.0.0.1",
+        "GTM_VOLUME_KEY_FILE_HOST": str(tmp_path_factory.mktemp("keys") / "volume-keys"),
     }
     try:
         first = up(env)
@@ -269,6 +272,8 @@ def test_docker_exec_add_tenant_in_the_stack(stack: Stack) -> None:
         (["--model", "llama-70b"], "available: demo"),
         (["--tool-call-parser", "auto"], "--tool-call-parser auto found no tool parser for model 'demo'"),
         (["--reasoning-parser", "r1"], "unknown --reasoning-parser 'r1': the engine's reasoning parsers are"),
+        (["--volume", "encrypted:/srv"], "--volume is encrypted:/data (an encrypted volume) or plain"),
+        (["--volume", "encrypted", "--volume-size", "100T"], "No space left on device for the encrypted volume"),
     ):
         refused = dexec(manager, "add-tenant", "--name", "companya", "--gpu-memory", "1536M", "--port", "30301", *wrong)
         assert refused.returncode != 0 and says in refused.stderr, refused.stderr
@@ -329,7 +334,7 @@ def test_docker_exec_add_tenant_in_the_stack(stack: Stack) -> None:
 
     added = dexec(
         manager, "add-tenant", "--name", "companya", "--gpu-memory", "1536M", "--port", "30301", "--model", "democopy",
-        "--cpu-weight", "3000", "--max-num-seqs", "2",
+        "--cpu-weight", "3000", "--max-num-seqs", "2", "--volume", "encrypted:/data", "--volume-size", "256M",
     )  # fmt: skip
     assert added.returncode == 0, added.stderr
     (first_key,) = KEY_LINE.findall(added.stdout)
@@ -354,7 +359,8 @@ def test_docker_exec_add_tenant_in_the_stack(stack: Stack) -> None:
 
     table = dexec(manager, "manager", "list-tenants")
     assert table.stdout.splitlines()[0].split()[:3] == ["NAME", "PORT", "MODEL"]
-    assert "running" in table.stdout
+    assert "running" in table.stdout and "volume=encrypted:/data" in table.stdout
+    encrypted_at_rest(stack, "companya")
 
     # members, as an admin types them: each command in the container, also as `manager <command>`
     alice = dexec(manager, "add-member", "--tenant", "companya", "--name", "alice", "--tokens-per-day", "5000")
@@ -385,11 +391,31 @@ def test_docker_exec_add_tenant_in_the_stack(stack: Stack) -> None:
         60,
         "companya's engine to be removed",
     )
+    volume = VOLUMES_DIR / instance / "companya"
+    assert not volume.exists() and not volume.with_suffix(".img").exists(), "crypto-erased with the tenant"
+    assert str(volume) not in Path("/proc/self/mountinfo").read_text()
     gone = dexec(manager, "remove-model", "democopy")  # no tenant uses it any more
     assert gone.returncode == 0 and "democopy removed" in gone.stdout, gone.stderr
     left = {m["name"] for m in json.loads(dexec(manager, "list-models", "--json").stdout)}
     assert left == {"demo", VISION, "smollm2"}
     assert tenant_names() == {"demo", VISION}
+
+
+def encrypted_at_rest(stack: Stack, tenant: str) -> None:
+    """The manager (in its container) made and opened the tenant's encrypted volume, Docker bound
+    it into the engine, and what the engine writes to /data reaches the disk only encrypted."""
+    engine = stack.docker.containers.get(names.engine(stack.instance, tenant))
+    marker = "PLAINTEXT-" + secrets.token_hex(8)
+    wrote = engine.exec_run(["python3", "-c", f"open('/data/known.txt', 'w').write('{marker}\\n' * 1000)"])
+    assert wrote.exit_code == 0, wrote.output
+    data = VOLUMES_DIR / stack.instance / tenant / "data"
+    assert (data / "known.txt").read_text().startswith(marker), "the host sees the engine's /data there"
+    assert (data / ".owner").exists() and data.stat().st_uid == 1000
+    os.sync()
+    image = (VOLUMES_DIR / stack.instance / f"{tenant}.img").read_bytes()
+    assert len(image) == 256 * 1024**2 and marker.encode() not in image and b"known.txt" not in image
+    capacity = dexec(stack.manager, "capacity").stdout
+    assert "encrypted volumes (fscrypt): 1 made" in capacity, capacity
 
 
 def quiet_goes_before_a_flood(stack: Stack, port: int, flood_key: str, quiet_key: str) -> None:
