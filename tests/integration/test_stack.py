@@ -410,7 +410,7 @@ def encrypted_at_rest(stack: Stack, tenant: str) -> None:
     assert wrote.exit_code == 0, wrote.output
     data = VOLUMES_DIR / stack.instance / tenant / "data"
     assert (data / "known.txt").read_text().startswith(marker), "the host sees the engine's /data there"
-    assert (data / ".owner").exists() and data.stat().st_uid == 1000
+    assert data.stat().st_uid == 1000 and (data / "known.txt").stat().st_uid == 1000
     os.sync()
     image = (VOLUMES_DIR / stack.instance / f"{tenant}.img").read_bytes()
     assert len(image) == 256 * 1024**2 and marker.encode() not in image and b"known.txt" not in image

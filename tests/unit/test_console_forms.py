@@ -138,3 +138,20 @@ def test_members_are_added_and_limited_with_post_redirect_get(base_url: str) -> 
         refused = console.post("/tenants/team-prg/members/carol/update", data={**limits, "rpm_limit": "-5"})
         assert refused.status_code == 422 and "rpm limit" in refused.text.lower()
         other.close()
+
+
+def test_the_tenant_page_shows_its_volume_and_a_host_that_cannot_encrypt_says_why(base_url: str) -> None:
+    add_tenant(base_url, "vault-me", 30611)
+    console = _signed_in(base_url)
+    with contextlib.closing(console):
+        page = console.get("/tenants/vault-me").text
+        assert re.search(r'data-testid="volume">plain Docker volume<', page)
+        form = _form_of(page, "/tenants/vault-me/update")
+        assert form["volume"] == "plain"
+        refused = console.post("/tenants/vault-me/update", data={**form, "volume": "encrypted:/data"})
+        assert refused.status_code == 409, refused.text
+        assert (
+            "cannot have an encrypted volume on this host" in refused.text and 'value="encrypted:/data"' in refused.text
+        )
+        wrong = console.post("/tenants/vault-me/update", data={**form, "volume": "encrypted:/srv"})
+        assert wrong.status_code == 422 and "the engine&#39;s volume is /data either way" in wrong.text
