@@ -141,7 +141,7 @@ def test_members_are_added_and_limited_with_post_redirect_get(base_url: str) -> 
 
 
 def test_the_tenant_page_shows_its_volume_and_a_host_that_cannot_encrypt_says_why(base_url: str) -> None:
-    add_tenant(base_url, "vault-me", 30611)
+    add_tenant(base_url, "vault-me", 30641)
     console = _signed_in(base_url)
     with contextlib.closing(console):
         page = console.get("/tenants/vault-me").text
