@@ -48,15 +48,19 @@
 #                                  tenant's network, alternating the tenant's gateway and the
 #                                  engine directly: requests/s and time per output token of chat
 #                                  streams, CONCURRENCY at once (default 8)
-#   scripts/bench.sh --encrypted-volumes [MIB]
-#                                  an encrypted volume's create and open times, and MIB (default
+#   scripts/bench.sh --encrypted-volumes [MIB] [STARTS]
+#                                  an encrypted volume's create and open times, MIB (default
 #                                  512) written and read in the host's disk, a plain ext4 loop
-#                                  image and an encrypted volume (root, ext4 encryption)
+#                                  image and an encrypted volume, and STARTS (default 2) engine
+#                                  starts of a plain and an encrypted tenant (root, ext4 encryption)
 source "$(dirname "$0")/lib.sh"
 cd "$GTM_ROOT"
 bash scripts/dev-env.sh >/dev/null
 if [ "${1:-}" = "--encrypted-volumes" ]; then
-  exec .venv/bin/python -m bench.encrypted_volumes --file-mib "${2:-512}"
+  bash scripts/build-images.sh all >/dev/null
+  bash scripts/make-demo-model.sh "$GTM_CACHE/models" >/dev/null
+  exec .venv/bin/python -m bench.encrypted_volumes --file-mib "${2:-512}" --engine-starts "${3:-2}" \
+    --models "$GTM_CACHE/models"
 fi
 if [ "${1:-}" = "--cpu-shares" ]; then
   bash scripts/build-images.sh all >/dev/null

@@ -75,9 +75,14 @@ class FscryptVolumes:
     def problem(self) -> str | None:
         """Why this host cannot hold encrypted volumes, naming what it lacks; None: it can."""
         if not kernel.ext4_encryption():
+            luks = (
+                " (it has device-mapper, but LUKS2 volumes are not built into the manager)"
+                if Path("/dev/mapper/control").exists()
+                else ""
+            )
             return (
                 "this kernel's ext4 cannot encrypt (no /sys/fs/ext4/features/encryption: CONFIG_FS_ENCRYPTION "
-                "is off); use a kernel with it"
+                f"is off){luks}; use a kernel with it"
             )
         if not Path(kernel.LOOP_CONTROL).exists():
             return (
