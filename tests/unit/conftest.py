@@ -79,6 +79,9 @@ def manager_serving(root: Path, instance: str, runtime: Runtime) -> Iterator[str
         api_port=port,
         admin_token=TOKEN,
         reconcile_interval_s=3600,
+        # never the host's own: a unit test makes no encrypted volume (this host "cannot")
+        volumes_dir=root / "no-volumes",
+        volume_key_file=None,
     )
     with serving(create_app(config, runtime=runtime), port):
         yield f"http://127.0.0.1:{port}"
@@ -94,7 +97,14 @@ def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture
 def svc(tmp_path: Path) -> Iterator[TenantService]:
     write_demo_model(tmp_path / "models")
-    settings = Settings(gpu_mode="cpu", instance="gtmu", state_dir=tmp_path, models_dir=tmp_path / "models")
+    settings = Settings(
+        gpu_mode="cpu",
+        instance="gtmu",
+        state_dir=tmp_path,
+        models_dir=tmp_path / "models",
+        volumes_dir=tmp_path / "no-volumes",
+        volume_key_file=None,
+    )
     store, runtime, inventory = SqliteStore(tmp_path / "m.db"), MemoryRuntime(), HostMemoryInventory()
     reconciler = Reconciler(settings, store, runtime, inventory, connect=FakeGateway())
     yield TenantService(settings, store, runtime, inventory, reconciler)
