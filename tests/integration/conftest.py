@@ -11,6 +11,7 @@ import contextlib
 import os
 import secrets
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +27,7 @@ import uvicorn
 from manager import names
 from manager.settings import Settings
 from manager.volumes.fscrypt import FscryptVolumes
+from manager.volumes.keyring import new_kek_line
 from manager.wiring import create_app
 
 pytestmark = pytest.mark.integration
@@ -61,6 +63,28 @@ def remove_instance(client: docker.DockerClient, match: Callable[[str], bool]) -
 
 VOLUMES_DIR = Path("/var/lib/gpu-tenant-manager/volumes")
 """GTM_VOLUMES_DIR's default: up.sh's manager (test_stack) keeps its instance's volumes there."""
+
+
+def shared_mount(folder: Path) -> None:
+    """What scripts/volumes-host.sh does to GTM_VOLUMES_DIR on a host whose / is a private mount."""
+    subprocess.run(["mount", "--bind", str(folder), str(folder)], check=True)
+    subprocess.run(["mount", "--make-shared", str(folder)], check=True)
+
+
+@pytest.fixture
+def encrypted_volumes(instance: str, tmp_path: Path, docker_client: docker.DockerClient) -> Iterator[dict[str, Any]]:
+    """Settings for a manager that can make encrypted volumes: a shared volumes directory and a
+    key file of this test's own; every volume erased and the directory unmounted afterwards."""
+    folder, key_file = tmp_path / "volumes", tmp_path / "volume-keys"
+    folder.mkdir()
+    key_file.write_text(new_kek_line() + "\n")
+    shared_mount(folder)
+    try:
+        yield {"volumes_dir": folder, "volume_key_file": key_file, "volume_size": 256 * 1024**2}
+    finally:
+        remove_instance(docker_client, lambda i: i == instance)  # its engines first: they hold the volumes
+        erase_encrypted_volumes(lambda i: i == instance, folder)
+        subprocess.run(["umount", str(folder)], check=False)
 
 
 def erase_encrypted_volumes(match: Callable[[str], bool], root: Path = VOLUMES_DIR) -> None:

@@ -1,6 +1,7 @@
 """dockerd stopped for 8 s while the manager runs, then started: the API says the container
 runtime is unavailable meanwhile, gateways come back by themselves (the data plane), engines come
-back through the reconciler one at a time, and nothing is duplicated.
+back through the reconciler one at a time, and nothing is duplicated. An encrypted tenant's
+volume, closed meanwhile as a reboot leaves it, is opened again before its engine starts.
 
 Runs only where the suite's own bootstrap started dockerd (never against a
 systemd-managed daemon that other work may depend on)."""
@@ -13,11 +14,13 @@ from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import docker
 import pytest
 
 from manager import names
+from manager.volumes.fscrypt import FscryptVolumes
 
 from .conftest import start_manager, wait_for, wait_status
 
@@ -47,16 +50,25 @@ def restart_dockerd(
 @pytest.mark.slow
 @pytest.mark.skipif(not MARKER.exists(), reason="dockerd was not started by scripts/bootstrap-host.sh")
 def test_dockerd_restart_brings_tenants_back_without_duplicates(
-    manager_settings, docker_client: docker.DockerClient, instance: str
+    manager_settings, docker_client: docker.DockerClient, instance: str, encrypted_volumes: dict[str, Any]
 ) -> None:
-    mgr = start_manager(manager_settings(reconcile_interval_s=2.0))
+    """Also a reboot's path for an encrypted tenant (two): while dockerd is down its volume is
+    closed as a reboot leaves it (no mount, no loop device, no key in the kernel); the manager
+    opens it again before its engine starts, and what the engine wrote is there."""
+    mgr = start_manager(manager_settings(reconcile_interval_s=2.0, **encrypted_volumes))
+    volumes = FscryptVolumes(encrypted_volumes["volumes_dir"] / instance)
     try:
         api = mgr.client()
         for i, name in enumerate(("one", "two")):
-            r = api.post("/api/v1/tenants", json={"name": name, "gpu_memory": "1536M", "port": 30601 + i})
+            body = {"name": name, "gpu_memory": "1536M", "port": 30601 + i, "volume": "encrypted" if i else "plain"}
+            r = api.post("/api/v1/tenants", json=body)
             assert r.status_code == 201, r.text
         for name in ("one", "two"):
             wait_status(api, name, "running")
+        wrote = docker_client.containers.get(names.engine(instance, "two")).exec_run(
+            ["python3", "-c", "open('/data/kept.txt', 'w').write('before the reboot')"]
+        )
+        assert wrote.exit_code == 0, wrote.output
 
         def api_says_runtime_unavailable() -> None:
             for path in ("/api/v1/tenants", "/api/v1/capacity"):
@@ -66,6 +78,8 @@ def test_dockerd_restart_brings_tenants_back_without_duplicates(
                 assert error["code"] == "runtime_unavailable"
                 assert error["message"].startswith("container runtime unavailable"), error
             assert api.get("/healthz").status_code == 200  # the manager itself lives on
+            volumes.close("two")  # as a reboot leaves it
+            assert not volumes.is_open("two") and not volumes.data_path("two").exists()
 
         restart_dockerd(docker_client, down_s=8.0, while_down=api_says_runtime_unavailable)
         started = time.time()
@@ -99,5 +113,6 @@ def test_dockerd_restart_brings_tenants_back_without_duplicates(
         )
         assert starts[1] - starts[0] >= 10, starts
         assert time.time() - started < 300
+        assert volumes.is_open("two") and (volumes.data_path("two") / "kept.txt").read_text() == "before the reboot"
     finally:
         mgr.stop()

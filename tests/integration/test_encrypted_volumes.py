@@ -34,7 +34,7 @@ from manager.volumes.fscrypt import FscryptVolumes
 from manager.volumes.keyring import new_kek_line
 from tests.volumes_contract import VolumesContract
 
-from .conftest import MANAGER_IMAGE, erase_encrypted_volumes, settings_for
+from .conftest import MANAGER_IMAGE, erase_encrypted_volumes, settings_for, shared_mount
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not kernel.ext4_encryption() or not Path(kernel.LOOP_CONTROL).exists(),
@@ -87,12 +87,6 @@ class World:
             user=f"{ENGINE_UID}:{ENGINE_UID}",
         )
         return self.runtime.run_to_completion(plan, 60)
-
-
-def shared_mount(folder: Path) -> None:
-    """What scripts/volumes-host.sh does to GTM_VOLUMES_DIR on a host whose / is a private mount."""
-    subprocess.run(["mount", "--bind", str(folder), str(folder)], check=True)
-    subprocess.run(["mount", "--make-shared", str(folder)], check=True)
 
 
 @pytest.fixture
