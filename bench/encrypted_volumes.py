@@ -115,7 +115,7 @@ def engine_starts(models: Path, rounds: int) -> None:
         stop_manager(server, client, instance)
         volumes = FscryptVolumes(root / "volumes" / instance)
         for name in volumes.names():
-            volumes.erase(name, None)
+            volumes.erase(name)
         subprocess.run(["umount", str(root / "volumes")], check=False)
         shutil.rmtree(root, ignore_errors=True)
 
@@ -168,7 +168,7 @@ def main() -> None:
             print(f"  {name:45s} write {w:7.1f} ({w / base_w:4.2f}x)  read {r:7.1f} ({r / base_r:4.2f}x)")
     finally:
         for name in volumes.names():
-            volumes.erase(name, None)
+            volumes.erase(name)
         if kernel.mount_of(root / "plain") is not None:
             kernel.unmount(root / "plain")
         shutil.rmtree(root, ignore_errors=True)

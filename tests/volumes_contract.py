@@ -49,8 +49,8 @@ class VolumesContract:
 
     def test_erase_leaves_nothing_and_is_idempotent(self, volumes: EncryptedVolumes) -> None:
         volumes.create("t4", SIZE, os.urandom(64), str(uuid.uuid4()), OWNER)
-        volumes.erase("t4", None)
-        volumes.erase("t4", None)
+        volumes.erase("t4")
+        volumes.erase("t4")
         assert not volumes.exists("t4") and "t4" not in volumes.names()
         assert not volumes.data_path("t4").exists() and volumes.volume_id("t4") is None
         with pytest.raises(EncryptionUnavailable, match="no image"):

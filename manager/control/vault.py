@@ -123,14 +123,14 @@ class Vault:
         if problem is not None:
             raise EncryptionUnavailable(f"cannot make the encrypted volume of {name}: {problem}")
         if self.volumes.exists(name):  # an image whose key was never kept: made by a create cut short
-            self.volumes.erase(name, None)
+            self.volumes.erase(name)
         key, volume_id, size = new_data_key(), str(uuid.uuid4()), self.size(spec)
         wrapped = self.keyring.wrap(key, self._binding(name, volume_id))
         self.volumes.create(name, size, key, volume_id, owner)
         try:
             self.store.put_volume_key(VolumeKeyRow(name, volume_id, wrapped.kek_id, wrapped.blob, size, self.clock()))
         except BaseException:
-            self.volumes.erase(name, None)
+            self.volumes.erase(name)
             raise
         log.info("made the encrypted volume of %s (%s)", name, format_size(size))
         return True
@@ -143,7 +143,7 @@ class Vault:
         """Crypto-erase: the key out of the kernel, the mount, the loop device and the image
         gone, then the wrapped key deleted for good. Idempotent."""
         if self.volumes.exists(tenant):
-            self.volumes.erase(tenant, None)
+            self.volumes.erase(tenant)
             log.info("erased the encrypted volume of %s", tenant)
         if self.store.volume_key(tenant) is not None:
             self.store.delete_volume_key(tenant)

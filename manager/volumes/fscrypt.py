@@ -129,7 +129,7 @@ class FscryptVolumes:
             os.chown(data, owner, owner)
         except BaseException:
             with contextlib.suppress(Exception):
-                self.erase(name, None)
+                self.erase(name)
             raise
 
     def open(self, name: str, key: bytes) -> None:
@@ -191,10 +191,9 @@ class FscryptVolumes:
         for dev in kernel.loop_devices_of(self.image(name)):
             kernel.loop_detach(dev)
 
-    def erase(self, name: str, key: bytes | None) -> None:
-        """Crypto-erase: the key out of the kernel, then the mount, the loop device and the
-        image. ``key`` is not needed (the identifier is read from the volume)."""
-        del key
+    def erase(self, name: str) -> None:
+        """Crypto-erase: the key out of the kernel (its identifier is read from the volume), then
+        the mount, the loop device and the image."""
         self.close(name)
         self.image(name).unlink(missing_ok=True)
         with contextlib.suppress(FileNotFoundError):

@@ -37,6 +37,6 @@ class EncryptedVolumes(Protocol):
         """The key out of the kernel, then unmounted: ciphertext until the next open."""
         ...
 
-    def erase(self, name: str, key: bytes | None) -> None:
+    def erase(self, name: str) -> None:
         """Crypto-erase: closed, then the image removed."""
         ...

@@ -96,7 +96,7 @@ def erase_encrypted_volumes(match: Callable[[str], bool], root: Path = VOLUMES_D
         if folder.is_dir() and match(folder.name):
             volumes = FscryptVolumes(folder, require_shared=False)
             for name in volumes.names():
-                volumes.erase(name, None)
+                volumes.erase(name)
             with contextlib.suppress(OSError):
                 folder.rmdir()
 

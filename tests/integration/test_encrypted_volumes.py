@@ -49,7 +49,7 @@ class TestFscryptVolumes(VolumesContract):
         volumes = FscryptVolumes(tmp_path / "volumes", require_shared=False)
         yield volumes
         for name in volumes.names():
-            volumes.erase(name, None)
+            volumes.erase(name)
 
 
 class World:

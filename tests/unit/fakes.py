@@ -143,7 +143,7 @@ class MemoryVolumes:
             self.data_path(name).rename(self._kept[name])
             self._open.discard(name)
 
-    def erase(self, name: str, key: bytes | None) -> None:
+    def erase(self, name: str) -> None:
         self.close(name)
         if name in self._volumes:
             shutil.rmtree(self._kept.pop(name))
