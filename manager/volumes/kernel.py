@@ -17,6 +17,7 @@ import fcntl
 import os
 import stat
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 # ---------------------------------------------------------------- loop devices
@@ -120,7 +121,6 @@ def loop_detach(dev: str) -> None:
 # ---------------------------------------------------------------- mounts
 MS_NOSUID = 2
 MS_NODEV = 4
-MNT_DETACH = 2
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 
@@ -139,30 +139,35 @@ def unmount(target: Path) -> None:
         raise OSError(code, f"umount {target}: {os.strerror(code)}")
 
 
-def mount_of(target: Path) -> tuple[str, str] | None:
-    """The source and propagation of the mount at exactly ``target`` (the last one stacked
-    there), from /proc/self/mountinfo; None when nothing is mounted there."""
-    found = None
-    want = os.path.realpath(target)
+def _mounts() -> Iterator[tuple[str, str, str]]:
+    """Every mount of this namespace, in /proc/self/mountinfo's order: its mount point, its
+    source and its optional fields (``shared:N``, ``master:N``)."""
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
         before, _, after = line.partition(" - ")
         fields = before.split()
-        if fields[4] == want:
-            found = (after.split()[1], " ".join(fields[6:]))
+        yield fields[4], after.split()[1], " ".join(fields[6:])
+
+
+def mount_of(target: Path) -> tuple[str, str] | None:
+    """The source and propagation of the mount at exactly ``target`` (the last one stacked
+    there); None when nothing is mounted there."""
+    want = os.path.realpath(target)
+    found = None
+    for point, source, tags in _mounts():
+        if point == want:
+            found = (source, tags)
     return found
 
 
 def propagation_of(path: Path) -> str:
     """The optional fields (``shared:N``, ``master:N``) of the mount that holds ``path``."""
     want = os.path.realpath(path)
-    best, tags = "", ""
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        fields = line.partition(" - ")[0].split()
-        point = fields[4]
+    best, found = "", ""
+    for point, _, tags in _mounts():
         inside = want == point or want.startswith(point.rstrip("/") + "/")
         if inside and len(point) >= len(best):
-            best, tags = point, " ".join(fields[6:])
-    return tags
+            best, found = point, tags
+    return found
 
 
 # ---------------------------------------------------------------- fscrypt

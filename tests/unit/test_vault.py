@@ -37,6 +37,14 @@ class TestMemoryVolumes(VolumesContract):
         return MemoryVolumes(tmp_path / "volumes")
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 class World:
     def __init__(self, tmp_path: Path) -> None:
         self.key_file = tmp_path / "volume-keys"
@@ -55,8 +63,15 @@ class World:
         self.store = SqliteStore(self.db)
         self.runtime = MemoryRuntime()
         self.volumes = MemoryVolumes(tmp_path / "volumes")
+        self.clock = Clock()
         self.rec = Reconciler(
-            self.settings, self.store, self.runtime, HostMemoryInventory(), connect=FakeGateway(), volumes=self.volumes
+            self.settings,
+            self.store,
+            self.runtime,
+            HostMemoryInventory(),
+            connect=FakeGateway(),
+            clock=self.clock,
+            volumes=self.volumes,
         )
         self.svc = TenantService(self.settings, self.store, self.runtime, HostMemoryInventory(), self.rec)
         self.vault = self.rec.vault
@@ -213,6 +228,9 @@ def test_an_orphaned_volume_is_erased_after_the_grace_period(world: World) -> No
     assert "ghost" in world.rec._actual_tenants()
     world.rec.reconcile("ghost")
     assert world.volumes.exists("ghost")  # seen once: within its grace
+    world.clock.now += world.settings.orphan_grace_s + 1
+    world.rec.reconcile("ghost")
+    assert not world.volumes.exists("ghost") and world.store.volume_key("ghost") is None
 
 
 def copy_job(world: World, fail: bool = False) -> None:
