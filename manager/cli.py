@@ -377,6 +377,11 @@ def _print_capacity(out: dict[str, Any]) -> None:
             for t in ledger["tenants"]
         ]
         print(_table(rows, ["TENANT", "RESERVED", "MEASURED"]))
+    if out.get("gpu_sharing") == "mps":
+        print(
+            "GPU sharing: MPS, a control daemon per device; each engine capped at its reservation and "
+            "context, with its reservation's share of the SMs"
+        )
     enc = out.get("encrypted_volumes")
     if enc:
         print(

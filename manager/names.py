@@ -17,6 +17,8 @@ INSTANCE = LABEL_PREFIX + "instance"
 TENANT = LABEL_PREFIX + "tenant"
 ROLE = LABEL_PREFIX + "role"
 SPEC_HASH = LABEL_PREFIX + "spec-hash"
+DEVICE = LABEL_PREFIX + "device"
+"""The device (GPU or MIG instance UUID) of a resource that belongs to one, not to a tenant."""
 
 TENANT_NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}[a-z0-9]$")
 
@@ -30,6 +32,7 @@ class Role(StrEnum):
     WARMUP = "warmup"
     PREPARE = "prepare"
     CONVERT = "convert"
+    MPS = "mps"
 
 
 def _validate(name: str, what: str, why: str) -> str:
@@ -106,6 +109,12 @@ def converter(instance: str, model: str) -> str:
     """The one-off container converting a GGUF file into the model ``model`` (a valid model name
     is a valid container name suffix)."""
     return f"{instance}-convert-{model}"
+
+
+def mps_daemon(instance: str, device: str) -> str:
+    """The MPS control daemon of one device (GPU or MIG instance), named by its UUID: an old-style
+    MIG UUID's slashes become dashes."""
+    return f"{instance}-mps-" + re.sub(r"[^A-Za-z0-9_.-]", "-", device)
 
 
 def control_network(instance: str) -> str:

@@ -73,6 +73,10 @@ class Settings(BaseSettings):
     min_kv_tokens: int = 256
     engine_pids_limit: int = 512
     engine_cpus: float | None = None
+    gpu_sharing: Literal["none", "mps"] = "none"
+    """How engines on one GPU share it (nvml): none, or NVIDIA MPS, a control daemon per device and
+    each engine capped at the memory admission counted for it, with its share of the SMs
+    (``plan.mps_env``)."""
 
     reconcile_interval_s: float = 30.0
     usage_interval_s: float = 15.0
@@ -104,6 +108,12 @@ class Settings(BaseSettings):
         limit = PLATFORMS[self.gpu_mode].pids_limit if self.gpu_mode else None
         if limit is not None and "engine_pids_limit" not in self.model_fields_set:
             self.engine_pids_limit = limit
+        return self
+
+    @model_validator(mode="after")
+    def _refuse_mps_without_gpus(self) -> Settings:
+        if self.gpu_sharing == "mps" and self.gpu_mode == "cpu":
+            raise ValueError("GTM_GPU_SHARING=mps shares NVIDIA GPUs: it needs GTM_GPU_MODE=nvml")
         return self
 
     @model_validator(mode="after")

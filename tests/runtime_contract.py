@@ -10,7 +10,10 @@ from __future__ import annotations
 import socket
 import threading
 
+import pytest
+
 from manager import names
+from manager.errors import RuntimeUnavailable
 from manager.names import Role
 from manager.runtime.protocol import Runtime
 from manager.runtime.types import ContainerPlan, Mount, NetworkPlan, RuntimeEvent, VolumePlan
@@ -43,6 +46,17 @@ def one_off(name: str, image: str, code: str, labels: dict[str, str], **plan: ob
         labels=labels,
         **plan,  # type: ignore[arg-type]
     )
+
+
+JOINER_CODE = """
+import pathlib, sys, time
+for _ in range(100):
+    if pathlib.Path('/dev/shm/pipe').exists():
+        sys.exit(0)
+    time.sleep(0.1)
+sys.exit(3)
+"""
+"""Exits 0 once it sees the file its IPC donor wrote in /dev/shm."""
 
 
 class RuntimeContract:
@@ -171,6 +185,32 @@ class RuntimeContract:
         code, _ = runtime.run_to_completion(plan, timeout_s=60)
         assert code == 0
         assert runtime.container(plan.name) is None
+
+    def test_a_container_joins_the_ipc_namespace_of_a_running_shareable_one(
+        self, runtime: Runtime, instance: str, image: str
+    ) -> None:
+        """What an engine under MPS needs (``plan.mps_daemon_plan``): it joins its device daemon's
+        IPC namespace, /dev/shm included, and cannot start while that daemon is not running."""
+        labels = names.labels(instance, Role.MPS, device="GPU-contract")
+        code = "import pathlib, time; pathlib.Path('/dev/shm/pipe').write_text('daemon'); time.sleep(600)"
+        donor = one_off(f"{instance}-ipc-donor", image, code, labels, network="none", ipc_mode="shareable")
+        joiner = one_off(
+            f"{instance}-ipc-joiner",
+            image,
+            JOINER_CODE,
+            names.labels(instance, Role.PREPARE, "ipc"),
+            network="none",
+            ipc_mode=f"container:{donor.name}",
+        )
+        try:
+            with pytest.raises(RuntimeUnavailable):
+                runtime.run_to_completion(joiner, timeout_s=60)
+            assert runtime.container(joiner.name) is None
+            runtime.run(donor)
+            assert runtime.run_to_completion(joiner, timeout_s=60)[0] == 0  # it saw the donor's /dev/shm
+        finally:
+            runtime.remove_container(donor.name)
+            runtime.remove_container(joiner.name)
 
     def test_an_image_name_resolves_to_its_id(self, runtime: Runtime, image: str) -> None:
         found = runtime.image_id(image)

@@ -225,6 +225,33 @@ def vllm_start(device: SimDevice, utilization: float, engine: EngineModel, pid: 
     return kv
 
 
+def vllm_start_mps(
+    device: SimDevice, utilization: float, kv_cache: int, limit: int, engine: EngineModel, pid: int, sequences: int = 1
+) -> int:
+    """Starts an engine as an MPS client with ``--kv-cache-memory-bytes`` and a pinned device memory
+    limit (``CUDA_MPS_PINNED_DEVICE_MEM_LIMIT``): vLLM's start-up check of free memory as above,
+    then it holds its context, what it needs besides its KV cache, and that fixed KV cache; an
+    allocation past the limit fails as CUDA's out-of-memory error. Returns its KV cache bytes."""
+    if device.cuda_free < engine.context:
+        raise VllmRefused("CUDA out of memory while creating the context")
+    device.processes[pid] = engine.context
+    requested = math.ceil(device.cuda_total * utilization)
+    if device.cuda_free < requested:
+        del device.processes[pid]
+        raise VllmRefused(
+            f"Free memory on device ({device.cuda_free / GIB:.2f} GiB) is less than desired ({requested / GIB:.2f})"
+        )
+    held = engine.context + engine.non_kv(sequences) + kv_cache
+    if held > limit or held - engine.context > device.cuda_free:
+        del device.processes[pid]
+        raise VllmRefused(
+            f"CUDA error: out of memory ({held / GIB:.2f} GiB wanted; MPS limit {limit / GIB:.2f} GiB, "
+            f"{device.cuda_free / GIB:.2f} GiB free)"
+        )
+    device.processes[pid] = held
+    return kv_cache
+
+
 def vllm_start_log(kv: int) -> str:
     """The line vLLM's GPU worker logs after its profile (``determine_available_memory``), in its
     format (``format_gib``: GiB rounded to two decimals)."""

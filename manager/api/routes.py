@@ -247,6 +247,7 @@ def remove_model(name: Annotated[str, Path(max_length=100)], svc: Service, actor
 def capacity(svc: Service, _: Admin) -> CapacityPublic:
     out = CapacityPublic.of(svc.meter.capacity())
     out.encrypted_volumes = EncryptionPublic.model_validate(svc.volume_status())
+    out.gpu_sharing = svc.settings.gpu_sharing
     return out
 
 

@@ -427,6 +427,7 @@ class CapacityPublic(BaseModel):
     tenants: list[TenantCapacity]
     devices: list[DeviceCapacityPublic]
     encrypted_volumes: EncryptionPublic | None = None
+    gpu_sharing: str = Field("none", description="how engines on one GPU share it: none, or mps (GTM_GPU_SHARING)")
 
     @classmethod
     def of(cls, c: Capacity) -> CapacityPublic:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -119,6 +120,11 @@ def engine_args(
         # Qwen-VL's processor resizes every image to at most this many pixels, and vLLM profiles
         # the largest image at it: the tenant's own limit instead of the processor's 12.8-16.8 MP
         args += ["--mm-processor-kwargs", json.dumps({"max_pixels": fit.image_pixels})]
+    if settings.gpu_sharing == "mps":
+        # the KV cache in bytes, not as a share of what CUDA reports: under MPS the engine's memory
+        # is capped (mps_env), and its budget must not hang on whether CUDA reports the cap or the
+        # device as its total
+        args += ["--kv-cache-memory-bytes", str(fit.kv_cache)]
     args += ["--enable-prefix-caching" if spec.enable_prefix_caching else "--no-enable-prefix-caching"]
     if spec.trust_remote_code:
         args += ["--trust-remote-code"]
@@ -339,11 +345,86 @@ def identity(*parts: str) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-def engine_identity(spec: TenantSpec, image_id: str, gpu_uuid: str | None) -> str:
-    """The engine's ``spec-hash``: its spec, the image the tag points at, and the GPU it runs on (a
-    tenant moved with --gpu gets a new engine there). cpu mode has no GPU, so its hash is what it was."""
+def engine_identity(
+    spec: TenantSpec, image_id: str, gpu_uuid: str | None, sharing: dict[str, str] | None = None
+) -> str:
+    """The engine's ``spec-hash``: its spec, the image the tag points at, the GPU it runs on (a
+    tenant moved with --gpu gets a new engine there) and its MPS settings (``sharing``: turning MPS
+    on or off replaces it). cpu mode has no GPU, so its hash is what it was."""
     parts = [spec.engine_hash()] + ([image_id] if image_id else []) + ([gpu_uuid] if gpu_uuid else [])
+    parts += [json.dumps(sharing, sort_keys=True)] if sharing else []
     return identity(*parts) if len(parts) > 1 else parts[0]
+
+
+MPS_PIPE_DIR = "/dev/shm/nvidia-mps"  # noqa: S108 - the IPC namespace the daemon and its engines share
+"""Where the MPS control daemon and its clients meet: in /dev/shm of the daemon's IPC namespace,
+which its engines join (``ipc_mode``), so no host path or volume is shared."""
+MPS_LOG_DIR = "/tmp/nvidia-mps-log"  # noqa: S108 - in the daemon's private tmpfs
+MPS_SHM = 16384 * MIB
+"""The size of the /dev/shm that a device's daemon and engines share: a ceiling, each page charged
+to the engine that writes it (an engine under MPS cannot have /dev/shm of its own)."""
+MPS_CONTROL = 'mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY" && exec nvidia-cuda-mps-control -f'
+MPS_HEALTH = "echo get_server_list | nvidia-cuda-mps-control"
+
+
+def mps_memory_limit(spec: TenantSpec, settings: Settings) -> int:
+    """An engine's hard memory cap under MPS: what admission counted for it, its reservation and
+    the per-process overhead, in whole MiB (rounded down)."""
+    counted = spec.gpu_memory + settings.platform.process_overhead(settings.process_overhead)
+    return counted // MIB * MIB
+
+
+def mps_thread_percentage(reserved: int, device_total: int) -> int:
+    """An engine's share of the device's SMs under MPS: its reservation's share of the device's
+    memory, rounded up, 1-100. A ceiling on what its kernels may occupy, not a guarantee: shares
+    may add up to more than 100, and an idle neighbour's share is not lent out."""
+    return max(1, min(100, math.ceil(100 * reserved / device_total)))
+
+
+def mps_env(spec: TenantSpec, settings: Settings, device_total: int) -> dict[str, str]:
+    """What makes an engine an MPS client of its device's daemon (``mps_daemon_plan``)."""
+    return {
+        "CUDA_MPS_PIPE_DIRECTORY": MPS_PIPE_DIR,
+        # the engine sees one device, its ordinal 0
+        "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": f"0={mps_memory_limit(spec, settings) // MIB}M",
+        "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(mps_thread_percentage(spec.gpu_memory, device_total)),
+    }
+
+
+def mps_daemon_plan(settings: Settings, device: str) -> ContainerPlan:
+    """The MPS control daemon of one device (``GTM_GPU_SHARING=mps``): the NVIDIA runtime mounts
+    ``nvidia-cuda-mps-control`` into the engine image (the compute capability). It runs as the
+    engines' user, so one MPS server serves them all (MPS runs one user's server per device at a
+    time), in an IPC namespace its engines join, with no network. Restarting it ends every engine
+    on the device, so it is replaced only when gone or dead."""
+    inst = settings.instance
+    return ContainerPlan(
+        name=names.mps_daemon(inst, device),
+        image=settings.engine_image,
+        entrypoint=["sh", "-c", MPS_CONTROL],
+        command=[],
+        labels=names.labels(inst, Role.MPS, device=device),
+        network="none",
+        env={
+            "CUDA_MPS_PIPE_DIRECTORY": MPS_PIPE_DIR,
+            "CUDA_MPS_LOG_DIRECTORY": MPS_LOG_DIR,
+            "NVIDIA_DRIVER_CAPABILITIES": "compute,utility",
+        },
+        tmpfs={"/tmp": "rw,nosuid,nodev,size=64m"},  # noqa: S108 - a private tmpfs
+        user=f"{ENGINE_UID}:{ENGINE_UID}",
+        pids_limit=256,
+        shm_size=MPS_SHM,
+        ipc_mode="shareable",
+        gpu_device_ids=[device],
+        restart_policy="unless-stopped",
+        healthcheck={
+            "test": ["CMD-SHELL", MPS_HEALTH],
+            "interval": 5 * SECOND_NS,
+            "timeout": 4 * SECOND_NS,
+            "retries": 3,
+            "start_period": 30 * SECOND_NS,
+        },
+    )
 
 
 def gateway_plan(spec: TenantSpec, settings: Settings, gateway_token: str, image_id: str = "") -> ContainerPlan:
@@ -401,6 +482,7 @@ def tenant_plan(
     engine_image_id = ids.get(settings.engine_image, "")
     net = names.network(inst, spec.name)
     vol = names.volume(inst, spec.name)
+    mps = mps_env(spec, settings, device_total) if settings.gpu_sharing == "mps" and gpu_uuid else None
     engine = ContainerPlan(
         name=names.engine(inst, spec.name),
         image=settings.engine_image,
@@ -412,16 +494,18 @@ def tenant_plan(
             inst,
             Role.ENGINE,
             spec.name,
-            spec_hash=engine_identity(spec, engine_image_id, gpu_uuid),
+            spec_hash=engine_identity(spec, engine_image_id, gpu_uuid, mps),
         ),
         network=net,
         aliases=[names.ENGINE_ALIAS],
-        env=engine_env(settings),
+        env=engine_env(settings) | (mps or {}),
         mounts=[Mount(data_source(spec, settings), "/data"), Mount(settings.models_source, "/models", read_only=True)],
         tmpfs={"/tmp": "rw,nosuid,nodev,size=1g"},  # noqa: S108 - a private tmpfs, not a shared /tmp
         pids_limit=settings.engine_pids_limit,
         mem_limit=settings.platform.memory_limit(spec.gpu_memory, settings.engine_host_memory + fit.weights),
-        shm_size=spec.shm_size,
+        # an MPS client shares its daemon's IPC namespace, /dev/shm included (MPS_SHM)
+        shm_size=None if mps else spec.shm_size,
+        ipc_mode=f"container:{names.mps_daemon(inst, gpu_uuid)}" if mps and gpu_uuid else None,
         nano_cpus=int(settings.engine_cpus * 1e9) if settings.engine_cpus else None,
         cpu_shares=cpu_shares(spec),
         gpu_device_ids=settings.platform.devices(gpu_uuid),

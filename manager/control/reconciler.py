@@ -62,6 +62,7 @@ from manager.control.plan import (
     control_network_plan,
     docker_words,
     move_plan,
+    mps_daemon_plan,
     port_taken,
     prepare_plan,
     tenant_plan,
@@ -195,6 +196,7 @@ class Reconciler:
         """Queue every tenant that is desired or actually present (orphans are removed in their turn),
         the most recently used first: after a dockerd restart or a host boot every engine needs a
         start, they start one at a time, and the one whose clients were served last goes first."""
+        self.sweep_mps_daemons()
         desired = {row.spec.name for row in self.store.tenants()}
         last = self.store.last_used()
         for name in sorted(desired | self._actual_tenants(), key=lambda n: (-last.get(n, 0.0), n)):
@@ -607,6 +609,8 @@ class Reconciler:
             self._take_gate(row)  # no other engine starts while this cache warms
             self._set_status(row, TenantStatus.STARTING, "reading the engine image and model into the page cache")
             return POLL_STARTING_S
+        if not self._mps_ready(row):
+            return POLL_STARTING_S
         self._open_volume(row)
         self._prepare(row)
         self.runtime.run(plan)
@@ -616,6 +620,48 @@ class Reconciler:
             self._restarted[name] = f"engine restarted after it failed: {now_row.reason}"[:500]
         self._set_status(row, TenantStatus.STARTING, self._restarted.get(name, ""))
         return POLL_STARTING_S
+
+    def _mps_ready(self, row: TenantRow) -> bool:
+        """``GTM_GPU_SHARING=mps``: the control daemon of the tenant's device runs and answers
+        before an engine starts there (the engine joins its IPC namespace). False while it is
+        started, or starts; the tenant says so. One found dead is replaced."""
+        device = placed_on(row.device, self.inventory.devices())
+        if self.settings.gpu_sharing != "mps" or device is None or device.kind == "host-memory":
+            return True
+        plan = mps_daemon_plan(self.settings, device.uuid)
+        state = self.runtime.container(plan.name)
+        if state is not None and state.status in ("exited", "dead"):
+            log.warning(
+                "MPS control daemon of %s %s (exit %s); starting it again", device.uuid, state.status, state.exit_code
+            )
+            self.runtime.remove_container(plan.name)
+            state = None
+        if state is None:
+            self.runtime.run(plan)
+            self._set_status(row, TenantStatus.STARTING, f"starting the MPS control daemon of {device.uuid}")
+            return False
+        if state.status != "running" or state.health != "healthy":
+            health = state.health or state.status
+            self._set_status(
+                row, TenantStatus.STARTING, f"waiting for the MPS control daemon of {device.uuid} ({health})"
+            )
+            return False
+        return True
+
+    def sweep_mps_daemons(self) -> None:
+        """MPS control daemons of devices no tenant is placed on are removed (every one of them when
+        ``GTM_GPU_SHARING`` is not mps: the engines are replaced without MPS in their own turns)."""
+        daemons = self.runtime.containers(names.selector(self.settings.instance, role=Role.MPS.value))
+        if not daemons:
+            return
+        wanted: set[str] = set()
+        if self.settings.gpu_sharing == "mps":
+            devices = self.inventory.devices()
+            wanted = {d.uuid for row in self.store.tenants() if (d := placed_on(row.device, devices)) is not None}
+        for daemon in daemons:
+            if daemon.labels.get(names.DEVICE) not in wanted:
+                log.info("removing the MPS control daemon %s: no tenant on its device", daemon.name)
+                self.runtime.remove_container(daemon.name)
 
     def _waiting_for_sleepers(self, row: TenantRow) -> bool:
         """Overcommit: the room an engine's start or wake was given is free once the engines put to

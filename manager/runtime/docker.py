@@ -364,4 +364,6 @@ def container_kwargs(plan: ContainerPlan) -> dict[str, Any]:
         kwargs["entrypoint"] = plan.entrypoint
     if plan.working_dir is not None:
         kwargs["working_dir"] = plan.working_dir
+    if plan.ipc_mode is not None:
+        kwargs["ipc_mode"] = plan.ipc_mode
     return {k: v for k, v in kwargs.items() if v is not None}

@@ -71,6 +71,10 @@ class _Events:
         self._queue.put("closed")
 
 
+DOCKER_NETWORKS = ("none", "bridge", "host")
+"""The networks every Docker engine has."""
+
+
 class MemoryRuntime:
     def __init__(self, bind_check: bool = False) -> None:
         """``bind_check``: ``publish_error`` also tries to bind each port on this host, as Docker does
@@ -240,8 +244,9 @@ class MemoryRuntime:
                     raise RuntimeUnavailable(
                         f"starting {plan.name}: port {host_ip}:{host_port} is already allocated by {owner}"
                     )
+            self._check_ipc(plan)
             for network in [plan.network, *plan.extra_networks]:
-                if network not in self._networks:
+                if network not in self._networks and network not in DOCKER_NETWORKS:
                     raise RuntimeUnavailable(f"starting {plan.name}: network {network} not found")
             n = next(self._ids)
             state = ContainerState(
@@ -266,10 +271,20 @@ class MemoryRuntime:
             self._emit(state, "start")
             return state
 
+    def _check_ipc(self, plan: ContainerPlan) -> None:
+        """Docker starts a container that joins another's IPC namespace only while that one runs
+        and was made shareable."""
+        if plan.ipc_mode is None or not plan.ipc_mode.startswith("container:"):
+            return
+        donor = self._containers.get(plan.ipc_mode.removeprefix("container:"))
+        if donor is None or donor.state.status != "running" or donor.plan.ipc_mode != "shareable":
+            raise RuntimeUnavailable(f"starting {plan.name}: cannot join the IPC namespace of {plan.ipc_mode}")
+
     def run_to_completion(self, plan: ContainerPlan, timeout_s: float) -> tuple[int, str]:
         with self._lock:
             self._check()
             error = self._fail_next.pop(plan.name, None)
+            self._check_ipc(plan)
             self.completed.append(plan.name)
             if error is None and plan.name in self.effects:
                 self.effects[plan.name](plan)

@@ -65,6 +65,8 @@ class ContainerPlan:
     healthcheck: dict[str, object] | None = None
     entrypoint: list[str] | None = None
     working_dir: str | None = None
+    ipc_mode: str | None = None
+    """Docker's IPC mode: None is private; ``shareable`` lets ``container:<name>`` join it."""
 
 
 class Labelled:

@@ -76,7 +76,8 @@ def test_every_command_speaks_the_apis_answers(api: cli.Api, capsys: pytest.Capt
     (alice,) = [m for m in json.loads(ok("list-members", "--tenant", "lab", "--json")) if m["name"] == "alice"]
     assert (alice["quotas"]["rpm_limit"], alice["quotas"]["tokens_per_day"]) == (5, 100)
     assert "gtm_" in ok("rotate-key", "--name", "lab", "--grace", "0")
-    assert "lab" in ok("capacity")
+    assert "lab" in ok("capacity") and "GPU sharing" not in ok("capacity")
+    assert json.loads(cli_json(api, capsys, "capacity"))["gpu_sharing"] == "none"
     assert "demo" in ok("list-models")
     what_if = json.loads(cli_json(api, capsys, "what-if", "--gpu-memory", "1G"))
     assert isinstance(what_if["admitted"], bool)

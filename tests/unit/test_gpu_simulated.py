@@ -46,6 +46,7 @@ from ..simgpu import (
     vllm_sleep,
     vllm_start,
     vllm_start_log,
+    vllm_start_mps,
     vllm_stop,
     vllm_wake,
 )
@@ -117,11 +118,25 @@ class SimHost:
         given (vLLM's start-up check), and turns healthy. Returns its KV cache bytes."""
         self.stop(name)  # its old engine is replaced in this turn
         self.reconciler.reconcile(name)
+        if self.daemons_up():  # MPS: the engine starts in the turn after its device's daemon answers
+            self.reconciler.reconcile(name)
         kv = self.boot(name)
         self.runtime.set_health(names.gateway(INSTANCE, name), "healthy")
         self.reconciler.reconcile(name)
         assert self.store.tenant(name).status == TenantStatus.RUNNING
         return kv
+
+    def daemons(self) -> dict[str, str]:
+        """MPS control daemons: device UUID -> container name."""
+        found = self.runtime.containers(names.selector(INSTANCE, role=names.Role.MPS.value))
+        return {c.labels[names.DEVICE]: c.name for c in found}
+
+    def daemons_up(self) -> bool:
+        """Every MPS control daemon that is not yet healthy turns healthy; True if any did."""
+        waking = [c for c in self.runtime.containers(names.selector(INSTANCE, role="mps")) if c.health != "healthy"]
+        for c in waking:
+            self.runtime.set_health(c.name, "healthy")
+        return bool(waking)
 
     def boot(self, name: str) -> int:
         """The engine container the manager started for the tenant starts vLLM on its simulated GPU
@@ -133,7 +148,12 @@ class SimHost:
         device = self.nvml.device(plan.gpu_device_ids[0])
         pid = self.nvml.new_pid()
         sequences = int(plan.command[plan.command.index("--max-num-seqs") + 1])
-        kv = vllm_start(device, util, ENGINE, pid, sequences)
+        if "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT" in plan.env:
+            limit = int(plan.env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"].removeprefix("0=").removesuffix("M")) * MIB
+            kv_bytes = int(plan.command[plan.command.index("--kv-cache-memory-bytes") + 1])
+            kv = vllm_start_mps(device, util, kv_bytes, limit, ENGINE, pid, sequences)
+        else:
+            kv = vllm_start(device, util, ENGINE, pid, sequences)
         self.gateways.sleeping[self.store.tenant(name).gateway_token] = False  # a new process is awake
         self.pids[name], self.containers[name] = (device.uuid, pid), state.id
         self.budgets[name] = device.processes[pid] - ENGINE.context
@@ -708,5 +728,80 @@ def test_the_hosts_ram_holds_every_engine_process_and_the_weights_sleepers_pin(t
         refused = h.service.placer.assess(8 * GIB, "demo", 4096)
         assert not refused.admitted and refused.failed_checks == ("host_memory",)
         assert refused.numbers["host_left"] == 22 * GIB - 4 * GIB - 4 * 4 * GIB
+    finally:
+        h.close()
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_under_mps_every_admitted_engine_starts_inside_its_cap_beside_its_devices_daemon(
+    tmp_path: Path, layout: str
+) -> None:
+    """GTM_GPU_SHARING=mps: whatever admission lets in, every engine starts inside its pinned memory
+    limit (vLLM's own check, then its fixed KV cache against the cap), also after a restart from
+    nothing; each device with tenants has one control daemon, every engine joins its own device's,
+    and a device's daemon goes once its last tenant has."""
+    for trial in range(4):
+        rng = random.Random(f"mps-{layout}-{trial}")
+        h = SimHost(tmp_path / f"t{trial}", LAYOUTS[layout](), gpu_sharing="mps")
+        try:
+            admitted: list[str] = []
+            for i in range(rng.randint(3, 12)):
+                size = rng.choice([7 * GIB, 9 * GIB, 12 * GIB, 20 * GIB, 38 * GIB]) + rng.randrange(0, 2048) * MIB
+                try:
+                    h.add(f"t{i:02d}", 31000 + i, size)
+                except AdmissionRefused:
+                    continue
+                admitted.append(f"t{i:02d}")
+                try:
+                    assert h.start(f"t{i:02d}") > 0
+                except VllmRefused as exc:
+                    pytest.fail(f"{layout}, trial {trial}: t{i:02d} ({size / GIB:.2f} GiB) admitted, then {exc}")
+            placed = {h.pids[n][0] for n in admitted}
+            assert set(h.daemons()) == placed, "one daemon per device with tenants"
+            for name in admitted:
+                plan = h.runtime.plan(names.engine(INSTANCE, name))
+                assert plan is not None and plan.ipc_mode == f"container:{h.daemons()[h.pids[name][0]]}"
+            h.power_cycle()
+            for name in sorted(admitted):
+                try:
+                    h.start(name)
+                except VllmRefused as exc:
+                    pytest.fail(f"{layout}, trial {trial}: after a restart {name} {exc}")
+            gone = h.pids[admitted[0]][0]
+            for name in [n for n in admitted if h.pids[n][0] == gone]:
+                h.service.remove(name, "test")
+                h.reconciler.reconcile(name)
+            h.reconciler.resync()
+            assert set(h.daemons()) == placed - {gone}
+        finally:
+            h.close()
+
+
+def test_an_engine_waits_for_its_mps_daemon_and_a_dead_daemon_is_replaced(tmp_path: Path) -> None:
+    h = SimHost(tmp_path, [a100(0)], gpu_sharing="mps")
+    try:
+        h.add("alpha", 31000, 20 * GIB)
+        h.reconciler.reconcile("alpha")
+        engine = names.engine(INSTANCE, "alpha")
+        (daemon,) = h.daemons().values()
+        assert h.runtime.container(engine) is None
+        assert "MPS control daemon" in h.store.tenant("alpha").reason
+        h.reconciler.reconcile("alpha")
+        assert h.runtime.container(engine) is None, "not before the daemon answers"
+        assert "waiting for the MPS control daemon" in h.store.tenant("alpha").reason
+        h.start("alpha")
+        h.runtime.stop_container(daemon)  # the daemon died: its engine's CUDA calls fail with it
+        h.runtime.stop_container(engine)
+        h.stop("alpha")
+        h.reconciler.clock = lambda: time.time() + 3600  # past the engine's backoff
+        h.reconciler.reconcile("alpha")
+        state = h.runtime.container(daemon)
+        assert state is not None and state.status == "running", "started again"
+        h.daemons_up()
+        h.reconciler.reconcile("alpha")
+        h.boot("alpha")  # the engine started again, beside the new daemon
+        h.reconciler.settings = h.settings.model_copy(update={"gpu_sharing": "none"})
+        h.reconciler.resync()
+        assert h.daemons() == {}, "MPS turned off: its daemons go; the engines are replaced without it"
     finally:
         h.close()

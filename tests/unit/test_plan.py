@@ -6,7 +6,15 @@ from manager import names
 from manager.control.enginefit import EngineFit, Terms, fit
 from manager.control.modelfit import ModelFootprint
 from manager.control.parsers import EngineParsers
-from manager.control.plan import TenantPlan, engine_args, identity, move_plan, prepare_plan
+from manager.control.plan import (
+    TenantPlan,
+    engine_args,
+    identity,
+    move_plan,
+    mps_daemon_plan,
+    mps_thread_percentage,
+    prepare_plan,
+)
 from manager.control.plan import tenant_plan as plan_with
 from manager.domain import TenantSpec
 from manager.errors import InvalidInput
@@ -289,3 +297,52 @@ def test_the_copy_into_an_encrypted_volume_reads_the_docker_volume_and_marks_the
     assert job.entrypoint[-1].startswith("cp -a /from/. /to/ && ") and job.entrypoint[-1].endswith(
         "touch /to/.moved && sync"
     )
+
+
+def test_under_mps_an_engine_is_a_client_of_its_devices_daemon_capped_at_what_admission_counted(tmp_path) -> None:
+    """GTM_GPU_SHARING=mps: the engine joins the IPC namespace of its device's control daemon,
+    whose pipe is in the /dev/shm they share; its memory cap is its reservation and the
+    per-process overhead (what the ledger counts for it, in whole MiB); its share of the SMs is
+    its reservation's share of the device, rounded up; its KV cache is given in bytes, so its
+    budget does not hang on the total CUDA reports under a cap."""
+    mps = Settings(gpu_mode="nvml", state_dir=tmp_path, gpu_sharing="mps")
+    usable = 81920 * M - 870 * M
+    s = spec(gpu_memory=10 * G + 5)
+    e = tenant_plan(s, mps, device_total=usable, gpu_uuid="GPU-5f1c").engine
+    daemon = mps_daemon_plan(mps, "GPU-5f1c")
+    assert e.ipc_mode == f"container:{daemon.name}" and container_kwargs(e)["ipc_mode"] == e.ipc_mode
+    assert e.shm_size is None, "an MPS client shares its daemon's /dev/shm"
+    assert e.env["CUDA_MPS_PIPE_DIRECTORY"] == daemon.env["CUDA_MPS_PIPE_DIRECTORY"] == "/dev/shm/nvidia-mps"
+    counted = (10 * G + 5 + mps.process_overhead) // M
+    assert e.env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == f"0={counted}M"
+    assert e.env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "13"  # 10 GiB of 79.15: 12.6%, rounded up
+    args = e.command
+    assert args[args.index("--kv-cache-memory-bytes") + 1] == str(fitted(s, mps).kv_cache)
+    assert "--gpu-memory-utilization" in args  # still vLLM's start-up check of free memory
+    plain = tenant_plan(s, mps.model_copy(update={"gpu_sharing": "none"}), usable, gpu_uuid="GPU-5f1c").engine
+    assert plain.ipc_mode is None and plain.shm_size == s.shm_size and "CUDA_MPS_PIPE_DIRECTORY" not in plain.env
+    assert "--kv-cache-memory-bytes" not in plain.command
+    assert plain.labels[names.SPEC_HASH] != e.labels[names.SPEC_HASH], "turning MPS on or off replaces the engine"
+    bigger = tenant_plan(spec(gpu_memory=20 * G), mps, usable, gpu_uuid="GPU-5f1c").engine
+    assert bigger.env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "26"
+    assert mps_thread_percentage(1, usable) == 1 and mps_thread_percentage(usable, usable) == 100
+
+
+def test_the_mps_daemon_is_hardened_and_named_by_its_device(tmp_path) -> None:
+    mps = Settings(gpu_mode="nvml", state_dir=tmp_path, gpu_sharing="mps")
+    d = mps_daemon_plan(mps, "MIG-GPU-5f1c/1/0")
+    assert d.name == "gtm-mps-MIG-GPU-5f1c-1-0" and d.labels[names.DEVICE] == "MIG-GPU-5f1c/1/0"
+    assert d.gpu_device_ids == ["MIG-GPU-5f1c/1/0"] and d.network == "none" and d.ipc_mode == "shareable"
+    assert d.user == "1000:1000", "the engines' user: MPS serves one user's clients on a device at a time"
+    assert d.cap_drop == ["ALL"] and d.read_only and d.restart_policy == "unless-stopped"
+    assert d.entrypoint is not None and "nvidia-cuda-mps-control -f" in d.entrypoint[-1]
+    assert d.healthcheck is not None and "get_server_list" in str(d.healthcheck["test"])
+    kwargs = container_kwargs(d)
+    assert kwargs["ipc_mode"] == "shareable" and kwargs["shm_size"] == d.shm_size
+
+
+def test_mps_is_refused_without_gpus(tmp_path) -> None:
+    with pytest.raises(ValueError, match="GTM_GPU_SHARING=mps"):
+        Settings(gpu_mode="cpu", state_dir=tmp_path, gpu_sharing="mps")
+    cpu = Settings(gpu_mode="cpu", state_dir=tmp_path)
+    assert "CUDA_MPS_PIPE_DIRECTORY" not in tenant_plan(spec(), cpu, device_total=24 * G).engine.env
