@@ -126,7 +126,8 @@ def main() -> int:
             f"flood's tokens/s: fair off {flood_off:.1f}, fair on {flood_on:.1f}, kept {kept:.2f} "
             f"(goal >= {THROUGHPUT_GOAL}: {'met' if kept >= THROUGHPUT_GOAL else 'missed'})"
         )
-        lines = [ln for ln in metrics.splitlines() if ln.startswith("gtm_tenant_time_to_first_token")]
+        wanted = ("gtm_tenant_time_to_first_token", "gtm_tenant_queue_seconds")
+        lines = [ln for ln in metrics.splitlines() if ln.startswith(wanted)]
         print("the manager's /metrics, last hour:", *lines, sep="\n  ")
     return 0
 
