@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 
+from manager import names
 from manager.control.gateway_client import Connect, collect_usage, gateway_ip
 from manager.control.store import TenantStore
 from manager.domain import TenantStatus
@@ -26,8 +27,14 @@ class UsageCollector:
         collected now, not once the engine is back (a tenant being removed is collected by its
         removal). One gateway's failure does not stop the others."""
         for row in self.store.tenants():
-            if row.status != TenantStatus.REMOVING:
+            if row.status != TenantStatus.REMOVING and not self._starting(row.spec.name):
                 self.collect(row.spec.name, row.gateway_token)
+
+    def _starting(self, name: str) -> bool:
+        """A gateway whose health check has not passed yet (just started, or restarted) is left
+        for the next round rather than warned about: its records wait in its spool, on its volume."""
+        gateway = self.runtime.container(names.gateway(self.settings.instance, name))
+        return gateway is not None and gateway.health == "starting"
 
     def collect(self, name: str, token: str) -> bool:
         ip = gateway_ip(self.runtime, self.settings, name)

@@ -449,3 +449,19 @@ def test_an_engine_that_ran_is_replaced_at_once_also_by_a_restarted_manager(worl
     before = runtime.started.count(engine("acme"))
     restarted.reconcile("acme")
     assert runtime.started.count(engine("acme")) == before + 1  # no 10 s backoff
+
+
+def test_a_gateway_still_starting_is_collected_in_a_later_round_without_a_warning(world, caplog) -> None:
+    """A gateway just started (or restarted) answers nothing until its health check passes; the
+    usage loop leaves it for its next round, its records waiting in its spool, and says nothing."""
+    rec, store, runtime, _, gateways = world
+    add(store, "acme", 30001)
+    bring_up(rec, runtime, "acme")
+    gateways.records["token-acme"] = [(1, usage_record("r1", completion_tokens=5, status=200))]
+    runtime.set_health(names.gateway(INSTANCE, "acme"), "starting")
+    with caplog.at_level("WARNING"):
+        rec.collector.collect_all()
+    assert store.usage_totals("acme", 0).tokens == 0 and "not collected" not in caplog.text
+    runtime.set_health(names.gateway(INSTANCE, "acme"), "healthy")
+    rec.collector.collect_all()
+    assert store.usage_totals("acme", 0).tokens == 6
