@@ -18,6 +18,7 @@ from docker.models.containers import Container
 from docker.types import DeviceRequest, Mount
 
 from manager.errors import Conflict, RuntimeUnavailable
+from manager.runtime.protocol import EventStream
 from manager.runtime.types import ContainerPlan, ContainerState, NetworkPlan, Resource, RuntimeEvent, VolumePlan
 
 T = TypeVar("T")
@@ -317,7 +318,7 @@ class DockerRuntime:
                         out[int(entry["HostPort"])] = c.name or ""
         return out
 
-    def events(self, selector: list[str]) -> _DockerEvents:
+    def events(self, selector: list[str]) -> EventStream:
         filters = {"type": "container", "label": list(selector)}
         return _DockerEvents(
             self._call("following events", lambda: self._client.api.events(decode=True, filters=filters))

@@ -66,6 +66,8 @@ class ContainerPlan:
     entrypoint: list[str] | None = None
     working_dir: str | None = None
     ipc_mode: str | None = None
+    node: str | None = None
+    """The ID of the swarm node the container must run on; None: any (a single host has one)."""
     """Docker's IPC mode: None is private; ``shareable`` lets ``container:<name>`` join it."""
 
 

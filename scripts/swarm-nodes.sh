@@ -1,0 +1,159 @@
+#!/usr/bin/env bash
+# A Docker Swarm of N nodes on this one machine, for the multi-host tests: each node is a dockerd of
+# its own (data root, exec root, socket, containerd, cgroup parent) in a network namespace of its
+# own, linked to the others by a bridge in one more namespace. Nodes talk over 127.10.0.<i>,
+# loopback-range addresses routed only inside these namespaces; the system dockerd is not touched.
+#
+#   scripts/swarm-nodes.sh fetch        Docker >= 23 (Debian trixie's docker.io and containerd),
+#                                       extracted, not installed, under $GTM_CACHE/swarm-docker
+#   scripts/swarm-nodes.sh up [N]       start nodes 1..N (default 2); n1 inits the swarm, the rest join
+#   scripts/swarm-nodes.sh load IMAGE   save IMAGE from the system dockerd once, load it on every node
+#   scripts/swarm-nodes.sh kill I       SIGKILL node I's dockerd (a lost host); its containers keep running
+#   scripts/swarm-nodes.sh start I      start node I again; its swarm state makes it rejoin
+#   scripts/swarm-nodes.sh host I       the DOCKER_HOST of node I
+#   scripts/swarm-nodes.sh down         stop every node (by PID), their containers and namespaces
+#
+# Why not the system dockerd: bookworm's 20.10 rejects a service with a generic resource and an
+# overlay network (moby#44378, fixed in 23.0.2). The kernel here has no IPVS: services use dnsrr and
+# host-mode ports. Needs root (namespaces, cgroups).
+source "$(dirname "$0")/lib.sh"
+SWARM_BASE=${GTM_SWARM_BASE:-/run/gtm-swarm}
+SWARM_DOCKER=${GTM_SWARM_DOCKER:-$GTM_CACHE/swarm-docker}
+BRIDGE_NS=gtmsw-br
+
+node_ns() { echo "gtmsw-n$1"; }
+node_addr() { echo "127.10.0.$1"; }
+node_sock() { echo "unix://$SWARM_BASE/n$1/docker.sock"; }
+on_node() { local i=$1; shift; PATH="$SWARM_DOCKER/usr/bin:$PATH" docker -H "$(node_sock "$i")" "$@"; }
+
+fetch() {
+  [ -x "$SWARM_DOCKER/usr/sbin/dockerd" ] && return 0
+  local apt=$GTM_CACHE/swarm-apt
+  mkdir -p "$apt/lists/partial" "$apt/cache/archives/partial" "$apt/debs" "$SWARM_DOCKER.part"
+  local mirror
+  mirror=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
+  echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] ${mirror:-http://deb.debian.org/debian} trixie main" \
+    >"$apt/trixie.list"
+  printf 'Dir::Etc::sourcelist "%s";\nDir::Etc::sourceparts "-";\nDir::State::Lists "%s";\nDir::State::status "%s";\nDir::Cache "%s";\n' \
+    "$apt/trixie.list" "$apt/lists" "$apt/status" "$apt/cache" >"$apt/apt.conf"
+  touch "$apt/status"
+  log "fetching Docker from Debian trixie (docker.io, containerd) into $SWARM_DOCKER"
+  APT_CONFIG=$apt/apt.conf apt-get -qq update
+  (cd "$apt/debs" && APT_CONFIG=$apt/apt.conf apt-get -qq download docker.io containerd)
+  for deb in "$apt"/debs/*.deb; do dpkg-deb -x "$deb" "$SWARM_DOCKER.part"; done
+  rm -rf "$SWARM_DOCKER" && mv "$SWARM_DOCKER.part" "$SWARM_DOCKER"
+  "$SWARM_DOCKER/usr/sbin/dockerd" --version >&2
+}
+
+start_node() {
+  local i=$1 dir=$SWARM_BASE/n$1
+  mkdir -p "$dir/data" "$dir/exec"
+  echo '{}' >"$dir/daemon.json"
+  # a private mount namespace: the node's container mounts stay out of the host's table
+  setsid nsenter --net="/run/netns/$(node_ns "$i")" -- unshare --mount --propagation slave -- \
+    env PATH="$SWARM_DOCKER/usr/bin:$SWARM_DOCKER/usr/sbin:$PATH" dockerd --config-file "$dir/daemon.json" \
+      --data-root "$dir/data" --exec-root "$dir/exec" --pidfile "$dir/docker.pid" -H "$(node_sock "$i")" \
+      --containerd-namespace "gtmsw-n$i" --containerd-plugins-namespace "gtmsw-n$i-plugins" \
+      --cgroup-parent "/gtmsw-n$i" --iptables=false --ip-masq=false --bridge=none \
+      --swarm-default-advertise-addr "$(node_addr "$i")" --label "gtm.swarm-node=n$i" \
+      ${GTM_SWARM_GENERIC:+$(for g in $GTM_SWARM_GENERIC; do echo --node-generic-resource "${g//@/$i}"; done)} \
+      >"$dir/dockerd.log" 2>&1 </dev/null &
+  echo $! >"$dir/launcher.pid"
+  for _ in $(seq 1 120); do
+    on_node "$i" info >/dev/null 2>&1 && return 0
+    sleep 0.25
+  done
+  tail -20 "$dir/dockerd.log" >&2
+  die "swarm node n$i did not start (see $dir/dockerd.log)"
+}
+
+up() {
+  local n=${1:-2}
+  fetch
+  ip netns add $BRIDGE_NS
+  ip -n $BRIDGE_NS link set lo up
+  ip -n $BRIDGE_NS link add br0 type bridge
+  ip -n $BRIDGE_NS link set br0 up
+  for i in $(seq 1 "$n"); do
+    local ns; ns=$(node_ns "$i")
+    ip netns add "$ns"
+    ip -n "$ns" link set lo up
+    ip -n "$ns" link add eth0 type veth peer name "p$i" netns $BRIDGE_NS
+    ip -n $BRIDGE_NS link set "p$i" master br0 up
+    ip netns exec "$ns" sysctl -qw net.ipv4.conf.all.route_localnet=1 net.ipv4.conf.default.route_localnet=1
+    ip -n "$ns" addr add "$(node_addr "$i")/24" dev eth0
+    ip -n "$ns" link set eth0 up
+    ip netns exec "$ns" sysctl -qw net.ipv4.conf.eth0.route_localnet=1
+    # 127.10.0.0/24 leaves by eth0 rather than lo's "local 127.0.0.0/8", in this namespace only
+    ip -n "$ns" route add unicast 127.10.0.0/24 dev eth0 table local src "$(node_addr "$i")"
+    start_node "$i"
+  done
+  on_node 1 swarm init --advertise-addr "$(node_addr 1):2377" --listen-addr "$(node_addr 1):2377" \
+    --data-path-port 4790 >/dev/null
+  local token; token=$(on_node 1 swarm join-token -q worker)
+  for i in $(seq 2 "$n"); do
+    on_node "$i" swarm join --token "$token" --advertise-addr "$(node_addr "$i"):2377" \
+      --listen-addr "$(node_addr "$i"):2377" "$(node_addr 1):2377" >/dev/null
+  done
+  on_node 1 node ls >&2
+}
+
+load() {
+  local image=$1 tar
+  tar=$SWARM_BASE/images/$(echo "$image" | tr '/:' '__').tar
+  mkdir -p "$SWARM_BASE/images"
+  [ -s "$tar" ] || { docker save -o "$tar.part" "$image" && mv "$tar.part" "$tar"; }
+  for dir in "$SWARM_BASE"/n*/; do
+    local i; i=$(basename "$dir"); i=${i#n}
+    on_node "$i" load -q -i "$tar" >/dev/null
+  done
+}
+
+kill_node() {
+  local pid; pid=$(cat "$SWARM_BASE/n$1/docker.pid")
+  kill -KILL "$pid"
+}
+
+down() {
+  for dir in "$SWARM_BASE"/n*/; do
+    [ -f "$dir/launcher.pid" ] || continue
+    local i pid; i=$(basename "$dir"); i=${i#n}; pid=$(cat "$dir/launcher.pid")
+    if on_node "$i" info >/dev/null 2>&1; then  # containers first: their shims outlive dockerd
+      on_node "$i" swarm leave --force >/dev/null 2>&1 || true
+      local ids; ids=$(on_node "$i" ps -aq 2>/dev/null || true)
+      [ -z "$ids" ] || on_node "$i" rm -f $ids >/dev/null 2>&1 || true
+    fi
+    if kill -0 "$pid" 2>/dev/null; then
+      kill -TERM "$pid"
+      for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
+    rm -f "$dir/launcher.pid"
+  done
+  # a killed node's containers and shims: found by the node's exec root and cgroup parent
+  for p in $(pgrep -f "containerd-shim.*$SWARM_BASE/" || true); do kill -TERM "$p" 2>/dev/null || true; done
+  for p in $(cat /sys/fs/cgroup/gtmsw-n*/*/cgroup.procs /sys/fs/cgroup/*/gtmsw-n*/*/cgroup.procs 2>/dev/null); do
+    kill -KILL "$p" 2>/dev/null || true
+  done
+  for ns in $BRIDGE_NS $(ip netns list | awk '{print $1}' | grep -E '^gtmsw-n[0-9]+$' || true); do
+    ip netns list | grep -qw "$ns" && ip netns del "$ns"
+  done
+  sleep 1
+  for c in /sys/fs/cgroup/gtmsw-n* /sys/fs/cgroup/*/gtmsw-n*; do
+    [ -d "$c" ] && find "$c" -depth -type d -exec rmdir {} \; 2>/dev/null
+  done
+  # mounts of the nodes' data roots made outside their own mount namespaces, if any
+  findmnt -rn -o TARGET | grep "^$SWARM_BASE/" | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
+  rm -rf "$SWARM_BASE"
+}
+
+case "${1:-}" in
+  fetch) fetch ;;
+  up) up "${2:-2}" ;;
+  load) load "$2" ;;
+  kill) kill_node "$2" ;;
+  start) start_node "$2" ;;
+  host) node_sock "$2" ;;
+  down) down ;;
+  *) echo "usage: $0 fetch | up [N] | load IMAGE | kill I | start I | host I | down" >&2; exit 2 ;;
+esac
