@@ -100,13 +100,18 @@ up() {
 
 load() {
   local image=$1 tar
-  tar=$SWARM_BASE/images/$(echo "$image" | tr '/:' '__').tar
-  mkdir -p "$SWARM_BASE/images"
+  # saved once per image ID (the system dockerd is only read)
+  tar=$GTM_CACHE/swarm-images/$(docker image inspect -f '{{.Id}}' "$image" | tr -d ':').tar
+  mkdir -p "$GTM_CACHE/swarm-images"
+  find "$GTM_CACHE/swarm-images" -name '*.tar' -mtime +7 -delete  # images of builds long gone
   [ -s "$tar" ] || { docker save -o "$tar.part" "$image" && mv "$tar.part" "$tar"; }
+  local pids=()
   for dir in "$SWARM_BASE"/n*/; do
     local i; i=$(basename "$dir"); i=${i#n}
-    on_node "$i" load -q -i "$tar" >/dev/null
+    on_node "$i" load -q -i "$tar" >/dev/null &
+    pids+=($!)
   done
+  for pid in "${pids[@]}"; do wait "$pid" || die "loading $image on a swarm node failed"; done
 }
 
 kill_node() {
@@ -115,23 +120,22 @@ kill_node() {
 }
 
 down() {
+  local pids=()
   for dir in "$SWARM_BASE"/n*/; do
     [ -f "$dir/launcher.pid" ] || continue
-    local i pid; i=$(basename "$dir"); i=${i#n}; pid=$(cat "$dir/launcher.pid")
+    local i; i=$(basename "$dir"); i=${i#n}
     if on_node "$i" info >/dev/null 2>&1; then  # containers first: their shims outlive dockerd
-      on_node "$i" swarm leave --force >/dev/null 2>&1 || true
       local ids; ids=$(on_node "$i" ps -aq 2>/dev/null || true)
       [ -z "$ids" ] || on_node "$i" rm -f $ids >/dev/null 2>&1 || true
     fi
-    if kill -0 "$pid" 2>/dev/null; then
-      kill -TERM "$pid"
-      for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
-      kill -KILL "$pid" 2>/dev/null || true
-    fi
+    pids+=("$(cat "$dir/launcher.pid")")
     rm -f "$dir/launcher.pid"
   done
-  # a killed node's containers and shims: found by the node's exec root and cgroup parent
-  for p in $(pgrep -f "containerd-shim.*$SWARM_BASE/" || true); do kill -TERM "$p" 2>/dev/null || true; done
+  # the nodes' state is thrown away: no clean shutdown is owed to it
+  for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+  # their containerds and shims (found by the nodes' exec roots), then containers of a killed
+  # node (found by its cgroup parent)
+  for p in $(pgrep -f "containerd.*$SWARM_BASE/" || true); do kill -KILL "$p" 2>/dev/null || true; done
   for p in $(cat /sys/fs/cgroup/gtmsw-n*/*/cgroup.procs /sys/fs/cgroup/*/gtmsw-n*/*/cgroup.procs 2>/dev/null); do
     kill -KILL "$p" 2>/dev/null || true
   done

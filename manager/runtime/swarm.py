@@ -42,6 +42,7 @@ ENDED = ("complete", "failed", "shutdown", "rejected", "orphaned", "remove")
 RESTART = {"no": "none", "on-failure": "on-failure", "unless-stopped": "any", "always": "any"}
 POLL_S = 0.25
 REMOVE_WAIT_S = 30.0
+REMOVE_GRACE_NS = NANO // 10
 
 
 def task_state(service: dict[str, Any], task: dict[str, Any] | None) -> ContainerState:
@@ -90,6 +91,9 @@ def service_spec(plan: ContainerPlan) -> dict[str, Any]:
     job for a one-off, its hardening as far as Swarm takes it."""
     container: dict[str, Any] = {
         "Image": plan.image,
+        # a removed service's container is killed at once, as ``docker rm -f`` kills one;
+        # ``stop_container`` gives its own timeout
+        "StopGracePeriod": REMOVE_GRACE_NS,
         "Labels": plan.labels,
         "Env": [f"{k}={v}" for k, v in plan.env.items()],
         "User": plan.user,
@@ -340,6 +344,8 @@ class SwarmRuntime(DockerRuntime):
             if "Replicated" not in spec.get("Mode", {}):
                 self._api.remove_service(service["ID"])
                 return
+            # docker stop's timeout: SIGTERM, then SIGKILL after this long
+            spec["TaskTemplate"]["ContainerSpec"]["StopGracePeriod"] = timeout * NANO
             self._api.update_service(
                 service["ID"], version=service["Version"]["Index"], task_template=spec["TaskTemplate"],
                 name=spec["Name"], labels=spec.get("Labels"), mode={"Replicated": {"Replicas": 0}},

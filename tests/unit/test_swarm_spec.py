@@ -39,6 +39,7 @@ def test_a_long_running_plan_is_one_replica_with_its_hardening_ports_and_node() 
     assert spec["Name"] == "gtmt-t-acme-gateway" and spec["Labels"] == c["Labels"] == LABELS
     assert spec["Mode"] == {"Replicated": {"Replicas": 1}}
     assert c["User"] == "1000:1000" and c["ReadOnly"] is True and c["CapabilityDrop"] == ["ALL"]
+    assert c["StopGracePeriod"] == 100_000_000, "a removed service's container is killed at once"
     assert c["Args"] == ["gateway"] and "Command" not in c and c["Env"] == ["A=1"]
     assert c["Healthcheck"] == {"Test": ["CMD", "true"], "Interval": 5, "Timeout": 4, "Retries": 3, "StartPeriod": 30}
     volume, tmp = c["Mounts"]
