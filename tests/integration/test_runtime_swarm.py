@@ -34,7 +34,10 @@ pytestmark = pytest.mark.skipif(
 
 
 def nodes(*argv: str) -> str:
-    return subprocess.run(["bash", str(NODES), *argv], check=True, capture_output=True, text=True).stdout.strip()
+    done = subprocess.run(["bash", str(NODES), *argv], capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"scripts/swarm-nodes.sh {' '.join(argv)} failed ({done.returncode}): {done.stderr[-3000:]}")
+    return done.stdout.strip()
 
 
 @pytest.fixture(scope="module")
