@@ -203,9 +203,9 @@ class EngineModel:
         return self.weights + self.activation_peak + self.non_torch + sequences * self.per_sequence
 
 
-def vllm_start(device: SimDevice, utilization: float, engine: EngineModel, pid: int, sequences: int = 1) -> int:
-    """Starts an engine on ``device`` the way vLLM does (module docstring); returns its KV cache
-    bytes, or raises ``VllmRefused`` with vLLM's message (the device is then as before)."""
+def _context_and_startup_check(device: SimDevice, utilization: float, engine: EngineModel, pid: int) -> int:
+    """Steps 1-2 of the module docstring: the context made, then vLLM's check that the device has
+    its requested memory free. Returns the requested bytes; on a refusal the device is as before."""
     if device.cuda_free < engine.context:
         raise VllmRefused("CUDA out of memory while creating the context")
     device.processes[pid] = engine.context
@@ -217,6 +217,13 @@ def vllm_start(device: SimDevice, utilization: float, engine: EngineModel, pid: 
             f"Free memory on device ({free / GIB:.2f}/{device.cuda_total / GIB:.2f} GiB) on startup is less than "
             f"desired GPU memory utilization ({utilization}, {requested / GIB:.2f} GiB)"
         )
+    return requested
+
+
+def vllm_start(device: SimDevice, utilization: float, engine: EngineModel, pid: int, sequences: int = 1) -> int:
+    """Starts an engine on ``device`` the way vLLM does (module docstring); returns its KV cache
+    bytes, or raises ``VllmRefused`` with vLLM's message (the device is then as before)."""
+    requested = _context_and_startup_check(device, utilization, engine, pid)
     kv = requested - engine.non_kv(sequences)
     if kv <= 0:
         del device.processes[pid]
@@ -232,15 +239,7 @@ def vllm_start_mps(
     limit (``CUDA_MPS_PINNED_DEVICE_MEM_LIMIT``): vLLM's start-up check of free memory as above,
     then it holds its context, what it needs besides its KV cache, and that fixed KV cache; an
     allocation past the limit fails as CUDA's out-of-memory error. Returns its KV cache bytes."""
-    if device.cuda_free < engine.context:
-        raise VllmRefused("CUDA out of memory while creating the context")
-    device.processes[pid] = engine.context
-    requested = math.ceil(device.cuda_total * utilization)
-    if device.cuda_free < requested:
-        del device.processes[pid]
-        raise VllmRefused(
-            f"Free memory on device ({device.cuda_free / GIB:.2f} GiB) is less than desired ({requested / GIB:.2f})"
-        )
+    _context_and_startup_check(device, utilization, engine, pid)
     held = engine.context + engine.non_kv(sequences) + kv_cache
     if held > limit or held - engine.context > device.cuda_free:
         del device.processes[pid]

@@ -11,6 +11,7 @@ from manager.control.gateway_client import Connect, collect_usage, gateway_ip
 from manager.control.store import TenantStore
 from manager.domain import TenantStatus
 from manager.errors import RuntimeUnavailable
+from manager.names import Role
 from manager.runtime.protocol import Runtime
 from manager.settings import Settings
 
@@ -26,15 +27,13 @@ class UsageCollector:
         records of what it served before its engine failed or was replaced, and they are
         collected now, not once the engine is back (a tenant being removed is collected by its
         removal). One gateway's failure does not stop the others."""
+        # a gateway whose health check has not passed yet (just started, or restarted) is left for
+        # the next round rather than warned about: its records wait in its spool, on its volume
+        gateways = self.runtime.containers(names.selector(self.settings.instance, role=Role.GATEWAY.value))
+        starting = {c.tenant for c in gateways if c.health == "starting"}
         for row in self.store.tenants():
-            if row.status != TenantStatus.REMOVING and not self._starting(row.spec.name):
+            if row.status != TenantStatus.REMOVING and row.spec.name not in starting:
                 self.collect(row.spec.name, row.gateway_token)
-
-    def _starting(self, name: str) -> bool:
-        """A gateway whose health check has not passed yet (just started, or restarted) is left
-        for the next round rather than warned about: its records wait in its spool, on its volume."""
-        gateway = self.runtime.container(names.gateway(self.settings.instance, name))
-        return gateway is not None and gateway.health == "starting"
 
     def collect(self, name: str, token: str) -> bool:
         ip = gateway_ip(self.runtime, self.settings, name)

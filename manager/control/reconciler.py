@@ -304,7 +304,7 @@ class Reconciler:
         if row.status == TenantStatus.ASLEEP:
             return self._asleep(row, engine, gateway_ready)
         if engine is None:
-            return self._start_engine(row, plan.engine)
+            return self._start_engine(row, device, plan.engine)
         if engine.status == "running":
             if engine.health == "healthy":
                 return self._engine_healthy(row, engine, device, plan.gateway, gateway, gateway_ready)
@@ -313,7 +313,7 @@ class Reconciler:
             return self._engine_starting(row, engine)
         if engine.status in ("exited", "dead"):
             self._engine_failed(row, engine, None)  # records the failure once, sets when to retry
-            return self._start_engine(row, plan.engine)  # waits out the backoff, then replaces it
+            return self._start_engine(row, device, plan.engine)  # waits out the backoff, then replaces it
         return POLL_STARTING_S  # created, restarting, paused, removing: look again soon
 
     def _remove(self, row: TenantRow, containers: list[ContainerState]) -> float | None:
@@ -593,7 +593,7 @@ class Reconciler:
         except GtmError:
             return None
 
-    def _start_engine(self, row: TenantRow, plan: ContainerPlan) -> float | None:
+    def _start_engine(self, row: TenantRow, device: DeviceMemory, plan: ContainerPlan) -> float | None:
         name = row.spec.name
         fail = self.store.engine_failure(name)
         now = self.clock()
@@ -609,7 +609,7 @@ class Reconciler:
             self._take_gate(row)  # no other engine starts while this cache warms
             self._set_status(row, TenantStatus.STARTING, "reading the engine image and model into the page cache")
             return POLL_STARTING_S
-        if not self._mps_ready(row):
+        if not self._mps_ready(row, device):
             return POLL_STARTING_S
         self._open_volume(row)
         self._prepare(row)
@@ -621,12 +621,11 @@ class Reconciler:
         self._set_status(row, TenantStatus.STARTING, self._restarted.get(name, ""))
         return POLL_STARTING_S
 
-    def _mps_ready(self, row: TenantRow) -> bool:
+    def _mps_ready(self, row: TenantRow, device: DeviceMemory) -> bool:
         """``GTM_GPU_SHARING=mps``: the control daemon of the tenant's device runs and answers
         before an engine starts there (the engine joins its IPC namespace). False while it is
         started, or starts; the tenant says so. One found dead is replaced."""
-        device = placed_on(row.device, self.inventory.devices())
-        if self.settings.gpu_sharing != "mps" or device is None or device.kind == "host-memory":
+        if self.settings.gpu_sharing != "mps" or device.kind == "host-memory":
             return True
         plan = mps_daemon_plan(self.settings, device.uuid)
         state = self.runtime.container(plan.name)

@@ -113,15 +113,14 @@ class DockerRuntime:
             # Docker's name filter matches parts of names: gtm-t-demo finds gtm-t-demo-vl
             if not any(n.name == plan.name for n in self._client.networks.list(names=[plan.name])):
                 self._client.networks.create(
-                    plan.name,
-                    driver="bridge",
-                    internal=plan.internal,
-                    options=plan.options,
-                    labels=plan.labels,
-                    check_duplicate=True,
+                    plan.name, internal=plan.internal, labels=plan.labels, check_duplicate=True, **self._driver(plan)
                 )
 
         self._call(f"creating network {plan.name}", run)
+
+    def _driver(self, plan: NetworkPlan) -> dict[str, Any]:
+        """How a network is made on this runtime: a bridge with the plan's options, on one host."""
+        return {"driver": "bridge", "options": plan.options}
 
     def ensure_volume(self, plan: VolumePlan) -> None:
         def run() -> None:

@@ -86,9 +86,9 @@ def newest(tasks: list[dict[str, Any]]) -> dict[str, Any] | None:
     )
 
 
-def service_spec(plan: ContainerPlan) -> dict[str, Any]:
+def service_spec(plan: ContainerPlan, job: bool = False) -> dict[str, Any]:
     """The Engine API's ServiceSpec for a plan (pure, unit-tested): one replica, or a replicated
-    job for a one-off, its hardening as far as Swarm takes it."""
+    job for a one-off (``job``: ``run_to_completion``), its hardening as far as Swarm takes it."""
     container: dict[str, Any] = {
         "Image": plan.image,
         # a removed service's container is killed at once, as ``docker rm -f`` kills one;
@@ -129,7 +129,6 @@ def service_spec(plan: ContainerPlan) -> dict[str, Any]:
         limits["Pids"] = plan.pids_limit
     networks = [] if plan.network in ("none", "bridge", "host") else [{"Target": plan.network, "Aliases": plan.aliases}]
     networks += [{"Target": name, "Aliases": aliases} for name, aliases in plan.extra_networks.items()]
-    one_off = plan.restart_policy == "no" and plan.entrypoint is not None and not plan.ports and not plan.healthcheck
     task: dict[str, Any] = {
         "ContainerSpec": container,
         "Resources": {"Limits": limits},
@@ -142,7 +141,7 @@ def service_spec(plan: ContainerPlan) -> dict[str, Any]:
         "Labels": plan.labels,
         "TaskTemplate": task,
         "Mode": {"ReplicatedJob": {"MaxConcurrent": 1, "TotalCompletions": 1}}
-        if one_off
+        if job
         else {"Replicated": {"Replicas": 1}},
         "EndpointSpec": {
             "Mode": "dnsrr",
@@ -210,20 +209,9 @@ class SwarmRuntime(DockerRuntime):
         self._api: Any = self._client.api  # the low-level API: service specs as the Engine API has them
         self.start_timeout_s = start_timeout_s
 
-    def ensure_network(self, plan: NetworkPlan) -> None:
-        def run() -> None:
-            if not any(n.name == plan.name for n in self._client.networks.list(names=[plan.name])):
-                self._client.networks.create(
-                    plan.name,
-                    driver="overlay",
-                    attachable=True,
-                    scope="swarm",
-                    internal=plan.internal,
-                    labels=plan.labels,
-                    check_duplicate=True,
-                )
-
-        self._call(f"creating network {plan.name}", run)
+    def _driver(self, plan: NetworkPlan) -> dict[str, Any]:
+        """An attachable overlay across the nodes; the bridge options of a single host do not apply."""
+        return {"driver": "overlay", "attachable": True, "scope": "swarm"}
 
     # ---------------------------------------------------------------- services
     def _service(self, name: str) -> dict[str, Any] | None:
@@ -263,9 +251,9 @@ class SwarmRuntime(DockerRuntime):
         while self._api.containers(all=True, filters=mine) and time.monotonic() < deadline:
             time.sleep(POLL_S)
 
-    def _create(self, plan: ContainerPlan) -> str:
+    def _create(self, plan: ContainerPlan, job: bool = False) -> str:
         self._remove(plan.name)
-        spec = service_spec(plan)
+        spec = service_spec(plan, job)
         created = self._api.create_service(
             spec["TaskTemplate"], name=spec["Name"], labels=spec["Labels"], mode=spec["Mode"],
             endpoint_spec=spec["EndpointSpec"],
@@ -294,7 +282,7 @@ class SwarmRuntime(DockerRuntime):
 
     def run_to_completion(self, plan: ContainerPlan, timeout_s: float) -> tuple[int, str]:
         def run() -> tuple[int, str]:
-            service_id = self._create(plan)
+            service_id = self._create(plan, job=True)
             try:
                 state = self._wait(service_id, lambda s: s.status == "exited", timeout_s)
                 if state.status == "created" and state.error:

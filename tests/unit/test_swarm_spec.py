@@ -69,7 +69,8 @@ def test_a_one_off_plan_is_a_replicated_job_on_no_network() -> None:
             healthcheck=None,
             restart_policy="no",
             node=None,
-        )
+        ),
+        job=True,
     )
     assert spec["Mode"] == {"ReplicatedJob": {"MaxConcurrent": 1, "TotalCompletions": 1}}
     assert spec["TaskTemplate"]["ContainerSpec"]["Command"] == ["python3", "-c", "pass"]
