@@ -11,6 +11,7 @@ here: the errors' one JSON-or-page answer, /healthz and /metrics, the admin toke
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
@@ -149,6 +150,8 @@ def _lifespan(settings: Settings, overrides: dict[str, Any]) -> Callable[[FastAP
         password = settings.console_password.get_secret_value() if settings.console_password else None
         # without GTM_CONSOLE_PASSWORD the admin token is the console password: never a default one
         app.state.console_credentials = (settings.console_user, password or components.admin_token)
+        # the schema is built once, before the first visit to /docs asks for it
+        await asyncio.to_thread(app.openapi)
         components.reconciler.start()
         try:
             yield

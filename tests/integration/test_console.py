@@ -49,6 +49,8 @@ def test_console_in_a_real_browser(manager: RunningManager) -> None:
         context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
         page = context.new_page()
         page.on("request", lambda request: seen.append(request.url))
+        failed: list[str] = []  # requests the browser saw fail (the server's side of a flake)
+        page.on("requestfailed", lambda request: failed.append(f"{request.url}: {request.failure}"))
         blocked: list[str] = []  # the Content-Security-Policy must not break any page
         page.on("console", lambda msg: blocked.append(msg.text) if "Content Security Policy" in msg.text else None)
 
@@ -252,7 +254,10 @@ def test_console_in_a_real_browser(manager: RunningManager) -> None:
 
         # the API's documentation renders with the manager's own copy of Swagger UI (no CDN: below)
         page.goto(base + "/docs")
-        expect(page.locator(".opblock-summary-path").first).to_be_visible()
+        try:
+            expect(page.locator(".opblock-summary-path").first).to_be_visible()
+        except AssertionError as e:
+            raise AssertionError(f"{e}\nrequests that failed: {failed}") from None
         expect(page.locator('[data-path="/api/v1/tenants/{name}/members"]').first).to_be_visible()
 
         # errors render as a page; logging out ends the session
