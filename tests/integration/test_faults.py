@@ -1,7 +1,7 @@
-"""Faults on the real path: an engine killed in the middle of a stream, and an engine that
-crashes every time it starts. (dockerd stopped for 8 s: test_dockerd_restart.py; the
-gateway's volume full: test_gateway_hardening.py; a state the manager cannot own:
-test_manager_start.py.)"""
+"""Faults on the real path: an engine killed in the middle of a stream, an engine that
+crashes every time it starts, and one that starts on a cold page cache. (dockerd stopped for
+8 s: test_dockerd_restart.py; the gateway's volume full: test_gateway_hardening.py; a state the
+manager cannot own: test_manager_start.py.)"""
 
 from __future__ import annotations
 
@@ -197,9 +197,16 @@ def test_twenty_clients_then_the_engine_killed_mid_stream(
 
 
 @pytest.mark.slow
-def test_a_crash_looping_engine_backs_off_and_says_why(
+@pytest.mark.skipif(os.geteuid() != 0, reason="emptying the host's page cache needs root")
+def test_a_crash_looping_engine_backs_off_then_a_cold_start_succeeds_while_keys_still_change(
     manager_settings, models_dir: Path, tmp_path: Path, docker_client: docker.DockerClient, instance: str
 ) -> None:
+    """An engine that crashes every time it starts backs off and says why. Then, beside it, an
+    engine starts on a cold page cache: after an image build or a host boot nothing of the engine
+    image is in the page cache, and vLLM's CPU backend counted what it read as used memory and
+    refused its KV cache. The manager warms the cache first: the start must succeed, not a retry.
+    The read takes seconds, and meanwhile the crash-looping tenant's revoked key (its gateway
+    serves) must stop working within seconds. (One manager for both: the suite's budget.)"""
     models = tmp_path / "models"
     shutil.copytree(models_dir / "demo", models / "demo")
     shutil.copytree(models_dir / "demo", models / "corrupt")
@@ -214,6 +221,7 @@ def test_a_crash_looping_engine_backs_off_and_says_why(
         api = mgr.client()
         r = api.post("/api/v1/tenants", json={"name": "loop", "gpu_memory": "1536M", "port": 30711, "model": "corrupt"})
         assert r.status_code == 201, r.text
+        old_key = r.json()["key"]["api_key"]
         runs: list[tuple[float, float]] = []  # Docker's (StartedAt, FinishedAt) of each engine that exited
 
         def failed_again() -> bool:
@@ -239,30 +247,9 @@ def test_a_crash_looping_engine_backs_off_and_says_why(
             page = browser.get("/tenants/loop")
         assert page.status_code == 200
         assert "Engine log at its last failure" in page.text
-    finally:
-        mgr.stop()
 
-
-@pytest.mark.slow
-@pytest.mark.skipif(os.geteuid() != 0, reason="emptying the host's page cache needs root")
-def test_an_engine_starts_on_a_cold_page_cache_while_others_keys_still_change(
-    manager_settings, models_dir: Path, tmp_path: Path
-) -> None:
-    """After an image build or a host boot nothing of the engine image is in the page cache;
-    vLLM's CPU backend then counted what it read as used memory and refused its KV cache.
-    The manager warms the cache first: the start must succeed, not a retry. The read takes
-    seconds, and meanwhile another tenant's revoked key must stop working within seconds."""
-    models = tmp_path / "models"
-    shutil.copytree(models_dir / "demo", models / "demo")
-    mgr = start_manager(manager_settings(models_source=str(models), models_dir=models, reconcile_interval_s=2.0))
-    try:
-        api = mgr.client()
-        r = api.post("/api/v1/tenants", json={"name": "side", "gpu_memory": "1536M", "port": 30722})
-        assert r.status_code == 201, r.text
-        old_key = r.json()["key"]["api_key"]
-        wait_status(api, "side", "running")
-
-        shutil.copytree(models / "demo", models / "fresh")  # a model no engine has read yet
+        # a cold page cache: a model no engine has read yet, and nothing cached
+        shutil.copytree(models / "demo", models / "fresh")
         os.sync()
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
         r = api.post("/api/v1/tenants", json={"name": "cold", "gpu_memory": "1536M", "port": 30721, "model": "fresh"})
@@ -273,16 +260,16 @@ def test_an_engine_starts_on_a_cold_page_cache_while_others_keys_still_change(
 
         wait_for(warming, 60, "cold's warm-up to start", interval=0.1)
         rotated_at = time.monotonic()
-        rotated = api.post("/api/v1/tenants/side/keys", json={"grace_s": 0})
+        rotated = api.post("/api/v1/tenants/loop/keys", json={"grace_s": 0})
         assert rotated.status_code == 201, rotated.text
 
         def refused() -> bool:
             r = httpx.get(
-                "http://127.0.0.1:30722/v1/models", headers={"Authorization": f"Bearer {old_key}"}, timeout=10
+                "http://127.0.0.1:30711/v1/models", headers={"Authorization": f"Bearer {old_key}"}, timeout=10
             )
             return r.status_code == 401
 
-        wait_for(refused, 5, "side's old key to be refused while cold's cache warms", interval=0.2)
+        wait_for(refused, 5, "loop's old key to be refused while cold's cache warms", interval=0.2)
         assert time.monotonic() - rotated_at <= 5.0
 
         seen: set[str] = set()
