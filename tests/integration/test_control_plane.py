@@ -43,6 +43,21 @@ def engines(client: docker.DockerClient, instance: str) -> dict[str, str]:
     return {c.labels[names.TENANT]: c.id for c in found}
 
 
+def assert_hardened(client: docker.DockerClient, instance: str, tenant: str, memory: int) -> None:
+    """The engine runs read-only, without capabilities, as uid 1000, capped at its reservation,
+    with nothing published, on an internal network, and can write its volume (/data)."""
+    engine = client.containers.get(names.engine(instance, tenant))
+    host = engine.attrs["HostConfig"]
+    assert host["ReadonlyRootfs"] and host["CapDrop"] == ["ALL"] and host["Memory"] == memory
+    assert engine.attrs["Config"]["User"] == "1000:1000"
+    owner = engine.exec_run(
+        ["python3", "-c", "import os; open('/data/written', 'w').write('x'); print(os.stat('/data').st_uid)"]
+    )
+    assert owner.exit_code == 0 and owner.output.decode().split() == ["1000"], owner.output
+    assert not engine.attrs["NetworkSettings"]["Ports"], "nothing is published"
+    assert client.networks.get(names.network(instance, tenant)).attrs["Internal"] is True
+
+
 def cli(mgr: RunningManager, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(BIN / args[0]), *args[1:]], env=mgr.cli_env(), capture_output=True, text=True, timeout=120, check=False
@@ -71,13 +86,18 @@ def test_tenant_lifecycle_on_real_engines(
 
     for name in ("alpha", "beta"):
         wait_status(api, name, "running")
+    # each engine serves chat, whole and streamed, on its tenant's internal network
     for name in ("alpha", "beta"):
         out = run_probe(
             docker_client, instance, names.network(instance, name), CHAT.format(host="engine", port=8000, model="demo")
         )
         result = json.loads(out.strip().splitlines()[-1])
-        assert result["chat_status"] == 200
-        assert result["chat"]["usage"]["completion_tokens"] > 0
+        assert result["models"] == ["demo"] and result["chat_status"] == 200
+        usage = result["chat"]["usage"]
+        assert usage["completion_tokens"] > 0
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+        assert result["stream_chunks"] > 1 and result["stream_usage"]["completion_tokens"] > 0
+    assert_hardened(docker_client, instance, "alpha", TENANT)
 
     # a third tenant does not fit: refused with the numbers, nothing created
     refused = cli(manager, "add-tenant", "--name", "gamma", "--gpu-memory", "1536M", "--port", "30103")

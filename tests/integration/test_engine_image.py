@@ -1,5 +1,6 @@
-"""Foundation: the CPU engine image serves real vLLM on an internal network, hardened,
-reachable only from its own network."""
+"""The CPU engine image: its parser registries are the manager's lists, and its reasoning
+parsers split thinking from the answer; ``assert_isolated``, the network check the engine tests
+use (an engine serving on its internal network, hardened: test_control_plane.py)."""
 
 from __future__ import annotations
 
@@ -10,79 +11,16 @@ import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import docker
 import pytest
 
 from manager.control.parsers import REASONING_PARSERS, TOOL_PARSERS
-from manager.control.plan import prepare_plan, tenant_plan, warmup_plan
-from manager.control.sizing import Sizing
-from manager.domain import TenantSpec
 from manager.names import Role, labels
-from manager.runtime.docker import DockerRuntime
 
-from .conftest import ENGINE_IMAGE, MANAGER_IMAGE, TEST_PREFIX, remove_instance, run_probe, wait_for
-from .probes import CHAT, CONNECT
-
-G = 1024**3
-
-
-@pytest.mark.slow
-def test_engine_serves_chat_on_its_internal_network_only(
-    docker_client: docker.DockerClient, instance: str, models_dir: Path, manager_settings
-) -> None:
-    settings = manager_settings()
-    runtime = DockerRuntime(docker_client)
-    solo = TenantSpec(name="solo", port=30001, gpu_memory=1536 * 1024**2, model="demo", max_model_len=512)
-    plan = tenant_plan(solo, settings, 24 * G, Sizing(settings).fit(solo))
-    runtime.ensure_network(plan.network)
-    runtime.ensure_volume(plan.volume)
-    # as the reconciler does before an engine's first start: the image has no /data of its own (like
-    # upstream vLLM's), so a new volume is root's until the manager gives it to the engine's user
-    spec = TenantSpec(name="solo", port=30001, gpu_memory=1536 * 1024**2, model="demo", max_model_len=512)
-    code, out = runtime.run_to_completion(prepare_plan(spec, settings), timeout_s=60)
-    assert code == 0, out
-
-    def healthy() -> bool:
-        state = runtime.container(plan.engine.name)
-        assert state is not None and state.status == "running", runtime.logs_tail(plan.engine.name)
-        return state.health == "healthy"
-
-    # as the reconciler does before an engine's first start: a cold page cache (right after the
-    # image build) would otherwise count as used memory and make vLLM refuse its KV cache
-    code, out = runtime.run_to_completion(warmup_plan(settings, "demo"), timeout_s=300)
-    assert code == 0, out
-    runtime.run(plan.engine)
-    wait_for(healthy, 300, "the engine to be healthy", interval=2)
-
-    attrs = docker_client.containers.get(plan.engine.name).attrs
-    host = attrs["HostConfig"]
-    assert host["ReadonlyRootfs"] and host["CapDrop"] == ["ALL"] and host["Memory"] == 1536 * 1024**2
-    assert attrs["Config"]["User"] == "1000:1000"
-    owner = docker_client.containers.get(plan.engine.name).exec_run(
-        ["python3", "-c", "import os; open('/data/written', 'w').write('x'); print(os.stat('/data').st_uid)"]
-    )
-    assert owner.exit_code == 0 and owner.output.decode().split() == ["1000"], owner.output
-    assert not attrs["NetworkSettings"]["Ports"], "nothing is published"
-    assert docker_client.networks.get(plan.network.name).attrs["Internal"] is True
-
-    out = json.loads(
-        run_probe(docker_client, instance, plan.network.name, CHAT.format(host="engine", port=8000, model="demo"))
-        .strip()
-        .splitlines()[-1]
-    )
-    assert out["models"] == ["demo"]
-    assert out["chat_status"] == 200
-    usage = out["chat"]["usage"]
-    assert (
-        usage["completion_tokens"] > 0 and usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
-    )
-    assert out["stream_chunks"] > 1 and out["stream_usage"]["completion_tokens"] > 0
-
-    # the engine reaches neither a listener on another network nor the host itself
-    assert_isolated(docker_client, instance, plan.engine.name)
+from .conftest import ENGINE_IMAGE, MANAGER_IMAGE, TEST_PREFIX, remove_instance, run_probe
+from .probes import CONNECT
 
 
 def assert_isolated(client: docker.DockerClient, instance: str, container: str, *extra: str) -> None:
