@@ -133,12 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("serve", help="run the manager (API, reconciler)")
     sub.add_parser("gateway", help="run a tenant gateway (started by the manager; settings GTM_GATEWAY_*)")
+    sub.add_parser("node-agent", help="serve this node's report to the manager (on a swarm: one on every node)")
     _tenant_commands(sub)
     _member_commands(sub)
     _model_commands(sub)
     _host_commands(sub)
     for name, command in sub.choices.items():
-        if name not in ("serve", "gateway"):  # every admin command prints JSON on request
+        if name not in ("serve", "gateway", "node-agent"):  # every admin command prints JSON on request
             command.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
@@ -772,6 +773,10 @@ def main(argv: Sequence[str] | None = None, api: Api | None = None) -> int:
             from manager.wiring import serve
 
             return serve(settings)
+        if args.command == "node-agent":
+            from manager.agent.main import serve as serve_agent
+
+            return serve_agent(settings)
         return run(args, Api(settings))
     except GtmError as exc:
         print(f"error: {exc.message}", file=sys.stderr)

@@ -33,6 +33,7 @@ class Role(StrEnum):
     PREPARE = "prepare"
     CONVERT = "convert"
     MPS = "mps"
+    AGENT = "agent"
 
 
 def _validate(name: str, what: str, why: str) -> str:
@@ -115,6 +116,11 @@ def mps_daemon(instance: str, device: str) -> str:
     """The MPS control daemon of one device (GPU or MIG instance), named by its UUID: an old-style
     MIG UUID's slashes become dashes."""
     return f"{instance}-mps-" + re.sub(r"[^A-Za-z0-9_.-]", "-", device)
+
+
+def node_agent(instance: str) -> str:
+    """The node agents' global service (one task on every node of a swarm)."""
+    return f"{instance}-node-agent"
 
 
 def control_network(instance: str) -> str:

@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from manager.contract import HOLD_TIMEOUT_S, MAX_WAITING
 from manager.errors import InvalidInput
+from manager.node_report import AGENT_PORT
 from manager.platform import PLATFORMS, Platform, platform_of
 from manager.sizes import parse_size
 
@@ -45,6 +46,8 @@ class Settings(BaseSettings):
     api_port: int = 8080
     api_url: str = "http://127.0.0.1:8080"
     admin_token: SecretStr | None = None
+    agent_token: SecretStr | None = None
+    agent_port: int = AGENT_PORT
 
     console_user: str = "admin"
     console_password: SecretStr | None = None

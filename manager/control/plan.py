@@ -427,6 +427,44 @@ def mps_daemon_plan(settings: Settings, device: str) -> ContainerPlan:
     )
 
 
+DOCKER_SOCKET = "/var/run/docker.sock"
+
+
+def node_agent_plan(settings: Settings, token: str, image_id: str = "") -> ContainerPlan:
+    """The node agent (``manager node-agent``), run on every node of a swarm: it reads its node's
+    devices (NVML through the node's default NVIDIA runtime, or meminfo) and, through the node's
+    Docker socket, the memory and PIDs of the instance's containers there, and serves them on the
+    control overlay to the token. The socket is mounted read-only, but Docker's API is root on the
+    node whatever the mount: the agent is as trusted as the manager, and publishes nothing. Its
+    identity is the plan and ``image_id``: a rebuilt image replaces it on every node."""
+    inst = settings.instance
+    env = {
+        "GTM_AGENT_TOKEN": token,
+        "GTM_AGENT_PORT": str(settings.agent_port),
+        "GTM_INSTANCE": inst,
+        "GTM_GPU_MODE": settings.platform.name,
+    }
+    if settings.platform.name == "nvml":  # NVML only: no compute context, no GPU taken from the engines
+        env |= {"NVIDIA_VISIBLE_DEVICES": "all", "NVIDIA_DRIVER_CAPABILITIES": "utility"}
+    plan = ContainerPlan(
+        name=names.node_agent(inst),
+        image=settings.manager_image,
+        command=["node-agent"],
+        labels=names.labels(inst, Role.AGENT),
+        network=control_network_name(settings),
+        env=env,
+        mounts=[Mount(DOCKER_SOCKET, DOCKER_SOCKET, read_only=True)],
+        user="0:0",
+        read_only=True,
+        cap_drop=["ALL"],
+        pids_limit=64,
+        mem_limit=128 * 1024**2,
+        restart_policy="unless-stopped",
+    )
+    spec_hash = identity(repr(plan), image_id, token)
+    return replace(plan, labels={**plan.labels, names.SPEC_HASH: spec_hash})
+
+
 def gateway_plan(spec: TenantSpec, settings: Settings, gateway_token: str, image_id: str = "") -> ContainerPlan:
     """The gateway's identity is the whole plan plus ``image_id`` (what the image tag points at
     now): any change to how it runs, or a rebuilt image (new gateway code, security fixes

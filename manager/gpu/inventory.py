@@ -25,6 +25,10 @@ class DeviceMemory:
     used: int
     reserved: int = 0
     """What the driver and firmware keep for themselves (NVML v2 ``reserved``): never usable."""
+    node: str = ""
+    """The swarm node it is on (its ID); '' on a single host."""
+    node_name: str = ""
+    """That node's host name, as listings show it."""
 
     @property
     def usable(self) -> int:
@@ -39,13 +43,17 @@ class ProcessMemory:
     device_index: int
     used: int | None
     """None where the driver does not tell (MIG, some vGPU): unknown, never 0."""
+    node: str = ""
+    """The swarm node whose host PID ``pid`` is; '' on a single host."""
 
 
 def device_label(device: DeviceMemory) -> str:
-    """How refusals and listings name a device: ``GPU 1 (GPU-...)``, ``MIG 2 (MIG-...)``; '' in cpu mode."""
+    """How refusals and listings name a device: ``GPU 1 (GPU-...)``, ``MIG 2 (MIG-...)``; '' in cpu
+    mode on a single host; on a swarm with the node's name (``host memory on gpu-host-2``)."""
+    where = f" on {device.node_name or device.node}" if device.node else ""
     if device.kind == "host-memory":
-        return ""
-    return f"{'MIG' if device.kind == 'mig' else 'GPU'} {device.index} ({device.uuid})"
+        return f"host memory{where}" if where else ""
+    return f"{'MIG' if device.kind == 'mig' else 'GPU'} {device.index} ({device.uuid}){where}"
 
 
 def find_device(devices: list[DeviceMemory], wanted: str) -> DeviceMemory:

@@ -107,6 +107,11 @@ class DockerRuntime:
     def ping(self) -> bool:
         return self._call("ping", self._client.ping)
 
+    def node_identity(self) -> tuple[str, str]:
+        """This engine's swarm node ID ('' outside a swarm) and its host name."""
+        info = self._call("reading the engine's info", self._client.info)
+        return str((info.get("Swarm") or {}).get("NodeID") or ""), str(info.get("Name") or "")
+
     # ---------------------------------------------------------------- networks & volumes
     def ensure_network(self, plan: NetworkPlan) -> None:
         def run() -> None:

@@ -12,9 +12,11 @@ What maps how:
 - a plan's ``node`` is a placement constraint on the node's ID;
 - events are read from the tasks' states, polled (a manager's event stream has no task deaths).
 
-Not here yet, and why: a container's memory and host PIDs are its node's to tell (None and an empty
-set here; they need an agent on each node); volumes are node-local, made where a task mounts them
-(``volumes`` lists the manager node's); Swarm services take no IPC mode, shm size or
+A container's memory and host PIDs are its node's to tell: they come from the node agents'
+reports (``reports``; ``run_everywhere`` runs the agents, ``task_addresses`` finds them).
+
+Not here yet, and why: volumes are node-local, made where a task mounts them (``volumes`` lists
+the manager node's); Swarm services take no IPC mode, shm size or
 no-new-privileges option, which these plans' hardening asks of a single host.
 """
 
@@ -30,6 +32,7 @@ import docker
 import docker.errors
 
 from manager.errors import RuntimeUnavailable
+from manager.node_report import NodeReport, ReportedContainer
 from manager.runtime.docker import DockerRuntime
 from manager.runtime.protocol import EventStream
 from manager.runtime.types import ContainerPlan, ContainerState, NetworkPlan, RuntimeEvent
@@ -86,9 +89,10 @@ def newest(tasks: list[dict[str, Any]]) -> dict[str, Any] | None:
     )
 
 
-def service_spec(plan: ContainerPlan, job: bool = False) -> dict[str, Any]:
-    """The Engine API's ServiceSpec for a plan (pure, unit-tested): one replica, or a replicated
-    job for a one-off (``job``: ``run_to_completion``), its hardening as far as Swarm takes it."""
+def service_spec(plan: ContainerPlan, job: bool = False, everywhere: bool = False) -> dict[str, Any]:
+    """The Engine API's ServiceSpec for a plan (pure, unit-tested): one replica, a replicated job
+    for a one-off (``job``: ``run_to_completion``), or one task on every node (``everywhere``: a
+    global service, as the node agents run); its hardening as far as Swarm takes it."""
     container: dict[str, Any] = {
         "Image": plan.image,
         # a removed service's container is killed at once, as ``docker rm -f`` kills one;
@@ -140,7 +144,9 @@ def service_spec(plan: ContainerPlan, job: bool = False) -> dict[str, Any]:
         "Name": plan.name,
         "Labels": plan.labels,
         "TaskTemplate": task,
-        "Mode": {"ReplicatedJob": {"MaxConcurrent": 1, "TotalCompletions": 1}}
+        "Mode": {"Global": {}}
+        if everywhere
+        else {"ReplicatedJob": {"MaxConcurrent": 1, "TotalCompletions": 1}}
         if job
         else {"Replicated": {"Replicas": 1}},
         "EndpointSpec": {
@@ -204,10 +210,18 @@ class SwarmRuntime(DockerRuntime):
     """Networks, volumes, images and ping as ``DockerRuntime`` on the manager node; containers as
     services. ``start_timeout_s``: how long ``run`` waits for a task to be placed and started."""
 
-    def __init__(self, client: docker.DockerClient | None = None, start_timeout_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        client: docker.DockerClient | None = None,
+        start_timeout_s: float = 60.0,
+        reports: Callable[[], dict[str, NodeReport]] | None = None,
+    ) -> None:
         super().__init__(client)
         self._api: Any = self._client.api  # the low-level API: service specs as the Engine API has them
         self.start_timeout_s = start_timeout_s
+        self.reports = reports or (lambda: {})
+        """The node agents' reports by node ID (``runtime.nodes.AgentReader``): what only a task's
+        node can measure. Without them a container's memory is unknown (None)."""
 
     def _driver(self, plan: NetworkPlan) -> dict[str, Any]:
         """An attachable overlay across the nodes; the bridge options of a single host do not apply."""
@@ -251,9 +265,9 @@ class SwarmRuntime(DockerRuntime):
         while self._api.containers(all=True, filters=mine) and time.monotonic() < deadline:
             time.sleep(POLL_S)
 
-    def _create(self, plan: ContainerPlan, job: bool = False) -> str:
+    def _create(self, plan: ContainerPlan, job: bool = False, everywhere: bool = False) -> str:
         self._remove(plan.name)
-        spec = service_spec(plan, job)
+        spec = service_spec(plan, job, everywhere)
         created = self._api.create_service(
             spec["TaskTemplate"], name=spec["Name"], labels=spec["Labels"], mode=spec["Mode"],
             endpoint_spec=spec["EndpointSpec"],
@@ -357,11 +371,53 @@ class SwarmRuntime(DockerRuntime):
 
         return self._call(f"reading the logs of {name}", run)
 
+    def run_everywhere(self, plan: ContainerPlan) -> None:
+        """One task of ``plan`` on every node, now and on each node that joins (a global service);
+        made when missing or when its labels (its spec hash) differ from the plan's."""
+
+        def run() -> None:
+            service = self._service(plan.name)
+            if service is not None and service["Spec"].get("Labels") == plan.labels:
+                return
+            self._create(plan, everywhere=True)
+
+        self._call(f"starting {plan.name} on every node", run)
+
+    def task_addresses(self, name: str, network: str) -> dict[str, str]:
+        """The address on ``network`` of each running task of service ``name``, by node ID."""
+
+        def run() -> dict[str, str]:
+            service = self._service(name)
+            out: dict[str, str] = {}
+            for task in self._tasks(service["ID"]) if service else []:
+                if task.get("Status", {}).get("State") != "running" or not task.get("NodeID"):
+                    continue
+                for attachment in task.get("NetworksAttachments") or []:
+                    if attachment.get("Network", {}).get("Spec", {}).get("Name") == network and attachment.get(
+                        "Addresses"
+                    ):
+                        out[str(task["NodeID"])] = str(attachment["Addresses"][0]).split("/", 1)[0]
+            return out
+
+        return self._call(f"reading the addresses of {name}", run)
+
+    def _reported(self, name: str) -> ReportedContainer | None:
+        """The container of service ``name`` as its node's agent last reported it."""
+        for report in self.reports().values():
+            for container in report.containers:
+                if container.name == name:
+                    return container
+        return None
+
     def memory_usage(self, name: str) -> int | None:
-        return None  # the task's node knows it: not read from a manager node
+        """As the task's node measures it (its agent's report); None when no agent reports it."""
+        found = self._reported(name)
+        return found.memory if found else None
 
     def container_pids(self, name: str) -> set[int]:
-        return set()  # host PIDs are the task's node's
+        """Host PIDs on the task's node (its agent's report); empty when no agent reports it."""
+        found = self._reported(name)
+        return set(found.pids) if found else set()
 
     def published_ports(self) -> dict[int, str]:
         def run() -> dict[int, str]:

@@ -10,20 +10,26 @@ machine, so it joins CI once the suite has been trimmed to make room.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import docker
 import pytest
 
 from manager import names
+from manager.control.plan import control_network_plan, node_agent_plan
+from manager.names import Role
 from manager.runtime.swarm import SwarmRuntime
+from manager.runtime.types import ContainerPlan
+from manager.settings import Settings
 from tests.runtime_contract import RuntimeContract
 
-from .conftest import MANAGER_IMAGE, TEST_PREFIX, free_port
+from .conftest import MANAGER_IMAGE, TEST_PREFIX, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 NODES = ROOT / "scripts" / "swarm-nodes.sh"
@@ -87,3 +93,79 @@ class TestSwarmRuntime(RuntimeContract):
         self, runtime: SwarmRuntime, instance: str, image: str
     ) -> None:
         pytest.skip("Swarm services take no IPC mode: MPS (which needs it) is for a single host")
+
+
+READ_AGENTS = """
+import json, sys
+from manager.runtime.nodes import AgentReader
+reader = AgentReader(lambda: json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3]))
+print(json.dumps({node: report.model_dump() for node, report in reader().items()}))
+"""
+"""Run on the control overlay: the manager's own reader, asking every agent at its task's address."""
+
+HOLD_MEMORY = "import time; held = bytearray(96 * 1024 * 1024); held[::4096] = b'x' * 24576; time.sleep(600)"
+
+
+def test_an_agent_on_every_node_reports_its_node_and_the_containers_there(
+    swarm: docker.DockerClient, tmp_path: Path
+) -> None:
+    """The node agents run as one global service; read over the control overlay by the manager's
+    reader, each reports its own node (its swarm ID, its host memory) and the memory and PIDs of
+    the instance's containers on it: a task holding 96 MiB on node 2 is in node 2's report only."""
+    inst = TEST_PREFIX + secrets.token_hex(4)
+    runtime = SwarmRuntime(swarm)
+    settings = Settings(gpu_mode="cpu", instance=inst, state_dir=tmp_path, manager_image=MANAGER_IMAGE)
+    control = control_network_plan(settings)
+    token = secrets.token_urlsafe(24)
+    node_ids = {n.attrs["Description"]["Engine"]["Labels"]["gtm.swarm-node"]: n.id for n in swarm.nodes.list()}
+    try:
+        runtime.ensure_network(control)
+        runtime.run_everywhere(node_agent_plan(settings, token))
+        agent = names.node_agent(inst)
+        addresses = wait_for(
+            lambda: len(a := runtime.task_addresses(agent, control.name)) == 2 and a,
+            60,
+            "an agent on each node",
+            interval=0.5,
+        )
+        assert set(addresses) == set(node_ids.values())
+        holder = ContainerPlan(
+            name=f"{inst}-t-acme-engine",
+            image=MANAGER_IMAGE,
+            entrypoint=["python3", "-c", HOLD_MEMORY],
+            command=[],
+            labels=names.labels(inst, Role.ENGINE, "acme"),
+            network=control.name,
+            node=node_ids["n2"],
+        )
+        runtime.run(holder)
+
+        def read() -> dict[str, Any] | None:
+            reader = ContainerPlan(
+                name=f"{inst}-read-agents",
+                image=MANAGER_IMAGE,
+                entrypoint=["python3", "-c", READ_AGENTS, json.dumps(addresses), token, str(settings.agent_port)],
+                command=[],
+                labels=names.labels(inst, Role.PROBE),
+                network=control.name,
+                node=node_ids["n1"],
+            )
+            code, out = runtime.run_to_completion(reader, timeout_s=60)
+            assert code == 0, out
+            reports: dict[str, Any] = json.loads(out.strip().splitlines()[-1].split(" ", 1)[-1])
+            held = [c for c in reports.get(node_ids["n2"], {}).get("containers", []) if c["name"] == holder.name]
+            return reports if len(reports) == 2 and held and (held[0]["memory"] or 0) > 96 * 1024**2 else None
+
+        reports = wait_for(read, 60, "both reports, node 2's with the 96 MiB task", interval=1)
+        for node, report in reports.items():
+            assert report["node_id"] == node
+            (device,) = report["devices"]
+            assert device["kind"] == "host-memory" and 0 < device["free"] <= device["total"]
+        (held,) = [c for c in reports[node_ids["n2"]]["containers"] if c["name"] == holder.name]
+        assert held["pids"], "its processes' host PIDs on node 2"
+        assert holder.name not in {c["name"] for c in reports[node_ids["n1"]]["containers"]}
+    finally:
+        for c in runtime.containers(names.selector(inst)):
+            runtime.remove_container(c.name)
+        for n in runtime.networks(names.selector(inst)):
+            runtime.remove_network(n.name)

@@ -27,11 +27,13 @@ def test_the_gateway_side_loads_no_control_plane_module(module: str) -> None:
 
 # ---------------------------------------------------------------- the whole house
 RANKS = {
-    "cli": 6, "wiring": 5, "api": 4, "console": 4, "control": 3, "runtime": 2, "gpu": 2, "volumes": 2, "shared": 1
+    "cli": 6, "wiring": 5, "api": 4, "console": 4, "control": 3, "agent": 3, "runtime": 2, "gpu": 2, "volumes": 2,
+    "shared": 1,
 }  # fmt: skip
 """cli -> wiring (the composition root) -> api | console -> control -> runtime | gpu -> shared
-modules. A module imports only rooms below its own (or its own room); rooms of one rank are
-siblings and import neither each other. The gateway stands apart: it imports shared modules only,
+modules; the node agent (``manager node-agent``) beside control, on runtime and gpu. A module
+imports only rooms below its own (or its own room); rooms of one rank are siblings and import
+neither each other. The gateway stands apart: it imports shared modules only,
 and only the CLI (``manager gateway``) imports it."""
 ROOT = Path(__file__).resolve().parents[2] / "manager"
 

@@ -13,6 +13,7 @@ from manager.control.plan import (
     move_plan,
     mps_daemon_plan,
     mps_thread_percentage,
+    node_agent_plan,
     prepare_plan,
 )
 from manager.control.plan import tenant_plan as plan_with
@@ -346,3 +347,21 @@ def test_mps_is_refused_without_gpus(tmp_path) -> None:
         Settings(gpu_mode="cpu", state_dir=tmp_path, gpu_sharing="mps")
     cpu = Settings(gpu_mode="cpu", state_dir=tmp_path)
     assert "CUDA_MPS_PIPE_DIRECTORY" not in tenant_plan(spec(), cpu, device_total=24 * G).engine.env
+
+
+def test_the_node_agent_reads_its_node_read_only_and_publishes_nothing(settings: Settings, tmp_path) -> None:
+    a = node_agent_plan(settings, "agent-token", image_id="sha256:1")
+    assert a.name == "gtm-node-agent" and a.command == ["node-agent"] and a.image == settings.manager_image
+    assert a.network == "gtm-control" and not a.ports, "served on the control overlay only"
+    (socket,) = a.mounts
+    assert (socket.kind, socket.source, socket.read_only) == ("bind", "/var/run/docker.sock", True)
+    assert a.read_only and a.cap_drop == ["ALL"] and a.mem_limit and a.pids_limit
+    assert a.env["GTM_AGENT_TOKEN"] == "agent-token" and a.env["GTM_GPU_MODE"] == "cpu"
+    assert "NVIDIA_VISIBLE_DEVICES" not in a.env
+    gpu = node_agent_plan(Settings(gpu_mode="nvml", state_dir=tmp_path), "agent-token")
+    assert gpu.env["NVIDIA_DRIVER_CAPABILITIES"] == "utility", "NVML only: no compute context on any GPU"
+    # a new image or token replaces the agents; the same plan does not
+    same = node_agent_plan(settings, "agent-token", image_id="sha256:1").labels[names.SPEC_HASH]
+    assert same == a.labels[names.SPEC_HASH]
+    assert node_agent_plan(settings, "agent-token", image_id="sha256:2").labels[names.SPEC_HASH] != same
+    assert node_agent_plan(settings, "other-token", image_id="sha256:1").labels[names.SPEC_HASH] != same

@@ -77,6 +77,12 @@ def test_a_one_off_plan_is_a_replicated_job_on_no_network() -> None:
     assert spec["TaskTemplate"]["Networks"] == [] and spec["TaskTemplate"]["Placement"]["Constraints"] == []
 
 
+def test_a_plan_run_everywhere_is_a_global_service() -> None:
+    spec = service_spec(gateway(ports={}, node=None), everywhere=True)
+    assert spec["Mode"] == {"Global": {}}
+    assert spec["TaskTemplate"]["Placement"]["Constraints"] == []
+
+
 SERVICE = {
     "ID": "svc1",
     "Spec": {

@@ -1,0 +1,82 @@
+"""The node agents' reports, as the manager reads them: every agent asked at once over the control
+overlay, at most once per ``max_age_s`` (the measured figures of one reconcile round come from one
+reading). An agent that does not answer leaves its node out of the answer, and says why in the log
+once; its figures are unknown then, never the last ones seen."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+from pydantic import ValidationError
+
+from manager.node_report import REPORT_PATH, NodeReport
+
+log = logging.getLogger(__name__)
+TIMEOUT_S = 3.0
+
+
+class AgentReader:
+    """``reader()``: the reports of every agent ``addresses()`` names (node ID -> address), by node ID."""
+
+    def __init__(
+        self,
+        addresses: Callable[[], dict[str, str]],
+        token: str,
+        port: int,
+        max_age_s: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self._addresses, self._port, self._max_age_s, self._clock = addresses, port, max_age_s, clock
+        self._client = httpx.Client(
+            headers={"Authorization": f"Bearer {token}"}, timeout=TIMEOUT_S, transport=transport
+        )
+        self._lock = threading.Lock()
+        self._read_at: float | None = None
+        self._reports: dict[str, NodeReport] = {}
+        self._failing: dict[str, str] = {}
+
+    def __call__(self) -> dict[str, NodeReport]:
+        with self._lock:
+            now = self._clock()
+            if self._read_at is None or now - self._read_at >= self._max_age_s:
+                self._reports, self._read_at = self._read_all(), now
+            return dict(self._reports)
+
+    def _read_all(self) -> dict[str, NodeReport]:
+        addresses = self._addresses()
+        if not addresses:
+            return {}
+        with ThreadPoolExecutor(min(8, len(addresses))) as pool:
+            answers = dict(zip(addresses, pool.map(self._read, addresses.values()), strict=True))
+        out: dict[str, NodeReport] = {}
+        for node, answer in answers.items():
+            if isinstance(answer, NodeReport):
+                out[node] = answer
+                if self._failing.pop(node, None) is not None:
+                    log.info("the agent of node %s answers again", node)
+            elif self._failing.get(node) != answer:
+                self._failing[node] = answer
+                log.warning("the agent of node %s at %s did not report: %s", node, addresses[node], answer)
+        return out
+
+    def _read(self, address: str) -> NodeReport | str:
+        """The report at ``address``, or why there is none."""
+        try:
+            r = self._client.get(f"http://{address}:{self._port}{REPORT_PATH}")
+        except httpx.HTTPError as exc:
+            return f"{type(exc).__name__}: {exc}"
+        if r.status_code != 200:
+            return f"HTTP {r.status_code}: {r.text[:200]}"
+        try:
+            return NodeReport.model_validate_json(r.content)
+        except ValidationError as exc:
+            return f"an unreadable report: {exc.error_count()} errors"
+
+    def close(self) -> None:
+        self._client.close()

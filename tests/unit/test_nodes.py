@@ -1,0 +1,130 @@
+"""Several nodes as the manager sees them: the node agents' reports read at once (real agent
+servers on loopback), one inventory across the nodes, and a swarm container's memory as its node
+reported it."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections.abc import Iterator
+from types import SimpleNamespace
+
+import pytest
+
+from manager.agent.server import make_server
+from manager.errors import GpuUnavailable
+from manager.gpu import device_label
+from manager.gpu.nodes import NodesInventory
+from manager.node_report import NodeReport, ReportedContainer, ReportedDevice, ReportedProcess
+from manager.runtime.nodes import AgentReader
+from manager.runtime.swarm import SwarmRuntime
+
+G = 1024**3
+
+
+def host_memory(node_id: str, hostname: str, free: int, *containers: ReportedContainer) -> NodeReport:
+    device = ReportedDevice(
+        index=0, uuid="host-memory", name="host memory", kind="host-memory", total=64 * G, free=free, used=64 * G - free
+    )
+    return NodeReport(node_id=node_id, hostname=hostname, at=0, devices=[device], containers=list(containers))
+
+
+def gpus(node_id: str, hostname: str, *uuids: str, processes: list[ReportedProcess] | None = None) -> NodeReport:
+    devices = [
+        ReportedDevice(index=i, uuid=u, name="A100", kind="gpu", total=80 * G, free=70 * G, used=10 * G)
+        for i, u in enumerate(uuids)
+    ]
+    return NodeReport(node_id=node_id, hostname=hostname, at=0, devices=devices, processes=processes or [])
+
+
+def test_one_inventory_across_nodes_in_a_stable_order() -> None:
+    reports = {"zz9": host_memory("zz9", "gpu-b", 10 * G), "aa1": host_memory("aa1", "gpu-a", 20 * G)}
+    devices = NodesInventory(lambda: reports).devices()
+    assert [(d.index, d.node, d.node_name, d.free) for d in devices] == [
+        (0, "aa1", "gpu-a", 20 * G),
+        (1, "zz9", "gpu-b", 10 * G),
+    ]
+    assert [d.uuid for d in devices] == ["host-memory@aa1", "host-memory@zz9"]  # one ledger each
+    assert device_label(devices[1]) == "host memory on gpu-b"
+
+
+def test_gpus_keep_their_uuids_and_processes_name_their_device_across_nodes() -> None:
+    reports = {
+        "n2": gpus("n2", "gpu-b", "GPU-b0", processes=[ReportedProcess(pid=100, device_index=0, used=3 * G)]),
+        "n1": gpus("n1", "gpu-a", "GPU-a0", "GPU-a1", processes=[ReportedProcess(pid=100, device_index=1, used=None)]),
+    }
+    inventory = NodesInventory(lambda: reports)
+    devices = inventory.devices()
+    assert [(d.index, d.uuid) for d in devices] == [(0, "GPU-a0"), (1, "GPU-a1"), (2, "GPU-b0")]
+    assert device_label(devices[2]) == "GPU 2 (GPU-b0) on gpu-b"
+    by_node = {(p.node, p.pid): (p.device_index, p.used) for p in inventory.processes()}
+    assert by_node == {("n1", 100): (1, None), ("n2", 100): (2, 3 * G)}  # one PID, two hosts
+
+
+def test_no_report_is_no_inventory_and_an_unknown_kind_is_said() -> None:
+    with pytest.raises(GpuUnavailable, match="no node agent reported"):
+        NodesInventory(dict).devices()
+    odd = host_memory("n1", "a", G).model_copy(
+        update={"devices": [ReportedDevice(index=0, uuid="x", name="x", kind="tpu", total=1, free=1, used=0)]}
+    )
+    with pytest.raises(GpuUnavailable, match="unknown kind 'tpu'"):
+        NodesInventory(lambda: {"n1": odd}).devices()
+
+
+@pytest.fixture
+def agents() -> Iterator[dict[str, str]]:
+    """Two agents answering on loopback addresses of their own (127.0.0.2, 127.0.0.3), one port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.2", 0))
+        port = s.getsockname()[1]
+    servers = []
+    for i, (node, host) in enumerate((("n1", "gpu-a"), ("n2", "gpu-b"))):
+        report = host_memory(node, host, (10 + i) * G, ReportedContainer(name=f"gtm-t-{host}-engine", memory=i * G))
+        server = make_server(f"127.0.0.{i + 2}", port, "agent-token", lambda r=report: r)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+    try:
+        yield {"n1": "127.0.0.2", "n2": "127.0.0.3", "port": str(port)}
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+
+
+def test_every_agent_is_read_at_once_and_a_silent_one_is_left_out_and_logged_once(
+    agents: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    port = int(agents.pop("port"))
+    addresses = dict(agents)
+    now = [0.0]
+    reader = AgentReader(lambda: addresses, "agent-token", port, max_age_s=2.0, clock=lambda: now[0])
+    try:
+        assert {n: r.hostname for n, r in reader().items()} == {"n1": "gpu-a", "n2": "gpu-b"}
+        addresses["n3"] = "127.0.0.4"  # a node whose agent does not answer
+        assert set(reader()) == {"n1", "n2"}, "read again only after max_age_s"
+        with caplog.at_level(logging.WARNING):
+            for _ in range(2):
+                now[0] += 2.0
+                assert set(reader()) == {"n1", "n2"}
+        assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
+        assert "the agent of node n3 at 127.0.0.4 did not report" in caplog.records[0].message
+
+        wrong = AgentReader(lambda: addresses, "another-token", port)
+        assert wrong() == {}, "a report is only for the agents' token"
+        wrong.close()
+    finally:
+        reader.close()
+
+
+def test_a_swarm_containers_memory_and_pids_are_its_nodes_report() -> None:
+    reports = {
+        "n1": host_memory("n1", "gpu-a", G, ReportedContainer(name="gtm-t-acme-engine", memory=3 * G, pids=[7, 9])),
+        "n2": host_memory("n2", "gpu-b", G, ReportedContainer(name="gtm-t-beta-engine", memory=None)),
+    }
+    client = SimpleNamespace(api=SimpleNamespace())  # no Docker call is made for these
+    runtime = SwarmRuntime(client, reports=lambda: reports)  # type: ignore[arg-type]
+    assert runtime.memory_usage("gtm-t-acme-engine") == 3 * G
+    assert runtime.container_pids("gtm-t-acme-engine") == {7, 9}
+    assert runtime.memory_usage("gtm-t-beta-engine") is None  # its node could not read it
+    assert runtime.memory_usage("gtm-t-gone-engine") is None and runtime.container_pids("gtm-t-gone-engine") == set()
