@@ -346,13 +346,15 @@ def identity(*parts: str) -> str:
 
 
 def engine_identity(
-    spec: TenantSpec, image_id: str, gpu_uuid: str | None, sharing: dict[str, str] | None = None
+    spec: TenantSpec, image_id: str, gpu_uuid: str | None, sharing: dict[str, str] | None = None, node: str = ""
 ) -> str:
     """The engine's ``spec-hash``: its spec, the image the tag points at, the GPU it runs on (a
-    tenant moved with --gpu gets a new engine there) and its MPS settings (``sharing``: turning MPS
-    on or off replaces it). cpu mode has no GPU, so its hash is what it was."""
+    tenant moved with --gpu gets a new engine there), its MPS settings (``sharing``: turning MPS
+    on or off replaces it) and its swarm node (a tenant placed on another node gets a new engine
+    there). cpu mode on one host has no GPU or node, so its hash is what it was."""
     parts = [spec.engine_hash()] + ([image_id] if image_id else []) + ([gpu_uuid] if gpu_uuid else [])
     parts += [json.dumps(sharing, sort_keys=True)] if sharing else []
+    parts += [f"node={node}"] if node else []
     return identity(*parts) if len(parts) > 1 else parts[0]
 
 
@@ -465,10 +467,13 @@ def node_agent_plan(settings: Settings, token: str, image_id: str = "") -> Conta
     return replace(plan, labels={**plan.labels, names.SPEC_HASH: spec_hash})
 
 
-def gateway_plan(spec: TenantSpec, settings: Settings, gateway_token: str, image_id: str = "") -> ContainerPlan:
+def gateway_plan(
+    spec: TenantSpec, settings: Settings, gateway_token: str, image_id: str = "", node: str = ""
+) -> ContainerPlan:
     """The gateway's identity is the whole plan plus ``image_id`` (what the image tag points at
     now): any change to how it runs, or a rebuilt image (new gateway code, security fixes
-    included), replaces the running gateway, not only new ones."""
+    included), replaces the running gateway, not only new ones. On a swarm it runs on its engine's
+    ``node``, where the tenant's port is published."""
     inst = settings.instance
     plan = ContainerPlan(
         name=names.gateway(inst, spec.name),
@@ -496,6 +501,7 @@ def gateway_plan(spec: TenantSpec, settings: Settings, gateway_token: str, image
         # the data plane outlives the manager: Docker restarts gateways, even after dockerd restarts
         restart_policy="unless-stopped",
         healthcheck=http_healthcheck(GATEWAY_ADMIN_PORT, "/healthz", 30),
+        node=node or None,
     )
     ident = identity(json.dumps(asdict(plan), sort_keys=True, default=str), image_id)
     return replace(plan, labels={**plan.labels, names.SPEC_HASH: ident})
@@ -510,10 +516,11 @@ def tenant_plan(
     gateway_token: str = "",
     image_ids: dict[str, str] | None = None,
     parsers: EngineParsers = NO_PARSERS,
+    node: str = "",
 ) -> TenantPlan:
     """``device_total``: the device's CUDA total (``DeviceMemory.usable``); ``fit``: the split of the
     reservation (``sizing.Sizing.fit``); ``gpu_uuid``: its UUID
-    (nvml). ``image_ids``: image name -> the ID it points at now (from the runtime); part of each
+    (nvml); ``node``: the swarm node of the device ('' on one host). ``image_ids``: image name -> the ID it points at now (from the runtime); part of each
     container's identity, so a rebuilt image under the same tag replaces the containers."""
     inst = settings.instance
     ids = image_ids or {}
@@ -532,7 +539,7 @@ def tenant_plan(
             inst,
             Role.ENGINE,
             spec.name,
-            spec_hash=engine_identity(spec, engine_image_id, gpu_uuid, mps),
+            spec_hash=engine_identity(spec, engine_image_id, gpu_uuid, mps, node),
         ),
         network=net,
         aliases=[names.ENGINE_ALIAS],
@@ -548,6 +555,7 @@ def tenant_plan(
         cpu_shares=cpu_shares(spec),
         gpu_device_ids=settings.platform.devices(gpu_uuid),
         healthcheck=http_healthcheck(ENGINE_PORT, "/health", int(settings.engine_start_timeout_s)),
+        node=node or None,
     )
     return TenantPlan(
         network=NetworkPlan(
@@ -556,5 +564,5 @@ def tenant_plan(
         volume=None if spec.encrypted else VolumePlan(vol, names.labels(inst, Role.VOLUME, spec.name)),
         engine=engine,
         gateway_volume=VolumePlan(names.gateway_volume(inst, spec.name), names.labels(inst, Role.VOLUME, spec.name)),
-        gateway=gateway_plan(spec, settings, gateway_token, ids.get(settings.manager_image, "")),
+        gateway=gateway_plan(spec, settings, gateway_token, ids.get(settings.manager_image, ""), node),
     )

@@ -347,6 +347,7 @@ class Reconciler:
                 row.spec.model,
                 lambda: self.sizing.model_text(row.spec.model),
             ),
+            node=device.node,
         )
         self.runtime.ensure_network(control_network_plan(self.settings))
         self.runtime.ensure_network(plan.network)

@@ -365,3 +365,14 @@ def test_the_node_agent_reads_its_node_read_only_and_publishes_nothing(settings:
     assert same == a.labels[names.SPEC_HASH]
     assert node_agent_plan(settings, "agent-token", image_id="sha256:2").labels[names.SPEC_HASH] != same
     assert node_agent_plan(settings, "other-token", image_id="sha256:1").labels[names.SPEC_HASH] != same
+
+
+def test_on_a_swarm_the_engine_and_gateway_run_on_the_devices_node(settings: Settings) -> None:
+    here = tenant_plan(spec(), settings, device_total=24 * G)
+    there = tenant_plan(spec(), settings, device_total=24 * G, node="n2id")
+    assert (here.engine.node, here.gateway.node) == (None, None), "one host: no constraint, hashes as before"
+    assert (there.engine.node, there.gateway.node) == ("n2id", "n2id"), "the port is published where the engine runs"
+    for role in ("engine", "gateway"):  # placed on another node: new containers there
+        assert getattr(here, role).labels[names.SPEC_HASH] != getattr(there, role).labels[names.SPEC_HASH]
+    again = tenant_plan(spec(), settings, device_total=24 * G, node="n2id")
+    assert again.engine.labels == there.engine.labels and again.gateway.labels == there.gateway.labels
