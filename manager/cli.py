@@ -362,7 +362,9 @@ def _print_capacity(out: dict[str, Any]) -> None:
     """One block per device: its totals, then its tenants."""
     for ledger in out.get("devices") or [{**out, "process_overhead": 0}]:
         d = ledger["device"]
-        where = f"{d['kind'].upper()} {d['index']} {d['uuid']}: " if d["kind"] != "host-memory" else ""
+        on = f" on {d.get('node_name') or d['node']}" if d.get("node") else ""  # a swarm node's device
+        where = f"{d['kind'].upper()} {d['index']} {d['uuid']}{on}: " if d["kind"] != "host-memory" else ""
+        where = where or (f"host memory{on}: " if on else "")
         driver = f", kept by the driver {format_size(d['reserved'])}" if d.get("reserved") else ""
         contexts = (
             f", {format_size(ledger['process_overhead'])} context per engine" if ledger["process_overhead"] else ""

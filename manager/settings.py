@@ -81,6 +81,10 @@ class Settings(BaseSettings):
     each engine capped at the memory admission counted for it, with its share of the SMs
     (``plan.mps_env``)."""
 
+    runtime: Literal["docker", "swarm"] = "docker"
+    """What runs the containers: this host's Docker engine, or a Docker Swarm through a manager
+    node's engine (``runtime.swarm``: tenants placed across the nodes, a node agent on each)."""
+
     reconcile_interval_s: float = 30.0
     usage_interval_s: float = 15.0
     sleep_check_s: float = 1.0
@@ -117,6 +121,12 @@ class Settings(BaseSettings):
     def _refuse_mps_without_gpus(self) -> Settings:
         if self.gpu_sharing == "mps" and self.gpu_mode == "cpu":
             raise ValueError("GTM_GPU_SHARING=mps shares NVIDIA GPUs: it needs GTM_GPU_MODE=nvml")
+        return self
+
+    @model_validator(mode="after")
+    def _refuse_mps_on_a_swarm(self) -> Settings:
+        if self.gpu_sharing == "mps" and self.runtime == "swarm":
+            raise ValueError("GTM_GPU_SHARING=mps needs an IPC mode that Swarm services lack: use GTM_RUNTIME=docker")
         return self
 
     @model_validator(mode="after")

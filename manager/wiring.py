@@ -27,9 +27,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from pydantic import SecretStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from manager import __version__
+from manager import __version__, names
 from manager.api.deps import Admin
 from manager.api.docs import DOCS_PATHS, add_docs
 from manager.api.metrics import Metrics
@@ -38,14 +39,18 @@ from manager.console.routes import LoginRequired
 from manager.console.routes import router as console_router
 from manager.console.session import COOKIE, Flashes, LoginLimiter, Sessions
 from manager.control.gateway_client import Connect, GatewayClient
+from manager.control.plan import control_network_plan, node_agent_plan
 from manager.control.reconciler import Reconciler
 from manager.control.service import TenantService
 from manager.control.sqlite_store import SqliteStore, preflight
 from manager.control.store import TenantStore
 from manager.errors import AdmissionRefused, GtmError
 from manager.gpu import Inventory, open_inventory
+from manager.gpu.nodes import NodesInventory
 from manager.runtime.docker import DockerRuntime
+from manager.runtime.nodes import AgentReader
 from manager.runtime.protocol import Runtime
+from manager.runtime.swarm import SwarmRuntime
 from manager.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -90,9 +95,18 @@ def load_admin_token(settings: Settings) -> str:
     The CLI inside the manager container reads the same file, so `docker exec
     manager add-tenant ...` needs no token on the command line.
     """
-    if settings.admin_token is not None:
-        return settings.admin_token.get_secret_value()
-    path = admin_token_file(settings)
+    return _load_token(settings.admin_token, admin_token_file(settings))
+
+
+def load_agent_token(settings: Settings) -> str:
+    """GTM_AGENT_TOKEN, else the one saved in the state dir, else a new one saved there (0600):
+    what the manager gives its node agents and presents to them."""
+    return _load_token(settings.agent_token, settings.state_dir / "agent-token")
+
+
+def _load_token(given: SecretStr | None, path: Path) -> str:
+    if given is not None:
+        return given.get_secret_value()
     if path.exists():
         return path.read_text().strip()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,12 +125,30 @@ def build_components(
 ) -> Components:
     """The control plane; ``runtime``, ``inventory`` and ``connect`` (the gateways' admin
     client) replace the real ones in tests."""
+    if settings.runtime == "swarm" and runtime is None:
+        runtime, nodes = open_swarm(settings)
+        inventory = inventory or nodes
     inventory = inventory or open_inventory(settings.platform)
     runtime = runtime or DockerRuntime()
     store = SqliteStore(settings.database_path)
     reconciler = Reconciler(settings, store, runtime, inventory, connect=connect or GatewayClient)
     service = TenantService(settings, store, runtime, inventory, reconciler)
     return Components(store, inventory, reconciler, service, load_admin_token(settings))
+
+
+def open_swarm(settings: Settings) -> tuple[SwarmRuntime, NodesInventory]:
+    """The swarm's runtime and the inventory of every node, both read from the node agents, which
+    it starts on every node (a global service on the control overlay, replaced when the manager's
+    image or the agents' token changes). The manager must run on that overlay to reach them."""
+    token = load_agent_token(settings)
+    runtime = SwarmRuntime()
+    agents = names.node_agent(settings.instance)
+    control = control_network_plan(settings)
+    reader = AgentReader(lambda: runtime.task_addresses(agents, control.name), token, settings.agent_port)
+    runtime.reports = reader
+    runtime.ensure_network(control)
+    runtime.run_everywhere(node_agent_plan(settings, token, runtime.image_id(settings.manager_image) or ""))
+    return runtime, NodesInventory(reader)
 
 
 def create_app(settings: Settings, **overrides: Any) -> FastAPI:

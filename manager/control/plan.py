@@ -519,9 +519,10 @@ def tenant_plan(
     node: str = "",
 ) -> TenantPlan:
     """``device_total``: the device's CUDA total (``DeviceMemory.usable``); ``fit``: the split of the
-    reservation (``sizing.Sizing.fit``); ``gpu_uuid``: its UUID
-    (nvml); ``node``: the swarm node of the device ('' on one host). ``image_ids``: image name -> the ID it points at now (from the runtime); part of each
-    container's identity, so a rebuilt image under the same tag replaces the containers."""
+    reservation (``sizing.Sizing.fit``); ``gpu_uuid``: its UUID (nvml); ``node``: the swarm node of
+    the device ('' on one host). ``image_ids``: image name -> the ID it points at now (from the
+    runtime); part of each container's identity, so a rebuilt image under the same tag replaces
+    the containers."""
     inst = settings.instance
     ids = image_ids or {}
     engine_image_id = ids.get(settings.engine_image, "")

@@ -345,6 +345,8 @@ def test_the_mps_daemon_is_hardened_and_named_by_its_device(tmp_path) -> None:
 def test_mps_is_refused_without_gpus(tmp_path) -> None:
     with pytest.raises(ValueError, match="GTM_GPU_SHARING=mps"):
         Settings(gpu_mode="cpu", state_dir=tmp_path, gpu_sharing="mps")
+    with pytest.raises(ValueError, match="use GTM_RUNTIME=docker"):  # Swarm services take no IPC mode
+        Settings(gpu_mode="nvml", state_dir=tmp_path, gpu_sharing="mps", runtime="swarm")
     cpu = Settings(gpu_mode="cpu", state_dir=tmp_path)
     assert "CUDA_MPS_PIPE_DIRECTORY" not in tenant_plan(spec(), cpu, device_total=24 * G).engine.env
 
