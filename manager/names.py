@@ -102,8 +102,9 @@ def port_probe(instance: str, port: int) -> str:
     return f"{instance}-port-probe-{port}"
 
 
-def warmup(instance: str) -> str:
-    return f"{instance}-engine-warmup"
+def warmup(instance: str, node: str = "") -> str:
+    """The page-cache warm-up; on a swarm one per node (they run at once on different nodes)."""
+    return f"{instance}-engine-warmup" + (f"-{node[:12]}" if node else "")
 
 
 def converter(instance: str, model: str) -> str:

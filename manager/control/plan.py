@@ -163,11 +163,12 @@ empty: Docker copies an image's mount point, owner included, into an empty volum
 which would give a volume back to root when an image has /data of its own."""
 
 
-def prepare_plan(spec: TenantSpec, settings: Settings) -> ContainerPlan:
+def prepare_plan(spec: TenantSpec, settings: Settings, node: str = "") -> ContainerPlan:
     """A one-off container that gives the tenant's volume to the engine's user before its engine
     starts. A new named volume is root's (0755) unless the image has the mount point with other
     owners, and the upstream vLLM image has no /data: its engine, running as uid 1000, could not
-    write its caches. It runs from the engine image as root with CHOWN alone, no network."""
+    write its caches. It runs from the engine image as root with CHOWN alone, no network; on a
+    swarm on the engine's ``node``, where the volume is."""
     return ContainerPlan(
         name=names.prepare(settings.instance, spec.name),
         image=settings.engine_image,
@@ -175,6 +176,7 @@ def prepare_plan(spec: TenantSpec, settings: Settings) -> ContainerPlan:
         command=[],
         labels=names.labels(settings.instance, Role.PREPARE, spec.name),
         network="none",
+        node=node or None,
         mounts=[Mount(data_source(spec, settings), "/data")],
         user="0:0",
         cap_add=["CHOWN"],
@@ -234,9 +236,10 @@ def engine_env(settings: Settings) -> dict[str, str]:
     return env | settings.platform.engine_env()
 
 
-def warmup_plan(settings: Settings, model: str) -> ContainerPlan:
+def warmup_plan(settings: Settings, model: str, node: str = "") -> ContainerPlan:
     """A one-off container that reads the engine's Python packages and the model once, so that
-    they are in the host's page cache before an engine starts (cpu mode).
+    they are in the host's page cache before an engine starts (cpu mode); on a swarm, in the page
+    cache of the engine's ``node``.
 
     Why: vLLM's CPU backend sizes its KV cache against ``cgroup limit - cgroup usage``, and
     cgroup usage counts the page cache an engine charges to itself by reading its libraries
@@ -247,12 +250,13 @@ def warmup_plan(settings: Settings, model: str) -> ContainerPlan:
     no memory limit on purpose: a limit would evict what it reads.
     """
     return ContainerPlan(
-        name=names.warmup(settings.instance),
+        name=names.warmup(settings.instance, node),
         image=settings.engine_image,
         entrypoint=["python3", "-c", WARMUP_CODE],
         command=[f"/models/{model}"],
         labels=names.labels(settings.instance, Role.WARMUP),
         network="none",
+        node=node or None,
         mounts=[Mount(settings.models_source, "/models", read_only=True)],
         pids_limit=64,
     )

@@ -137,8 +137,9 @@ class Reconciler:
         self.wake_times: list[float] = []
         """Seconds each wake of this process took, from the request that found its tenant asleep
         to its engine serving (exported as p50/p99)."""
-        self._prepared: set[str] = set()
-        """Tenants whose volume this manager process gave to the engine's user (``plan.prepare_plan``)."""
+        self._prepared: dict[str, str] = {}
+        """Tenants whose volume this manager process gave to the engine's user (``plan.prepare_plan``),
+        with the swarm node it is on ('' on one host)."""
         self._served: set[str] = set()
         """Engine containers (by ID) seen healthy: one that dies after serving is replaced at once."""
         self._events: EventStream | None = None
@@ -606,14 +607,14 @@ class Reconciler:
             return POLL_STARTING_S
         if self._waiting_for_sleepers(row):
             return POLL_STARTING_S
-        if self.settings.platform.warms_up and not self.warmer.ready(row.spec.model):
+        if self.settings.platform.warms_up and not self.warmer.ready(row.spec.model, device.node):
             self._take_gate(row)  # no other engine starts while this cache warms
             self._set_status(row, TenantStatus.STARTING, "reading the engine image and model into the page cache")
             return POLL_STARTING_S
         if not self._mps_ready(row, device):
             return POLL_STARTING_S
         self._open_volume(row)
-        self._prepare(row)
+        self._prepare(row, device.node)
         self.runtime.run(plan)
         self._take_gate(row)
         now_row = self.store.find_tenant(name)
@@ -702,7 +703,7 @@ class Reconciler:
         try:
             made = self.vault.ready(row.spec, ENGINE_UID)
             if made:
-                self._prepared.discard(row.spec.name)  # a new volume: given to the engine's user again
+                self._prepared.pop(row.spec.name, None)  # a new volume: given to the engine's user again
             self._move_plain_data(row, made)
         except GtmError as exc:
             self._set_status(row, TenantStatus.FAILED, f"encrypted volume: {exc.message}")
@@ -732,18 +733,19 @@ class Reconciler:
         self.runtime.remove_volume(plain)
         log.info("moved the data of %s into its encrypted volume", name)
 
-    def _prepare(self, row: TenantRow) -> None:
-        """Gives the tenant's volume to the engine's user, once per manager process (it is idempotent;
-        a volume created by Docker on its own, or an older release's, is fixed too)."""
+    def _prepare(self, row: TenantRow, node: str) -> None:
+        """Gives the tenant's volume (on ``node``, on a swarm) to the engine's user, once per manager
+        process and node (it is idempotent; a volume created by Docker on its own, or an older
+        release's, is fixed too)."""
         name = row.spec.name
-        if name in self._prepared:
+        if self._prepared.get(name) == node:
             return
-        code, out = self.runtime.run_to_completion(prepare_plan(row.spec, self.settings), PREPARE_TIMEOUT_S)
+        code, out = self.runtime.run_to_completion(prepare_plan(row.spec, self.settings, node), PREPARE_TIMEOUT_S)
         if code != 0:
             raise RuntimeUnavailable(
                 f"could not give the volume of {name} to the engine's user (exit {code}): {out.strip()[-300:]}"
             )
-        self._prepared.add(name)
+        self._prepared[name] = node
 
     def _profiling_elsewhere(self, name: str, containers: list[ContainerState], device: str | None) -> str:
         """nvml: the tenant whose engine holds the start gate of ``device`` (None: of any device)
@@ -825,7 +827,7 @@ class Reconciler:
             self.runtime.remove_volume(vol.name)
         self.vault.erase(name)
         self._release_gate(name)
-        self._prepared.discard(name)
+        self._prepared.pop(name, None)
         self.store.clear_engine_failure(name)
 
     def _release_gate(self, name: str) -> None:

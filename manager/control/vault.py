@@ -56,6 +56,8 @@ class Vault:
         """Why an encrypted tenant cannot be made or opened here; None: it can."""
         if self.settings.volume_encryption == "off":
             return "encrypted volumes are off on this host (GTM_VOLUME_ENCRYPTION=off)"
+        if self.settings.runtime == "swarm":  # made and opened on the manager's host: no other node binds it
+            return "encrypted volumes are made on the manager's own host, which a swarm's other nodes cannot mount"
         return self.volumes.problem() or self.keyring.problem()
 
     def status(self) -> dict[str, object]:

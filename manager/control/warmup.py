@@ -21,23 +21,23 @@ turns (later turns only look whether it has ended)."""
 
 
 class PageCacheWarmer:
-    """Once per manager process and model (and again after a start failed for a cold cache)."""
+    """Once per manager process, model and node (and again after a start failed for a cold cache)."""
 
     def __init__(self, settings: Settings, runtime: Runtime) -> None:
         self.settings, self.runtime = settings, runtime
-        self._warmed: set[tuple[str, str]] = set()
-        self.warming: dict[tuple[str, str], threading.Thread] = {}
-        """The warm-ups running, by (engine image, model)."""
+        self._warmed: set[tuple[str, str, str]] = set()
+        self.warming: dict[tuple[str, str, str], threading.Thread] = {}
+        """The warm-ups running, by (engine image, model, swarm node ('' on one host))."""
 
-    def ready(self, model: str) -> bool:
-        """True once the model's warm-up has ended (also when it failed: that never blocks a
-        start); False while it runs (the first call begins it)."""
-        key = (self.settings.engine_image, model)
+    def ready(self, model: str, node: str = "") -> bool:
+        """True once the model's warm-up (on ``node``) has ended (also when it failed: that never
+        blocks a start); False while it runs (the first call begins it)."""
+        key = (self.settings.engine_image, model, node)
         if key in self._warmed:
             return True
         thread = self.warming.get(key)
         if thread is None:
-            thread = threading.Thread(target=self._warm_up, args=(model,), name=f"warm-up-{model}", daemon=True)
+            thread = threading.Thread(target=self._warm_up, args=(model, node), name=f"warm-up-{model}", daemon=True)
             self.warming[key] = thread
             thread.start()
             thread.join(WARMUP_WAIT_S)  # an already warm cache ends within this: no extra round on the queue
@@ -48,13 +48,13 @@ class PageCacheWarmer:
         return True
 
     def forget(self, model: str) -> None:
-        """An engine of this model met a cold cache: warm it again before the next start."""
-        self._warmed.discard((self.settings.engine_image, model))
+        """An engine of this model met a cold cache: warm it again (on every node) before the next start."""
+        self._warmed = {key for key in self._warmed if key[:2] != (self.settings.engine_image, model)}
 
-    def _warm_up(self, model: str) -> None:
+    def _warm_up(self, model: str, node: str) -> None:
         started = time.monotonic()
         try:
-            code, out = self.runtime.run_to_completion(warmup_plan(self.settings, model), WARMUP_TIMEOUT_S)
+            code, out = self.runtime.run_to_completion(warmup_plan(self.settings, model, node), WARMUP_TIMEOUT_S)
         except Exception as exc:  # never blocks a start: at worst the engine meets a cold cache once
             log.warning("page-cache warm-up for %s failed: %r", model, exc)
             return

@@ -340,7 +340,7 @@ def test_a_long_warm_up_never_holds_up_other_tenants_key_changes(world, monkeypa
     assert len(gateways.configs["token-a"].keys) == 2
 
     release.set()
-    rec.warmer.warming[(rec.settings.engine_image, "other")].join(5)
+    rec.warmer.warming[(rec.settings.engine_image, "other", "")].join(5)
     rec.reconcile("b")
     assert runtime.container(engine("b")) is not None
     assert runtime.completed.count(names.warmup(INSTANCE)) == 2  # a's model once, b's once
