@@ -379,13 +379,15 @@ class Removal(BaseModel):
 
 class DevicePublic(BaseModel):
     index: int = Field(description="what --gpu N names")
-    uuid: str = Field(description="GPU-... or MIG-...; host-memory in cpu mode")
+    uuid: str = Field(description="GPU-... or MIG-...; host-memory in cpu mode (host-memory@<node ID> on a swarm)")
     name: str
     kind: str = Field(description="gpu, mig or host-memory")
     total: int
     free: int
     used: int
     reserved: int = Field(0, description="kept by the driver (NVML v2); never usable")
+    node: str = Field("", description="the swarm node's ID (GTM_RUNTIME=swarm); '' on a single host")
+    node_name: str = Field("", description="that node's host name")
 
 
 class TenantCapacity(BaseModel):
