@@ -84,6 +84,8 @@ class Settings(BaseSettings):
     runtime: Literal["docker", "swarm"] = "docker"
     """What runs the containers: this host's Docker engine, or a Docker Swarm through a manager
     node's engine (``runtime.swarm``: tenants placed across the nodes, a node agent on each)."""
+    docker_socket: str = "/var/run/docker.sock"
+    """Where each swarm node's Docker socket is, on the node: what its node agent mounts."""
 
     reconcile_interval_s: float = 30.0
     usage_interval_s: float = 15.0

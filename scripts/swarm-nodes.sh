@@ -11,6 +11,7 @@
 #   scripts/swarm-nodes.sh kill I       SIGKILL node I's dockerd (a lost host); its containers keep running
 #   scripts/swarm-nodes.sh start I      start node I again; its swarm state makes it rejoin
 #   scripts/swarm-nodes.sh host I       the DOCKER_HOST of node I
+#   scripts/swarm-nodes.sh socket       where each node's socket is inside its own mount namespace
 #   scripts/swarm-nodes.sh down         stop every node (by PID), their containers and namespaces
 #
 # Why not the system dockerd: bookworm's 20.10 rejects a service with a generic resource and an
@@ -20,6 +21,7 @@ source "$(dirname "$0")/lib.sh"
 SWARM_BASE=${GTM_SWARM_BASE:-/run/gtm-swarm}
 SWARM_DOCKER=${GTM_SWARM_DOCKER:-$GTM_CACHE/swarm-docker}
 BRIDGE_NS=gtmsw-br
+NODE_RUN=/run/gtm-swarm-node
 
 node_ns() { echo "gtmsw-n$1"; }
 node_addr() { echo "127.10.0.$1"; }
@@ -49,10 +51,15 @@ start_node() {
   local i=$1 dir=$SWARM_BASE/n$1
   mkdir -p "$dir/data" "$dir/exec"
   echo '{}' >"$dir/daemon.json"
-  # a private mount namespace: the node's container mounts stay out of the host's table
+  # a private mount namespace: the node's container mounts stay out of the host's table; in it a
+  # tmpfs of its own at $NODE_RUN, where the node's socket has the same path on every node (what a
+  # global service, the node agents, mounts: GTM_DOCKER_SOCKET)
+  mkdir -p "$NODE_RUN"
   setsid nsenter --net="/run/netns/$(node_ns "$i")" -- unshare --mount --propagation slave -- \
+    sh -c 'mount -t tmpfs -o size=1m,mode=0755 tmpfs "$0" && exec "$@"' "$NODE_RUN" \
     env PATH="$SWARM_DOCKER/usr/bin:$SWARM_DOCKER/usr/sbin:$PATH" dockerd --config-file "$dir/daemon.json" \
       --data-root "$dir/data" --exec-root "$dir/exec" --pidfile "$dir/docker.pid" -H "$(node_sock "$i")" \
+      -H "unix://$NODE_RUN/docker.sock" \
       --containerd-namespace "gtmsw-n$i" --containerd-plugins-namespace "gtmsw-n$i-plugins" \
       --cgroup-parent "/gtmsw-n$i" --iptables=false --ip-masq=false --bridge=none \
       --swarm-default-advertise-addr "$(node_addr "$i")" --label "gtm.swarm-node=n$i" \
@@ -158,6 +165,7 @@ case "${1:-}" in
   kill) kill_node "$2" ;;
   start) start_node "$2" ;;
   host) node_sock "$2" ;;
+  socket) echo "$NODE_RUN/docker.sock" ;;
   down) down ;;
-  *) echo "usage: $0 fetch | up [N] | load IMAGE | kill I | start I | host I | down" >&2; exit 2 ;;
+  *) echo "usage: $0 fetch | up [N] | load IMAGE | kill I | start I | host I | socket | down" >&2; exit 2 ;;
 esac

@@ -459,7 +459,7 @@ def node_agent_plan(settings: Settings, token: str, image_id: str = "") -> Conta
         labels=names.labels(inst, Role.AGENT),
         network=control_network_name(settings),
         env=env,
-        mounts=[Mount(DOCKER_SOCKET, DOCKER_SOCKET, read_only=True)],
+        mounts=[Mount(settings.docker_socket, DOCKER_SOCKET, read_only=True)],
         user="0:0",
         read_only=True,
         cap_drop=["ALL"],

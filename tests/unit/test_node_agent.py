@@ -1,6 +1,6 @@
 """The node agent: what its report holds (built from the real host-memory inventory and the
 in-memory runtime), and what its server answers whom. On a real swarm, one agent per node:
-tests/integration/test_runtime_swarm.py."""
+tests/integration/test_swarm.py."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The swarm runtime's pure parts: a plan as a service spec, a task as a container's state
-(``manager.runtime.swarm``; the runtime itself: tests/integration/test_runtime_swarm.py)."""
+(``manager.runtime.swarm``; the runtime itself: tests/integration/test_swarm.py)."""
 
 from __future__ import annotations
 

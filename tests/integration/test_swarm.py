@@ -14,6 +14,7 @@ import json
 import os
 import secrets
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,10 +30,13 @@ from manager.runtime.types import ContainerPlan
 from manager.settings import Settings
 from tests.runtime_contract import RuntimeContract
 
-from .conftest import MANAGER_IMAGE, TEST_PREFIX, free_port, wait_for
+from .conftest import ENGINE_IMAGE, MANAGER_IMAGE, TEST_PREFIX, free_port, wait_for
+from .probes import CONNECT
+from .test_stack import KEY_LINE
 
 ROOT = Path(__file__).resolve().parents[2]
 NODES = ROOT / "scripts" / "swarm-nodes.sh"
+SWARM_DOCKER = Path(os.environ.get("GTM_CACHE", "/var/cache/gpu-tenant-manager")) / "swarm-docker"
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("GTM_SWARM_TESTS") != "1" or os.geteuid() != 0,
@@ -114,7 +118,9 @@ def test_an_agent_on_every_node_reports_its_node_and_the_containers_there(
     the instance's containers on it: a task holding 96 MiB on node 2 is in node 2's report only."""
     inst = TEST_PREFIX + secrets.token_hex(4)
     runtime = SwarmRuntime(swarm)
-    settings = Settings(gpu_mode="cpu", instance=inst, state_dir=tmp_path, manager_image=MANAGER_IMAGE)
+    settings = Settings(
+        gpu_mode="cpu", instance=inst, state_dir=tmp_path, manager_image=MANAGER_IMAGE, docker_socket=nodes("socket")
+    )
     control = control_network_plan(settings)
     token = secrets.token_urlsafe(24)
     node_ids = {n.attrs["Description"]["Engine"]["Labels"]["gtm.swarm-node"]: n.id for n in swarm.nodes.list()}
@@ -165,6 +171,109 @@ def test_an_agent_on_every_node_reports_its_node_and_the_containers_there(
         assert held["pids"], "its processes' host PIDs on node 2"
         assert holder.name not in {c["name"] for c in reports[node_ids["n1"]]["containers"]}
     finally:
+        for c in runtime.containers(names.selector(inst)):
+            runtime.remove_container(c.name)
+        for n in runtime.networks(names.selector(inst)):
+            runtime.remove_network(n.name)
+
+
+# ------------------------------------------------------------------ the manager on the swarm
+
+CHAT_FROM_NODE = """
+import sys, openai
+client = openai.OpenAI(base_url=f"http://{sys.argv[1]}/v1", api_key=sys.argv[2], max_retries=0)
+answer = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+print(answer.usage.completion_tokens)
+"""
+"""The OpenAI SDK, run in a node's network namespace: the tenant's port is published on its node."""
+
+
+def on_node(i: int, *argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """The swarm's own docker CLI against node ``i``'s engine."""
+    env = {**os.environ, "PATH": f"{SWARM_DOCKER}/usr/bin:{os.environ['PATH']}", "DOCKER_HOST": nodes("host", str(i))}
+    return subprocess.run(["docker", *argv], env=env, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def test_the_manager_on_the_swarm_places_a_tenant_on_another_node_where_it_serves(
+    swarm: docker.DockerClient, models_dir: Path
+) -> None:
+    """An admin's path: ``scripts/swarm-up.sh`` on node 1 runs the manager as a swarm service;
+    ``docker exec`` into it adds a tenant on node 2's device; its engine and gateway run on node 2,
+    a chat through the OpenAI SDK at node 2's address is served and metered, the manager measures
+    the engine's memory through node 2's agent, and the engine reaches neither the manager nor
+    anything outside its tenant's network."""
+    nodes("load", ENGINE_IMAGE)
+    inst = TEST_PREFIX + secrets.token_hex(4)
+    runtime = SwarmRuntime(swarm)
+    node_ids = {n.attrs["Description"]["Engine"]["Labels"]["gtm.swarm-node"]: n.id for n in swarm.nodes.list()}
+    env = {
+        **os.environ,
+        "PATH": f"{SWARM_DOCKER}/usr/bin:{os.environ['PATH']}",
+        "DOCKER_HOST": nodes("host", "1"),
+        "GTM_SWARM_STACK": inst,
+        "GTM_INSTANCE": inst,
+        "GTM_STATE_VOLUME": f"{inst}-state",
+        "GTM_CONTROL_NETWORK": f"{inst}-control",
+        "GTM_CONSOLE_PORT": str(free_port()),
+        "GTM_MODELS_PATH": str(models_dir),
+        "GTM_MANAGER_IMAGE": MANAGER_IMAGE,
+        "GTM_ENGINE_IMAGE": ENGINE_IMAGE,
+        "GTM_DOCKER_SOCKET": nodes("socket"),
+    }
+    try:
+        up = subprocess.run(
+            ["bash", "scripts/swarm-up.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False
+        )
+        assert up.returncode == 0, up.stderr[-3000:] + up.stdout[-2000:]
+        manager = on_node(1, "ps", "-q", "-f", f"label=com.docker.swarm.service.name={inst}_manager").stdout.split()[0]
+
+        def dexec(*argv: str) -> subprocess.CompletedProcess[str]:
+            return on_node(1, "exec", manager, *argv, timeout=600)
+
+        capacity = json.loads(dexec("capacity", "--json").stdout)
+        devices = {d["device"]["node"]: d["device"] for d in capacity["devices"]}
+        assert set(devices) == set(node_ids.values()), capacity
+        there = devices[node_ids["n2"]]
+        assert there["uuid"] == f"host-memory@{node_ids['n2']}"
+        port = free_port()
+        added = dexec(
+            "add-tenant", "--name", "acme", "--gpu-memory", "1536M", "--port", str(port), "--gpu", str(there["index"])
+        )
+        assert added.returncode == 0, added.stderr
+        key = KEY_LINE.findall(added.stdout)[0]
+        waited = dexec("wait-tenant", "--name", "acme", "--timeout", "400")
+        assert waited.returncode == 0, waited.stdout[-2000:] + waited.stderr[-2000:]
+
+        # both of its containers run on node 2
+        for service in (names.engine(inst, "acme"), names.gateway(inst, "acme")):
+            running = swarm.api.tasks(filters={"service": service, "desired-state": "running"})
+            assert [t["NodeID"] for t in running] == [node_ids["n2"]], service
+
+        chat = subprocess.run(
+            ["ip", "netns", "exec", "gtmsw-n2", sys.executable, "-c", CHAT_FROM_NODE, f"127.10.0.2:{port}", key],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert chat.returncode == 0 and int(chat.stdout.strip()) > 0, chat.stderr[-2000:]
+
+        def metered_and_measured() -> dict[str, Any] | None:
+            listing = {t["name"]: t for t in json.loads(dexec("list-tenants", "--json").stdout)}
+            acme = listing["acme"]
+            done = acme["today"]["requests"] >= 1 and (acme.get("measured") or 0) > 100 * 1024**2
+            return acme if done else None
+
+        wait_for(metered_and_measured, 60, "the chat metered and the engine's memory measured on node 2", 2)
+
+        # the engine, on node 2, reaches neither the manager (on node 1's overlay address) nor the host
+        manager_ip = runtime.container_ip(f"{inst}_manager", f"{inst}-control")
+        engine = on_node(2, "ps", "-q", "-f", f"label=com.docker.swarm.service.name={names.engine(inst, 'acme')}")
+        code = CONNECT.format(targets=[f"{manager_ip}:8080", "127.10.0.1:2377"])
+        reached = on_node(2, "exec", engine.stdout.split()[0], "python3", "-c", code)
+        assert reached.returncode == 0, reached.stderr
+        assert "connected" not in json.loads(reached.stdout.strip().splitlines()[-1]).values(), reached.stdout
+    finally:
+        dexec_rm = on_node(1, "stack", "rm", inst)
+        assert dexec_rm.returncode == 0 or "Nothing found" in dexec_rm.stderr, dexec_rm.stderr
+        wait_for(lambda: not runtime.containers([f"com.docker.stack.namespace={inst}"]), 60, "the stack's removal")
         for c in runtime.containers(names.selector(inst)):
             runtime.remove_container(c.name)
         for n in runtime.networks(names.selector(inst)):
