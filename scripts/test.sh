@@ -7,9 +7,12 @@ source "$(dirname "$0")/lib.sh"
 cd "$GTM_ROOT"
 t0=$(date +%s)
 timed bootstrap bash scripts/bootstrap-host.sh
+# the .venv (pip) is made while the images build (Docker): neither needs the other
+timed dev-env bash scripts/dev-env.sh &
+dev_env=$!
 timed images bash scripts/build-images.sh all
 timed demo-model bash scripts/make-demo-model.sh "$GTM_CACHE/models"
-timed dev-env bash scripts/dev-env.sh
+wait "$dev_env" || die "making the .venv failed (the reason is above)"
 timed lint bash scripts/lint.sh
 export GTM_TEST_MODELS="$GTM_CACHE/models"
 rc=0

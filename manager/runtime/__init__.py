@@ -1,1 +1,2 @@
-"""Adapters to outside systems. ``docker`` is the only module that imports the Docker SDK."""
+"""Adapters to outside systems. ``docker`` and its swarm subclass ``swarm`` are the only modules
+that import the Docker SDK."""

@@ -1,6 +1,6 @@
 """The Docker adapter: turns plans into SDK calls and reads actual state back by label.
 
-The only module that imports the Docker SDK. Every method is idempotent where
+With its swarm subclass (``swarm``), the only module that imports the Docker SDK. Every method is idempotent where
 Docker allows it (ensure_*, remove_*), so the reconciler can call it again after
 any failure.
 """

@@ -2,7 +2,7 @@
 stays inside its reservation (no OOM kill), and every request is answered. Used by
 ``test_faults.test_twenty_clients_then_the_engine_killed_mid_stream`` (one engine for both).
 
-The load runs ``GTM_LOAD_S`` seconds (30 by default: the engine's memory reaches its plateau
+The load runs ``GTM_LOAD_S`` seconds (20 by default: the engine's memory reaches its plateau
 within the first 15 s of load); ``GTM_LOAD_S=180`` is the three-minute run."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import httpx
 from manager import names
 
 CLIENTS = 20
-LOAD_S = float(os.environ.get("GTM_LOAD_S", "30"))
+LOAD_S = float(os.environ.get("GTM_LOAD_S", "20"))
 
 
 def cgroup_file(container_id: str, v1: str, v2: str) -> Path | None:

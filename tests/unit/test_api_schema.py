@@ -29,7 +29,7 @@ schema = schemathesis.openapi.from_dict(create_app(Settings(gpu_mode="cpu", admi
 
 @schema.parametrize()
 @settings(
-    max_examples=40,
+    max_examples=25,
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.function_scoped_fixture],
