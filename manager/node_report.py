@@ -21,6 +21,7 @@ from manager.contract import Contract
 AGENT_PORT = 8002
 """The port an agent serves its report on, inside the control overlay (nothing is published)."""
 REPORT_PATH = "/v1/node"
+HEALTH_PATH = "/healthz"
 
 
 class ReportedDevice(Contract):

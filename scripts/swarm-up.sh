@@ -13,14 +13,18 @@ export GTM_MANAGER_NODE=${GTM_MANAGER_NODE:-$(docker info -f '{{.Swarm.NodeID}}'
 export GTM_MODELS_PATH=${GTM_MODELS_PATH:-/srv/gtm/models}
 [ -d "$GTM_MODELS_PATH" ] || die "GTM_MODELS_PATH=$GTM_MODELS_PATH is not a directory: put the models there on every node"
 log "deploying the manager (stack $STACK) on node $GTM_MANAGER_NODE"
-docker stack deploy -c compose/swarm-stack.yml "$STACK" >/dev/null
+detach=()  # newer CLIs ask whether to wait for the tasks; the loop below waits for health
+docker stack deploy --help 2>/dev/null | grep -q -- --detach && detach=(--detach=true)
+docker stack deploy "${detach[@]}" -c compose/swarm-stack.yml "$STACK" >/dev/null
 service="${STACK}_manager"
 for _ in $(seq 120); do
   id=$(docker ps -q -f "label=com.docker.swarm.service.name=$service" -f health=healthy | head -n1)
   [ -n "$id" ] && break; sleep 1
 done
 [ -n "${id:-}" ] || { docker service ps --no-trunc "$service" >&2; die "the manager did not become healthy"; }
-docker exec "$id" capacity
+# the node agents start with the manager: capacity answers once every node's agent reports
+for _ in $(seq 60); do docker exec "$id" capacity >/dev/null 2>&1 && break; sleep 1; done
+docker exec "$id" capacity || die "the nodes' agents do not report (docker service ps ${GTM_INSTANCE:-gtm}-node-agent)"
 cat <<TXT
 
 the manager runs in container $id on this node; its commands, as on one host:

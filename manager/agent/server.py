@@ -1,5 +1,6 @@
 """The agent's HTTP server: ``GET /v1/node`` with the agent token answers the node's report, read
-when asked (a report is as fresh as the request). Nothing else is served, and nothing is written."""
+when asked (a report is as fresh as the request); ``GET /healthz`` answers that it serves (its
+health check). Nothing else is served, and nothing is written."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from manager.node_report import REPORT_PATH, NodeReport
+from manager.node_report import HEALTH_PATH, REPORT_PATH, NodeReport
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +23,9 @@ def make_server(host: str, port: int, token: str, report: Callable[[], NodeRepor
         server_version = "gtm-node-agent"
 
         def do_GET(self) -> None:
+            if self.path == HEALTH_PATH:
+                self._answer(HTTPStatus.OK, b'{"status": "ok"}')
+                return
             if self.path != REPORT_PATH:
                 self._answer(HTTPStatus.NOT_FOUND, b'{"error": "only GET /v1/node is served"}')
                 return

@@ -20,6 +20,7 @@ from manager.control.enginefit import EngineFit
 from manager.control.parsers import EngineParsers
 from manager.domain import MAX_CPU_WEIGHT, TenantSpec
 from manager.names import Role
+from manager.node_report import HEALTH_PATH
 from manager.runtime.types import ContainerPlan, Mount, NetworkPlan, VolumePlan
 from manager.settings import Settings
 from manager.volumes.fscrypt import data_path as encrypted_data_path
@@ -466,6 +467,7 @@ def node_agent_plan(settings: Settings, token: str, image_id: str = "") -> Conta
         pids_limit=64,
         mem_limit=128 * 1024**2,
         restart_policy="unless-stopped",
+        healthcheck=http_healthcheck(settings.agent_port, HEALTH_PATH, 30),
     )
     spec_hash = identity(repr(plan), image_id, token)
     return replace(plan, labels={**plan.labels, names.SPEC_HASH: spec_hash})

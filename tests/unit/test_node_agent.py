@@ -86,6 +86,7 @@ def test_the_agent_answers_its_report_only_to_its_token_and_survives_a_failed_re
     assert httpx.get(url + REPORT_PATH).status_code == 401
     assert httpx.get(url + REPORT_PATH, headers={"Authorization": "Bearer agent-token2"}).status_code == 401
     assert httpx.get(url + "/v1/other", headers=good).status_code == 404
+    assert httpx.get(url + "/healthz").json() == {"status": "ok"}  # its health check needs no token
     answer = httpx.get(url + REPORT_PATH, headers=good)
     assert answer.status_code == 200
     assert NodeReport.model_validate_json(answer.content).hostname == "gpu-host-1"

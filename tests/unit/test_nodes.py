@@ -128,3 +128,57 @@ def test_a_swarm_containers_memory_and_pids_are_its_nodes_report() -> None:
     assert runtime.container_pids("gtm-t-acme-engine") == {7, 9}
     assert runtime.memory_usage("gtm-t-beta-engine") is None  # its node could not read it
     assert runtime.memory_usage("gtm-t-gone-engine") is None and runtime.container_pids("gtm-t-gone-engine") == set()
+
+
+def test_admission_places_across_nodes_and_a_refusal_names_every_nodes_numbers(tmp_path) -> None:
+    """Two nodes of 5 GiB, 4 GiB each to reserve past the headroom (one inventory of both, as their
+    agents report them): ``--gpu`` picks a node's device, a tenant goes where it fits tightest, and
+    a reservation neither node has room for is refused with each node's numbers."""
+    from manager.control.reconciler import Reconciler
+    from manager.control.service import TenantService
+    from manager.control.sqlite_store import SqliteStore
+    from manager.errors import AdmissionRefused
+    from manager.runtime.memory import MemoryRuntime
+    from manager.settings import Settings
+
+    from .conftest import write_demo_model
+    from .fakes import FakeGateway
+
+    write_demo_model(tmp_path / "models")
+    settings = Settings(
+        gpu_mode="cpu", instance="gtmu", state_dir=tmp_path, models_dir=tmp_path / "models", headroom=G,
+        volumes_dir=tmp_path / "no-volumes", volume_key_file=None,
+    )  # fmt: skip
+
+    def node(node_id: str, hostname: str, free: int) -> NodeReport:
+        device = ReportedDevice(
+            index=0,
+            uuid="host-memory",
+            name="host memory",
+            kind="host-memory",
+            total=5 * G,
+            free=free,
+            used=5 * G - free,
+        )
+        return NodeReport(node_id=node_id, hostname=hostname, at=0, devices=[device])
+
+    reports = {"n1": node("n1", "gpu-a", 5 * G), "n2": node("n2", "gpu-b", 5 * G)}
+    inventory = NodesInventory(lambda: reports)
+    store, runtime = SqliteStore(tmp_path / "m.db"), MemoryRuntime()
+    reconciler = Reconciler(settings, store, runtime, inventory, connect=FakeGateway())
+    svc = TenantService(settings, store, runtime, inventory, reconciler)
+    try:
+
+        def add(name: str, port: int, size: int, gpu: str | None = None) -> str:
+            spec = svc.new_spec(name=name, port=port, gpu_memory=size, model=None, max_model_len=None)
+            return svc.create(spec, "admin", gpu=gpu).tenant.device
+
+        assert add("big", 30001, 2560 * 1024**2, gpu="1") == "host-memory@n2"  # the admin's choice: node 2
+        assert add("small", 30002, 1536 * 1024**2) == "host-memory@n2"  # the tightest fit: node 2's last 1.5 GiB
+        assert add("third", 30003, 3 * G) == "host-memory@n1"  # room on node 1 only
+        with pytest.raises(AdmissionRefused) as refused:
+            add("fourth", 30004, 1536 * 1024**2)  # node 1 has 1 GiB left, node 2 none
+        message = refused.value.message
+        assert "host memory on gpu-a" in message and "host memory on gpu-b" in message, message
+    finally:
+        store.close()

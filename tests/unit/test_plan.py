@@ -358,6 +358,7 @@ def test_the_node_agent_reads_its_node_read_only_and_publishes_nothing(settings:
     (socket,) = a.mounts
     assert (socket.kind, socket.source, socket.read_only) == ("bind", "/var/run/docker.sock", True)
     assert a.read_only and a.cap_drop == ["ALL"] and a.mem_limit and a.pids_limit
+    assert a.healthcheck and "8002/healthz" in str(a.healthcheck["test"]), "its own check, not the manager image's"
     assert a.env["GTM_AGENT_TOKEN"] == "agent-token" and a.env["GTM_GPU_MODE"] == "cpu"
     assert "NVIDIA_VISIBLE_DEVICES" not in a.env
     gpu = node_agent_plan(Settings(gpu_mode="nvml", state_dir=tmp_path), "agent-token")
