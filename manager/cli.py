@@ -560,6 +560,7 @@ def _add_tenant(args: argparse.Namespace, api: Api, shown: Shown) -> Any:
         then = f"(status {t['status']}; the engine starts in the background)"
     shown.say(
         f"tenant {t['name']} admitted: {t['gpu_memory_human']} on port {t['port']} {then}",
+        *([f"its OpenAI base URL: {t['url']}"] if t.get("url") else []),
         f"API key (shown once, store it now): {out['key']['api_key']}",
     )
     if args.wait and not asleep:

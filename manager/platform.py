@@ -80,6 +80,10 @@ class Platform:
         """The devices the engine container is given (None: none)."""
         return None
 
+    def agent_env(self) -> dict[str, str]:
+        """What a swarm node's agent needs to read this platform's devices (``manager node-agent``)."""
+        return {}
+
 
 class HostMemory(Platform):
     """vLLM's CPU backend: the reservation is the engine's memory limit and its CPU KV cache."""
@@ -176,6 +180,11 @@ class Nvidia(Platform):
 
     def devices(self, gpu_uuid: str | None) -> list[str] | None:
         return [gpu_uuid or "0"]  # a GPU's or a MIG instance's UUID
+
+    def agent_env(self) -> dict[str, str]:
+        # every GPU of the node, through its default runtime (NVIDIA's), for NVML only: the
+        # utility capability makes no compute context, so the agent takes no memory from engines
+        return {"NVIDIA_VISIBLE_DEVICES": "all", "NVIDIA_DRIVER_CAPABILITIES": "utility"}
 
 
 PLATFORMS: dict[str, Platform] = {p.name: p for p in (HostMemory(), Nvidia())}

@@ -148,7 +148,7 @@ def open_swarm(settings: Settings) -> tuple[SwarmRuntime, NodesInventory]:
     runtime.reports = reader
     runtime.ensure_network(control)
     runtime.run_everywhere(node_agent_plan(settings, token, runtime.image_id(settings.manager_image) or ""))
-    return runtime, NodesInventory(reader)
+    return runtime, NodesInventory(reader, runtime.node_addresses)
 
 
 def create_app(settings: Settings, **overrides: Any) -> FastAPI:

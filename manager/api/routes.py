@@ -62,9 +62,17 @@ UnixTime = Annotated[float, Query(ge=0, le=1e11, allow_inf_nan=False, descriptio
 def list_tenants(svc: Service, _: Admin) -> list[TenantPublic]:
     measured = svc.meter.measured_use()
     day = start_of_day(time.time())
+    rows = svc.tenants()
+    urls = svc.urls(rows)
     return [
-        TenantPublic.of(r, measured.get(r.spec.name), svc.usage(r.spec.name, day), svc.models.concurrency(r.spec))
-        for r in svc.tenants()
+        TenantPublic.of(
+            r,
+            measured.get(r.spec.name),
+            svc.usage(r.spec.name, day),
+            svc.models.concurrency(r.spec),
+            urls.get(r.spec.name, ""),
+        )
+        for r in rows
     ]
 
 
@@ -78,7 +86,11 @@ def create_tenant(body: TenantCreate, svc: Service, actor: Admin) -> TenantCreat
     spec = svc.new_spec(**values)
     created = svc.create(spec, actor, gpu=gpu)
     return TenantCreated(
-        tenant=TenantPublic.of(created.tenant, concurrency=svc.models.concurrency(created.tenant.spec)),
+        tenant=TenantPublic.of(
+            created.tenant,
+            concurrency=svc.models.concurrency(created.tenant.spec),
+            url=svc.urls([created.tenant]).get(spec.name, ""),
+        ),
         key=IssuedKeyPublic(key_id=created.key.id, api_key=created.key.secret_key),
         admission=DecisionPublic.of(created.decision),
     )
@@ -88,7 +100,8 @@ def create_tenant(body: TenantCreate, svc: Service, actor: Admin) -> TenantCreat
 def get_tenant(name: TenantName, svc: Service, _: Admin) -> TenantPublic:
     today = svc.usage(name, start_of_day(time.time()))
     row = svc.tenant(name)
-    return TenantPublic.of(row, svc.meter.measured_use(name).get(name), today, svc.models.concurrency(row.spec))
+    url = svc.urls([row]).get(name, "")
+    return TenantPublic.of(row, svc.meter.measured_use(name).get(name), today, svc.models.concurrency(row.spec), url)
 
 
 @router.get("/usage", tags=["usage"])
@@ -119,7 +132,8 @@ def update_tenant(name: TenantName, body: TenantUpdate, svc: Service, actor: Adm
     row = svc.update(name, actor, **body.model_dump(exclude_unset=True))
     # the same figures as GET: what it uses and served today (a quota change keeps its engine)
     today = svc.usage(name, start_of_day(time.time()))
-    return TenantPublic.of(row, svc.meter.measured_use(name).get(name), today, svc.models.concurrency(row.spec))
+    url = svc.urls([row]).get(name, "")
+    return TenantPublic.of(row, svc.meter.measured_use(name).get(name), today, svc.models.concurrency(row.spec), url)
 
 
 @router.delete(

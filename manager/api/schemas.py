@@ -175,6 +175,11 @@ class TenantState(BaseModel):
     created_at: float
     measured: int | None = None
     device: str = Field("", description="the UUID of the device its engine runs on ('' for the host's first)")
+    url: str = Field(
+        "",
+        description="where its clients reach it (the OpenAI base URL): on a swarm at its node's address, on one "
+        "host at the address its port is bound to; '' when that is every interface",
+    )
     requests_today: int = 0
     tokens_today: int = 0
     concurrency: int | None = Field(
@@ -190,6 +195,7 @@ class TenantState(BaseModel):
         measured: int | None = None,
         today: UsageTotals | None = None,
         concurrency: int | None = None,
+        url: str = "",
     ) -> Self:
         s = row.spec
         return cls(
@@ -208,6 +214,7 @@ class TenantState(BaseModel):
             created_at=row.created_at,
             measured=measured,
             device=row.device,
+            url=url,
             requests_today=today.requests if today else 0,
             tokens_today=today.tokens if today else 0,
             concurrency=concurrency,

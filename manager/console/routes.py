@@ -287,6 +287,7 @@ def _tenant_context(request: Request, name: str) -> dict[str, Any]:
         "models": svc.models.names(),
         "concurrency": svc.models.concurrency(row.spec),
         "latency": svc.latency(name, now),
+        "url": svc.urls([row]).get(name, ""),
     }
 
 

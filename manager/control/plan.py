@@ -451,8 +451,7 @@ def node_agent_plan(settings: Settings, token: str, image_id: str = "") -> Conta
         "GTM_INSTANCE": inst,
         "GTM_GPU_MODE": settings.platform.name,
     }
-    if settings.platform.name == "nvml":  # NVML only: no compute context, no GPU taken from the engines
-        env |= {"NVIDIA_VISIBLE_DEVICES": "all", "NVIDIA_DRIVER_CAPABILITIES": "utility"}
+    env |= settings.platform.agent_env()
     plan = ContainerPlan(
         name=names.node_agent(inst),
         image=settings.manager_image,

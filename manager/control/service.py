@@ -104,6 +104,26 @@ class TenantService:
     def tenant(self, name: str) -> TenantRow:
         return self.store.tenant(name)
 
+    def urls(self, rows: list[TenantRow]) -> dict[str, str]:
+        """Where each tenant's clients reach it (``http://ADDRESS:PORT/v1``): on a swarm at its
+        node's address; on one host at the address its port is bound to, and none when that is every
+        interface (the host's name is the admin's to give). None either while the devices cannot be
+        read."""
+        bound = self.settings.tenant_bind_address
+        if self.settings.runtime != "swarm":
+            here = "" if bound in ("0.0.0.0", "::", "") else bound
+            return {r.spec.name: f"http://{here}:{r.spec.port}/v1" for r in rows} if here else {}
+        try:
+            devices = self.inventory.devices()
+        except GtmError:
+            return {}
+        out = {}
+        for row in rows:
+            device = device_of(row, devices)
+            if device is not None and device.node_address:
+                out[row.spec.name] = f"http://{device.node_address}:{row.spec.port}/v1"
+        return out
+
     def usage(self, name: str, since: float, until: float | None = None) -> UsageTotals:
         """The tenant's requests and tokens between ``since`` and ``until`` (UNIX seconds); only its
         own: a tenant removed earlier under the same name kept its records (for the cost split)."""

@@ -29,6 +29,8 @@ class DeviceMemory:
     """The swarm node it is on (its ID); '' on a single host."""
     node_name: str = ""
     """That node's host name, as listings show it."""
+    node_address: str = ""
+    """That node's address in the swarm (where its tenants' ports are published)."""
 
     @property
     def usable(self) -> int:

@@ -31,21 +31,26 @@ def _kind(kind: str) -> DeviceKind:
 
 
 class NodesInventory:
-    def __init__(self, reports: Callable[[], dict[str, NodeReport]]) -> None:
-        self._reports = reports
+    """``reports``: the agents' reports by node ID; ``addresses``: each node's swarm address."""
+
+    def __init__(
+        self, reports: Callable[[], dict[str, NodeReport]], addresses: Callable[[], dict[str, str]] = dict
+    ) -> None:
+        self._reports, self._addresses = reports, addresses
 
     def devices(self) -> list[DeviceMemory]:
         reports = _ordered(self._reports())
         if not reports:
             raise GpuUnavailable("no node agent reported: no node's devices can be read")
         out: list[DeviceMemory] = []
+        addresses = self._addresses()
         for report in reports:
             for d in sorted(report.devices, key=lambda d: d.index):
                 out.append(
                     DeviceMemory(
                         index=len(out), uuid=_uuid(report, d.uuid, d.kind), name=d.name, kind=_kind(d.kind),
                         total=d.total, free=d.free, used=d.used, reserved=d.reserved, node=report.node_id,
-                        node_name=report.hostname,
+                        node_name=report.hostname, node_address=addresses.get(report.node_id, ""),
                     )
                 )  # fmt: skip
         return out

@@ -383,6 +383,14 @@ class SwarmRuntime(DockerRuntime):
 
         self._call(f"starting {plan.name} on every node", run)
 
+    def node_addresses(self) -> dict[str, str]:
+        """Each node's address in the swarm (its advertise address), by node ID."""
+
+        def run() -> dict[str, str]:
+            return {str(n["ID"]): str(n.get("Status", {}).get("Addr", "")) for n in self._api.nodes()}
+
+        return self._call("listing the swarm's nodes", run)
+
     def task_addresses(self, name: str, network: str) -> dict[str, str]:
         """The address on ``network`` of each running task of service ``name``, by node ID."""
 

@@ -182,7 +182,7 @@ def test_an_agent_on_every_node_reports_its_node_and_the_containers_there(
 
 CHAT_FROM_NODE = """
 import sys, openai
-client = openai.OpenAI(base_url=f"http://{sys.argv[1]}/v1", api_key=sys.argv[2], max_retries=0)
+client = openai.OpenAI(base_url=sys.argv[1], api_key=sys.argv[2], max_retries=0)
 answer = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
 print(answer.usage.completion_tokens)
 """
@@ -242,6 +242,8 @@ def test_the_manager_on_the_swarm_places_a_tenant_on_another_node_where_it_serve
         )
         assert added.returncode == 0, added.stderr
         key = KEY_LINE.findall(added.stdout)[0]
+        url = f"http://127.10.0.2:{port}/v1"  # node 2's swarm address: the client's URL names its node
+        assert f"its OpenAI base URL: {url}" in added.stdout, added.stdout
         waited = dexec("wait-tenant", "--name", "acme", "--timeout", "400")
         assert waited.returncode == 0, waited.stdout[-2000:] + waited.stderr[-2000:]
 
@@ -251,7 +253,7 @@ def test_the_manager_on_the_swarm_places_a_tenant_on_another_node_where_it_serve
             assert [t["NodeID"] for t in running] == [node_ids["n2"]], service
 
         chat = subprocess.run(
-            ["ip", "netns", "exec", "gtmsw-n2", sys.executable, "-c", CHAT_FROM_NODE, f"127.10.0.2:{port}", key],
+            ["ip", "netns", "exec", "gtmsw-n2", sys.executable, "-c", CHAT_FROM_NODE, url, key],
             capture_output=True, text=True, timeout=120, check=False,
         )  # fmt: skip
         assert chat.returncode == 0 and int(chat.stdout.strip()) > 0, chat.stderr[-2000:]

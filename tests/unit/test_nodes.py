@@ -147,7 +147,7 @@ def test_admission_places_across_nodes_and_a_refusal_names_every_nodes_numbers(t
     write_demo_model(tmp_path / "models")
     settings = Settings(
         gpu_mode="cpu", instance="gtmu", state_dir=tmp_path, models_dir=tmp_path / "models", headroom=G,
-        volumes_dir=tmp_path / "no-volumes", volume_key_file=None,
+        runtime="swarm", volumes_dir=tmp_path / "no-volumes", volume_key_file=None,
     )  # fmt: skip
 
     def node(node_id: str, hostname: str, free: int) -> NodeReport:
@@ -163,7 +163,7 @@ def test_admission_places_across_nodes_and_a_refusal_names_every_nodes_numbers(t
         return NodeReport(node_id=node_id, hostname=hostname, at=0, devices=[device])
 
     reports = {"n1": node("n1", "gpu-a", 5 * G), "n2": node("n2", "gpu-b", 5 * G)}
-    inventory = NodesInventory(lambda: reports)
+    inventory = NodesInventory(lambda: reports, lambda: {"n1": "10.1.0.1", "n2": "10.1.0.2"})
     store, runtime = SqliteStore(tmp_path / "m.db"), MemoryRuntime()
     reconciler = Reconciler(settings, store, runtime, inventory, connect=FakeGateway())
     svc = TenantService(settings, store, runtime, inventory, reconciler)
@@ -180,5 +180,9 @@ def test_admission_places_across_nodes_and_a_refusal_names_every_nodes_numbers(t
             add("fourth", 30004, 1536 * 1024**2)  # node 1 has 1 GiB left, node 2 none
         message = refused.value.message
         assert "host memory on gpu-a" in message and "host memory on gpu-b" in message, message
+        # each tenant is reached at its node's address
+        assert svc.urls(svc.tenants()) == {
+            "big": "http://10.1.0.2:30001/v1", "small": "http://10.1.0.2:30002/v1", "third": "http://10.1.0.1:30003/v1"
+        }  # fmt: skip
     finally:
         store.close()

@@ -199,3 +199,10 @@ def test_parsers_are_checked_against_the_engine_and_the_model_before_anything_is
     with pytest.raises(InvalidInput, match="unknown --tool-call-parser"):
         svc.update("tools", "admin", tool_call_parser="hermez")
     assert svc.update("tools", "admin", tool_call_parser="none").spec.tool_call_parser is None
+
+
+def test_a_tenants_url_is_the_address_its_port_is_bound_to(svc: TenantService) -> None:
+    create(svc)
+    assert svc.urls(svc.tenants()) == {}, "every interface (the default): the host's name is the admin's to give"
+    svc.settings = svc.settings.model_copy(update={"tenant_bind_address": "192.0.2.7"})
+    assert svc.urls(svc.tenants()) == {"acme": "http://192.0.2.7:30001/v1"}
