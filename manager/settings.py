@@ -86,6 +86,9 @@ class Settings(BaseSettings):
     node's engine (``runtime.swarm``: tenants placed across the nodes, a node agent on each)."""
     docker_socket: str = "/var/run/docker.sock"
     """Where each swarm node's Docker socket is, on the node: what its node agent mounts."""
+    node_loss_grace_s: float = Field(60.0, ge=0)
+    """On a swarm: how long a tenant's node may go unreported (its agent silent: the node down or
+    cut off) before the tenant is placed again on another node where it fits."""
 
     reconcile_interval_s: float = 30.0
     usage_interval_s: float = 15.0

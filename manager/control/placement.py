@@ -141,7 +141,7 @@ class Placer:
                 model_minimum=least,
                 system_reserved=device.reserved,
                 others=engines,
-                device=device_label(device) if len(devices) > 1 or gpu is not None else "",
+                device=device_label(device) if len(devices) > 1 or gpu is not None or device.node else "",
                 measure=measure,
             )
 

@@ -75,7 +75,7 @@ from manager.control.vault import MOVED, Vault, open_volumes
 from manager.control.warmup import PageCacheWarmer
 from manager.control.workqueue import WorkQueue
 from manager.domain import TenantStatus
-from manager.errors import GtmError, InvalidInput, RuntimeUnavailable
+from manager.errors import AdmissionRefused, GtmError, InvalidInput, RuntimeUnavailable
 from manager.gpu import DeviceMemory, Inventory, placed_on
 from manager.names import Role
 from manager.platform import gpu_memory_utilization
@@ -87,6 +87,8 @@ from manager.volumes.protocol import EncryptedVolumes
 
 log = logging.getLogger(__name__)
 POLL_STARTING_S = 2.0
+NO_ROOM_RETRY_S = 30.0
+"""A tenant whose node was lost and that fits on no other node is placed again this often."""
 EVENTS_RETRY_S = 1.0
 """Pause before following the runtime's events again after their stream broke."""
 FOLLOWED = frozenset({"die", "oom", "health_status"})
@@ -130,6 +132,11 @@ class Reconciler:
         """device ('' for the host's first) -> the tenant whose engine holds its start gate, since when."""
         self._errors: dict[str, int] = {}
         self._orphans_seen: dict[str, float] = {}
+        self._lost_since: dict[str, float] = {}
+        """On a swarm: tenants whose node went unreported, since when (``_node_lost``)."""
+        self.place_again: Callable[[str], str] | None = None
+        """On a swarm, the service's admission for a tenant whose node was lost: places it where it
+        fits and returns where (raises ``AdmissionRefused`` when nowhere); None on one host."""
         self.vault = Vault(settings, store, volumes or open_volumes(settings), clock=clock)
         self.warmer = PageCacheWarmer(settings, runtime)
         self.collector = UsageCollector(settings, store, runtime, connect)
@@ -282,6 +289,8 @@ class Reconciler:
         if row.status == TenantStatus.REMOVING:
             return self._remove(row, containers)
         device = placed_on(row.device, self.inventory.devices())
+        if device is None and self.place_again is not None:
+            return self._node_lost(row)
         if device is None:
             self._set_status(
                 row,
@@ -290,6 +299,7 @@ class Reconciler:
                 "move the tenant with update-tenant --gpu N (capacity lists the devices)",
             )
             return None
+        self._lost_since.pop(name, None)
         try:
             plan = self._plan(row, device)
         except InvalidInput as exc:  # its model's files no longer take its options (parsers, size)
@@ -847,6 +857,32 @@ class Reconciler:
         if not moved:
             name, was = row.spec.name, current.status.value
             log.warning("tenant %s: status %s -> %s refused (not in the diagram)", name, was, status.value)
+
+    def _node_lost(self, row: TenantRow) -> float | None:
+        """On a swarm, the tenant's node is not reported (down, or cut off from the manager). Its
+        containers may still serve there, so for ``node_loss_grace_s`` it only says so; then it is
+        placed again where it fits (``place_again``), and its next turn makes its engine and gateway
+        there: the old ones' services go, and Swarm stops their containers once the node returns.
+        When no node has room it fails, with the numbers, and is tried again."""
+        name = row.spec.name
+        now = self.clock()
+        since = self._lost_since.setdefault(name, now)
+        grace = self.settings.node_loss_grace_s
+        if now - since < grace:
+            self._set_status(
+                row, row.status, f"its node ({row.device}) has not reported for {now - since:.0f} s; "
+                f"it is placed on another node after {grace:.0f} s unless the node comes back",
+            )  # fmt: skip
+            return since + grace - now
+        assert self.place_again is not None
+        try:
+            where = self.place_again(name)
+        except AdmissionRefused as exc:
+            self._set_status(row, TenantStatus.FAILED, f"its node was lost and no other node has room: {exc.message}")
+            return NO_ROOM_RETRY_S
+        self._lost_since.pop(name, None)
+        log.warning("tenant %s placed again on %s: its node (%s) was lost", name, where, row.device)
+        return 0.0
 
     # ---------------------------------------------------------------- orphans
     def _actual_tenants(self) -> set[str]:

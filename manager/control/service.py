@@ -37,7 +37,7 @@ from manager.domain import (
     unknown_fields,
 )
 from manager.errors import AdmissionRefused, Conflict, GtmError, InvalidInput
-from manager.gpu import Inventory, find_device
+from manager.gpu import Inventory, device_label, find_device
 from manager.gpu.cpu import read_meminfo
 from manager.runtime.protocol import Runtime
 from manager.settings import Settings
@@ -74,6 +74,10 @@ def given(values: dict[str, Any]) -> dict[str, Any]:
     return {k: FIELDS_BY_NAME[k].normal(v) for k, v in values.items() if v is not None or k in QUOTA_FIELDS}
 
 
+MANAGER_ACTOR = "manager"
+"""Who the audit trail names for what the manager does on its own (as the store's sleep records)."""
+
+
 class TenantService:
     def __init__(
         self,
@@ -96,6 +100,9 @@ class TenantService:
         self.meter = Meter(settings, store, runtime, inventory)
         self.models = ModelCatalog(settings, store, reconciler.sizing, runtime, self._admission)
         self.placer = Placer(settings, store, inventory, self.meter, self.models)
+        self._refused_again: dict[str, str] = {}
+        if settings.runtime == "swarm":
+            reconciler.place_again = self.place_again
 
     # ---------------------------------------------------------------- reading (routes and pages: here, not the store)
     def tenants(self) -> list[TenantRow]:
@@ -179,6 +186,10 @@ class TenantService:
         self.store.audit(
             actor, action, tenant, "refused", {"failed_checks": list(decision.failed_checks), **decision.numbers}
         )
+        return self._refusal(tenant, decision)
+
+    @staticmethod
+    def _refusal(tenant: str, decision: Decision) -> AdmissionRefused:
         return AdmissionRefused(
             f"tenant {tenant!r} does not fit: " + " ".join(decision.messages),
             details={"failed_checks": list(decision.failed_checks), "numbers": decision.numbers},
@@ -331,6 +342,30 @@ class TenantService:
                 self.store.audit(actor, "update-tenant", name, "ok", audited, tx=db)
         self.reconciler.enqueue(name)
         return self.store.tenant(name)
+
+    def place_again(self, name: str) -> str:
+        """A swarm node was lost: the tenant is admitted again on every node that reports, under the
+        lock every admission takes, and goes where it fits (audited, with the numbers). Returns the
+        device it goes to; when none has room, raises ``AdmissionRefused``, audited once for each
+        different refusal (the reconciler tries again)."""
+        with self._admission:
+            row = self.store.tenant(name)
+            device, decision = self.placer.place(row.spec, tenant=name)
+            if device is None:
+                refused = self._refusal(name, decision)
+                if self._refused_again.get(name) != refused.message:
+                    self._refused_again[name] = refused.message
+                    self._refuse(MANAGER_ACTOR, "place-again", name, decision)
+                raise refused
+            self._refused_again.pop(name, None)
+            where = device_label(device) or device.uuid
+            with self.store.transaction() as db:
+                self.store.update_spec(db, row.spec, device=device.uuid)
+                self.store.set_status(db, name, TenantStatus.PENDING, f"placed again on {where}: its node was lost")
+                audited = {"from": row.device, "device": device.uuid, **decision.numbers}
+                self.store.audit(MANAGER_ACTOR, "place-again", name, "ok", audited, tx=db)
+        self.reconciler.enqueue(name)
+        return where
 
     def remove(self, name: str, actor: str) -> None:
         """Marks the tenant removing (the reconciler takes its containers, network and volumes

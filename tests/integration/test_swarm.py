@@ -220,6 +220,7 @@ def test_the_manager_on_the_swarm_places_a_tenant_on_another_node_where_it_serve
         "GTM_MANAGER_IMAGE": MANAGER_IMAGE,
         "GTM_ENGINE_IMAGE": ENGINE_IMAGE,
         "GTM_DOCKER_SOCKET": nodes("socket"),
+        "GTM_NODE_LOSS_GRACE_S": "10",
     }
     try:
         up = subprocess.run(
@@ -273,6 +274,33 @@ def test_the_manager_on_the_swarm_places_a_tenant_on_another_node_where_it_serve
         reached = on_node(2, "exec", engine.stdout.split()[0], "python3", "-c", code)
         assert reached.returncode == 0, reached.stderr
         assert "connected" not in json.loads(reached.stdout.strip().splitlines()[-1]).values(), reached.stdout
+
+        # node 2 is lost (its dockerd killed): after the grace the tenant is placed on node 1 and
+        # serves there; node 2 comes back and its old containers go; nothing is metered twice
+        nodes("kill", "2")
+        moved = wait_for(
+            lambda: (t := json.loads(dexec("list-tenants", "--json").stdout)[0])["device"] != there["uuid"] and t,
+            120,
+            "acme to be placed again",
+        )
+        assert moved["device"] == devices[node_ids["n1"]]["uuid"], moved
+        waited = dexec("wait-tenant", "--name", "acme", "--timeout", "400")
+        assert waited.returncode == 0, waited.stdout[-2000:] + waited.stderr[-2000:]
+        url = f"http://127.10.0.1:{port}/v1"
+        assert json.loads(dexec("list-tenants", "--json").stdout)[0]["url"] == url
+        chat = subprocess.run(
+            ["ip", "netns", "exec", "gtmsw-n1", sys.executable, "-c", CHAT_FROM_NODE, url, key],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert chat.returncode == 0 and int(chat.stdout.strip()) > 0, chat.stderr[-2000:]
+        audit = json.loads(dexec("audit", "--json").stdout)
+        assert any(a["action"] == "place-again" and a["result"] == "ok" for a in audit), audit[:5]
+        nodes("start", "2")
+        mine = ["ps", "-aq", "-f", f"label={names.TENANT}=acme"]
+        wait_for(lambda: on_node(2, *mine).returncode == 0 and not on_node(2, *mine).stdout.strip(), 120,
+                 "node 2's old containers of acme to go")  # fmt: skip
+        wait_for(lambda: metered_and_measured() and json.loads(dexec("list-tenants", "--json").stdout)[0][
+            "requests_today"] == 2, 60, "both chats metered, once each")  # fmt: skip
     finally:  # the manager first (it would replace what goes), then what it made, then its network
         removed = on_node(1, "service", "rm", f"{inst}_manager")
         gone = ["ps", "-q", "-f", f"label=com.docker.swarm.service.name={inst}_manager"]

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from manager import names
 from manager.agent.server import make_server
 from manager.errors import GpuUnavailable
 from manager.gpu import device_label
@@ -184,5 +185,65 @@ def test_admission_places_across_nodes_and_a_refusal_names_every_nodes_numbers(t
         assert svc.urls(svc.tenants()) == {
             "big": "http://10.1.0.2:30001/v1", "small": "http://10.1.0.2:30002/v1", "third": "http://10.1.0.1:30003/v1"
         }  # fmt: skip
+    finally:
+        store.close()
+
+
+def test_a_lost_nodes_tenant_is_placed_again_where_it_fits_after_the_grace(tmp_path) -> None:
+    """Node 2 stops reporting: for the grace its tenant only says so (its containers may still
+    serve); then admission places it on node 1, audited with the numbers, and its next turn makes its
+    engine there. A second tenant finds no room left: it fails with the numbers, the refusal audited
+    once however often it is tried again."""
+    from manager.control.reconciler import Reconciler
+    from manager.control.service import TenantService
+    from manager.control.sqlite_store import SqliteStore
+    from manager.domain import TenantStatus
+    from manager.runtime.memory import MemoryRuntime
+    from manager.settings import Settings
+
+    from .conftest import write_demo_model
+    from .fakes import FakeGateway
+
+    write_demo_model(tmp_path / "models")
+    settings = Settings(
+        gpu_mode="cpu", instance="gtmu", state_dir=tmp_path, models_dir=tmp_path / "models", headroom=G,
+        runtime="swarm", node_loss_grace_s=60, volumes_dir=tmp_path / "no-volumes", volume_key_file=None,
+    )  # fmt: skip
+    five = ReportedDevice(
+        index=0, uuid="host-memory", name="host memory", kind="host-memory", total=5 * G, free=5 * G, used=0
+    )
+    reports = {n: NodeReport(node_id=n, hostname=h, at=0, devices=[five]) for n, h in (("n1", "a"), ("n2", "b"))}
+    now = [1000.0]
+    inventory = NodesInventory(lambda: dict(reports))
+    store, runtime = SqliteStore(tmp_path / "m.db"), MemoryRuntime()
+    reconciler = Reconciler(settings, store, runtime, inventory, connect=FakeGateway(), clock=lambda: now[0])
+    svc = TenantService(settings, store, runtime, inventory, reconciler)
+    try:
+        for name, port, gpu in (("acme", 30001, "1"), ("beta", 30002, "1"), ("held", 30003, "0")):
+            spec = svc.new_spec(name=name, port=port, gpu_memory=2 * G, model=None, max_model_len=None)
+            svc.create(spec, "admin", gpu=gpu)  # node 2 full with acme and beta, node 1 half full
+
+        del reports["n2"]
+        assert reconciler.reconcile("acme") == pytest.approx(60)
+        assert "has not reported for 0 s" in store.tenant("acme").reason
+        assert store.tenant("acme").device == "host-memory@n2", "within the grace it stays"
+
+        now[0] += 61
+        reconciler.reconcile("acme")
+        acme = store.tenant("acme")
+        assert acme.device == "host-memory@n1" and acme.status == TenantStatus.PENDING, (acme.device, acme.reason)
+        (moved,) = store.audit_log(action="place-again")
+        assert moved.actor == "manager" and moved.detail["from"] == "host-memory@n2"
+        reconciler.reconcile("acme")  # its engine is made on node 1 now
+        assert runtime.container(names.engine("gtmu", "acme")) is not None
+
+        for _ in range(3):  # beta: node 1 is full now
+            reconciler.reconcile("beta")
+            now[0] += 31
+        beta = store.tenant("beta")
+        assert beta.status == TenantStatus.FAILED and "no other node has room" in beta.reason, beta.reason
+        assert "host memory on a" in beta.reason, "with node 1's numbers"
+        refusals = [a for a in store.audit_log(action="place-again") if a.result == "refused"]
+        assert [a.tenant for a in refusals] == ["beta"], "audited once, however often it is tried again"
     finally:
         store.close()
