@@ -143,3 +143,8 @@ class UsagePage(Contract):
 
     records: list[UsageRecord]
     cursor: int
+    spool: str = Field(
+        "",
+        description="the spool's identity, made with its database: cursors count within one spool, so a gateway on "
+        "a new volume (its tenant placed on another node) is collected from its own start; '' from older gateways",
+    )

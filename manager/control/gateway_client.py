@@ -176,13 +176,17 @@ def push_config(
 
 
 def collect_usage(store: TenantStore, tenant: str, gw: GatewayAdmin) -> int:
-    """Collects every usage record after the stored cursor; returns how many were new.
-    Idempotent: a record seen twice is stored once, and the cursor only moves forward."""
+    """Collects every usage record after the stored cursor of the gateway's spool; returns how
+    many were new. Idempotent: a record seen twice is stored once, and a cursor only moves forward.
+    A gateway whose spool is not the one collected last (a new volume: its tenant placed on another
+    node; or an earlier one back) is read from where its own spool stands, its start if new."""
     added = 0
-    cursor = store.usage_cursor(tenant)
-    while True:
-        page = gw.usage(cursor)
-        if not page.records:
-            return added
-        added += store.add_usage(tenant, page.records, page.cursor)
-        cursor = page.cursor
+    spool = store.last_spool(tenant)
+    page = gw.usage(store.usage_cursor(tenant, spool))
+    if page.spool != spool:
+        spool = page.spool
+        page = gw.usage(store.usage_cursor(tenant, spool))
+    while page.records:
+        added += store.add_usage(tenant, page.records, page.cursor, spool)
+        page = gw.usage(page.cursor)
+    return added

@@ -275,8 +275,29 @@ ORDER BY a.id""",
     created_at REAL NOT NULL
 )""",
     ],
+    [  # 19: a cursor per gateway spool (``UsagePage.spool``): a tenant's gateway on a new volume counts
+        # its cursor from its own start; the cursors so far are those of the spools without an identity
+        """CREATE TABLE IF NOT EXISTS spool_cursors (
+    tenant TEXT NOT NULL,
+    spool TEXT NOT NULL,
+    cursor INTEGER NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (tenant, spool)
+)""",
+        "INSERT INTO spool_cursors (tenant, spool, cursor, at) SELECT tenant, '', cursor, 0 FROM usage_cursors",
+        "DROP TABLE usage_cursors",
+    ],
 ]
 """The manager database's schema, step by step (see manager.migrations); append only."""
+
+
+_ADD_USAGE = (
+    "INSERT OR IGNORE INTO usage (tenant, request_id, key_id, member, model, path, prompt_tokens,"
+    " completion_tokens, status, outcome, latency_ms, at, queue_ms, first_token_ms) VALUES (?,?,?,"
+    " CASE WHEN ? != '' THEN ? ELSE COALESCE((SELECT member FROM api_keys WHERE id=? AND tenant=?), '')"
+    " END,?,?,?,?,?,?,?,?,?,?)"
+)
+"""A collected record; one written before members (no member) is its key's member's."""
 
 
 def _spec_columns(spec: TenantSpec) -> dict[str, object]:
@@ -587,7 +608,7 @@ class SqliteStore:
         """Removes the tenant and its keys; its usage records stay for cost sharing."""
         with self._tx() as db:  # all of it or none: no cursor left to a tenant that is gone
             db.execute("DELETE FROM tenants WHERE name=?", (name,))
-            db.execute("DELETE FROM usage_cursors WHERE tenant=?", (name,))
+            db.execute("DELETE FROM spool_cursors WHERE tenant=?", (name,))
             db.execute("DELETE FROM engine_failures WHERE tenant=?", (name,))
 
     # ---------------------------------------------------------------- encrypted volumes' keys
@@ -643,55 +664,46 @@ class SqliteStore:
             self._db.execute("DELETE FROM engine_failures WHERE tenant=?", (tenant,))
 
     # ---------------------------------------------------------------- usage
-    def usage_cursor(self, tenant: str) -> int:
+    def usage_cursor(self, tenant: str, spool: str = "") -> int:
         with self._lock:
-            row = self._db.execute("SELECT cursor FROM usage_cursors WHERE tenant=?", (tenant,)).fetchone()
+            row = self._db.execute(
+                "SELECT cursor FROM spool_cursors WHERE tenant=? AND spool=?", (tenant, spool)
+            ).fetchone()
         return int(row["cursor"]) if row else 0
 
-    def add_usage(self, tenant: str, records: Sequence[UsageRecord], cursor: int) -> int:
-        """Stores records collected from a gateway and advances the cursor, in one transaction.
-        A record seen twice (same request id) is stored once; one written before members (no member)
-        is the key's member's. Returns how many were new."""
+    def last_spool(self, tenant: str) -> str:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT spool FROM spool_cursors WHERE tenant=? ORDER BY at DESC LIMIT 1", (tenant,)
+            ).fetchone()
+        return str(row["spool"]) if row else ""
+
+    def add_usage(self, tenant: str, records: Sequence[UsageRecord], cursor: int, spool: str = "") -> int:
+        """Stores records collected from a gateway's ``spool`` and advances its cursor, in one
+        transaction. A record seen twice (same request id) is stored once; one written before
+        members (no member) is the key's member's. Returns how many were new."""
         with self._tx() as db:
-            before = db.total_changes
-            db.executemany(
-                "INSERT OR IGNORE INTO usage (tenant, request_id, key_id, member, model, path, prompt_tokens,"
-                " completion_tokens, status, outcome, latency_ms, at, queue_ms, first_token_ms) VALUES (?,?,?,"
-                " CASE WHEN ? != '' THEN ? ELSE COALESCE((SELECT member FROM api_keys WHERE id=? AND tenant=?), '')"
-                " END,?,?,?,?,?,?,?,?,?,?)",
-                [
+            # one statement a record: its own count says whether it was new (the connection's total
+            # would also count what the usage_days trigger writes)
+            added = 0
+            for r in records:
+                added += db.execute(
+                    _ADD_USAGE,
                     (
-                        tenant,
-                        r.request_id,
-                        r.key_id,
-                        r.member,
-                        r.member,
-                        r.key_id,
-                        tenant,
-                        r.model,
-                        r.path,
-                        r.prompt_tokens,
-                        r.completion_tokens,
-                        r.status,
-                        r.outcome,
-                        r.latency_ms,
-                        r.at,
-                        r.queue_ms,
+                        tenant, r.request_id, r.key_id, r.member, r.member, r.key_id, tenant, r.model, r.path,
+                        r.prompt_tokens, r.completion_tokens, r.status, r.outcome, r.latency_ms, r.at, r.queue_ms,
                         r.first_token_ms,
-                    )
-                    for r in records
-                ],
-            )
-            added = db.total_changes - before
+                    ),
+                ).rowcount  # fmt: skip
             for key_id, at in {r.key_id: r.at for r in sorted(records, key=lambda r: r.at)}.items():
                 db.execute(
                     "UPDATE api_keys SET last_used_at=MAX(COALESCE(last_used_at, 0), ?) WHERE id=? AND tenant=?",
                     (at, key_id, tenant),
                 )
             db.execute(
-                "INSERT INTO usage_cursors (tenant, cursor) VALUES (?, ?) ON CONFLICT(tenant) DO UPDATE"
-                " SET cursor=MAX(cursor, excluded.cursor)",
-                (tenant, cursor),
+                "INSERT INTO spool_cursors (tenant, spool, cursor, at) VALUES (?, ?, ?, ?) ON CONFLICT(tenant, spool)"
+                " DO UPDATE SET cursor=MAX(cursor, excluded.cursor), at=excluded.at",
+                (tenant, spool, cursor, time.time()),
             )
         return added
 

@@ -111,11 +111,18 @@ class TenantStore(Protocol):
     def engine_failure(self, tenant: str) -> EngineFailure | None: ...
     def save_engine_failure(self, tenant: str, failure: EngineFailure) -> None: ...
     def clear_engine_failure(self, tenant: str) -> None: ...
-    def usage_cursor(self, tenant: str) -> int: ...
-    def add_usage(self, tenant: str, records: Sequence[UsageRecord], cursor: int) -> int:
-        """Stores records collected from a gateway and advances the cursor, in one transaction.
-        A record seen twice (same request id) is stored once; one written before members (no member)
-        is the key's member's. Returns how many were new."""
+    def usage_cursor(self, tenant: str, spool: str = "") -> int:
+        """Where collection from the tenant's gateway ``spool`` stands (0: nothing collected)."""
+        ...
+
+    def last_spool(self, tenant: str) -> str:
+        """The spool the tenant's usage was last collected from ('' before any, or before identities)."""
+        ...
+
+    def add_usage(self, tenant: str, records: Sequence[UsageRecord], cursor: int, spool: str = "") -> int:
+        """Stores records collected from a gateway's ``spool`` and advances its cursor, in one
+        transaction. A record seen twice (same request id) is stored once; one written before
+        members (no member) is the key's member's. Returns how many were new."""
         ...
 
     def last_used(self) -> dict[str, float]:

@@ -72,6 +72,10 @@ MIGRATIONS: list[Step] = [
         "ALTER TABLE usage ADD COLUMN queue_ms REAL NOT NULL DEFAULT 0",
         "ALTER TABLE usage ADD COLUMN first_token_ms REAL",
     ],
+    [  # 5: the spool's identity (``UsagePage.spool``), random, made once with it
+        "CREATE TABLE IF NOT EXISTS spool (id TEXT NOT NULL)",
+        "INSERT INTO spool (id) SELECT lower(hex(randomblob(16))) WHERE NOT EXISTS (SELECT 1 FROM spool)",
+    ],
 ]
 """The spool's schema, step by step (see manager.migrations); append only."""
 _BEGIN = (
@@ -153,6 +157,7 @@ class GatewayStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         migrate(self._db, MIGRATIONS, f"the gateway's spool {path}")
+        self.spool_id = str(self._db.execute("SELECT id FROM spool").fetchone()["id"])
         self._stop = threading.Event()
         self._checkpointer: threading.Thread | None = None
         if checkpoint_s is not None:
@@ -265,7 +270,7 @@ class GatewayStore:
     def after(self, cursor: int, limit: int = 1000) -> UsagePage:
         rows = self._db.execute("SELECT * FROM usage WHERE seq > ? ORDER BY seq LIMIT ?", (cursor, limit)).fetchall()
         records = [UsageRecord.model_validate(dict(r)) for r in rows]
-        return UsagePage(records=records, cursor=int(rows[-1]["seq"]) if rows else cursor)
+        return UsagePage(records=records, cursor=int(rows[-1]["seq"]) if rows else cursor, spool=self.spool_id)
 
     def totals_by_key(self, day_start: float, month_start: float, window_start: float) -> list[Totals]:
         """Per key (and member): tokens since ``day_start``, requests since ``month_start`` and the

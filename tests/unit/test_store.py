@@ -222,3 +222,52 @@ def test_sleeps_and_wakes_take_their_arrow_only(tmp_path: Path, open_store: Call
     assert store.woke("a", 5.0) == 2.0
     row = store.tenant("a")
     assert (row.status, row.status_since, row.sleep.sleeps, row.sleep.wakes) == (TenantStatus.RUNNING, 5.0, 1, 1)
+
+
+def test_each_gateway_spool_is_collected_from_its_own_start(tmp_path) -> None:
+    """A tenant placed on another node gets a gateway on a new volume: its spool counts from 1
+    again. Collection reads it from its own start (not from the old spool's cursor, which would skip
+    its first records), and an old spool that comes back goes on where it stood. Nothing twice."""
+    from manager.contract import UsagePage
+    from manager.control.gateway_client import collect_usage
+    from manager.control.sqlite_store import SqliteStore
+    from tests.unit.fakes import usage_record
+
+    class Spool:
+        def __init__(self, spool: str, ids: list[str]) -> None:
+            self.spool, self.records = spool, [usage_record(i) for i in ids]
+
+        def usage(self, after: int, limit: int = 1000) -> UsagePage:
+            page = self.records[after : after + limit]
+            return UsagePage(records=page, cursor=after + len(page), spool=self.spool)
+
+    store = SqliteStore(tmp_path / "m.db")
+    try:
+        old = Spool("a1", ["r1", "r2", "r3"])
+        assert collect_usage(store, "acme", old) == 3  # type: ignore[arg-type]
+        new = Spool("b2", ["r4"])
+        assert collect_usage(store, "acme", new) == 1, "its first record, though the old cursor is 3"  # type: ignore[arg-type]
+        old.records.append(usage_record("r5"))  # written before the old node was lost, read once it is back
+        assert collect_usage(store, "acme", old) == 1  # type: ignore[arg-type]
+        assert collect_usage(store, "acme", new) == 0 and collect_usage(store, "acme", old) == 0  # type: ignore[arg-type]
+        assert (store.usage_cursor("acme", "a1"), store.usage_cursor("acme", "b2")) == (4, 1)
+        assert store.usage_totals("acme", 0).requests == 5
+    finally:
+        store.close()
+
+
+def test_a_gateway_spool_keeps_its_identity_and_a_new_one_gets_its_own(tmp_path) -> None:
+    from manager.gateway.store import GatewayStore
+
+    first = GatewayStore(tmp_path / "a.db")
+    identity = first.spool_id
+    first.close()
+    again = GatewayStore(tmp_path / "a.db")
+    other = GatewayStore(tmp_path / "b.db")
+    try:
+        assert again.spool_id == identity and len(identity) == 32
+        assert other.spool_id != identity
+        assert again.after(0).spool == identity
+    finally:
+        again.close()
+        other.close()
