@@ -27,7 +27,9 @@ meanwhile fails that start.
 
 Each tenant's engine runs on the device admission placed it on (its row's
 ``device``); a tenant whose device is gone from the host fails with that reason
-until the admin moves it (``update-tenant --gpu``).
+until the admin moves it (``update-tenant --gpu``). On a swarm a device that is
+gone is usually its node, lost: after ``node_loss_grace_s`` the tenant is placed
+again where it fits (``place_again``, the service's admission).
 
 Status writes never enqueue work, so the reconciler never re-triggers itself.
 A failing engine is restarted with exponential backoff (10 s doubling to 5 min),
