@@ -99,7 +99,8 @@ def service_spec(plan: ContainerPlan, job: bool = False, everywhere: bool = Fals
         # ``stop_container`` gives its own timeout
         "StopGracePeriod": REMOVE_GRACE_NS,
         "Labels": plan.labels,
-        "Env": [f"{k}={v}" for k, v in plan.env.items()],
+        # a service has no --gpus: the node's default runtime (NVIDIA's) exposes what this names
+        "Env": [f"{k}={v}" for k, v in (plan.env | gpu_env(plan)).items()],
         "User": plan.user,
         "ReadOnly": plan.read_only,
         "CapabilityDrop": plan.cap_drop,
@@ -158,6 +159,12 @@ def service_spec(plan: ContainerPlan, job: bool = False, everywhere: bool = Fals
         },
     }
     return spec
+
+
+def gpu_env(plan: ContainerPlan) -> dict[str, str]:
+    """The plan's GPUs (UUIDs of GPUs or MIG instances) as the NVIDIA runtime reads them from a
+    container's environment, Swarm services having no device requests."""
+    return {"NVIDIA_VISIBLE_DEVICES": ",".join(plan.gpu_device_ids)} if plan.gpu_device_ids else {}
 
 
 def tmpfs_options(options: str) -> dict[str, Any]:

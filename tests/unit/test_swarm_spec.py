@@ -77,6 +77,13 @@ def test_a_one_off_plan_is_a_replicated_job_on_no_network() -> None:
     assert spec["TaskTemplate"]["Networks"] == [] and spec["TaskTemplate"]["Placement"]["Constraints"] == []
 
 
+def test_a_plans_gpu_reaches_the_nvidia_runtime_through_the_environment() -> None:
+    spec = service_spec(gateway(gpu_device_ids=["GPU-5f1c", "MIG-GPU-5f1c/1/0"], env={"A": "1"}))
+    env = spec["TaskTemplate"]["ContainerSpec"]["Env"]
+    assert env == ["A=1", "NVIDIA_VISIBLE_DEVICES=GPU-5f1c,MIG-GPU-5f1c/1/0"]
+    assert "NVIDIA_VISIBLE_DEVICES" not in str(service_spec(gateway(env={"A": "1"}))["TaskTemplate"])
+
+
 def test_a_plan_run_everywhere_is_a_global_service() -> None:
     spec = service_spec(gateway(ports={}, node=None), everywhere=True)
     assert spec["Mode"] == {"Global": {}}
