@@ -51,6 +51,14 @@ def nodes(*argv: str) -> str:
     return done.stdout.strip()
 
 
+def remove_instance(runtime: SwarmRuntime, inst: str) -> None:
+    """Every service, then every network, of the instance ``inst`` on the swarm."""
+    for c in runtime.containers(names.selector(inst)):
+        runtime.remove_container(c.name)
+    for n in runtime.networks(names.selector(inst)):
+        runtime.remove_network(n.name)
+
+
 @pytest.fixture(scope="module")
 def swarm() -> Iterator[docker.DockerClient]:
     """Two nodes, n1 the manager, the manager image on both; torn down by PID, pass or fail."""
@@ -75,10 +83,7 @@ class TestSwarmRuntime(RuntimeContract):
         inst = TEST_PREFIX + secrets.token_hex(4)
         yield inst
         runtime = SwarmRuntime(swarm)
-        for c in runtime.containers(names.selector(inst)):
-            runtime.remove_container(c.name)
-        for n in runtime.networks(names.selector(inst)):
-            runtime.remove_network(n.name)
+        remove_instance(runtime, inst)
 
     @pytest.fixture
     def image(self) -> str:
@@ -172,10 +177,7 @@ def test_an_agent_on_every_node_reports_its_node_and_the_containers_there(
         assert held["pids"], "its processes' host PIDs on node 2"
         assert holder.name not in {c["name"] for c in reports[node_ids["n1"]]["containers"]}
     finally:
-        for c in runtime.containers(names.selector(inst)):
-            runtime.remove_container(c.name)
-        for n in runtime.networks(names.selector(inst)):
-            runtime.remove_network(n.name)
+        remove_instance(runtime, inst)
 
 
 # ------------------------------------------------------------------ the manager on the swarm
@@ -305,9 +307,6 @@ def test_the_manager_on_the_swarm_places_a_tenant_on_another_node_where_it_serve
         removed = on_node(1, "service", "rm", f"{inst}_manager")
         gone = ["ps", "-q", "-f", f"label=com.docker.swarm.service.name={inst}_manager"]
         wait_for(lambda: not on_node(1, *gone).stdout.strip(), 60, "the manager's container to go", interval=0.5)
-        for c in runtime.containers(names.selector(inst)):
-            runtime.remove_container(c.name)
-        for n in runtime.networks(names.selector(inst)):
-            runtime.remove_network(n.name)
+        remove_instance(runtime, inst)
         stack = on_node(1, "stack", "rm", inst)
         assert stack.returncode == 0, removed.stderr + stack.stderr
