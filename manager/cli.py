@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -134,12 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("serve", help="run the manager (API, reconciler)")
     sub.add_parser("gateway", help="run a tenant gateway (started by the manager; settings GTM_GATEWAY_*)")
     sub.add_parser("node-agent", help="serve this node's report to the manager (on a swarm: one on every node)")
+    drain = sub.add_parser(
+        "drain-spool", help="print a gateway spool's records after given cursors (the manager runs it on a swarm node)"
+    )
+    drain.add_argument("--data-dir", type=Path, default=Path("/data"), help="the gateway's data directory")
+    drain.add_argument("--cursors", default="{}", help='JSON: the manager\'s cursor per spool, {"<spool>": <cursor>}')
     _tenant_commands(sub)
     _member_commands(sub)
     _model_commands(sub)
     _host_commands(sub)
     for name, command in sub.choices.items():
-        if name not in ("serve", "gateway", "node-agent"):  # every admin command prints JSON on request
+        if name not in ("serve", "gateway", "node-agent", "drain-spool"):  # every admin command prints JSON on request
             command.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
@@ -769,6 +775,11 @@ def main(argv: Sequence[str] | None = None, api: Api | None = None) -> int:
             from manager.gateway.server import main as gateway_main
 
             return gateway_main()
+        if args.command == "drain-spool":
+            from manager.gateway.drain import drain
+
+            drain(args.data_dir, {str(k): int(v) for k, v in json.loads(args.cursors).items()}, sys.stdout)
+            return 0
         if api is not None:
             return run(args, api)
         settings = Settings()

@@ -138,6 +138,11 @@ class UsageRecord(Contract):
         return self.prompt_tokens + self.completion_tokens
 
 
+DRAINED_PAGE = "usage-page "
+"""How ``manager drain-spool`` prints each page of a spool left on a swarm node (one line each,
+after this prefix): the manager reads them from the one-off's logs."""
+
+
 class UsagePage(Contract):
     """Records after a cursor, in order; ``cursor`` is where the next page starts."""
 

@@ -20,6 +20,9 @@ SPEC_HASH = LABEL_PREFIX + "spec-hash"
 DEVICE = LABEL_PREFIX + "device"
 """The device (GPU or MIG instance UUID) of a resource that belongs to one, not to a tenant."""
 
+NODE = LABEL_PREFIX + "node"
+"""The swarm node (its ID) a tenant's gateway is placed on: where its spool is, should the node be lost."""
+
 TENANT_NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}[a-z0-9]$")
 
 
@@ -88,6 +91,10 @@ def gateway(instance: str, tenant: str) -> str:
 
 def gateway_volume(instance: str, tenant: str) -> str:
     return f"{instance}-t-{tenant}-gw"
+
+
+def drain(instance: str, tenant: str) -> str:
+    return f"{instance}-t-{tenant}-drain"
 
 
 def move_data(instance: str, tenant: str) -> str:

@@ -38,6 +38,7 @@ from manager.api.routes import error_responses, router
 from manager.console.routes import LoginRequired
 from manager.console.routes import router as console_router
 from manager.console.session import COOKIE, Flashes, LoginLimiter, Sessions
+from manager.control.drains import SpoolDrainer
 from manager.control.gateway_client import Connect, GatewayClient
 from manager.control.plan import control_network_plan, node_agent_plan
 from manager.control.reconciler import Reconciler
@@ -132,6 +133,8 @@ def build_components(
     runtime = runtime or DockerRuntime()
     store = SqliteStore(settings.database_path)
     reconciler = Reconciler(settings, store, runtime, inventory, connect=connect or GatewayClient)
+    if isinstance(runtime, SwarmRuntime):
+        reconciler.drainer = SpoolDrainer(settings, store, runtime, inventory, runtime.reports, runtime.node_addresses)
     service = TenantService(settings, store, runtime, inventory, reconciler)
     return Components(store, inventory, reconciler, service, load_admin_token(settings))
 

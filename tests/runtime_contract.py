@@ -179,12 +179,13 @@ class RuntimeContract:
         assert runtime.ping() is True
 
     def test_a_one_off_container_runs_to_its_end_and_is_gone(self, runtime: Runtime, instance: str, image: str) -> None:
-        plan = one_off(
-            f"{instance}-oneoff", image, "print('done')", names.labels(instance, Role.WARMUP), network="none"
-        )
-        code, _ = runtime.run_to_completion(plan, timeout_s=60)
+        """With ``log_lines=None`` all of its output comes back (``drain-spool`` prints pages)."""
+        code_text = "for i in range(60): print(f'line {i}')"
+        plan = one_off(f"{instance}-oneoff", image, code_text, names.labels(instance, Role.WARMUP), network="none")
+        code, out = runtime.run_to_completion(plan, timeout_s=60, log_lines=None)
         assert code == 0
         assert runtime.container(plan.name) is None
+        assert all(f"line {i}\n" in out for i in range(60)), out
 
     def test_a_container_joins_the_ipc_namespace_of_a_running_shareable_one(
         self, runtime: Runtime, instance: str, image: str

@@ -11,6 +11,7 @@ import functools
 import hashlib
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -192,6 +193,22 @@ def data_source(spec: TenantSpec, settings: Settings) -> str:
     if spec.encrypted:
         return str(encrypted_data_path(settings.volumes_dir / settings.instance, spec.name))
     return names.volume(settings.instance, spec.name)
+
+
+def drain_plan(settings: Settings, tenant: str, node: str, cursors: Mapping[str, int]) -> ContainerPlan:
+    """A one-off on swarm ``node`` that prints what the tenant's old gateway spooled there after
+    the manager's ``cursors`` (``control.drains``): the gateway's volume on that node, its user,
+    no network."""
+    return ContainerPlan(
+        name=names.drain(settings.instance, tenant),
+        image=settings.manager_image,
+        command=["drain-spool", "--data-dir", "/data", "--cursors", json.dumps(dict(cursors), sort_keys=True)],
+        labels=names.labels(settings.instance, Role.PREPARE, tenant),
+        network="none",
+        node=node,
+        mounts=[Mount(names.gateway_volume(settings.instance, tenant), "/data")],
+        pids_limit=16,
+    )
 
 
 MOVE_SCRIPT = "cp -a /from/. /to/ && sync && touch /to/{moved} && sync"
@@ -484,7 +501,7 @@ def gateway_plan(
         name=names.gateway(inst, spec.name),
         image=settings.manager_image,
         command=["gateway"],
-        labels=names.labels(inst, Role.GATEWAY, spec.name),
+        labels=names.labels(inst, Role.GATEWAY, spec.name) | ({names.NODE: node} if node else {}),
         network=control_network_name(settings),
         extra_networks={names.network(inst, spec.name): [names.GATEWAY_ALIAS]},
         env={

@@ -48,6 +48,7 @@ from collections.abc import Callable
 
 from manager import names
 from manager.control.collector import UsageCollector
+from manager.control.drains import SpoolDrainer
 from manager.control.engine_logs import (
     COLD_CACHE,
     LOG_KEEP_CHARS,
@@ -136,9 +137,12 @@ class Reconciler:
         self._orphans_seen: dict[str, float] = {}
         self._lost_since: dict[str, float] = {}
         """On a swarm: tenants whose node went unreported, since when (``_node_lost``)."""
-        self.place_again: Callable[[str], str] | None = None
+        self.place_again: Callable[[str, str], str] | None = None
         """On a swarm, the service's admission for a tenant whose node was lost: places it where it
-        fits and returns where (raises ``AdmissionRefused`` when nowhere); None on one host."""
+        fits (given the lost node its gateway was on, '' when none) and returns where (raises
+        ``AdmissionRefused`` when nowhere); None on one host."""
+        self.drainer: SpoolDrainer | None = None
+        """On a swarm, what reads the spools of gateways left on lost nodes once they are back."""
         self.vault = Vault(settings, store, volumes or open_volumes(settings), clock=clock)
         self.warmer = PageCacheWarmer(settings, runtime)
         self.collector = UsageCollector(settings, store, runtime, connect)
@@ -175,7 +179,7 @@ class Reconciler:
             ),
             threading.Thread(
                 target=self._every,
-                args=("usage", self.settings.usage_interval_s, self.collector.collect_all),
+                args=("usage", self.settings.usage_interval_s, self.collect_usage),
                 name="usage-collector",
                 daemon=True,
             ),
@@ -267,6 +271,12 @@ class Reconciler:
         log.warning("reconcile of %s failed (%d): %s", key, n, message)
         return backoff(n, 1.0, 60.0)
 
+    def collect_usage(self) -> None:
+        """Every gateway's new records; then, on a swarm, spools left on nodes that are back."""
+        self.collector.collect_all()
+        if self.drainer is not None:
+            self.drainer.tick()
+
     def _every(self, loop: str, interval: float, step: Callable[[], None]) -> None:
         """Runs ``step`` every ``interval`` seconds until stopped; no exception ends the loop."""
         while not self._stop.is_set():
@@ -292,7 +302,7 @@ class Reconciler:
             return self._remove(row, containers)
         device = placed_on(row.device, self.inventory.devices())
         if device is None and self.place_again is not None:
-            return self._node_lost(row)
+            return self._node_lost(row, containers)
         if device is None:
             self._set_status(
                 row,
@@ -860,7 +870,7 @@ class Reconciler:
             name, was = row.spec.name, current.status.value
             log.warning("tenant %s: status %s -> %s refused (not in the diagram)", name, was, status.value)
 
-    def _node_lost(self, row: TenantRow) -> float | None:
+    def _node_lost(self, row: TenantRow, containers: list[ContainerState]) -> float | None:
         """On a swarm, the tenant's node is not reported (down, or cut off from the manager). Its
         containers may still serve there, so for ``node_loss_grace_s`` it only says so; then it is
         placed again where it fits (``place_again``), and its next turn makes its engine and gateway
@@ -877,8 +887,9 @@ class Reconciler:
             )  # fmt: skip
             return since + grace - now
         assert self.place_again is not None
+        gateway_on = {c.labels.get(names.NODE, "") for c in containers if c.role == Role.GATEWAY} - {""}
         try:
-            where = self.place_again(name)
+            where = self.place_again(name, min(gateway_on, default=""))
         except AdmissionRefused as exc:
             self._set_status(row, TenantStatus.FAILED, f"its node was lost and no other node has room: {exc.message}")
             return NO_ROOM_RETRY_S

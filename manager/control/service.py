@@ -343,11 +343,12 @@ class TenantService:
         self.reconciler.enqueue(name)
         return self.store.tenant(name)
 
-    def place_again(self, name: str) -> str:
+    def place_again(self, name: str, gateway_node: str = "") -> str:
         """A swarm node was lost: the tenant is admitted again on every node that reports, under the
         lock every admission takes, and goes where it fits (audited, with the numbers). Returns the
         device it goes to; when none has room, raises ``AdmissionRefused``, audited once for each
-        different refusal (the reconciler tries again)."""
+        different refusal (the reconciler tries again). ``gateway_node``: the node its gateway was
+        on, whose spool is read once that node is back (``control.drains``)."""
         with self._admission:
             row = self.store.tenant(name)
             device, decision = self.placer.place(row.spec, tenant=name)
@@ -361,6 +362,8 @@ class TenantService:
             where = device_label(device) or device.uuid
             with self.store.transaction() as db:
                 self.store.update_spec(db, row.spec, device=device.uuid)
+                if gateway_node and gateway_node != device.node:
+                    self.store.add_spool_drain(db, name, gateway_node, self.clock())
                 self.store.set_status(db, name, TenantStatus.PENDING, f"placed again on {where}: its node was lost")
                 audited = {"from": row.device, "device": device.uuid, **decision.numbers}
                 self.store.audit(MANAGER_ACTOR, "place-again", name, "ok", audited, tx=db)

@@ -287,6 +287,14 @@ ORDER BY a.id""",
         "INSERT INTO spool_cursors (tenant, spool, cursor, at) SELECT tenant, '', cursor, 0 FROM usage_cursors",
         "DROP TABLE usage_cursors",
     ],
+    [  # 20: gateway spools left on a lost swarm node, read once the node is back (``control.drains``)
+        """CREATE TABLE IF NOT EXISTS spool_drains (
+    tenant TEXT NOT NULL,
+    node TEXT NOT NULL,
+    since REAL NOT NULL,
+    PRIMARY KEY (tenant, node)
+)""",
+    ],
 ]
 """The manager database's schema, step by step (see manager.migrations); append only."""
 
@@ -670,6 +678,26 @@ class SqliteStore:
                 "SELECT cursor FROM spool_cursors WHERE tenant=? AND spool=?", (tenant, spool)
             ).fetchone()
         return int(row["cursor"]) if row else 0
+
+    def spool_cursors(self, tenant: str) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT spool, cursor FROM spool_cursors WHERE tenant=?", (tenant,)).fetchall()
+        return {str(r["spool"]): int(r["cursor"]) for r in rows}
+
+    def add_spool_drain(self, tx: Tx, tenant: str, node: str, since: float) -> None:
+        _conn(tx).execute(
+            "INSERT INTO spool_drains (tenant, node, since) VALUES (?, ?, ?) ON CONFLICT(tenant, node) DO NOTHING",
+            (tenant, node, since),
+        )
+
+    def spool_drains(self) -> list[tuple[str, str, float]]:
+        with self._lock:
+            rows = self._db.execute("SELECT tenant, node, since FROM spool_drains ORDER BY since").fetchall()
+        return [(str(r["tenant"]), str(r["node"]), float(r["since"])) for r in rows]
+
+    def drop_spool_drain(self, tenant: str, node: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM spool_drains WHERE tenant=? AND node=?", (tenant, node))
 
     def last_spool(self, tenant: str) -> str:
         with self._lock:

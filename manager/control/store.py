@@ -115,6 +115,21 @@ class TenantStore(Protocol):
         """Where collection from the tenant's gateway ``spool`` stands (0: nothing collected)."""
         ...
 
+    def spool_cursors(self, tenant: str) -> dict[str, int]:
+        """Every cursor of the tenant's spools, by spool."""
+        ...
+
+    def add_spool_drain(self, tx: Tx, tenant: str, node: str, since: float) -> None:
+        """The tenant's gateway spool is left on swarm ``node`` (lost since ``since``): it is read
+        there once the node is back (``control.drains``)."""
+        ...
+
+    def spool_drains(self) -> list[tuple[str, str, float]]:
+        """(tenant, node, since) of every spool waiting to be read, oldest first. A removed
+        tenant's stay: its usage is kept for cost sharing."""
+        ...
+
+    def drop_spool_drain(self, tenant: str, node: str) -> None: ...
     def last_spool(self, tenant: str) -> str:
         """The spool the tenant's usage was last collected from ('' before any, or before identities)."""
         ...

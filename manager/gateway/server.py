@@ -13,12 +13,12 @@ from manager.gateway.http import protocol_for
 from manager.gateway.proxy import Proxy
 from manager.gateway.settings import GatewaySettings
 from manager.gateway.state import GatewayState
-from manager.gateway.store import GatewayStore
+from manager.gateway.store import SPOOL_FILE, GatewayStore
 
 
 async def serve(settings: GatewaySettings, engine: httpx.Client | None = None) -> None:
     """``engine``: a client of the engine for the admin app's sleep-mode calls (they run on its threads)."""
-    state = GatewayState(GatewayStore(settings.data_dir / "gateway.db"))
+    state = GatewayState(GatewayStore(settings.data_dir / SPOOL_FILE))
     proxy = Proxy(settings, state)
     admin = create_admin_app(state, settings.admin_token.get_secret_value(), engine)
     public = uvicorn.Server(

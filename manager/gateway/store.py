@@ -145,6 +145,10 @@ CHECKPOINT_S = 1.0
 """How often the spool's write-ahead log is copied into the database, off the event loop."""
 
 
+SPOOL_FILE = "gateway.db"
+"""The spool's file in the gateway's data directory (its own volume)."""
+
+
 class GatewayStore:
     """The spool. Its WAL is checkpointed by a thread of its own (``CHECKPOINT_S``), not by the
     commit that happens to fill it: a checkpoint syncs the database file, milliseconds that would

@@ -221,7 +221,7 @@ class DockerRuntime:
 
         return self._call(f"probing ports with {plan.name}", run)
 
-    def run_to_completion(self, plan: ContainerPlan, timeout_s: float) -> tuple[int, str]:
+    def run_to_completion(self, plan: ContainerPlan, timeout_s: float, log_lines: int | None = 20) -> tuple[int, str]:
         """Runs a one-off container to its end; returns its exit code and log tail. It is removed
         afterwards, also when it runs past ``timeout_s`` (then the exit code is -1)."""
         kwargs = container_kwargs(plan)
@@ -236,7 +236,7 @@ class DockerRuntime:
                     code = int(container.wait(timeout=timeout_s)["StatusCode"])
                 except requests.exceptions.RequestException:
                     code = -1
-                raw = container.logs(tail=20)
+                raw = container.logs(tail="all" if log_lines is None else log_lines)
                 return code, raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
             finally:
                 container.remove(force=True)

@@ -90,8 +90,9 @@ class MemoryRuntime:
         self.started: list[str] = []  # names, in the order they were started
         self.completed: list[str] = []  # one-off containers run to completion, in order
         self._fail_next: dict[str, str] = {}
-        self.effects: dict[str, Callable[[ContainerPlan], None]] = {}
-        """One-off container name -> what running it does (a copy job's files, in a test)."""
+        self.effects: dict[str, Callable[[ContainerPlan], str | None]] = {}
+        """One-off container name -> what running it does (a copy job's files, in a test) and what it
+        prints (None: nothing)."""
         self.images: dict[str, str] = {}  # name -> ID; a name not set here exists as "sha256:<name>"
         self.foreign_ports: set[int] = set()  # host ports held by programs Docker does not know
         self._subscribers: list[_Events] = []
@@ -280,15 +281,17 @@ class MemoryRuntime:
         if donor is None or donor.state.status != "running" or donor.plan.ipc_mode != "shareable":
             raise RuntimeUnavailable(f"starting {plan.name}: cannot join the IPC namespace of {plan.ipc_mode}")
 
-    def run_to_completion(self, plan: ContainerPlan, timeout_s: float) -> tuple[int, str]:
+    def run_to_completion(self, plan: ContainerPlan, timeout_s: float, log_lines: int | None = 20) -> tuple[int, str]:
         with self._lock:
             self._check()
             error = self._fail_next.pop(plan.name, None)
             self._check_ipc(plan)
             self.completed.append(plan.name)
-            if error is None and plan.name in self.effects:
-                self.effects[plan.name](plan)
-            return (1, error) if error is not None else (0, "")
+            if error is not None:
+                return 1, error
+            out = self.effects[plan.name](plan) if plan.name in self.effects else None
+            lines = (out or "").splitlines(keepends=True)
+            return 0, "".join(lines if log_lines is None else lines[-log_lines:] if log_lines else [])
 
     def container_ip(self, name: str, network: str) -> str | None:
         with self._lock:

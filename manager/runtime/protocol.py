@@ -58,8 +58,9 @@ class Runtime(Protocol):
         """Creates and starts a container; a leftover of the same name is replaced."""
         ...
 
-    def run_to_completion(self, plan: ContainerPlan, timeout_s: float) -> tuple[int, str]:
-        """Runs a one-off container to its end and removes it: (exit code, log tail); -1 on timeout."""
+    def run_to_completion(self, plan: ContainerPlan, timeout_s: float, log_lines: int | None = 20) -> tuple[int, str]:
+        """Runs a one-off container to its end and removes it: (exit code, its last ``log_lines``
+        lines of output, all of it with None); -1 on timeout."""
         ...
 
     def container_ip(self, name: str, network: str) -> str | None: ...

@@ -301,7 +301,7 @@ class SwarmRuntime(DockerRuntime):
 
         return self._call(f"starting {plan.name}", run)
 
-    def run_to_completion(self, plan: ContainerPlan, timeout_s: float) -> tuple[int, str]:
+    def run_to_completion(self, plan: ContainerPlan, timeout_s: float, log_lines: int | None = 20) -> tuple[int, str]:
         def run() -> tuple[int, str]:
             service_id = self._create(plan, job=True)
             try:
@@ -309,7 +309,7 @@ class SwarmRuntime(DockerRuntime):
                 if state.status == "created" and state.error:
                     raise RuntimeUnavailable(f"running {plan.name}: {state.error}")
                 code = state.exit_code if state.status == "exited" and state.exit_code is not None else -1
-                return code, self._logs(service_id, 20)
+                return code, self._logs(service_id, log_lines)
             finally:
                 self._remove(plan.name)
 
@@ -367,8 +367,9 @@ class SwarmRuntime(DockerRuntime):
     def remove_container(self, name: str) -> None:
         self._call(f"removing {name}", lambda: self._remove(name))
 
-    def _logs(self, service_id: str, lines: int) -> str:
-        raw = self._api.service_logs(service_id, stdout=True, stderr=True, tail=lines, follow=False)
+    def _logs(self, service_id: str, lines: int | None) -> str:
+        tail = "all" if lines is None else lines
+        raw = self._api.service_logs(service_id, stdout=True, stderr=True, tail=tail, follow=False)
         return b"".join(raw).decode(errors="replace") if not isinstance(raw, str) else raw
 
     def logs_tail(self, name: str, lines: int = 40) -> str:

@@ -247,3 +247,122 @@ def test_a_lost_nodes_tenant_is_placed_again_where_it_fits_after_the_grace(tmp_p
         assert [a.tenant for a in refusals] == ["beta"], "audited once, however often it is tried again"
     finally:
         store.close()
+
+
+def test_a_lost_nodes_spool_is_read_once_the_node_is_back_each_record_once(tmp_path) -> None:
+    """acme's gateway on node 2 spooled three records, the manager collected the first, then node 2
+    was lost and acme placed on node 1. While node 2 is away, and while its old gateway still runs
+    there, its spool waits; then a one-off on node 2 (``manager drain-spool``, run for real on the
+    spool here) gives the two records not collected and the request it had in flight, settled as
+    interrupted. Read again, nothing is stored twice; a node that left the swarm is audited as lost."""
+    import io
+    import json
+    from pathlib import Path
+
+    from manager.control.drains import SpoolDrainer
+    from manager.control.reconciler import Reconciler
+    from manager.control.service import TenantService
+    from manager.control.sqlite_store import SqliteStore
+    from manager.gateway.drain import drain
+    from manager.gateway.store import SPOOL_FILE, Begin, GatewayStore, Settle
+    from manager.runtime.memory import MemoryRuntime
+    from manager.runtime.types import ContainerPlan
+    from manager.settings import Settings
+
+    from .conftest import write_demo_model
+    from .fakes import FakeGateway, usage_record
+
+    write_demo_model(tmp_path / "models")
+    settings = Settings(
+        gpu_mode="cpu", instance="gtmu", state_dir=tmp_path, models_dir=tmp_path / "models", headroom=G,
+        runtime="swarm", node_loss_grace_s=60, volumes_dir=tmp_path / "no-volumes", volume_key_file=None,
+    )  # fmt: skip
+    five = ReportedDevice(
+        index=0, uuid="host-memory", name="host memory", kind="host-memory", total=5 * G, free=5 * G, used=0
+    )
+    reports = {n: NodeReport(node_id=n, hostname=h, at=0, devices=[five]) for n, h in (("n1", "a"), ("n2", "b"))}
+    members = {"n1": "10.1.0.1", "n2": "10.1.0.2"}
+    now = [1000.0]
+    inventory = NodesInventory(lambda: dict(reports))
+    store, runtime = SqliteStore(tmp_path / "m.db"), MemoryRuntime()
+    reconciler = Reconciler(settings, store, runtime, inventory, connect=FakeGateway(), clock=lambda: now[0])
+    svc = TenantService(settings, store, runtime, inventory, reconciler, clock=lambda: now[0])
+    drainer = SpoolDrainer(settings, store, runtime, inventory, lambda: dict(reports), lambda: dict(members))
+
+    # node 2's spool, and what the manager collected of it
+    spool_dir = tmp_path / "node2-gw"
+    spool = GatewayStore(spool_dir / SPOOL_FILE, checkpoint_s=None)
+    spool.write([Settle(usage_record(f"r{i}").model_dump(), opened=False) for i in range(3)])
+    spool.write([Begin(usage_record("in-flight", completion_tokens=5).model_dump())])
+    spool_id = spool.spool_id
+    spool.close()
+    store.add_usage("acme", [usage_record("r0")], 1, spool_id)
+
+    def drain_on_node_2(plan: ContainerPlan) -> str:
+        assert plan.node == "n2" and plan.mounts[0].source == names.gateway_volume("gtmu", "acme")
+        out = io.StringIO()
+        drain(spool_dir, json.loads(plan.command[plan.command.index("--cursors") + 1]), out)
+        return "".join(f"acme-drain.1.x@b | {line}\n" for line in out.getvalue().splitlines())  # as logs show it
+
+    runtime.effects[names.drain("gtmu", "acme")] = drain_on_node_2
+    try:
+        spec = svc.new_spec(name="acme", port=30001, gpu_memory=2 * G, model=None, max_model_len=None)
+        svc.create(spec, "admin", gpu="1")
+        reconciler.reconcile("acme")
+        assert runtime.container(names.gateway("gtmu", "acme")).labels[names.NODE] == "n2"
+
+        del reports["n2"]
+        reconciler.reconcile("acme")
+        now[0] += 61
+        reconciler.reconcile("acme")
+        assert store.tenant("acme").device == "host-memory@n1"
+        assert [(t, n) for t, n, _ in store.spool_drains()] == [("acme", "n2")]
+
+        runtime.completed.clear()  # warm-up and volume preparation
+        drainer.tick()  # node 2 away: nothing to read it with
+        old_gateway = ReportedContainer(name=names.gateway("gtmu", "acme"), memory=None)
+        reports["n2"] = NodeReport(node_id="n2", hostname="b", at=0, devices=[five], containers=[old_gateway])
+        drainer.tick()  # back, but its old gateway still runs there
+        assert runtime.completed == []
+
+        reports["n2"] = NodeReport(node_id="n2", hostname="b", at=0, devices=[five])
+        drainer.tick()
+        assert runtime.completed == [names.drain("gtmu", "acme")]
+        assert store.usage_totals("acme", 0).requests == 4, "r0 once, r1, r2, and the one in flight"
+        (read,) = store.audit_log(action="drain-spool")
+        assert read.result == "ok" and read.detail == {"node": "n2", "spool": spool_id, "read": 3, "new": 3}
+        assert store.spool_drains() == []
+        assert drainer.drain("acme", "n2") == 0, "read again: nothing new"
+        assert store.usage_totals("acme", 0).requests == 4
+
+        with store.transaction() as tx:  # a node that leaves the swarm takes its spool with it
+            store.add_spool_drain(tx, "acme", "n3", now[0])
+        drainer.tick()
+        lost = [a for a in store.audit_log(action="drain-spool") if a.result == "lost"]
+        assert [a.detail["node"] for a in lost] == ["n3"] and store.spool_drains() == []
+        assert Path(spool_dir / SPOOL_FILE).exists()
+    finally:
+        store.close()
+
+
+def test_drain_spool_prints_nothing_without_a_spool_and_pages_of_its_size(tmp_path) -> None:
+    import io
+
+    from manager.contract import DRAINED_PAGE
+    from manager.control.drains import drained_pages
+    from manager.gateway.drain import drain
+    from manager.gateway.store import SPOOL_FILE, GatewayStore, Settle
+
+    from .fakes import usage_record
+
+    out = io.StringIO()
+    assert drain(tmp_path / "empty", {}, out) == 0 and out.getvalue() == ""
+    assert not (tmp_path / "empty").exists(), "nothing made where no gateway was"
+
+    spool = GatewayStore(tmp_path / SPOOL_FILE, checkpoint_s=None)
+    spool.write([Settle(usage_record(f"r{i}").model_dump(), opened=False) for i in range(5)])
+    spool.close()
+    assert drain(tmp_path, {"another-spool": 4}, out, page_records=2) == 5, "another spool's cursor is not its own"
+    pages = drained_pages("noise\n" + out.getvalue())
+    assert [len(p.records) for p in pages] == [2, 2, 1, 0] and [p.cursor for p in pages] == [2, 4, 5, 5]
+    assert all(line.startswith(DRAINED_PAGE) for line in out.getvalue().splitlines())

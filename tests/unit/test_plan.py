@@ -8,6 +8,7 @@ from manager.control.modelfit import ModelFootprint
 from manager.control.parsers import EngineParsers
 from manager.control.plan import (
     TenantPlan,
+    drain_plan,
     engine_args,
     identity,
     move_plan,
@@ -379,3 +380,13 @@ def test_on_a_swarm_the_engine_and_gateway_run_on_the_devices_node(settings: Set
         assert getattr(here, role).labels[names.SPEC_HASH] != getattr(there, role).labels[names.SPEC_HASH]
     again = tenant_plan(spec(), settings, device_total=24 * G, node="n2id")
     assert again.engine.labels == there.engine.labels and again.gateway.labels == there.gateway.labels
+    assert there.gateway.labels[names.NODE] == "n2id" and names.NODE not in here.gateway.labels, "where its spool is"
+
+
+def test_a_spool_left_on_a_node_is_read_there_by_its_gateways_user_without_network(settings: Settings) -> None:
+    plan = drain_plan(settings, "acme", "n2id", {"s1": 7})
+    gateway = tenant_plan(spec(), settings, device_total=24 * G, node="n2id").gateway
+    assert plan.node == "n2id" and plan.network == "none" and plan.user == gateway.user
+    assert plan.image == settings.manager_image and plan.command[0] == "drain-spool"
+    assert plan.command[plan.command.index("--cursors") + 1] == '{"s1": 7}'
+    assert [(m.source, m.target) for m in plan.mounts] == [(names.gateway_volume(settings.instance, "acme"), "/data")]

@@ -13,7 +13,10 @@ from tests.runtime_contract import RuntimeContract, plans
 class TestMemoryRuntime(RuntimeContract):
     @pytest.fixture
     def runtime(self) -> MemoryRuntime:
-        return MemoryRuntime(bind_check=True)
+        runtime = MemoryRuntime(bind_check=True)
+        # what the contract's one-off prints, were it run
+        runtime.effects["gtmu-oneoff"] = lambda _: "".join(f"line {i}\n" for i in range(60))
+        return runtime
 
     @pytest.fixture
     def instance(self) -> str:
