@@ -95,6 +95,18 @@ GPU_HELP = (
 )
 
 
+NODE_HELP = (
+    "on a swarm, the node (its host name or ID, as capacity lists it): the tenant goes where it fits "
+    "tightest there, or on the node's own device --gpu N (its index on that node)"
+)
+
+
+def _device(args: argparse.Namespace) -> str | None:
+    """--gpu, or with --node the API's ``<node>/<index>`` (``<node>/``: any device of the node)."""
+    gpu, node = getattr(args, "gpu", None), getattr(args, "node", None)
+    return gpu if node is None else f"{node}/{gpu or ''}"
+
+
 def _tenant_options(p: argparse.ArgumentParser, create: bool) -> None:
     """Every declared field of a tenant (``domain.TENANT_FIELDS``), and --gpu."""
     for f in TENANT_FIELDS:
@@ -104,6 +116,7 @@ def _tenant_options(p: argparse.ArgumentParser, create: bool) -> None:
             _option(p, f, required=create and f.d.required)
         if f.name == "gpu_memory":
             p.add_argument("--gpu", help=GPU_HELP)
+            p.add_argument("--node", help=NODE_HELP)
 
 
 def _member_parser(
@@ -246,6 +259,7 @@ def _host_commands(sub: Any) -> None:
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--name", help="an existing tenant to resize")
     p.add_argument("--gpu", help="only this device (index or UUID); default: every device")
+    p.add_argument("--node", help="on a swarm, only this node's devices (or its own device --gpu N)")
 
     p = sub.add_parser("audit", help="the audit trail, newest first")
     p.add_argument("--name", help="only this tenant")
@@ -338,6 +352,10 @@ def _print_tenants(tenants: list[dict[str, Any]]) -> None:
         header.insert(3, "DEVICE")
         for row, t in zip(rows, tenants, strict=True):
             row.insert(3, t.get("device") or "first")
+    if any(t.get("node") for t in tenants):  # a swarm: the node each one runs on
+        header.insert(3, "NODE")
+        for row, t in zip(rows, tenants, strict=True):
+            row.insert(3, t.get("node") or "-")
     if any(t.get("idle_sleep_s") or t.get("sleeps") or t.get("always_on") for t in tenants):  # some sleep
         header += ["SLEEP", "LAST REQUEST (UTC)"]
         for row, t in zip(rows, tenants, strict=True):
@@ -369,7 +387,8 @@ def _print_capacity(out: dict[str, Any]) -> None:
     for ledger in out.get("devices") or [{**out, "process_overhead": 0}]:
         d = ledger["device"]
         on = f" on {d.get('node_name') or d['node']}" if d.get("node") else ""  # a swarm node's device
-        where = f"{d['kind'].upper()} {d['index']} {d['uuid']}{on}: " if d["kind"] != "host-memory" else ""
+        own = f" (its {d['kind'].upper()} {d['node_index']})" if on and d.get("node_index") is not None else ""
+        where = f"{d['kind'].upper()} {d['index']} {d['uuid']}{on}{own}: " if d["kind"] != "host-memory" else ""
         where = where or (f"host memory{on}: " if on else "")
         driver = f", kept by the driver {format_size(d['reserved'])}" if d.get("reserved") else ""
         contexts = (
@@ -460,9 +479,10 @@ def _quota_body(args: argparse.Namespace) -> dict[str, Any]:
 
 def _tenant_body(args: argparse.Namespace) -> dict[str, Any]:
     """The declared fields given (and --gpu), as the API takes them."""
-    keys = [f.name for f in TENANT_FIELDS if not f.quota] + ["gpu"]
+    keys = [f.name for f in TENANT_FIELDS if not f.quota]
     body = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
-    return {**body, **_quota_body(args)}
+    device = _device(args)
+    return {**body, **({"gpu": device} if device is not None else {}), **_quota_body(args)}
 
 
 POLL_S = 1.0
@@ -731,7 +751,7 @@ def _rotate_volume_key(args: argparse.Namespace, api: Api, shown: Shown) -> Any:
 @command("what-if")
 def _what_if(args: argparse.Namespace, api: Api, shown: Shown) -> Outcome:
     body = {"gpu_memory": args.gpu_memory, "model": args.model, "max_model_len": args.max_model_len}
-    body |= {"tenant": args.name, "gpu": args.gpu}
+    body |= {"tenant": args.name, "gpu": _device(args)}
     out = api.call("POST", "/api/v1/what-if", {k: v for k, v in body.items() if v is not None})
     if shown.json:  # the answer says whether it fits
         return Outcome(out)

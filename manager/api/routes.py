@@ -33,6 +33,8 @@ from manager.api.schemas import (
 )
 from manager.control.catalog import CatalogEntry
 from manager.control.costs import Share
+from manager.control.records import TenantRow
+from manager.control.service import TenantService
 from manager.domain import MAX_MODEL_LEN, MIN_MODEL_LEN, Quotas
 from manager.utc import start_of_day
 
@@ -63,7 +65,7 @@ def list_tenants(svc: Service, _: Admin) -> list[TenantPublic]:
     measured = svc.meter.measured_use()
     day = start_of_day(time.time())
     rows = svc.tenants()
-    urls = svc.urls(rows)
+    urls, nodes = svc.urls(rows), svc.nodes(rows)
     return [
         TenantPublic.of(
             r,
@@ -71,9 +73,19 @@ def list_tenants(svc: Service, _: Admin) -> list[TenantPublic]:
             svc.usage(r.spec.name, day),
             svc.models.concurrency(r.spec),
             urls.get(r.spec.name, ""),
+            nodes.get(r.spec.name, ""),
         )
         for r in rows
     ]
+
+
+def _public(svc: TenantService, row: TenantRow) -> TenantPublic:
+    """One tenant as GET shows it: what it uses, what it served today, where it is reached."""
+    name = row.spec.name
+    today = svc.usage(name, start_of_day(time.time()))
+    measured = svc.meter.measured_use(name).get(name)
+    url, node = svc.urls([row]).get(name, ""), svc.nodes([row]).get(name, "")
+    return TenantPublic.of(row, measured, today, svc.models.concurrency(row.spec), url, node)
 
 
 @router.post(
@@ -90,6 +102,7 @@ def create_tenant(body: TenantCreate, svc: Service, actor: Admin) -> TenantCreat
             created.tenant,
             concurrency=svc.models.concurrency(created.tenant.spec),
             url=svc.urls([created.tenant]).get(spec.name, ""),
+            node=svc.nodes([created.tenant]).get(spec.name, ""),
         ),
         key=IssuedKeyPublic(key_id=created.key.id, api_key=created.key.secret_key),
         admission=DecisionPublic.of(created.decision),
@@ -98,10 +111,7 @@ def create_tenant(body: TenantCreate, svc: Service, actor: Admin) -> TenantCreat
 
 @router.get("/tenants/{name}", tags=["tenants"], responses=error_responses(404))
 def get_tenant(name: TenantName, svc: Service, _: Admin) -> TenantPublic:
-    today = svc.usage(name, start_of_day(time.time()))
-    row = svc.tenant(name)
-    url = svc.urls([row]).get(name, "")
-    return TenantPublic.of(row, svc.meter.measured_use(name).get(name), today, svc.models.concurrency(row.spec), url)
+    return _public(svc, svc.tenant(name))
 
 
 @router.get("/usage", tags=["usage"])
@@ -130,10 +140,7 @@ def usage(svc: Service, _: Admin, since: UnixTime = 0.0, until: UnixTime | None 
 def update_tenant(name: TenantName, body: TenantUpdate, svc: Service, actor: Admin) -> TenantPublic:
     """Resize or change options (engine recreated) or quotas (engine untouched)."""
     row = svc.update(name, actor, **body.model_dump(exclude_unset=True))
-    # the same figures as GET: what it uses and served today (a quota change keeps its engine)
-    today = svc.usage(name, start_of_day(time.time()))
-    url = svc.urls([row]).get(name, "")
-    return TenantPublic.of(row, svc.meter.measured_use(name).get(name), today, svc.models.concurrency(row.spec), url)
+    return _public(svc, row)  # the same figures as GET (a quota change keeps its engine)
 
 
 @router.delete(

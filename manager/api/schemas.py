@@ -35,7 +35,10 @@ SIZE_SCHEMA = {
 Size = Annotated[int, BeforeValidator(parse_size), WithJsonSchema(SIZE_SCHEMA)]
 ModelLen = Annotated[int, Field(ge=MIN_MODEL_LEN, le=MAX_MODEL_LEN, description="longest context in tokens")]
 NAME_SCHEMA: JsonDict = {"pattern": TENANT_NAME.pattern, "minLength": 2, "maxLength": 32}
-GPU_TEXT = "the device to place the tenant on: its index in /capacity or its UUID (GPU-... or MIG-...); "
+GPU_TEXT = (
+    "the device to place the tenant on: its index in /capacity or its UUID (GPU-... or MIG-...); on a swarm also "
+    "'<node>/' (any device of that node: its host name or ID) or '<node>/<i>' (the node's own device i); "
+)
 TEXT_MAX = {"quantization": 64}
 """The longest text a field takes (200 unless named)."""
 
@@ -180,6 +183,7 @@ class TenantState(BaseModel):
         description="where its clients reach it (the OpenAI base URL): on a swarm at its node's address, on one "
         "host at the address its port is bound to; '' when that is every interface",
     )
+    node: str = Field("", description="the swarm node it runs on (its host name); '' on a single host")
     requests_today: int = 0
     tokens_today: int = 0
     concurrency: int | None = Field(
@@ -196,6 +200,7 @@ class TenantState(BaseModel):
         today: UsageTotals | None = None,
         concurrency: int | None = None,
         url: str = "",
+        node: str = "",
     ) -> Self:
         s = row.spec
         return cls(
@@ -215,6 +220,7 @@ class TenantState(BaseModel):
             measured=measured,
             device=row.device,
             url=url,
+            node=node,
             requests_today=today.requests if today else 0,
             tokens_today=today.tokens if today else 0,
             concurrency=concurrency,
@@ -366,8 +372,7 @@ class WhatIf(Strict):
     gpu: str | None = Field(
         None,
         max_length=64,
-        description="the device to place the tenant on: its index in /capacity or its UUID (GPU-... or MIG-...); "
-        "default: every device (a resized tenant: its own)",
+        description=GPU_TEXT + "default: every device (a resized tenant: its own)",
     )
 
 
@@ -395,6 +400,7 @@ class DevicePublic(BaseModel):
     reserved: int = Field(0, description="kept by the driver (NVML v2); never usable")
     node: str = Field("", description="the swarm node's ID (GTM_RUNTIME=swarm); '' on a single host")
     node_name: str = Field("", description="that node's host name")
+    node_index: int | None = Field(None, description="its index on its node (what --node N --gpu I names)")
 
 
 class TenantCapacity(BaseModel):

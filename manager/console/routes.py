@@ -288,6 +288,7 @@ def _tenant_context(request: Request, name: str) -> dict[str, Any]:
         "concurrency": svc.models.concurrency(row.spec),
         "latency": svc.latency(name, now),
         "url": svc.urls([row]).get(name, ""),
+        "node": svc.nodes([row]).get(name, ""),
     }
 
 

@@ -14,7 +14,7 @@ from manager.control.records import TenantRow
 from manager.control.store import TenantStore
 from manager.domain import TenantSpec, TenantStatus
 from manager.errors import GtmError
-from manager.gpu import DeviceMemory, Inventory, device_label, find_device
+from manager.gpu import DeviceMemory, Inventory, device_label, select_devices
 from manager.gpu.cpu import read_meminfo
 from manager.settings import Settings
 
@@ -103,7 +103,7 @@ class Placer:
         devices = self.inventory.devices()
         own = self.store.find_tenant(tenant) if tenant else None
         if gpu is not None:
-            candidates = [find_device(devices, gpu)]
+            candidates = select_devices(devices, gpu)
         elif own is not None:
             current = device_of(own, devices)
             candidates = [current] if current else devices

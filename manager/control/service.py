@@ -37,7 +37,7 @@ from manager.domain import (
     unknown_fields,
 )
 from manager.errors import AdmissionRefused, Conflict, GtmError, InvalidInput
-from manager.gpu import Inventory, device_label, find_device
+from manager.gpu import Inventory, device_label, select_devices
 from manager.gpu.cpu import read_meminfo
 from manager.runtime.protocol import Runtime
 from manager.settings import Settings
@@ -130,6 +130,18 @@ class TenantService:
             if device is not None and device.node_address:
                 out[row.spec.name] = f"http://{device.node_address}:{row.spec.port}/v1"
         return out
+
+    def nodes(self, rows: list[TenantRow]) -> dict[str, str]:
+        """On a swarm, the node each tenant is placed on (its host name); none on one host, or
+        while the devices cannot be read."""
+        if self.settings.runtime != "swarm":
+            return {}
+        try:
+            devices = self.inventory.devices()
+        except GtmError:
+            return {}
+        placed = {r.spec.name: device_of(r, devices) for r in rows}
+        return {name: d.node_name or d.node for name, d in placed.items() if d is not None and d.node}
 
     def usage(self, name: str, since: float, until: float | None = None) -> UsageTotals:
         """The tenant's requests and tokens between ``since`` and ``until`` (UNIX seconds); only its
@@ -303,8 +315,8 @@ class TenantService:
             placed_on = device_of(row, devices)
             here = placed_on.uuid if placed_on else None
             moved = None
-            if gpu is not None and find_device(devices, gpu).uuid != here:
-                moved = find_device(devices, gpu).uuid
+            if gpu is not None and here not in {d.uuid for d in select_devices(devices, gpu)}:
+                moved = gpu  # placed below: its device, or the tightest fit among its node's
             if new == row.spec and moved is None:
                 raise InvalidInput("nothing to change: pass at least one option that differs from the current spec")
             if new.port != row.spec.port:

@@ -13,6 +13,7 @@ from manager.gpu.inventory import (
     device_label,
     find_device,
     placed_on,
+    select_devices,
 )
 from manager.platform import Platform
 
@@ -39,4 +40,13 @@ def open_inventory(platform: Platform) -> Inventory:
     return OPENERS[platform.inventory]()
 
 
-__all__ = ["DeviceMemory", "Inventory", "ProcessMemory", "device_label", "find_device", "open_inventory", "placed_on"]
+__all__ = [
+    "DeviceMemory",
+    "Inventory",
+    "ProcessMemory",
+    "device_label",
+    "find_device",
+    "open_inventory",
+    "placed_on",
+    "select_devices",
+]

@@ -31,6 +31,8 @@ class DeviceMemory:
     """That node's host name, as listings show it."""
     node_address: str = ""
     """That node's address in the swarm (where its tenants' ports are published)."""
+    node_index: int | None = None
+    """Its index on its node, as that node's NVML (``nvidia-smi``) has it; None on a single host."""
 
     @property
     def usable(self) -> int:
@@ -65,6 +67,27 @@ def find_device(devices: list[DeviceMemory], wanted: str) -> DeviceMemory:
             return d
     there = ", ".join(device_label(d) or d.uuid for d in devices)
     raise InvalidInput(f"no device {wanted!r} on this host: it has {there}; pass --gpu with one's index or UUID")
+
+
+def select_devices(devices: list[DeviceMemory], wanted: str) -> list[DeviceMemory]:
+    """``--gpu`` (and ``--node``): one device by its index in ``capacity`` or its UUID; on a swarm
+    also every device of a node, ``<node>/`` (its host name or ID), or one of them, ``<node>/<i>``
+    (the node's own index ``i``, or a UUID)."""
+    if "/" not in wanted:
+        return [find_device(devices, wanted)]
+    node, _, local = wanted.partition("/")
+    there = [d for d in devices if d.node and node in (d.node, d.node_name)]
+    if not there:
+        known = sorted({f"{d.node_name} ({d.node})" for d in devices if d.node})
+        listed = ", ".join(known) if known else "none: this manager drives one host (GTM_RUNTIME=docker)"
+        raise InvalidInput(f"no node {node!r} reports devices; those that do: {listed}; pass --node with one of them")
+    if not local:
+        return there
+    for d in there:
+        if local in (str(d.node_index), d.uuid):
+            return [d]
+    own = ", ".join(f"{d.node_index}: {device_label(d) or d.uuid}" for d in there)
+    raise InvalidInput(f"node {node!r} has no device {local!r}: it has {own}; pass --gpu with one of its own indexes")
 
 
 def placed_on(uuid: str, devices: list[DeviceMemory]) -> DeviceMemory | None:

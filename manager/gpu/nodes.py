@@ -51,6 +51,7 @@ class NodesInventory:
                         index=len(out), uuid=_uuid(report, d.uuid, d.kind), name=d.name, kind=_kind(d.kind),
                         total=d.total, free=d.free, used=d.used, reserved=d.reserved, node=report.node_id,
                         node_name=report.hostname, node_address=addresses.get(report.node_id, ""),
+                        node_index=d.index,
                     )
                 )  # fmt: skip
         return out

@@ -138,7 +138,7 @@ def test_admission_places_across_nodes_and_a_refusal_names_every_nodes_numbers(t
     from manager.control.reconciler import Reconciler
     from manager.control.service import TenantService
     from manager.control.sqlite_store import SqliteStore
-    from manager.errors import AdmissionRefused
+    from manager.errors import AdmissionRefused, InvalidInput
     from manager.runtime.memory import MemoryRuntime
     from manager.settings import Settings
 
@@ -174,9 +174,13 @@ def test_admission_places_across_nodes_and_a_refusal_names_every_nodes_numbers(t
             spec = svc.new_spec(name=name, port=port, gpu_memory=size, model=None, max_model_len=None)
             return svc.create(spec, "admin", gpu=gpu).tenant.device
 
-        assert add("big", 30001, 2560 * 1024**2, gpu="1") == "host-memory@n2"  # the admin's choice: node 2
+        with pytest.raises(InvalidInput, match=r"no node 'gpu-c'.*gpu-a \(n1\), gpu-b \(n2\)"):
+            add("big", 30001, 2560 * 1024**2, gpu="gpu-c/")
+        with pytest.raises(InvalidInput, match="node 'gpu-b' has no device '1': it has 0: host memory on gpu-b"):
+            add("big", 30001, 2560 * 1024**2, gpu="gpu-b/1")
+        assert add("big", 30001, 2560 * 1024**2, gpu="gpu-b/0") == "host-memory@n2"  # --node gpu-b --gpu 0
         assert add("small", 30002, 1536 * 1024**2) == "host-memory@n2"  # the tightest fit: node 2's last 1.5 GiB
-        assert add("third", 30003, 3 * G) == "host-memory@n1"  # room on node 1 only
+        assert add("third", 30003, 3 * G, gpu="n1/") == "host-memory@n1"  # --node n1 (its ID): room there
         with pytest.raises(AdmissionRefused) as refused:
             add("fourth", 30004, 1536 * 1024**2)  # node 1 has 1 GiB left, node 2 none
         message = refused.value.message
@@ -185,6 +189,7 @@ def test_admission_places_across_nodes_and_a_refusal_names_every_nodes_numbers(t
         assert svc.urls(svc.tenants()) == {
             "big": "http://10.1.0.2:30001/v1", "small": "http://10.1.0.2:30002/v1", "third": "http://10.1.0.1:30003/v1"
         }  # fmt: skip
+        assert svc.nodes(svc.tenants()) == {"big": "gpu-b", "small": "gpu-b", "third": "gpu-a"}
     finally:
         store.close()
 
@@ -366,3 +371,19 @@ def test_drain_spool_prints_nothing_without_a_spool_and_pages_of_its_size(tmp_pa
     pages = drained_pages("noise\n" + out.getvalue())
     assert [len(p.records) for p in pages] == [2, 2, 1, 0] and [p.cursor for p in pages] == [2, 4, 5, 5]
     assert all(line.startswith(DRAINED_PAGE) for line in out.getvalue().splitlines())
+
+
+def test_the_cli_names_a_node_and_lists_where_each_tenant_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    from manager import cli
+
+    args = cli.build_parser().parse_args(["add-tenant", "--name", "acme", "--gpu-memory", "1G", "--port", "30001"])
+    assert cli._tenant_body(args).get("gpu") is None
+    for given, device in ((["--node", "gpu-b"], "gpu-b/"), (["--node", "gpu-b", "--gpu", "1"], "gpu-b/1")):
+        args = cli.build_parser().parse_args(
+            ["add-tenant", "--name", "acme", "--gpu-memory", "1G", "--port", "1", *given]
+        )
+        assert cli._tenant_body(args)["gpu"] == device
+    tenant = {"name": "acme", "port": 30001, "model": "demo", "gpu_memory": G, "status": "running", "reason": ""}
+    cli._print_tenants([{**tenant, "node": "gpu-b"}, {**tenant, "name": "beta", "node": ""}])
+    header, acme, beta = capsys.readouterr().out.splitlines()[:3]
+    assert header.split()[3] == "NODE" and acme.split()[3] == "gpu-b" and beta.split()[3] == "-"
