@@ -147,7 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("serve", help="run the manager (API, reconciler)")
     sub.add_parser("gateway", help="run a tenant gateway (started by the manager; settings GTM_GATEWAY_*)")
-    sub.add_parser("node-agent", help="serve this node's report to the manager (on a swarm: one on every node)")
+    agent = sub.add_parser("node-agent", help="serve this node's report to the manager (on a swarm: one on every node)")
+    agent.add_argument(
+        "--resources", action="store_true", help="print what this GPU node's daemon.json must advertise to Swarm"
+    )
     drain = sub.add_parser(
         "drain-spool", help="print a gateway spool's records after given cursors (the manager runs it on a swarm node)"
     )
@@ -808,9 +811,10 @@ def main(argv: Sequence[str] | None = None, api: Api | None = None) -> int:
 
             return serve(settings)
         if args.command == "node-agent":
+            from manager.agent.main import print_resources
             from manager.agent.main import serve as serve_agent
 
-            return serve_agent(settings)
+            return print_resources(settings) if args.resources else serve_agent(settings)
         return run(args, Api(settings))
     except GtmError as exc:
         print(f"error: {exc.message}", file=sys.stderr)

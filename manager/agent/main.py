@@ -4,19 +4,54 @@ in nvml mode, the node's GPUs through the NVIDIA runtime."""
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import sys
 from types import FrameType
+from typing import Any
 
 from manager.agent.report import node_report
 from manager.agent.server import make_server
 from manager.errors import InvalidInput
-from manager.gpu import open_inventory
+from manager.gpu import DeviceMemory, open_inventory
 from manager.runtime.docker import DockerRuntime
+from manager.runtime.swarm import GPU_MEMORY_RESOURCE
 from manager.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+def advertised(devices: list[DeviceMemory]) -> dict[str, Any]:
+    """What a GPU node's Docker must advertise to Swarm (its ``daemon.json``): each device's memory as
+    the ``gpumem-<uuid>`` generic resource engines reserve (``runtime.swarm.reservations``), in MiB
+    of what CUDA can have, and NVIDIA's runtime as the default (Swarm services have no ``--gpus``).
+    Empty for host memory: Swarm reserves that as memory."""
+    gpus = [d for d in devices if d.kind != "host-memory"]
+    if not gpus:
+        return {}
+    resources = [f"{GPU_MEMORY_RESOURCE.format(uuid=d.uuid)}={d.usable // 1024**2}" for d in gpus]
+    return {"default-runtime": "nvidia", "node-generic-resources": resources}
+
+
+def print_resources(settings: Settings) -> int:
+    """``manager node-agent --resources``: ``advertised`` for this node's devices, to merge into
+    /etc/docker/daemon.json before the node joins the swarm."""
+    inventory = open_inventory(settings.platform)
+    try:
+        config = advertised(inventory.devices())
+    finally:
+        inventory.close()
+    if not config:
+        print("host memory (cpu mode): Swarm reserves it as memory; nothing to add to daemon.json", file=sys.stderr)
+        return 0
+    print(json.dumps(config, indent=2))
+    print(
+        "merge this into /etc/docker/daemon.json (NVIDIA's runtime registered: nvidia-ctk runtime configure "
+        "--runtime=docker), then restart dockerd",
+        file=sys.stderr,
+    )
+    return 0
 
 
 def serve(settings: Settings) -> int:

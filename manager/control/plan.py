@@ -579,6 +579,7 @@ def tenant_plan(
         gpu_device_ids=settings.platform.devices(gpu_uuid),
         healthcheck=http_healthcheck(ENGINE_PORT, "/health", int(settings.engine_start_timeout_s)),
         node=node or None,
+        reserved=spec.gpu_memory,
     )
     return TenantPlan(
         network=NetworkPlan(

@@ -337,6 +337,8 @@ class Reconciler:
         if engine.status in ("exited", "dead"):
             self._engine_failed(row, engine, None)  # records the failure once, sets when to retry
             return self._start_engine(row, device, plan.engine)  # waits out the backoff, then replaces it
+        if engine.status == "created" and engine.error:  # on a swarm: pending, Swarm saying why
+            self._set_status(row, row.status, f"its engine has not started: {engine.error}")
         return POLL_STARTING_S  # created, restarting, paused, removing: look again soon
 
     def _remove(self, row: TenantRow, containers: list[ContainerState]) -> float | None:

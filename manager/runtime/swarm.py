@@ -136,7 +136,7 @@ def service_spec(plan: ContainerPlan, job: bool = False, everywhere: bool = Fals
     networks += [{"Target": name, "Aliases": aliases} for name, aliases in plan.extra_networks.items()]
     task: dict[str, Any] = {
         "ContainerSpec": container,
-        "Resources": {"Limits": limits},
+        "Resources": {"Limits": limits, "Reservations": reservations(plan)},
         "RestartPolicy": {"Condition": RESTART.get(plan.restart_policy, "none"), "MaxAttempts": 0},
         "Networks": networks,
         "Placement": {"Constraints": [f"node.id=={plan.node}"] if plan.node else []},
@@ -159,6 +159,27 @@ def service_spec(plan: ContainerPlan, job: bool = False, everywhere: bool = Fals
         },
     }
     return spec
+
+
+GPU_MEMORY_RESOURCE = "gpumem-{uuid}"
+"""The generic resource a GPU node advertises per device, in MiB (``manager node-agent --resources``)."""
+
+
+def reservations(plan: ContainerPlan) -> dict[str, Any]:
+    """What Swarm's scheduler holds for the task on its node: an engine's reservation, of its GPUs
+    as their ``gpumem-<uuid>`` generic resources (in whole MiB, rounded up), or of host memory. A
+    task whose node lacks it stays pending, saying so, and is never placed where it does not fit."""
+    if not plan.reserved:
+        return {}
+    if plan.gpu_device_ids:
+        mib = -(-plan.reserved // 1024**2)
+        return {
+            "GenericResources": [
+                {"DiscreteResourceSpec": {"Kind": GPU_MEMORY_RESOURCE.format(uuid=uuid), "Value": mib}}
+                for uuid in plan.gpu_device_ids
+            ]
+        }
+    return {"MemoryBytes": plan.reserved}
 
 
 def gpu_env(plan: ContainerPlan) -> dict[str, str]:
@@ -293,7 +314,8 @@ class SwarmRuntime(DockerRuntime):
     def run(self, plan: ContainerPlan) -> ContainerState:
         def run() -> ContainerState:
             service_id = self._create(plan)
-            state = self._wait(service_id, lambda s: s.status != "created", self.start_timeout_s)
+            # placed and started, or left pending with Swarm's reason (no node has what it reserves)
+            state = self._wait(service_id, lambda s: s.status != "created" or bool(s.error), self.start_timeout_s)
             if state.status == "exited" and state.error:
                 self._remove(plan.name)
                 raise RuntimeUnavailable(f"starting {plan.name}: {state.error}")

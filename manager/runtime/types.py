@@ -66,9 +66,14 @@ class ContainerPlan:
     entrypoint: list[str] | None = None
     working_dir: str | None = None
     ipc_mode: str | None = None
+    """Docker's IPC mode: None is private; ``shareable`` lets ``container:<name>`` join it."""
     node: str | None = None
     """The ID of the swarm node the container must run on; None: any (a single host has one)."""
-    """Docker's IPC mode: None is private; ``shareable`` lets ``container:<name>`` join it."""
+    reserved: int | None = field(default=None, repr=False)
+    """Bytes admission reserved for it on its device (an engine). On a swarm Swarm's own accounting
+    holds them too, so that no task lands where they are not free: a GPU's as the node's
+    ``gpumem-<uuid>`` generic resource (MiB), host memory as a memory reservation. One host has the
+    ledger alone. Not in ``repr``: an engine's identity (``plan.engine_identity``) stays as it was."""
 
 
 class Labelled:

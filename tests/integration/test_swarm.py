@@ -25,7 +25,7 @@ import pytest
 from manager import names
 from manager.control.plan import control_network_plan, node_agent_plan
 from manager.names import Role
-from manager.runtime.swarm import SwarmRuntime
+from manager.runtime.swarm import GPU_MEMORY_RESOURCE, SwarmRuntime
 from manager.runtime.types import ContainerPlan
 from manager.settings import Settings
 from tests.runtime_contract import RuntimeContract
@@ -44,8 +44,10 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def nodes(*argv: str) -> str:
-    done = subprocess.run(["bash", str(NODES), *argv], capture_output=True, text=True, timeout=600)
+def nodes(*argv: str, env: dict[str, str] | None = None) -> str:
+    done = subprocess.run(
+        ["bash", str(NODES), *argv], capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})}
+    )
     if done.returncode != 0:
         raise RuntimeError(f"scripts/swarm-nodes.sh {' '.join(argv)} failed ({done.returncode}): {done.stderr[-3000:]}")
     return done.stdout.strip()
@@ -61,10 +63,12 @@ def remove_instance(runtime: SwarmRuntime, inst: str) -> None:
 
 @pytest.fixture(scope="module")
 def swarm() -> Iterator[docker.DockerClient]:
-    """Two nodes, n1 the manager, the manager image on both; torn down by PID, pass or fail."""
+    """Two nodes, n1 the manager, the manager image on both, each advertising a GPU of 1 GiB
+    (``gpumem-GPU-fake-n<i>``: no GPU behind it, Swarm's accounting only); torn down by PID, pass
+    or fail."""
     nodes("down")
     try:
-        nodes("up", "2")
+        nodes("up", "2", env={"GTM_SWARM_GENERIC": f"{GPU_MEMORY_RESOURCE.format(uuid='GPU-fake-n@')}=1024"})
         nodes("load", MANAGER_IMAGE)
         client = docker.DockerClient(base_url=nodes("host", "1"), timeout=120)
         yield client
@@ -102,6 +106,34 @@ class TestSwarmRuntime(RuntimeContract):
         self, runtime: SwarmRuntime, instance: str, image: str
     ) -> None:
         pytest.skip("Swarm services take no IPC mode: MPS (which needs it) is for a single host")
+
+
+def test_swarm_itself_never_places_a_reservation_where_it_does_not_fit(swarm: docker.DockerClient) -> None:
+    """Swarm's own accounting backs the ledger: on node 2's GPU of 1 GiB (its ``gpumem-<uuid>``
+    generic resource) an engine of 600 MiB runs and a second waits, pending, Swarm saying why; host
+    memory beyond what the node has waits too."""
+    inst = TEST_PREFIX + secrets.token_hex(4)
+    runtime = SwarmRuntime(swarm)
+    node2 = {n.attrs["Description"]["Engine"]["Labels"]["gtm.swarm-node"]: n.id for n in swarm.nodes.list()}["n2"]
+
+    def engine(name: str, **over: Any) -> ContainerPlan:
+        return ContainerPlan(
+            name=f"{inst}-t-{name}-engine", image=MANAGER_IMAGE, entrypoint=["sleep", "600"], command=[],
+            labels=names.labels(inst, Role.ENGINE, name), network="none", node=node2, **over,
+        )  # fmt: skip
+
+    try:
+        on_gpu = {"gpu_device_ids": ["GPU-fake-n2"], "reserved": 600 * 1024**2}
+        runtime.run(engine("first", **on_gpu))
+        wait_for(lambda: (c := runtime.container(f"{inst}-t-first-engine")) and c.status == "running", 60, "the first")
+        for name, over in (("second", on_gpu), ("huge", {"reserved": 1024**5})):
+            assert runtime.run(engine(name, **over)).status == "created", "pending: run does not wait it out"
+            state = wait_for(
+                lambda n=name: (c := runtime.container(f"{inst}-t-{n}-engine")) and c.error and c, 30, name
+            )
+            assert state.status == "created" and "insufficient resources" in state.error, state
+    finally:
+        remove_instance(runtime, inst)
 
 
 READ_AGENTS = """
@@ -223,6 +255,7 @@ def test_the_manager_on_the_swarm_places_a_tenant_on_another_node_where_it_serve
         "GTM_ENGINE_IMAGE": ENGINE_IMAGE,
         "GTM_DOCKER_SOCKET": nodes("socket"),
         "GTM_NODE_LOSS_GRACE_S": "10",
+        "GTM_USAGE_INTERVAL_S": "20",
     }
     try:
         up = subprocess.run(
@@ -241,7 +274,7 @@ def test_the_manager_on_the_swarm_places_a_tenant_on_another_node_where_it_serve
         assert there["uuid"] == f"host-memory@{node_ids['n2']}"
         port = free_port()
         added = dexec(
-            "add-tenant", "--name", "acme", "--gpu-memory", "1536M", "--port", str(port), "--gpu", str(there["index"])
+            "add-tenant", "--name", "acme", "--gpu-memory", "1536M", "--port", str(port), "--node", node_ids["n2"]
         )
         assert added.returncode == 0, added.stderr
         key = KEY_LINE.findall(added.stdout)[0]
@@ -267,7 +300,8 @@ def test_the_manager_on_the_swarm_places_a_tenant_on_another_node_where_it_serve
             done = acme["requests_today"] >= 1 and (acme.get("measured") or 0) > 100 * 1024**2
             return acme if done else None
 
-        wait_for(metered_and_measured, 60, "the chat metered and the engine's memory measured on node 2", 2)
+        acme = wait_for(metered_and_measured, 60, "the chat metered and the engine's memory measured on node 2", 2)
+        assert acme["node"] and acme["device"] == there["uuid"], acme
 
         # the engine, on node 2, reaches neither the manager (on node 1's overlay address) nor the host
         manager_ip = runtime.container_ip(f"{inst}_manager", f"{inst}-control")
@@ -277,8 +311,14 @@ def test_the_manager_on_the_swarm_places_a_tenant_on_another_node_where_it_serve
         assert reached.returncode == 0, reached.stderr
         assert "connected" not in json.loads(reached.stdout.strip().splitlines()[-1]).values(), reached.stdout
 
-        # node 2 is lost (its dockerd killed): after the grace the tenant is placed on node 1 and
-        # serves there; node 2 comes back and its old containers go; nothing is metered twice
+        # a second chat on node 2, then node 2 is lost (its dockerd killed) before the manager
+        # collects it: after the grace the tenant is placed on node 1 and serves there; node 2
+        # comes back, its old containers go, and its spool is read there: each chat metered once
+        chat = subprocess.run(
+            ["ip", "netns", "exec", "gtmsw-n2", sys.executable, "-c", CHAT_FROM_NODE, url, key],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert chat.returncode == 0, chat.stderr[-2000:]
         nodes("kill", "2")
         moved = wait_for(
             lambda: (t := json.loads(dexec("list-tenants", "--json").stdout)[0])["device"] != there["uuid"] and t,
@@ -302,7 +342,12 @@ def test_the_manager_on_the_swarm_places_a_tenant_on_another_node_where_it_serve
         wait_for(lambda: on_node(2, *mine).returncode == 0 and not on_node(2, *mine).stdout.strip(), 120,
                  "node 2's old containers of acme to go")  # fmt: skip
         wait_for(lambda: metered_and_measured() and json.loads(dexec("list-tenants", "--json").stdout)[0][
-            "requests_today"] == 2, 60, "both chats metered, once each")  # fmt: skip
+            "requests_today"] == 3, 90, "the three chats metered, once each")  # fmt: skip
+        audit = json.loads(dexec("audit", "--json", "--action", "drain-spool").stdout)
+        (drained,) = [a for a in audit if a["result"] == "ok"]
+        assert drained["detail"]["node"] == node_ids["n2"], drained
+        print("node 2's spool read on its return:", drained["detail"])
+        assert json.loads(dexec("list-tenants", "--json").stdout)[0]["requests_today"] == 3, "nothing doubled"
     finally:  # the manager first (it would replace what goes), then what it made, then its network
         removed = on_node(1, "service", "rm", f"{inst}_manager")
         gone = ["ps", "-q", "-f", f"label=com.docker.swarm.service.name={inst}_manager"]

@@ -108,3 +108,20 @@ def test_an_agent_without_a_token_answers_no_one(tmp_path: Path) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_gpu_node_is_told_what_to_advertise_to_swarm_and_a_cpu_node_nothing() -> None:
+    """What ``manager node-agent --resources`` prints: each device's usable memory in MiB as the
+    generic resource its engines reserve, NVIDIA's runtime the default; host memory needs none."""
+    from manager.agent.main import advertised
+    from manager.gpu import DeviceMemory
+
+    G = 1024**3
+    a100 = DeviceMemory(index=0, uuid="GPU-a", name="A100", kind="gpu", total=80 * G, free=80 * G, used=0, reserved=G)
+    mig = DeviceMemory(index=1, uuid="MIG-b", name="1g.10gb", kind="mig", total=10 * G, free=10 * G, used=0)
+    assert advertised([a100, mig]) == {
+        "default-runtime": "nvidia",
+        "node-generic-resources": [f"gpumem-GPU-a={79 * 1024}", f"gpumem-MIG-b={10 * 1024}"],
+    }
+    host = DeviceMemory(index=0, uuid="host-memory", name="host memory", kind="host-memory", total=G, free=G, used=0)
+    assert advertised([host]) == {}

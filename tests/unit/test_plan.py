@@ -381,6 +381,8 @@ def test_on_a_swarm_the_engine_and_gateway_run_on_the_devices_node(settings: Set
     again = tenant_plan(spec(), settings, device_total=24 * G, node="n2id")
     assert again.engine.labels == there.engine.labels and again.gateway.labels == there.gateway.labels
     assert there.gateway.labels[names.NODE] == "n2id" and names.NODE not in here.gateway.labels, "where its spool is"
+    assert there.engine.reserved == spec().gpu_memory, "held in Swarm's own accounting too"
+    assert "reserved" not in repr(there.engine), "an engine's identity stays as it was"
 
 
 def test_a_spool_left_on_a_node_is_read_there_by_its_gateways_user_without_network(settings: Settings) -> None:

@@ -84,6 +84,17 @@ def test_a_plans_gpu_reaches_the_nvidia_runtime_through_the_environment() -> Non
     assert "NVIDIA_VISIBLE_DEVICES" not in str(service_spec(gateway(env={"A": "1"}))["TaskTemplate"])
 
 
+def test_an_engines_reservation_is_held_by_swarms_own_accounting_on_its_node() -> None:
+    """A GPU's as the node's ``gpumem-<uuid>`` generic resource in whole MiB (rounded up), host
+    memory as a memory reservation; a plan without one (a gateway) reserves nothing."""
+    gpu = service_spec(gateway(gpu_device_ids=["GPU-5f1c"], reserved=10 * 1024**3 + 1))["TaskTemplate"]
+    kind = {"Kind": "gpumem-GPU-5f1c", "Value": 10 * 1024 + 1}
+    assert gpu["Resources"]["Reservations"] == {"GenericResources": [{"DiscreteResourceSpec": kind}]}
+    host = service_spec(gateway(reserved=3 * 1024**3))["TaskTemplate"]
+    assert host["Resources"]["Reservations"] == {"MemoryBytes": 3 * 1024**3}
+    assert service_spec(gateway())["TaskTemplate"]["Resources"]["Reservations"] == {}
+
+
 def test_a_plan_run_everywhere_is_a_global_service() -> None:
     spec = service_spec(gateway(ports={}, node=None), everywhere=True)
     assert spec["Mode"] == {"Global": {}}
