@@ -10,9 +10,16 @@ timed bootstrap bash scripts/bootstrap-host.sh
 # the .venv (pip) is made while the images build (Docker): neither needs the other
 timed dev-env bash scripts/dev-env.sh &
 dev_env=$!
+# Docker >= 23 for the swarm tests' nodes (tests/integration/test_swarm.py), fetched meanwhile too
+swarm_docker=
+if [ "$(id -u)" = 0 ] && [ "${GTM_SWARM_TESTS:-1}" != 0 ]; then
+  timed swarm-docker bash scripts/swarm-nodes.sh fetch &
+  swarm_docker=$!
+fi
 timed images bash scripts/build-images.sh all
 timed demo-model bash scripts/make-demo-model.sh "$GTM_CACHE/models"
 wait "$dev_env" || die "making the .venv failed (the reason is above)"
+[ -z "$swarm_docker" ] || wait "$swarm_docker" || die "fetching Docker for the swarm tests failed (see above)"
 timed lint bash scripts/lint.sh
 export GTM_TEST_MODELS="$GTM_CACHE/models"
 rc=0
