@@ -340,6 +340,11 @@ def test_a_lost_nodes_spool_is_read_once_the_node_is_back_each_record_once(tmp_p
         assert drainer.drain("acme", "n2") == 0, "read again: nothing new"
         assert store.usage_totals("acme", 0).requests == 4
 
+        ran = len(runtime.completed)
+        with store.transaction() as tx:  # placed back on a node: its gateway there reads that spool
+            store.add_spool_drain(tx, "acme", "n1", now[0])
+        drainer.tick()
+        assert store.spool_drains() == [] and len(runtime.completed) == ran, "nothing run for it"
         with store.transaction() as tx:  # a node that leaves the swarm takes its spool with it
             store.add_spool_drain(tx, "acme", "n3", now[0])
         drainer.tick()
