@@ -81,6 +81,11 @@ def select_devices(devices: list[DeviceMemory], wanted: str) -> list[DeviceMemor
         known = sorted({f"{d.node_name} ({d.node})" for d in devices if d.node})
         listed = ", ".join(known) if known else "none: this manager drives one host (GTM_RUNTIME=docker)"
         raise InvalidInput(f"no node {node!r} reports devices; those that do: {listed}; pass --node with one of them")
+    named = sorted({d.node for d in there})
+    if len(named) > 1:
+        raise InvalidInput(
+            f"{node!r} is the host name of {len(named)} nodes ({', '.join(named)}); pass --node with an ID"
+        )
     if not local:
         return there
     for d in there:

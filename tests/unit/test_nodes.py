@@ -63,6 +63,20 @@ def test_gpus_keep_their_uuids_and_processes_name_their_device_across_nodes() ->
     assert by_node == {("n1", 100): (1, None), ("n2", 100): (2, 3 * G)}  # one PID, two hosts
 
 
+def test_a_node_is_named_by_its_host_name_unless_two_share_it_then_by_its_id() -> None:
+    from manager.errors import InvalidInput
+    from manager.gpu import select_devices
+
+    reports = {"n1": gpus("n1", "vm", "GPU-a0"), "n2": gpus("n2", "vm", "GPU-b0", "GPU-b1")}
+    devices = NodesInventory(lambda: reports).devices()
+    with pytest.raises(InvalidInput, match=r"'vm' is the host name of 2 nodes \(n1, n2\); pass --node with an ID"):
+        select_devices(devices, "vm/")
+    assert [d.uuid for d in select_devices(devices, "n2/")] == ["GPU-b0", "GPU-b1"]
+    assert [d.uuid for d in select_devices(devices, "n2/1")] == ["GPU-b1"], "the node's own index"
+    assert [d.uuid for d in select_devices(devices, "n2/GPU-b0")] == ["GPU-b0"]
+    assert [d.uuid for d in select_devices(devices, "2")] == ["GPU-b1"], "--gpu alone: the index in capacity"
+
+
 def test_no_report_is_no_inventory_and_an_unknown_kind_is_said() -> None:
     with pytest.raises(GpuUnavailable, match="no node agent reported"):
         NodesInventory(dict).devices()
