@@ -276,7 +276,12 @@ def test_the_manager_on_the_swarm_places_a_tenant_on_another_node_where_it_serve
         devices = {d["device"]["node"]: d["device"] for d in capacity["devices"]}
         assert set(devices) == set(node_ids.values()), capacity
         there = devices[node_ids["n2"]]
-        assert there["uuid"] == f"host-memory@{node_ids['n2']}"
+        assert there["uuid"] == f"host-memory@{node_ids['n2']}" and there["node_index"] == 0
+        # a reservation no node has room for: refused with every node's numbers, nothing made
+        huge = dexec("add-tenant", "--name", "huge", "--gpu-memory", "4T", "--port", str(free_port()))
+        assert huge.returncode != 0, huge.stdout
+        assert huge.stderr.count("host memory on ") >= len(devices), huge.stderr  # each node's numbers
+        assert json.loads(dexec("list-tenants", "--json").stdout) == []
         port = free_port()
         added = dexec(
             "add-tenant", "--name", "acme", "--gpu-memory", "1536M", "--port", str(port), "--node", node_ids["n2"]
