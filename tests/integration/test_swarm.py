@@ -358,10 +358,17 @@ def test_the_manager_on_the_swarm_places_a_tenant_on_another_node_where_it_serve
         assert drained["detail"]["node"] == node_ids["n2"], drained
         print("node 2's spool read on its return:", drained["detail"])
         assert json.loads(dexec("list-tenants", "--json").stdout)[0]["requests_today"] == 3, "nothing doubled"
-    finally:  # the manager first (it would replace what goes), then what it made, then its network
-        removed = on_node(1, "service", "rm", f"{inst}_manager")
-        gone = ["ps", "-q", "-f", f"label=com.docker.swarm.service.name={inst}_manager"]
-        wait_for(lambda: not on_node(1, *gone).stdout.strip(), 60, "the manager's container to go", interval=0.5)
+    finally:  # the admin's way down: the manager, what it made, its networks; then anything left
+        down = subprocess.run(
+            ["bash", "scripts/swarm-down.sh"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
         remove_instance(runtime, inst)
-        stack = on_node(1, "stack", "rm", inst)
-        assert stack.returncode == 0, removed.stderr + stack.stderr
+        assert down.returncode == 0, down.stderr[-3000:]
+        assert not runtime.containers(names.selector(inst)) and not runtime.networks(names.selector(inst))
+        assert not on_node(1, "network", "ls", "-q", "-f", f"label=com.docker.stack.namespace={inst}").stdout.strip()
