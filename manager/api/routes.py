@@ -33,7 +33,7 @@ from manager.api.schemas import (
 )
 from manager.control.catalog import CatalogEntry
 from manager.control.costs import Share
-from manager.control.records import TenantRow
+from manager.control.records import Reach, TenantRow
 from manager.control.service import TenantService
 from manager.domain import MAX_MODEL_LEN, MIN_MODEL_LEN, Quotas
 from manager.utc import start_of_day
@@ -65,15 +65,14 @@ def list_tenants(svc: Service, _: Admin) -> list[TenantPublic]:
     measured = svc.meter.measured_use()
     day = start_of_day(time.time())
     rows = svc.tenants()
-    urls, nodes = svc.urls(rows), svc.nodes(rows)
+    reach = svc.reach(rows)
     return [
         TenantPublic.of(
             r,
             measured.get(r.spec.name),
             svc.usage(r.spec.name, day),
             svc.models.concurrency(r.spec),
-            urls.get(r.spec.name, ""),
-            nodes.get(r.spec.name, ""),
+            reach.get(r.spec.name, Reach()),
         )
         for r in rows
     ]
@@ -84,8 +83,8 @@ def _public(svc: TenantService, row: TenantRow) -> TenantPublic:
     name = row.spec.name
     today = svc.usage(name, start_of_day(time.time()))
     measured = svc.meter.measured_use(name).get(name)
-    url, node = svc.urls([row]).get(name, ""), svc.nodes([row]).get(name, "")
-    return TenantPublic.of(row, measured, today, svc.models.concurrency(row.spec), url, node)
+    reach = svc.reach([row]).get(name, Reach())
+    return TenantPublic.of(row, measured, today, svc.models.concurrency(row.spec), reach)
 
 
 @router.post(
@@ -101,8 +100,7 @@ def create_tenant(body: TenantCreate, svc: Service, actor: Admin) -> TenantCreat
         tenant=TenantPublic.of(
             created.tenant,
             concurrency=svc.models.concurrency(created.tenant.spec),
-            url=svc.urls([created.tenant]).get(spec.name, ""),
-            node=svc.nodes([created.tenant]).get(spec.name, ""),
+            reach=svc.reach([created.tenant]).get(spec.name, Reach()),
         ),
         key=IssuedKeyPublic(key_id=created.key.id, api_key=created.key.secret_key),
         admission=DecisionPublic.of(created.decision),

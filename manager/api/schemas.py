@@ -10,7 +10,7 @@ from pydantic.config import JsonDict
 from manager.control.admission import Decision
 from manager.control.capacity import Capacity
 from manager.control.members import MAX_WEIGHT, MIN_WEIGHT, MemberView
-from manager.control.records import AuditRow, KeyRow, TenantRow, UsageTotals
+from manager.control.records import AuditRow, KeyRow, Reach, TenantRow, UsageTotals
 from manager.domain import (
     MAX_GRACE_S,
     MAX_MODEL_LEN,
@@ -199,8 +199,7 @@ class TenantState(BaseModel):
         measured: int | None = None,
         today: UsageTotals | None = None,
         concurrency: int | None = None,
-        url: str = "",
-        node: str = "",
+        reach: Reach | None = None,
     ) -> Self:
         s = row.spec
         return cls(
@@ -219,8 +218,8 @@ class TenantState(BaseModel):
             created_at=row.created_at,
             measured=measured,
             device=row.device,
-            url=url,
-            node=node,
+            url=reach.url if reach else "",
+            node=reach.node if reach else "",
             requests_today=today.requests if today else 0,
             tokens_today=today.tokens if today else 0,
             concurrency=concurrency,

@@ -30,6 +30,7 @@ from manager.console.session import (
     login_bucket,
 )
 from manager.console.views import capacity_segments, day_bars, label_of
+from manager.control.records import Reach
 from manager.control.service import TenantService
 from manager.detail import detail_text
 from manager.domain import Quotas
@@ -287,8 +288,7 @@ def _tenant_context(request: Request, name: str) -> dict[str, Any]:
         "models": svc.models.names(),
         "concurrency": svc.models.concurrency(row.spec),
         "latency": svc.latency(name, now),
-        "url": svc.urls([row]).get(name, ""),
-        "node": svc.nodes([row]).get(name, ""),
+        "reach": svc.reach([row]).get(name, Reach()),
     }
 
 

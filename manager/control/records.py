@@ -157,3 +157,11 @@ class ReservationRow:
     event: ReservationEvent
     gpu_memory: int
     at: float
+
+
+@dataclass(frozen=True)
+class Reach:
+    """Where a tenant's clients reach it: its OpenAI base URL ('' unknown) and its swarm node ('')."""
+
+    url: str = ""
+    node: str = ""

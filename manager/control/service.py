@@ -25,7 +25,7 @@ from manager.control.members import MemberService, removing_refusal
 from manager.control.placement import Placer
 from manager.control.plan import docker_words, port_probe_plan, port_taken
 from manager.control.reconciler import Reconciler
-from manager.control.records import AuditRow, KeyRow, ReservationEvent, TenantRow, UsageTotals
+from manager.control.records import AuditRow, KeyRow, Reach, ReservationEvent, TenantRow, UsageTotals
 from manager.control.store import TenantStore
 from manager.domain import (
     FIELDS_BY_NAME,
@@ -111,37 +111,33 @@ class TenantService:
     def tenant(self, name: str) -> TenantRow:
         return self.store.tenant(name)
 
-    def urls(self, rows: list[TenantRow]) -> dict[str, str]:
-        """Where each tenant's clients reach it (``http://ADDRESS:PORT/v1``): on a swarm at its
-        node's address; on one host at the address its port is bound to, and none when that is every
+    def reach(self, rows: list[TenantRow]) -> dict[str, Reach]:
+        """Where each tenant's clients reach it, from one reading of the devices: its URL
+        (``http://ADDRESS:PORT/v1``) and, on a swarm, its node. On a swarm the URL is at its node's
+        address; on one host at the address its port is bound to, and none when that is every
         interface (the host's name is the admin's to give). None either while the devices cannot be
         read."""
-        bound = self.settings.tenant_bind_address
         if self.settings.runtime != "swarm":
+            bound = self.settings.tenant_bind_address
             here = "" if bound in ("0.0.0.0", "::", "") else bound
-            return {r.spec.name: f"http://{here}:{r.spec.port}/v1" for r in rows} if here else {}
+            return {r.spec.name: Reach(url=f"http://{here}:{r.spec.port}/v1") for r in rows} if here else {}
         try:
             devices = self.inventory.devices()
         except GtmError:
             return {}
         out = {}
         for row in rows:
-            device = device_of(row, devices)
-            if device is not None and device.node_address:
-                out[row.spec.name] = f"http://{device.node_address}:{row.spec.port}/v1"
+            d = device_of(row, devices)
+            if d is not None and d.node:
+                url = f"http://{d.node_address}:{row.spec.port}/v1" if d.node_address else ""
+                out[row.spec.name] = Reach(url=url, node=d.node_name or d.node)
         return out
 
+    def urls(self, rows: list[TenantRow]) -> dict[str, str]:
+        return {name: r.url for name, r in self.reach(rows).items() if r.url}
+
     def nodes(self, rows: list[TenantRow]) -> dict[str, str]:
-        """On a swarm, the node each tenant is placed on (its host name); none on one host, or
-        while the devices cannot be read."""
-        if self.settings.runtime != "swarm":
-            return {}
-        try:
-            devices = self.inventory.devices()
-        except GtmError:
-            return {}
-        placed = {r.spec.name: device_of(r, devices) for r in rows}
-        return {name: d.node_name or d.node for name, d in placed.items() if d is not None and d.node}
+        return {name: r.node for name, r in self.reach(rows).items() if r.node}
 
     def usage(self, name: str, since: float, until: float | None = None) -> UsageTotals:
         """The tenant's requests and tokens between ``since`` and ``until`` (UNIX seconds); only its

@@ -31,19 +31,24 @@ def _kind(kind: str) -> DeviceKind:
 
 
 class NodesInventory:
-    """``reports``: the agents' reports by node ID; ``addresses``: each node's swarm address."""
+    """``reports``: the agents' reports by node ID; ``addresses``: each node's swarm address, asked
+    only when a node not seen before reports (a node keeps its address while it is in the swarm,
+    and one that joins again gets a new ID): ``devices`` is on every reconcile's path."""
 
     def __init__(
         self, reports: Callable[[], dict[str, NodeReport]], addresses: Callable[[], dict[str, str]] = dict
     ) -> None:
         self._reports, self._addresses = reports, addresses
+        self._known: dict[str, str] = {}
 
     def devices(self) -> list[DeviceMemory]:
         reports = _ordered(self._reports())
         if not reports:
             raise GpuUnavailable("no node agent reported: no node's devices can be read")
         out: list[DeviceMemory] = []
-        addresses = self._addresses()
+        if any(r.node_id not in self._known for r in reports):
+            self._known = self._addresses()
+        addresses = self._known
         for report in reports:
             for d in sorted(report.devices, key=lambda d: d.index):
                 out.append(

@@ -8,7 +8,9 @@ import logging
 import socket
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -20,6 +22,7 @@ from manager.gpu.nodes import NodesInventory
 from manager.node_report import NodeReport, ReportedContainer, ReportedDevice, ReportedProcess
 from manager.runtime.nodes import AgentReader
 from manager.runtime.swarm import SwarmRuntime
+from manager.settings import Settings
 
 G = 1024**3
 
@@ -37,6 +40,29 @@ def gpus(node_id: str, hostname: str, *uuids: str, processes: list[ReportedProce
         for i, u in enumerate(uuids)
     ]
     return NodeReport(node_id=node_id, hostname=hostname, at=0, devices=devices, processes=processes or [])
+
+
+def swarm_settings(tmp_path: Path, **over: object) -> Settings:
+    """A swarm manager's settings in cpu mode, the demo model written for it (the tests of placement)."""
+    from .conftest import write_demo_model
+
+    write_demo_model(tmp_path / "models")
+    values: dict[str, Any] = dict(
+        gpu_mode="cpu", instance="gtmu", state_dir=tmp_path, models_dir=tmp_path / "models", headroom=G,
+        runtime="swarm", volumes_dir=tmp_path / "no-volumes", volume_key_file=None,
+    )  # fmt: skip
+    return Settings(**{**values, **over})
+
+
+FIVE_GIB = ReportedDevice(
+    index=0, uuid="host-memory", name="host memory", kind="host-memory", total=5 * G, free=5 * G, used=0
+)
+"""A node's host memory, all of it free."""
+
+
+def two_nodes() -> dict[str, NodeReport]:
+    """Nodes n1 (host a) and n2 (host b), 5 GiB of host memory each."""
+    return {n: NodeReport(node_id=n, hostname=h, at=0, devices=[FIVE_GIB]) for n, h in (("n1", "a"), ("n2", "b"))}
 
 
 def test_one_inventory_across_nodes_in_a_stable_order() -> None:
@@ -154,16 +180,10 @@ def test_admission_places_across_nodes_and_a_refusal_names_every_nodes_numbers(t
     from manager.control.sqlite_store import SqliteStore
     from manager.errors import AdmissionRefused, InvalidInput
     from manager.runtime.memory import MemoryRuntime
-    from manager.settings import Settings
 
-    from .conftest import write_demo_model
     from .fakes import FakeGateway
 
-    write_demo_model(tmp_path / "models")
-    settings = Settings(
-        gpu_mode="cpu", instance="gtmu", state_dir=tmp_path, models_dir=tmp_path / "models", headroom=G,
-        runtime="swarm", volumes_dir=tmp_path / "no-volumes", volume_key_file=None,
-    )  # fmt: skip
+    settings = swarm_settings(tmp_path)
 
     def node(node_id: str, hostname: str, free: int) -> NodeReport:
         device = ReportedDevice(
@@ -218,20 +238,11 @@ def test_a_lost_nodes_tenant_is_placed_again_where_it_fits_after_the_grace(tmp_p
     from manager.control.sqlite_store import SqliteStore
     from manager.domain import TenantStatus
     from manager.runtime.memory import MemoryRuntime
-    from manager.settings import Settings
 
-    from .conftest import write_demo_model
     from .fakes import FakeGateway
 
-    write_demo_model(tmp_path / "models")
-    settings = Settings(
-        gpu_mode="cpu", instance="gtmu", state_dir=tmp_path, models_dir=tmp_path / "models", headroom=G,
-        runtime="swarm", node_loss_grace_s=60, volumes_dir=tmp_path / "no-volumes", volume_key_file=None,
-    )  # fmt: skip
-    five = ReportedDevice(
-        index=0, uuid="host-memory", name="host memory", kind="host-memory", total=5 * G, free=5 * G, used=0
-    )
-    reports = {n: NodeReport(node_id=n, hostname=h, at=0, devices=[five]) for n, h in (("n1", "a"), ("n2", "b"))}
+    settings = swarm_settings(tmp_path, node_loss_grace_s=60)
+    reports = two_nodes()
     now = [1000.0]
     inventory = NodesInventory(lambda: dict(reports))
     store, runtime = SqliteStore(tmp_path / "m.db"), MemoryRuntime()
@@ -286,20 +297,11 @@ def test_a_lost_nodes_spool_is_read_once_the_node_is_back_each_record_once(tmp_p
     from manager.gateway.store import SPOOL_FILE, Begin, GatewayStore, Settle
     from manager.runtime.memory import MemoryRuntime
     from manager.runtime.types import ContainerPlan
-    from manager.settings import Settings
 
-    from .conftest import write_demo_model
     from .fakes import FakeGateway, usage_record
 
-    write_demo_model(tmp_path / "models")
-    settings = Settings(
-        gpu_mode="cpu", instance="gtmu", state_dir=tmp_path, models_dir=tmp_path / "models", headroom=G,
-        runtime="swarm", node_loss_grace_s=60, volumes_dir=tmp_path / "no-volumes", volume_key_file=None,
-    )  # fmt: skip
-    five = ReportedDevice(
-        index=0, uuid="host-memory", name="host memory", kind="host-memory", total=5 * G, free=5 * G, used=0
-    )
-    reports = {n: NodeReport(node_id=n, hostname=h, at=0, devices=[five]) for n, h in (("n1", "a"), ("n2", "b"))}
+    settings = swarm_settings(tmp_path, node_loss_grace_s=60)
+    reports = two_nodes()
     members = {"n1": "10.1.0.1", "n2": "10.1.0.2"}
     now = [1000.0]
     inventory = NodesInventory(lambda: dict(reports))
@@ -340,11 +342,11 @@ def test_a_lost_nodes_spool_is_read_once_the_node_is_back_each_record_once(tmp_p
         runtime.completed.clear()  # warm-up and volume preparation
         drainer.tick()  # node 2 away: nothing to read it with
         old_gateway = ReportedContainer(name=names.gateway("gtmu", "acme"), memory=None)
-        reports["n2"] = NodeReport(node_id="n2", hostname="b", at=0, devices=[five], containers=[old_gateway])
+        reports["n2"] = NodeReport(node_id="n2", hostname="b", at=0, devices=[FIVE_GIB], containers=[old_gateway])
         drainer.tick()  # back, but its old gateway still runs there
         assert runtime.completed == []
 
-        reports["n2"] = NodeReport(node_id="n2", hostname="b", at=0, devices=[five])
+        reports["n2"] = NodeReport(node_id="n2", hostname="b", at=0, devices=[FIVE_GIB])
         drainer.tick()
         assert runtime.completed == [names.drain("gtmu", "acme")]
         assert store.usage_totals("acme", 0).requests == 4, "r0 once, r1, r2, and the one in flight"
@@ -406,3 +408,18 @@ def test_the_cli_names_a_node_and_lists_where_each_tenant_runs(capsys: pytest.Ca
     cli._print_tenants([{**tenant, "node": "gpu-b"}, {**tenant, "name": "beta", "node": ""}])
     header, acme, beta = capsys.readouterr().out.splitlines()[:3]
     assert header.split()[3] == "NODE" and acme.split()[3] == "gpu-b" and beta.split()[3] == "-"
+
+
+def test_node_addresses_are_asked_only_when_a_node_not_seen_before_reports() -> None:
+    reports, asked = two_nodes(), []
+
+    def addresses() -> dict[str, str]:
+        asked.append(1)
+        return {n: f"10.1.0.{n[1]}" for n in reports}
+
+    inventory = NodesInventory(lambda: dict(reports), addresses)
+    for _ in range(3):
+        assert [d.node_address for d in inventory.devices()] == ["10.1.0.1", "10.1.0.2"]
+    assert len(asked) == 1, "devices() is on every reconcile's path"
+    reports["n3"] = NodeReport(node_id="n3", hostname="c", at=0, devices=[FIVE_GIB])
+    assert inventory.devices()[-1].node_address == "10.1.0.3" and len(asked) == 2
