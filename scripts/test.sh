@@ -10,9 +10,9 @@ timed bootstrap bash scripts/bootstrap-host.sh
 # the .venv (pip) is made while the images build (Docker): neither needs the other
 timed dev-env bash scripts/dev-env.sh &
 dev_env=$!
-# Docker >= 23 for the swarm tests' nodes (tests/integration/test_swarm.py), fetched meanwhile too
+# Docker >= 23 for the swarm tests' nodes (GTM_SWARM_TESTS=1: tests/integration/test_swarm.py), meanwhile
 swarm_docker=
-if [ "$(id -u)" = 0 ] && [ "${GTM_SWARM_TESTS:-1}" != 0 ]; then
+if [ "$(id -u)" = 0 ] && [ "${GTM_SWARM_TESTS:-0}" = 1 ]; then
   timed swarm-docker bash scripts/swarm-nodes.sh fetch &
   swarm_docker=$!
 fi
