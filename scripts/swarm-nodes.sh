@@ -6,10 +6,14 @@
 #
 #   scripts/swarm-nodes.sh fetch        Docker >= 23 (Debian trixie's docker.io and containerd),
 #                                       extracted, not installed, under $GTM_CACHE/swarm-docker
-#   scripts/swarm-nodes.sh up [N]       start nodes 1..N (default 2); n1 inits the swarm, the rest join
+#   scripts/swarm-nodes.sh up [N] [IMAGE...]
+#                                       start nodes 1..N (default 2), each with IMAGEs of the system
+#                                       dockerd already in its store (seed); n1 inits, the rest join
 #   scripts/swarm-nodes.sh load IMAGE   save IMAGE from the system dockerd once, load it on every node
-#   scripts/swarm-nodes.sh kill I       SIGKILL node I's dockerd (a lost host); its containers keep running
-#   scripts/swarm-nodes.sh start I      start node I again; its swarm state makes it rejoin
+#   scripts/swarm-nodes.sh cut I        node I's link to the others cut (a partition); what runs there runs on
+#   scripts/swarm-nodes.sh kill I       a lost host: node I's link cut and its dockerd SIGKILLed; its
+#                                       containers keep running, out of reach
+#   scripts/swarm-nodes.sh start I      node I's link back, its dockerd started; its swarm state makes it rejoin
 #   scripts/swarm-nodes.sh host I       the DOCKER_HOST of node I
 #   scripts/swarm-nodes.sh socket       where each node's socket is inside its own mount namespace
 #   scripts/swarm-nodes.sh down         stop every node (by PID), their containers and namespaces
@@ -22,7 +26,12 @@ SWARM_BASE=${GTM_SWARM_BASE:-/run/gtm-swarm}
 SWARM_DOCKER=${GTM_SWARM_DOCKER:-$GTM_CACHE/swarm-docker}
 BRIDGE_NS=gtmsw-br
 NODE_RUN=/run/gtm-swarm-node
+# each node's dockerd log, kept outside $SWARM_BASE so that it outlives `down` (a node that died)
+SWARM_LOGS=${GTM_SWARM_LOGS:-/var/log/gtm-swarm}
 
+# the nodes' data roots: inside the system dockerd's root, on the same mount as its image layers,
+# which the nodes' stores hard-link (see seed); the system dockerd reads only its own entries there
+swarm_data() { echo "${GTM_SWARM_DATA:-$(docker info -f '{{.DockerRootDir}}' 2>/dev/null || echo /var/lib/docker)/gtm-swarm-nodes}"; }
 node_ns() { echo "gtmsw-n$1"; }
 node_addr() { echo "127.10.0.$1"; }
 node_sock() { echo "unix://$SWARM_BASE/n$1/docker.sock"; }
@@ -48,8 +57,9 @@ fetch() {
 }
 
 start_node() {
-  local i=$1 dir=$SWARM_BASE/n$1
-  mkdir -p "$dir/data" "$dir/exec"
+  local i=$1 dir=$SWARM_BASE/n$1 data; data=$(swarm_data)/n$1
+  mkdir -p "$data" "$dir/exec" "$SWARM_LOGS"
+  echo "--- gtm: node n$i starting, $(date -u +%FT%TZ)" >>"$SWARM_LOGS/n$i-dockerd.log"
   echo '{}' >"$dir/daemon.json"
   # a private mount namespace: the node's container mounts stay out of the host's table; in it a
   # tmpfs of its own at $NODE_RUN, where the node's socket has the same path on every node (what a
@@ -58,25 +68,57 @@ start_node() {
   setsid nsenter --net="/run/netns/$(node_ns "$i")" -- unshare --mount --propagation slave -- \
     sh -c 'mount -t tmpfs -o size=1m,mode=0755 tmpfs "$0" && exec "$@"' "$NODE_RUN" \
     env PATH="$SWARM_DOCKER/usr/bin:$SWARM_DOCKER/usr/sbin:$PATH" dockerd --config-file "$dir/daemon.json" \
-      --data-root "$dir/data" --exec-root "$dir/exec" --pidfile "$dir/docker.pid" -H "$(node_sock "$i")" \
+      --data-root "$data" --exec-root "$dir/exec" --pidfile "$dir/docker.pid" -H "$(node_sock "$i")" \
       -H "unix://$NODE_RUN/docker.sock" \
       --containerd-namespace "gtmsw-n$i" --containerd-plugins-namespace "gtmsw-n$i-plugins" \
       --cgroup-parent "/gtmsw-n$i" --iptables=false --ip-masq=false --bridge=none \
       --swarm-default-advertise-addr "$(node_addr "$i")" --label "gtm.swarm-node=n$i" \
       ${GTM_SWARM_GENERIC:+$(for g in $GTM_SWARM_GENERIC; do echo --node-generic-resource "${g//@/$i}"; done)} \
-      >"$dir/dockerd.log" 2>&1 </dev/null &
+      >>"$SWARM_LOGS/n$i-dockerd.log" 2>&1 </dev/null &
   echo $! >"$dir/launcher.pid"
   for _ in $(seq 1 120); do
     on_node "$i" info >/dev/null 2>&1 && return 0
     sleep 0.25
   done
-  tail -20 "$dir/dockerd.log" >&2
-  die "swarm node n$i did not start (see $dir/dockerd.log)"
+  tail -20 "$SWARM_LOGS/n$i-dockerd.log" >&2
+  die "swarm node n$i did not start (see $SWARM_LOGS/n$i-dockerd.log)"
+}
+
+# Puts IMAGEs of the system dockerd into a node's data root before its dockerd starts: the image's
+# config and layer records copied, its layers' files hard-linked (overlay2 never writes to an image
+# layer), which takes seconds where `load` unpacks gigabytes. Needs overlay2 and both data roots on
+# one mount (a hard link never crosses one); otherwise the caller loads instead (returns 1).
+seed() {
+  local data=$1; shift
+  local src; src=$(docker info -f '{{.DockerRootDir}}' 2>/dev/null)
+  [ "$(docker info -f '{{.Driver}}' 2>/dev/null)" = overlay2 ] || return 1
+  mkdir -p "$data/overlay2/l" "$data/image/overlay2/imagedb/content/sha256" "$data/image/overlay2/layerdb/sha256"
+  ln "$src/image/overlay2/repositories.json" "$data/.link-probe" 2>/dev/null || return 1
+  rm -f "$data/.link-probe"
+  local image id chain diff cache link
+  for image in "$@"; do
+    id=$(docker image inspect -f '{{.Id}}' "$image") || return 1
+    id=${id#sha256:}
+    cp -a "$src/image/overlay2/imagedb/content/sha256/$id" "$data/image/overlay2/imagedb/content/sha256/" || return 1
+    chain=
+    for diff in $(docker image inspect -f '{{range .RootFS.Layers}}{{.}} {{end}}' "$image"); do
+      # a layer's chain ID: its diff ID alone at the bottom, else sha256("<parent chain> <diff>")
+      if [ -z "$chain" ]; then chain=$diff; else chain=sha256:$(printf '%s %s' "$chain" "$diff" | sha256sum | cut -d' ' -f1); fi
+      [ -d "$data/image/overlay2/layerdb/sha256/${chain#sha256:}" ] && continue
+      cache=$(cat "$src/image/overlay2/layerdb/sha256/${chain#sha256:}/cache-id") || return 1
+      link=$(cat "$src/overlay2/$cache/link") || return 1
+      cp -al "$src/overlay2/$cache" "$data/overlay2/$cache" || return 1
+      cp -a "$src/overlay2/l/$link" "$data/overlay2/l/$link" || return 1
+      cp -a "$src/image/overlay2/layerdb/sha256/${chain#sha256:}" "$data/image/overlay2/layerdb/sha256/" || return 1
+    done
+  done
 }
 
 up() {
-  local n=${1:-2}
+  local n=${1:-2}; shift || true
+  local images=("$@") seeded=1
   fetch
+  mkdir -p "$SWARM_LOGS"
   ip netns add $BRIDGE_NS
   ip -n $BRIDGE_NS link set lo up
   ip -n $BRIDGE_NS link add br0 type bridge
@@ -93,8 +135,14 @@ up() {
     ip netns exec "$ns" sysctl -qw net.ipv4.conf.eth0.route_localnet=1
     # 127.10.0.0/24 leaves by eth0 rather than lo's "local 127.0.0.0/8", in this namespace only
     ip -n "$ns" route add unicast 127.10.0.0/24 dev eth0 table local src "$(node_addr "$i")"
+    : >"$SWARM_LOGS/n$i-dockerd.log"
+    [ ${#images[@]} -eq 0 ] || seed "$(swarm_data)/n$i" "${images[@]}" || { seeded=0; rm -rf "$(swarm_data)/n$i"; }
     start_node "$i"
+    [ ${#images[@]} -eq 0 ] || [ $seeded = 0 ] || for image in "${images[@]}"; do
+      on_node "$i" tag "$(docker image inspect -f '{{.Id}}' "$image")" "$image"
+    done
   done
+  [ $seeded = 1 ] || for image in "${images[@]}"; do log "seeding failed: loading $image instead"; load "$image"; done
   on_node 1 swarm init --advertise-addr "$(node_addr 1):2377" --listen-addr "$(node_addr 1):2377" \
     --data-path-port 4790 >/dev/null
   local token; token=$(on_node 1 swarm join-token -q worker)
@@ -121,9 +169,12 @@ load() {
   for pid in "${pids[@]}"; do wait "$pid" || die "loading $image on a swarm node failed"; done
 }
 
+# the node's end of the bridge down: nothing reaches the node, nor its containers, which still run
+cut_node() { ip -n $BRIDGE_NS link set "p$1" down; }
+
 kill_node() {
-  local pid; pid=$(cat "$SWARM_BASE/n$1/docker.pid")
-  kill -KILL "$pid"
+  cut_node "$1"
+  kill -KILL "$(cat "$SWARM_BASE/n$1/docker.pid")"
 }
 
 down() {
@@ -154,18 +205,20 @@ down() {
     [ -d "$c" ] && find "$c" -depth -type d -exec rmdir {} \; 2>/dev/null
   done
   # mounts of the nodes' data roots made outside their own mount namespaces, if any
-  findmnt -rn -o TARGET | grep "^$SWARM_BASE/" | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
-  rm -rf "$SWARM_BASE"
+  local data; data=$(swarm_data)
+  findmnt -rn -o TARGET | grep -E "^($SWARM_BASE|$data)/" | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
+  rm -rf "$SWARM_BASE" "$data"
 }
 
 case "${1:-}" in
   fetch) fetch ;;
-  up) up "${2:-2}" ;;
+  up) shift; up "$@" ;;
   load) load "$2" ;;
+  cut) cut_node "$2" ;;
   kill) kill_node "$2" ;;
-  start) start_node "$2" ;;
+  start) ip -n $BRIDGE_NS link set "p$2" up && start_node "$2" ;;
   host) node_sock "$2" ;;
   socket) echo "$NODE_RUN/docker.sock" ;;
   down) down ;;
-  *) echo "usage: $0 fetch | up [N] | load IMAGE | kill I | start I | host I | socket | down" >&2; exit 2 ;;
+  *) echo "usage: $0 fetch | up [N] [IMAGE...] | load IMAGE | cut I | kill I | start I | host I | socket | down" >&2; exit 2 ;;
 esac

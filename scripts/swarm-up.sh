@@ -22,9 +22,15 @@ for _ in $(seq 120); do
   [ -n "$id" ] && break; sleep 1
 done
 [ -n "${id:-}" ] || { docker service ps --no-trunc "$service" >&2; die "the manager did not become healthy"; }
-# the node agents start with the manager: capacity answers once every node's agent reports
-for _ in $(seq 60); do docker exec "$id" capacity >/dev/null 2>&1 && break; sleep 1; done
+# the node agents start with the manager: wait until every ready node's agent reports
+ready=$(docker node ls --format '{{.Status}}' | grep -c '^Ready$')
+count='import json, sys; print(len({d["device"]["node"] for d in json.load(sys.stdin).get("devices", [])}))'
+for _ in $(seq 60); do
+  reporting=$(docker exec "$id" capacity --json 2>/dev/null | docker exec -i "$id" python3 -c "$count" 2>/dev/null || echo 0)
+  [ "$reporting" -ge "$ready" ] && break; sleep 1
+done
 docker exec "$id" capacity || die "the nodes' agents do not report (docker service ps ${GTM_INSTANCE:-gtm}-node-agent)"
+[ "$reporting" -ge "$ready" ] || log "only $reporting of the $ready ready nodes report so far (docker service ps ${GTM_INSTANCE:-gtm}-node-agent)"
 cat <<TXT
 
 the manager runs in container $id on this node; its commands, as on one host:

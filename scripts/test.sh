@@ -10,9 +10,10 @@ timed bootstrap bash scripts/bootstrap-host.sh
 # the .venv (pip) is made while the images build (Docker): neither needs the other
 timed dev-env bash scripts/dev-env.sh &
 dev_env=$!
-# Docker >= 23 for the swarm tests' nodes (GTM_SWARM_TESTS=1: tests/integration/test_swarm.py), meanwhile
+# Docker >= 23 for the swarm tests' nodes (tests/integration/test_swarm.py, as root; GTM_SWARM_TESTS=0
+# leaves them out), meanwhile
 swarm_docker=
-if [ "$(id -u)" = 0 ] && [ "${GTM_SWARM_TESTS:-0}" = 1 ]; then
+if [ "$(id -u)" = 0 ] && [ "${GTM_SWARM_TESTS:-1}" != 0 ]; then
   timed swarm-docker bash scripts/swarm-nodes.sh fetch &
   swarm_docker=$!
 fi
