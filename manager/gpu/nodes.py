@@ -76,4 +76,6 @@ class NodesInventory:
         return out
 
     def close(self) -> None:
-        return None
+        close = getattr(self._reports, "close", None)  # the agents' reader holds connections and threads
+        if close is not None:
+            close()

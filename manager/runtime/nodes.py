@@ -36,6 +36,7 @@ class AgentReader:
         self._client = httpx.Client(
             headers={"Authorization": f"Bearer {token}"}, timeout=TIMEOUT_S, transport=transport
         )
+        self._pool = ThreadPoolExecutor(8, thread_name_prefix="agent-read")  # up to 8 nodes asked at once
         self._lock = threading.Lock()
         self._read_at: float | None = None
         self._reports: dict[str, NodeReport] = {}
@@ -43,17 +44,18 @@ class AgentReader:
 
     def __call__(self) -> dict[str, NodeReport]:
         with self._lock:
-            now = self._clock()
-            if self._read_at is None or now - self._read_at >= self._max_age_s:
-                self._reports, self._read_at = self._read_all(), now
+            if self._read_at is None or self._clock() - self._read_at >= self._max_age_s:
+                # aged from the read's end: a silent agent holds a read for TIMEOUT_S, and a cache
+                # aged from its start would be stale at once, every caller waiting out the timeout
+                self._reports = self._read_all()
+                self._read_at = self._clock()
             return dict(self._reports)
 
     def _read_all(self) -> dict[str, NodeReport]:
         addresses = self._addresses()
         if not addresses:
             return {}
-        with ThreadPoolExecutor(min(8, len(addresses))) as pool:
-            answers = dict(zip(addresses, pool.map(self._read, addresses.values()), strict=True))
+        answers = dict(zip(addresses, self._pool.map(self._read, addresses.values()), strict=True))
         out: dict[str, NodeReport] = {}
         for node, answer in answers.items():
             if isinstance(answer, NodeReport):
@@ -79,4 +81,5 @@ class AgentReader:
             return f"an unreadable report: {exc.error_count()} errors"
 
     def close(self) -> None:
+        self._pool.shutdown(wait=True)
         self._client.close()

@@ -158,6 +158,30 @@ def test_every_agent_is_read_at_once_and_a_silent_one_is_left_out_and_logged_onc
         reader.close()
 
 
+def test_a_slow_read_is_kept_for_max_age_from_its_end(agents: dict[str, str]) -> None:
+    """A silent agent holds a read for the whole timeout; the reports it returned are then fresh
+    for ``max_age_s``: the callers behind it do not each wait the timeout out again."""
+    port = int(agents.pop("port"))
+    now = [0.0]
+    reads = []
+
+    def addresses() -> dict[str, str]:
+        reads.append(now[0])
+        now[0] += 3.0  # the read takes as long as a silent agent's timeout
+        return dict(agents)
+
+    reader = AgentReader(addresses, "agent-token", port, max_age_s=2.0, clock=lambda: now[0])
+    try:
+        assert set(reader()) == {"n1", "n2"}
+        now[0] += 1.0
+        assert set(reader()) == {"n1", "n2"} and reads == [0.0], "1 s after the read ended: kept"
+        now[0] += 1.0
+        reader()
+        assert reads == [0.0, 5.0], "2 s after: read again"
+    finally:
+        reader.close()
+
+
 def test_a_swarm_containers_memory_and_pids_are_its_nodes_report() -> None:
     reports = {
         "n1": host_memory("n1", "gpu-a", G, ReportedContainer(name="gtm-t-acme-engine", memory=3 * G, pids=[7, 9])),
