@@ -29,6 +29,7 @@ import re
 import secrets
 import struct
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -420,8 +421,8 @@ def encrypted_at_rest(stack: Stack, tenant: str) -> None:
 
 def quiet_goes_before_a_flood(stack: Stack, port: int, flood_key: str, quiet_key: str) -> None:
     """Fair queuing on a real engine that runs two sequences at once: alice sends six long streams
-    (two run, four wait at the gateway); a second later, while the first two still run, the
-    tenant's first member sends one short request. It enters as soon as a slot frees, ahead of alice's backlog, so it is
+    (two run, four wait at the gateway); once the first two stream, the tenant's first member
+    sends one short request. It enters as soon as a slot frees, ahead of alice's backlog, so it is
     done before alice's third stream; first come, first served it would come after four of them.
     Each request is metered once, and the manager's /metrics shows who waited at the gateway."""
     base = f"http://127.0.0.1:{port}/v1/completions"
@@ -438,18 +439,21 @@ def quiet_goes_before_a_flood(stack: Stack, port: int, flood_key: str, quiet_key
     config = json.loads(dexec(names.gateway(stack.instance, "companya"), "python3", "-c", read_config).stdout)
     assert (config["concurrency"], config["fair_queue"]) == (2, True), "the gateway knows the engine's two slots"
     ends: dict[str, float] = {}
+    streaming = threading.Semaphore(0)  # released by each stream's first line: it runs on the engine
 
     def ask(who: str, key: str, tokens: int) -> None:
         body = {"model": "democopy", "prompt": "hi", "max_tokens": tokens, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", base, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=120) as r:
             assert r.status_code == 200, r.read()
-            for _ in r.iter_lines():
-                pass
+            for i, _ in enumerate(r.iter_lines()):
+                if i == 0:
+                    streaming.release()
         ends[who] = time.monotonic()
 
     with ThreadPoolExecutor(7) as pool:
         flood = [pool.submit(ask, f"alice{i}", flood_key, 500) for i in range(6)]
-        time.sleep(1.0)  # two of alice's streams run (about 3 s each on these cores), four wait
+        # two of alice's streams run (a few seconds each on these cores), four wait: then it comes
+        assert streaming.acquire(timeout=60) and streaming.acquire(timeout=60), "alice's first two streams"
         quiet = pool.submit(ask, "quiet", quiet_key, 5)
         for future in [*flood, quiet]:
             future.result()

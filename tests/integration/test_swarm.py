@@ -276,7 +276,7 @@ def test_the_manager_on_the_swarm_places_a_tenant_on_another_node_where_it_serve
         "GTM_MANAGER_IMAGE": MANAGER_IMAGE,
         "GTM_ENGINE_IMAGE": ENGINE_IMAGE,
         "GTM_DOCKER_SOCKET": nodes("socket"),
-        "GTM_NODE_LOSS_GRACE_S": "10",
+        "GTM_NODE_LOSS_GRACE_S": "5",
         "GTM_USAGE_INTERVAL_S": "5",
         "GTM_RECONCILE_INTERVAL_S": "5",
     }
