@@ -22,6 +22,12 @@ AGENT_PORT = 8002
 """The port an agent serves its report on, inside the control overlay (nothing is published)."""
 REPORT_PATH = "/v1/node"
 HEALTH_PATH = "/healthz"
+VOLUMES_PATH = "/v1/volumes/"
+"""``DELETE /v1/volumes/<name>``: the agent removes that volume of its instance on its node (first
+the stopped containers of its instance that still hold it, a finished one-off's): 200 when it is
+gone (or was never there), 409 with why it stays. The one thing an agent changes: Swarm's API
+reaches only the manager node's volumes, so a tenant's old volumes on a node it left are removed
+this way once their spool is read (``control.drains``)."""
 
 
 class ReportedDevice(Contract):

@@ -134,7 +134,9 @@ def build_components(
     store = SqliteStore(settings.database_path)
     reconciler = Reconciler(settings, store, runtime, inventory, connect=connect or GatewayClient)
     if isinstance(runtime, SwarmRuntime):
-        reconciler.drainer = SpoolDrainer(settings, store, runtime, inventory, runtime.reports, runtime.node_addresses)
+        reconciler.drainer = SpoolDrainer(
+            settings, store, runtime, inventory, runtime.reports, runtime.node_addresses, runtime.remove_volume_on
+        )
     service = TenantService(settings, store, runtime, inventory, reconciler)
     return Components(store, inventory, reconciler, service, load_admin_token(settings))
 
@@ -149,6 +151,7 @@ def open_swarm(settings: Settings) -> tuple[SwarmRuntime, NodesInventory]:
     control = control_network_plan(settings)
     reader = AgentReader(lambda: runtime.task_addresses(agents, control.name), token, settings.agent_port)
     runtime.reports = reader
+    runtime.node_volumes = reader.remove_volume
     runtime.ensure_network(control)
     runtime.run_everywhere(node_agent_plan(settings, token, runtime.image_id(settings.manager_image) or ""))
     return runtime, NodesInventory(reader, runtime.node_addresses)

@@ -13,6 +13,7 @@ from typing import Any
 
 from manager.agent.report import node_report
 from manager.agent.server import make_server
+from manager.agent.volumes import remove_volume
 from manager.errors import InvalidInput
 from manager.gpu import DeviceMemory, open_inventory
 from manager.runtime.docker import DockerRuntime
@@ -66,6 +67,7 @@ def serve(settings: Settings) -> int:
         settings.agent_port,
         token,
         lambda: node_report(node_id, hostname, settings.instance, inventory, runtime),
+        lambda name: remove_volume(runtime, settings.instance, name),
     )
 
     def stop(signum: int, frame: FrameType | None) -> None:

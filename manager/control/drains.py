@@ -5,12 +5,14 @@ gateway there, on a new volume with a spool of its own. Its old gateway's spool 
 node's volume, holding what it served after the manager last collected: at most one collection
 interval (``GTM_USAGE_INTERVAL_S``) of traffic, plus what it served while cut off from the manager
 but not from its clients. ``place_again`` records the node (``TenantStore.add_spool_drain``). Once
-that node's agent reports again and no gateway of the tenant runs there any more (Swarm stops the
-old one when the node returns), a one-off on that node reads the spool (``manager drain-spool``)
-after the manager's cursors, and its records are stored: each once (records are keyed by request
-id), none invented (only what that spool holds). A tenant placed back on that node is collected
-there by its gateway instead. A node that leaves the swarm for good takes its spool with it: that
-is audited with the node, as lost."""
+that node's agent reports again and neither the tenant's gateway nor its engine runs there any
+more (Swarm stops the old ones when the node returns), a one-off on that node reads the spool
+(``manager drain-spool``) after the manager's cursors, and its records are stored: each once
+(records are keyed by request id), none invented (only what that spool holds). A tenant placed
+back on that node is collected there by its gateway instead. Once read, the tenant's old volumes
+there are removed by that node's agent (``remove_volume``); one that stays is named in the audit
+with why. A node that leaves the swarm for good takes its spool with it: that is audited with the
+node, as lost."""
 
 from __future__ import annotations
 
@@ -55,9 +57,10 @@ class SpoolDrainer:
         inventory: Inventory,
         reports: Callable[[], Mapping[str, NodeReport]],
         swarm_nodes: Callable[[], Mapping[str, str]],
+        remove_volume: Callable[[str, str], str | None],
     ) -> None:
         self.settings, self.store, self.runtime, self.inventory = settings, store, runtime, inventory
-        self.reports, self.swarm_nodes = reports, swarm_nodes
+        self.reports, self.swarm_nodes, self.remove_volume = reports, swarm_nodes, remove_volume
         self._failed: dict[tuple[str, str], str] = {}
 
     def tick(self) -> None:
@@ -80,8 +83,9 @@ class SpoolDrainer:
             if row is not None and on.get(row.device) == node:
                 self.store.drop_spool_drain(tenant, node)  # placed back there: its gateway is collected
                 continue
-            if any(c.name == names.gateway(self.settings.instance, tenant) for c in report.containers):
-                continue  # its old gateway still runs there: Swarm stops it, then it is read
+            old = {names.gateway(self.settings.instance, tenant), names.engine(self.settings.instance, tenant)}
+            if any(c.name in old for c in report.containers):
+                continue  # its old gateway or engine still runs there: Swarm stops them, then it is read
             self.drain(tenant, node)
 
     def drain(self, tenant: str, node: str) -> int | None:
@@ -106,8 +110,24 @@ class SpoolDrainer:
             added += self.store.add_usage(tenant, page.records, page.cursor, page.spool)
         read = sum(len(p.records) for p in pages)
         spool = pages[0].spool if pages else None
+        kept = self._remove_volumes(tenant, node)
         self.store.drop_spool_drain(tenant, node)
-        self.store.audit(ACTOR, "drain-spool", tenant, "ok", {"node": node, "spool": spool, "read": read, "new": added})
+        detail = {"node": node, "spool": spool, "read": read, "new": added, "volumes_kept": kept}
+        self.store.audit(ACTOR, "drain-spool", tenant, "ok", detail)
         if added:
             log.warning("%d usage records of %s collected from node %s, where it was lost", added, tenant, node)
         return added
+
+    def _remove_volumes(self, tenant: str, node: str) -> dict[str, str]:
+        """The tenant's old volumes on ``node``, removed by its agent now that their spool is read;
+        those that stay, with why (the admin removes them there with ``docker volume rm``)."""
+        kept = {}
+        for volume in (
+            names.gateway_volume(self.settings.instance, tenant),
+            names.volume(self.settings.instance, tenant),
+        ):
+            why = self.remove_volume(node, volume)
+            if why is not None:
+                kept[volume] = why
+                log.warning("volume %s of %s stays on node %s: %s", volume, tenant, node, why)
+        return kept

@@ -458,8 +458,9 @@ def node_agent_plan(settings: Settings, token: str, image_id: str = "") -> Conta
     """The node agent (``manager node-agent``), run on every node of a swarm: it reads its node's
     devices (NVML through the node's default NVIDIA runtime, or meminfo) and, through the node's
     Docker socket, the memory and PIDs of the instance's containers there, and serves them on the
-    control overlay to the token. The socket is mounted read-only, but Docker's API is root on the
-    node whatever the mount: the agent is as trusted as the manager, and publishes nothing. Its
+    control overlay to the token; asked with the token, it removes a tenant's old volume there
+    (``agent.volumes``). The socket is mounted read-only, but Docker's API is root on the node
+    whatever the mount: the agent is as trusted as the manager, and publishes nothing. Its
     identity is the plan and ``image_id``: a rebuilt image replaces it on every node."""
     inst = settings.instance
     env = {

@@ -166,6 +166,14 @@ class DockerRuntime:
         )
         return [_state(c) for c in found]
 
+    def volume_users(self, name: str) -> list[ContainerState]:
+        """Every container on this engine that mounts volume ``name``, running or not."""
+        found = self._call(
+            f"listing the containers of volume {name}",
+            lambda: self._client.containers.list(all=True, filters={"volume": name}, ignore_removed=True),
+        )
+        return [_state(c) for c in found]
+
     def container(self, name: str) -> ContainerState | None:
         def run() -> ContainerState | None:
             try:

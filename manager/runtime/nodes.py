@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 from pydantic import ValidationError
 
-from manager.node_report import REPORT_PATH, NodeReport
+from manager.node_report import REPORT_PATH, VOLUMES_PATH, NodeReport
 
 log = logging.getLogger(__name__)
 TIMEOUT_S = 3.0
@@ -79,6 +79,23 @@ class AgentReader:
             return NodeReport.model_validate_json(r.content)
         except ValidationError as exc:
             return f"an unreadable report: {exc.error_count()} errors"
+
+    def remove_volume(self, node: str, name: str) -> str | None:
+        """Asks ``node``'s agent to remove volume ``name`` there (``VOLUMES_PATH``); None when it
+        is gone, else why it stays."""
+        address = self._addresses().get(node)
+        if address is None:
+            return f"no agent of node {node} runs"
+        try:
+            r = self._client.delete(f"http://{address}:{self._port}{VOLUMES_PATH}{name}")
+        except httpx.HTTPError as exc:
+            return f"the agent of node {node} did not answer: {type(exc).__name__}: {exc}"
+        if r.status_code == 200:
+            return None
+        try:
+            return str(r.json()["error"])
+        except (ValueError, KeyError, TypeError):
+            return f"HTTP {r.status_code}: {r.text[:200]}"
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

@@ -31,7 +31,9 @@ from typing import Any
 import docker
 import docker.errors
 
+from manager import names
 from manager.errors import RuntimeUnavailable
+from manager.names import Role
 from manager.node_report import NodeReport, ReportedContainer
 from manager.runtime.docker import DockerRuntime
 from manager.runtime.protocol import EventStream
@@ -89,6 +91,13 @@ def newest(tasks: list[dict[str, Any]]) -> dict[str, Any] | None:
     )
 
 
+def volume_labels(container: dict[str, str]) -> dict[str, str]:
+    """The labels of a volume a task makes on its node (as ``ensure_volume`` labels one on the
+    manager's): the container's instance and tenant, as a volume."""
+    keep = (names.MANAGED, names.INSTANCE, names.TENANT)
+    return {k: v for k, v in container.items() if k in keep} | {names.ROLE: Role.VOLUME.value}
+
+
 def service_spec(plan: ContainerPlan, job: bool = False, everywhere: bool = False) -> dict[str, Any]:
     """The Engine API's ServiceSpec for a plan (pure, unit-tested): one replica, a replicated job
     for a one-off (``job``: ``run_to_completion``), or one task on every node (``everywhere``: a
@@ -106,7 +115,7 @@ def service_spec(plan: ContainerPlan, job: bool = False, everywhere: bool = Fals
         "CapabilityDrop": plan.cap_drop,
         "Mounts": [
             {"Type": m.kind, "Source": m.source, "Target": m.target, "ReadOnly": m.read_only}
-            | ({"VolumeOptions": {"Labels": plan.labels}} if m.kind == "volume" else {})
+            | ({"VolumeOptions": {"Labels": volume_labels(plan.labels)}} if m.kind == "volume" else {})
             for m in plan.mounts
         ]
         + [
@@ -250,6 +259,15 @@ class SwarmRuntime(DockerRuntime):
         self.reports = reports or (lambda: {})
         """The node agents' reports by node ID (``runtime.nodes.AgentReader``): what only a task's
         node can measure. Without them a container's memory is unknown (None)."""
+        self.node_volumes: Callable[[str, str], str | None] | None = None
+        """Removes a volume on a node through its agent (``AgentReader.remove_volume``)."""
+
+    def remove_volume_on(self, node: str, name: str) -> str | None:
+        """Removes volume ``name`` on swarm ``node`` (Swarm's API reaches only the manager node's
+        volumes: the node's agent does it); None when it is gone, else why it stays."""
+        if self.node_volumes is None:
+            return "no node agent to ask"
+        return self.node_volumes(node, name)
 
     def _driver(self, plan: NetworkPlan) -> dict[str, Any]:
         """An attachable overlay across the nodes; the bridge options of a single host do not apply."""

@@ -394,6 +394,10 @@ def test_the_manager_on_the_swarm_places_a_tenant_on_another_node_where_it_serve
         assert drained_ok["detail"]["node"] == node_ids["n2"], drained_ok
         print("node 2's spool read on its return:", drained_ok["detail"])
         assert drained_ok["detail"]["new"] == 1, drained_ok
+        # then node 2's agent removed acme's old volumes there
+        assert drained_ok["detail"]["volumes_kept"] == {}, drained_ok
+        left = on_node(2, "volume", "ls", "-q", "-f", f"label={names.TENANT}=acme")
+        assert left.returncode == 0 and not left.stdout.strip(), left.stdout
         assert json.loads(dexec("list-tenants", "--json").stdout)[0]["requests_today"] == 3, "nothing doubled"
     finally:  # the admin's way down: the manager, what it made, its networks; then anything left
         down = subprocess.run(

@@ -182,13 +182,87 @@ def test_a_slow_read_is_kept_for_max_age_from_its_end(agents: dict[str, str]) ->
         reader.close()
 
 
+def test_an_agent_removes_a_volume_for_the_token_and_says_why_one_stays() -> None:
+    """``AgentReader.remove_volume`` asks the node's agent (``DELETE /v1/volumes/<name>``): gone
+    is None, a volume that stays comes back with the agent's reason; without the token, or with a
+    name that is not a volume's, nothing is asked of the remover."""
+    asked: list[str] = []
+
+    def remove(name: str) -> str | None:
+        asked.append(name)
+        return "volume gtm-t-acme-data is in use by container x (running)" if "data" in name else None
+
+    report = host_memory("n1", "a", G)
+    server = make_server("127.0.0.2", 0, "agent-token", lambda: report, remove)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    reader = AgentReader(lambda: {"n1": "127.0.0.2"}, "agent-token", port)
+    stranger = AgentReader(lambda: {"n1": "127.0.0.2"}, "another-token", port)
+    try:
+        assert reader.remove_volume("n1", "gtm-t-acme-gw") is None
+        assert (
+            reader.remove_volume("n1", "gtm-t-acme-data") == "volume gtm-t-acme-data is in use by container x (running)"
+        )
+        assert reader.remove_volume("n9", "gtm-t-acme-gw") == "no agent of node n9 runs"
+        assert stranger.remove_volume("n1", "gtm-t-acme-gw") == "a valid agent token is required"
+        assert "only DELETE" in (reader.remove_volume("n1", "..%2Fetc") or "")
+        assert asked == ["gtm-t-acme-gw", "gtm-t-acme-data"]
+    finally:
+        reader.close()
+        stranger.close()
+        server.shutdown()
+        server.server_close()
+
+
+def test_an_agent_removes_only_its_instances_tenant_volumes_and_their_stopped_holders() -> None:
+    """What the agent itself removes (``agent.volumes.remove_volume``): a tenant's volume of its
+    instance, after the stopped containers of the instance that hold it; not one a running
+    container holds, one another program's container holds, or one that is not a tenant's."""
+    from manager.agent.volumes import remove_volume
+    from manager.runtime.types import ContainerState, Resource
+
+    def state(name: str, status: str, **labels: str) -> ContainerState:
+        return ContainerState(
+            id=name, name=name, labels=labels, status=status, health=None, exit_code=None, oom_killed=False,
+            error="", started_at="", finished_at="",
+        )  # fmt: skip
+
+    ours = {names.MANAGED: "true", names.INSTANCE: "gtm"}
+    volumes = {
+        "gtm-t-acme-gw": Resource("gtm-t-acme-gw", names.labels("gtm", names.Role.VOLUME, "acme")),
+        "gtm-t-acme-data": Resource("gtm-t-acme-data", names.labels("gtm", names.Role.VOLUME, "acme")),
+        "gtm-state": Resource("gtm-state", names.labels("gtm", names.Role.AGENT)),
+    }
+    users = {
+        "gtm-t-acme-gw": [state("gtm-t-acme-drain.1.x", "exited", **ours)],
+        "gtm-t-acme-data": [state("gtm-t-acme-engine.1.y", "running", **ours)],
+        "gtm-state": [],
+    }
+    removed: list[str] = []
+    runtime = SimpleNamespace(
+        volumes=lambda selector: list(volumes.values()),
+        volume_users=lambda name: users[name],
+        remove_container=removed.append,
+        remove_volume=removed.append,
+    )
+    assert remove_volume(runtime, "gtm", "gtm-t-acme-gw") is None
+    assert removed == ["gtm-t-acme-drain.1.x", "gtm-t-acme-gw"], "the finished one-off, then the volume"
+    removed.clear()
+    assert "in use by container gtm-t-acme-engine.1.y (running)" in remove_volume(runtime, "gtm", "gtm-t-acme-data")
+    users["gtm-t-acme-data"] = [state("backup", "exited")]
+    assert "not instance gtm's" in remove_volume(runtime, "gtm", "gtm-t-acme-data")
+    assert "not a tenant's volume" in remove_volume(runtime, "gtm", "gtm-state")
+    assert remove_volume(runtime, "gtm", "gtm-t-gone-gw") is None, "never here: nothing to do"
+    assert removed == []
+
+
 def test_a_swarm_containers_memory_and_pids_are_its_nodes_report() -> None:
     reports = {
         "n1": host_memory("n1", "gpu-a", G, ReportedContainer(name="gtm-t-acme-engine", memory=3 * G, pids=[7, 9])),
         "n2": host_memory("n2", "gpu-b", G, ReportedContainer(name="gtm-t-beta-engine", memory=None)),
     }
     client = SimpleNamespace(api=SimpleNamespace())  # no Docker call is made for these
-    runtime = SwarmRuntime(client, reports=lambda: reports)  # type: ignore[arg-type]
+    runtime = SwarmRuntime(client, reports=lambda: reports)
     assert runtime.memory_usage("gtm-t-acme-engine") == 3 * G
     assert runtime.container_pids("gtm-t-acme-engine") == {7, 9}
     assert runtime.memory_usage("gtm-t-beta-engine") is None  # its node could not read it
@@ -332,7 +406,15 @@ def test_a_lost_nodes_spool_is_read_once_the_node_is_back_each_record_once(tmp_p
     store, runtime = SqliteStore(tmp_path / "m.db"), MemoryRuntime()
     reconciler = Reconciler(settings, store, runtime, inventory, connect=FakeGateway(), clock=lambda: now[0])
     svc = TenantService(settings, store, runtime, inventory, reconciler, clock=lambda: now[0])
-    drainer = SpoolDrainer(settings, store, runtime, inventory, lambda: dict(reports), lambda: dict(members))
+    removed: list[tuple[str, str]] = []
+
+    def remove_volume(node: str, name: str) -> str | None:
+        removed.append((node, name))
+        return "in use by container x (running)" if name == names.volume("gtmu", "acme") else None
+
+    drainer = SpoolDrainer(
+        settings, store, runtime, inventory, lambda: dict(reports), lambda: dict(members), remove_volume
+    )
 
     # node 2's spool, and what the manager collected of it
     spool_dir = tmp_path / "node2-gw"
@@ -365,17 +447,24 @@ def test_a_lost_nodes_spool_is_read_once_the_node_is_back_each_record_once(tmp_p
 
         runtime.completed.clear()  # warm-up and volume preparation
         drainer.tick()  # node 2 away: nothing to read it with
-        old_gateway = ReportedContainer(name=names.gateway("gtmu", "acme"), memory=None)
-        reports["n2"] = NodeReport(node_id="n2", hostname="b", at=0, devices=[FIVE_GIB], containers=[old_gateway])
-        drainer.tick()  # back, but its old gateway still runs there
-        assert runtime.completed == []
+        for old in (names.gateway("gtmu", "acme"), names.engine("gtmu", "acme")):
+            still = [ReportedContainer(name=old, memory=None)]
+            reports["n2"] = NodeReport(node_id="n2", hostname="b", at=0, devices=[FIVE_GIB], containers=still)
+            drainer.tick()  # back, but its old gateway (or engine, which holds a volume) still runs there
+            assert runtime.completed == []
 
         reports["n2"] = NodeReport(node_id="n2", hostname="b", at=0, devices=[FIVE_GIB])
         drainer.tick()
         assert runtime.completed == [names.drain("gtmu", "acme")]
         assert store.usage_totals("acme", 0).requests == 4, "r0 once, r1, r2, and the one in flight"
         (read,) = store.audit_log(action="drain-spool")
-        assert read.result == "ok" and read.detail == {"node": "n2", "spool": spool_id, "read": 3, "new": 3}
+        engine_volume, gateway_volume = names.volume("gtmu", "acme"), names.gateway_volume("gtmu", "acme")
+        kept = {engine_volume: "in use by container x (running)"}
+        assert read.result == "ok" and read.detail == {
+            "node": "n2", "spool": spool_id, "read": 3, "new": 3, "volumes_kept": kept
+        }  # fmt: skip
+        assert removed == [("n2", gateway_volume), ("n2", engine_volume)], "its old volumes, on node 2, once read"
+        removed.clear()
         assert store.spool_drains() == []
         assert drainer.drain("acme", "n2") == 0, "read again: nothing new"
         assert store.usage_totals("acme", 0).requests == 4
@@ -385,6 +474,7 @@ def test_a_lost_nodes_spool_is_read_once_the_node_is_back_each_record_once(tmp_p
             store.add_spool_drain(tx, "acme", "n1", now[0])
         drainer.tick()
         assert store.spool_drains() == [] and len(runtime.completed) == ran, "nothing run for it"
+        assert removed == [("n2", gateway_volume), ("n2", engine_volume)], "the read again; none on n1, its node"
         with store.transaction() as tx:  # a node that leaves the swarm takes its spool with it
             store.add_spool_drain(tx, "acme", "n3", now[0])
         drainer.tick()

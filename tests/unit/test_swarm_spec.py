@@ -43,7 +43,7 @@ def test_a_long_running_plan_is_one_replica_with_its_hardening_ports_and_node() 
     assert c["Args"] == ["gateway"] and "Command" not in c and c["Env"] == ["A=1"]
     assert c["Healthcheck"] == {"Test": ["CMD", "true"], "Interval": 5, "Timeout": 4, "Retries": 3, "StartPeriod": 30}
     volume, tmp = c["Mounts"]
-    assert volume["Type"] == "volume" and volume["VolumeOptions"]["Labels"] == LABELS
+    assert volume["Type"] == "volume" and volume["VolumeOptions"]["Labels"] == names.labels("gtmt", Role.VOLUME, "acme")
     assert tmp == {"Type": "tmpfs", "Target": "/tmp", "TmpfsOptions": {"SizeBytes": 64 * 1024**2}}
     assert task["Resources"]["Limits"] == {"MemoryBytes": 1024**3, "Pids": 256}
     assert task["RestartPolicy"]["Condition"] == "any"
