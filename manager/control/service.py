@@ -133,12 +133,6 @@ class TenantService:
                 out[row.spec.name] = Reach(url=url, node=d.node_name or d.node)
         return out
 
-    def urls(self, rows: list[TenantRow]) -> dict[str, str]:
-        return {name: r.url for name, r in self.reach(rows).items() if r.url}
-
-    def nodes(self, rows: list[TenantRow]) -> dict[str, str]:
-        return {name: r.node for name, r in self.reach(rows).items() if r.node}
-
     def usage(self, name: str, since: float, until: float | None = None) -> UsageTotals:
         """The tenant's requests and tokens between ``since`` and ``until`` (UNIX seconds); only its
         own: a tenant removed earlier under the same name kept its records (for the cost split)."""

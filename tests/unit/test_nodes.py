@@ -16,6 +16,7 @@ import pytest
 
 from manager import names
 from manager.agent.server import make_server
+from manager.control.records import Reach
 from manager.errors import GpuUnavailable
 from manager.gpu import device_label
 from manager.gpu.nodes import NodesInventory
@@ -318,10 +319,10 @@ def test_admission_places_across_nodes_and_a_refusal_names_every_nodes_numbers(t
         message = refused.value.message
         assert "host memory on gpu-a" in message and "host memory on gpu-b" in message, message
         # each tenant is reached at its node's address
-        assert svc.urls(svc.tenants()) == {
-            "big": "http://10.1.0.2:30001/v1", "small": "http://10.1.0.2:30002/v1", "third": "http://10.1.0.1:30003/v1"
+        assert svc.reach(svc.tenants()) == {
+            "big": Reach("http://10.1.0.2:30001/v1", "gpu-b"), "small": Reach("http://10.1.0.2:30002/v1", "gpu-b"),
+            "third": Reach("http://10.1.0.1:30003/v1", "gpu-a"),
         }  # fmt: skip
-        assert svc.nodes(svc.tenants()) == {"big": "gpu-b", "small": "gpu-b", "third": "gpu-a"}
     finally:
         store.close()
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from manager import names
+from manager.control.records import Reach
 from manager.control.service import TenantService
 from manager.domain import TenantSpec, TenantStatus
 from manager.errors import Conflict, InvalidInput
@@ -203,6 +204,6 @@ def test_parsers_are_checked_against_the_engine_and_the_model_before_anything_is
 
 def test_a_tenants_url_is_the_address_its_port_is_bound_to(svc: TenantService) -> None:
     create(svc)
-    assert svc.urls(svc.tenants()) == {}, "every interface (the default): the host's name is the admin's to give"
+    assert svc.reach(svc.tenants()) == {}, "every interface (the default): the host's name is the admin's to give"
     svc.settings = svc.settings.model_copy(update={"tenant_bind_address": "192.0.2.7"})
-    assert svc.urls(svc.tenants()) == {"acme": "http://192.0.2.7:30001/v1"}
+    assert svc.reach(svc.tenants()) == {"acme": Reach(url="http://192.0.2.7:30001/v1")}
