@@ -22,17 +22,61 @@ install_pkgs() {
     || die "apt-get install $* failed"
 }
 
-start_dockerd() {
-  [ "$(id -u)" = 0 ] || die "dockerd is installed but not running, and starting it needs root"
-  log "starting dockerd (log: /var/log/dockerd.log)"
-  (setsid dockerd >/var/log/dockerd.log 2>&1 &)
+# The system dockerd's pid files (node dockerds of swarm-nodes.sh keep theirs elsewhere).
+DOCKERD_PIDFILE=/var/run/docker.pid
+CONTAINERD_PIDFILE=/var/run/docker/containerd/containerd.pid
+
+# Prints the pid in pid file $1 when that process runs and is named $2. A zombie does not run,
+# though dockerd takes one for a live process: a dead dockerd's containerd, say, not yet reaped.
+running() {
+  local pid stat
+  pid=$(cat "$1" 2>/dev/null) && [ -n "$pid" ] || return 1
+  stat=$(cat "/proc/$pid/stat" 2>/dev/null) || return 1
+  # /proc/PID/stat: "PID (NAME) STATE ..."
+  [[ "$stat" == *") "[!Z]" "* ]] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$2" ] && echo "$pid"
+}
+
+# What a dockerd killed a moment ago leaves can stop the next one: its pid file while it still
+# exits ("pid file found"), or its containerd (alive, or a zombie), which the next dockerd reuses
+# and, as that never answers, waits on for 15 s and gives up. Returns 1 when a dockerd answers
+# meanwhile.
+settle_leftovers() {
+  local pid
   for _ in $(seq 60); do
-    # the marker lets the test suite know it may restart this dockerd (never a systemd-managed one)
-    docker info >/dev/null 2>&1 && { touch /run/gtm-started-dockerd; return 0; }
+    running "$DOCKERD_PIDFILE" dockerd >/dev/null || break
+    docker info >/dev/null 2>&1 && return 1
     sleep 1
   done
-  tail -20 /var/log/dockerd.log >&2
-  die "dockerd did not answer within 60 s (see /var/log/dockerd.log)"
+  pid=$(running "$DOCKERD_PIDFILE" dockerd) \
+    && die "dockerd (pid $pid) runs but has not answered for 60 s: stop it (kill $pid) and run this again"
+  rm -f "$DOCKERD_PIDFILE"
+  if pid=$(running "$CONTAINERD_PIDFILE" containerd); then
+    log "stopping containerd (pid $pid), left by a dockerd that has exited"
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 15); do running "$CONTAINERD_PIDFILE" containerd >/dev/null || break; sleep 1; done
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  rm -f "$CONTAINERD_PIDFILE"
+}
+
+start_dockerd() {
+  [ "$(id -u)" = 0 ] || die "dockerd is installed but not running, and starting it needs root"
+  local try i
+  for try in 1 2 3; do
+    settle_leftovers || return 0
+    log "starting dockerd, try $try of 3 (log: /var/log/dockerd.log)"
+    echo "--- gtm: starting dockerd, $(date -u +%FT%TZ)" >>/var/log/dockerd.log
+    (setsid dockerd >>/var/log/dockerd.log 2>&1 </dev/null &)
+    for i in $(seq 90); do
+      sleep 1
+      # the marker lets the test suite know it may restart this dockerd (never a systemd-managed one)
+      docker info >/dev/null 2>&1 && { touch /run/gtm-started-dockerd; return 0; }
+      # gave up: it writes its pid file within a second of starting
+      [ "$i" -ge 5 ] && ! running "$DOCKERD_PIDFILE" dockerd >/dev/null && break
+    done
+    tail -5 /var/log/dockerd.log >&2
+  done
+  die "dockerd did not start in 3 tries (see /var/log/dockerd.log)"
 }
 
 main() {
