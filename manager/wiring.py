@@ -135,7 +135,14 @@ def build_components(
     reconciler = Reconciler(settings, store, runtime, inventory, connect=connect or GatewayClient)
     if isinstance(runtime, SwarmRuntime):
         reconciler.drainer = SpoolDrainer(
-            settings, store, runtime, inventory, runtime.reports, runtime.node_addresses, runtime.remove_volume_on
+            settings,
+            store,
+            runtime,
+            inventory,
+            runtime.reports,
+            runtime.node_addresses,
+            runtime.remove_volume_on,
+            reconciler.tenant_turn,
         )
     service = TenantService(settings, store, runtime, inventory, reconciler)
     return Components(store, inventory, reconciler, service, load_admin_token(settings))

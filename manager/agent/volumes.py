@@ -9,9 +9,10 @@ from manager.runtime.docker import DockerRuntime
 
 def remove_volume(runtime: DockerRuntime, instance: str, name: str) -> str | None:
     """Removes the volume ``name`` of ``instance`` (a tenant's: its labels name one) on this node, after
-    the stopped containers of the instance that still hold it (a finished one-off's, which Swarm
-    removes in its own time). None: it is gone, or was never here; else why it stays: a running
-    container holds it, or it or a holder is not the instance's."""
+    the finished containers of the instance that still hold it (a one-off's, which Swarm removes in
+    its own time). None: it is gone, or was never here; else why it stays: a container holds it
+    that runs or is about to (created: a task being started), or it or a holder is not the
+    instance's."""
     found = [v for v in runtime.volumes(names.selector(instance)) if v.name == name]
     if not found:
         return None
@@ -21,7 +22,7 @@ def remove_volume(runtime: DockerRuntime, instance: str, name: str) -> str | Non
     for c in holders:
         if c.labels.get(names.MANAGED) != "true" or c.labels.get(names.INSTANCE) != instance:
             return f"volume {name} is held by container {c.name}, which is not instance {instance}'s"
-        if c.status in ("running", "restarting", "paused"):
+        if c.status not in ("exited", "dead"):
             return f"volume {name} is in use by container {c.name} ({c.status})"
     for c in holders:
         runtime.remove_container(c.name)

@@ -10,14 +10,16 @@ more (Swarm stops the old ones when the node returns), a one-off on that node re
 (``manager drain-spool``) after the manager's cursors, and its records are stored: each once
 (records are keyed by request id), none invented (only what that spool holds). A tenant placed
 back on that node is collected there by its gateway instead. Once read, the tenant's old volumes
-there are removed by that node's agent (``remove_volume``); one that stays is named in the audit
-with why. A node that leaves the swarm for good takes its spool with it: that is audited with the
-node, as lost."""
+there are removed by that node's agent (``remove_volume``), in the tenant's reconcile turn (so
+never while its containers are made) and only while it is placed elsewhere: placed back on that
+node meanwhile, they are its volumes again. One that stays is named in the audit with why. A node
+that leaves the swarm for good takes its spool with it: that is audited with the node, as lost."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 
 from manager import names
 from manager.contract import DRAINED_PAGE, UsagePage
@@ -58,9 +60,11 @@ class SpoolDrainer:
         reports: Callable[[], Mapping[str, NodeReport]],
         swarm_nodes: Callable[[], Mapping[str, str]],
         remove_volume: Callable[[str, str], str | None],
+        tenant_turn: Callable[[str], AbstractContextManager[None]],
     ) -> None:
         self.settings, self.store, self.runtime, self.inventory = settings, store, runtime, inventory
         self.reports, self.swarm_nodes, self.remove_volume = reports, swarm_nodes, remove_volume
+        self.tenant_turn = tenant_turn
         self._failed: dict[tuple[str, str], str] = {}
 
     def tick(self) -> None:
@@ -79,8 +83,7 @@ class SpoolDrainer:
             report = reports.get(node)
             if report is None:
                 continue  # not back yet
-            row = self.store.find_tenant(tenant)
-            if row is not None and on.get(row.device) == node:
+            if self._placed_on(tenant, node, on):
                 self.store.drop_spool_drain(tenant, node)  # placed back there: its gateway is collected
                 continue
             old = {names.gateway(self.settings.instance, tenant), names.engine(self.settings.instance, tenant)}
@@ -118,14 +121,29 @@ class SpoolDrainer:
             log.warning("%d usage records of %s collected from node %s, where it was lost", added, tenant, node)
         return added
 
+    def _placed_on(self, tenant: str, node: str, on: Mapping[str, str] | None = None) -> bool:
+        """Whether the tenant's device is on ``node`` now (``on``: each device's node, read anew
+        when not given)."""
+        row = self.store.find_tenant(tenant)
+        if row is None:
+            return False
+        if on is None:
+            on = {d.uuid: d.node for d in self.inventory.devices()}
+        return on.get(row.device) == node
+
     def _remove_volumes(self, tenant: str, node: str) -> dict[str, str]:
         """The tenant's old volumes on ``node``, removed by its agent now that their spool is read;
         those that stay, with why (the admin removes them there with ``docker volume rm``)."""
+        volumes = (names.gateway_volume(self.settings.instance, tenant), names.volume(self.settings.instance, tenant))
+        with self.tenant_turn(tenant):
+            if self._placed_on(tenant, node):
+                why = f"{tenant} is placed on node {node} again: they are its volumes there"
+                return dict.fromkeys(volumes, why)
+            return self._remove_each(tenant, node, volumes)
+
+    def _remove_each(self, tenant: str, node: str, volumes: tuple[str, ...]) -> dict[str, str]:
         kept = {}
-        for volume in (
-            names.gateway_volume(self.settings.instance, tenant),
-            names.volume(self.settings.instance, tenant),
-        ):
+        for volume in volumes:
             why = self.remove_volume(node, volume)
             if why is not None:
                 kept[volume] = why

@@ -44,7 +44,8 @@ import math
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from manager import names
 from manager.control.collector import UsageCollector
@@ -158,6 +159,8 @@ class Reconciler:
         self._events: EventStream | None = None
         self._restarted: dict[str, str] = {}
         """Why a tenant's engine was restarted, shown as its reason until the new one serves."""
+        self._turns: dict[str, threading.Lock] = {}
+        self._turns_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
 
@@ -291,8 +294,21 @@ class Reconciler:
             self._stop.wait(interval)
 
     # ---------------------------------------------------------------- one tenant
+    @contextmanager
+    def tenant_turn(self, name: str) -> Iterator[None]:
+        """Held while a tenant is reconciled, the only time its containers are made: what must not
+        overlap that (a drain removing the tenant's volumes on the node it left) holds it too."""
+        with self._turns_lock:
+            lock = self._turns.setdefault(name, threading.Lock())
+        with lock:
+            yield
+
     def reconcile(self, name: str) -> float | None:
         """Converge one tenant; returns when to look again (None: only on change/resync)."""
+        with self.tenant_turn(name):
+            return self._converge(name)
+
+    def _converge(self, name: str) -> float | None:
         row = self.store.find_tenant(name)
         containers = self.runtime.containers(names.selector(self.settings.instance, tenant=name))
         if row is None:

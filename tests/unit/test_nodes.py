@@ -215,10 +215,11 @@ def test_an_agent_removes_a_volume_for_the_token_and_says_why_one_stays() -> Non
         server.server_close()
 
 
-def test_an_agent_removes_only_its_instances_tenant_volumes_and_their_stopped_holders() -> None:
+def test_an_agent_removes_only_its_instances_tenant_volumes_and_their_finished_holders() -> None:
     """What the agent itself removes (``agent.volumes.remove_volume``): a tenant's volume of its
-    instance, after the stopped containers of the instance that hold it; not one a running
-    container holds, one another program's container holds, or one that is not a tenant's."""
+    instance, after the finished containers of the instance that hold it; not one a running (or
+    created, about to run) container holds, one another program's container holds, or one that is
+    not a tenant's."""
     from manager.agent.volumes import remove_volume
     from manager.runtime.types import ContainerState, Resource
 
@@ -250,6 +251,8 @@ def test_an_agent_removes_only_its_instances_tenant_volumes_and_their_stopped_ho
     assert removed == ["gtm-t-acme-drain.1.x", "gtm-t-acme-gw"], "the finished one-off, then the volume"
     removed.clear()
     assert "in use by container gtm-t-acme-engine.1.y (running)" in remove_volume(runtime, "gtm", "gtm-t-acme-data")
+    users["gtm-t-acme-data"] = [state("gtm-t-acme-engine.2.z", "created", **ours)]  # a task about to start
+    assert "in use by container gtm-t-acme-engine.2.z (created)" in remove_volume(runtime, "gtm", "gtm-t-acme-data")
     users["gtm-t-acme-data"] = [state("backup", "exited")]
     assert "not instance gtm's" in remove_volume(runtime, "gtm", "gtm-t-acme-data")
     assert "not a tenant's volume" in remove_volume(runtime, "gtm", "gtm-state")
@@ -408,13 +411,30 @@ def test_a_lost_nodes_spool_is_read_once_the_node_is_back_each_record_once(tmp_p
     reconciler = Reconciler(settings, store, runtime, inventory, connect=FakeGateway(), clock=lambda: now[0])
     svc = TenantService(settings, store, runtime, inventory, reconciler, clock=lambda: now[0])
     removed: list[tuple[str, str]] = []
+    turn_held: list[bool] = []
 
     def remove_volume(node: str, name: str) -> str | None:
         removed.append((node, name))
+
+        def take_turn() -> None:
+            with reconciler.tenant_turn("acme"):
+                pass
+
+        other = threading.Thread(target=take_turn)
+        other.start()
+        other.join(0.05)
+        turn_held.append(other.is_alive())  # acme's reconcile turn waits until the removal ends
         return "in use by container x (running)" if name == names.volume("gtmu", "acme") else None
 
     drainer = SpoolDrainer(
-        settings, store, runtime, inventory, lambda: dict(reports), lambda: dict(members), remove_volume
+        settings,
+        store,
+        runtime,
+        inventory,
+        lambda: dict(reports),
+        lambda: dict(members),
+        remove_volume,
+        reconciler.tenant_turn,
     )
 
     # node 2's spool, and what the manager collected of it
@@ -465,6 +485,7 @@ def test_a_lost_nodes_spool_is_read_once_the_node_is_back_each_record_once(tmp_p
             "node": "n2", "spool": spool_id, "read": 3, "new": 3, "volumes_kept": kept
         }  # fmt: skip
         assert removed == [("n2", gateway_volume), ("n2", engine_volume)], "its old volumes, on node 2, once read"
+        assert turn_held == [True, True], "never while acme's containers may be made"
         removed.clear()
         assert store.spool_drains() == []
         assert drainer.drain("acme", "n2") == 0, "read again: nothing new"
@@ -481,6 +502,20 @@ def test_a_lost_nodes_spool_is_read_once_the_node_is_back_each_record_once(tmp_p
         drainer.tick()
         lost = [a for a in store.audit_log(action="drain-spool") if a.result == "lost"]
         assert [a.detail["node"] for a in lost] == ["n3"] and store.spool_drains() == []
+
+        # placed back on node 2 while its spool there is read: those volumes are its own again
+        def placed_back_meanwhile(plan: ContainerPlan) -> str:
+            with store.transaction() as tx:
+                store.update_spec(tx, store.tenant("acme").spec, device="host-memory@n2")
+            return drain_on_node_2(plan)
+
+        runtime.effects[names.drain("gtmu", "acme")] = placed_back_meanwhile
+        removed.clear()
+        assert drainer.drain("acme", "n2") == 0
+        assert removed == [], "nothing removed on the node it is placed on"
+        again = store.audit_log(action="drain-spool")[0].detail["volumes_kept"]
+        assert again[gateway_volume] == "acme is placed on node n2 again: they are its volumes there"
+        assert set(again) == {gateway_volume, engine_volume}
         assert Path(spool_dir / SPOOL_FILE).exists()
     finally:
         store.close()
