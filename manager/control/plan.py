@@ -38,17 +38,28 @@ STRUCTURED_OUTPUTS = json.dumps({"backend": "xgrammar", "disable_any_whitespace"
 whitespace: a small model could otherwise spend every token it may write on blanks."""
 
 
-def http_healthcheck(port: int, path: str, start_period_s: int) -> dict[str, object]:
-    """A Docker health check that works in any image with python3 (ours and upstream vLLM's):
-    the manager reads health through the Docker API and never needs a route to the tenant network."""
-    probe = f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{port}{path}', timeout=3)"
+def http_healthcheck(port: int, path: str, start_period_s: int, interval_s: int = 5) -> dict[str, object]:
+    """A Docker health check that works in any image with bash (ours and upstream vLLM's): one GET
+    over bash's ``/dev/tcp``, about two thirds of what a python3 probe costs per run, so that an
+    engine is probed every 2 s (dockerd 20.10 has no start interval: the whole start would
+    otherwise go by the 5 s steps). The manager reads health through the Docker API and never
+    needs a route to the tenant network."""
+    probe = (
+        f"exec 3<>/dev/tcp/127.0.0.1/{port} && printf 'GET {path} HTTP/1.0\\r\\n\\r\\n' >&3"
+        ' && read -r status <&3 && [[ $status == *" 200 "* ]]'
+    )
     return {
-        "test": ["CMD", "python3", "-c", probe],
-        "interval": 5 * SECOND_NS,
+        "test": ["CMD", "bash", "-c", probe],
+        "interval": interval_s * SECOND_NS,
         "timeout": 4 * SECOND_NS,
         "retries": 3,
         "start_period": start_period_s * SECOND_NS,
     }
+
+
+ENGINE_HEALTH_INTERVAL_S = 2
+"""How often an engine's health is probed: how soon a started engine is seen serving (its start
+gate then passes to the next one on its device) and a dead one replaced."""
 
 
 @dataclass(frozen=True)
@@ -578,7 +589,9 @@ def tenant_plan(
         nano_cpus=int(settings.engine_cpus * 1e9) if settings.engine_cpus else None,
         cpu_shares=cpu_shares(spec),
         gpu_device_ids=settings.platform.devices(gpu_uuid),
-        healthcheck=http_healthcheck(ENGINE_PORT, "/health", int(settings.engine_start_timeout_s)),
+        healthcheck=http_healthcheck(
+            ENGINE_PORT, "/health", int(settings.engine_start_timeout_s), ENGINE_HEALTH_INTERVAL_S
+        ),
         node=node or None,
         reserved=spec.gpu_memory,
     )

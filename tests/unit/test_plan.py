@@ -112,6 +112,47 @@ def test_sdk_arguments_of_a_plan(settings: Settings) -> None:
     assert [(m["Target"], m["ReadOnly"]) for m in kw["mounts"]] == [("/data", False), ("/models", True)]
 
 
+def test_the_health_probe_passes_on_a_200_only_and_an_engine_is_probed_every_2_s(settings: Settings) -> None:
+    """The probe is bash over /dev/tcp (run here for real against a loopback server); engines are
+    probed every 2 s, gateways every 5 s."""
+    import http.server
+    import socket
+    import subprocess
+    import threading
+
+    from manager.control.plan import SECOND_NS, http_healthcheck
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200 if self.path == "/health" else 503)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+
+    def probe(path: str, at: int = port) -> int:
+        test = http_healthcheck(at, path, 30)["test"]
+        assert isinstance(test, list) and test[:2] == ["CMD", "bash"]
+        return subprocess.run(test[1:], capture_output=True, timeout=10, check=False).returncode
+
+    try:
+        assert probe("/health") == 0
+        assert probe("/starting") != 0, "a 503"
+        with socket.socket() as unused:
+            unused.bind(("127.0.0.1", 0))
+            assert probe("/health", unused.getsockname()[1]) != 0, "nothing listening"
+    finally:
+        server.shutdown()
+        server.server_close()
+    plan = tenant_plan(spec(), settings, device_total=24 * G)
+    assert plan.engine.healthcheck and plan.engine.healthcheck["interval"] == 2 * SECOND_NS
+    assert plan.gateway.healthcheck and plan.gateway.healthcheck["interval"] == 5 * SECOND_NS
+
+
 def test_sdk_arguments_request_the_gpu(settings: Settings) -> None:
     gpu = settings.model_copy(update={"gpu_mode": "nvml"})
     kw = container_kwargs(tenant_plan(spec(gpu_memory=10 * G), gpu, device_total=80 * G, gpu_uuid="GPU-abc").engine)
@@ -359,7 +400,8 @@ def test_the_node_agent_reads_its_node_read_only_and_publishes_nothing(settings:
     (socket,) = a.mounts
     assert (socket.kind, socket.source, socket.read_only) == ("bind", "/var/run/docker.sock", True)
     assert a.read_only and a.cap_drop == ["ALL"] and a.mem_limit and a.pids_limit
-    assert a.healthcheck and "8002/healthz" in str(a.healthcheck["test"]), "its own check, not the manager image's"
+    assert a.healthcheck and "/dev/tcp/127.0.0.1/8002 " in a.healthcheck["test"][-1], "its own port"
+    assert "GET /healthz " in a.healthcheck["test"][-1], "its own check, not the manager image's"
     assert a.env["GTM_AGENT_TOKEN"] == "agent-token" and a.env["GTM_GPU_MODE"] == "cpu"
     assert "NVIDIA_VISIBLE_DEVICES" not in a.env
     gpu = node_agent_plan(Settings(gpu_mode="nvml", state_dir=tmp_path), "agent-token")
