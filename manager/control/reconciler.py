@@ -39,6 +39,7 @@ error talking to Docker backs the key off (1 s doubling to 60 s).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
@@ -134,6 +135,8 @@ class Reconciler:
         """Exceptions per loop (worker, resync, usage), exported as a metric."""
         self._gates: dict[str, tuple[str, float]] = {}
         """device ('' for the host's first) -> the tenant whose engine holds its start gate, since when."""
+        self._gate_waiters: dict[str, set[str]] = {}
+        """device -> the tenants that found its start gate held."""
         self._errors: dict[str, int] = {}
         self._orphans_seen: dict[str, float] = {}
         self._lost_since: dict[str, float] = {}
@@ -548,9 +551,8 @@ class Reconciler:
         awake; else when to look again."""
         name = row.spec.name
         holder = self._gate_holder(row.device, name)
-        if holder:
-            self._set_status(row, TenantStatus.PENDING, f"waiting for {holder}'s engine to finish starting")
-            return POLL_STARTING_S  # memory taken while another engine profiles sizes its KV cache wrong
+        if holder:  # memory taken while another engine profiles sizes its KV cache wrong
+            return self._wait_for_gate(row, holder)
         if self._waiting_for_sleepers(row):
             return POLL_STARTING_S
         with self._admin(row) as gw:
@@ -643,11 +645,11 @@ class Reconciler:
             return fail.retry_at - now
         holder = self._gate_holder(row.device, name)
         if holder:
-            self._set_status(row, TenantStatus.PENDING, f"waiting for {holder}'s engine to finish starting")
-            return POLL_STARTING_S
+            return self._wait_for_gate(row, holder)
         if self._waiting_for_sleepers(row):
             return POLL_STARTING_S
-        if self.settings.platform.warms_up and not self.warmer.ready(row.spec.model, device.node):
+        requeue = functools.partial(self.queue.add, name)  # the moment its warm-up ends
+        if self.settings.platform.warms_up and not self.warmer.ready(row.spec.model, device.node, then=requeue):
             self._take_gate(row)  # no other engine starts while this cache warms
             self._set_status(row, TenantStatus.STARTING, "reading the engine image and model into the page cache")
             return POLL_STARTING_S
@@ -818,6 +820,13 @@ class Reconciler:
     def _take_gate(self, row: TenantRow) -> None:
         self._gates[row.device] = (row.spec.name, self.clock())
 
+    def _wait_for_gate(self, row: TenantRow, holder: str) -> float:
+        """The tenant waits for ``holder``'s engine: queued again the moment the gate is let go
+        (``_release_gate``), and polled meanwhile."""
+        self._gate_waiters.setdefault(row.device, set()).add(row.spec.name)
+        self._set_status(row, TenantStatus.PENDING, f"waiting for {holder}'s engine to finish starting")
+        return POLL_STARTING_S
+
     def _engine_starting(self, row: TenantRow, engine: ContainerState) -> float | None:
         name = row.spec.name
         if row.device not in self._gates:
@@ -874,6 +883,8 @@ class Reconciler:
         for device, (holder, _) in list(self._gates.items()):
             if holder == name:
                 del self._gates[device]
+                for waiting in sorted(self._gate_waiters.pop(device, ())):
+                    self.queue.add(waiting)
 
     def _set_status(self, row: TenantRow, status: TenantStatus, reason: str = "") -> None:
         current = self.store.find_tenant(row.spec.name)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from manager.control.plan import warmup_plan
 from manager.runtime.protocol import Runtime
@@ -28,28 +29,49 @@ class PageCacheWarmer:
         self._warmed: set[tuple[str, str, str]] = set()
         self.warming: dict[tuple[str, str, str], threading.Thread] = {}
         """The warm-ups running, by (engine image, model, swarm node ('' on one host))."""
+        self._then: dict[tuple[str, str, str], list[Callable[[], None]]] = {}
+        """What to call when a running warm-up ends (the worker queues its tenant again)."""
+        self._ended: set[tuple[str, str, str]] = set()
+        """Warm-ups whose thread has ended, until ``ready`` sees it."""
+        self._lock = threading.Lock()
 
-    def ready(self, model: str, node: str = "") -> bool:
+    def ready(self, model: str, node: str = "", then: Callable[[], None] | None = None) -> bool:
         """True once the model's warm-up (on ``node``) has ended (also when it failed: that never
-        blocks a start); False while it runs (the first call begins it)."""
+        blocks a start); False while it runs (the first call begins it), and ``then`` is called
+        when it ends."""
         key = (self.settings.engine_image, model, node)
         if key in self._warmed:
             return True
-        thread = self.warming.get(key)
-        if thread is None:
-            thread = threading.Thread(target=self._warm_up, args=(model, node), name=f"warm-up-{model}", daemon=True)
-            self.warming[key] = thread
-            thread.start()
-            thread.join(WARMUP_WAIT_S)  # an already warm cache ends within this: no extra round on the queue
-        if thread.is_alive():
-            return False
-        del self.warming[key]
+        with self._lock:
+            thread = self.warming.get(key)
+            if thread is None:
+                thread = threading.Thread(target=self._run, args=key, name=f"warm-up-{model}", daemon=True)
+                self.warming[key] = thread
+                thread.start()
+        thread.join(WARMUP_WAIT_S)  # an already warm cache ends within this: no extra round on the queue
+        with self._lock:
+            if key not in self._ended:
+                if then is not None:
+                    self._then.setdefault(key, []).append(then)
+                return False
+            self._ended.discard(key)
+            del self.warming[key]
         self._warmed.add(key)
         return True
 
     def forget(self, model: str) -> None:
         """An engine of this model met a cold cache: warm it again (on every node) before the next start."""
         self._warmed = {key for key in self._warmed if key[:2] != (self.settings.engine_image, model)}
+
+    def _run(self, image: str, model: str, node: str) -> None:
+        try:
+            self._warm_up(model, node)
+        finally:
+            with self._lock:
+                self._ended.add((image, model, node))
+                waiting = self._then.pop((image, model, node), [])
+            for then in waiting:
+                then()
 
     def _warm_up(self, model: str, node: str) -> None:
         started = time.monotonic()

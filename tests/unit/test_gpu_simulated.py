@@ -675,8 +675,11 @@ def test_engines_on_different_gpus_start_at_once_and_each_gpu_one_at_a_time(tmp_
         assert h.runtime.container(names.engine(INSTANCE, "beta")) is not None, "GPU 1 does not wait for GPU 0"
         assert h.runtime.container(names.engine(INSTANCE, "gamma")) is None
         assert h.store.tenant("gamma").reason == "waiting for alpha's engine to finish starting"
+        while h.reconciler.queue.get(timeout=0):  # the turns the adds queued
+            pass
         h.runtime.set_health(names.engine(INSTANCE, "alpha"), "healthy")
         h.reconciler.reconcile("alpha")  # alpha serves: GPU 0's gate is free
+        assert h.reconciler.queue.pending().get("gamma", 1e18) <= time.monotonic(), "gamma's turn is at once"
         h.reconciler.reconcile("gamma")
         assert h.runtime.container(names.engine(INSTANCE, "gamma")) is not None
     finally:

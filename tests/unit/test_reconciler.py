@@ -339,8 +339,10 @@ def test_a_long_warm_up_never_holds_up_other_tenants_key_changes(world, monkeypa
     rec.reconcile("a")
     assert len(gateways.configs["token-a"].keys) == 2
 
+    assert "b" not in rec.queue.pending()
     release.set()
     rec.warmer.warming[(rec.settings.engine_image, "other", "")].join(5)
+    assert "b" in rec.queue.pending(), "queued again the moment its warm-up ended"
     rec.reconcile("b")
     assert runtime.container(engine("b")) is not None
     assert runtime.completed.count(names.warmup(INSTANCE)) == 2  # a's model once, b's once
