@@ -345,14 +345,20 @@ class Relay:
             out.append(event + b"\n\n")
         return out
 
-    async def deliver(self, send: Send, out: list[bytes]) -> bool:
-        """Sends events on (their progress saved first: ``save_progress``); False when the client
-        is gone."""
+    async def deliver(self, send: Send, out: list[bytes], stall: asyncio.Timeout, deadline: float) -> bool:
+        """Sends events on, their progress saved first (``save_progress``), with the stream's stall
+        timer armed at ``deadline`` while the send waits for the client to read; False when the
+        client is gone."""
+        saving = self.save_progress()
+        if saving is not None:
+            await saving
+        stall.reschedule(deadline)
         try:
             await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
         except OSError:
             self.record["outcome"] = "client_disconnected"
             return False
+        stall.reschedule(None)  # only after the send: an expired timer cancelled it and ends the stream
         return True
 
     def save_progress(self) -> asyncio.Future[bool] | None:
@@ -989,45 +995,7 @@ class Proxy:
         try:
             await send({"type": "http.response.start", "status": 200, "headers": raw_headers})
             self.state.progress(record["request_id"], 0, 0, 200)
-            first_at: float | None = None
-            loop, stall_s = asyncio.get_running_loop(), self.settings.stall_timeout_s
-            try:
-                # one timer for the stream, armed while a send waits for the client to read (a
-                # timer per chunk, as asyncio.wait_for makes, costs 35 us a chunk; this, 4)
-                async with asyncio.timeout(None) as stall:
-                    async for chunk in upstream.chunks():
-                        out = relay.take(chunk)
-                        if disconnected.is_set():
-                            # the client left: close the engine's stream now, so the engine aborts
-                            # the request; it is metered with the engine's count up to the last chunk
-                            record["outcome"] = "client_disconnected"
-                            break
-                        saved_at = relay.saved_at
-                        if out:
-                            saving = relay.save_progress()
-                            if saving is not None:
-                                await saving
-                            stall.reschedule(loop.time() + stall_s)
-                            delivered = await relay.deliver(send, out)
-                            stall.reschedule(None)
-                            if not delivered:
-                                disconnected.set()
-                                break
-                        if slot is not None and relay.saved_at != saved_at:  # about once a second
-                            self.state.fair_queue.progress(
-                                slot, int(record["prompt_tokens"]), int(record["completion_tokens"])
-                            )
-                        if first_at is None and relay.delivered:
-                            first_at = time.time()
-                            record["first_token_ms"] = round((first_at - record["at"]) * 1000, 3)
-                            self.state.metrics.first_token.observe(first_at - record["at"], record["member"])
-            except TimeoutError:
-                if not stall.expired():
-                    raise
-                # the client read nothing for stall_s: the engine's stream is closed, so it aborts
-                # the request; it is metered with the engine's count up to the last chunk read
-                record["outcome"] = "client_stalled"
-                disconnected.set()
+            first_at = await self._relay(upstream, relay, send, disconnected, slot)
             if not disconnected.is_set():
                 relay.count_delivered()
                 generated = int(record["completion_tokens"])
@@ -1047,6 +1015,52 @@ class Proxy:
             watcher.cancel()
             await upstream.close()
             relay.count_delivered()  # the caller writes the record now if it was not written before the last byte
+
+    async def _relay(
+        self,
+        upstream: UpstreamResponse,
+        relay: Relay,
+        send: Send,
+        disconnected: asyncio.Event,
+        slot: Ticket | None,
+    ) -> float | None:
+        """Passes the engine's chunks on until its stream ends, the client leaves (``disconnected``
+        set) or reads nothing for ``stall_timeout_s``; returns when the first token went out (None:
+        none did)."""
+        record = relay.record
+        first_at: float | None = None
+        loop, stall_s = asyncio.get_running_loop(), self.settings.stall_timeout_s
+        try:
+            # one timer for the stream, armed while a send waits for the client to read (a timer
+            # per chunk, as asyncio.wait_for makes, costs 35 us a chunk; this, 4)
+            async with asyncio.timeout(None) as stall:
+                async for chunk in upstream.chunks():
+                    out = relay.take(chunk)
+                    if disconnected.is_set():
+                        # the client left: close the engine's stream now, so the engine aborts the
+                        # request; it is metered with the engine's count up to the last chunk
+                        record["outcome"] = "client_disconnected"
+                        break
+                    saved_at = relay.saved_at
+                    if out and not await relay.deliver(send, out, stall, loop.time() + stall_s):
+                        disconnected.set()
+                        break
+                    if slot is not None and relay.saved_at != saved_at:  # about once a second
+                        self.state.fair_queue.progress(
+                            slot, int(record["prompt_tokens"]), int(record["completion_tokens"])
+                        )
+                    if first_at is None and relay.delivered:
+                        first_at = time.time()
+                        record["first_token_ms"] = round((first_at - record["at"]) * 1000, 3)
+                        self.state.metrics.first_token.observe(first_at - record["at"], record["member"])
+        except TimeoutError:
+            if not stall.expired():
+                raise
+            # the client read nothing for stall_s: the engine's stream is closed, so it aborts the
+            # request; it is metered with the engine's count up to the last chunk read
+            record["outcome"] = "client_stalled"
+            disconnected.set()
+        return first_at
 
     async def _open_stream(
         self,
