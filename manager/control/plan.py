@@ -44,9 +44,11 @@ def http_healthcheck(port: int, path: str, start_period_s: int, interval_s: int 
     engine is probed every 2 s (dockerd 20.10 has no start interval: the whole start would
     otherwise go by the 5 s steps). The manager reads health through the Docker API and never
     needs a route to the tenant network."""
+    # the whole answer is read (to the close HTTP/1.0 asks for): a probe that hung up after the
+    # status line would leave the server a reset connection, and a traceback, every run
     probe = (
         f"exec 3<>/dev/tcp/127.0.0.1/{port} && printf 'GET {path} HTTP/1.0\\r\\n\\r\\n' >&3"
-        ' && read -r status <&3 && [[ $status == *" 200 "* ]]'
+        ' && read -r status <&3 && while read -r _ <&3; do :; done; [[ $status == *" 200 "* ]]'
     )
     return {
         "test": ["CMD", "bash", "-c", probe],

@@ -119,13 +119,22 @@ def test_the_health_probe_passes_on_a_200_only_and_an_engine_is_probed_every_2_s
     import socket
     import subprocess
     import threading
+    import time
 
     from manager.control.plan import SECOND_NS, http_healthcheck
+
+    answered: list[str] = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             self.send_response(200 if self.path == "/health" else 503)
             self.end_headers()
+            self.wfile.flush()
+            for _ in range(2):  # the body, in two writes after the probe has read the status line:
+                time.sleep(0.1)  # a probe that hung up then makes the second one raise
+                self.wfile.write(b'{"status": "ok"}' * 100)
+                self.wfile.flush()
+            answered.append(self.path)
 
         def log_message(self, *args: object) -> None:
             pass
@@ -142,6 +151,7 @@ def test_the_health_probe_passes_on_a_200_only_and_an_engine_is_probed_every_2_s
     try:
         assert probe("/health") == 0
         assert probe("/starting") != 0, "a 503"
+        assert answered == ["/health", "/starting"], "each answer read whole"
         with socket.socket() as unused:
             unused.bind(("127.0.0.1", 0))
             assert probe("/health", unused.getsockname()[1]) != 0, "nothing listening"
