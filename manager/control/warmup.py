@@ -44,11 +44,13 @@ class PageCacheWarmer:
             return True
         with self._lock:
             thread = self.warming.get(key)
+            begun = thread is None
             if thread is None:
                 thread = threading.Thread(target=self._run, args=key, name=f"warm-up-{model}", daemon=True)
                 self.warming[key] = thread
                 thread.start()
-        thread.join(WARMUP_WAIT_S)  # an already warm cache ends within this: no extra round on the queue
+        if begun:
+            thread.join(WARMUP_WAIT_S)  # an already warm cache ends within this: no extra round on the queue
         with self._lock:
             if key not in self._ended:
                 if then is not None:
