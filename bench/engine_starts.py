@@ -33,10 +33,10 @@ import httpx
 import uvicorn
 
 from manager import names
-from manager.control.plan import tenant_plan
+from manager.control.plan import prepare_plan, tenant_plan
 from manager.control.sizing import Sizing
 from manager.domain import TenantSpec
-from manager.runtime.docker import container_kwargs
+from manager.runtime.docker import DockerRuntime, container_kwargs
 from manager.settings import Settings
 from manager.wiring import create_app
 
@@ -115,6 +115,9 @@ def baseline(client: docker.DockerClient, settings: Settings, instance: str) -> 
         name=f"{instance}-direct",
     )
     client.volumes.create(plan.mounts[0].source, labels=names.labels(instance, names.Role.VOLUME))
+    # the volume given to the engine's user, as the manager does before every first start
+    code, out = DockerRuntime(client).run_to_completion(prepare_plan(spec, settings), 60)
+    assert code == 0, out
     t0 = time.monotonic()
     container = client.containers.run(**kwargs)
     try:
