@@ -9,7 +9,7 @@ suite (``GTM_SWARM_TESTS=0`` leaves it out): about 50 s on a 2-core machine (nod
 contract 21 s, agents 16 s). When a test fails, each node's dockerd log is printed.
 
 The end-to-end test runs the manager on the swarm with real engines: a tenant on node 2, node 2
-lost and back, its spool read and its volumes removed there. It costs 115-145 s more here (two
+lost and back, its spool read and its volumes removed there. It costs 115-150 s more here (two
 engine starts), about 1.5 times that on the CI machine, where the suite already takes 26-27 of
 its 30 minutes: it runs with ``GTM_SWARM_E2E=1``.
 """
