@@ -54,7 +54,7 @@ settle_leftovers() {
     log "stopping containerd (pid $pid), left by a dockerd that has exited"
     kill -TERM "$pid" 2>/dev/null || true
     for _ in $(seq 15); do running "$CONTAINERD_PIDFILE" containerd >/dev/null || break; sleep 1; done
-    kill -KILL "$pid" 2>/dev/null || true
+    ! running "$CONTAINERD_PIDFILE" containerd >/dev/null || kill -KILL "$pid" 2>/dev/null || true
   fi
   rm -f "$CONTAINERD_PIDFILE"
 }
