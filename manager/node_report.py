@@ -24,7 +24,7 @@ REPORT_PATH = "/v1/node"
 HEALTH_PATH = "/healthz"
 VOLUMES_PATH = "/v1/volumes/"
 """``DELETE /v1/volumes/<name>``: the agent removes that volume of its instance on its node (first
-the stopped containers of its instance that still hold it, a finished one-off's): 200 when it is
+the finished containers of its instance that still hold it, a one-off's): 200 when it is
 gone (or was never there), 409 with why it stays. The one thing an agent changes: Swarm's API
 reaches only the manager node's volumes, so a tenant's old volumes on a node it left are removed
 this way once their spool is read (``control.drains``)."""
