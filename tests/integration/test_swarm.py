@@ -32,7 +32,7 @@ from manager import names
 from manager.control.plan import control_network_plan, node_agent_plan
 from manager.names import Role
 from manager.runtime.swarm import GPU_MEMORY_RESOURCE, SwarmRuntime
-from manager.runtime.types import ContainerPlan
+from manager.runtime.types import ContainerPlan, NetworkPlan
 from manager.settings import Settings
 from tests.runtime_contract import RuntimeContract
 
@@ -261,8 +261,9 @@ def test_the_manager_on_the_swarm_places_a_tenant_on_another_node_where_it_serve
     ``docker exec`` into it adds a tenant on node 2's device; its engine and gateway run on node 2,
     a chat through the OpenAI SDK at node 2's address is served and metered, the manager measures
     the engine's memory through node 2's agent, and the engine reaches neither the manager nor
-    anything outside its tenant's network."""
+    anything outside its tenant's network (another tenant's engine on node 1 included)."""
     inst = TEST_PREFIX + secrets.token_hex(4)
+    other = TEST_PREFIX + secrets.token_hex(4)  # another manager's tenant: this one leaves it alone
     runtime = SwarmRuntime(swarm)
     node_ids = {n.attrs["Description"]["Engine"]["Labels"]["gtm.swarm-node"]: n.id for n in swarm.nodes.list()}
     t0 = time.monotonic()
@@ -315,6 +316,16 @@ def test_the_manager_on_the_swarm_places_a_tenant_on_another_node_where_it_serve
         assert added.returncode == 0, added.stderr
         key = KEY_LINE.findall(added.stdout)[0]
         lap("acme added on node 2")
+        # another tenant's engine on node 1, meanwhile: a listener on an internal overlay of its own
+        beta_net = NetworkPlan(names.network(other, "beta"), names.labels(other, Role.NETWORK, "beta"), internal=True)
+        runtime.ensure_network(beta_net)
+        listener = ["python3", "-m", "http.server", "8000"]
+        runtime.run(
+            ContainerPlan(
+                name=names.engine(other, "beta"), image=MANAGER_IMAGE, entrypoint=listener, command=[],
+                labels=names.labels(other, Role.ENGINE, "beta"), network=beta_net.name, node=node_ids["n1"],
+            )
+        )  # fmt: skip
         url = f"http://127.10.0.2:{port}/v1"  # node 2's swarm address: the client's URL names its node
         assert f"its OpenAI base URL: {url}" in added.stdout, added.stdout
         waited = dexec("wait-tenant", "--name", "acme", "--timeout", "400")
@@ -342,11 +353,22 @@ def test_the_manager_on_the_swarm_places_a_tenant_on_another_node_where_it_serve
         lap("the chat metered")
         assert acme["node"] and acme["device"] == there["uuid"], acme
 
-        # the engine, on node 2, reaches neither the manager (on node 1's overlay address) nor the host
+        # the engine, on node 2, reaches neither the manager (on node 1's overlay address), nor
+        # another tenant's engine on node 1, nor the host; a probe on that tenant's own network on
+        # node 2 reaches its engine, so the check can tell
         manager_ip = runtime.container_ip(f"{inst}_manager", f"{inst}-control")
+        beta = wait_for(lambda: runtime.container_ip(names.engine(other, "beta"), beta_net.name), 60, "beta's engine")
+        targets = [f"{manager_ip}:8080", f"{beta}:8000", "127.10.0.1:2377"]
+        connect = ["python3", "-c", CONNECT.format(targets=targets[1:2])]
+        probe = ContainerPlan(
+            name=f"{other}-probe", image=MANAGER_IMAGE, entrypoint=connect, command=[],
+            labels=names.labels(other, Role.PROBE), network=beta_net.name, node=node_ids["n2"],
+        )  # fmt: skip
+        code, out = runtime.run_to_completion(probe, timeout_s=60)
+        last = out.strip().splitlines()[-1]
+        assert code == 0 and json.loads(last[last.index("{") :]) == {targets[1]: "connected"}, out
         engine = on_node(2, "ps", "-q", "-f", f"label=com.docker.swarm.service.name={names.engine(inst, 'acme')}")
-        code = CONNECT.format(targets=[f"{manager_ip}:8080", "127.10.0.1:2377"])
-        reached = on_node(2, "exec", engine.stdout.split()[0], "python3", "-c", code)
+        reached = on_node(2, "exec", engine.stdout.split()[0], "python3", "-c", CONNECT.format(targets=targets))
         assert reached.returncode == 0, reached.stderr
         assert "connected" not in json.loads(reached.stdout.strip().splitlines()[-1]).values(), reached.stdout
 
@@ -417,6 +439,7 @@ def test_the_manager_on_the_swarm_places_a_tenant_on_another_node_where_it_serve
             check=False,
         )
         remove_instance(runtime, inst)
+        remove_instance(runtime, other)
         assert down.returncode == 0, down.stderr[-3000:]
         assert not runtime.containers(names.selector(inst)) and not runtime.networks(names.selector(inst))
         assert not on_node(1, "network", "ls", "-q", "-f", f"label=com.docker.stack.namespace={inst}").stdout.strip()
