@@ -126,42 +126,42 @@ def build_components(
 ) -> Components:
     """The control plane; ``runtime``, ``inventory`` and ``connect`` (the gateways' admin
     client) replace the real ones in tests."""
+    agents: AgentReader | None = None
     if settings.runtime == "swarm" and runtime is None:
-        runtime, nodes = open_swarm(settings)
-        inventory = inventory or nodes
+        runtime, agents = open_swarm(settings)
+        inventory = inventory or NodesInventory(agents, runtime.node_addresses)
     inventory = inventory or open_inventory(settings.platform)
     runtime = runtime or DockerRuntime()
     store = SqliteStore(settings.database_path)
     reconciler = Reconciler(settings, store, runtime, inventory, connect=connect or GatewayClient)
-    if isinstance(runtime, SwarmRuntime):
+    if isinstance(runtime, SwarmRuntime) and agents is not None:
         reconciler.drainer = SpoolDrainer(
             settings,
             store,
             runtime,
             inventory,
-            runtime.reports,
+            agents,
             runtime.node_addresses,
-            runtime.remove_volume_on,
+            agents.remove_volume,
             reconciler.tenant_turn,
         )
     service = TenantService(settings, store, runtime, inventory, reconciler)
     return Components(store, inventory, reconciler, service, load_admin_token(settings))
 
 
-def open_swarm(settings: Settings) -> tuple[SwarmRuntime, NodesInventory]:
-    """The swarm's runtime and the inventory of every node, both read from the node agents, which
-    it starts on every node (a global service on the control overlay, replaced when the manager's
-    image or the agents' token changes). The manager must run on that overlay to reach them."""
+def open_swarm(settings: Settings) -> tuple[SwarmRuntime, AgentReader]:
+    """The swarm's runtime and the reader of the node agents, which it starts on every node (a
+    global service on the control overlay, replaced when the manager's image or the agents' token
+    changes). The manager must run on that overlay to reach them."""
     token = load_agent_token(settings)
     runtime = SwarmRuntime()
     agents = names.node_agent(settings.instance)
     control = control_network_plan(settings)
     reader = AgentReader(lambda: runtime.task_addresses(agents, control.name), token, settings.agent_port)
     runtime.reports = reader
-    runtime.node_volumes = reader.remove_volume
     runtime.ensure_network(control)
     runtime.run_everywhere(node_agent_plan(settings, token, runtime.image_id(settings.manager_image) or ""))
-    return runtime, NodesInventory(reader, runtime.node_addresses)
+    return runtime, reader
 
 
 def create_app(settings: Settings, **overrides: Any) -> FastAPI:

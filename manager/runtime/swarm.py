@@ -259,15 +259,6 @@ class SwarmRuntime(DockerRuntime):
         self.reports = reports or (lambda: {})
         """The node agents' reports by node ID (``runtime.nodes.AgentReader``): what only a task's
         node can measure. Without them a container's memory is unknown (None)."""
-        self.node_volumes: Callable[[str, str], str | None] | None = None
-        """Removes a volume on a node through its agent (``AgentReader.remove_volume``)."""
-
-    def remove_volume_on(self, node: str, name: str) -> str | None:
-        """Removes volume ``name`` on swarm ``node`` (Swarm's API reaches only the manager node's
-        volumes: the node's agent does it); None when it is gone, else why it stays."""
-        if self.node_volumes is None:
-            return "no node agent to ask"
-        return self.node_volumes(node, name)
 
     def _driver(self, plan: NetworkPlan) -> dict[str, Any]:
         """An attachable overlay across the nodes; the bridge options of a single host do not apply."""
