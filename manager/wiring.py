@@ -126,22 +126,23 @@ def build_components(
 ) -> Components:
     """The control plane; ``runtime``, ``inventory`` and ``connect`` (the gateways' admin
     client) replace the real ones in tests."""
-    agents: AgentReader | None = None
-    if settings.runtime == "swarm" and runtime is None:
-        runtime, agents = open_swarm(settings)
+    swarm = open_swarm(settings) if settings.runtime == "swarm" and runtime is None else None
+    if swarm is not None:
+        runtime, agents = swarm
         inventory = inventory or NodesInventory(agents, runtime.node_addresses)
     inventory = inventory or open_inventory(settings.platform)
     runtime = runtime or DockerRuntime()
     store = SqliteStore(settings.database_path)
     reconciler = Reconciler(settings, store, runtime, inventory, connect=connect or GatewayClient)
-    if isinstance(runtime, SwarmRuntime) and agents is not None:
+    if swarm is not None:
+        swarm_runtime, agents = swarm
         reconciler.drainer = SpoolDrainer(
             settings,
             store,
-            runtime,
+            swarm_runtime,
             inventory,
             agents,
-            runtime.node_addresses,
+            swarm_runtime.node_addresses,
             agents.remove_volume,
             reconciler.tenant_turn,
         )

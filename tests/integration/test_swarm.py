@@ -61,6 +61,12 @@ def nodes(*argv: str, env: dict[str, str] | None = None) -> str:
     return done.stdout.strip()
 
 
+def last_json(out: str) -> Any:
+    """The JSON a one-off printed last, past any prefix the logs put before it."""
+    last = out.strip().splitlines()[-1]
+    return json.loads(last[last.index("{") :])
+
+
 def remove_instance(runtime: SwarmRuntime, inst: str) -> None:
     """Every service, then every network, of the instance ``inst`` on the swarm."""
     for c in runtime.containers(names.selector(inst)):
@@ -219,8 +225,7 @@ def test_an_agent_on_every_node_reports_its_node_and_the_containers_there(
             )
             code, out = runtime.run_to_completion(reader, timeout_s=60)
             assert code == 0, out
-            last = out.strip().splitlines()[-1]
-            reports: dict[str, Any] = json.loads(last[last.index("{") :])  # past any prefix the logs put
+            reports: dict[str, Any] = last_json(out)
             held = [c for c in reports.get(node_ids["n2"], {}).get("containers", []) if c["name"] == holder.name]
             return reports if len(reports) == 2 and held and (held[0]["memory"] or 0) > 96 * 1024**2 else None
 
@@ -365,12 +370,11 @@ def test_the_manager_on_the_swarm_places_a_tenant_on_another_node_where_it_serve
             labels=names.labels(other, Role.PROBE), network=beta_net.name, node=node_ids["n2"],
         )  # fmt: skip
         code, out = runtime.run_to_completion(probe, timeout_s=60)
-        last = out.strip().splitlines()[-1]
-        assert code == 0 and json.loads(last[last.index("{") :]) == {targets[1]: "connected"}, out
+        assert code == 0 and last_json(out) == {targets[1]: "connected"}, out
         engine = on_node(2, "ps", "-q", "-f", f"label=com.docker.swarm.service.name={names.engine(inst, 'acme')}")
         reached = on_node(2, "exec", engine.stdout.split()[0], "python3", "-c", CONNECT.format(targets=targets))
         assert reached.returncode == 0, reached.stderr
-        assert "connected" not in json.loads(reached.stdout.strip().splitlines()[-1]).values(), reached.stdout
+        assert "connected" not in last_json(reached.stdout).values(), reached.stdout
 
         # node 2 is cut off, a second chat there (from node 2 itself) is served but out of the
         # manager's reach, then its dockerd dies: after the grace the tenant is placed on node 1 and
