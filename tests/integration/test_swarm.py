@@ -251,6 +251,14 @@ print(answer.usage.completion_tokens)
 """
 """The OpenAI SDK, run in a node's network namespace: the tenant's port is published on its node."""
 
+CONSOLE_FROM_NODE = """
+import json, sys, httpx
+with httpx.Client(base_url=sys.argv[1]) as browser:
+    assert browser.post("/login", data={"username": "admin", "password": sys.argv[2]}).status_code == 303
+    print(json.dumps({page: browser.get(page).text for page in sys.argv[3:]}))
+"""
+"""The admin's console pages, read in node 1's namespace, where the manager publishes it."""
+
 
 def on_node(i: int, *argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """The swarm's own docker CLI against node ``i``'s engine."""
@@ -360,6 +368,16 @@ def test_the_manager_on_the_swarm_places_a_tenant_on_another_node_where_it_serve
         acme = wait_for(metered_and_measured, 60, "the chat metered and the engine's memory measured on node 2", 2)
         lap("the chat metered")
         assert acme["node"] and acme["device"] == there["uuid"], acme
+        # the console names the node too: on the overview (every node has a "host memory") and on
+        # the tenant's page, with its URL there
+        token = dexec("cat", "/var/lib/gtm/admin-token").stdout.strip()
+        console = f"http://127.10.0.1:{env['GTM_CONSOLE_PORT']}"
+        read = ["ip", "netns", "exec", "gtmsw-n1", sys.executable, "-c", CONSOLE_FROM_NODE, console, token]
+        pages = subprocess.run([*read, "/", "/tenants/acme"], capture_output=True, text=True, timeout=60, check=False)
+        assert pages.returncode == 0, pages.stderr[-2000:]
+        overview, tenant_page = json.loads(pages.stdout).values()
+        assert f"<td>host memory on {acme['node']}</td>" in overview, overview
+        assert f'data-testid="node">{acme["node"]}<' in tenant_page and url in tenant_page, tenant_page
 
         # the engine, on node 2, reaches neither the manager (on node 1's overlay address), nor
         # another tenant's engine on node 1, nor the host; a probe on that tenant's own network on

@@ -1,5 +1,5 @@
 from manager.console.session import LoginLimiter, Sessions
-from manager.console.views import capacity_segments, day_bars
+from manager.console.views import capacity_segments, day_bars, label_of
 from manager.control.capacity import DeviceCapacity, TenantUsage
 from manager.gpu import DeviceMemory
 
@@ -77,3 +77,14 @@ def test_a_label_is_drawn_only_where_it_fits() -> None:
 
     assert Segment("headroom", "", 10.0, "#000", 0, "headroom").show_label
     assert not Segment("headroom", "", 3.0, "#000", 0, "headroom").show_label  # title and legend name it
+
+
+def test_a_device_is_named_with_its_node_on_a_swarm() -> None:
+    gpu = DeviceMemory(1, "GPU-1", "A100", "gpu", 80 * G, 80 * G, 0)
+    host = DeviceMemory(0, "host-memory", "host memory", "host-memory", 24 * G, 20 * G, 4 * G)
+    assert (label_of(gpu), label_of(host)) == ("GPU 1", "host memory")
+    on_b = DeviceMemory(1, "GPU-1", "A100", "gpu", 80 * G, 80 * G, 0, node="n2id", node_name="gpu-b", node_index=0)
+    assert label_of(on_b) == "GPU 1 on gpu-b"
+    assert label_of(DeviceMemory(0, "host-memory@n1id", "host memory", "host-memory", G, G, 0, node="n1id")) == (
+        "host memory on n1id"  # no host name reported: its node ID
+    )
