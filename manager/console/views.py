@@ -30,7 +30,7 @@ class Segment:
 def label_of(device: DeviceMemory) -> str:
     """A device as the pages name it: ``GPU 0``, ``MIG 2``, or ``host memory``; on a swarm with its
     node (``GPU 1 on gpu-b``, ``host memory on gpu-a``): every node has a host memory and a GPU 0."""
-    where = f" on {device.node_name or device.node}" if device.node else ""
+    where = f" on {device.node_label}" if device.node else ""
     if device.kind == "host-memory":
         return f"host memory{where}"
     return f"{'MIG' if device.kind == 'mig' else 'GPU'} {device.index}{where}"

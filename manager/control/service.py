@@ -130,7 +130,7 @@ class TenantService:
             d = device_of(row, devices)
             if d is not None and d.node:
                 url = f"http://{d.node_address}:{row.spec.port}/v1" if d.node_address else ""
-                out[row.spec.name] = Reach(url=url, node=d.node_name or d.node)
+                out[row.spec.name] = Reach(url=url, node=d.node_label)
         return out
 
     def usage(self, name: str, since: float, until: float | None = None) -> UsageTotals:

@@ -40,6 +40,11 @@ class DeviceMemory:
         total (``cudaMemGetInfo``), the figure vLLM multiplies ``--gpu-memory-utilization`` by."""
         return self.total - self.reserved
 
+    @property
+    def node_label(self) -> str:
+        """Its swarm node as listings name it: the host name, else the node's ID; '' on one host."""
+        return self.node_name or self.node
+
 
 @dataclass(frozen=True)
 class ProcessMemory:
@@ -54,7 +59,7 @@ class ProcessMemory:
 def device_label(device: DeviceMemory) -> str:
     """How refusals and listings name a device: ``GPU 1 (GPU-...)``, ``MIG 2 (MIG-...)``; '' in cpu
     mode on a single host; on a swarm with the node's name (``host memory on gpu-host-2``)."""
-    where = f" on {device.node_name or device.node}" if device.node else ""
+    where = f" on {device.node_label}" if device.node else ""
     if device.kind == "host-memory":
         return f"host memory{where}" if where else ""
     return f"{'MIG' if device.kind == 'mig' else 'GPU'} {device.index} ({device.uuid}){where}"
